@@ -1,0 +1,551 @@
+//! The mutating actions a reparent needs. Each one: admits the caller's term (refusing a
+//! stale one), runs alone (one action at a time per agent), is bounded by its deadline with
+//! every step bounded by what is left of it, and is idempotent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flavor::{Dialect, Scope, SourceSpec};
+use mysql_async::Conn;
+use myha_proto::agent as pb;
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+use topo::Durability;
+use tracing::info;
+
+use crate::agent::{ActionState, DemoteMemo, Shared};
+use crate::fence::StaleTerm;
+use crate::health::FenceStatus;
+use crate::mysql::{self, MysqlError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("{action}: {source}")]
+    StaleTerm {
+        action: &'static str,
+        source: StaleTerm,
+    },
+    #[error("{action}: invalid request: {reason}")]
+    Invalid {
+        action: &'static str,
+        reason: String,
+    },
+    #[error("{action}: refused: {reason}")]
+    Refused {
+        action: &'static str,
+        reason: String,
+    },
+    #[error("{action}: deadline of {timeout:?} exceeded during step `{step}`")]
+    Deadline {
+        action: &'static str,
+        step: String,
+        timeout: Duration,
+    },
+    #[error("{action}: step `{step}` failed: {source}")]
+    Mysql {
+        action: &'static str,
+        step: String,
+        source: MysqlError,
+    },
+}
+
+impl From<ActionError> for tonic::Status {
+    fn from(e: ActionError) -> tonic::Status {
+        let msg = e.to_string();
+        match e {
+            ActionError::StaleTerm { .. } | ActionError::Refused { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
+            ActionError::Invalid { .. } => tonic::Status::invalid_argument(msg),
+            ActionError::Deadline { .. } => tonic::Status::deadline_exceeded(msg),
+            ActionError::Mysql { source, .. } => match source {
+                MysqlError::Connect { .. } | MysqlError::ConnectTimeout { .. } => {
+                    tonic::Status::unavailable(msg)
+                }
+                _ => tonic::Status::aborted(msg),
+            },
+        }
+    }
+}
+
+/// One running action: holds the action lock, a connection, the deadline and the steps so far.
+pub struct Exec {
+    pub action: &'static str,
+    shared: Arc<Shared>,
+    pub state: OwnedMutexGuard<ActionState>,
+    conn: Conn,
+    pub dialect: Dialect,
+    started: Instant,
+    deadline: Instant,
+    timeout: Duration,
+    pub steps: Vec<String>,
+    pub term: u64,
+}
+
+impl Exec {
+    pub async fn begin(
+        shared: &Arc<Shared>,
+        action: &'static str,
+        ctx: Option<&pb::ActionContext>,
+    ) -> Result<Exec, ActionError> {
+        let started = Instant::now();
+        let ctx = ctx.cloned().unwrap_or_default();
+        let timeout = if ctx.timeout_ms == 0 {
+            shared.cfg.agent.action_timeout
+        } else {
+            Duration::from_millis(ctx.timeout_ms)
+        };
+        let deadline = started + timeout;
+        let deadline_err = |step: &str| ActionError::Deadline {
+            action,
+            step: step.to_string(),
+            timeout,
+        };
+        let state = tokio::time::timeout_at(deadline, shared.actions.clone().lock_owned())
+            .await
+            .map_err(|_| deadline_err("wait for the previous action to finish"))?;
+        // Admit only once we run: a term may have moved on while we queued.
+        shared
+            .update_terms(|t| t.admit(ctx.term))
+            .map_err(|source| ActionError::StaleTerm { action, source })?;
+        let (conn, dialect) = tokio::time::timeout_at(deadline, shared.connect())
+            .await
+            .map_err(|_| deadline_err("connect to mysqld"))?
+            .map_err(|source| ActionError::Mysql {
+                action,
+                step: "connect to mysqld".into(),
+                source,
+            })?;
+        info!(action, term = ctx.term, requester = %ctx.requester, "action started");
+        Ok(Exec {
+            action,
+            shared: shared.clone(),
+            state,
+            conn,
+            dialect,
+            started,
+            deadline,
+            timeout,
+            steps: Vec::new(),
+            term: ctx.term,
+        })
+    }
+
+    fn remaining(&self, step: &str) -> Result<Duration, ActionError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.deadline_err(step));
+        }
+        Ok(left)
+    }
+
+    fn deadline_err(&self, step: &str) -> ActionError {
+        ActionError::Deadline {
+            action: self.action,
+            step: step.to_string(),
+            timeout: self.timeout,
+        }
+    }
+
+    fn map_err(&self, step: &str, source: MysqlError) -> ActionError {
+        match source {
+            MysqlError::QueryTimeout { .. } => self.deadline_err(step),
+            source => ActionError::Mysql {
+                action: self.action,
+                step: step.to_string(),
+                source,
+            },
+        }
+    }
+
+    /// Runs one statement as a named step.
+    pub async fn sql(&mut self, step: &str, sql: &str) -> Result<(), ActionError> {
+        let left = self.remaining(step)?;
+        mysql::exec(&mut self.conn, sql, left)
+            .await
+            .map_err(|e| self.map_err(step, e))?;
+        self.steps.push(step.to_string());
+        Ok(())
+    }
+
+    pub async fn sqls(&mut self, step: &str, sqls: &[String]) -> Result<(), ActionError> {
+        let left = self.remaining(step)?;
+        for s in sqls {
+            mysql::exec(&mut self.conn, s, left)
+                .await
+                .map_err(|e| self.map_err(step, e))?;
+        }
+        self.steps.push(step.to_string());
+        Ok(())
+    }
+
+    pub async fn scalar(&mut self, step: &str, sql: &str) -> Result<Option<String>, ActionError> {
+        let left = self.remaining(step)?;
+        mysql::query_scalar(&mut self.conn, sql, left)
+            .await
+            .map_err(|e| self.map_err(step, e))
+    }
+
+    pub async fn replica_status(&mut self) -> Result<flavor::ReplicaStatus, ActionError> {
+        let step = "read replication status";
+        let left = self.remaining(step)?;
+        let rows = mysql::query_rows(&mut self.conn, self.dialect.replica_status_query(), left)
+            .await
+            .map_err(|e| self.map_err(step, e))?;
+        self.dialect
+            .parse_replica_status(rows.first())
+            .map_err(|e| self.map_err(step, e.into()))
+    }
+
+    pub async fn variables(&mut self) -> Result<flavor::ServerVariables, ActionError> {
+        let step = "read server variables";
+        let left = self.remaining(step)?;
+        let rows = mysql::query_rows(&mut self.conn, &self.dialect.variables_query(), left)
+            .await
+            .map_err(|e| self.map_err(step, e))?;
+        self.dialect
+            .parse_variables(&rows)
+            .map_err(|e| self.map_err(step, e.into()))
+    }
+
+    pub fn note(&mut self, step: impl Into<String>) {
+        self.steps.push(step.into());
+    }
+
+    /// Ends the action: reads the position, wakes the poller, reports.
+    pub async fn finish(mut self) -> Result<pb::ActionResponse, ActionError> {
+        let gtid_position = self.variables().await?.gtid_position;
+        let term = self.shared.terms().known_term;
+        let duration = self.started.elapsed();
+        info!(action = self.action, steps = ?self.steps, ?duration, "action done");
+        metrics::counter!("myha_agent_actions_total", "action" => self.action, "outcome" => "ok")
+            .increment(1);
+        metrics::histogram!("myha_agent_action_seconds", "action" => self.action)
+            .record(duration.as_secs_f64());
+        self.shared.poke.notify_one();
+        Ok(pb::ActionResponse {
+            steps: self.steps,
+            gtid_position,
+            term,
+            duration_us: duration.as_micros() as u64,
+        })
+    }
+}
+
+fn scope(s: i32) -> Scope {
+    if s == pb::ReplicationScope::IoOnly as i32 {
+        Scope::IoOnly
+    } else {
+        Scope::Both
+    }
+}
+
+pub async fn stop_replication(
+    shared: &Arc<Shared>,
+    req: pb::StopReplicationRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "StopReplication", req.ctx.as_ref()).await?;
+    let sc = scope(req.scope);
+    let st = x.replica_status().await?;
+    if !st.configured {
+        x.note("no replication configured: nothing to stop");
+    } else {
+        let sql = x.dialect.stop_replication(sc);
+        x.sql(&sql.to_lowercase(), &sql).await?;
+    }
+    x.finish().await
+}
+
+pub async fn start_replication(
+    shared: &Arc<Shared>,
+    req: pb::StartReplicationRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "StartReplication", req.ctx.as_ref()).await?;
+    let st = x.replica_status().await?;
+    if !st.configured {
+        return Err(ActionError::Refused {
+            action: x.action,
+            reason: "no replication source configured".into(),
+        });
+    }
+    let sql = x.dialect.start_replication(scope(req.scope));
+    x.sql(&sql.to_lowercase(), &sql).await?;
+    x.finish().await
+}
+
+pub async fn wait_for_position(
+    shared: &Arc<Shared>,
+    req: pb::WaitForPositionRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "WaitForPosition", req.ctx.as_ref()).await?;
+    let flavor = x.dialect.flavor;
+    if let Err(e) = gtid::GtidSet::parse(flavor, &req.gtid_position) {
+        return Err(ActionError::Invalid {
+            action: x.action,
+            reason: format!("gtid_position: {e}"),
+        });
+    }
+    let step = format!("wait until {} is applied", req.gtid_position);
+    // Leave a little of the deadline to answer in.
+    let left = x.remaining(&step)?.saturating_sub(Duration::from_millis(50));
+    let sql = x
+        .dialect
+        .wait_for_position(&req.gtid_position, left.as_secs_f64());
+    let v = x.scalar(&step, &sql).await?;
+    if !x.dialect.wait_reached(v.as_deref()) {
+        let at = x.variables().await?.gtid_position;
+        return Err(ActionError::Deadline {
+            action: x.action,
+            step: format!("{step} (still at {at})"),
+            timeout: x.timeout,
+        });
+    }
+    x.note(step);
+    x.finish().await
+}
+
+pub async fn set_read_only(
+    shared: &Arc<Shared>,
+    req: pb::SetReadOnlyRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "SetReadOnly", req.ctx.as_ref()).await?;
+    let sqls = x.dialect.set_read_only(req.read_only, req.super_read_only);
+    let step = if req.read_only {
+        "set read_only on"
+    } else {
+        "set read_only off"
+    };
+    x.sqls(step, &sqls).await?;
+    x.finish().await
+}
+
+pub async fn set_replication_source(
+    shared: &Arc<Shared>,
+    req: pb::SetReplicationSourceRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "SetReplicationSource", req.ctx.as_ref()).await?;
+    let port = u16::try_from(req.port).ok().filter(|p| *p != 0);
+    let (host, port) = match (req.host.trim(), port) {
+        ("", _) | (_, None) => {
+            return Err(ActionError::Invalid {
+                action: x.action,
+                reason: format!("source `{}:{}` needs a host and a port 1-65535", req.host, req.port),
+            })
+        }
+        (h, Some(p)) => (h.to_string(), p),
+    };
+    let st = x.replica_status().await?;
+    let vars = x.variables().await?;
+    let same_source = st.configured && st.source_host == host && st.source_port == u32::from(port);
+    let running = st.replicating();
+    if same_source
+        && (running || !req.start_replication)
+        && vars.semi_sync_replica_enabled == req.semi_sync
+        && !vars.semi_sync_primary_enabled
+    {
+        x.note(format!("already replicating from {host}:{port}"));
+    } else {
+        if st.configured {
+            let sql = x.dialect.stop_replication(Scope::Both);
+            x.sql("stop replication", &sql).await?;
+        }
+        if vars.semi_sync_primary_enabled {
+            let sqls = x.dialect.set_semi_sync_primary(false, 0);
+            x.sqls("disable semi-sync primary side", &sqls).await?;
+        }
+        let sql = x.dialect.set_semi_sync_replica(req.semi_sync);
+        x.sql(
+            if req.semi_sync {
+                "enable semi-sync replica side"
+            } else {
+                "disable semi-sync replica side"
+            },
+            &sql,
+        )
+        .await?;
+        let spec = SourceSpec {
+            host: host.clone(),
+            port,
+            user: shared.cfg.mysql.repl_user.clone(),
+            password: shared.cfg.mysql.repl_password.clone(),
+            connect_retry_secs: 1,
+            heartbeat_period_secs: 0.5,
+        };
+        let sqls = x.dialect.change_source(&spec);
+        x.sqls(&format!("point replication at {host}:{port}"), &sqls)
+            .await?;
+        if req.start_replication {
+            let sql = x.dialect.start_replication(Scope::Both);
+            x.sql("start replication", &sql).await?;
+        }
+    }
+    // A tablet replicating from someone is no longer a promoted primary.
+    shared.update_terms(|t| t.promoted_term = 0);
+    shared.set_fence_status(FenceStatus::default());
+    x.state.demote = None;
+    x.finish().await
+}
+
+pub async fn reset_replication(
+    shared: &Arc<Shared>,
+    req: pb::ResetReplicationRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "ResetReplication", req.ctx.as_ref()).await?;
+    let st = x.replica_status().await?;
+    if st.configured {
+        let sql = x.dialect.stop_replication(Scope::Both);
+        x.sql("stop replication", &sql).await?;
+        let sql = x.dialect.reset_replication_all().to_string();
+        x.sql("reset replication", &sql).await?;
+    } else {
+        x.note("no replication configured: nothing to reset");
+    }
+    x.finish().await
+}
+
+pub async fn set_semi_sync(
+    shared: &Arc<Shared>,
+    req: pb::SetSemiSyncRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "SetSemiSync", req.ctx.as_ref()).await?;
+    if req.primary.is_none() && req.replica.is_none() {
+        return Err(ActionError::Invalid {
+            action: x.action,
+            reason: "set `primary` and/or `replica`".into(),
+        });
+    }
+    // Replica side first: a primary enabled before its replicas ack would block every commit.
+    if let Some(on) = req.replica {
+        let sql = x.dialect.set_semi_sync_replica(on);
+        x.sql(&format!("semi-sync replica side {}", onoff(on)), &sql)
+            .await?;
+        let st = x.replica_status().await?;
+        // The replica flag only takes effect when the IO thread reconnects.
+        if st.configured && st.io_state != flavor::ThreadState::Stopped {
+            let stop = x.dialect.stop_replication(Scope::IoOnly);
+            let start = x.dialect.start_replication(Scope::IoOnly);
+            x.sqls("restart IO thread", &[stop, start]).await?;
+        }
+    }
+    if let Some(on) = req.primary {
+        let sqls = x
+            .dialect
+            .set_semi_sync_primary(on, semi_timeout_ms(shared));
+        x.sqls(&format!("semi-sync primary side {}", onoff(on)), &sqls)
+            .await?;
+    }
+    x.finish().await
+}
+
+fn onoff(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn semi_timeout_ms(shared: &Shared) -> u64 {
+    u64::try_from(shared.cfg.agent.semi_sync_timeout.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub async fn promote(
+    shared: &Arc<Shared>,
+    req: pb::PromoteRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "Promote", req.ctx.as_ref()).await?;
+    let durability = match pb::Durability::try_from(req.durability) {
+        Ok(pb::Durability::None) => Durability::None,
+        Ok(pb::Durability::SemiSync) => Durability::SemiSync,
+        _ => shared.durability().ok_or_else(|| ActionError::Refused {
+            action: "Promote",
+            reason: "durability not given and the keyspace record is not known yet".into(),
+        })?,
+    };
+    let st = x.replica_status().await?;
+    if st.configured {
+        let sql = x.dialect.stop_replication(Scope::Both);
+        x.sql("stop replication", &sql).await?;
+        let sql = x.dialect.reset_replication_all().to_string();
+        x.sql("reset replication", &sql).await?;
+    } else {
+        x.note("no replication configured");
+    }
+    let sql = x.dialect.set_semi_sync_replica(false);
+    x.sql("semi-sync replica side off", &sql).await?;
+    let semi = durability == Durability::SemiSync;
+    let sqls = x.dialect.set_semi_sync_primary(semi, semi_timeout_ms(shared));
+    x.sqls(
+        if semi {
+            "semi-sync primary side on (AFTER_SYNC, no async fallback)"
+        } else {
+            "semi-sync primary side off"
+        },
+        &sqls,
+    )
+    .await?;
+    let sqls = x.dialect.set_read_only(false, false);
+    x.sqls("set read_only off", &sqls).await?;
+    let term = x.term;
+    shared.update_terms(|t| t.promoted_term = t.promoted_term.max(term));
+    shared.set_fence_status(FenceStatus::default());
+    x.state.demote = None;
+    x.note(format!("promoted under term {term}"));
+    x.finish().await
+}
+
+pub async fn demote(
+    shared: &Arc<Shared>,
+    req: pb::DemoteRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "Demote", req.ctx.as_ref()).await?;
+    let vars = x.variables().await?;
+    // A repeated Demote must not overwrite what the first one saw.
+    if x.state.demote.is_none() {
+        x.state.demote = Some(DemoteMemo {
+            read_only_before: vars.read_only,
+            super_read_only_before: vars.super_read_only,
+            semi_primary_before: vars.semi_sync_primary_enabled,
+        });
+    }
+    if vars.read_only && (vars.super_read_only || !x.dialect.has_super_read_only()) {
+        x.note("already read-only");
+    } else {
+        // SET GLOBAL read_only waits for commits in flight, so the position read after it is final.
+        let sqls = x.dialect.set_read_only(true, true);
+        x.sqls("set read_only on (waits for in-flight commits)", &sqls)
+            .await?;
+    }
+    x.finish().await
+}
+
+pub async fn undo_demote(
+    shared: &Arc<Shared>,
+    req: pb::UndoDemoteRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "UndoDemote", req.ctx.as_ref()).await?;
+    let Some(memo) = x.state.demote.clone() else {
+        return Err(ActionError::Refused {
+            action: x.action,
+            reason: "no demotion to undo (none since the last promote or repoint)".into(),
+        });
+    };
+    if !memo.read_only_before {
+        let sqls = x.dialect.set_read_only(false, false);
+        x.sqls("set read_only off", &sqls).await?;
+    } else if !memo.super_read_only_before && x.dialect.has_super_read_only() {
+        x.sql("set super_read_only off", "SET GLOBAL super_read_only = OFF")
+            .await?;
+    } else {
+        x.note("was read-only before the demotion: left read-only");
+    }
+    let vars = x.variables().await?;
+    if memo.semi_primary_before && !vars.semi_sync_primary_enabled {
+        let sqls = x
+            .dialect
+            .set_semi_sync_primary(true, semi_timeout_ms(shared));
+        x.sqls("semi-sync primary side on", &sqls).await?;
+    }
+    x.state.demote = None;
+    x.finish().await
+}

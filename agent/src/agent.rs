@@ -1,0 +1,489 @@
+//! The agent's shared state and its long-running tasks: polling, heartbeat, self-fencing and
+//! the etcd link. Every task survives mysqld or etcd being down; none of them ever exits the
+//! process.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flavor::Dialect;
+use mysql_async::Conn;
+use myha_proto::agent as pb;
+use tokio::sync::{watch, Notify};
+use topo::{Durability, ShardRecord, TabletRecord, TabletType, Topo};
+use tracing::{debug, info, warn};
+
+use crate::config::AgentConfig;
+use crate::fence::{self, FenceDecision, TermState};
+use crate::health::{self, FenceStatus, HealthInputs, Identity, Observation};
+use crate::mysql::{self, Endpoint, MysqlError};
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Memory of the last Demote, so UndoDemote can restore exactly what it changed.
+#[derive(Debug, Clone, Default)]
+pub struct DemoteMemo {
+    pub read_only_before: bool,
+    pub super_read_only_before: bool,
+    pub semi_primary_before: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct ActionState {
+    pub demote: Option<DemoteMemo>,
+}
+
+pub struct Shared {
+    pub cfg: AgentConfig,
+    pub id: Identity,
+    pub endpoint: Endpoint,
+    pub health: watch::Sender<Arc<pb::Health>>,
+    pub shard: watch::Sender<Option<ShardRecord>>,
+    pub durability: Mutex<Option<Durability>>,
+    terms: Mutex<TermState>,
+    fence: Mutex<FenceStatus>,
+    pub etcd_connected: AtomicBool,
+    dialect: Mutex<Option<Dialect>>,
+    /// Mutating actions and fencing run one at a time.
+    pub actions: Arc<tokio::sync::Mutex<ActionState>>,
+    /// Wakes the poll loop early (after an action changed mysqld).
+    pub poke: Notify,
+    state_file: PathBuf,
+    /// Addresses the agent actually listens on (after binding port 0).
+    pub grpc_addr: Mutex<String>,
+    pub http_addr: Mutex<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another task panicked mid-update of plain data; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(cfg: AgentConfig) -> Arc<Shared> {
+        let alias = cfg.alias();
+        let mysql_addr = format!("{}:{}", cfg.agent.advertise_host, cfg.mysql.port);
+        let id = Identity {
+            alias,
+            keyspace: cfg.tablet.keyspace.clone(),
+            shard: cfg.tablet.shard.clone(),
+            cell: cfg.tablet.cell.clone(),
+            mysql_addr,
+        };
+        let state_file = cfg.agent.state_dir.join("agent-state.json");
+        let terms = load_terms(&state_file);
+        let endpoint = Endpoint::new(&cfg.mysql);
+        let initial = health::build(HealthInputs {
+            id: &id,
+            poll: &Err("not polled yet".into()),
+            terms: &terms,
+            shard: None,
+            fence: &FenceStatus::default(),
+            etcd_connected: false,
+            now_us: now_us(),
+        });
+        Arc::new(Shared {
+            cfg,
+            id,
+            endpoint,
+            health: watch::channel(Arc::new(initial)).0,
+            shard: watch::channel(None).0,
+            durability: Mutex::new(None),
+            terms: Mutex::new(terms),
+            fence: Mutex::new(FenceStatus::default()),
+            etcd_connected: AtomicBool::new(false),
+            dialect: Mutex::new(None),
+            actions: Arc::new(tokio::sync::Mutex::new(ActionState::default())),
+            poke: Notify::new(),
+            state_file,
+            grpc_addr: Mutex::new(String::new()),
+            http_addr: Mutex::new(String::new()),
+        })
+    }
+
+    pub fn terms(&self) -> TermState {
+        lock(&self.terms).clone()
+    }
+
+    /// Applies `f` to the term state and persists it when it changed.
+    pub fn update_terms<R>(&self, f: impl FnOnce(&mut TermState) -> R) -> R {
+        let mut t = lock(&self.terms);
+        let before = t.clone();
+        let r = f(&mut t);
+        if *t != before {
+            save_terms(&self.state_file, &t);
+        }
+        r
+    }
+
+    pub fn fence_status(&self) -> FenceStatus {
+        lock(&self.fence).clone()
+    }
+
+    pub fn set_fence_status(&self, s: FenceStatus) {
+        *lock(&self.fence) = s;
+    }
+
+    pub fn dialect(&self) -> Option<Dialect> {
+        *lock(&self.dialect)
+    }
+
+    pub fn set_dialect(&self, d: Dialect) {
+        *lock(&self.dialect) = Some(d);
+    }
+
+    pub fn set_durability(&self, d: Durability) {
+        *lock(&self.durability) = Some(d);
+    }
+
+    pub fn durability(&self) -> Option<Durability> {
+        *lock(&self.durability)
+    }
+
+    pub fn set_grpc_addr(&self, a: String) {
+        *lock(&self.grpc_addr) = a;
+    }
+
+    pub fn set_http_addr(&self, a: String) {
+        *lock(&self.http_addr) = a;
+    }
+
+    /// Opens a connection and learns the dialect on first contact.
+    pub async fn connect(&self) -> Result<(Conn, Dialect), MysqlError> {
+        let mut conn = self.endpoint.connect().await?;
+        let dialect = match self.dialect() {
+            Some(d) => d,
+            None => {
+                let d = mysql::detect_dialect(&mut conn, self.endpoint.query_timeout).await?;
+                self.set_dialect(d);
+                d
+            }
+        };
+        Ok((conn, dialect))
+    }
+
+    /// Builds a health message from a poll result and the agent's current knowledge.
+    pub fn health_from(&self, poll: &Result<Observation, String>) -> pb::Health {
+        let shard = self.shard.borrow().clone();
+        health::build(HealthInputs {
+            id: &self.id,
+            poll,
+            terms: &self.terms(),
+            shard: shard.as_ref(),
+            fence: &self.fence_status(),
+            etcd_connected: self.etcd_connected.load(Ordering::Relaxed),
+            now_us: now_us(),
+        })
+    }
+
+    /// Publishes `h` if its content differs from the last one (poll time aside).
+    pub fn publish(&self, h: pb::Health) {
+        self.health.send_if_modified(|cur| {
+            if health::same_content(cur, &h) {
+                false
+            } else {
+                *cur = Arc::new(h);
+                true
+            }
+        });
+    }
+
+    pub fn tablet_record(&self, shard: Option<&ShardRecord>) -> TabletRecord {
+        let is_primary = shard
+            .and_then(|s| s.primary.as_deref())
+            .is_some_and(|p| p == self.id.alias);
+        TabletRecord {
+            alias: self.id.alias.clone(),
+            cell: self.cfg.tablet.cell.clone(),
+            uid: self.cfg.tablet.uid,
+            keyspace: self.cfg.tablet.keyspace.clone(),
+            shard: self.cfg.tablet.shard.clone(),
+            tablet_type: if is_primary {
+                TabletType::Primary
+            } else {
+                TabletType::Replica
+            },
+            mysql_host: self.cfg.agent.advertise_host.clone(),
+            mysql_port: self.cfg.mysql.port,
+            mysql_socket: self
+                .cfg
+                .mysql
+                .socket
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            grpc_addr: lock(&self.grpc_addr).clone(),
+            http_addr: Some(lock(&self.http_addr).clone()),
+            promotion_rule: self.cfg.tablet.promotion_rule,
+            registered_ms: now_us() / 1000,
+        }
+    }
+}
+
+fn load_terms(path: &PathBuf) -> TermState {
+    match std::fs::read_to_string(path) {
+        Ok(s) => serde_json::from_str(&s).unwrap_or_else(|e| {
+            warn!(file = %path.display(), error = %e, "ignoring unreadable agent state");
+            TermState::default()
+        }),
+        Err(_) => TermState::default(),
+    }
+}
+
+fn save_terms(path: &PathBuf, t: &TermState) {
+    let tmp = path.with_extension("json.tmp");
+    let write = serde_json::to_vec(t)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = write {
+        warn!(file = %path.display(), error = %e, "cannot persist agent term state");
+    }
+}
+
+/// Polls mysqld every `poll_interval` (or at once when poked) and publishes health.
+pub async fn poll_loop(shared: Arc<Shared>) {
+    let mut conn: Option<(Conn, Dialect)> = None;
+    let interval = shared.cfg.agent.poll_interval;
+    let timeout = shared.endpoint.query_timeout;
+    loop {
+        let started = tokio::time::Instant::now();
+        if conn.is_none() {
+            match shared.connect().await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    debug!(error = %e, "mysqld unreachable");
+                    shared.publish(shared.health_from(&Err(e.to_string())));
+                }
+            }
+        }
+        if let Some((c, dialect)) = conn.as_mut() {
+            let result = health::observe(c, *dialect, timeout).await;
+            metrics::histogram!("myha_agent_poll_seconds").record(started.elapsed().as_secs_f64());
+            let poll = match result {
+                Ok(o) => Ok(o),
+                Err(e) => {
+                    // The connection may be half-dead; start afresh next round.
+                    conn = None;
+                    Err(e.to_string())
+                }
+            };
+            let h = shared.health_from(&poll);
+            record_metrics(&h);
+            shared.publish(h);
+        } else {
+            metrics::gauge!("myha_agent_mysql_reachable").set(0.0);
+        }
+        let sleep = interval.saturating_sub(started.elapsed());
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = shared.poke.notified() => {}
+        }
+    }
+}
+
+fn record_metrics(h: &pb::Health) {
+    metrics::gauge!("myha_agent_mysql_reachable").set(if h.mysql_reachable { 1.0 } else { 0.0 });
+    if let Some(lag) = h.lag_ms {
+        metrics::gauge!("myha_agent_replication_lag_ms").set(lag as f64);
+    }
+    if let Some(m) = &h.mysql {
+        metrics::gauge!("myha_agent_read_only").set(if m.read_only { 1.0 } else { 0.0 });
+    }
+    metrics::gauge!("myha_agent_term").set(h.term as f64);
+    metrics::gauge!("myha_agent_fenced").set(if h.fenced { 1.0 } else { 0.0 });
+}
+
+/// Writes the heartbeat row while this tablet is the shard's writable primary.
+///
+/// Runs on its own connection with no statement timeout: under lossless semi-sync a write
+/// with no acking replica blocks, and it must block here, alone, rather than pile up new
+/// sessions or stall polling. Fencing kills this connection like any other.
+pub async fn heartbeat_loop(shared: Arc<Shared>) {
+    let interval = shared.cfg.agent.heartbeat_interval;
+    let mut conn: Option<Conn> = None;
+    let mut table_ready = false;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let h = shared.health.borrow().clone();
+        let writable_primary = h.tablet_type == pb::TabletType::Primary as i32
+            && h.mysql_reachable
+            && h.mysql.as_ref().is_some_and(|m| !m.read_only)
+            && !h.replication.as_ref().is_some_and(|r| r.configured);
+        if !writable_primary {
+            continue;
+        }
+        if conn.is_none() {
+            match shared.endpoint.connect().await {
+                Ok(c) => {
+                    conn = Some(c);
+                    table_ready = false;
+                }
+                Err(e) => {
+                    debug!(error = %e, "heartbeat: cannot connect");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let result = async {
+            if !table_ready {
+                mysql::exec(c, "CREATE DATABASE IF NOT EXISTS _myha", Duration::from_secs(30))
+                    .await?;
+                mysql::exec(
+                    c,
+                    "CREATE TABLE IF NOT EXISTS _myha.heartbeat (id TINYINT UNSIGNED NOT NULL PRIMARY KEY, \
+                     ts_us BIGINT UNSIGNED NOT NULL, server_id INT UNSIGNED NOT NULL, \
+                     term BIGINT UNSIGNED NOT NULL) ENGINE=InnoDB",
+                    Duration::from_secs(30),
+                )
+                .await?;
+                table_ready = true;
+            }
+            let sql = format!(
+                "INSERT INTO _myha.heartbeat (id, ts_us, server_id, term) VALUES (1, {}, @@server_id, {}) \
+                 ON DUPLICATE KEY UPDATE ts_us = VALUES(ts_us), server_id = VALUES(server_id), term = VALUES(term)",
+                now_us(),
+                h.term
+            );
+            // Generous bound: only to notice a connection that died under us.
+            mysql::exec(c, &sql, Duration::from_secs(3600)).await
+        }
+        .await;
+        match result {
+            Ok(()) => metrics::counter!("myha_agent_heartbeats_written_total").increment(1),
+            Err(e) => {
+                debug!(error = %e, "heartbeat write failed");
+                conn = None;
+            }
+        }
+    }
+}
+
+/// Re-evaluates the fencing decision on every health or shard change and fences when told.
+pub async fn fence_loop(shared: Arc<Shared>) {
+    let mut health_rx = shared.health.subscribe();
+    let mut shard_rx = shared.shard.subscribe();
+    loop {
+        tokio::select! {
+            r = health_rx.changed() => if r.is_err() { return },
+            r = shard_rx.changed() => if r.is_err() { return },
+        }
+        let h = shared.health.borrow().clone();
+        let shard = shard_rx.borrow().clone();
+        let writable = h
+            .mysql_reachable
+            .then(|| h.mysql.as_ref().map(|m| !m.read_only))
+            .flatten();
+        if let FenceDecision::Fence { reason } =
+            fence::decide(&shared.id.alias, &shared.terms(), shard.as_ref(), writable)
+        {
+            warn!(%reason, "fencing mysqld");
+            let _guard = shared.actions.lock().await;
+            match fence_mysqld(&shared).await {
+                Ok(killed) => {
+                    info!(killed, %reason, "mysqld fenced: read-only, client connections killed");
+                    metrics::counter!("myha_agent_fences_total").increment(1);
+                    shared.set_fence_status(FenceStatus {
+                        fenced: true,
+                        reason,
+                    });
+                }
+                Err(e) => warn!(error = %e, "fencing failed; will retry on the next poll"),
+            }
+            shared.poke.notify_one();
+        }
+    }
+}
+
+/// Kills client sessions, sets read_only (super_read_only where it exists), kills again.
+///
+/// Kill first: a commit waiting for a semi-sync ack holds the commit lock, and
+/// `SET GLOBAL read_only` waits for it, so clients must go before read_only can be set.
+pub async fn fence_mysqld(shared: &Shared) -> Result<usize, MysqlError> {
+    let (mut c, dialect) = shared.connect().await?;
+    let t = shared.endpoint.query_timeout;
+    let mut killed = kill_clients(&mut c, dialect, t).await?;
+    for sql in dialect.set_read_only(true, true) {
+        mysql::exec(&mut c, &sql, Duration::from_secs(10)).await?;
+    }
+    killed += kill_clients(&mut c, dialect, t).await?;
+    Ok(killed)
+}
+
+async fn kill_clients(c: &mut Conn, dialect: Dialect, t: Duration) -> Result<usize, MysqlError> {
+    let rows = mysql::query_rows(c, dialect.processlist_query(), t).await?;
+    let ids = dialect.killable_sessions(&rows, &[]);
+    let mut killed = 0;
+    for id in ids {
+        match mysql::exec(c, &dialect.kill_connection(id), t).await {
+            Ok(()) => killed += 1,
+            // 1094 Unknown thread id: it ended by itself meanwhile.
+            Err(e) if e.server_code() == Some(1094) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(killed)
+}
+
+/// Keeps the etcd side alive forever: connect, register under a lease, watch the shard record.
+pub async fn etcd_loop(shared: Arc<Shared>) {
+    let cfg = &shared.cfg.etcd;
+    let mut backoff = Duration::from_millis(100);
+    let topo = loop {
+        match Topo::connect(&cfg.endpoints, &cfg.prefix, cfg.dial_timeout).await {
+            Ok(t) => break t,
+            Err(e) => {
+                warn!(error = %e, "etcd unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    info!(endpoints = ?cfg.endpoints, "connected to etcd");
+    let ks = shared.cfg.tablet.keyspace.clone();
+    let shard_name = shared.cfg.tablet.shard.clone();
+    let mut shard_rx = topo.watch_shard(&ks, &shard_name);
+    let initial_shard = shard_rx.borrow().clone();
+    let registration =
+        topo.register_tablet(shared.tablet_record(initial_shard.as_ref()), cfg.lease_ttl);
+    let mut reg_rx = registration.status();
+    let mut reachable = topo.reachable();
+    let mut last_type = None;
+    loop {
+        let shard = shard_rx.borrow_and_update().clone();
+        if let Some(s) = &shard {
+            shared.update_terms(|t| t.observe_shard(&shared.id.alias, s));
+        }
+        let record = shared.tablet_record(shard.as_ref());
+        if last_type != Some(record.tablet_type) {
+            match registration.update(record.clone()).await {
+                Ok(()) => last_type = Some(record.tablet_type),
+                Err(e) => debug!(error = %e, "tablet record update deferred"),
+            }
+        }
+        shared.shard.send_replace(shard);
+        let connected = reg_rx.borrow_and_update().registered && *reachable.borrow_and_update();
+        shared.etcd_connected.store(connected, Ordering::Relaxed);
+        if shared.durability().is_none() {
+            if let Ok(Some(k)) = topo.get_keyspace(&ks).await {
+                shared.set_durability(k.durability);
+            }
+        }
+        shared.poke.notify_one();
+        tokio::select! {
+            r = shard_rx.changed() => if r.is_err() { break },
+            r = reg_rx.changed() => if r.is_err() { break },
+            r = reachable.changed() => if r.is_err() { break },
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+    warn!("etcd watch ended; the agent keeps serving without topology updates");
+}

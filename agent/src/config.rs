@@ -1,0 +1,390 @@
+//! `agent.toml`: parsed strictly (unknown keys refused), durations in humantime, validated at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use topo::PromotionRule;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub tablet: TabletSection,
+    pub mysql: MysqlSection,
+    #[serde(default)]
+    pub agent: AgentSection,
+    pub etcd: EtcdSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TabletSection {
+    pub cell: String,
+    pub uid: u32,
+    pub keyspace: String,
+    pub shard: String,
+    #[serde(default = "default_promotion_rule")]
+    pub promotion_rule: PromotionRule,
+}
+
+fn default_promotion_rule() -> PromotionRule {
+    PromotionRule::Neutral
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FlavorName {
+    #[default]
+    Mariadb,
+    Mysql,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlSection {
+    #[serde(default = "default_host")]
+    pub host: String,
+    pub port: u16,
+    /// When set, the agent's own connection uses the socket; `host:port` is still what it advertises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    pub user: String,
+    #[serde(default)]
+    pub password: String,
+    pub repl_user: String,
+    #[serde(default)]
+    pub repl_password: String,
+    #[serde(default)]
+    pub flavor: FlavorName,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_query_timeout", with = "humantime_serde")]
+    pub query_timeout: Duration,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_query_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(default = "default_grpc_listen")]
+    pub grpc_listen: SocketAddr,
+    #[serde(default = "default_http_listen")]
+    pub http_listen: SocketAddr,
+    /// Host put in the etcd registration for the gRPC and MySQL addresses.
+    #[serde(default = "default_host")]
+    pub advertise_host: String,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Semi-sync ack timeout set on promotion; huge so the primary never falls back to async.
+    #[serde(default = "default_semi_sync_timeout", with = "humantime_serde")]
+    pub semi_sync_timeout: Duration,
+    /// Default bound for an action whose request carries no timeout.
+    #[serde(default = "default_action_timeout", with = "humantime_serde")]
+    pub action_timeout: Duration,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_grpc_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15999))
+}
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15998))
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/myha-agent")
+}
+fn default_semi_sync_timeout() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+fn default_action_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            poll_interval: default_poll_interval(),
+            health_interval: default_health_interval(),
+            heartbeat_interval: default_heartbeat_interval(),
+            grpc_listen: default_grpc_listen(),
+            http_listen: default_http_listen(),
+            advertise_host: default_host(),
+            state_dir: default_state_dir(),
+            semi_sync_timeout: default_semi_sync_timeout(),
+            action_timeout: default_action_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    #[serde(default = "default_dial_timeout", with = "humantime_serde")]
+    pub dial_timeout: Duration,
+}
+
+fn default_prefix() -> String {
+    "/myha".into()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_dial_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Human,
+            level: default_level(),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising plain data with string keys cannot fail.
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn alias(&self) -> String {
+        topo::alias(&self.tablet.cell, self.tablet.uid)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !name_ok(&self.tablet.cell) || self.tablet.cell.contains('-') {
+            return Err(invalid(
+                "tablet.cell",
+                "must be non-empty letters, digits or '_' (the alias is cell-uid)",
+            ));
+        }
+        if !name_ok(&self.tablet.keyspace) {
+            return Err(invalid(
+                "tablet.keyspace",
+                "must be non-empty letters, digits, '_' or '-'",
+            ));
+        }
+        if !name_ok(&self.tablet.shard) {
+            return Err(invalid(
+                "tablet.shard",
+                "must be non-empty letters, digits, '_' or '-'",
+            ));
+        }
+        if self.mysql.port == 0 {
+            return Err(invalid("mysql.port", "must be 1-65535"));
+        }
+        if self.mysql.user.is_empty() {
+            return Err(invalid("mysql.user", "must not be empty"));
+        }
+        if self.mysql.repl_user.is_empty() {
+            return Err(invalid("mysql.repl_user", "must not be empty"));
+        }
+        let positive = [
+            ("mysql.connect_timeout", self.mysql.connect_timeout),
+            ("mysql.query_timeout", self.mysql.query_timeout),
+            ("agent.poll_interval", self.agent.poll_interval),
+            ("agent.health_interval", self.agent.health_interval),
+            ("agent.heartbeat_interval", self.agent.heartbeat_interval),
+            ("agent.action_timeout", self.agent.action_timeout),
+            ("agent.semi_sync_timeout", self.agent.semi_sync_timeout),
+            ("etcd.dial_timeout", self.etcd.dial_timeout),
+        ];
+        for (key, d) in positive {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        if self.etcd.lease_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "etcd.lease_ttl",
+                "must be at least 1s (etcd leases have 1 s granularity)",
+            ));
+        }
+        if self.etcd.endpoints.is_empty() {
+            return Err(invalid("etcd.endpoints", "must list at least one endpoint"));
+        }
+        if !self.etcd.prefix.starts_with('/') {
+            return Err(invalid("etcd.prefix", "must start with '/'"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a level or filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[tablet]
+cell = "zone1"
+uid = 101
+keyspace = "commerce"
+shard = "0"
+
+[mysql]
+port = 3307
+user = "myha_agent"
+repl_user = "myha_repl"
+
+[etcd]
+endpoints = ["http://127.0.0.1:2379"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = AgentConfig::parse(MINIMAL).expect("parses");
+        assert_eq!(cfg.agent.poll_interval, Duration::from_millis(100));
+        assert_eq!(cfg.tablet.promotion_rule, PromotionRule::Neutral);
+        assert_eq!(cfg.alias(), "zone1-101");
+        assert_eq!(cfg.mysql.flavor, FlavorName::Mariadb);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg = AgentConfig::parse(MINIMAL).expect("parses");
+        let again = AgentConfig::parse(&cfg.to_toml()).expect("reparses");
+        assert_eq!(cfg, again);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("uid = 101", "uid = 101\nuuid = 3");
+        let err = AgentConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("uuid"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let text = format!("{MINIMAL}\n[agent]\npoll_interval = \"fast\"\n");
+        let err = AgentConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("poll_interval"), "{err}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let text = MINIMAL.replace("repl_user = \"myha_repl\"\n", "");
+        let err = AgentConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("repl_user"), "{err}");
+    }
+
+    #[test]
+    fn zero_interval_is_refused_with_key() {
+        let text = format!("{MINIMAL}\n[agent]\npoll_interval = \"0s\"\n");
+        let err = AgentConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("agent.poll_interval"), "{err}");
+    }
+
+    #[test]
+    fn bad_promotion_rule_is_refused() {
+        let text = MINIMAL.replace("shard = \"0\"", "shard = \"0\"\npromotion_rule = \"always\"");
+        let err = AgentConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("always") || err.contains("promotion_rule"), "{err}");
+    }
+}

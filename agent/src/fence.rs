@@ -1,0 +1,141 @@
+//! Terms and the self-fencing decision. Pure: the agent's tasks feed in what they saw.
+//!
+//! Invariant: a mysqld promoted under term T must stop taking writes as soon as its agent
+//! learns that the shard record names another primary at a term > T.
+
+use serde::{Deserialize, Serialize};
+use topo::ShardRecord;
+
+/// What the agent knows about terms; persisted so a restarted agent still fences.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermState {
+    /// Highest term seen in etcd or in an accepted RPC.
+    pub known_term: u64,
+    /// Term under which this mysqld was last promoted; 0 when it is not a promoted primary.
+    pub promoted_term: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stale term {requested} < known term {known}")]
+pub struct StaleTerm {
+    pub requested: u64,
+    pub known: u64,
+}
+
+impl TermState {
+    /// Admits an RPC acting under `term`: refuses a stale one, raises the known term otherwise.
+    pub fn admit(&mut self, term: u64) -> Result<bool, StaleTerm> {
+        if term < self.known_term {
+            return Err(StaleTerm {
+                requested: term,
+                known: self.known_term,
+            });
+        }
+        let changed = term > self.known_term;
+        self.known_term = term;
+        Ok(changed)
+    }
+
+    /// Folds in the shard record; returns whether anything changed (to persist).
+    pub fn observe_shard(&mut self, alias: &str, shard: &ShardRecord) -> bool {
+        let before = self.clone();
+        self.known_term = self.known_term.max(shard.term);
+        // The record naming us at a term is a promotion under that term (e.g. the bootstrap).
+        if shard.primary.as_deref() == Some(alias) && shard.term > self.promoted_term {
+            self.promoted_term = shard.term;
+        }
+        *self != before
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceDecision {
+    /// Nothing to do, with why (for the record).
+    Keep,
+    /// Make mysqld read-only and kill its clients.
+    Fence { reason: String },
+}
+
+/// Whether this tablet's mysqld must be fenced now.
+///
+/// `writable` is `None` when mysqld could not be read: then nothing can be done this round,
+/// and the decision is taken again on the next poll.
+pub fn decide(
+    alias: &str,
+    terms: &TermState,
+    shard: Option<&ShardRecord>,
+    writable: Option<bool>,
+) -> FenceDecision {
+    let Some(shard) = shard else {
+        return FenceDecision::Keep;
+    };
+    if terms.promoted_term == 0 || writable != Some(true) {
+        return FenceDecision::Keep;
+    }
+    match shard.primary.as_deref() {
+        Some(p) if p != alias && shard.term > terms.promoted_term => FenceDecision::Fence {
+            reason: format!(
+                "shard {}/{} names {p} primary at term {} > term {} this mysqld was promoted under",
+                shard.keyspace, shard.shard, shard.term, terms.promoted_term
+            ),
+        },
+        _ => FenceDecision::Keep,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(primary: Option<&str>, term: u64) -> ShardRecord {
+        let mut s = ShardRecord::new("commerce", "0");
+        s.primary = primary.map(str::to_string);
+        s.term = term;
+        s
+    }
+
+    #[test]
+    fn stale_terms_are_refused_and_newer_raise_known() {
+        let mut t = TermState { known_term: 5, promoted_term: 0 };
+        assert_eq!(t.admit(4), Err(StaleTerm { requested: 4, known: 5 }));
+        assert_eq!(t.admit(5), Ok(false));
+        assert_eq!(t.admit(7), Ok(true));
+        assert_eq!(t.known_term, 7);
+        assert!(t.admit(6).unwrap_err().to_string().contains("stale term 6 < known term 7"));
+    }
+
+    #[test]
+    fn being_named_primary_records_the_promotion_term() {
+        let mut t = TermState::default();
+        assert!(t.observe_shard("zone1-101", &shard(Some("zone1-101"), 1)));
+        assert_eq!(t, TermState { known_term: 1, promoted_term: 1 });
+        assert!(!t.observe_shard("zone1-101", &shard(Some("zone1-101"), 1)));
+        assert!(t.observe_shard("zone1-101", &shard(Some("zone1-102"), 2)));
+        assert_eq!(t, TermState { known_term: 2, promoted_term: 1 });
+    }
+
+    #[test]
+    fn fences_only_a_writable_promoted_primary_superseded_by_a_newer_term() {
+        let old = TermState { known_term: 2, promoted_term: 1 };
+        let newer = shard(Some("zone1-102"), 2);
+        let d = decide("zone1-101", &old, Some(&newer), Some(true));
+        assert!(matches!(d, FenceDecision::Fence { ref reason } if reason.contains("zone1-102") && reason.contains("term 2")));
+        // Already read-only: nothing to do.
+        assert_eq!(decide("zone1-101", &old, Some(&newer), Some(false)), FenceDecision::Keep);
+        // Unknown mysqld state: decide again later.
+        assert_eq!(decide("zone1-101", &old, Some(&newer), None), FenceDecision::Keep);
+        // Never promoted (a replica): not this mechanism's business.
+        let replica = TermState { known_term: 2, promoted_term: 0 };
+        assert_eq!(decide("zone1-103", &replica, Some(&newer), Some(true)), FenceDecision::Keep);
+        // Still the named primary.
+        let cur = TermState { known_term: 2, promoted_term: 2 };
+        assert_eq!(decide("zone1-102", &cur, Some(&newer), Some(true)), FenceDecision::Keep);
+        // Same term naming someone else cannot happen legitimately; do not fence on it.
+        let same = shard(Some("zone1-102"), 1);
+        assert_eq!(decide("zone1-101", &old, Some(&same), Some(true)), FenceDecision::Keep);
+        // No shard record known.
+        assert_eq!(decide("zone1-101", &old, None, Some(true)), FenceDecision::Keep);
+        // Shard with no primary named.
+        assert_eq!(decide("zone1-101", &old, Some(&shard(None, 3)), Some(true)), FenceDecision::Keep);
+    }
+}

@@ -1,0 +1,290 @@
+//! One poll of mysqld and its translation into the `Health` message. The translation is pure.
+
+use std::time::Duration;
+
+use flavor::{Dialect, ReplicaStatus, SemiSyncStatus, ServerVariables, ThreadState};
+use mysql_async::Conn;
+use myha_proto::agent as pb;
+use topo::ShardRecord;
+
+use crate::fence::TermState;
+use crate::mysql::{self, MysqlError};
+
+/// What one poll read from mysqld.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub dialect: Dialect,
+    pub vars: ServerVariables,
+    pub semi: SemiSyncStatus,
+    pub replica: ReplicaStatus,
+    /// Microseconds since the epoch from the local copy of the primary's heartbeat row.
+    pub heartbeat_ts_us: Option<u64>,
+}
+
+/// MySQL error codes meaning "the heartbeat table is not there (yet)".
+const ER_BAD_DB: u16 = 1049;
+const ER_NO_SUCH_TABLE: u16 = 1146;
+
+pub const HEARTBEAT_READ: &str = "SELECT ts_us FROM _myha.heartbeat WHERE id = 1";
+
+pub async fn observe(
+    conn: &mut Conn,
+    dialect: Dialect,
+    timeout: Duration,
+) -> Result<Observation, MysqlError> {
+    let rows = mysql::query_rows(conn, &dialect.variables_query(), timeout).await?;
+    let vars = dialect.parse_variables(&rows)?;
+    let rows = mysql::query_rows(conn, dialect.semi_sync_status_query(), timeout).await?;
+    let semi = dialect.parse_semi_sync_status(&rows)?;
+    let rows = mysql::query_rows(conn, dialect.replica_status_query(), timeout).await?;
+    let replica = dialect.parse_replica_status(rows.first())?;
+    let heartbeat_ts_us = match mysql::query_scalar(conn, HEARTBEAT_READ, timeout).await {
+        Ok(v) => v.and_then(|s| s.parse::<u64>().ok()),
+        Err(e) if matches!(e.server_code(), Some(ER_BAD_DB | ER_NO_SUCH_TABLE)) => None,
+        Err(e) => return Err(e),
+    };
+    Ok(Observation {
+        dialect,
+        vars,
+        semi,
+        replica,
+        heartbeat_ts_us,
+    })
+}
+
+/// Static facts about this tablet that go into every health message.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub alias: String,
+    pub keyspace: String,
+    pub shard: String,
+    pub cell: String,
+    pub mysql_addr: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FenceStatus {
+    pub fenced: bool,
+    pub reason: String,
+}
+
+pub struct HealthInputs<'a> {
+    pub id: &'a Identity,
+    pub poll: &'a Result<Observation, String>,
+    pub terms: &'a TermState,
+    pub shard: Option<&'a ShardRecord>,
+    pub fence: &'a FenceStatus,
+    pub etcd_connected: bool,
+    pub now_us: u64,
+}
+
+fn thread_state(s: ThreadState) -> i32 {
+    (match s {
+        ThreadState::Stopped => pb::ThreadState::Stopped,
+        ThreadState::Connecting => pb::ThreadState::Connecting,
+        ThreadState::Running => pb::ThreadState::Running,
+    }) as i32
+}
+
+pub fn build(i: HealthInputs<'_>) -> pb::Health {
+    let is_primary = i
+        .shard
+        .and_then(|s| s.primary.as_deref())
+        .is_some_and(|p| p == i.id.alias);
+    let mut h = pb::Health {
+        alias: i.id.alias.clone(),
+        keyspace: i.id.keyspace.clone(),
+        shard: i.id.shard.clone(),
+        cell: i.id.cell.clone(),
+        tablet_type: if is_primary {
+            pb::TabletType::Primary
+        } else {
+            pb::TabletType::Replica
+        } as i32,
+        polled_at_ms: i.now_us / 1000,
+        term: i.terms.known_term,
+        promoted_term: i.terms.promoted_term,
+        fenced: i.fence.fenced,
+        fence_reason: i.fence.reason.clone(),
+        etcd_connected: i.etcd_connected,
+        mysql_addr: i.id.mysql_addr.clone(),
+        ..Default::default()
+    };
+    match i.poll {
+        Err(e) => {
+            h.mysql_reachable = false;
+            h.mysql_error = e.clone();
+        }
+        Ok(o) => {
+            h.mysql_reachable = true;
+            h.mysql = Some(pb::MysqlStatus {
+                server_id: o.vars.server_id,
+                server_uuid: o.vars.server_uuid.clone(),
+                version: o.vars.version.clone(),
+                flavor: o.dialect.name().to_string(),
+                read_only: o.vars.read_only,
+                super_read_only: o.vars.super_read_only,
+                gtid_position: o.vars.gtid_position.clone(),
+                gtid_binlog_pos: o.vars.gtid_binlog_pos.clone(),
+                gtid_slave_pos: o.vars.gtid_slave_pos.clone(),
+            });
+            let r = &o.replica;
+            h.replication = Some(pb::Replication {
+                configured: r.configured,
+                source_host: r.source_host.clone(),
+                source_port: r.source_port,
+                io_state: thread_state(r.io_state),
+                sql_state: thread_state(r.sql_state),
+                last_io_errno: r.last_io_errno,
+                last_io_error: r.last_io_error.clone(),
+                last_sql_errno: r.last_sql_errno,
+                last_sql_error: r.last_sql_error.clone(),
+                gtid_io_pos: r.gtid_io_pos.clone(),
+                using_gtid: r.using_gtid,
+                seconds_behind: r.seconds_behind,
+            });
+            h.semi_sync = Some(pb::SemiSync {
+                primary_enabled: o.vars.semi_sync_primary_enabled,
+                replica_enabled: o.vars.semi_sync_replica_enabled,
+                primary_active: o.semi.primary_active,
+                primary_clients: o.semi.primary_clients,
+                primary_yes_tx: o.semi.primary_yes_tx,
+                primary_no_tx: o.semi.primary_no_tx,
+                primary_timeout_ms: o.vars.semi_sync_timeout_ms,
+                wait_point: o.vars.semi_sync_wait_point.clone(),
+                replica_active: o.semi.replica_active,
+            });
+            // Lag only means something where a source is configured: on the primary the row is
+            // its own, and its age says how long ago the last heartbeat was written.
+            if r.configured {
+                h.lag_ms = o
+                    .heartbeat_ts_us
+                    .map(|ts| i.now_us.saturating_sub(ts) / 1000);
+            }
+        }
+    }
+    h
+}
+
+/// Equal apart from the poll time: used to push only on change.
+pub fn same_content(a: &pb::Health, b: &pb::Health) -> bool {
+    let mut a = a.clone();
+    a.polled_at_ms = b.polled_at_ms;
+    a == *b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> Identity {
+        Identity {
+            alias: "zone1-102".into(),
+            keyspace: "commerce".into(),
+            shard: "0".into(),
+            cell: "zone1".into(),
+            mysql_addr: "127.0.0.1:4000".into(),
+        }
+    }
+
+    fn obs(configured: bool, ts: Option<u64>) -> Observation {
+        Observation {
+            dialect: Dialect::MARIADB_10_11,
+            vars: ServerVariables {
+                server_id: 102,
+                read_only: true,
+                gtid_position: "0-101-9".into(),
+                ..Default::default()
+            },
+            semi: SemiSyncStatus::default(),
+            replica: ReplicaStatus {
+                configured,
+                io_state: ThreadState::Running,
+                sql_state: ThreadState::Running,
+                ..Default::default()
+            },
+            heartbeat_ts_us: ts,
+        }
+    }
+
+    fn shard(primary: &str) -> ShardRecord {
+        let mut s = ShardRecord::new("commerce", "0");
+        s.primary = Some(primary.into());
+        s.term = 3;
+        s
+    }
+
+    #[test]
+    fn replica_lag_comes_from_the_heartbeat_row() {
+        let poll = Ok(obs(true, Some(1_000_000)));
+        let h = build(HealthInputs {
+            id: &id(),
+            poll: &poll,
+            terms: &TermState { known_term: 3, promoted_term: 0 },
+            shard: Some(&shard("zone1-101")),
+            fence: &FenceStatus::default(),
+            etcd_connected: true,
+            now_us: 1_250_000,
+        });
+        assert_eq!(h.lag_ms, Some(250));
+        assert_eq!(h.tablet_type, pb::TabletType::Replica as i32);
+        assert!(h.mysql_reachable);
+        assert_eq!(h.mysql.as_ref().unwrap().gtid_position, "0-101-9");
+        assert_eq!(h.term, 3);
+    }
+
+    #[test]
+    fn no_lag_without_a_source_or_a_row() {
+        for (configured, ts) in [(false, Some(5)), (true, None)] {
+            let poll = Ok(obs(configured, ts));
+            let h = build(HealthInputs {
+                id: &id(),
+                poll: &poll,
+                terms: &TermState::default(),
+                shard: Some(&shard("zone1-102")),
+                fence: &FenceStatus::default(),
+                etcd_connected: true,
+                now_us: 10,
+            });
+            assert_eq!(h.lag_ms, None);
+            assert_eq!(h.tablet_type, pb::TabletType::Primary as i32);
+        }
+    }
+
+    #[test]
+    fn unreachable_mysqld_carries_the_error() {
+        let poll = Err("connect to 127.0.0.1:4000: Connection refused".to_string());
+        let h = build(HealthInputs {
+            id: &id(),
+            poll: &poll,
+            terms: &TermState::default(),
+            shard: None,
+            fence: &FenceStatus::default(),
+            etcd_connected: false,
+            now_us: 10,
+        });
+        assert!(!h.mysql_reachable);
+        assert!(h.mysql_error.contains("refused"));
+        assert!(h.mysql.is_none());
+    }
+
+    #[test]
+    fn content_comparison_ignores_poll_time() {
+        let poll = Ok(obs(false, None));
+        let mk = |now| {
+            build(HealthInputs {
+                id: &id(),
+                poll: &poll,
+                terms: &TermState::default(),
+                shard: None,
+                fence: &FenceStatus::default(),
+                etcd_connected: true,
+                now_us: now,
+            })
+        };
+        assert!(same_content(&mk(1_000), &mk(9_000)));
+        let mut other = mk(1_000);
+        other.term = 9;
+        assert!(!same_content(&mk(1_000), &other));
+    }
+}

@@ -1,0 +1,117 @@
+//! myha-agent: one per mysqld. Polls it, reports health over gRPC, registers in etcd under a
+//! lease, executes reparent actions under the shard term, and fences its mysqld when a newer
+//! term names another primary.
+
+pub mod actions;
+pub mod agent;
+pub mod config;
+pub mod fence;
+pub mod health;
+pub mod mysql;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use myha_proto::agent::agent_server::AgentServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::agent::Shared;
+use crate::config::AgentConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create state_dir {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Listen { what, addr, source })
+}
+
+/// Runs the agent until `shutdown` resolves. Neither mysqld nor etcd being down stops it.
+pub async fn run(
+    cfg: AgentConfig,
+    metrics: PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    std::fs::create_dir_all(&cfg.agent.state_dir).map_err(|source| RunError::StateDir {
+        path: cfg.agent.state_dir.clone(),
+        source,
+    })?;
+    let grpc = bind("grpc_listen", cfg.agent.grpc_listen).await?;
+    let http = bind("http_listen", cfg.agent.http_listen).await?;
+    let host = cfg.agent.advertise_host.clone();
+    let grpc_addr = grpc.local_addr().map_err(RunError::Http)?;
+    let http_addr = http.local_addr().map_err(RunError::Http)?;
+    let shared = Shared::new(cfg);
+    shared.set_grpc_addr(format!("{host}:{}", grpc_addr.port()));
+    shared.set_http_addr(format!("{host}:{}", http_addr.port()));
+    info!(alias = %shared.id.alias, grpc = %grpc_addr, http = %http_addr, mysql = %shared.endpoint.addr(), "agent starting");
+
+    tokio::spawn(agent::poll_loop(shared.clone()));
+    tokio::spawn(agent::heartbeat_loop(shared.clone()));
+    tokio::spawn(agent::fence_loop(shared.clone()));
+    tokio::spawn(agent::etcd_loop(shared.clone()));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let app = axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .route("/health", get(health_json))
+        .with_state(shared.clone());
+    let http_server = axum::serve(http, app).with_graceful_shutdown(wait_stop(stop_rx.clone()));
+
+    let svc = service::AgentService {
+        shared: shared.clone(),
+    };
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(AgentServer::new(svc))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), wait_stop(stop_rx));
+
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    g?;
+    h.map_err(RunError::Http)?;
+    info!("agent stopped");
+    Ok(())
+}
+
+/// `/health`: 200 with the last health as JSON-ish text when mysqld is reachable, 503 otherwise.
+async fn health_json(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+) -> (axum::http::StatusCode, String) {
+    let h = shared.health.borrow().clone();
+    let code = if h.mysql_reachable {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, format!("{h:#?}\n"))
+}

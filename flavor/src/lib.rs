@@ -1,0 +1,663 @@
+//! MySQL-family dialects: the SQL myha sends and the parsing of what servers answer.
+//!
+//! Pure: callers run the statements and hand back rows as `column name -> Option<String>`
+//! (`None` for SQL NULL). Columns are always read by name, never by position, because
+//! MySQL 8.0.22 renamed the replication columns (`Slave_IO_Running` -> `Replica_IO_Running`,
+//! `Master_Host` -> `Source_Host`, ...) and MariaDB kept the old names.
+
+use std::collections::HashMap;
+use std::fmt;
+
+pub use gtid::Flavor;
+
+/// One result row: column name to value, `None` for NULL.
+pub type Row = HashMap<String, Option<String>>;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FlavorError {
+    #[error("column `{column}` missing from {what}")]
+    MissingColumn { what: &'static str, column: String },
+    #[error("column `{column}` of {what}: cannot parse `{value}` as {expected}")]
+    BadValue {
+        what: &'static str,
+        column: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("unrecognised server version `{0}`")]
+    BadVersion(String),
+}
+
+/// A server's dialect: flavor plus the version facts that change the SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dialect {
+    pub flavor: Flavor,
+    pub version: (u32, u32, u32),
+}
+
+impl Dialect {
+    pub const MARIADB_10_11: Dialect = Dialect {
+        flavor: Flavor::MariaDb,
+        version: (10, 11, 0),
+    };
+    pub const MYSQL_8_0: Dialect = Dialect {
+        flavor: Flavor::MySql,
+        version: (8, 0, 36),
+    };
+
+    /// From `SELECT @@version` (`10.11.19-MariaDB-0+deb12u1-log`, `8.0.36`, `8.4.3-commercial`).
+    pub fn detect(version: &str) -> Result<Dialect, FlavorError> {
+        let flavor = if version.to_ascii_lowercase().contains("mariadb") {
+            Flavor::MariaDb
+        } else {
+            Flavor::MySql
+        };
+        let numeric: String = version
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let mut parts = numeric.split('.').map(|p| p.parse::<u32>());
+        let mut next = || -> Result<u32, FlavorError> {
+            match parts.next() {
+                Some(Ok(n)) => Ok(n),
+                Some(Err(_)) => Err(FlavorError::BadVersion(version.to_string())),
+                None => Ok(0),
+            }
+        };
+        let major = next()?;
+        let minor = next()?;
+        let patch = next()?;
+        if major == 0 {
+            return Err(FlavorError::BadVersion(version.to_string()));
+        }
+        Ok(Dialect {
+            flavor,
+            version: (major, minor, patch),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self.flavor {
+            Flavor::MariaDb => "mariadb",
+            Flavor::MySql => "mysql",
+        }
+    }
+
+    fn is_mysql_at_least(&self, v: (u32, u32, u32)) -> bool {
+        self.flavor == Flavor::MySql && self.version >= v
+    }
+
+    /// MySQL 8.0.22 introduced `REPLICA` statements and `Source_*` columns.
+    fn replica_words(&self) -> bool {
+        self.is_mysql_at_least((8, 0, 22))
+    }
+
+    /// MySQL 8.0.26 renamed the semi-sync plugins' variables to `rpl_semi_sync_source_*`/`replica_*`.
+    fn semi_sync_source_words(&self) -> bool {
+        self.is_mysql_at_least((8, 0, 26))
+    }
+
+    pub fn has_super_read_only(&self) -> bool {
+        self.flavor == Flavor::MySql
+    }
+
+    fn semi_primary_prefix(&self) -> &'static str {
+        if self.semi_sync_source_words() {
+            "rpl_semi_sync_source"
+        } else {
+            "rpl_semi_sync_master"
+        }
+    }
+
+    fn semi_replica_prefix(&self) -> &'static str {
+        if self.semi_sync_source_words() {
+            "rpl_semi_sync_replica"
+        } else {
+            "rpl_semi_sync_slave"
+        }
+    }
+
+    fn semi_status_primary_prefix(&self) -> &'static str {
+        if self.semi_sync_source_words() {
+            "Rpl_semi_sync_source"
+        } else {
+            "Rpl_semi_sync_master"
+        }
+    }
+
+    fn semi_status_replica_prefix(&self) -> &'static str {
+        if self.semi_sync_source_words() {
+            "Rpl_semi_sync_replica"
+        } else {
+            "Rpl_semi_sync_slave"
+        }
+    }
+
+    // ---- statements --------------------------------------------------------------------
+
+    /// Variables the agent reads every poll. `SHOW GLOBAL VARIABLES WHERE ... IN (...)` is
+    /// used instead of `SELECT @@x` because it tolerates variables a server lacks (semi-sync
+    /// plugin not loaded, `super_read_only` on MariaDB).
+    pub fn variables_query(&self) -> String {
+        let p = self.semi_primary_prefix();
+        let r = self.semi_replica_prefix();
+        let mut names = vec![
+            "server_id".to_string(),
+            "server_uuid".into(),
+            "version".into(),
+            "read_only".into(),
+            "super_read_only".into(),
+            "gtid_executed".into(),
+            "gtid_current_pos".into(),
+            "gtid_binlog_pos".into(),
+            "gtid_slave_pos".into(),
+            format!("{p}_enabled"),
+            format!("{p}_timeout"),
+            format!("{p}_wait_point"),
+            format!("{r}_enabled"),
+        ];
+        names.iter_mut().for_each(|n| *n = format!("'{n}'"));
+        format!(
+            "SHOW GLOBAL VARIABLES WHERE Variable_name IN ({})",
+            names.join(", ")
+        )
+    }
+
+    pub fn semi_sync_status_query(&self) -> &'static str {
+        "SHOW GLOBAL STATUS WHERE Variable_name LIKE 'Rpl_semi_sync%'"
+    }
+
+    pub fn replica_status_query(&self) -> &'static str {
+        if self.replica_words() {
+            "SHOW REPLICA STATUS"
+        } else {
+            "SHOW SLAVE STATUS"
+        }
+    }
+
+    pub fn stop_replication(&self, scope: Scope) -> String {
+        let word = if self.replica_words() {
+            "REPLICA"
+        } else {
+            "SLAVE"
+        };
+        match scope {
+            Scope::IoOnly => format!("STOP {word} IO_THREAD"),
+            Scope::Both => format!("STOP {word}"),
+        }
+    }
+
+    pub fn start_replication(&self, scope: Scope) -> String {
+        let word = if self.replica_words() {
+            "REPLICA"
+        } else {
+            "SLAVE"
+        };
+        match scope {
+            Scope::IoOnly => format!("START {word} IO_THREAD"),
+            Scope::Both => format!("START {word}"),
+        }
+    }
+
+    pub fn reset_replication_all(&self) -> &'static str {
+        if self.replica_words() {
+            "RESET REPLICA ALL"
+        } else {
+            "RESET SLAVE ALL"
+        }
+    }
+
+    /// Statements that point replication at `src`. Replication must be stopped first.
+    ///
+    /// MariaDB: `gtid_slave_pos` is first set to `gtid_current_pos` so a former primary resumes
+    /// from what it wrote itself, not from the stale position it last replicated to.
+    pub fn change_source(&self, src: &SourceSpec) -> Vec<String> {
+        let host = quote(&src.host);
+        let user = quote(&src.user);
+        let password = quote(&src.password);
+        let retry = src.connect_retry_secs.max(1);
+        let heartbeat = format!("{:.3}", src.heartbeat_period_secs);
+        match self.flavor {
+            Flavor::MariaDb => vec![
+                "SET GLOBAL gtid_slave_pos = @@gtid_current_pos".into(),
+                format!(
+                    "CHANGE MASTER TO MASTER_HOST = {host}, MASTER_PORT = {}, MASTER_USER = {user}, \
+                     MASTER_PASSWORD = {password}, MASTER_USE_GTID = slave_pos, \
+                     MASTER_CONNECT_RETRY = {retry}, MASTER_HEARTBEAT_PERIOD = {heartbeat}",
+                    src.port
+                ),
+            ],
+            Flavor::MySql if self.replica_words() => vec![format!(
+                "CHANGE REPLICATION SOURCE TO SOURCE_HOST = {host}, SOURCE_PORT = {}, \
+                 SOURCE_USER = {user}, SOURCE_PASSWORD = {password}, SOURCE_AUTO_POSITION = 1, \
+                 SOURCE_CONNECT_RETRY = {retry}, SOURCE_HEARTBEAT_PERIOD = {heartbeat}, \
+                 GET_SOURCE_PUBLIC_KEY = 1",
+                src.port
+            )],
+            Flavor::MySql => vec![format!(
+                "CHANGE MASTER TO MASTER_HOST = {host}, MASTER_PORT = {}, MASTER_USER = {user}, \
+                 MASTER_PASSWORD = {password}, MASTER_AUTO_POSITION = 1, \
+                 MASTER_CONNECT_RETRY = {retry}, MASTER_HEARTBEAT_PERIOD = {heartbeat}",
+                src.port
+            )],
+        }
+    }
+
+    /// A query returning one row, one column: see [`Dialect::wait_reached`].
+    pub fn wait_for_position(&self, position: &str, timeout_secs: f64) -> String {
+        let pos = quote(position);
+        let secs = format!("{:.3}", timeout_secs.max(0.001));
+        match self.flavor {
+            Flavor::MariaDb => format!("SELECT MASTER_GTID_WAIT({pos}, {secs})"),
+            Flavor::MySql => format!("SELECT WAIT_FOR_EXECUTED_GTID_SET({pos}, {secs})"),
+        }
+    }
+
+    /// Interprets the result of [`Dialect::wait_for_position`]: MariaDB answers 0 when reached
+    /// and -1 on timeout; MySQL answers 0 when reached and 1 on timeout.
+    pub fn wait_reached(&self, value: Option<&str>) -> bool {
+        value.map(str::trim) == Some("0")
+    }
+
+    pub fn set_read_only(&self, read_only: bool, super_read_only: bool) -> Vec<String> {
+        let on = |b: bool| if b { "ON" } else { "OFF" };
+        if self.has_super_read_only() {
+            if read_only {
+                let mut v = vec!["SET GLOBAL read_only = ON".to_string()];
+                if super_read_only {
+                    v.push("SET GLOBAL super_read_only = ON".into());
+                }
+                v
+            } else {
+                // super_read_only=OFF must come first: read_only=OFF would fail while it is ON
+                // on some versions, and the reverse order leaves a window with both off anyway.
+                vec![
+                    "SET GLOBAL super_read_only = OFF".into(),
+                    "SET GLOBAL read_only = OFF".into(),
+                ]
+            }
+        } else {
+            vec![format!("SET GLOBAL read_only = {}", on(read_only))]
+        }
+    }
+
+    /// Primary-side semi-sync. Enabling also makes it lossless: AFTER_SYNC, a timeout so long
+    /// that no async fallback happens in practice, and waiting even with no replica attached.
+    pub fn set_semi_sync_primary(&self, enabled: bool, timeout_ms: u64) -> Vec<String> {
+        let p = self.semi_primary_prefix();
+        if !enabled {
+            return vec![format!("SET GLOBAL {p}_enabled = OFF")];
+        }
+        // MySQL 8.0.26+ has no wait_no_slave; its equivalent is wait_for_replica_count = 1.
+        let wait_without_replicas = if self.semi_sync_source_words() {
+            format!("SET GLOBAL {p}_wait_for_replica_count = 1")
+        } else {
+            format!("SET GLOBAL {p}_wait_no_slave = ON")
+        };
+        vec![
+            format!("SET GLOBAL {p}_wait_point = AFTER_SYNC"),
+            format!("SET GLOBAL {p}_timeout = {timeout_ms}"),
+            wait_without_replicas,
+            format!("SET GLOBAL {p}_enabled = ON"),
+        ]
+    }
+
+    pub fn set_semi_sync_replica(&self, enabled: bool) -> String {
+        let r = self.semi_replica_prefix();
+        format!(
+            "SET GLOBAL {r}_enabled = {}",
+            if enabled { "ON" } else { "OFF" }
+        )
+    }
+
+    /// Other sessions, for fencing: `ID, USER, COMMAND`.
+    pub fn processlist_query(&self) -> &'static str {
+        "SELECT ID, USER, COMMAND FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
+    }
+
+    pub fn kill_connection(&self, id: u64) -> String {
+        format!("KILL CONNECTION {id}")
+    }
+
+    // ---- parsing -----------------------------------------------------------------------
+
+    /// Rows of `SHOW GLOBAL VARIABLES` (`Variable_name`, `Value`) into [`ServerVariables`].
+    pub fn parse_variables(&self, rows: &[Row]) -> Result<ServerVariables, FlavorError> {
+        let map = name_value_map(rows, "SHOW GLOBAL VARIABLES")?;
+        let get = |k: &str| map.get(&k.to_ascii_lowercase()).cloned();
+        let what = "server variables";
+        let p = self.semi_primary_prefix();
+        let r = self.semi_replica_prefix();
+        let server_id = parse_num::<u32>(what, "server_id", get("server_id"))?.unwrap_or(0);
+        let (gtid_position, gtid_binlog_pos, gtid_slave_pos) = match self.flavor {
+            Flavor::MariaDb => (
+                get("gtid_current_pos").unwrap_or_default(),
+                get("gtid_binlog_pos").unwrap_or_default(),
+                get("gtid_slave_pos").unwrap_or_default(),
+            ),
+            Flavor::MySql => {
+                let executed = get("gtid_executed").unwrap_or_default();
+                (executed.clone(), executed, String::new())
+            }
+        };
+        Ok(ServerVariables {
+            server_id,
+            server_uuid: get("server_uuid").unwrap_or_default(),
+            version: get("version").unwrap_or_default(),
+            read_only: parse_bool(what, "read_only", get("read_only"))?.unwrap_or(false),
+            super_read_only: parse_bool(what, "super_read_only", get("super_read_only"))?
+                .unwrap_or(false),
+            gtid_position: normalise_gtid_text(&gtid_position),
+            gtid_binlog_pos: normalise_gtid_text(&gtid_binlog_pos),
+            gtid_slave_pos: normalise_gtid_text(&gtid_slave_pos),
+            semi_sync_primary_enabled: parse_bool(what, "semi primary", get(&format!("{p}_enabled")))?
+                .unwrap_or(false),
+            semi_sync_replica_enabled: parse_bool(what, "semi replica", get(&format!("{r}_enabled")))?
+                .unwrap_or(false),
+            semi_sync_timeout_ms: parse_num::<u64>(what, "semi timeout", get(&format!("{p}_timeout")))?
+                .unwrap_or(0),
+            semi_sync_wait_point: get(&format!("{p}_wait_point")).unwrap_or_default(),
+        })
+    }
+
+    /// Rows of the semi-sync `SHOW GLOBAL STATUS` query.
+    pub fn parse_semi_sync_status(&self, rows: &[Row]) -> Result<SemiSyncStatus, FlavorError> {
+        let map = name_value_map(rows, "SHOW GLOBAL STATUS")?;
+        let what = "semi-sync status";
+        let ps = self.semi_status_primary_prefix();
+        let rs = self.semi_status_replica_prefix();
+        let get = |k: String| map.get(&k.to_ascii_lowercase()).cloned();
+        Ok(SemiSyncStatus {
+            primary_active: parse_bool(what, "primary status", get(format!("{ps}_status")))?
+                .unwrap_or(false),
+            primary_clients: parse_num::<u32>(what, "clients", get(format!("{ps}_clients")))?
+                .unwrap_or(0),
+            primary_yes_tx: parse_num::<u64>(what, "yes_tx", get(format!("{ps}_yes_tx")))?
+                .unwrap_or(0),
+            primary_no_tx: parse_num::<u64>(what, "no_tx", get(format!("{ps}_no_tx")))?
+                .unwrap_or(0),
+            replica_active: parse_bool(what, "replica status", get(format!("{rs}_status")))?
+                .unwrap_or(false),
+        })
+    }
+
+    /// The row of `SHOW SLAVE STATUS` / `SHOW REPLICA STATUS`; `None` when the server
+    /// returned no row (no replication configured).
+    pub fn parse_replica_status(&self, row: Option<&Row>) -> Result<ReplicaStatus, FlavorError> {
+        let Some(row) = row else {
+            return Ok(ReplicaStatus::default());
+        };
+        let what = "replica status";
+        let col = |names: &[&str]| -> Option<String> {
+            names
+                .iter()
+                .find_map(|n| row.get(*n).cloned())
+                .flatten()
+        };
+        let require = |names: &[&str]| -> Result<(), FlavorError> {
+            if names.iter().any(|n| row.contains_key(*n)) {
+                Ok(())
+            } else {
+                Err(FlavorError::MissingColumn {
+                    what,
+                    column: names.join(" / "),
+                })
+            }
+        };
+        require(&["Slave_IO_Running", "Replica_IO_Running"])?;
+        require(&["Slave_SQL_Running", "Replica_SQL_Running"])?;
+        require(&["Master_Host", "Source_Host"])?;
+        let io_state = ThreadState::parse(
+            what,
+            "IO_Running",
+            col(&["Slave_IO_Running", "Replica_IO_Running"]),
+        )?;
+        let sql_state = ThreadState::parse(
+            what,
+            "SQL_Running",
+            col(&["Slave_SQL_Running", "Replica_SQL_Running"]),
+        )?;
+        let (gtid_io_pos, using_gtid) = match self.flavor {
+            Flavor::MariaDb => {
+                let using = col(&["Using_Gtid"]).unwrap_or_default();
+                (
+                    col(&["Gtid_IO_Pos"]).unwrap_or_default(),
+                    !using.is_empty() && !using.eq_ignore_ascii_case("no"),
+                )
+            }
+            Flavor::MySql => (
+                col(&["Retrieved_Gtid_Set"]).unwrap_or_default(),
+                col(&["Auto_Position"]).as_deref() == Some("1"),
+            ),
+        };
+        Ok(ReplicaStatus {
+            configured: true,
+            source_host: col(&["Master_Host", "Source_Host"]).unwrap_or_default(),
+            source_port: parse_num::<u32>(what, "port", col(&["Master_Port", "Source_Port"]))?
+                .unwrap_or(0),
+            io_state,
+            sql_state,
+            last_io_errno: parse_num::<u32>(what, "Last_IO_Errno", col(&["Last_IO_Errno"]))?
+                .unwrap_or(0),
+            last_io_error: col(&["Last_IO_Error"]).unwrap_or_default(),
+            last_sql_errno: parse_num::<u32>(what, "Last_SQL_Errno", col(&["Last_SQL_Errno"]))?
+                .unwrap_or(0),
+            last_sql_error: col(&["Last_SQL_Error"]).unwrap_or_default(),
+            gtid_io_pos: normalise_gtid_text(&gtid_io_pos),
+            using_gtid,
+            seconds_behind: parse_num::<u64>(
+                what,
+                "Seconds_Behind",
+                col(&["Seconds_Behind_Master", "Seconds_Behind_Source"]),
+            )?,
+        })
+    }
+
+    /// Connections fencing must kill: clients, not replication or server threads.
+    pub fn killable_sessions(&self, rows: &[Row], keep_users: &[&str]) -> Vec<u64> {
+        rows.iter()
+            .filter_map(|r| {
+                let id = r.get("ID").cloned().flatten()?.parse::<u64>().ok()?;
+                let user = r.get("USER").cloned().flatten().unwrap_or_default();
+                let command = r.get("COMMAND").cloned().flatten().unwrap_or_default();
+                let system = matches!(
+                    user.as_str(),
+                    "system user" | "event_scheduler" | "system_user"
+                ) || command.starts_with("Binlog Dump")
+                    || command.starts_with("Slave_")
+                    || command == "Daemon";
+                (!system && !keep_users.contains(&user.as_str())).then_some(id)
+            })
+            .collect()
+    }
+}
+
+/// What to stop or start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    IoOnly,
+    Both,
+}
+
+/// Where a replica replicates from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceSpec {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub connect_retry_secs: u32,
+    pub heartbeat_period_secs: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerVariables {
+    pub server_id: u32,
+    pub server_uuid: String,
+    pub version: String,
+    pub read_only: bool,
+    pub super_read_only: bool,
+    /// Everything applied or written here (MariaDB `gtid_current_pos`, MySQL `gtid_executed`).
+    pub gtid_position: String,
+    pub gtid_binlog_pos: String,
+    pub gtid_slave_pos: String,
+    pub semi_sync_primary_enabled: bool,
+    pub semi_sync_replica_enabled: bool,
+    pub semi_sync_timeout_ms: u64,
+    pub semi_sync_wait_point: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SemiSyncStatus {
+    pub primary_active: bool,
+    pub primary_clients: u32,
+    pub primary_yes_tx: u64,
+    pub primary_no_tx: u64,
+    pub replica_active: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ThreadState {
+    #[default]
+    Stopped,
+    Connecting,
+    Running,
+}
+
+impl ThreadState {
+    fn parse(
+        what: &'static str,
+        column: &str,
+        value: Option<String>,
+    ) -> Result<ThreadState, FlavorError> {
+        match value.as_deref() {
+            None | Some("No") | Some("") => Ok(ThreadState::Stopped),
+            Some("Yes") => Ok(ThreadState::Running),
+            // MariaDB shows "Preparing" briefly while the IO thread sets up.
+            Some("Connecting") | Some("Preparing") => Ok(ThreadState::Connecting),
+            Some(other) => Err(FlavorError::BadValue {
+                what,
+                column: column.to_string(),
+                value: other.to_string(),
+                expected: "Yes, No, Connecting or Preparing",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ThreadState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ThreadState::Stopped => "stopped",
+            ThreadState::Connecting => "connecting",
+            ThreadState::Running => "running",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub configured: bool,
+    pub source_host: String,
+    pub source_port: u32,
+    pub io_state: ThreadState,
+    pub sql_state: ThreadState,
+    pub last_io_errno: u32,
+    pub last_io_error: String,
+    pub last_sql_errno: u32,
+    pub last_sql_error: String,
+    pub gtid_io_pos: String,
+    pub using_gtid: bool,
+    pub seconds_behind: Option<u64>,
+}
+
+impl ReplicaStatus {
+    pub fn replicating(&self) -> bool {
+        self.io_state == ThreadState::Running && self.sql_state == ThreadState::Running
+    }
+}
+
+/// SQL string literal with backslashes and quotes escaped (default sql_mode).
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Servers print multi-element GTID sets with newlines after commas.
+fn normalise_gtid_text(s: &str) -> String {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `Variable_name`/`Value` rows keyed by the lower-cased name (servers differ in case:
+/// `Rpl_semi_sync_master_status` vs `rpl_semi_sync_master_enabled`).
+fn name_value_map(
+    rows: &[Row],
+    what: &'static str,
+) -> Result<HashMap<String, String>, FlavorError> {
+    let column = |row: &Row, name: &str| -> Result<String, FlavorError> {
+        row.get(name)
+            .map(|v| v.clone().unwrap_or_default())
+            .ok_or(FlavorError::MissingColumn {
+                what,
+                column: name.into(),
+            })
+    };
+    rows.iter()
+        .map(|row| Ok((column(row, "Variable_name")?.to_ascii_lowercase(), column(row, "Value")?)))
+        .collect()
+}
+
+fn parse_bool(
+    what: &'static str,
+    column: &str,
+    value: Option<String>,
+) -> Result<Option<bool>, FlavorError> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) if v.eq_ignore_ascii_case("on") || v == "1" || v.eq_ignore_ascii_case("yes") => {
+            Ok(Some(true))
+        }
+        Some(v) if v.eq_ignore_ascii_case("off") || v == "0" || v.eq_ignore_ascii_case("no") => {
+            Ok(Some(false))
+        }
+        Some(v) => Err(FlavorError::BadValue {
+            what,
+            column: column.to_string(),
+            value: v.to_string(),
+            expected: "ON/OFF",
+        }),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(
+    what: &'static str,
+    column: &str,
+    value: Option<String>,
+) -> Result<Option<T>, FlavorError> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v.parse::<T>().map(Some).map_err(|_| FlavorError::BadValue {
+            what,
+            column: column.to_string(),
+            value: v.to_string(),
+            expected: "a number",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

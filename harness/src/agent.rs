@@ -1,0 +1,190 @@
+//! [`AgentProc`]: the `myha-agent` binary as a child process with a generated config.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use myha_agent::config::AgentConfig;
+use myha_proto::agent::agent_client::AgentClient;
+use myha_proto::agent::{FullStatusRequest, Health};
+use tonic::transport::Channel;
+
+use crate::error::{HarnessError, Result};
+use crate::mysqld::absolute;
+use crate::process::Proc;
+use crate::util::find_myha_bin;
+
+pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
+pub const AGENT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// One `myha-agent`. Its config is written to `{dir}/agent.toml`, output goes to
+/// `{dir}/agent.log`. Killed (SIGKILL) on drop unless detached.
+#[derive(Debug)]
+pub struct AgentProc {
+    alias: String,
+    dir: PathBuf,
+    config_path: PathBuf,
+    config: AgentConfig,
+    proc: Proc,
+}
+
+impl AgentProc {
+    /// Writes the config and starts the agent, returning once it answers `FullStatus`
+    /// (whatever it says about mysqld). `config.agent.grpc_listen`/`http_listen` must be
+    /// concrete ports (the caller picks them, see [`crate::free_port`]).
+    pub async fn launch(config: AgentConfig, dir: &Path, new_session: bool) -> Result<AgentProc> {
+        let a = AgentProc::create(config, dir, new_session)?;
+        a.start_again().await?;
+        Ok(a)
+    }
+
+    /// Writes the config without starting.
+    pub fn create(config: AgentConfig, dir: &Path, new_session: bool) -> Result<AgentProc> {
+        let bin = find_myha_bin("myha-agent")?;
+        let dir = absolute(dir)?;
+        std::fs::create_dir_all(&dir).map_err(HarnessError::io(format!("create {}", dir.display())))?;
+        if config.agent.grpc_listen.port() == 0 || config.agent.http_listen.port() == 0 {
+            return Err(HarnessError::Invalid(
+                "agent config: grpc_listen and http_listen need concrete ports".into(),
+            ));
+        }
+        let alias = config.alias();
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, config.to_toml())
+            .map_err(HarnessError::io(format!("write {}", config_path.display())))?;
+        let args: Vec<OsString> = vec!["--config".into(), config_path.clone().into_os_string()];
+        let log = dir.join("agent.log");
+        // Plain log files: no colour codes.
+        let proc = Proc::new(format!("myha-agent {alias}"), bin, args, log, new_session)
+            .with_env("NO_COLOR", "1");
+        Ok(AgentProc {
+            alias,
+            dir,
+            config_path,
+            config,
+            proc,
+        })
+    }
+
+    async fn start_again(&self) -> Result<()> {
+        let started = Instant::now();
+        self.proc.spawn()?;
+        let mut last;
+        loop {
+            self.proc.check_alive()?;
+            match self.full_status().await {
+                Ok(_) => {
+                    tracing::debug!(agent = %self.alias, elapsed = ?started.elapsed(), "agent answers");
+                    return Ok(());
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if started.elapsed() > AGENT_START_TIMEOUT {
+                return Err(self.proc.start_error(format!(
+                    "no FullStatus answer after {AGENT_START_TIMEOUT:?}: {last}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts it again after a kill/stop (an error if running).
+    pub async fn start(&self) -> Result<()> {
+        self.start_again().await
+    }
+
+    /// A gRPC client (connects now, 1 s bound).
+    pub async fn client(&self) -> Result<AgentClient<Channel>> {
+        let uri = format!("http://{}", self.grpc_addr());
+        let endpoint = Channel::from_shared(uri.clone())
+            .map_err(|e| HarnessError::Invalid(format!("agent uri {uri}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(5));
+        let channel = endpoint.connect().await.map_err(|e| HarnessError::Agent {
+            what: format!("{}: connect {uri}", self.proc.name()),
+            message: e.to_string(),
+        })?;
+        Ok(AgentClient::new(channel))
+    }
+
+    /// One `FullStatus` call.
+    pub async fn full_status(&self) -> Result<Health> {
+        let mut c = self.client().await?;
+        c.full_status(FullStatusRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| HarnessError::Agent {
+                what: format!("{}: FullStatus", self.proc.name()),
+                message: format!("{:?}: {}", s.code(), s.message()),
+            })
+    }
+
+    pub fn alias(&self) -> &str {
+        &self.alias
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.config.agent.grpc_listen
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.config.agent.http_listen
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.proc.log()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&self) -> Result<()> {
+        self.proc.kill()
+    }
+
+    /// SIGSTOP.
+    pub fn freeze(&self) -> Result<()> {
+        self.proc.freeze()
+    }
+
+    /// SIGCONT.
+    pub fn thaw(&self) -> Result<()> {
+        self.proc.thaw()
+    }
+
+    /// SIGTERM, wait for the exit (SIGKILL after 10 s).
+    pub async fn stop(&self) -> Result<()> {
+        self.proc.stop(AGENT_STOP_GRACE).await.map(drop)
+    }
+
+    /// Starts again with the same config (stopping first if running).
+    pub async fn restart(&self) -> Result<()> {
+        if self.is_running() {
+            self.stop().await?;
+        }
+        self.start_again().await
+    }
+
+    pub(crate) fn detach(&self) {
+        self.proc.detach();
+    }
+}

@@ -1,0 +1,939 @@
+//! [`Cluster`]: etcd + N MariaDB (GTID replication from tablet 0, optionally semi-sync) +
+//! optionally one `myha-agent` per mysqld, with the topology bootstrapped in etcd.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Row};
+use myha_agent::config::{
+    AgentConfig, AgentSection, EtcdSection, FlavorName, LogFormat, LogSection, MysqlSection,
+    TabletSection,
+};
+use myha_proto::agent::{Health, ThreadState};
+use tempfile::TempDir;
+use topo::{CellRecord, Durability, KeyspaceRecord, PromotionRule, Topo};
+
+use crate::agent::AgentProc;
+use crate::error::{HarnessError, Result};
+use crate::etcd::Etcd;
+use crate::mysqld::{absolute, Mysqld, MysqldOptions};
+use crate::sandbox::{SandboxState, SandboxTablet, STATE_FILE};
+use crate::util::{free_port, poll_until, random_password};
+
+/// Semi-sync ack timeout set on the primary: 30 days in ms (lossless: no async fallback).
+pub const SEMI_SYNC_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// A hook to adjust each agent's config before it is written.
+pub type AgentConfigHook = Arc<dyn Fn(&mut AgentConfig) + Send + Sync>;
+
+/// What to start.
+#[derive(Clone)]
+pub struct ClusterOptions {
+    /// Number of mysqld (tablet 0 is the first primary).
+    pub tablets: usize,
+    pub durability: Durability,
+    pub keyspace: String,
+    pub shard: String,
+    pub cell: String,
+    /// Tablet i gets uid `first_uid + i` and server_id = uid.
+    pub first_uid: u32,
+    /// `None`: a temp dir removed on drop. `Some(dir)`: created if missing, kept on drop.
+    pub base_dir: Option<PathBuf>,
+    /// Start one `myha-agent` per mysqld (needs the binary, see [`crate::find_myha_bin`]).
+    pub start_agents: bool,
+    /// The agents' etcd lease TTL.
+    pub lease_ttl: Duration,
+    /// The agents' poll interval.
+    pub poll_interval: Duration,
+    /// etcd key prefix.
+    pub prefix: String,
+    /// Start every process in its own session (survives the parent: the sandbox).
+    pub new_session: bool,
+    /// Extra mysqld arguments for every instance.
+    pub mysqld_args: Vec<String>,
+    /// `MASTER_HEARTBEAT_PERIOD` of the replicas (mysqld runs with slave_net_timeout=4).
+    pub heartbeat_period: Duration,
+    /// The agents' log level (also settable through the hook).
+    pub agent_log_level: String,
+    /// Adjusts each agent's config.
+    pub agent_config: Option<AgentConfigHook>,
+    /// Bound for replication and agent readiness.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            tablets: 3,
+            durability: Durability::SemiSync,
+            keyspace: "commerce".into(),
+            shard: "0".into(),
+            cell: "zone1".into(),
+            first_uid: 101,
+            base_dir: None,
+            start_agents: true,
+            lease_ttl: Duration::from_secs(2),
+            poll_interval: Duration::from_millis(100),
+            prefix: "/myha".into(),
+            new_session: false,
+            mysqld_args: Vec::new(),
+            heartbeat_period: Duration::from_secs(1),
+            agent_log_level: "info".into(),
+            agent_config: None,
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl fmt::Debug for ClusterOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterOptions")
+            .field("tablets", &self.tablets)
+            .field("durability", &self.durability)
+            .field("keyspace", &self.keyspace)
+            .field("shard", &self.shard)
+            .field("cell", &self.cell)
+            .field("first_uid", &self.first_uid)
+            .field("base_dir", &self.base_dir)
+            .field("start_agents", &self.start_agents)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("prefix", &self.prefix)
+            .field("new_session", &self.new_session)
+            .finish_non_exhaustive()
+    }
+}
+
+/// MySQL users created on the first primary (random passwords).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Credentials {
+    pub agent_user: String,
+    pub agent_password: String,
+    pub repl_user: String,
+    pub repl_password: String,
+    pub app_user: String,
+    pub app_password: String,
+    /// The application database (`app`).
+    pub database: String,
+}
+
+impl Credentials {
+    pub fn generate() -> Credentials {
+        Credentials {
+            agent_user: "myha_agent".into(),
+            agent_password: random_password(),
+            repl_user: "myha_repl".into(),
+            repl_password: random_password(),
+            app_user: "app".into(),
+            app_password: random_password(),
+            database: "app".into(),
+        }
+    }
+}
+
+/// One mysqld and (optionally) its agent.
+#[derive(Debug)]
+pub struct Tablet {
+    index: usize,
+    alias: String,
+    cell: String,
+    uid: u32,
+    dir: PathBuf,
+    mysqld: Mysqld,
+    agent: Option<AgentProc>,
+    creds: Arc<Credentials>,
+}
+
+impl Tablet {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    /// `{cell}-{uid}`.
+    pub fn alias(&self) -> &str {
+        &self.alias
+    }
+    pub fn cell(&self) -> &str {
+        &self.cell
+    }
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+    /// `{cluster dir}/{alias}`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn mysqld(&self) -> &Mysqld {
+        &self.mysqld
+    }
+    /// The agent, when agents were started.
+    pub fn agent(&self) -> Option<&AgentProc> {
+        self.agent.as_ref()
+    }
+    /// The agent, or an error saying none was started.
+    pub fn agent_proc(&self) -> Result<&AgentProc> {
+        self.agent.as_ref().ok_or_else(|| {
+            HarnessError::Invalid(format!("{}: no agent started (start_agents: false)", self.alias))
+        })
+    }
+    /// `root@localhost` over the socket.
+    pub async fn root_conn(&self) -> Result<Conn> {
+        self.mysqld.root_conn().await
+    }
+    /// `myha_agent` over TCP.
+    pub async fn admin_conn(&self) -> Result<Conn> {
+        self.mysqld
+            .conn(&self.creds.agent_user, &self.creds.agent_password, None)
+            .await
+    }
+    /// `app` over TCP, default database `app`.
+    pub async fn app_conn(&self) -> Result<Conn> {
+        self.mysqld
+            .conn(&self.creds.app_user, &self.creds.app_password, Some(&self.creds.database))
+            .await
+    }
+    /// `FullStatus` from the agent.
+    pub async fn full_status(&self) -> Result<Health> {
+        self.agent_proc()?.full_status().await
+    }
+}
+
+/// A running cluster. Dropping it SIGKILLs every process (agents, mysqld, etcd) and removes the
+/// temp dir, also while unwinding from a panic; see [`Cluster::keep_dir`] and
+/// [`Cluster::detach`].
+pub struct Cluster {
+    opts: ClusterOptions,
+    dir: PathBuf,
+    creds: Arc<Credentials>,
+    topo: Topo,
+    tablets: Vec<Tablet>,
+    etcd: Etcd,
+    keep_dir: AtomicBool,
+    detached: bool,
+    // Last: removed after the processes are gone.
+    temp: Option<TempDir>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("dir", &self.dir)
+            .field("etcd", &self.etcd.endpoint())
+            .field("tablets", &self.tablets.iter().map(|t| t.alias()).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn sql_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Runs statements in order, naming the one that failed.
+async fn exec_all(conn: &mut Conn, who: &str, stmts: &[String]) -> Result<()> {
+    for s in stmts {
+        conn.query_drop(s.as_str())
+            .await
+            .map_err(HarnessError::mysql(format!("{who}: `{}`", redact(s))))?;
+    }
+    Ok(())
+}
+
+/// Hides passwords in a statement put into an error.
+fn redact(stmt: &str) -> String {
+    let mut out = String::new();
+    let mut rest = stmt;
+    for marker in ["IDENTIFIED BY ", "MASTER_PASSWORD="] {
+        if let Some(i) = rest.find(marker) {
+            let after = &rest[i + marker.len()..];
+            let end = after
+                .char_indices()
+                .skip(1)
+                .find(|(_, c)| *c == '\'')
+                .map(|(j, _)| j + 1)
+                .unwrap_or(after.len());
+            out.push_str(&rest[..i + marker.len()]);
+            out.push_str("'***'");
+            rest = &after[end..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `SHOW SLAVE STATUS` as column -> value (NULL as None); `None` when no source is configured.
+pub async fn slave_status(conn: &mut Conn) -> Result<Option<HashMap<String, Option<String>>>> {
+    let row: Option<Row> = conn
+        .query_first("SHOW SLAVE STATUS")
+        .await
+        .map_err(HarnessError::mysql("SHOW SLAVE STATUS"))?;
+    Ok(row.map(row_to_map))
+}
+
+/// A row as column -> value.
+pub fn row_to_map(row: Row) -> HashMap<String, Option<String>> {
+    let cols: Vec<String> = row
+        .columns_ref()
+        .iter()
+        .map(|c| c.name_str().into_owned())
+        .collect();
+    let values = row.unwrap();
+    cols.into_iter()
+        .zip(values)
+        .map(|(c, v)| {
+            let v = match v {
+                mysql_async::Value::NULL => None,
+                mysql_async::Value::Bytes(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+                other => Some(other.as_sql(true).trim_matches('\'').to_string()),
+            };
+            (c, v)
+        })
+        .collect()
+}
+
+/// One `SHOW GLOBAL STATUS LIKE name` value.
+pub async fn global_status(conn: &mut Conn, name: &str) -> Result<Option<String>> {
+    let row: Option<(String, String)> = conn
+        .query_first(format!("SHOW GLOBAL STATUS LIKE {}", sql_quote(name)))
+        .await
+        .map_err(HarnessError::mysql(format!("SHOW GLOBAL STATUS LIKE '{name}'")))?;
+    Ok(row.map(|(_, v)| v))
+}
+
+/// One global variable (`SELECT @@global.name`), as text.
+pub async fn global_var(conn: &mut Conn, name: &str) -> Result<Option<String>> {
+    let v: Option<Option<String>> = conn
+        .query_first(format!("SELECT @@global.{name}"))
+        .await
+        .map_err(HarnessError::mysql(format!("SELECT @@global.{name}")))?;
+    Ok(v.flatten())
+}
+
+/// Both replication threads run and `pos` is applied (waits up to 0.2 s for it).
+async fn replica_caught_up(c: &mut Conn, pos: &str) -> Result<bool> {
+    let st = slave_status(c)
+        .await?
+        .ok_or_else(|| HarnessError::Invalid("no replication source configured".into()))?;
+    if !thread_running(&st, "Slave_IO_Running") || !thread_running(&st, "Slave_SQL_Running") {
+        let io = st.get("Last_IO_Error").cloned().flatten().unwrap_or_default();
+        let sql = st.get("Last_SQL_Error").cloned().flatten().unwrap_or_default();
+        return Err(HarnessError::Invalid(format!(
+            "replication threads not running; io error: {io}; sql error: {sql}"
+        )));
+    }
+    let r: Option<i64> = c
+        .query_first(format!("SELECT MASTER_GTID_WAIT({}, 0.2)", sql_quote(pos)))
+        .await
+        .map_err(HarnessError::mysql("MASTER_GTID_WAIT"))?;
+    Ok(r == Some(0))
+}
+
+fn thread_running(status: &HashMap<String, Option<String>>, col: &str) -> bool {
+    status.get(col).cloned().flatten().as_deref() == Some("Yes")
+}
+
+impl Cluster {
+    /// Starts everything and returns when replication (and the agents, if asked) are healthy.
+    pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
+        let started = Instant::now();
+        if opts.tablets == 0 {
+            return Err(HarnessError::Invalid("a cluster needs at least one tablet".into()));
+        }
+        let (temp, dir) = match &opts.base_dir {
+            Some(d) => {
+                let d = absolute(d)?;
+                std::fs::create_dir_all(&d)
+                    .map_err(HarnessError::io(format!("create {}", d.display())))?;
+                (None, d)
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("myha-")
+                    .tempdir()
+                    .map_err(HarnessError::io("create temp dir"))?;
+                let d = t.path().to_path_buf();
+                (Some(t), d)
+            }
+        };
+        let aliases: Vec<String> = (0..opts.tablets)
+            .map(|i| topo::alias(&opts.cell, opts.first_uid + i as u32))
+            .collect();
+        for sub in std::iter::once("etcd").chain(aliases.iter().map(String::as_str)) {
+            if dir.join(sub).exists() {
+                return Err(HarnessError::Invalid(format!(
+                    "{} already exists: use an empty base dir",
+                    dir.join(sub).display()
+                )));
+            }
+        }
+        let creds = Arc::new(Credentials::generate());
+        let semi = opts.durability == Durability::SemiSync;
+
+        // etcd and every mysqld in parallel.
+        let etcd_dir = dir.join("etcd");
+        let etcd_fut = Etcd::launch(&etcd_dir, opts.new_session);
+        let mysqld_futs = aliases.iter().enumerate().map(|(i, alias)| {
+            let mut m = MysqldOptions::new(
+                format!("mysqld {alias}"),
+                dir.join(alias),
+                opts.first_uid + i as u32,
+            );
+            m.semi_sync_replica = semi;
+            m.extra_args = opts.mysqld_args.clone();
+            m.new_session = opts.new_session;
+            Mysqld::launch(m)
+        });
+        let (etcd, mysqlds) = tokio::join!(etcd_fut, join_all(mysqld_futs));
+        let etcd = etcd?;
+        let mysqlds = mysqlds.into_iter().collect::<Result<Vec<_>>>()?;
+        tracing::info!(elapsed = ?started.elapsed(), "etcd and mysqld up");
+
+        let tablets: Vec<Tablet> = mysqlds
+            .into_iter()
+            .enumerate()
+            .map(|(i, mysqld)| Tablet {
+                index: i,
+                alias: aliases[i].clone(),
+                cell: opts.cell.clone(),
+                uid: opts.first_uid + i as u32,
+                dir: dir.join(&aliases[i]),
+                mysqld,
+                agent: None,
+                creds: creds.clone(),
+            })
+            .collect();
+
+        // MySQL users on the primary and the topology, in parallel.
+        let (sql, topo) = tokio::join!(
+            bootstrap_primary_sql(&tablets[0], &creds),
+            bootstrap_topology(&etcd, &opts, &aliases[0])
+        );
+        sql?;
+        let topo = topo?;
+
+        let mut cluster = Cluster {
+            opts,
+            dir,
+            creds,
+            topo,
+            tablets,
+            etcd,
+            keep_dir: AtomicBool::new(false),
+            detached: false,
+            temp,
+        };
+        cluster.bootstrap_replication().await?;
+        tracing::info!(elapsed = ?started.elapsed(), "replication up");
+        if cluster.opts.start_agents {
+            cluster.start_agents().await?;
+            tracing::info!(elapsed = ?started.elapsed(), "agents healthy");
+        }
+        Ok(cluster)
+    }
+
+    /// Replicas from the empty GTID position, semi-sync per durability, primary writable.
+    async fn bootstrap_replication(&self) -> Result<()> {
+        let semi = self.opts.durability == Durability::SemiSync;
+        let primary = &self.tablets[0];
+        let replicas = &self.tablets[1..];
+        let heartbeat = self.opts.heartbeat_period.as_secs_f64().max(0.001);
+        let timeout = self.opts.ready_timeout;
+        let results = join_all(replicas.iter().map(|r| {
+            let stmts = vec![
+                "SET GLOBAL gtid_slave_pos=''".to_string(),
+                format!(
+                    "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER={}, \
+                     MASTER_PASSWORD={}, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, \
+                     MASTER_HEARTBEAT_PERIOD={heartbeat}",
+                    primary.mysqld.port(),
+                    sql_quote(&self.creds.repl_user),
+                    sql_quote(&self.creds.repl_password)
+                ),
+                format!(
+                    "SET GLOBAL rpl_semi_sync_slave_enabled={}",
+                    if semi { "ON" } else { "OFF" }
+                ),
+                "SET GLOBAL slave_net_timeout=4".to_string(),
+                "START SLAVE".to_string(),
+            ];
+            async move {
+                let mut c = r.root_conn().await?;
+                exec_all(&mut c, r.alias(), &stmts).await?;
+                let _ = c.disconnect().await;
+                Ok::<_, HarnessError>(())
+            }
+        }))
+        .await;
+        results.into_iter().collect::<Result<Vec<_>>>()?;
+        self.wait_replicated(timeout).await?;
+
+        let mut pc = primary.root_conn().await?;
+        if semi && !replicas.is_empty() {
+            exec_all(
+                &mut pc,
+                primary.alias(),
+                &[
+                    "SET GLOBAL rpl_semi_sync_master_wait_point='AFTER_SYNC'".into(),
+                    format!("SET GLOBAL rpl_semi_sync_master_timeout={SEMI_SYNC_TIMEOUT_MS}"),
+                    "SET GLOBAL rpl_semi_sync_master_wait_no_slave=ON".into(),
+                    "SET GLOBAL rpl_semi_sync_master_enabled=ON".into(),
+                ],
+            )
+            .await?;
+            let want = replicas.len() as u64;
+            let clients = self.wait_semi_sync_clients(&mut pc, want, Duration::from_secs(2)).await;
+            if clients.is_err() {
+                // The replicas' semi-sync flag is read when the IO thread connects: reconnect.
+                for r in replicas {
+                    let mut c = r.root_conn().await?;
+                    exec_all(
+                        &mut c,
+                        r.alias(),
+                        &["STOP SLAVE IO_THREAD".into(), "START SLAVE IO_THREAD".into()],
+                    )
+                    .await?;
+                }
+                self.wait_semi_sync_clients(&mut pc, want, timeout).await?;
+            }
+        } else if semi {
+            tracing::warn!("semi_sync with a single tablet: the primary side stays off (no replica could ack)");
+        }
+        exec_all(&mut pc, primary.alias(), &["SET GLOBAL read_only=OFF".into()]).await?;
+        let _ = pc.disconnect().await;
+        Ok(())
+    }
+
+    async fn wait_semi_sync_clients(&self, pc: &mut Conn, want: u64, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let clients: u64 = global_status(pc, "Rpl_semi_sync_master_clients")
+                .await?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let status = global_status(pc, "Rpl_semi_sync_master_status").await?;
+            if clients >= want && status.as_deref() == Some("ON") {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(HarnessError::Timeout {
+                    what: format!("{want} semi-sync clients on {}", self.tablets[0].alias()),
+                    after: timeout,
+                    detail: Some(format!("clients={clients} status={status:?}")),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every running tablet other than the current primary (per the shard record,
+    /// else tablet 0) runs both replication threads and has applied the primary's
+    /// `gtid_binlog_pos`.
+    pub async fn wait_replicated(&self, timeout: Duration) -> Result<()> {
+        let primary = self.primary().await.unwrap_or(&self.tablets[0]);
+        let mut pc = primary.root_conn().await?;
+        let pos = global_var(&mut pc, "gtid_binlog_pos").await?.unwrap_or_default();
+        let _ = pc.disconnect().await;
+        let others = self
+            .tablets
+            .iter()
+            .filter(|t| t.alias != primary.alias && t.mysqld.is_running());
+        let results = join_all(others.map(|t| {
+            let pos = pos.clone();
+            async move {
+                let mut c = t.root_conn().await?;
+                let start = Instant::now();
+                loop {
+                    let last = match replica_caught_up(&mut c, &pos).await {
+                        Ok(true) => break,
+                        Ok(false) => format!("gtid_slave_pos not yet at {pos}"),
+                        Err(e) => e.to_string(),
+                    };
+                    if start.elapsed() > timeout {
+                        return Err(HarnessError::Timeout {
+                            what: format!("{} to run replication and apply {pos}", t.alias),
+                            after: timeout,
+                            detail: Some(last),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = c.disconnect().await;
+                Ok::<_, HarnessError>(())
+            }
+        }))
+        .await;
+        results.into_iter().collect::<Result<Vec<_>>>().map(drop)
+    }
+
+    /// The config the harness gives tablet `i`'s agent (fresh ports each call).
+    pub fn agent_config(&self, i: usize) -> Result<AgentConfig> {
+        let t = &self.tablets[i];
+        let mut cfg = AgentConfig {
+            tablet: TabletSection {
+                cell: t.cell.clone(),
+                uid: t.uid,
+                keyspace: self.opts.keyspace.clone(),
+                shard: self.opts.shard.clone(),
+                promotion_rule: PromotionRule::Neutral,
+            },
+            mysql: MysqlSection {
+                host: "127.0.0.1".into(),
+                port: t.mysqld.port(),
+                socket: Some(t.mysqld.socket().to_path_buf()),
+                user: self.creds.agent_user.clone(),
+                password: self.creds.agent_password.clone(),
+                repl_user: self.creds.repl_user.clone(),
+                repl_password: self.creds.repl_password.clone(),
+                flavor: FlavorName::Mariadb,
+                connect_timeout: Duration::from_millis(500),
+                query_timeout: Duration::from_secs(1),
+            },
+            agent: AgentSection {
+                poll_interval: self.opts.poll_interval,
+                grpc_listen: ([127, 0, 0, 1], free_port()?).into(),
+                http_listen: ([127, 0, 0, 1], free_port()?).into(),
+                advertise_host: "127.0.0.1".into(),
+                state_dir: t.dir.join("agent-state"),
+                semi_sync_timeout: Duration::from_millis(SEMI_SYNC_TIMEOUT_MS),
+                ..AgentSection::default()
+            },
+            etcd: EtcdSection {
+                endpoints: vec![self.etcd.endpoint()],
+                prefix: self.opts.prefix.clone(),
+                lease_ttl: self.opts.lease_ttl,
+                dial_timeout: Duration::from_secs(2),
+            },
+            log: LogSection {
+                format: LogFormat::Human,
+                level: self.opts.agent_log_level.clone(),
+            },
+        };
+        if let Some(hook) = &self.opts.agent_config {
+            hook(&mut cfg);
+        }
+        Ok(cfg)
+    }
+
+    /// Starts the agents that are not started yet and waits until they are healthy.
+    pub async fn start_agents(&mut self) -> Result<()> {
+        let mut configs = Vec::new();
+        for i in 0..self.tablets.len() {
+            if self.tablets[i].agent.is_none() {
+                configs.push((i, self.agent_config(i)?));
+            }
+        }
+        let new_session = self.opts.new_session;
+        let launched = join_all(configs.into_iter().map(|(i, cfg)| {
+            let dir = self.tablets[i].dir.clone();
+            async move { (i, AgentProc::launch(cfg, &dir, new_session).await) }
+        }))
+        .await;
+        let mut first_err = None;
+        for (i, r) in launched {
+            match r {
+                Ok(a) => self.tablets[i].agent = Some(a),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        self.wait_agents_healthy(self.opts.ready_timeout).await
+    }
+
+    /// Waits until every running agent reports mysqld reachable (replicas: both threads
+    /// running) and every agent is registered in etcd.
+    pub async fn wait_agents_healthy(&self, timeout: Duration) -> Result<()> {
+        let primary = self.primary().await.map(|t| t.alias.clone()).ok();
+        let results = join_all(self.tablets.iter().filter_map(|t| {
+            let agent = t.agent.as_ref().filter(|a| a.is_running())?;
+            let is_primary = primary.as_deref() == Some(t.alias.as_str());
+            Some(async move {
+                let what = format!("agent {} to report healthy", t.alias);
+                poll_until(&what, timeout, Duration::from_millis(50), || async {
+                    let h = agent.full_status().await?;
+                    if !h.mysql_reachable {
+                        return Err(HarnessError::Invalid(format!("mysql unreachable: {}", h.mysql_error)));
+                    }
+                    if !is_primary {
+                        let r = h.replication.unwrap_or_default();
+                        if r.io_state() != ThreadState::Running || r.sql_state() != ThreadState::Running {
+                            return Err(HarnessError::Invalid(format!(
+                                "replication io={:?} sql={:?} {}",
+                                r.io_state(),
+                                r.sql_state(),
+                                r.last_io_error
+                            )));
+                        }
+                    }
+                    let registered = self
+                        .topo
+                        .get_tablet(&t.alias)
+                        .await
+                        .map_err(HarnessError::topo("read tablet record"))?
+                        .is_some();
+                    if !registered {
+                        return Err(HarnessError::Invalid("not registered in etcd".into()));
+                    }
+                    Ok(Some(()))
+                })
+                .await
+                .map_err(|e| match e {
+                    HarnessError::Timeout { what, after, detail } => HarnessError::Timeout {
+                        what,
+                        after,
+                        detail: Some(format!(
+                            "{}\n--- last lines of {} ---\n{}",
+                            detail.unwrap_or_default(),
+                            agent.log_path().display(),
+                            crate::util::log_tail(agent.log_path(), 20)
+                        )),
+                    },
+                    other => other,
+                })
+            })
+        }))
+        .await;
+        results.into_iter().collect::<Result<Vec<_>>>().map(drop)
+    }
+
+    pub fn topo(&self) -> &Topo {
+        &self.topo
+    }
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+    pub fn tablets(&self) -> &[Tablet] {
+        &self.tablets
+    }
+    /// Tablet `i` (panics when out of range, like indexing).
+    pub fn tablet(&self, i: usize) -> &Tablet {
+        &self.tablets[i]
+    }
+    pub fn tablet_by_alias(&self, alias: &str) -> Option<&Tablet> {
+        self.tablets.iter().find(|t| t.alias == alias)
+    }
+    /// The tablet the shard record names as primary now.
+    pub async fn primary(&self) -> Result<&Tablet> {
+        let (rec, _) = self
+            .topo
+            .get_shard(&self.opts.keyspace, &self.opts.shard)
+            .await
+            .map_err(HarnessError::topo("read shard record"))?
+            .ok_or_else(|| HarnessError::Invalid("no shard record".into()))?;
+        let alias = rec
+            .primary
+            .ok_or_else(|| HarnessError::Invalid("the shard record names no primary".into()))?;
+        self.tablet_by_alias(&alias)
+            .ok_or_else(|| HarnessError::Invalid(format!("primary {alias} is not a tablet of this cluster")))
+    }
+    /// Tablet 0, the primary the cluster was bootstrapped with.
+    pub fn initial_primary(&self) -> &Tablet {
+        &self.tablets[0]
+    }
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+    pub fn options(&self) -> &ClusterOptions {
+        &self.opts
+    }
+    pub fn keyspace(&self) -> &str {
+        &self.opts.keyspace
+    }
+    pub fn shard(&self) -> &str {
+        &self.opts.shard
+    }
+    /// The cluster's directory (temp dir or base dir).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Keep the directory (logs, datadirs) when dropped; processes are still killed.
+    pub fn keep_dir(&self) {
+        self.keep_dir.store(true, Ordering::SeqCst);
+    }
+
+    /// The sandbox description of this cluster (pids as of now).
+    pub fn sandbox_state(&self) -> SandboxState {
+        SandboxState {
+            dir: self.dir.clone(),
+            etcd: self.etcd.endpoint(),
+            etcd_pid: self.etcd.pid(),
+            prefix: self.opts.prefix.clone(),
+            cell: self.opts.cell.clone(),
+            keyspace: self.opts.keyspace.clone(),
+            shard: self.opts.shard.clone(),
+            durability: self.opts.durability,
+            app_user: self.creds.app_user.clone(),
+            app_password: self.creds.app_password.clone(),
+            database: self.creds.database.clone(),
+            credentials: (*self.creds).clone(),
+            tablets: self
+                .tablets
+                .iter()
+                .map(|t| SandboxTablet {
+                    alias: t.alias.clone(),
+                    mysql: t.mysqld.addr(),
+                    socket: t.mysqld.socket().to_path_buf(),
+                    mysqld_pid: t.mysqld.pid(),
+                    agent_pid: t.agent.as_ref().and_then(AgentProc::pid),
+                    agent_grpc: t.agent.as_ref().map(|a| a.grpc_addr().to_string()),
+                    agent_http: t.agent.as_ref().map(|a| a.http_addr().to_string()),
+                    dir: t.dir.clone(),
+                })
+                .collect(),
+            created_ms: topo::now_ms(),
+        }
+    }
+
+    /// Leaves every process running and the directory in place, writes `{dir}/sandbox.json`
+    /// and returns what it wrote. Start the cluster with `new_session: true` for the
+    /// processes to survive this process's exit cleanly.
+    pub fn detach(mut self) -> Result<SandboxState> {
+        let state = self.sandbox_state();
+        state.write(&self.dir.join(STATE_FILE))?;
+        self.etcd.detach();
+        for t in &self.tablets {
+            t.mysqld.detach();
+            if let Some(a) = &t.agent {
+                a.detach();
+            }
+        }
+        self.detached = true;
+        self.keep_dir.store(true, Ordering::SeqCst);
+        Ok(state)
+    }
+
+    /// Stops everything cleanly: agents (SIGTERM), mysqld (clean shutdown), etcd.
+    pub async fn shutdown(self) -> Result<()> {
+        for t in &self.tablets {
+            if let Some(a) = &t.agent {
+                a.stop().await?;
+            }
+        }
+        let stops = join_all(self.tablets.iter().map(|t| t.mysqld.stop())).await;
+        stops.into_iter().collect::<Result<Vec<_>>>()?;
+        self.etcd.stop().await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.detached {
+            for t in &self.tablets {
+                if let Some(a) = &t.agent {
+                    let _ = a.kill();
+                }
+            }
+            for t in &self.tablets {
+                let _ = t.mysqld.kill();
+            }
+            let _ = self.etcd.kill();
+        }
+        if self.keep_dir.load(Ordering::SeqCst) {
+            if let Some(t) = self.temp.take() {
+                let kept = t.keep();
+                tracing::info!(dir = %kept.display(), "cluster dir kept");
+            }
+        }
+    }
+}
+
+/// Users and the app database on the first primary (still read-only; root may write).
+async fn bootstrap_primary_sql(primary: &Tablet, creds: &Credentials) -> Result<()> {
+    let mut stmts = Vec::new();
+    let q = sql_quote;
+    for host in ["%", "localhost"] {
+        let h = q(host);
+        stmts.push(format!(
+            "CREATE USER {}@{h} IDENTIFIED BY {}",
+            q(&creds.agent_user),
+            q(&creds.agent_password)
+        ));
+        stmts.push(format!(
+            "GRANT ALL PRIVILEGES ON *.* TO {}@{h} WITH GRANT OPTION",
+            q(&creds.agent_user)
+        ));
+        stmts.push(format!(
+            "CREATE USER {}@{h} IDENTIFIED BY {}",
+            q(&creds.repl_user),
+            q(&creds.repl_password)
+        ));
+        stmts.push(format!(
+            "GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO {}@{h}",
+            q(&creds.repl_user)
+        ));
+        stmts.push(format!(
+            "CREATE USER {}@{h} IDENTIFIED BY {}",
+            q(&creds.app_user),
+            q(&creds.app_password)
+        ));
+        stmts.push(format!(
+            "GRANT ALL ON `{}`.* TO {}@{h}",
+            creds.database.replace('`', "``"),
+            q(&creds.app_user)
+        ));
+    }
+    stmts.push(format!(
+        "CREATE DATABASE IF NOT EXISTS `{}`",
+        creds.database.replace('`', "``")
+    ));
+    let mut c = primary.root_conn().await?;
+    exec_all(&mut c, primary.alias(), &stmts).await?;
+    let _ = c.disconnect().await;
+    Ok(())
+}
+
+/// Cell, keyspace (with durability), shard, and tablet 0 as primary at term 1.
+async fn bootstrap_topology(etcd: &Etcd, opts: &ClusterOptions, primary: &str) -> Result<Topo> {
+    let topo = Topo::connect(&[etcd.endpoint()], &opts.prefix, Duration::from_secs(2))
+        .await
+        .map_err(HarnessError::topo(format!("connect to {}", etcd.endpoint())))?;
+    topo.put_cell(&CellRecord {
+        name: opts.cell.clone(),
+    })
+    .await
+    .map_err(HarnessError::topo("put cell"))?;
+    topo.put_keyspace(&KeyspaceRecord {
+        name: opts.keyspace.clone(),
+        durability: opts.durability,
+    })
+    .await
+    .map_err(HarnessError::topo("put keyspace"))?;
+    topo.create_shard(&opts.keyspace, &opts.shard)
+        .await
+        .map_err(HarnessError::topo("create shard"))?;
+    let rec = topo
+        .bootstrap_primary(&opts.keyspace, &opts.shard, primary)
+        .await
+        .map_err(HarnessError::topo("bootstrap primary"))?;
+    tracing::debug!(?rec, "shard bootstrapped");
+    Ok(topo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_passwords() {
+        let s = "CREATE USER 'a'@'%' IDENTIFIED BY 'secret'";
+        assert_eq!(redact(s), "CREATE USER 'a'@'%' IDENTIFIED BY '***'");
+        let s = "CHANGE MASTER TO MASTER_USER='r', MASTER_PASSWORD='pw', MASTER_USE_GTID=slave_pos";
+        assert_eq!(
+            redact(s),
+            "CHANGE MASTER TO MASTER_USER='r', MASTER_PASSWORD='***', MASTER_USE_GTID=slave_pos"
+        );
+        assert_eq!(redact("START SLAVE"), "START SLAVE");
+    }
+
+    #[test]
+    fn quote_escapes() {
+        assert_eq!(sql_quote("a'b\\c"), "'a\\'b\\\\c'");
+    }
+}

@@ -1,0 +1,314 @@
+//! [`Mysqld`]: one `mariadbd` on a loopback port with its own datadir.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+
+use crate::error::{HarnessError, Result};
+use crate::process::Proc;
+use crate::template::{copy_dir, template_datadir, INNODB_LOG_FILE_SIZE};
+use crate::util::{find_system_program, free_port};
+
+/// How long a start may take before it is an error.
+pub const MYSQLD_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a clean shutdown may take before SIGKILL.
+pub const MYSQLD_STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Unix socket paths are limited to 108 bytes.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// What a [`Mysqld`] is made of.
+#[derive(Debug, Clone)]
+pub struct MysqldOptions {
+    /// Name used in logs and errors, e.g. `mysqld zone1-101`.
+    pub name: String,
+    /// The instance's directory (created): holds `data/`, the socket, pid file and `mysqld.log`.
+    pub dir: PathBuf,
+    pub server_id: u32,
+    /// `None` picks a free port.
+    pub port: Option<u16>,
+    /// Pass `--rpl-semi-sync-slave-enabled=ON` (replica side only; survives restarts).
+    pub semi_sync_replica: bool,
+    /// Extra `--option=value` arguments, appended last (they win).
+    pub extra_args: Vec<String>,
+    /// Start in a new session (survives the parent; for the sandbox).
+    pub new_session: bool,
+}
+
+impl MysqldOptions {
+    pub fn new(name: impl Into<String>, dir: impl Into<PathBuf>, server_id: u32) -> Self {
+        MysqldOptions {
+            name: name.into(),
+            dir: dir.into(),
+            server_id,
+            port: None,
+            semi_sync_replica: false,
+            extra_args: Vec::new(),
+            new_session: false,
+        }
+    }
+}
+
+/// One `mariadbd`. Every start is `--read-only=ON`. Killed (SIGKILL) on drop unless detached.
+#[derive(Debug)]
+pub struct Mysqld {
+    name: String,
+    dir: PathBuf,
+    datadir: PathBuf,
+    port: u16,
+    socket: PathBuf,
+    log: PathBuf,
+    server_id: u32,
+    proc: Proc,
+}
+
+impl Mysqld {
+    /// Prepares the datadir (a copy of the cached template) and starts; returns once it
+    /// accepts connections.
+    pub async fn launch(opts: MysqldOptions) -> Result<Mysqld> {
+        let m = Mysqld::create(opts).await?;
+        m.start().await?;
+        Ok(m)
+    }
+
+    /// Prepares the datadir and command line without starting.
+    pub async fn create(opts: MysqldOptions) -> Result<Mysqld> {
+        let mariadbd = find_system_program("mariadbd", "MYHA_MARIADBD")?;
+        let dir = absolute(&opts.dir)?;
+        let datadir = dir.join("data");
+        let socket = dir.join("mysqld.sock");
+        let pid_file = dir.join("mysqld.pid");
+        let log = dir.join("mysqld.log");
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(HarnessError::Invalid(format!(
+                "{}: socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter base dir",
+                opts.name,
+                socket.display()
+            )));
+        }
+        if datadir.exists() {
+            return Err(HarnessError::Invalid(format!(
+                "{}: datadir {} already exists",
+                opts.name,
+                datadir.display()
+            )));
+        }
+        let template = template_datadir(&mariadbd).await?;
+        let (t, d) = (template.clone(), datadir.clone());
+        tokio::task::spawn_blocking(move || copy_dir(&t, &d))
+            .await
+            .map_err(|e| HarnessError::Invalid(format!("copy task: {e}")))??;
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let mut args: Vec<OsString> = [
+            "--no-defaults".to_string(),
+            "--user=root".into(),
+            format!("--datadir={}", datadir.display()),
+            format!("--port={port}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--socket={}", socket.display()),
+            format!("--pid-file={}", pid_file.display()),
+            format!("--log-error={}", log.display()),
+            format!("--server-id={}", opts.server_id),
+            "--log-bin=mysql-bin".into(),
+            "--relay-log=relay-bin".into(),
+            "--log-slave-updates".into(),
+            "--gtid-strict-mode=1".into(),
+            "--binlog-format=ROW".into(),
+            "--read-only=ON".into(),
+            "--skip-name-resolve".into(),
+            "--performance-schema=OFF".into(),
+            // Fast to start, small in memory.
+            "--innodb-buffer-pool-size=32M".into(),
+            format!("--innodb-log-file-size={INNODB_LOG_FILE_SIZE}"),
+            "--innodb-log-buffer-size=2M".into(),
+            "--innodb-temp-data-file-path=ibtmp1:1M:autoextend".into(),
+            "--innodb-buffer-pool-load-at-startup=OFF".into(),
+            "--innodb-buffer-pool-dump-at-shutdown=OFF".into(),
+            "--innodb-adaptive-hash-index=OFF".into(),
+            // A process kill loses nothing with 2 (the OS holds the write); only a machine
+            // crash would, which these instances do not model.
+            "--innodb-flush-log-at-trx-commit=2".into(),
+            "--key-buffer-size=1M".into(),
+            "--aria-pagecache-buffer-size=1M".into(),
+            "--query-cache-size=0".into(),
+            "--query-cache-type=0".into(),
+            "--host-cache-size=0".into(),
+            "--table-open-cache=400".into(),
+            "--table-definition-cache=400".into(),
+            "--max-connections=200".into(),
+            // A silent source is noticed in seconds, not the default 60 s.
+            "--slave-net-timeout=4".into(),
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        if opts.semi_sync_replica {
+            args.push("--rpl-semi-sync-slave-enabled=ON".into());
+        }
+        args.extend(opts.extra_args.iter().map(OsString::from));
+        let proc = Proc::new(opts.name.clone(), mariadbd, args, log.clone(), opts.new_session);
+        Ok(Mysqld {
+            name: opts.name,
+            dir,
+            datadir,
+            port,
+            socket,
+            log,
+            server_id: opts.server_id,
+            proc,
+        })
+    }
+
+    /// Starts and waits until it accepts connections (an error if already running).
+    pub async fn start(&self) -> Result<()> {
+        let started = Instant::now();
+        self.proc.spawn()?;
+        self.wait_ready(MYSQLD_START_TIMEOUT).await?;
+        tracing::debug!(mysqld = %self.name, port = self.port, elapsed = ?started.elapsed(), "mysqld ready");
+        Ok(())
+    }
+
+    /// Waits until root can run `SELECT 1` over the socket; fails early (with the log tail)
+    /// when the process exits.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut last_err = String::new();
+        loop {
+            self.proc.check_alive()?;
+            if self.socket.exists() {
+                match tokio::time::timeout(Duration::from_secs(2), self.root_conn()).await {
+                    Ok(Ok(mut c)) => match c.query_drop("SELECT 1").await {
+                        Ok(()) => {
+                            let _ = c.disconnect().await;
+                            return Ok(());
+                        }
+                        Err(e) => last_err = e.to_string(),
+                    },
+                    Ok(Err(e)) => last_err = e.to_string(),
+                    Err(_) => last_err = "connect timed out".into(),
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(self
+                    .proc
+                    .start_error(format!("not ready after {timeout:?}: {last_err}")));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Clean shutdown (SIGTERM), waits for the exit; SIGKILL after 30 s.
+    pub async fn stop(&self) -> Result<()> {
+        self.proc.stop(MYSQLD_STOP_GRACE).await.map(drop)
+    }
+
+    /// Starts again on the same datadir and port (stopping cleanly first if running).
+    pub async fn restart(&self) -> Result<()> {
+        if self.is_running() {
+            self.stop().await?;
+        }
+        self.start().await
+    }
+
+    /// SIGKILL, and reap. A no-op when not running.
+    pub fn kill(&self) -> Result<()> {
+        self.proc.kill()
+    }
+
+    /// SIGSTOP.
+    pub fn freeze(&self) -> Result<()> {
+        self.proc.freeze()
+    }
+
+    /// SIGCONT.
+    pub fn thaw(&self) -> Result<()> {
+        self.proc.thaw()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn datadir(&self) -> &Path {
+        &self.datadir
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn server_id(&self) -> u32 {
+        self.server_id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `root@localhost` (no password) over the unix socket: works before any user exists.
+    pub async fn root_conn(&self) -> Result<Conn> {
+        let opts = OptsBuilder::default()
+            .socket(Some(self.socket.display().to_string()))
+            .user(Some("root"))
+            .prefer_socket(true);
+        Conn::new(opts)
+            .await
+            .map_err(HarnessError::mysql(format!("{}: connect as root via socket", self.name)))
+    }
+
+    /// A TCP connection to 127.0.0.1:port as `user`.
+    pub async fn conn(&self, user: &str, password: &str, db: Option<&str>) -> Result<Conn> {
+        let opts = OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(self.port)
+            .user(Some(user))
+            .pass(Some(password))
+            .db_name(db)
+            .prefer_socket(false);
+        Conn::new(opts)
+            .await
+            .map_err(HarnessError::mysql(format!("{}: connect as {user} to {}", self.name, self.addr())))
+    }
+
+    /// Leave the process running when this handle is dropped.
+    pub(crate) fn detach(&self) {
+        self.proc.detach();
+    }
+}
+
+pub(crate) fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()
+            .map_err(HarnessError::io("current_dir"))?
+            .join(p))
+    }
+}

@@ -1,0 +1,240 @@
+//! [`Proc`]: one child process (re)started from a fixed command line, output appended to a
+//! log file, killed and reaped on drop unless detached.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{HarnessError, Result};
+use crate::util::{log_tail, signal};
+
+/// Lines of log put into start errors.
+pub(crate) const TAIL_LINES: usize = 30;
+
+pub(crate) struct Proc {
+    name: String,
+    program: PathBuf,
+    args: Vec<OsString>,
+    log: PathBuf,
+    new_session: bool,
+    env: Vec<(OsString, OsString)>,
+    child: Mutex<Option<Child>>,
+    last_exit: Mutex<Option<ExitStatus>>,
+    detached: AtomicBool,
+}
+
+impl std::fmt::Debug for Proc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proc")
+            .field("name", &self.name)
+            .field("pid", &self.pid())
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+impl Proc {
+    pub(crate) fn new(
+        name: impl Into<String>,
+        program: PathBuf,
+        args: Vec<OsString>,
+        log: PathBuf,
+        new_session: bool,
+    ) -> Proc {
+        Proc {
+            name: name.into(),
+            program,
+            args,
+            log,
+            new_session,
+            env: Vec::new(),
+            child: Mutex::new(None),
+            last_exit: Mutex::new(None),
+            detached: AtomicBool::new(false),
+        }
+    }
+
+    /// Adds an environment variable for every (re)start.
+    pub(crate) fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Proc {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn log(&self) -> &Path {
+        &self.log
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns the process; an error if it is already running.
+    pub(crate) fn spawn(&self) -> Result<u32> {
+        let mut guard = self.lock();
+        if let Some(child) = guard.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                return Err(self.err(format!("already running as pid {}", child.id())));
+            }
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(HarnessError::io(format!("{}: open log {}", self.name, self.log.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(HarnessError::io(format!("{}: dup log fd", self.name)))?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        if self.new_session {
+            // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().map_err(HarnessError::io(format!(
+            "{}: spawn {}",
+            self.name,
+            self.program.display()
+        )))?;
+        let pid = child.id();
+        *guard = Some(child);
+        Ok(pid)
+    }
+
+    fn err(&self, message: impl Into<String>) -> HarnessError {
+        HarnessError::Process {
+            process: self.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// A start failure with the log's tail.
+    pub(crate) fn start_error(&self, reason: impl Into<String>) -> HarnessError {
+        HarnessError::Start {
+            process: self.name.clone(),
+            reason: reason.into(),
+            log: self.log.clone(),
+            tail: log_tail(&self.log, TAIL_LINES),
+        }
+    }
+
+    /// The pid while the process runs (a stopped/frozen process counts as running).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        let mut guard = self.lock();
+        self.reap_if_exited(&mut guard);
+        guard.as_ref().map(Child::id)
+    }
+
+    fn reap_if_exited(&self, guard: &mut Option<Child>) {
+        if let Some(child) = guard.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                *self.last_exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+                *guard = None;
+            }
+        }
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        self.pid().is_some()
+    }
+
+    /// How the last run ended, if it did.
+    pub(crate) fn last_exit(&self) -> Option<ExitStatus> {
+        *self.last_exit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn running_pid(&self) -> Result<u32> {
+        self.pid().ok_or_else(|| self.err("not running"))
+    }
+
+    pub(crate) fn signal(&self, sig: libc::c_int) -> Result<()> {
+        let pid = self.running_pid()?;
+        signal(pid, sig).map_err(HarnessError::io(format!("{}: signal {sig} to pid {pid}", self.name)))
+    }
+
+    /// SIGKILL and reap. A no-op when not running.
+    pub(crate) fn kill(&self) -> Result<()> {
+        let mut guard = self.lock();
+        if let Some(mut child) = guard.take() {
+            let _ = child.kill();
+            let status = child
+                .wait()
+                .map_err(HarnessError::io(format!("{}: wait after SIGKILL", self.name)))?;
+            *self.last_exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn freeze(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    pub(crate) fn thaw(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    /// SIGTERM (and SIGCONT, in case it is frozen), wait up to `grace` for the exit, then
+    /// SIGKILL. Returns whether it exited on its own. A no-op when not running.
+    pub(crate) async fn stop(&self, grace: Duration) -> Result<bool> {
+        let Some(pid) = self.pid() else {
+            return Ok(true);
+        };
+        let _ = signal(pid, libc::SIGTERM);
+        let _ = signal(pid, libc::SIGCONT);
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if !self.is_running() {
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(process = %self.name, ?grace, "did not exit on SIGTERM; killing");
+        self.kill()?;
+        Ok(false)
+    }
+
+    /// Leave the process running when this handle is dropped.
+    pub(crate) fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+    }
+
+    /// Fails with the log tail if the process has exited.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let how = self
+            .last_exit()
+            .map(|s| format!("exited ({s})"))
+            .unwrap_or_else(|| "not running".into());
+        Err(self.start_error(how))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.detached.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.kill();
+    }
+}

@@ -1,0 +1,385 @@
+//! The sandbox's state file (`{dir}/sandbox.json`) and tearing a detached cluster down.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use topo::Durability;
+
+use crate::cluster::Credentials;
+use crate::error::{HarnessError, Result};
+use crate::util::{pid_alive, signal};
+
+/// Name of the state file in the sandbox dir.
+pub const STATE_FILE: &str = "sandbox.json";
+/// Marker file: the dir was made by `myhactl sandbox up` (so `up` may wipe it).
+pub const MARKER_FILE: &str = ".myha-sandbox";
+
+/// Everything about a detached cluster, as written to `{dir}/sandbox.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub dir: PathBuf,
+    /// `http://127.0.0.1:port`.
+    pub etcd: String,
+    pub etcd_pid: Option<u32>,
+    pub prefix: String,
+    pub cell: String,
+    pub keyspace: String,
+    pub shard: String,
+    pub durability: Durability,
+    pub app_user: String,
+    pub app_password: String,
+    pub database: String,
+    pub credentials: Credentials,
+    pub tablets: Vec<SandboxTablet>,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxTablet {
+    pub alias: String,
+    /// `127.0.0.1:port`.
+    pub mysql: String,
+    pub socket: PathBuf,
+    pub mysqld_pid: Option<u32>,
+    pub agent_pid: Option<u32>,
+    /// `127.0.0.1:port`.
+    pub agent_grpc: Option<String>,
+    pub agent_http: Option<String>,
+    pub dir: PathBuf,
+}
+
+impl SandboxState {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(STATE_FILE)
+    }
+
+    /// Reads `{dir}/sandbox.json`; `Ok(None)` when there is none.
+    pub fn read(dir: &Path) -> Result<Option<SandboxState>> {
+        let path = Self::path(dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(HarnessError::Io {
+                    what: format!("read {}", path.display()),
+                    source: e,
+                })
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| HarnessError::Sandbox(format!("{} is not a sandbox state file: {e}", path.display())))
+    }
+
+    /// Writes the state file atomically (write + rename).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| HarnessError::Sandbox(format!("serialise state: {e}")))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text + "\n").map_err(HarnessError::io(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, path).map_err(HarnessError::io(format!("rename to {}", path.display())))
+    }
+
+    /// What `myhactl sandbox up --json` prints: exactly `dir, etcd, keyspace, shard, app_user,
+    /// app_password, database, tablets[{alias, mysql, socket, mysqld_pid, agent_pid, agent_grpc}]`.
+    pub fn summary_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "dir": self.dir,
+            "etcd": self.etcd,
+            "keyspace": self.keyspace,
+            "shard": self.shard,
+            "app_user": self.app_user,
+            "app_password": self.app_password,
+            "database": self.database,
+            "tablets": self.tablets.iter().map(|t| serde_json::json!({
+                "alias": t.alias,
+                "mysql": t.mysql,
+                "socket": t.socket,
+                "mysqld_pid": t.mysqld_pid,
+                "agent_pid": t.agent_pid,
+                "agent_grpc": t.agent_grpc,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Every process of the sandbox: (what, program name, pid), agents first, etcd last.
+    pub fn processes(&self) -> Vec<(String, &'static str, u32)> {
+        let mut out = Vec::new();
+        for t in &self.tablets {
+            if let Some(pid) = t.agent_pid {
+                out.push((format!("myha-agent {}", t.alias), "myha-agent", pid));
+            }
+        }
+        for t in &self.tablets {
+            if let Some(pid) = t.mysqld_pid {
+                out.push((format!("mysqld {}", t.alias), "mariadbd", pid));
+            }
+        }
+        if let Some(pid) = self.etcd_pid {
+            out.push((format!("etcd {}", self.etcd), "etcd", pid));
+        }
+        out
+    }
+
+    /// The processes that still run and are still ours (see [`is_ours`]).
+    pub fn running(&self) -> Vec<(String, u32)> {
+        self.processes()
+            .into_iter()
+            .filter(|(_, prog, pid)| is_ours(*pid, prog, &self.dir))
+            .map(|(what, _, pid)| (what, pid))
+            .collect()
+    }
+}
+
+/// The argv of a process, from /proc/PID/cmdline.
+fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// Whether `pid` is alive, runs `program` (argv[0]'s file name) and names something under
+/// `dir` in its arguments: a recycled pid is never signalled.
+pub fn is_ours(pid: u32, program: &str, dir: &Path) -> bool {
+    if !pid_alive(pid) {
+        return false;
+    }
+    let Some(argv) = cmdline(pid) else {
+        return false;
+    };
+    let prog_ok = argv
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n == program);
+    let dir = format!("{}/", dir.display().to_string().trim_end_matches('/'));
+    prog_ok && argv.iter().skip(1).any(|a| a.contains(&dir))
+}
+
+/// Every live process running one of our programs with `dir` in its arguments (also finds
+/// processes restarted under a new pid).
+fn scan(dir: &Path) -> Vec<(String, &'static str, u32)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        for prog in ["myha-agent", "mariadbd", "etcd"] {
+            if is_ours(pid, prog, dir) {
+                out.push((format!("{prog} (found by scan)"), prog, pid));
+            }
+        }
+    }
+    out
+}
+
+/// What [`down`] did to one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    pub what: String,
+    pub pid: u32,
+    /// `terminated` (exited on SIGTERM), `killed` (needed SIGKILL), `not running`, or
+    /// `still running` (survived SIGKILL: should not happen).
+    pub outcome: &'static str,
+}
+
+/// Stops the sandbox in `dir`: SIGTERM to every process that is still ours (agents, then
+/// mysqld, then etcd), SIGKILL what is left after the grace period, then removes the state
+/// file. An error when `dir` has no state file.
+pub async fn down(dir: &Path, grace: Duration) -> Result<Vec<Stopped>> {
+    let state = SandboxState::read(dir)?.ok_or_else(|| {
+        HarnessError::Sandbox(format!("no sandbox in {} (no {STATE_FILE})", dir.display()))
+    })?;
+    // The state names the dir as it was started; also match the given spelling.
+    let mut procs = state.processes();
+    for (what, prog, pid) in scan(&state.dir).into_iter().chain(scan(dir)) {
+        if !procs.iter().any(|(_, _, p)| *p == pid) {
+            procs.push((what, prog, pid));
+        }
+    }
+    let mut report = Vec::new();
+    let mut live = Vec::new();
+    for (what, prog, pid) in procs {
+        if is_ours(pid, prog, &state.dir) || is_ours(pid, prog, dir) {
+            live.push((what, prog, pid));
+        } else {
+            report.push(Stopped {
+                what,
+                pid,
+                outcome: "not running",
+            });
+        }
+    }
+    // Agents first (they would otherwise react to their mysqld going away), then mysqld, etcd.
+    for group in ["myha-agent", "mariadbd", "etcd"] {
+        let members: Vec<_> = live.iter().filter(|(_, p, _)| *p == group).cloned().collect();
+        for (_, _, pid) in &members {
+            let _ = signal(*pid, libc::SIGTERM);
+            let _ = signal(*pid, libc::SIGCONT);
+        }
+        let start = Instant::now();
+        while start.elapsed() < grace && members.iter().any(|(_, _, pid)| pid_alive(*pid)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (what, _, pid) in members {
+            let outcome = if !pid_alive(pid) {
+                "terminated"
+            } else {
+                let _ = signal(pid, libc::SIGKILL);
+                let t = Instant::now();
+                while pid_alive(pid) && t.elapsed() < Duration::from_secs(5) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if pid_alive(pid) {
+                    "still running"
+                } else {
+                    "killed"
+                }
+            };
+            report.push(Stopped { what, pid, outcome });
+        }
+    }
+    let path = SandboxState::path(dir);
+    std::fs::remove_file(&path).map_err(HarnessError::io(format!("remove {}", path.display())))?;
+    Ok(report)
+}
+
+/// Makes `dir` ready for a new sandbox: refuses when a sandbox runs there or when it is a
+/// non-empty directory that no sandbox made; wipes a stopped sandbox's leftovers.
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    if let Some(state) = SandboxState::read(dir)? {
+        let running = state.running();
+        if !running.is_empty() {
+            let pids: Vec<String> = running.iter().map(|(_, p)| p.to_string()).collect();
+            return Err(HarnessError::Sandbox(format!(
+                "a sandbox is already running in {} ({} processes: pids {}); stop it with `myhactl sandbox down --dir {}`",
+                dir.display(),
+                running.len(),
+                pids.join(" "),
+                dir.display()
+            )));
+        }
+    }
+    if let Ok(mut entries) = std::fs::read_dir(dir) {
+        if entries.next().is_some() {
+            if !dir.join(MARKER_FILE).exists() {
+                return Err(HarnessError::Sandbox(format!(
+                    "{} is not empty and was not made by `myhactl sandbox up`; choose another --dir",
+                    dir.display()
+                )));
+            }
+            let strays = scan(dir);
+            if !strays.is_empty() {
+                let pids: Vec<String> = strays.iter().map(|(w, _, p)| format!("{w} pid {p}")).collect();
+                return Err(HarnessError::Sandbox(format!(
+                    "processes of an old sandbox still run in {}: {}; stop them first",
+                    dir.display(),
+                    pids.join(", ")
+                )));
+            }
+            std::fs::remove_dir_all(dir).map_err(HarnessError::io(format!("wipe old sandbox {}", dir.display())))?;
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(HarnessError::io(format!("create {}", dir.display())))?;
+    std::fs::write(dir.join(MARKER_FILE), "made by myhactl sandbox up\n")
+        .map_err(HarnessError::io(format!("write {}", dir.join(MARKER_FILE).display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(dir: &Path) -> SandboxState {
+        SandboxState {
+            dir: dir.to_path_buf(),
+            etcd: "http://127.0.0.1:1".into(),
+            etcd_pid: Some(u32::MAX - 3),
+            prefix: "/myha".into(),
+            cell: "zone1".into(),
+            keyspace: "commerce".into(),
+            shard: "0".into(),
+            durability: Durability::SemiSync,
+            app_user: "app".into(),
+            app_password: "pw".into(),
+            database: "app".into(),
+            credentials: Credentials::generate(),
+            tablets: vec![SandboxTablet {
+                alias: "zone1-101".into(),
+                mysql: "127.0.0.1:2".into(),
+                socket: dir.join("zone1-101/mysqld.sock"),
+                mysqld_pid: Some(u32::MAX - 4),
+                agent_pid: None,
+                agent_grpc: None,
+                agent_http: None,
+                dir: dir.join("zone1-101"),
+            }],
+            created_ms: 1,
+        }
+    }
+
+    #[test]
+    fn summary_has_exactly_the_documented_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let v = state(d.path()).summary_json();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["app_password", "app_user", "database", "dir", "etcd", "keyspace", "shard", "tablets"]
+        );
+        let mut tkeys: Vec<_> = v["tablets"][0].as_object().unwrap().keys().cloned().collect();
+        tkeys.sort();
+        assert_eq!(tkeys, ["agent_grpc", "agent_pid", "alias", "mysql", "mysqld_pid", "socket"]);
+    }
+
+    #[test]
+    fn state_round_trips_and_dead_pids_are_not_running() {
+        let d = tempfile::tempdir().unwrap();
+        let s = state(d.path());
+        s.write(&SandboxState::path(d.path())).unwrap();
+        let back = SandboxState::read(d.path()).unwrap().unwrap();
+        assert_eq!(back, s);
+        assert!(back.running().is_empty());
+    }
+
+    #[test]
+    fn own_process_is_not_ours_without_the_dir() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!is_ours(std::process::id(), "etcd", d.path()));
+    }
+
+    #[tokio::test]
+    async fn down_without_sandbox_is_an_error_and_stale_state_is_cleaned() {
+        let d = tempfile::tempdir().unwrap();
+        let err = down(d.path(), Duration::from_millis(10)).await.unwrap_err().to_string();
+        assert!(err.contains("no sandbox"), "{err}");
+        state(d.path()).write(&SandboxState::path(d.path())).unwrap();
+        let report = down(d.path(), Duration::from_millis(10)).await.unwrap();
+        assert!(report.iter().all(|s| s.outcome == "not running"), "{report:?}");
+        assert!(!SandboxState::path(d.path()).exists());
+    }
+
+    #[test]
+    fn prepare_refuses_foreign_dirs_and_wipes_old_sandboxes() {
+        let d = tempfile::tempdir().unwrap();
+        let foreign = d.path().join("foreign");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join("precious"), "x").unwrap();
+        assert!(prepare_dir(&foreign).is_err());
+        assert!(foreign.join("precious").exists());
+
+        let sb = d.path().join("sb");
+        prepare_dir(&sb).unwrap();
+        std::fs::write(sb.join("old.log"), "x").unwrap();
+        prepare_dir(&sb).unwrap();
+        assert!(!sb.join("old.log").exists());
+        assert!(sb.join(MARKER_FILE).exists());
+    }
+}

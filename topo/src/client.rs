@@ -1,0 +1,452 @@
+//! [`Topo`]: the etcd connection, key layout and record CRUD.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::{is_unavailable, TopoError};
+use crate::keys::{validate_name, Keys};
+use crate::records::{
+    now_ms, parse_alias, AuditEntry, CellRecord, KeyspaceRecord, LockInfo, ShardRecord,
+    TabletRecord,
+};
+
+/// Result of the topology layer.
+pub type Result<T, E = TopoError> = std::result::Result<T, E>;
+
+/// Default bound on every single etcd call.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Handle on the topology in etcd. Cheap to clone; all clones share one connection.
+#[derive(Clone)]
+pub struct Topo {
+    client: Client,
+    keys: Keys,
+    op_timeout: Duration,
+    reachable: Arc<watch::Sender<bool>>,
+}
+
+impl std::fmt::Debug for Topo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topo")
+            .field("prefix", &self.keys.prefix())
+            .field("op_timeout", &self.op_timeout)
+            .field("reachable", &*self.reachable.borrow())
+            .finish()
+    }
+}
+
+impl Topo {
+    /// Connects to etcd. The connection is lazy: an unreachable etcd is not an error here
+    /// (everything retries or fails per call later); only malformed endpoints are. One probe,
+    /// bounded by `dial_timeout`, initialises [`Topo::reachable`].
+    pub async fn connect<I>(endpoints: I, prefix: &str, dial_timeout: Duration) -> Result<Topo>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let eps: Vec<String> = endpoints.into_iter().map(|e| e.as_ref().to_string()).collect();
+        let what = eps.join(",");
+        if eps.is_empty() {
+            return Err(TopoError::InvalidArgument("no etcd endpoints".into()));
+        }
+        let dial_timeout = dial_timeout.max(Duration::from_millis(100));
+        let options = ConnectOptions::new()
+            .with_connect_timeout(dial_timeout)
+            // etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+            .with_keep_alive(Duration::from_secs(10), dial_timeout.max(Duration::from_secs(2)))
+            .with_keep_alive_while_idle(false)
+            .with_require_leader(true);
+        let client = match tokio::time::timeout(dial_timeout, Client::connect(&eps, Some(options)))
+            .await
+        {
+            Err(_) => {
+                return Err(TopoError::Timeout { op: "connect", key: what, after: dial_timeout })
+            }
+            Ok(Err(source)) => return Err(TopoError::Etcd { op: "connect", key: what, source }),
+            Ok(Ok(c)) => c,
+        };
+        let (tx, _) = watch::channel(false);
+        let topo = Topo {
+            client,
+            keys: Keys::new(prefix),
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            reachable: Arc::new(tx),
+        };
+        let probe = topo.clone().with_op_timeout(dial_timeout);
+        if let Err(e) = probe.current_revision().await {
+            tracing::warn!(endpoints = %what, error = %e, "etcd not reachable yet");
+        }
+        Ok(topo)
+    }
+
+    /// Sets the bound on every single etcd call (default [`DEFAULT_OP_TIMEOUT`]).
+    pub fn with_op_timeout(mut self, op_timeout: Duration) -> Self {
+        self.op_timeout = op_timeout.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The bound on every single etcd call.
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The underlying etcd client (escape hatch; calls through it are not bounded).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Whether the last etcd call (of any clone, including background tasks) got an answer.
+    pub fn reachable(&self) -> watch::Receiver<bool> {
+        self.reachable.subscribe()
+    }
+
+    pub(crate) fn set_reachable(&self, up: bool) {
+        self.reachable.send_if_modified(|cur| {
+            let changed = *cur != up;
+            *cur = up;
+            changed
+        });
+    }
+
+    /// Runs one etcd call under the operation timeout, with context on failure.
+    pub(crate) async fn call<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.op_timeout, fut).await {
+            Err(_) => {
+                self.set_reachable(false);
+                Err(TopoError::Timeout { op, key: key.to_string(), after: self.op_timeout })
+            }
+            Ok(Err(source)) => {
+                if is_unavailable(&source) {
+                    self.set_reachable(false);
+                }
+                Err(TopoError::Etcd { op, key: key.to_string(), source })
+            }
+            Ok(Ok(v)) => {
+                self.set_reachable(true);
+                Ok(v)
+            }
+        }
+    }
+
+    // ---- generic helpers -------------------------------------------------------------
+
+    pub(crate) async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
+        let mut kv = self.client.kv_client();
+        let mut resp = self.call("get", key, kv.get(key, None)).await?;
+        Ok(resp.take_kvs().into_iter().next())
+    }
+
+    pub(crate) async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, i64)>> {
+        match self.get_kv(key).await? {
+            None => Ok(None),
+            Some(kv) => Ok(Some((decode(key, kv.value())?, kv.mod_revision()))),
+        }
+    }
+
+    pub(crate) async fn list_kvs(&self, prefix: &str, options: GetOptions) -> Result<Vec<KeyValue>> {
+        let mut kv = self.client.kv_client();
+        let mut resp = self.call("get prefix", prefix, kv.get(prefix, Some(options.with_prefix()))).await?;
+        Ok(resp.take_kvs())
+    }
+
+    async fn list_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>> {
+        let kvs = self.list_kvs(prefix, GetOptions::new()).await?;
+        kvs.iter().map(|kv| decode(&String::from_utf8_lossy(kv.key()), kv.value())).collect()
+    }
+
+    async fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<i64> {
+        let data = encode(key, value)?;
+        let mut kv = self.client.kv_client();
+        let resp = self.call("put", key, kv.put(key, data, None)).await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
+    }
+
+    pub(crate) async fn txn(&self, op: &'static str, key: &str, txn: Txn) -> Result<etcd_client::TxnResponse> {
+        let mut kv = self.client.kv_client();
+        self.call(op, key, kv.txn(txn)).await
+    }
+
+    /// Creates `key` only if it does not exist. Returns whether it was created.
+    async fn create_json<T: Serialize>(&self, key: &str, value: &T, lease: i64) -> Result<bool> {
+        let data = encode(key, value)?;
+        let put = if lease != 0 { Some(PutOptions::new().with_lease(lease)) } else { None };
+        let txn = Txn::new()
+            .when([Compare::version(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, data, put)]);
+        Ok(self.txn("create", key, txn).await?.succeeded())
+    }
+
+    /// Deletes one key; returns whether it existed.
+    pub(crate) async fn delete_key(&self, key: &str) -> Result<bool> {
+        let mut kv = self.client.kv_client();
+        let resp = self.call("delete", key, kv.delete(key, None)).await?;
+        Ok(resp.deleted() > 0)
+    }
+
+    /// Revokes a lease (deleting its keys). A lease that is already gone is not an error.
+    pub(crate) async fn revoke_lease(&self, lease_id: i64) -> Result<()> {
+        let mut lease = self.client.lease_client();
+        let what = format!("lease {lease_id:x}");
+        match self.call("lease revoke", &what, lease.revoke(lease_id)).await {
+            Ok(_) => Ok(()),
+            Err(TopoError::Etcd { source: etcd_client::Error::GRpcStatus(s), .. })
+                if s.message().contains("lease not found") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Grants a lease of `ttl` (rounded up to whole seconds, at least 1). Returns the lease id
+    /// and the TTL etcd granted (it may raise it to its minimum).
+    pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<(i64, Duration)> {
+        let secs = ttl.as_millis().div_ceil(1000).max(1) as i64;
+        let mut lease = self.client.lease_client();
+        let resp = self.call("lease grant", &format!("ttl {secs}s"), lease.grant(secs, None)).await?;
+        let granted = resp.ttl().max(secs) as u64;
+        Ok((resp.id(), Duration::from_secs(granted)))
+    }
+
+    // ---- public API ------------------------------------------------------------------
+
+    /// The current etcd revision (also a cheap liveness probe).
+    pub async fn current_revision(&self) -> Result<i64> {
+        let root = self.keys.root();
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .call("get", &root, kv.get(root.as_str(), Some(GetOptions::new().with_prefix().with_count_only())))
+            .await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
+    }
+
+    /// Compacts etcd's history up to `revision` (physically), as an operator or test would.
+    pub async fn compact(&self, revision: i64) -> Result<()> {
+        let mut kv = self.client.kv_client();
+        let opts = etcd_client::CompactionOptions::new().with_physical();
+        self.call("compact", &format!("revision {revision}"), kv.compact(revision, Some(opts))).await?;
+        Ok(())
+    }
+
+    /// Writes `{p}/cells/{name}`.
+    pub async fn put_cell(&self, cell: &CellRecord) -> Result<()> {
+        validate_name("cell", &cell.name).map_err(TopoError::InvalidArgument)?;
+        self.put_json(&self.keys.cell(&cell.name), cell).await.map(drop)
+    }
+
+    /// Reads `{p}/cells/{name}`.
+    pub async fn get_cell(&self, name: &str) -> Result<Option<CellRecord>> {
+        Ok(self.get_json(&self.keys.cell(name)).await?.map(|(c, _)| c))
+    }
+
+    /// All cells, by name.
+    pub async fn list_cells(&self) -> Result<Vec<CellRecord>> {
+        self.list_json(&self.keys.cells_prefix()).await
+    }
+
+    /// Writes `{p}/keyspaces/{name}`.
+    pub async fn put_keyspace(&self, ks: &KeyspaceRecord) -> Result<()> {
+        validate_name("keyspace", &ks.name).map_err(TopoError::InvalidArgument)?;
+        self.put_json(&self.keys.keyspace(&ks.name), ks).await.map(drop)
+    }
+
+    /// Reads `{p}/keyspaces/{name}`.
+    pub async fn get_keyspace(&self, name: &str) -> Result<Option<KeyspaceRecord>> {
+        Ok(self.get_json(&self.keys.keyspace(name)).await?.map(|(k, _)| k))
+    }
+
+    /// All keyspaces, by name.
+    pub async fn list_keyspaces(&self) -> Result<Vec<KeyspaceRecord>> {
+        self.list_json(&self.keys.keyspaces_prefix()).await
+    }
+
+    /// Creates `{p}/shards/{ks}/{shard}` (no primary, term 0) unless it exists.
+    /// Returns whether it was created.
+    pub async fn create_shard(&self, keyspace: &str, shard: &str) -> Result<bool> {
+        validate_name("keyspace", keyspace).map_err(TopoError::InvalidArgument)?;
+        validate_name("shard", shard).map_err(TopoError::InvalidArgument)?;
+        let key = self.keys.shard(keyspace, shard);
+        self.create_json(&key, &ShardRecord::new(keyspace, shard), 0).await
+    }
+
+    /// Reads a shard record and its etcd `mod_revision` (for conditional updates).
+    pub async fn get_shard(&self, keyspace: &str, shard: &str) -> Result<Option<(ShardRecord, i64)>> {
+        self.get_json(&self.keys.shard(keyspace, shard)).await
+    }
+
+    /// The shards of a keyspace, by shard name.
+    pub async fn list_shards(&self, keyspace: &str) -> Result<Vec<ShardRecord>> {
+        self.list_json(&self.keys.shards_prefix(keyspace)).await
+    }
+
+    /// Sets the first primary of a shard: `primary = alias`, `term = term + 1`,
+    /// `term_start_ms = now`, only if the shard has no primary (creating the shard record if it
+    /// does not exist). Conditional on the record's `mod_revision`. Used by the test harness
+    /// and sandbox before an orchestrator runs. Returns the new record.
+    pub async fn bootstrap_primary(&self, keyspace: &str, shard: &str, alias: &str) -> Result<ShardRecord> {
+        validate_name("keyspace", keyspace).map_err(TopoError::InvalidArgument)?;
+        validate_name("shard", shard).map_err(TopoError::InvalidArgument)?;
+        parse_alias(alias)?;
+        let key = self.keys.shard(keyspace, shard);
+        for _ in 0..10 {
+            let (current, compare) = match self.get_shard(keyspace, shard).await? {
+                Some((rec, rev)) => (rec, Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)),
+                None => (
+                    ShardRecord::new(keyspace, shard),
+                    Compare::version(key.as_str(), CompareOp::Equal, 0),
+                ),
+            };
+            if let Some(p) = &current.primary {
+                return Err(TopoError::Conflict {
+                    key,
+                    detail: format!("shard already has primary {p} at term {}", current.term),
+                });
+            }
+            let next = ShardRecord {
+                primary: Some(alias.to_string()),
+                term: current.term + 1,
+                term_start_ms: now_ms(),
+                ..current
+            };
+            let txn = Txn::new()
+                .when([compare])
+                .and_then([TxnOp::put(key.as_str(), encode(&key, &next)?, None)]);
+            if self.txn("bootstrap primary", &key, txn).await?.succeeded() {
+                return Ok(next);
+            }
+        }
+        Err(TopoError::Conflict { key, detail: "the shard record keeps changing".into() })
+    }
+
+    /// Reads `{p}/tablets/{alias}`.
+    pub async fn get_tablet(&self, alias: &str) -> Result<Option<TabletRecord>> {
+        Ok(self.get_json(&self.keys.tablet(alias)).await?.map(|(t, _)| t))
+    }
+
+    /// Registered tablets by alias, optionally only those of a keyspace (and shard).
+    pub async fn list_tablets(&self, keyspace: Option<&str>, shard: Option<&str>) -> Result<Vec<TabletRecord>> {
+        let all: Vec<TabletRecord> = self.list_json(&self.keys.tablets_prefix()).await?;
+        Ok(all
+            .into_iter()
+            .filter(|t| keyspace.is_none_or(|k| t.keyspace == k) && shard.is_none_or(|s| t.shard == s))
+            .collect())
+    }
+
+    /// Deletes a tablet's registration (e.g. cleaning up after a dead agent). Returns whether
+    /// it existed.
+    pub async fn delete_tablet(&self, alias: &str) -> Result<bool> {
+        self.delete_key(&self.keys.tablet(alias)).await
+    }
+
+    /// The current holder of a shard lock, if any.
+    pub async fn get_lock_holder(&self, keyspace: &str, shard: &str) -> Result<Option<LockInfo>> {
+        let prefix = self.keys.lock_prefix(keyspace, shard);
+        let kvs = self
+            .list_kvs(&prefix, GetOptions::new().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1))
+            .await?;
+        Ok(kvs.first().map(lock_info_of))
+    }
+
+    /// Appends to `{p}/audit/{ks}/{shard}/`, keyed by `entry.at_ms` (now if 0) and the first
+    /// free sequence number for that millisecond. Returns the key written.
+    pub async fn append_audit(&self, keyspace: &str, shard: &str, entry: &AuditEntry) -> Result<String> {
+        validate_name("keyspace", keyspace).map_err(TopoError::InvalidArgument)?;
+        validate_name("shard", shard).map_err(TopoError::InvalidArgument)?;
+        let mut entry = entry.clone();
+        if entry.at_ms == 0 {
+            entry.at_ms = now_ms();
+        }
+        for seq in 0..1000 {
+            let key = self.keys.audit(keyspace, shard, entry.at_ms, seq);
+            if self.create_json(&key, &entry, 0).await? {
+                return Ok(key);
+            }
+        }
+        Err(TopoError::Conflict {
+            key: self.keys.audit_prefix(keyspace, shard),
+            detail: format!("no free audit sequence number at {} ms", entry.at_ms),
+        })
+    }
+
+    /// The newest `limit` audit entries (0 = all) of one shard, or of every shard of the
+    /// keyspace when `shard` is `None`, newest (most recently appended) first.
+    pub async fn list_audit(&self, keyspace: &str, shard: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>> {
+        let prefix = match shard {
+            Some(s) => self.keys.audit_prefix(keyspace, s),
+            None => self.keys.audit_keyspace_prefix(keyspace),
+        };
+        let options = GetOptions::new()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        let kvs = self.list_kvs(&prefix, options).await?;
+        kvs.iter().map(|kv| decode(&String::from_utf8_lossy(kv.key()), kv.value())).collect()
+    }
+
+    /// Deletes the oldest audit entries of a shard so that at most `keep` remain. Returns how
+    /// many were deleted.
+    pub async fn prune_audit(&self, keyspace: &str, shard: &str, keep: usize) -> Result<usize> {
+        let prefix = self.keys.audit_prefix(keyspace, shard);
+        let kvs = self.list_kvs(&prefix, GetOptions::new().with_keys_only()).await?;
+        if kvs.len() <= keep {
+            return Ok(0);
+        }
+        // Keys sort by time: delete [prefix, first kept key).
+        let first_kept = match keep {
+            0 => crate::keys::prefix_range_end(prefix.as_bytes()),
+            _ => kvs[kvs.len() - keep].key().to_vec(),
+        };
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .call("delete range", &prefix, kv.delete(prefix.as_str(), Some(DeleteOptions::new().with_range(first_kept))))
+            .await?;
+        Ok(usize::try_from(resp.deleted()).unwrap_or_default())
+    }
+
+    /// Ops of a transaction's responses that were range reads, flattened.
+    pub(crate) fn txn_kvs(resp: &etcd_client::TxnResponse) -> Vec<KeyValue> {
+        resp.op_responses()
+            .into_iter()
+            .flat_map(|r| match r {
+                TxnOpResponse::Get(mut g) => g.take_kvs(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+}
+
+/// The [`LockInfo`] stored in a lock owner key; a key written by something else (e.g.
+/// `etcdctl lock`) is reported by its key.
+pub(crate) fn lock_info_of(kv: &KeyValue) -> LockInfo {
+    serde_json::from_slice(kv.value()).unwrap_or_else(|_| LockInfo {
+        holder: format!("unknown ({})", String::from_utf8_lossy(kv.key())),
+        purpose: String::from_utf8_lossy(kv.value()).into_owned(),
+        acquired_ms: 0,
+    })
+}
+
+pub(crate) fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|source| TopoError::Encode { key: key.to_string(), source })
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|source| TopoError::Decode { key: key.to_string(), source })
+}

@@ -1,0 +1,148 @@
+//! Leases kept alive by a background task, and a retry backoff.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::client::Topo;
+
+/// Exponential backoff with a little jitter, bounded by `[min, max]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max, next: min }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The delay to wait now; doubles the next one.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        // Up to +20% jitter, from the clock (no RNG needed for this).
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.subsec_nanos())
+            .unwrap_or(0);
+        let jitter = d.mul_f64(f64::from(nanos % 200) / 1000.0);
+        (d + jitter).min(self.max)
+    }
+}
+
+/// A granted lease whose keep-alive runs in a background task. `lost` turns `Some(reason)`
+/// the moment a keep-alive fails (the task then stops: the lease will expire on its own).
+/// Dropping it stops the keep-alive without revoking the lease.
+#[derive(Debug)]
+pub(crate) struct KeptLease {
+    pub(crate) id: i64,
+    pub(crate) ttl: Duration,
+    lost: watch::Receiver<Option<String>>,
+    task: JoinHandle<()>,
+}
+
+impl KeptLease {
+    /// Grants a lease of `ttl` and starts keeping it alive.
+    pub(crate) async fn grant(topo: &Topo, ttl: Duration) -> crate::Result<KeptLease> {
+        let (id, granted) = topo.grant_lease(ttl).await?;
+        let (tx, lost) = watch::channel(None);
+        let task = tokio::spawn(keep_alive(topo.clone(), id, granted, tx));
+        Ok(KeptLease { id, ttl: granted, lost, task })
+    }
+
+    pub(crate) fn lost(&self) -> watch::Receiver<Option<String>> {
+        self.lost.clone()
+    }
+
+    pub(crate) fn lost_reason(&self) -> Option<String> {
+        self.lost.borrow().clone()
+    }
+
+    /// Stops the keep-alive (the lease then expires after its TTL unless revoked).
+    pub(crate) fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for KeptLease {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn keep_alive(topo: Topo, id: i64, ttl: Duration, lost: watch::Sender<Option<String>>) {
+    let reason = keep_alive_until_failure(&topo, id, ttl).await;
+    tracing::warn!(lease = format_args!("{id:x}"), %reason, "lease keep-alive failed");
+    let _ = lost.send(Some(reason));
+}
+
+/// Renews every ttl/3 and waits for each answer; returns why it stopped.
+async fn keep_alive_until_failure(topo: &Topo, id: i64, ttl: Duration) -> String {
+    let interval = (ttl / 3).max(Duration::from_millis(100));
+    // An answer must come back well before the lease could expire.
+    let answer_timeout = topo.op_timeout().min(interval);
+    let what = format!("lease {id:x}");
+    let mut client = topo.client().lease_client();
+    let (mut keeper, mut stream) = match topo.call("lease keep-alive", &what, client.keep_alive(id)).await {
+        Ok(pair) => pair,
+        Err(e) => return e.to_string(),
+    };
+    let mut next = Instant::now() + interval;
+    loop {
+        tokio::time::sleep_until(next).await;
+        next = Instant::now() + interval;
+        if let Err(e) = keeper.keep_alive().await {
+            topo.set_reachable(false);
+            return format!("sending keep-alive: {e}");
+        }
+        match tokio::time::timeout(answer_timeout, stream.message()).await {
+            Err(_) => {
+                topo.set_reachable(false);
+                return format!("no keep-alive answer within {answer_timeout:?}");
+            }
+            Ok(Err(e)) => {
+                topo.set_reachable(false);
+                return format!("keep-alive stream failed: {e}");
+            }
+            Ok(Ok(None)) => {
+                topo.set_reachable(false);
+                return "keep-alive stream closed".to_string();
+            }
+            Ok(Ok(Some(resp))) => {
+                topo.set_reachable(true);
+                if resp.ttl() <= 0 {
+                    return "lease expired or revoked".to_string();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(120), "{first:?}");
+        let mut last = first;
+        for _ in 0..20 {
+            last = b.next_delay();
+            assert!(last <= Duration::from_secs(2));
+        }
+        assert!(last >= Duration::from_millis(1600), "{last:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+}

@@ -1,0 +1,29 @@
+//! myha's topology layer over etcd: the key layout and records of `docs/design.md`, tablet
+//! registration under a lease, the shard lock and lock-conditional writes, resilient watches,
+//! and the audit log.
+//!
+//! Every etcd call is bounded by [`Topo::op_timeout`]; background tasks (registration,
+//! lock keep-alive, watches) retry with bounded backoff and never panic.
+
+mod client;
+mod error;
+mod keys;
+mod lease;
+mod lock;
+mod records;
+mod registration;
+mod watch;
+
+pub use client::{Result, Topo, DEFAULT_OP_TIMEOUT};
+pub use error::{ParseError, TopoError};
+pub use keys::{prefix_range_end, validate_name, Keys, DEFAULT_PREFIX};
+pub use lock::{LockRequest, ShardLock, DEFAULT_LOCK_TTL};
+pub use records::{
+    alias, now_ms, parse_alias, AuditEntry, CellRecord, Durability, KeyspaceRecord, LockInfo,
+    PromotionRule, ShardRecord, TabletRecord, TabletType,
+};
+pub use registration::{Registration, RegistrationStatus};
+pub use watch::{PrefixWatch, Snapshot};
+
+/// Re-exported so callers can use [`Topo::client`] without naming the crate version.
+pub use etcd_client;
