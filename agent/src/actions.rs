@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flavor::{Dialect, Scope, SourceSpec};
-use mysql_async::Conn;
 use myha_proto::agent as pb;
+use mysql_async::Conn;
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 use topo::Durability;
@@ -45,7 +45,7 @@ pub enum ActionError {
     Mysql {
         action: &'static str,
         step: String,
-        source: MysqlError,
+        source: Box<MysqlError>,
     },
 }
 
@@ -58,7 +58,7 @@ impl From<ActionError> for tonic::Status {
             }
             ActionError::Invalid { .. } => tonic::Status::invalid_argument(msg),
             ActionError::Deadline { .. } => tonic::Status::deadline_exceeded(msg),
-            ActionError::Mysql { source, .. } => match source {
+            ActionError::Mysql { source, .. } => match *source {
                 MysqlError::Connect { .. } | MysqlError::ConnectTimeout { .. } => {
                     tonic::Status::unavailable(msg)
                 }
@@ -114,7 +114,7 @@ impl Exec {
             .map_err(|source| ActionError::Mysql {
                 action,
                 step: "connect to mysqld".into(),
-                source,
+                source: Box::new(source),
             })?;
         info!(action, term = ctx.term, requester = %ctx.requester, "action started");
         Ok(Exec {
@@ -153,7 +153,7 @@ impl Exec {
             source => ActionError::Mysql {
                 action: self.action,
                 step: step.to_string(),
-                source,
+                source: Box::new(source),
             },
         }
     }
@@ -287,7 +287,9 @@ pub async fn wait_for_position(
     }
     let step = format!("wait until {} is applied", req.gtid_position);
     // Leave a little of the deadline to answer in.
-    let left = x.remaining(&step)?.saturating_sub(Duration::from_millis(50));
+    let left = x
+        .remaining(&step)?
+        .saturating_sub(Duration::from_millis(50));
     let sql = x
         .dialect
         .wait_for_position(&req.gtid_position, left.as_secs_f64());
@@ -329,7 +331,10 @@ pub async fn set_replication_source(
         ("", _) | (_, None) => {
             return Err(ActionError::Invalid {
                 action: x.action,
-                reason: format!("source `{}:{}` needs a host and a port 1-65535", req.host, req.port),
+                reason: format!(
+                    "source `{}:{}` needs a host and a port 1-65535",
+                    req.host, req.port
+                ),
             })
         }
         (h, Some(p)) => (h.to_string(), p),
@@ -428,9 +433,7 @@ pub async fn set_semi_sync(
         }
     }
     if let Some(on) = req.primary {
-        let sqls = x
-            .dialect
-            .set_semi_sync_primary(on, semi_timeout_ms(shared));
+        let sqls = x.dialect.set_semi_sync_primary(on, semi_timeout_ms(shared));
         x.sqls(&format!("semi-sync primary side {}", onoff(on)), &sqls)
             .await?;
     }
@@ -474,7 +477,9 @@ pub async fn promote(
     let sql = x.dialect.set_semi_sync_replica(false);
     x.sql("semi-sync replica side off", &sql).await?;
     let semi = durability == Durability::SemiSync;
-    let sqls = x.dialect.set_semi_sync_primary(semi, semi_timeout_ms(shared));
+    let sqls = x
+        .dialect
+        .set_semi_sync_primary(semi, semi_timeout_ms(shared));
     x.sqls(
         if semi {
             "semi-sync primary side on (AFTER_SYNC, no async fallback)"
@@ -534,8 +539,11 @@ pub async fn undo_demote(
         let sqls = x.dialect.set_read_only(false, false);
         x.sqls("set read_only off", &sqls).await?;
     } else if !memo.super_read_only_before && x.dialect.has_super_read_only() {
-        x.sql("set super_read_only off", "SET GLOBAL super_read_only = OFF")
-            .await?;
+        x.sql(
+            "set super_read_only off",
+            "SET GLOBAL super_read_only = OFF",
+        )
+        .await?;
     } else {
         x.note("was read-only before the demotion: left read-only");
     }

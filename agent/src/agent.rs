@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flavor::Dialect;
-use mysql_async::Conn;
 use myha_proto::agent as pb;
+use mysql_async::Conn;
 use tokio::sync::{watch, Notify};
 use topo::{Durability, ShardRecord, TabletRecord, TabletType, Topo};
 use tracing::{debug, info, warn};
@@ -367,14 +367,17 @@ pub async fn heartbeat_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Re-evaluates the fencing decision on every health or shard change and fences when told.
+/// Re-evaluates the fencing decision on every health or shard change, and every poll interval
+/// (a failed attempt must be retried even when nothing observable changed), and fences when told.
 pub async fn fence_loop(shared: Arc<Shared>) {
     let mut health_rx = shared.health.subscribe();
     let mut shard_rx = shared.shard.subscribe();
+    let every = shared.cfg.agent.poll_interval;
     loop {
         tokio::select! {
             r = health_rx.changed() => if r.is_err() { return },
             r = shard_rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(every) => {}
         }
         let h = shared.health.borrow().clone();
         let shard = shard_rx.borrow().clone();

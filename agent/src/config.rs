@@ -118,7 +118,7 @@ fn default_poll_interval() -> Duration {
     Duration::from_millis(100)
 }
 fn default_health_interval() -> Duration {
-    Duration::from_secs(1)
+    Duration::from_millis(500)
 }
 fn default_heartbeat_interval() -> Duration {
     Duration::from_millis(100)
@@ -383,8 +383,14 @@ endpoints = ["http://127.0.0.1:2379"]
 
     #[test]
     fn bad_promotion_rule_is_refused() {
-        let text = MINIMAL.replace("shard = \"0\"", "shard = \"0\"\npromotion_rule = \"always\"");
+        let text = MINIMAL.replace(
+            "shard = \"0\"",
+            "shard = \"0\"\npromotion_rule = \"always\"",
+        );
         let err = AgentConfig::parse(&text).unwrap_err().to_string();
-        assert!(err.contains("always") || err.contains("promotion_rule"), "{err}");
+        assert!(
+            err.contains("always") || err.contains("promotion_rule"),
+            "{err}"
+        );
     }
 }

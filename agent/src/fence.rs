@@ -96,46 +96,103 @@ mod tests {
 
     #[test]
     fn stale_terms_are_refused_and_newer_raise_known() {
-        let mut t = TermState { known_term: 5, promoted_term: 0 };
-        assert_eq!(t.admit(4), Err(StaleTerm { requested: 4, known: 5 }));
+        let mut t = TermState {
+            known_term: 5,
+            promoted_term: 0,
+        };
+        assert_eq!(
+            t.admit(4),
+            Err(StaleTerm {
+                requested: 4,
+                known: 5
+            })
+        );
         assert_eq!(t.admit(5), Ok(false));
         assert_eq!(t.admit(7), Ok(true));
         assert_eq!(t.known_term, 7);
-        assert!(t.admit(6).unwrap_err().to_string().contains("stale term 6 < known term 7"));
+        assert!(t
+            .admit(6)
+            .unwrap_err()
+            .to_string()
+            .contains("stale term 6 < known term 7"));
     }
 
     #[test]
     fn being_named_primary_records_the_promotion_term() {
         let mut t = TermState::default();
         assert!(t.observe_shard("zone1-101", &shard(Some("zone1-101"), 1)));
-        assert_eq!(t, TermState { known_term: 1, promoted_term: 1 });
+        assert_eq!(
+            t,
+            TermState {
+                known_term: 1,
+                promoted_term: 1
+            }
+        );
         assert!(!t.observe_shard("zone1-101", &shard(Some("zone1-101"), 1)));
         assert!(t.observe_shard("zone1-101", &shard(Some("zone1-102"), 2)));
-        assert_eq!(t, TermState { known_term: 2, promoted_term: 1 });
+        assert_eq!(
+            t,
+            TermState {
+                known_term: 2,
+                promoted_term: 1
+            }
+        );
     }
 
     #[test]
     fn fences_only_a_writable_promoted_primary_superseded_by_a_newer_term() {
-        let old = TermState { known_term: 2, promoted_term: 1 };
+        let old = TermState {
+            known_term: 2,
+            promoted_term: 1,
+        };
         let newer = shard(Some("zone1-102"), 2);
         let d = decide("zone1-101", &old, Some(&newer), Some(true));
-        assert!(matches!(d, FenceDecision::Fence { ref reason } if reason.contains("zone1-102") && reason.contains("term 2")));
+        assert!(
+            matches!(d, FenceDecision::Fence { ref reason } if reason.contains("zone1-102") && reason.contains("term 2"))
+        );
         // Already read-only: nothing to do.
-        assert_eq!(decide("zone1-101", &old, Some(&newer), Some(false)), FenceDecision::Keep);
+        assert_eq!(
+            decide("zone1-101", &old, Some(&newer), Some(false)),
+            FenceDecision::Keep
+        );
         // Unknown mysqld state: decide again later.
-        assert_eq!(decide("zone1-101", &old, Some(&newer), None), FenceDecision::Keep);
+        assert_eq!(
+            decide("zone1-101", &old, Some(&newer), None),
+            FenceDecision::Keep
+        );
         // Never promoted (a replica): not this mechanism's business.
-        let replica = TermState { known_term: 2, promoted_term: 0 };
-        assert_eq!(decide("zone1-103", &replica, Some(&newer), Some(true)), FenceDecision::Keep);
+        let replica = TermState {
+            known_term: 2,
+            promoted_term: 0,
+        };
+        assert_eq!(
+            decide("zone1-103", &replica, Some(&newer), Some(true)),
+            FenceDecision::Keep
+        );
         // Still the named primary.
-        let cur = TermState { known_term: 2, promoted_term: 2 };
-        assert_eq!(decide("zone1-102", &cur, Some(&newer), Some(true)), FenceDecision::Keep);
+        let cur = TermState {
+            known_term: 2,
+            promoted_term: 2,
+        };
+        assert_eq!(
+            decide("zone1-102", &cur, Some(&newer), Some(true)),
+            FenceDecision::Keep
+        );
         // Same term naming someone else cannot happen legitimately; do not fence on it.
         let same = shard(Some("zone1-102"), 1);
-        assert_eq!(decide("zone1-101", &old, Some(&same), Some(true)), FenceDecision::Keep);
+        assert_eq!(
+            decide("zone1-101", &old, Some(&same), Some(true)),
+            FenceDecision::Keep
+        );
         // No shard record known.
-        assert_eq!(decide("zone1-101", &old, None, Some(true)), FenceDecision::Keep);
+        assert_eq!(
+            decide("zone1-101", &old, None, Some(true)),
+            FenceDecision::Keep
+        );
         // Shard with no primary named.
-        assert_eq!(decide("zone1-101", &old, Some(&shard(None, 3)), Some(true)), FenceDecision::Keep);
+        assert_eq!(
+            decide("zone1-101", &old, Some(&shard(None, 3)), Some(true)),
+            FenceDecision::Keep
+        );
     }
 }

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use flavor::{Dialect, ReplicaStatus, SemiSyncStatus, ServerVariables, ThreadState};
-use mysql_async::Conn;
 use myha_proto::agent as pb;
+use mysql_async::Conn;
 use topo::ShardRecord;
 
 use crate::fence::TermState;
@@ -220,7 +220,10 @@ mod tests {
         let h = build(HealthInputs {
             id: &id(),
             poll: &poll,
-            terms: &TermState { known_term: 3, promoted_term: 0 },
+            terms: &TermState {
+                known_term: 3,
+                promoted_term: 0,
+            },
             shard: Some(&shard("zone1-101")),
             fence: &FenceStatus::default(),
             etcd_connected: true,

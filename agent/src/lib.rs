@@ -83,7 +83,10 @@ pub async fn run(
     };
 
     let app = axum::Router::new()
-        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
         .route("/health", get(health_json))
         .with_state(shared.clone());
     let http_server = axum::serve(http, app).with_graceful_shutdown(wait_stop(stop_rx.clone()));

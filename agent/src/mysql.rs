@@ -135,12 +135,7 @@ pub async fn query_rows(
             r.columns_ref()
                 .iter()
                 .enumerate()
-                .map(|(i, c)| {
-                    (
-                        c.name_str().into_owned(),
-                        r.as_ref(i).and_then(value_text),
-                    )
-                })
+                .map(|(i, c)| (c.name_str().into_owned(), r.as_ref(i).and_then(value_text)))
                 .collect()
         })
         .collect())
@@ -154,10 +149,7 @@ pub async fn query_scalar(
 ) -> Result<Option<String>, MysqlError> {
     let rows = conn.query::<mysql_async::Row, _>(sql);
     match tokio::time::timeout(timeout, rows).await {
-        Ok(Ok(rows)) => Ok(rows
-            .first()
-            .and_then(|r| r.as_ref(0))
-            .and_then(value_text)),
+        Ok(Ok(rows)) => Ok(rows.first().and_then(|r| r.as_ref(0)).and_then(value_text)),
         Ok(Err(source)) => Err(MysqlError::Query {
             sql: sql.to_string(),
             source,
@@ -189,10 +181,7 @@ pub fn redact(sql: &str) -> String {
     for key in ["MASTER_PASSWORD", "SOURCE_PASSWORD"] {
         if let Some(i) = upper.find(key) {
             let rest = &sql[i..];
-            let end = rest
-                .find(", ")
-                .map(|e| i + e)
-                .unwrap_or(sql.len());
+            let end = rest.find(", ").map(|e| i + e).unwrap_or(sql.len());
             return format!("{}{key} = '***'{}", &sql[..i], &sql[end..]);
         }
     }

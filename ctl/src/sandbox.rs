@@ -67,6 +67,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         anyhow::bail!("--tablets must be at least 1");
     }
     let dir = resolve_dir(args.dir)?;
+    let _lock = harness::sandbox::lock_dir(&dir)?;
     harness::sandbox::prepare_dir(&dir)?;
     let started = Instant::now();
     let cluster = Cluster::start(ClusterOptions {
@@ -97,7 +98,12 @@ fn render_up(s: &SandboxState, took: Duration) -> String {
         took.as_secs_f64(),
         s.dir.display()
     ));
-    out.push_str(&format!("  etcd      {} (prefix {}, pid {})\n", s.etcd, s.prefix, pid(s.etcd_pid)));
+    out.push_str(&format!(
+        "  etcd      {} (prefix {}, pid {})\n",
+        s.etcd,
+        s.prefix,
+        pid(s.etcd_pid)
+    ));
     out.push_str(&format!(
         "  shard     {}/{} ({}), primary {}\n",
         s.keyspace,
@@ -138,7 +144,19 @@ fn render_up(s: &SandboxState, took: Duration) -> String {
 pub async fn down(args: DownArgs) -> anyhow::Result<()> {
     let dir = resolve_dir(args.dir)?;
     if SandboxState::read(&dir)?.is_none() {
-        anyhow::bail!("no sandbox running in {} (no {})", dir.display(), harness::sandbox::STATE_FILE);
+        anyhow::bail!(
+            "no sandbox running in {} (no {})",
+            dir.display(),
+            harness::sandbox::STATE_FILE
+        );
+    }
+    let _lock = harness::sandbox::lock_dir(&dir)?;
+    if SandboxState::read(&dir)?.is_none() {
+        anyhow::bail!(
+            "no sandbox running in {} (no {})",
+            dir.display(),
+            harness::sandbox::STATE_FILE
+        );
     }
     let report = harness::sandbox::down(&dir, Duration::from_secs(30)).await?;
     let mut stuck = Vec::new();
@@ -151,6 +169,9 @@ pub async fn down(args: DownArgs) -> anyhow::Result<()> {
     if !stuck.is_empty() {
         anyhow::bail!("could not stop: {}", stuck.join(", "));
     }
-    println!("sandbox in {} stopped (data left in place; the next `up` there wipes it)", dir.display());
+    println!(
+        "sandbox in {} stopped (data left in place; the next `up` there wipes it)",
+        dir.display()
+    );
     Ok(())
 }

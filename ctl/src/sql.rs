@@ -33,10 +33,12 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<()> {
             let (shard, _) = topo
                 .get_shard(&state.keyspace, &state.shard)
                 .await?
-                .with_context(|| format!("no shard record for {}/{}", state.keyspace, state.shard))?;
-            shard.primary.with_context(|| {
-                format!("{}/{} has no primary", state.keyspace, state.shard)
-            })?
+                .with_context(|| {
+                    format!("no shard record for {}/{}", state.keyspace, state.shard)
+                })?;
+            shard
+                .primary
+                .with_context(|| format!("{}/{} has no primary", state.keyspace, state.shard))?
         }
     };
     let tablet = state

@@ -200,7 +200,10 @@ pub fn fill_from_health(r: &mut TabletReport, named_primary: bool, h: &pb::Healt
         if m.read_only {
             Some("primary is read-only".to_string())
         } else if rep.configured {
-            Some(format!("primary replicates from {}", r.source.clone().unwrap_or_default()))
+            Some(format!(
+                "primary replicates from {}",
+                r.source.clone().unwrap_or_default()
+            ))
         } else {
             None
         }
@@ -244,7 +247,15 @@ pub fn render(report: &Report) -> String {
             s.term
         ));
         let header = [
-            "ALIAS", "ROLE", "MYSQL", "HEALTHY", "RO", "REPL", "SOURCE", "LAG_MS", "SEMI(P/R)",
+            "ALIAS",
+            "ROLE",
+            "MYSQL",
+            "HEALTHY",
+            "RO",
+            "REPL",
+            "SOURCE",
+            "LAG_MS",
+            "SEMI(P/R)",
             "GTID",
         ];
         let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
@@ -258,13 +269,21 @@ pub fn render(report: &Report) -> String {
             rows.push(vec![
                 t.alias.clone(),
                 t.role.clone(),
-                if t.mysql.is_empty() { "-".into() } else { t.mysql.clone() },
+                if t.mysql.is_empty() {
+                    "-".into()
+                } else {
+                    t.mysql.clone()
+                },
                 yn(Some(t.healthy)),
                 yn(t.read_only),
                 yn(t.replicating),
                 opt(&t.source),
                 opt(&t.lag_ms),
-                format!("{}/{}", onoff(t.semi_sync.primary), onoff(t.semi_sync.replica)),
+                format!(
+                    "{}/{}",
+                    onoff(t.semi_sync.primary),
+                    onoff(t.semi_sync.replica)
+                ),
                 opt(&t.gtid_position),
             ]);
         }
@@ -324,7 +343,11 @@ mod tests {
         assert_eq!(r.source.as_deref(), Some("127.0.0.1:4000"));
         assert_eq!(r.lag_ms, Some(12));
         let mut r = TabletReport::default();
-        fill_from_health(&mut r, true, &health(false, pb::ThreadState::Stopped, false));
+        fill_from_health(
+            &mut r,
+            true,
+            &health(false, pb::ThreadState::Stopped, false),
+        );
         assert!(r.healthy, "{:?}", r.problem);
         assert_eq!(r.source, None);
     }
@@ -339,7 +362,11 @@ mod tests {
         fill_from_health(&mut r, true, &health(true, pb::ThreadState::Stopped, false));
         assert_eq!(r.problem.as_deref(), Some("primary is read-only"));
         let mut r = TabletReport::default();
-        fill_from_health(&mut r, false, &health(false, pb::ThreadState::Running, true));
+        fill_from_health(
+            &mut r,
+            false,
+            &health(false, pb::ThreadState::Running, true),
+        );
         assert_eq!(r.problem.as_deref(), Some("replica is writable"));
         let mut r = TabletReport::default();
         let h = pb::Health {
@@ -371,6 +398,9 @@ mod tests {
         assert!(text.contains("commerce/0  primary zone1-101  term 1"));
         assert!(text.contains("! zone1-102: mysqld unreachable"));
         let json = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["shards"][0]["tablets"][0]["semi_sync"]["primary"], false);
+        assert_eq!(
+            json["shards"][0]["tablets"][0]["semi_sync"]["primary"],
+            false
+        );
     }
 }

@@ -350,12 +350,24 @@ impl Dialect {
             gtid_position: normalise_gtid_text(&gtid_position),
             gtid_binlog_pos: normalise_gtid_text(&gtid_binlog_pos),
             gtid_slave_pos: normalise_gtid_text(&gtid_slave_pos),
-            semi_sync_primary_enabled: parse_bool(what, "semi primary", get(&format!("{p}_enabled")))?
-                .unwrap_or(false),
-            semi_sync_replica_enabled: parse_bool(what, "semi replica", get(&format!("{r}_enabled")))?
-                .unwrap_or(false),
-            semi_sync_timeout_ms: parse_num::<u64>(what, "semi timeout", get(&format!("{p}_timeout")))?
-                .unwrap_or(0),
+            semi_sync_primary_enabled: parse_bool(
+                what,
+                "semi primary",
+                get(&format!("{p}_enabled")),
+            )?
+            .unwrap_or(false),
+            semi_sync_replica_enabled: parse_bool(
+                what,
+                "semi replica",
+                get(&format!("{r}_enabled")),
+            )?
+            .unwrap_or(false),
+            semi_sync_timeout_ms: parse_num::<u64>(
+                what,
+                "semi timeout",
+                get(&format!("{p}_timeout")),
+            )?
+            .unwrap_or(0),
             semi_sync_wait_point: get(&format!("{p}_wait_point")).unwrap_or_default(),
         })
     }
@@ -389,10 +401,7 @@ impl Dialect {
         };
         let what = "replica status";
         let col = |names: &[&str]| -> Option<String> {
-            names
-                .iter()
-                .find_map(|n| row.get(*n).cloned())
-                .flatten()
+            names.iter().find_map(|n| row.get(*n).cloned()).flatten()
         };
         let require = |names: &[&str]| -> Result<(), FlavorError> {
             if names.iter().any(|n| row.contains_key(*n)) {
@@ -617,7 +626,12 @@ fn name_value_map(
             })
     };
     rows.iter()
-        .map(|row| Ok((column(row, "Variable_name")?.to_ascii_lowercase(), column(row, "Value")?)))
+        .map(|row| {
+            Ok((
+                column(row, "Variable_name")?.to_ascii_lowercase(),
+                column(row, "Value")?,
+            ))
+        })
         .collect()
 }
 

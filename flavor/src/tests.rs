@@ -42,7 +42,10 @@ fn mariadb_replica_row() -> Row {
         ("Master_Server_Id", Some("101")),
         ("Using_Gtid", Some("Slave_Pos")),
         ("Gtid_IO_Pos", Some("0-101-12")),
-        ("Slave_SQL_Running_State", Some("Slave has read all relay log; waiting for more updates")),
+        (
+            "Slave_SQL_Running_State",
+            Some("Slave has read all relay log; waiting for more updates"),
+        ),
     ])
 }
 
@@ -86,7 +89,13 @@ fn detects_dialects() {
     assert_eq!(d.flavor, Flavor::MariaDb);
     assert_eq!(d.version, (10, 11, 19));
     let d = Dialect::detect("8.0.36").unwrap();
-    assert_eq!(d, Dialect { flavor: Flavor::MySql, version: (8, 0, 36) });
+    assert_eq!(
+        d,
+        Dialect {
+            flavor: Flavor::MySql,
+            version: (8, 0, 36)
+        }
+    );
     let d = Dialect::detect("8.4.3-commercial").unwrap();
     assert_eq!(d.version, (8, 4, 3));
     assert!(Dialect::detect("garbage").is_err());
@@ -96,7 +105,9 @@ fn detects_dialects() {
 #[test]
 fn parses_mariadb_replica_status() {
     let d = Dialect::MARIADB_10_11;
-    let st = d.parse_replica_status(Some(&mariadb_replica_row())).unwrap();
+    let st = d
+        .parse_replica_status(Some(&mariadb_replica_row()))
+        .unwrap();
     assert!(st.configured);
     assert!(st.replicating());
     assert_eq!(st.source_host, "127.0.0.1");
@@ -118,7 +129,10 @@ fn parses_mysql_replica_status_with_new_column_names() {
     assert_eq!(st.source_port, 3306);
     assert_eq!(st.last_io_errno, 2003);
     assert!(st.last_io_error.contains("Can't connect"));
-    assert_eq!(st.seconds_behind, None, "NULL while the IO thread is not connected");
+    assert_eq!(
+        st.seconds_behind, None,
+        "NULL while the IO thread is not connected"
+    );
     assert_eq!(
         st.gtid_io_pos,
         "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-57,4f22ab58-71ca-11e1-9e33-c80aa9429562:1-3"
@@ -141,7 +155,10 @@ fn parses_mysql_57_style_columns() {
         let v = r.remove(new).unwrap();
         r.insert(old.to_string(), v);
     }
-    let d = Dialect { flavor: Flavor::MySql, version: (5, 7, 44) };
+    let d = Dialect {
+        flavor: Flavor::MySql,
+        version: (5, 7, 44),
+    };
     let st = d.parse_replica_status(Some(&r)).unwrap();
     assert_eq!(st.source_port, 3306);
     assert_eq!(st.io_state, ThreadState::Connecting);
@@ -202,7 +219,10 @@ fn parses_mariadb_variables() {
 fn parses_mysql_variables_with_source_names() {
     let d = Dialect::MYSQL_8_0;
     let rows = vars(&[
-        ("gtid_executed", "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-57,\n4f22ab58-71ca-11e1-9e33-c80aa9429562:1-3"),
+        (
+            "gtid_executed",
+            "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-57,\n4f22ab58-71ca-11e1-9e33-c80aa9429562:1-3",
+        ),
         ("read_only", "ON"),
         ("super_read_only", "ON"),
         ("rpl_semi_sync_source_enabled", "OFF"),
@@ -222,9 +242,13 @@ fn parses_mysql_variables_with_source_names() {
 #[test]
 fn bad_variable_values_are_errors() {
     let d = Dialect::MARIADB_10_11;
-    let err = d.parse_variables(&vars(&[("read_only", "MAYBE")])).unwrap_err();
+    let err = d
+        .parse_variables(&vars(&[("read_only", "MAYBE")]))
+        .unwrap_err();
     assert!(err.to_string().contains("MAYBE"));
-    let err = d.parse_variables(&vars(&[("server_id", "-1")])).unwrap_err();
+    let err = d
+        .parse_variables(&vars(&[("server_id", "-1")]))
+        .unwrap_err();
     assert!(err.to_string().contains("server_id"));
 }
 
@@ -237,7 +261,9 @@ fn parses_semi_sync_status_both_flavors() {
         ("Rpl_semi_sync_master_no_tx", "0"),
         ("Rpl_semi_sync_slave_status", "OFF"),
     ]);
-    let s = Dialect::MARIADB_10_11.parse_semi_sync_status(&rows).unwrap();
+    let s = Dialect::MARIADB_10_11
+        .parse_semi_sync_status(&rows)
+        .unwrap();
     assert_eq!(s.primary_clients, 2);
     assert!(s.primary_active);
     assert_eq!(s.primary_yes_tx, 40);
@@ -264,22 +290,43 @@ fn statements_per_flavor() {
     assert_eq!(y.reset_replication_all(), "RESET REPLICA ALL");
     assert_eq!(m.replica_status_query(), "SHOW SLAVE STATUS");
     assert_eq!(y.replica_status_query(), "SHOW REPLICA STATUS");
-    assert_eq!(m.set_read_only(true, true), vec!["SET GLOBAL read_only = ON"]);
+    assert_eq!(
+        m.set_read_only(true, true),
+        vec!["SET GLOBAL read_only = ON"]
+    );
     assert_eq!(
         y.set_read_only(true, true),
-        vec!["SET GLOBAL read_only = ON", "SET GLOBAL super_read_only = ON"]
+        vec![
+            "SET GLOBAL read_only = ON",
+            "SET GLOBAL super_read_only = ON"
+        ]
     );
-    assert_eq!(y.set_read_only(false, false)[0], "SET GLOBAL super_read_only = OFF");
+    assert_eq!(
+        y.set_read_only(false, false)[0],
+        "SET GLOBAL super_read_only = OFF"
+    );
     let semi = m.set_semi_sync_primary(true, 1000);
     assert!(semi.iter().any(|s| s.contains("wait_point = AFTER_SYNC")));
     assert!(semi.iter().any(|s| s.contains("wait_no_slave = ON")));
-    assert_eq!(semi.last().unwrap(), "SET GLOBAL rpl_semi_sync_master_enabled = ON");
+    assert_eq!(
+        semi.last().unwrap(),
+        "SET GLOBAL rpl_semi_sync_master_enabled = ON"
+    );
     let semi = y.set_semi_sync_primary(true, 1000);
     assert!(semi.iter().all(|s| s.contains("rpl_semi_sync_source_")));
-    assert!(semi.iter().any(|s| s.contains("wait_for_replica_count = 1")));
-    assert_eq!(y.set_semi_sync_replica(true), "SET GLOBAL rpl_semi_sync_replica_enabled = ON");
-    assert!(m.wait_for_position("0-1-5", 0.5).starts_with("SELECT MASTER_GTID_WAIT('0-1-5', 0.500)"));
-    assert!(y.wait_for_position("u:1-5", 2.0).starts_with("SELECT WAIT_FOR_EXECUTED_GTID_SET"));
+    assert!(semi
+        .iter()
+        .any(|s| s.contains("wait_for_replica_count = 1")));
+    assert_eq!(
+        y.set_semi_sync_replica(true),
+        "SET GLOBAL rpl_semi_sync_replica_enabled = ON"
+    );
+    assert!(m
+        .wait_for_position("0-1-5", 0.5)
+        .starts_with("SELECT MASTER_GTID_WAIT('0-1-5', 0.500)"));
+    assert!(y
+        .wait_for_position("u:1-5", 2.0)
+        .starts_with("SELECT WAIT_FOR_EXECUTED_GTID_SET"));
     assert!(m.wait_reached(Some("0")));
     assert!(!m.wait_reached(Some("-1")));
     assert!(!y.wait_reached(Some("1")));
@@ -311,12 +358,36 @@ fn change_source_quotes_untrusted_text() {
 #[test]
 fn killable_sessions_spare_replication_and_system_threads() {
     let rows = vec![
-        row(&[("ID", Some("1")), ("USER", Some("system user")), ("COMMAND", Some("Daemon"))]),
-        row(&[("ID", Some("5")), ("USER", Some("myha_repl")), ("COMMAND", Some("Binlog Dump"))]),
-        row(&[("ID", Some("6")), ("USER", Some("app")), ("COMMAND", Some("Query"))]),
-        row(&[("ID", Some("7")), ("USER", Some("app")), ("COMMAND", Some("Sleep"))]),
-        row(&[("ID", Some("8")), ("USER", Some("myha_agent")), ("COMMAND", Some("Sleep"))]),
-        row(&[("ID", Some("9")), ("USER", Some("root")), ("COMMAND", Some("Slave_IO"))]),
+        row(&[
+            ("ID", Some("1")),
+            ("USER", Some("system user")),
+            ("COMMAND", Some("Daemon")),
+        ]),
+        row(&[
+            ("ID", Some("5")),
+            ("USER", Some("myha_repl")),
+            ("COMMAND", Some("Binlog Dump")),
+        ]),
+        row(&[
+            ("ID", Some("6")),
+            ("USER", Some("app")),
+            ("COMMAND", Some("Query")),
+        ]),
+        row(&[
+            ("ID", Some("7")),
+            ("USER", Some("app")),
+            ("COMMAND", Some("Sleep")),
+        ]),
+        row(&[
+            ("ID", Some("8")),
+            ("USER", Some("myha_agent")),
+            ("COMMAND", Some("Sleep")),
+        ]),
+        row(&[
+            ("ID", Some("9")),
+            ("USER", Some("root")),
+            ("COMMAND", Some("Slave_IO")),
+        ]),
     ];
     let ids = Dialect::MARIADB_10_11.killable_sessions(&rows, &[]);
     assert_eq!(ids, vec![6, 7, 8]);

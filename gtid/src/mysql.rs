@@ -450,14 +450,16 @@ fn parse_element(
                 tsid = Tsid::tagged(uuid, tag);
                 has_interval = false;
             }
-            _ => return Err(parse_error(
-                flavor,
-                element,
-                format!(
+            _ => {
+                return Err(parse_error(
+                    flavor,
+                    element,
+                    format!(
                     "an interval `first-last`, a transaction number or a tag after `:`, found `{}`",
                     fragment(part)
                 ),
-            )),
+                ))
+            }
         }
     }
     if !any_part {

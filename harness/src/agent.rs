@@ -43,7 +43,8 @@ impl AgentProc {
     pub fn create(config: AgentConfig, dir: &Path, new_session: bool) -> Result<AgentProc> {
         let bin = find_myha_bin("myha-agent")?;
         let dir = absolute(dir)?;
-        std::fs::create_dir_all(&dir).map_err(HarnessError::io(format!("create {}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(HarnessError::io(format!("create {}", dir.display())))?;
         if config.agent.grpc_listen.port() == 0 || config.agent.http_listen.port() == 0 {
             return Err(HarnessError::Invalid(
                 "agent config: grpc_listen and http_listen need concrete ports".into(),

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Row};
 use myha_agent::config::{
     AgentConfig, AgentSection, EtcdSection, FlavorName, LogFormat, LogSection, MysqlSection,
     TabletSection,
 };
 use myha_proto::agent::{Health, ThreadState};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Row};
 use tempfile::TempDir;
 use topo::{CellRecord, Durability, KeyspaceRecord, PromotionRule, Topo};
 
@@ -177,7 +177,10 @@ impl Tablet {
     /// The agent, or an error saying none was started.
     pub fn agent_proc(&self) -> Result<&AgentProc> {
         self.agent.as_ref().ok_or_else(|| {
-            HarnessError::Invalid(format!("{}: no agent started (start_agents: false)", self.alias))
+            HarnessError::Invalid(format!(
+                "{}: no agent started (start_agents: false)",
+                self.alias
+            ))
         })
     }
     /// `root@localhost` over the socket.
@@ -193,7 +196,11 @@ impl Tablet {
     /// `app` over TCP, default database `app`.
     pub async fn app_conn(&self) -> Result<Conn> {
         self.mysqld
-            .conn(&self.creds.app_user, &self.creds.app_password, Some(&self.creds.database))
+            .conn(
+                &self.creds.app_user,
+                &self.creds.app_password,
+                Some(&self.creds.database),
+            )
             .await
     }
     /// `FullStatus` from the agent.
@@ -223,7 +230,10 @@ impl fmt::Debug for Cluster {
         f.debug_struct("Cluster")
             .field("dir", &self.dir)
             .field("etcd", &self.etcd.endpoint())
-            .field("tablets", &self.tablets.iter().map(|t| t.alias()).collect::<Vec<_>>())
+            .field(
+                "tablets",
+                &self.tablets.iter().map(|t| t.alias()).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -299,7 +309,9 @@ pub async fn global_status(conn: &mut Conn, name: &str) -> Result<Option<String>
     let row: Option<(String, String)> = conn
         .query_first(format!("SHOW GLOBAL STATUS LIKE {}", sql_quote(name)))
         .await
-        .map_err(HarnessError::mysql(format!("SHOW GLOBAL STATUS LIKE '{name}'")))?;
+        .map_err(HarnessError::mysql(format!(
+            "SHOW GLOBAL STATUS LIKE '{name}'"
+        )))?;
     Ok(row.map(|(_, v)| v))
 }
 
@@ -318,8 +330,16 @@ async fn replica_caught_up(c: &mut Conn, pos: &str) -> Result<bool> {
         .await?
         .ok_or_else(|| HarnessError::Invalid("no replication source configured".into()))?;
     if !thread_running(&st, "Slave_IO_Running") || !thread_running(&st, "Slave_SQL_Running") {
-        let io = st.get("Last_IO_Error").cloned().flatten().unwrap_or_default();
-        let sql = st.get("Last_SQL_Error").cloned().flatten().unwrap_or_default();
+        let io = st
+            .get("Last_IO_Error")
+            .cloned()
+            .flatten()
+            .unwrap_or_default();
+        let sql = st
+            .get("Last_SQL_Error")
+            .cloned()
+            .flatten()
+            .unwrap_or_default();
         return Err(HarnessError::Invalid(format!(
             "replication threads not running; io error: {io}; sql error: {sql}"
         )));
@@ -340,7 +360,9 @@ impl Cluster {
     pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
         let started = Instant::now();
         if opts.tablets == 0 {
-            return Err(HarnessError::Invalid("a cluster needs at least one tablet".into()));
+            return Err(HarnessError::Invalid(
+                "a cluster needs at least one tablet".into(),
+            ));
         }
         let (temp, dir) = match &opts.base_dir {
             Some(d) => {
@@ -381,7 +403,8 @@ impl Cluster {
                 dir.join(alias),
                 opts.first_uid + i as u32,
             );
-            m.semi_sync_replica = semi;
+            // Replica side only where a replica runs: the first primary acks nobody.
+            m.semi_sync_replica = semi && i > 0;
             m.extra_args = opts.mysqld_args.clone();
             m.new_session = opts.new_session;
             Mysqld::launch(m)
@@ -484,7 +507,9 @@ impl Cluster {
             )
             .await?;
             let want = replicas.len() as u64;
-            let clients = self.wait_semi_sync_clients(&mut pc, want, Duration::from_secs(2)).await;
+            let clients = self
+                .wait_semi_sync_clients(&mut pc, want, Duration::from_secs(2))
+                .await;
             if clients.is_err() {
                 // The replicas' semi-sync flag is read when the IO thread connects: reconnect.
                 for r in replicas {
@@ -492,21 +517,36 @@ impl Cluster {
                     exec_all(
                         &mut c,
                         r.alias(),
-                        &["STOP SLAVE IO_THREAD".into(), "START SLAVE IO_THREAD".into()],
+                        &[
+                            "STOP SLAVE IO_THREAD".into(),
+                            "START SLAVE IO_THREAD".into(),
+                        ],
                     )
                     .await?;
                 }
                 self.wait_semi_sync_clients(&mut pc, want, timeout).await?;
             }
         } else if semi {
-            tracing::warn!("semi_sync with a single tablet: the primary side stays off (no replica could ack)");
+            tracing::warn!(
+                "semi_sync with a single tablet: the primary side stays off (no replica could ack)"
+            );
         }
-        exec_all(&mut pc, primary.alias(), &["SET GLOBAL read_only=OFF".into()]).await?;
+        exec_all(
+            &mut pc,
+            primary.alias(),
+            &["SET GLOBAL read_only=OFF".into()],
+        )
+        .await?;
         let _ = pc.disconnect().await;
         Ok(())
     }
 
-    async fn wait_semi_sync_clients(&self, pc: &mut Conn, want: u64, timeout: Duration) -> Result<()> {
+    async fn wait_semi_sync_clients(
+        &self,
+        pc: &mut Conn,
+        want: u64,
+        timeout: Duration,
+    ) -> Result<()> {
         let start = Instant::now();
         loop {
             let clients: u64 = global_status(pc, "Rpl_semi_sync_master_clients")
@@ -534,7 +574,9 @@ impl Cluster {
     pub async fn wait_replicated(&self, timeout: Duration) -> Result<()> {
         let primary = self.primary().await.unwrap_or(&self.tablets[0]);
         let mut pc = primary.root_conn().await?;
-        let pos = global_var(&mut pc, "gtid_binlog_pos").await?.unwrap_or_default();
+        let pos = global_var(&mut pc, "gtid_binlog_pos")
+            .await?
+            .unwrap_or_default();
         let _ = pc.disconnect().await;
         let others = self
             .tablets
@@ -658,11 +700,16 @@ impl Cluster {
                 poll_until(&what, timeout, Duration::from_millis(50), || async {
                     let h = agent.full_status().await?;
                     if !h.mysql_reachable {
-                        return Err(HarnessError::Invalid(format!("mysql unreachable: {}", h.mysql_error)));
+                        return Err(HarnessError::Invalid(format!(
+                            "mysql unreachable: {}",
+                            h.mysql_error
+                        )));
                     }
                     if !is_primary {
                         let r = h.replication.unwrap_or_default();
-                        if r.io_state() != ThreadState::Running || r.sql_state() != ThreadState::Running {
+                        if r.io_state() != ThreadState::Running
+                            || r.sql_state() != ThreadState::Running
+                        {
                             return Err(HarnessError::Invalid(format!(
                                 "replication io={:?} sql={:?} {}",
                                 r.io_state(),
@@ -684,7 +731,11 @@ impl Cluster {
                 })
                 .await
                 .map_err(|e| match e {
-                    HarnessError::Timeout { what, after, detail } => HarnessError::Timeout {
+                    HarnessError::Timeout {
+                        what,
+                        after,
+                        detail,
+                    } => HarnessError::Timeout {
                         what,
                         after,
                         detail: Some(format!(
@@ -729,8 +780,9 @@ impl Cluster {
         let alias = rec
             .primary
             .ok_or_else(|| HarnessError::Invalid("the shard record names no primary".into()))?;
-        self.tablet_by_alias(&alias)
-            .ok_or_else(|| HarnessError::Invalid(format!("primary {alias} is not a tablet of this cluster")))
+        self.tablet_by_alias(&alias).ok_or_else(|| {
+            HarnessError::Invalid(format!("primary {alias} is not a tablet of this cluster"))
+        })
     }
     /// Tablet 0, the primary the cluster was bootstrapped with.
     pub fn initial_primary(&self) -> &Tablet {
@@ -754,6 +806,7 @@ impl Cluster {
     }
 
     /// Keep the directory (logs, datadirs) when dropped; processes are still killed.
+    /// (`MYHA_KEEP_DIR=1` in the environment does the same for every cluster.)
     pub fn keep_dir(&self) {
         self.keep_dir.store(true, Ordering::SeqCst);
     }
@@ -835,7 +888,8 @@ impl Drop for Cluster {
             }
             let _ = self.etcd.kill();
         }
-        if self.keep_dir.load(Ordering::SeqCst) {
+        let keep_env = std::env::var_os("MYHA_KEEP_DIR").is_some_and(|v| !v.is_empty() && v != "0");
+        if self.keep_dir.load(Ordering::SeqCst) || keep_env {
             if let Some(t) = self.temp.take() {
                 let kept = t.keep();
                 tracing::info!(dir = %kept.display(), "cluster dir kept");
@@ -893,7 +947,10 @@ async fn bootstrap_primary_sql(primary: &Tablet, creds: &Credentials) -> Result<
 async fn bootstrap_topology(etcd: &Etcd, opts: &ClusterOptions, primary: &str) -> Result<Topo> {
     let topo = Topo::connect(&[etcd.endpoint()], &opts.prefix, Duration::from_secs(2))
         .await
-        .map_err(HarnessError::topo(format!("connect to {}", etcd.endpoint())))?;
+        .map_err(HarnessError::topo(format!(
+            "connect to {}",
+            etcd.endpoint()
+        )))?;
     topo.put_cell(&CellRecord {
         name: opts.cell.clone(),
     })

@@ -72,7 +72,9 @@ impl HarnessError {
         move |source| HarnessError::Io { what, source }
     }
 
-    pub(crate) fn mysql(what: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> HarnessError {
+    pub(crate) fn mysql(
+        what: impl Into<String>,
+    ) -> impl FnOnce(mysql_async::Error) -> HarnessError {
         let what = what.into();
         move |source| HarnessError::Mysql { what, source }
     }

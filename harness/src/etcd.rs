@@ -31,7 +31,8 @@ impl Etcd {
     pub async fn launch(dir: &Path, new_session: bool) -> Result<Etcd> {
         let etcd = find_system_program("etcd", "MYHA_ETCD")?;
         let dir = absolute(dir)?;
-        std::fs::create_dir_all(&dir).map_err(HarnessError::io(format!("create {}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(HarnessError::io(format!("create {}", dir.display())))?;
         let data_dir = dir.join("data");
         let client_port = free_port()?;
         let peer_port = free_port()?;
@@ -181,6 +182,9 @@ async fn health(port: u16) -> std::io::Result<bool> {
     };
     match tokio::time::timeout(Duration::from_secs(1), fut).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "health timed out")),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "health timed out",
+        )),
     }
 }

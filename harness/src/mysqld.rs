@@ -152,7 +152,13 @@ impl Mysqld {
             args.push("--rpl-semi-sync-slave-enabled=ON".into());
         }
         args.extend(opts.extra_args.iter().map(OsString::from));
-        let proc = Proc::new(opts.name.clone(), mariadbd, args, log.clone(), opts.new_session);
+        let proc = Proc::new(
+            opts.name.clone(),
+            mariadbd,
+            args,
+            log.clone(),
+            opts.new_session,
+        );
         Ok(Mysqld {
             name: opts.name,
             dir,
@@ -278,9 +284,10 @@ impl Mysqld {
             .socket(Some(self.socket.display().to_string()))
             .user(Some("root"))
             .prefer_socket(true);
-        Conn::new(opts)
-            .await
-            .map_err(HarnessError::mysql(format!("{}: connect as root via socket", self.name)))
+        Conn::new(opts).await.map_err(HarnessError::mysql(format!(
+            "{}: connect as root via socket",
+            self.name
+        )))
     }
 
     /// A TCP connection to 127.0.0.1:port as `user`.
@@ -292,9 +299,11 @@ impl Mysqld {
             .pass(Some(password))
             .db_name(db)
             .prefer_socket(false);
-        Conn::new(opts)
-            .await
-            .map_err(HarnessError::mysql(format!("{}: connect as {user} to {}", self.name, self.addr())))
+        Conn::new(opts).await.map_err(HarnessError::mysql(format!(
+            "{}: connect as {user} to {}",
+            self.name,
+            self.addr()
+        )))
     }
 
     /// Leave the process running when this handle is dropped.

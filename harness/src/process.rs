@@ -89,7 +89,11 @@ impl Proc {
             .create(true)
             .append(true)
             .open(&self.log)
-            .map_err(HarnessError::io(format!("{}: open log {}", self.name, self.log.display())))?;
+            .map_err(HarnessError::io(format!(
+                "{}: open log {}",
+                self.name,
+                self.log.display()
+            )))?;
         let log2 = log
             .try_clone()
             .map_err(HarnessError::io(format!("{}: dup log fd", self.name)))?;
@@ -168,7 +172,10 @@ impl Proc {
 
     pub(crate) fn signal(&self, sig: libc::c_int) -> Result<()> {
         let pid = self.running_pid()?;
-        signal(pid, sig).map_err(HarnessError::io(format!("{}: signal {sig} to pid {pid}", self.name)))
+        signal(pid, sig).map_err(HarnessError::io(format!(
+            "{}: signal {sig} to pid {pid}",
+            self.name
+        )))
     }
 
     /// SIGKILL and reap. A no-op when not running.
@@ -176,9 +183,10 @@ impl Proc {
         let mut guard = self.lock();
         if let Some(mut child) = guard.take() {
             let _ = child.kill();
-            let status = child
-                .wait()
-                .map_err(HarnessError::io(format!("{}: wait after SIGKILL", self.name)))?;
+            let status = child.wait().map_err(HarnessError::io(format!(
+                "{}: wait after SIGKILL",
+                self.name
+            )))?;
             *self.last_exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
         }
         Ok(())

@@ -67,9 +67,12 @@ impl SandboxState {
                 })
             }
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| HarnessError::Sandbox(format!("{} is not a sandbox state file: {e}", path.display())))
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            HarnessError::Sandbox(format!(
+                "{} is not a sandbox state file: {e}",
+                path.display()
+            ))
+        })
     }
 
     /// Writes the state file atomically (write + rename).
@@ -77,8 +80,10 @@ impl SandboxState {
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| HarnessError::Sandbox(format!("serialise state: {e}")))?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text + "\n").map_err(HarnessError::io(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(HarnessError::io(format!("rename to {}", path.display())))
+        std::fs::write(&tmp, text + "\n")
+            .map_err(HarnessError::io(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, path)
+            .map_err(HarnessError::io(format!("rename to {}", path.display())))
     }
 
     /// What `myhactl sandbox up --json` prints: exactly `dir, etcd, keyspace, shard, app_user,
@@ -219,7 +224,11 @@ pub async fn down(dir: &Path, grace: Duration) -> Result<Vec<Stopped>> {
     }
     // Agents first (they would otherwise react to their mysqld going away), then mysqld, etcd.
     for group in ["myha-agent", "mariadbd", "etcd"] {
-        let members: Vec<_> = live.iter().filter(|(_, p, _)| *p == group).cloned().collect();
+        let members: Vec<_> = live
+            .iter()
+            .filter(|(_, p, _)| *p == group)
+            .cloned()
+            .collect();
         for (_, _, pid) in &members {
             let _ = signal(*pid, libc::SIGTERM);
             let _ = signal(*pid, libc::SIGCONT);
@@ -251,8 +260,34 @@ pub async fn down(dir: &Path, grace: Duration) -> Result<Vec<Stopped>> {
     Ok(report)
 }
 
+/// An exclusive `flock` on the sandbox directory, held while `up` or `down` works on it
+/// (released on drop; not inherited by the started processes: the fd is close-on-exec).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Creates `dir` if needed and locks it; an error naming the dir when another `up`/`down`
+/// holds it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).map_err(HarnessError::io(format!("create {}", dir.display())))?;
+    let file =
+        std::fs::File::open(dir).map_err(HarnessError::io(format!("open {}", dir.display())))?;
+    // SAFETY: flock(2) on an fd we own; no memory is shared.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(HarnessError::Sandbox(format!(
+            "another `myhactl sandbox up` or `down` is working on {} right now",
+            dir.display()
+        )));
+    }
+    Ok(DirLock { _file: file })
+}
+
 /// Makes `dir` ready for a new sandbox: refuses when a sandbox runs there or when it is a
-/// non-empty directory that no sandbox made; wipes a stopped sandbox's leftovers.
+/// non-empty directory that no sandbox made; wipes a stopped sandbox's leftovers (the
+/// directory itself stays, so a [`DirLock`] on it stays valid). Hold [`lock_dir`] around it.
 pub fn prepare_dir(dir: &Path) -> Result<()> {
     if let Some(state) = SandboxState::read(dir)? {
         let running = state.running();
@@ -277,19 +312,37 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
             }
             let strays = scan(dir);
             if !strays.is_empty() {
-                let pids: Vec<String> = strays.iter().map(|(w, _, p)| format!("{w} pid {p}")).collect();
+                let pids: Vec<String> = strays
+                    .iter()
+                    .map(|(w, _, p)| format!("{w} pid {p}"))
+                    .collect();
                 return Err(HarnessError::Sandbox(format!(
                     "processes of an old sandbox still run in {}: {}; stop them first",
                     dir.display(),
                     pids.join(", ")
                 )));
             }
-            std::fs::remove_dir_all(dir).map_err(HarnessError::io(format!("wipe old sandbox {}", dir.display())))?;
+            let entries = std::fs::read_dir(dir)
+                .map_err(HarnessError::io(format!("read {}", dir.display())))?;
+            for e in entries {
+                let e = e.map_err(HarnessError::io(format!("read {}", dir.display())))?;
+                let p = e.path();
+                let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                r.map_err(HarnessError::io(format!(
+                    "wipe old sandbox: remove {}",
+                    p.display()
+                )))?;
+            }
         }
     }
     std::fs::create_dir_all(dir).map_err(HarnessError::io(format!("create {}", dir.display())))?;
-    std::fs::write(dir.join(MARKER_FILE), "made by myhactl sandbox up\n")
-        .map_err(HarnessError::io(format!("write {}", dir.join(MARKER_FILE).display())))
+    std::fs::write(dir.join(MARKER_FILE), "made by myhactl sandbox up\n").map_err(HarnessError::io(
+        format!("write {}", dir.join(MARKER_FILE).display()),
+    ))
 }
 
 #[cfg(test)]
@@ -332,11 +385,35 @@ mod tests {
         keys.sort();
         assert_eq!(
             keys,
-            ["app_password", "app_user", "database", "dir", "etcd", "keyspace", "shard", "tablets"]
+            [
+                "app_password",
+                "app_user",
+                "database",
+                "dir",
+                "etcd",
+                "keyspace",
+                "shard",
+                "tablets"
+            ]
         );
-        let mut tkeys: Vec<_> = v["tablets"][0].as_object().unwrap().keys().cloned().collect();
+        let mut tkeys: Vec<_> = v["tablets"][0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         tkeys.sort();
-        assert_eq!(tkeys, ["agent_grpc", "agent_pid", "alias", "mysql", "mysqld_pid", "socket"]);
+        assert_eq!(
+            tkeys,
+            [
+                "agent_grpc",
+                "agent_pid",
+                "alias",
+                "mysql",
+                "mysqld_pid",
+                "socket"
+            ]
+        );
     }
 
     #[test]
@@ -358,11 +435,19 @@ mod tests {
     #[tokio::test]
     async fn down_without_sandbox_is_an_error_and_stale_state_is_cleaned() {
         let d = tempfile::tempdir().unwrap();
-        let err = down(d.path(), Duration::from_millis(10)).await.unwrap_err().to_string();
+        let err = down(d.path(), Duration::from_millis(10))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no sandbox"), "{err}");
-        state(d.path()).write(&SandboxState::path(d.path())).unwrap();
+        state(d.path())
+            .write(&SandboxState::path(d.path()))
+            .unwrap();
         let report = down(d.path(), Duration::from_millis(10)).await.unwrap();
-        assert!(report.iter().all(|s| s.outcome == "not running"), "{report:?}");
+        assert!(
+            report.iter().all(|s| s.outcome == "not running"),
+            "{report:?}"
+        );
         assert!(!SandboxState::path(d.path()).exists());
     }
 
@@ -376,10 +461,14 @@ mod tests {
         assert!(foreign.join("precious").exists());
 
         let sb = d.path().join("sb");
+        let lock = lock_dir(&sb).unwrap();
+        assert!(lock_dir(&sb).is_err(), "second lock refused");
         prepare_dir(&sb).unwrap();
         std::fs::write(sb.join("old.log"), "x").unwrap();
         prepare_dir(&sb).unwrap();
         assert!(!sb.join("old.log").exists());
         assert!(sb.join(MARKER_FILE).exists());
+        drop(lock);
+        lock_dir(&sb).unwrap();
     }
 }

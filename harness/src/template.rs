@@ -68,8 +68,11 @@ fn build_template(root: &Path, target: &Path) -> Result<()> {
         .map_err(HarnessError::io(format!("temp dir in {}", root.display())))?;
     let datadir = work.path().join("datadir");
     let log = work.path().join("install-db.log");
-    let log_file = std::fs::File::create(&log).map_err(HarnessError::io("create install-db log"))?;
-    let log_file2 = log_file.try_clone().map_err(HarnessError::io("dup log fd"))?;
+    let log_file =
+        std::fs::File::create(&log).map_err(HarnessError::io("create install-db log"))?;
+    let log_file2 = log_file
+        .try_clone()
+        .map_err(HarnessError::io("dup log fd"))?;
     let status = Command::new(&install)
         .arg("--no-defaults")
         .arg(format!("--datadir={}", datadir.display()))

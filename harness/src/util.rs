@@ -12,6 +12,37 @@ use crate::error::{HarnessError, Result};
 
 /// Ports this process already handed out (never handed out twice).
 static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+/// Cross-process reservations: an flock on `{tmp}/myha-harness-ports/{port}` held until this
+/// process exits, so concurrent test processes never pick the same port, even while the
+/// process owning it is down between a kill and a restart.
+static RESERVATIONS: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+
+/// Tries to reserve `port` across processes; `true` when this process now holds it (or
+/// reservations are unavailable, e.g. an unwritable temp dir: the bind check still applies).
+fn reserve(port: u16) -> bool {
+    use std::os::fd::AsRawFd;
+    let dir = std::env::temp_dir().join("myha-harness-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+    else {
+        return true;
+    };
+    // SAFETY: flock(2) on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return false;
+    }
+    RESERVATIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(file);
+    true
+}
 
 /// The kernel's ephemeral range (outgoing connections take their local port from it).
 fn ephemeral_range() -> (u16, u16) {
@@ -33,7 +64,7 @@ fn bindable(port: u16) -> bool {
 /// Ports are picked at random *below* the kernel's ephemeral range when there is room
 /// (15000..low): a process restarted on the same port then never finds it taken by the local
 /// end of some outgoing connection. Falls back to binding port 0. A port is never handed out
-/// twice by one process.
+/// twice by one process, nor by two processes that both use this function (see `reserve`).
 pub fn free_port() -> Result<u16> {
     let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let taken = guard.get_or_insert_with(HashSet::new);
@@ -42,7 +73,7 @@ pub fn free_port() -> Result<u16> {
     if low > 16000 {
         for _ in 0..200 {
             let port = rng.random_range(15000..low);
-            if !taken.contains(&port) && bindable(port) {
+            if !taken.contains(&port) && bindable(port) && reserve(port) {
                 taken.insert(port);
                 return Ok(port);
             }
@@ -51,8 +82,11 @@ pub fn free_port() -> Result<u16> {
     for _ in 0..200 {
         let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
             .map_err(HarnessError::io("bind 127.0.0.1:0 to pick a free port"))?;
-        let port = l.local_addr().map_err(HarnessError::io("local_addr"))?.port();
-        if !taken.contains(&port) {
+        let port = l
+            .local_addr()
+            .map_err(HarnessError::io("local_addr"))?
+            .port();
+        if !taken.contains(&port) && reserve(port) {
             taken.insert(port);
             return Ok(port);
         }
@@ -89,11 +123,15 @@ pub(crate) fn find_system_program(name: &str, env_var: &str) -> Result<PathBuf> 
     let path_dirs = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();
-    let extra = ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin", "/sbin", "/bin"];
-    for dir in path_dirs
-        .into_iter()
-        .chain(extra.iter().map(PathBuf::from))
-    {
+    let extra = [
+        "/usr/sbin",
+        "/usr/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/sbin",
+        "/bin",
+    ];
+    for dir in path_dirs.into_iter().chain(extra.iter().map(PathBuf::from)) {
         let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
@@ -256,7 +294,9 @@ mod tests {
 
     #[test]
     fn missing_myha_bin_names_the_search() {
-        let err = find_myha_bin("no-such-myha-binary").unwrap_err().to_string();
+        let err = find_myha_bin("no-such-myha-binary")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no-such-myha-binary"), "{err}");
         assert!(err.contains("searched"), "{err}");
     }

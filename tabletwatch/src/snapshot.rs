@@ -99,7 +99,9 @@ impl TabletView {
 
     /// How long ago the latest health was received (`None` without any).
     pub fn health_age(&self, now: Instant) -> Option<Duration> {
-        self.last_health.as_deref().map(|s| now.saturating_duration_since(s.received_at))
+        self.last_health
+            .as_deref()
+            .map(|s| now.saturating_duration_since(s.received_at))
     }
 
     /// A health was received at most `max_age` before `now`.
@@ -161,7 +163,9 @@ pub fn health_replicating(h: &Health) -> Option<bool> {
         return None;
     }
     Some(h.replication.as_ref().is_some_and(|r| {
-        r.configured && r.io_state() == ThreadState::Running && r.sql_state() == ThreadState::Running
+        r.configured
+            && r.io_state() == ThreadState::Running
+            && r.sql_state() == ThreadState::Running
     }))
 }
 
@@ -199,7 +203,9 @@ impl ShardView {
     /// Every registered tablet the shard record does not name as primary, by alias.
     pub fn replicas(&self) -> impl Iterator<Item = &TabletView> + '_ {
         let primary = self.primary_alias();
-        self.tablets.values().filter(move |t| Some(t.alias()) != primary)
+        self.tablets
+            .values()
+            .filter(move |t| Some(t.alias()) != primary)
     }
 
     /// The tablet whose latest health reports the highest term, with that term (`None` when
@@ -291,7 +297,10 @@ pub mod testing {
         Health {
             alias: alias.to_string(),
             mysql_reachable: true,
-            mysql: Some(MysqlStatus { read_only: false, ..Default::default() }),
+            mysql: Some(MysqlStatus {
+                read_only: false,
+                ..Default::default()
+            }),
             replication: Some(Replication::default()),
             term,
             promoted_term: term,
@@ -305,7 +314,10 @@ pub mod testing {
         Health {
             alias: alias.to_string(),
             mysql_reachable: true,
-            mysql: Some(MysqlStatus { read_only: true, ..Default::default() }),
+            mysql: Some(MysqlStatus {
+                read_only: true,
+                ..Default::default()
+            }),
             replication: Some(Replication {
                 configured: true,
                 io_state: ThreadState::Running as i32,
@@ -320,28 +332,52 @@ pub mod testing {
     }
 
     /// A connected tablet whose `health` was received at `received_at`.
-    pub fn tablet(record: TabletRecord, health: Option<Health>, received_at: Instant) -> TabletView {
+    pub fn tablet(
+        record: TabletRecord,
+        health: Option<Health>,
+        received_at: Instant,
+    ) -> TabletView {
         TabletView {
             record: Arc::new(record),
             last_health: health.map(|health| {
-                Arc::new(HealthSample { health, received_at, received_ms: 0 })
+                Arc::new(HealthSample {
+                    health,
+                    received_at,
+                    received_ms: 0,
+                })
             }),
-            stream: StreamState::Connected { since: received_at, since_ms: 0 },
+            stream: StreamState::Connected {
+                since: received_at,
+                since_ms: 0,
+            },
         }
     }
 
     /// A shard view with `record` (when given) and `tablets`.
-    pub fn shard(keyspace: &str, shard: &str, record: Option<ShardRecord>, tablets: Vec<TabletView>) -> ShardView {
+    pub fn shard(
+        keyspace: &str,
+        shard: &str,
+        record: Option<ShardRecord>,
+        tablets: Vec<TabletView>,
+    ) -> ShardView {
         ShardView {
             keyspace: keyspace.to_string(),
             shard: shard.to_string(),
             record: record.map(Arc::new),
-            tablets: tablets.into_iter().map(|t| (t.alias().to_string(), t)).collect(),
+            tablets: tablets
+                .into_iter()
+                .map(|t| (t.alias().to_string(), t))
+                .collect(),
         }
     }
 
     /// A shard record naming `primary` at `term`.
-    pub fn shard_record(keyspace: &str, shard: &str, primary: Option<&str>, term: u64) -> ShardRecord {
+    pub fn shard_record(
+        keyspace: &str,
+        shard: &str,
+        primary: Option<&str>,
+        term: u64,
+    ) -> ShardRecord {
         ShardRecord {
             primary: primary.map(str::to_string),
             term,
@@ -363,11 +399,19 @@ mod tests {
         let t = tablet(rec.clone(), Some(primary_health("zone1-101", 1)), t0);
         let max = Duration::from_secs(1);
         assert!(t.is_fresh(t0, max));
-        assert!(t.is_fresh(t0 + max, max), "exactly max_age old is still fresh");
+        assert!(
+            t.is_fresh(t0 + max, max),
+            "exactly max_age old is still fresh"
+        );
         assert!(!t.is_fresh(t0 + max + Duration::from_millis(1), max));
-        assert_eq!(t.health_age(t0 + Duration::from_millis(250)), Some(Duration::from_millis(250)));
+        assert_eq!(
+            t.health_age(t0 + Duration::from_millis(250)),
+            Some(Duration::from_millis(250))
+        );
         // A `now` before receipt (snapshot taken after `now` was read) counts as age 0.
-        assert!(t0.checked_sub(Duration::from_millis(5)).is_none_or(|early| t.is_fresh(early, max)));
+        assert!(t0
+            .checked_sub(Duration::from_millis(5))
+            .is_none_or(|early| t.is_fresh(early, max)));
         assert!(t.fresh_health(t0, max).is_some());
         assert!(t.fresh_health(t0 + 2 * max, max).is_none());
 
@@ -383,7 +427,11 @@ mod tests {
     #[test]
     fn health_accessors() {
         let t0 = Instant::now();
-        let p = tablet(tablet_record("zone1-101", "ks", "0"), Some(primary_health("zone1-101", 3)), t0);
+        let p = tablet(
+            tablet_record("zone1-101", "ks", "0"),
+            Some(primary_health("zone1-101", 3)),
+            t0,
+        );
         assert_eq!(p.mysql_reachable(), Some(true));
         assert_eq!(p.read_only(), Some(false));
         assert_eq!(p.replicating(), Some(false));
@@ -408,17 +456,27 @@ mod tests {
         assert_eq!(health_replicating(&h), Some(false));
         h.mysql_reachable = false;
         assert_eq!(health_replicating(&h), None);
-        assert_eq!(health_read_only(&h), None, "unreachable mysqld has no read_only");
+        assert_eq!(
+            health_read_only(&h),
+            None,
+            "unreachable mysqld has no read_only"
+        );
     }
 
     #[test]
     fn stream_state_accessors() {
         let t0 = Instant::now();
-        let c = StreamState::Connected { since: t0, since_ms: 0 };
+        let c = StreamState::Connected {
+            since: t0,
+            since_ms: 0,
+        };
         assert!(c.is_connected());
         assert_eq!(c.as_str(), "connected");
         assert_eq!(c.last_error(), None);
-        assert_eq!(c.duration(t0 + Duration::from_secs(2)), Duration::from_secs(2));
+        assert_eq!(
+            c.duration(t0 + Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
         let d = StreamState::Connecting {
             since: t0,
             since_ms: 0,
@@ -438,8 +496,16 @@ mod tests {
             "0",
             Some(shard_record("ks", "0", Some("zone1-101"), 4)),
             vec![
-                tablet(tablet_record("zone1-101", "ks", "0"), Some(primary_health("zone1-101", 4)), t0),
-                tablet(tablet_record("zone1-102", "ks", "0"), Some(replica_health("zone1-102", 5, None)), t0),
+                tablet(
+                    tablet_record("zone1-101", "ks", "0"),
+                    Some(primary_health("zone1-101", 4)),
+                    t0,
+                ),
+                tablet(
+                    tablet_record("zone1-102", "ks", "0"),
+                    Some(replica_health("zone1-102", 5, None)),
+                    t0,
+                ),
                 tablet(tablet_record("zone1-103", "ks", "0"), None, t0),
             ],
         );

@@ -2,6 +2,7 @@
 //! reconnect with backoff, forever (until the task is aborted because the tablet deregistered
 //! or moved).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use myha_proto::agent::agent_client::AgentClient;
@@ -16,8 +17,16 @@ use crate::WatchOptions;
 /// of a replaced task are ignored.
 #[derive(Debug)]
 pub(crate) enum Report {
-    Health { alias: String, generation: u64, sample: HealthSample },
-    State { alias: String, generation: u64, state: StreamState },
+    Health {
+        alias: String,
+        generation: u64,
+        sample: Arc<HealthSample>,
+    },
+    State {
+        alias: String,
+        generation: u64,
+        state: StreamState,
+    },
 }
 
 /// Doubling delay between `min` and `max`.
@@ -31,7 +40,11 @@ pub(crate) struct Backoff {
 impl Backoff {
     pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
         let min = min.max(Duration::from_millis(1));
-        Backoff { min, max: max.max(min), next: min }
+        Backoff {
+            min,
+            max: max.max(min),
+            next: min,
+        }
     }
 
     pub(crate) fn next_delay(&mut self) -> Duration {
@@ -50,8 +63,13 @@ pub(crate) fn endpoint(grpc_addr: &str, opts: &WatchOptions) -> Result<Endpoint,
     if grpc_addr.trim().is_empty() {
         return Err("the registration has no grpc_addr".into());
     }
-    let uri = if grpc_addr.contains("://") { grpc_addr.to_string() } else { format!("http://{grpc_addr}") };
-    let ep = Endpoint::from_shared(uri.clone()).map_err(|e| format!("invalid grpc_addr {grpc_addr:?}: {e}"))?;
+    let uri = if grpc_addr.contains("://") {
+        grpc_addr.to_string()
+    } else {
+        format!("http://{grpc_addr}")
+    };
+    let ep = Endpoint::from_shared(uri.clone())
+        .map_err(|e| format!("invalid grpc_addr {grpc_addr:?}: {e}"))?;
     Ok(ep
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
@@ -65,11 +83,25 @@ type HealthStream = tonic::Streaming<Health>;
 
 async fn subscribe(grpc_addr: &str, opts: &WatchOptions) -> Result<HealthStream, String> {
     let ep = endpoint(grpc_addr, opts)?;
-    let channel = ep.connect().await.map_err(|e| format!("connect to {grpc_addr}: {}", error_chain(&e)))?;
+    let channel = ep
+        .connect()
+        .await
+        .map_err(|e| format!("connect to {grpc_addr}: {}", error_chain(&e)))?;
     let mut client = AgentClient::new(channel);
-    match tokio::time::timeout(opts.connect_timeout, client.stream_health(StreamHealthRequest {})).await {
-        Err(_) => Err(format!("StreamHealth on {grpc_addr}: no answer within {:?}", opts.connect_timeout)),
-        Ok(Err(status)) => Err(format!("StreamHealth on {grpc_addr}: {}", status_text(&status))),
+    match tokio::time::timeout(
+        opts.connect_timeout,
+        client.stream_health(StreamHealthRequest {}),
+    )
+    .await
+    {
+        Err(_) => Err(format!(
+            "StreamHealth on {grpc_addr}: no answer within {:?}",
+            opts.connect_timeout
+        )),
+        Ok(Err(status)) => Err(format!(
+            "StreamHealth on {grpc_addr}: {}",
+            status_text(&status)
+        )),
         Ok(Ok(resp)) => Ok(resp.into_inner()),
     }
 }
@@ -110,16 +142,24 @@ pub(crate) async fn run(
 ) {
     let tablet_label = alias.clone();
     let reconnects = metrics::counter!("myha_tabletwatch_stream_reconnects_total", "tablet" => tablet_label.clone());
-    let messages = metrics::counter!("myha_tabletwatch_health_messages_total", "tablet" => tablet_label);
+    let messages =
+        metrics::counter!("myha_tabletwatch_health_messages_total", "tablet" => tablet_label);
     let mut backoff = Backoff::new(opts.backoff_min, opts.backoff_max);
     let mut failures: u32 = 0;
     let mut down_since = (Instant::now(), now_ms());
-    let state = |state: StreamState| Report::State { alias: alias.clone(), generation, state };
+    let state = |state: StreamState| Report::State {
+        alias: alias.clone(),
+        generation,
+        state,
+    };
     loop {
         let error = match subscribe(&grpc_addr, &opts).await {
             Err(e) => e,
             Ok(mut stream) => {
-                let connected = StreamState::Connected { since: Instant::now(), since_ms: now_ms() };
+                let connected = StreamState::Connected {
+                    since: Instant::now(),
+                    since_ms: now_ms(),
+                };
                 if reports.send(state(connected)).await.is_err() {
                     return;
                 }
@@ -134,14 +174,24 @@ pub(crate) async fn run(
                         Ok(Ok(Some(health))) => {
                             messages.increment(1);
                             backoff.reset();
-                            let sample = HealthSample { health, received_at: Instant::now(), received_ms: now_ms() };
-                            let report = Report::Health { alias: alias.clone(), generation, sample };
+                            let sample = Arc::new(HealthSample {
+                                health,
+                                received_at: Instant::now(),
+                                received_ms: now_ms(),
+                            });
+                            let report = Report::Health {
+                                alias: alias.clone(),
+                                generation,
+                                sample,
+                            };
                             if reports.send(report).await.is_err() {
                                 return;
                             }
                         }
                         Ok(Ok(None)) => break "the agent ended the health stream".to_string(),
-                        Ok(Err(status)) => break format!("health stream broke: {}", status_text(&status)),
+                        Ok(Err(status)) => {
+                            break format!("health stream broke: {}", status_text(&status))
+                        }
                         Err(_) => break format!("no health message for {:?}", opts.idle_timeout),
                     }
                 };
@@ -189,6 +239,8 @@ mod tests {
         assert!(endpoint("127.0.0.1:15999", &opts).is_ok());
         assert!(endpoint("http://127.0.0.1:15999", &opts).is_ok());
         assert!(endpoint("", &opts).unwrap_err().contains("no grpc_addr"));
-        assert!(endpoint("bad host:1", &opts).unwrap_err().contains("invalid grpc_addr"));
+        assert!(endpoint("bad host:1", &opts)
+            .unwrap_err()
+            .contains("invalid grpc_addr"));
     }
 }

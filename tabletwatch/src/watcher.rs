@@ -63,22 +63,33 @@ impl TopoInputs {
     pub fn from_topo(topo: &Topo) -> TopoInputs {
         let keys = topo.keys().clone();
         let k = keys.clone();
-        let (tablets, tablets_synced) = typed(topo.watch_prefix(&keys.tablets_prefix()), move |key, value| {
-            let alias = k.parse_tablet_key(key)?;
-            let rec: TabletRecord = decode_logged(key, value)?;
-            if rec.alias != alias {
-                tracing::warn!(key, alias = %rec.alias, "tablet record names another alias; skipped");
-                return None;
-            }
-            Some((alias.to_string(), rec))
-        });
+        let (tablets, tablets_synced) = typed(
+            topo.watch_prefix(&keys.tablets_prefix()),
+            move |key, value| {
+                let alias = k.parse_tablet_key(key)?;
+                let rec: TabletRecord = decode_logged(key, value)?;
+                if rec.alias != alias {
+                    tracing::warn!(key, alias = %rec.alias, "tablet record names another alias; skipped");
+                    return None;
+                }
+                Some((alias.to_string(), rec))
+            },
+        );
         let k = keys.clone();
-        let (shards, shards_synced) = typed(topo.watch_prefix(&keys.all_shards_prefix()), move |key, value| {
-            let (ks, shard) = k.parse_shard_key(key)?;
-            let rec: ShardRecord = decode_logged(key, value)?;
-            Some(((ks.to_string(), shard.to_string()), rec))
-        });
-        TopoInputs { tablets, shards, tablets_synced, shards_synced }
+        let (shards, shards_synced) = typed(
+            topo.watch_prefix(&keys.all_shards_prefix()),
+            move |key, value| {
+                let (ks, shard) = k.parse_shard_key(key)?;
+                let rec: ShardRecord = decode_logged(key, value)?;
+                Some(((ks.to_string(), shard.to_string()), rec))
+            },
+        );
+        TopoInputs {
+            tablets,
+            shards,
+            tablets_synced,
+            shards_synced,
+        }
     }
 }
 
@@ -93,7 +104,10 @@ fn decode_logged<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Opt
 }
 
 /// Decodes a raw prefix watch into a typed map; runs until every receiver is dropped.
-fn typed<K, V, F>(pw: PrefixWatch, decode: F) -> (watch::Receiver<Arc<BTreeMap<K, V>>>, watch::Receiver<bool>)
+fn typed<K, V, F>(
+    pw: PrefixWatch,
+    decode: F,
+) -> (watch::Receiver<Arc<BTreeMap<K, V>>>, watch::Receiver<bool>)
 where
     K: Ord + Clone + Send + Sync + 'static,
     V: PartialEq + Clone + Send + Sync + 'static,
@@ -154,7 +168,10 @@ impl TabletWatch {
         describe_metrics();
         let (tx, snapshots) = watch::channel(Arc::new(FleetSnapshot::empty(Instant::now())));
         let task = tokio::spawn(supervise(inputs, opts, tx));
-        TabletWatch { snapshots, _task: AbortOnDrop(task) }
+        TabletWatch {
+            snapshots,
+            _task: AbortOnDrop(task),
+        }
     }
 
     /// The latest snapshot.
@@ -200,8 +217,14 @@ fn describe_metrics() {
         "StreamHealth subscriptions that broke or failed to start (each is followed by a retry), per tablet"
     );
     metrics::describe_gauge!("myha_tabletwatch_tablets", "Registered tablets followed");
-    metrics::describe_gauge!("myha_tabletwatch_streams_connected", "Tablets with an established health stream");
-    metrics::describe_gauge!("myha_tabletwatch_topo_synced", "1 while the etcd watches are current");
+    metrics::describe_gauge!(
+        "myha_tabletwatch_streams_connected",
+        "Tablets with an established health stream"
+    );
+    metrics::describe_gauge!(
+        "myha_tabletwatch_topo_synced",
+        "1 while the etcd watches are current"
+    );
 }
 
 /// One followed tablet.
@@ -262,8 +285,12 @@ impl Supervisor {
                     let moved = existing.map(|e| e.record.grpc_addr.clone());
                     let last_health = existing.and_then(|e| e.last_health.clone());
                     match &moved {
-                        Some(old) => tracing::info!(tablet = %alias, from = %old, to = %rec.grpc_addr, "agent address changed; resubscribing"),
-                        None => tracing::info!(tablet = %alias, addr = %rec.grpc_addr, "tablet registered; subscribing to its health"),
+                        Some(old) => {
+                            tracing::info!(tablet = %alias, from = %old, to = %rec.grpc_addr, "agent address changed; resubscribing")
+                        }
+                        None => {
+                            tracing::info!(tablet = %alias, addr = %rec.grpc_addr, "tablet registered; subscribing to its health")
+                        }
                     }
                     let (generation, task) = self.spawn_stream(rec);
                     let entry = Entry {
@@ -302,14 +329,22 @@ impl Supervisor {
     /// Applies a stream task's report; returns whether anything changed.
     fn apply_report(&mut self, report: Report) -> bool {
         match report {
-            Report::Health { alias, generation, sample } => match self.tablets.get_mut(&alias) {
+            Report::Health {
+                alias,
+                generation,
+                sample,
+            } => match self.tablets.get_mut(&alias) {
                 Some(e) if e.generation == generation => {
-                    e.last_health = Some(Arc::new(sample));
+                    e.last_health = Some(sample);
                     true
                 }
                 _ => false,
             },
-            Report::State { alias, generation, state } => match self.tablets.get_mut(&alias) {
+            Report::State {
+                alias,
+                generation,
+                state,
+            } => match self.tablets.get_mut(&alias) {
                 Some(e) if e.generation == generation => {
                     e.stream = state;
                     true
@@ -351,11 +386,20 @@ impl Supervisor {
                 },
             );
         }
-        let connected = self.tablets.values().filter(|e| e.stream.is_connected()).count();
+        let connected = self
+            .tablets
+            .values()
+            .filter(|e| e.stream.is_connected())
+            .count();
         metrics::gauge!("myha_tabletwatch_tablets").set(self.tablets.len() as f64);
         metrics::gauge!("myha_tabletwatch_streams_connected").set(connected as f64);
         metrics::gauge!("myha_tabletwatch_topo_synced").set(if topo_synced { 1.0 } else { 0.0 });
-        FleetSnapshot { version: self.version, taken_at: Instant::now(), topo_synced, shards }
+        FleetSnapshot {
+            version: self.version,
+            taken_at: Instant::now(),
+            topo_synced,
+            shards,
+        }
     }
 }
 
@@ -368,7 +412,11 @@ async fn changed<T>(rx: &mut watch::Receiver<T>, open: &mut bool) {
     std::future::pending::<()>().await
 }
 
-async fn supervise(mut inputs: TopoInputs, opts: WatchOptions, out: watch::Sender<Arc<FleetSnapshot>>) {
+async fn supervise(
+    mut inputs: TopoInputs,
+    opts: WatchOptions,
+    out: watch::Sender<Arc<FleetSnapshot>>,
+) {
     let (reports, mut report_rx) = mpsc::channel::<Report>(1024);
     let mut sup = Supervisor {
         opts,
@@ -387,13 +435,16 @@ async fn supervise(mut inputs: TopoInputs, opts: WatchOptions, out: watch::Sende
         let mut dirty = std::mem::take(&mut reported);
         dirty |= sup.apply_tablets(&tablets);
         dirty |= sup.apply_shards(&shards);
-        let synced = *inputs.tablets_synced.borrow_and_update() && *inputs.shards_synced.borrow_and_update();
+        let synced =
+            *inputs.tablets_synced.borrow_and_update() && *inputs.shards_synced.borrow_and_update();
         if last_synced != Some(synced) {
             if last_synced.is_some() {
                 if synced {
                     tracing::info!("etcd watches current again");
                 } else {
-                    tracing::warn!("etcd watches interrupted; registrations and shard records may be stale");
+                    tracing::warn!(
+                        "etcd watches interrupted; registrations and shard records may be stale"
+                    );
                 }
             }
             last_synced = Some(synced);

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use harness::{Cluster, ClusterOptions};
-use mysql_async::prelude::Queryable;
 use myha_proto::agent::{self as pb, agent_client::AgentClient};
+use mysql_async::prelude::Queryable;
 use tonic::transport::Channel;
 use tonic::Code;
 use topo::{LockRequest, ShardRecord};
@@ -67,8 +67,10 @@ fn read_only(h: &pb::Health) -> Option<bool> {
 
 async fn write_row(c: &Cluster, i: usize, v: &str) -> Result<(), mysql_async::Error> {
     let mut conn = c.tablet(i).app_conn().await.expect("app conn");
-    conn.query_drop("CREATE TABLE IF NOT EXISTS t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64))")
-        .await?;
+    conn.query_drop(
+        "CREATE TABLE IF NOT EXISTS t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(64))",
+    )
+    .await?;
     conn.exec_drop("INSERT INTO t (v) VALUES (?)", (v,)).await
 }
 
@@ -105,30 +107,47 @@ async fn write_shard_record(c: &Cluster, primary: &str, term: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_action_against_a_real_cluster() {
-    let c = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let c = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
     let (p, r1, r2) = (0, 1, 2);
     let mut a_p = client(&c, p).await;
     let mut a_r1 = client(&c, r1).await;
     let mut a_r2 = client(&c, r2).await;
 
     // Bootstrap state as the agents see it.
-    let h = a_p.full_status(pb::FullStatusRequest {}).await.unwrap().into_inner();
+    let h = a_p
+        .full_status(pb::FullStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(h.tablet_type, pb::TabletType::Primary as i32);
     assert_eq!((h.term, h.promoted_term), (1, 1));
     assert_eq!(read_only(&h), Some(false));
     assert!(h.semi_sync.as_ref().unwrap().primary_enabled);
-    let h = a_r1.full_status(pb::FullStatusRequest {}).await.unwrap().into_inner();
+    let h = a_r1
+        .full_status(pb::FullStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(h.tablet_type, pb::TabletType::Replica as i32);
     assert_eq!(running(&h), (true, true));
     assert_eq!(h.mysql.as_ref().unwrap().flavor, "mariadb");
 
     // A stale term is refused with both terms named.
     let err = a_r1
-        .stop_replication(pb::StopReplicationRequest { ctx: ctx(0), scope: 0 })
+        .stop_replication(pb::StopReplicationRequest {
+            ctx: ctx(0),
+            scope: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("stale term 0 < known term 1"), "{}", err.message());
+    assert!(
+        err.message().contains("stale term 0 < known term 1"),
+        "{}",
+        err.message()
+    );
 
     // Stop IO only, twice (idempotent), then start again.
     for _ in 0..2 {
@@ -144,10 +163,16 @@ async fn every_action_against_a_real_cluster() {
     })
     .await;
     assert!(h.replication.unwrap().configured);
-    a_r1.start_replication(pb::StartReplicationRequest { ctx: ctx(1), scope: 0 })
-        .await
-        .expect("start");
-    wait_health(&mut a_r1, "replicating again", GENEROUS, |h| running(h) == (true, true)).await;
+    a_r1.start_replication(pb::StartReplicationRequest {
+        ctx: ctx(1),
+        scope: 0,
+    })
+    .await
+    .expect("start");
+    wait_health(&mut a_r1, "replicating again", GENEROUS, |h| {
+        running(h) == (true, true)
+    })
+    .await;
 
     // WaitForPosition: reached, not reached within its deadline, and malformed.
     write_row(&c, p, "first").await.expect("write on primary");
@@ -160,14 +185,21 @@ async fn every_action_against_a_real_cluster() {
         .unwrap()
         .gtid_position;
     let r = a_r2
-        .wait_for_position(pb::WaitForPositionRequest { ctx: ctx(1), gtid_position: pos.clone() })
+        .wait_for_position(pb::WaitForPositionRequest {
+            ctx: ctx(1),
+            gtid_position: pos.clone(),
+        })
         .await
         .expect("position reached")
         .into_inner();
     assert_eq!(r.gtid_position, pos);
     let err = a_r2
         .wait_for_position(pb::WaitForPositionRequest {
-            ctx: Some(pb::ActionContext { term: 1, timeout_ms: 300, requester: String::new() }),
+            ctx: Some(pb::ActionContext {
+                term: 1,
+                timeout_ms: 300,
+                requester: String::new(),
+            }),
             gtid_position: "0-101-999999".into(),
         })
         .await
@@ -175,50 +207,97 @@ async fn every_action_against_a_real_cluster() {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(err.message().contains("still at"), "{}", err.message());
     let err = a_r2
-        .wait_for_position(pb::WaitForPositionRequest { ctx: ctx(1), gtid_position: "0-x-1".into() })
+        .wait_for_position(pb::WaitForPositionRequest {
+            ctx: ctx(1),
+            gtid_position: "0-x-1".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 
     // SetReadOnly both ways on a replica.
-    a_r2.set_read_only(pb::SetReadOnlyRequest { ctx: ctx(1), read_only: false, super_read_only: false })
-        .await
-        .expect("read_only off");
-    wait_health(&mut a_r2, "writable", GENEROUS, |h| read_only(h) == Some(false)).await;
-    a_r2.set_read_only(pb::SetReadOnlyRequest { ctx: ctx(1), read_only: true, super_read_only: true })
-        .await
-        .expect("read_only on");
-    wait_health(&mut a_r2, "read-only", GENEROUS, |h| read_only(h) == Some(true)).await;
+    a_r2.set_read_only(pb::SetReadOnlyRequest {
+        ctx: ctx(1),
+        read_only: false,
+        super_read_only: false,
+    })
+    .await
+    .expect("read_only off");
+    wait_health(&mut a_r2, "writable", GENEROUS, |h| {
+        read_only(h) == Some(false)
+    })
+    .await;
+    a_r2.set_read_only(pb::SetReadOnlyRequest {
+        ctx: ctx(1),
+        read_only: true,
+        super_read_only: true,
+    })
+    .await
+    .expect("read_only on");
+    wait_health(&mut a_r2, "read-only", GENEROUS, |h| {
+        read_only(h) == Some(true)
+    })
+    .await;
 
     // Semi-sync replica side off then on (the IO thread is restarted so it takes effect).
-    a_r2.set_semi_sync(pb::SetSemiSyncRequest { ctx: ctx(1), primary: None, replica: Some(false) })
-        .await
-        .expect("semi off");
+    a_r2.set_semi_sync(pb::SetSemiSyncRequest {
+        ctx: ctx(1),
+        primary: None,
+        replica: Some(false),
+    })
+    .await
+    .expect("semi off");
     wait_health(&mut a_r2, "semi-sync replica off", GENEROUS, |h| {
         !h.semi_sync.as_ref().unwrap().replica_enabled
     })
     .await;
-    a_r2.set_semi_sync(pb::SetSemiSyncRequest { ctx: ctx(1), primary: None, replica: Some(true) })
-        .await
-        .expect("semi on");
+    a_r2.set_semi_sync(pb::SetSemiSyncRequest {
+        ctx: ctx(1),
+        primary: None,
+        replica: Some(true),
+    })
+    .await
+    .expect("semi on");
     let err = a_r2
-        .set_semi_sync(pb::SetSemiSyncRequest { ctx: ctx(1), primary: None, replica: None })
+        .set_semi_sync(pb::SetSemiSyncRequest {
+            ctx: ctx(1),
+            primary: None,
+            replica: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // Demote then UndoDemote leaves the primary writable again.
-    let r = a_p.demote(pb::DemoteRequest { ctx: ctx(1) }).await.expect("demote").into_inner();
+    let r = a_p
+        .demote(pb::DemoteRequest { ctx: ctx(1) })
+        .await
+        .expect("demote")
+        .into_inner();
     assert!(!r.gtid_position.is_empty());
-    assert!(write_row(&c, p, "refused").await.is_err(), "a demoted primary takes no write");
-    a_p.demote(pb::DemoteRequest { ctx: ctx(1) }).await.expect("demote again (idempotent)");
-    a_p.undo_demote(pb::UndoDemoteRequest { ctx: ctx(1) }).await.expect("undo demote");
-    write_row(&c, p, "after-undo").await.expect("writable after undo");
-    let err = a_p.undo_demote(pb::UndoDemoteRequest { ctx: ctx(1) }).await.unwrap_err();
+    assert!(
+        write_row(&c, p, "refused").await.is_err(),
+        "a demoted primary takes no write"
+    );
+    a_p.demote(pb::DemoteRequest { ctx: ctx(1) })
+        .await
+        .expect("demote again (idempotent)");
+    a_p.undo_demote(pb::UndoDemoteRequest { ctx: ctx(1) })
+        .await
+        .expect("undo demote");
+    write_row(&c, p, "after-undo")
+        .await
+        .expect("writable after undo");
+    let err = a_p
+        .undo_demote(pb::UndoDemoteRequest { ctx: ctx(1) })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "nothing left to undo");
 
     // ResetReplication forgets the source; SetReplicationSource brings it back.
-    a_r2.reset_replication(pb::ResetReplicationRequest { ctx: ctx(1) }).await.expect("reset");
+    a_r2.reset_replication(pb::ResetReplicationRequest { ctx: ctx(1) })
+        .await
+        .expect("reset");
     wait_health(&mut a_r2, "no source", GENEROUS, |h| {
         !h.replication.as_ref().unwrap().configured
     })
@@ -227,7 +306,10 @@ async fn every_action_against_a_real_cluster() {
         .await
         .expect("reset again (idempotent)");
     let err = a_r2
-        .start_replication(pb::StartReplicationRequest { ctx: ctx(1), scope: 0 })
+        .start_replication(pb::StartReplicationRequest {
+            ctx: ctx(1),
+            scope: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -241,7 +323,10 @@ async fn every_action_against_a_real_cluster() {
     })
     .await
     .expect("repoint");
-    wait_health(&mut a_r2, "replicating from the primary", GENEROUS, |h| running(h) == (true, true)).await;
+    wait_health(&mut a_r2, "replicating from the primary", GENEROUS, |h| {
+        running(h) == (true, true)
+    })
+    .await;
     let r = a_r2
         .set_replication_source(pb::SetReplicationSourceRequest {
             ctx: ctx(1),
@@ -253,22 +338,39 @@ async fn every_action_against_a_real_cluster() {
         .await
         .expect("repoint again")
         .into_inner();
-    assert!(r.steps.iter().any(|s| s.starts_with("already replicating")), "{:?}", r.steps);
+    assert!(
+        r.steps.iter().any(|s| s.starts_with("already replicating")),
+        "{:?}",
+        r.steps
+    );
 
     // A reparent by hand with the actions: demote, catch up, promote under term 2, repoint.
-    let demoted = a_p.demote(pb::DemoteRequest { ctx: ctx(1) }).await.unwrap().into_inner();
-    a_r1.wait_for_position(pb::WaitForPositionRequest { ctx: ctx(1), gtid_position: demoted.gtid_position.clone() })
+    let demoted = a_p
+        .demote(pb::DemoteRequest { ctx: ctx(1) })
         .await
-        .expect("candidate caught up");
+        .unwrap()
+        .into_inner();
+    a_r1.wait_for_position(pb::WaitForPositionRequest {
+        ctx: ctx(1),
+        gtid_position: demoted.gtid_position.clone(),
+    })
+    .await
+    .expect("candidate caught up");
     let promoted = a_r1
-        .promote(pb::PromoteRequest { ctx: ctx(2), durability: pb::Durability::SemiSync as i32 })
+        .promote(pb::PromoteRequest {
+            ctx: ctx(2),
+            durability: pb::Durability::SemiSync as i32,
+        })
         .await
         .expect("promote")
         .into_inner();
     assert_eq!(promoted.term, 2);
-    a_r1.promote(pb::PromoteRequest { ctx: ctx(2), durability: pb::Durability::SemiSync as i32 })
-        .await
-        .expect("promote again (idempotent)");
+    a_r1.promote(pb::PromoteRequest {
+        ctx: ctx(2),
+        durability: pb::Durability::SemiSync as i32,
+    })
+    .await
+    .expect("promote again (idempotent)");
     let new_port = c.tablet(r1).mysqld().port();
     for a in [&mut a_r2, &mut a_p] {
         a.set_replication_source(pb::SetReplicationSourceRequest {
@@ -282,7 +384,9 @@ async fn every_action_against_a_real_cluster() {
         .expect("repoint to the new primary");
     }
     write_shard_record(&c, c.tablet(r1).alias(), 2).await;
-    write_row(&c, r1, "on-new-primary").await.expect("write on the new primary");
+    write_row(&c, r1, "on-new-primary")
+        .await
+        .expect("write on the new primary");
     for i in [p, r2] {
         let deadline = Instant::now() + GENEROUS;
         while count_rows(&c, i, "on-new-primary").await != 1 {
@@ -305,7 +409,11 @@ async fn every_action_against_a_real_cluster() {
     // Everyone now refuses term 1.
     for a in [&mut a_p, &mut a_r1, &mut a_r2] {
         let err = a
-            .set_read_only(pb::SetReadOnlyRequest { ctx: ctx(1), read_only: true, super_read_only: true })
+            .set_read_only(pb::SetReadOnlyRequest {
+                ctx: ctx(1),
+                read_only: true,
+                super_read_only: true,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition);
@@ -317,23 +425,38 @@ async fn health_reflects_faults_within_two_poll_intervals() {
     // A slow poll makes "two poll intervals" a meaningful, non-flaky bound.
     let poll = Duration::from_millis(500);
     let bound = 2 * poll + Duration::from_millis(400);
-    let c = Cluster::start(ClusterOptions { poll_interval: poll, ..Default::default() })
-        .await
-        .expect("cluster");
+    let c = Cluster::start(ClusterOptions {
+        poll_interval: poll,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
     let mut a = client(&c, 1).await;
-    wait_health(&mut a, "replicating", GENEROUS, |h| running(h) == (true, true)).await;
+    wait_health(&mut a, "replicating", GENEROUS, |h| {
+        running(h) == (true, true)
+    })
+    .await;
     let mut root = c.tablet(1).admin_conn().await.unwrap();
 
     root.query_drop("SET GLOBAL read_only = OFF").await.unwrap();
-    let (took, _) = wait_health(&mut a, "read_only flipped", bound, |h| read_only(h) == Some(false)).await;
+    let (took, _) = wait_health(&mut a, "read_only flipped", bound, |h| {
+        read_only(h) == Some(false)
+    })
+    .await;
     println!("read_only flip seen after {took:?}");
 
     root.query_drop("STOP SLAVE").await.unwrap();
-    let (took, _) = wait_health(&mut a, "replication stopped", bound, |h| running(h) == (false, false)).await;
+    let (took, _) = wait_health(&mut a, "replication stopped", bound, |h| {
+        running(h) == (false, false)
+    })
+    .await;
     println!("replication stop seen after {took:?}");
 
     // Lag grows while nothing is applied, from the primary's heartbeat row.
-    let (_, h) = wait_health(&mut a, "lag grows", GENEROUS, |h| h.lag_ms.unwrap_or(0) > 1_000).await;
+    let (_, h) = wait_health(&mut a, "lag grows", GENEROUS, |h| {
+        h.lag_ms.unwrap_or(0) > 1_000
+    })
+    .await;
     println!("lag with replication stopped: {:?} ms", h.lag_ms);
     root.query_drop("START SLAVE").await.unwrap();
     let (_, h) = wait_health(&mut a, "lag back under 1 s", GENEROUS, |h| {
@@ -346,7 +469,10 @@ async fn health_reflects_faults_within_two_poll_intervals() {
     let (took, h) = wait_health(&mut a, "mysqld unreachable", bound, |h| !h.mysql_reachable).await;
     println!("mysqld kill seen after {took:?}: {}", h.mysql_error);
     assert!(!h.mysql_error.is_empty());
-    assert!(c.tablet(1).agent_proc().unwrap().is_running(), "the agent never exits for mysqld");
+    assert!(
+        c.tablet(1).agent_proc().unwrap().is_running(),
+        "the agent never exits for mysqld"
+    );
 
     c.tablet(1).mysqld().restart().await.unwrap();
     wait_health(&mut a, "mysqld back", GENEROUS, |h| h.mysql_reachable).await;
@@ -354,7 +480,9 @@ async fn health_reflects_faults_within_two_poll_intervals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_expiry_removes_a_dead_agent_and_etcd_loss_is_survived() {
-    let c = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let c = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
     let alias = c.tablet(2).alias().to_string();
     assert!(c.topo().get_tablet(&alias).await.unwrap().is_some());
 
@@ -362,13 +490,23 @@ async fn lease_expiry_removes_a_dead_agent_and_etcd_loss_is_survived() {
     c.etcd().kill().unwrap();
     let mut a = client(&c, 1).await;
     wait_health(&mut a, "etcd link lost", GENEROUS, |h| !h.etcd_connected).await;
-    let h = a.full_status(pb::FullStatusRequest {}).await.expect("serves without etcd").into_inner();
+    let h = a
+        .full_status(pb::FullStatusRequest {})
+        .await
+        .expect("serves without etcd")
+        .into_inner();
     assert!(h.mysql_reachable);
     c.etcd().restart().await.unwrap();
-    wait_health(&mut a, "etcd link back", Duration::from_secs(30), |h| h.etcd_connected).await;
+    wait_health(&mut a, "etcd link back", Duration::from_secs(30), |h| {
+        h.etcd_connected
+    })
+    .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.topo().get_tablet(&alias).await.ok().flatten().is_none() {
-        assert!(Instant::now() < deadline, "registration did not come back after etcd restart");
+        assert!(
+            Instant::now() < deadline,
+            "registration did not come back after etcd restart"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -376,72 +514,132 @@ async fn lease_expiry_removes_a_dead_agent_and_etcd_loss_is_survived() {
     c.tablet(2).agent_proc().unwrap().kill().unwrap();
     let start = Instant::now();
     while c.topo().get_tablet(&alias).await.unwrap().is_some() {
-        assert!(start.elapsed() < Duration::from_secs(20), "registration outlived its lease");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "registration outlived its lease"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("dead agent's registration removed after {:?}", start.elapsed());
-    assert!(c.topo().get_tablet(c.tablet(1).alias()).await.unwrap().is_some());
+    println!(
+        "dead agent's registration removed after {:?}",
+        start.elapsed()
+    );
+    assert!(c
+        .topo()
+        .get_tablet(c.tablet(1).alias())
+        .await
+        .unwrap()
+        .is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_fencing_on_a_newer_term() {
-    let c = Cluster::start(ClusterOptions::default()).await.expect("cluster");
+    let c = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
     let mut a_p = client(&c, 0).await;
     write_row(&c, 0, "before").await.expect("write");
 
     // Starve the primary of semi-sync acks so the next commit blocks, unacknowledged.
     for i in [1, 2] {
-        c.tablet(i).admin_conn().await.unwrap().query_drop("STOP SLAVE").await.unwrap();
+        c.tablet(i)
+            .admin_conn()
+            .await
+            .unwrap()
+            .query_drop("STOP SLAVE")
+            .await
+            .unwrap();
     }
     let mut idle = c.tablet(0).app_conn().await.unwrap();
     let mut blocked_conn = c.tablet(0).app_conn().await.unwrap();
     let blocked = tokio::spawn(async move {
-        blocked_conn.exec_drop("INSERT INTO t (v) VALUES (?)", ("blocked",)).await
+        blocked_conn
+            .exec_drop("INSERT INTO t (v) VALUES (?)", ("blocked",))
+            .await
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!blocked.is_finished(), "the commit should wait for a semi-sync ack");
+    assert!(
+        !blocked.is_finished(),
+        "the commit should wait for a semi-sync ack"
+    );
 
     // Another tablet becomes primary at term 2: the old primary's agent must fence.
     let start = Instant::now();
     write_shard_record(&c, c.tablet(1).alias(), 2).await;
-    let (took, h) = wait_health(&mut a_p, "fenced", GENEROUS, |h| h.fenced && read_only(h) == Some(true)).await;
-    println!("fenced {took:?} after the new term was written: {}", h.fence_reason);
+    let (took, h) = wait_health(&mut a_p, "fenced", GENEROUS, |h| {
+        h.fenced && read_only(h) == Some(true)
+    })
+    .await;
+    println!(
+        "fenced {took:?} after the new term was written: {}",
+        h.fence_reason
+    );
     assert!(h.fence_reason.contains("zone1-102"), "{}", h.fence_reason);
     assert_eq!(h.term, 2);
 
-    let r = tokio::time::timeout(GENEROUS, blocked).await.expect("blocked write ended").unwrap();
-    assert!(r.is_err(), "a write blocked on acks must not be acknowledged after fencing: {r:?}");
-    println!("blocked write ended after {:?}: {:?}", start.elapsed(), r.unwrap_err());
-    assert!(idle.query_drop("SELECT 1").await.is_err(), "idle client connections are killed");
+    let r = tokio::time::timeout(GENEROUS, blocked)
+        .await
+        .expect("blocked write ended")
+        .unwrap();
+    assert!(
+        r.is_err(),
+        "a write blocked on acks must not be acknowledged after fencing: {r:?}"
+    );
+    println!(
+        "blocked write ended after {:?}: {:?}",
+        start.elapsed(),
+        r.unwrap_err()
+    );
+    assert!(
+        idle.query_drop("SELECT 1").await.is_err(),
+        "idle client connections are killed"
+    );
     let mut fresh = c.tablet(0).app_conn().await.unwrap();
-    let e = fresh.query_drop("INSERT INTO t (v) VALUES ('after')").await.unwrap_err();
-    assert!(e.to_string().contains("read-only") || e.to_string().contains("read_only"), "{e}");
+    let e = fresh
+        .query_drop("INSERT INTO t (v) VALUES ('after')")
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("read-only") || e.to_string().contains("read_only"),
+        "{e}"
+    );
 
     // Flipping it writable again behind the agent's back is undone.
     let mut root = c.tablet(0).admin_conn().await.unwrap();
     root.query_drop("SET GLOBAL read_only = OFF").await.unwrap();
-    wait_health(&mut a_p, "fenced again", GENEROUS, |h| read_only(h) == Some(true)).await;
+    wait_health(&mut a_p, "fenced again", GENEROUS, |h| {
+        read_only(h) == Some(true)
+    })
+    .await;
 
     // A restarted agent remembers the term it was promoted under and still fences.
     c.tablet(0).agent_proc().unwrap().kill().unwrap();
     root.query_drop("SET GLOBAL read_only = OFF").await.unwrap();
     c.tablet(0).agent_proc().unwrap().restart().await.unwrap();
     let mut a_p = client(&c, 0).await;
-    wait_health(&mut a_p, "fenced after restart", GENEROUS, |h| h.fenced && read_only(h) == Some(true)).await;
+    wait_health(&mut a_p, "fenced after restart", GENEROUS, |h| {
+        h.fenced && read_only(h) == Some(true)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_and_unreachable_etcd_are_reported_not_fatal() {
-    let c = Cluster::start(ClusterOptions { tablets: 1, ..Default::default() })
-        .await
-        .expect("cluster");
+    let c = Cluster::start(ClusterOptions {
+        tablets: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
     let mut cfg = c.agent_config(0).unwrap();
     cfg.mysql.password = "wrong".into();
     cfg.tablet.uid = 901;
     cfg.etcd.endpoints = vec!["http://127.0.0.1:1".into()];
     let dir = c.dir().join("bad-agent");
     std::fs::create_dir_all(&dir).unwrap();
-    let bad = harness::AgentProc::launch(cfg, &dir, false).await.expect("agent starts anyway");
+    let bad = harness::AgentProc::launch(cfg, &dir, false)
+        .await
+        .expect("agent starts anyway");
     let mut a = bad.client().await.unwrap();
     let (_, h) = wait_health(&mut a, "access denied reported", GENEROUS, |h| {
         !h.mysql_reachable && h.mysql_error.contains("Access denied")
@@ -472,9 +670,17 @@ endpoints = ["http://127.0.0.1:2379"]
     let cases = [
         (good.to_string(), true, "ok"),
         (good.replace("uid = 1", "uid = 1\nuuid = 2"), false, "uuid"),
-        (format!("{good}[agent]\npoll_interval = \"soon\"\n"), false, "poll_interval"),
+        (
+            format!("{good}[agent]\npoll_interval = \"soon\"\n"),
+            false,
+            "poll_interval",
+        ),
         (good.replace("repl_user = \"r\"\n", ""), false, "repl_user"),
-        (good.replace("shard = \"0\"", "shard = \"0\"\npromotion_rule = \"maybe\""), false, "maybe"),
+        (
+            good.replace("shard = \"0\"", "shard = \"0\"\npromotion_rule = \"maybe\""),
+            false,
+            "maybe",
+        ),
     ];
     for (text, ok, needle) in cases {
         let path = dir.path().join("agent.toml");

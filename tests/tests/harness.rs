@@ -8,12 +8,17 @@ use mysql_async::prelude::Queryable;
 
 /// Whether to start the agents (set `MYHA_HARNESS_AGENTS=0` to test without them).
 fn with_agents() -> bool {
-    std::env::var("MYHA_HARNESS_AGENTS").map(|v| v != "0").unwrap_or(true)
+    std::env::var("MYHA_HARNESS_AGENTS")
+        .map(|v| v != "0")
+        .unwrap_or(true)
 }
 
 async fn count_rows(t: &harness::Tablet) -> i64 {
     let mut c = t.app_conn().await.expect("app conn");
-    let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM t").await.expect("count");
+    let n: Option<i64> = c
+        .query_first("SELECT COUNT(*) FROM t")
+        .await
+        .expect("count");
     let _ = c.disconnect().await;
     n.unwrap_or(0)
 }
@@ -76,7 +81,12 @@ async fn three_tablet_semi_sync_cluster_survives_faults() {
     }
 
     // Topology: tablet 0 is primary at term 1.
-    let (shard, _) = cluster.topo().get_shard("commerce", "0").await.unwrap().unwrap();
+    let (shard, _) = cluster
+        .topo()
+        .get_shard("commerce", "0")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(shard.primary.as_deref(), Some("zone1-101"));
     assert_eq!(shard.term, 1);
     let primary = cluster.primary().await.expect("primary");
@@ -84,9 +94,16 @@ async fn three_tablet_semi_sync_cluster_survives_faults() {
 
     // A write as `app` on the primary reaches both replicas, acked by semi-sync.
     let mut pc = primary.app_conn().await.expect("app conn to primary");
-    pc.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(32))").await.unwrap();
-    pc.query_drop("INSERT INTO t VALUES (1, 'one'), (2, 'two')").await.unwrap();
-    cluster.wait_replicated(Duration::from_secs(10)).await.expect("replicated");
+    pc.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(32))")
+        .await
+        .unwrap();
+    pc.query_drop("INSERT INTO t VALUES (1, 'one'), (2, 'two')")
+        .await
+        .unwrap();
+    cluster
+        .wait_replicated(Duration::from_secs(10))
+        .await
+        .expect("replicated");
     for t in &cluster.tablets()[1..] {
         assert_eq!(count_rows(t).await, 2, "{}", t.alias());
         let mut c = t.app_conn().await.unwrap();
@@ -119,11 +136,20 @@ async fn three_tablet_semi_sync_cluster_survives_faults() {
     victim.mysqld().kill().unwrap();
     assert!(!victim.mysqld().is_running());
     assert!(!pid_alive(old_pid));
-    pc.query_drop("INSERT INTO t VALUES (3, 'three')").await.unwrap();
-    victim.mysqld().restart().await.expect("restart after SIGKILL");
+    pc.query_drop("INSERT INTO t VALUES (3, 'three')")
+        .await
+        .unwrap();
+    victim
+        .mysqld()
+        .restart()
+        .await
+        .expect("restart after SIGKILL");
     eprintln!("replica SIGKILL + restart: {:?}", t0.elapsed());
     assert_ne!(victim.mysqld().pid().unwrap(), old_pid);
-    cluster.wait_replicated(Duration::from_secs(15)).await.expect("caught up after restart");
+    cluster
+        .wait_replicated(Duration::from_secs(15))
+        .await
+        .expect("caught up after restart");
     assert_eq!(count_rows(victim).await, 3);
     wait_semi_sync_clients(primary, 2, Duration::from_secs(10)).await;
 
@@ -132,7 +158,10 @@ async fn three_tablet_semi_sync_cluster_survives_faults() {
     other.mysqld().stop().await.unwrap();
     assert!(!other.mysqld().is_running());
     other.mysqld().start().await.unwrap();
-    cluster.wait_replicated(Duration::from_secs(15)).await.unwrap();
+    cluster
+        .wait_replicated(Duration::from_secs(15))
+        .await
+        .unwrap();
 
     // SIGSTOP/SIGCONT of a replica: writes still commit (the other replica acks).
     other.mysqld().freeze().unwrap();
@@ -144,7 +173,10 @@ async fn three_tablet_semi_sync_cluster_survives_faults() {
     .expect("write not blocked by one frozen replica")
     .unwrap();
     other.mysqld().thaw().unwrap();
-    cluster.wait_replicated(Duration::from_secs(15)).await.unwrap();
+    cluster
+        .wait_replicated(Duration::from_secs(15))
+        .await
+        .unwrap();
     assert_eq!(count_rows(other).await, 4);
 
     // etcd: SIGKILL and restart on the same ports and data.
@@ -156,7 +188,12 @@ async fn three_tablet_semi_sync_cluster_survives_faults() {
     etcd.restart().await.expect("etcd restart");
     eprintln!("etcd restart: {:?}", t0.elapsed());
     assert_eq!(etcd.endpoint(), endpoint);
-    let (shard, _) = cluster.topo().get_shard("commerce", "0").await.unwrap().unwrap();
+    let (shard, _) = cluster
+        .topo()
+        .get_shard("commerce", "0")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(shard.primary.as_deref(), Some("zone1-101"));
 
     if agents {
@@ -164,7 +201,10 @@ async fn three_tablet_semi_sync_cluster_survives_faults() {
         let a = cluster.tablet(2).agent_proc().unwrap();
         a.kill().unwrap();
         a.restart().await.expect("agent restart");
-        cluster.wait_agents_healthy(Duration::from_secs(20)).await.expect("agents healthy");
+        cluster
+            .wait_agents_healthy(Duration::from_secs(20))
+            .await
+            .expect("agents healthy");
     }
     let _ = pc.disconnect().await;
     let dir = cluster.dir().to_path_buf();
@@ -203,4 +243,46 @@ fn processes_are_killed_when_a_test_panics() {
         assert!(!pid_alive(pid), "pid {pid} still alive after the panic");
     }
     assert!(!dir.exists(), "{} not removed", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_cluster_outlives_its_handle_until_sandbox_down() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("sb");
+    let cluster = Cluster::start(ClusterOptions {
+        tablets: 1,
+        durability: Durability::None,
+        start_agents: false,
+        base_dir: Some(dir.clone()),
+        new_session: true,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster starts");
+    let state = cluster.detach().expect("detach");
+    let pids: Vec<u32> = state.running().into_iter().map(|(_, p)| p).collect();
+    assert_eq!(pids.len(), 2, "etcd and mysqld run after detach: {state:?}");
+    assert!(dir.join(harness::sandbox::STATE_FILE).exists());
+    let report = harness::sandbox::down(&dir, Duration::from_secs(20))
+        .await
+        .expect("down");
+    assert!(
+        report.iter().all(|s| s.outcome == "terminated"),
+        "{report:?}"
+    );
+    for pid in pids {
+        assert!(!pid_alive(pid), "pid {pid} survived down");
+    }
+    assert!(!dir.join(harness::sandbox::STATE_FILE).exists());
+}
+
+#[tokio::test]
+async fn a_mysqld_that_cannot_start_reports_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = harness::MysqldOptions::new("mysqld broken", dir.path().join("m"), 7);
+    opts.extra_args = vec!["--no-such-option-here=1".into()];
+    let err = harness::Mysqld::launch(opts).await.unwrap_err().to_string();
+    assert!(err.contains("mysqld broken failed to start"), "{err}");
+    assert!(err.contains("mysqld.log"), "{err}");
+    assert!(err.contains("no-such-option-here"), "{err}");
 }

@@ -89,7 +89,9 @@ impl TestEtcd {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(t) = Topo::connect([self.endpoint()], "/probe", Duration::from_millis(500)).await {
+            if let Ok(t) =
+                Topo::connect([self.endpoint()], "/probe", Duration::from_millis(500)).await
+            {
                 if t.current_revision().await.is_ok() {
                     return;
                 }
@@ -135,7 +137,9 @@ struct Proxy {
 
 impl Proxy {
     async fn start(target: SocketAddr) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let enabled = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
@@ -153,7 +157,12 @@ impl Proxy {
                 cs.lock().unwrap().push(h);
             }
         });
-        Proxy { addr, enabled, conns, accept }
+        Proxy {
+            addr,
+            enabled,
+            conns,
+            accept,
+        }
     }
 
     fn endpoint(&self) -> String {
@@ -182,7 +191,9 @@ impl Drop for Proxy {
 // ---- helpers -------------------------------------------------------------------------
 
 async fn connect(etcd: &TestEtcd, prefix: &str) -> Topo {
-    Topo::connect([etcd.endpoint()], prefix, Duration::from_secs(2)).await.expect("connect")
+    Topo::connect([etcd.endpoint()], prefix, Duration::from_secs(2))
+        .await
+        .expect("connect")
 }
 
 fn tablet(cell: &str, uid: u32) -> TabletRecord {
@@ -214,14 +225,24 @@ where
         if f().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Waits until the watched value satisfies `pred`; false after `within`.
-async fn wait_until<T>(rx: &mut tokio::sync::watch::Receiver<T>, within: Duration, pred: impl FnMut(&T) -> bool) -> bool {
-    let ok = matches!(tokio::time::timeout(within, rx.wait_for(pred)).await, Ok(Ok(_)));
+async fn wait_until<T>(
+    rx: &mut tokio::sync::watch::Receiver<T>,
+    within: Duration,
+    pred: impl FnMut(&T) -> bool,
+) -> bool {
+    let ok = matches!(
+        tokio::time::timeout(within, rx.wait_for(pred)).await,
+        Ok(Ok(_))
+    );
     ok
 }
 
@@ -243,13 +264,36 @@ async fn registration_appears_and_expires_after_its_holder_dies() {
     let t = connect(&etcd, "/myha").await;
 
     let reg = t.register_tablet(tablet("zone1", 101), SECS(2));
-    assert!(reg.wait_registered(SECS(10)).await, "not registered: {:?}", *reg.status().borrow());
-    let got = t.get_tablet("zone1-101").await.unwrap().expect("registered tablet");
+    assert!(
+        reg.wait_registered(SECS(10)).await,
+        "not registered: {:?}",
+        *reg.status().borrow()
+    );
+    let got = t
+        .get_tablet("zone1-101")
+        .await
+        .unwrap()
+        .expect("registered tablet");
     assert_eq!(got.grpc_addr, "127.0.0.1:15101");
     assert!(got.registered_ms > 0);
-    assert_eq!(t.list_tablets(Some("commerce"), Some("0")).await.unwrap().len(), 1);
-    assert_eq!(t.list_tablets(Some("commerce2"), None).await.unwrap().len(), 0);
-    assert_eq!(t.list_tablets(Some("commerce"), Some("-80")).await.unwrap().len(), 0);
+    assert_eq!(
+        t.list_tablets(Some("commerce"), Some("0"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        t.list_tablets(Some("commerce2"), None).await.unwrap().len(),
+        0
+    );
+    assert_eq!(
+        t.list_tablets(Some("commerce"), Some("-80"))
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
 
     // update() rewrites the record under the same lease.
     let mut rec = tablet("zone1", 101);
@@ -259,17 +303,29 @@ async fn registration_appears_and_expires_after_its_holder_dies() {
     let got = t.get_tablet("zone1-101").await.unwrap().unwrap();
     assert_eq!(got.tablet_type, TabletType::Primary);
     assert_eq!(got.http_addr.as_deref(), Some("127.0.0.1:8080"));
-    assert!(reg.update(tablet("zone1", 999)).await.is_err(), "alias must not change");
+    assert!(
+        reg.update(tablet("zone1", 999)).await.is_err(),
+        "alias must not change"
+    );
 
     // Kept alive well past the TTL.
     tokio::time::sleep(SECS(5)).await;
-    assert!(tablet_present(&t, "zone1-101").await, "registration did not survive its keep-alive");
+    assert!(
+        tablet_present(&t, "zone1-101").await,
+        "registration did not survive its keep-alive"
+    );
     assert_eq!(reg.status().borrow().registrations, 1);
 
     // The holder "dies": no revoke, the key goes when the lease expires.
     reg.abandon();
-    assert!(tablet_present(&t, "zone1-101").await, "key must outlive its holder until the TTL");
-    eventually(SECS(15), "the abandoned registration to expire", || tablet_absent(&t, "zone1-101")).await;
+    assert!(
+        tablet_present(&t, "zone1-101").await,
+        "key must outlive its holder until the TTL"
+    );
+    eventually(SECS(15), "the abandoned registration to expire", || {
+        tablet_absent(&t, "zone1-101")
+    })
+    .await;
 
     // deregister() removes the key at once.
     let reg = t.register_tablet(tablet("zone1", 102), SECS(10));
@@ -282,7 +338,10 @@ async fn registration_appears_and_expires_after_its_holder_dies() {
     let reg = t.register_tablet(tablet("zone1", 103), SECS(2));
     assert!(reg.wait_registered(SECS(10)).await);
     drop(reg);
-    eventually(SECS(15), "the dropped registration to expire", || tablet_absent(&t, "zone1-103")).await;
+    eventually(SECS(15), "the dropped registration to expire", || {
+        tablet_absent(&t, "zone1-103")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,23 +356,39 @@ async fn registration_comes_back_after_etcd_restart() {
 
     etcd.kill();
     let mut status = reg.status();
-    assert!(wait_until(&mut status, SECS(15), |s| !s.registered).await, "registration should notice etcd is gone");
+    assert!(
+        wait_until(&mut status, SECS(15), |s| !s.registered).await,
+        "registration should notice etcd is gone"
+    );
     assert!(reg.status().borrow().last_error.is_some());
-    assert!(wait_until(&mut reachable, SECS(15), |r| !*r).await, "reachable should turn false");
+    assert!(
+        wait_until(&mut reachable, SECS(15), |r| !*r).await,
+        "reachable should turn false"
+    );
 
     // Down for longer than the TTL, then back on the same data dir.
     tokio::time::sleep(SECS(3)).await;
     etcd.restart().await;
-    assert!(reg.wait_registered(SECS(20)).await, "not re-registered: {:?}", *reg.status().borrow());
+    assert!(
+        reg.wait_registered(SECS(20)).await,
+        "not re-registered: {:?}",
+        *reg.status().borrow()
+    );
     let s = reg.status().borrow().clone();
     assert!(s.registrations >= 2, "{s:?}");
     assert_ne!(s.lease_id, Some(first_lease), "must be under a new lease");
     assert!(tablet_present(&t, "zone1-201").await);
-    assert!(wait_until(&mut reachable, SECS(15), |r| *r).await, "reachable should turn true again");
+    assert!(
+        wait_until(&mut reachable, SECS(15), |r| *r).await,
+        "reachable should turn true again"
+    );
 
     // And it stays: the old lease (renewed by etcd's restart) expires without taking the key.
     tokio::time::sleep(SECS(6)).await;
-    assert!(tablet_present(&t, "zone1-201").await, "re-registration must be kept alive");
+    assert!(
+        tablet_present(&t, "zone1-201").await,
+        "re-registration must be kept alive"
+    );
     assert!(reg.is_registered());
 }
 
@@ -325,48 +400,108 @@ async fn shard_lock_is_exclusive_and_names_its_holder() {
     let t = connect(&etcd, "/myha").await;
 
     let one = t
-        .lock_shard("commerce", "0", LockRequest::new("orch-one", "emergency reparent").with_ttl(SECS(5)))
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("orch-one", "emergency reparent").with_ttl(SECS(5)),
+        )
         .await
         .expect("first lock");
     assert_eq!(one.info().holder, "orch-one");
-    assert!(one.key().starts_with("/myha/locks/commerce/0/"), "{}", one.key());
+    assert!(
+        one.key().starts_with("/myha/locks/commerce/0/"),
+        "{}",
+        one.key()
+    );
 
     // A try-lock fails at once, naming the holder.
     let started = Instant::now();
-    match t.lock_shard("commerce", "0", LockRequest::new("orch-two", "planned reparent")).await {
+    match t
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("orch-two", "planned reparent"),
+        )
+        .await
+    {
         Err(TopoError::LockHeld { holder, waited, .. }) => {
             assert_eq!(holder.holder, "orch-one");
             assert_eq!(holder.purpose, "emergency reparent");
             assert_eq!(waited, None);
-            let msg = TopoError::LockHeld { key: "k".into(), holder, waited }.to_string();
+            let msg = TopoError::LockHeld {
+                key: "k".into(),
+                holder,
+                waited,
+            }
+            .to_string();
             assert!(msg.contains("orch-one"), "{msg}");
         }
         other => panic!("expected LockHeld, got {other:?}"),
     }
     assert!(started.elapsed() < SECS(5));
     // A bounded wait fails too, naming the holder.
-    match t.lock_shard("commerce", "0", LockRequest::new("orch-two", "x").with_wait(Duration::from_millis(500))).await {
-        Err(TopoError::LockHeld { holder, waited: Some(_), .. }) => assert_eq!(holder.holder, "orch-one"),
+    match t
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("orch-two", "x").with_wait(Duration::from_millis(500)),
+        )
+        .await
+    {
+        Err(TopoError::LockHeld {
+            holder,
+            waited: Some(_),
+            ..
+        }) => assert_eq!(holder.holder, "orch-one"),
         other => panic!("expected LockHeld after waiting, got {other:?}"),
     }
-    assert_eq!(t.get_lock_holder("commerce", "0").await.unwrap().unwrap().holder, "orch-one");
+    assert_eq!(
+        t.get_lock_holder("commerce", "0")
+            .await
+            .unwrap()
+            .unwrap()
+            .holder,
+        "orch-one"
+    );
     // Other shards and keyspaces are independent.
-    let other = t.lock_shard("commerce", "0-80", LockRequest::new("orch-two", "x")).await.expect("other shard");
-    let other2 = t.lock_shard("commerce2", "0", LockRequest::new("orch-two", "x")).await.expect("other keyspace");
+    let other = t
+        .lock_shard("commerce", "0-80", LockRequest::new("orch-two", "x"))
+        .await
+        .expect("other shard");
+    let other2 = t
+        .lock_shard("commerce2", "0", LockRequest::new("orch-two", "x"))
+        .await
+        .expect("other keyspace");
     other.release().await.unwrap();
     other2.release().await.unwrap();
 
     // A waiter gets it once the holder releases.
     let t2 = t.clone();
     let waiter = tokio::spawn(async move {
-        t2.lock_shard("commerce", "0", LockRequest::new("orch-two", "waiting").with_wait(SECS(30))).await
+        t2.lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("orch-two", "waiting").with_wait(SECS(30)),
+        )
+        .await
     });
     tokio::time::sleep(SECS(1)).await;
     assert!(!waiter.is_finished(), "waiter must not get a held lock");
     one.release().await.unwrap();
-    let two = tokio::time::timeout(SECS(10), waiter).await.expect("waiter woke").unwrap().expect("second lock");
+    let two = tokio::time::timeout(SECS(10), waiter)
+        .await
+        .expect("waiter woke")
+        .unwrap()
+        .expect("second lock");
     assert_eq!(two.info().holder, "orch-two");
-    assert_eq!(t.get_lock_holder("commerce", "0").await.unwrap().unwrap().holder, "orch-two");
+    assert_eq!(
+        t.get_lock_holder("commerce", "0")
+            .await
+            .unwrap()
+            .unwrap()
+            .holder,
+        "orch-two"
+    );
     two.release().await.unwrap();
     assert_eq!(t.get_lock_holder("commerce", "0").await.unwrap(), None);
 
@@ -379,7 +514,10 @@ async fn shard_lock_is_exclusive_and_names_its_holder() {
         tasks.push(tokio::spawn(async move {
             for _ in 0..3 {
                 let req = LockRequest::new(format!("c{i}"), "contend").with_wait(SECS(60));
-                let lock = t.lock_shard("commerce", "0", req).await.expect("contended lock");
+                let lock = t
+                    .lock_shard("commerce", "0", req)
+                    .await
+                    .expect("contended lock");
                 let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                 max_inside.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(30)).await;
@@ -389,7 +527,10 @@ async fn shard_lock_is_exclusive_and_names_its_holder() {
         }));
     }
     for task in tasks {
-        tokio::time::timeout(SECS(90), task).await.expect("contenders finish").unwrap();
+        tokio::time::timeout(SECS(90), task)
+            .await
+            .expect("contenders finish")
+            .unwrap();
     }
     assert_eq!(max_inside.load(Ordering::SeqCst), 1);
 }
@@ -399,29 +540,55 @@ async fn dead_holders_lock_is_freed_after_ttl() {
     let etcd = TestEtcd::start().await;
     let t = connect(&etcd, "/myha").await;
     let dead = t
-        .lock_shard("commerce", "0", LockRequest::new("dead-orch", "crash").with_ttl(SECS(2)))
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("dead-orch", "crash").with_ttl(SECS(2)),
+        )
         .await
         .unwrap();
     let ttl = dead.ttl();
     dead.abandon(); // keep-alive stops, nothing is revoked: like a crash
-    match t.lock_shard("commerce", "0", LockRequest::new("next", "x")).await {
+    match t
+        .lock_shard("commerce", "0", LockRequest::new("next", "x"))
+        .await
+    {
         Err(TopoError::LockHeld { holder, .. }) => assert_eq!(holder.holder, "dead-orch"),
         other => panic!("expected LockHeld, got {other:?}"),
     }
     let started = Instant::now();
     let next = t
-        .lock_shard("commerce", "0", LockRequest::new("next", "x").with_wait(SECS(20)))
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("next", "x").with_wait(SECS(20)),
+        )
         .await
         .expect("lock freed by lease expiry");
-    assert!(started.elapsed() <= ttl + SECS(10), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() <= ttl + SECS(10),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(next.info().holder, "next");
     next.release().await.unwrap();
 
     // Dropping a lock (without release) frees it at once (best-effort revoke).
-    let dropped = t.lock_shard("commerce", "0", LockRequest::new("dropper", "x").with_ttl(SECS(30))).await.unwrap();
+    let dropped = t
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("dropper", "x").with_ttl(SECS(30)),
+        )
+        .await
+        .unwrap();
     drop(dropped);
     let l = t
-        .lock_shard("commerce", "0", LockRequest::new("after-drop", "x").with_wait(SECS(10)))
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("after-drop", "x").with_wait(SECS(10)),
+        )
         .await
         .expect("lock after drop");
     l.release().await.unwrap();
@@ -433,7 +600,11 @@ async fn update_shard_needs_the_lock() {
     let t = connect(&etcd, "/myha").await;
     assert!(t.create_shard("commerce", "0").await.unwrap());
     let lock = t
-        .lock_shard("commerce", "0", LockRequest::new("orch", "reparent").with_ttl(SECS(5)))
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("orch", "reparent").with_ttl(SECS(5)),
+        )
         .await
         .unwrap();
     let (mut rec, rev) = t.get_shard("commerce", "0").await.unwrap().unwrap();
@@ -451,7 +622,8 @@ async fn update_shard_needs_the_lock() {
     }
     // Writing another shard's record under this lock is refused.
     assert!(matches!(
-        lock.update_shard(&ShardRecord::new("commerce", "-80")).await,
+        lock.update_shard(&ShardRecord::new("commerce", "-80"))
+            .await,
         Err(TopoError::InvalidArgument(_))
     ));
     lock.append_audit(&AuditEntry {
@@ -476,13 +648,23 @@ async fn update_shard_needs_the_lock() {
         other => panic!("expected LockLost, got {other:?}"),
     }
     let (still, _) = t.get_shard("commerce", "0").await.unwrap().unwrap();
-    assert_eq!(still.reparent_in_progress.as_deref(), Some("test"), "write under a lost lock must not land");
+    assert_eq!(
+        still.reparent_in_progress.as_deref(),
+        Some("test"),
+        "write under a lost lock must not land"
+    );
     let mut lost = lock.lost();
-    assert!(wait_until(&mut lost, SECS(10), |l| l.is_some()).await, "lost() must report the revoked lease");
+    assert!(
+        wait_until(&mut lost, SECS(10), |l| l.is_some()).await,
+        "lost() must report the revoked lease"
+    );
     assert!(lock.is_lost());
     assert!(matches!(lock.check(), Err(TopoError::LockLost { .. })));
     // The lock is free for others.
-    let again = t.lock_shard("commerce", "0", LockRequest::new("orch-2", "x")).await.expect("free after revoke");
+    let again = t
+        .lock_shard("commerce", "0", LockRequest::new("orch-2", "x"))
+        .await
+        .expect("free after revoke");
     again.release().await.unwrap();
     let _ = lock.release().await;
 }
@@ -500,16 +682,25 @@ async fn delete(t: &Topo, key: &str) {
 }
 
 fn content(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect()
 }
 
 async fn converges(w: &topo::PrefixWatch, want: BTreeMap<String, Vec<u8>>, what: &str) {
     let mut rx = w.subscribe();
-    assert!(wait_until(&mut rx, SECS(20), |m| **m == want).await, "watch did not converge ({what}): have {:?}", keys_of(&w.current()));
+    assert!(
+        wait_until(&mut rx, SECS(20), |m| **m == want).await,
+        "watch did not converge ({what}): have {:?}",
+        keys_of(&w.current())
+    );
 }
 
 fn keys_of(m: &BTreeMap<String, Vec<u8>>) -> Vec<String> {
-    m.iter().map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v))).collect()
+    m.iter()
+        .map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v)))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,7 +708,9 @@ async fn watch_prefix_converges_after_restart_and_compaction() {
     let mut etcd = TestEtcd::start().await;
     let writer = connect(&etcd, "/myha").await;
     let proxy = Proxy::start(etcd.client_addr()).await;
-    let watcher = Topo::connect([proxy.endpoint()], "/myha", SECS(2)).await.unwrap();
+    let watcher = Topo::connect([proxy.endpoint()], "/myha", SECS(2))
+        .await
+        .unwrap();
 
     put(&writer, "/w/commerce/a", "1").await;
     let w = watcher.watch_prefix("/w/commerce/");
@@ -527,24 +720,40 @@ async fn watch_prefix_converges_after_restart_and_compaction() {
     put(&writer, "/w/commerce2/x", "not mine").await;
     put(&writer, "/w/commerce", "not mine either").await;
     put(&writer, "/w/commerce/a", "1bis").await;
-    converges(&w, content(&[("/w/commerce/a", "1bis"), ("/w/commerce/b", "2")]), "live events").await;
+    converges(
+        &w,
+        content(&[("/w/commerce/a", "1bis"), ("/w/commerce/b", "2")]),
+        "live events",
+    )
+    .await;
 
     // An idle watch stays up (its liveness probes are answered).
     let mut synced = w.synced();
     synced.borrow_and_update();
     tokio::time::sleep(SECS(8)).await;
-    assert!(!synced.has_changed().unwrap(), "an idle, healthy watch must not reconnect");
+    assert!(
+        !synced.has_changed().unwrap(),
+        "an idle, healthy watch must not reconnect"
+    );
 
     // etcd restarts; changes made after it is back are seen.
     etcd.restart().await;
     put(&writer, "/w/commerce/c", "3").await;
     delete(&writer, "/w/commerce/a").await;
-    converges(&w, content(&[("/w/commerce/b", "2"), ("/w/commerce/c", "3")]), "after restart").await;
+    converges(
+        &w,
+        content(&[("/w/commerce/b", "2"), ("/w/commerce/c", "3")]),
+        "after restart",
+    )
+    .await;
 
     // The watcher is cut off while history moves on and is compacted.
     proxy.cut();
     let mut synced = w.synced();
-    assert!(wait_until(&mut synced, SECS(20), |s| !*s).await, "watch should notice the broken stream");
+    assert!(
+        wait_until(&mut synced, SECS(20), |s| !*s).await,
+        "watch should notice the broken stream"
+    );
     put(&writer, "/w/commerce/d", "4").await;
     delete(&writer, "/w/commerce/b").await;
     for i in 0..20 {
@@ -555,12 +764,21 @@ async fn watch_prefix_converges_after_restart_and_compaction() {
     writer.compact(rev).await.unwrap();
     tokio::time::sleep(SECS(1)).await;
     proxy.restore();
-    converges(&w, content(&[("/w/commerce/c", "3"), ("/w/commerce/d", "4")]), "after compaction").await;
+    converges(
+        &w,
+        content(&[("/w/commerce/c", "3"), ("/w/commerce/d", "4")]),
+        "after compaction",
+    )
+    .await;
     assert!(w.wait_synced(SECS(10)).await);
     put(&writer, "/w/commerce/e", "5").await;
     converges(
         &w,
-        content(&[("/w/commerce/c", "3"), ("/w/commerce/d", "4"), ("/w/commerce/e", "5")]),
+        content(&[
+            ("/w/commerce/c", "3"),
+            ("/w/commerce/d", "4"),
+            ("/w/commerce/e", "5"),
+        ]),
         "live after compaction",
     )
     .await;
@@ -574,21 +792,49 @@ async fn typed_watches_follow_shard_and_tablets() {
     let mut tablets = t.watch_tablets();
     assert!(t.create_shard("commerce", "0").await.unwrap());
     assert!(t.create_shard("commerce", "0-80").await.unwrap());
-    assert!(wait_until(&mut shard, SECS(10), |s| s.as_ref().is_some_and(|s| s.term == 0)).await, "shard record seen");
-    t.bootstrap_primary("commerce", "0-80", "zone1-109").await.unwrap();
-    t.bootstrap_primary("commerce", "0", "zone1-101").await.unwrap();
-    assert!(wait_until(&mut shard, SECS(10), |s| s.as_ref().is_some_and(|s| s.term == 1)).await, "bootstrap seen");
-    assert_eq!(shard.borrow().as_ref().unwrap().primary.as_deref(), Some("zone1-101"));
+    assert!(
+        wait_until(&mut shard, SECS(10), |s| s
+            .as_ref()
+            .is_some_and(|s| s.term == 0))
+        .await,
+        "shard record seen"
+    );
+    t.bootstrap_primary("commerce", "0-80", "zone1-109")
+        .await
+        .unwrap();
+    t.bootstrap_primary("commerce", "0", "zone1-101")
+        .await
+        .unwrap();
+    assert!(
+        wait_until(&mut shard, SECS(10), |s| s
+            .as_ref()
+            .is_some_and(|s| s.term == 1))
+        .await,
+        "bootstrap seen"
+    );
+    assert_eq!(
+        shard.borrow().as_ref().unwrap().primary.as_deref(),
+        Some("zone1-101")
+    );
 
     let reg = t.register_tablet(tablet("zone1", 101), SECS(5));
-    assert!(wait_until(&mut tablets, SECS(10), |m| m.contains_key("zone1-101")).await, "tablet seen");
+    assert!(
+        wait_until(&mut tablets, SECS(10), |m| m.contains_key("zone1-101")).await,
+        "tablet seen"
+    );
     assert_eq!(tablets.borrow().get("zone1-101").unwrap().uid, 101);
     reg.deregister().await.unwrap();
-    assert!(wait_until(&mut tablets, SECS(10), |m| m.is_empty()).await, "deregistration seen");
+    assert!(
+        wait_until(&mut tablets, SECS(10), |m| m.is_empty()).await,
+        "deregistration seen"
+    );
 
     let shards = t.watch_shards("commerce");
     let mut shards2 = shards.clone();
-    assert!(wait_until(&mut shards2, SECS(10), |m| m.len() == 2).await, "both shards seen");
+    assert!(
+        wait_until(&mut shards2, SECS(10), |m| m.len() == 2).await,
+        "both shards seen"
+    );
 }
 
 // ---- bootstrap, CRUD, audit ----------------------------------------------------------
@@ -598,35 +844,91 @@ async fn bootstrap_primary_sets_term_one_once() {
     let etcd = TestEtcd::start().await;
     let t = connect(&etcd, "/myha/").await;
     assert_eq!(t.keys().prefix(), "/myha");
-    t.put_cell(&CellRecord { name: "zone1".into() }).await.unwrap();
-    assert_eq!(t.list_cells().await.unwrap(), vec![CellRecord { name: "zone1".into() }]);
-    t.put_keyspace(&KeyspaceRecord { name: "commerce".into(), durability: Durability::SemiSync }).await.unwrap();
-    t.put_keyspace(&KeyspaceRecord { name: "commerce2".into(), durability: Durability::None }).await.unwrap();
-    assert_eq!(t.get_keyspace("commerce").await.unwrap().unwrap().durability, Durability::SemiSync);
+    t.put_cell(&CellRecord {
+        name: "zone1".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        t.list_cells().await.unwrap(),
+        vec![CellRecord {
+            name: "zone1".into()
+        }]
+    );
+    t.put_keyspace(&KeyspaceRecord {
+        name: "commerce".into(),
+        durability: Durability::SemiSync,
+    })
+    .await
+    .unwrap();
+    t.put_keyspace(&KeyspaceRecord {
+        name: "commerce2".into(),
+        durability: Durability::None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        t.get_keyspace("commerce")
+            .await
+            .unwrap()
+            .unwrap()
+            .durability,
+        Durability::SemiSync
+    );
     assert_eq!(t.get_keyspace("nope").await.unwrap(), None);
     assert_eq!(t.list_keyspaces().await.unwrap().len(), 2);
-    assert!(t.put_keyspace(&KeyspaceRecord { name: "a/b".into(), durability: Durability::None }).await.is_err());
+    assert!(t
+        .put_keyspace(&KeyspaceRecord {
+            name: "a/b".into(),
+            durability: Durability::None
+        })
+        .await
+        .is_err());
 
     assert!(t.create_shard("commerce", "0").await.unwrap());
-    assert!(!t.create_shard("commerce", "0").await.unwrap(), "second create is a no-op");
+    assert!(
+        !t.create_shard("commerce", "0").await.unwrap(),
+        "second create is a no-op"
+    );
     assert!(t.create_shard("commerce2", "0").await.unwrap());
-    assert_eq!(t.list_shards("commerce").await.unwrap().len(), 1, "commerce2 must not leak into commerce");
+    assert_eq!(
+        t.list_shards("commerce").await.unwrap().len(),
+        1,
+        "commerce2 must not leak into commerce"
+    );
 
-    let rec = t.bootstrap_primary("commerce", "0", "zone1-101").await.unwrap();
+    let rec = t
+        .bootstrap_primary("commerce", "0", "zone1-101")
+        .await
+        .unwrap();
     assert_eq!(rec.term, 1);
     assert_eq!(rec.primary.as_deref(), Some("zone1-101"));
     assert!(rec.term_start_ms > 0);
     let (stored, _) = t.get_shard("commerce", "0").await.unwrap().unwrap();
     assert_eq!(stored, rec);
     match t.bootstrap_primary("commerce", "0", "zone1-102").await {
-        Err(TopoError::Conflict { detail, .. }) => assert!(detail.contains("zone1-101"), "{detail}"),
+        Err(TopoError::Conflict { detail, .. }) => {
+            assert!(detail.contains("zone1-101"), "{detail}")
+        }
         other => panic!("expected refusal, got {other:?}"),
     }
-    assert_eq!(t.get_shard("commerce", "0").await.unwrap().unwrap().0.term, 1);
-    assert!(t.bootstrap_primary("commerce", "-80", "not an alias").await.is_err());
+    assert_eq!(
+        t.get_shard("commerce", "0").await.unwrap().unwrap().0.term,
+        1
+    );
+    assert!(t
+        .bootstrap_primary("commerce", "-80", "not an alias")
+        .await
+        .is_err());
     // A missing shard is created by bootstrap.
-    let rec = t.bootstrap_primary("commerce", "80-", "zone1-201").await.unwrap();
-    assert_eq!((rec.term, rec.keyspace.as_str(), rec.shard.as_str()), (1, "commerce", "80-"));
+    let rec = t
+        .bootstrap_primary("commerce", "80-", "zone1-201")
+        .await
+        .unwrap();
+    assert_eq!(
+        (rec.term, rec.keyspace.as_str(), rec.shard.as_str()),
+        (1, "commerce", "80-")
+    );
 
     // Audit: newest first, per shard or keyspace-wide, prunable.
     for i in 0..5u64 {
@@ -641,18 +943,36 @@ async fn bootstrap_primary_sets_term_one_once() {
             duration_ms: None,
         };
         let key = t.append_audit("commerce", "0", &e).await.unwrap();
-        assert!(key.starts_with("/myha/audit/commerce/0/0000000000000000100"), "{key}");
+        assert!(
+            key.starts_with("/myha/audit/commerce/0/0000000000000000100"),
+            "{key}"
+        );
     }
-    let other = AuditEntry { action: "other-shard".into(), ..t.list_audit("commerce", Some("0"), 1).await.unwrap()[0].clone() };
+    let other = AuditEntry {
+        action: "other-shard".into(),
+        ..t.list_audit("commerce", Some("0"), 1).await.unwrap()[0].clone()
+    };
     t.append_audit("commerce", "80-", &other).await.unwrap();
     t.append_audit("commerce2", "0", &other).await.unwrap();
-    let newest: Vec<String> = t.list_audit("commerce", Some("0"), 3).await.unwrap().into_iter().map(|e| e.action).collect();
+    let newest: Vec<String> = t
+        .list_audit("commerce", Some("0"), 3)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
     assert_eq!(newest, ["step4", "step3", "step2"]);
     let all = t.list_audit("commerce", None, 0).await.unwrap();
     assert_eq!(all.len(), 6, "keyspace-wide, without commerce2");
     assert_eq!(all[0].action, "other-shard");
     assert_eq!(t.prune_audit("commerce", "0", 2).await.unwrap(), 3);
-    let left: Vec<String> = t.list_audit("commerce", Some("0"), 0).await.unwrap().into_iter().map(|e| e.action).collect();
+    let left: Vec<String> = t
+        .list_audit("commerce", Some("0"), 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
     assert_eq!(left, ["step4", "step3"]);
     assert_eq!(t.prune_audit("commerce", "0", 5).await.unwrap(), 0);
 }
@@ -666,10 +986,15 @@ async fn calls_are_bounded_when_etcd_is_gone() {
     let e = t.get_shard("commerce", "0").await.unwrap_err();
     assert!(e.is_unavailable(), "{e}");
     assert!(started.elapsed() < SECS(5), "took {:?}", started.elapsed());
-    let e = t.lock_shard("commerce", "0", LockRequest::new("x", "y")).await.unwrap_err();
+    let e = t
+        .lock_shard("commerce", "0", LockRequest::new("x", "y"))
+        .await
+        .unwrap_err();
     assert!(e.is_unavailable(), "{e}");
     assert!(started.elapsed() < SECS(10), "took {:?}", started.elapsed());
     // Connecting to a dead etcd is not an error (the connection is lazy).
-    let lazy = Topo::connect([etcd.endpoint()], "/myha", Duration::from_millis(300)).await.unwrap();
+    let lazy = Topo::connect([etcd.endpoint()], "/myha", Duration::from_millis(300))
+        .await
+        .unwrap();
     assert!(!*lazy.reachable().borrow());
 }

@@ -53,7 +53,10 @@ impl Topo {
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
-        let eps: Vec<String> = endpoints.into_iter().map(|e| e.as_ref().to_string()).collect();
+        let eps: Vec<String> = endpoints
+            .into_iter()
+            .map(|e| e.as_ref().to_string())
+            .collect();
         let what = eps.join(",");
         if eps.is_empty() {
             return Err(TopoError::InvalidArgument("no etcd endpoints".into()));
@@ -62,18 +65,30 @@ impl Topo {
         let options = ConnectOptions::new()
             .with_connect_timeout(dial_timeout)
             // etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
-            .with_keep_alive(Duration::from_secs(10), dial_timeout.max(Duration::from_secs(2)))
+            .with_keep_alive(
+                Duration::from_secs(10),
+                dial_timeout.max(Duration::from_secs(2)),
+            )
             .with_keep_alive_while_idle(false)
             .with_require_leader(true);
-        let client = match tokio::time::timeout(dial_timeout, Client::connect(&eps, Some(options)))
-            .await
-        {
-            Err(_) => {
-                return Err(TopoError::Timeout { op: "connect", key: what, after: dial_timeout })
-            }
-            Ok(Err(source)) => return Err(TopoError::Etcd { op: "connect", key: what, source }),
-            Ok(Ok(c)) => c,
-        };
+        let client =
+            match tokio::time::timeout(dial_timeout, Client::connect(&eps, Some(options))).await {
+                Err(_) => {
+                    return Err(TopoError::Timeout {
+                        op: "connect",
+                        key: what,
+                        after: dial_timeout,
+                    })
+                }
+                Ok(Err(source)) => {
+                    return Err(TopoError::Etcd {
+                        op: "connect",
+                        key: what,
+                        source,
+                    })
+                }
+                Ok(Ok(c)) => c,
+            };
         let (tx, _) = watch::channel(false);
         let topo = Topo {
             client,
@@ -132,13 +147,21 @@ impl Topo {
         match tokio::time::timeout(self.op_timeout, fut).await {
             Err(_) => {
                 self.set_reachable(false);
-                Err(TopoError::Timeout { op, key: key.to_string(), after: self.op_timeout })
+                Err(TopoError::Timeout {
+                    op,
+                    key: key.to_string(),
+                    after: self.op_timeout,
+                })
             }
             Ok(Err(source)) => {
                 if is_unavailable(&source) {
                     self.set_reachable(false);
                 }
-                Err(TopoError::Etcd { op, key: key.to_string(), source })
+                Err(TopoError::Etcd {
+                    op,
+                    key: key.to_string(),
+                    source,
+                })
             }
             Ok(Ok(v)) => {
                 self.set_reachable(true);
@@ -155,22 +178,37 @@ impl Topo {
         Ok(resp.take_kvs().into_iter().next())
     }
 
-    pub(crate) async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, i64)>> {
+    pub(crate) async fn get_json<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<(T, i64)>> {
         match self.get_kv(key).await? {
             None => Ok(None),
             Some(kv) => Ok(Some((decode(key, kv.value())?, kv.mod_revision()))),
         }
     }
 
-    pub(crate) async fn list_kvs(&self, prefix: &str, options: GetOptions) -> Result<Vec<KeyValue>> {
+    pub(crate) async fn list_kvs(
+        &self,
+        prefix: &str,
+        options: GetOptions,
+    ) -> Result<Vec<KeyValue>> {
         let mut kv = self.client.kv_client();
-        let mut resp = self.call("get prefix", prefix, kv.get(prefix, Some(options.with_prefix()))).await?;
+        let mut resp = self
+            .call(
+                "get prefix",
+                prefix,
+                kv.get(prefix, Some(options.with_prefix())),
+            )
+            .await?;
         Ok(resp.take_kvs())
     }
 
     async fn list_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>> {
         let kvs = self.list_kvs(prefix, GetOptions::new()).await?;
-        kvs.iter().map(|kv| decode(&String::from_utf8_lossy(kv.key()), kv.value())).collect()
+        kvs.iter()
+            .map(|kv| decode(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .collect()
     }
 
     async fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<i64> {
@@ -180,7 +218,12 @@ impl Topo {
         Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
     }
 
-    pub(crate) async fn txn(&self, op: &'static str, key: &str, txn: Txn) -> Result<etcd_client::TxnResponse> {
+    pub(crate) async fn txn(
+        &self,
+        op: &'static str,
+        key: &str,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse> {
         let mut kv = self.client.kv_client();
         self.call(op, key, kv.txn(txn)).await
     }
@@ -188,7 +231,11 @@ impl Topo {
     /// Creates `key` only if it does not exist. Returns whether it was created.
     async fn create_json<T: Serialize>(&self, key: &str, value: &T, lease: i64) -> Result<bool> {
         let data = encode(key, value)?;
-        let put = if lease != 0 { Some(PutOptions::new().with_lease(lease)) } else { None };
+        let put = if lease != 0 {
+            Some(PutOptions::new().with_lease(lease))
+        } else {
+            None
+        };
         let txn = Txn::new()
             .when([Compare::version(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, data, put)]);
@@ -206,13 +253,15 @@ impl Topo {
     pub(crate) async fn revoke_lease(&self, lease_id: i64) -> Result<()> {
         let mut lease = self.client.lease_client();
         let what = format!("lease {lease_id:x}");
-        match self.call("lease revoke", &what, lease.revoke(lease_id)).await {
+        match self
+            .call("lease revoke", &what, lease.revoke(lease_id))
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(TopoError::Etcd { source: etcd_client::Error::GRpcStatus(s), .. })
-                if s.message().contains("lease not found") =>
-            {
-                Ok(())
-            }
+            Err(TopoError::Etcd {
+                source: etcd_client::Error::GRpcStatus(s),
+                ..
+            }) if s.message().contains("lease not found") => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -222,7 +271,13 @@ impl Topo {
     pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<(i64, Duration)> {
         let secs = ttl.as_millis().div_ceil(1000).max(1) as i64;
         let mut lease = self.client.lease_client();
-        let resp = self.call("lease grant", &format!("ttl {secs}s"), lease.grant(secs, None)).await?;
+        let resp = self
+            .call(
+                "lease grant",
+                &format!("ttl {secs}s"),
+                lease.grant(secs, None),
+            )
+            .await?;
         let granted = resp.ttl().max(secs) as u64;
         Ok((resp.id(), Duration::from_secs(granted)))
     }
@@ -234,7 +289,14 @@ impl Topo {
         let root = self.keys.root();
         let mut kv = self.client.kv_client();
         let resp = self
-            .call("get", &root, kv.get(root.as_str(), Some(GetOptions::new().with_prefix().with_count_only())))
+            .call(
+                "get",
+                &root,
+                kv.get(
+                    root.as_str(),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                ),
+            )
             .await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
     }
@@ -243,14 +305,21 @@ impl Topo {
     pub async fn compact(&self, revision: i64) -> Result<()> {
         let mut kv = self.client.kv_client();
         let opts = etcd_client::CompactionOptions::new().with_physical();
-        self.call("compact", &format!("revision {revision}"), kv.compact(revision, Some(opts))).await?;
+        self.call(
+            "compact",
+            &format!("revision {revision}"),
+            kv.compact(revision, Some(opts)),
+        )
+        .await?;
         Ok(())
     }
 
     /// Writes `{p}/cells/{name}`.
     pub async fn put_cell(&self, cell: &CellRecord) -> Result<()> {
         validate_name("cell", &cell.name).map_err(TopoError::InvalidArgument)?;
-        self.put_json(&self.keys.cell(&cell.name), cell).await.map(drop)
+        self.put_json(&self.keys.cell(&cell.name), cell)
+            .await
+            .map(drop)
     }
 
     /// Reads `{p}/cells/{name}`.
@@ -266,12 +335,17 @@ impl Topo {
     /// Writes `{p}/keyspaces/{name}`.
     pub async fn put_keyspace(&self, ks: &KeyspaceRecord) -> Result<()> {
         validate_name("keyspace", &ks.name).map_err(TopoError::InvalidArgument)?;
-        self.put_json(&self.keys.keyspace(&ks.name), ks).await.map(drop)
+        self.put_json(&self.keys.keyspace(&ks.name), ks)
+            .await
+            .map(drop)
     }
 
     /// Reads `{p}/keyspaces/{name}`.
     pub async fn get_keyspace(&self, name: &str) -> Result<Option<KeyspaceRecord>> {
-        Ok(self.get_json(&self.keys.keyspace(name)).await?.map(|(k, _)| k))
+        Ok(self
+            .get_json(&self.keys.keyspace(name))
+            .await?
+            .map(|(k, _)| k))
     }
 
     /// All keyspaces, by name.
@@ -285,11 +359,16 @@ impl Topo {
         validate_name("keyspace", keyspace).map_err(TopoError::InvalidArgument)?;
         validate_name("shard", shard).map_err(TopoError::InvalidArgument)?;
         let key = self.keys.shard(keyspace, shard);
-        self.create_json(&key, &ShardRecord::new(keyspace, shard), 0).await
+        self.create_json(&key, &ShardRecord::new(keyspace, shard), 0)
+            .await
     }
 
     /// Reads a shard record and its etcd `mod_revision` (for conditional updates).
-    pub async fn get_shard(&self, keyspace: &str, shard: &str) -> Result<Option<(ShardRecord, i64)>> {
+    pub async fn get_shard(
+        &self,
+        keyspace: &str,
+        shard: &str,
+    ) -> Result<Option<(ShardRecord, i64)>> {
         self.get_json(&self.keys.shard(keyspace, shard)).await
     }
 
@@ -302,14 +381,22 @@ impl Topo {
     /// `term_start_ms = now`, only if the shard has no primary (creating the shard record if it
     /// does not exist). Conditional on the record's `mod_revision`. Used by the test harness
     /// and sandbox before an orchestrator runs. Returns the new record.
-    pub async fn bootstrap_primary(&self, keyspace: &str, shard: &str, alias: &str) -> Result<ShardRecord> {
+    pub async fn bootstrap_primary(
+        &self,
+        keyspace: &str,
+        shard: &str,
+        alias: &str,
+    ) -> Result<ShardRecord> {
         validate_name("keyspace", keyspace).map_err(TopoError::InvalidArgument)?;
         validate_name("shard", shard).map_err(TopoError::InvalidArgument)?;
         parse_alias(alias)?;
         let key = self.keys.shard(keyspace, shard);
         for _ in 0..10 {
             let (current, compare) = match self.get_shard(keyspace, shard).await? {
-                Some((rec, rev)) => (rec, Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)),
+                Some((rec, rev)) => (
+                    rec,
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
+                ),
                 None => (
                     ShardRecord::new(keyspace, shard),
                     Compare::version(key.as_str(), CompareOp::Equal, 0),
@@ -327,27 +414,41 @@ impl Topo {
                 term_start_ms: now_ms(),
                 ..current
             };
-            let txn = Txn::new()
-                .when([compare])
-                .and_then([TxnOp::put(key.as_str(), encode(&key, &next)?, None)]);
+            let txn = Txn::new().when([compare]).and_then([TxnOp::put(
+                key.as_str(),
+                encode(&key, &next)?,
+                None,
+            )]);
             if self.txn("bootstrap primary", &key, txn).await?.succeeded() {
                 return Ok(next);
             }
         }
-        Err(TopoError::Conflict { key, detail: "the shard record keeps changing".into() })
+        Err(TopoError::Conflict {
+            key,
+            detail: "the shard record keeps changing".into(),
+        })
     }
 
     /// Reads `{p}/tablets/{alias}`.
     pub async fn get_tablet(&self, alias: &str) -> Result<Option<TabletRecord>> {
-        Ok(self.get_json(&self.keys.tablet(alias)).await?.map(|(t, _)| t))
+        Ok(self
+            .get_json(&self.keys.tablet(alias))
+            .await?
+            .map(|(t, _)| t))
     }
 
     /// Registered tablets by alias, optionally only those of a keyspace (and shard).
-    pub async fn list_tablets(&self, keyspace: Option<&str>, shard: Option<&str>) -> Result<Vec<TabletRecord>> {
+    pub async fn list_tablets(
+        &self,
+        keyspace: Option<&str>,
+        shard: Option<&str>,
+    ) -> Result<Vec<TabletRecord>> {
         let all: Vec<TabletRecord> = self.list_json(&self.keys.tablets_prefix()).await?;
         Ok(all
             .into_iter()
-            .filter(|t| keyspace.is_none_or(|k| t.keyspace == k) && shard.is_none_or(|s| t.shard == s))
+            .filter(|t| {
+                keyspace.is_none_or(|k| t.keyspace == k) && shard.is_none_or(|s| t.shard == s)
+            })
             .collect())
     }
 
@@ -361,14 +462,24 @@ impl Topo {
     pub async fn get_lock_holder(&self, keyspace: &str, shard: &str) -> Result<Option<LockInfo>> {
         let prefix = self.keys.lock_prefix(keyspace, shard);
         let kvs = self
-            .list_kvs(&prefix, GetOptions::new().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1))
+            .list_kvs(
+                &prefix,
+                GetOptions::new()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                    .with_limit(1),
+            )
             .await?;
         Ok(kvs.first().map(lock_info_of))
     }
 
     /// Appends to `{p}/audit/{ks}/{shard}/`, keyed by `entry.at_ms` (now if 0) and the first
     /// free sequence number for that millisecond. Returns the key written.
-    pub async fn append_audit(&self, keyspace: &str, shard: &str, entry: &AuditEntry) -> Result<String> {
+    pub async fn append_audit(
+        &self,
+        keyspace: &str,
+        shard: &str,
+        entry: &AuditEntry,
+    ) -> Result<String> {
         validate_name("keyspace", keyspace).map_err(TopoError::InvalidArgument)?;
         validate_name("shard", shard).map_err(TopoError::InvalidArgument)?;
         let mut entry = entry.clone();
@@ -389,7 +500,12 @@ impl Topo {
 
     /// The newest `limit` audit entries (0 = all) of one shard, or of every shard of the
     /// keyspace when `shard` is `None`, newest (most recently appended) first.
-    pub async fn list_audit(&self, keyspace: &str, shard: Option<&str>, limit: usize) -> Result<Vec<AuditEntry>> {
+    pub async fn list_audit(
+        &self,
+        keyspace: &str,
+        shard: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>> {
         let prefix = match shard {
             Some(s) => self.keys.audit_prefix(keyspace, s),
             None => self.keys.audit_keyspace_prefix(keyspace),
@@ -398,14 +514,18 @@ impl Topo {
             .with_sort(SortTarget::Create, SortOrder::Descend)
             .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
         let kvs = self.list_kvs(&prefix, options).await?;
-        kvs.iter().map(|kv| decode(&String::from_utf8_lossy(kv.key()), kv.value())).collect()
+        kvs.iter()
+            .map(|kv| decode(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .collect()
     }
 
     /// Deletes the oldest audit entries of a shard so that at most `keep` remain. Returns how
     /// many were deleted.
     pub async fn prune_audit(&self, keyspace: &str, shard: &str, keep: usize) -> Result<usize> {
         let prefix = self.keys.audit_prefix(keyspace, shard);
-        let kvs = self.list_kvs(&prefix, GetOptions::new().with_keys_only()).await?;
+        let kvs = self
+            .list_kvs(&prefix, GetOptions::new().with_keys_only())
+            .await?;
         if kvs.len() <= keep {
             return Ok(0);
         }
@@ -416,7 +536,14 @@ impl Topo {
         };
         let mut kv = self.client.kv_client();
         let resp = self
-            .call("delete range", &prefix, kv.delete(prefix.as_str(), Some(DeleteOptions::new().with_range(first_kept))))
+            .call(
+                "delete range",
+                &prefix,
+                kv.delete(
+                    prefix.as_str(),
+                    Some(DeleteOptions::new().with_range(first_kept)),
+                ),
+            )
             .await?;
         Ok(usize::try_from(resp.deleted()).unwrap_or_default())
     }
@@ -444,9 +571,15 @@ pub(crate) fn lock_info_of(kv: &KeyValue) -> LockInfo {
 }
 
 pub(crate) fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|source| TopoError::Encode { key: key.to_string(), source })
+    serde_json::to_vec(value).map_err(|source| TopoError::Encode {
+        key: key.to_string(),
+        source,
+    })
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
-    serde_json::from_slice(value).map_err(|source| TopoError::Decode { key: key.to_string(), source })
+    serde_json::from_slice(value).map_err(|source| TopoError::Decode {
+        key: key.to_string(),
+        source,
+    })
 }

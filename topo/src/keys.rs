@@ -121,7 +121,8 @@ impl Keys {
 
     /// Inverse of [`Keys::tablet`].
     pub fn parse_tablet_key<'a>(&self, key: &'a str) -> Option<&'a str> {
-        key.strip_prefix(&self.tablets_prefix()).filter(|a| !a.is_empty() && !a.contains('/'))
+        key.strip_prefix(&self.tablets_prefix())
+            .filter(|a| !a.is_empty() && !a.contains('/'))
     }
 
     /// Inverse of [`Keys::shard`]: `(keyspace, shard)`.
@@ -138,7 +139,10 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err(format!("{what} name is empty"));
     }
-    if let Some(c) = name.chars().find(|c| *c == '/' || c.is_whitespace() || c.is_control()) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| *c == '/' || c.is_whitespace() || c.is_control())
+    {
         return Err(format!("{what} name {name:?} contains {c:?}"));
     }
     Ok(())
@@ -178,9 +182,18 @@ mod tests {
         assert_eq!(k.tablets_prefix(), "/myha/tablets/");
         assert_eq!(k.lock("commerce", "0"), "/myha/locks/commerce/0");
         assert_eq!(k.lock_prefix("commerce", "0"), "/myha/locks/commerce/0/");
-        assert_eq!(k.lock_owner("commerce", "0", 0x694d_7a3b_2c1d), "/myha/locks/commerce/0/694d7a3b2c1d");
-        assert_eq!(k.audit("commerce", "0", 1_700_000_000_123, 7), "/myha/audit/commerce/0/00000001700000000123-7");
-        assert_eq!(k.audit_prefix("commerce", "80-"), "/myha/audit/commerce/80-/");
+        assert_eq!(
+            k.lock_owner("commerce", "0", 0x694d_7a3b_2c1d),
+            "/myha/locks/commerce/0/694d7a3b2c1d"
+        );
+        assert_eq!(
+            k.audit("commerce", "0", 1_700_000_000_123, 7),
+            "/myha/audit/commerce/0/00000001700000000123-7"
+        );
+        assert_eq!(
+            k.audit_prefix("commerce", "80-"),
+            "/myha/audit/commerce/80-/"
+        );
         assert_eq!(k.audit_keyspace_prefix("commerce"), "/myha/audit/commerce/");
     }
 
@@ -201,17 +214,35 @@ mod tests {
     #[test]
     fn scan_prefixes_do_not_leak_into_neighbours() {
         let k = Keys::new("/myha");
-        assert!(!k.shard("commerce2", "0").starts_with(&k.shards_prefix("commerce")));
-        assert!(k.shard("commerce", "0").starts_with(&k.shards_prefix("commerce")));
-        assert!(!k.audit("commerce2", "0", 1, 0).starts_with(&k.audit_keyspace_prefix("commerce")));
-        assert!(!k.audit("commerce", "0-80", 1, 0).starts_with(&k.audit_prefix("commerce", "0")));
-        assert!(!k.lock_owner("commerce", "0-80", 1).starts_with(&k.lock_prefix("commerce", "0")));
-        assert!(k.lock_owner("commerce", "0", 1).starts_with(&k.lock_prefix("commerce", "0")));
+        assert!(!k
+            .shard("commerce2", "0")
+            .starts_with(&k.shards_prefix("commerce")));
+        assert!(k
+            .shard("commerce", "0")
+            .starts_with(&k.shards_prefix("commerce")));
+        assert!(!k
+            .audit("commerce2", "0", 1, 0)
+            .starts_with(&k.audit_keyspace_prefix("commerce")));
+        assert!(!k
+            .audit("commerce", "0-80", 1, 0)
+            .starts_with(&k.audit_prefix("commerce", "0")));
+        assert!(!k
+            .lock_owner("commerce", "0-80", 1)
+            .starts_with(&k.lock_prefix("commerce", "0")));
+        assert!(k
+            .lock_owner("commerce", "0", 1)
+            .starts_with(&k.lock_prefix("commerce", "0")));
         // Another cluster whose prefix extends ours is not inside ours.
         let other = Keys::new("/myha2");
         assert!(!other.tablet("z-1").starts_with(&k.root()));
         assert!(!other.tablet("z-1").starts_with(&k.tablets_prefix()));
-        for p in [k.cells_prefix(), k.keyspaces_prefix(), k.all_shards_prefix(), k.tablets_prefix(), k.root()] {
+        for p in [
+            k.cells_prefix(),
+            k.keyspaces_prefix(),
+            k.all_shards_prefix(),
+            k.tablets_prefix(),
+            k.root(),
+        ] {
             assert!(p.ends_with('/') && !p.ends_with("//"), "{p}");
         }
     }
@@ -219,10 +250,16 @@ mod tests {
     #[test]
     fn key_parsing() {
         let k = Keys::default();
-        assert_eq!(k.parse_tablet_key("/myha/tablets/zone1-101"), Some("zone1-101"));
+        assert_eq!(
+            k.parse_tablet_key("/myha/tablets/zone1-101"),
+            Some("zone1-101")
+        );
         assert_eq!(k.parse_tablet_key("/myha/tablets/"), None);
         assert_eq!(k.parse_tablet_key("/other/tablets/zone1-101"), None);
-        assert_eq!(k.parse_shard_key("/myha/shards/commerce/-80"), Some(("commerce", "-80")));
+        assert_eq!(
+            k.parse_shard_key("/myha/shards/commerce/-80"),
+            Some(("commerce", "-80"))
+        );
         assert_eq!(k.parse_shard_key("/myha/shards/commerce"), None);
         assert_eq!(k.parse_shard_key("/myha/shards/commerce/0/x"), None);
     }
@@ -232,7 +269,9 @@ mod tests {
         assert!(validate_name("keyspace", "commerce").is_ok());
         assert!(validate_name("shard", "-80").is_ok());
         assert!(validate_name("shard", "").is_err());
-        assert!(validate_name("keyspace", "a/b").unwrap_err().contains("'/'"));
+        assert!(validate_name("keyspace", "a/b")
+            .unwrap_err()
+            .contains("'/'"));
         assert!(validate_name("cell", "a b").is_err());
     }
 

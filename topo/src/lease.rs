@@ -18,7 +18,11 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max, next: min }
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
     }
 
     pub(crate) fn reset(&mut self) {
@@ -56,7 +60,12 @@ impl KeptLease {
         let (id, granted) = topo.grant_lease(ttl).await?;
         let (tx, lost) = watch::channel(None);
         let task = tokio::spawn(keep_alive(topo.clone(), id, granted, tx));
-        Ok(KeptLease { id, ttl: granted, lost, task })
+        Ok(KeptLease {
+            id,
+            ttl: granted,
+            lost,
+            task,
+        })
     }
 
     pub(crate) fn lost(&self) -> watch::Receiver<Option<String>> {
@@ -92,7 +101,10 @@ async fn keep_alive_until_failure(topo: &Topo, id: i64, ttl: Duration) -> String
     let answer_timeout = topo.op_timeout().min(interval);
     let what = format!("lease {id:x}");
     let mut client = topo.client().lease_client();
-    let (mut keeper, mut stream) = match topo.call("lease keep-alive", &what, client.keep_alive(id)).await {
+    let (mut keeper, mut stream) = match topo
+        .call("lease keep-alive", &what, client.keep_alive(id))
+        .await
+    {
         Ok(pair) => pair,
         Err(e) => return e.to_string(),
     };
@@ -135,7 +147,10 @@ mod tests {
     fn backoff_is_bounded() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let first = b.next_delay();
-        assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(120), "{first:?}");
+        assert!(
+            first >= Duration::from_millis(100) && first <= Duration::from_millis(120),
+            "{first:?}"
+        );
         let mut last = first;
         for _ in 0..20 {
             last = b.next_delay();

@@ -40,7 +40,12 @@ pub struct LockRequest {
 impl LockRequest {
     /// A try-lock with the default TTL.
     pub fn new(holder: impl Into<String>, purpose: impl Into<String>) -> Self {
-        LockRequest { holder: holder.into(), purpose: purpose.into(), ttl: DEFAULT_LOCK_TTL, wait: None }
+        LockRequest {
+            holder: holder.into(),
+            purpose: purpose.into(),
+            ttl: DEFAULT_LOCK_TTL,
+            wait: None,
+        }
     }
 
     /// Sets the lease TTL.
@@ -72,13 +77,25 @@ pub struct ShardLock {
 impl Topo {
     /// Takes the lock of a shard. Fails with [`TopoError::LockHeld`] naming the holder if it is
     /// held (at once for a try-lock, after `wait` otherwise).
-    pub async fn lock_shard(&self, keyspace: &str, shard: &str, req: LockRequest) -> Result<ShardLock> {
+    pub async fn lock_shard(
+        &self,
+        keyspace: &str,
+        shard: &str,
+        req: LockRequest,
+    ) -> Result<ShardLock> {
         validate_name("keyspace", keyspace).map_err(TopoError::InvalidArgument)?;
         validate_name("shard", shard).map_err(TopoError::InvalidArgument)?;
         let lease = KeptLease::grant(self, req.ttl).await?;
         let key = self.keys().lock_owner(keyspace, shard, lease.id);
-        let mut info = LockInfo { holder: req.holder, purpose: req.purpose, acquired_ms: now_ms() };
-        match self.acquire(keyspace, shard, &key, &mut info, &lease, req.wait).await {
+        let mut info = LockInfo {
+            holder: req.holder,
+            purpose: req.purpose,
+            acquired_ms: now_ms(),
+        };
+        match self
+            .acquire(keyspace, shard, &key, &mut info, &lease, req.wait)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(key, holder = %info.holder, purpose = %info.purpose, "shard lock acquired");
                 Ok(ShardLock {
@@ -117,21 +134,34 @@ impl Topo {
         let prefix = self.keys().lock_prefix(keyspace, shard);
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, encode(key, info)?, Some(PutOptions::new().with_lease(lease.id)))])
+            .and_then([TxnOp::put(
+                key,
+                encode(key, info)?,
+                Some(PutOptions::new().with_lease(lease.id)),
+            )])
             .or_else([TxnOp::get(key, None)]);
         let resp = self.txn("lock", key, txn).await?;
         let my_rev = if resp.succeeded() {
             resp.header().map(|h| h.revision()).unwrap_or_default()
         } else {
-            Topo::txn_kvs(&resp).first().map(|kv| kv.create_revision()).unwrap_or_default()
+            Topo::txn_kvs(&resp)
+                .first()
+                .map(|kv| kv.create_revision())
+                .unwrap_or_default()
         };
         if my_rev <= 1 {
-            return Err(TopoError::Conflict { key: key.to_string(), detail: format!("odd create revision {my_rev}") });
+            return Err(TopoError::Conflict {
+                key: key.to_string(),
+                detail: format!("odd create revision {my_rev}"),
+            });
         }
         let mut waited = false;
         loop {
             if let Some(reason) = lease.lost_reason() {
-                return Err(TopoError::LockLost { key: key.to_string(), reason });
+                return Err(TopoError::LockLost {
+                    key: key.to_string(),
+                    reason,
+                });
             }
             let options = GetOptions::new()
                 .with_prefix()
@@ -139,9 +169,17 @@ impl Topo {
                 .with_sort(SortTarget::Create, SortOrder::Descend)
                 .with_limit(1);
             let mut kv = self.client().kv_client();
-            let mut resp: GetResponse = self.call("get lock contenders", &prefix, kv.get(prefix.as_str(), Some(options))).await?;
+            let mut resp: GetResponse = self
+                .call(
+                    "get lock contenders",
+                    &prefix,
+                    kv.get(prefix.as_str(), Some(options)),
+                )
+                .await?;
             let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-            let Some(pred) = resp.take_kvs().into_iter().next() else { break };
+            let Some(pred) = resp.take_kvs().into_iter().next() else {
+                break;
+            };
             let now = Instant::now();
             let remaining = match wait {
                 Some(w) if now < started + w => started + w - now,
@@ -158,12 +196,17 @@ impl Topo {
                 }
             };
             waited = true;
-            self.wait_deleted(pred.key(), rev + 1, remaining, lease).await;
+            self.wait_deleted(pred.key(), rev + 1, remaining, lease)
+                .await;
         }
         if waited {
             info.acquired_ms = now_ms();
             let mut kv = self.client().kv_client();
-            let put = kv.put(key, encode(key, info)?, Some(PutOptions::new().with_lease(lease.id)));
+            let put = kv.put(
+                key,
+                encode(key, info)?,
+                Some(PutOptions::new().with_lease(lease.id)),
+            );
             self.call("put", key, put).await?;
         }
         Ok(())
@@ -171,16 +214,26 @@ impl Topo {
 
     /// Returns when `key` is deleted (at or after `from_rev`), when `remaining` passes, when
     /// the lease is lost, or when the watch fails (the caller re-checks in every case).
-    async fn wait_deleted(&self, key: &[u8], from_rev: i64, remaining: Duration, lease: &KeptLease) {
+    async fn wait_deleted(
+        &self,
+        key: &[u8],
+        from_rev: i64,
+        remaining: Duration,
+        lease: &KeptLease,
+    ) {
         let deadline = Instant::now() + remaining;
         let what = String::from_utf8_lossy(key).into_owned();
         let mut wc = self.client().watch_client();
         let options = WatchOptions::new().with_start_revision(from_rev);
-        let mut stream = match self.call("watch", &what, wc.watch(key, Some(options))).await {
+        let mut stream = match self
+            .call("watch", &what, wc.watch(key, Some(options)))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(key = what, error = %e, "watching the lock predecessor");
-                tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_millis(200))).await;
+                tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_millis(200)))
+                    .await;
                 return;
             }
         };
@@ -250,7 +303,10 @@ impl ShardLock {
     /// `Err(LockLost)` if the keep-alive failed.
     pub fn check(&self) -> Result<()> {
         match self.lease.lost_reason() {
-            Some(reason) => Err(TopoError::LockLost { key: self.key.clone(), reason }),
+            Some(reason) => Err(TopoError::LockLost {
+                key: self.key.clone(),
+                reason,
+            }),
             None => Ok(()),
         }
     }
@@ -264,7 +320,11 @@ impl ShardLock {
 
     /// Like [`ShardLock::update_shard`], also conditional on the shard record's `mod_revision`
     /// being `expected_mod_revision` ([`TopoError::Conflict`] otherwise).
-    pub async fn update_shard_if(&self, record: &ShardRecord, expected_mod_revision: i64) -> Result<i64> {
+    pub async fn update_shard_if(
+        &self,
+        record: &ShardRecord,
+        expected_mod_revision: i64,
+    ) -> Result<i64> {
         self.write_shard(record, Some(expected_mod_revision)).await
     }
 
@@ -277,19 +337,36 @@ impl ShardLock {
         }
         self.check()?;
         let shard_key = self.topo.keys().shard(&self.keyspace, &self.shard);
-        let mut compares = vec![Compare::lease(self.key.as_str(), CompareOp::Equal, self.lease.id)];
+        let mut compares = vec![Compare::lease(
+            self.key.as_str(),
+            CompareOp::Equal,
+            self.lease.id,
+        )];
         if let Some(rev) = expected {
-            compares.push(Compare::mod_revision(shard_key.as_str(), CompareOp::Equal, rev));
+            compares.push(Compare::mod_revision(
+                shard_key.as_str(),
+                CompareOp::Equal,
+                rev,
+            ));
         }
         let txn = Txn::new()
             .when(compares)
-            .and_then([TxnOp::put(shard_key.as_str(), encode(&shard_key, record)?, None)])
+            .and_then([TxnOp::put(
+                shard_key.as_str(),
+                encode(&shard_key, record)?,
+                None,
+            )])
             .or_else([TxnOp::get(self.key.as_str(), None)]);
-        let resp = self.topo.txn("update shard under lock", &shard_key, txn).await?;
+        let resp = self
+            .topo
+            .txn("update shard under lock", &shard_key, txn)
+            .await?;
         if resp.succeeded() {
             return Ok(resp.header().map(|h| h.revision()).unwrap_or_default());
         }
-        let still_ours = Topo::txn_kvs(&resp).iter().any(|kv| kv.lease() == self.lease.id);
+        let still_ours = Topo::txn_kvs(&resp)
+            .iter()
+            .any(|kv| kv.lease() == self.lease.id);
         match (still_ours, expected) {
             (true, Some(rev)) => Err(TopoError::Conflict {
                 key: shard_key,
@@ -304,7 +381,9 @@ impl ShardLock {
 
     /// Appends to the shard's audit log (not conditional on the lock: failures are recorded too).
     pub async fn append_audit(&self, entry: &AuditEntry) -> Result<String> {
-        self.topo.append_audit(&self.keyspace, &self.shard, entry).await
+        self.topo
+            .append_audit(&self.keyspace, &self.shard, entry)
+            .await
     }
 
     /// Releases the lock: stops the keep-alive, deletes the key and revokes the lease.

@@ -184,7 +184,10 @@ pub fn parse_alias(alias: &str) -> Result<(String, u32), ParseError> {
             .to_string(),
     };
     let (cell, uid) = alias.rsplit_once('-').ok_or_else(err)?;
-    if cell.is_empty() || cell.contains('/') || uid.is_empty() || !uid.bytes().all(|b| b.is_ascii_digit())
+    if cell.is_empty()
+        || cell.contains('/')
+        || uid.is_empty()
+        || !uid.bytes().all(|b| b.is_ascii_digit())
     {
         return Err(err());
     }
@@ -224,13 +227,34 @@ mod tests {
 
     #[test]
     fn enums_serialize_as_design_says() {
-        assert_eq!(serde_json::to_string(&Durability::None).unwrap(), "\"none\"");
-        assert_eq!(serde_json::to_string(&Durability::SemiSync).unwrap(), "\"semi_sync\"");
-        assert_eq!(serde_json::to_string(&TabletType::Primary).unwrap(), "\"primary\"");
-        assert_eq!(serde_json::to_string(&TabletType::Replica).unwrap(), "\"replica\"");
-        assert_eq!(serde_json::to_string(&PromotionRule::Prefer).unwrap(), "\"prefer\"");
-        assert_eq!(serde_json::to_string(&PromotionRule::Neutral).unwrap(), "\"neutral\"");
-        assert_eq!(serde_json::to_string(&PromotionRule::MustNot).unwrap(), "\"must_not\"");
+        assert_eq!(
+            serde_json::to_string(&Durability::None).unwrap(),
+            "\"none\""
+        );
+        assert_eq!(
+            serde_json::to_string(&Durability::SemiSync).unwrap(),
+            "\"semi_sync\""
+        );
+        assert_eq!(
+            serde_json::to_string(&TabletType::Primary).unwrap(),
+            "\"primary\""
+        );
+        assert_eq!(
+            serde_json::to_string(&TabletType::Replica).unwrap(),
+            "\"replica\""
+        );
+        assert_eq!(
+            serde_json::to_string(&PromotionRule::Prefer).unwrap(),
+            "\"prefer\""
+        );
+        assert_eq!(
+            serde_json::to_string(&PromotionRule::Neutral).unwrap(),
+            "\"neutral\""
+        );
+        assert_eq!(
+            serde_json::to_string(&PromotionRule::MustNot).unwrap(),
+            "\"must_not\""
+        );
         for s in Durability::ALLOWED {
             let d: Durability = s.parse().unwrap();
             assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{s}\""));
@@ -238,7 +262,10 @@ mod tests {
         }
         for s in PromotionRule::ALLOWED {
             let p: PromotionRule = s.parse().unwrap();
-            assert_eq!(serde_json::from_str::<PromotionRule>(&format!("\"{s}\"")).unwrap(), p);
+            assert_eq!(
+                serde_json::from_str::<PromotionRule>(&format!("\"{s}\"")).unwrap(),
+                p
+            );
         }
         for s in TabletType::ALLOWED {
             let t: TabletType = s.parse().unwrap();
@@ -257,7 +284,10 @@ mod tests {
         assert!(msg.contains("primary, replica"), "{msg}");
         let msg = "never".parse::<PromotionRule>().unwrap_err().to_string();
         assert!(msg.contains("prefer, neutral, must_not"), "{msg}");
-        assert_eq!(" semi_sync ".parse::<Durability>().unwrap(), Durability::SemiSync);
+        assert_eq!(
+            " semi_sync ".parse::<Durability>().unwrap(),
+            Durability::SemiSync
+        );
         assert!("SemiSync".parse::<Durability>().is_err());
     }
 
@@ -269,7 +299,10 @@ mod tests {
         assert!(json.contains("\"promotion_rule\":\"must_not\""), "{json}");
         assert_eq!(serde_json::from_str::<TabletRecord>(&json).unwrap(), t);
 
-        let ks = KeyspaceRecord { name: "commerce".into(), durability: Durability::SemiSync };
+        let ks = KeyspaceRecord {
+            name: "commerce".into(),
+            durability: Durability::SemiSync,
+        };
         let json = serde_json::to_string(&ks).unwrap();
         assert_eq!(json, r#"{"name":"commerce","durability":"semi_sync"}"#);
         assert_eq!(serde_json::from_str::<KeyspaceRecord>(&json).unwrap(), ks);
@@ -284,10 +317,16 @@ mod tests {
         let json = serde_json::to_string(&sh).unwrap();
         assert_eq!(serde_json::from_str::<ShardRecord>(&json).unwrap(), sh);
 
-        let cell = CellRecord { name: "zone1".into() };
+        let cell = CellRecord {
+            name: "zone1".into(),
+        };
         assert_eq!(serde_json::to_string(&cell).unwrap(), r#"{"name":"zone1"}"#);
 
-        let li = LockInfo { holder: "orch-1".into(), purpose: "ers".into(), acquired_ms: 5 };
+        let li = LockInfo {
+            holder: "orch-1".into(),
+            purpose: "ers".into(),
+            acquired_ms: 5,
+        };
         let json = serde_json::to_string(&li).unwrap();
         assert_eq!(serde_json::from_str::<LockInfo>(&json).unwrap(), li);
 
@@ -316,16 +355,36 @@ mod tests {
         let t: TabletRecord = serde_json::from_str(json).unwrap();
         assert_eq!(t.mysql_socket, None);
         assert_eq!(t.http_addr, None);
-        assert!(serde_json::from_str::<KeyspaceRecord>(r#"{"name":"a","durability":"x"}"#).is_err());
+        assert!(
+            serde_json::from_str::<KeyspaceRecord>(r#"{"name":"a","durability":"x"}"#).is_err()
+        );
     }
 
     #[test]
     fn aliases() {
         assert_eq!(alias("zone1", 101), "zone1-101");
-        assert_eq!(parse_alias("zone1-101").unwrap(), ("zone1".to_string(), 101));
-        assert_eq!(parse_alias("us-east-1-7").unwrap(), ("us-east-1".to_string(), 7));
-        assert_eq!(parse_alias(&alias("c", u32::MAX)).unwrap(), ("c".to_string(), u32::MAX));
-        for bad in ["zone1", "-101", "zone1-", "zone1-abc", "zone1-4294967296", "zone1-+1", "a/b-1", ""] {
+        assert_eq!(
+            parse_alias("zone1-101").unwrap(),
+            ("zone1".to_string(), 101)
+        );
+        assert_eq!(
+            parse_alias("us-east-1-7").unwrap(),
+            ("us-east-1".to_string(), 7)
+        );
+        assert_eq!(
+            parse_alias(&alias("c", u32::MAX)).unwrap(),
+            ("c".to_string(), u32::MAX)
+        );
+        for bad in [
+            "zone1",
+            "-101",
+            "zone1-",
+            "zone1-abc",
+            "zone1-4294967296",
+            "zone1-+1",
+            "a/b-1",
+            "",
+        ] {
             let e = parse_alias(bad).unwrap_err();
             assert!(e.to_string().contains("zone1-101"), "{bad}: {e}");
         }

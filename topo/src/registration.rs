@@ -54,7 +54,13 @@ impl Topo {
         let (status_tx, status) = watch::channel(RegistrationStatus::default());
         let (commands, rx) = mpsc::channel(8);
         let task = tokio::spawn(run(self.clone(), key.clone(), record, ttl, status_tx, rx));
-        Registration { topo: self.clone(), key, status, commands, task }
+        Registration {
+            topo: self.clone(),
+            key,
+            status,
+            commands,
+            task,
+        }
     }
 }
 
@@ -77,7 +83,10 @@ impl Registration {
     /// Waits until registered; false if `timeout` passes first.
     pub async fn wait_registered(&self, timeout: Duration) -> bool {
         let mut rx = self.status.clone();
-        let ok = matches!(tokio::time::timeout(timeout, rx.wait_for(|s| s.registered)).await, Ok(Ok(_)));
+        let ok = matches!(
+            tokio::time::timeout(timeout, rx.wait_for(|s| s.registered)).await,
+            Ok(Ok(_))
+        );
         ok
     }
 
@@ -95,7 +104,8 @@ impl Registration {
             .send(Command::Update(Box::new(record), tx))
             .await
             .map_err(|_| TopoError::Stopped("registration task"))?;
-        rx.await.map_err(|_| TopoError::Stopped("registration task"))?
+        rx.await
+            .map_err(|_| TopoError::Stopped("registration task"))?
     }
 
     /// Stops re-registering, deletes the key and revokes the lease.
@@ -186,7 +196,11 @@ async fn run(
             revoke_later(&topo, lease.id);
             continue;
         }
-        tracing::info!(key, lease = format_args!("{:x}", lease.id), "tablet registered");
+        tracing::info!(
+            key,
+            lease = format_args!("{:x}", lease.id),
+            "tablet registered"
+        );
         status.send_modify(|s| {
             s.registered = true;
             s.lease_id = Some(lease.id);
@@ -237,9 +251,13 @@ async fn run(
 async fn put(topo: &Topo, key: &str, record: &TabletRecord, lease: i64) -> Result<()> {
     let data = encode(key, record)?;
     let mut kv = topo.client().kv_client();
-    topo.call("put", key, kv.put(key, data, Some(PutOptions::new().with_lease(lease))))
-        .await
-        .map(drop)
+    topo.call(
+        "put",
+        key,
+        kv.put(key, data, Some(PutOptions::new().with_lease(lease))),
+    )
+    .await
+    .map(drop)
 }
 
 /// Best-effort revoke of a lease we gave up on (it expires anyway).

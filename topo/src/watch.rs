@@ -47,7 +47,10 @@ impl PrefixWatch {
     /// Waits until synced; false if `timeout` passes first.
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
         let mut rx = self.synced.clone();
-        let ok = matches!(tokio::time::timeout(timeout, rx.wait_for(|s| *s)).await, Ok(Ok(_)));
+        let ok = matches!(
+            tokio::time::timeout(timeout, rx.wait_for(|s| *s)).await,
+            Ok(Ok(_))
+        );
         ok
     }
 }
@@ -55,7 +58,10 @@ impl PrefixWatch {
 impl Topo {
     /// Watches every key starting with `prefix` (give it a trailing `/`).
     pub fn watch_prefix(&self, prefix: &str) -> PrefixWatch {
-        self.watch_range(prefix.as_bytes().to_vec(), prefix_range_end(prefix.as_bytes()))
+        self.watch_range(
+            prefix.as_bytes().to_vec(),
+            prefix_range_end(prefix.as_bytes()),
+        )
     }
 
     /// Watches the single key `key` (the map then has at most one entry).
@@ -83,20 +89,25 @@ impl Topo {
     pub fn watch_shard(&self, keyspace: &str, shard: &str) -> watch::Receiver<Option<ShardRecord>> {
         let key = self.keys().shard(keyspace, shard);
         let pw = self.watch_key(&key);
-        map_watch(pw, None, move |map, prev: &Option<ShardRecord>| match map.get(&key) {
-            None => None,
-            Some(v) => match serde_json::from_slice(v) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "undecodable shard record");
-                    prev.clone()
-                }
-            },
+        map_watch(pw, None, move |map, prev: &Option<ShardRecord>| {
+            match map.get(&key) {
+                None => None,
+                Some(v) => match serde_json::from_slice(v) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "undecodable shard record");
+                        prev.clone()
+                    }
+                },
+            }
         })
     }
 
     /// The shards of a keyspace, by shard name (undecodable records are logged and skipped).
-    pub fn watch_shards(&self, keyspace: &str) -> watch::Receiver<Arc<BTreeMap<String, ShardRecord>>> {
+    pub fn watch_shards(
+        &self,
+        keyspace: &str,
+    ) -> watch::Receiver<Arc<BTreeMap<String, ShardRecord>>> {
         let keys = self.keys().clone();
         let pw = self.watch_prefix(&keys.shards_prefix(keyspace));
         map_watch(pw, Arc::default(), move |map, _| {
@@ -221,8 +232,13 @@ async fn run(
 
         // 2. Watch from the next revision.
         let mut wc = topo.client().watch_client();
-        let options = WatchOptions::new().with_range(end).with_start_revision(rev + 1);
-        let mut stream = match topo.call("watch", &what, wc.watch(start, Some(options))).await {
+        let options = WatchOptions::new()
+            .with_range(end)
+            .with_start_revision(rev + 1);
+        let mut stream = match topo
+            .call("watch", &what, wc.watch(start, Some(options)))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 synced.send_replace(false);
