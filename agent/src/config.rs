@@ -4,21 +4,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use daemon::invalid;
+pub use daemon::ConfigError;
+pub use daemon::{EtcdSection, LogFormat, LogSection};
 use serde::{Deserialize, Serialize};
 use topo::PromotionRule;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid config: `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -155,79 +145,15 @@ impl Default for AgentSection {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdSection {
-    pub endpoints: Vec<String>,
-    #[serde(default = "default_prefix")]
-    pub prefix: String,
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
-    pub lease_ttl: Duration,
-    #[serde(default = "default_dial_timeout", with = "humantime_serde")]
-    pub dial_timeout: Duration,
-}
-
-fn default_prefix() -> String {
-    "/myha".into()
-}
-fn default_lease_ttl() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_dial_timeout() -> Duration {
-    Duration::from_secs(2)
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LogSection {
-    #[serde(default)]
-    pub format: LogFormat,
-    #[serde(default = "default_level")]
-    pub level: String,
-}
-
-fn default_level() -> String {
-    "info".into()
-}
-
-impl Default for LogSection {
-    fn default() -> Self {
-        LogSection {
-            format: LogFormat::Human,
-            level: default_level(),
-        }
-    }
-}
-
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let cfg = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })?;
+        let cfg: AgentConfig = daemon::load_toml(path)?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
-        let cfg: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            message: e.to_string(),
-        })?;
+        let cfg: AgentConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -242,12 +168,6 @@ impl AgentConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key,
-                message: message.into(),
-            }
-        }
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.chars()
@@ -280,7 +200,7 @@ impl AgentConfig {
         if self.mysql.repl_user.is_empty() {
             return Err(invalid("mysql.repl_user", "must not be empty"));
         }
-        let positive = [
+        daemon::require_positive(&[
             ("mysql.connect_timeout", self.mysql.connect_timeout),
             ("mysql.query_timeout", self.mysql.query_timeout),
             ("agent.poll_interval", self.agent.poll_interval),
@@ -288,31 +208,9 @@ impl AgentConfig {
             ("agent.heartbeat_interval", self.agent.heartbeat_interval),
             ("agent.action_timeout", self.agent.action_timeout),
             ("agent.semi_sync_timeout", self.agent.semi_sync_timeout),
-            ("etcd.dial_timeout", self.etcd.dial_timeout),
-        ];
-        for (key, d) in positive {
-            if d.is_zero() {
-                return Err(invalid(key, "must be greater than zero"));
-            }
-        }
-        if self.etcd.lease_ttl < Duration::from_secs(1) {
-            return Err(invalid(
-                "etcd.lease_ttl",
-                "must be at least 1s (etcd leases have 1 s granularity)",
-            ));
-        }
-        if self.etcd.endpoints.is_empty() {
-            return Err(invalid("etcd.endpoints", "must list at least one endpoint"));
-        }
-        if !self.etcd.prefix.starts_with('/') {
-            return Err(invalid("etcd.prefix", "must start with '/'"));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!("`{}` is not a level or filter", self.log.level),
-            ));
-        }
+        ])?;
+        self.etcd.validate()?;
+        self.log.validate()?;
         Ok(())
     }
 }

@@ -20,23 +20,12 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+pub use daemon::ConfigError;
+use daemon::{EtcdSection, LogSection};
 use serde::{Deserialize, Serialize};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid config: `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -112,73 +101,16 @@ impl RoutingSection {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdSection {
-    pub endpoints: Vec<String>,
-    #[serde(default = "default_prefix")]
-    pub prefix: String,
-    #[serde(default = "default_dial_timeout", with = "humantime_serde")]
-    pub dial_timeout: Duration,
-}
-
-fn default_prefix() -> String {
-    topo::DEFAULT_PREFIX.into()
-}
-fn default_dial_timeout() -> Duration {
-    Duration::from_secs(2)
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LogSection {
-    #[serde(default)]
-    pub format: LogFormat,
-    #[serde(default = "default_level")]
-    pub level: String,
-}
-
-fn default_level() -> String {
-    "info".into()
-}
-
-impl Default for LogSection {
-    fn default() -> Self {
-        LogSection {
-            format: LogFormat::Human,
-            level: default_level(),
-        }
-    }
-}
-
 impl GatewayConfig {
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        let cfg: GatewayConfig = daemon::load_toml(path)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
+    #[cfg(test)]
     pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
-        let cfg: GatewayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            message: e.to_string(),
-        })?;
+        let cfg: GatewayConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -190,51 +122,15 @@ impl GatewayConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key,
-                message: message.into(),
-            }
-        }
-        if self.routing.health_stale_after.is_zero() {
-            return Err(invalid(
+        daemon::require_positive(&[
+            (
                 "routing.health_stale_after",
-                "must be greater than zero",
-            ));
-        }
-        if self.routing.max_replica_lag.is_zero() {
-            return Err(invalid(
-                "routing.max_replica_lag",
-                "must be greater than zero",
-            ));
-        }
-        if self.etcd.dial_timeout.is_zero() {
-            return Err(invalid("etcd.dial_timeout", "must be greater than zero"));
-        }
-        if self.etcd.endpoints.is_empty() {
-            return Err(invalid("etcd.endpoints", "must list at least one endpoint"));
-        }
-        if let Some(e) = self
-            .etcd
-            .endpoints
-            .iter()
-            .find(|e| e.trim().is_empty() || e.contains(char::is_whitespace))
-        {
-            return Err(invalid(
-                "etcd.endpoints",
-                format!("{e:?} is not an endpoint (host:port or http://host:port)"),
-            ));
-        }
-        if !self.etcd.prefix.starts_with('/') {
-            return Err(invalid("etcd.prefix", "must start with '/'"));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!("`{}` is not a level or filter", self.log.level),
-            ));
-        }
-        Ok(())
+                self.routing.health_stale_after,
+            ),
+            ("routing.max_replica_lag", self.routing.max_replica_lag),
+        ])?;
+        self.etcd.validate()?;
+        self.log.validate()
     }
 }
 
@@ -258,7 +154,7 @@ endpoints = ["http://127.0.0.1:2379"]
         let p = cfg.routing.policy();
         assert_eq!(
             (p.health_stale_after, p.max_replica_lag),
-            (Duration::from_secs(1), Duration::from_secs(5))
+            (Duration::from_millis(1500), Duration::from_secs(5))
         );
     }
 

@@ -18,7 +18,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tabletwatch::{TabletWatch, WatchOptions};
 use tracing::{info, warn};
 
-use crate::config::{GatewayConfig, LogFormat};
+use crate::config::GatewayConfig;
 use crate::routing::RoutingPolicy;
 
 const NO_PROXY: &str = "NOT A PROXY YET: this gateway does not accept or proxy MySQL \
@@ -51,22 +51,10 @@ fn main() -> anyhow::Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MYHA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match cfg.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Human => builder.init(),
-    }
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    rt.block_on(run(cfg, metrics, shutdown_signal()))
+    cfg.log.init();
+    let metrics = daemon::install_metrics()?;
+    let rt = daemon::runtime()?;
+    rt.block_on(run(cfg, metrics, daemon::shutdown_signal()))
 }
 
 #[derive(Clone)]
@@ -130,20 +118,4 @@ async fn render_metrics(State(s): State<AppState>) -> String {
 async fn routing_view(State(s): State<AppState>) -> Json<routing::RoutingResponse> {
     let snap = s.watch.snapshot();
     Json(routing::routing_response(&snap, Instant::now(), &s.policy))
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-    info!("shutting down");
 }
