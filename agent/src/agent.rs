@@ -55,6 +55,10 @@ pub struct Shared {
     /// Wakes the poll loop early (after an action changed mysqld).
     pub poke: Notify,
     state_file: PathBuf,
+    /// The shard primary's mysqld address as last learned from its etcd record; kept when
+    /// the record disappears (a dead host's lease expires) so replicas can keep probing it.
+    primary_addr: Mutex<Option<(String, String)>>,
+    probe: Mutex<Option<pb::PrimaryProbe>>,
     /// Addresses the agent actually listens on (after binding port 0).
     pub grpc_addr: Mutex<String>,
     pub http_addr: Mutex<String>,
@@ -102,6 +106,8 @@ impl Shared {
             actions: Arc::new(tokio::sync::Mutex::new(ActionState::default())),
             poke: Notify::new(),
             state_file,
+            primary_addr: Mutex::new(None),
+            probe: Mutex::new(None),
             grpc_addr: Mutex::new(String::new()),
             http_addr: Mutex::new(String::new()),
         })
@@ -146,6 +152,14 @@ impl Shared {
         *lock(&self.durability)
     }
 
+    pub fn set_primary_addr(&self, alias: String, addr: String) {
+        *lock(&self.primary_addr) = Some((alias, addr));
+    }
+
+    pub fn probe(&self) -> Option<pb::PrimaryProbe> {
+        lock(&self.probe).clone()
+    }
+
     pub fn set_grpc_addr(&self, a: String) {
         *lock(&self.grpc_addr) = a;
     }
@@ -171,7 +185,7 @@ impl Shared {
     /// Builds a health message from a poll result and the agent's current knowledge.
     pub fn health_from(&self, poll: &Result<Observation, String>) -> pb::Health {
         let shard = self.shard.borrow().clone();
-        health::build(HealthInputs {
+        let mut h = health::build(HealthInputs {
             id: &self.id,
             poll,
             terms: &self.terms(),
@@ -179,7 +193,11 @@ impl Shared {
             fence: &self.fence_status(),
             etcd_connected: self.etcd_connected.load(Ordering::Relaxed),
             now_us: now_us(),
-        })
+        });
+        if h.tablet_type != pb::TabletType::Primary as i32 {
+            h.primary_probe = self.probe();
+        }
+        h
     }
 
     /// Publishes `h` if its content differs from the last one (poll time aside).
@@ -464,6 +482,14 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
         let shard = shard_rx.borrow_and_update().clone();
         if let Some(s) = &shard {
             shared.update_terms(|t| t.observe_shard(&shared.id.alias, s));
+            if let Some(p) = s.primary.as_deref().filter(|p| *p != shared.id.alias) {
+                if let Ok(Some(t)) = topo.get_tablet(p).await {
+                    shared.set_primary_addr(
+                        p.to_string(),
+                        format!("{}:{}", t.mysql_host, t.mysql_port),
+                    );
+                }
+            }
         }
         let record = shared.tablet_record(shard.as_ref());
         if last_type != Some(record.tablet_type) {
@@ -489,4 +515,101 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
         }
     }
     warn!("etcd watch ended; the agent keeps serving without topology updates");
+}
+
+/// Where this replica should probe the primary: its etcd record's address, else (record gone
+/// or not read yet) the replication source, which is the primary while it replicates from it.
+fn probe_target(shared: &Shared) -> Option<(String, String)> {
+    let shard = shared.shard.borrow().clone()?;
+    let primary = shard.primary.filter(|p| *p != shared.id.alias)?;
+    if let Some((alias, addr)) = lock(&shared.primary_addr).clone() {
+        if alias == primary {
+            return Some((alias, addr));
+        }
+    }
+    let h = shared.health.borrow().clone();
+    let r = h.replication.as_ref().filter(|r| r.configured)?;
+    Some((primary, format!("{}:{}", r.source_host, r.source_port)))
+}
+
+/// Replicas only: keeps a connection to the primary's mysqld and pings it every poll interval.
+/// A refused connection (dead mysqld) fails at once; a frozen one times out after
+/// `primary_probe_timeout`. A server error still proves the server is alive.
+pub async fn probe_loop(shared: Arc<Shared>) {
+    let every = shared.cfg.agent.poll_interval;
+    let timeout = shared.cfg.agent.primary_probe_timeout;
+    let mut conn: Option<(String, Conn)> = None;
+    let mut failures: u32 = 0;
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some((alias, addr)) = probe_target(&shared) else {
+            conn = None;
+            *lock(&shared.probe) = None;
+            continue;
+        };
+        if conn.as_ref().is_some_and(|(a, _)| *a != addr) {
+            conn = None;
+            failures = 0;
+        }
+        let started = tokio::time::Instant::now();
+        let result: Result<(), MysqlError> = async {
+            if conn.is_none() {
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                    .ok_or_else(|| MysqlError::ConnectTimeout {
+                        addr: addr.clone(),
+                        timeout,
+                    })?;
+                let c = shared
+                    .endpoint
+                    .towards(&host, port, timeout)
+                    .connect()
+                    .await?;
+                conn = Some((addr.clone(), c));
+            }
+            let Some((_, c)) = conn.as_mut() else {
+                return Ok(());
+            };
+            mysql::exec(c, "DO 1", timeout).await
+        }
+        .await;
+        let (reachable, error) = match &result {
+            Ok(()) => (true, String::new()),
+            Err(e) if e.server_answered() => (true, e.to_string()),
+            Err(e) => (false, e.to_string()),
+        };
+        if result.is_err() {
+            conn = None;
+        }
+        failures = if reachable {
+            0
+        } else {
+            failures.saturating_add(1)
+        };
+        let probe = pb::PrimaryProbe {
+            primary_alias: alias,
+            addr: addr.clone(),
+            reachable,
+            error,
+            consecutive_failures: failures,
+            probed_at_ms: now_us() / 1000,
+            rtt_us: started.elapsed().as_micros() as u64,
+        };
+        let changed = {
+            let mut cur = lock(&shared.probe);
+            let changed = cur.as_ref().is_none_or(|c| {
+                c.reachable != probe.reachable
+                    || c.primary_alias != probe.primary_alias
+                    || c.consecutive_failures != probe.consecutive_failures
+            });
+            *cur = Some(probe);
+            changed
+        };
+        if changed {
+            shared.poke.notify_one();
+        }
+    }
 }

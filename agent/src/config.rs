@@ -102,6 +102,10 @@ pub struct AgentSection {
     /// Default bound for an action whose request carries no timeout.
     #[serde(default = "default_action_timeout", with = "humantime_serde")]
     pub action_timeout: Duration,
+    /// How long a replica waits for the primary's mysqld to answer its probe (every poll).
+    /// A frozen mysqld accepts TCP but never answers: this bounds how fast that is seen.
+    #[serde(default = "default_primary_probe_timeout", with = "humantime_serde")]
+    pub primary_probe_timeout: Duration,
 }
 
 fn default_poll_interval() -> Duration {
@@ -128,6 +132,9 @@ fn default_semi_sync_timeout() -> Duration {
 fn default_action_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_primary_probe_timeout() -> Duration {
+    Duration::from_millis(300)
+}
 
 impl Default for AgentSection {
     fn default() -> Self {
@@ -141,6 +148,7 @@ impl Default for AgentSection {
             state_dir: default_state_dir(),
             semi_sync_timeout: default_semi_sync_timeout(),
             action_timeout: default_action_timeout(),
+            primary_probe_timeout: default_primary_probe_timeout(),
         }
     }
 }
@@ -208,6 +216,10 @@ impl AgentConfig {
             ("agent.heartbeat_interval", self.agent.heartbeat_interval),
             ("agent.action_timeout", self.agent.action_timeout),
             ("agent.semi_sync_timeout", self.agent.semi_sync_timeout),
+            (
+                "agent.primary_probe_timeout",
+                self.agent.primary_probe_timeout,
+            ),
         ])?;
         self.etcd.validate()?;
         self.log.validate()?;

@@ -166,10 +166,14 @@ pub fn build(i: HealthInputs<'_>) -> pb::Health {
     h
 }
 
-/// Equal apart from the poll time: used to push only on change.
+/// Equal apart from the poll and probe times: used to push only on change.
 pub fn same_content(a: &pb::Health, b: &pb::Health) -> bool {
     let mut a = a.clone();
     a.polled_at_ms = b.polled_at_ms;
+    if let (Some(pa), Some(pb)) = (a.primary_probe.as_mut(), b.primary_probe.as_ref()) {
+        pa.probed_at_ms = pb.probed_at_ms;
+        pa.rtt_us = pb.rtt_us;
+    }
     a == *b
 }
 

@@ -30,6 +30,20 @@ pub enum MysqlError {
 }
 
 impl MysqlError {
+    /// The server itself answered (with an error such as access denied): it is alive.
+    pub fn server_answered(&self) -> bool {
+        matches!(
+            self,
+            MysqlError::Connect {
+                source: mysql_async::Error::Server(_),
+                ..
+            } | MysqlError::Query {
+                source: mysql_async::Error::Server(_),
+                ..
+            }
+        )
+    }
+
     /// MySQL error code when the server answered with an error.
     pub fn server_code(&self) -> Option<u16> {
         match self {
@@ -77,6 +91,21 @@ impl Endpoint {
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The same credentials, towards another server over TCP (the primary, for the probe).
+    pub fn towards(&self, host: &str, port: u16, timeout: Duration) -> Endpoint {
+        let opts = OptsBuilder::from_opts(self.opts.clone())
+            .ip_or_hostname(host.to_string())
+            .tcp_port(port)
+            .socket(None::<String>)
+            .prefer_socket(false);
+        Endpoint {
+            opts: opts.into(),
+            addr: format!("{host}:{port}"),
+            connect_timeout: timeout,
+            query_timeout: timeout,
+        }
     }
 
     pub async fn connect(&self) -> Result<Conn, MysqlError> {

@@ -1,6 +1,7 @@
 //! myha-orchestrator. For now it OBSERVES ONLY: it follows every tablet's health and serves
 //! it over HTTP. Failure analysis and automatic recovery (reparenting, repairs) come later.
 
+mod analysis;
 mod api;
 mod config;
 

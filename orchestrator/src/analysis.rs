@@ -1,0 +1,702 @@
+//! Shard analysis: `(shard input, now) -> problems`. Pure: the caller builds [`ShardInput`]
+//! from the tabletwatch snapshot (or from fresh `FullStatus` answers after taking the lock)
+//! with ages measured against one explicit `now`.
+//!
+//! Invariant: a primary is only ever called dead when the orchestrator cannot see it AND every
+//! reachable replica's own probe of its mysqld fails. A primary that only the orchestrator
+//! cannot see is `UnreachablePrimary`, never a failover (scenarios P5, P6).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gtid::{Flavor, GtidSet};
+use myha_proto::agent as pb;
+use serde::Serialize;
+use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
+
+/// Every problem the orchestrator knows, one per catalog case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemCode {
+    /// Primary unreachable by the orchestrator and by every reachable replica (P1-P3).
+    DeadPrimary,
+    /// As DeadPrimary, and some replicas are unreachable too (P8).
+    DeadPrimaryAndSomeReplicas,
+    /// The primary and every replica are unreachable: nothing to promote.
+    DeadPrimaryAndAllReplicas,
+    /// The orchestrator cannot see the primary but replicas reach it (P5, P6): no failover.
+    UnreachablePrimary,
+    /// The shard record names no primary (R8).
+    NoPrimary,
+    PrimaryReadOnly,
+    /// The primary replicates from someone (R5).
+    PrimaryReplicating,
+    /// Durability semi_sync: the primary side is off or not lossless (R6).
+    PrimarySemiSyncMustBeSet,
+    /// Durability none: the primary side is on (R7).
+    PrimarySemiSyncMustNotBeSet,
+    ReplicaSemiSyncMustBeSet,
+    ReplicaSemiSyncMustNotBeSet,
+    /// A replica with read_only off (R2).
+    ReplicaWritable,
+    /// A replica whose IO and/or SQL thread is stopped (R3).
+    ReplicaNotReplicating,
+    /// A replica pointed at another replica, a wrong host, or nowhere (R4).
+    ReplicaWrongSource,
+    /// A replica holds transactions the primary never had (R10, P9).
+    ErrantGtid,
+    /// A tablet promoted under an older term that is not a replica of the current primary (R9, P3).
+    StaleTabletClaimingPrimary,
+    /// A replica whose mysqld its agent cannot reach.
+    ReplicaMysqlUnreachable,
+    /// A replica whose agent the orchestrator cannot hear.
+    ReplicaAgentUnreachable,
+    /// A tablet held out of promotion and routing, with the reason recorded.
+    Quarantined,
+}
+
+impl ProblemCode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProblemCode::DeadPrimary => "dead_primary",
+            ProblemCode::DeadPrimaryAndSomeReplicas => "dead_primary_and_some_replicas",
+            ProblemCode::DeadPrimaryAndAllReplicas => "dead_primary_and_all_replicas",
+            ProblemCode::UnreachablePrimary => "unreachable_primary",
+            ProblemCode::NoPrimary => "no_primary",
+            ProblemCode::PrimaryReadOnly => "primary_read_only",
+            ProblemCode::PrimaryReplicating => "primary_replicating",
+            ProblemCode::PrimarySemiSyncMustBeSet => "primary_semi_sync_must_be_set",
+            ProblemCode::PrimarySemiSyncMustNotBeSet => "primary_semi_sync_must_not_be_set",
+            ProblemCode::ReplicaSemiSyncMustBeSet => "replica_semi_sync_must_be_set",
+            ProblemCode::ReplicaSemiSyncMustNotBeSet => "replica_semi_sync_must_not_be_set",
+            ProblemCode::ReplicaWritable => "replica_writable",
+            ProblemCode::ReplicaNotReplicating => "replica_not_replicating",
+            ProblemCode::ReplicaWrongSource => "replica_wrong_source",
+            ProblemCode::ErrantGtid => "errant_gtid",
+            ProblemCode::StaleTabletClaimingPrimary => "stale_tablet_claiming_primary",
+            ProblemCode::ReplicaMysqlUnreachable => "replica_mysql_unreachable",
+            ProblemCode::ReplicaAgentUnreachable => "replica_agent_unreachable",
+            ProblemCode::Quarantined => "quarantined",
+        }
+    }
+
+    /// Whether the orchestrator has a recovery for it (others are reported only).
+    pub fn actionable(&self) -> bool {
+        !matches!(
+            self,
+            ProblemCode::UnreachablePrimary
+                | ProblemCode::DeadPrimaryAndAllReplicas
+                | ProblemCode::ErrantGtid
+                | ProblemCode::ReplicaMysqlUnreachable
+                | ProblemCode::ReplicaAgentUnreachable
+                | ProblemCode::Quarantined
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub code: ProblemCode,
+    /// The tablet it is about; `None` for shard-wide problems.
+    pub tablet: Option<String>,
+    /// What was seen, in words an operator can act on.
+    pub detail: String,
+}
+
+impl Problem {
+    fn new(code: ProblemCode, tablet: Option<&str>, detail: impl Into<String>) -> Problem {
+        Problem {
+            code,
+            tablet: tablet.map(str::to_string),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// One tablet as the analysis sees it.
+#[derive(Debug, Clone)]
+pub struct TabletInput {
+    pub record: TabletRecord,
+    /// The latest health, however old.
+    pub health: Option<pb::Health>,
+    /// Age of `health` at `now`; `None` when none was ever received.
+    pub health_age: Option<Duration>,
+    /// The orchestrator's stream from this agent is up.
+    pub stream_connected: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardInput {
+    pub keyspace: String,
+    pub shard: String,
+    pub record: Option<ShardRecord>,
+    pub durability: Durability,
+    pub tablets: Vec<TabletInput>,
+    /// Quarantined tablets and why.
+    pub quarantined: BTreeMap<String, String>,
+    /// Wall clock at `now`, ms since the epoch (to age the replicas' probe results).
+    pub now_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalysisConfig {
+    /// Health older than this does not count as seeing the tablet.
+    pub health_stale_after: Duration,
+    /// A replica's probe of the primary older than this does not count as a confirmation.
+    pub probe_stale_after: Duration,
+    /// A primary semi-sync timeout below this could fall back to async: not lossless.
+    pub min_semi_sync_timeout: Duration,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        AnalysisConfig {
+            health_stale_after: Duration::from_millis(1500),
+            probe_stale_after: Duration::from_millis(1500),
+            min_semi_sync_timeout: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl TabletInput {
+    pub fn alias(&self) -> &str {
+        &self.record.alias
+    }
+
+    /// Fresh health from a live stream.
+    pub fn fresh_health(&self, cfg: &AnalysisConfig) -> Option<&pb::Health> {
+        match (self.stream_connected, self.health_age, &self.health) {
+            (true, Some(age), Some(h)) if age <= cfg.health_stale_after => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Seen through its agent with mysqld answering.
+    pub fn mysql_seen(&self, cfg: &AnalysisConfig) -> Option<&pb::Health> {
+        self.fresh_health(cfg).filter(|h| h.mysql_reachable)
+    }
+
+    pub fn mysql_addr(&self) -> String {
+        format!("{}:{}", self.record.mysql_host, self.record.mysql_port)
+    }
+}
+
+pub fn flavor_of(h: &pb::Health) -> Flavor {
+    match h.mysql.as_ref().map(|m| m.flavor.as_str()) {
+        Some("mysql") => Flavor::MySql,
+        _ => Flavor::MariaDb,
+    }
+}
+
+pub fn position(h: &pb::Health) -> Option<GtidSet> {
+    let m = h.mysql.as_ref()?;
+    GtidSet::parse(flavor_of(h), &m.gtid_position).ok()
+}
+
+fn running(s: i32) -> bool {
+    s == pb::ThreadState::Running as i32
+}
+
+pub fn replicating(h: &pb::Health) -> bool {
+    h.replication
+        .as_ref()
+        .is_some_and(|r| r.configured && running(r.io_state) && running(r.sql_state))
+}
+
+/// Transactions of `replica` that `reference` (the primary) never had and that the reference did
+/// not write itself: errant ones. A replica merely ahead of a slightly older primary health holds
+/// the primary's own transactions, which are not errant.
+///
+/// `reference_writer` is the primary's server id (MariaDB) or server uuid (MySQL).
+pub fn errant(replica: &GtidSet, reference: &GtidSet, reference_writer: &str) -> Option<String> {
+    let diff = replica.difference(reference).ok()?;
+    if diff.is_empty() {
+        return None;
+    }
+    match &diff {
+        gtid::GtidDifference::MariaDb(d) => {
+            let foreign: Vec<String> = d
+                .ranges()
+                .iter()
+                .filter(|r| r.server_id.to_string() != reference_writer)
+                .map(|r| r.to_string())
+                .collect();
+            (!foreign.is_empty()).then(|| foreign.join(","))
+        }
+        gtid::GtidDifference::MySql(set) => {
+            let text = set.to_string();
+            let foreign: Vec<&str> = text
+                .split(',')
+                .filter(|part| {
+                    !part
+                        .to_ascii_lowercase()
+                        .starts_with(&reference_writer.to_ascii_lowercase())
+                })
+                .collect();
+            (!foreign.is_empty()).then(|| foreign.join(","))
+        }
+    }
+}
+
+pub fn writer_id(h: &pb::Health) -> String {
+    match (flavor_of(h), h.mysql.as_ref()) {
+        (Flavor::MySql, Some(m)) => m.server_uuid.clone(),
+        (_, Some(m)) => m.server_id.to_string(),
+        (_, None) => String::new(),
+    }
+}
+
+/// All problems of one shard, most urgent first.
+pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (alias, reason) in &input.quarantined {
+        out.push(Problem::new(
+            ProblemCode::Quarantined,
+            Some(alias),
+            reason.clone(),
+        ));
+    }
+    let primary_alias = input.record.as_ref().and_then(|r| r.primary.clone());
+    let Some(primary_alias) = primary_alias else {
+        if !input.tablets.is_empty() {
+            let reachable = input
+                .tablets
+                .iter()
+                .filter(|t| t.mysql_seen(cfg).is_some())
+                .count();
+            out.push(Problem::new(
+                ProblemCode::NoPrimary,
+                None,
+                format!(
+                    "{}/{} has no primary; {reachable} of {} tablets reachable",
+                    input.keyspace,
+                    input.shard,
+                    input.tablets.len()
+                ),
+            ));
+        }
+        return out;
+    };
+    let term = input.record.as_ref().map(|r| r.term).unwrap_or(0);
+    let primary = input.tablets.iter().find(|t| t.alias() == primary_alias);
+    let replicas: Vec<&TabletInput> = input
+        .tablets
+        .iter()
+        .filter(|t| t.alias() != primary_alias)
+        .collect();
+
+    let primary_health = primary.and_then(|p| p.mysql_seen(cfg));
+    let Some(ph) = primary_health else {
+        out.push(primary_unseen(
+            input,
+            cfg,
+            &primary_alias,
+            primary,
+            &replicas,
+        ));
+        return out;
+    };
+
+    // The primary is seen: check it and every replica against it.
+    let p_addr = primary.map(|p| p.mysql_addr()).unwrap_or_default();
+    let pm = ph.mysql.clone().unwrap_or_default();
+    if pm.read_only {
+        out.push(Problem::new(
+            ProblemCode::PrimaryReadOnly,
+            Some(&primary_alias),
+            "the primary is read-only",
+        ));
+    }
+    if ph.replication.as_ref().is_some_and(|r| r.configured) {
+        let r = ph.replication.clone().unwrap_or_default();
+        out.push(Problem::new(
+            ProblemCode::PrimaryReplicating,
+            Some(&primary_alias),
+            format!(
+                "the primary replicates from {}:{}",
+                r.source_host, r.source_port
+            ),
+        ));
+    }
+    let p_pos = position(ph);
+    let p_writer = writer_id(ph);
+    let semi = input.durability == Durability::SemiSync;
+    let mut acking_replicas = 0;
+    for r in &replicas {
+        let alias = r.alias();
+        if input.quarantined.contains_key(alias) {
+            continue;
+        }
+        let Some(h) = r.fresh_health(cfg) else {
+            out.push(Problem::new(
+                ProblemCode::ReplicaAgentUnreachable,
+                Some(alias),
+                if r.stream_connected {
+                    "no fresh health from its agent".to_string()
+                } else {
+                    "its agent's health stream is down".to_string()
+                },
+            ));
+            continue;
+        };
+        if !h.mysql_reachable {
+            out.push(Problem::new(
+                ProblemCode::ReplicaMysqlUnreachable,
+                Some(alias),
+                format!("mysqld unreachable: {}", h.mysql_error),
+            ));
+            continue;
+        }
+        let m = h.mysql.clone().unwrap_or_default();
+        let rep = h.replication.clone().unwrap_or_default();
+        if let (Some(rp), Some(pp)) = (position(h), p_pos.as_ref()) {
+            if let Some(e) = errant(&rp, pp, &p_writer) {
+                out.push(Problem::new(
+                    ProblemCode::ErrantGtid,
+                    Some(alias),
+                    format!("errant transactions {e} (not on primary {primary_alias})"),
+                ));
+                continue;
+            }
+        }
+        if h.promoted_term > 0 && h.promoted_term < term && !rep.configured {
+            out.push(Problem::new(
+                ProblemCode::StaleTabletClaimingPrimary,
+                Some(alias),
+                format!(
+                    "promoted under term {} but {primary_alias} is primary at term {term}",
+                    h.promoted_term
+                ),
+            ));
+            continue;
+        }
+        if !m.read_only {
+            out.push(Problem::new(
+                ProblemCode::ReplicaWritable,
+                Some(alias),
+                "replica is writable (read_only off)",
+            ));
+        }
+        let source = format!("{}:{}", rep.source_host, rep.source_port);
+        if !rep.configured || source != p_addr {
+            out.push(Problem::new(
+                ProblemCode::ReplicaWrongSource,
+                Some(alias),
+                if rep.configured {
+                    format!("replicates from {source}, not from the primary at {p_addr}")
+                } else {
+                    format!("has no replication source (primary is {p_addr})")
+                },
+            ));
+        } else if !replicating(h) {
+            let errors = [rep.last_io_error.as_str(), rep.last_sql_error.as_str()]
+                .into_iter()
+                .filter(|e| !e.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            out.push(Problem::new(
+                ProblemCode::ReplicaNotReplicating,
+                Some(alias),
+                format!(
+                    "IO {}, SQL {}{}",
+                    thread_word(rep.io_state),
+                    thread_word(rep.sql_state),
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {errors}")
+                    }
+                ),
+            ));
+        }
+        let semi_r = h.semi_sync.clone().unwrap_or_default();
+        if semi && !semi_r.replica_enabled {
+            out.push(Problem::new(
+                ProblemCode::ReplicaSemiSyncMustBeSet,
+                Some(alias),
+                "durability semi_sync: replica side is off",
+            ));
+        } else if !semi && semi_r.replica_enabled {
+            out.push(Problem::new(
+                ProblemCode::ReplicaSemiSyncMustNotBeSet,
+                Some(alias),
+                "durability none: replica side is on",
+            ));
+        }
+        if semi && semi_r.replica_enabled && replicating(h) && source == p_addr {
+            acking_replicas += 1;
+        }
+    }
+    let ps = ph.semi_sync.clone().unwrap_or_default();
+    if semi {
+        let lossless = ps.wait_point.eq_ignore_ascii_case("AFTER_SYNC")
+            && Duration::from_millis(ps.primary_timeout_ms) >= cfg.min_semi_sync_timeout;
+        // Enabling the primary side with no acking replica would block every commit: wait for
+        // the replicas' side to be fixed first.
+        if (!ps.primary_enabled || !lossless) && acking_replicas > 0 {
+            out.push(Problem::new(
+                ProblemCode::PrimarySemiSyncMustBeSet,
+                Some(&primary_alias),
+                if ps.primary_enabled {
+                    format!(
+                        "durability semi_sync: not lossless (wait point {}, timeout {} ms)",
+                        ps.wait_point, ps.primary_timeout_ms
+                    )
+                } else {
+                    "durability semi_sync: primary side is off".to_string()
+                },
+            ));
+        }
+    } else if ps.primary_enabled {
+        out.push(Problem::new(
+            ProblemCode::PrimarySemiSyncMustNotBeSet,
+            Some(&primary_alias),
+            "durability none: primary side is on",
+        ));
+    }
+    out
+}
+
+fn thread_word(s: i32) -> &'static str {
+    if s == pb::ThreadState::Running as i32 {
+        "running"
+    } else if s == pb::ThreadState::Connecting as i32 {
+        "connecting"
+    } else {
+        "stopped"
+    }
+}
+
+/// The primary is not seen by the orchestrator: dead only if every reachable replica confirms.
+fn primary_unseen(
+    input: &ShardInput,
+    cfg: &AnalysisConfig,
+    primary_alias: &str,
+    primary: Option<&TabletInput>,
+    replicas: &[&TabletInput],
+) -> Problem {
+    let why = match primary {
+        None => "it is not registered (agent gone, lease expired)".to_string(),
+        Some(p) => match p.fresh_health(cfg) {
+            Some(h) => format!("its agent reports mysqld unreachable: {}", h.mysql_error),
+            None if !p.stream_connected => "its agent's health stream is down".to_string(),
+            None => "its agent's health is stale".to_string(),
+        },
+    };
+    let reachable: Vec<&TabletInput> = replicas
+        .iter()
+        .copied()
+        .filter(|r| !input.quarantined.contains_key(r.alias()) && r.mysql_seen(cfg).is_some())
+        .collect();
+    if reachable.is_empty() {
+        return Problem::new(
+            ProblemCode::DeadPrimaryAndAllReplicas,
+            Some(primary_alias),
+            format!("primary {primary_alias} unseen ({why}) and no replica is reachable: nothing can be promoted"),
+        );
+    }
+    let mut confirm = Vec::new();
+    let mut deny = Vec::new();
+    let mut unknown = Vec::new();
+    for r in &reachable {
+        let probe = r
+            .health
+            .as_ref()
+            .and_then(|h| h.primary_probe.as_ref())
+            .filter(|p| p.primary_alias == primary_alias)
+            .filter(|p| {
+                input.now_ms.saturating_sub(p.probed_at_ms)
+                    <= cfg.probe_stale_after.as_millis() as u64
+            });
+        match probe {
+            Some(p) if !p.reachable => confirm.push(format!("{} ({})", r.alias(), p.error)),
+            Some(_) => deny.push(r.alias().to_string()),
+            None => unknown.push(r.alias().to_string()),
+        }
+    }
+    if !deny.is_empty() {
+        return Problem::new(
+            ProblemCode::UnreachablePrimary,
+            Some(primary_alias),
+            format!(
+                "orchestrator cannot see primary {primary_alias} ({why}) but replicas {} reach its mysqld: not dead, no failover",
+                deny.join(", ")
+            ),
+        );
+    }
+    if !unknown.is_empty() {
+        return Problem::new(
+            ProblemCode::UnreachablePrimary,
+            Some(primary_alias),
+            format!(
+                "orchestrator cannot see primary {primary_alias} ({why}); waiting for replicas {} to confirm",
+                unknown.join(", ")
+            ),
+        );
+    }
+    let down = replicas.len() - reachable.len();
+    let code = if down > 0 {
+        ProblemCode::DeadPrimaryAndSomeReplicas
+    } else {
+        ProblemCode::DeadPrimary
+    };
+    Problem::new(
+        code,
+        Some(primary_alias),
+        format!(
+            "primary {primary_alias} dead: {why}; confirmed by {}{}",
+            confirm.join(", "),
+            if down > 0 {
+                format!("; {down} replica(s) unreachable too")
+            } else {
+                String::new()
+            }
+        ),
+    )
+}
+
+/// What candidate choice sees of one tablet (after its relay log was applied).
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub alias: String,
+    pub cell: String,
+    pub rule: PromotionRule,
+    pub position: GtidSet,
+    /// Errant transactions, if any: never promoted, never a source.
+    pub errant: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub candidate: String,
+    /// Most advanced tablet to catch the candidate up from first, when it is behind it.
+    pub catch_up_from: Option<String>,
+    /// The position the candidate must reach before promotion.
+    pub target_position: String,
+    /// Everyone else to repoint at the candidate.
+    pub others: Vec<String>,
+    /// Why this one, for the audit log.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no candidate: {0}")]
+    NoCandidate(String),
+    #[error("candidates diverged: {0}")]
+    Diverged(String),
+    #[error("durability {policy} cannot be met after promoting {candidate}: {why}")]
+    Durability {
+        policy: &'static str,
+        candidate: String,
+        why: String,
+    },
+}
+
+fn rule_rank(r: PromotionRule) -> u8 {
+    match r {
+        PromotionRule::Prefer => 0,
+        PromotionRule::Neutral => 1,
+        PromotionRule::MustNot => 2,
+    }
+}
+
+/// Chooses the new primary among reachable, non-quarantined tablets.
+///
+/// The most advanced tablet (a superset of every other) sets the target; errant tablets are out;
+/// `must_not` tablets are never chosen but may serve as the catch-up source; `prefer` beats
+/// `neutral`, then the old primary's cell, then being already at the target, then the alias.
+pub fn choose_candidate(
+    candidates: &[Candidate],
+    old_primary_cell: Option<&str>,
+    durability: Durability,
+) -> Result<Choice, Refusal> {
+    let mut clean: Vec<&Candidate> = candidates.iter().filter(|c| c.errant.is_none()).collect();
+    clean.sort_by(|a, b| a.alias.cmp(&b.alias));
+    if clean.is_empty() {
+        let why = if candidates.is_empty() {
+            "no reachable replica".to_string()
+        } else {
+            format!(
+                "every reachable replica has errant transactions ({})",
+                candidates
+                    .iter()
+                    .map(|c| format!("{}: {}", c.alias, c.errant.clone().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        };
+        return Err(Refusal::NoCandidate(why));
+    }
+    // The most advanced: contains every other clean tablet.
+    let mut most = clean[0];
+    for c in &clean[1..] {
+        // Strictly more advanced only: among equals the first (alias order) stays.
+        if c.position.contains_set(&most.position).unwrap_or(false) && c.position != most.position {
+            most = c;
+        }
+    }
+    for c in &clean {
+        if !most.position.contains_set(&c.position).unwrap_or(false) {
+            return Err(Refusal::Diverged(format!(
+                "{} ({}) and {} ({}) each hold transactions the other lacks",
+                most.alias, most.position, c.alias, c.position
+            )));
+        }
+    }
+    let mut eligible: Vec<&Candidate> = clean
+        .iter()
+        .copied()
+        .filter(|c| c.rule != PromotionRule::MustNot)
+        .collect();
+    if eligible.is_empty() {
+        return Err(Refusal::NoCandidate(
+            "every clean reachable replica has promotion rule must_not".into(),
+        ));
+    }
+    eligible.sort_by_key(|c| {
+        (
+            rule_rank(c.rule),
+            old_primary_cell.is_some_and(|cell| cell != c.cell),
+            !c.position.contains_set(&most.position).unwrap_or(false),
+            c.alias.clone(),
+        )
+    });
+    let chosen = eligible[0];
+    let at_target = chosen
+        .position
+        .contains_set(&most.position)
+        .unwrap_or(false);
+    let others: Vec<String> = candidates
+        .iter()
+        .filter(|c| c.alias != chosen.alias)
+        .map(|c| c.alias.clone())
+        .collect();
+    if durability == Durability::SemiSync {
+        let ackers = candidates
+            .iter()
+            .filter(|c| c.alias != chosen.alias && c.errant.is_none())
+            .count();
+        if ackers == 0 {
+            return Err(Refusal::Durability {
+                policy: "semi_sync",
+                candidate: chosen.alias.clone(),
+                why: "no other reachable replica could acknowledge its writes; refusing to promote (the shard stays as it is)".into(),
+            });
+        }
+    }
+    let reason = format!(
+        "{} ({:?}, cell {}) at {}; most advanced {} at {}",
+        chosen.alias, chosen.rule, chosen.cell, chosen.position, most.alias, most.position
+    );
+    Ok(Choice {
+        candidate: chosen.alias.clone(),
+        catch_up_from: (!at_target).then(|| most.alias.clone()),
+        target_position: most.position.to_string(),
+        others,
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests;

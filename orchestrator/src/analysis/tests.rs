@@ -1,0 +1,496 @@
+use super::*;
+
+const NOW_MS: u64 = 1_000_000;
+
+fn record(alias: &str, cell: &str, port: u16, rule: PromotionRule) -> TabletRecord {
+    TabletRecord {
+        alias: alias.into(),
+        cell: cell.into(),
+        uid: topo::parse_alias(alias).map(|(_, u)| u).unwrap_or(0),
+        keyspace: "ks".into(),
+        shard: "0".into(),
+        tablet_type: topo::TabletType::Replica,
+        mysql_host: "127.0.0.1".into(),
+        mysql_port: port,
+        mysql_socket: None,
+        grpc_addr: String::new(),
+        http_addr: None,
+        promotion_rule: rule,
+        registered_ms: 0,
+    }
+}
+
+fn port(alias: &str) -> u16 {
+    4000 + topo::parse_alias(alias).map(|(_, u)| u as u16).unwrap_or(0)
+}
+
+fn primary_health(alias: &str, pos: &str) -> pb::Health {
+    pb::Health {
+        alias: alias.into(),
+        mysql_reachable: true,
+        mysql: Some(pb::MysqlStatus {
+            server_id: topo::parse_alias(alias).map(|(_, u)| u).unwrap_or(0),
+            flavor: "mariadb".into(),
+            read_only: false,
+            gtid_position: pos.into(),
+            ..Default::default()
+        }),
+        replication: Some(pb::Replication::default()),
+        semi_sync: Some(pb::SemiSync {
+            primary_enabled: true,
+            wait_point: "AFTER_SYNC".into(),
+            primary_timeout_ms: 30 * 24 * 3600 * 1000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn replica_health(alias: &str, primary: &str, pos: &str, probe_ok: Option<bool>) -> pb::Health {
+    pb::Health {
+        alias: alias.into(),
+        mysql_reachable: true,
+        mysql: Some(pb::MysqlStatus {
+            server_id: topo::parse_alias(alias).map(|(_, u)| u).unwrap_or(0),
+            flavor: "mariadb".into(),
+            read_only: true,
+            gtid_position: pos.into(),
+            ..Default::default()
+        }),
+        replication: Some(pb::Replication {
+            configured: true,
+            source_host: "127.0.0.1".into(),
+            source_port: port(primary).into(),
+            io_state: pb::ThreadState::Running as i32,
+            sql_state: pb::ThreadState::Running as i32,
+            ..Default::default()
+        }),
+        semi_sync: Some(pb::SemiSync {
+            replica_enabled: true,
+            ..Default::default()
+        }),
+        primary_probe: probe_ok.map(|ok| pb::PrimaryProbe {
+            primary_alias: primary.into(),
+            reachable: ok,
+            error: if ok {
+                String::new()
+            } else {
+                "Connection refused".into()
+            },
+            probed_at_ms: NOW_MS - 50,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn tablet(alias: &str, h: Option<pb::Health>) -> TabletInput {
+    TabletInput {
+        record: record(alias, "zone1", port(alias), PromotionRule::Neutral),
+        health_age: h.as_ref().map(|_| Duration::from_millis(50)),
+        stream_connected: h.is_some(),
+        health: h,
+    }
+}
+
+fn shard(primary: Option<&str>, tablets: Vec<TabletInput>) -> ShardInput {
+    let mut rec = ShardRecord::new("ks", "0");
+    rec.primary = primary.map(str::to_string);
+    rec.term = if primary.is_some() { 3 } else { 0 };
+    ShardInput {
+        keyspace: "ks".into(),
+        shard: "0".into(),
+        record: Some(rec),
+        durability: Durability::SemiSync,
+        tablets,
+        quarantined: BTreeMap::new(),
+        now_ms: NOW_MS,
+    }
+}
+
+fn healthy() -> ShardInput {
+    shard(
+        Some("z-1"),
+        vec![
+            tablet("z-1", Some(primary_health("z-1", "0-1-10"))),
+            tablet(
+                "z-2",
+                Some(replica_health("z-2", "z-1", "0-1-10", Some(true))),
+            ),
+            tablet(
+                "z-3",
+                Some(replica_health("z-3", "z-1", "0-1-9", Some(true))),
+            ),
+        ],
+    )
+}
+
+fn codes(s: &ShardInput) -> Vec<(ProblemCode, Option<String>)> {
+    analyze(s, &AnalysisConfig::default())
+        .into_iter()
+        .map(|p| (p.code, p.tablet))
+        .collect()
+}
+
+#[test]
+fn a_healthy_shard_has_no_problem() {
+    assert_eq!(codes(&healthy()), vec![]);
+}
+
+#[test]
+fn dead_primary_needs_every_reachable_replica_to_confirm() {
+    let mut s = healthy();
+    // Primary's agent says mysqld is down.
+    s.tablets[0].health.as_mut().unwrap().mysql_reachable = false;
+    // Replicas still reach it: not dead (the orchestrator's view alone is not enough).
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p[0].code, ProblemCode::UnreachablePrimary, "{p:?}");
+    assert!(p[0].detail.contains("z-2"), "{}", p[0].detail);
+    // One replica confirms, one has not probed yet: wait.
+    s.tablets[1] = tablet(
+        "z-2",
+        Some(replica_health("z-2", "z-1", "0-1-10", Some(false))),
+    );
+    s.tablets[2] = tablet("z-3", Some(replica_health("z-3", "z-1", "0-1-9", None)));
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p[0].code, ProblemCode::UnreachablePrimary);
+    assert!(p[0].detail.contains("waiting"), "{}", p[0].detail);
+    // Both confirm.
+    s.tablets[2] = tablet(
+        "z-3",
+        Some(replica_health("z-3", "z-1", "0-1-9", Some(false))),
+    );
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p[0].code, ProblemCode::DeadPrimary, "{p:?}");
+    assert!(p[0].detail.contains("confirmed by z-2"), "{}", p[0].detail);
+}
+
+#[test]
+fn a_stale_probe_does_not_confirm() {
+    let mut s = healthy();
+    s.tablets[0].stream_connected = false;
+    for i in [1, 2] {
+        let mut h = replica_health(&format!("z-{}", i + 1), "z-1", "0-1-9", Some(false));
+        h.primary_probe.as_mut().unwrap().probed_at_ms = NOW_MS - 10_000;
+        s.tablets[i] = tablet(&format!("z-{}", i + 1), Some(h));
+    }
+    assert_eq!(codes(&s)[0].0, ProblemCode::UnreachablePrimary);
+}
+
+#[test]
+fn primary_agent_down_but_mysqld_alive_is_not_dead() {
+    // P5: the primary's agent died; replicas' probes reach its mysqld.
+    let mut s = healthy();
+    s.tablets[0] = tablet("z-1", None);
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].code, ProblemCode::UnreachablePrimary);
+    assert!(!p[0].code.actionable());
+    assert!(p[0].detail.contains("stream is down"), "{}", p[0].detail);
+}
+
+#[test]
+fn host_loss_is_dead_and_lost_replicas_are_counted() {
+    // P2: primary's agent and mysqld gone; P8: one replica gone too.
+    let mut s = healthy();
+    s.tablets.remove(0);
+    s.tablets[0] = tablet(
+        "z-2",
+        Some(replica_health("z-2", "z-1", "0-1-10", Some(false))),
+    );
+    s.tablets[1] = tablet(
+        "z-3",
+        Some(replica_health("z-3", "z-1", "0-1-9", Some(false))),
+    );
+    assert_eq!(codes(&s)[0].0, ProblemCode::DeadPrimary);
+    s.tablets[1].stream_connected = false;
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p[0].code, ProblemCode::DeadPrimaryAndSomeReplicas, "{p:?}");
+    s.tablets[0].stream_connected = false;
+    assert_eq!(codes(&s)[0].0, ProblemCode::DeadPrimaryAndAllReplicas);
+}
+
+#[test]
+fn repairs_are_detected() {
+    let mut s = healthy();
+    s.tablets[0]
+        .health
+        .as_mut()
+        .unwrap()
+        .mysql
+        .as_mut()
+        .unwrap()
+        .read_only = true;
+    s.tablets[1]
+        .health
+        .as_mut()
+        .unwrap()
+        .mysql
+        .as_mut()
+        .unwrap()
+        .read_only = false;
+    s.tablets[2]
+        .health
+        .as_mut()
+        .unwrap()
+        .replication
+        .as_mut()
+        .unwrap()
+        .io_state = pb::ThreadState::Stopped as i32;
+    let c = codes(&s);
+    assert!(
+        c.contains(&(ProblemCode::PrimaryReadOnly, Some("z-1".into()))),
+        "{c:?}"
+    );
+    assert!(
+        c.contains(&(ProblemCode::ReplicaWritable, Some("z-2".into()))),
+        "{c:?}"
+    );
+    assert!(
+        c.contains(&(ProblemCode::ReplicaNotReplicating, Some("z-3".into()))),
+        "{c:?}"
+    );
+
+    let mut s = healthy();
+    s.tablets[1]
+        .health
+        .as_mut()
+        .unwrap()
+        .replication
+        .as_mut()
+        .unwrap()
+        .source_port = port("z-3").into();
+    s.tablets[0].health.as_mut().unwrap().replication = Some(pb::Replication {
+        configured: true,
+        source_host: "127.0.0.1".into(),
+        source_port: port("z-2").into(),
+        ..Default::default()
+    });
+    let c = codes(&s);
+    assert!(
+        c.contains(&(ProblemCode::ReplicaWrongSource, Some("z-2".into()))),
+        "{c:?}"
+    );
+    assert!(
+        c.contains(&(ProblemCode::PrimaryReplicating, Some("z-1".into()))),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn semi_sync_replicas_first_then_primary() {
+    let mut s = healthy();
+    s.tablets[0]
+        .health
+        .as_mut()
+        .unwrap()
+        .semi_sync
+        .as_mut()
+        .unwrap()
+        .primary_enabled = false;
+    for i in [1, 2] {
+        s.tablets[i]
+            .health
+            .as_mut()
+            .unwrap()
+            .semi_sync
+            .as_mut()
+            .unwrap()
+            .replica_enabled = false;
+    }
+    let c = codes(&s);
+    assert!(c.contains(&(ProblemCode::ReplicaSemiSyncMustBeSet, Some("z-2".into()))));
+    assert!(
+        !c.iter()
+            .any(|(code, _)| *code == ProblemCode::PrimarySemiSyncMustBeSet),
+        "primary side must wait for an acking replica: {c:?}"
+    );
+    s.tablets[1]
+        .health
+        .as_mut()
+        .unwrap()
+        .semi_sync
+        .as_mut()
+        .unwrap()
+        .replica_enabled = true;
+    let c = codes(&s);
+    assert!(
+        c.contains(&(ProblemCode::PrimarySemiSyncMustBeSet, Some("z-1".into()))),
+        "{c:?}"
+    );
+    // Not lossless: a short timeout could fall back to async.
+    let mut s = healthy();
+    s.tablets[0]
+        .health
+        .as_mut()
+        .unwrap()
+        .semi_sync
+        .as_mut()
+        .unwrap()
+        .primary_timeout_ms = 10_000;
+    assert!(codes(&s).contains(&(ProblemCode::PrimarySemiSyncMustBeSet, Some("z-1".into()))));
+    // Durability none: everything off.
+    let mut s = healthy();
+    s.durability = Durability::None;
+    let c = codes(&s);
+    assert!(c.contains(&(ProblemCode::PrimarySemiSyncMustNotBeSet, Some("z-1".into()))));
+    assert!(c.contains(&(ProblemCode::ReplicaSemiSyncMustNotBeSet, Some("z-3".into()))));
+}
+
+#[test]
+fn errant_and_stale_primary_claims() {
+    let mut s = healthy();
+    s.tablets[2]
+        .health
+        .as_mut()
+        .unwrap()
+        .mysql
+        .as_mut()
+        .unwrap()
+        .gtid_position = "0-3-11".into();
+    let p = analyze(&s, &AnalysisConfig::default());
+    let e = p
+        .iter()
+        .find(|p| p.code == ProblemCode::ErrantGtid)
+        .expect("errant");
+    assert_eq!(e.tablet.as_deref(), Some("z-3"));
+    assert!(e.detail.contains("0-3-11"), "{}", e.detail);
+    // Ahead of a slightly older primary health with the primary's own transactions: not errant.
+    let mut s = healthy();
+    s.tablets[1]
+        .health
+        .as_mut()
+        .unwrap()
+        .mysql
+        .as_mut()
+        .unwrap()
+        .gtid_position = "0-1-12".into();
+    assert!(codes(&s).is_empty(), "{:?}", codes(&s));
+    // An old primary from term 2 that is not replicating.
+    let mut s = healthy();
+    let h = s.tablets[2].health.as_mut().unwrap();
+    h.promoted_term = 2;
+    h.replication = Some(pb::Replication::default());
+    assert!(codes(&s).contains(&(ProblemCode::StaleTabletClaimingPrimary, Some("z-3".into()))));
+}
+
+#[test]
+fn no_primary_is_reported() {
+    let s = shard(
+        None,
+        vec![tablet("z-1", Some(replica_health("z-1", "z-9", "", None)))],
+    );
+    assert_eq!(codes(&s), vec![(ProblemCode::NoPrimary, None)]);
+}
+
+#[test]
+fn quarantined_tablets_are_reported_and_skipped() {
+    let mut s = healthy();
+    s.tablets[2]
+        .health
+        .as_mut()
+        .unwrap()
+        .mysql
+        .as_mut()
+        .unwrap()
+        .read_only = false;
+    s.quarantined.insert("z-3".into(), "errant 0-3-11".into());
+    assert_eq!(
+        codes(&s),
+        vec![(ProblemCode::Quarantined, Some("z-3".into()))]
+    );
+}
+
+fn cand(alias: &str, cell: &str, rule: PromotionRule, pos: &str) -> Candidate {
+    Candidate {
+        alias: alias.into(),
+        cell: cell.into(),
+        rule,
+        position: GtidSet::parse(Flavor::MariaDb, pos).unwrap(),
+        errant: None,
+    }
+}
+
+#[test]
+fn candidate_is_the_most_advanced_clean_one() {
+    let c = vec![
+        cand("z-2", "zone1", PromotionRule::Neutral, "0-1-9"),
+        cand("z-3", "zone1", PromotionRule::Neutral, "0-1-10"),
+    ];
+    let ch = choose_candidate(&c, Some("zone1"), Durability::SemiSync).unwrap();
+    assert_eq!(ch.candidate, "z-3");
+    assert_eq!(ch.catch_up_from, None);
+    assert_eq!(ch.others, vec!["z-2".to_string()]);
+}
+
+#[test]
+fn errant_most_advanced_is_skipped() {
+    let mut errant = cand("z-3", "zone1", PromotionRule::Neutral, "0-3-11");
+    errant.errant = Some("0-3-11..11".into());
+    let c = vec![
+        cand("z-2", "zone1", PromotionRule::Neutral, "0-1-10"),
+        errant,
+    ];
+    let ch = choose_candidate(&c, None, Durability::None).unwrap();
+    assert_eq!(ch.candidate, "z-2");
+    assert_eq!(ch.catch_up_from, None, "an errant tablet is never a source");
+}
+
+#[test]
+fn must_not_is_an_intermediate_source_only_and_prefer_wins() {
+    let c = vec![
+        cand("z-2", "zone1", PromotionRule::Neutral, "0-1-9"),
+        cand("z-3", "zone1", PromotionRule::MustNot, "0-1-10"),
+    ];
+    let ch = choose_candidate(&c, None, Durability::SemiSync).unwrap();
+    assert_eq!(ch.candidate, "z-2");
+    assert_eq!(ch.catch_up_from.as_deref(), Some("z-3"));
+    assert_eq!(ch.target_position, "0-1-10");
+    let c = vec![
+        cand("z-2", "zone1", PromotionRule::Prefer, "0-1-8"),
+        cand("z-3", "zone1", PromotionRule::Neutral, "0-1-10"),
+        cand("z-4", "zone2", PromotionRule::Neutral, "0-1-10"),
+    ];
+    let ch = choose_candidate(&c, Some("zone1"), Durability::SemiSync).unwrap();
+    assert_eq!(
+        (ch.candidate.as_str(), ch.catch_up_from.as_deref()),
+        ("z-2", Some("z-3"))
+    );
+    // Without a preference, the old primary's cell wins among equals.
+    let c = vec![
+        cand("z-3", "zone2", PromotionRule::Neutral, "0-1-10"),
+        cand("z-4", "zone1", PromotionRule::Neutral, "0-1-10"),
+    ];
+    assert_eq!(
+        choose_candidate(&c, Some("zone1"), Durability::None)
+            .unwrap()
+            .candidate,
+        "z-4"
+    );
+}
+
+#[test]
+fn refusals_carry_reasons() {
+    let c = vec![cand("z-2", "zone1", PromotionRule::Neutral, "0-1-10")];
+    let e = choose_candidate(&c, None, Durability::SemiSync).unwrap_err();
+    assert!(matches!(e, Refusal::Durability { .. }), "{e}");
+    assert!(e.to_string().contains("semi_sync"), "{e}");
+    assert!(choose_candidate(&c, None, Durability::None).is_ok());
+    let c = vec![cand("z-2", "zone1", PromotionRule::MustNot, "0-1-10")];
+    assert!(matches!(
+        choose_candidate(&c, None, Durability::None),
+        Err(Refusal::NoCandidate(_))
+    ));
+    assert!(matches!(
+        choose_candidate(&[], None, Durability::None),
+        Err(Refusal::NoCandidate(_))
+    ));
+    let c = vec![
+        cand("z-2", "zone1", PromotionRule::Neutral, "0-2-10"),
+        cand("z-3", "zone1", PromotionRule::Neutral, "0-3-10"),
+    ];
+    assert!(matches!(
+        choose_candidate(&c, None, Durability::None),
+        Err(Refusal::Diverged(_))
+    ));
+}
