@@ -1,10 +1,6 @@
 //! myha-orchestrator. For now it OBSERVES ONLY: it follows every tablet's health and serves
 //! it over HTTP. Failure analysis and automatic recovery (reparenting, repairs) come later.
 
-mod analysis;
-mod api;
-mod config;
-
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +15,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tabletwatch::{TabletWatch, WatchOptions};
 use tracing::{info, warn};
 
-use crate::config::OrchestratorConfig;
+use myha_orchestrator::api;
+use myha_orchestrator::config::OrchestratorConfig;
 
 const OBSERVE_ONLY: &str = "OBSERVE ONLY: automatic recovery is not implemented yet; \
 this orchestrator follows every tablet's health and reports it, but never analyses failures, \
