@@ -49,6 +49,7 @@ pub struct Shared {
     terms: Mutex<TermState>,
     fence: Mutex<FenceStatus>,
     pub etcd_connected: AtomicBool,
+    etcd_error: Mutex<String>,
     dialect: Mutex<Option<Dialect>>,
     /// Mutating actions and fencing run one at a time.
     pub actions: Arc<tokio::sync::Mutex<ActionState>>,
@@ -102,6 +103,7 @@ impl Shared {
             terms: Mutex::new(terms),
             fence: Mutex::new(FenceStatus::default()),
             etcd_connected: AtomicBool::new(false),
+            etcd_error: Mutex::new("not connected yet".into()),
             dialect: Mutex::new(None),
             actions: Arc::new(tokio::sync::Mutex::new(ActionState::default())),
             poke: Notify::new(),
@@ -196,6 +198,9 @@ impl Shared {
         });
         if h.tablet_type != pb::TabletType::Primary as i32 {
             h.primary_probe = self.probe();
+        }
+        if !h.etcd_connected {
+            h.etcd_error = lock(&self.etcd_error).clone();
         }
         h
     }
@@ -462,6 +467,7 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
         match Topo::connect(&cfg.endpoints, &cfg.prefix, cfg.dial_timeout).await {
             Ok(t) => break t,
             Err(e) => {
+                *lock(&shared.etcd_error) = e.to_string();
                 warn!(error = %e, "etcd unreachable; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -499,8 +505,16 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
             }
         }
         shared.shard.send_replace(shard);
-        let connected = reg_rx.borrow_and_update().registered && *reachable.borrow_and_update();
+        let status = reg_rx.borrow_and_update().clone();
+        let connected = status.registered && *reachable.borrow_and_update();
         shared.etcd_connected.store(connected, Ordering::Relaxed);
+        *lock(&shared.etcd_error) = if connected {
+            String::new()
+        } else {
+            status
+                .last_error
+                .unwrap_or_else(|| "etcd unreachable".to_string())
+        };
         if shared.durability().is_none() {
             if let Ok(Some(k)) = topo.get_keyspace(&ks).await {
                 shared.set_durability(k.durability);

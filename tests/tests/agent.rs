@@ -699,3 +699,51 @@ endpoints = ["http://127.0.0.1:2379"]
         assert!(all.contains(needle), "expected `{needle}` in: {all}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_with_a_taken_alias_is_refused_and_says_why() {
+    let c = Cluster::start(ClusterOptions {
+        tablets: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let alias = c.tablet(0).alias().to_string();
+    let original = c
+        .topo()
+        .get_tablet(&alias)
+        .await
+        .unwrap()
+        .expect("registered");
+    // Same alias as tablet 0, but watching tablet 1's mysqld: a configuration mistake.
+    let mut cfg = c.agent_config(1).unwrap();
+    cfg.tablet.uid = c.tablet(0).uid();
+    let dir = c.dir().join("dup-agent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dup = harness::AgentProc::launch(cfg, &dir, false)
+        .await
+        .expect("agent starts");
+    let mut a = dup.client().await.unwrap();
+    let (_, h) = wait_health(&mut a, "alias conflict reported", GENEROUS, |h| {
+        h.etcd_error.contains("already registered")
+    })
+    .await;
+    assert!(!h.etcd_connected);
+    assert!(
+        h.etcd_error.contains(&original.mysql_port.to_string()),
+        "{}",
+        h.etcd_error
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = c
+        .topo()
+        .get_tablet(&alias)
+        .await
+        .unwrap()
+        .expect("still registered");
+    assert_eq!(
+        now.mysql_port, original.mysql_port,
+        "the original registration is untouched"
+    );
+    assert_eq!(now.grpc_addr, original.grpc_addr);
+}

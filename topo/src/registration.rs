@@ -180,6 +180,32 @@ async fn run(
         }
         delay = backoff.next_delay();
 
+        // Two agents configured with one alias must not take turns overwriting each other's
+        // record: refuse while another mysqld holds it (the same mysqld is a restart of us).
+        match topo.get_tablet(&record.alias).await {
+            Ok(Some(other))
+                if (other.mysql_host.as_str(), other.mysql_port)
+                    != (record.mysql_host.as_str(), record.mysql_port) =>
+            {
+                let e = TopoError::Conflict {
+                    key: key.clone(),
+                    detail: format!(
+                        "alias {} is already registered by another tablet (mysql {}:{}, agent {}); \
+                         refusing to overwrite it until that registration ends",
+                        record.alias, other.mysql_host, other.mysql_port, other.grpc_addr
+                    ),
+                };
+                tracing::error!(key, error = %e, "duplicate tablet alias");
+                set_error(e.to_string());
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                set_error(e.to_string());
+                continue;
+            }
+        }
+
         let lease = match KeptLease::grant(&topo, ttl).await {
             Ok(l) => l,
             Err(e) => {
