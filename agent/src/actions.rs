@@ -186,6 +186,31 @@ impl Exec {
             .map_err(|e| self.map_err(step, e))
     }
 
+    /// Stops replication threads without MariaDB's 2 s wait on an IO thread blocked on a frozen
+    /// source: its session is killed first (closing its socket), then the regular stop runs.
+    pub async fn stop_threads(&mut self, step: &str, scope: Scope) -> Result<(), ActionError> {
+        if let Some(q) = self.dialect.io_thread_sessions_query() {
+            let left = self.remaining(step)?;
+            let rows = mysql::query_rows(&mut self.conn, q, left)
+                .await
+                .map_err(|e| self.map_err(step, e))?;
+            for id in rows
+                .iter()
+                .filter_map(|r| r.get("ID").cloned().flatten())
+                .filter_map(|v| v.parse::<u64>().ok())
+            {
+                let kill = self.dialect.kill_connection(id);
+                match mysql::exec(&mut self.conn, &kill, left).await {
+                    // 1094: the thread ended by itself meanwhile.
+                    Err(e) if e.server_code() != Some(1094) => return Err(self.map_err(step, e)),
+                    _ => {}
+                }
+            }
+        }
+        let sql = self.dialect.stop_replication(scope);
+        self.sql(step, &sql).await
+    }
+
     pub async fn replica_status(&mut self) -> Result<flavor::ReplicaStatus, ActionError> {
         let step = "read replication status";
         let left = self.remaining(step)?;
@@ -250,8 +275,8 @@ pub async fn stop_replication(
     if !st.configured {
         x.note("no replication configured: nothing to stop");
     } else {
-        let sql = x.dialect.stop_replication(sc);
-        x.sql(&sql.to_lowercase(), &sql).await?;
+        let step = x.dialect.stop_replication(sc).to_lowercase();
+        x.stop_threads(&step, sc).await?;
     }
     x.finish().await
 }
@@ -351,8 +376,7 @@ pub async fn set_replication_source(
         x.note(format!("already replicating from {host}:{port}"));
     } else {
         if st.configured {
-            let sql = x.dialect.stop_replication(Scope::Both);
-            x.sql("stop replication", &sql).await?;
+            x.stop_threads("stop replication", Scope::Both).await?;
         }
         if vars.semi_sync_primary_enabled {
             let sqls = x.dialect.set_semi_sync_primary(false, 0);
@@ -398,8 +422,7 @@ pub async fn reset_replication(
     let mut x = Exec::begin(shared, "ResetReplication", req.ctx.as_ref()).await?;
     let st = x.replica_status().await?;
     if st.configured {
-        let sql = x.dialect.stop_replication(Scope::Both);
-        x.sql("stop replication", &sql).await?;
+        x.stop_threads("stop replication", Scope::Both).await?;
         let sql = x.dialect.reset_replication_all().to_string();
         x.sql("reset replication", &sql).await?;
     } else {
@@ -427,9 +450,9 @@ pub async fn set_semi_sync(
         let st = x.replica_status().await?;
         // The replica flag only takes effect when the IO thread reconnects.
         if st.configured && st.io_state != flavor::ThreadState::Stopped {
-            let stop = x.dialect.stop_replication(Scope::IoOnly);
+            x.stop_threads("stop IO thread", Scope::IoOnly).await?;
             let start = x.dialect.start_replication(Scope::IoOnly);
-            x.sqls("restart IO thread", &[stop, start]).await?;
+            x.sql("start IO thread", &start).await?;
         }
     }
     if let Some(on) = req.primary {
@@ -457,6 +480,24 @@ pub async fn promote(
     req: pb::PromoteRequest,
 ) -> Result<pb::ActionResponse, ActionError> {
     let mut x = Exec::begin(shared, "Promote", req.ctx.as_ref()).await?;
+    // One term, one primary: a promotion at a term the shard record already gave to another
+    // tablet comes from an orchestrator that lost the shard (e.g. frozen past its lock).
+    let owner = shared
+        .shard
+        .borrow()
+        .clone()
+        .filter(|s| s.term >= x.term)
+        .and_then(|s| s.primary.map(|p| (p, s.term)))
+        .filter(|(p, _)| *p != shared.id.alias);
+    if let Some((p, t)) = owner {
+        return Err(ActionError::Refused {
+            action: x.action,
+            reason: format!(
+                "term {} is not newer than term {t}, which belongs to primary {p}",
+                x.term
+            ),
+        });
+    }
     let durability = match pb::Durability::try_from(req.durability) {
         Ok(pb::Durability::None) => Durability::None,
         Ok(pb::Durability::SemiSync) => Durability::SemiSync,
@@ -467,8 +508,7 @@ pub async fn promote(
     };
     let st = x.replica_status().await?;
     if st.configured {
-        let sql = x.dialect.stop_replication(Scope::Both);
-        x.sql("stop replication", &sql).await?;
+        x.stop_threads("stop replication", Scope::Both).await?;
         let sql = x.dialect.reset_replication_all().to_string();
         x.sql("reset replication", &sql).await?;
     } else {

@@ -127,6 +127,7 @@ pub fn build(i: HealthInputs<'_>) -> pb::Health {
                 gtid_position: o.vars.gtid_position.clone(),
                 gtid_binlog_pos: o.vars.gtid_binlog_pos.clone(),
                 gtid_slave_pos: o.vars.gtid_slave_pos.clone(),
+                gtid_binlog_state: o.vars.gtid_binlog_state.clone(),
             });
             let r = &o.replica;
             h.replication = Some(pb::Replication {

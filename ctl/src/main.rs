@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Each shard: primary, term, and every tablet's health.
     Status(status::StatusArgs),
-    /// A local cluster (etcd + MariaDB + agents) to try myha on one machine.
+    /// A local cluster (etcd + MariaDB + agents + orchestrator) to try myha on one machine.
     Sandbox {
         #[command(subcommand)]
         command: SandboxCommand,
@@ -28,7 +28,7 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum SandboxCommand {
-    /// Start etcd, N MariaDB instances and their agents in the background.
+    /// Start etcd, N MariaDB instances, their agents and an orchestrator in the background.
     Up(sandbox::UpArgs),
     /// Stop everything a sandbox started.
     Down(sandbox::DownArgs),

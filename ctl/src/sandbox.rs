@@ -1,5 +1,5 @@
-//! `myhactl sandbox up|down`: a local cluster (etcd + MariaDB + agents) in the background,
-//! described by `{dir}/sandbox.json`.
+//! `myhactl sandbox up|down`: a local cluster (etcd + MariaDB + agents + one orchestrator) in
+//! the background, described by `{dir}/sandbox.json`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -75,6 +75,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         durability: Durability::SemiSync,
         base_dir: Some(dir.clone()),
         start_agents: true,
+        start_orchestrator: true,
         lease_ttl: Duration::from_secs(5),
         new_session: true,
         ..ClusterOptions::default()
@@ -103,6 +104,11 @@ fn render_up(s: &SandboxState, took: Duration) -> String {
         s.etcd,
         s.prefix,
         pid(s.etcd_pid)
+    ));
+    out.push_str(&format!(
+        "  orch.     http://{} (pid {})\n",
+        s.orchestrator_http.as_deref().unwrap_or("-"),
+        pid(s.orchestrator_pid)
     ));
     out.push_str(&format!(
         "  shard     {}/{} ({}), primary {}\n",

@@ -1,10 +1,15 @@
-//! `myhactl status`: the topology from etcd joined with each agent's fresh health.
+//! `myhactl status`: the topology from etcd joined with each agent's fresh health, and each
+//! shard's problems, recovery state and last recovery from the orchestrator's HTTP API (found
+//! by `--orchestrator` / `$MYHA_ORCHESTRATOR`, else the sandbox's). When the orchestrator
+//! cannot be asked, the problems are myhactl's own per-tablet checks and the last recovery is
+//! read from etcd's audit log, and the output says so.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use myha_orchestrator::api::{AuditJson, ProblemJson, RecoveryJson};
 use myha_proto::agent::{self as pb, agent_client::AgentClient};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use topo::{ShardRecord, TabletRecord, Topo};
 
 #[derive(clap::Args, Debug)]
@@ -15,9 +20,13 @@ pub struct StatusArgs {
     /// Cluster prefix in etcd.
     #[arg(long, default_value = "/myha")]
     pub prefix: String,
-    /// Sandbox directory to find etcd in when --etcd is not given.
+    /// Sandbox directory to find etcd (and the orchestrator) in when --etcd is not given.
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// The orchestrator's HTTP API (`host:port` or `http://host:port`); default:
+    /// $MYHA_ORCHESTRATOR, else the sandbox's when etcd is the sandbox's.
+    #[arg(long, env = "MYHA_ORCHESTRATOR")]
+    pub orchestrator: Option<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -25,7 +34,25 @@ pub struct StatusArgs {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    pub orchestrator: OrchestratorReport,
     pub shards: Vec<ShardReport>,
+}
+
+/// Where the problems and recovery state came from.
+#[derive(Debug, Serialize, Default, Clone, PartialEq)]
+pub struct OrchestratorReport {
+    /// The API asked (`null`: none known).
+    pub url: Option<String>,
+    /// It answered `GET /api/v1/shards`.
+    pub reachable: bool,
+    /// Why not (or that none was given).
+    pub error: Option<String>,
+    /// Its engine has analysed the shards (until then `problems` are empty for lack of
+    /// analysis); `null` when not reachable or not said.
+    pub analysed: Option<bool>,
+    /// Recoveries enabled globally (`null` when not reachable).
+    pub recoveries_enabled: Option<bool>,
+    pub recoveries_disabled_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -34,7 +61,42 @@ pub struct ShardReport {
     pub shard: String,
     pub primary: Option<String>,
     pub term: u64,
+    /// The orchestrator's analysis (empty: healthy); when it is unreachable, myhactl's own
+    /// per-tablet checks (code `tablet_unhealthy`). See `problems_source`.
+    pub problems: Vec<ProblemJson>,
+    /// `orchestrator` or `myhactl`.
+    pub problems_source: &'static str,
+    /// The orchestrator's recovery state of the shard (`null` when not reachable).
+    pub recovery: Option<RecoveryJson>,
+    /// The newest recovery in the shard's audit log (`null`: none).
+    pub last_recovery: Option<AuditJson>,
+    /// `orchestrator`, `etcd` (orchestrator unreachable), or `unknown` (neither answered).
+    pub last_recovery_source: &'static str,
     pub tablets: Vec<TabletReport>,
+}
+
+/// What myhactl reads from the orchestrator's `GET /api/v1/shards` (unknown fields ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct OrchShards {
+    #[serde(default)]
+    pub analysed: Option<bool>,
+    #[serde(default)]
+    pub recoveries_enabled: Option<bool>,
+    #[serde(default)]
+    pub recoveries_disabled_reason: Option<String>,
+    pub shards: Vec<OrchShard>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OrchShard {
+    pub keyspace: String,
+    pub shard: String,
+    #[serde(default)]
+    pub problems: Vec<ProblemJson>,
+    #[serde(default)]
+    pub recovery: Option<RecoveryJson>,
+    #[serde(default)]
+    pub last_recovery: Option<AuditJson>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -80,12 +142,84 @@ pub fn etcd_endpoints(
     Ok(vec![state.etcd])
 }
 
+/// The orchestrator's API base URL (`http://host:port`): the flag or env, else the sandbox's
+/// when etcd came from the sandbox too (another cluster's etcd with the sandbox's
+/// orchestrator would mix two clusters).
+pub fn orchestrator_url(
+    flag: Option<&str>,
+    etcd_given: bool,
+    dir: Option<&std::path::Path>,
+) -> Option<String> {
+    if let Some(f) = flag.map(str::trim).filter(|f| !f.is_empty()) {
+        return Some(normalize_url(f));
+    }
+    if etcd_given {
+        return None;
+    }
+    let dir = dir
+        .map(|d| d.to_path_buf())
+        .unwrap_or_else(crate::sandbox::default_dir);
+    let state = harness::SandboxState::read(&dir).ok()??;
+    state.orchestrator_http.as_deref().map(normalize_url)
+}
+
+/// `host:port` -> `http://host:port`; no trailing slash.
+pub fn normalize_url(u: &str) -> String {
+    let u = u.trim().trim_end_matches('/');
+    if u.contains("://") {
+        u.to_string()
+    } else {
+        format!("http://{u}")
+    }
+}
+
+async fn fetch_orchestrator(base: &str) -> anyhow::Result<OrchShards> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(3))
+        .build()?;
+    let url = format!("{base}/api/v1/shards");
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = resp.status();
+    let body = resp.text().await.with_context(|| format!("GET {url}"))?;
+    if !status.is_success() {
+        anyhow::bail!("GET {url}: {status}: {}", body.trim());
+    }
+    serde_json::from_str(&body).with_context(|| format!("GET {url}: unexpected answer"))
+}
+
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let endpoints = etcd_endpoints(&args.etcd, args.dir.as_deref())?;
+    let orch_url = orchestrator_url(
+        args.orchestrator.as_deref(),
+        !args.etcd.is_empty(),
+        args.dir.as_deref(),
+    );
     let topo = Topo::connect(&endpoints, &args.prefix, Duration::from_secs(2))
         .await
         .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
-    let report = collect(&topo).await?;
+    // The orchestrator is asked while the agents are.
+    let orch_fut = async {
+        match &orch_url {
+            Some(u) => Some(fetch_orchestrator(u).await.map_err(|e| format!("{e:#}"))),
+            None => None,
+        }
+    };
+    let (report, orch) = tokio::join!(collect(&topo), orch_fut);
+    let mut report = report?;
+    let orch = match orch {
+        Some(r) => r,
+        None => Err("no orchestrator given (--orchestrator or MYHA_ORCHESTRATOR)".to_string()),
+    };
+    join_orchestrator(&mut report, orch_url, orch);
+    if !report.orchestrator.reachable {
+        fill_last_recovery_from_etcd(&topo, &mut report).await;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -104,7 +238,81 @@ pub async fn collect(topo: &Topo) -> anyhow::Result<Report> {
             shards.push(shard_report(&shard, tablets).await);
         }
     }
-    Ok(Report { shards })
+    Ok(Report {
+        orchestrator: OrchestratorReport::default(),
+        shards,
+    })
+}
+
+/// Pure: the orchestrator's answer (or why there is none) joined into the report. Without
+/// one, each shard's problems are the tablets' own problems.
+pub fn join_orchestrator(
+    report: &mut Report,
+    url: Option<String>,
+    orch: Result<OrchShards, String>,
+) {
+    match orch {
+        Ok(o) => {
+            report.orchestrator = OrchestratorReport {
+                url,
+                reachable: true,
+                error: None,
+                analysed: o.analysed,
+                recoveries_enabled: o.recoveries_enabled,
+                recoveries_disabled_reason: o.recoveries_disabled_reason.clone(),
+            };
+            for s in &mut report.shards {
+                s.problems_source = "orchestrator";
+                s.last_recovery_source = "orchestrator";
+                // A shard the orchestrator does not know (yet): nothing to show.
+                if let Some(os) = o
+                    .shards
+                    .iter()
+                    .find(|os| os.keyspace == s.keyspace && os.shard == s.shard)
+                {
+                    s.problems = os.problems.clone();
+                    s.recovery = os.recovery.clone();
+                    s.last_recovery = os.last_recovery.clone();
+                }
+            }
+        }
+        Err(e) => {
+            report.orchestrator = OrchestratorReport {
+                url,
+                reachable: false,
+                error: Some(e),
+                ..Default::default()
+            };
+            for s in &mut report.shards {
+                s.problems_source = "myhactl";
+                s.last_recovery_source = "unknown";
+                s.problems = s
+                    .tablets
+                    .iter()
+                    .filter_map(|t| {
+                        Some(ProblemJson {
+                            code: "tablet_unhealthy".into(),
+                            tablet: Some(t.alias.clone()),
+                            detail: t.problem.clone()?,
+                        })
+                    })
+                    .collect();
+            }
+        }
+    }
+}
+
+/// The newest recovery of every shard, from etcd's audit log (when the orchestrator cannot
+/// say), chosen as the orchestrator chooses it.
+async fn fill_last_recovery_from_etcd(topo: &Topo, report: &mut Report) {
+    for s in &mut report.shards {
+        let scan = myha_orchestrator::http::LAST_RECOVERY_SCAN;
+        if let Ok(entries) = topo.list_audit(&s.keyspace, Some(&s.shard), scan).await {
+            s.last_recovery = myha_orchestrator::api::last_recovery(&entries)
+                .map(|e| AuditJson::new(&s.keyspace, &s.shard, e));
+            s.last_recovery_source = "etcd";
+        }
+    }
 }
 
 async fn shard_report(shard: &ShardRecord, tablets: Vec<TabletRecord>) -> ShardReport {
@@ -132,6 +340,11 @@ async fn shard_report(shard: &ShardRecord, tablets: Vec<TabletRecord>) -> ShardR
         shard: shard.shard.clone(),
         primary: shard.primary.clone(),
         term: shard.term,
+        problems: Vec::new(),
+        problems_source: "myhactl",
+        recovery: None,
+        last_recovery: None,
+        last_recovery_source: "unknown",
         tablets: reports,
     }
 }
@@ -233,8 +446,83 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(T::to_string).unwrap_or_else(|| "-".into())
 }
 
+/// `2024-05-01T10:00:00Z (3m 12s ago)`.
+fn when(at_ms: u64, now_ms: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(at_ms);
+    let ago = Duration::from_secs(now_ms.saturating_sub(at_ms) / 1000);
+    let ago = if ago.is_zero() {
+        "just now".to_string()
+    } else {
+        format!("{} ago", humantime::format_duration(ago))
+    };
+    format!("{} ({ago})", humantime::format_rfc3339_seconds(at))
+}
+
+fn render_orchestrator(o: &OrchestratorReport) -> String {
+    let url = o.url.as_deref().unwrap_or("(none)");
+    if o.reachable {
+        let mut line = format!("orchestrator {url}");
+        if o.analysed == Some(false) {
+            line.push_str(": starting, nothing analysed yet");
+        }
+        if o.recoveries_enabled == Some(false) {
+            line.push_str(&format!(
+                ": RECOVERIES DISABLED globally ({})",
+                o.recoveries_disabled_reason
+                    .as_deref()
+                    .unwrap_or("no reason given")
+            ));
+        }
+        line + "\n"
+    } else {
+        format!(
+            "orchestrator {url} NOT REACHABLE ({}): problems below are myhactl's own checks, last recoveries read from etcd\n",
+            o.error.as_deref().unwrap_or("unknown error")
+        )
+    }
+}
+
+fn render_recovery(r: &RecoveryJson, now_ms: u64) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(p) = &r.in_progress {
+        parts.push(format!(
+            "IN PROGRESS: {}{} since {}",
+            p.what,
+            p.tablet
+                .as_deref()
+                .map(|t| format!(" on {t}"))
+                .unwrap_or_default(),
+            when(p.since_ms, now_ms)
+        ));
+    }
+    if !r.enabled {
+        parts.push(format!(
+            "disabled ({})",
+            r.disabled_reason.as_deref().unwrap_or("no reason given")
+        ));
+    }
+    if r.flapping {
+        parts.push(format!(
+            "flapping: {}",
+            r.flapping_detail
+                .as_deref()
+                .unwrap_or("held back until acknowledged")
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
 pub fn render(report: &Report) -> String {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    render_at(report, now_ms)
+}
+
+pub fn render_at(report: &Report, now_ms: u64) -> String {
     let mut out = String::new();
+    out.push_str(&render_orchestrator(&report.orchestrator));
     if report.shards.is_empty() {
         out.push_str("no shards in the topology\n");
     }
@@ -300,10 +588,62 @@ pub fn render(report: &Report) -> String {
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
         }
-        for t in &s.tablets {
-            if let Some(p) = &t.problem {
-                out.push_str(&format!("  ! {}: {p}\n", t.alias));
+        if let Some(r) = s.recovery.as_ref().and_then(|r| render_recovery(r, now_ms)) {
+            out.push_str(&format!("  recovery: {r}\n"));
+        }
+        if s.problems.is_empty() {
+            out.push_str("  problems: none\n");
+        } else {
+            for p in &s.problems {
+                match &p.tablet {
+                    Some(t) => out.push_str(&format!("  ! {} {t}: {}\n", p.code, p.detail)),
+                    None => out.push_str(&format!("  ! {}: {}\n", p.code, p.detail)),
+                }
             }
+        }
+        // Tablet problems the orchestrator's list does not already name.
+        if s.problems_source == "orchestrator" {
+            for t in &s.tablets {
+                if let Some(p) = &t.problem {
+                    if !s
+                        .problems
+                        .iter()
+                        .any(|x| x.tablet.as_ref() == Some(&t.alias))
+                    {
+                        out.push_str(&format!("  ! {}: {p}\n", t.alias));
+                    }
+                }
+            }
+        }
+        let from = if s.last_recovery_source == "etcd" {
+            " (from etcd)"
+        } else {
+            ""
+        };
+        match &s.last_recovery {
+            Some(a) => out.push_str(&format!(
+                "  last recovery{from}: {} {}{} by {}: {}{}{}\n",
+                when(a.at_ms, now_ms),
+                a.action,
+                a.tablet
+                    .as_deref()
+                    .map(|t| format!(" {t}"))
+                    .unwrap_or_default(),
+                a.actor,
+                a.outcome,
+                a.duration_ms
+                    .map(|d| format!(" in {d} ms"))
+                    .unwrap_or_default(),
+                if a.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", a.detail)
+                }
+            )),
+            None if s.last_recovery_source == "unknown" => {
+                out.push_str("  last recovery: unknown (neither the orchestrator nor etcd said)\n")
+            }
+            None => out.push_str(&format!("  last recovery{from}: none\n")),
         }
     }
     out
@@ -378,29 +718,153 @@ mod tests {
         assert!(!r.healthy && r.problem.unwrap().contains("refused"));
     }
 
+    fn shard_with(tablets: Vec<TabletReport>) -> ShardReport {
+        ShardReport {
+            keyspace: "commerce".into(),
+            shard: "0".into(),
+            primary: Some("zone1-101".into()),
+            term: 1,
+            problems: Vec::new(),
+            problems_source: "myhactl",
+            recovery: None,
+            last_recovery: None,
+            last_recovery_source: "unknown",
+            tablets,
+        }
+    }
+
+    fn unhealthy(alias: &str, problem: &str) -> TabletReport {
+        TabletReport {
+            alias: alias.into(),
+            role: "replica".into(),
+            problem: Some(problem.into()),
+            ..Default::default()
+        }
+    }
+
+    fn audit() -> AuditJson {
+        AuditJson {
+            keyspace: "commerce".into(),
+            shard: "0".into(),
+            at_ms: 1_700_000_000_000,
+            term: 2,
+            actor: "orchestrator@h:1".into(),
+            action: "emergency_reparent".into(),
+            tablet: Some("zone1-102".into()),
+            outcome: "ok".into(),
+            detail: "zone1-101 dead".into(),
+            duration_ms: Some(840),
+        }
+    }
+
     #[test]
     fn renders_a_table_with_problems() {
-        let report = Report {
-            shards: vec![ShardReport {
-                keyspace: "commerce".into(),
-                shard: "0".into(),
-                primary: Some("zone1-101".into()),
-                term: 1,
-                tablets: vec![TabletReport {
-                    alias: "zone1-102".into(),
-                    role: "replica".into(),
-                    problem: Some("mysqld unreachable: x".into()),
-                    ..Default::default()
-                }],
-            }],
+        let mut report = Report {
+            orchestrator: OrchestratorReport::default(),
+            shards: vec![shard_with(vec![unhealthy(
+                "zone1-102",
+                "mysqld unreachable: x",
+            )])],
         };
-        let text = render(&report);
+        join_orchestrator(&mut report, None, Err("no orchestrator given".into()));
+        let text = render_at(&report, 1_700_000_060_000);
         assert!(text.contains("commerce/0  primary zone1-101  term 1"));
-        assert!(text.contains("! zone1-102: mysqld unreachable"));
+        assert!(
+            text.contains("! tablet_unhealthy zone1-102: mysqld unreachable"),
+            "{text}"
+        );
+        assert!(
+            text.contains("NOT REACHABLE (no orchestrator given)"),
+            "{text}"
+        );
+        assert!(text.contains("last recovery: unknown"), "{text}");
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(
             json["shards"][0]["tablets"][0]["semi_sync"]["primary"],
             false
         );
+        assert_eq!(json["shards"][0]["problems"][0]["code"], "tablet_unhealthy");
+        assert_eq!(json["shards"][0]["problems_source"], "myhactl");
+        assert_eq!(json["orchestrator"]["reachable"], false);
+
+        // From etcd after all.
+        report.shards[0].last_recovery = Some(audit());
+        report.shards[0].last_recovery_source = "etcd";
+        let text = render_at(&report, 1_700_000_060_000);
+        assert!(
+            text.contains("last recovery (from etcd): 2023-11-14T22:13:20Z (1m ago) emergency_reparent zone1-102 by orchestrator@h:1: ok in 840 ms (zone1-101 dead)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn orchestrator_answer_is_joined() {
+        let mut report = Report {
+            orchestrator: OrchestratorReport::default(),
+            shards: vec![
+                shard_with(vec![unhealthy("zone1-103", "replication not running")]),
+                ShardReport {
+                    shard: "80-".into(),
+                    ..shard_with(vec![])
+                },
+            ],
+        };
+        let answer: OrchShards = serde_json::from_value(serde_json::json!({
+            "version": 3,
+            "analysed": true,
+            "recoveries_enabled": false,
+            "recoveries_disabled_reason": "maintenance",
+            "shards": [{
+                "keyspace": "commerce", "shard": "0", "tablets": [],
+                "problems": [{"code": "dead_primary", "tablet": "zone1-101", "detail": "gone"}],
+                "recovery": {"in_progress": {"what": "emergency_reparent", "tablet": null, "since_ms": 1_700_000_000_000u64},
+                             "enabled": false, "disabled_reason": "globally disabled: maintenance",
+                             "flapping": true, "flapping_detail": "3 recoveries in 10m"},
+                "last_recovery": audit(),
+            }]
+        }))
+        .unwrap();
+        join_orchestrator(&mut report, Some("http://127.0.0.1:1".into()), Ok(answer));
+        assert!(report.orchestrator.reachable);
+        assert_eq!(report.orchestrator.analysed, Some(true));
+        assert_eq!(report.orchestrator.recoveries_enabled, Some(false));
+        let s = &report.shards[0];
+        assert_eq!(s.problems[0].code, "dead_primary");
+        assert_eq!(
+            s.last_recovery.as_ref().unwrap().action,
+            "emergency_reparent"
+        );
+        // The orchestrator does not know 80-: no problems, no recovery.
+        assert!(report.shards[1].problems.is_empty());
+        assert!(report.shards[1].recovery.is_none());
+        let text = render_at(&report, 1_700_000_002_000);
+        for want in [
+            "orchestrator http://127.0.0.1:1: RECOVERIES DISABLED globally (maintenance)",
+            "recovery: IN PROGRESS: emergency_reparent since 2023-11-14T22:13:20Z (2s ago); disabled (globally disabled: maintenance); flapping: 3 recoveries in 10m",
+            "! dead_primary zone1-101: gone",
+            "! zone1-103: replication not running",
+            "last recovery: 2023-11-14T22:13:20Z (2s ago) emergency_reparent",
+            "problems: none",
+        ] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["shards"][0]["problems"][0]["tablet"], "zone1-101");
+        assert_eq!(json["shards"][1]["problems"], serde_json::json!([]));
+        assert_eq!(json["shards"][1]["last_recovery"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn orchestrator_is_found() {
+        assert_eq!(normalize_url("127.0.0.1:15000/"), "http://127.0.0.1:15000");
+        assert_eq!(normalize_url("https://o:1"), "https://o:1");
+        assert_eq!(
+            orchestrator_url(Some("o:1"), true, None).as_deref(),
+            Some("http://o:1")
+        );
+        // Another cluster's etcd: never the sandbox's orchestrator.
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(orchestrator_url(None, true, Some(d.path())), None);
+        assert_eq!(orchestrator_url(None, false, Some(d.path())), None);
     }
 }

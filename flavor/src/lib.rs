@@ -150,6 +150,7 @@ impl Dialect {
             "gtid_executed".into(),
             "gtid_current_pos".into(),
             "gtid_binlog_pos".into(),
+            "gtid_binlog_state".into(),
             "gtid_slave_pos".into(),
             format!("{p}_enabled"),
             format!("{p}_timeout"),
@@ -315,6 +316,18 @@ impl Dialect {
         "SELECT ID, USER, COMMAND FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
     }
 
+    /// Sessions of this server's replication IO threads, to kill before `STOP SLAVE`: on MariaDB
+    /// a stop waits for an IO thread blocked reading from a frozen source in 2 s rounds, while
+    /// killing its session closes the socket at once. `None` where no such shortcut is known.
+    pub fn io_thread_sessions_query(&self) -> Option<&'static str> {
+        match self.flavor {
+            Flavor::MariaDb => {
+                Some("SELECT ID FROM information_schema.PROCESSLIST WHERE COMMAND = 'Slave_IO'")
+            }
+            Flavor::MySql => None,
+        }
+    }
+
     pub fn kill_connection(&self, id: u64) -> String {
         format!("KILL CONNECTION {id}")
     }
@@ -349,6 +362,7 @@ impl Dialect {
                 .unwrap_or(false),
             gtid_position: normalise_gtid_text(&gtid_position),
             gtid_binlog_pos: normalise_gtid_text(&gtid_binlog_pos),
+            gtid_binlog_state: normalise_gtid_text(&get("gtid_binlog_state").unwrap_or_default()),
             gtid_slave_pos: normalise_gtid_text(&gtid_slave_pos),
             semi_sync_primary_enabled: parse_bool(
                 what,
@@ -509,6 +523,10 @@ pub struct ServerVariables {
     /// Everything applied or written here (MariaDB `gtid_current_pos`, MySQL `gtid_executed`).
     pub gtid_position: String,
     pub gtid_binlog_pos: String,
+    /// MariaDB: the last GTID of every (domain, server) in the binlog. Unlike a position it shows
+    /// a transaction another server never had even when that server has since written higher
+    /// sequence numbers of its own.
+    pub gtid_binlog_state: String,
     pub gtid_slave_pos: String,
     pub semi_sync_primary_enabled: bool,
     pub semi_sync_replica_enabled: bool,

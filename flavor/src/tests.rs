@@ -401,3 +401,10 @@ fn quote_escapes() {
     assert_eq!(quote("a\\b"), "'a\\\\b'");
     assert_eq!(quote(""), "''");
 }
+
+#[test]
+fn io_thread_sessions_are_found_on_mariadb_only() {
+    let q = Dialect::MARIADB_10_11.io_thread_sessions_query().unwrap();
+    assert!(q.contains("'Slave_IO'"), "{q}");
+    assert_eq!(Dialect::MYSQL_8_0.io_thread_sessions_query(), None);
+}

@@ -101,6 +101,7 @@ impl AgentProc {
         let endpoint = Channel::from_shared(uri.clone())
             .map_err(|e| HarnessError::Invalid(format!("agent uri {uri}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
             .timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| HarnessError::Agent {
             what: format!("{}: connect {uri}", self.proc.name()),

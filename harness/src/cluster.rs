@@ -23,6 +23,7 @@ use crate::agent::AgentProc;
 use crate::error::{HarnessError, Result};
 use crate::etcd::Etcd;
 use crate::mysqld::{absolute, Mysqld, MysqldOptions};
+use crate::orchestrator::{orchestrator_config, OrchestratorProc};
 use crate::sandbox::{SandboxState, SandboxTablet, STATE_FILE};
 use crate::util::{free_port, poll_until, random_password};
 
@@ -31,6 +32,10 @@ pub const SEMI_SYNC_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// A hook to adjust each agent's config before it is written.
 pub type AgentConfigHook = Arc<dyn Fn(&mut AgentConfig) + Send + Sync>;
+
+/// A hook to adjust each orchestrator's config before it is written.
+pub type OrchestratorConfigHook =
+    Arc<dyn Fn(&mut myha_orchestrator::config::OrchestratorConfig) + Send + Sync>;
 
 /// What to start.
 #[derive(Clone)]
@@ -63,8 +68,21 @@ pub struct ClusterOptions {
     pub agent_log_level: String,
     /// Adjusts each agent's config.
     pub agent_config: Option<AgentConfigHook>,
+    /// Start one `myha-orchestrator` after the agents ([`Cluster::orchestrator`]); it is
+    /// stopped first and detached with the rest. More: [`Cluster::start_orchestrator`].
+    pub start_orchestrator: bool,
+    /// The orchestrators' log level (also settable through the hook).
+    pub orchestrator_log_level: String,
+    /// Adjusts each orchestrator's config.
+    pub orchestrator_config: Option<OrchestratorConfigHook>,
     /// Bound for replication and agent readiness.
     pub ready_timeout: Duration,
+    /// Name tablet 0 primary at term 1 in the shard record and make it writable (the default).
+    /// `false`: a new shard with no primary (scenario R8): the users and the app database are
+    /// created on tablet 0 and replicated to every tablet, then replication is stopped and
+    /// reset everywhere (`RESET SLAVE ALL`), every tablet stays read-only with semi-sync's
+    /// primary side off, and the shard record names no primary (term 0).
+    pub bootstrap_primary: bool,
 }
 
 impl Default for ClusterOptions {
@@ -86,7 +104,11 @@ impl Default for ClusterOptions {
             heartbeat_period: Duration::from_secs(1),
             agent_log_level: "info".into(),
             agent_config: None,
+            start_orchestrator: false,
+            orchestrator_log_level: "info".into(),
+            orchestrator_config: None,
             ready_timeout: Duration::from_secs(30),
+            bootstrap_primary: true,
         }
     }
 }
@@ -102,6 +124,8 @@ impl fmt::Debug for ClusterOptions {
             .field("first_uid", &self.first_uid)
             .field("base_dir", &self.base_dir)
             .field("start_agents", &self.start_agents)
+            .field("bootstrap_primary", &self.bootstrap_primary)
+            .field("start_orchestrator", &self.start_orchestrator)
             .field("lease_ttl", &self.lease_ttl)
             .field("prefix", &self.prefix)
             .field("new_session", &self.new_session)
@@ -219,6 +243,8 @@ pub struct Cluster {
     topo: Topo,
     tablets: Vec<Tablet>,
     etcd: Etcd,
+    /// The one started by [`ClusterOptions::start_orchestrator`].
+    orchestrator: Option<OrchestratorProc>,
     keep_dir: AtomicBool,
     detached: bool,
     // Last: removed after the processes are gone.
@@ -444,6 +470,7 @@ impl Cluster {
             topo,
             tablets,
             etcd,
+            orchestrator: None,
             keep_dir: AtomicBool::new(false),
             detached: false,
             temp,
@@ -453,6 +480,10 @@ impl Cluster {
         if cluster.opts.start_agents {
             cluster.start_agents().await?;
             tracing::info!(elapsed = ?started.elapsed(), "agents healthy");
+        }
+        if cluster.opts.start_orchestrator {
+            cluster.orchestrator = Some(cluster.start_orchestrator().await?);
+            tracing::info!(elapsed = ?started.elapsed(), "orchestrator up");
         }
         Ok(cluster)
     }
@@ -492,6 +523,22 @@ impl Cluster {
         .await;
         results.into_iter().collect::<Result<Vec<_>>>()?;
         self.wait_replicated(timeout).await?;
+        if !self.opts.bootstrap_primary {
+            // A shard with no primary: identical read-only tablets, none replicating.
+            let results = join_all(replicas.iter().map(|r| async move {
+                let mut c = r.root_conn().await?;
+                exec_all(
+                    &mut c,
+                    r.alias(),
+                    &["STOP SLAVE".into(), "RESET SLAVE ALL".into()],
+                )
+                .await?;
+                let _ = c.disconnect().await;
+                Ok::<_, HarnessError>(())
+            }))
+            .await;
+            return results.into_iter().collect::<Result<Vec<_>>>().map(drop);
+        }
 
         let mut pc = primary.root_conn().await?;
         if semi && !replicas.is_empty() {
@@ -695,6 +742,7 @@ impl Cluster {
         let results = join_all(self.tablets.iter().filter_map(|t| {
             let agent = t.agent.as_ref().filter(|a| a.is_running())?;
             let is_primary = primary.as_deref() == Some(t.alias.as_str());
+            let has_primary = primary.is_some();
             Some(async move {
                 let what = format!("agent {} to report healthy", t.alias);
                 poll_until(&what, timeout, Duration::from_millis(50), || async {
@@ -705,7 +753,8 @@ impl Cluster {
                             h.mysql_error
                         )));
                     }
-                    if !is_primary {
+                    // With no primary (bootstrap_primary: false) nobody replicates yet.
+                    if !is_primary && has_primary {
                         let r = h.replication.unwrap_or_default();
                         if r.io_state() != ThreadState::Running
                             || r.sql_state() != ThreadState::Running
@@ -751,6 +800,48 @@ impl Cluster {
         }))
         .await;
         results.into_iter().collect::<Result<Vec<_>>>().map(drop)
+    }
+
+    /// The config the harness gives an orchestrator of this cluster (fresh port each call):
+    /// this cluster's etcd and prefix, then [`ClusterOptions::orchestrator_config`].
+    pub fn orchestrator_config(&self) -> Result<myha_orchestrator::config::OrchestratorConfig> {
+        let mut cfg = orchestrator_config(
+            &self.etcd.endpoint(),
+            &self.opts.prefix,
+            &self.opts.orchestrator_log_level,
+        )?;
+        if let Some(hook) = &self.opts.orchestrator_config {
+            hook(&mut cfg);
+        }
+        Ok(cfg)
+    }
+
+    /// Starts a `myha-orchestrator` with [`Cluster::orchestrator_config`] in
+    /// `{dir}/orchestrator` (`orchestrator-2`, ... for further ones) and returns once its
+    /// `/health` answers. The caller owns it: dropping the handle kills it.
+    pub async fn start_orchestrator(&self) -> Result<OrchestratorProc> {
+        let cfg = self.orchestrator_config()?;
+        self.start_orchestrator_with(cfg).await
+    }
+
+    /// As [`Cluster::start_orchestrator`], with a config of the caller's.
+    pub async fn start_orchestrator_with(
+        &self,
+        cfg: myha_orchestrator::config::OrchestratorConfig,
+    ) -> Result<OrchestratorProc> {
+        let dir = (1..)
+            .map(|n| match n {
+                1 => self.dir.join("orchestrator"),
+                n => self.dir.join(format!("orchestrator-{n}")),
+            })
+            .find(|d| !d.exists())
+            .unwrap_or_else(|| self.dir.join("orchestrator"));
+        OrchestratorProc::launch(cfg, &dir, self.opts.new_session).await
+    }
+
+    /// The orchestrator started by [`ClusterOptions::start_orchestrator`].
+    pub fn orchestrator(&self) -> Option<&OrchestratorProc> {
+        self.orchestrator.as_ref()
     }
 
     pub fn topo(&self) -> &Topo {
@@ -826,6 +917,11 @@ impl Cluster {
             app_password: self.creds.app_password.clone(),
             database: self.creds.database.clone(),
             credentials: (*self.creds).clone(),
+            orchestrator_pid: self.orchestrator.as_ref().and_then(OrchestratorProc::pid),
+            orchestrator_http: self
+                .orchestrator
+                .as_ref()
+                .map(|o| o.http_addr().to_string()),
             tablets: self
                 .tablets
                 .iter()
@@ -851,6 +947,9 @@ impl Cluster {
         let state = self.sandbox_state();
         state.write(&self.dir.join(STATE_FILE))?;
         self.etcd.detach();
+        if let Some(o) = &self.orchestrator {
+            o.detach();
+        }
         for t in &self.tablets {
             t.mysqld.detach();
             if let Some(a) = &t.agent {
@@ -862,8 +961,12 @@ impl Cluster {
         Ok(state)
     }
 
-    /// Stops everything cleanly: agents (SIGTERM), mysqld (clean shutdown), etcd.
+    /// Stops everything cleanly: the orchestrator and agents (SIGTERM), mysqld (clean
+    /// shutdown), etcd.
     pub async fn shutdown(self) -> Result<()> {
+        if let Some(o) = &self.orchestrator {
+            o.stop().await?;
+        }
         for t in &self.tablets {
             if let Some(a) = &t.agent {
                 a.stop().await?;
@@ -878,6 +981,10 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if !self.detached {
+            // The orchestrator first: it would otherwise react to the rest going away.
+            if let Some(o) = &self.orchestrator {
+                let _ = o.kill();
+            }
             for t in &self.tablets {
                 if let Some(a) = &t.agent {
                     let _ = a.kill();
@@ -943,7 +1050,8 @@ async fn bootstrap_primary_sql(primary: &Tablet, creds: &Credentials) -> Result<
     Ok(())
 }
 
-/// Cell, keyspace (with durability), shard, and tablet 0 as primary at term 1.
+/// Cell, keyspace (with durability), shard, and (unless `bootstrap_primary` is off) tablet 0 as
+/// primary at term 1.
 async fn bootstrap_topology(etcd: &Etcd, opts: &ClusterOptions, primary: &str) -> Result<Topo> {
     let topo = Topo::connect(&[etcd.endpoint()], &opts.prefix, Duration::from_secs(2))
         .await
@@ -965,11 +1073,13 @@ async fn bootstrap_topology(etcd: &Etcd, opts: &ClusterOptions, primary: &str) -
     topo.create_shard(&opts.keyspace, &opts.shard)
         .await
         .map_err(HarnessError::topo("create shard"))?;
-    let rec = topo
-        .bootstrap_primary(&opts.keyspace, &opts.shard, primary)
-        .await
-        .map_err(HarnessError::topo("bootstrap primary"))?;
-    tracing::debug!(?rec, "shard bootstrapped");
+    if opts.bootstrap_primary {
+        let rec = topo
+            .bootstrap_primary(&opts.keyspace, &opts.shard, primary)
+            .await
+            .map_err(HarnessError::topo("bootstrap primary"))?;
+        tracing::debug!(?rec, "shard bootstrapped");
+    }
     Ok(topo)
 }
 

@@ -42,6 +42,10 @@ pub enum HarnessError {
     #[error("{what}: {message}")]
     Agent { what: String, message: String },
 
+    /// An HTTP call to a daemon failed or answered unexpectedly.
+    #[error("{what}: {message}")]
+    Http { what: String, message: String },
+
     #[error("`{name}` not found; searched: {searched}. {hint}")]
     BinaryNotFound {
         name: String,

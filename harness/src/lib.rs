@@ -2,10 +2,11 @@
 //! dirs or a given base dir, and injects faults (SIGKILL, SIGSTOP/SIGCONT, clean stop,
 //! restart). Used by the integration tests, `myhactl sandbox` and the benchmarks.
 //!
-//! - [`Etcd`], [`Mysqld`], [`AgentProc`]: one process each; every method that signals takes
+//! - [`Etcd`], [`Mysqld`], [`AgentProc`], [`OrchestratorProc`]: one process each; every method that signals takes
 //!   `&self`, so a [`Cluster`] can be shared (e.g. in an `Arc`) between tasks.
 //! - [`Cluster::start`]: etcd + N mysqld (GTID replication from tablet 0, semi-sync per
-//!   durability) + topology bootstrap + optionally one agent per mysqld.
+//!   durability) + topology bootstrap + optionally one agent per mysqld and one orchestrator
+//!   ([`ClusterOptions::start_orchestrator`], or [`Cluster::start_orchestrator`] for more).
 //! - Dropping a handle SIGKILLs its processes (also while unwinding from a panic);
 //!   [`Cluster::detach`] leaves them running for the sandbox, [`sandbox::down`] stops them.
 
@@ -14,21 +15,30 @@ mod cluster;
 mod error;
 mod etcd;
 mod mysqld;
+mod orchestrator;
 mod process;
 pub mod sandbox;
 mod template;
 mod util;
+pub mod writer;
 
 pub use agent::{AgentProc, AGENT_START_TIMEOUT, AGENT_STOP_GRACE};
 pub use cluster::{
     global_status, global_var, row_to_map, slave_status, AgentConfigHook, Cluster, ClusterOptions,
-    Credentials, Tablet, SEMI_SYNC_TIMEOUT_MS,
+    Credentials, OrchestratorConfigHook, Tablet, SEMI_SYNC_TIMEOUT_MS,
 };
 pub use error::{HarnessError, Result};
 pub use etcd::{Etcd, ETCD_START_TIMEOUT, ETCD_STOP_GRACE};
+/// Re-exported for [`ClusterOptions::orchestrator_config`].
+pub use myha_orchestrator::config::OrchestratorConfig;
 pub use mysqld::{Mysqld, MysqldOptions, MYSQLD_START_TIMEOUT, MYSQLD_STOP_GRACE};
+pub use orchestrator::{
+    orchestrator_config, OrchestratorProc, ORCHESTRATOR_HTTP_TIMEOUT, ORCHESTRATOR_START_TIMEOUT,
+    ORCHESTRATOR_STOP_GRACE,
+};
 pub use sandbox::{SandboxState, SandboxTablet};
 pub use util::{find_myha_bin, free_port, log_tail, pid_alive, random_password, rss_kib};
+pub use writer::{Ack, DeposedAck, FaultMark, Writer, WriterOptions, WriterReport};
 
 /// Re-exported for [`ClusterOptions::durability`].
 pub use topo::Durability;

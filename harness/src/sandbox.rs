@@ -31,6 +31,12 @@ pub struct SandboxState {
     pub app_password: String,
     pub database: String,
     pub credentials: Credentials,
+    /// The sandbox's `myha-orchestrator` (none in sandboxes made before it had one).
+    #[serde(default)]
+    pub orchestrator_pid: Option<u32>,
+    /// Its HTTP API, `127.0.0.1:port`.
+    #[serde(default)]
+    pub orchestrator_http: Option<String>,
     pub tablets: Vec<SandboxTablet>,
     pub created_ms: u64,
 }
@@ -86,12 +92,14 @@ impl SandboxState {
             .map_err(HarnessError::io(format!("rename to {}", path.display())))
     }
 
-    /// What `myhactl sandbox up --json` prints: exactly `dir, etcd, keyspace, shard, app_user,
-    /// app_password, database, tablets[{alias, mysql, socket, mysqld_pid, agent_pid, agent_grpc}]`.
+    /// What `myhactl sandbox up --json` prints: exactly `dir, etcd, orchestrator_http, keyspace,
+    /// shard, app_user, app_password, database,
+    /// tablets[{alias, mysql, socket, mysqld_pid, agent_pid, agent_grpc}]`.
     pub fn summary_json(&self) -> serde_json::Value {
         serde_json::json!({
             "dir": self.dir,
             "etcd": self.etcd,
+            "orchestrator_http": self.orchestrator_http,
             "keyspace": self.keyspace,
             "shard": self.shard,
             "app_user": self.app_user,
@@ -108,9 +116,13 @@ impl SandboxState {
         })
     }
 
-    /// Every process of the sandbox: (what, program name, pid), agents first, etcd last.
+    /// Every process of the sandbox: (what, program name, pid), the orchestrator first, then
+    /// agents, etcd last.
     pub fn processes(&self) -> Vec<(String, &'static str, u32)> {
         let mut out = Vec::new();
+        if let Some(pid) = self.orchestrator_pid {
+            out.push(("myha-orchestrator".to_string(), "myha-orchestrator", pid));
+        }
         for t in &self.tablets {
             if let Some(pid) = t.agent_pid {
                 out.push((format!("myha-agent {}", t.alias), "myha-agent", pid));
@@ -165,6 +177,11 @@ pub fn is_ours(pid: u32, program: &str, dir: &Path) -> bool {
     prog_ok && argv.iter().skip(1).any(|a| a.contains(&dir))
 }
 
+/// Our programs, in the order [`down`] stops them: the orchestrator first (it would otherwise
+/// recover from the rest going away), then agents (they would react to their mysqld going
+/// away), mysqld, etcd.
+const PROGRAMS: [&str; 4] = ["myha-orchestrator", "myha-agent", "mariadbd", "etcd"];
+
 /// Every live process running one of our programs with `dir` in its arguments (also finds
 /// processes restarted under a new pid).
 fn scan(dir: &Path) -> Vec<(String, &'static str, u32)> {
@@ -176,7 +193,7 @@ fn scan(dir: &Path) -> Vec<(String, &'static str, u32)> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        for prog in ["myha-agent", "mariadbd", "etcd"] {
+        for prog in PROGRAMS {
             if is_ours(pid, prog, dir) {
                 out.push((format!("{prog} (found by scan)"), prog, pid));
             }
@@ -195,8 +212,8 @@ pub struct Stopped {
     pub outcome: &'static str,
 }
 
-/// Stops the sandbox in `dir`: SIGTERM to every process that is still ours (agents, then
-/// mysqld, then etcd), SIGKILL what is left after the grace period, then removes the state
+/// Stops the sandbox in `dir`: SIGTERM to every process that is still ours (orchestrator,
+/// agents, mysqld, then etcd), SIGKILL what is left after the grace period, then removes the state
 /// file. An error when `dir` has no state file.
 pub async fn down(dir: &Path, grace: Duration) -> Result<Vec<Stopped>> {
     let state = SandboxState::read(dir)?.ok_or_else(|| {
@@ -222,8 +239,7 @@ pub async fn down(dir: &Path, grace: Duration) -> Result<Vec<Stopped>> {
             });
         }
     }
-    // Agents first (they would otherwise react to their mysqld going away), then mysqld, etcd.
-    for group in ["myha-agent", "mariadbd", "etcd"] {
+    for group in PROGRAMS {
         let members: Vec<_> = live
             .iter()
             .filter(|(_, p, _)| *p == group)
@@ -363,6 +379,8 @@ mod tests {
             app_password: "pw".into(),
             database: "app".into(),
             credentials: Credentials::generate(),
+            orchestrator_pid: Some(u32::MAX - 5),
+            orchestrator_http: Some("127.0.0.1:3".into()),
             tablets: vec![SandboxTablet {
                 alias: "zone1-101".into(),
                 mysql: "127.0.0.1:2".into(),
@@ -392,6 +410,7 @@ mod tests {
                 "dir",
                 "etcd",
                 "keyspace",
+                "orchestrator_http",
                 "shard",
                 "tablets"
             ]
@@ -424,6 +443,14 @@ mod tests {
         let back = SandboxState::read(d.path()).unwrap().unwrap();
         assert_eq!(back, s);
         assert!(back.running().is_empty());
+        assert_eq!(back.processes()[0].1, "myha-orchestrator");
+        // A state file from before the orchestrator still reads.
+        let mut v = serde_json::to_value(&s).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("orchestrator_pid");
+        o.remove("orchestrator_http");
+        let old: SandboxState = serde_json::from_value(v).unwrap();
+        assert_eq!((old.orchestrator_pid, old.orchestrator_http), (None, None));
     }
 
     #[test]

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use gtid::{Flavor, GtidSet};
 use myha_proto::agent as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
 
 /// Every problem the orchestrator knows, one per catalog case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProblemCode {
     /// Primary unreachable by the orchestrator and by every reachable replica (P1-P3).
@@ -238,6 +238,37 @@ pub fn errant(replica: &GtidSet, reference: &GtidSet, reference_writer: &str) ->
     }
 }
 
+/// MariaDB: the entries of `tablet_state` (a `gtid_binlog_state`) that `primary_state` does not
+/// cover: a (domain, server) it lacks or has at a lower sequence. Such a transaction is not on
+/// the primary even when the primary's position is numerically ahead (it wrote its own
+/// transactions at those sequence numbers), so the tablet cannot replicate from it.
+pub fn binlog_state_missing(
+    tablet_state: &str,
+    primary_state: &str,
+) -> Result<Vec<String>, String> {
+    fn parse(s: &str) -> Result<Vec<gtid::MariaDbGtid>, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse::<gtid::MariaDbGtid>().map_err(|e| e.to_string()))
+            .collect()
+    }
+    let primary = parse(primary_state)?;
+    Ok(parse(tablet_state)?
+        .into_iter()
+        .filter(|g| {
+            !primary
+                .iter()
+                .any(|p| p.domain == g.domain && p.server_id == g.server_id && p.seq >= g.seq)
+        })
+        .map(|g| g.to_string())
+        .collect())
+}
+
+/// MySQL/MariaDB error 1236 (ER_MASTER_FATAL_ERROR_READING_BINLOG): the source lacks what the
+/// replica asks for; restarting replication cannot help.
+const ER_SOURCE_FATAL_READING_BINLOG: u32 = 1236;
+
 pub fn writer_id(h: &pb::Health) -> String {
     match (flavor_of(h), h.mysql.as_ref()) {
         (Flavor::MySql, Some(m)) => m.server_uuid.clone(),
@@ -349,16 +380,8 @@ pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         }
         let m = h.mysql.clone().unwrap_or_default();
         let rep = h.replication.clone().unwrap_or_default();
-        if let (Some(rp), Some(pp)) = (position(h), p_pos.as_ref()) {
-            if let Some(e) = errant(&rp, pp, &p_writer) {
-                out.push(Problem::new(
-                    ProblemCode::ErrantGtid,
-                    Some(alias),
-                    format!("errant transactions {e} (not on primary {primary_alias})"),
-                ));
-                continue;
-            }
-        }
+        // A returning old primary first: its repair decides between rejoining and quarantine,
+        // whatever extra transactions it holds.
         if h.promoted_term > 0 && h.promoted_term < term && !rep.configured {
             out.push(Problem::new(
                 ProblemCode::StaleTabletClaimingPrimary,
@@ -369,6 +392,16 @@ pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
                 ),
             ));
             continue;
+        }
+        if let (Some(rp), Some(pp)) = (position(h), p_pos.as_ref()) {
+            if let Some(e) = errant(&rp, pp, &p_writer) {
+                out.push(Problem::new(
+                    ProblemCode::ErrantGtid,
+                    Some(alias),
+                    format!("errant transactions {e} (not on primary {primary_alias})"),
+                ));
+                continue;
+            }
         }
         if !m.read_only {
             out.push(Problem::new(
@@ -388,6 +421,16 @@ pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
                     format!("has no replication source (primary is {p_addr})")
                 },
             ));
+        } else if !replicating(h) && rep.last_io_errno == ER_SOURCE_FATAL_READING_BINLOG {
+            out.push(Problem::new(
+                ProblemCode::ErrantGtid,
+                Some(alias),
+                format!(
+                    "diverged from the primary, replication cannot resume: {}",
+                    rep.last_io_error
+                ),
+            ));
+            continue;
         } else if !replicating(h) {
             let errors = [rep.last_io_error.as_str(), rep.last_sql_error.as_str()]
                 .into_iter()

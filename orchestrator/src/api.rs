@@ -1,9 +1,33 @@
-//! `GET /api/v1/shards`: the current snapshot as JSON. The translation is pure.
+//! The orchestrator's HTTP API. Everything here is pure: the handlers in `main.rs` gather the
+//! inputs (the tabletwatch snapshot, the engine's state, etcd reads) and these functions turn
+//! them into JSON, parse and validate requests, check the bearer token, and render the
+//! per-tablet metrics.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/health` | liveness (`ok`) |
+//! | GET | `/metrics` | Prometheus text |
+//! | GET | `/api/v1/shards` | [`ShardsResponse`]: every shard, its tablets, problems, recovery state |
+//! | GET | `/api/v1/recoveries?keyspace=&shard=&limit=` | [`RecoveriesResponse`]: audit entries, newest first |
+//! | POST | `/api/v1/recoveries/disable` | [`ToggleRequest`] (body or query): none = global |
+//! | POST | `/api/v1/recoveries/enable` | idem |
+//! | POST | `/api/v1/shards/{keyspace}/{shard}/ack` | [`AckRequest`]: acknowledge the shard's last recovery |
+//!
+//! Mutating endpoints need `Authorization: Bearer <token>` when `[orchestrator] api_token` is
+//! set. Every error is `{"error": "..."}` with a 4xx/5xx status.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use tabletwatch::{FleetSnapshot, ShardView, StreamState, TabletView};
+use topo::AuditEntry;
+
+use crate::analysis::{Problem, ProblemCode};
+use crate::engine::{EngineView, RecoveryResult, ShardStatus};
+use crate::recovery::ACTION_EMERGENCY_REPARENT;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ShardsResponse {
@@ -13,6 +37,11 @@ pub struct ShardsResponse {
     pub topo_synced: bool,
     /// What `fresh` was judged with.
     pub health_stale_after_ms: u64,
+    /// The engine has analysed at least once (else `problems` are empty for lack of analysis).
+    pub analysed: bool,
+    /// Automatic recovery is on (`[recovery] enabled` and not disabled globally); else why not.
+    pub recoveries_enabled: bool,
+    pub recoveries_disabled_reason: Option<String>,
     pub shards: Vec<ShardJson>,
 }
 
@@ -27,7 +56,238 @@ pub struct ShardJson {
     pub term: u64,
     pub term_start_ms: Option<u64>,
     pub reparent_in_progress: Option<String>,
+    /// What the analysis finds wrong now, most urgent first (empty: healthy).
+    pub problems: Vec<ProblemJson>,
+    /// Whether and how the orchestrator may recover this shard now.
+    pub recovery: RecoveryJson,
+    /// The newest audit entry of the shard (`null`: none known).
+    pub last_recovery: Option<AuditJson>,
     pub tablets: Vec<TabletJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProblemJson {
+    /// e.g. `dead_primary`, `replica_not_replicating` (see `analysis::ProblemCode`).
+    pub code: String,
+    /// The tablet it is about; `null` for shard-wide problems.
+    pub tablet: Option<String>,
+    pub detail: String,
+}
+
+impl From<&Problem> for ProblemJson {
+    fn from(p: &Problem) -> Self {
+        ProblemJson {
+            code: p.code.as_str().to_string(),
+            tablet: p.tablet.clone(),
+            detail: p.detail.clone(),
+        }
+    }
+}
+
+/// A recovery running now (in this orchestrator process).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InProgressJson {
+    /// The problem it recovers, e.g. `dead_primary`.
+    pub what: String,
+    /// The tablet it is about, if one.
+    pub tablet: Option<String>,
+    #[serde(default)]
+    pub detail: String,
+    /// When it started, ms since the epoch.
+    pub since_ms: u64,
+    #[serde(default)]
+    pub running_ms: u64,
+}
+
+/// How this orchestrator process's last attempt on the shard ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptJson {
+    /// The problem it was for.
+    pub problem: String,
+    pub tablet: Option<String>,
+    /// `recovered`, `refused`, `failed`, `problem_gone`, `lock_held` or `skipped`.
+    pub outcome: String,
+    /// The outcome's detail, reason or error.
+    pub detail: String,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    /// The term written (emergency reparent).
+    pub new_term: Option<u64>,
+}
+
+impl From<&RecoveryResult> for AttemptJson {
+    fn from(r: &RecoveryResult) -> Self {
+        AttemptJson {
+            problem: r.problem.as_str().to_string(),
+            tablet: r.tablet.clone(),
+            outcome: r.outcome.label().to_string(),
+            detail: r.outcome.text().to_string(),
+            started_ms: r.started_ms,
+            duration_ms: r.duration_ms,
+            new_term: r.new_term,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecoveryJson {
+    pub in_progress: Option<InProgressJson>,
+    /// The orchestrator would recover this shard now (not disabled, not flapping).
+    pub enabled: bool,
+    /// Why not, when not enabled (`[recovery] enabled = false`, global or shard disable,
+    /// flapping).
+    pub disabled_reason: Option<String>,
+    /// Automatic recovery stopped after too many reparents, until acknowledged
+    /// (`POST /api/v1/shards/{keyspace}/{shard}/ack`).
+    pub flapping: bool,
+    /// The flapping reason, when flapping.
+    pub flapping_detail: Option<String>,
+    /// The problem the orchestrator would recover next.
+    pub next: Option<ProblemJson>,
+    /// Why the next problem was not acted on at the last evaluation (skip, backoff, hold).
+    pub waiting: Option<String>,
+    /// This process's last attempt (lost on restart; `last_recovery` is from the audit log).
+    pub last_attempt: Option<AttemptJson>,
+}
+
+impl Default for RecoveryJson {
+    fn default() -> Self {
+        RecoveryJson {
+            in_progress: None,
+            enabled: true,
+            disabled_reason: None,
+            flapping: false,
+            flapping_detail: None,
+            next: None,
+            waiting: None,
+            last_attempt: None,
+        }
+    }
+}
+
+impl RecoveryJson {
+    pub fn from_status(s: &ShardStatus) -> RecoveryJson {
+        RecoveryJson {
+            in_progress: s.recovery.as_ref().map(|r| InProgressJson {
+                what: r.problem.as_str().to_string(),
+                tablet: r.tablet.clone(),
+                detail: r.detail.clone(),
+                since_ms: r.since_ms,
+                running_ms: r.running_ms,
+            }),
+            enabled: s.recoveries_enabled,
+            disabled_reason: s.disabled_reason.clone(),
+            flapping: s.flapping.is_some(),
+            flapping_detail: s.flapping.as_ref().map(|f| f.reason(&s.keyspace, &s.shard)),
+            next: s.next.as_ref().map(ProblemJson::from),
+            waiting: s.waiting.clone(),
+            last_attempt: s.last_recovery.as_ref().map(AttemptJson::from),
+        }
+    }
+}
+
+impl EngineState {
+    /// The engine's view, with each shard's last recovery from `last_recoveries` (the audit
+    /// log, see [`last_recovery`]).
+    pub fn from_view(
+        view: &EngineView,
+        last_recoveries: &BTreeMap<(String, String), AuditJson>,
+    ) -> EngineState {
+        EngineState {
+            analysed: view.version > 0,
+            recoveries_enabled: view.recoveries_enabled,
+            recoveries_disabled_reason: view.disabled_reason.clone(),
+            shards: view
+                .shards
+                .iter()
+                .map(|s| {
+                    let key = (s.keyspace.clone(), s.shard.clone());
+                    let state = ShardState {
+                        problems: s.problems.iter().map(ProblemJson::from).collect(),
+                        recovery: RecoveryJson::from_status(s),
+                        last_recovery: last_recoveries.get(&key).cloned(),
+                    };
+                    (key, state)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Whether an audit action names a whole recovery (the summary an attempt ends with, or a
+/// skipped one): `emergency_reparent` or a problem code. Steps, acks and switches are not.
+pub fn is_recovery_action(action: &str) -> bool {
+    action == ACTION_EMERGENCY_REPARENT
+        || serde_json::from_value::<ProblemCode>(serde_json::Value::String(action.into())).is_ok()
+}
+
+/// The newest recovery among a shard's audit entries (given newest first).
+pub fn last_recovery(entries: &[AuditEntry]) -> Option<&AuditEntry> {
+    entries.iter().find(|e| is_recovery_action(&e.action))
+}
+
+/// One audit entry with the shard it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditJson {
+    pub keyspace: String,
+    pub shard: String,
+    pub at_ms: u64,
+    pub term: u64,
+    pub actor: String,
+    pub action: String,
+    pub tablet: Option<String>,
+    pub outcome: String,
+    pub detail: String,
+    pub duration_ms: Option<u64>,
+}
+
+impl AuditJson {
+    pub fn new(keyspace: &str, shard: &str, e: &AuditEntry) -> AuditJson {
+        AuditJson {
+            keyspace: keyspace.to_string(),
+            shard: shard.to_string(),
+            at_ms: e.at_ms,
+            term: e.term,
+            actor: e.actor.clone(),
+            action: e.action.clone(),
+            tablet: e.tablet.clone(),
+            outcome: e.outcome.clone(),
+            detail: e.detail.clone(),
+            duration_ms: e.duration_ms,
+        }
+    }
+}
+
+/// What the engine knows about one shard, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ShardState {
+    pub problems: Vec<ProblemJson>,
+    pub recovery: RecoveryJson,
+    pub last_recovery: Option<AuditJson>,
+}
+
+/// What the engine knows, as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineState {
+    /// The engine has published (else nothing was analysed yet).
+    pub analysed: bool,
+    pub recoveries_enabled: bool,
+    pub recoveries_disabled_reason: Option<String>,
+    /// By `(keyspace, shard)`; a shard missing here shows no problems and default recovery
+    /// state.
+    pub shards: BTreeMap<(String, String), ShardState>,
+}
+
+impl Default for EngineState {
+    fn default() -> Self {
+        EngineState {
+            analysed: false,
+            recoveries_enabled: true,
+            recoveries_disabled_reason: None,
+            shards: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -108,33 +368,396 @@ pub fn shards_response(
     snap: &FleetSnapshot,
     now: Instant,
     stale_after: Duration,
+    engine: &EngineState,
 ) -> ShardsResponse {
     ShardsResponse {
         version: snap.version,
         topo_synced: snap.topo_synced,
         health_stale_after_ms: millis(stale_after),
+        analysed: engine.analysed,
+        recoveries_enabled: engine.recoveries_enabled,
+        recoveries_disabled_reason: engine.recoveries_disabled_reason.clone(),
         shards: snap
             .shards
-            .values()
-            .map(|s| ShardJson {
-                keyspace: s.keyspace.clone(),
-                shard: s.shard.clone(),
-                has_record: s.record.is_some(),
-                primary: s.primary_alias().map(str::to_string),
-                term: s.term(),
-                term_start_ms: s.record.as_deref().map(|r| r.term_start_ms),
-                reparent_in_progress: s
-                    .record
-                    .as_deref()
-                    .and_then(|r| r.reparent_in_progress.clone()),
-                tablets: s
-                    .tablets
-                    .values()
-                    .map(|t| tablet_json(s, t, now, stale_after))
-                    .collect(),
+            .iter()
+            .map(|(key, s)| {
+                let state = engine.shards.get(key).cloned().unwrap_or_default();
+                ShardJson {
+                    keyspace: s.keyspace.clone(),
+                    shard: s.shard.clone(),
+                    has_record: s.record.is_some(),
+                    primary: s.primary_alias().map(str::to_string),
+                    term: s.term(),
+                    term_start_ms: s.record.as_deref().map(|r| r.term_start_ms),
+                    reparent_in_progress: s
+                        .record
+                        .as_deref()
+                        .and_then(|r| r.reparent_in_progress.clone()),
+                    problems: state.problems,
+                    recovery: state.recovery,
+                    last_recovery: state.last_recovery,
+                    tablets: s
+                        .tablets
+                        .values()
+                        .map(|t| tablet_json(s, t, now, stale_after))
+                        .collect(),
+                }
             })
             .collect(),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and authentication
+
+/// An API error: its status and `{"error": message}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+    /// etcd (or another dependency) could not answer.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> String {
+        serde_json::to_string(&ErrorBody {
+            error: &self.message,
+        })
+        .unwrap_or_else(|_| "{\"error\":\"unprintable error\"}".into())
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.body(),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"myha-orchestrator\""),
+            );
+        }
+        resp
+    }
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks the `Authorization` header of a mutating request against the configured token
+/// (none configured: everything passes).
+pub fn check_bearer(configured: Option<&str>, authorization: Option<&str>) -> Result<(), ApiError> {
+    let Some(want) = configured else {
+        return Ok(());
+    };
+    let Some(value) = authorization else {
+        return Err(ApiError::unauthorized(
+            "this orchestrator requires a bearer token for changes ([orchestrator] api_token): send `Authorization: Bearer <token>`",
+        ));
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return Err(ApiError::unauthorized(
+            "the Authorization header is not `Bearer <token>`",
+        ));
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(ApiError::unauthorized(format!(
+            "the Authorization scheme is `{scheme}`, not `Bearer`"
+        )));
+    }
+    if !constant_time_eq(token.trim().as_bytes(), want.as_bytes()) {
+        return Err(ApiError::unauthorized("wrong bearer token"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// Parses an optional JSON body (empty or `null` = all defaults); unknown fields are refused.
+pub fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "request body is not valid JSON for this endpoint: {e}"
+        ))
+    })
+}
+
+/// Body and query string of `POST /api/v1/recoveries/{disable,enable}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToggleRequest {
+    pub keyspace: Option<String>,
+    pub shard: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Where a disable/enable applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Global,
+    Shard { keyspace: String, shard: String },
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Global => f.write_str("global"),
+            Scope::Shard { keyspace, shard } => write!(f, "{keyspace}/{shard}"),
+        }
+    }
+}
+
+fn non_blank(v: Option<String>) -> Option<String> {
+    v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+fn valid_name(what: &str, v: &str) -> Result<(), ApiError> {
+    topo::validate_name(what, v).map_err(ApiError::bad_request)
+}
+
+/// The scope and reason of a disable/enable: fields from the body, else from the query.
+/// Both keyspace and shard, or neither (= global).
+pub fn toggle_scope(
+    body: ToggleRequest,
+    query: ToggleRequest,
+) -> Result<(Scope, Option<String>), ApiError> {
+    let keyspace = non_blank(body.keyspace).or(non_blank(query.keyspace));
+    let shard = non_blank(body.shard).or(non_blank(query.shard));
+    let reason = non_blank(body.reason).or(non_blank(query.reason));
+    let scope = match (keyspace, shard) {
+        (None, None) => Scope::Global,
+        (Some(keyspace), Some(shard)) => {
+            valid_name("keyspace", &keyspace)?;
+            valid_name("shard", &shard)?;
+            Scope::Shard { keyspace, shard }
+        }
+        (Some(_), None) => {
+            return Err(ApiError::bad_request(
+                "keyspace given without shard: give both for one shard, or neither for all",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "shard given without keyspace: give both for one shard, or neither for all",
+            ))
+        }
+    };
+    Ok((scope, reason))
+}
+
+/// Body of `POST /api/v1/shards/{keyspace}/{shard}/ack` (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckRequest {
+    /// Why, for the audit log.
+    pub reason: Option<String>,
+}
+
+/// Answer of the mutating endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeResponse {
+    pub ok: bool,
+    /// e.g. `disable`, `enable`, `ack`.
+    pub action: String,
+    /// `global` or `keyspace/shard`.
+    pub scope: String,
+    pub reason: Option<String>,
+}
+
+/// Query of `GET /api/v1/recoveries`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveriesQuery {
+    pub keyspace: Option<String>,
+    pub shard: Option<String>,
+    /// A string so that a bad value gets our error message.
+    pub limit: Option<String>,
+}
+
+pub const DEFAULT_RECOVERIES_LIMIT: usize = 50;
+pub const MAX_RECOVERIES_LIMIT: usize = 1000;
+
+/// Which audit entries `GET /api/v1/recoveries` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveriesFilter {
+    /// `None`: every keyspace.
+    pub keyspace: Option<String>,
+    /// `None`: every shard (of the keyspace, or of all).
+    pub shard: Option<String>,
+    pub limit: usize,
+}
+
+impl RecoveriesQuery {
+    pub fn validate(self) -> Result<RecoveriesFilter, ApiError> {
+        let keyspace = non_blank(self.keyspace);
+        let shard = non_blank(self.shard);
+        if shard.is_some() && keyspace.is_none() {
+            return Err(ApiError::bad_request("shard given without keyspace"));
+        }
+        if let Some(k) = &keyspace {
+            valid_name("keyspace", k)?;
+        }
+        if let Some(s) = &shard {
+            valid_name("shard", s)?;
+        }
+        let limit = match non_blank(self.limit) {
+            None => DEFAULT_RECOVERIES_LIMIT,
+            Some(l) => match l.parse::<usize>() {
+                Ok(n) if (1..=MAX_RECOVERIES_LIMIT).contains(&n) => n,
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "limit `{l}` is not a number from 1 to {MAX_RECOVERIES_LIMIT}"
+                    )))
+                }
+            },
+        };
+        Ok(RecoveriesFilter {
+            keyspace,
+            shard,
+            limit,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveriesResponse {
+    /// Newest first.
+    pub recoveries: Vec<AuditJson>,
+}
+
+/// Every shard's newest entries (each list newest first) merged into one list, newest first,
+/// at most `limit` long. Ties keep the order of `per_shard`.
+pub fn merge_audit(
+    per_shard: &[(String, String, Vec<AuditEntry>)],
+    limit: usize,
+) -> Vec<AuditJson> {
+    let mut all: Vec<AuditJson> = per_shard
+        .iter()
+        .flat_map(|(ks, shard, entries)| entries.iter().map(|e| AuditJson::new(ks, shard, e)))
+        .collect();
+    all.sort_by_key(|a| std::cmp::Reverse(a.at_ms));
+    all.truncate(limit);
+    all
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Per-tablet health gauges in Prometheus text format, computed from the snapshot at render
+/// time (so a tablet that is gone leaves no stale series):
+/// - `myha_orchestrator_tablet_mysql_reachable`: 1 when the tablet's health is fresh and says
+///   mysqld answers, else 0;
+/// - `myha_orchestrator_tablet_lag_ms`: the replica's lag per its fresh health (absent when
+///   unknown or stale);
+/// - `myha_orchestrator_tablet_stream_connected`: 1 while the health stream is up.
+pub fn tablet_metrics(snap: &FleetSnapshot, now: Instant, stale_after: Duration) -> String {
+    let mut reachable = String::new();
+    let mut lag = String::new();
+    let mut stream = String::new();
+    for s in snap.shards.values() {
+        for t in s.tablets.values() {
+            let labels = format!(
+                "tablet=\"{}\",keyspace=\"{}\",shard=\"{}\"",
+                label(t.alias()),
+                label(&s.keyspace),
+                label(&s.shard)
+            );
+            let fresh = t.fresh_health(now, stale_after);
+            let up = fresh.is_some_and(|h| h.mysql_reachable);
+            reachable.push_str(&format!(
+                "myha_orchestrator_tablet_mysql_reachable{{{labels}}} {}\n",
+                u8::from(up)
+            ));
+            if let Some(l) = fresh.and_then(|h| h.lag_ms) {
+                lag.push_str(&format!(
+                    "myha_orchestrator_tablet_lag_ms{{{labels}}} {l}\n"
+                ));
+            }
+            stream.push_str(&format!(
+                "myha_orchestrator_tablet_stream_connected{{{labels}}} {}\n",
+                u8::from(t.stream.is_connected())
+            ));
+        }
+    }
+    let mut out = String::new();
+    for (name, help, body) in [
+        (
+            "myha_orchestrator_tablet_mysql_reachable",
+            "1 when the tablet's fresh health says its mysqld answers",
+            reachable,
+        ),
+        (
+            "myha_orchestrator_tablet_lag_ms",
+            "Replication lag of the tablet per its fresh health, in ms",
+            lag,
+        ),
+        (
+            "myha_orchestrator_tablet_stream_connected",
+            "1 while the orchestrator's health stream from the tablet's agent is up",
+            stream,
+        ),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        out.push_str(&body);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -195,7 +818,29 @@ mod tests {
             shard("other", "-80", None, vec![none]),
         );
 
-        let resp = shards_response(&snap, now, stale);
+        let mut engine = EngineState::default();
+        engine.shards.insert(
+            ("ks".into(), "0".into()),
+            ShardState {
+                problems: vec![ProblemJson {
+                    code: "replica_not_replicating".into(),
+                    tablet: Some("zone1-102".into()),
+                    detail: "io thread stopped".into(),
+                }],
+                recovery: RecoveryJson {
+                    in_progress: Some(InProgressJson {
+                        what: "replica_not_replicating".into(),
+                        tablet: Some("zone1-102".into()),
+                        detail: "io thread stopped".into(),
+                        since_ms: 5,
+                        running_ms: 1,
+                    }),
+                    ..RecoveryJson::default()
+                },
+                last_recovery: Some(AuditJson::new("ks", "0", &audit(4, "fix_replica"))),
+            },
+        );
+        let resp = shards_response(&snap, now, stale, &engine);
         assert_eq!(
             (resp.version, resp.topo_synced, resp.health_stale_after_ms),
             (7, true, 1000)
@@ -249,11 +894,266 @@ mod tests {
             (None, false, None, None)
         );
 
+        assert!(resp.recoveries_enabled);
+        assert_eq!(ks.problems[0].code, "replica_not_replicating");
+        assert_eq!(
+            ks.recovery.in_progress.as_ref().map(|p| p.what.as_str()),
+            Some("replica_not_replicating")
+        );
+        assert_eq!(ks.last_recovery.as_ref().map(|r| r.at_ms), Some(4));
+        // A shard the engine has nothing on: no problems, recoveries enabled.
+        assert!(other.problems.is_empty());
+        assert_eq!(other.recovery, RecoveryJson::default());
+        assert!(other.last_recovery.is_none());
+
         let json = serde_json::to_value(&resp).unwrap();
         assert_eq!(json["shards"][0]["tablets"][1]["lag_ms"], 30);
+        assert_eq!(json["shards"][0]["problems"][0]["tablet"], "zone1-102");
+        assert_eq!(json["shards"][0]["recovery"]["enabled"], true);
+        assert_eq!(json["shards"][0]["last_recovery"]["shard"], "0");
+        assert_eq!(json["shards"][1]["problems"], serde_json::json!([]));
+        assert_eq!(json["shards"][1]["last_recovery"], serde_json::Value::Null);
         assert_eq!(
             json["shards"][1]["tablets"][0]["last_health_age_ms"],
             serde_json::Value::Null
         );
+    }
+
+    fn audit(at_ms: u64, action: &str) -> AuditEntry {
+        AuditEntry {
+            at_ms,
+            term: 2,
+            actor: "orchestrator@h:1".into(),
+            action: action.into(),
+            tablet: Some("zone1-102".into()),
+            outcome: "ok".into(),
+            detail: String::new(),
+            duration_ms: Some(12),
+        }
+    }
+
+    #[test]
+    fn problems_translate() {
+        let p = Problem {
+            code: crate::analysis::ProblemCode::DeadPrimary,
+            tablet: Some("zone1-101".into()),
+            detail: "gone".into(),
+        };
+        let j = ProblemJson::from(&p);
+        assert_eq!(
+            (j.code.as_str(), j.tablet.as_deref(), j.detail.as_str()),
+            ("dead_primary", Some("zone1-101"), "gone")
+        );
+    }
+
+    #[test]
+    fn bearer_token() {
+        assert!(check_bearer(None, None).is_ok());
+        assert!(check_bearer(None, Some("Bearer x")).is_ok());
+        let e = check_bearer(Some("tok"), None).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert!(e.message.contains("Authorization: Bearer"), "{e}");
+        let e = check_bearer(Some("tok"), Some("Basic dG9r")).unwrap_err();
+        assert!(e.message.contains("Basic"), "{e}");
+        let e = check_bearer(Some("tok"), Some("tok")).unwrap_err();
+        assert!(e.message.contains("not `Bearer <token>`"), "{e}");
+        let e = check_bearer(Some("tok"), Some("Bearer tok2")).unwrap_err();
+        assert_eq!(e.message, "wrong bearer token");
+        assert!(check_bearer(Some("tok"), Some("Bearer tok")).is_ok());
+        assert!(check_bearer(Some("tok"), Some("bearer  tok ")).is_ok());
+    }
+
+    #[test]
+    fn errors_are_json_with_a_status() {
+        let e = ApiError::bad_request("bad \"x\"");
+        let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
+        assert_eq!(v, serde_json::json!({"error": "bad \"x\""}));
+        let r = ApiError::unauthorized("no").into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers().contains_key(header::WWW_AUTHENTICATE));
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            HeaderValue::from_static("application/json")
+        );
+    }
+
+    fn toggle(ks: Option<&str>, shard: Option<&str>, reason: Option<&str>) -> ToggleRequest {
+        ToggleRequest {
+            keyspace: ks.map(str::to_string),
+            shard: shard.map(str::to_string),
+            reason: reason.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn toggle_scopes() {
+        let none = ToggleRequest::default();
+        assert_eq!(
+            toggle_scope(none.clone(), none.clone()).unwrap(),
+            (Scope::Global, None)
+        );
+        let (scope, reason) = toggle_scope(
+            toggle(Some("ks"), Some("-80"), Some(" maint ")),
+            none.clone(),
+        )
+        .unwrap();
+        assert_eq!(scope.to_string(), "ks/-80");
+        assert_eq!(reason.as_deref(), Some("maint"));
+        // The query fills in what the body lacks; the body wins.
+        let (scope, reason) = toggle_scope(
+            toggle(None, None, Some("body")),
+            toggle(Some("ks"), Some("0"), Some("query")),
+        )
+        .unwrap();
+        assert_eq!(
+            scope,
+            Scope::Shard {
+                keyspace: "ks".into(),
+                shard: "0".into()
+            }
+        );
+        assert_eq!(reason.as_deref(), Some("body"));
+        let e = toggle_scope(toggle(Some("ks"), None, None), none.clone()).unwrap_err();
+        assert!(e.message.contains("without shard"), "{e}");
+        let e = toggle_scope(none.clone(), toggle(None, Some("0"), None)).unwrap_err();
+        assert!(e.message.contains("without keyspace"), "{e}");
+        let e = toggle_scope(toggle(Some("k/s"), Some("0"), None), none).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn bodies_parse_strictly() {
+        let t: ToggleRequest = parse_body(b"").unwrap();
+        assert_eq!(t, ToggleRequest::default());
+        let t: ToggleRequest = parse_body(b" null\n").unwrap();
+        assert_eq!(t, ToggleRequest::default());
+        let t: ToggleRequest = parse_body(br#"{"keyspace":"ks","shard":"0"}"#).unwrap();
+        assert_eq!(t.shard.as_deref(), Some("0"));
+        let e = parse_body::<ToggleRequest>(br#"{"keyspce":"ks"}"#).unwrap_err();
+        assert!(e.message.contains("keyspce"), "{e}");
+        let e = parse_body::<AckRequest>(b"{").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn recoveries_query() {
+        let f = RecoveriesQuery::default().validate().unwrap();
+        assert_eq!(
+            f,
+            RecoveriesFilter {
+                keyspace: None,
+                shard: None,
+                limit: DEFAULT_RECOVERIES_LIMIT
+            }
+        );
+        let q = RecoveriesQuery {
+            keyspace: Some("ks".into()),
+            shard: Some("0".into()),
+            limit: Some("3".into()),
+        };
+        assert_eq!(q.validate().unwrap().limit, 3);
+        for bad in ["0", "x", "1001", "-1"] {
+            let q = RecoveriesQuery {
+                limit: Some(bad.into()),
+                ..Default::default()
+            };
+            let e = q.validate().unwrap_err();
+            assert!(e.message.contains(bad), "{e}");
+        }
+        let q = RecoveriesQuery {
+            shard: Some("0".into()),
+            ..Default::default()
+        };
+        assert!(q
+            .validate()
+            .unwrap_err()
+            .message
+            .contains("without keyspace"));
+    }
+
+    #[test]
+    fn audit_merges_newest_first() {
+        let per_shard = vec![
+            (
+                "ks".to_string(),
+                "-80".to_string(),
+                vec![audit(30, "c"), audit(10, "a")],
+            ),
+            ("ks".to_string(), "80-".to_string(), vec![audit(20, "b")]),
+        ];
+        let all = merge_audit(&per_shard, 10);
+        let order: Vec<(&str, u64)> = all.iter().map(|a| (a.shard.as_str(), a.at_ms)).collect();
+        assert_eq!(order, [("-80", 30), ("80-", 20), ("-80", 10)]);
+        assert_eq!(merge_audit(&per_shard, 2).len(), 2);
+        let json = serde_json::to_value(&all[0]).unwrap();
+        assert_eq!(json["action"], "c");
+        assert_eq!(json["duration_ms"], 12);
+    }
+
+    #[test]
+    fn tablet_gauges_follow_the_snapshot() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_millis(100);
+        let stale = Duration::from_secs(1);
+        let p = tablet(
+            tablet_record("zone1-101", "ks", "0"),
+            Some(primary_health("zone1-101", 2)),
+            t0,
+        );
+        let r = tablet(
+            tablet_record("zone1-102", "ks", "0"),
+            Some(replica_health("zone1-102", 2, Some(30))),
+            t0,
+        );
+        let mut gone = tablet(tablet_record("zone1-103", "ks", "0"), None, t0);
+        gone.stream = StreamState::Connecting {
+            since: t0,
+            since_ms: 0,
+            failures: 1,
+            last_error: None,
+        };
+        let mut snap = FleetSnapshot::empty(t0);
+        snap.shards.insert(
+            ("ks".into(), "0".into()),
+            shard(
+                "ks",
+                "0",
+                Some(shard_record("ks", "0", Some("zone1-101"), 2)),
+                vec![p, r, gone],
+            ),
+        );
+        let text = tablet_metrics(&snap, now, stale);
+        let l = |a: &str| format!("{{tablet=\"{a}\",keyspace=\"ks\",shard=\"0\"}}");
+        for want in [
+            format!(
+                "myha_orchestrator_tablet_mysql_reachable{} 1",
+                l("zone1-101")
+            ),
+            format!(
+                "myha_orchestrator_tablet_mysql_reachable{} 0",
+                l("zone1-103")
+            ),
+            format!("myha_orchestrator_tablet_lag_ms{} 30", l("zone1-102")),
+            format!(
+                "myha_orchestrator_tablet_stream_connected{} 1",
+                l("zone1-102")
+            ),
+            format!(
+                "myha_orchestrator_tablet_stream_connected{} 0",
+                l("zone1-103")
+            ),
+            "# TYPE myha_orchestrator_tablet_lag_ms gauge".to_string(),
+        ] {
+            assert!(text.contains(&want), "{want} in\n{text}");
+        }
+        assert!(
+            !text.contains(&format!("lag_ms{}", l("zone1-103"))),
+            "{text}"
+        );
+        // Stale health: not reachable, no lag.
+        let later = tablet_metrics(&snap, t0 + Duration::from_secs(5), stale);
+        assert!(later.contains(&format!("mysql_reachable{} 0", l("zone1-101"))));
+        assert!(!later.contains(&format!("lag_ms{}", l("zone1-102"))));
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -3,8 +3,20 @@
 //!
 //! ```toml
 //! [orchestrator]
-//! http_listen = "127.0.0.1:15000"   # /health, /metrics, /api/v1/shards
+//! http_listen = "127.0.0.1:15000"   # /health, /metrics, /api/v1/...
 //! health_stale_after = "1500ms"     # a tablet's health older than this is not fresh (agents push >= every 500ms)
+//! api_token = "..."                 # optional: POST /api/v1/... then needs `Authorization: Bearer <token>`
+//! probe_stale_after = "1500ms"      # a replica's probe of the primary older than this confirms nothing
+//!
+//! [recovery]
+//! enabled = true                    # false: analyse and report only, never act
+//! lock_ttl = "5s"                   # lease of the shard lock: how long it outlives a dead orchestrator
+//! lock_wait = "200ms"               # wait this long for a shard lock held by another instance, then skip
+//! action_timeout = "5s"             # bound of every agent action
+//! relay_log_wait = "2s"             # emergency reparent: bound on replicas applying their relay logs
+//! catch_up_timeout = "5s"           # emergency reparent: bound on the chosen candidate catching up
+//! flap_limit = 3                    # this many emergency reparents of a shard within flap_window ...
+//! flap_window = "10m"               # ... stop its automatic recovery until acknowledged
 //!
 //! [etcd]
 //! endpoints = ["http://127.0.0.1:2379"]
@@ -24,11 +36,16 @@ pub use daemon::ConfigError;
 use daemon::{EtcdSection, LogSection};
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::AnalysisConfig;
+use crate::recovery::RecoveryConfig;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OrchestratorConfig {
     #[serde(default)]
     pub orchestrator: OrchestratorSection,
+    #[serde(default)]
+    pub recovery: RecoverySection,
     pub etcd: EtcdSection,
     #[serde(default)]
     pub log: LogSection,
@@ -43,10 +60,87 @@ pub struct OrchestratorSection {
     /// A tablet whose last health message is older than this is not fresh.
     #[serde(default = "default_health_stale_after", with = "humantime_serde")]
     pub health_stale_after: Duration,
+    /// When set, the mutating endpoints (`POST /api/v1/...`) require
+    /// `Authorization: Bearer <api_token>`; unset, they are open (bind to loopback then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<String>,
+    /// A replica's probe of the primary older than this does not confirm a dead primary.
+    #[serde(default = "default_probe_stale_after", with = "humantime_serde")]
+    pub probe_stale_after: Duration,
+}
+
+/// `[recovery]`: what the orchestrator may do and how long each step may take.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverySection {
+    /// `false`: analyse and report, never act.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// TTL of the shard lock's lease.
+    #[serde(default = "default_lock_ttl", with = "humantime_serde")]
+    pub lock_ttl: Duration,
+    /// How long to wait for a shard lock held by someone else before skipping.
+    #[serde(default = "default_lock_wait", with = "humantime_serde")]
+    pub lock_wait: Duration,
+    /// Bound on every agent action.
+    #[serde(default = "default_action_timeout", with = "humantime_serde")]
+    pub action_timeout: Duration,
+    /// Bound on replicas applying their relay logs during an emergency reparent.
+    #[serde(default = "default_relay_log_wait", with = "humantime_serde")]
+    pub relay_log_wait: Duration,
+    /// Bound on the chosen candidate catching up from the most advanced replica.
+    #[serde(default = "default_catch_up_timeout", with = "humantime_serde")]
+    pub catch_up_timeout: Duration,
+    /// Emergency reparents within `flap_window` that make a shard flapping.
+    #[serde(default = "default_flap_limit")]
+    pub flap_limit: u32,
+    #[serde(default = "default_flap_window", with = "humantime_serde")]
+    pub flap_window: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_lock_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_lock_wait() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_action_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_relay_log_wait() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_catch_up_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_flap_limit() -> u32 {
+    3
+}
+fn default_flap_window() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for RecoverySection {
+    fn default() -> Self {
+        RecoverySection {
+            enabled: true,
+            lock_ttl: default_lock_ttl(),
+            lock_wait: default_lock_wait(),
+            action_timeout: default_action_timeout(),
+            relay_log_wait: default_relay_log_wait(),
+            catch_up_timeout: default_catch_up_timeout(),
+            flap_limit: default_flap_limit(),
+            flap_window: default_flap_window(),
+        }
+    }
 }
 
 pub const DEFAULT_HTTP_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 15000);
 pub const DEFAULT_HEALTH_STALE_AFTER: Duration = Duration::from_millis(1500);
+pub const DEFAULT_PROBE_STALE_AFTER: Duration = Duration::from_millis(1500);
 
 fn default_http_listen() -> SocketAddr {
     SocketAddr::from(DEFAULT_HTTP_LISTEN)
@@ -54,12 +148,17 @@ fn default_http_listen() -> SocketAddr {
 fn default_health_stale_after() -> Duration {
     DEFAULT_HEALTH_STALE_AFTER
 }
+fn default_probe_stale_after() -> Duration {
+    DEFAULT_PROBE_STALE_AFTER
+}
 
 impl Default for OrchestratorSection {
     fn default() -> Self {
         OrchestratorSection {
             http_listen: default_http_listen(),
             health_stale_after: default_health_stale_after(),
+            api_token: None,
+            probe_stale_after: default_probe_stale_after(),
         }
     }
 }
@@ -71,26 +170,84 @@ impl OrchestratorConfig {
         Ok(cfg)
     }
 
-    #[cfg(test)]
+    /// Parses and validates a config text (what [`OrchestratorConfig::load`] does to a file).
     pub fn parse(text: &str) -> Result<OrchestratorConfig, ConfigError> {
         let cfg: OrchestratorConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    #[cfg(test)]
+    /// The config as `orchestrator.toml` text (what the harness writes).
     pub fn to_toml(&self) -> String {
         // Serialising plain data with string keys cannot fail.
         toml::to_string_pretty(self).unwrap_or_default()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        daemon::require_positive(&[(
-            "orchestrator.health_stale_after",
-            self.orchestrator.health_stale_after,
-        )])?;
+        let r = &self.recovery;
+        daemon::require_positive(&[
+            (
+                "orchestrator.health_stale_after",
+                self.orchestrator.health_stale_after,
+            ),
+            (
+                "orchestrator.probe_stale_after",
+                self.orchestrator.probe_stale_after,
+            ),
+            ("recovery.lock_wait", r.lock_wait),
+            ("recovery.action_timeout", r.action_timeout),
+            ("recovery.relay_log_wait", r.relay_log_wait),
+            ("recovery.catch_up_timeout", r.catch_up_timeout),
+            ("recovery.flap_window", r.flap_window),
+        ])?;
+        if r.lock_ttl < Duration::from_secs(1) {
+            return Err(daemon::invalid(
+                "recovery.lock_ttl",
+                "must be at least 1s (etcd leases have 1 s granularity)",
+            ));
+        }
+        if r.flap_limit == 0 {
+            return Err(daemon::invalid("recovery.flap_limit", "must be at least 1"));
+        }
+        if self
+            .orchestrator
+            .api_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty() || t.chars().any(char::is_whitespace))
+        {
+            return Err(daemon::invalid(
+                "orchestrator.api_token",
+                "must be non-empty and without whitespace (or left out: no token)",
+            ));
+        }
         self.etcd.validate()?;
         self.log.validate()
+    }
+
+    /// The analysis thresholds.
+    pub fn analysis(&self) -> AnalysisConfig {
+        AnalysisConfig {
+            health_stale_after: self.orchestrator.health_stale_after,
+            probe_stale_after: self.orchestrator.probe_stale_after,
+            ..AnalysisConfig::default()
+        }
+    }
+
+    /// Everything a recovery needs to know.
+    pub fn recovery_config(&self) -> RecoveryConfig {
+        let r = &self.recovery;
+        RecoveryConfig {
+            enabled: r.enabled,
+            lock_ttl: r.lock_ttl,
+            lock_wait: r.lock_wait,
+            action_timeout: r.action_timeout,
+            relay_log_wait: r.relay_log_wait,
+            catch_up_timeout: r.catch_up_timeout,
+            flap_limit: r.flap_limit,
+            flap_window: r.flap_window,
+            analysis: self.analysis(),
+            ..RecoveryConfig::default()
+        }
     }
 }
 
@@ -117,6 +274,24 @@ endpoints = ["http://127.0.0.1:2379"]
         assert_eq!(cfg.etcd.prefix, "/myha");
         assert_eq!(cfg.etcd.dial_timeout, Duration::from_secs(2));
         assert_eq!(cfg.log, LogSection::default());
+        let r = &cfg.recovery;
+        assert!(r.enabled);
+        assert_eq!(
+            (r.lock_ttl, r.lock_wait, r.action_timeout),
+            (
+                Duration::from_secs(5),
+                Duration::from_millis(200),
+                Duration::from_secs(5)
+            )
+        );
+        assert_eq!(
+            (r.relay_log_wait, r.catch_up_timeout),
+            (Duration::from_secs(2), Duration::from_secs(5))
+        );
+        assert_eq!((r.flap_limit, r.flap_window), (3, Duration::from_secs(600)));
+        let rc = cfg.recovery_config();
+        assert_eq!(rc.analysis.probe_stale_after, Duration::from_millis(1500));
+        assert_eq!(rc.lock_ttl, Duration::from_secs(5));
     }
 
     #[test]
@@ -125,6 +300,18 @@ endpoints = ["http://127.0.0.1:2379"]
 [orchestrator]
 http_listen = "0.0.0.0:16000"
 health_stale_after = "2s 500ms"
+probe_stale_after = "1s"
+api_token = "s3cret"
+
+[recovery]
+enabled = false
+lock_ttl = "3s"
+lock_wait = "100ms"
+action_timeout = "2s"
+relay_log_wait = "1s"
+catch_up_timeout = "3s"
+flap_limit = 5
+flap_window = "1h"
 
 [etcd]
 endpoints = ["http://10.0.0.1:2379", "10.0.0.2:2379"]
@@ -141,6 +328,7 @@ level = "debug,h2=info"
             Duration::from_millis(2500)
         );
         assert_eq!(cfg.log.format, daemon::LogFormat::Json);
+        assert_eq!(cfg.orchestrator.api_token.as_deref(), Some("s3cret"));
         assert_eq!(
             OrchestratorConfig::parse(&cfg.to_toml()).expect("reparses"),
             cfg
@@ -161,6 +349,32 @@ level = "debug,h2=info"
         assert!(e.contains("listen"), "{e}");
         let e = err(&format!("{MINIMAL}[analysis]\nenabled = true\n"));
         assert!(e.contains("analysis"), "{e}");
+        let e = err(&format!("[recovery]\nflap_limt = 3\n{MINIMAL}"));
+        assert!(e.contains("flap_limt"), "{e}");
+    }
+
+    #[test]
+    fn bad_recovery_values_are_named() {
+        for (text, key) in [
+            ("lock_ttl = \"500ms\"", "`recovery.lock_ttl`"),
+            ("lock_wait = \"0s\"", "`recovery.lock_wait`"),
+            ("action_timeout = \"0s\"", "`recovery.action_timeout`"),
+            ("relay_log_wait = \"0s\"", "`recovery.relay_log_wait`"),
+            ("catch_up_timeout = \"0s\"", "`recovery.catch_up_timeout`"),
+            ("flap_window = \"0s\"", "`recovery.flap_window`"),
+            ("flap_limit = 0", "`recovery.flap_limit`"),
+        ] {
+            let e = err(&format!("[recovery]\n{text}\n{MINIMAL}"));
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = err(&format!(
+            "[recovery]\nrelay_log_wait = \"later\"\n{MINIMAL}"
+        ));
+        assert!(e.contains("relay_log_wait"), "{e}");
+        let e = err(&format!(
+            "[orchestrator]\nprobe_stale_after = \"0s\"\n{MINIMAL}"
+        ));
+        assert!(e.contains("`orchestrator.probe_stale_after`"), "{e}");
     }
 
     #[test]
@@ -181,6 +395,8 @@ level = "debug,h2=info"
         assert!(e.contains("`etcd.dial_timeout`"), "{e}");
         let e = err(&format!("{MINIMAL}prefix = \"myha\"\n"));
         assert!(e.contains("`etcd.prefix`"), "{e}");
+        let e = err(&format!("[orchestrator]\napi_token = \" \"\n{MINIMAL}"));
+        assert!(e.contains("`orchestrator.api_token`"), "{e}");
         let e = err("[etcd]\nendpoints = []\n");
         assert!(e.contains("`etcd.endpoints`"), "{e}");
         let e = err("[etcd]\nendpoints = [\"\"]\n");

@@ -1,5 +1,18 @@
 //! myha-orchestrator: follows every tablet's health, analyses each shard, and recovers.
+//!
+//! - [`analysis`]: pure `(shard input) -> problems` and candidate choice;
+//! - [`input`]: builds the analysis input from a snapshot or from fresh `FullStatus` answers;
+//! - [`engine`]: the decision loop and its published [`engine::EngineView`];
+//! - [`recovery`]: what runs under the shard lock (emergency reparent, repairs);
+//! - [`control`]: etcd-backed operator switches (disable, ack, quarantine) and flapping;
+//! - [`api`]: the HTTP API's pure JSON translation, request parsing and auth; [`http`]: its
+//!   routes and handlers.
 
 pub mod analysis;
 pub mod api;
 pub mod config;
+pub mod control;
+pub mod engine;
+pub mod http;
+pub mod input;
+pub mod recovery;

@@ -1,37 +1,32 @@
-//! myha-orchestrator. For now it OBSERVES ONLY: it follows every tablet's health and serves
-//! it over HTTP. Failure analysis and automatic recovery (reparenting, repairs) come later.
+//! myha-orchestrator: follows every tablet's health, analyses every shard continuously and
+//! recovers (emergency reparent under the shard lock; repairs), and serves its state over HTTP.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::State;
-use axum::routing::get;
-use axum::Json;
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tabletwatch::{TabletWatch, WatchOptions};
 use tracing::{info, warn};
 
-use myha_orchestrator::api;
 use myha_orchestrator::config::OrchestratorConfig;
+use myha_orchestrator::control::{Control, ControlWatch};
+use myha_orchestrator::{engine, http, recovery};
 
-const OBSERVE_ONLY: &str = "OBSERVE ONLY: automatic recovery is not implemented yet; \
-this orchestrator follows every tablet's health and reports it, but never analyses failures, \
-reparents or repairs anything";
-
-/// myha-orchestrator: follows every tablet's health (OBSERVE ONLY: automatic recovery is not
-/// implemented yet).
+/// myha-orchestrator: follows every tablet's health, analyses every shard and recovers.
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "myha-orchestrator: follows every tablet's health. OBSERVE ONLY: automatic recovery is not implemented yet",
+    about = "myha-orchestrator: follows every tablet's health, analyses every shard and recovers failures",
     long_about = "myha-orchestrator: follows every tablet registered in etcd and its agent's \
-health stream, and serves /health, /metrics and GET /api/v1/shards on [orchestrator] http_listen.\n\n\
-OBSERVE ONLY: automatic recovery is not implemented yet. It never analyses failures, \
-reparents or repairs anything; a failed primary stays failed until an operator acts."
+health stream, analyses every shard on every change (and at least every 100 ms), and recovers: \
+a dead primary (confirmed by the replicas' own probes) is replaced by an emergency reparent \
+under the shard's etcd lock and a new term. Several instances may run: the shard lock \
+arbitrates. Automatic recovery can be disabled in [recovery] or at run time (globally or per \
+shard, stored in etcd); a flapping shard stops recovering until acknowledged.\n\n\
+Serves /health, /metrics and /api/v1/... on [orchestrator] http_listen."
 )]
 struct Args {
     /// Path to orchestrator.toml.
@@ -55,23 +50,27 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(run(cfg, metrics, daemon::shutdown_signal()))
 }
 
-#[derive(Clone)]
-struct AppState {
-    watch: Arc<TabletWatch>,
-    metrics: PrometheusHandle,
-    stale_after: Duration,
-}
-
 async fn run(
     cfg: OrchestratorConfig,
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    warn!("{OBSERVE_ONLY}");
     let topo = topo::Topo::connect(&cfg.etcd.endpoints, &cfg.etcd.prefix, cfg.etcd.dial_timeout)
         .await
         .with_context(|| format!("etcd {}", cfg.etcd.endpoints.join(",")))?;
     let watch = Arc::new(TabletWatch::start(&topo, WatchOptions::default()));
+    let control = ControlWatch::start(&topo);
+    let recovery_cfg = cfg.recovery_config();
+    if !recovery_cfg.enabled {
+        warn!("[recovery] enabled = false: problems are analysed and reported, never recovered");
+    }
+    let deps = recovery::Deps::new(topo.clone(), recovery_cfg);
+    let engine = Arc::new(engine::start(
+        watch.subscribe(),
+        control.subscribe(),
+        deps,
+        engine::EngineOptions::default(),
+    ));
     let listener = tokio::net::TcpListener::bind(cfg.orchestrator.http_listen)
         .await
         .with_context(|| {
@@ -86,32 +85,25 @@ async fn run(
         etcd = %cfg.etcd.endpoints.join(","),
         prefix = %cfg.etcd.prefix,
         health_stale_after = ?cfg.orchestrator.health_stale_after,
-        observe_only = true,
-        "orchestrator started (observe only)"
+        recovery_enabled = cfg.recovery.enabled,
+        "orchestrator started"
     );
-    let state = AppState {
+    let state = Arc::new(http::HttpState {
         watch,
+        engine,
+        control: Control::new(topo.clone()),
+        topo,
         metrics,
         stale_after: cfg.orchestrator.health_stale_after,
-    };
-    let app = axum::Router::new()
-        .route("/health", get(|| async { "ok\n" }))
-        .route("/metrics", get(render_metrics))
-        .route("/api/v1/shards", get(shards))
-        .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        api_token: cfg.orchestrator.api_token.clone(),
+        last_recoveries: Default::default(),
+    });
+    http::spawn_last_recoveries(&state);
+    http::serve(listener, http::router(state), shutdown)
         .await
         .context("HTTP server")?;
+    // The control watches live as long as the server.
+    drop(control);
     info!("orchestrator stopped");
     Ok(())
-}
-
-async fn render_metrics(State(s): State<AppState>) -> String {
-    s.metrics.render()
-}
-
-async fn shards(State(s): State<AppState>) -> Json<api::ShardsResponse> {
-    let snap = s.watch.snapshot();
-    Json(api::shards_response(&snap, Instant::now(), s.stale_after))
 }

@@ -1,1 +1,468 @@
+//! Shared helpers of the failure tests (`tests/tests/failover.rs`, `tests/tests/repairs.rs`) and
+//! the failover benchmark (`tests/benches/failover.rs`): a cluster with an orchestrator on short
+//! TTLs, waiting on the shard record, reading the orchestrator's API and audit log, and checking
+//! the shard's replication topology on the real mysqld.
 
+pub mod ha {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use harness::{global_var, slave_status, Cluster, ClusterOptions, OrchestratorProc, Tablet};
+    use mysql_async::prelude::Queryable;
+    use serde_json::Value;
+    use topo::{AuditEntry, ShardRecord};
+
+    /// The bound for anything the orchestrator has to do (never a timing assertion).
+    pub const BOUND: Duration = Duration::from_secs(15);
+
+    /// The orchestrator's leases (its shard locks) in tests: a killed orchestrator's lock
+    /// expires after this.
+    pub const ORCH_LEASE_TTL: Duration = Duration::from_secs(3);
+
+    /// A cluster of `tablets` (semi_sync) with one orchestrator on short TTLs.
+    pub fn ha_options(tablets: usize) -> ClusterOptions {
+        ClusterOptions {
+            tablets,
+            start_orchestrator: true,
+            orchestrator_config: Some(Arc::new(|cfg: &mut harness::OrchestratorConfig| {
+                cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
+                cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
+            })),
+            ..ClusterOptions::default()
+        }
+    }
+
+    pub async fn start(opts: ClusterOptions) -> Cluster {
+        let started = Instant::now();
+        let c = Cluster::start(opts).await.expect("cluster starts");
+        println!("cluster up in {:.1} s", started.elapsed().as_secs_f64());
+        c
+    }
+
+    pub fn orch(c: &Cluster) -> &OrchestratorProc {
+        c.orchestrator()
+            .expect("cluster started with an orchestrator")
+    }
+
+    pub async fn record(c: &Cluster) -> ShardRecord {
+        c.topo()
+            .get_shard(c.keyspace(), c.shard())
+            .await
+            .expect("read shard record")
+            .expect("shard record exists")
+            .0
+    }
+
+    /// Polls the shard record (every 10 ms) until `pred` holds; returns it and how long it took.
+    pub async fn wait_record(
+        c: &Cluster,
+        what: &str,
+        bound: Duration,
+        pred: impl Fn(&ShardRecord) -> bool,
+    ) -> (ShardRecord, Duration) {
+        let start = Instant::now();
+        let mut last: Option<String>;
+        loop {
+            match c.topo().get_shard(c.keyspace(), c.shard()).await {
+                Ok(Some((r, _))) if pred(&r) => return (r, start.elapsed()),
+                Ok(r) => last = Some(format!("{r:?}")),
+                Err(e) => last = Some(format!("etcd: {e}")),
+            }
+            if start.elapsed() > bound {
+                panic!(
+                    "{what}: not within {bound:?}; last shard record: {}\n{}",
+                    last.unwrap_or_default(),
+                    diagnostics(c).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for a new term naming a primary other than `old_primary`, with no reparent marked
+    /// in progress.
+    pub async fn wait_new_primary(
+        c: &Cluster,
+        old_primary: &str,
+        old_term: u64,
+        bound: Duration,
+    ) -> (ShardRecord, Duration) {
+        wait_record(c, "a new primary in the shard record", bound, |r| {
+            r.term > old_term
+                && r.primary.is_some()
+                && r.primary.as_deref() != Some(old_primary)
+                && r.reparent_in_progress.is_none()
+        })
+        .await
+    }
+
+    /// Asserts the shard record stays as `expected` (primary and term) for `window`.
+    pub async fn assert_record_stays(c: &Cluster, expected: &ShardRecord, window: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < window {
+            let r = record(c).await;
+            assert!(
+                r.term == expected.term && r.primary == expected.primary,
+                "the shard record changed after {:?} (expected primary {:?} term {}): {r:?}\n{}",
+                start.elapsed(),
+                expected.primary,
+                expected.term,
+                diagnostics(c).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `GET /api/v1/shards`, this cluster's shard.
+    pub async fn shard_json(o: &OrchestratorProc, c: &Cluster) -> Value {
+        let all = o.shards().await.expect("GET /api/v1/shards");
+        all["shards"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["keyspace"] == c.keyspace() && s["shard"] == c.shard())
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// The problems the orchestrator reports for this shard: (code, tablet, detail).
+    pub fn problems(shard: &Value) -> Vec<(String, Option<String>, String)> {
+        shard["problems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["code"].as_str().unwrap_or_default().to_string(),
+                    p["tablet"].as_str().map(str::to_string),
+                    p["detail"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until the orchestrator reports a problem `code` (for `tablet`, when given);
+    /// returns its detail and the shard JSON.
+    pub async fn wait_problem(
+        o: &OrchestratorProc,
+        c: &Cluster,
+        code: &str,
+        tablet: Option<&str>,
+        bound: Duration,
+    ) -> (String, Value) {
+        let start = Instant::now();
+        let mut last: Value;
+        loop {
+            match o.shards().await {
+                Ok(all) => {
+                    let s = all["shards"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|s| s["keyspace"] == c.keyspace() && s["shard"] == c.shard())
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    let hit = problems(&s).into_iter().find(|(cd, t, _)| {
+                        cd == code && tablet.is_none_or(|want| t.as_deref() == Some(want))
+                    });
+                    if let Some((_, _, detail)) = hit {
+                        return (detail, s);
+                    }
+                    last = s;
+                }
+                Err(e) => last = Value::String(e.to_string()),
+            }
+            if start.elapsed() > bound {
+                panic!(
+                    "problem {code} ({tablet:?}) not reported within {bound:?}; last shard: {}\n{}",
+                    serde_json::to_string(&last).unwrap_or_default(),
+                    diagnostics(c).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The shard's audit log, oldest first.
+    pub async fn audit(c: &Cluster) -> Vec<AuditEntry> {
+        let mut v = c
+            .topo()
+            .list_audit(c.keyspace(), Some(c.shard()), 0)
+            .await
+            .expect("read audit log");
+        v.reverse();
+        v
+    }
+
+    pub fn audit_line(e: &AuditEntry) -> String {
+        format!(
+            "{} term={} {} {} {:?} {} ({}){}",
+            e.at_ms,
+            e.term,
+            e.actor,
+            e.action,
+            e.tablet,
+            e.outcome,
+            e.detail,
+            e.duration_ms
+                .map(|d| format!(" {d} ms"))
+                .unwrap_or_default()
+        )
+    }
+
+    pub fn audit_text(entries: &[AuditEntry]) -> String {
+        entries
+            .iter()
+            .map(audit_line)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Record, audit log, API view and each tablet's SQL state, for failure messages.
+    pub async fn diagnostics(c: &Cluster) -> String {
+        let mut out = String::new();
+        if let Ok(Some((r, _))) = c.topo().get_shard(c.keyspace(), c.shard()).await {
+            out.push_str(&format!("shard record: {r:?}\n"));
+        }
+        if let Ok(mut a) = c.topo().list_audit(c.keyspace(), Some(c.shard()), 30).await {
+            a.reverse();
+            out.push_str(&format!("audit (newest 30):\n{}\n", audit_text(&a)));
+        }
+        if let Some(o) = c.orchestrator() {
+            if let Ok(v) = tokio::time::timeout(Duration::from_secs(3), o.shards()).await {
+                match v {
+                    Ok(v) => out.push_str(&format!(
+                        "api: {}\n",
+                        serde_json::to_string(&v).unwrap_or_default()
+                    )),
+                    Err(e) => out.push_str(&format!("api: {e}\n")),
+                }
+            }
+        }
+        for t in c.tablets() {
+            out.push_str(&format!("{}: {}\n", t.alias(), sql_state(t).await));
+        }
+        out
+    }
+
+    /// One line about a tablet's mysqld: read_only, source, threads, GTID position.
+    pub async fn sql_state(t: &Tablet) -> String {
+        if !t.mysqld().is_running() {
+            return "mysqld not running".into();
+        }
+        let fut = async {
+            let mut c = t.root_conn().await.map_err(|e| e.to_string())?;
+            let ro = global_var(&mut c, "read_only")
+                .await
+                .map_err(|e| e.to_string())?;
+            let pos = global_var(&mut c, "gtid_current_pos")
+                .await
+                .map_err(|e| e.to_string())?;
+            let st = slave_status(&mut c).await.map_err(|e| e.to_string())?;
+            let _ = c.disconnect().await;
+            let repl = match st {
+                None => "no source".to_string(),
+                Some(s) => format!(
+                    "source {}:{} io={} sql={} {}{}",
+                    col(&s, "Master_Host"),
+                    col(&s, "Master_Port"),
+                    col(&s, "Slave_IO_Running"),
+                    col(&s, "Slave_SQL_Running"),
+                    col(&s, "Last_IO_Error"),
+                    col(&s, "Last_SQL_Error"),
+                ),
+            };
+            Ok::<_, String>(format!("read_only={ro:?} pos={pos:?} {repl}"))
+        };
+        match tokio::time::timeout(Duration::from_secs(2), fut).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => format!("error: {e}"),
+            Err(_) => "no answer within 2 s (frozen?)".into(),
+        }
+    }
+
+    pub fn col(s: &HashMap<String, Option<String>>, name: &str) -> String {
+        s.get(name).cloned().flatten().unwrap_or_default()
+    }
+
+    /// `@@read_only` of a tablet (root over the socket, 2 s bound).
+    pub async fn read_only(t: &Tablet) -> Result<bool, String> {
+        let fut = async {
+            let mut c = t.root_conn().await.map_err(|e| e.to_string())?;
+            let v = global_var(&mut c, "read_only")
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = c.disconnect().await;
+            Ok(matches!(v.as_deref(), Some("1") | Some("ON")))
+        };
+        tokio::time::timeout(Duration::from_secs(2), fut)
+            .await
+            .unwrap_or_else(|_| Err("no answer within 2 s".into()))
+    }
+
+    /// One SQL statement as root on a tablet.
+    pub async fn sql(t: &Tablet, stmt: &str) {
+        let mut c = t.root_conn().await.expect("root conn");
+        c.query_drop(stmt)
+            .await
+            .unwrap_or_else(|e| panic!("{}: `{stmt}`: {e}", t.alias()));
+        let _ = c.disconnect().await;
+    }
+
+    /// The tablet replicates from `source` with both threads running.
+    pub async fn replicates_from(t: &Tablet, source: &Tablet) -> Result<(), String> {
+        let fut = async {
+            let mut c = t.root_conn().await.map_err(|e| e.to_string())?;
+            let st = slave_status(&mut c).await.map_err(|e| e.to_string())?;
+            let _ = c.disconnect().await;
+            let s = st.ok_or_else(|| "no replication source".to_string())?;
+            let port = col(&s, "Master_Port");
+            let (io, sqlt) = (col(&s, "Slave_IO_Running"), col(&s, "Slave_SQL_Running"));
+            if port != source.mysqld().port().to_string() {
+                return Err(format!(
+                    "replicates from port {port}, not {} ({})",
+                    source.mysqld().port(),
+                    source.alias()
+                ));
+            }
+            if io != "Yes" || sqlt != "Yes" {
+                return Err(format!(
+                    "io={io} sql={sqlt} {}{}",
+                    col(&s, "Last_IO_Error"),
+                    col(&s, "Last_SQL_Error")
+                ));
+            }
+            Ok(())
+        };
+        tokio::time::timeout(Duration::from_secs(2), fut)
+            .await
+            .unwrap_or_else(|_| Err("no answer within 2 s".into()))
+    }
+
+    /// Polls `check` (every 50 ms) until it is `Ok`; panics with the last error and the
+    /// diagnostics after `bound`. Returns how long it took.
+    pub async fn wait_ok<F, Fut>(c: &Cluster, what: &str, bound: Duration, check: F) -> Duration
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let start = Instant::now();
+        loop {
+            let last = match check().await {
+                Ok(()) => return start.elapsed(),
+                Err(e) => e,
+            };
+            if start.elapsed() > bound {
+                panic!(
+                    "{what}: not within {bound:?}: {last}\n{}",
+                    diagnostics(c).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The scenarios' "writable": the record's primary is the only running tablet with
+    /// read_only off, and every other running tablet (except `skip`) replicates from it.
+    pub async fn shard_healthy(c: &Cluster, skip: &[&str]) -> Result<String, String> {
+        let r = c
+            .topo()
+            .get_shard(c.keyspace(), c.shard())
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no shard record")?
+            .0;
+        let p_alias = r.primary.clone().ok_or("the record names no primary")?;
+        if r.reparent_in_progress.is_some() {
+            return Err(format!(
+                "reparent in progress: {:?}",
+                r.reparent_in_progress
+            ));
+        }
+        let p = c
+            .tablet_by_alias(&p_alias)
+            .ok_or_else(|| format!("{p_alias} is not a tablet of this cluster"))?;
+        for t in c.tablets() {
+            if !t.mysqld().is_running() || skip.contains(&t.alias()) {
+                continue;
+            }
+            let ro = read_only(t)
+                .await
+                .map_err(|e| format!("{}: {e}", t.alias()))?;
+            if t.alias() == p_alias {
+                if ro {
+                    return Err(format!("primary {p_alias} is read-only"));
+                }
+            } else {
+                if !ro {
+                    return Err(format!("{} is writable but not the primary", t.alias()));
+                }
+                replicates_from(t, p)
+                    .await
+                    .map_err(|e| format!("{}: {e}", t.alias()))?;
+            }
+        }
+        Ok(p_alias)
+    }
+
+    pub async fn wait_shard_healthy(c: &Cluster, skip: &[&str], bound: Duration) -> Duration {
+        wait_ok(
+            c,
+            "the shard writable and every replica replicating from the primary",
+            bound,
+            || async { shard_healthy(c, skip).await.map(drop) },
+        )
+        .await
+    }
+
+    /// A write as `app` directly on a tablet, bounded: `Ok` only if it was acknowledged.
+    pub async fn try_app_write(t: &Tablet, bound: Duration) -> Result<(), String> {
+        let fut = async {
+            let mut c = t.app_conn().await.map_err(|e| e.to_string())?;
+            c.query_drop(
+                "CREATE TABLE IF NOT EXISTS probe (id INT AUTO_INCREMENT PRIMARY KEY, at BIGINT)",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            c.query_drop(format!(
+                "INSERT INTO probe (at) VALUES ({})",
+                topo::now_ms()
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok(())
+        };
+        tokio::time::timeout(bound, fut)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {bound:?}")))
+    }
+
+    /// Waits until the orchestrator reports no problem for the shard (a clean start).
+    pub async fn wait_quiet(o: &OrchestratorProc, c: &Cluster, bound: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let s = shard_json(o, c).await;
+            let p = problems(&s);
+            if s != Value::Null && p.is_empty() {
+                return start.elapsed();
+            }
+            if start.elapsed() > bound {
+                panic!(
+                    "the orchestrator still reports problems after {bound:?}: {p:?}\n{}",
+                    diagnostics(c).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The audit entries of one action kind (substring of `action`, case-insensitive).
+    pub fn entries_with<'a>(entries: &'a [AuditEntry], action: &str) -> Vec<&'a AuditEntry> {
+        let a = action.to_ascii_lowercase();
+        entries
+            .iter()
+            .filter(|e| e.action.to_ascii_lowercase().contains(&a))
+            .collect()
+    }
+}

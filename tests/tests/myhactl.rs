@@ -1,4 +1,5 @@
-//! `myhactl` as an operator runs it: sandbox up, status, sql, down — real processes throughout.
+//! `myhactl` as an operator runs it: sandbox up (with its orchestrator), status, sql, down —
+//! real processes throughout.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -12,6 +13,7 @@ fn myhactl(args: &[&str], env_dir: &Path) -> Output {
         .args(args)
         .env("MYHA_SANDBOX_DIR", env_dir)
         .env_remove("MYHA_ETCD")
+        .env_remove("MYHA_ORCHESTRATOR")
         .output()
         .expect("run myhactl")
 }
@@ -50,6 +52,7 @@ fn sandbox_up_status_sql_down() {
     for key in [
         "dir",
         "etcd",
+        "orchestrator_http",
         "keyspace",
         "shard",
         "app_user",
@@ -79,6 +82,14 @@ fn sandbox_up_status_sql_down() {
         );
     }
 
+    // The sandbox's orchestrator answers.
+    let orch = up["orchestrator_http"].as_str().unwrap().to_string();
+    assert_eq!(http_get(&orch, "/health").0, 200);
+    let (code, body) = http_get(&orch, "/api/v1/shards");
+    assert_eq!(code, 200, "{body}");
+    let shards: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert!(shards["shards"].is_array(), "{shards}");
+
     // A second `up` on the same dir is refused, saying how to stop the first.
     let again = myhactl(&["sandbox", "up", "--dir", &d], &dir);
     assert!(!again.status.success(), "{}", text(&again));
@@ -104,7 +115,8 @@ fn sandbox_up_status_sql_down() {
         text(&out)
     );
 
-    // Status: one writable primary, two replicating read-only replicas with live lag figures.
+    // Status: one writable primary, two replicating read-only replicas with live lag figures,
+    // and the orchestrator (found through the sandbox) sees no problem.
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         let out = myhactl(&["status", "--json"], &dir);
@@ -115,6 +127,9 @@ fn sandbox_up_status_sql_down() {
             .cloned()
             .unwrap_or_default();
         let ready = ts.len() == 3
+            && v["orchestrator"]["reachable"] == true
+            && v["orchestrator"]["analysed"] == true
+            && v["shards"][0]["problems"] == serde_json::json!([])
             && ts.iter().all(|t| t["healthy"] == true)
             && ts
                 .iter()
@@ -131,6 +146,8 @@ fn sandbox_up_status_sql_down() {
     };
     let shard = &status["shards"][0];
     assert_eq!(shard["keyspace"], "commerce");
+    assert_eq!(shard["problems_source"], "orchestrator");
+    assert!(shard.get("last_recovery").is_some(), "{shard}");
     assert_eq!(shard["term"], 1);
     let primary = shard["primary"].as_str().unwrap();
     let tablets = shard["tablets"].as_array().unwrap();
@@ -168,8 +185,29 @@ fn sandbox_up_status_sql_down() {
         human.contains(&format!("commerce/0  primary {primary}  term 1")),
         "{human}"
     );
+    assert!(human.contains("problems: none"), "{human}");
 
-    let pids: Vec<u32> = tablets_pids(&up);
+    // With the orchestrator unreachable, status says so and still answers.
+    let out = Command::new(harness::find_myha_bin("myhactl").unwrap())
+        .args(["status", "--json", "--orchestrator", "127.0.0.1:1"])
+        .env("MYHA_SANDBOX_DIR", &dir)
+        .env_remove("MYHA_ETCD")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["orchestrator"]["reachable"], false, "{v}");
+    assert_eq!(v["shards"][0]["last_recovery_source"], "etcd", "{v}");
+    assert!(v["shards"][0]["problems"].is_array(), "{v}");
+
+    let mut pids: Vec<u32> = tablets_pids(&up);
+    let orch_pid = std::fs::read_to_string(dir.join("sandbox.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["orchestrator_pid"].as_u64())
+        .expect("orchestrator_pid in sandbox.json") as u32;
+    assert!(harness::pid_alive(orch_pid));
+    pids.push(orch_pid);
     let out = myhactl(&["sandbox", "down", "--dir", &d], &dir);
     assert!(out.status.success(), "{}", text(&out));
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -200,4 +238,26 @@ fn tablets_pids(up: &Value) -> Vec<u32> {
         .flatten()
         .map(|p| p as u32)
         .collect()
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
 }

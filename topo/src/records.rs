@@ -46,6 +46,11 @@ pub struct ShardRecord {
     /// Set while a reparent is under way (free text naming it).
     #[serde(default)]
     pub reparent_in_progress: Option<String>,
+    /// Highest term a recovery reserved (under the lock) before acting with it. A later
+    /// recovery must use a higher term, so an orchestrator that lost its lock mid-way can never
+    /// have a promotion of its term accepted next to another one's.
+    #[serde(default)]
+    pub reserved_term: u64,
 }
 
 impl ShardRecord {
@@ -58,6 +63,7 @@ impl ShardRecord {
             term: 0,
             term_start_ms: 0,
             reparent_in_progress: None,
+            reserved_term: 0,
         }
     }
 }

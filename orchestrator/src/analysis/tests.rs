@@ -494,3 +494,40 @@ fn refusals_carry_reasons() {
         Err(Refusal::Diverged(_))
     ));
 }
+
+#[test]
+fn binlog_state_shows_what_positions_hide() {
+    // The old primary wrote 0-101-40 unreplicated; the new primary wrote 0-102-40.. on top of
+    // 0-101-39. Positions (0-101-40 vs 0-102-41) look like a subset; binlog states do not.
+    let missing = binlog_state_missing("0-101-40", "0-101-39,0-102-41").unwrap();
+    assert_eq!(missing, vec!["0-101-40".to_string()]);
+    assert!(binlog_state_missing("0-101-39", "0-101-39,0-102-41")
+        .unwrap()
+        .is_empty());
+    assert!(
+        binlog_state_missing("0-101-39,0-103-5", "0-101-39,0-103-5,0-102-41")
+            .unwrap()
+            .is_empty()
+    );
+    assert!(binlog_state_missing("", "0-1-1").unwrap().is_empty());
+    assert!(binlog_state_missing("0-x-1", "0-1-1").is_err());
+}
+
+#[test]
+fn a_diverged_replica_is_reported_not_restarted() {
+    let mut s = healthy();
+    let r = s.tablets[2]
+        .health
+        .as_mut()
+        .unwrap()
+        .replication
+        .as_mut()
+        .unwrap();
+    r.io_state = pb::ThreadState::Stopped as i32;
+    r.last_io_errno = 1236;
+    r.last_io_error = "connecting slave requested to start from GTID 0-101-40, which is not in the master's binlog".into();
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].code, ProblemCode::ErrantGtid);
+    assert!(!p[0].code.actionable());
+}

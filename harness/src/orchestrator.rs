@@ -1,0 +1,275 @@
+//! [`OrchestratorProc`]: the `myha-orchestrator` binary as a child process with a generated
+//! config, plus a small HTTP client for its API.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use myha_orchestrator::config::OrchestratorConfig;
+
+use crate::error::{HarnessError, Result};
+use crate::mysqld::absolute;
+use crate::process::Proc;
+use crate::util::{find_myha_bin, free_port};
+
+pub const ORCHESTRATOR_START_TIMEOUT: Duration = Duration::from_secs(20);
+pub const ORCHESTRATOR_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Bound on one HTTP call of [`OrchestratorProc::get_json`] / [`OrchestratorProc::post_json`].
+pub const ORCHESTRATOR_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The config the harness gives an orchestrator: etcd at `etcd_endpoint` under `prefix`,
+/// `http_listen` on a fresh loopback port, human logs at `log_level`; every other setting at
+/// its default (adjust the returned value before [`OrchestratorProc::launch`]).
+pub fn orchestrator_config(
+    etcd_endpoint: &str,
+    prefix: &str,
+    log_level: &str,
+) -> Result<OrchestratorConfig> {
+    // Built from text so that sections added later keep their defaults here.
+    let text = format!(
+        "[etcd]\nendpoints = [{endpoint:?}]\nprefix = {prefix:?}\n\n[log]\nformat = \"human\"\nlevel = {log_level:?}\n",
+        endpoint = etcd_endpoint,
+    );
+    let mut cfg = OrchestratorConfig::parse(&text)
+        .map_err(|e| HarnessError::Invalid(format!("orchestrator config: {e}")))?;
+    cfg.orchestrator.http_listen = ([127, 0, 0, 1], free_port()?).into();
+    Ok(cfg)
+}
+
+/// One `myha-orchestrator`. Its config is written to `{dir}/orchestrator.toml`, output goes to
+/// `{dir}/orchestrator.log`. Killed (SIGKILL) on drop unless detached.
+#[derive(Debug)]
+pub struct OrchestratorProc {
+    dir: PathBuf,
+    config_path: PathBuf,
+    config: OrchestratorConfig,
+    proc: Proc,
+    http: reqwest::Client,
+}
+
+impl OrchestratorProc {
+    /// Writes the config and starts the orchestrator, returning once `/health` answers.
+    /// `config.orchestrator.http_listen` must be a concrete port (see [`orchestrator_config`]).
+    pub async fn launch(
+        config: OrchestratorConfig,
+        dir: &Path,
+        new_session: bool,
+    ) -> Result<OrchestratorProc> {
+        let o = OrchestratorProc::create(config, dir, new_session)?;
+        o.start_again().await?;
+        Ok(o)
+    }
+
+    /// Writes the config without starting.
+    pub fn create(
+        config: OrchestratorConfig,
+        dir: &Path,
+        new_session: bool,
+    ) -> Result<OrchestratorProc> {
+        let bin = find_myha_bin("myha-orchestrator")?;
+        let dir = absolute(dir)?;
+        std::fs::create_dir_all(&dir)
+            .map_err(HarnessError::io(format!("create {}", dir.display())))?;
+        if config.orchestrator.http_listen.port() == 0 {
+            return Err(HarnessError::Invalid(
+                "orchestrator config: http_listen needs a concrete port".into(),
+            ));
+        }
+        let config_path = dir.join("orchestrator.toml");
+        std::fs::write(&config_path, config.to_toml())
+            .map_err(HarnessError::io(format!("write {}", config_path.display())))?;
+        let args: Vec<OsString> = vec!["--config".into(), config_path.clone().into_os_string()];
+        let log = dir.join("orchestrator.log");
+        let proc =
+            Proc::new("myha-orchestrator", bin, args, log, new_session).with_env("NO_COLOR", "1");
+        let http = reqwest::Client::builder()
+            .timeout(ORCHESTRATOR_HTTP_TIMEOUT)
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|e| HarnessError::Invalid(format!("HTTP client: {e}")))?;
+        Ok(OrchestratorProc {
+            dir,
+            config_path,
+            config,
+            proc,
+            http,
+        })
+    }
+
+    async fn start_again(&self) -> Result<()> {
+        let started = Instant::now();
+        self.proc.spawn()?;
+        let mut last;
+        loop {
+            self.proc.check_alive()?;
+            match self.get_text("/health").await {
+                Ok((200, _)) => {
+                    tracing::debug!(elapsed = ?started.elapsed(), "orchestrator answers");
+                    return Ok(());
+                }
+                Ok((status, body)) => last = format!("/health answered {status}: {body}"),
+                Err(e) => last = e.to_string(),
+            }
+            if started.elapsed() > ORCHESTRATOR_START_TIMEOUT {
+                return Err(self.proc.start_error(format!(
+                    "/health not answering after {ORCHESTRATOR_START_TIMEOUT:?}: {last}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts it again after a kill/stop (an error if running).
+    pub async fn start(&self) -> Result<()> {
+        self.start_again().await
+    }
+
+    /// `http://127.0.0.1:port{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr())
+    }
+
+    fn http_err(&self, what: String) -> impl FnOnce(reqwest::Error) -> HarnessError {
+        move |e| HarnessError::Http {
+            what,
+            message: e.to_string(),
+        }
+    }
+
+    /// `GET path`: (status, body text).
+    pub async fn get_text(&self, path: &str) -> Result<(u16, String)> {
+        let url = self.url(path);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(self.http_err(format!("GET {url}")))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .text()
+            .await
+            .map_err(self.http_err(format!("GET {url}: body")))?;
+        Ok((status, body))
+    }
+
+    /// `GET path`, which must answer 200 with JSON.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        let (status, body) = self.get_text(path).await?;
+        if status != 200 {
+            return Err(HarnessError::Http {
+                what: format!("GET {}", self.url(path)),
+                message: format!("status {status}: {body}"),
+            });
+        }
+        serde_json::from_str(&body).map_err(|e| HarnessError::Http {
+            what: format!("GET {}", self.url(path)),
+            message: format!("not JSON ({e}): {body}"),
+        })
+    }
+
+    /// `POST path` with a JSON body, sending the configured `api_token` (if any) as a bearer
+    /// token: (status, JSON answer; `Null` when the body is empty or not JSON).
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value)> {
+        self.post_json_with_token(path, body, self.config.orchestrator.api_token.as_deref())
+            .await
+    }
+
+    /// `POST path` with a JSON body and the given bearer token (none: no header).
+    pub async fn post_json_with_token(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let url = self.url(path);
+        let mut req = self.http.post(&url).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(self.http_err(format!("POST {url}")))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(self.http_err(format!("POST {url}: body")))?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        ))
+    }
+
+    /// `GET /api/v1/shards`.
+    pub async fn shards(&self) -> Result<serde_json::Value> {
+        self.get_json("/api/v1/shards").await
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.config.orchestrator.http_listen
+    }
+
+    pub fn config(&self) -> &OrchestratorConfig {
+        &self.config
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.proc.log()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&self) -> Result<()> {
+        self.proc.kill()
+    }
+
+    /// SIGSTOP.
+    pub fn freeze(&self) -> Result<()> {
+        self.proc.freeze()
+    }
+
+    /// SIGCONT.
+    pub fn thaw(&self) -> Result<()> {
+        self.proc.thaw()
+    }
+
+    /// SIGTERM, wait for the exit (SIGKILL after 10 s).
+    pub async fn stop(&self) -> Result<()> {
+        self.proc.stop(ORCHESTRATOR_STOP_GRACE).await.map(drop)
+    }
+
+    /// Starts again with the same config (stopping first if running).
+    pub async fn restart(&self) -> Result<()> {
+        if self.is_running() {
+            self.stop().await?;
+        }
+        self.start_again().await
+    }
+
+    /// Leave the process running when this handle is dropped.
+    pub fn detach(&self) {
+        self.proc.detach();
+    }
+}

@@ -1,0 +1,881 @@
+//! [`Writer`]: an acknowledged-write recorder for failover tests and benchmarks.
+//!
+//! A background task inserts rows into `app.writes` as the `app` user, always on the primary the
+//! shard record names now: one insert at a time on the current primary, ids from a sequence it
+//! owns, each row carrying a payload, the client's send time, the tablet it was sent to and the
+//! term of the shard record when it was sent. Every acknowledged insert is recorded with its ack
+//! time (wall clock and monotonic), the tablet that acked it and that term.
+//!
+//! On an error it drops the connection, re-reads the shard record (a resilient etcd watch: the
+//! last known record while etcd is down) and reconnects. When the shard record names another
+//! primary while an insert is in flight, that insert is left to finish on its own connection (a
+//! "straggler": it is not the current primary's insert any more, the writer moves on to the new
+//! primary at once) and is recorded like any other if it is ever acknowledged: an ack from a
+//! deposed primary after the new term began is exactly what [`Writer::verify`] looks for.
+//!
+//! After the test, [`Writer::verify`] checks that every acknowledged id is on the current primary
+//! and that no ack came from a deposed primary after a newer term had started, and reports the
+//! write unavailability (first ack after [`Writer::mark_fault`] minus the fault time).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use topo::ShardRecord;
+
+use crate::cluster::Cluster;
+use crate::error::{HarnessError, Result};
+
+/// The table the writer fills, in the application database.
+pub const WRITES_TABLE: &str = "writes";
+
+/// How the writer runs; every bound is explicit.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Stop after this many acknowledged inserts (`None`: no count bound).
+    pub max_acks: Option<u64>,
+    /// Stop after this long in any case.
+    pub max_duration: Duration,
+    /// Pause after each acknowledged insert (0: back to back).
+    pub pause: Duration,
+    /// Pause after a failed attempt (connect or insert) before re-reading the record.
+    pub retry_pause: Duration,
+    /// An insert on the current primary not answered within this is abandoned (left to finish
+    /// as a straggler) and the connection dropped.
+    pub attempt_timeout: Duration,
+    /// Bound on one connection attempt (a frozen mysqld accepts TCP but never greets).
+    pub connect_timeout: Duration,
+    /// Bytes of payload per row.
+    pub payload_len: usize,
+    /// At stop, how long stragglers still in flight may take to finish before being aborted.
+    pub straggler_grace: Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            max_acks: None,
+            max_duration: Duration::from_secs(300),
+            pause: Duration::from_millis(2),
+            retry_pause: Duration::from_millis(10),
+            attempt_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(1),
+            payload_len: 32,
+            straggler_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One acknowledged insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub id: u64,
+    /// The tablet the insert was sent to (whose mysqld acknowledged it).
+    pub tablet: String,
+    /// The shard record's term when it was sent.
+    pub term: u64,
+    /// Wall clock, ms since the epoch, when it was sent and when the ack arrived.
+    pub sent_ms: u64,
+    pub acked_ms: u64,
+    /// Monotonic send and ack times (for durations against [`Writer::mark_fault`]).
+    pub sent_at: Instant,
+    pub acked_at: Instant,
+    /// It was acknowledged after the writer had moved on to another primary.
+    pub straggler: bool,
+}
+
+/// A fault injected while the writer ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultMark {
+    pub at: Instant,
+    /// Wall clock, ms since the epoch.
+    pub at_ms: u64,
+}
+
+/// An ack from a tablet that a newer term had already replaced as primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeposedAck {
+    pub ack: Ack,
+    /// The record of the newer term (its primary, term and term_start_ms).
+    pub newer: ShardRecord,
+}
+
+impl fmt::Display for DeposedAck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "id {} acked by {} (sent under term {}) at {} ms, {} ms after term {} began with primary {:?}{}",
+            self.ack.id,
+            self.ack.tablet,
+            self.ack.term,
+            self.ack.acked_ms,
+            self.ack.acked_ms as i64 - self.newer.term_start_ms as i64,
+            self.newer.term,
+            self.newer.primary,
+            if self.ack.straggler { " (straggler)" } else { "" }
+        )
+    }
+}
+
+/// What the writer saw, and what [`Writer::verify`] found.
+#[derive(Debug, Clone)]
+pub struct WriterReport {
+    /// Inserts sent (acknowledged or not).
+    pub attempts: u64,
+    /// Acknowledged inserts.
+    pub acked: usize,
+    /// Connect and insert failures.
+    pub errors: u64,
+    /// The last errors (newest last).
+    pub last_errors: Vec<String>,
+    /// Inserts left in flight on a deposed (or unresponsive) primary.
+    pub stragglers: u64,
+    /// Acknowledged ids missing from the current primary.
+    pub lost: Vec<u64>,
+    /// Acks from a deposed primary after the newer term began.
+    pub deposed_acks: Vec<DeposedAck>,
+    /// The primary and term the ids were checked on.
+    pub checked_on: Option<(String, u64)>,
+    /// Rows found on it.
+    pub rows_on_primary: usize,
+    /// The fault, if one was marked.
+    pub fault: Option<FaultMark>,
+    /// The last ack at or before the fault.
+    pub last_ack_before_fault: Option<Ack>,
+    /// The first ack after the fault.
+    pub first_ack_after_fault: Option<Ack>,
+    /// First ack after the fault minus the fault time.
+    pub unavailability: Option<Duration>,
+    /// Distinct shard records (primary, term) the writer saw, oldest first.
+    pub records: Vec<ShardRecord>,
+}
+
+impl WriterReport {
+    /// No lost ack and no ack from a deposed primary.
+    pub fn is_safe(&self) -> bool {
+        self.lost.is_empty() && self.deposed_acks.is_empty()
+    }
+
+    /// Panics with the whole report unless [`WriterReport::is_safe`].
+    pub fn assert_safe(&self) {
+        assert!(self.is_safe(), "writer safety violated:\n{self}");
+    }
+}
+
+impl fmt::Display for WriterReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "writer: {} acked of {} sent, {} errors, {} stragglers; checked on {:?}: {} rows",
+            self.acked,
+            self.attempts,
+            self.errors,
+            self.stragglers,
+            self.checked_on,
+            self.rows_on_primary
+        )?;
+        match (
+            &self.fault,
+            self.unavailability,
+            &self.first_ack_after_fault,
+        ) {
+            (Some(_), Some(u), Some(a)) => writeln!(
+                f,
+                "write unavailability {:.3} s (first ack after the fault: id {} by {} at term {})",
+                u.as_secs_f64(),
+                a.id,
+                a.tablet,
+                a.term
+            )?,
+            (Some(_), _, _) => writeln!(f, "no ack after the fault")?,
+            _ => {}
+        }
+        if !self.lost.is_empty() {
+            let shown: Vec<String> = self.lost.iter().take(20).map(u64::to_string).collect();
+            writeln!(
+                f,
+                "LOST {} acknowledged writes: {}{}",
+                self.lost.len(),
+                shown.join(","),
+                if self.lost.len() > 20 { ",..." } else { "" }
+            )?;
+        }
+        for d in &self.deposed_acks {
+            writeln!(f, "ACK FROM A DEPOSED PRIMARY: {d}")?;
+        }
+        let recs: Vec<String> = self
+            .records
+            .iter()
+            .map(|r| {
+                format!(
+                    "term {} primary {:?} from {}",
+                    r.term, r.primary, r.term_start_ms
+                )
+            })
+            .collect();
+        writeln!(f, "shard records seen: {}", recs.join("; "))?;
+        if !self.last_errors.is_empty() {
+            writeln!(f, "last errors: {}", self.last_errors.join(" | "))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    attempts: u64,
+    errors: u64,
+    stragglers: u64,
+    last_errors: VecDeque<(String, u64)>,
+    acks: Vec<Ack>,
+    records: Vec<ShardRecord>,
+    fault: Option<FaultMark>,
+}
+
+impl Log {
+    fn error(&mut self, e: String) {
+        self.errors += 1;
+        // Repeats of the last error are counted, not listed again.
+        if let Some((last, n)) = self.last_errors.back_mut() {
+            if *last == e {
+                *n += 1;
+                return;
+            }
+        }
+        if self.last_errors.len() >= 20 {
+            self.last_errors.pop_front();
+        }
+        self.last_errors.push_back((e, 1));
+    }
+
+    fn errors_text(&self) -> Vec<String> {
+        self.last_errors
+            .iter()
+            .map(|(e, n)| {
+                if *n > 1 {
+                    format!("{e} (x{n})")
+                } else {
+                    e.clone()
+                }
+            })
+            .collect()
+    }
+
+    fn saw(&mut self, rec: &ShardRecord) {
+        let new = self
+            .records
+            .last()
+            .is_none_or(|l| l.term != rec.term || l.primary != rec.primary);
+        if new {
+            self.records.push(rec.clone());
+        }
+    }
+}
+
+/// Where the writer connects: per tablet alias its mysqld port.
+#[derive(Clone)]
+struct Target {
+    ports: Vec<(String, u16)>,
+    user: String,
+    password: String,
+    database: String,
+}
+
+impl Target {
+    fn port(&self, alias: &str) -> Option<u16> {
+        self.ports.iter().find(|(a, _)| a == alias).map(|(_, p)| *p)
+    }
+
+    async fn connect(&self, alias: &str) -> std::result::Result<Conn, String> {
+        let port = self
+            .port(alias)
+            .ok_or_else(|| format!("{alias} is not a tablet of this cluster"))?;
+        let opts = OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(port)
+            .user(Some(self.user.clone()))
+            .pass(Some(self.password.clone()))
+            .db_name(Some(self.database.clone()))
+            .prefer_socket(false);
+        Conn::new(opts)
+            .await
+            .map_err(|e| format!("connect to {alias} (127.0.0.1:{port}): {e}"))
+    }
+}
+
+/// The running recorder. Dropping it stops the task (without verifying).
+pub struct Writer {
+    log: Arc<Mutex<Log>>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    done: watch::Receiver<bool>,
+}
+
+impl fmt::Debug for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let log = self.lock();
+        f.debug_struct("Writer")
+            .field("acked", &log.acks.len())
+            .field("attempts", &log.attempts)
+            .field("errors", &log.errors)
+            .finish_non_exhaustive()
+    }
+}
+
+type Pending = Pin<Box<dyn Future<Output = (Conn, std::result::Result<(), String>)> + Send>>;
+
+fn now_ms() -> u64 {
+    topo::now_ms()
+}
+
+impl Writer {
+    /// Creates `app.writes` on the current primary if needed and starts writing. The id sequence
+    /// continues after the largest id already in the table.
+    pub async fn start(cluster: &Cluster, opts: WriterOptions) -> Result<Writer> {
+        let creds = cluster.credentials();
+        let target = Target {
+            ports: cluster
+                .tablets()
+                .iter()
+                .map(|t| (t.alias().to_string(), t.mysqld().port()))
+                .collect(),
+            user: creds.app_user.clone(),
+            password: creds.app_password.clone(),
+            database: creds.database.clone(),
+        };
+        let primary = cluster.primary().await?;
+        let mut c = primary.app_conn().await?;
+        c.query_drop(format!(
+            "CREATE TABLE IF NOT EXISTS {WRITES_TABLE} (\
+             id BIGINT UNSIGNED NOT NULL PRIMARY KEY, \
+             payload VARCHAR(1024) NOT NULL, \
+             sent_ms BIGINT UNSIGNED NOT NULL, \
+             tablet VARCHAR(64) NOT NULL, \
+             term BIGINT UNSIGNED NOT NULL) ENGINE=InnoDB"
+        ))
+        .await
+        .map_err(HarnessError::mysql(format!(
+            "{}: create app.{WRITES_TABLE}",
+            primary.alias()
+        )))?;
+        let max: Option<u64> = c
+            .query_first(format!("SELECT COALESCE(MAX(id), 0) FROM {WRITES_TABLE}"))
+            .await
+            .map_err(HarnessError::mysql("max id"))?;
+        let _ = c.disconnect().await;
+        let first_id = max.unwrap_or(0) + 1;
+
+        let records = cluster
+            .topo()
+            .watch_shard(cluster.keyspace(), cluster.shard());
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (stop, stop_rx) = watch::channel(false);
+        let (done_tx, done) = watch::channel(false);
+        let task = tokio::spawn(run(
+            target,
+            opts,
+            records,
+            log.clone(),
+            stop_rx,
+            first_id,
+            done_tx,
+        ));
+        Ok(Writer {
+            log,
+            stop,
+            task: Mutex::new(Some(task)),
+            done,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the fault time (now).
+    pub fn mark_fault(&self) -> FaultMark {
+        let m = FaultMark {
+            at: Instant::now(),
+            at_ms: now_ms(),
+        };
+        self.lock().fault = Some(m);
+        m
+    }
+
+    /// The fault marked last.
+    pub fn fault(&self) -> Option<FaultMark> {
+        self.lock().fault
+    }
+
+    /// Acknowledged inserts so far.
+    pub fn acked(&self) -> usize {
+        self.lock().acks.len()
+    }
+
+    /// A copy of every ack so far.
+    pub fn acks(&self) -> Vec<Ack> {
+        self.lock().acks.clone()
+    }
+
+    /// The distinct shard records (primary, term) seen so far, oldest first.
+    pub fn records(&self) -> Vec<ShardRecord> {
+        self.lock().records.clone()
+    }
+
+    /// The last errors (newest last).
+    pub fn last_errors(&self) -> Vec<String> {
+        self.lock().errors_text()
+    }
+
+    /// The first ack after `at`, if any yet.
+    /// The first ack of an insert sent after `at`: an insert already in flight at the fault may
+    /// still be acknowledged by the old primary just after it, which says nothing about recovery.
+    pub fn first_ack_after(&self, at: Instant) -> Option<Ack> {
+        self.lock()
+            .acks
+            .iter()
+            .filter(|a| a.sent_at > at)
+            .min_by_key(|a| a.acked_at)
+            .cloned()
+    }
+
+    /// Waits until `n` more inserts than now are acknowledged.
+    pub async fn wait_more_acks(&self, n: usize, timeout: Duration) -> Result<()> {
+        let want = self.acked() + n;
+        let start = Instant::now();
+        while self.acked() < want {
+            if start.elapsed() > timeout || *self.done.borrow() {
+                return Err(HarnessError::Timeout {
+                    what: format!("{n} acknowledged writes"),
+                    after: timeout,
+                    detail: Some(format!(
+                        "{} acked; last errors: {}",
+                        self.acked(),
+                        self.last_errors().join(" | ")
+                    )),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits for the first ack after `at` (e.g. a fault); returns it and `ack - at`.
+    pub async fn wait_ack_after(&self, at: Instant, timeout: Duration) -> Result<(Ack, Duration)> {
+        let start = Instant::now();
+        loop {
+            if let Some(a) = self.first_ack_after(at) {
+                let d = a.acked_at.saturating_duration_since(at);
+                return Ok((a, d));
+            }
+            if start.elapsed() > timeout || *self.done.borrow() {
+                return Err(HarnessError::Timeout {
+                    what: "an acknowledged write after the fault".into(),
+                    after: timeout,
+                    detail: Some(format!(
+                        "{} acked in all; last errors: {}",
+                        self.acked(),
+                        self.last_errors().join(" | ")
+                    )),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Stops the task (stragglers get [`WriterOptions::straggler_grace`]) and waits for it.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops, then checks on the current primary (the shard record's, waiting up to 15 s for it
+    /// to answer) without asserting. An error only when the check itself cannot run.
+    pub async fn check(&self, cluster: &Cluster) -> Result<WriterReport> {
+        self.stop().await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (rec, ids) = loop {
+            let attempt = async {
+                let (rec, _) = cluster
+                    .topo()
+                    .get_shard(cluster.keyspace(), cluster.shard())
+                    .await
+                    .map_err(|e| format!("read shard record: {e}"))?
+                    .ok_or_else(|| "no shard record".to_string())?;
+                let alias = rec
+                    .primary
+                    .clone()
+                    .ok_or_else(|| "the shard record names no primary".to_string())?;
+                let t = cluster
+                    .tablet_by_alias(&alias)
+                    .ok_or_else(|| format!("{alias} is not a tablet of this cluster"))?;
+                let mut c = tokio::time::timeout(Duration::from_secs(2), t.admin_conn())
+                    .await
+                    .map_err(|_| format!("{alias}: connect timed out"))?
+                    .map_err(|e| e.to_string())?;
+                let ids: Vec<u64> = c
+                    .query(format!(
+                        "SELECT id FROM {}.{WRITES_TABLE}",
+                        cluster.credentials().database
+                    ))
+                    .await
+                    .map_err(|e| format!("{alias}: select ids: {e}"))?;
+                let _ = c.disconnect().await;
+                Ok::<_, String>((rec, ids))
+            };
+            match attempt.await {
+                Ok(r) => break r,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(HarnessError::Invalid(format!(
+                        "writer check: cannot read the current primary's rows: {e}"
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let present: BTreeSet<u64> = ids.iter().copied().collect();
+        let mut log = self.lock();
+        log.saw(&rec);
+        let mut lost: Vec<u64> = log
+            .acks
+            .iter()
+            .map(|a| a.id)
+            .filter(|id| !present.contains(id))
+            .collect();
+        lost.sort_unstable();
+        let deposed_acks = deposed(&log.acks, &log.records);
+        let fault = log.fault;
+        let (before, after) = match fault {
+            Some(m) => (
+                log.acks
+                    .iter()
+                    .filter(|a| a.acked_at <= m.at)
+                    .max_by_key(|a| a.acked_at)
+                    .cloned(),
+                log.acks
+                    .iter()
+                    .filter(|a| a.acked_at > m.at)
+                    .min_by_key(|a| a.acked_at)
+                    .cloned(),
+            ),
+            None => (None, None),
+        };
+        let unavailability = match (fault, &after) {
+            (Some(m), Some(a)) => Some(a.acked_at.saturating_duration_since(m.at)),
+            _ => None,
+        };
+        Ok(WriterReport {
+            attempts: log.attempts,
+            acked: log.acks.len(),
+            errors: log.errors,
+            last_errors: log.errors_text(),
+            stragglers: log.stragglers,
+            lost,
+            deposed_acks,
+            checked_on: rec.primary.clone().map(|p| (p, rec.term)),
+            rows_on_primary: present.len(),
+            fault,
+            last_ack_before_fault: before,
+            first_ack_after_fault: after,
+            unavailability,
+            records: log.records.clone(),
+        })
+    }
+
+    /// [`Writer::check`], then asserts that no acknowledged write is lost and that no ack came
+    /// from a deposed primary after its successor's term began. Prints the report.
+    pub async fn verify(&self, cluster: &Cluster) -> WriterReport {
+        let report = match self.check(cluster).await {
+            Ok(r) => r,
+            Err(e) => panic!("writer verify: {e}"),
+        };
+        println!("{report}");
+        report.assert_safe();
+        report
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
+}
+
+/// Acks by a tablet after a newer term naming another primary had started.
+fn deposed(acks: &[Ack], records: &[ShardRecord]) -> Vec<DeposedAck> {
+    let mut out = Vec::new();
+    for a in acks {
+        let newer = records
+            .iter()
+            .filter(|r| {
+                r.term > a.term
+                    && r.primary.as_deref() != Some(a.tablet.as_str())
+                    && r.term_start_ms <= a.acked_ms
+            })
+            .min_by_key(|r| r.term);
+        if let Some(r) = newer {
+            out.push(DeposedAck {
+                ack: a.clone(),
+                newer: r.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Resolves when the record names a primary other than `alias`.
+async fn primary_moved(rx: &mut watch::Receiver<Option<ShardRecord>>, alias: &str) {
+    loop {
+        let moved = rx
+            .borrow_and_update()
+            .as_ref()
+            .is_some_and(|r| r.primary.as_deref() != Some(alias));
+        if moved {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn payload(id: u64, len: usize) -> String {
+    let seed = format!("w{id:012}-");
+    seed.chars().cycle().take(len.max(1)).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    target: Target,
+    opts: WriterOptions,
+    mut records: watch::Receiver<Option<ShardRecord>>,
+    log: Arc<Mutex<Log>>,
+    mut stop: watch::Receiver<bool>,
+    first_id: u64,
+    done: watch::Sender<bool>,
+) {
+    let lock = || log.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let mut next_id = first_id;
+    let mut conn: Option<(String, Conn)> = None;
+    let mut stragglers: JoinSet<()> = JoinSet::new();
+    let mut acked: u64 = 0;
+    loop {
+        if *stop.borrow() || started.elapsed() > opts.max_duration {
+            break;
+        }
+        if opts.max_acks.is_some_and(|m| acked >= m) {
+            break;
+        }
+        let rec = records.borrow_and_update().clone();
+        let Some(rec) = rec else {
+            // Not read yet (or etcd unreachable since the start): wait for it.
+            tokio::select! {
+                _ = records.changed() => {}
+                _ = tokio::time::sleep(opts.retry_pause.max(Duration::from_millis(10))) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        };
+        lock().saw(&rec);
+        let Some(primary) = rec.primary.clone() else {
+            tokio::select! {
+                _ = records.changed() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        };
+        if conn.as_ref().is_some_and(|(a, _)| *a != primary) {
+            conn = None;
+        }
+        let mut c = match conn.take() {
+            Some((_, c)) => c,
+            None => {
+                let res = tokio::select! {
+                    r = tokio::time::timeout(opts.connect_timeout, target.connect(&primary)) => {
+                        r.unwrap_or_else(|_| Err(format!("connect to {primary}: timed out after {:?}", opts.connect_timeout)))
+                    }
+                    _ = primary_moved(&mut records, &primary) => Err(format!("connect to {primary}: the shard record moved on")),
+                    _ = stop.changed() => break,
+                };
+                match res {
+                    Ok(c) => c,
+                    Err(e) => {
+                        lock().error(e);
+                        tokio::select! {
+                            _ = tokio::time::sleep(opts.retry_pause) => {}
+                            _ = stop.changed() => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let id = next_id;
+        next_id += 1;
+        let term = rec.term;
+        let sent_ms = now_ms();
+        let sent_at = Instant::now();
+        lock().attempts += 1;
+        let sql = format!(
+            "INSERT INTO {WRITES_TABLE} (id, payload, sent_ms, tablet, term) VALUES ({id}, '{}', {sent_ms}, '{}', {term})",
+            payload(id, opts.payload_len),
+            primary.replace('\'', "")
+        );
+        let mut pending: Pending = Box::pin(async move {
+            let r = c.query_drop(sql).await.map_err(|e| e.to_string());
+            (c, r)
+        });
+        let record_ack = {
+            let log = log.clone();
+            let primary = primary.clone();
+            move |straggler: bool| {
+                let a = Ack {
+                    id,
+                    tablet: primary.clone(),
+                    term,
+                    sent_ms,
+                    acked_ms: now_ms(),
+                    sent_at,
+                    acked_at: Instant::now(),
+                    straggler,
+                };
+                log.lock().unwrap_or_else(|e| e.into_inner()).acks.push(a);
+            }
+        };
+        enum Outcome {
+            Done(Conn, std::result::Result<(), String>),
+            Moved,
+            TimedOut,
+            Stop,
+        }
+        let outcome = tokio::select! {
+            (c, r) = &mut pending => Outcome::Done(c, r),
+            _ = primary_moved(&mut records, &primary) => Outcome::Moved,
+            _ = tokio::time::sleep(opts.attempt_timeout) => Outcome::TimedOut,
+            _ = stop.changed() => Outcome::Stop,
+        };
+        match outcome {
+            Outcome::Done(c, Ok(())) => {
+                record_ack(false);
+                acked += 1;
+                conn = Some((primary, c));
+                if !opts.pause.is_zero() {
+                    tokio::time::sleep(opts.pause).await;
+                }
+            }
+            Outcome::Done(_c, Err(e)) => {
+                lock().error(format!("insert {id} on {primary} (term {term}): {e}"));
+                tokio::select! {
+                    _ = tokio::time::sleep(opts.retry_pause) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            Outcome::Moved | Outcome::TimedOut | Outcome::Stop => {
+                let why = match outcome {
+                    Outcome::Moved => "the shard record named another primary",
+                    Outcome::TimedOut => "no answer within the attempt timeout",
+                    _ => "the writer stopped",
+                };
+                {
+                    let mut l = lock();
+                    l.stragglers += 1;
+                    l.error(format!(
+                        "insert {id} on {primary} (term {term}) left in flight: {why}"
+                    ));
+                }
+                let log2 = log.clone();
+                // Runs until it resolves, or is aborted after the grace period at stop.
+                stragglers.spawn(async move {
+                    let (_c, r) = pending.await;
+                    match r {
+                        Ok(()) => record_ack(true),
+                        Err(e) => log2
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .error(format!("straggler insert {id}: {e}")),
+                    }
+                });
+                if matches!(outcome, Outcome::Stop) {
+                    break;
+                }
+            }
+        }
+    }
+    drop(conn);
+    let _ = tokio::time::timeout(opts.straggler_grace, async {
+        while stragglers.join_next().await.is_some() {}
+    })
+    .await;
+    stragglers.abort_all();
+    let _ = done.send(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(primary: &str, term: u64, start: u64) -> ShardRecord {
+        ShardRecord {
+            keyspace: "ks".into(),
+            shard: "0".into(),
+            primary: Some(primary.into()),
+            term,
+            term_start_ms: start,
+            reparent_in_progress: None,
+            reserved_term: 0,
+        }
+    }
+
+    fn ack(id: u64, tablet: &str, term: u64, acked_ms: u64) -> Ack {
+        Ack {
+            id,
+            tablet: tablet.into(),
+            term,
+            sent_ms: acked_ms.saturating_sub(1),
+            acked_ms,
+            sent_at: Instant::now(),
+            acked_at: Instant::now(),
+            straggler: false,
+        }
+    }
+
+    #[test]
+    fn deposed_acks_are_the_old_primarys_after_the_new_term() {
+        let records = vec![rec("a", 1, 100), rec("b", 2, 1000), rec("a", 3, 2000)];
+        let acks = vec![
+            ack(1, "a", 1, 500),  // fine: before term 2
+            ack(2, "a", 1, 1001), // deposed: term 2 began at 1000
+            ack(3, "b", 2, 1500), // fine
+            ack(4, "b", 2, 2500), // deposed by term 3
+            ack(5, "a", 3, 2600), // fine
+        ];
+        let d = deposed(&acks, &records);
+        assert_eq!(
+            d.iter()
+                .map(|d| (d.ack.id, d.newer.term))
+                .collect::<Vec<_>>(),
+            vec![(2, 2), (4, 3)]
+        );
+        assert!(d[0].to_string().contains("1 ms after term 2"), "{}", d[0]);
+    }
+
+    #[test]
+    fn payload_has_the_asked_length() {
+        assert_eq!(payload(7, 40).len(), 40);
+        assert!(payload(7, 40).starts_with("w000000000007-"));
+    }
+}

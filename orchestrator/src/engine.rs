@@ -1,0 +1,985 @@
+//! The engine: one task that analyses every shard on every snapshot change (and at least every
+//! `tick`), decides which problem to recover, and starts recovery tasks ([`recovery::run`]).
+//!
+//! The decision is pure ([`decide`]): `(problems, shard memory, control, now) -> Decision`.
+//! The task around it keeps per-shard memory (problem episodes, the running recovery, backoff,
+//! the primary's last healthy position, flapping from the audit log) and publishes an
+//! [`EngineView`] for the HTTP API.
+//!
+//! Rules:
+//! - the most urgent actionable problem first ([`urgency`]): dead primary, no primary, stale
+//!   primary claims, primary fixes, replica fixes, semi-sync replica side before primary side;
+//! - at most one recovery per shard in this process; several instances are arbitrated by the
+//!   shard lock (a held lock means another instance acts);
+//! - a skipped recovery (disabled, flapping, durability unknown) is logged and audited once per
+//!   problem episode (an episode lasts while the analysis keeps reporting the problem);
+//! - after an unsuccessful attempt the same episode is retried with a backoff (250 ms doubling
+//!   to 5 s); after any attempt the shard is held until the snapshot reflects it (every
+//!   tablet's health received after the attempt, and the new term if one was written) or 2 s.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tabletwatch::{FleetSnapshot, ShardView};
+use tokio::sync::{mpsc, watch};
+use topo::AuditEntry;
+
+use crate::analysis::{self, Problem, ProblemCode};
+use crate::control::{self, ControlState, Flapping};
+use crate::input;
+use crate::recovery::{self, Deps, Job, Outcome, PrimaryPosition, Report};
+
+/// The engine's published state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EngineView {
+    /// Increases with every publication.
+    pub version: u64,
+    /// Wall clock of this publication (ms since the epoch).
+    pub updated_ms: u64,
+    /// The tabletwatch snapshot analysed.
+    pub snapshot_version: u64,
+    /// tabletwatch's etcd watches are current.
+    pub topo_synced: bool,
+    /// The control/quarantine/keyspace watches are current.
+    pub control_synced: bool,
+    /// `[recovery] enabled` and not disabled globally.
+    pub recoveries_enabled: bool,
+    /// Why not, when not.
+    pub disabled_reason: Option<String>,
+    /// Who acts: `orchestrator@host:pid`.
+    pub actor: String,
+    /// Every shard, by keyspace then shard.
+    pub shards: Vec<ShardStatus>,
+}
+
+impl EngineView {
+    pub fn shard(&self, keyspace: &str, shard: &str) -> Option<&ShardStatus> {
+        self.shards
+            .iter()
+            .find(|s| s.keyspace == keyspace && s.shard == shard)
+    }
+
+    fn empty(actor: &str) -> EngineView {
+        EngineView {
+            version: 0,
+            updated_ms: 0,
+            snapshot_version: 0,
+            topo_synced: false,
+            control_synced: false,
+            recoveries_enabled: false,
+            disabled_reason: Some("engine not started yet".into()),
+            actor: actor.to_string(),
+            shards: Vec::new(),
+        }
+    }
+}
+
+/// One shard as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShardStatus {
+    pub keyspace: String,
+    pub shard: String,
+    /// Every problem found, most urgent first (analysis order).
+    pub problems: Vec<Problem>,
+    /// The problem the engine would recover next (most urgent actionable one).
+    pub next: Option<Problem>,
+    /// The recovery running in this process, if any.
+    pub recovery: Option<RecoveryInProgress>,
+    /// Automatic recovery of this shard is allowed (enabled, not flapping).
+    pub recoveries_enabled: bool,
+    /// Why not, when not.
+    pub disabled_reason: Option<String>,
+    /// Set while the shard is flapping (auto-recovery stopped until `ack`).
+    pub flapping: Option<Flapping>,
+    /// Why the next problem was not acted on at the last evaluation (skip, backoff, hold).
+    pub waiting: Option<String>,
+    /// The last recovery attempt of this process on the shard.
+    pub last_recovery: Option<RecoveryResult>,
+}
+
+/// A recovery running now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecoveryInProgress {
+    pub problem: ProblemCode,
+    pub tablet: Option<String>,
+    pub detail: String,
+    /// Wall clock of the start.
+    pub since_ms: u64,
+    pub running_ms: u64,
+}
+
+/// How a recovery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecoveryResult {
+    pub problem: ProblemCode,
+    pub tablet: Option<String>,
+    pub outcome: Outcome,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    /// The term written, when the recovery changed it (emergency reparent).
+    pub new_term: Option<u64>,
+    /// Steps taken (each one is also in the audit log).
+    pub steps: Vec<recovery::StepRecord>,
+}
+
+/// The engine's timing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineOptions {
+    /// Re-evaluate at least this often.
+    pub tick: Duration,
+    /// Hold a shard after an attempt at most this long, waiting for the snapshot to catch up.
+    pub settle_max: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Reload a shard's reparent history from the audit log this often.
+    pub flap_reload: Duration,
+    /// See [`Gate::replica_grace`].
+    pub replica_grace: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            tick: Duration::from_millis(100),
+            settle_max: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(5),
+            flap_reload: Duration::from_secs(60),
+            replica_grace: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The running engine. Dropping it stops the engine (running recoveries finish).
+#[derive(Debug)]
+pub struct EngineHandle {
+    view: watch::Receiver<Arc<EngineView>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EngineHandle {
+    /// The latest view.
+    pub fn view(&self) -> Arc<EngineView> {
+        self.view.borrow().clone()
+    }
+
+    /// Follows the views.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<EngineView>> {
+        self.view.clone()
+    }
+}
+
+/// Starts the engine task.
+pub fn start(
+    snapshots: watch::Receiver<Arc<FleetSnapshot>>,
+    control: watch::Receiver<Arc<ControlState>>,
+    deps: Deps,
+    opts: EngineOptions,
+) -> EngineHandle {
+    describe_metrics();
+    let (tx, view) = watch::channel(Arc::new(EngineView::empty(&deps.actor)));
+    let task = tokio::spawn(run(snapshots, control, deps, opts, tx));
+    EngineHandle { view, task }
+}
+
+fn describe_metrics() {
+    metrics::describe_counter!(
+        "myha_orchestrator_recoveries_total",
+        "Recovery attempts by problem and outcome (recovered, refused, failed, problem_gone, lock_held, skipped)"
+    );
+    metrics::describe_histogram!(
+        "myha_orchestrator_detection_latency_seconds",
+        metrics::Unit::Seconds,
+        "From the first snapshot showing a problem's root symptom to the decision to recover it"
+    );
+    metrics::describe_histogram!(
+        "myha_orchestrator_reparent_phase_seconds",
+        metrics::Unit::Seconds,
+        "Duration of each phase of an emergency reparent (label phase)"
+    );
+}
+
+// ---- pure decision ----------------------------------------------------------------------
+
+/// Rank of an actionable problem (lower is more urgent); `None` for problems reported only.
+pub fn urgency(code: ProblemCode) -> Option<u8> {
+    use ProblemCode as P;
+    Some(match code {
+        P::DeadPrimary => 0,
+        P::DeadPrimaryAndSomeReplicas => 1,
+        P::NoPrimary => 2,
+        P::StaleTabletClaimingPrimary => 3,
+        P::PrimaryReplicating => 4,
+        P::PrimaryReadOnly => 5,
+        // Turning semi-sync off: the primary side first (else it waits for acks nobody sends).
+        P::PrimarySemiSyncMustNotBeSet => 6,
+        P::ReplicaWritable => 7,
+        P::ReplicaWrongSource => 8,
+        P::ReplicaNotReplicating => 9,
+        // Turning semi-sync on: the replica side first (else every commit blocks).
+        P::ReplicaSemiSyncMustBeSet => 10,
+        P::ReplicaSemiSyncMustNotBeSet => 11,
+        P::PrimarySemiSyncMustBeSet => 12,
+        P::DeadPrimaryAndAllReplicas
+        | P::UnreachablePrimary
+        | P::ErrantGtid
+        | P::ReplicaMysqlUnreachable
+        | P::ReplicaAgentUnreachable
+        | P::Quarantined => return None,
+    })
+}
+
+/// Whether this orchestrator has a recovery for `code`.
+pub fn recoverable(code: ProblemCode) -> bool {
+    code.actionable()
+        && urgency(code).is_some()
+        && (recovery::is_dead_primary(code) || recovery::repair::supports(code))
+}
+
+/// The most urgent problem this orchestrator can recover (ties: analysis order).
+pub fn most_urgent(problems: &[Problem]) -> Option<&Problem> {
+    problems
+        .iter()
+        .filter(|p| recoverable(p.code))
+        .min_by_key(|p| urgency(p.code).unwrap_or(u8::MAX))
+}
+
+/// The key of a problem episode: the problem's root symptom. Every dead-primary variant and
+/// an unreachable primary share one (the primary unseen), so detection latency runs from the
+/// first moment the primary was not seen.
+pub fn episode_key(p: &Problem) -> String {
+    use ProblemCode as P;
+    let root = match p.code {
+        P::DeadPrimary
+        | P::DeadPrimaryAndSomeReplicas
+        | P::DeadPrimaryAndAllReplicas
+        | P::UnreachablePrimary => "primary_unseen",
+        c => c.as_str(),
+    };
+    format!("{root}:{}", p.tablet.as_deref().unwrap_or(""))
+}
+
+/// The engine's per-episode memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Episode {
+    pub first_seen: Instant,
+    /// Attempts that did not succeed in this episode (drives the backoff).
+    pub failures: u32,
+    pub retry_at: Option<Instant>,
+    /// Detection latency recorded (once per episode).
+    pub decided: bool,
+    /// Skip reasons already recorded in this episode.
+    pub skips: BTreeSet<String>,
+    /// The problem's code at the last evaluation: when it changes within the episode (e.g. a
+    /// down replica of a dead primary's shard returns), the backoff starts over.
+    pub code: Option<ProblemCode>,
+}
+
+impl Episode {
+    fn new(now: Instant) -> Episode {
+        Episode {
+            first_seen: now,
+            failures: 0,
+            retry_at: None,
+            decided: false,
+            skips: BTreeSet::new(),
+            code: None,
+        }
+    }
+}
+
+/// What the engine knows besides the problems when deciding for one shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gate {
+    /// The etcd watches (tablets, shard records, control, keyspaces) are current: before, a
+    /// shard may look like it has no record or no primary.
+    pub synced: bool,
+    /// `[recovery] enabled`.
+    pub config_enabled: bool,
+    /// Disabled globally or for the shard, with why.
+    pub disabled: Option<String>,
+    pub flapping: Option<String>,
+    /// The keyspace's durability is known.
+    pub durability_known: bool,
+    /// A recovery of this shard runs in this process.
+    pub running: bool,
+    /// Held after an attempt until the snapshot catches up.
+    pub settling: bool,
+    /// A replica cannot reach the primary although the orchestrator still sees it: only a
+    /// dead-primary recovery may run until that is settled (a replica's broken replication
+    /// is then a symptom, not the problem).
+    pub primary_suspect: Option<String>,
+    /// How long a replica's stopped replication must last before it is repaired (its IO
+    /// thread notices a dead primary before the primary's death is confirmed).
+    pub replica_grace: Duration,
+}
+
+/// What to do with one shard now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing recoverable.
+    Nothing,
+    /// Start a recovery of this problem.
+    Recover(Problem),
+    /// Not now; record the reason once per episode (`record`), or just wait (backoff, hold,
+    /// running).
+    Wait {
+        problem: Problem,
+        reason: String,
+        record: bool,
+    },
+}
+
+/// The decision for one shard. Pure.
+pub fn decide(
+    problems: &[Problem],
+    episode: Option<&Episode>,
+    gate: &Gate,
+    now: Instant,
+) -> Decision {
+    let Some(p) = most_urgent(problems) else {
+        return Decision::Nothing;
+    };
+    let wait = |reason: String, record: bool| Decision::Wait {
+        problem: p.clone(),
+        reason,
+        record,
+    };
+    if gate.running {
+        return wait("a recovery of this shard is running".into(), false);
+    }
+    if !gate.synced {
+        return wait(
+            "the etcd watches are not current (etcd unreachable or not read yet): no recovery on possibly stale records".into(),
+            false,
+        );
+    }
+    if !gate.config_enabled {
+        return wait(
+            "automatic recovery is disabled in the configuration ([recovery] enabled = false)"
+                .into(),
+            true,
+        );
+    }
+    if let Some(r) = &gate.disabled {
+        return wait(r.clone(), true);
+    }
+    if let Some(r) = &gate.flapping {
+        return wait(r.clone(), true);
+    }
+    if !gate.durability_known {
+        return wait(
+            "the keyspace record is not known yet: durability unknown".into(),
+            true,
+        );
+    }
+    if !recovery::is_dead_primary(p.code) {
+        if let Some(why) = &gate.primary_suspect {
+            return wait(
+                format!("the primary is suspect ({why}): waiting for the dead-primary analysis"),
+                false,
+            );
+        }
+        if p.code == ProblemCode::ReplicaNotReplicating {
+            if let Some(ep) = episode {
+                let age = now.saturating_duration_since(ep.first_seen);
+                if age < gate.replica_grace {
+                    return wait(
+                        format!(
+                            "replication stopped for {} ms, repaired after {} ms",
+                            age.as_millis(),
+                            gate.replica_grace.as_millis()
+                        ),
+                        false,
+                    );
+                }
+            }
+        }
+    }
+    if gate.settling {
+        return wait(
+            "waiting for the snapshot to reflect the last recovery".into(),
+            false,
+        );
+    }
+    if let Some(at) = episode.and_then(|e| e.retry_at).filter(|at| *at > now) {
+        return wait(
+            format!(
+                "retrying in {} ms after {} unsuccessful attempt(s)",
+                at.saturating_duration_since(now).as_millis(),
+                episode.map_or(0, |e| e.failures)
+            ),
+            false,
+        );
+    }
+    Decision::Recover(p.clone())
+}
+
+/// Why the primary the orchestrator still sees is suspect: a replica's own fresh probe of it
+/// fails. Pure.
+pub fn primary_suspect(
+    input: &analysis::ShardInput,
+    cfg: &analysis::AnalysisConfig,
+) -> Option<String> {
+    let primary = input.record.as_ref()?.primary.as_deref()?;
+    let probe_max = u64::try_from(cfg.probe_stale_after.as_millis()).unwrap_or(u64::MAX);
+    let failing: Vec<String> = input
+        .tablets
+        .iter()
+        .filter(|t| t.alias() != primary)
+        .filter_map(|t| {
+            let probe = t.fresh_health(cfg)?.primary_probe.as_ref()?;
+            (probe.primary_alias == primary
+                && !probe.reachable
+                && input.now_ms.saturating_sub(probe.probed_at_ms) <= probe_max)
+                .then(|| format!("{} cannot reach {primary}: {}", t.alias(), probe.error))
+        })
+        .collect();
+    (!failing.is_empty()).then(|| failing.join("; "))
+}
+
+/// Backoff after `failures` unsuccessful attempts.
+pub fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
+    let shift = failures.saturating_sub(1).min(16);
+    min.saturating_mul(1u32 << shift).min(max)
+}
+
+// ---- the task ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Running {
+    problem: Problem,
+    since: Instant,
+    since_ms: u64,
+}
+
+#[derive(Debug)]
+struct Hold {
+    after: Instant,
+    until_term: Option<u64>,
+    deadline: Instant,
+}
+
+#[derive(Debug, Default)]
+struct FlapCache {
+    /// Successful emergency reparent summaries (only those).
+    reparents: Vec<AuditEntry>,
+    loaded_at: Option<Instant>,
+    loaded_term: u64,
+    loading: bool,
+    stale: bool,
+}
+
+/// The last evaluation of a shard, reused while its view is unchanged and nothing
+/// time-dependent is due.
+#[derive(Debug)]
+struct Memo {
+    view: ShardView,
+    synced: bool,
+    status: ShardStatus,
+    due: Instant,
+}
+
+#[derive(Debug, Default)]
+struct ShardMem {
+    memo: Option<Memo>,
+    episodes: HashMap<String, Episode>,
+    running: Option<Running>,
+    hold: Option<Hold>,
+    last: Option<RecoveryResult>,
+    last_primary: Option<PrimaryPosition>,
+    flap: FlapCache,
+}
+
+type ShardKey = (String, String);
+
+enum Event {
+    Done(Report),
+    Audit(ShardKey, u64, Result<Vec<AuditEntry>, String>),
+}
+
+struct Engine {
+    deps: Deps,
+    opts: EngineOptions,
+    shards: HashMap<ShardKey, ShardMem>,
+    events: mpsc::UnboundedSender<Event>,
+    loads_in_flight: usize,
+    version: u64,
+    last_control: Option<Arc<ControlState>>,
+}
+
+const MAX_AUDIT_LOADS: usize = 8;
+
+async fn run(
+    mut snapshots: watch::Receiver<Arc<FleetSnapshot>>,
+    mut control: watch::Receiver<Arc<ControlState>>,
+    deps: Deps,
+    opts: EngineOptions,
+    tx: watch::Sender<Arc<EngineView>>,
+) {
+    let (events, mut rx) = mpsc::unbounded_channel();
+    let mut engine = Engine {
+        deps,
+        opts,
+        shards: HashMap::new(),
+        events,
+        loads_in_flight: 0,
+        version: 0,
+        last_control: None,
+    };
+    tracing::info!(
+        actor = %engine.deps.actor,
+        enabled = engine.deps.cfg.enabled,
+        "recovery engine started"
+    );
+    let mut snapshots_open = true;
+    let mut control_open = true;
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        let ctl = control.borrow_and_update().clone();
+        let view = engine.evaluate(&snap, &ctl, Instant::now(), topo::now_ms());
+        tx.send_replace(Arc::new(view));
+        let tick = tokio::time::sleep(engine.opts.tick);
+        tokio::select! {
+            r = snapshots.changed(), if snapshots_open => if r.is_err() { snapshots_open = false },
+            r = control.changed(), if control_open => if r.is_err() { control_open = false },
+            Some(ev) = rx.recv() => engine.handle(ev, Instant::now()),
+            _ = tick => {}
+        }
+        // Drain whatever else arrived, so reports are folded in before the next evaluation.
+        while let Ok(ev) = rx.try_recv() {
+            engine.handle(ev, Instant::now());
+        }
+    }
+}
+
+impl Engine {
+    fn handle(&mut self, ev: Event, now: Instant) {
+        let key = match &ev {
+            Event::Audit(key, ..) => key.clone(),
+            Event::Done(r) => (r.keyspace.clone(), r.shard.clone()),
+        };
+        if let Some(mem) = self.shards.get_mut(&key) {
+            mem.memo = None;
+        }
+        match ev {
+            Event::Audit(key, term, result) => {
+                self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
+                let Some(mem) = self.shards.get_mut(&key) else {
+                    return;
+                };
+                mem.flap.loading = false;
+                match result {
+                    Ok(entries) => {
+                        mem.flap.reparents = entries
+                            .into_iter()
+                            .filter(|e| {
+                                e.action == recovery::ACTION_EMERGENCY_REPARENT
+                                    && e.outcome == recovery::OUTCOME_OK
+                            })
+                            .collect();
+                        mem.flap.loaded_at = Some(now);
+                        mem.flap.loaded_term = term;
+                        mem.flap.stale = false;
+                    }
+                    Err(e) => {
+                        tracing::debug!(keyspace = %key.0, shard = %key.1, error = %e, "reading the audit log for flapping");
+                        // Retry at the next reload period.
+                        mem.flap.loaded_at = Some(now);
+                    }
+                }
+            }
+            Event::Done(report) => {
+                let key = (report.keyspace.clone(), report.shard.clone());
+                let Some(mem) = self.shards.get_mut(&key) else {
+                    return;
+                };
+                mem.running = None;
+                mem.flap.stale = true;
+                let settle = if matches!(report.outcome, Outcome::LockHeld { .. }) {
+                    self.deps.cfg.lock_wait
+                } else {
+                    self.opts.settle_max
+                };
+                mem.hold = Some(Hold {
+                    after: now,
+                    until_term: report.new_term,
+                    deadline: now + settle,
+                });
+                let ep_key = episode_key(&report.problem);
+                if let Some(ep) = mem.episodes.get_mut(&ep_key) {
+                    if report.outcome.is_unsuccessful() {
+                        ep.failures += 1;
+                        ep.retry_at = Some(
+                            now + backoff(
+                                ep.failures,
+                                self.opts.backoff_min,
+                                self.opts.backoff_max,
+                            ),
+                        );
+                    } else {
+                        ep.retry_at = None;
+                    }
+                }
+                mem.last = Some(RecoveryResult {
+                    problem: report.problem.code,
+                    tablet: report.problem.tablet.clone(),
+                    outcome: report.outcome,
+                    started_ms: report.started_ms,
+                    duration_ms: report.duration_ms,
+                    new_term: report.new_term,
+                    steps: report.steps,
+                });
+            }
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        snap: &FleetSnapshot,
+        ctl: &Arc<ControlState>,
+        now: Instant,
+        now_ms: u64,
+    ) -> EngineView {
+        self.version += 1;
+        if !self
+            .last_control
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, ctl))
+        {
+            for m in self.shards.values_mut() {
+                m.memo = None;
+            }
+            self.last_control = Some(ctl.clone());
+        }
+        self.shards
+            .retain(|k, m| snap.shards.contains_key(k) || m.running.is_some());
+        let global_disabled = if !self.deps.cfg.enabled {
+            Some(
+                "automatic recovery is disabled in the configuration ([recovery] enabled = false)"
+                    .to_string(),
+            )
+        } else {
+            ctl.global
+                .as_ref()
+                .filter(|g| g.disabled)
+                .map(|_| ctl.disabled_reason("", "").unwrap_or_default())
+        };
+        let synced = snap.topo_synced && ctl.synced;
+        let mut shards = Vec::with_capacity(snap.shards.len());
+        for (key, view) in &snap.shards {
+            let memo = self.shards.get(key).and_then(|m| m.memo.as_ref());
+            if let Some(m) = memo.filter(|m| now < m.due && m.synced == synced && m.view == *view) {
+                shards.push(m.status.clone());
+                continue;
+            }
+            let status = self.evaluate_shard(key, view, ctl, synced, now, now_ms);
+            let due = self.due(key, view, &status, now);
+            if let Some(mem) = self.shards.get_mut(key) {
+                mem.memo = Some(Memo {
+                    view: view.clone(),
+                    synced,
+                    status: status.clone(),
+                    due,
+                });
+            }
+            shards.push(status);
+        }
+        EngineView {
+            version: self.version,
+            updated_ms: now_ms,
+            snapshot_version: snap.version,
+            topo_synced: snap.topo_synced,
+            control_synced: ctl.synced,
+            recoveries_enabled: global_disabled.is_none(),
+            disabled_reason: global_disabled,
+            actor: self.deps.actor.to_string(),
+            shards,
+        }
+    }
+
+    fn evaluate_shard(
+        &mut self,
+        key: &ShardKey,
+        view: &ShardView,
+        ctl: &ControlState,
+        synced: bool,
+        now: Instant,
+        now_ms: u64,
+    ) -> ShardStatus {
+        let cfg = self.deps.cfg.clone();
+        let (ks, shard) = (key.0.as_str(), key.1.as_str());
+        let durability = ctl.durability(ks);
+        let quarantined = ctl.quarantined(view.tablets.keys().map(String::as_str));
+        let input = input::shard_input(
+            view,
+            now,
+            now_ms,
+            durability.unwrap_or_default(),
+            &quarantined,
+        );
+        let problems = analysis::analyze(&input, &cfg.analysis);
+        for t in view.tablets.values() {
+            self.deps.agents.warm(&t.record);
+        }
+        self.maybe_load_audit(key, view.term(), now);
+        let mem = self.shards.entry(key.clone()).or_default();
+
+        // The primary's last healthy position (the errant-check reference of a reparent).
+        if let (Some(alias), Some(p)) = (view.primary_alias(), view.primary()) {
+            if let Some(h) = p.fresh_health(now, cfg.analysis.health_stale_after) {
+                if let Some(pos) = PrimaryPosition::from_health(alias, view.term(), h, now_ms) {
+                    mem.last_primary = Some(pos);
+                }
+            }
+        }
+
+        // Episodes: start new ones, end those whose problem is gone.
+        let current: BTreeSet<String> = problems.iter().map(episode_key).collect();
+        mem.episodes.retain(|k, _| current.contains(k));
+        for p in &problems {
+            let ep = mem
+                .episodes
+                .entry(episode_key(p))
+                .or_insert_with(|| Episode::new(now));
+            if ep.code != Some(p.code) {
+                if ep.code.is_some() {
+                    ep.failures = 0;
+                    ep.retry_at = None;
+                }
+                ep.code = Some(p.code);
+            }
+        }
+
+        // The hold after an attempt ends once the snapshot reflects it.
+        if let Some(h) = &mem.hold {
+            let term_ok = h.until_term.is_none_or(|t| view.term() >= t);
+            let health_ok = view.tablets.values().all(|t| {
+                !t.is_connected()
+                    || t.last_health
+                        .as_deref()
+                        .is_some_and(|s| s.received_at >= h.after)
+            });
+            if now >= h.deadline || (term_ok && health_ok) {
+                mem.hold = None;
+            }
+        }
+
+        let flapping = control::flapping(
+            &mem.flap.reparents,
+            ctl.acked_at_ms(ks, shard),
+            now_ms,
+            cfg.flap_limit,
+            cfg.flap_window,
+        );
+        let disabled = ctl.disabled_reason(ks, shard);
+        let gate = Gate {
+            synced,
+            config_enabled: cfg.enabled,
+            disabled: disabled.clone(),
+            flapping: flapping.as_ref().map(|f| f.reason(ks, shard)),
+            durability_known: durability.is_some(),
+            running: mem.running.is_some(),
+            settling: mem.hold.is_some(),
+            primary_suspect: primary_suspect(&input, &cfg.analysis),
+            replica_grace: self.opts.replica_grace,
+        };
+        let next = most_urgent(&problems).cloned();
+        let episode = next
+            .as_ref()
+            .and_then(|p| mem.episodes.get(&episode_key(p)));
+        let decision = decide(&problems, episode, &gate, now);
+        let mut waiting = None;
+        match decision {
+            Decision::Nothing => {}
+            Decision::Wait {
+                problem,
+                reason,
+                record,
+            } => {
+                let ep_key = episode_key(&problem);
+                if record {
+                    if let Some(ep) = mem.episodes.get_mut(&ep_key) {
+                        if ep.skips.insert(reason.clone()) {
+                            tracing::info!(keyspace = ks, shard, problem = problem.code.as_str(), tablet = ?problem.tablet, %reason, "recovery skipped");
+                            self.deps.audit.append(
+                                ks,
+                                shard,
+                                AuditEntry {
+                                    at_ms: now_ms,
+                                    term: view.term(),
+                                    actor: self.deps.actor.to_string(),
+                                    action: skip_action(problem.code).to_string(),
+                                    tablet: problem.tablet.clone(),
+                                    outcome: recovery::OUTCOME_SKIPPED.to_string(),
+                                    detail: format!("{}: {reason}", problem.detail),
+                                    duration_ms: None,
+                                },
+                            );
+                        }
+                    }
+                }
+                waiting = Some(reason);
+            }
+            Decision::Recover(problem) => {
+                let ep_key = episode_key(&problem);
+                if let Some(ep) = mem.episodes.get_mut(&ep_key) {
+                    if !ep.decided {
+                        ep.decided = true;
+                        let latency = now.saturating_duration_since(ep.first_seen);
+                        metrics::histogram!(
+                            "myha_orchestrator_detection_latency_seconds",
+                            "problem" => problem.code.as_str()
+                        )
+                        .record(latency.as_secs_f64());
+                        tracing::info!(
+                            keyspace = ks, shard, problem = problem.code.as_str(), tablet = ?problem.tablet,
+                            detail = %problem.detail, detection_ms = latency.as_millis() as u64,
+                            "recovery decided"
+                        );
+                    } else {
+                        tracing::info!(
+                            keyspace = ks,
+                            shard,
+                            problem = problem.code.as_str(),
+                            attempt = ep.failures + 1,
+                            "recovery retried"
+                        );
+                    }
+                }
+                mem.running = Some(Running {
+                    problem: problem.clone(),
+                    since: now,
+                    since_ms: now_ms,
+                });
+                let job = Job {
+                    keyspace: ks.to_string(),
+                    shard: shard.to_string(),
+                    problem,
+                    quarantined: quarantined.clone(),
+                    last_primary: mem.last_primary.clone(),
+                };
+                let deps = self.deps.clone();
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let report = recovery::run(deps, job).await;
+                    let _ = events.send(Event::Done(report));
+                });
+            }
+        }
+        let enabled_reason = if !cfg.enabled {
+            Some(
+                "automatic recovery is disabled in the configuration ([recovery] enabled = false)"
+                    .to_string(),
+            )
+        } else {
+            disabled.or_else(|| flapping.as_ref().map(|f| f.reason(ks, shard)))
+        };
+        ShardStatus {
+            keyspace: ks.to_string(),
+            shard: shard.to_string(),
+            problems,
+            next,
+            recovery: mem.running.as_ref().map(|r| RecoveryInProgress {
+                problem: r.problem.code,
+                tablet: r.problem.tablet.clone(),
+                detail: r.problem.detail.clone(),
+                since_ms: r.since_ms,
+                running_ms: recovery::millis(now.saturating_duration_since(r.since)),
+            }),
+            recoveries_enabled: enabled_reason.is_none(),
+            disabled_reason: enabled_reason,
+            flapping,
+            waiting,
+            last_recovery: mem.last.clone(),
+        }
+    }
+
+    /// Until when an unchanged view of the shard needs no re-evaluation: the next tick while
+    /// anything is going on, else the moment the first tablet's health would turn stale
+    /// (at most a second away).
+    fn due(&self, key: &ShardKey, view: &ShardView, status: &ShardStatus, now: Instant) -> Instant {
+        let busy = self.shards.get(key).is_none_or(|m| {
+            m.running.is_some() || m.hold.is_some() || !m.episodes.is_empty() || m.flap.loading
+        });
+        if busy || !status.problems.is_empty() || status.waiting.is_some() {
+            return now + self.opts.tick;
+        }
+        let stale_after = self.deps.cfg.analysis.health_stale_after;
+        view.tablets
+            .values()
+            .filter_map(|t| t.last_health.as_deref())
+            .map(|h| h.received_at + stale_after + Duration::from_millis(1))
+            .min()
+            .unwrap_or(now + self.opts.tick)
+            .min(now + Duration::from_secs(1))
+            .max(now)
+    }
+
+    /// Starts reading the shard's audit log when its reparent history is unknown, stale
+    /// (a recovery ended, the term changed) or old.
+    fn maybe_load_audit(&mut self, key: &ShardKey, term: u64, now: Instant) {
+        let reload = self.opts.flap_reload;
+        let mem = self.shards.entry(key.clone()).or_default();
+        let f = &mem.flap;
+        let due = !f.loading
+            && (f.loaded_at.is_none()
+                || f.stale
+                || f.loaded_term != term
+                || f.loaded_at
+                    .is_some_and(|at| now.saturating_duration_since(at) >= reload));
+        if !due || self.loads_in_flight >= MAX_AUDIT_LOADS {
+            return;
+        }
+        mem.flap.loading = true;
+        self.loads_in_flight += 1;
+        let topo = self.deps.topo.clone();
+        let events = self.events.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let r = topo
+                .list_audit(&key.0, Some(&key.1), control::AUDIT_SCAN)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = events.send(Event::Audit(key, term, r));
+        });
+    }
+}
+
+fn skip_action(code: ProblemCode) -> String {
+    if recovery::is_dead_primary(code) {
+        recovery::ACTION_EMERGENCY_REPARENT.to_string()
+    } else {
+        code.as_str().to_string()
+    }
+}
+
+/// For tests and the API: the problems of one shard of a snapshot. Pure.
+pub fn shard_problems(
+    view: &ShardView,
+    ctl: &ControlState,
+    cfg: &analysis::AnalysisConfig,
+    now: Instant,
+    now_ms: u64,
+) -> Vec<Problem> {
+    let quarantined = ctl.quarantined(view.tablets.keys().map(String::as_str));
+    let input = input::shard_input(
+        view,
+        now,
+        now_ms,
+        ctl.durability(&view.keyspace).unwrap_or_default(),
+        &quarantined,
+    );
+    analysis::analyze(&input, cfg)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,339 @@
+use super::*;
+
+fn p(code: ProblemCode, tablet: Option<&str>) -> Problem {
+    Problem {
+        code,
+        tablet: tablet.map(str::to_string),
+        detail: format!("{} seen", code.as_str()),
+    }
+}
+
+fn open_gate() -> Gate {
+    Gate {
+        synced: true,
+        config_enabled: true,
+        disabled: None,
+        flapping: None,
+        durability_known: true,
+        running: false,
+        settling: false,
+        primary_suspect: None,
+        replica_grace: Duration::from_millis(500),
+    }
+}
+
+#[test]
+fn urgency_follows_the_rules() {
+    use ProblemCode as P;
+    let order = [
+        P::DeadPrimary,
+        P::DeadPrimaryAndSomeReplicas,
+        P::NoPrimary,
+        P::StaleTabletClaimingPrimary,
+        P::PrimaryReplicating,
+        P::PrimaryReadOnly,
+        P::PrimarySemiSyncMustNotBeSet,
+        P::ReplicaWritable,
+        P::ReplicaWrongSource,
+        P::ReplicaNotReplicating,
+        P::ReplicaSemiSyncMustBeSet,
+        P::ReplicaSemiSyncMustNotBeSet,
+        P::PrimarySemiSyncMustBeSet,
+    ];
+    let ranks: Vec<u8> = order
+        .iter()
+        .map(|c| urgency(*c).expect("actionable"))
+        .collect();
+    assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{ranks:?}");
+    // Semi-sync: replica side before primary side when enabling, primary first when disabling.
+    assert!(urgency(P::ReplicaSemiSyncMustBeSet) < urgency(P::PrimarySemiSyncMustBeSet));
+    assert!(urgency(P::PrimarySemiSyncMustNotBeSet) < urgency(P::ReplicaSemiSyncMustNotBeSet));
+    for c in [
+        P::DeadPrimaryAndAllReplicas,
+        P::UnreachablePrimary,
+        P::ErrantGtid,
+        P::ReplicaMysqlUnreachable,
+        P::ReplicaAgentUnreachable,
+        P::Quarantined,
+    ] {
+        assert_eq!(urgency(c), None, "{c:?} is reported only");
+        assert!(!recoverable(c));
+        assert!(!c.actionable(), "{c:?}: analysis agrees");
+    }
+    for c in order {
+        assert!(c.actionable(), "{c:?}: analysis agrees it is actionable");
+    }
+}
+
+#[test]
+fn most_urgent_picks_the_dead_primary_first() {
+    use ProblemCode as P;
+    let problems = vec![
+        p(P::Quarantined, Some("zone1-104")),
+        p(P::ReplicaAgentUnreachable, Some("zone1-103")),
+        p(P::DeadPrimaryAndSomeReplicas, Some("zone1-101")),
+    ];
+    assert_eq!(
+        most_urgent(&problems).map(|p| p.code),
+        Some(P::DeadPrimaryAndSomeReplicas)
+    );
+    // Reported-only problems are never picked.
+    let problems = vec![
+        p(P::UnreachablePrimary, Some("zone1-101")),
+        p(P::DeadPrimaryAndAllReplicas, Some("zone1-101")),
+        p(P::ErrantGtid, Some("zone1-102")),
+    ];
+    assert_eq!(most_urgent(&problems), None);
+    // Among recoverable ones the rank decides, not the order.
+    let mut problems: Vec<Problem> = [P::PrimarySemiSyncMustBeSet, P::ReplicaSemiSyncMustBeSet]
+        .into_iter()
+        .map(|c| p(c, Some("zone1-102")))
+        .collect();
+    problems.push(p(P::DeadPrimary, Some("zone1-101")));
+    assert_eq!(most_urgent(&problems).map(|p| p.code), Some(P::DeadPrimary));
+    let repairs: Vec<Problem> = [P::PrimarySemiSyncMustBeSet, P::ReplicaSemiSyncMustBeSet]
+        .into_iter()
+        .map(|c| p(c, Some("zone1-102")))
+        .collect();
+    match most_urgent(&repairs).map(|p| p.code) {
+        // Repairs are recovered only once `recovery::repair` supports them.
+        None => assert!(!recovery::repair::supports(P::ReplicaSemiSyncMustBeSet)),
+        Some(c) => assert_eq!(c, P::ReplicaSemiSyncMustBeSet, "replica side first"),
+    }
+}
+
+#[test]
+fn decide_recovers_when_nothing_stands_in_the_way() {
+    let now = Instant::now();
+    let problems = vec![p(ProblemCode::DeadPrimary, Some("zone1-101"))];
+    assert_eq!(
+        decide(&problems, None, &open_gate(), now),
+        Decision::Recover(problems[0].clone())
+    );
+    assert_eq!(decide(&[], None, &open_gate(), now), Decision::Nothing);
+    let reported = vec![p(ProblemCode::UnreachablePrimary, Some("zone1-101"))];
+    assert_eq!(
+        decide(&reported, None, &open_gate(), now),
+        Decision::Nothing
+    );
+}
+
+#[test]
+fn decide_skips_with_reasons_recorded_once_and_waits_silently() {
+    let now = Instant::now();
+    let problems = vec![p(ProblemCode::DeadPrimary, Some("zone1-101"))];
+    let wait = |g: Gate, ep: Option<&Episode>| match decide(&problems, ep, &g, now) {
+        Decision::Wait { reason, record, .. } => (reason, record),
+        other => panic!("expected a wait, got {other:?}"),
+    };
+    let (r, rec) = wait(
+        Gate {
+            running: true,
+            ..open_gate()
+        },
+        None,
+    );
+    assert!(r.contains("running") && !rec, "{r}");
+    let (r, rec) = wait(
+        Gate {
+            synced: false,
+            ..open_gate()
+        },
+        None,
+    );
+    assert!(r.contains("not current") && !rec, "{r}");
+    let (r, rec) = wait(
+        Gate {
+            config_enabled: false,
+            ..open_gate()
+        },
+        None,
+    );
+    assert!(r.contains("enabled = false") && rec, "{r}");
+    let (r, rec) = wait(
+        Gate {
+            disabled: Some("recoveries disabled globally by bob".into()),
+            ..open_gate()
+        },
+        None,
+    );
+    assert!(r.contains("bob") && rec, "{r}");
+    let (r, rec) = wait(
+        Gate {
+            flapping: Some("shard ks/0 is flapping: ... ack".into()),
+            ..open_gate()
+        },
+        None,
+    );
+    assert!(r.contains("flapping") && rec, "{r}");
+    let (r, rec) = wait(
+        Gate {
+            durability_known: false,
+            ..open_gate()
+        },
+        None,
+    );
+    assert!(r.contains("durability unknown") && rec, "{r}");
+    let (r, rec) = wait(
+        Gate {
+            settling: true,
+            ..open_gate()
+        },
+        None,
+    );
+    assert!(r.contains("snapshot") && !rec, "{r}");
+    // Backoff after unsuccessful attempts.
+    let mut ep = Episode::new(now);
+    ep.failures = 2;
+    ep.retry_at = Some(now + Duration::from_millis(500));
+    let (r, rec) = wait(open_gate(), Some(&ep));
+    assert!(r.contains("retrying in 500 ms after 2") && !rec, "{r}");
+    ep.retry_at = Some(now);
+    assert!(matches!(
+        decide(&problems, Some(&ep), &open_gate(), now),
+        Decision::Recover(_)
+    ));
+}
+
+#[test]
+fn backoff_doubles_up_to_the_max() {
+    let (min, max) = (Duration::from_millis(250), Duration::from_secs(5));
+    let got: Vec<u64> = (1..=7)
+        .map(|n| backoff(n, min, max).as_millis() as u64)
+        .collect();
+    assert_eq!(got, [250, 500, 1000, 2000, 4000, 5000, 5000]);
+    assert_eq!(backoff(0, min, max), min);
+    assert_eq!(backoff(u32::MAX, min, max), max);
+}
+
+#[test]
+fn episodes_of_an_unseen_primary_share_one_key() {
+    use ProblemCode as P;
+    let k = episode_key(&p(P::UnreachablePrimary, Some("zone1-101")));
+    for c in [
+        P::DeadPrimary,
+        P::DeadPrimaryAndSomeReplicas,
+        P::DeadPrimaryAndAllReplicas,
+    ] {
+        assert_eq!(episode_key(&p(c, Some("zone1-101"))), k);
+    }
+    assert_ne!(episode_key(&p(P::DeadPrimary, Some("zone1-102"))), k);
+    assert_ne!(
+        episode_key(&p(P::ReplicaWritable, Some("zone1-102"))),
+        episode_key(&p(P::ReplicaNotReplicating, Some("zone1-102")))
+    );
+    assert_eq!(episode_key(&p(P::NoPrimary, None)), "no_primary:");
+}
+
+#[test]
+fn the_same_problem_survives_a_variant_change_of_a_dead_primary() {
+    use ProblemCode as P;
+    let wanted = p(P::DeadPrimaryAndSomeReplicas, Some("zone1-101"));
+    let now = vec![p(P::DeadPrimary, Some("zone1-101"))];
+    assert_eq!(
+        recovery::same_problem(&wanted, &now).map(|p| p.code),
+        Some(P::DeadPrimary)
+    );
+    let gone = vec![p(P::UnreachablePrimary, Some("zone1-101"))];
+    assert_eq!(recovery::same_problem(&wanted, &gone), None);
+    let other = vec![p(P::DeadPrimary, Some("zone1-102"))];
+    assert_eq!(recovery::same_problem(&wanted, &other), None);
+    let wanted = p(P::ReplicaWritable, Some("zone1-102"));
+    assert!(recovery::same_problem(&wanted, &[p(P::ReplicaWritable, Some("zone1-102"))]).is_some());
+    assert!(recovery::same_problem(&wanted, &[p(P::ReplicaWritable, Some("zone1-103"))]).is_none());
+}
+
+#[test]
+fn a_suspect_primary_holds_everything_but_the_dead_primary_recovery() {
+    let now = Instant::now();
+    let gate = Gate {
+        primary_suspect: Some("zone1-102 cannot reach zone1-101".into()),
+        ..open_gate()
+    };
+    let dead = vec![p(ProblemCode::DeadPrimary, Some("zone1-101"))];
+    assert!(matches!(
+        decide(&dead, None, &gate, now),
+        Decision::Recover(_)
+    ));
+    let replica = vec![p(ProblemCode::ReplicaNotReplicating, Some("zone1-102"))];
+    if recoverable(ProblemCode::ReplicaNotReplicating) {
+        match decide(&replica, None, &gate, now) {
+            Decision::Wait { reason, record, .. } => {
+                assert!(reason.contains("suspect") && !record, "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Stopped replication is repaired only once it lasted the grace period.
+        let mut ep = Episode::new(now);
+        match decide(
+            &replica,
+            Some(&ep),
+            &open_gate(),
+            now + Duration::from_millis(100),
+        ) {
+            Decision::Wait { reason, .. } => {
+                assert!(reason.contains("repaired after 500 ms"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        ep.first_seen = now;
+        assert!(matches!(
+            decide(
+                &replica,
+                Some(&ep),
+                &open_gate(),
+                now + Duration::from_millis(500)
+            ),
+            Decision::Recover(_)
+        ));
+    }
+}
+
+#[test]
+fn the_primary_is_suspect_when_a_replica_probe_fails() {
+    use crate::analysis::{ShardInput, TabletInput};
+    use myha_proto::agent as pb;
+    use tabletwatch::testing::{primary_health, replica_health, shard_record, tablet_record};
+    let now_ms = 1_000_000;
+    let tin = |alias: &str, h: pb::Health| TabletInput {
+        record: tablet_record(alias, "ks", "0"),
+        health: Some(h),
+        health_age: Some(Duration::from_millis(10)),
+        stream_connected: true,
+    };
+    let probe = |reachable: bool, at: u64| pb::PrimaryProbe {
+        primary_alias: "zone1-101".into(),
+        reachable,
+        error: if reachable { "" } else { "Connection refused" }.into(),
+        probed_at_ms: at,
+        ..Default::default()
+    };
+    let mut r2 = replica_health("zone1-102", 1, None);
+    r2.primary_probe = Some(probe(true, now_ms - 20));
+    let mut r3 = replica_health("zone1-103", 1, None);
+    r3.primary_probe = Some(probe(true, now_ms - 20));
+    let mut input = ShardInput {
+        keyspace: "ks".into(),
+        shard: "0".into(),
+        record: Some(shard_record("ks", "0", Some("zone1-101"), 1)),
+        durability: topo::Durability::SemiSync,
+        tablets: vec![
+            tin("zone1-101", primary_health("zone1-101", 1)),
+            tin("zone1-102", r2),
+            tin("zone1-103", r3),
+        ],
+        quarantined: Default::default(),
+        now_ms,
+    };
+    let cfg = analysis::AnalysisConfig::default();
+    assert_eq!(primary_suspect(&input, &cfg), None);
+    input.tablets[2].health.as_mut().unwrap().primary_probe = Some(probe(false, now_ms - 20));
+    let why = primary_suspect(&input, &cfg).expect("suspect");
+    assert!(
+        why.contains("zone1-103") && why.contains("Connection refused"),
+        "{why}"
+    );
+    // A stale probe says nothing.
+    input.tablets[2].health.as_mut().unwrap().primary_probe = Some(probe(false, now_ms - 5_000));
+    assert_eq!(primary_suspect(&input, &cfg), None);
+}

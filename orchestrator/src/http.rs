@@ -1,0 +1,420 @@
+//! The HTTP server: routes and handlers around the pure [`crate::api`], and the task that keeps
+//! each shard's last recovery (from the etcd audit log) at hand so that no request waits on
+//! etcd for it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Extension;
+use axum::{Json, Router};
+use futures::future::join_all;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tabletwatch::TabletWatch;
+use topo::Topo;
+
+use crate::api::{
+    self, AckRequest, ApiError, AuditJson, ChangeResponse, EngineState, RecoveriesQuery,
+    RecoveriesResponse, Scope, ToggleRequest,
+};
+use crate::control::{Control, ControlError};
+use crate::engine::{EngineHandle, EngineView};
+
+/// How many of a shard's newest audit entries are searched for its last recovery.
+pub const LAST_RECOVERY_SCAN: usize = 200;
+/// A shard's last recovery is re-read at least this often.
+pub const LAST_RECOVERY_REFRESH: Duration = Duration::from_secs(10);
+/// ... and every second for this long after its recovery state or term changed (the audit
+/// entries are written asynchronously, shortly after).
+pub const LAST_RECOVERY_FOLLOW: Duration = Duration::from_secs(5);
+
+/// Everything the handlers need.
+pub struct HttpState {
+    pub watch: Arc<TabletWatch>,
+    /// Kept alive here; `engine.view()` is the engine's current state.
+    pub engine: Arc<EngineHandle>,
+    pub control: Control,
+    pub topo: Topo,
+    pub metrics: PrometheusHandle,
+    pub stale_after: Duration,
+    pub api_token: Option<String>,
+    /// Each shard's newest recovery in the audit log (see [`spawn_last_recoveries`]).
+    pub last_recoveries: Arc<RwLock<BTreeMap<(String, String), AuditJson>>>,
+}
+
+type St = State<Arc<HttpState>>;
+
+/// Every route of the orchestrator's HTTP API.
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/metrics", get(render_metrics))
+        .route("/api/v1/shards", get(shards))
+        .route("/api/v1/recoveries", get(recoveries))
+        .route("/api/v1/recoveries/disable", post(disable))
+        .route("/api/v1/recoveries/enable", post(enable))
+        .route("/api/v1/shards/{keyspace}/{shard}/ack", post(ack))
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: Uri| async move {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {}", uri.path()),
+            )
+        })
+        .fallback(|uri: Uri| async move {
+            ApiError::not_found(format!(
+                "no such endpoint: {}; see GET /api/v1/shards, GET /api/v1/recoveries, \
+                 POST /api/v1/recoveries/disable|enable, POST /api/v1/shards/{{keyspace}}/{{shard}}/ack",
+                uri.path()
+            ))
+        })
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves (with the client's address known to
+/// the handlers, for the audit trail).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+async fn render_metrics(State(s): St) -> String {
+    let snap = s.watch.snapshot();
+    let mut text = s.metrics.render();
+    text.push_str(&api::tablet_metrics(&snap, Instant::now(), s.stale_after));
+    text
+}
+
+fn engine_state(s: &HttpState) -> EngineState {
+    let view = s.engine.view();
+    let last = s
+        .last_recoveries
+        .read()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    EngineState::from_view(&view, &last)
+}
+
+async fn shards(State(s): St) -> Json<api::ShardsResponse> {
+    let snap = s.watch.snapshot();
+    let engine = engine_state(&s);
+    Json(api::shards_response(
+        &snap,
+        Instant::now(),
+        s.stale_after,
+        &engine,
+    ))
+}
+
+fn query<T: serde::de::DeserializeOwned + Default>(uri: &Uri) -> Result<T, ApiError> {
+    if uri.query().is_none_or(str::is_empty) {
+        return Ok(T::default());
+    }
+    Query::<T>::try_from_uri(uri)
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(format!("query string: {}", e.body_text())))
+}
+
+fn topo_err(e: topo::TopoError) -> ApiError {
+    ApiError::unavailable(format!("etcd: {e}"))
+}
+
+async fn recoveries(State(s): St, uri: Uri) -> Result<Json<RecoveriesResponse>, ApiError> {
+    let filter = query::<RecoveriesQuery>(&uri)?.validate()?;
+    let shards: Vec<(String, String)> = match (&filter.keyspace, &filter.shard) {
+        (Some(k), Some(sh)) => vec![(k.clone(), sh.clone())],
+        (Some(k), None) => s
+            .topo
+            .list_shards(k)
+            .await
+            .map_err(topo_err)?
+            .into_iter()
+            .map(|r| (r.keyspace, r.shard))
+            .collect(),
+        (None, _) => {
+            let mut all = Vec::new();
+            for ks in s.topo.list_keyspaces().await.map_err(topo_err)? {
+                for r in s.topo.list_shards(&ks.name).await.map_err(topo_err)? {
+                    all.push((r.keyspace, r.shard));
+                }
+            }
+            all
+        }
+    };
+    let lists = join_all(shards.into_iter().map(|(ks, shard)| {
+        let topo = s.topo.clone();
+        let limit = filter.limit;
+        async move {
+            let r = topo.list_audit(&ks, Some(&shard), limit).await;
+            r.map(|entries| (ks, shard, entries))
+        }
+    }))
+    .await;
+    let lists = lists
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(topo_err)?;
+    Ok(Json(RecoveriesResponse {
+        recoveries: api::merge_audit(&lists, filter.limit),
+    }))
+}
+
+/// Who asked, for the control records and the audit log.
+fn requester(peer: Option<SocketAddr>) -> String {
+    match peer {
+        Some(p) => format!("http-api from {}", p.ip()),
+        None => "http-api".to_string(),
+    }
+}
+
+fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    api::check_bearer(s.api_token.as_deref(), auth)
+}
+
+fn control_err(e: ControlError) -> ApiError {
+    match e {
+        ControlError::Invalid(m) => ApiError::bad_request(m),
+        ControlError::Contended { .. } => {
+            ApiError::new(axum::http::StatusCode::CONFLICT, e.to_string())
+        }
+        ControlError::Decode { .. } => ApiError::internal(e.to_string()),
+        ControlError::Etcd { .. } | ControlError::Timeout { .. } | ControlError::Topo(_) => {
+            ApiError::unavailable(e.to_string())
+        }
+    }
+}
+
+/// 404 unless the shard has a record.
+async fn require_shard(s: &HttpState, keyspace: &str, shard: &str) -> Result<(), ApiError> {
+    match s.topo.get_shard(keyspace, shard).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(ApiError::not_found(format!(
+            "no shard {keyspace}/{shard} in the topology"
+        ))),
+        Err(topo::TopoError::InvalidArgument(m)) => Err(ApiError::bad_request(m)),
+        Err(e) => Err(topo_err(e)),
+    }
+}
+
+async fn toggle(
+    s: &HttpState,
+    disabled: bool,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: &Bytes,
+) -> Result<Json<ChangeResponse>, ApiError> {
+    authorize(s, headers)?;
+    let from_body: ToggleRequest = api::parse_body(body)?;
+    let from_query: ToggleRequest = query(uri)?;
+    let (scope, reason) = api::toggle_scope(from_body, from_query)?;
+    let by = requester(peer);
+    let reason_text = reason.clone().unwrap_or_else(|| "no reason given".into());
+    match &scope {
+        Scope::Global => {
+            s.control
+                .set_global(disabled, &reason_text, &by)
+                .await
+                .map_err(control_err)?;
+        }
+        Scope::Shard { keyspace, shard } => {
+            require_shard(s, keyspace, shard).await?;
+            s.control
+                .set_shard(keyspace, shard, disabled, &reason_text, &by)
+                .await
+                .map_err(control_err)?;
+        }
+    }
+    let action = if disabled { "disable" } else { "enable" };
+    tracing::warn!(%scope, reason = %reason_text, %by, "recoveries {action}d through the API");
+    Ok(Json(ChangeResponse {
+        ok: true,
+        action: action.into(),
+        scope: scope.to_string(),
+        reason,
+    }))
+}
+
+async fn disable(
+    State(s): St,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(p))| p);
+    toggle(&s, true, peer, &headers, &uri, &body)
+        .await
+        .into_response()
+}
+
+async fn enable(
+    State(s): St,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(p))| p);
+    toggle(&s, false, peer, &headers, &uri, &body)
+        .await
+        .into_response()
+}
+
+async fn ack(
+    State(s): St,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Path((keyspace, shard)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<ChangeResponse>, ApiError> {
+    authorize(&s, &headers)?;
+    let req: AckRequest = api::parse_body(&body)?;
+    require_shard(&s, &keyspace, &shard).await?;
+    let by = requester(peer.map(|Extension(ConnectInfo(p))| p));
+    s.control
+        .ack(&keyspace, &shard, &by)
+        .await
+        .map_err(control_err)?;
+    let reason = req.reason.filter(|r| !r.trim().is_empty());
+    tracing::warn!(keyspace, shard, reason = ?reason, %by, "recoveries acknowledged through the API");
+    Ok(Json(ChangeResponse {
+        ok: true,
+        action: "ack".into(),
+        scope: format!("{keyspace}/{shard}"),
+        reason,
+    }))
+}
+
+// ---- each shard's last recovery ---------------------------------------------------------
+
+/// What, when it changes, means a shard's audit log probably grew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Signature {
+    term: u64,
+    running: bool,
+    last_attempt_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    signature: Signature,
+    loaded_at: Option<Instant>,
+    follow_until: Instant,
+}
+
+fn signatures(
+    view: &EngineView,
+    snap: &tabletwatch::FleetSnapshot,
+) -> Vec<((String, String), Signature)> {
+    view.shards
+        .iter()
+        .map(|s| {
+            let term = snap.shard(&s.keyspace, &s.shard).map_or(0, |v| v.term());
+            (
+                (s.keyspace.clone(), s.shard.clone()),
+                Signature {
+                    term,
+                    running: s.recovery.is_some(),
+                    last_attempt_ms: s
+                        .last_recovery
+                        .as_ref()
+                        .map(|r| r.started_ms + r.duration_ms),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Keeps `state.last_recoveries` current: each shard's audit log is read when first seen,
+/// every second for a while after its term or recovery state changed, and every
+/// [`LAST_RECOVERY_REFRESH`] otherwise. Stops when the state is dropped.
+pub fn spawn_last_recoveries(state: &Arc<HttpState>) {
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        let mut tracked: HashMap<(String, String), Tracked> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(s) = weak.upgrade() else { return };
+            let now = Instant::now();
+            let sigs = signatures(&s.engine.view(), &s.watch.snapshot());
+            let keys: Vec<_> = sigs.iter().map(|(k, _)| k.clone()).collect();
+            tracked.retain(|k, _| keys.contains(k));
+            let mut due = Vec::new();
+            for (key, sig) in sigs {
+                let t = tracked.entry(key.clone()).or_insert_with(|| Tracked {
+                    signature: sig.clone(),
+                    loaded_at: None,
+                    follow_until: now,
+                });
+                if t.signature != sig {
+                    t.signature = sig;
+                    t.follow_until = now + LAST_RECOVERY_FOLLOW;
+                }
+                let stale = t
+                    .loaded_at
+                    .is_none_or(|at| now.saturating_duration_since(at) >= LAST_RECOVERY_REFRESH);
+                if stale || now < t.follow_until {
+                    due.push(key);
+                }
+            }
+            let loads = join_all(due.into_iter().map(|(ks, shard)| {
+                let topo = s.topo.clone();
+                async move {
+                    let r = topo.list_audit(&ks, Some(&shard), LAST_RECOVERY_SCAN).await;
+                    ((ks, shard), r)
+                }
+            }))
+            .await;
+            let mut found = Vec::new();
+            for (key, r) in loads {
+                match r {
+                    Ok(entries) => {
+                        if let Some(t) = tracked.get_mut(&key) {
+                            t.loaded_at = Some(now);
+                        }
+                        let last =
+                            api::last_recovery(&entries).map(|e| AuditJson::new(&key.0, &key.1, e));
+                        found.push((key, last));
+                    }
+                    Err(e) => {
+                        tracing::debug!(keyspace = %key.0, shard = %key.1, error = %e, "reading the audit log for the last recovery");
+                    }
+                }
+            }
+            let mut map = match s.last_recoveries.write() {
+                Ok(m) => m,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            map.retain(|k, _| keys.contains(k));
+            for (key, last) in found {
+                match last {
+                    Some(l) => {
+                        map.insert(key, l);
+                    }
+                    None => {
+                        map.remove(&key);
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,307 @@
+//! Repairs that need no reparent (R1-R9), plus electing the first primary of a new shard and
+//! rejoining (or quarantining) a returning old primary.
+//!
+//! Contract with the engine ([`super::run`]): [`supports`] says which codes are repaired here;
+//! [`repair`] runs under the shard lock with a fresh [`RecoveryContext`] whose problem was
+//! re-found under the lock. Each agent call is an audited step under `ctx.term()`.
+//!
+//! Order matters for semi-sync: the analysis only reports the primary side once a replica acks,
+//! so replicas are always fixed first and no commit ever waits on a primary with no acker.
+
+use super::{Done, RecoveryContext, RecoveryError};
+use crate::analysis::{self, Candidate, Problem, ProblemCode};
+use crate::control::Control;
+use topo::{Durability, ShardRecord};
+
+/// Whether [`repair`] recovers `code`.
+pub fn supports(code: ProblemCode) -> bool {
+    matches!(
+        code,
+        ProblemCode::NoPrimary
+            | ProblemCode::PrimaryReadOnly
+            | ProblemCode::PrimaryReplicating
+            | ProblemCode::PrimarySemiSyncMustBeSet
+            | ProblemCode::PrimarySemiSyncMustNotBeSet
+            | ProblemCode::ReplicaSemiSyncMustBeSet
+            | ProblemCode::ReplicaSemiSyncMustNotBeSet
+            | ProblemCode::ReplicaWritable
+            | ProblemCode::ReplicaNotReplicating
+            | ProblemCode::ReplicaWrongSource
+            | ProblemCode::StaleTabletClaimingPrimary
+    )
+}
+
+fn tablet_of(problem: &Problem) -> Result<&str, RecoveryError> {
+    problem
+        .tablet
+        .as_deref()
+        .ok_or_else(|| RecoveryError::Failed(format!("{} names no tablet", problem.code.as_str())))
+}
+
+fn primary_of(ctx: &RecoveryContext) -> Result<String, RecoveryError> {
+    ctx.fresh
+        .record
+        .as_ref()
+        .and_then(|r| r.primary.clone())
+        .ok_or_else(|| RecoveryError::Refused("the shard record names no primary".into()))
+}
+
+/// Repairs `problem`.
+pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, RecoveryError> {
+    let semi = ctx.durability() == Durability::SemiSync;
+    let done = |detail: String| Done {
+        detail,
+        new_term: None,
+    };
+    match problem.code {
+        ProblemCode::NoPrimary => elect_primary(ctx).await,
+        ProblemCode::PrimaryReadOnly => {
+            let p = tablet_of(problem)?;
+            ctx.set_read_only(p, false).await?;
+            Ok(done(format!("{p}: read_only set back to OFF")))
+        }
+        ProblemCode::PrimaryReplicating => {
+            let p = tablet_of(problem)?;
+            ctx.reset_replication(p).await?;
+            Ok(done(format!(
+                "{p}: replication on the primary stopped and reset"
+            )))
+        }
+        ProblemCode::PrimarySemiSyncMustBeSet | ProblemCode::PrimarySemiSyncMustNotBeSet => {
+            let p = tablet_of(problem)?;
+            let on = problem.code == ProblemCode::PrimarySemiSyncMustBeSet;
+            ctx.set_semi_sync(p, Some(on), None).await?;
+            Ok(done(format!("{p}: semi-sync primary side {}", onoff(on))))
+        }
+        ProblemCode::ReplicaSemiSyncMustBeSet | ProblemCode::ReplicaSemiSyncMustNotBeSet => {
+            let r = tablet_of(problem)?;
+            let on = problem.code == ProblemCode::ReplicaSemiSyncMustBeSet;
+            ctx.set_semi_sync(r, None, Some(on)).await?;
+            Ok(done(format!("{r}: semi-sync replica side {}", onoff(on))))
+        }
+        ProblemCode::ReplicaWritable => {
+            let r = tablet_of(problem)?;
+            ctx.set_read_only(r, true).await?;
+            Ok(done(format!("{r}: read_only set back to ON")))
+        }
+        ProblemCode::ReplicaNotReplicating => {
+            let r = tablet_of(problem)?;
+            ctx.start_replication(r, false).await?;
+            Ok(done(format!("{r}: replication restarted")))
+        }
+        ProblemCode::ReplicaWrongSource => {
+            let r = tablet_of(problem)?;
+            let primary = primary_of(ctx)?;
+            let source = ctx.tablet(&primary)?.clone();
+            ctx.set_replication_source("repoint to the primary", r, &source, semi, true)
+                .await?;
+            Ok(done(format!(
+                "{r}: repointed at {primary} ({}:{})",
+                source.mysql_host, source.mysql_port
+            )))
+        }
+        ProblemCode::StaleTabletClaimingPrimary => rejoin_or_quarantine(ctx, problem).await,
+        other => Err(RecoveryError::Refused(format!(
+            "no automatic repair for {}",
+            other.as_str()
+        ))),
+    }
+}
+
+fn onoff(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// A tablet promoted under an older term came back (P3, R9). It rejoins as a replica of the
+/// current primary when everything it has is also on the primary; otherwise its extra
+/// transactions would be lost or replicated nowhere, so it is quarantined with the reason.
+async fn rejoin_or_quarantine(
+    ctx: &RecoveryContext,
+    problem: &Problem,
+) -> Result<Done, RecoveryError> {
+    let stale = tablet_of(problem)?;
+    let primary = primary_of(ctx)?;
+    let (Some(sh), Some(ph)) = (ctx.status(stale), ctx.status(&primary)) else {
+        return Err(RecoveryError::Refused(format!(
+            "need fresh status of both {stale} and the primary {primary}"
+        )));
+    };
+    let (Some(stale_pos), Some(primary_pos)) = (analysis::position(sh), analysis::position(ph))
+    else {
+        return Err(RecoveryError::Refused(format!(
+            "cannot read GTID positions of {stale} or {primary}"
+        )));
+    };
+    // MariaDB binlog states compare per (domain, server); positions alone can hide a
+    // transaction the primary never had behind its own higher sequence numbers.
+    let states = (
+        sh.mysql
+            .as_ref()
+            .map(|m| m.gtid_binlog_state.as_str())
+            .unwrap_or(""),
+        ph.mysql
+            .as_ref()
+            .map(|m| m.gtid_binlog_state.as_str())
+            .unwrap_or(""),
+    );
+    let extra = if analysis::flavor_of(sh) == gtid::Flavor::MariaDb && !states.1.is_empty() {
+        analysis::binlog_state_missing(states.0, states.1)
+            .map_err(|e| RecoveryError::Failed(format!("comparing binlog states: {e}")))?
+            .join(",")
+    } else {
+        stale_pos
+            .difference(&primary_pos)
+            .map_err(|e| RecoveryError::Failed(format!("comparing positions: {e}")))?
+            .to_string()
+    };
+    if !extra.is_empty() {
+        let reason = format!(
+            "{stale} (promoted under term {}) holds transactions {extra} that primary {primary} does not have; \
+             quarantined: it must not replicate or be promoted until an operator resolves them",
+            sh.promoted_term
+        );
+        // Read-only first: the agent fences it already, this makes sure.
+        ctx.set_read_only(stale, true).await?;
+        let control = Control::new(ctx.deps.topo.clone());
+        ctx.step(
+            "quarantine",
+            Some(stale),
+            async {
+                control
+                    .quarantine(stale, &reason, ctx.term())
+                    .await
+                    .map_err(|e| RecoveryError::Failed(e.to_string()))
+            },
+            |_| reason.clone(),
+        )
+        .await?;
+        return Ok(Done {
+            detail: reason,
+            new_term: None,
+        });
+    }
+    let source = ctx.tablet(&primary)?.clone();
+    ctx.set_read_only(stale, true).await?;
+    ctx.set_replication_source(
+        "rejoin as a replica",
+        stale,
+        &source,
+        ctx.durability() == Durability::SemiSync,
+        true,
+    )
+    .await?;
+    Ok(Done {
+        detail: format!(
+            "{stale} (promoted under term {}) rejoined as a replica of {primary}: its position {stale_pos} is contained in {primary_pos}",
+            sh.promoted_term
+        ),
+        new_term: None,
+    })
+}
+
+/// R8: a shard with no primary gets one, chosen like an emergency candidate among the tablets
+/// whose agents answered; the others replicate from it.
+async fn elect_primary(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
+    let mut candidates = Vec::new();
+    for (alias, h) in &ctx.fresh.statuses {
+        if !h.mysql_reachable || ctx.job.quarantined.contains_key(alias) {
+            continue;
+        }
+        let Ok(t) = ctx.tablet(alias) else { continue };
+        let Some(position) = analysis::position(h) else {
+            continue;
+        };
+        candidates.push(Candidate {
+            alias: alias.clone(),
+            cell: t.cell.clone(),
+            rule: t.promotion_rule,
+            position,
+            errant: None,
+        });
+    }
+    let choice = analysis::choose_candidate(&candidates, None, ctx.durability())
+        .map_err(|r| RecoveryError::Refused(r.to_string()))?;
+    let term = ctx.fresh.next_promotion_term();
+    ctx.reserve_term(term).await?;
+    ctx.set_term(term);
+    ctx.promote(&choice.candidate).await?;
+    let mut record = ctx
+        .fresh
+        .record
+        .clone()
+        .unwrap_or_else(|| ShardRecord::new(ctx.keyspace.clone(), ctx.shard.clone()));
+    record.primary = Some(choice.candidate.clone());
+    record.term = term;
+    record.reserved_term = term;
+    record.term_start_ms = topo::now_ms();
+    ctx.write_shard_record(&record).await?;
+    let source = ctx.tablet(&choice.candidate)?.clone();
+    let semi = ctx.durability() == Durability::SemiSync;
+    let mut repointed = Vec::new();
+    for other in &choice.others {
+        match ctx
+            .set_replication_source(
+                "replicate from the elected primary",
+                other,
+                &source,
+                semi,
+                true,
+            )
+            .await
+        {
+            Ok(_) => repointed.push(other.clone()),
+            // The primary is in place; a replica left behind is a repair of its own next round.
+            Err(e) => tracing::warn!(tablet = %other, error = %e, "not repointed"),
+        }
+    }
+    Ok(Done {
+        detail: format!(
+            "elected {} as primary at term {term} ({}); replicas: {}",
+            choice.candidate,
+            choice.reason,
+            if repointed.is_empty() {
+                "none".to_string()
+            } else {
+                repointed.join(", ")
+            }
+        ),
+        new_term: Some(term),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repairs_cover_the_catalog_except_reports() {
+        for code in [
+            ProblemCode::NoPrimary,
+            ProblemCode::PrimaryReadOnly,
+            ProblemCode::PrimaryReplicating,
+            ProblemCode::PrimarySemiSyncMustBeSet,
+            ProblemCode::PrimarySemiSyncMustNotBeSet,
+            ProblemCode::ReplicaSemiSyncMustBeSet,
+            ProblemCode::ReplicaSemiSyncMustNotBeSet,
+            ProblemCode::ReplicaWritable,
+            ProblemCode::ReplicaNotReplicating,
+            ProblemCode::ReplicaWrongSource,
+            ProblemCode::StaleTabletClaimingPrimary,
+        ] {
+            assert!(supports(code), "{code:?}");
+            assert!(code.actionable(), "{code:?}");
+        }
+        for code in [
+            ProblemCode::ErrantGtid,
+            ProblemCode::UnreachablePrimary,
+            ProblemCode::Quarantined,
+            ProblemCode::DeadPrimary,
+        ] {
+            assert!(!supports(code), "{code:?}");
+        }
+    }
+}

@@ -1,0 +1,589 @@
+//! Emergency reparent: the primary is dead (confirmed by the orchestrator and every reachable
+//! replica); promote the best replica under a new term. Scenarios P1-P3, P7, P8, P9, P11-P13.
+//!
+//! Runs under the shard lock on a fresh view ([`RecoveryContext::fresh`]):
+//! 1. new term = max(shard record term, highest term any reachable agent reports) + 1, so a
+//!    half-finished reparent whose candidate already accepted a term is superseded (never two
+//!    promotions under one term);
+//! 2. a pre-check of the candidate choice on the current positions: a refusal (e.g. semi_sync
+//!    durability cannot be met, P8) changes nothing;
+//! 3. per reachable replica, in parallel: stop the IO thread, read its received position, wait
+//!    (bounded by `relay_log_wait`) for it to be applied, read its final position;
+//! 4. errant check of each against the dead primary's last known position, then
+//!    [`choose_candidate`]; a refusal here restarts the IO threads and changes nothing else;
+//! 5. if the candidate lags the most advanced tablet: catch it up from that tablet (bounded by
+//!    `catch_up_timeout`), falling back to promoting the most advanced one (unless `must_not`);
+//! 6. `Promote` under the new term, write the shard record (conditional on the lock), repoint
+//!    every other reachable tablet at the new primary in parallel (a failure there is audited,
+//!    the promotion stands).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use gtid::GtidSet;
+use myha_proto::agent as pb;
+use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
+
+use super::{Done, RecoveryContext, RecoveryError, OUTCOME_OK};
+use crate::analysis::{self, choose_candidate, Candidate, Choice, Refusal};
+
+/// Records one phase's duration (`myha_orchestrator_reparent_phase_seconds{phase}`).
+pub fn phase(name: &'static str, took: Duration) {
+    tracing::debug!(
+        phase = name,
+        took_ms = took.as_secs_f64() * 1000.0,
+        "reparent phase"
+    );
+    metrics::histogram!("myha_orchestrator_reparent_phase_seconds", "phase" => name)
+        .record(took.as_secs_f64());
+}
+
+/// The term of a new primary: above the record's, above any term a recovery reserved, and above
+/// anything an agent accepted.
+pub fn next_term(record_term: u64, reserved: u64, highest_reported: u64) -> u64 {
+    record_term
+        .max(reserved)
+        .max(highest_reported)
+        .saturating_add(1)
+}
+
+/// What a replica must apply before its position is final: everything its IO thread received
+/// (`gtid_io_pos`), else its current position.
+pub fn relay_log_target(h: &pb::Health) -> Option<String> {
+    let io = h
+        .replication
+        .as_ref()
+        .filter(|r| r.configured)
+        .map(|r| r.gtid_io_pos.trim().to_string())
+        .filter(|p| !p.is_empty());
+    io.or_else(|| {
+        h.mysql
+            .as_ref()
+            .map(|m| m.gtid_position.trim().to_string())
+            .filter(|p| !p.is_empty())
+    })
+}
+
+/// The reference for the errant check: the dead primary's last healthy position and its
+/// writer id.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    pub position: GtidSet,
+    pub writer: String,
+}
+
+/// Candidates from final statuses. A tablet without a parseable position is left out (and
+/// reported in the second value).
+pub fn candidates(
+    statuses: &BTreeMap<String, pb::Health>,
+    tablets: &BTreeMap<String, TabletRecord>,
+    reference: Option<&Reference>,
+) -> (Vec<Candidate>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut left_out = Vec::new();
+    for (alias, h) in statuses {
+        let Some(rec) = tablets.get(alias) else {
+            left_out.push(format!("{alias}: not registered"));
+            continue;
+        };
+        let Some(position) = analysis::position(h).filter(|_| h.mysql_reachable) else {
+            left_out.push(format!("{alias}: no readable GTID position"));
+            continue;
+        };
+        let errant = reference.and_then(|r| analysis::errant(&position, &r.position, &r.writer));
+        out.push(Candidate {
+            alias: alias.clone(),
+            cell: rec.cell.clone(),
+            rule: rec.promotion_rule,
+            position,
+            errant,
+        });
+    }
+    (out, left_out)
+}
+
+fn refusal_text(r: &Refusal) -> String {
+    r.to_string()
+}
+
+/// The emergency reparent. See the module doc.
+pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
+    let total = Instant::now();
+    let fresh = &ctx.fresh;
+    let record = fresh
+        .record
+        .clone()
+        .ok_or_else(|| RecoveryError::Refused("the shard has no record".into()))?;
+    let old_primary = record
+        .primary
+        .clone()
+        .ok_or_else(|| RecoveryError::Refused("the shard record names no primary".into()))?;
+    let new_term = fresh.next_promotion_term();
+    // Everything before the promotion runs under the highest term already known.
+    ctx.set_term(new_term - 1);
+    let durability = ctx.durability();
+    let old_cell = fresh
+        .tablets
+        .get(&old_primary)
+        .map(|t| t.cell.clone())
+        .or_else(|| topo::parse_alias(&old_primary).ok().map(|(c, _)| c));
+    let reference = ctx
+        .job
+        .last_primary
+        .as_ref()
+        .filter(|p| p.alias == old_primary)
+        .and_then(|p| {
+            Some(Reference {
+                position: p.gtid_set()?,
+                writer: p.writer.clone(),
+            })
+        });
+    if reference.is_none() {
+        ctx.audit(
+            "errant_check",
+            Some(&old_primary),
+            OUTCOME_OK,
+            format!("the dead primary {old_primary}'s last position is unknown to this orchestrator: errant check skipped (divergence is still refused)"),
+            None,
+        );
+    }
+
+    // The replicas to work with: answering, mysqld up, not quarantined, not the old primary.
+    let reachable: BTreeMap<String, pb::Health> = fresh
+        .statuses
+        .iter()
+        .filter(|(a, h)| {
+            **a != old_primary && h.mysql_reachable && !fresh.input.quarantined.contains_key(*a)
+        })
+        .map(|(a, h)| (a.clone(), h.clone()))
+        .collect();
+
+    // Pre-check on the current positions: refuse before changing anything.
+    let (pre, _) = candidates(&reachable, &fresh.tablets, reference.as_ref());
+    if let Err(refusal) = choose_candidate(&pre, old_cell.as_deref(), durability) {
+        let why = match &refusal {
+            // Positions may still move while the relay logs apply: decide on the final ones.
+            Refusal::Diverged(_) => None,
+            r => Some(refusal_text(r)),
+        };
+        if let Some(why) = why {
+            ctx.record_step("choose_candidate", None, false, why.clone(), Duration::ZERO);
+            return Err(RecoveryError::Refused(format!(
+                "{why}; nothing was changed (primary {old_primary} stays in the record at term {})",
+                record.term
+            )));
+        }
+    }
+
+    // Reserve the new term before touching anything (a refusal above burns no term): whoever
+    // acts on this shard after us uses a higher one, even if we lose the lock mid-way.
+    ctx.reserve_term(new_term).await?;
+
+    // Stop IO, let every replica apply what it received, read final positions.
+    let t = Instant::now();
+    let finals = futures::future::join_all(
+        reachable
+            .iter()
+            .map(|(alias, h)| settle_replica(ctx, alias.clone(), h.clone())),
+    )
+    .await;
+    phase("stop_io_and_apply_relay_log", t.elapsed());
+    let mut final_statuses = BTreeMap::new();
+    let mut stopped = Vec::new();
+    for (alias, io_stopped, status) in finals {
+        if io_stopped {
+            stopped.push(alias.clone());
+        }
+        if let Some(h) = status {
+            final_statuses.insert(alias, h);
+        }
+    }
+
+    // Choose.
+    let t = Instant::now();
+    let (cands, left_out) = candidates(&final_statuses, &fresh.tablets, reference.as_ref());
+    for c in cands.iter().filter(|c| c.errant.is_some()) {
+        ctx.record_step(
+            "errant_check",
+            Some(&c.alias),
+            false,
+            format!(
+                "errant transactions {} (not on dead primary {old_primary}): never promoted",
+                c.errant.as_deref().unwrap_or_default()
+            ),
+            Duration::ZERO,
+        );
+    }
+    let choice = match choose_candidate(&cands, old_cell.as_deref(), durability) {
+        Ok(c) => c,
+        Err(refusal) => {
+            let why = refusal_text(&refusal);
+            ctx.record_step("choose_candidate", None, false, why.clone(), t.elapsed());
+            restart_io(ctx, &stopped).await;
+            return Err(RecoveryError::Refused(format!(
+                "{why}{}; IO threads restarted, primary {old_primary} stays in the record at term {}",
+                if left_out.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (left out: {})", left_out.join("; "))
+                },
+                record.term
+            )));
+        }
+    };
+    ctx.record_step(
+        "choose_candidate",
+        Some(&choice.candidate),
+        true,
+        format!(
+            "{}{}",
+            choice.reason,
+            choice
+                .catch_up_from
+                .as_ref()
+                .map(|s| format!("; catch up from {s} first"))
+                .unwrap_or_default()
+        ),
+        t.elapsed(),
+    );
+    phase("choose", t.elapsed());
+
+    // Catch up from the most advanced tablet if needed.
+    let choice = match &choice.catch_up_from {
+        None => choice,
+        Some(source) => {
+            let t = Instant::now();
+            let r = catch_up(ctx, &choice, source).await;
+            phase("catch_up", t.elapsed());
+            match r {
+                Ok(()) => choice,
+                Err(e) => fallback(ctx, &choice, source, &cands, &e)?,
+            }
+        }
+    };
+    let candidate = ctx.tablet(&choice.candidate)?.clone();
+
+    // Promote under the new term.
+    ctx.set_term(new_term);
+    let t = Instant::now();
+    ctx.promote(&candidate.alias).await?;
+    phase("promote", t.elapsed());
+
+    let t = Instant::now();
+    let next = ShardRecord {
+        primary: Some(candidate.alias.clone()),
+        term: new_term,
+        term_start_ms: topo::now_ms(),
+        reparent_in_progress: None,
+        reserved_term: new_term,
+        ..record.clone()
+    };
+    ctx.write_shard_record(&next).await?;
+    phase("write_record", t.elapsed());
+
+    // Repoint everyone else who answered.
+    let t = Instant::now();
+    let semi = durability == Durability::SemiSync;
+    let others: Vec<String> = choice
+        .others
+        .iter()
+        .filter(|a| **a != candidate.alias && final_statuses.contains_key(*a))
+        .cloned()
+        .collect();
+    let results = futures::future::join_all(others.iter().map(|a| {
+        let candidate = &candidate;
+        async move {
+            (
+                a.clone(),
+                ctx.set_replication_source("repoint", a, candidate, semi, true)
+                    .await,
+            )
+        }
+    }))
+    .await;
+    phase("repoint", t.elapsed());
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for (a, r) in results {
+        match r {
+            Ok(_) => ok.push(a),
+            Err(e) => failed.push(format!("{a}: {e}")),
+        }
+    }
+    phase("total", total.elapsed());
+    let unseen: Vec<&String> = fresh
+        .tablets
+        .keys()
+        .filter(|a| {
+            **a != old_primary && **a != candidate.alias && !final_statuses.contains_key(*a)
+        })
+        .collect();
+    Ok(Done {
+        detail: format!(
+            "promoted {} at term {new_term} (dead primary {old_primary}, term {}): {}; repointed [{}]{}{}",
+            candidate.alias,
+            record.term,
+            choice.reason,
+            ok.join(", "),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("; repoint failed: {}", failed.join("; "))
+            },
+            if unseen.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; not reachable (repointed when they return): {}",
+                    unseen
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        ),
+        new_term: Some(new_term),
+    })
+}
+
+/// Stops the IO thread, waits for the relay log to be applied, and returns the replica's
+/// status with its final position: (alias, IO thread stopped, status if usable).
+///
+/// The target is what the IO thread had received at the refresh: the primary is dead, nothing
+/// arrives after that. The final position comes from the actions' answers; `FullStatus` is
+/// only asked when an action failed (a replica that then does not answer is left out).
+async fn settle_replica(
+    ctx: &RecoveryContext,
+    alias: String,
+    before: pb::Health,
+) -> (String, bool, Option<pb::Health>) {
+    let flavor = analysis::flavor_of(&before);
+    let parse = |s: &str| GtidSet::parse(flavor, s).ok();
+    let target = relay_log_target(&before);
+    let (stopped, mut pos) = match ctx.stop_replication(&alias, true).await {
+        Ok(r) => (true, Some(r.gtid_position)),
+        Err(_) => (false, None),
+    };
+    if let Some(target) = target {
+        let reached = match (pos.as_deref().and_then(parse), parse(&target)) {
+            (Some(p), Some(t)) => p.contains_set(&t).unwrap_or(false),
+            _ => false,
+        };
+        if stopped && !reached {
+            match ctx
+                .wait_for_position("apply_relay_log", &alias, &target, ctx.cfg().relay_log_wait)
+                .await
+            {
+                Ok(r) => pos = Some(r.gtid_position),
+                // A timeout leaves the replica less advanced, not unusable: read where it is.
+                Err(_) => pos = None,
+            }
+        }
+    }
+    let status = match pos {
+        Some(p) => {
+            let mut h = before;
+            if let Some(m) = h.mysql.as_mut() {
+                m.gtid_position = p;
+            }
+            h
+        }
+        None => match ctx.full_status(&alias).await {
+            Ok(h) if h.mysql_reachable => h,
+            Ok(h) => {
+                ctx.record_step(
+                    "read_position",
+                    Some(&alias),
+                    false,
+                    format!("mysqld unreachable: {}", h.mysql_error),
+                    Duration::ZERO,
+                );
+                return (alias, stopped, None);
+            }
+            Err(e) => {
+                ctx.record_step(
+                    "read_position",
+                    Some(&alias),
+                    false,
+                    e.to_string(),
+                    Duration::ZERO,
+                );
+                return (alias, stopped, None);
+            }
+        },
+    };
+    (alias, stopped, Some(status))
+}
+
+/// Best effort after a refusal: the replicas follow the old primary again should it return.
+async fn restart_io(ctx: &RecoveryContext, aliases: &[String]) {
+    futures::future::join_all(aliases.iter().map(|a| ctx.start_replication(a, true))).await;
+}
+
+/// Points the candidate at the most advanced tablet, waits for the target, stops replication.
+async fn catch_up(
+    ctx: &RecoveryContext,
+    choice: &Choice,
+    source: &str,
+) -> Result<(), RecoveryError> {
+    let src = ctx.tablet(source)?.clone();
+    ctx.set_replication_source("catch_up_from", &choice.candidate, &src, false, true)
+        .await?;
+    ctx.wait_for_position(
+        "catch_up",
+        &choice.candidate,
+        &choice.target_position,
+        ctx.cfg().catch_up_timeout,
+    )
+    .await?;
+    ctx.stop_replication(&choice.candidate, false).await?;
+    Ok(())
+}
+
+/// Catch-up failed: promote the most advanced tablet instead, unless it is `must_not`.
+fn fallback(
+    ctx: &RecoveryContext,
+    choice: &Choice,
+    source: &str,
+    cands: &[Candidate],
+    err: &RecoveryError,
+) -> Result<Choice, RecoveryError> {
+    let src = cands.iter().find(|c| c.alias == source);
+    match src {
+        Some(c) if c.rule != PromotionRule::MustNot => {
+            let detail = format!(
+                "catch-up of {} from {source} failed ({err}): promoting {source}, the most advanced, instead",
+                choice.candidate
+            );
+            ctx.record_step(
+                "catch_up_fallback",
+                Some(source),
+                true,
+                detail.clone(),
+                Duration::ZERO,
+            );
+            Ok(Choice {
+                candidate: source.to_string(),
+                catch_up_from: None,
+                target_position: choice.target_position.clone(),
+                others: cands
+                    .iter()
+                    .filter(|c| c.alias != source)
+                    .map(|c| c.alias.clone())
+                    .collect(),
+                reason: detail,
+            })
+        }
+        _ => {
+            let why = format!(
+                "catch-up of {} from {source} failed ({err}) and {source} has promotion rule must_not: refusing to promote a tablet missing transactions",
+                choice.candidate
+            );
+            ctx.record_step(
+                "catch_up_fallback",
+                Some(source),
+                false,
+                why.clone(),
+                Duration::ZERO,
+            );
+            Err(RecoveryError::Refused(why))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use myha_proto::agent::{MysqlStatus, Replication};
+    use tabletwatch::testing::tablet_record;
+
+    #[test]
+    fn new_term_supersedes_everything_seen() {
+        assert_eq!(next_term(1, 0, 0), 2);
+        assert_eq!(next_term(1, 1, 1), 2);
+        // A dead orchestrator's candidate accepted term 2 but the record still says 1.
+        assert_eq!(next_term(1, 0, 2), 3);
+        // A frozen orchestrator reserved term 2 and nobody has seen it used yet.
+        assert_eq!(next_term(1, 2, 1), 3);
+        assert_eq!(next_term(5, 0, 3), 6);
+        assert_eq!(next_term(u64::MAX, 0, 0), u64::MAX);
+    }
+
+    fn health(pos: &str, io_pos: &str, configured: bool) -> pb::Health {
+        pb::Health {
+            mysql_reachable: true,
+            mysql: Some(MysqlStatus {
+                gtid_position: pos.into(),
+                server_id: 102,
+                flavor: "mariadb".into(),
+                ..Default::default()
+            }),
+            replication: Some(Replication {
+                configured,
+                gtid_io_pos: io_pos.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn relay_log_target_prefers_the_received_position() {
+        assert_eq!(
+            relay_log_target(&health("0-101-5", "0-101-9", true)).as_deref(),
+            Some("0-101-9")
+        );
+        assert_eq!(
+            relay_log_target(&health("0-101-5", "", true)).as_deref(),
+            Some("0-101-5")
+        );
+        assert_eq!(
+            relay_log_target(&health("0-101-5", "0-101-9", false)).as_deref(),
+            Some("0-101-5"),
+            "without a source the received position means nothing"
+        );
+        assert_eq!(relay_log_target(&health("", "", false)), None);
+    }
+
+    #[test]
+    fn candidates_carry_rules_cells_and_errant_sets() {
+        let mut tablets = BTreeMap::new();
+        for a in ["zone1-102", "zone1-103", "zone2-104"] {
+            tablets.insert(a.to_string(), tablet_record(a, "ks", "0"));
+        }
+        if let Some(t) = tablets.get_mut("zone1-103") {
+            t.promotion_rule = PromotionRule::MustNot;
+        }
+        let statuses: BTreeMap<String, pb::Health> = [
+            ("zone1-102".to_string(), health("0-101-10", "", true)),
+            (
+                "zone1-103".to_string(),
+                health("0-101-12,1-103-2", "", true),
+            ),
+            ("zone2-104".to_string(), health("garbage", "", true)),
+            ("zone9-999".to_string(), health("0-101-1", "", true)),
+        ]
+        .into();
+        let reference = Reference {
+            position: GtidSet::parse(gtid::Flavor::MariaDb, "0-101-11").expect("parses"),
+            writer: "101".into(),
+        };
+        let (c, left_out) = candidates(&statuses, &tablets, Some(&reference));
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c[0].alias, "zone1-102");
+        assert_eq!(c[0].errant, None);
+        assert_eq!(c[1].rule, PromotionRule::MustNot);
+        assert_eq!(
+            c[1].errant.as_deref(),
+            Some("1-103-1..2"),
+            "its own domain is errant; 0-101-12 is the primary's own write"
+        );
+        assert_eq!(left_out.len(), 2, "{left_out:?}");
+        let (c, _) = candidates(&statuses, &tablets, None);
+        assert!(
+            c.iter().all(|c| c.errant.is_none()),
+            "no reference, no errant check"
+        );
+    }
+}

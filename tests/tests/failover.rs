@@ -1,0 +1,926 @@
+//! Primary failures (scenarios P1-P3, P5-P9, P11-P15 of the fault catalog) on real processes:
+//! etcd, MariaDB, agents and orchestrators on loopback, each failover under the acknowledged-write
+//! recorder ([`harness::Writer`]): zero acknowledged writes lost, and no ack from a deposed
+//! primary after its successor's term began. Time bounds are generous; measured times are
+//! printed, never asserted tightly.
+//!
+//! The tests share the machine with everything else: they run one at a time (`SERIAL`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::{Cluster, ClusterOptions, OrchestratorConfig, Writer, WriterOptions};
+use myha_tests::ha::*;
+use topo::{LockInfo, PromotionRule, ShardRecord};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long "no failover" must hold: well past the agent lease (2 s), the health staleness
+/// (1.5 s) and the orchestrator's lock TTL (3 s).
+const NO_FAILOVER_WINDOW: Duration = Duration::from_secs(8);
+
+async fn writer(c: &Cluster) -> Writer {
+    let w = Writer::start(c, WriterOptions::default())
+        .await
+        .expect("writer starts");
+    w.wait_more_acks(20, BOUND)
+        .await
+        .expect("the writer gets acks before the fault");
+    w
+}
+
+/// After a fault marked on `w`: a new primary (not `old`) at a newer term, the first ack after
+/// the fault from it, every running tablet but `skip` replicating from it. Prints the times.
+async fn expect_failover(
+    c: &Cluster,
+    w: &Writer,
+    old: &str,
+    old_term: u64,
+    skip: &[&str],
+) -> ShardRecord {
+    let fault = w.fault().expect("fault marked");
+    let (rec, _) = wait_new_primary(c, old, old_term, BOUND).await;
+    let record_after = Duration::from_millis(rec.term_start_ms.saturating_sub(fault.at_ms));
+    let (ack, unavailable) = w
+        .wait_ack_after(fault.at, BOUND)
+        .await
+        .unwrap_or_else(|e| panic!("no write acknowledged after the failover: {e}"));
+    assert_eq!(
+        Some(ack.tablet.as_str()),
+        rec.primary.as_deref(),
+        "the first ack after the fault came from {} (term {}), not the new primary {:?}",
+        ack.tablet,
+        ack.term,
+        rec.primary
+    );
+    let mut skips: Vec<&str> = skip.to_vec();
+    skips.push(old);
+    let healthy = wait_shard_healthy(c, &skips, BOUND).await;
+    println!(
+        "failover {old} -> {:?} term {} -> {}: new shard record {:.3} s after the fault, \
+         first acknowledged write {:.3} s after the fault; replicas repointed {:.3} s later",
+        rec.primary,
+        old_term,
+        rec.term,
+        record_after.as_secs_f64(),
+        unavailable.as_secs_f64(),
+        healthy.as_secs_f64()
+    );
+    rec
+}
+
+/// The emergency reparent's summary entry (outcome ok) of `term`, from the audit log.
+async fn reparent_entry(c: &Cluster, term: u64) -> topo::AuditEntry {
+    let start = Instant::now();
+    loop {
+        let a = audit(c).await;
+        if let Some(e) = a
+            .iter()
+            .find(|e| e.action == "emergency_reparent" && e.outcome == "ok" && e.term == term)
+        {
+            return e.clone();
+        }
+        if start.elapsed() > BOUND {
+            panic!(
+                "no successful emergency_reparent audit entry for term {term}:\n{}",
+                audit_text(&a)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn alias_of(c: &Cluster, i: usize) -> String {
+    c.tablet(i).alias().to_string()
+}
+
+// ---- P1 P2 P3: dead primary --------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p1_primary_mysqld_killed() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    wait_quiet(orch(&c), &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    // Confirmed by the orchestrator and by both replicas before acting.
+    let e = reparent_entry(&c, rec.term).await;
+    assert!(
+        e.detail.contains("confirmed by")
+            && e.detail.contains(&alias_of(&c, 1))
+            && e.detail.contains(&alias_of(&c, 2)),
+        "the reparent was not confirmed by both replicas: {}",
+        audit_line(&e)
+    );
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2_primary_host_lost_mysqld_and_agent_killed() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    wait_quiet(orch(&c), &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    c.tablet(0)
+        .agent_proc()
+        .unwrap()
+        .kill()
+        .expect("kill agent");
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let e = reparent_entry(&c, rec.term).await;
+    assert!(
+        e.detail.contains("confirmed by"),
+        "the reparent was not confirmed by the replicas: {}",
+        audit_line(&e)
+    );
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p3_primary_frozen_then_resumed_is_fenced_and_rejoins_or_is_quarantined() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    w.mark_fault();
+    c.tablet(0).mysqld().freeze().expect("SIGSTOP mysqld");
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let new_primary = c.tablet_by_alias(rec.primary.as_deref().unwrap()).unwrap();
+
+    // Resume: the old primary must accept no write, its agent fences it (read-only).
+    let resumed = Instant::now();
+    c.tablet(0).mysqld().thaw().expect("SIGCONT mysqld");
+    let fenced = wait_ok(&c, "the resumed old primary read-only", BOUND, || async {
+        match read_only(c.tablet(0)).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("read_only is OFF".into()),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    println!(
+        "old primary read-only {:.3} s after SIGCONT",
+        fenced.as_secs_f64()
+    );
+    let direct = try_app_write(c.tablet(0), Duration::from_secs(3)).await;
+    assert!(
+        direct.is_err(),
+        "the deposed primary acknowledged a write after its resume"
+    );
+    println!("a write on the resumed old primary: {direct:?}");
+
+    // Rejoin when everything it wrote is on the new primary, else quarantine with a reason.
+    // MariaDB positions keep only the last GTID per domain, so a transaction the new primary
+    // never had can hide behind its own higher sequence numbers: compare the binlog states,
+    // which keep the last GTID per (domain, server).
+    let mut oc = c.tablet(0).root_conn().await.expect("old primary conn");
+    let old_pos = harness::global_var(&mut oc, "gtid_binlog_state")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    let mut nc = new_primary.root_conn().await.expect("new primary conn");
+    let new_pos = harness::global_var(&mut nc, "gtid_binlog_state")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    let entries = |s: &str| -> Vec<(u32, u32, u64)> {
+        s.split(',')
+            .filter(|e| !e.trim().is_empty())
+            .map(|e| {
+                let n: Vec<&str> = e.trim().split('-').collect();
+                (
+                    n[0].parse().unwrap(),
+                    n[1].parse().unwrap(),
+                    n[2].parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let on_new = entries(&new_pos);
+    let subset = entries(&old_pos).iter().all(|(d, srv, seq)| {
+        on_new
+            .iter()
+            .any(|(d2, s2, q2)| d2 == d && s2 == srv && q2 >= seq)
+    });
+    println!("old primary at {old_pos}, new primary at {new_pos}: subset={subset}");
+    if subset {
+        let took = wait_ok(
+            &c,
+            "the old primary to rejoin as a replica",
+            BOUND,
+            || async { replicates_from(c.tablet(0), new_primary).await },
+        )
+        .await;
+        println!(
+            "old primary rejoined as a replica {:.3} s after SIGCONT ({:.3} s after the wait began)",
+            resumed.elapsed().as_secs_f64(),
+            took.as_secs_f64()
+        );
+        wait_shard_healthy(&c, &[], BOUND).await;
+    } else {
+        let (detail, _) = wait_problem(o, &c, "quarantined", Some(&old), BOUND).await;
+        println!("old primary quarantined: {detail}");
+        assert!(!detail.trim().is_empty(), "quarantined without a reason");
+    }
+    w.verify(&c).await;
+}
+
+// ---- P5 P6: the primary is fine, only the orchestrator cannot see it ---------------------
+
+/// No failover for the window, `unreachable_primary` reported, writes continue on the primary.
+async fn expect_no_failover_writes_continue(c: &Cluster, w: &Writer, primary: &str) {
+    let before = record(c).await;
+    let fault = w.fault().expect("fault marked");
+    let (detail, _) = wait_problem(orch(c), c, "unreachable_primary", Some(primary), BOUND).await;
+    println!(
+        "reported after {:.3} s: unreachable_primary: {detail}",
+        fault.at.elapsed().as_secs_f64()
+    );
+    let left = NO_FAILOVER_WINDOW.saturating_sub(fault.at.elapsed());
+    assert_record_stays(c, &before, left).await;
+    // Writes continued all along, on the same primary.
+    w.wait_more_acks(20, Duration::from_secs(5))
+        .await
+        .expect("writes continue");
+    let acks = w.acks();
+    let after: Vec<_> = acks.iter().filter(|a| a.acked_at > fault.at).collect();
+    assert!(
+        after.iter().all(|a| a.tablet == primary),
+        "a write after the fault was acked elsewhere than {primary}"
+    );
+    let mut gaps: Vec<Duration> = after
+        .windows(2)
+        .map(|p| p[1].acked_at.saturating_duration_since(p[0].acked_at))
+        .collect();
+    gaps.sort();
+    let max_gap = gaps.last().copied().unwrap_or_default();
+    println!(
+        "{} writes acked by {primary} during the {:.1} s after the fault; longest gap {:.3} s",
+        after.len(),
+        fault.at.elapsed().as_secs_f64(),
+        max_gap.as_secs_f64()
+    );
+    assert!(
+        max_gap < Duration::from_secs(3),
+        "writes stalled for {max_gap:?} although the primary was healthy"
+    );
+    assert!(
+        !problems(&shard_json(orch(c), c).await)
+            .iter()
+            .any(|(code, _, _)| code.starts_with("dead_primary")),
+        "the primary was called dead"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p5_only_the_primarys_agent_dies_no_failover() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    wait_quiet(orch(&c), &c, BOUND).await;
+    let w = writer(&c).await;
+    let p = alias_of(&c, 0);
+    w.mark_fault();
+    c.tablet(0)
+        .agent_proc()
+        .unwrap()
+        .kill()
+        .expect("kill agent");
+    expect_no_failover_writes_continue(&c, &w, &p).await;
+    // The agent comes back: the problem clears.
+    c.tablet(0)
+        .agent_proc()
+        .unwrap()
+        .start()
+        .await
+        .expect("agent restarts");
+    let took = wait_quiet(orch(&c), &c, BOUND).await;
+    println!(
+        "problem cleared {:.3} s after the agent restarted",
+        took.as_secs_f64()
+    );
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p6_orchestrator_cut_off_from_the_primary_only_no_failover() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    wait_quiet(orch(&c), &c, BOUND).await;
+    let w = writer(&c).await;
+    let p = alias_of(&c, 0);
+    w.mark_fault();
+    // Simulation of "the orchestrator is cut off from the primary while the replicas still
+    // replicate from it": the orchestrator sees the primary only through its agent (health
+    // stream and FullStatus over gRPC). Freezing that agent (SIGSTOP) makes the primary silent
+    // to the orchestrator exactly as a network cut between them would: the stream goes quiet
+    // (no reset, like a dropped route), FullStatus times out, and the agent's etcd lease expires
+    // so its registration disappears. mysqld is untouched: the replicas keep replicating from
+    // it and their own probes of it succeed, which is what must stop a failover.
+    c.tablet(0)
+        .agent_proc()
+        .unwrap()
+        .freeze()
+        .expect("SIGSTOP agent");
+    expect_no_failover_writes_continue(&c, &w, &p).await;
+    c.tablet(0)
+        .agent_proc()
+        .unwrap()
+        .thaw()
+        .expect("SIGCONT agent");
+    let took = wait_quiet(orch(&c), &c, BOUND).await;
+    println!(
+        "problem cleared {:.3} s after the agent resumed",
+        took.as_secs_f64()
+    );
+    w.verify(&c).await;
+}
+
+// ---- P7: the primary died before any orchestrator ran ------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_primary_killed_before_any_orchestrator_starts() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ClusterOptions {
+        start_orchestrator: false,
+        ..ha_options(3)
+    })
+    .await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let _o = c.start_orchestrator().await.expect("orchestrator starts");
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    println!(
+        "reparented {:.3} s after the orchestrator was started",
+        started.elapsed().as_secs_f64()
+    );
+    w.verify(&c).await;
+}
+
+// ---- P8: primary and one replica down, semi_sync cannot be met ---------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_primary_killed_with_a_replica_down_refuses_under_semi_sync() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    let down = alias_of(&c, 2);
+    c.tablet(2).mysqld().kill().expect("kill a replica");
+    wait_problem(o, &c, "replica_mysql_unreachable", Some(&down), BOUND).await;
+    w.wait_more_acks(10, BOUND)
+        .await
+        .expect("writes continue with one acking replica");
+    let before = record(&c).await;
+    let fault = w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill the primary");
+
+    // Refused: the survivor would have no replica to acknowledge its writes.
+    let (detail, _) =
+        wait_problem(o, &c, "dead_primary_and_some_replicas", Some(&old), BOUND).await;
+    println!("reported: dead_primary_and_some_replicas: {detail}");
+    let refusal = {
+        let start = Instant::now();
+        loop {
+            let a = audit(&c).await;
+            if let Some(e) = a.iter().find(|e| {
+                e.action == "emergency_reparent" && e.outcome == "refused" && e.at_ms >= fault.at_ms
+            }) {
+                break e.clone();
+            }
+            if start.elapsed() > BOUND {
+                panic!(
+                    "no refused emergency_reparent in the audit log:\n{}",
+                    audit_text(&a)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    println!("refusal: {}", audit_line(&refusal));
+    assert!(
+        refusal.detail.contains("semi_sync"),
+        "the refusal does not name the durability policy: {}",
+        refusal.detail
+    );
+    let left = NO_FAILOVER_WINDOW.saturating_sub(fault.at.elapsed());
+    assert_record_stays(&c, &before, left).await;
+    assert!(
+        read_only(c.tablet(1)).await.expect("survivor answers"),
+        "the surviving replica was made writable"
+    );
+    let shard = shard_json(o, &c).await;
+    let text = serde_json::to_string(&shard).unwrap();
+    assert!(
+        text.contains("semi_sync"),
+        "the API does not show why the shard was not recovered: {text}"
+    );
+
+    // The replica returns: the policy can be met again, recovery proceeds.
+    c.tablet(2)
+        .mysqld()
+        .start()
+        .await
+        .expect("replica restarts");
+    let rec = expect_failover(&c, &w, &old, before.term, &[]).await;
+    assert_eq!(rec.term, before.term + 1, "exactly one new term: {rec:?}");
+    w.verify(&c).await;
+}
+
+// ---- P9: the most advanced replica has an errant GTID ------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_errant_most_advanced_replica_is_not_promoted() {
+    let _serial = SERIAL.lock().await;
+    // 4 tablets: once the errant replica is out, two clean ones remain, so semi_sync can be met.
+    let c = start(ha_options(4)).await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    let errant = alias_of(&c, 1);
+    // A transaction the primary never had, in its own domain so that the replica keeps
+    // applying the primary's stream: it stays a superset of every other replica (the most
+    // advanced) while holding an errant GTID.
+    sql(
+        c.tablet(1),
+        "SET SESSION gtid_domain_id=9; CREATE DATABASE IF NOT EXISTS errant; \
+         CREATE TABLE IF NOT EXISTS errant.t (id INT PRIMARY KEY); INSERT INTO errant.t VALUES (1)",
+    )
+    .await;
+    let (detail, _) = wait_problem(o, &c, "errant_gtid", Some(&errant), BOUND).await;
+    println!("reported: errant_gtid: {detail}");
+    w.wait_more_acks(10, BOUND).await.expect("writes continue");
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    let rec = expect_failover(&c, &w, &old, 1, &[&errant]).await;
+    assert_ne!(
+        rec.primary.as_deref(),
+        Some(errant.as_str()),
+        "the errant replica was promoted"
+    );
+    let shard = shard_json(o, &c).await;
+    let reported = problems(&shard).into_iter().any(|(code, t, _)| {
+        (code == "errant_gtid" || code == "quarantined") && t.as_deref() == Some(errant.as_str())
+    });
+    assert!(
+        reported,
+        "the errant replica is not reported after the failover: {shard}"
+    );
+    w.verify(&c).await;
+}
+
+// ---- P11: the most advanced replica is must_not ------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_must_not_most_advanced_is_only_an_intermediate_source() {
+    let _serial = SERIAL.lock().await;
+    let must_not = 102;
+    let c = start(ClusterOptions {
+        start_orchestrator: false,
+        agent_config: Some(Arc::new(
+            move |cfg: &mut myha_agent::config::AgentConfig| {
+                if cfg.tablet.uid == must_not {
+                    cfg.tablet.promotion_rule = PromotionRule::MustNot;
+                }
+            },
+        )),
+        ..ha_options(3)
+    })
+    .await;
+    let mn = alias_of(&c, 1);
+    assert_eq!(c.tablet(1).uid(), must_not);
+    let w = writer(&c).await;
+    // The other replica stops receiving: only the must_not one (it acks semi-sync) gets the
+    // next writes. No orchestrator runs yet, so nothing restarts its IO thread.
+    sql(c.tablet(2), "STOP SLAVE IO_THREAD").await;
+    w.wait_more_acks(50, BOUND)
+        .await
+        .expect("writes acked by the must_not replica");
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    let _o = c.start_orchestrator().await.expect("orchestrator starts");
+    let rec = expect_failover(&c, &w, &alias_of(&c, 0), 1, &[]).await;
+    assert_eq!(
+        rec.primary.as_deref(),
+        Some(alias_of(&c, 2).as_str()),
+        "the only eligible candidate was not promoted"
+    );
+    let r = w.check(&c).await.expect("writer check");
+    assert!(
+        r.records
+            .iter()
+            .all(|rec| rec.primary.as_deref() != Some(mn.as_str())),
+        "the must_not replica was named primary: {r}"
+    );
+    w.verify(&c).await;
+}
+
+// ---- P12 P13: several orchestrators -------------------------------------------------------
+
+/// Waits until an orchestrator holds the shard lock for an emergency reparent.
+async fn wait_reparent_lock(rx: &mut tokio::sync::watch::Receiver<topo::Snapshot>) -> LockInfo {
+    tokio::time::timeout(BOUND, async {
+        loop {
+            let hit = rx.borrow_and_update().values().find_map(|v| {
+                serde_json::from_slice::<LockInfo>(v)
+                    .ok()
+                    .filter(|i| i.purpose.starts_with("emergency reparent"))
+            });
+            if let Some(i) = hit {
+                return i;
+            }
+            rx.changed().await.expect("lock watch");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!("no orchestrator took the shard lock for a reparent within {BOUND:?}")
+    })
+}
+
+/// Never two promotions of the same term: per term above 1, at most one tablet's agent reports
+/// having been promoted under it.
+async fn assert_one_promotion_per_term(c: &Cluster) {
+    let mut by_term: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for t in c.tablets() {
+        let Some(a) = t.agent().filter(|a| a.is_running()) else {
+            continue;
+        };
+        if let Ok(h) = a.full_status().await {
+            if h.promoted_term > 1 {
+                by_term
+                    .entry(h.promoted_term)
+                    .or_default()
+                    .push(t.alias().to_string());
+            }
+        }
+    }
+    println!("promoted terms reported by the agents: {by_term:?}");
+    for (term, tablets) in &by_term {
+        assert!(
+            tablets.len() <= 1,
+            "two tablets promoted under term {term}: {tablets:?}"
+        );
+    }
+}
+
+/// P12 after the first orchestrator was stopped holding the lock: a second one finishes after
+/// the lease expires, with exactly one new term in the shard record.
+async fn second_orchestrator_finishes(
+    c: &Cluster,
+    w: &Writer,
+    old: &str,
+    stopped_at: Instant,
+) -> ShardRecord {
+    let mid = record(c).await;
+    println!("shard record when the first orchestrator stopped: {mid:?}");
+    let _b = c.start_orchestrator().await.expect("second orchestrator");
+    let (rec, _) = wait_record(
+        c,
+        "the second orchestrator to finish",
+        BOUND + ORCH_LEASE_TTL,
+        |r| r.term > 1 && r.primary.as_deref() != Some(old) && r.reparent_in_progress.is_none(),
+    )
+    .await;
+    wait_shard_healthy(c, &[old], BOUND).await;
+    println!(
+        "finished {:.3} s after the first orchestrator stopped: {rec:?}",
+        stopped_at.elapsed().as_secs_f64()
+    );
+    assert_record_stays(c, &rec, Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen: Vec<u64> = w.records().iter().map(|r| r.term).collect();
+    assert_eq!(
+        seen,
+        vec![1, rec.term],
+        "the shard record went through more than one new term"
+    );
+    assert_one_promotion_per_term(c).await;
+    let entries = audit(c).await;
+    let ok: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action == "emergency_reparent" && e.outcome == "ok")
+        .collect();
+    assert!(
+        ok.len() <= 1,
+        "more than one successful emergency reparent:\n{}",
+        audit_text(&entries)
+    );
+    rec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p12_orchestrator_killed_midway_another_finishes_with_one_new_term() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let a = orch(&c);
+    wait_quiet(a, &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    let locks = c
+        .topo()
+        .watch_prefix(&c.topo().keys().lock_prefix(c.keyspace(), c.shard()));
+    let mut rx = locks.subscribe();
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    // As soon as the first orchestrator holds the shard lock for the reparent: SIGKILL it.
+    let info = wait_reparent_lock(&mut rx).await;
+    a.kill().expect("SIGKILL the first orchestrator");
+    let killed_at = Instant::now();
+    println!("killed {} holding the lock: {}", info.holder, info.purpose);
+    second_orchestrator_finishes(&c, &w, &old, killed_at).await;
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p12_orchestrator_frozen_midway_and_resumed_after_takeover_changes_nothing() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let a = orch(&c);
+    wait_quiet(a, &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    let locks = c
+        .topo()
+        .watch_prefix(&c.topo().keys().lock_prefix(c.keyspace(), c.shard()));
+    let mut rx = locks.subscribe();
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    let audit_watch = c
+        .topo()
+        .watch_prefix(&c.topo().keys().audit_prefix(c.keyspace(), c.shard()));
+    let mut audit_rx = audit_watch.subscribe();
+    // The first orchestrator stops (SIGSTOP) mid-reparent, at the first step it audits (its
+    // steps are audited asynchronously, so it may be a step or two further): its lease
+    // expires, the second one takes over and finishes.
+    let info = wait_reparent_lock(&mut rx).await;
+    let step = tokio::time::timeout(BOUND, async {
+        loop {
+            let hit = audit_rx.borrow_and_update().values().find_map(|v| {
+                serde_json::from_slice::<topo::AuditEntry>(v)
+                    .ok()
+                    .filter(|e| e.actor == info.holder && e.action != "emergency_reparent")
+            });
+            if let Some(e) = hit {
+                return e;
+            }
+            audit_rx.changed().await.expect("audit watch");
+        }
+    })
+    .await
+    .expect("the first orchestrator audits a reparent step");
+    a.freeze().expect("SIGSTOP the first orchestrator");
+    let frozen_at = Instant::now();
+    println!(
+        "froze {} holding the lock ({}) after its step: {}",
+        info.holder,
+        info.purpose,
+        audit_line(&step)
+    );
+    let rec = second_orchestrator_finishes(&c, &w, &old, frozen_at).await;
+
+    // The first one resumes with its stale view and lost lock: it must change nothing.
+    let acked_before = w.acked();
+    a.thaw().expect("SIGCONT the first orchestrator");
+    let resumed = Instant::now();
+    while resumed.elapsed() < Duration::from_secs(5) {
+        let r = record(&c).await;
+        assert!(
+            r.term == rec.term && r.primary == rec.primary,
+            "the resumed orchestrator changed the shard record: {r:?}\n{}",
+            diagnostics(&c).await
+        );
+        if let Err(e) = shard_healthy(&c, &[&old]).await {
+            panic!(
+                "after the first orchestrator resumed: {e}\n{}",
+                diagnostics(&c).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_one_promotion_per_term(&c).await;
+    let entries = audit(&c).await;
+    let by_a: Vec<String> = entries
+        .iter()
+        .filter(|e| e.actor == info.holder)
+        .map(audit_line)
+        .collect();
+    println!("what the resumed orchestrator did:\n{}", by_a.join("\n"));
+    assert!(
+        w.acked() > acked_before,
+        "writes continue on the new primary"
+    );
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p13_two_orchestrators_exactly_one_reparent() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let b = c.start_orchestrator().await.expect("second orchestrator");
+    wait_quiet(orch(&c), &c, BOUND).await;
+    wait_quiet(&b, &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    assert_record_stays(&c, &rec, Duration::from_secs(3)).await;
+    let entries = audit(&c).await;
+    let ok: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action == "emergency_reparent" && e.outcome == "ok")
+        .collect();
+    assert_eq!(
+        ok.len(),
+        1,
+        "exactly one successful emergency reparent:\n{}",
+        audit_text(&entries)
+    );
+    let actors: std::collections::BTreeSet<&str> = entries
+        .iter()
+        .filter(|e| e.term == 2 && !e.action.is_empty())
+        .map(|e| e.actor.as_str())
+        .collect();
+    println!("actors at term 2: {actors:?}");
+    let r = w.verify(&c).await;
+    assert_eq!(
+        r.records.iter().map(|r| r.term).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+}
+
+// ---- P14: fails again right after; flapping stops ----------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p14_second_failure_reparents_again_and_flapping_stops_until_acknowledged() {
+    let _serial = SERIAL.lock().await;
+    // 5 tablets: three successive primaries die and two tablets still remain (semi_sync met).
+    let c = start(ClusterOptions {
+        orchestrator_config: Some(Arc::new(|cfg: &mut OrchestratorConfig| {
+            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
+            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
+            cfg.recovery.flap_limit = 2;
+            cfg.recovery.flap_window = Duration::from_secs(600);
+        })),
+        ..ha_options(5)
+    })
+    .await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let w = writer(&c).await;
+
+    // First failure.
+    let p1 = alias_of(&c, 0);
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill");
+    let r1 = expect_failover(&c, &w, &p1, 1, &[]).await;
+
+    // The new primary fails right away: a second reparent, no cool-down.
+    let p2 = r1.primary.clone().unwrap();
+    w.mark_fault();
+    c.tablet_by_alias(&p2)
+        .unwrap()
+        .mysqld()
+        .kill()
+        .expect("kill");
+    let r2 = expect_failover(&c, &w, &p2, r1.term, &[&p1]).await;
+    assert_eq!(r2.term, r1.term + 1);
+
+    // A third failure within the window: flapping (limit 2) stops automatic recovery.
+    let p3 = r2.primary.clone().unwrap();
+    let fault = w.mark_fault();
+    c.tablet_by_alias(&p3)
+        .unwrap()
+        .mysqld()
+        .kill()
+        .expect("kill");
+    let start = Instant::now();
+    let shard = loop {
+        let s = shard_json(o, &c).await;
+        if s["recovery"]["flapping"] == true {
+            break s;
+        }
+        if start.elapsed() > BOUND {
+            panic!(
+                "the shard is not reported flapping: {s}\n{}",
+                diagnostics(&c).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let why = shard["recovery"]["flapping_detail"]
+        .as_str()
+        .or(shard["recovery"]["disabled_reason"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    println!("flapping: {why}");
+    assert!(
+        why.contains("flapping") && why.contains("ack"),
+        "the reason does not say why and what to do: {shard}"
+    );
+    let left = NO_FAILOVER_WINDOW.saturating_sub(fault.at.elapsed());
+    assert_record_stays(&c, &r2, left).await;
+
+    // Acknowledged: recovery proceeds.
+    let (status, body) = o
+        .post_json(
+            &format!("/api/v1/shards/{}/{}/ack", c.keyspace(), c.shard()),
+            &serde_json::json!({"reason": "p14 test"}),
+        )
+        .await
+        .expect("POST ack");
+    assert_eq!(status, 200, "ack answered {status}: {body}");
+    let (r3, _) = wait_new_primary(&c, &p3, r2.term, BOUND).await;
+    assert_eq!(r3.term, r2.term + 1);
+    wait_shard_healthy(&c, &[&p1, &p2, &p3], BOUND).await;
+    w.verify(&c).await;
+}
+
+// ---- P15: etcd unavailable while the primary dies -----------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p15_no_reparent_without_etcd_then_recovery_when_it_returns() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    let before = record(&c).await;
+    c.etcd().kill().expect("kill etcd");
+    w.mark_fault();
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+
+    // No promotion while etcd is down: the replicas stay read-only replicas of the dead primary.
+    let down_for = Duration::from_secs(6);
+    let start = Instant::now();
+    let mut reason = String::new();
+    let mut last_api = String::new();
+    while start.elapsed() < down_for {
+        for i in [1, 2] {
+            assert!(
+                read_only(c.tablet(i)).await.expect("replica answers"),
+                "{} was made writable while etcd was down",
+                alias_of(&c, i)
+            );
+        }
+        // The shard's recovery state must say why nothing happens: etcd (the shard lock and
+        // the records live there) is unavailable.
+        match o.shards().await {
+            Ok(all) => {
+                let shard = all["shards"][0].clone();
+                let why = serde_json::to_string(&shard["recovery"]).unwrap();
+                if why.contains("etcd") || why.contains("shard lock") {
+                    reason = why;
+                }
+                last_api = serde_json::to_string(&all).unwrap();
+            }
+            Err(e) => last_api = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !reason.is_empty(),
+        "the orchestrator does not show why it is not recovering (the shard's recovery state in \
+         /api/v1/shards names neither etcd nor the shard lock); last answer: {last_api}\n\
+         --- orchestrator log ---\n{}",
+        harness::log_tail(o.log_path(), 30)
+    );
+    println!("while etcd was down, the orchestrator said: {reason}");
+
+    c.etcd().start().await.expect("etcd restarts");
+    let back = Instant::now();
+    let rec = record(&c).await;
+    assert_eq!(
+        (rec.primary.as_deref(), rec.term),
+        (before.primary.as_deref(), before.term),
+        "the shard record changed while etcd was down"
+    );
+    let rec = expect_failover(&c, &w, &old, before.term, &[]).await;
+    println!(
+        "recovered {:.3} s after etcd returned",
+        back.elapsed().as_secs_f64()
+    );
+    assert_eq!(rec.term, before.term + 1, "exactly one new term: {rec:?}");
+    w.verify(&c).await;
+}
