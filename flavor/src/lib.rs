@@ -321,9 +321,9 @@ impl Dialect {
     /// killing its session closes the socket at once. `None` where no such shortcut is known.
     pub fn io_thread_sessions_query(&self) -> Option<&'static str> {
         match self.flavor {
-            Flavor::MariaDb => {
-                Some("SELECT ID FROM information_schema.PROCESSLIST WHERE COMMAND = 'Slave_IO'")
-            }
+            Flavor::MariaDb => Some(
+                "SELECT ID, STATE FROM information_schema.PROCESSLIST WHERE COMMAND = 'Slave_IO'",
+            ),
             Flavor::MySql => None,
         }
     }

@@ -139,8 +139,14 @@ pub struct WriterReport {
     pub stragglers: u64,
     /// Acknowledged ids missing from the current primary.
     pub lost: Vec<u64>,
-    /// Acks from a deposed primary after the newer term began.
+    /// Acks from a deposed primary after the newer term began, of writes the current primary
+    /// does not have: split brain. Must be empty.
     pub deposed_acks: Vec<DeposedAck>,
+    /// Acks from a deposed primary after the newer term began, of writes the current primary
+    /// has: the old primary was frozen after a replica had acknowledged the transaction and
+    /// before it answered its client, and answered on resume. Durable in the new timeline, so
+    /// not split brain; reported, not hidden.
+    pub late_acks: Vec<DeposedAck>,
     /// The primary and term the ids were checked on.
     pub checked_on: Option<(String, u64)>,
     /// Rows found on it.
@@ -208,7 +214,16 @@ impl fmt::Display for WriterReport {
             )?;
         }
         for d in &self.deposed_acks {
-            writeln!(f, "ACK FROM A DEPOSED PRIMARY: {d}")?;
+            writeln!(
+                f,
+                "ACK FROM A DEPOSED PRIMARY (write not on the new primary): {d}"
+            )?;
+        }
+        for d in &self.late_acks {
+            writeln!(
+                f,
+                "late ack from a deposed primary (write is on the new primary): {d}"
+            )?;
         }
         let recs: Vec<String> = self
             .records
@@ -553,7 +568,10 @@ impl Writer {
             .filter(|id| !present.contains(id))
             .collect();
         lost.sort_unstable();
-        let deposed_acks = deposed(&log.acks, &log.records);
+        let (late_acks, deposed_acks): (Vec<DeposedAck>, Vec<DeposedAck>) =
+            deposed(&log.acks, &log.records)
+                .into_iter()
+                .partition(|d| present.contains(&d.ack.id));
         let fault = log.fault;
         let (before, after) = match fault {
             Some(m) => (
@@ -582,6 +600,7 @@ impl Writer {
             stragglers: log.stragglers,
             lost,
             deposed_acks,
+            late_acks,
             checked_on: rec.primary.clone().map(|p| (p, rec.term)),
             rows_on_primary: present.len(),
             fault,

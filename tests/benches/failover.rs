@@ -62,6 +62,7 @@ struct Run {
     first_ack: Option<Duration>,
     lost: usize,
     deposed: usize,
+    late: usize,
     fresh_cluster: bool,
     error: Option<String>,
     slow_steps: String,
@@ -235,10 +236,11 @@ async fn one_run(c: &Cluster, fault: Fault) -> Run {
         .filter(|e| e.action != "emergency_reparent")
         .map(|e| {
             format!(
-                "{} on {:?} {} ms",
+                "{} on {:?} {} ms ({})",
                 e.action,
                 e.tablet,
-                e.duration_ms.unwrap_or(0)
+                e.duration_ms.unwrap_or(0),
+                e.detail.chars().take(200).collect::<String>()
             )
         })
         .collect();
@@ -254,6 +256,7 @@ async fn one_run(c: &Cluster, fault: Fault) -> Run {
         Ok(r) => {
             run.lost = r.lost.len();
             run.deposed = r.deposed_acks.len();
+            run.late = r.late_acks.len();
             if !r.is_safe() {
                 eprintln!("UNSAFE RUN:\n{r}");
             }
@@ -333,8 +336,12 @@ fn table(fault: Fault, runs: &[Run]) -> String {
         counts(|r| r.lost)
     ));
     out.push_str(&format!(
-        "| acks from a deposed primary after the new term | {} | 0 | orchestrator #854/#482; GitHub 2018-10-21 |\n",
+        "| acks from a deposed primary after the new term, write not on the new primary (split brain) | {} | 0 | orchestrator #854/#482; GitHub 2018-10-21 |\n",
         counts(|r| r.deposed)
+    ));
+    out.push_str(&format!(
+        "| late acks from a deposed primary, write already on the new primary (frozen after the replica's ack) | {} | | |\n",
+        counts(|r| r.late)
     ));
     let fresh = runs.iter().filter(|r| r.fresh_cluster).count();
     let errors: Vec<String> = runs
@@ -381,7 +388,7 @@ fn main() {
                         .unwrap_or_else(|| "-".into())
                 };
                 println!(
-                    "{} run {}/{}: detection {} s, reparent {} s, first ack {} s, lost {}, deposed acks {}{}",
+                    "{} run {}/{}: detection {} s, reparent {} s, first ack {} s, lost {}, deposed acks {}, late acks {}{}",
                     match fault {
                         Fault::Kill => "kill",
                         Fault::Stop => "stop",
@@ -393,6 +400,7 @@ fn main() {
                     f(run.first_ack),
                     run.lost,
                     run.deposed,
+                    run.late,
                     run.error
                         .as_ref()
                         .map(|e| format!(" ERROR: {e}"))

@@ -628,6 +628,8 @@ async fn self_fencing_on_a_newer_term() {
 
     // A restarted agent remembers the term it was promoted under and still fences.
     c.tablet(0).agent_proc().unwrap().kill().unwrap();
+    // The re-fence above killed every client session, ours included.
+    let mut root = c.tablet(0).admin_conn().await.unwrap();
     root.query_drop("SET GLOBAL read_only = OFF").await.unwrap();
     c.tablet(0).agent_proc().unwrap().restart().await.unwrap();
     let mut a_p = client(&c, 0).await;

@@ -596,13 +596,20 @@ impl FreshShard {
     }
 }
 
+/// A primary already suspected dead gets this long to answer the refresh: a frozen mysqld
+/// keeps its agent's `FullStatus` waiting for the agent's own query timeout, and the reparent
+/// must not wait for that. One that answers alive in time cancels the reparent.
+pub const SUSPECT_STATUS_TIMEOUT: Duration = Duration::from_millis(150);
+
 /// Re-reads the shard record, keyspace and registrations from etcd, and asks every registered
-/// tablet's agent for `FullStatus` in parallel (each bounded by `status_timeout`).
+/// tablet's agent for `FullStatus` in parallel (each bounded by `status_timeout`, the
+/// `suspect`'s by [`SUSPECT_STATUS_TIMEOUT`]).
 pub async fn refresh(
     deps: &Deps,
     keyspace: &str,
     shard: &str,
     quarantined: &BTreeMap<String, String>,
+    suspect: Option<&str>,
 ) -> Result<FreshShard, RecoveryError> {
     let topo = &deps.topo;
     let (rec, tablets, ks) = tokio::join!(
@@ -622,10 +629,12 @@ pub async fn refresh(
     let tablets: BTreeMap<String, TabletRecord> =
         tablets.into_iter().map(|t| (t.alias.clone(), t)).collect();
     let answers = futures::future::join_all(tablets.values().map(|t| async {
-        (
-            t.alias.clone(),
-            full_status(&deps.agents, t, deps.cfg.status_timeout).await,
-        )
+        let bound = if suspect == Some(t.alias.as_str()) {
+            SUSPECT_STATUS_TIMEOUT.min(deps.cfg.status_timeout)
+        } else {
+            deps.cfg.status_timeout
+        };
+        (t.alias.clone(), full_status(&deps.agents, t, bound).await)
     }))
     .await;
     let mut statuses = BTreeMap::new();
@@ -1330,7 +1339,10 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
             tracing::warn!(keyspace = ks, shard, error = %e, "flapping check failed; proceeding");
         }
     }
-    let fresh = match refresh(deps, ks, shard, &job.quarantined).await {
+    let suspect = is_dead_primary(job.problem.code)
+        .then_some(job.problem.tablet.as_deref())
+        .flatten();
+    let fresh = match refresh(deps, ks, shard, &job.quarantined, suspect).await {
         Ok(f) => f,
         Err(e) => {
             let outcome = Outcome::from(e);
