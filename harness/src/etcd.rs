@@ -123,28 +123,7 @@ impl Etcd {
         self.proc.log()
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.proc.is_running()
-    }
-
-    /// SIGKILL, and reap.
-    pub fn kill(&self) -> Result<()> {
-        self.proc.kill()
-    }
-
-    /// SIGSTOP.
-    pub fn freeze(&self) -> Result<()> {
-        self.proc.freeze()
-    }
-
-    /// SIGCONT.
-    pub fn thaw(&self) -> Result<()> {
-        self.proc.thaw()
-    }
+    crate::process::signal_controls!();
 
     /// SIGTERM, wait for the exit (SIGKILL after 10 s).
     pub async fn stop(&self) -> Result<()> {

@@ -222,28 +222,7 @@ impl Mysqld {
         self.start().await
     }
 
-    /// SIGKILL, and reap. A no-op when not running.
-    pub fn kill(&self) -> Result<()> {
-        self.proc.kill()
-    }
-
-    /// SIGSTOP.
-    pub fn freeze(&self) -> Result<()> {
-        self.proc.freeze()
-    }
-
-    /// SIGCONT.
-    pub fn thaw(&self) -> Result<()> {
-        self.proc.thaw()
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.proc.is_running()
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
+    crate::process::signal_controls!();
 
     pub fn port(&self) -> u16 {
         self.port

@@ -246,3 +246,33 @@ impl Drop for Proc {
         let _ = self.kill();
     }
 }
+
+/// The signal and state accessors every process wrapper of the harness shares (the wrapper keeps
+/// its child in a field named `proc`), written once.
+macro_rules! signal_controls {
+    () => {
+        pub fn pid(&self) -> Option<u32> {
+            self.proc.pid()
+        }
+
+        pub fn is_running(&self) -> bool {
+            self.proc.is_running()
+        }
+
+        /// SIGKILL, and reap.
+        pub fn kill(&self) -> $crate::Result<()> {
+            self.proc.kill()
+        }
+
+        /// SIGSTOP.
+        pub fn freeze(&self) -> $crate::Result<()> {
+            self.proc.freeze()
+        }
+
+        /// SIGCONT.
+        pub fn thaw(&self) -> $crate::Result<()> {
+            self.proc.thaw()
+        }
+    };
+}
+pub(crate) use signal_controls;
