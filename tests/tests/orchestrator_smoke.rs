@@ -26,10 +26,7 @@ impl Orchestrator {
     async fn start(cluster: &Cluster, dir: &Path) -> Orchestrator {
         let bin = harness::find_myha_bin("myha-orchestrator").expect("myha-orchestrator built");
         let config = dir.join("orchestrator.toml");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = harness::free_port().expect("free port");
         std::fs::write(
             &config,
             format!(

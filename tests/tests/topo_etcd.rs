@@ -1,12 +1,11 @@
 //! The `topo` crate against a real etcd: registration leases, the shard lock, lock-conditional
 //! writes, resilient watches, bootstrap and audit.
 //!
-//! Each test starts its own etcd on free loopback ports (private helper below; to be replaced
-//! by the harness's starter). Bounds are generous: these tests check behaviour, not speed.
+//! Each test starts its own etcd (the harness's) on free loopback ports. Bounds are generous:
+//! these tests check behaviour, not speed.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,112 +16,43 @@ use topo::{
     ShardRecord, TabletRecord, TabletType, Topo, TopoError,
 };
 
-// ---- a private etcd ------------------------------------------------------------------
+// ---- etcd ------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
-}
-
-/// One etcd member on loopback, in a temp dir; killed on drop.
+/// The harness's etcd in a temp dir (ports below the kernel's ephemeral range, so a restart on
+/// the same ports never finds them taken by some outgoing connection); killed on drop.
 struct TestEtcd {
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-    child: Option<Child>,
+    etcd: harness::Etcd,
+    _dir: tempfile::TempDir,
 }
 
 impl TestEtcd {
     async fn start() -> TestEtcd {
-        let mut e = TestEtcd {
-            dir: tempfile::tempdir().expect("tempdir"),
-            client_port: free_port(),
-            peer_port: free_port(),
-            child: None,
-        };
-        e.spawn().await;
-        e
+        let dir = tempfile::tempdir().expect("tempdir");
+        let etcd = harness::Etcd::launch(dir.path(), false)
+            .await
+            .expect("start etcd");
+        TestEtcd { etcd, _dir: dir }
     }
 
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        self.etcd.endpoint()
     }
 
     fn client_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.client_port))
-    }
-
-    async fn spawn(&mut self) {
-        let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .expect("etcd log");
-        let child = Command::new("etcd")
-            .arg("--name")
-            .arg("default")
-            .arg("--data-dir")
-            .arg(self.dir.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(&client)
-            .arg("--advertise-client-urls")
-            .arg(&client)
-            .arg("--listen-peer-urls")
-            .arg(&peer)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer)
-            .arg("--initial-cluster")
-            .arg(format!("default={peer}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn etcd (is it on PATH?)");
-        self.child = Some(child);
-        self.wait_ready().await;
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(t) =
-                Topo::connect([self.endpoint()], "/probe", Duration::from_millis(500)).await
-            {
-                if t.current_revision().await.is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not come up; log:\n{}",
-                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        SocketAddr::from(([127, 0, 0, 1], self.etcd.client_port()))
     }
 
     /// SIGKILL, like a crash.
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.etcd.kill().expect("kill etcd");
     }
 
-    /// Starts again on the same data dir and ports.
+    /// After a crash: SIGKILL, then start again on the same data dir and ports.
     async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
-    }
-}
-
-impl Drop for TestEtcd {
-    fn drop(&mut self) {
-        self.kill();
+        if self.etcd.is_running() {
+            self.kill();
+        }
+        self.etcd.start().await.expect("restart etcd");
     }
 }
 
