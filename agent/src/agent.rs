@@ -358,20 +358,36 @@ pub async fn heartbeat_loop(shared: Arc<Shared>) {
         let Some(c) = conn.as_mut() else { continue };
         let result = async {
             if !table_ready {
-                mysql::exec(c, "CREATE DATABASE IF NOT EXISTS _myha", Duration::from_secs(30))
-                    .await?;
-                mysql::exec(
+                // DDL is binlogged even when nothing is created (IF NOT EXISTS): only when the
+                // table is missing, so a demoted primary never writes a transaction of its own.
+                let exists = mysql::query_scalar(
                     c,
-                    "CREATE TABLE IF NOT EXISTS _myha.heartbeat (id TINYINT UNSIGNED NOT NULL PRIMARY KEY, \
-                     ts_us BIGINT UNSIGNED NOT NULL, server_id INT UNSIGNED NOT NULL, \
-                     term BIGINT UNSIGNED NOT NULL) ENGINE=InnoDB",
+                    "SELECT COUNT(*) FROM information_schema.tables \
+                     WHERE table_schema = '_myha' AND table_name = 'heartbeat'",
                     Duration::from_secs(30),
                 )
                 .await?;
+                if exists.as_deref() != Some("1") {
+                    mysql::exec(c, "CREATE DATABASE IF NOT EXISTS _myha", Duration::from_secs(30))
+                        .await?;
+                    mysql::exec(
+                        c,
+                        "CREATE TABLE IF NOT EXISTS _myha.heartbeat (id TINYINT UNSIGNED NOT NULL PRIMARY KEY, \
+                         ts_us BIGINT UNSIGNED NOT NULL, server_id INT UNSIGNED NOT NULL, \
+                         term BIGINT UNSIGNED NOT NULL) ENGINE=InnoDB",
+                        Duration::from_secs(30),
+                    )
+                    .await?;
+                }
                 table_ready = true;
             }
+            // The agent's user bypasses read_only (MariaDB: READ_ONLY ADMIN), and the health this
+            // loop decided on may be a poll old: the write itself checks read_only, after its
+            // locks, so a write racing a Demote either finishes before read_only is set (and is
+            // in the position Demote reports) or writes nothing (no GTID, nothing to lose).
             let sql = format!(
-                "INSERT INTO _myha.heartbeat (id, ts_us, server_id, term) VALUES (1, {}, @@server_id, {}) \
+                "INSERT INTO _myha.heartbeat (id, ts_us, server_id, term) \
+                 SELECT 1, {}, @@server_id, {} FROM DUAL WHERE @@global.read_only = 0 \
                  ON DUPLICATE KEY UPDATE ts_us = VALUES(ts_us), server_id = VALUES(server_id), term = VALUES(term)",
                 now_us(),
                 h.term

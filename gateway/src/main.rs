@@ -1,13 +1,20 @@
-//! myha-gateway. For now it DOES NOT PROXY CONNECTIONS: it follows every tablet's health and
-//! serves the routing choice the proxy of a later issue will use (`GET /routing`).
+//! myha-gateway: a lean L4 proxy for MySQL/MariaDB that follows the replication graph.
+//!
+//! Per configured shard an RW port (to the primary named by the etcd shard record, while it is
+//! usable) and an RO port (to a replica whose health is fresh and whose lag is under the bound).
+//! It splices bytes only: no authentication termination, no query parsing. Routing is a pure
+//! function over the latest tabletwatch snapshot (`routing`), swapped in atomically; the
+//! proxy (`proxy`) acts on it. `/health`, `/metrics` and `/routing` are served on
+//! `[gateway] admin_listen`.
 
 mod config;
+mod mysql;
+mod proxy;
 mod routing;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
 use axum::extract::State;
@@ -19,21 +26,25 @@ use tabletwatch::{TabletWatch, WatchOptions};
 use tracing::{info, warn};
 
 use crate::config::GatewayConfig;
-use crate::routing::RoutingPolicy;
+use crate::proxy::{Gateway, ListenerSpec, Port, Settings};
+use crate::routing::ProxyPolicy;
 
-const NO_PROXY: &str = "NOT A PROXY YET: this gateway does not accept or proxy MySQL \
-connections; it follows every tablet's health and serves the routing choice on /routing";
-
-/// myha-gateway: computes where each shard's reads and writes should go (DOES NOT PROXY
-/// CONNECTIONS YET).
+/// myha-gateway: an L4 proxy that sends writes to the shard's primary and reads to replicas
+/// under a lag bound.
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "myha-gateway: computes where each shard's writes and reads should go. DOES NOT PROXY CONNECTIONS YET",
-    long_about = "myha-gateway: follows every tablet registered in etcd and its agent's health \
-stream, and serves /health, /metrics and GET /routing (per shard: the rw primary and the ro \
-replicas it would route to, or why none) on [gateway] admin_listen.\n\n\
-DOES NOT PROXY CONNECTIONS YET: no MySQL port is opened; applications cannot connect through it."
+    about = "myha-gateway: L4 proxy that sends each shard's writes to its primary and reads to replicas under a lag bound",
+    long_about = "myha-gateway: a lean L4 proxy for MySQL/MariaDB. For each [[listener]] shard it \
+opens an RW port (connections go to the primary named by the etcd shard record, while its agent \
+reports it fresh, writable and at the record's term) and an RO port (connections go to a replica \
+whose health is fresh and whose lag is under routing.max_replica_lag; otherwise per \
+routing.ro_fallback). Bytes are spliced as they are: no authentication termination, no query \
+parsing.\n\nDuring a failover new RW connections are held up to routing.buffer_window, then \
+sent to the new primary or refused with a MySQL error packet naming the shard and the reason; \
+RW connections to a deposed primary are closed as soon as the newer term is seen. Admin: \
+/health, /metrics and GET /routing on [gateway] admin_listen. SIGTERM stops accepting and lets \
+open connections finish for up to routing.shutdown_grace."
 )]
 struct Args {
     /// Path to gateway.toml.
@@ -53,15 +64,36 @@ fn main() -> anyhow::Result<()> {
     }
     cfg.log.init();
     let metrics = daemon::install_metrics()?;
-    let rt = daemon::runtime()?;
+    // The control plane (etcd, health streams, routing, admin API) on this thread; connections
+    // on their own threads (see `proxy`).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     rt.block_on(run(cfg, metrics, daemon::shutdown_signal()))
 }
 
 #[derive(Clone)]
 struct AppState {
-    watch: Arc<TabletWatch>,
+    gateway: Arc<Gateway>,
     metrics: PrometheusHandle,
-    policy: RoutingPolicy,
+}
+
+fn listener_specs(cfg: &GatewayConfig) -> Vec<ListenerSpec> {
+    let mut out = Vec::new();
+    for l in &cfg.listeners {
+        for (port, addr) in [(Port::Rw, l.rw), (Port::Ro, l.ro)] {
+            if let Some(addr) = addr {
+                out.push(ListenerSpec {
+                    keyspace: l.keyspace.clone(),
+                    shard: l.shard.clone(),
+                    port,
+                    addr,
+                });
+            }
+        }
+    }
+    out
 }
 
 async fn run(
@@ -69,12 +101,28 @@ async fn run(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    warn!("{NO_PROXY}");
-    let topo = topo::Topo::connect(&cfg.etcd.endpoints, &cfg.etcd.prefix, cfg.etcd.dial_timeout)
-        .await
-        .with_context(|| format!("etcd {}", cfg.etcd.endpoints.join(",")))?;
-    let watch = Arc::new(TabletWatch::start(&topo, WatchOptions::default()));
-    let listener = tokio::net::TcpListener::bind(cfg.gateway.admin_listen)
+    proxy::describe_metrics();
+    let r = &cfg.routing;
+    let settings = Settings {
+        routing: r.policy(),
+        proxy: ProxyPolicy {
+            buffer_window: r.buffer_window,
+            max_buffered: r.max_buffered,
+            ro_policy: r.ro_policy,
+            ro_fallback: r.ro_fallback,
+        },
+        connect_timeout: r.connect_timeout,
+        shutdown_grace: r.shutdown_grace,
+    };
+    let specs = listener_specs(&cfg);
+    let threads = cfg.gateway.proxy_threads;
+    let gateway = Gateway::new(settings, &specs, threads);
+    // Ports first: a taken port is a start failure, before anything else runs.
+    let listeners = Gateway::bind(&specs)?;
+    let proxy_threads = gateway
+        .start_proxy_threads(listeners)
+        .context("starting the proxy threads")?;
+    let admin = tokio::net::TcpListener::bind(cfg.gateway.admin_listen)
         .await
         .with_context(|| {
             format!(
@@ -82,31 +130,55 @@ async fn run(
                 cfg.gateway.admin_listen
             )
         })?;
-    let addr = listener.local_addr().context("admin_listen address")?;
-    let policy = cfg.routing.policy();
+    let admin_addr = admin.local_addr().context("admin_listen address")?;
+    let topo = topo::Topo::connect(&cfg.etcd.endpoints, &cfg.etcd.prefix, cfg.etcd.dial_timeout)
+        .await
+        .with_context(|| format!("etcd {}", cfg.etcd.endpoints.join(",")))?;
+    let watch = Arc::new(TabletWatch::start(&topo, WatchOptions::default()));
+    let routing_task = tokio::spawn(gateway.clone().routing_loop(watch));
+    if specs.is_empty() {
+        warn!("no [[listener]] configured: serving /routing only, no MySQL port is open");
+    }
     info!(
-        admin = %addr,
+        admin = %admin_addr,
         etcd = %cfg.etcd.endpoints.join(","),
         prefix = %cfg.etcd.prefix,
-        health_stale_after = ?policy.health_stale_after,
-        max_replica_lag = ?policy.max_replica_lag,
-        proxying = false,
-        "gateway started (routing view only, no proxying)"
+        listeners = specs.len(),
+        proxy_threads = threads,
+        health_stale_after = ?r.health_stale_after,
+        max_replica_lag = ?r.max_replica_lag,
+        ro_hard_lag = ?r.ro_hard_lag,
+        ro_policy = r.ro_policy.as_str(),
+        ro_fallback = r.ro_fallback.as_str(),
+        buffer_window = ?r.buffer_window,
+        "gateway started"
     );
     let state = AppState {
-        watch,
+        gateway: gateway.clone(),
         metrics,
-        policy,
     };
     let app = axum::Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/metrics", get(render_metrics))
         .route("/routing", get(routing_view))
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    // The admin API stays up while the proxy drains, then stops.
+    let drain = {
+        let gateway = gateway.clone();
+        async move {
+            shutdown.await;
+            gateway.shutdown().await;
+        }
+    };
+    axum::serve(admin, app)
+        .with_graceful_shutdown(drain)
         .await
-        .context("HTTP server")?;
+        .context("admin HTTP server")?;
+    routing_task.abort();
+    for t in proxy_threads {
+        // They end right after the drain; a panicked one has nothing left to clean up.
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     info!("gateway stopped");
     Ok(())
 }
@@ -116,6 +188,5 @@ async fn render_metrics(State(s): State<AppState>) -> String {
 }
 
 async fn routing_view(State(s): State<AppState>) -> Json<routing::RoutingResponse> {
-    let snap = s.watch.snapshot();
-    Json(routing::routing_response(&snap, Instant::now(), &s.policy))
+    Json(s.gateway.routing_json())
 }

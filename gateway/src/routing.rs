@@ -1,26 +1,35 @@
-//! The routing choice for one shard: where writes (`rw`) and reads (`ro`) may go now. Pure:
-//! a shard view, an explicit `now` and a policy in, a decision with reasons out. The proxy of
-//! a later issue will route by exactly this.
+//! The routing choices, all pure: a snapshot (or a shard view), an explicit `now` and a policy
+//! in, a decision with reasons out. The proxy (`crate::proxy`) acts on exactly these.
 //!
-//! - `rw`: the primary named by the shard record, only if the record is the newest word
-//!   (no reparent under way, no tablet reports a newer term, the primary's agent knows the
-//!   record's term) and the primary's health is fresh, reachable, not fenced and writable.
-//! - `ro`: every other registered tablet whose health is fresh, whose mysqld is reachable and
-//!   replicates (both threads running) with a measured lag under `max_replica_lag`.
+//! - [`route`]: where one shard's writes (`rw`) and reads (`ro`) may go now.
+//!   - `rw`: the primary named by the shard record, only if the record is the newest word
+//!     (no reparent under way, no tablet reports a newer term, the primary's agent knows the
+//!     record's term) and the primary's health is fresh, reachable, not fenced and writable.
+//!   - `ro`: every other registered tablet whose health is fresh, whose mysqld is reachable and
+//!     replicates (both threads running) with a measured lag under `max_replica_lag`.
+//! - [`compute_routes`]: [`route`] for every shard of a tablettwatch snapshot, plus for every
+//!   tablet whether open RO connections to it must be closed ([`ro_close_reason`]): the
+//!   immutable [`Routes`] the proxy swaps in atomically.
+//! - [`rw_choice`] / [`ro_choice`]: what a new connection gets (a backend, wait, or a refusal
+//!   with the text of the MySQL error packet); [`pick`] is the RO selection policy.
+//! - [`close_reason`]: whether an open connection must be closed under new routes.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use tabletwatch::{Health, ShardView, TabletView};
+use serde::{Deserialize, Serialize};
+use tabletwatch::{FleetSnapshot, Health, ShardView, TabletView};
 
 /// Bounds for [`route`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoutingPolicy {
     /// A tablet whose last health is older than this gets no traffic.
     pub health_stale_after: Duration,
-    /// Replicas lagging this much or more get no reads.
+    /// Replicas lagging this much or more get no new reads.
     pub max_replica_lag: Duration,
+    /// Open RO connections to a replica lagging more than this are closed.
+    pub ro_hard_lag: Duration,
 }
 
 /// A tablet chosen for traffic.
@@ -326,15 +335,598 @@ pub fn route(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> Routing
     }
 }
 
-/// `GET /routing`: every shard's routing choice.
+/// A routing snapshot's view of one shard: [`route`] plus what the proxy needs to judge open
+/// connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRoute {
+    pub keyspace: String,
+    pub shard: String,
+    /// The shard record's term (0 without a record).
+    pub term: u64,
+    /// The primary the shard record names.
+    pub primary: Option<String>,
+    pub routing: Routing,
+    /// Every registered tablet: `None` when open RO connections to it may stay, else why they
+    /// must be closed ([`ro_close_reason`]). A tablet missing here is not registered.
+    pub ro_close: BTreeMap<String, Option<String>>,
+}
+
+/// The immutable routing snapshot the proxy works from (swapped in whole, never mutated).
+#[derive(Debug, Clone)]
+pub struct Routes {
+    /// The tabletwatch snapshot it was computed from.
+    pub snapshot_version: u64,
+    /// Increases with every computation (also on the re-evaluation timer).
+    pub seq: u64,
+    /// Wall clock of the computation, ms since the epoch.
+    pub computed_ms: u64,
+    /// The etcd watches were current.
+    pub topo_synced: bool,
+    /// By `(keyspace, shard)`.
+    pub shards: BTreeMap<(String, String), ShardRoute>,
+}
+
+impl Routes {
+    /// Nothing known yet (before the first snapshot).
+    pub fn empty() -> Routes {
+        Routes {
+            snapshot_version: 0,
+            seq: 0,
+            computed_ms: 0,
+            topo_synced: false,
+            shards: BTreeMap::new(),
+        }
+    }
+}
+
+/// Whether open RO connections to `t` must be closed at `now`, and why. Deliberately looser
+/// than the bar for new connections: a replica that merely stopped qualifying (lag over
+/// `max_replica_lag`, a replication thread reconnecting during a failover, a late health
+/// message) keeps its open connections; they are closed only when
+/// - it is the shard's primary now (the RO port must not hand out a writable server),
+/// - there is no health for it, its agent fenced it or reports its mysqld unreachable,
+/// - its lag may exceed `ro_hard_lag`: the last reported lag plus the age of that report
+///   (a silent health stream or stopped replication therefore closes them once the data could
+///   be that old), or replication is stopped while the lag cannot be measured.
+pub fn ro_close_reason(
+    shard: &ShardView,
+    t: &TabletView,
+    now: Instant,
+    policy: &RoutingPolicy,
+) -> Option<String> {
+    if shard.primary_alias() == Some(t.alias()) {
+        return Some("it is the shard's primary now".into());
+    }
+    let (Some(h), Some(age)) = (t.health(), t.health_age(now)) else {
+        return Some("no health".into());
+    };
+    if h.fenced {
+        return Some(format!("fenced: {}", h.fence_reason));
+    }
+    if !h.mysql_reachable {
+        return Some(format!("mysqld unreachable: {}", h.mysql_error));
+    }
+    let hard = millis(policy.ro_hard_lag);
+    let age_ms = millis(age);
+    match h.lag_ms {
+        Some(lag) if lag.saturating_add(age_ms) > hard => Some(format!(
+            "lag {lag} ms reported {age_ms} ms ago exceeds ro_hard_lag {hard} ms"
+        )),
+        Some(_) => None,
+        None if tabletwatch::health_replicating(h) != Some(true) => {
+            Some("not replicating and its lag cannot be measured".into())
+        }
+        None if age_ms > hard => Some(format!("no health for {age_ms} ms (ro_hard_lag {hard} ms)")),
+        None => None,
+    }
+}
+
+/// [`route`] and [`ro_close_reason`] for one shard.
+pub fn shard_route(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> ShardRoute {
+    ShardRoute {
+        keyspace: shard.keyspace.clone(),
+        shard: shard.shard.clone(),
+        term: shard.term(),
+        primary: shard.primary_alias().map(str::to_string),
+        routing: route(shard, now, policy),
+        ro_close: shard
+            .tablets
+            .values()
+            .map(|t| {
+                (
+                    t.alias().to_string(),
+                    ro_close_reason(shard, t, now, policy),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The shards of `snap` at `now`.
+///
+/// `scope`: only these shards (a gateway computes the shards it has listeners for, not the
+/// whole fleet on every health message); `None`: every shard.
+pub fn compute_routes(
+    snap: &FleetSnapshot,
+    now: Instant,
+    now_ms: u64,
+    seq: u64,
+    policy: &RoutingPolicy,
+    scope: Option<&BTreeSet<(String, String)>>,
+) -> Routes {
+    Routes {
+        snapshot_version: snap.version,
+        seq,
+        computed_ms: now_ms,
+        topo_synced: snap.topo_synced,
+        shards: snap
+            .shards
+            .iter()
+            .filter(|(k, _)| scope.is_none_or(|only| only.contains(*k)))
+            .map(|(k, s)| (k.clone(), shard_route(s, now, policy)))
+            .collect(),
+    }
+}
+
+/// What decides where new connections go: the rw target (alias, term) or none, and the set of
+/// ro targets. Lag values and reasons are left out: they change with every health message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteKey {
+    pub rw: Option<(String, u64)>,
+    pub ro: Vec<String>,
+}
+
+impl RouteKey {
+    pub fn of(r: &ShardRoute) -> RouteKey {
+        RouteKey {
+            rw: r
+                .routing
+                .rw
+                .as_ref()
+                .ok()
+                .map(|t| (t.alias.clone(), r.term)),
+            ro: r.routing.ro.iter().map(|t| t.alias.clone()).collect(),
+        }
+    }
+}
+
+/// One shard whose [`RouteKey`] changed between two routing snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteChange {
+    pub keyspace: String,
+    pub shard: String,
+    pub before: Option<RouteKey>,
+    pub after: Option<RouteKey>,
+}
+
+/// The shards whose routing decision changed from `old` to `new` (appeared, vanished, or a
+/// different [`RouteKey`]).
+pub fn route_changes(old: &Routes, new: &Routes) -> Vec<RouteChange> {
+    let mut keys: Vec<&(String, String)> = old.shards.keys().chain(new.shards.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let before = old.shards.get(k).map(RouteKey::of);
+            let after = new.shards.get(k).map(RouteKey::of);
+            (before != after).then(|| RouteChange {
+                keyspace: k.0.clone(),
+                shard: k.1.clone(),
+                before,
+                after,
+            })
+        })
+        .collect()
+}
+
+// ---- new connections ------------------------------------------------------------------
+
+/// How replicas are chosen for new RO connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoPolicy {
+    /// The replica with the fewest open connections through this gateway (ties rotate).
+    #[default]
+    LeastConnections,
+    Random,
+    RoundRobin,
+}
+
+/// What RO connections get when no replica qualifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoFallback {
+    /// The shard's primary (when it is a usable RW target).
+    #[default]
+    Primary,
+    /// A MySQL error packet.
+    Refuse,
+}
+
+impl RoPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoPolicy::LeastConnections => "least_connections",
+            RoPolicy::Random => "random",
+            RoPolicy::RoundRobin => "round_robin",
+        }
+    }
+}
+
+impl RoFallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoFallback::Primary => "primary",
+            RoFallback::Refuse => "refuse",
+        }
+    }
+}
+
+/// How the proxy treats new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyPolicy {
+    /// How long a new connection may be held waiting for a target (RW always; RO only until
+    /// the topology has been read once).
+    pub buffer_window: Duration,
+    /// Held connections at once (beyond: refused at once).
+    pub max_buffered: usize,
+    pub ro_policy: RoPolicy,
+    pub ro_fallback: RoFallback,
+}
+
+/// Why a connection was refused, as counted in `myha_gateway_refusals_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RefusalKind {
+    /// No usable primary within the buffer window.
+    NoPrimary,
+    /// No replica qualifies and the fallback gives nothing.
+    NoReplica,
+    /// The shard has no record (and the topology is current).
+    UnknownShard,
+    /// `max_buffered` connections were held already.
+    MaxBuffered,
+    /// The chosen backend could not be connected to.
+    ConnectFailed,
+    /// The gateway is shutting down.
+    ShuttingDown,
+}
+
+impl RefusalKind {
+    pub const ALL: [RefusalKind; 6] = [
+        RefusalKind::NoPrimary,
+        RefusalKind::NoReplica,
+        RefusalKind::UnknownShard,
+        RefusalKind::MaxBuffered,
+        RefusalKind::ConnectFailed,
+        RefusalKind::ShuttingDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::NoPrimary => "no_primary",
+            RefusalKind::NoReplica => "no_replica",
+            RefusalKind::UnknownShard => "unknown_shard",
+            RefusalKind::MaxBuffered => "max_buffered",
+            RefusalKind::ConnectFailed => "connect_failed",
+            RefusalKind::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// A refused connection: the metric's reason and the text of the error packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    /// Starts with `myha-gateway: ` and names the shard.
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(kind: RefusalKind, message: String) -> Refusal {
+        Refusal {
+            kind,
+            message: format!("myha-gateway: {message}"),
+        }
+    }
+
+    /// The chosen backend did not accept the connection.
+    pub fn connect_failed(
+        keyspace: &str,
+        shard: &str,
+        what: &str,
+        target: &Target,
+        error: &str,
+    ) -> Refusal {
+        Refusal::new(
+            RefusalKind::ConnectFailed,
+            format!(
+                "no {what} for {keyspace}/{shard}: cannot connect to {} ({}): {error}",
+                target.alias, target.mysql_addr
+            ),
+        )
+    }
+
+    /// The gateway stops.
+    pub fn shutting_down(keyspace: &str, shard: &str) -> Refusal {
+        Refusal::new(
+            RefusalKind::ShuttingDown,
+            format!("{keyspace}/{shard}: the gateway is shutting down"),
+        )
+    }
+}
+
+/// `5s`, `1500ms`: durations in error texts.
+pub fn fmt_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// One new connection's situation.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub keyspace: &'a str,
+    pub shard: &'a str,
+    /// The shard in the current routing snapshot (`None`: nothing known about it).
+    pub route: Option<&'a ShardRoute>,
+    /// The snapshot's etcd watches were current.
+    pub topo_synced: bool,
+    /// How long it has been held so far (`None`: it has not been held).
+    pub held_for: Option<Duration>,
+    /// Fewer than `max_buffered` connections are held now.
+    pub hold_room: bool,
+}
+
+impl Ask<'_> {
+    /// Whether it may (go on) wait(ing), given it has to.
+    fn may_hold(&self, p: &ProxyPolicy) -> Result<(), HoldDenied> {
+        let waited = self.held_for.unwrap_or(Duration::ZERO);
+        if waited >= p.buffer_window {
+            return Err(HoldDenied::WindowOver);
+        }
+        if self.held_for.is_none() && !self.hold_room {
+            return Err(HoldDenied::Full);
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        format!("{}/{}", self.keyspace, self.shard)
+    }
+}
+
+enum HoldDenied {
+    WindowOver,
+    Full,
+}
+
+fn hold_denied_text(d: HoldDenied, p: &ProxyPolicy) -> (RefusalKind, String) {
+    match d {
+        HoldDenied::WindowOver if p.buffer_window.is_zero() => (
+            RefusalKind::NoPrimary,
+            "not held: buffer_window is 0".into(),
+        ),
+        HoldDenied::WindowOver => (
+            RefusalKind::NoPrimary,
+            format!("buffer window {} expired", fmt_duration(p.buffer_window)),
+        ),
+        HoldDenied::Full => (
+            RefusalKind::MaxBuffered,
+            format!(
+                "max_buffered {} connections are held already",
+                p.max_buffered
+            ),
+        ),
+    }
+}
+
+/// What a new RW connection gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RwChoice {
+    Route(Target),
+    /// Wait for the next routing snapshot (or the end of the window); why.
+    Hold(String),
+    Refuse(Refusal),
+}
+
+/// A new (or held) RW connection: the primary when it is usable; otherwise held up to the
+/// buffer window (room permitting), then refused naming the shard and the reason. A shard
+/// without a record while the topology is current is refused at once.
+pub fn rw_choice(ask: &Ask<'_>, p: &ProxyPolicy) -> RwChoice {
+    let no_record = Err(RwUnavailable::NoShardRecord);
+    let rw = ask.route.map_or(&no_record, |r| &r.routing.rw);
+    match rw {
+        Ok(t) => RwChoice::Route(t.clone()),
+        Err(RwUnavailable::NoShardRecord) if ask.topo_synced => RwChoice::Refuse(Refusal::new(
+            RefusalKind::UnknownShard,
+            format!("no primary for {}: no shard record", ask.name()),
+        )),
+        Err(why) => match ask.may_hold(p) {
+            Ok(()) => RwChoice::Hold(why.to_string()),
+            Err(d) => {
+                let (kind, end) = hold_denied_text(d, p);
+                RwChoice::Refuse(Refusal::new(
+                    kind,
+                    format!("no primary for {}: {why} ({end})", ask.name()),
+                ))
+            }
+        },
+    }
+}
+
+/// What a new RO connection gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoChoice {
+    Replica(Target),
+    /// No replica qualifies: the primary, per `ro_fallback = "primary"`.
+    Primary(Target),
+    /// The topology has not been read yet: wait for the next routing snapshot; why.
+    Hold(String),
+    Refuse(Refusal),
+}
+
+/// The index into `candidates` that a new RO connection goes to (`candidates` not empty):
+/// `round_robin` and `random` take `spin` (a counter, a random number) modulo the count;
+/// `least_connections` takes the fewest `open` connections, `spin` rotating among ties (so
+/// short sequential connections spread too).
+pub fn pick(
+    candidates: &[&Target],
+    open: &dyn Fn(&str) -> usize,
+    policy: RoPolicy,
+    spin: u64,
+) -> usize {
+    let n = candidates.len().max(1) as u64;
+    match policy {
+        RoPolicy::RoundRobin | RoPolicy::Random => (spin % n) as usize,
+        RoPolicy::LeastConnections => {
+            let counts: Vec<usize> = candidates.iter().map(|t| open(&t.alias)).collect();
+            let min = counts.iter().copied().min().unwrap_or(0);
+            let tied: Vec<usize> = (0..counts.len()).filter(|i| counts[*i] == min).collect();
+            tied.get((spin % tied.len().max(1) as u64) as usize)
+                .copied()
+                .unwrap_or(0)
+        }
+    }
+}
+
+/// A new RO connection: a replica from `ro` (minus `exclude`: backends that failed to connect
+/// for this connection) chosen by `ro_policy`; none: per `ro_fallback`, the primary or a
+/// refusal. Before the topology has been read once it is held like an RW connection.
+pub fn ro_choice(
+    ask: &Ask<'_>,
+    p: &ProxyPolicy,
+    open: &dyn Fn(&str) -> usize,
+    exclude: &[String],
+    spin: u64,
+) -> RoChoice {
+    let Some(route) = ask.route else {
+        if !ask.topo_synced && ask.may_hold(p).is_ok() {
+            return RoChoice::Hold("the topology has not been read yet".into());
+        }
+        let why = if ask.topo_synced {
+            "no shard record and no tablet"
+        } else {
+            "the topology could not be read"
+        };
+        return RoChoice::Refuse(Refusal::new(
+            RefusalKind::NoReplica,
+            format!("no replica for {}: {why}", ask.name()),
+        ));
+    };
+    let routing = &route.routing;
+    let candidates: Vec<&Target> = routing
+        .ro
+        .iter()
+        .filter(|t| !exclude.contains(&t.alias))
+        .collect();
+    if !candidates.is_empty() {
+        let i = pick(&candidates, open, p.ro_policy, spin);
+        return RoChoice::Replica(candidates[i].clone());
+    }
+    if !ask.topo_synced && ask.may_hold(p).is_ok() {
+        return RoChoice::Hold("the topology has not been read yet".into());
+    }
+    let why = match routing.ro_unavailable() {
+        Some(why) => why,
+        None => format!(
+            "every eligible replica refused the connection ({})",
+            exclude.join(", ")
+        ),
+    };
+    let refuse = |text: String| {
+        RoChoice::Refuse(Refusal::new(
+            RefusalKind::NoReplica,
+            format!("no replica for {}: {text}", ask.name()),
+        ))
+    };
+    match (p.ro_fallback, &routing.rw) {
+        (RoFallback::Refuse, _) => refuse(why),
+        (RoFallback::Primary, Ok(t)) if !exclude.contains(&t.alias) => RoChoice::Primary(t.clone()),
+        (RoFallback::Primary, Ok(t)) => refuse(format!(
+            "{why}; the primary {} refused the connection too",
+            t.alias
+        )),
+        (RoFallback::Primary, Err(e)) => refuse(format!("{why}; no primary to fall back to: {e}")),
+    }
+}
+
+// ---- open connections -------------------------------------------------------------------
+
+/// What an open connection was routed as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConnRole {
+    /// RW port, to the primary.
+    Rw,
+    /// RO port, to a replica.
+    RoReplica,
+    /// RO port, to the primary (`ro_fallback = "primary"`).
+    RoPrimary,
+}
+
+impl ConnRole {
+    /// The listener it came through: `rw` or `ro` (metric label).
+    pub fn port(self) -> &'static str {
+        match self {
+            ConnRole::Rw => "rw",
+            ConnRole::RoReplica | ConnRole::RoPrimary => "ro",
+        }
+    }
+}
+
+/// Whether an open connection to `backend`, routed as `role` when the shard record was at
+/// `opened_term`, must be closed under `route` (`None`: the shard is unknown to the snapshot,
+/// which never closes anything):
+/// - to a primary (RW, RO fallback): once the record's term is above `opened_term` and names
+///   another tablet (the backend is deposed: G1);
+/// - to a replica: per [`ro_close_reason`], or when the tablet is no longer registered.
+pub fn close_reason(
+    role: ConnRole,
+    backend: &str,
+    opened_term: u64,
+    route: Option<&ShardRoute>,
+) -> Option<String> {
+    let route = route?;
+    match role {
+        ConnRole::Rw | ConnRole::RoPrimary => {
+            (route.term > opened_term && route.primary.as_deref() != Some(backend)).then(|| {
+                format!(
+                "term {} names {} as primary (the connection was opened under term {opened_term})",
+                route.term,
+                route.primary.as_deref().unwrap_or("no tablet")
+            )
+            })
+        }
+        ConnRole::RoReplica => match route.ro_close.get(backend) {
+            None => Some("the tablet is no longer registered".into()),
+            Some(why) => why.clone(),
+        },
+    }
+}
+
+// ---- GET /routing -----------------------------------------------------------------------
+
+/// `GET /routing`: the routing snapshot in use, with the proxy's connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RoutingResponse {
-    /// The snapshot's version.
+    /// The tabletwatch snapshot's version.
     pub version: u64,
+    /// Increases with every computation (snapshots and the re-evaluation timer).
+    pub seq: u64,
+    /// Wall clock of the computation, ms since the epoch.
+    pub computed_ms: u64,
     /// The etcd watches are current (else registrations and shard records may be stale).
     pub topo_synced: bool,
     pub health_stale_after_ms: u64,
     pub max_replica_lag_ms: u64,
+    pub ro_hard_lag_ms: u64,
+    pub ro_policy: &'static str,
+    pub ro_fallback: &'static str,
+    pub buffer_window_ms: u64,
+    pub max_buffered: usize,
+    /// Connections held now, all shards.
+    pub held: usize,
     pub shards: Vec<ShardRoutingJson>,
 }
 
@@ -343,6 +935,8 @@ pub struct ShardRoutingJson {
     pub keyspace: String,
     pub shard: String,
     pub term: u64,
+    /// The primary the shard record names.
+    pub primary: Option<String>,
     /// Where writes go, or `null`.
     pub rw: Option<Target>,
     /// Why writes have nowhere to go (when `rw` is `null`).
@@ -351,6 +945,12 @@ pub struct ShardRoutingJson {
     /// Why reads have nowhere to go (when `ro` is empty).
     pub ro_unavailable: Option<String>,
     pub ro_excluded: Vec<ExcludedJson>,
+    /// The shard's MySQL ports, when it has a `[[listener]]`.
+    pub listeners: Option<ListenersJson>,
+    /// Connections held now for this shard.
+    pub held: usize,
+    /// Open connections through this gateway, by backend.
+    pub backends: Vec<BackendJson>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -359,43 +959,99 @@ pub struct ExcludedJson {
     pub reason: String,
 }
 
-/// [`route`] for every shard of the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenersJson {
+    pub rw: Option<String>,
+    pub ro: Option<String>,
+}
+
+/// Open connections to one backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BackendJson {
+    pub alias: String,
+    /// Through the RW port.
+    pub rw_open: usize,
+    /// Through the RO port (to a replica, or to the primary as the fallback).
+    pub ro_open: usize,
+}
+
+/// What the proxy adds to one shard of [`RoutingResponse`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardConnections {
+    pub listeners: Option<ListenersJson>,
+    pub held: usize,
+    pub backends: Vec<BackendJson>,
+}
+
+/// The JSON of `routes`; `conns` gives each configured shard's listeners and connections.
 pub fn routing_response(
-    snap: &tabletwatch::FleetSnapshot,
-    now: Instant,
+    routes: &Routes,
     policy: &RoutingPolicy,
+    proxy: &ProxyPolicy,
+    held: usize,
+    conns: &BTreeMap<(String, String), ShardConnections>,
 ) -> RoutingResponse {
+    let mut keys: Vec<&(String, String)> = routes.shards.keys().chain(conns.keys()).collect();
+    keys.sort();
+    keys.dedup();
     RoutingResponse {
-        version: snap.version,
-        topo_synced: snap.topo_synced,
+        version: routes.snapshot_version,
+        seq: routes.seq,
+        computed_ms: routes.computed_ms,
+        topo_synced: routes.topo_synced,
         health_stale_after_ms: millis(policy.health_stale_after),
         max_replica_lag_ms: millis(policy.max_replica_lag),
-        shards: snap
-            .shards
-            .values()
-            .map(|s| {
-                let r = route(s, now, policy);
-                let ro_unavailable = r.ro_unavailable();
-                let (rw, rw_unavailable) = match r.rw {
-                    Ok(t) => (Some(t), None),
+        ro_hard_lag_ms: millis(policy.ro_hard_lag),
+        ro_policy: proxy.ro_policy.as_str(),
+        ro_fallback: proxy.ro_fallback.as_str(),
+        buffer_window_ms: millis(proxy.buffer_window),
+        max_buffered: proxy.max_buffered,
+        held,
+        shards: keys
+            .into_iter()
+            .map(|k| {
+                let c = conns.get(k).cloned().unwrap_or_default();
+                let Some(s) = routes.shards.get(k) else {
+                    return ShardRoutingJson {
+                        keyspace: k.0.clone(),
+                        shard: k.1.clone(),
+                        term: 0,
+                        primary: None,
+                        rw: None,
+                        rw_unavailable: Some(RwUnavailable::NoShardRecord.to_string()),
+                        ro: vec![],
+                        ro_unavailable: Some("no shard record and no tablet".into()),
+                        ro_excluded: vec![],
+                        listeners: c.listeners,
+                        held: c.held,
+                        backends: c.backends,
+                    };
+                };
+                let r = &s.routing;
+                let (rw, rw_unavailable) = match &r.rw {
+                    Ok(t) => (Some(t.clone()), None),
                     Err(e) => (None, Some(e.to_string())),
                 };
                 ShardRoutingJson {
                     keyspace: s.keyspace.clone(),
                     shard: s.shard.clone(),
-                    term: s.term(),
+                    term: s.term,
+                    primary: s.primary.clone(),
                     rw,
                     rw_unavailable,
-                    ro: r.ro,
-                    ro_unavailable,
+                    ro: r.ro.clone(),
+                    ro_unavailable: r.ro_unavailable(),
                     ro_excluded: r
                         .ro_excluded
-                        .into_iter()
+                        .iter()
                         .map(|(alias, e)| ExcludedJson {
-                            alias,
+                            alias: alias.clone(),
                             reason: e.to_string(),
                         })
                         .collect(),
+                    listeners: c.listeners,
+                    held: c.held,
+                    backends: c.backends,
                 }
             })
             .collect(),
@@ -418,6 +1074,7 @@ mod tests {
         RoutingPolicy {
             health_stale_after: Duration::from_secs(1),
             max_replica_lag: Duration::from_secs(5),
+            ro_hard_lag: Duration::from_secs(30),
         }
     }
 
@@ -916,7 +1573,7 @@ mod tests {
     }
 
     #[test]
-    fn routing_response_covers_every_shard() {
+    fn routing_response_covers_every_shard_and_the_connections() {
         let f = Fixture::healthy();
         let mut snap = tabletwatch::FleetSnapshot::empty(f.t0);
         snap.version = 3;
@@ -926,16 +1583,48 @@ mod tests {
         );
         snap.shards
             .insert(("ks".into(), "1".into()), shard("ks", "1", None, vec![]));
-        let resp = routing_response(&snap, f.t0, &policy());
-        assert_eq!((resp.version, resp.topo_synced), (3, false));
-        assert_eq!(
-            (resp.health_stale_after_ms, resp.max_replica_lag_ms),
-            (1000, 5000)
+        let routes = compute_routes(&snap, f.t0, 42, 7, &policy(), None);
+        let mut conns = BTreeMap::new();
+        conns.insert(
+            ("ks".to_string(), "0".to_string()),
+            ShardConnections {
+                listeners: Some(ListenersJson {
+                    rw: Some("127.0.0.1:1".into()),
+                    ro: None,
+                }),
+                held: 2,
+                backends: vec![BackendJson {
+                    alias: P.into(),
+                    rw_open: 3,
+                    ro_open: 1,
+                }],
+            },
         );
-        let [a, b] = &resp.shards[..] else {
+        // A configured shard the snapshot does not know.
+        conns.insert(
+            ("other".to_string(), "0".to_string()),
+            ShardConnections::default(),
+        );
+        let resp = routing_response(&routes, &policy(), &proxy(), 2, &conns);
+        assert_eq!(
+            (resp.version, resp.seq, resp.computed_ms, resp.topo_synced),
+            (3, 7, 42, false)
+        );
+        assert_eq!(
+            (
+                resp.health_stale_after_ms,
+                resp.max_replica_lag_ms,
+                resp.ro_hard_lag_ms,
+                resp.buffer_window_ms,
+                resp.held
+            ),
+            (1000, 5000, 30000, 5000, 2)
+        );
+        let [a, b, c] = &resp.shards[..] else {
             panic!("{resp:?}")
         };
         assert_eq!(a.rw.as_ref().map(|t| t.alias.as_str()), Some(P));
+        assert_eq!(a.primary.as_deref(), Some(P));
         assert_eq!(
             (
                 a.rw_unavailable.as_ref(),
@@ -944,12 +1633,527 @@ mod tests {
             ),
             (None, 2, None)
         );
+        assert_eq!((a.held, a.backends[0].rw_open), (2, 3));
         assert_eq!(b.rw, None);
         assert_eq!(b.rw_unavailable.as_deref(), Some("no shard record"));
         assert_eq!(b.ro_unavailable.as_deref(), Some("no replica registered"));
+        assert_eq!((c.keyspace.as_str(), c.term), ("other", 0));
+        assert_eq!(c.rw_unavailable.as_deref(), Some("no shard record"));
         let json = serde_json::to_value(&resp).unwrap();
         assert_eq!(json["shards"][0]["rw"]["mysql_addr"], "127.0.0.1:3401");
         assert_eq!(json["shards"][0]["ro"][1]["lag_ms"], 20);
+        assert_eq!(json["shards"][0]["listeners"]["rw"], "127.0.0.1:1");
+        assert_eq!(json["shards"][0]["backends"][0]["ro_open"], 1);
         assert_eq!(json["shards"][1]["rw"], serde_json::Value::Null);
+        assert_eq!(json["ro_policy"], "least_connections");
+        assert_eq!(json["ro_fallback"], "primary");
+    }
+
+    // ---- routing snapshots and open connections ----
+
+    fn proxy() -> ProxyPolicy {
+        ProxyPolicy {
+            buffer_window: Duration::from_secs(5),
+            max_buffered: 10,
+            ro_policy: RoPolicy::LeastConnections,
+            ro_fallback: RoFallback::Primary,
+        }
+    }
+
+    impl Fixture {
+        fn view(&self) -> ShardView {
+            shard("ks", "0", self.record.clone(), self.tablets.clone())
+        }
+
+        fn shard_route_at(&self, after: Duration) -> ShardRoute {
+            shard_route(&self.view(), self.t0 + after, &policy())
+        }
+
+        fn close_at(&self, alias: &str, after: Duration) -> Option<String> {
+            let view = self.view();
+            ro_close_reason(
+                &view,
+                view.tablet(alias).unwrap(),
+                self.t0 + after,
+                &policy(),
+            )
+        }
+    }
+
+    #[test]
+    fn open_ro_connections_stay_while_the_replica_is_merely_not_eligible() {
+        let mut f = Fixture::healthy();
+        assert_eq!(f.close_at(R1, Duration::ZERO), None);
+        // Over max_replica_lag (no new connections) but under ro_hard_lag: stays.
+        f.health_mut(R1).lag_ms = Some(10_000);
+        assert!(f.route().ro.iter().all(|t| t.alias != R1));
+        assert_eq!(f.close_at(R1, Duration::ZERO), None);
+        // An IO thread reconnecting (a failover): not eligible, open connections stay.
+        f.health_mut(R1).replication.as_mut().unwrap().io_state =
+            myha_proto::agent::ThreadState::Connecting as i32;
+        assert_eq!(f.close_at(R1, Duration::ZERO), None);
+        // Stale health (1 s bound) is not enough either.
+        assert_eq!(f.close_at(R2, Duration::from_secs(5)), None);
+    }
+
+    #[test]
+    fn open_ro_connections_close_past_the_hard_bound() {
+        let mut f = Fixture::healthy();
+        f.health_mut(R1).lag_ms = Some(30_001);
+        let why = f.close_at(R1, Duration::ZERO).expect("closed");
+        assert!(
+            why.contains("30001 ms") && why.contains("ro_hard_lag 30000 ms"),
+            "{why}"
+        );
+        // Exactly the bound stays.
+        f.health_mut(R1).lag_ms = Some(30_000);
+        assert_eq!(f.close_at(R1, Duration::ZERO), None);
+        // A silent stream: last lag + age of the report.
+        f.health_mut(R1).lag_ms = Some(1000);
+        assert_eq!(f.close_at(R1, Duration::from_secs(29)), None);
+        assert!(f.close_at(R1, Duration::from_millis(29_001)).is_some());
+        // No lag measurable: closed only once nothing was heard for the bound.
+        f.health_mut(R1).lag_ms = None;
+        assert_eq!(f.close_at(R1, Duration::from_secs(30)), None);
+        let why = f.close_at(R1, Duration::from_millis(30_001)).unwrap();
+        assert!(why.contains("no health for 30001 ms"), "{why}");
+        // Stopped replication without a measurable lag: closed at once.
+        f.health_mut(R1).replication.as_mut().unwrap().sql_state =
+            myha_proto::agent::ThreadState::Stopped as i32;
+        let why = f.close_at(R1, Duration::ZERO).unwrap();
+        assert!(why.contains("not replicating"), "{why}");
+    }
+
+    #[test]
+    fn open_ro_connections_close_on_fence_unreachable_promotion_or_no_health() {
+        let mut f = Fixture::healthy();
+        f.health_mut(R1).fenced = true;
+        f.health_mut(R1).fence_reason = "newer term".into();
+        assert_eq!(
+            f.close_at(R1, Duration::ZERO).as_deref(),
+            Some("fenced: newer term")
+        );
+        let h = f.health_mut(R2);
+        h.mysql_reachable = false;
+        h.mysql_error = "refused".into();
+        assert_eq!(
+            f.close_at(R2, Duration::ZERO).as_deref(),
+            Some("mysqld unreachable: refused")
+        );
+
+        let mut f = Fixture::healthy();
+        f.record = Some(shard_record("ks", "0", Some(R1), 4));
+        assert_eq!(
+            f.close_at(R1, Duration::ZERO).as_deref(),
+            Some("it is the shard's primary now")
+        );
+        f.tablets[2].last_health = None;
+        assert_eq!(f.close_at(R2, Duration::ZERO).as_deref(), Some("no health"));
+    }
+
+    #[test]
+    fn shard_route_judges_every_tablet() {
+        let mut f = Fixture::healthy();
+        f.health_mut(R2).lag_ms = Some(40_000);
+        let r = f.shard_route_at(Duration::ZERO);
+        assert_eq!((r.term, r.primary.as_deref()), (3, Some(P)));
+        assert_eq!(r.routing, f.route());
+        assert_eq!(r.ro_close.len(), 3);
+        assert_eq!(r.ro_close[R1], None);
+        assert!(r.ro_close[R2].is_some());
+        assert_eq!(
+            r.ro_close[P].as_deref(),
+            Some("it is the shard's primary now")
+        );
+    }
+
+    fn routes_of(f: &Fixture, seq: u64) -> Routes {
+        let mut snap = tabletwatch::FleetSnapshot::empty(f.t0);
+        snap.topo_synced = true;
+        snap.shards.insert(("ks".into(), "0".into()), f.view());
+        compute_routes(&snap, f.t0, 0, seq, &policy(), None)
+    }
+
+    #[test]
+    fn compute_routes_can_be_scoped() {
+        let f = Fixture::healthy();
+        let mut snap = tabletwatch::FleetSnapshot::empty(f.t0);
+        snap.shards.insert(("ks".into(), "0".into()), f.view());
+        snap.shards
+            .insert(("ks".into(), "1".into()), shard("ks", "1", None, vec![]));
+        let only = BTreeSet::from([("ks".to_string(), "1".to_string())]);
+        let r = compute_routes(&snap, f.t0, 0, 1, &policy(), Some(&only));
+        assert_eq!(
+            r.shards.keys().collect::<Vec<_>>(),
+            [&("ks".to_string(), "1".to_string())]
+        );
+        assert_eq!(
+            compute_routes(&snap, f.t0, 0, 1, &policy(), None)
+                .shards
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn route_changes_ignore_lag_values_but_see_targets_and_terms() {
+        let mut f = Fixture::healthy();
+        let a = routes_of(&f, 1);
+        assert!(route_changes(&a, &a).is_empty());
+        f.health_mut(R1).lag_ms = Some(11);
+        assert!(route_changes(&a, &routes_of(&f, 2)).is_empty());
+        f.health_mut(R1).lag_ms = Some(9_000);
+        let c = route_changes(&a, &routes_of(&f, 3));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].after.as_ref().unwrap().ro, [R2]);
+        let mut f = Fixture::healthy();
+        f.record = Some(shard_record("ks", "0", Some(P), 4));
+        for t in &mut f.tablets {
+            Arc::make_mut(t.last_health.as_mut().unwrap()).health.term = 4;
+        }
+        let c = route_changes(&a, &routes_of(&f, 4));
+        assert_eq!(c[0].before.as_ref().unwrap().rw, Some((P.into(), 3)));
+        assert_eq!(c[0].after.as_ref().unwrap().rw, Some((P.into(), 4)));
+        let empty = Routes::empty();
+        let c = route_changes(&empty, &a);
+        assert_eq!((c.len(), c[0].before.is_none()), (1, true));
+        assert_eq!(route_changes(&a, &empty)[0].after, None);
+    }
+
+    fn target(alias: &str) -> Target {
+        Target {
+            alias: alias.into(),
+            mysql_addr: format!("addr-{alias}"),
+            lag_ms: Some(0),
+        }
+    }
+
+    #[test]
+    fn pick_policies() {
+        let ts = [target("a"), target("b"), target("c")];
+        let c: Vec<&Target> = ts.iter().collect();
+        let none = |_: &str| 0usize;
+        for spin in 0..6 {
+            assert_eq!(
+                pick(&c, &none, RoPolicy::RoundRobin, spin),
+                spin as usize % 3
+            );
+            assert_eq!(pick(&c, &none, RoPolicy::Random, spin), spin as usize % 3);
+        }
+        // Least connections: the minimum; spin rotates among ties only.
+        let open = |a: &str| match a {
+            "a" => 2,
+            "b" => 0,
+            _ => 1,
+        };
+        for spin in 0..4 {
+            assert_eq!(pick(&c, &open, RoPolicy::LeastConnections, spin), 1);
+        }
+        let tie = |a: &str| usize::from(a == "b");
+        let picks: Vec<usize> = (0..4)
+            .map(|s| pick(&c, &tie, RoPolicy::LeastConnections, s))
+            .collect();
+        assert_eq!(picks, [0, 2, 0, 2]);
+        let one = [&ts[1]];
+        assert_eq!(pick(&one, &none, RoPolicy::Random, u64::MAX), 0);
+    }
+
+    fn ask<'a>(route: Option<&'a ShardRoute>) -> Ask<'a> {
+        Ask {
+            keyspace: "ks",
+            shard: "0",
+            route,
+            topo_synced: true,
+            held_for: None,
+            hold_room: true,
+        }
+    }
+
+    #[test]
+    fn rw_choice_routes_holds_and_refuses() {
+        let f = Fixture::healthy();
+        let r = f.shard_route_at(Duration::ZERO);
+        assert_eq!(
+            rw_choice(&ask(Some(&r)), &proxy()),
+            RwChoice::Route(target_p())
+        );
+
+        let mut f = Fixture::healthy();
+        f.record.as_mut().unwrap().reparent_in_progress = Some("planned".into());
+        let r = f.shard_route_at(Duration::ZERO);
+        let a = ask(Some(&r));
+        assert!(
+            matches!(rw_choice(&a, &proxy()), RwChoice::Hold(ref w) if w.contains("reparent in progress")),
+        );
+        let held = Ask {
+            held_for: Some(Duration::from_millis(4999)),
+            hold_room: false, // already held: room does not matter any more
+            ..a
+        };
+        assert!(matches!(rw_choice(&held, &proxy()), RwChoice::Hold(_)));
+        let over = Ask {
+            held_for: Some(Duration::from_secs(5)),
+            ..a
+        };
+        let RwChoice::Refuse(refusal) = rw_choice(&over, &proxy()) else {
+            panic!()
+        };
+        assert_eq!(refusal.kind, RefusalKind::NoPrimary);
+        assert_eq!(
+            refusal.message,
+            "myha-gateway: no primary for ks/0: reparent in progress: planned (buffer window 5s expired)"
+        );
+        let full = Ask {
+            hold_room: false,
+            ..a
+        };
+        let RwChoice::Refuse(refusal) = rw_choice(&full, &proxy()) else {
+            panic!()
+        };
+        assert_eq!(refusal.kind, RefusalKind::MaxBuffered);
+        assert!(
+            refusal.message.contains("max_buffered 10"),
+            "{}",
+            refusal.message
+        );
+        let no_window = ProxyPolicy {
+            buffer_window: Duration::ZERO,
+            ..proxy()
+        };
+        let RwChoice::Refuse(refusal) = rw_choice(&a, &no_window) else {
+            panic!()
+        };
+        assert!(
+            refusal.message.ends_with("(not held: buffer_window is 0)"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    fn target_p() -> Target {
+        Target {
+            alias: P.into(),
+            mysql_addr: "127.0.0.1:3401".into(),
+            lag_ms: None,
+        }
+    }
+
+    #[test]
+    fn rw_choice_for_unknown_shards() {
+        // Topology current and no record: refused at once.
+        let RwChoice::Refuse(r) = rw_choice(&ask(None), &proxy()) else {
+            panic!()
+        };
+        assert_eq!(r.kind, RefusalKind::UnknownShard);
+        assert_eq!(
+            r.message,
+            "myha-gateway: no primary for ks/0: no shard record"
+        );
+        // Not read yet: held (the gateway just started).
+        let a = Ask {
+            topo_synced: false,
+            ..ask(None)
+        };
+        assert!(matches!(rw_choice(&a, &proxy()), RwChoice::Hold(_)));
+        let a = Ask {
+            held_for: Some(Duration::from_secs(6)),
+            ..a
+        };
+        let RwChoice::Refuse(r) = rw_choice(&a, &proxy()) else {
+            panic!()
+        };
+        assert_eq!(r.kind, RefusalKind::NoPrimary);
+    }
+
+    #[test]
+    fn ro_choice_replicas_then_fallback() {
+        let none = |_: &str| 0usize;
+        let f = Fixture::healthy();
+        let r = f.shard_route_at(Duration::ZERO);
+        let a = ask(Some(&r));
+        let p = proxy();
+        let RoChoice::Replica(t) = ro_choice(&a, &p, &none, &[], 0) else {
+            panic!()
+        };
+        assert_eq!(t.alias, R1);
+        let RoChoice::Replica(t) = ro_choice(&a, &p, &none, &[], 1) else {
+            panic!()
+        };
+        assert_eq!(t.alias, R2);
+        let busy = |a: &str| usize::from(a == R1) * 5;
+        let RoChoice::Replica(t) = ro_choice(&a, &p, &busy, &[], 0) else {
+            panic!()
+        };
+        assert_eq!(t.alias, R2);
+        // A replica that refused this connection is skipped.
+        let RoChoice::Replica(t) = ro_choice(&a, &p, &none, &[R1.to_string()], 0) else {
+            panic!()
+        };
+        assert_eq!(t.alias, R2);
+        // Both refused: the primary (fallback).
+        let both = [R1.to_string(), R2.to_string()];
+        assert_eq!(
+            ro_choice(&a, &p, &none, &both, 0),
+            RoChoice::Primary(target_p())
+        );
+        let all = [R1.to_string(), R2.to_string(), P.to_string()];
+        let RoChoice::Refuse(x) = ro_choice(&a, &p, &none, &all, 0) else {
+            panic!()
+        };
+        assert!(
+            x.message.contains("refused the connection too"),
+            "{}",
+            x.message
+        );
+    }
+
+    #[test]
+    fn ro_choice_without_eligible_replicas_per_fallback() {
+        let none = |_: &str| 0usize;
+        let mut f = Fixture::healthy();
+        f.health_mut(R1).lag_ms = Some(6000);
+        f.health_mut(R2).lag_ms = Some(7000);
+        let r = f.shard_route_at(Duration::ZERO);
+        let a = ask(Some(&r));
+        // G3, fallback primary.
+        assert_eq!(
+            ro_choice(&a, &proxy(), &none, &[], 0),
+            RoChoice::Primary(target_p())
+        );
+        // G3, refuse.
+        let refuse = ProxyPolicy {
+            ro_fallback: RoFallback::Refuse,
+            ..proxy()
+        };
+        let RoChoice::Refuse(x) = ro_choice(&a, &refuse, &none, &[], 0) else {
+            panic!()
+        };
+        assert_eq!(x.kind, RefusalKind::NoReplica);
+        assert!(
+            x.message
+                .starts_with("myha-gateway: no replica for ks/0: no eligible replica (")
+                && x.message.contains("zone1-102: lag 6000 ms >= max 5000 ms"),
+            "{}",
+            x.message
+        );
+        // Fallback primary, but no primary either.
+        f.health_mut(P).mysql.as_mut().unwrap().read_only = true;
+        let r = f.shard_route_at(Duration::ZERO);
+        let RoChoice::Refuse(x) = ro_choice(&ask(Some(&r)), &proxy(), &none, &[], 0) else {
+            panic!()
+        };
+        assert!(
+            x.message
+                .contains("no primary to fall back to: primary zone1-101 is read-only"),
+            "{}",
+            x.message
+        );
+    }
+
+    #[test]
+    fn ro_choice_before_the_topology_is_read_holds() {
+        let none = |_: &str| 0usize;
+        let a = Ask {
+            topo_synced: false,
+            ..ask(None)
+        };
+        assert!(matches!(
+            ro_choice(&a, &proxy(), &none, &[], 0),
+            RoChoice::Hold(_)
+        ));
+        let late = Ask {
+            held_for: Some(Duration::from_secs(5)),
+            ..a
+        };
+        let RoChoice::Refuse(x) = ro_choice(&late, &proxy(), &none, &[], 0) else {
+            panic!()
+        };
+        assert!(x.message.contains("could not be read"), "{}", x.message);
+        let RoChoice::Refuse(x) = ro_choice(&ask(None), &proxy(), &none, &[], 0) else {
+            panic!()
+        };
+        assert!(
+            x.message.contains("no shard record and no tablet"),
+            "{}",
+            x.message
+        );
+        // Known shard, nothing eligible yet, not synced: held too.
+        let mut f = Fixture::healthy();
+        f.tablets.truncate(1);
+        let r = f.shard_route_at(Duration::ZERO);
+        let a = Ask {
+            topo_synced: false,
+            ..ask(Some(&r))
+        };
+        assert!(matches!(
+            ro_choice(&a, &proxy(), &none, &[], 0),
+            RoChoice::Hold(_)
+        ));
+    }
+
+    #[test]
+    fn open_connections_to_a_deposed_primary_close_on_a_newer_term() {
+        let f = Fixture::healthy();
+        let r = f.shard_route_at(Duration::ZERO);
+        for role in [ConnRole::Rw, ConnRole::RoPrimary] {
+            assert_eq!(close_reason(role, P, 3, Some(&r)), None);
+            // Opened under an older term on the same primary: stays.
+            assert_eq!(close_reason(role, P, 2, Some(&r)), None);
+            // Another tablet than the record's primary, opened under an older term: closed.
+            let why = close_reason(role, R1, 2, Some(&r)).expect("closed");
+            assert!(why.contains("term 3 names zone1-101"), "{why}");
+            // Same term: nothing rose, nothing to do.
+            assert_eq!(close_reason(role, R1, 3, Some(&r)), None);
+            assert_eq!(close_reason(role, R1, 2, None), None);
+        }
+        let mut f = Fixture::healthy();
+        f.record = Some(shard_record("ks", "0", None, 4));
+        let r = f.shard_route_at(Duration::ZERO);
+        let why = close_reason(ConnRole::Rw, P, 3, Some(&r)).unwrap();
+        assert!(why.contains("names no tablet"), "{why}");
+    }
+
+    #[test]
+    fn open_connections_to_replicas_follow_ro_close() {
+        let mut f = Fixture::healthy();
+        f.health_mut(R2).lag_ms = Some(31_000);
+        let r = f.shard_route_at(Duration::ZERO);
+        assert_eq!(close_reason(ConnRole::RoReplica, R1, 3, Some(&r)), None);
+        assert!(close_reason(ConnRole::RoReplica, R2, 3, Some(&r)).is_some());
+        assert_eq!(
+            close_reason(ConnRole::RoReplica, "zone1-999", 3, Some(&r)).as_deref(),
+            Some("the tablet is no longer registered")
+        );
+        assert_eq!(ConnRole::RoPrimary.port(), "ro");
+        assert_eq!(ConnRole::Rw.port(), "rw");
+    }
+
+    #[test]
+    fn refusal_texts_and_names() {
+        let r = Refusal::connect_failed("ks", "0", "primary", &target("a"), "refused");
+        assert_eq!(r.kind, RefusalKind::ConnectFailed);
+        assert_eq!(
+            r.message,
+            "myha-gateway: no primary for ks/0: cannot connect to a (addr-a): refused"
+        );
+        assert!(Refusal::shutting_down("ks", "0")
+            .message
+            .contains("shutting down"));
+        let names: Vec<&str> = RefusalKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "no_primary",
+                "no_replica",
+                "unknown_shard",
+                "max_buffered",
+                "connect_failed",
+                "shutting_down"
+            ]
+        );
+        assert_eq!(fmt_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(RoPolicy::RoundRobin.as_str(), "round_robin");
+        assert_eq!(RoFallback::Refuse.as_str(), "refuse");
     }
 }

@@ -22,9 +22,10 @@ use topo::{CellRecord, Durability, KeyspaceRecord, PromotionRule, Topo};
 use crate::agent::AgentProc;
 use crate::error::{HarnessError, Result};
 use crate::etcd::Etcd;
+use crate::gateway::{gateway_config, GatewayConfig, GatewayProc};
 use crate::mysqld::{absolute, Mysqld, MysqldOptions};
 use crate::orchestrator::{orchestrator_config, OrchestratorProc};
-use crate::sandbox::{SandboxState, SandboxTablet, STATE_FILE};
+use crate::sandbox::{SandboxGateway, SandboxState, SandboxTablet, STATE_FILE};
 use crate::util::{free_port, poll_until, random_password};
 
 /// Semi-sync ack timeout set on the primary: 30 days in ms (lossless: no async fallback).
@@ -36,6 +37,9 @@ pub type AgentConfigHook = Arc<dyn Fn(&mut AgentConfig) + Send + Sync>;
 /// A hook to adjust each orchestrator's config before it is written.
 pub type OrchestratorConfigHook =
     Arc<dyn Fn(&mut myha_orchestrator::config::OrchestratorConfig) + Send + Sync>;
+
+/// A hook to adjust each gateway's config before it is written.
+pub type GatewayConfigHook = Arc<dyn Fn(&mut GatewayConfig) + Send + Sync>;
 
 /// What to start.
 #[derive(Clone)]
@@ -75,6 +79,14 @@ pub struct ClusterOptions {
     pub orchestrator_log_level: String,
     /// Adjusts each orchestrator's config.
     pub orchestrator_config: Option<OrchestratorConfigHook>,
+    /// Start one `myha-gateway` (RW and RO ports for the shard) after the agents and the
+    /// orchestrator ([`Cluster::gateway`]); stopped first and detached with the rest. More:
+    /// [`Cluster::start_gateway`].
+    pub start_gateway: bool,
+    /// The gateways' log level (also settable through the hook).
+    pub gateway_log_level: String,
+    /// Adjusts each gateway's config.
+    pub gateway_config: Option<GatewayConfigHook>,
     /// Bound for replication and agent readiness.
     pub ready_timeout: Duration,
     /// Name tablet 0 primary at term 1 in the shard record and make it writable (the default).
@@ -107,6 +119,9 @@ impl Default for ClusterOptions {
             start_orchestrator: false,
             orchestrator_log_level: "info".into(),
             orchestrator_config: None,
+            start_gateway: false,
+            gateway_log_level: "info".into(),
+            gateway_config: None,
             ready_timeout: Duration::from_secs(30),
             bootstrap_primary: true,
         }
@@ -126,6 +141,7 @@ impl fmt::Debug for ClusterOptions {
             .field("start_agents", &self.start_agents)
             .field("bootstrap_primary", &self.bootstrap_primary)
             .field("start_orchestrator", &self.start_orchestrator)
+            .field("start_gateway", &self.start_gateway)
             .field("lease_ttl", &self.lease_ttl)
             .field("prefix", &self.prefix)
             .field("new_session", &self.new_session)
@@ -245,6 +261,8 @@ pub struct Cluster {
     etcd: Etcd,
     /// The one started by [`ClusterOptions::start_orchestrator`].
     orchestrator: Option<OrchestratorProc>,
+    /// The one started by [`ClusterOptions::start_gateway`].
+    gateway: Option<GatewayProc>,
     keep_dir: AtomicBool,
     detached: bool,
     // Last: removed after the processes are gone.
@@ -471,6 +489,7 @@ impl Cluster {
             tablets,
             etcd,
             orchestrator: None,
+            gateway: None,
             keep_dir: AtomicBool::new(false),
             detached: false,
             temp,
@@ -484,6 +503,10 @@ impl Cluster {
         if cluster.opts.start_orchestrator {
             cluster.orchestrator = Some(cluster.start_orchestrator().await?);
             tracing::info!(elapsed = ?started.elapsed(), "orchestrator up");
+        }
+        if cluster.opts.start_gateway {
+            cluster.gateway = Some(cluster.start_gateway().await?);
+            tracing::info!(elapsed = ?started.elapsed(), "gateway up");
         }
         Ok(cluster)
     }
@@ -844,6 +867,48 @@ impl Cluster {
         self.orchestrator.as_ref()
     }
 
+    /// The config the harness gives a gateway of this cluster (fresh ports each call): this
+    /// cluster's etcd and prefix, RW and RO listeners for its shard, then
+    /// [`ClusterOptions::gateway_config`].
+    pub fn gateway_config(&self) -> Result<GatewayConfig> {
+        let mut cfg = gateway_config(
+            &self.etcd.endpoint(),
+            &self.opts.prefix,
+            &self.opts.gateway_log_level,
+            &self.opts.keyspace,
+            &self.opts.shard,
+        )?;
+        if let Some(hook) = &self.opts.gateway_config {
+            hook(&mut cfg);
+        }
+        Ok(cfg)
+    }
+
+    /// Starts a `myha-gateway` with [`Cluster::gateway_config`] in `{dir}/gateway`
+    /// (`gateway-2`, ... for further ones) and returns once its admin API answers. The caller
+    /// owns it: dropping the handle kills it.
+    pub async fn start_gateway(&self) -> Result<GatewayProc> {
+        let cfg = self.gateway_config()?;
+        self.start_gateway_with(cfg).await
+    }
+
+    /// As [`Cluster::start_gateway`], with a config of the caller's.
+    pub async fn start_gateway_with(&self, cfg: GatewayConfig) -> Result<GatewayProc> {
+        let dir = (1..)
+            .map(|n| match n {
+                1 => self.dir.join("gateway"),
+                n => self.dir.join(format!("gateway-{n}")),
+            })
+            .find(|d| !d.exists())
+            .unwrap_or_else(|| self.dir.join("gateway"));
+        GatewayProc::launch(cfg, &dir, self.opts.new_session).await
+    }
+
+    /// The gateway started by [`ClusterOptions::start_gateway`].
+    pub fn gateway(&self) -> Option<&GatewayProc> {
+        self.gateway.as_ref()
+    }
+
     pub fn topo(&self) -> &Topo {
         &self.topo
     }
@@ -922,6 +987,12 @@ impl Cluster {
                 .orchestrator
                 .as_ref()
                 .map(|o| o.http_addr().to_string()),
+            gateway_pid: self.gateway.as_ref().and_then(GatewayProc::pid),
+            gateway: self.gateway.as_ref().map(|g| SandboxGateway {
+                rw: g.rw_addr().map(|a| a.to_string()),
+                ro: g.ro_addr().map(|a| a.to_string()),
+                admin: g.admin_addr().to_string(),
+            }),
             tablets: self
                 .tablets
                 .iter()
@@ -947,6 +1018,9 @@ impl Cluster {
         let state = self.sandbox_state();
         state.write(&self.dir.join(STATE_FILE))?;
         self.etcd.detach();
+        if let Some(g) = &self.gateway {
+            g.detach();
+        }
         if let Some(o) = &self.orchestrator {
             o.detach();
         }
@@ -961,9 +1035,12 @@ impl Cluster {
         Ok(state)
     }
 
-    /// Stops everything cleanly: the orchestrator and agents (SIGTERM), mysqld (clean
-    /// shutdown), etcd.
+    /// Stops everything cleanly: the gateway, the orchestrator and agents (SIGTERM), mysqld
+    /// (clean shutdown), etcd.
     pub async fn shutdown(self) -> Result<()> {
+        if let Some(g) = &self.gateway {
+            g.stop().await?;
+        }
         if let Some(o) = &self.orchestrator {
             o.stop().await?;
         }
@@ -981,7 +1058,11 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if !self.detached {
-            // The orchestrator first: it would otherwise react to the rest going away.
+            // The gateway (clients' entry point) and the orchestrator first: the orchestrator
+            // would otherwise react to the rest going away.
+            if let Some(g) = &self.gateway {
+                let _ = g.kill();
+            }
             if let Some(o) = &self.orchestrator {
                 let _ = o.kill();
             }

@@ -2,11 +2,13 @@
 //! dirs or a given base dir, and injects faults (SIGKILL, SIGSTOP/SIGCONT, clean stop,
 //! restart). Used by the integration tests, `myhactl sandbox` and the benchmarks.
 //!
-//! - [`Etcd`], [`Mysqld`], [`AgentProc`], [`OrchestratorProc`]: one process each; every method that signals takes
-//!   `&self`, so a [`Cluster`] can be shared (e.g. in an `Arc`) between tasks.
+//! - [`Etcd`], [`Mysqld`], [`AgentProc`], [`OrchestratorProc`], [`GatewayProc`]: one process
+//!   each; every method that signals takes `&self`, so a [`Cluster`] can be shared (e.g. in an
+//!   `Arc`) between tasks.
 //! - [`Cluster::start`]: etcd + N mysqld (GTID replication from tablet 0, semi-sync per
 //!   durability) + topology bootstrap + optionally one agent per mysqld and one orchestrator
-//!   ([`ClusterOptions::start_orchestrator`], or [`Cluster::start_orchestrator`] for more).
+//!   ([`ClusterOptions::start_orchestrator`], or [`Cluster::start_orchestrator`] for more) and
+//!   one gateway ([`ClusterOptions::start_gateway`], or [`Cluster::start_gateway`]).
 //! - Dropping a handle SIGKILLs its processes (also while unwinding from a panic);
 //!   [`Cluster::detach`] leaves them running for the sandbox, [`sandbox::down`] stops them.
 
@@ -14,6 +16,8 @@ mod agent;
 mod cluster;
 mod error;
 mod etcd;
+mod gateway;
+mod http;
 mod mysqld;
 mod orchestrator;
 mod process;
@@ -25,10 +29,14 @@ pub mod writer;
 pub use agent::{AgentProc, AGENT_START_TIMEOUT, AGENT_STOP_GRACE};
 pub use cluster::{
     global_status, global_var, row_to_map, slave_status, AgentConfigHook, Cluster, ClusterOptions,
-    Credentials, OrchestratorConfigHook, Tablet, SEMI_SYNC_TIMEOUT_MS,
+    Credentials, GatewayConfigHook, OrchestratorConfigHook, Tablet, SEMI_SYNC_TIMEOUT_MS,
 };
 pub use error::{HarnessError, Result};
 pub use etcd::{Etcd, ETCD_START_TIMEOUT, ETCD_STOP_GRACE};
+pub use gateway::{
+    gateway_config, GatewayConfig, GatewayListener, GatewayProc, GATEWAY_HTTP_TIMEOUT,
+    GATEWAY_START_TIMEOUT, GATEWAY_STOP_SLACK,
+};
 /// Re-exported for [`ClusterOptions::orchestrator_config`].
 pub use myha_orchestrator::config::OrchestratorConfig;
 pub use mysqld::{Mysqld, MysqldOptions, MYSQLD_START_TIMEOUT, MYSQLD_STOP_GRACE};
@@ -36,7 +44,7 @@ pub use orchestrator::{
     orchestrator_config, OrchestratorProc, ORCHESTRATOR_HTTP_TIMEOUT, ORCHESTRATOR_START_TIMEOUT,
     ORCHESTRATOR_STOP_GRACE,
 };
-pub use sandbox::{SandboxState, SandboxTablet};
+pub use sandbox::{SandboxGateway, SandboxState, SandboxTablet};
 pub use util::{find_myha_bin, free_port, log_tail, pid_alive, random_password, rss_kib};
 pub use writer::{Ack, DeposedAck, FaultMark, Writer, WriterOptions, WriterReport};
 

@@ -4,11 +4,12 @@
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use myha_orchestrator::config::OrchestratorConfig;
 
 use crate::error::{HarnessError, Result};
+use crate::http::DaemonHttp;
 use crate::mysqld::absolute;
 use crate::process::Proc;
 use crate::util::{find_myha_bin, free_port};
@@ -45,7 +46,7 @@ pub struct OrchestratorProc {
     config_path: PathBuf,
     config: OrchestratorConfig,
     proc: Proc,
-    http: reqwest::Client,
+    http: DaemonHttp,
 }
 
 impl OrchestratorProc {
@@ -83,11 +84,7 @@ impl OrchestratorProc {
         let log = dir.join("orchestrator.log");
         let proc =
             Proc::new("myha-orchestrator", bin, args, log, new_session).with_env("NO_COLOR", "1");
-        let http = reqwest::Client::builder()
-            .timeout(ORCHESTRATOR_HTTP_TIMEOUT)
-            .connect_timeout(Duration::from_secs(1))
-            .build()
-            .map_err(|e| HarnessError::Invalid(format!("HTTP client: {e}")))?;
+        let http = DaemonHttp::new(config.orchestrator.http_listen, ORCHESTRATOR_HTTP_TIMEOUT)?;
         Ok(OrchestratorProc {
             dir,
             config_path,
@@ -98,26 +95,9 @@ impl OrchestratorProc {
     }
 
     async fn start_again(&self) -> Result<()> {
-        let started = Instant::now();
-        self.proc.spawn()?;
-        let mut last;
-        loop {
-            self.proc.check_alive()?;
-            match self.get_text("/health").await {
-                Ok((200, _)) => {
-                    tracing::debug!(elapsed = ?started.elapsed(), "orchestrator answers");
-                    return Ok(());
-                }
-                Ok((status, body)) => last = format!("/health answered {status}: {body}"),
-                Err(e) => last = e.to_string(),
-            }
-            if started.elapsed() > ORCHESTRATOR_START_TIMEOUT {
-                return Err(self.proc.start_error(format!(
-                    "/health not answering after {ORCHESTRATOR_START_TIMEOUT:?}: {last}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.http
+            .start(&self.proc, ORCHESTRATOR_START_TIMEOUT)
+            .await
     }
 
     /// Starts it again after a kill/stop (an error if running).
@@ -127,46 +107,17 @@ impl OrchestratorProc {
 
     /// `http://127.0.0.1:port{path}`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http_addr())
-    }
-
-    fn http_err(&self, what: String) -> impl FnOnce(reqwest::Error) -> HarnessError {
-        move |e| HarnessError::Http {
-            what,
-            message: e.to_string(),
-        }
+        self.http.url(path)
     }
 
     /// `GET path`: (status, body text).
     pub async fn get_text(&self, path: &str) -> Result<(u16, String)> {
-        let url = self.url(path);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(self.http_err(format!("GET {url}")))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .text()
-            .await
-            .map_err(self.http_err(format!("GET {url}: body")))?;
-        Ok((status, body))
+        self.http.get_text(path).await
     }
 
     /// `GET path`, which must answer 200 with JSON.
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
-        let (status, body) = self.get_text(path).await?;
-        if status != 200 {
-            return Err(HarnessError::Http {
-                what: format!("GET {}", self.url(path)),
-                message: format!("status {status}: {body}"),
-            });
-        }
-        serde_json::from_str(&body).map_err(|e| HarnessError::Http {
-            what: format!("GET {}", self.url(path)),
-            message: format!("not JSON ({e}): {body}"),
-        })
+        self.http.get_json(path).await
     }
 
     /// `POST path` with a JSON body, sending the configured `api_token` (if any) as a bearer
@@ -188,23 +139,56 @@ impl OrchestratorProc {
         token: Option<&str>,
     ) -> Result<(u16, serde_json::Value)> {
         let url = self.url(path);
-        let mut req = self.http.post(&url).json(body);
+        let mut req = self.http.client().post(&url).json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
         let resp = req
             .send()
             .await
-            .map_err(self.http_err(format!("POST {url}")))?;
+            .map_err(DaemonHttp::err(format!("POST {url}")))?;
         let status = resp.status().as_u16();
         let text = resp
             .text()
             .await
-            .map_err(self.http_err(format!("POST {url}: body")))?;
+            .map_err(DaemonHttp::err(format!("POST {url}: body")))?;
         Ok((
             status,
             serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
         ))
+    }
+
+    /// `POST path` with a JSON body (and the configured token), answered as a stream of lines
+    /// (ndjson, e.g. `/api/v1/shards/{ks}/{shard}/reparent`): the whole exchange bounded by
+    /// `timeout`. Dropping the answer closes the connection.
+    pub async fn post_stream(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<LineStream> {
+        let url = self.url(path);
+        let mut req = self.http.client().post(&url).json(body).timeout(timeout);
+        if let Some(t) = self.config.orchestrator.api_token.as_deref() {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(DaemonHttp::err(format!("POST {url}")))?;
+        Ok(LineStream {
+            what: format!("POST {url}"),
+            status: resp.status().as_u16(),
+            content_type: resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            resp,
+            buf: Vec::new(),
+            done: false,
+        })
     }
 
     /// `GET /api/v1/shards`.
@@ -250,5 +234,56 @@ impl OrchestratorProc {
     /// Leave the process running when this handle is dropped.
     pub fn detach(&self) {
         self.proc.detach();
+    }
+}
+
+/// A streamed HTTP answer read line by line (see [`OrchestratorProc::post_stream`]).
+#[derive(Debug)]
+pub struct LineStream {
+    what: String,
+    status: u16,
+    content_type: String,
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl LineStream {
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    pub fn content_type(&self) -> &str {
+        &self.content_type
+    }
+
+    /// The next complete line (without its newline) as soon as it arrives; `None` at the end
+    /// (a last line without newline is returned first).
+    pub async fn next_line(&mut self) -> Result<Option<String>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Ok(Some(
+                    String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
+                ));
+            }
+            if self.done {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                let rest = std::mem::take(&mut self.buf);
+                return Ok(Some(String::from_utf8_lossy(&rest).into_owned()));
+            }
+            match self.resp.chunk().await {
+                Ok(Some(bytes)) => self.buf.extend_from_slice(&bytes),
+                Ok(None) => self.done = true,
+                Err(e) => {
+                    return Err(HarnessError::Http {
+                        what: self.what.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
     }
 }

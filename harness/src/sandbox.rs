@@ -37,8 +37,25 @@ pub struct SandboxState {
     /// Its HTTP API, `127.0.0.1:port`.
     #[serde(default)]
     pub orchestrator_http: Option<String>,
+    /// The sandbox's `myha-gateway` (none in sandboxes made before it had one).
+    #[serde(default)]
+    pub gateway_pid: Option<u32>,
+    /// Its ports.
+    #[serde(default)]
+    pub gateway: Option<SandboxGateway>,
     pub tablets: Vec<SandboxTablet>,
     pub created_ms: u64,
+}
+
+/// The sandbox gateway's ports, `127.0.0.1:port` each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxGateway {
+    /// Writes: the shard's primary.
+    pub rw: Option<String>,
+    /// Reads: a replica under the lag bound.
+    pub ro: Option<String>,
+    /// `/health`, `/metrics`, `/routing`.
+    pub admin: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,14 +109,19 @@ impl SandboxState {
             .map_err(HarnessError::io(format!("rename to {}", path.display())))
     }
 
-    /// What `myhactl sandbox up --json` prints: exactly `dir, etcd, orchestrator_http, keyspace,
-    /// shard, app_user, app_password, database,
-    /// tablets[{alias, mysql, socket, mysqld_pid, agent_pid, agent_grpc}]`.
+    /// What `myhactl sandbox up --json` prints: exactly `dir, etcd, orchestrator_http,
+    /// gateway{rw, ro, admin} (null without a gateway), keyspace, shard, app_user, app_password,
+    /// database, tablets[{alias, mysql, socket, mysqld_pid, agent_pid, agent_grpc}]`.
     pub fn summary_json(&self) -> serde_json::Value {
         serde_json::json!({
             "dir": self.dir,
             "etcd": self.etcd,
             "orchestrator_http": self.orchestrator_http,
+            "gateway": self.gateway.as_ref().map(|g| serde_json::json!({
+                "rw": g.rw,
+                "ro": g.ro,
+                "admin": g.admin,
+            })),
             "keyspace": self.keyspace,
             "shard": self.shard,
             "app_user": self.app_user,
@@ -116,10 +138,13 @@ impl SandboxState {
         })
     }
 
-    /// Every process of the sandbox: (what, program name, pid), the orchestrator first, then
-    /// agents, etcd last.
+    /// Every process of the sandbox: (what, program name, pid), the gateway and the
+    /// orchestrator first, then agents, etcd last.
     pub fn processes(&self) -> Vec<(String, &'static str, u32)> {
         let mut out = Vec::new();
+        if let Some(pid) = self.gateway_pid {
+            out.push(("myha-gateway".to_string(), "myha-gateway", pid));
+        }
         if let Some(pid) = self.orchestrator_pid {
             out.push(("myha-orchestrator".to_string(), "myha-orchestrator", pid));
         }
@@ -177,10 +202,16 @@ pub fn is_ours(pid: u32, program: &str, dir: &Path) -> bool {
     prog_ok && argv.iter().skip(1).any(|a| a.contains(&dir))
 }
 
-/// Our programs, in the order [`down`] stops them: the orchestrator first (it would otherwise
-/// recover from the rest going away), then agents (they would react to their mysqld going
-/// away), mysqld, etcd.
-const PROGRAMS: [&str; 4] = ["myha-orchestrator", "myha-agent", "mariadbd", "etcd"];
+/// Our programs, in the order [`down`] stops them: the gateway (the clients' entry point), the
+/// orchestrator (it would otherwise recover from the rest going away), then agents (they would
+/// react to their mysqld going away), mysqld, etcd.
+const PROGRAMS: [&str; 5] = [
+    "myha-gateway",
+    "myha-orchestrator",
+    "myha-agent",
+    "mariadbd",
+    "etcd",
+];
 
 /// Every live process running one of our programs with `dir` in its arguments (also finds
 /// processes restarted under a new pid).
@@ -212,8 +243,8 @@ pub struct Stopped {
     pub outcome: &'static str,
 }
 
-/// Stops the sandbox in `dir`: SIGTERM to every process that is still ours (orchestrator,
-/// agents, mysqld, then etcd), SIGKILL what is left after the grace period, then removes the state
+/// Stops the sandbox in `dir`: SIGTERM to every process that is still ours (gateway,
+/// orchestrator, agents, mysqld, then etcd), SIGKILL what is left after the grace period, then removes the state
 /// file. An error when `dir` has no state file.
 pub async fn down(dir: &Path, grace: Duration) -> Result<Vec<Stopped>> {
     let state = SandboxState::read(dir)?.ok_or_else(|| {
@@ -381,6 +412,12 @@ mod tests {
             credentials: Credentials::generate(),
             orchestrator_pid: Some(u32::MAX - 5),
             orchestrator_http: Some("127.0.0.1:3".into()),
+            gateway_pid: Some(u32::MAX - 6),
+            gateway: Some(SandboxGateway {
+                rw: Some("127.0.0.1:5".into()),
+                ro: Some("127.0.0.1:6".into()),
+                admin: "127.0.0.1:7".into(),
+            }),
             tablets: vec![SandboxTablet {
                 alias: "zone1-101".into(),
                 mysql: "127.0.0.1:2".into(),
@@ -409,12 +446,16 @@ mod tests {
                 "database",
                 "dir",
                 "etcd",
+                "gateway",
                 "keyspace",
                 "orchestrator_http",
                 "shard",
                 "tablets"
             ]
         );
+        let mut gkeys: Vec<_> = v["gateway"].as_object().unwrap().keys().cloned().collect();
+        gkeys.sort();
+        assert_eq!(gkeys, ["admin", "ro", "rw"]);
         let mut tkeys: Vec<_> = v["tablets"][0]
             .as_object()
             .unwrap()
@@ -443,14 +484,19 @@ mod tests {
         let back = SandboxState::read(d.path()).unwrap().unwrap();
         assert_eq!(back, s);
         assert!(back.running().is_empty());
-        assert_eq!(back.processes()[0].1, "myha-orchestrator");
-        // A state file from before the orchestrator still reads.
+        assert_eq!(back.processes()[0].1, "myha-gateway");
+        assert_eq!(back.processes()[1].1, "myha-orchestrator");
+        // A state file from before the orchestrator and the gateway still reads.
         let mut v = serde_json::to_value(&s).unwrap();
         let o = v.as_object_mut().unwrap();
         o.remove("orchestrator_pid");
         o.remove("orchestrator_http");
+        o.remove("gateway_pid");
+        o.remove("gateway");
         let old: SandboxState = serde_json::from_value(v).unwrap();
+        assert!(old.summary_json()["gateway"].is_null());
         assert_eq!((old.orchestrator_pid, old.orchestrator_http), (None, None));
+        assert_eq!((old.gateway_pid, old.gateway), (None, None));
     }
 
     #[test]

@@ -13,6 +13,15 @@
 //! primary at once) and is recorded like any other if it is ever acknowledged: an ack from a
 //! deposed primary after the new term began is exactly what [`Writer::verify`] looks for.
 //!
+//! With [`WriterOptions::via`] it writes through a fixed address instead (the gateway's RW port)
+//! like an application would: it never looks at the shard record to choose where to connect,
+//! and identifies the server behind each connection with `SELECT @@server_id` (the tablet's
+//! uid). Each ack is then attributed to that tablet, with the term of the newest shard record
+//! seen naming that tablet primary (0 if none): an ack from a tablet after a newer term naming
+//! another primary began is caught exactly as in the direct mode. An insert in flight when the
+//! record moves on is not abandoned in this mode: closing connections to a deposed primary is
+//! the gateway's job, and a connection it fails to close shows up as a timed-out attempt.
+//!
 //! After the test, [`Writer::verify`] checks that every acknowledged id is on the current primary
 //! and that no ack came from a deposed primary after a newer term had started, and reports the
 //! write unavailability (first ack after [`Writer::mark_fault`] minus the fault time).
@@ -20,6 +29,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,6 +66,10 @@ pub struct WriterOptions {
     pub payload_len: usize,
     /// At stop, how long stragglers still in flight may take to finish before being aborted.
     pub straggler_grace: Duration,
+    /// Write through this address (e.g. the gateway's RW port) instead of to the primary the
+    /// shard record names (see the module doc). Give it a `connect_timeout` above the gateway's
+    /// buffer window: a held connection is the point.
+    pub via: Option<SocketAddr>,
 }
 
 impl Default for WriterOptions {
@@ -69,6 +83,7 @@ impl Default for WriterOptions {
             connect_timeout: Duration::from_secs(1),
             payload_len: 32,
             straggler_grace: Duration::from_secs(1),
+            via: None,
         }
     }
 }
@@ -283,6 +298,16 @@ impl Log {
             .collect()
     }
 
+    /// The term of the newest record seen naming `alias` primary (0 if none).
+    fn term_as_primary(&self, alias: &str) -> u64 {
+        self.records
+            .iter()
+            .filter(|r| r.primary.as_deref() == Some(alias))
+            .map(|r| r.term)
+            .max()
+            .unwrap_or(0)
+    }
+
     fn saw(&mut self, rec: &ShardRecord) {
         let new = self
             .records
@@ -294,10 +319,13 @@ impl Log {
     }
 }
 
-/// Where the writer connects: per tablet alias its mysqld port.
+/// Where the writer connects: per tablet alias its mysqld port, or a fixed address.
 #[derive(Clone)]
 struct Target {
     ports: Vec<(String, u16)>,
+    /// `(server_id, alias)` of every tablet (server_id = uid).
+    server_ids: Vec<(u32, String)>,
+    via: Option<SocketAddr>,
     user: String,
     password: String,
     database: String,
@@ -323,11 +351,48 @@ impl Target {
             .await
             .map_err(|e| format!("connect to {alias} (127.0.0.1:{port}): {e}"))
     }
+
+    /// Connects through `addr` and names the tablet that answers.
+    async fn connect_via(&self, addr: SocketAddr) -> std::result::Result<(String, Conn), String> {
+        let opts = OptsBuilder::default()
+            .ip_or_hostname(addr.ip().to_string())
+            .tcp_port(addr.port())
+            .user(Some(self.user.clone()))
+            .pass(Some(self.password.clone()))
+            .db_name(Some(self.database.clone()))
+            // Never switch to the server's unix socket: that would bypass `addr`.
+            .prefer_socket(false);
+        let mut c = Conn::new(opts)
+            .await
+            .map_err(|e| format!("connect via {addr}: {e}"))?;
+        let id: Option<u32> = c
+            .query_first("SELECT @@server_id")
+            .await
+            .map_err(|e| format!("via {addr}: SELECT @@server_id: {e}"))?;
+        let alias = self
+            .server_ids
+            .iter()
+            .find(|(s, _)| Some(*s) == id)
+            .map(|(_, a)| a.clone())
+            .ok_or_else(|| format!("via {addr}: server_id {id:?} is no tablet of this cluster"))?;
+        Ok((alias, c))
+    }
+
+    /// Connects to `primary` (direct mode) or through `via`; the tablet connected to.
+    async fn open(&self, primary: Option<&str>) -> std::result::Result<(String, Conn), String> {
+        match (self.via, primary) {
+            (Some(addr), _) => self.connect_via(addr).await,
+            (None, Some(p)) => Ok((p.to_string(), self.connect(p).await?)),
+            (None, None) => Err("no primary to connect to".into()),
+        }
+    }
 }
 
 /// The running recorder. Dropping it stops the task (without verifying).
 pub struct Writer {
     log: Arc<Mutex<Log>>,
+    /// Writing through a fixed address ([`WriterOptions::via`]).
+    via: bool,
     stop: watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     done: watch::Receiver<bool>,
@@ -361,6 +426,12 @@ impl Writer {
                 .iter()
                 .map(|t| (t.alias().to_string(), t.mysqld().port()))
                 .collect(),
+            server_ids: cluster
+                .tablets()
+                .iter()
+                .map(|t| (t.uid(), t.alias().to_string()))
+                .collect(),
+            via: opts.via,
             user: creds.app_user.clone(),
             password: creds.app_password.clone(),
             database: creds.database.clone(),
@@ -393,6 +464,7 @@ impl Writer {
         let log = Arc::new(Mutex::new(Log::default()));
         let (stop, stop_rx) = watch::channel(false);
         let (done_tx, done) = watch::channel(false);
+        let via = opts.via.is_some();
         let task = tokio::spawn(run(
             target,
             opts,
@@ -404,6 +476,7 @@ impl Writer {
         ));
         Ok(Writer {
             log,
+            via,
             stop,
             task: Mutex::new(Some(task)),
             done,
@@ -412,6 +485,23 @@ impl Writer {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The acks as [`deposed`] judges them. Through a fixed address the term an insert was
+    /// labelled with at send time may predate the writer's view of a failover the gateway had
+    /// already acted on, so each ack's term is taken from every record seen by now:
+    /// [`term_at`] its ack time.
+    fn judged_acks(&self, log: &Log) -> Vec<Ack> {
+        if !self.via {
+            return log.acks.clone();
+        }
+        log.acks
+            .iter()
+            .map(|a| Ack {
+                term: term_at(&log.records, &a.tablet, a.acked_ms),
+                ..a.clone()
+            })
+            .collect()
     }
 
     /// Records the fault time (now).
@@ -569,7 +659,7 @@ impl Writer {
             .collect();
         lost.sort_unstable();
         let (late_acks, deposed_acks): (Vec<DeposedAck>, Vec<DeposedAck>) =
-            deposed(&log.acks, &log.records)
+            deposed(&self.judged_acks(&log), &log.records)
                 .into_iter()
                 .partition(|d| present.contains(&d.ack.id));
         let fault = log.fault;
@@ -633,6 +723,17 @@ impl Drop for Writer {
     }
 }
 
+/// The term under which `tablet` was primary when it acknowledged at `at_ms`: the newest
+/// record naming it that had begun by then (0: none had).
+fn term_at(records: &[ShardRecord], tablet: &str, at_ms: u64) -> u64 {
+    records
+        .iter()
+        .filter(|r| r.primary.as_deref() == Some(tablet) && r.term_start_ms <= at_ms)
+        .map(|r| r.term)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Acks by a tablet after a newer term naming another primary had started.
 fn deposed(acks: &[Ack], records: &[ShardRecord]) -> Vec<DeposedAck> {
     let mut out = Vec::new();
@@ -653,6 +754,15 @@ fn deposed(acks: &[Ack], records: &[ShardRecord]) -> Vec<DeposedAck> {
         }
     }
     out
+}
+
+/// Resolves when the record names a primary other than `alias` (never for `None`: writing
+/// through a fixed address).
+async fn moved_from(rx: &mut watch::Receiver<Option<ShardRecord>>, alias: Option<&str>) {
+    match alias {
+        Some(a) => primary_moved(rx, a).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when the record names a primary other than `alias`.
@@ -710,24 +820,36 @@ async fn run(
             continue;
         };
         lock().saw(&rec);
-        let Some(primary) = rec.primary.clone() else {
-            tokio::select! {
-                _ = records.changed() => {}
-                _ = stop.changed() => {}
+        // Direct mode: the record's primary; through `via`: whatever answers there.
+        let record_primary = match (target.via, rec.primary.clone()) {
+            (Some(_), _) => None,
+            (None, Some(p)) => Some(p),
+            (None, None) => {
+                tokio::select! {
+                    _ = records.changed() => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
             }
-            continue;
         };
-        if conn.as_ref().is_some_and(|(a, _)| *a != primary) {
-            conn = None;
+        if let (Some(p), Some((a, _))) = (&record_primary, &conn) {
+            if a != p {
+                conn = None;
+            }
         }
-        let mut c = match conn.take() {
-            Some((_, c)) => c,
+        let (primary, mut c) = match conn.take() {
+            Some(x) => x,
             None => {
+                let to = match (&record_primary, target.via) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(a)) => a.to_string(),
+                    (None, None) => String::new(),
+                };
                 let res = tokio::select! {
-                    r = tokio::time::timeout(opts.connect_timeout, target.connect(&primary)) => {
-                        r.unwrap_or_else(|_| Err(format!("connect to {primary}: timed out after {:?}", opts.connect_timeout)))
+                    r = tokio::time::timeout(opts.connect_timeout, target.open(record_primary.as_deref())) => {
+                        r.unwrap_or_else(|_| Err(format!("connect to {to}: timed out after {:?}", opts.connect_timeout)))
                     }
-                    _ = primary_moved(&mut records, &primary) => Err(format!("connect to {primary}: the shard record moved on")),
+                    _ = moved_from(&mut records, record_primary.as_deref()) => Err(format!("connect to {to}: the shard record moved on")),
                     _ = stop.changed() => break,
                 };
                 match res {
@@ -745,7 +867,10 @@ async fn run(
         };
         let id = next_id;
         next_id += 1;
-        let term = rec.term;
+        let term = match target.via {
+            Some(_) => lock().term_as_primary(&primary),
+            None => rec.term,
+        };
         let sent_ms = now_ms();
         let sent_at = Instant::now();
         lock().attempts += 1;
@@ -783,7 +908,7 @@ async fn run(
         }
         let outcome = tokio::select! {
             (c, r) = &mut pending => Outcome::Done(c, r),
-            _ = primary_moved(&mut records, &primary) => Outcome::Moved,
+            _ = moved_from(&mut records, record_primary.as_deref()) => Outcome::Moved,
             _ = tokio::time::sleep(opts.attempt_timeout) => Outcome::TimedOut,
             _ = stop.changed() => Outcome::Stop,
         };
@@ -890,6 +1015,29 @@ mod tests {
             vec![(2, 2), (4, 3)]
         );
         assert!(d[0].to_string().contains("1 ms after term 2"), "{}", d[0]);
+    }
+
+    #[test]
+    fn through_a_fixed_address_acks_are_judged_by_the_term_at_ack_time() {
+        let records = vec![rec("a", 1, 100), rec("b", 2, 1000), rec("a", 3, 2000)];
+        // b acked just after its term began, before the writer saw the record: term 2.
+        assert_eq!(term_at(&records, "b", 1001), 2);
+        assert_eq!(term_at(&records, "b", 999), 0);
+        assert_eq!(term_at(&records, "a", 1500), 1);
+        assert_eq!(term_at(&records, "a", 2500), 3);
+        let acks: Vec<Ack> = [
+            (1, "b", 1001),
+            (2, "a", 1500),
+            (3, "b", 2100),
+            (4, "a", 2100),
+        ]
+        .into_iter()
+        .map(|(id, t, at)| ack(id, t, term_at(&records, t, at), at))
+        .collect();
+        let d = deposed(&acks, &records);
+        // a acked at 1500 under term 1 although term 2 (b) began at 1000; b acked at 2100
+        // although term 3 (a) began at 2000.
+        assert_eq!(d.iter().map(|d| d.ack.id).collect::<Vec<_>>(), vec![2, 3]);
     }
 
     #[test]

@@ -53,6 +53,11 @@ pub enum ProblemCode {
     ReplicaAgentUnreachable,
     /// A tablet held out of promotion and routing, with the reason recorded.
     Quarantined,
+    /// The shard record marks a reparent in progress. While it is set, the primary and replica
+    /// fixes are not reported (a planned reparent demotes the primary on purpose); a mark left
+    /// by a dead orchestrator is cleared once the shard lock is free (the engine waits
+    /// `lock_ttl` first).
+    ReparentInProgress,
 }
 
 impl ProblemCode {
@@ -77,6 +82,7 @@ impl ProblemCode {
             ProblemCode::ReplicaMysqlUnreachable => "replica_mysql_unreachable",
             ProblemCode::ReplicaAgentUnreachable => "replica_agent_unreachable",
             ProblemCode::Quarantined => "quarantined",
+            ProblemCode::ReparentInProgress => "reparent_in_progress",
         }
     }
 
@@ -277,8 +283,46 @@ pub fn writer_id(h: &pb::Health) -> String {
     }
 }
 
-/// All problems of one shard, most urgent first.
+/// Problems that are expected, not fixed, while a reparent is marked in progress: the primary
+/// is demoted and replicas are repointed on purpose.
+pub fn held_while_reparenting(code: ProblemCode) -> bool {
+    use ProblemCode as P;
+    matches!(
+        code,
+        P::PrimaryReadOnly
+            | P::PrimaryReplicating
+            | P::PrimarySemiSyncMustBeSet
+            | P::PrimarySemiSyncMustNotBeSet
+            | P::ReplicaSemiSyncMustBeSet
+            | P::ReplicaSemiSyncMustNotBeSet
+            | P::ReplicaWritable
+            | P::ReplicaNotReplicating
+            | P::ReplicaWrongSource
+            | P::StaleTabletClaimingPrimary
+    )
+}
+
+/// All problems of one shard, most urgent first. While the shard record marks a reparent in
+/// progress, the problems [`held_while_reparenting`] are left out and
+/// [`ProblemCode::ReparentInProgress`] is reported instead.
 pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
+    let mut out = analyze_topology(input, cfg);
+    let mark = input
+        .record
+        .as_ref()
+        .and_then(|r| r.reparent_in_progress.as_deref());
+    if let Some(mark) = mark {
+        out.retain(|p| !held_while_reparenting(p.code));
+        out.push(Problem::new(
+            ProblemCode::ReparentInProgress,
+            None,
+            format!("reparent in progress: {mark}"),
+        ));
+    }
+    out
+}
+
+fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
     let mut out = Vec::new();
     for (alias, reason) in &input.quarantined {
         out.push(Problem::new(
@@ -671,22 +715,7 @@ pub fn choose_candidate(
         };
         return Err(Refusal::NoCandidate(why));
     }
-    // The most advanced: contains every other clean tablet.
-    let mut most = clean[0];
-    for c in &clean[1..] {
-        // Strictly more advanced only: among equals the first (alias order) stays.
-        if c.position.contains_set(&most.position).unwrap_or(false) && c.position != most.position {
-            most = c;
-        }
-    }
-    for c in &clean {
-        if !most.position.contains_set(&c.position).unwrap_or(false) {
-            return Err(Refusal::Diverged(format!(
-                "{} ({}) and {} ({}) each hold transactions the other lacks",
-                most.alias, most.position, c.alias, c.position
-            )));
-        }
-    }
+    let most = most_advanced(&clean)?;
     let mut eligible: Vec<&Candidate> = clean
         .iter()
         .copied()
@@ -738,6 +767,90 @@ pub fn choose_candidate(
         target_position: most.position.to_string(),
         others,
         reason,
+    })
+}
+
+/// The clean candidate whose position contains every other's (first in alias order among
+/// equals); [`Refusal::Diverged`] when there is none. `clean` must not be empty.
+fn most_advanced<'a>(clean: &[&'a Candidate]) -> Result<&'a Candidate, Refusal> {
+    let Some(first) = clean.first() else {
+        return Err(Refusal::NoCandidate("no reachable replica".into()));
+    };
+    let mut most = *first;
+    for c in &clean[1..] {
+        // Strictly more advanced only: among equals the first (alias order) stays.
+        if c.position.contains_set(&most.position).unwrap_or(false) && c.position != most.position {
+            most = c;
+        }
+    }
+    for c in clean {
+        if !most.position.contains_set(&c.position).unwrap_or(false) {
+            return Err(Refusal::Diverged(format!(
+                "{} ({}) and {} ({}) each hold transactions the other lacks",
+                most.alias, most.position, c.alias, c.position
+            )));
+        }
+    }
+    Ok(most)
+}
+
+/// As [`choose_candidate`], for the candidate an operator asked for (`to`): refused when it
+/// is not among `candidates` (not answering, or quarantined: the caller leaves those out, with
+/// `why_missing` saying why), has errant transactions, or has promotion rule `must_not`. It is
+/// caught up from the most advanced clean candidate first when behind it.
+pub fn choose_requested_candidate(
+    candidates: &[Candidate],
+    to: &str,
+    why_missing: Option<&str>,
+    durability: Durability,
+) -> Result<Choice, Refusal> {
+    let Some(chosen) = candidates.iter().find(|c| c.alias == to) else {
+        return Err(Refusal::NoCandidate(format!(
+            "requested candidate {to} cannot be promoted: {}",
+            why_missing.unwrap_or("it did not answer with a readable GTID position")
+        )));
+    };
+    if let Some(e) = &chosen.errant {
+        return Err(Refusal::NoCandidate(format!(
+            "requested candidate {to} has errant transactions {e}: never promoted"
+        )));
+    }
+    if chosen.rule == PromotionRule::MustNot {
+        return Err(Refusal::NoCandidate(format!(
+            "requested candidate {to} has promotion rule must_not"
+        )));
+    }
+    let mut clean: Vec<&Candidate> = candidates.iter().filter(|c| c.errant.is_none()).collect();
+    clean.sort_by(|a, b| a.alias.cmp(&b.alias));
+    let most = most_advanced(&clean)?;
+    let at_target = chosen
+        .position
+        .contains_set(&most.position)
+        .unwrap_or(false);
+    if durability == Durability::SemiSync
+        && !candidates
+            .iter()
+            .any(|c| c.alias != chosen.alias && c.errant.is_none())
+    {
+        return Err(Refusal::Durability {
+            policy: "semi_sync",
+            candidate: chosen.alias.clone(),
+            why: "no other reachable replica could acknowledge its writes; refusing to promote (the shard stays as it is)".into(),
+        });
+    }
+    Ok(Choice {
+        candidate: chosen.alias.clone(),
+        catch_up_from: (!at_target).then(|| most.alias.clone()),
+        target_position: most.position.to_string(),
+        others: candidates
+            .iter()
+            .filter(|c| c.alias != chosen.alias)
+            .map(|c| c.alias.clone())
+            .collect(),
+        reason: format!(
+            "{} requested by the operator ({:?}, cell {}) at {}; most advanced {} at {}",
+            chosen.alias, chosen.rule, chosen.cell, chosen.position, most.alias, most.position
+        ),
     })
 }
 

@@ -12,6 +12,7 @@
 //! | POST | `/api/v1/recoveries/disable` | [`ToggleRequest`] (body or query): none = global |
 //! | POST | `/api/v1/recoveries/enable` | idem |
 //! | POST | `/api/v1/shards/{keyspace}/{shard}/ack` | [`AckRequest`]: acknowledge the shard's last recovery |
+//! | POST | `/api/v1/shards/{keyspace}/{shard}/reparent` | [`ReparentBody`]: an operator reparent, answered as ndjson events ([`crate::operator`]) |
 //!
 //! Mutating endpoints need `Authorization: Bearer <token>` when `[orchestrator] api_token` is
 //! set. Every error is `{"error": "..."}` with a 4xx/5xx status.
@@ -27,7 +28,7 @@ use topo::AuditEntry;
 
 use crate::analysis::{Problem, ProblemCode};
 use crate::engine::{EngineView, RecoveryResult, ShardStatus};
-use crate::recovery::ACTION_EMERGENCY_REPARENT;
+use crate::recovery::{ACTION_EMERGENCY_REPARENT, ACTION_PLANNED_REPARENT};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ShardsResponse {
@@ -216,9 +217,11 @@ impl EngineState {
 }
 
 /// Whether an audit action names a whole recovery (the summary an attempt ends with, or a
-/// skipped one): `emergency_reparent` or a problem code. Steps, acks and switches are not.
+/// skipped one): `emergency_reparent`, `planned_reparent` or a problem code. Steps, acks and
+/// switches are not.
 pub fn is_recovery_action(action: &str) -> bool {
     action == ACTION_EMERGENCY_REPARENT
+        || action == ACTION_PLANNED_REPARENT
         || serde_json::from_value::<ProblemCode>(serde_json::Value::String(action.into())).is_ok()
 }
 
@@ -601,6 +604,133 @@ pub fn toggle_scope(
 pub struct AckRequest {
     /// Why, for the audit log.
     pub reason: Option<String>,
+}
+
+/// What kind of operator reparent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReparentMode {
+    Planned,
+    Emergency,
+}
+
+impl ReparentMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReparentMode::Planned => "planned",
+            ReparentMode::Emergency => "emergency",
+        }
+    }
+}
+
+/// Body of `POST /api/v1/shards/{keyspace}/{shard}/reparent`, as sent (durations in humantime).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReparentBody {
+    pub mode: Option<String>,
+    pub to: Option<String>,
+    pub wait_timeout: Option<String>,
+    pub lock_timeout: Option<String>,
+    pub max_lag: Option<String>,
+    pub requester: Option<String>,
+}
+
+/// A validated reparent request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReparentRequest {
+    pub mode: ReparentMode,
+    pub to: Option<String>,
+    pub wait_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub max_lag: Duration,
+    /// Who asked: the body's `requester`, else the client's address.
+    pub requester: String,
+}
+
+/// The defaults of a reparent request (`[recovery] planned_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReparentDefaults {
+    pub wait_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub max_lag: Duration,
+}
+
+fn duration_field(
+    name: &str,
+    v: Option<String>,
+    default: Duration,
+    allow_zero: bool,
+) -> Result<Duration, ApiError> {
+    let Some(text) = non_blank(v) else {
+        return Ok(default);
+    };
+    let d = humantime::parse_duration(&text).map_err(|e| {
+        ApiError::bad_request(format!(
+            "{name}: {text:?} is not a duration ({e}); e.g. \"5s\", \"500ms\""
+        ))
+    })?;
+    if d.is_zero() && !allow_zero {
+        return Err(ApiError::bad_request(format!(
+            "{name} must be greater than zero"
+        )));
+    }
+    if d > crate::config::MAX_LOCK_TIMEOUT {
+        return Err(ApiError::bad_request(format!("{name} must be at most 1h")));
+    }
+    Ok(d)
+}
+
+impl ReparentBody {
+    /// Validates the body: a mode, a well-formed alias, durations (defaults for the missing
+    /// ones). `peer` names the requester when the body does not.
+    pub fn validate(
+        self,
+        defaults: ReparentDefaults,
+        peer: &str,
+    ) -> Result<ReparentRequest, ApiError> {
+        let mode = match non_blank(self.mode).as_deref() {
+            Some("planned") => ReparentMode::Planned,
+            Some("emergency") => ReparentMode::Emergency,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "mode must be \"planned\" or \"emergency\", not {other:?}"
+                )))
+            }
+            None => {
+                return Err(ApiError::bad_request(
+                    "mode is required: \"planned\" or \"emergency\"",
+                ))
+            }
+        };
+        let to = non_blank(self.to);
+        if let Some(a) = &to {
+            topo::parse_alias(a).map_err(|e| ApiError::bad_request(format!("to: {e}")))?;
+        }
+        let requester = non_blank(self.requester).unwrap_or_else(|| peer.to_string());
+        if requester.chars().any(char::is_control) || requester.len() > 200 {
+            return Err(ApiError::bad_request(
+                "requester must be printable and at most 200 bytes",
+            ));
+        }
+        Ok(ReparentRequest {
+            mode,
+            to,
+            wait_timeout: duration_field(
+                "wait_timeout",
+                self.wait_timeout,
+                defaults.wait_timeout,
+                false,
+            )?,
+            lock_timeout: duration_field(
+                "lock_timeout",
+                self.lock_timeout,
+                defaults.lock_timeout,
+                true,
+            )?,
+            max_lag: duration_field("max_lag", self.max_lag, defaults.max_lag, false)?,
+            requester,
+        })
+    }
 }
 
 /// Answer of the mutating endpoints.
@@ -1155,5 +1285,83 @@ mod tests {
         assert!(later.contains(&format!("mysql_reachable{} 0", l("zone1-101"))));
         assert!(!later.contains(&format!("lag_ms{}", l("zone1-102"))));
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    fn defaults() -> ReparentDefaults {
+        ReparentDefaults {
+            wait_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(10),
+            max_lag: Duration::from_secs(5),
+        }
+    }
+
+    fn reparent_body(json: &str) -> Result<ReparentRequest, ApiError> {
+        parse_body::<ReparentBody>(json.as_bytes())?.validate(defaults(), "http-api from 127.0.0.1")
+    }
+
+    #[test]
+    fn reparent_requests_are_validated_before_anything_runs() {
+        let r = reparent_body(r#"{"mode": "planned"}"#).unwrap();
+        assert_eq!(
+            r,
+            ReparentRequest {
+                mode: ReparentMode::Planned,
+                to: None,
+                wait_timeout: Duration::from_secs(5),
+                lock_timeout: Duration::from_secs(10),
+                max_lag: Duration::from_secs(5),
+                requester: "http-api from 127.0.0.1".into(),
+            }
+        );
+        let r = reparent_body(
+            r#"{"mode": "emergency", "to": "zone1-102", "wait_timeout": "1s 500ms",
+                "lock_timeout": "0s", "max_lag": "250ms", "requester": "alice"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.mode, ReparentMode::Emergency);
+        assert_eq!(r.to.as_deref(), Some("zone1-102"));
+        assert_eq!(
+            (r.wait_timeout, r.lock_timeout, r.max_lag),
+            (
+                Duration::from_millis(1500),
+                Duration::ZERO,
+                Duration::from_millis(250)
+            )
+        );
+        assert_eq!(r.requester, "alice");
+        for (body, want) in [
+            ("", "mode is required"),
+            (r#"{"to": "zone1-102"}"#, "mode is required"),
+            (r#"{"mode": "switchover"}"#, "\"switchover\""),
+            (
+                r#"{"mode": "planned", "to": "nodash"}"#,
+                "to: invalid tablet alias",
+            ),
+            (
+                r#"{"mode": "planned", "wait_timeout": "soon"}"#,
+                "wait_timeout: \"soon\" is not a duration",
+            ),
+            (
+                r#"{"mode": "planned", "wait_timeout": "0s"}"#,
+                "wait_timeout must be greater than zero",
+            ),
+            (
+                r#"{"mode": "planned", "max_lag": "0s"}"#,
+                "max_lag must be greater than zero",
+            ),
+            (
+                r#"{"mode": "planned", "lock_timeout": "2h"}"#,
+                "lock_timeout must be at most 1h",
+            ),
+            (
+                r#"{"mode": "planned", "force": true}"#,
+                "unknown field `force`",
+            ),
+        ] {
+            let e = reparent_body(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}: {e}");
+            assert!(e.message.contains(want), "{body}: {e}");
+        }
+        assert!(is_recovery_action(ACTION_PLANNED_REPARENT));
     }
 }

@@ -17,6 +17,9 @@
 //! catch_up_timeout = "5s"           # emergency reparent: bound on the chosen candidate catching up
 //! flap_limit = 3                    # this many emergency reparents of a shard within flap_window ...
 //! flap_window = "10m"               # ... stop its automatic recovery until acknowledged
+//! planned_wait_timeout = "5s"       # operator reparents: default bound on the candidate reaching the demoted primary's position
+//! planned_lock_timeout = "10s"      # operator reparents: default wait for a held shard lock (0s: do not wait; at most 1h)
+//! planned_max_lag = "5s"            # planned reparent: default bound on the candidate's lag (more: refused up front)
 //!
 //! [etcd]
 //! endpoints = ["http://127.0.0.1:2379"]
@@ -96,6 +99,15 @@ pub struct RecoverySection {
     pub flap_limit: u32,
     #[serde(default = "default_flap_window", with = "humantime_serde")]
     pub flap_window: Duration,
+    /// Operator reparents: default `wait_timeout` (the candidate reaching the position).
+    #[serde(default = "default_planned_wait_timeout", with = "humantime_serde")]
+    pub planned_wait_timeout: Duration,
+    /// Operator reparents: default `lock_timeout` (waiting for a held shard lock).
+    #[serde(default = "default_planned_lock_timeout", with = "humantime_serde")]
+    pub planned_lock_timeout: Duration,
+    /// Planned reparents: default `max_lag` of the candidate.
+    #[serde(default = "default_planned_max_lag", with = "humantime_serde")]
+    pub planned_max_lag: Duration,
 }
 
 fn default_true() -> bool {
@@ -122,6 +134,18 @@ fn default_flap_limit() -> u32 {
 fn default_flap_window() -> Duration {
     Duration::from_secs(600)
 }
+fn default_planned_wait_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_planned_lock_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_planned_max_lag() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Upper bound of `recovery.planned_lock_timeout` (and of a request's `lock_timeout`).
+pub const MAX_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for RecoverySection {
     fn default() -> Self {
@@ -134,6 +158,9 @@ impl Default for RecoverySection {
             catch_up_timeout: default_catch_up_timeout(),
             flap_limit: default_flap_limit(),
             flap_window: default_flap_window(),
+            planned_wait_timeout: default_planned_wait_timeout(),
+            planned_lock_timeout: default_planned_lock_timeout(),
+            planned_max_lag: default_planned_max_lag(),
         }
     }
 }
@@ -199,7 +226,15 @@ impl OrchestratorConfig {
             ("recovery.relay_log_wait", r.relay_log_wait),
             ("recovery.catch_up_timeout", r.catch_up_timeout),
             ("recovery.flap_window", r.flap_window),
+            ("recovery.planned_wait_timeout", r.planned_wait_timeout),
+            ("recovery.planned_max_lag", r.planned_max_lag),
         ])?;
+        if r.planned_lock_timeout > MAX_LOCK_TIMEOUT {
+            return Err(daemon::invalid(
+                "recovery.planned_lock_timeout",
+                "must be at most 1h (0s: do not wait for a held lock)",
+            ));
+        }
         if r.lock_ttl < Duration::from_secs(1) {
             return Err(daemon::invalid(
                 "recovery.lock_ttl",
@@ -245,6 +280,9 @@ impl OrchestratorConfig {
             catch_up_timeout: r.catch_up_timeout,
             flap_limit: r.flap_limit,
             flap_window: r.flap_window,
+            planned_wait_timeout: r.planned_wait_timeout,
+            planned_lock_timeout: r.planned_lock_timeout,
+            planned_max_lag: r.planned_max_lag,
             analysis: self.analysis(),
             ..RecoveryConfig::default()
         }
@@ -289,7 +327,20 @@ endpoints = ["http://127.0.0.1:2379"]
             (Duration::from_secs(2), Duration::from_secs(5))
         );
         assert_eq!((r.flap_limit, r.flap_window), (3, Duration::from_secs(600)));
+        assert_eq!(
+            (
+                r.planned_wait_timeout,
+                r.planned_lock_timeout,
+                r.planned_max_lag
+            ),
+            (
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+                Duration::from_secs(5)
+            )
+        );
         let rc = cfg.recovery_config();
+        assert_eq!(rc.planned_lock_timeout, Duration::from_secs(10));
         assert_eq!(rc.analysis.probe_stale_after, Duration::from_millis(1500));
         assert_eq!(rc.lock_ttl, Duration::from_secs(5));
     }
@@ -312,6 +363,9 @@ relay_log_wait = "1s"
 catch_up_timeout = "3s"
 flap_limit = 5
 flap_window = "1h"
+planned_wait_timeout = "2s"
+planned_lock_timeout = "0s"
+planned_max_lag = "500ms"
 
 [etcd]
 endpoints = ["http://10.0.0.1:2379", "10.0.0.2:2379"]
@@ -329,6 +383,8 @@ level = "debug,h2=info"
         );
         assert_eq!(cfg.log.format, daemon::LogFormat::Json);
         assert_eq!(cfg.orchestrator.api_token.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.recovery.planned_lock_timeout, Duration::ZERO);
+        assert_eq!(cfg.recovery.planned_max_lag, Duration::from_millis(500));
         assert_eq!(
             OrchestratorConfig::parse(&cfg.to_toml()).expect("reparses"),
             cfg
@@ -363,6 +419,15 @@ level = "debug,h2=info"
             ("catch_up_timeout = \"0s\"", "`recovery.catch_up_timeout`"),
             ("flap_window = \"0s\"", "`recovery.flap_window`"),
             ("flap_limit = 0", "`recovery.flap_limit`"),
+            (
+                "planned_wait_timeout = \"0s\"",
+                "`recovery.planned_wait_timeout`",
+            ),
+            ("planned_max_lag = \"0s\"", "`recovery.planned_max_lag`"),
+            (
+                "planned_lock_timeout = \"2h\"",
+                "`recovery.planned_lock_timeout`",
+            ),
         ] {
             let e = err(&format!("[recovery]\n{text}\n{MINIMAL}"));
             assert!(e.contains(key), "{text}: {e}");

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use topo::etcd_client::{self, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use topo::{AuditEntry, Durability, Keys, KeyspaceRecord, Topo};
 
-use crate::recovery::{ACTION_EMERGENCY_REPARENT, OUTCOME_OK};
+use crate::recovery::{ACTION_EMERGENCY_REPARENT, OPERATOR_ACTOR_PREFIX, OUTCOME_OK};
 
 /// The value of a control key.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -80,6 +80,14 @@ impl Flapping {
     }
 }
 
+/// Whether an audit entry counts towards flapping: a successful automatic emergency reparent
+/// (one an operator asked for is deliberate, not a symptom).
+pub fn counts_for_flapping(e: &AuditEntry) -> bool {
+    e.action == ACTION_EMERGENCY_REPARENT
+        && e.outcome == OUTCOME_OK
+        && !e.actor.starts_with(OPERATOR_ACTOR_PREFIX)
+}
+
 /// Flapping status from audit entries (any order), the last ack and `now_ms`. Pure.
 pub fn flapping(
     entries: &[AuditEntry],
@@ -95,7 +103,7 @@ pub fn flapping(
     let from = now_ms.saturating_sub(window_ms);
     let times: Vec<u64> = entries
         .iter()
-        .filter(|e| e.action == ACTION_EMERGENCY_REPARENT && e.outcome == OUTCOME_OK)
+        .filter(|e| counts_for_flapping(e))
         .map(|e| e.at_ms)
         .filter(|at| *at >= from && acked_at_ms.is_none_or(|ack| *at > ack))
         .collect();

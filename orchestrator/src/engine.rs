@@ -215,6 +215,8 @@ pub fn urgency(code: ProblemCode) -> Option<u8> {
     Some(match code {
         P::DeadPrimary => 0,
         P::DeadPrimaryAndSomeReplicas => 1,
+        // A stale mark (after `Gate::mark_grace`) hides every fix below: clear it first.
+        P::ReparentInProgress => 2,
         P::NoPrimary => 2,
         P::StaleTabletClaimingPrimary => 3,
         P::PrimaryReplicating => 4,
@@ -318,8 +320,14 @@ pub struct Gate {
     /// is then a symptom, not the problem).
     pub primary_suspect: Option<String>,
     /// How long a replica's stopped replication must last before it is repaired (its IO
-    /// thread notices a dead primary before the primary's death is confirmed).
+    /// thread notices a dead primary before the primary's death is confirmed). A wrong source
+    /// or a stale primary claim waits as long: a reparent that just wrote the shard record (an
+    /// operator's, or another instance's) repoints those itself moments later.
     pub replica_grace: Duration,
+    /// How long a reparent mark must stay before the engine takes the lock to check it
+    /// (`lock_ttl`: the lock of a dead holder expires by then; a live one keeps the lock and
+    /// the attempt just finds it held).
+    pub mark_grace: Duration,
 }
 
 /// What to do with one shard now.
@@ -388,19 +396,38 @@ pub fn decide(
                 false,
             );
         }
-        if p.code == ProblemCode::ReplicaNotReplicating {
-            if let Some(ep) = episode {
-                let age = now.saturating_duration_since(ep.first_seen);
-                if age < gate.replica_grace {
-                    return wait(
-                        format!(
-                            "replication stopped for {} ms, repaired after {} ms",
-                            age.as_millis(),
-                            gate.replica_grace.as_millis()
-                        ),
-                        false,
-                    );
-                }
+        if p.code == ProblemCode::ReparentInProgress {
+            let age = episode.map_or(Duration::ZERO, |ep| {
+                now.saturating_duration_since(ep.first_seen)
+            });
+            if age < gate.mark_grace {
+                return wait(
+                    format!(
+                        "a reparent is in progress ({} ms so far); a mark older than {} ms with the shard lock free is cleared",
+                        age.as_millis(),
+                        gate.mark_grace.as_millis()
+                    ),
+                    false,
+                );
+            }
+        }
+        let graced = match p.code {
+            ProblemCode::ReplicaNotReplicating => Some("replication stopped"),
+            ProblemCode::ReplicaWrongSource => Some("wrong replication source"),
+            ProblemCode::StaleTabletClaimingPrimary => Some("stale primary claim"),
+            _ => None,
+        };
+        if let (Some(what), Some(ep)) = (graced, episode) {
+            let age = now.saturating_duration_since(ep.first_seen);
+            if age < gate.replica_grace {
+                return wait(
+                    format!(
+                        "{what} for {} ms, repaired after {} ms",
+                        age.as_millis(),
+                        gate.replica_grace.as_millis()
+                    ),
+                    false,
+                );
             }
         }
     }
@@ -581,10 +608,7 @@ impl Engine {
                     Ok(entries) => {
                         mem.flap.reparents = entries
                             .into_iter()
-                            .filter(|e| {
-                                e.action == recovery::ACTION_EMERGENCY_REPARENT
-                                    && e.outcome == recovery::OUTCOME_OK
-                            })
+                            .filter(control::counts_for_flapping)
                             .collect();
                         mem.flap.loaded_at = Some(now);
                         mem.flap.loaded_term = term;
@@ -791,6 +815,7 @@ impl Engine {
             settling: mem.hold.is_some(),
             primary_suspect: primary_suspect(&input, &cfg.analysis),
             replica_grace: self.opts.replica_grace,
+            mark_grace: cfg.lock_ttl,
         };
         let next = most_urgent(&problems).cloned();
         let episode = next

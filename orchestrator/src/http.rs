@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
@@ -21,10 +21,12 @@ use topo::Topo;
 
 use crate::api::{
     self, AckRequest, ApiError, AuditJson, ChangeResponse, EngineState, RecoveriesQuery,
-    RecoveriesResponse, Scope, ToggleRequest,
+    RecoveriesResponse, ReparentBody, ReparentDefaults, Scope, ToggleRequest,
 };
 use crate::control::{Control, ControlError};
 use crate::engine::{EngineHandle, EngineView};
+use crate::operator::{self, OpEvent, Operation};
+use crate::recovery::{self, PrimaryPosition};
 
 /// How many of a shard's newest audit entries are searched for its last recovery.
 pub const LAST_RECOVERY_SCAN: usize = 200;
@@ -46,6 +48,8 @@ pub struct HttpState {
     pub api_token: Option<String>,
     /// Each shard's newest recovery in the audit log (see [`spawn_last_recoveries`]).
     pub last_recoveries: Arc<RwLock<BTreeMap<(String, String), AuditJson>>>,
+    /// What operator reparents run with (the engine's handles and config).
+    pub recovery: recovery::Deps,
 }
 
 type St = State<Arc<HttpState>>;
@@ -60,6 +64,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/api/v1/recoveries/disable", post(disable))
         .route("/api/v1/recoveries/enable", post(enable))
         .route("/api/v1/shards/{keyspace}/{shard}/ack", post(ack))
+        .route("/api/v1/shards/{keyspace}/{shard}/reparent", post(reparent))
         .method_not_allowed_fallback(|method: axum::http::Method, uri: Uri| async move {
             ApiError::new(
                 axum::http::StatusCode::METHOD_NOT_ALLOWED,
@@ -69,7 +74,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .fallback(|uri: Uri| async move {
             ApiError::not_found(format!(
                 "no such endpoint: {}; see GET /api/v1/shards, GET /api/v1/recoveries, \
-                 POST /api/v1/recoveries/disable|enable, POST /api/v1/shards/{{keyspace}}/{{shard}}/ack",
+                 POST /api/v1/recoveries/disable|enable, POST /api/v1/shards/{{keyspace}}/{{shard}}/ack|reparent",
                 uri.path()
             ))
         })
@@ -300,6 +305,89 @@ async fn ack(
         scope: format!("{keyspace}/{shard}"),
         reason,
     }))
+}
+
+// ---- operator reparents -----------------------------------------------------------------
+
+/// `POST /api/v1/shards/{keyspace}/{shard}/reparent`: validates (400/404 before anything
+/// runs), then spawns the operation and streams its events as ndjson. The operation runs to
+/// its end even if the client goes away.
+async fn reparent(
+    State(s): St,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Path((keyspace, shard)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let body: ReparentBody = api::parse_body(&body)?;
+    let cfg = &s.recovery.cfg;
+    let defaults = ReparentDefaults {
+        wait_timeout: cfg.planned_wait_timeout,
+        lock_timeout: cfg.planned_lock_timeout,
+        max_lag: cfg.planned_max_lag,
+    };
+    let req = body.validate(
+        defaults,
+        &requester(peer.map(|Extension(ConnectInfo(p))| p)),
+    )?;
+    let record = match s.topo.get_shard(&keyspace, &shard).await {
+        Ok(Some((r, _))) => r,
+        Ok(None) => {
+            return Err(ApiError::not_found(format!(
+                "no shard {keyspace}/{shard} in the topology"
+            )))
+        }
+        Err(topo::TopoError::InvalidArgument(m)) => return Err(ApiError::bad_request(m)),
+        Err(e) => return Err(topo_err(e)),
+    };
+    if let Some(to) = &req.to {
+        match s.topo.get_tablet(to).await.map_err(topo_err)? {
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "no tablet {to} is registered (unknown alias, or its agent is down)"
+                )))
+            }
+            Some(t) if t.keyspace != keyspace || t.shard != shard => {
+                return Err(ApiError::bad_request(format!(
+                    "tablet {to} belongs to {}/{}, not {keyspace}/{shard}",
+                    t.keyspace, t.shard
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let last_primary = {
+        let snap = s.watch.snapshot();
+        snap.shard(&keyspace, &shard).and_then(|v| {
+            let p = v.primary()?;
+            PrimaryPosition::from_health(p.alias(), v.term(), p.health()?, topo::now_ms())
+        })
+    };
+    let mode = req.mode;
+    let op = Operation {
+        keyspace: keyspace.clone(),
+        shard: shard.clone(),
+        request: req,
+        last_primary,
+        suspect: record.primary.clone(),
+    };
+    tracing::warn!(keyspace, shard, mode = mode.as_str(), to = ?op.request.to, requester = %op.request.requester, "operator reparent requested through the API");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<OpEvent>();
+    let deps = s.recovery.clone();
+    tokio::spawn(operator::run(deps, op, tx));
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        Some((
+            Ok::<Bytes, std::convert::Infallible>(Bytes::from(ev.line())),
+            rx,
+        ))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(format!("building the response: {e}")))
 }
 
 // ---- each shard's last recovery ---------------------------------------------------------

@@ -5,6 +5,7 @@
 //! - [`engine`]: the decision loop and its published [`engine::EngineView`];
 //! - [`recovery`]: what runs under the shard lock (emergency reparent, repairs);
 //! - [`control`]: etcd-backed operator switches (disable, ack, quarantine) and flapping;
+//! - [`operator`]: operator-requested reparents (planned, emergency), streamed as they run;
 //! - [`api`]: the HTTP API's pure JSON translation, request parsing and auth; [`http`]: its
 //!   routes and handlers.
 
@@ -15,4 +16,5 @@ pub mod control;
 pub mod engine;
 pub mod http;
 pub mod input;
+pub mod operator;
 pub mod recovery;

@@ -68,7 +68,7 @@ async fn run(
     let engine = Arc::new(engine::start(
         watch.subscribe(),
         control.subscribe(),
-        deps,
+        deps.clone(),
         engine::EngineOptions::default(),
     ));
     let listener = tokio::net::TcpListener::bind(cfg.orchestrator.http_listen)
@@ -97,6 +97,7 @@ async fn run(
         stale_after: cfg.orchestrator.health_stale_after,
         api_token: cfg.orchestrator.api_token.clone(),
         last_recoveries: Default::default(),
+        recovery: deps,
     });
     http::spawn_last_recoveries(&state);
     http::serve(listener, http::router(state), shutdown)

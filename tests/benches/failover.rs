@@ -1,14 +1,15 @@
 //! Unplanned failover benchmark (not a test): `cargo bench -p myha-tests --bench failover --
-//! --runs 20 [--faults kill,stop]`.
+//! --runs 20 [--faults kill,stop] [--via gateway,direct]`.
 //!
 //! For each fault (SIGKILL of the primary's mysqld; SIGSTOP of it) it runs N failovers on a
-//! 3-tablet semi_sync shard (etcd + MariaDB + agents + one orchestrator, harness defaults, the
+//! 3-tablet semi_sync shard (etcd + MariaDB + agents + one orchestrator + one gateway, harness defaults, the
 //! orchestrator's defaults except a flap limit high enough for N failovers in a row) under the
 //! acknowledged-write recorder, and prints min / p50 / p99 / max of:
 //! - detection: fault -> the orchestrator decided (it took the shard lock for the emergency
 //!   reparent: the lock's `acquired_ms`; fallback: the reparent's audit entry start);
 //! - reparent: decision -> the new shard record (seen through an etcd watch);
-//! - fault -> first acknowledged write (the recorder writes to the primary the shard record names);
+//! - fault -> first acknowledged write (the recorder writes through the gateway's RW port, as
+//!   targets.md measures it, or to the primary the shard record names: `--via`);
 //! - acknowledged writes lost, and acks from a deposed primary after its successor's term began;
 //!
 //! with the anchors of `targets.md` in the same table. Between runs the shard is restored: the old
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{Cluster, ClusterOptions, OrchestratorConfig, Writer, WriterOptions};
+use myha_tests::bench::{self, Via};
 use myha_tests::ha::*;
 use topo::LockInfo;
 
@@ -71,6 +73,7 @@ struct Run {
 struct Args {
     runs: usize,
     faults: Vec<Fault>,
+    vias: Vec<Via>,
 }
 
 fn args() -> Args {
@@ -101,13 +104,19 @@ fn args() -> Args {
             _ => {}
         }
     }
-    Args { runs, faults }
+    Args {
+        runs,
+        faults,
+        vias: Via::from_args(&[Via::Gateway, Via::Direct]),
+    }
 }
 
 fn options() -> ClusterOptions {
     ClusterOptions {
         tablets: 3,
         start_orchestrator: true,
+        start_gateway: true,
+        gateway_log_level: "warn".into(),
         orchestrator_log_level: "warn".into(),
         agent_log_level: "warn".into(),
         orchestrator_config: Some(Arc::new(|cfg: &mut OrchestratorConfig| {
@@ -139,9 +148,16 @@ async fn restored(c: &Cluster, bound: Duration) -> bool {
     false
 }
 
-async fn one_run(c: &Cluster, fault: Fault) -> Run {
+async fn one_run(c: &Cluster, fault: Fault, via: Via) -> Run {
     let mut run = Run::default();
-    let w = match Writer::start(c, WriterOptions::default()).await {
+    let opts = WriterOptions {
+        via: match via {
+            Via::Direct => None,
+            Via::Gateway => c.gateway().and_then(|g| g.rw_addr()),
+        },
+        ..WriterOptions::default()
+    };
+    let w = match Writer::start(c, opts).await {
         Ok(w) => w,
         Err(e) => {
             run.error = Some(format!("writer: {e}"));
@@ -266,37 +282,11 @@ async fn one_run(c: &Cluster, fault: Fault) -> Run {
     run
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn stats(v: &[Option<Duration>]) -> String {
-    let mut s: Vec<Duration> = v.iter().flatten().copied().collect();
-    s.sort();
-    if s.is_empty() {
-        return "n/a | n/a | n/a | n/a".into();
-    }
-    let f = |d: Duration| format!("{:.3} s", d.as_secs_f64());
-    let missing = v.len() - s.len();
-    format!(
-        "{} | {} | {} | {}{}",
-        f(s[0]),
-        f(pct(&s, 50.0)),
-        f(pct(&s, 99.0)),
-        f(s[s.len() - 1]),
-        if missing > 0 {
-            format!(" ({missing} runs without a value)")
-        } else {
-            String::new()
-        }
-    )
+    bench::stats_with(v, bench::secs)
 }
 
-fn table(fault: Fault, runs: &[Run]) -> String {
+fn table(fault: Fault, via: Via, runs: &[Run]) -> String {
     let counts = |f: fn(&Run) -> usize| {
         let mut v: Vec<usize> = runs.iter().map(f).collect();
         v.sort();
@@ -311,8 +301,9 @@ fn table(fault: Fault, runs: &[Run]) -> String {
     };
     let mut out = String::new();
     out.push_str(&format!(
-        "\n### {} - {} runs, 3-tablet semi_sync shard, loopback\n\n",
+        "\n### {}, {} - {} runs, 3-tablet semi_sync shard, loopback\n\n",
         fault.name(),
+        via.name(),
         runs.len()
     ));
     out.push_str("| measure | min | p50 | p99 | max | myha goal | anchors |\n");
@@ -361,14 +352,14 @@ fn table(fault: Fault, runs: &[Run]) -> String {
 
 fn main() {
     let args = args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = bench::runtime();
     let mut tables = Vec::new();
     rt.block_on(async {
-        for &fault in &args.faults {
+        for (&via, &fault) in args
+            .vias
+            .iter()
+            .flat_map(|v| args.faults.iter().map(move |f| (v, f)))
+        {
             let mut runs = Vec::new();
             let mut cluster = Some(fresh_cluster().await);
             let mut fresh = true;
@@ -380,7 +371,7 @@ fn main() {
                         fresh_cluster().await
                     }
                 };
-                let mut run = one_run(&c, fault).await;
+                let mut run = one_run(&c, fault, via).await;
                 run.fresh_cluster = fresh && i > 0;
                 fresh = false;
                 let f = |d: Option<Duration>| {
@@ -388,7 +379,8 @@ fn main() {
                         .unwrap_or_else(|| "-".into())
                 };
                 println!(
-                    "{} run {}/{}: detection {} s, reparent {} s, first ack {} s, lost {}, deposed acks {}, late acks {}{}",
+                    "{} {} run {}/{}: detection {} s, reparent {} s, first ack {} s, lost {}, deposed acks {}, late acks {}{}",
+                    via.short(),
                     match fault {
                         Fault::Kill => "kill",
                         Fault::Stop => "stop",
@@ -423,7 +415,7 @@ fn main() {
                     }
                 }
             }
-            let t = table(fault, &runs);
+            let t = table(fault, via, &runs);
             println!("{t}");
             tables.push(t);
         }

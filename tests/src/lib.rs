@@ -1,7 +1,77 @@
 //! Shared helpers of the failure tests (`tests/tests/failover.rs`, `tests/tests/repairs.rs`) and
 //! the failover benchmark (`tests/benches/failover.rs`): a cluster with an orchestrator on short
 //! TTLs, waiting on the shard record, reading the orchestrator's API and audit log, and checking
-//! the shard's replication topology on the real mysqld.
+//! the shard's replication topology on the real mysqld. `bench` holds what the benchmarks share
+//! (percentiles, arguments, HAProxy, sysbench).
+
+pub mod bench;
+
+/// A daemon binary run as a plain child process with `--config`, output to a log file,
+/// SIGKILLed on drop: for tests that start a daemon outside the harness's wrappers (its own
+/// hand-written config, or a binary deployed somewhere else).
+pub struct Daemon {
+    name: String,
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    /// Starts `bin --config config` with `MYHA_LOG` removed (the config's level rules).
+    pub fn spawn(
+        bin: &std::path::Path,
+        config: &std::path::Path,
+        log: std::path::PathBuf,
+    ) -> Daemon {
+        let name = bin
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = std::process::Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .env_remove("MYHA_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().expect("dup log"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        Daemon { name, child, log }
+    }
+
+    /// The built binary `name` (`MYHA_BIN_DIR`) with `config`.
+    pub fn spawn_built(name: &str, config: &std::path::Path, log: std::path::PathBuf) -> Daemon {
+        let bin = harness::find_myha_bin(name).unwrap_or_else(|e| panic!("{e}"));
+        Daemon::spawn(&bin, config, log)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        harness::log_tail(&self.log, lines)
+    }
+
+    /// Panics with the log's tail when the process has exited.
+    pub fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited with {status}:\n{}", self.name, self.log_tail(30));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 pub mod ha {
     use std::collections::HashMap;
@@ -436,6 +506,49 @@ pub mod ha {
         tokio::time::timeout(bound, fut)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {bound:?}")))
+    }
+
+    /// `POST /api/v1/shards/{ks}/{shard}/reparent` of the cluster's shard.
+    pub fn reparent_path(c: &Cluster) -> String {
+        format!("/api/v1/shards/{}/{}/reparent", c.keyspace(), c.shard())
+    }
+
+    /// Sends a reparent request (`body` as in design.md, the configured token) and reads its
+    /// ndjson events to the end, each with its arrival time after the send. An answer other than
+    /// 200 ndjson, a line that is not JSON or a broken stream is an error with what was read.
+    pub async fn reparent_events(
+        c: &Cluster,
+        body: &Value,
+        bound: Duration,
+    ) -> Result<Vec<(Duration, Value)>, String> {
+        let sent = Instant::now();
+        let mut st = orch(c)
+            .post_stream(&reparent_path(c), body, bound)
+            .await
+            .map_err(|e| format!("POST reparent {body}: {e}"))?;
+        let status = st.status();
+        let ndjson = st.content_type() == "application/x-ndjson";
+        let mut events = Vec::new();
+        let mut raw = String::new();
+        while let Some(line) = st
+            .next_line()
+            .await
+            .map_err(|e| format!("reparent {body}: stream broken after {raw:?}: {e}"))?
+        {
+            raw.push_str(&line);
+            raw.push('\n');
+            if status == 200 && ndjson {
+                let v: Value = serde_json::from_str(&line)
+                    .map_err(|e| format!("reparent {body}: not a JSON line ({e}): {line:?}"))?;
+                events.push((sent.elapsed(), v));
+            }
+        }
+        if status != 200 || !ndjson {
+            return Err(format!(
+                "reparent {body}: status {status}, not an event stream: {raw}"
+            ));
+        }
+        Ok(events)
     }
 
     /// Waits until the orchestrator reports no problem for the shard (a clean start).

@@ -4,11 +4,11 @@
 //! Needs the binaries: `cargo build -p myha-agent -p myha-orchestrator -p myha-gateway`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{find_myha_bin, free_port, log_tail, Cluster, ClusterOptions};
+use harness::{find_myha_bin, free_port, Cluster, ClusterOptions};
+use myha_tests::Daemon;
 use mysql_async::prelude::Queryable;
 use serde_json::Value;
 use tabletwatch::{FleetSnapshot, TabletWatch, WatchOptions};
@@ -204,51 +204,6 @@ async fn tabletwatch_follows_a_real_cluster() {
 
 // ---- the daemons --------------------------------------------------------------------------
 
-/// A daemon child process, SIGKILLed on drop.
-struct Daemon {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(name: &'static str, config: &Path, log: PathBuf) -> Daemon {
-        let bin = find_myha_bin(name).unwrap_or_else(|e| panic!("{e}"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(config)
-            .env_remove("MYHA_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup log"))
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Daemon { name, child, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn check_alive(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited with {status}:\n{}",
-                self.name,
-                log_tail(&self.log, 30)
-            );
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A tiny HTTP/1.1 GET: (status, body).
 async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
@@ -325,9 +280,9 @@ async fn poll_json(
     }
     panic!(
         "{}: GET {path} not as expected after {timeout:?}; last: {}\n--- log ---\n{}",
-        d.name,
+        d.name(),
         serde_json::to_string_pretty(&last).unwrap_or_default(),
-        log_tail(&d.log, 30)
+        d.log_tail(30)
     );
 }
 
@@ -371,7 +326,7 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
         );
         let (ok, help) = run_bin("myha-gateway", &[flag]);
         assert!(
-            ok && help.contains("DOES NOT PROXY CONNECTIONS YET"),
+            ok && help.contains("L4 proxy") && help.contains("--check-config"),
             "{help}"
         );
     }
@@ -413,11 +368,12 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     assert!(ok, "{out}");
 
     let gw_addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let gw_rw = format!("127.0.0.1:{}", free_port().unwrap());
     let gw_cfg = dir.join("gateway.toml");
     std::fs::write(
         &gw_cfg,
         format!(
-            "[gateway]\nadmin_listen = \"{gw_addr}\"\n\n[routing]\nmax_replica_lag = \"5s\"\n\n[etcd]\nendpoints = [\"{etcd}\"]\nprefix = \"{prefix}\"\n\n[log]\nformat = \"json\"\n"
+            "[gateway]\nadmin_listen = \"{gw_addr}\"\n\n[routing]\nmax_replica_lag = \"5s\"\n\n[etcd]\nendpoints = [\"{etcd}\"]\nprefix = \"{prefix}\"\n\n[log]\nformat = \"json\"\n\n[[listener]]\nkeyspace = \"{KS}\"\nshard = \"{SHARD}\"\nrw = \"{gw_rw}\"\n"
         ),
     )
     .unwrap();
@@ -428,8 +384,9 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     assert!(ok, "{out}");
 
     let t0 = Instant::now();
-    let mut orch = Daemon::spawn("myha-orchestrator", &orch_cfg, dir.join("orchestrator.log"));
-    let mut gw = Daemon::spawn("myha-gateway", &gw_cfg, dir.join("gateway.log"));
+    let mut orch =
+        Daemon::spawn_built("myha-orchestrator", &orch_cfg, dir.join("orchestrator.log"));
+    let mut gw = Daemon::spawn_built("myha-gateway", &gw_cfg, dir.join("gateway.log"));
 
     // Orchestrator: /health, then /api/v1/shards with the whole shard.
     poll_json(
@@ -537,6 +494,24 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
         status == 200 && metrics.contains("myha_tabletwatch_health_messages_total"),
         "{metrics}"
     );
+    assert_eq!(s["listeners"]["rw"], gw_rw.as_str(), "{s}");
+    // The RW port proxies to the primary (the app user, over TCP: never the unix socket).
+    let creds = cluster.credentials();
+    let port: u16 = gw_rw.rsplit(':').next().unwrap().parse().unwrap();
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some(creds.app_user.clone()))
+        .pass(Some(creds.app_password.clone()))
+        .prefer_socket(false);
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), mysql_async::Conn::new(opts))
+        .await
+        .expect("connect through the gateway in time")
+        .expect("connect through the gateway");
+    let id: Option<u32> = conn.query_first("SELECT @@server_id").await.unwrap();
+    let primary_uid = cluster.tablet_by_alias(PRIMARY).unwrap().uid();
+    assert_eq!(id, Some(primary_uid), "the RW port reaches the primary");
+    let _ = conn.disconnect().await;
 
     // Stable: over 3 s the gateway never drops the healthy primary or a replica.
     let until = Instant::now() + Duration::from_secs(3);
@@ -594,12 +569,15 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     assert_eq!(s["ro"].as_array().map(Vec::len), Some(2), "{s}");
 
     // The orchestrator took no action: a primary whose agent is gone but whose mysqld the
-    // replicas still reach is not dead (P5). The gateway's log says what it does not do.
+    // replicas still reach is not dead (P5). The gateway logged its port and the change.
     orch.check_alive();
     gw.check_alive();
     let log = orch.log_text();
     assert!(!log.contains("emergency_reparent"), "{log}");
     let log = gw.log_text();
-    assert!(log.contains("NOT A PROXY YET"), "{log}");
+    assert!(
+        log.contains("listening") && log.contains(&gw_rw) && log.contains("routing changed"),
+        "{log}"
+    );
     eprintln!("daemons test done in {:?}", t0.elapsed());
 }

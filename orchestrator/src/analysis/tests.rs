@@ -531,3 +531,131 @@ fn a_diverged_replica_is_reported_not_restarted() {
     assert_eq!(p[0].code, ProblemCode::ErrantGtid);
     assert!(!p[0].code.actionable());
 }
+
+fn mark(s: &mut ShardInput, text: &str) {
+    if let Some(r) = s.record.as_mut() {
+        r.reparent_in_progress = Some(text.into());
+    }
+}
+
+#[test]
+fn a_marked_reparent_holds_the_primary_and_replica_fixes() {
+    let mut s = healthy();
+    // Mid planned reparent: the primary demoted, the candidate promoted and writable, the
+    // third replica stopped for its repoint.
+    let h = |s: &mut ShardInput, i: usize| s.tablets[i].health.as_mut().unwrap().clone();
+    let mut p = h(&mut s, 0);
+    p.mysql.as_mut().unwrap().read_only = true;
+    s.tablets[0].health = Some(p);
+    let mut c = h(&mut s, 1);
+    c.mysql.as_mut().unwrap().read_only = false;
+    c.replication = Some(pb::Replication::default());
+    c.promoted_term = 4;
+    s.tablets[1].health = Some(c);
+    let mut r = h(&mut s, 2);
+    r.replication.as_mut().unwrap().sql_state = pb::ThreadState::Stopped as i32;
+    s.tablets[2].health = Some(r);
+    let unmarked = codes(&s);
+    assert!(
+        unmarked.contains(&(ProblemCode::PrimaryReadOnly, Some("z-1".into()))),
+        "{unmarked:?}"
+    );
+    mark(&mut s, "planned reparent to z-2 by ops");
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(
+        p.iter().map(|p| p.code).collect::<Vec<_>>(),
+        vec![ProblemCode::ReparentInProgress],
+        "{p:?}"
+    );
+    assert_eq!(p[0].tablet, None);
+    assert!(
+        p[0].detail.contains("planned reparent to z-2 by ops"),
+        "{}",
+        p[0].detail
+    );
+    for code in [
+        ProblemCode::PrimaryReadOnly,
+        ProblemCode::ReplicaWritable,
+        ProblemCode::ReplicaWrongSource,
+        ProblemCode::ReplicaNotReplicating,
+        ProblemCode::StaleTabletClaimingPrimary,
+    ] {
+        assert!(held_while_reparenting(code), "{code:?}");
+    }
+}
+
+#[test]
+fn a_marked_reparent_still_reports_a_dead_primary_and_what_needs_an_operator() {
+    let mut s = healthy();
+    mark(&mut s, "planned reparent to z-2 by ops");
+    s.tablets[0].health.as_mut().unwrap().mysql_reachable = false;
+    for i in [1, 2] {
+        s.tablets[i] = tablet(
+            &format!("z-{}", i + 1),
+            Some(replica_health(
+                &format!("z-{}", i + 1),
+                "z-1",
+                "0-1-9",
+                Some(false),
+            )),
+        );
+    }
+    let c = codes(&s);
+    assert_eq!(c[0].0, ProblemCode::DeadPrimary, "{c:?}");
+    assert!(
+        c.contains(&(ProblemCode::ReparentInProgress, None)),
+        "{c:?}"
+    );
+    // Reported-only problems stay visible.
+    let mut s = healthy();
+    mark(&mut s, "x");
+    s.tablets[2].health.as_mut().unwrap().mysql_reachable = false;
+    let c = codes(&s);
+    assert!(
+        c.contains(&(ProblemCode::ReplicaMysqlUnreachable, Some("z-3".into()))),
+        "{c:?}"
+    );
+    assert!(!held_while_reparenting(
+        ProblemCode::ReplicaMysqlUnreachable
+    ));
+    assert!(!held_while_reparenting(ProblemCode::ErrantGtid));
+    assert!(!held_while_reparenting(ProblemCode::DeadPrimary));
+}
+
+#[test]
+fn a_requested_candidate_is_caught_up_or_refused_with_the_reason() {
+    let c = vec![
+        cand("z-2", "zone1", PromotionRule::Neutral, "0-1-9"),
+        cand("z-3", "zone1", PromotionRule::Neutral, "0-1-10"),
+    ];
+    // Behind the most advanced: promoted after catching up from it.
+    let ch = choose_requested_candidate(&c, "z-2", None, Durability::SemiSync).unwrap();
+    assert_eq!(ch.candidate, "z-2");
+    assert_eq!(ch.catch_up_from.as_deref(), Some("z-3"));
+    assert_eq!(ch.target_position, "0-1-10");
+    assert_eq!(ch.others, vec!["z-3".to_string()]);
+    assert!(ch.reason.contains("requested"), "{}", ch.reason);
+    let ch = choose_requested_candidate(&c, "z-3", None, Durability::SemiSync).unwrap();
+    assert_eq!(ch.catch_up_from, None);
+    // Not among the answering candidates: the caller's reason is given.
+    let e = choose_requested_candidate(&c, "z-4", Some("it is quarantined (x)"), Durability::None)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("z-4") && e.to_string().contains("quarantined (x)"),
+        "{e}"
+    );
+    // must_not and errant are refused.
+    let mut must_not = c.clone();
+    must_not[0].rule = PromotionRule::MustNot;
+    let e = choose_requested_candidate(&must_not, "z-2", None, Durability::None).unwrap_err();
+    assert!(e.to_string().contains("must_not"), "{e}");
+    let mut errant = c.clone();
+    errant[0].errant = Some("0-2-1".into());
+    let e = choose_requested_candidate(&errant, "z-2", None, Durability::None).unwrap_err();
+    assert!(e.to_string().contains("errant"), "{e}");
+    // Alone under semi_sync: nobody could ack.
+    let alone = vec![c[1].clone()];
+    let e = choose_requested_candidate(&alone, "z-3", None, Durability::SemiSync).unwrap_err();
+    assert!(matches!(e, Refusal::Durability { .. }), "{e}");
+    assert!(choose_requested_candidate(&alone, "z-3", None, Durability::None).is_ok());
+}

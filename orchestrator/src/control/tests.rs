@@ -199,3 +199,30 @@ fn records_round_trip() {
     let json = serde_json::to_string(&q).expect("encodes");
     assert_eq!(json, r#"{"reason":"errant","at_ms":2,"term":3}"#);
 }
+
+#[test]
+fn operator_requested_reparents_do_not_count_as_flapping() {
+    let window = Duration::from_secs(600);
+    let now = 100 * MIN;
+    let by_operator = |at| AuditEntry {
+        actor: "operator:alice@orchestrator@test:1".into(),
+        ..entry(at, ACTION_EMERGENCY_REPARENT, OUTCOME_OK)
+    };
+    let entries = vec![
+        by_operator(now - 3 * MIN),
+        by_operator(now - 2 * MIN),
+        by_operator(now - MIN),
+        entry(
+            now - MIN,
+            crate::recovery::ACTION_PLANNED_REPARENT,
+            OUTCOME_OK,
+        ),
+    ];
+    assert_eq!(flapping(&entries, None, now, 1, window), None);
+    assert!(!counts_for_flapping(&entries[0]));
+    assert!(counts_for_flapping(&entry(
+        now,
+        ACTION_EMERGENCY_REPARENT,
+        OUTCOME_OK
+    )));
+}

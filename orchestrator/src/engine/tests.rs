@@ -19,6 +19,7 @@ fn open_gate() -> Gate {
         settling: false,
         primary_suspect: None,
         replica_grace: Duration::from_millis(500),
+        mark_grace: Duration::from_secs(5),
     }
 }
 
@@ -336,4 +337,84 @@ fn the_primary_is_suspect_when_a_replica_probe_fails() {
     // A stale probe says nothing.
     input.tablets[2].health.as_mut().unwrap().primary_probe = Some(probe(false, now_ms - 5_000));
     assert_eq!(primary_suspect(&input, &cfg), None);
+}
+
+#[test]
+fn a_reparent_mark_is_left_alone_for_the_lock_ttl_then_checked_under_the_lock() {
+    let now = Instant::now();
+    let gate = open_gate();
+    let marked = vec![p(ProblemCode::ReparentInProgress, None)];
+    assert!(recoverable(ProblemCode::ReparentInProgress));
+    // Just seen: an operation holds the lock and clears it soon.
+    let ep = Episode::new(now - Duration::from_millis(300));
+    match decide(&marked, Some(&ep), &gate, now) {
+        Decision::Wait { reason, record, .. } => {
+            assert!(
+                reason.contains("reparent is in progress") && !record,
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // Not seen before at all: also a wait.
+    assert!(matches!(
+        decide(&marked, None, &gate, now),
+        Decision::Wait { .. }
+    ));
+    // Left for longer than the lock TTL: take the lock and look (a stale mark is cleared).
+    let ep = Episode::new(now - Duration::from_secs(6));
+    assert_eq!(
+        decide(&marked, Some(&ep), &gate, now),
+        Decision::Recover(marked[0].clone())
+    );
+    // A dead primary still goes first.
+    let both = vec![
+        p(ProblemCode::ReparentInProgress, None),
+        p(ProblemCode::DeadPrimary, Some("zone1-101")),
+    ];
+    assert!(matches!(
+        decide(&both, Some(&ep), &gate, now),
+        Decision::Recover(Problem {
+            code: ProblemCode::DeadPrimary,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn what_a_reparent_in_flight_repoints_itself_gets_the_replica_grace() {
+    let now = Instant::now();
+    let gate = open_gate();
+    for code in [
+        ProblemCode::ReplicaNotReplicating,
+        ProblemCode::ReplicaWrongSource,
+        ProblemCode::StaleTabletClaimingPrimary,
+    ] {
+        let problems = vec![p(code, Some("zone1-101"))];
+        let young = Episode::new(now - Duration::from_millis(100));
+        match decide(&problems, Some(&young), &gate, now) {
+            Decision::Wait { reason, record, .. } => {
+                assert!(
+                    reason.contains("repaired after 500 ms") && !record,
+                    "{reason}"
+                )
+            }
+            other => panic!("{code:?}: {other:?}"),
+        }
+        let old = Episode::new(now - Duration::from_millis(600));
+        assert!(
+            matches!(
+                decide(&problems, Some(&old), &gate, now),
+                Decision::Recover(_)
+            ),
+            "{code:?}"
+        );
+    }
+    // Not the others (a writable replica is fixed at once).
+    let problems = vec![p(ProblemCode::ReplicaWritable, Some("zone1-102"))];
+    let young = Episode::new(now);
+    assert!(matches!(
+        decide(&problems, Some(&young), &gate, now),
+        Decision::Recover(_)
+    ));
 }

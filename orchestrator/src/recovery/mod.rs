@@ -12,6 +12,7 @@
 //! the context and appended to the shard's audit log (asynchronously, in order, by
 //! [`AuditSink`], so the etcd writes never slow the recovery down).
 
+pub mod planned;
 pub mod repair;
 pub mod reparent;
 
@@ -34,8 +35,12 @@ use crate::analysis::{self, AnalysisConfig, Problem, ProblemCode, ShardInput};
 use crate::control;
 use crate::input;
 
-/// Audit `action` of an emergency reparent's summary entry (flapping counts these).
+/// Audit `action` of an emergency reparent's summary entry (flapping counts the automatic ones).
 pub const ACTION_EMERGENCY_REPARENT: &str = "emergency_reparent";
+/// Audit `action` of a planned reparent's summary entry.
+pub const ACTION_PLANNED_REPARENT: &str = "planned_reparent";
+/// Audit actors of operator-requested operations start with this (`operator:<who>@<actor>`).
+pub const OPERATOR_ACTOR_PREFIX: &str = "operator:";
 /// Audit outcomes.
 pub const OUTCOME_OK: &str = "ok";
 pub const OUTCOME_FAILED: &str = "failed";
@@ -60,6 +65,10 @@ pub struct RecoveryConfig {
     pub status_timeout: Duration,
     /// Bound on connecting to an agent.
     pub connect_timeout: Duration,
+    /// Operator reparents' defaults: `wait_timeout`, `lock_timeout`, `max_lag`.
+    pub planned_wait_timeout: Duration,
+    pub planned_lock_timeout: Duration,
+    pub planned_max_lag: Duration,
     pub analysis: AnalysisConfig,
 }
 
@@ -76,6 +85,9 @@ impl Default for RecoveryConfig {
             flap_window: Duration::from_secs(600),
             status_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_millis(500),
+            planned_wait_timeout: Duration::from_secs(5),
+            planned_lock_timeout: Duration::from_secs(10),
+            planned_max_lag: Duration::from_secs(5),
             analysis: AnalysisConfig::default(),
         }
     }
@@ -219,6 +231,30 @@ pub struct StepRecord {
     /// Wall clock at the end of the step.
     pub at_ms: u64,
     pub duration_ms: u64,
+}
+
+/// Sees every step of a [`RecoveryContext`] the moment it is recorded (e.g. to stream it to an
+/// operator). Called synchronously: it must not block.
+#[derive(Clone)]
+pub struct StepObserver(Arc<dyn Fn(&StepRecord) + Send + Sync>);
+
+impl StepObserver {
+    pub fn new(f: impl Fn(&StepRecord) + Send + Sync + 'static) -> StepObserver {
+        StepObserver(Arc::new(f))
+    }
+
+    /// Sends a copy of every step on `tx` (a closed receiver is ignored).
+    pub fn channel(tx: mpsc::UnboundedSender<StepRecord>) -> StepObserver {
+        StepObserver::new(move |s| {
+            let _ = tx.send(s.clone());
+        })
+    }
+}
+
+impl std::fmt::Debug for StepObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepObserver")
+    }
 }
 
 // ---- agent clients ----------------------------------------------------------------------
@@ -693,6 +729,7 @@ pub struct RecoveryContext {
     term: AtomicU64,
     steps: Mutex<Vec<StepRecord>>,
     started: Instant,
+    observer: Option<StepObserver>,
 }
 
 impl RecoveryContext {
@@ -709,7 +746,14 @@ impl RecoveryContext {
             term: AtomicU64::new(term),
             steps: Mutex::default(),
             started: Instant::now(),
+            observer: None,
         }
+    }
+
+    /// Every step recorded from now on is also given to `observer`.
+    pub fn with_observer(mut self, observer: StepObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn cfg(&self) -> &RecoveryConfig {
@@ -804,16 +848,26 @@ impl RecoveryContext {
         let detail = detail.into();
         let outcome = if ok { OUTCOME_OK } else { OUTCOME_FAILED };
         self.audit(name, tablet, outcome, detail.clone(), Some(duration));
-        if let Ok(mut s) = self.steps.lock() {
-            s.push(StepRecord {
-                name: name.to_string(),
-                tablet: tablet.map(str::to_string),
-                ok,
-                detail,
-                at_ms: topo::now_ms(),
-                duration_ms: millis(duration),
-            });
+        let record = StepRecord {
+            name: name.to_string(),
+            tablet: tablet.map(str::to_string),
+            ok,
+            detail,
+            at_ms: topo::now_ms(),
+            duration_ms: millis(duration),
+        };
+        if let Some(o) = &self.observer {
+            (o.0)(&record);
         }
+        if let Ok(mut s) = self.steps.lock() {
+            s.push(record);
+        }
+    }
+
+    /// Records `name` as a failed step with `why` and returns the refusal carrying it.
+    pub fn refuse(&self, name: &str, tablet: Option<&str>, why: String) -> RecoveryError {
+        self.record_step(name, tablet, false, why.clone(), Duration::ZERO);
+        RecoveryError::Refused(why)
     }
 
     /// Runs `fut` as one step named `name`: timed, recorded and audited. `describe` turns a
@@ -1020,6 +1074,34 @@ impl RecoveryContext {
         .await
     }
 
+    /// Points every tablet of `targets` at `source` (replication started, semi-sync replica side
+    /// per `semi_sync`) in parallel, one `repoint` step each: (repointed, "alias: error" of the
+    /// failed ones). A failure is not an error of the reparent: the new primary is in place and
+    /// the repairs finish the rest.
+    pub async fn repoint_all(
+        &self,
+        targets: &[String],
+        source: &TabletRecord,
+        semi_sync: bool,
+    ) -> (Vec<String>, Vec<String>) {
+        let results = futures::future::join_all(targets.iter().map(|a| async move {
+            let r = self
+                .set_replication_source("repoint", a, source, semi_sync, true)
+                .await;
+            (a.clone(), r)
+        }))
+        .await;
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        for (a, r) in results {
+            match r {
+                Ok(_) => ok.push(a),
+                Err(e) => failed.push(format!("{a}: {e}")),
+            }
+        }
+        (ok, failed)
+    }
+
     pub async fn reset_replication(
         &self,
         alias: &str,
@@ -1081,7 +1163,15 @@ impl RecoveryContext {
     }
 
     pub async fn demote(&self, alias: &str) -> Result<pb::ActionResponse, RecoveryError> {
-        let t = self.cfg().action_timeout;
+        self.demote_within(alias, self.cfg().action_timeout).await
+    }
+
+    /// `Demote` bounded by `t` instead of `action_timeout`.
+    pub async fn demote_within(
+        &self,
+        alias: &str,
+        t: Duration,
+    ) -> Result<pb::ActionResponse, RecoveryError> {
         self.action("Demote", "demote", alias, t, |mut c, ctx| async move {
             c.demote(pb::DemoteRequest { ctx: Some(ctx) }).await
         })
@@ -1116,28 +1206,39 @@ impl RecoveryContext {
 
     /// Writes the shard record, conditional on holding the lock (a step).
     pub async fn write_shard_record(&self, record: &ShardRecord) -> Result<i64, RecoveryError> {
+        self.write_shard_record_as("write_shard_record", record)
+            .await
+    }
+
+    /// [`RecoveryContext::write_shard_record`] as a step named `step`.
+    pub async fn write_shard_record_as(
+        &self,
+        step: &str,
+        record: &ShardRecord,
+    ) -> Result<i64, RecoveryError> {
         let fut = async {
             self.lock
                 .update_shard(record)
                 .await
                 .map_err(RecoveryError::topo("write the shard record under the lock"))
         };
-        self.step(
-            "write_shard_record",
-            record.primary.as_deref(),
-            fut,
-            |rev| {
-                format!(
-                    "primary {} term {} (etcd revision {rev})",
-                    record.primary.as_deref().unwrap_or("none"),
-                    record.term
-                )
-            },
-        )
+        self.step(step, record.primary.as_deref(), fut, |rev| {
+            format!(
+                "primary {} term {}{} (etcd revision {rev})",
+                record.primary.as_deref().unwrap_or("none"),
+                record.term,
+                record
+                    .reparent_in_progress
+                    .as_deref()
+                    .map(|m| format!(", reparent in progress: {m}"))
+                    .unwrap_or_default()
+            )
+        })
         .await
     }
 
-    fn into_lock(self) -> ShardLock {
+    /// Gives the lock back (to release it).
+    pub fn into_lock(self) -> ShardLock {
         self.lock
     }
 }
@@ -1170,11 +1271,12 @@ pub struct Report {
     pub duration_ms: u64,
 }
 
-/// What a successful dispatch returns: the detail and the new term, if any.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a successful dispatch returns: the detail, and the new term and primary, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Done {
     pub detail: String,
     pub new_term: Option<u64>,
+    pub new_primary: Option<String>,
 }
 
 /// Whether the dead-primary family: an emergency reparent recovers it.

@@ -28,6 +28,7 @@ pub fn supports(code: ProblemCode) -> bool {
             | ProblemCode::ReplicaNotReplicating
             | ProblemCode::ReplicaWrongSource
             | ProblemCode::StaleTabletClaimingPrimary
+            | ProblemCode::ReparentInProgress
     )
 }
 
@@ -51,7 +52,7 @@ pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, Re
     let semi = ctx.durability() == Durability::SemiSync;
     let done = |detail: String| Done {
         detail,
-        new_term: None,
+        ..Done::default()
     };
     match problem.code {
         ProblemCode::NoPrimary => elect_primary(ctx).await,
@@ -101,6 +102,7 @@ pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, Re
             )))
         }
         ProblemCode::StaleTabletClaimingPrimary => rejoin_or_quarantine(ctx, problem).await,
+        ProblemCode::ReparentInProgress => clear_stale_mark(ctx).await,
         other => Err(RecoveryError::Refused(format!(
             "no automatic repair for {}",
             other.as_str()
@@ -181,7 +183,7 @@ async fn rejoin_or_quarantine(
         .await?;
         return Ok(Done {
             detail: reason,
-            new_term: None,
+            ..Done::default()
         });
     }
     let source = ctx.tablet(&primary)?.clone();
@@ -199,7 +201,7 @@ async fn rejoin_or_quarantine(
             "{stale} (promoted under term {}) rejoined as a replica of {primary}: its position {stale_pos} is contained in {primary_pos}",
             sh.promoted_term
         ),
-        new_term: None,
+        ..Done::default()
     })
 }
 
@@ -270,6 +272,87 @@ async fn elect_primary(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
             }
         ),
         new_term: Some(term),
+        new_primary: Some(choice.candidate.clone()),
+    })
+}
+
+/// The shard record once a stale reparent mark is cleared: no mark, and a term at least
+/// `action_term` (the highest term any agent reported), so that a promotion which never
+/// reached the record cannot leave an agent ahead of it (gateways refuse RW while a tablet
+/// reports a newer term than the record's). Pure.
+pub fn cleared_record(record: &ShardRecord, action_term: u64, now_ms: u64) -> ShardRecord {
+    let term = record.term.max(action_term);
+    ShardRecord {
+        reparent_in_progress: None,
+        term,
+        term_start_ms: if term != record.term {
+            now_ms
+        } else {
+            record.term_start_ms
+        },
+        reserved_term: record.reserved_term.max(term),
+        ..record.clone()
+    }
+}
+
+/// Tablets other than `primary` whose mysqld answers writable: a promotion an interrupted
+/// reparent left behind. Pure.
+pub fn stray_writables(
+    primary: Option<&str>,
+    statuses: &std::collections::BTreeMap<String, myha_proto::agent::Health>,
+) -> Vec<String> {
+    statuses
+        .iter()
+        .filter(|(a, h)| {
+            Some(a.as_str()) != primary
+                && h.mysql_reachable
+                && h.mysql.as_ref().is_some_and(|m| !m.read_only)
+        })
+        .map(|(a, _)| a.clone())
+        .collect()
+}
+
+/// A reparent mark found under the lock is stale: whoever set it held the lock for the whole
+/// operation and clears the mark before releasing it, so it died (or lost etcd) mid-way. The
+/// engine only gets here after the mark stayed for `lock_ttl`. Any tablet other than the
+/// record's primary left writable is set read-only first, then the mark is cleared (with the
+/// term raised to what the agents report); the usual repairs take it from there (e.g. a
+/// demoted primary is set writable again, R1).
+async fn clear_stale_mark(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
+    let record = ctx
+        .fresh
+        .record
+        .clone()
+        .ok_or_else(|| RecoveryError::Refused("the shard has no record".into()))?;
+    let Some(mark) = record.reparent_in_progress.clone() else {
+        return Err(RecoveryError::Refused(
+            "no reparent mark in the shard record any more".into(),
+        ));
+    };
+    let next = cleared_record(&record, ctx.fresh.action_term(), topo::now_ms());
+    ctx.set_term(next.term);
+    let strays = stray_writables(record.primary.as_deref(), &ctx.fresh.statuses);
+    for alias in &strays {
+        ctx.set_read_only(alias, true).await?;
+    }
+    ctx.write_shard_record_as("clear_stale_reparent_mark", &next)
+        .await?;
+    Ok(Done {
+        detail: format!(
+            "cleared a stale reparent mark ({mark}): the shard lock was free, so whoever set it is gone{}{}",
+            if strays.is_empty() {
+                String::new()
+            } else {
+                format!("; set read-only first: {}", strays.join(", "))
+            },
+            if next.term != record.term {
+                format!("; term raised {} -> {} (an agent reported it)", record.term, next.term)
+            } else {
+                String::new()
+            }
+        ),
+        new_term: (next.term != record.term).then_some(next.term),
+        new_primary: None,
     })
 }
 
@@ -291,6 +374,7 @@ mod tests {
             ProblemCode::ReplicaNotReplicating,
             ProblemCode::ReplicaWrongSource,
             ProblemCode::StaleTabletClaimingPrimary,
+            ProblemCode::ReparentInProgress,
         ] {
             assert!(supports(code), "{code:?}");
             assert!(code.actionable(), "{code:?}");
@@ -303,5 +387,51 @@ mod tests {
         ] {
             assert!(!supports(code), "{code:?}");
         }
+    }
+
+    fn marked(term: u64, reserved: u64) -> ShardRecord {
+        let mut r = ShardRecord::new("ks", "0");
+        r.primary = Some("z-1".into());
+        r.term = term;
+        r.term_start_ms = 100;
+        r.reserved_term = reserved;
+        r.reparent_in_progress = Some("planned reparent to z-2 by ops".into());
+        r
+    }
+
+    #[test]
+    fn a_stale_mark_is_cleared_keeping_the_term_unless_an_agent_is_ahead() {
+        let r = cleared_record(&marked(3, 4), 3, 999);
+        assert_eq!(r.reparent_in_progress, None);
+        assert_eq!((r.term, r.term_start_ms, r.reserved_term), (3, 100, 4));
+        assert_eq!(r.primary.as_deref(), Some("z-1"));
+        // The interrupted reparent promoted its candidate under term 4 before dying.
+        let r = cleared_record(&marked(3, 4), 4, 999);
+        assert_eq!((r.term, r.term_start_ms, r.reserved_term), (4, 999, 4));
+        assert_eq!(r.primary.as_deref(), Some("z-1"));
+        let r = cleared_record(&marked(3, 0), 5, 999);
+        assert_eq!((r.term, r.reserved_term), (5, 5));
+    }
+
+    #[test]
+    fn stray_writables_are_the_non_primaries_that_accept_writes() {
+        use myha_proto::agent::{Health, MysqlStatus};
+        let h = |read_only: bool, reachable: bool| Health {
+            mysql_reachable: reachable,
+            mysql: Some(MysqlStatus {
+                read_only,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let statuses: std::collections::BTreeMap<String, Health> = [
+            ("z-1".to_string(), h(false, true)),
+            ("z-2".to_string(), h(false, true)),
+            ("z-3".to_string(), h(true, true)),
+            ("z-4".to_string(), h(false, false)),
+        ]
+        .into();
+        assert_eq!(stray_writables(Some("z-1"), &statuses), vec!["z-2"]);
+        assert_eq!(stray_writables(None, &statuses), vec!["z-1", "z-2"]);
     }
 }

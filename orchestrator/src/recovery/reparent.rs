@@ -16,6 +16,12 @@
 //! 6. `Promote` under the new term, write the shard record (conditional on the lock), repoint
 //!    every other reachable tablet at the new primary in parallel (a failure there is audited,
 //!    the promotion stands).
+//!
+//! An operator may ask for one whether or not the primary looks dead ([`EmergencyOptions`]):
+//! the old primary, when it answers, is demoted first (bounded, best effort) and its final
+//! position is what the replicas apply; a requested candidate replaces the choice. The old
+//! primary is not repointed here: it is a stale primary claim that the repairs rejoin (or
+//! quarantine, when it holds transactions the new primary lacks).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -25,7 +31,23 @@ use myha_proto::agent as pb;
 use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
 
 use super::{Done, RecoveryContext, RecoveryError, OUTCOME_OK};
-use crate::analysis::{self, choose_candidate, Candidate, Choice, Refusal};
+use crate::analysis::{
+    self, choose_candidate, choose_requested_candidate, Candidate, Choice, Refusal,
+};
+
+/// How an emergency reparent was asked for. The default is the automatic one (dead primary).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EmergencyOptions {
+    /// The candidate an operator asked for: refused if errant, `must_not`, quarantined or not
+    /// answering; caught up from the most advanced replica first when behind (no fallback to
+    /// another tablet when that fails).
+    pub to: Option<String>,
+    /// Operator request: when the old primary's agent answers, `Demote` it first, bounded by
+    /// this (best effort: a failure is recorded and ignored). Its answer (the final position)
+    /// becomes the errant-check reference and what the replicas apply before choosing. A
+    /// refusal before the promotion undoes the demotion.
+    pub demote_old_first: Option<Duration>,
+}
 
 /// Records one phase's duration (`myha_orchestrator_reparent_phase_seconds{phase}`).
 pub fn phase(name: &'static str, took: Duration) {
@@ -108,6 +130,22 @@ fn refusal_text(r: &Refusal) -> String {
 
 /// The emergency reparent. See the module doc.
 pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
+    emergency_reparent_with(ctx, &EmergencyOptions::default()).await
+}
+
+/// Best effort after a refusal or failure before the promotion: the old primary demoted by
+/// [`EmergencyOptions::demote_old_first`] takes writes again.
+async fn undo_first_demotion(ctx: &RecoveryContext, demoted: Option<&str>) {
+    if let Some(old) = demoted {
+        let _ = ctx.undo_demote(old).await;
+    }
+}
+
+/// The emergency reparent, as asked (see [`EmergencyOptions`]).
+pub async fn emergency_reparent_with(
+    ctx: &RecoveryContext,
+    opts: &EmergencyOptions,
+) -> Result<Done, RecoveryError> {
     let total = Instant::now();
     let fresh = &ctx.fresh;
     let record = fresh
@@ -127,7 +165,7 @@ pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryE
         .get(&old_primary)
         .map(|t| t.cell.clone())
         .or_else(|| topo::parse_alias(&old_primary).ok().map(|(c, _)| c));
-    let reference = ctx
+    let mut reference = ctx
         .job
         .last_primary
         .as_ref()
@@ -138,15 +176,6 @@ pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryE
                 writer: p.writer.clone(),
             })
         });
-    if reference.is_none() {
-        ctx.audit(
-            "errant_check",
-            Some(&old_primary),
-            OUTCOME_OK,
-            format!("the dead primary {old_primary}'s last position is unknown to this orchestrator: errant check skipped (divergence is still refused)"),
-            None,
-        );
-    }
 
     // The replicas to work with: answering, mysqld up, not quarantined, not the old primary.
     let reachable: BTreeMap<String, pb::Health> = fresh
@@ -158,9 +187,39 @@ pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryE
         .map(|(a, h)| (a.clone(), h.clone()))
         .collect();
 
+    let requested = opts.to.as_deref();
+    let why_missing = requested.and_then(|to| {
+        if let Some(q) = fresh.input.quarantined.get(to) {
+            Some(format!("it is quarantined ({q})"))
+        } else if to == old_primary {
+            Some("it is the primary being replaced".to_string())
+        } else if !fresh.tablets.contains_key(to) {
+            Some("it is not registered in this shard".to_string())
+        } else {
+            match fresh.statuses.get(to) {
+                None => Some(format!(
+                    "its agent does not answer: {}",
+                    fresh
+                        .unseen
+                        .get(to)
+                        .map(String::as_str)
+                        .unwrap_or("no answer")
+                )),
+                Some(h) if !h.mysql_reachable => {
+                    Some(format!("its mysqld is unreachable: {}", h.mysql_error))
+                }
+                Some(_) => None,
+            }
+        }
+    });
+    let choose = |cands: &[Candidate]| match requested {
+        Some(to) => choose_requested_candidate(cands, to, why_missing.as_deref(), durability),
+        None => choose_candidate(cands, old_cell.as_deref(), durability),
+    };
+
     // Pre-check on the current positions: refuse before changing anything.
     let (pre, _) = candidates(&reachable, &fresh.tablets, reference.as_ref());
-    if let Err(refusal) = choose_candidate(&pre, old_cell.as_deref(), durability) {
+    if let Err(refusal) = choose(&pre) {
         let why = match &refusal {
             // Positions may still move while the relay logs apply: decide on the final ones.
             Refusal::Diverged(_) => None,
@@ -175,16 +234,61 @@ pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryE
         }
     }
 
+    // Operator request with the old primary answering: read-only first, its final position
+    // is what the replicas must reach.
+    let mut demoted: Option<&str> = None;
+    let mut final_target: Option<String> = None;
+    if let Some(bound) = opts.demote_old_first {
+        let answering = fresh
+            .statuses
+            .get(&old_primary)
+            .filter(|h| h.mysql_reachable);
+        if let Some(h) = answering {
+            match ctx.demote_within(&old_primary, bound).await {
+                Ok(r) => {
+                    demoted = Some(old_primary.as_str());
+                    let flavor = analysis::flavor_of(h);
+                    if let Ok(position) = GtidSet::parse(flavor, &r.gtid_position) {
+                        reference = Some(Reference {
+                            position,
+                            writer: analysis::writer_id(h),
+                        });
+                        final_target = Some(r.gtid_position.clone());
+                    }
+                }
+                Err(e) => ctx.record_step(
+                    "demote_noted",
+                    Some(&old_primary),
+                    true,
+                    format!("the old primary could not be set read-only ({e}); going on"),
+                    Duration::ZERO,
+                ),
+            }
+        }
+    }
+    if reference.is_none() {
+        ctx.audit(
+            "errant_check",
+            Some(&old_primary),
+            OUTCOME_OK,
+            format!("the dead primary {old_primary}'s last position is unknown to this orchestrator: errant check skipped (divergence is still refused)"),
+            None,
+        );
+    }
+
     // Reserve the new term before touching anything (a refusal above burns no term): whoever
     // acts on this shard after us uses a higher one, even if we lose the lock mid-way.
-    ctx.reserve_term(new_term).await?;
+    if let Err(e) = ctx.reserve_term(new_term).await {
+        undo_first_demotion(ctx, demoted).await;
+        return Err(e);
+    }
 
     // Stop IO, let every replica apply what it received, read final positions.
     let t = Instant::now();
     let finals = futures::future::join_all(
         reachable
             .iter()
-            .map(|(alias, h)| settle_replica(ctx, alias.clone(), h.clone())),
+            .map(|(alias, h)| settle_replica(ctx, alias.clone(), h.clone(), final_target.clone())),
     )
     .await;
     phase("stop_io_and_apply_relay_log", t.elapsed());
@@ -214,12 +318,13 @@ pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryE
             Duration::ZERO,
         );
     }
-    let choice = match choose_candidate(&cands, old_cell.as_deref(), durability) {
+    let choice = match choose(&cands) {
         Ok(c) => c,
         Err(refusal) => {
             let why = refusal_text(&refusal);
             ctx.record_step("choose_candidate", None, false, why.clone(), t.elapsed());
             restart_io(ctx, &stopped).await;
+            undo_first_demotion(ctx, demoted).await;
             return Err(RecoveryError::Refused(format!(
                 "{why}{}; IO threads restarted, primary {old_primary} stays in the record at term {}",
                 if left_out.is_empty() {
@@ -257,7 +362,23 @@ pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryE
             phase("catch_up", t.elapsed());
             match r {
                 Ok(()) => choice,
-                Err(e) => fallback(ctx, &choice, source, &cands, &e)?,
+                Err(e) if requested.is_some() => {
+                    let why = format!(
+                        "catch-up of the requested candidate {} from {source} failed ({e}): not promoting another tablet than requested",
+                        choice.candidate
+                    );
+                    let refusal = ctx.refuse("catch_up_fallback", Some(source), why);
+                    restart_io(ctx, &stopped).await;
+                    undo_first_demotion(ctx, demoted).await;
+                    return Err(refusal);
+                }
+                Err(e) => match fallback(ctx, &choice, source, &cands, &e) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        undo_first_demotion(ctx, demoted).await;
+                        return Err(e);
+                    }
+                },
             }
         }
     };
@@ -290,26 +411,8 @@ pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryE
         .filter(|a| **a != candidate.alias && final_statuses.contains_key(*a))
         .cloned()
         .collect();
-    let results = futures::future::join_all(others.iter().map(|a| {
-        let candidate = &candidate;
-        async move {
-            (
-                a.clone(),
-                ctx.set_replication_source("repoint", a, candidate, semi, true)
-                    .await,
-            )
-        }
-    }))
-    .await;
+    let (ok, failed) = ctx.repoint_all(&others, &candidate, semi).await;
     phase("repoint", t.elapsed());
-    let mut ok = Vec::new();
-    let mut failed = Vec::new();
-    for (a, r) in results {
-        match r {
-            Ok(_) => ok.push(a),
-            Err(e) => failed.push(format!("{a}: {e}")),
-        }
-    }
     phase("total", total.elapsed());
     let unseen: Vec<&String> = fresh
         .tablets
@@ -344,6 +447,7 @@ pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryE
             }
         ),
         new_term: Some(new_term),
+        new_primary: Some(candidate.alias.clone()),
     })
 }
 
@@ -357,10 +461,11 @@ async fn settle_replica(
     ctx: &RecoveryContext,
     alias: String,
     before: pb::Health,
+    final_target: Option<String>,
 ) -> (String, bool, Option<pb::Health>) {
     let flavor = analysis::flavor_of(&before);
     let parse = |s: &str| GtidSet::parse(flavor, s).ok();
-    let target = relay_log_target(&before);
+    let target = final_target.or_else(|| relay_log_target(&before));
     let (stopped, mut pos) = match ctx.stop_replication(&alias, true).await {
         Ok(r) => (true, Some(r.gtid_position)),
         Err(_) => (false, None),
@@ -480,14 +585,7 @@ fn fallback(
                 "catch-up of {} from {source} failed ({err}) and {source} has promotion rule must_not: refusing to promote a tablet missing transactions",
                 choice.candidate
             );
-            ctx.record_step(
-                "catch_up_fallback",
-                Some(source),
-                false,
-                why.clone(),
-                Duration::ZERO,
-            );
-            Err(RecoveryError::Refused(why))
+            Err(ctx.refuse("catch_up_fallback", Some(source), why))
         }
     }
 }

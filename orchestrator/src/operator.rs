@@ -1,0 +1,492 @@
+//! Operator-requested reparents (`POST /api/v1/shards/{keyspace}/{shard}/reparent`, issue 4):
+//! run by the orchestrator that receives the request, under the shard lock, with the same
+//! [`RecoveryContext`] machinery as the automatic recoveries. Contract: `docs/design.md`,
+//! "Operator reparents".
+//!
+//! [`run`] is the whole operation: the shard lock (a try first; when held, a
+//! [`OpEvent::WaitingLock`] naming the holder, then a wait up to `lock_timeout`), the quarantine
+//! list and a fresh refresh under the lock, then [`planned::planned_reparent`] or
+//! [`reparent::emergency_reparent_with`], one summary audit entry (`planned_reparent` /
+//! `emergency_reparent`, actor `operator:<who>@<orchestrator>`), the lock released. Every step
+//! is sent as an [`OpEvent::Step`] the moment it is recorded, and the last event is always one
+//! [`OpEvent::Done`]. The caller spawns it: a client that goes away does not cancel it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use topo::{AuditEntry, LockRequest, TopoError};
+
+use crate::analysis::{Problem, ProblemCode};
+use crate::api::{ReparentMode, ReparentRequest};
+use crate::control::{self, Control};
+use crate::recovery::planned::{self, PlannedOptions};
+use crate::recovery::reparent::{self, EmergencyOptions};
+use crate::recovery::{
+    self, millis, Deps, Done, Job, PrimaryPosition, RecoveryContext, RecoveryError, StepObserver,
+    StepRecord, ACTION_EMERGENCY_REPARENT, ACTION_PLANNED_REPARENT, OPERATOR_ACTOR_PREFIX,
+    OUTCOME_FAILED, OUTCOME_OK, OUTCOME_REFUSED,
+};
+
+/// How long the old primary gets to be set read-only before an emergency reparent on request.
+pub const EMERGENCY_DEMOTE_BOUND: Duration = Duration::from_secs(1);
+
+/// One operation to run.
+#[derive(Debug, Clone)]
+pub struct Operation {
+    pub keyspace: String,
+    pub shard: String,
+    pub request: ReparentRequest,
+    /// The primary's last healthy position from this orchestrator's snapshots (the errant
+    /// check's reference of an emergency reparent whose old primary does not answer).
+    pub last_primary: Option<PrimaryPosition>,
+    /// The primary as the request found it: its `FullStatus` gets a short bound in an emergency.
+    pub suspect: Option<String>,
+}
+
+/// Why an operation did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailKind {
+    /// Decided not to act: nothing was changed (or what was changed was rolled back).
+    Refused,
+    /// The shard lock stayed held past `lock_timeout`.
+    LockHeld,
+    /// Something failed; the steps say what was changed.
+    Failed,
+}
+
+/// The last event of an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpDone {
+    pub ok: bool,
+    pub mode: ReparentMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<FailKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub old_primary: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_primary: Option<String>,
+    /// The shard's term at the end (the new one on success).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    /// Failures: whether a demotion was rolled back (the old primary is writable again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undone: Option<bool>,
+    /// `lock_held`: who holds the lock, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// From the request's arrival to the end.
+    pub total_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What an operation streams, one JSON object per line (`event` names the kind).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum OpEvent {
+    /// The shard lock is held: the operation waits (up to `lock_timeout`).
+    WaitingLock { holder: String, purpose: String },
+    /// One step, as recorded (and audited).
+    Step(StepRecord),
+    /// The end, always last.
+    Done(OpDone),
+}
+
+impl OpEvent {
+    /// The event as one ndjson line (with its `\n`).
+    pub fn line(&self) -> String {
+        let mut s = serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"error\":\"{e}\"}}"));
+        s.push('\n');
+        s
+    }
+}
+
+/// `operator:<who>@<orchestrator actor>`.
+pub fn operator_actor(requester: &str, actor: &str) -> String {
+    format!("{OPERATOR_ACTOR_PREFIX}{requester}@{actor}")
+}
+
+/// The lock purpose of an operation.
+pub fn lock_purpose(req: &ReparentRequest) -> String {
+    format!(
+        "{} reparent{} requested by {}",
+        req.mode.as_str(),
+        req.to
+            .as_deref()
+            .map(|t| format!(" to {t}"))
+            .unwrap_or_default(),
+        req.requester
+    )
+}
+
+fn metric(mode: ReparentMode, outcome: &'static str) {
+    metrics::counter!(
+        "myha_orchestrator_operator_reparents_total",
+        "mode" => mode.as_str(),
+        "outcome" => outcome
+    )
+    .increment(1);
+}
+
+/// Runs one operation to its end (see the module doc). Events go to `events` (a closed
+/// receiver is ignored: the operation goes on). Returns the final event's content.
+pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEvent>) -> OpDone {
+    let started = Instant::now();
+    let req = op.request.clone();
+    let (ks, shard) = (op.keyspace.clone(), op.shard.clone());
+    let actor = operator_actor(&req.requester, &deps.actor);
+    let deps = Deps {
+        actor: Arc::from(actor.as_str()),
+        ..deps
+    };
+    let action = match req.mode {
+        ReparentMode::Planned => ACTION_PLANNED_REPARENT,
+        ReparentMode::Emergency => ACTION_EMERGENCY_REPARENT,
+    };
+    let fail = |kind: FailKind, error: String, old: Option<String>, term: Option<u64>| OpDone {
+        ok: false,
+        mode: req.mode,
+        kind: Some(kind),
+        error: Some(error),
+        old_primary: old,
+        new_primary: None,
+        term,
+        undone: Some(false),
+        holder: None,
+        purpose: None,
+        total_ms: millis(started.elapsed()),
+        detail: None,
+    };
+    let summary = |term: u64, tablet: Option<String>, outcome: &str, detail: String| {
+        deps.audit.append(
+            &ks,
+            &shard,
+            AuditEntry {
+                at_ms: topo::now_ms(),
+                term,
+                actor: actor.clone(),
+                action: action.to_string(),
+                tablet,
+                outcome: outcome.to_string(),
+                detail,
+                duration_ms: Some(millis(started.elapsed())),
+            },
+        )
+    };
+    let finish = |done: OpDone| {
+        metric(
+            req.mode,
+            match (done.ok, done.kind) {
+                (true, _) => "ok",
+                (_, Some(FailKind::Refused)) => "refused",
+                (_, Some(FailKind::LockHeld)) => "lock_held",
+                _ => "failed",
+            },
+        );
+        if done.ok {
+            tracing::info!(keyspace = %ks, shard = %shard, mode = req.mode.as_str(), requester = %req.requester, old = ?done.old_primary, new = ?done.new_primary, term = ?done.term, total_ms = done.total_ms, "operator reparent done");
+        } else {
+            tracing::warn!(keyspace = %ks, shard = %shard, mode = req.mode.as_str(), requester = %req.requester, kind = ?done.kind, error = ?done.error, undone = ?done.undone, total_ms = done.total_ms, "operator reparent did not succeed");
+        }
+        let _ = events.send(OpEvent::Done(done.clone()));
+        done
+    };
+
+    // 1. The lock: a try, then (held) a wait naming the holder.
+    let lock_req = LockRequest::new(actor.clone(), lock_purpose(&req)).with_ttl(deps.cfg.lock_ttl);
+    let lock = match deps.topo.lock_shard(&ks, &shard, lock_req.clone()).await {
+        Ok(l) => Ok(l),
+        Err(TopoError::LockHeld { holder, .. }) => {
+            let _ = events.send(OpEvent::WaitingLock {
+                holder: holder.holder.clone(),
+                purpose: holder.purpose.clone(),
+            });
+            let left = req.lock_timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                Err(TopoError::LockHeld {
+                    key: String::new(),
+                    holder,
+                    waited: None,
+                })
+            } else {
+                deps.topo
+                    .lock_shard(&ks, &shard, lock_req.with_wait(left))
+                    .await
+            }
+        }
+        Err(e) => Err(e),
+    };
+    let lock = match lock {
+        Ok(l) => l,
+        Err(TopoError::LockHeld { holder, .. }) => {
+            let error = format!(
+                "the shard lock of {ks}/{shard} is held by {} ({}) since {} ms; waited {:?} (lock_timeout)",
+                holder.holder,
+                holder.purpose,
+                holder.acquired_ms,
+                req.lock_timeout
+            );
+            summary(0, None, OUTCOME_FAILED, error.clone());
+            let mut done = fail(FailKind::LockHeld, error, op.suspect.clone(), None);
+            done.holder = Some(holder.holder);
+            done.purpose = Some(holder.purpose);
+            return finish(done);
+        }
+        Err(e) => {
+            let error = format!("no reparent without the shard lock: {e}");
+            summary(0, None, OUTCOME_FAILED, error.clone());
+            return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
+        }
+    };
+
+    // 2. Quarantine and a fresh view, under the lock.
+    let release = |lock: topo::ShardLock| async move {
+        if let Err(e) = lock.release().await {
+            tracing::warn!(error = %e, "releasing the shard lock (it expires with its lease)");
+        }
+    };
+    let quarantined = match Control::new(deps.topo.clone()).list_quarantine().await {
+        Ok(q) => q
+            .iter()
+            .map(|(a, r)| (a.clone(), control::quarantine_text(r)))
+            .collect::<BTreeMap<_, _>>(),
+        Err(e) => {
+            let error = format!("cannot read the quarantine list (nothing was changed): {e}");
+            summary(0, None, OUTCOME_FAILED, error.clone());
+            release(lock).await;
+            return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
+        }
+    };
+    let suspect = match req.mode {
+        ReparentMode::Emergency => op.suspect.as_deref(),
+        ReparentMode::Planned => None,
+    };
+    let fresh = match recovery::refresh(&deps, &ks, &shard, &quarantined, suspect).await {
+        Ok(f) => f,
+        Err(e) => {
+            let error = format!("refresh under the lock (nothing was changed): {e}");
+            summary(0, None, OUTCOME_FAILED, error.clone());
+            release(lock).await;
+            return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
+        }
+    };
+    let old_primary = fresh.record.as_ref().and_then(|r| r.primary.clone());
+    let old_term = fresh.record_term();
+    let quarantined: BTreeMap<String, String> = fresh.input.quarantined.clone();
+    let problem = Problem {
+        code: match req.mode {
+            ReparentMode::Planned => ProblemCode::ReparentInProgress,
+            ReparentMode::Emergency => ProblemCode::DeadPrimary,
+        },
+        tablet: old_primary.clone(),
+        detail: lock_purpose(&req),
+    };
+    let last_primary = op
+        .last_primary
+        .clone()
+        .filter(|p| Some(&p.alias) == old_primary.as_ref());
+    let job = Job {
+        keyspace: ks.clone(),
+        shard: shard.clone(),
+        problem: problem.clone(),
+        quarantined,
+        last_primary,
+    };
+    let step_events = events.clone();
+    let ctx = RecoveryContext::new(deps.clone(), job, problem, fresh, lock).with_observer(
+        StepObserver::new(move |s| {
+            let _ = step_events.send(OpEvent::Step(s.clone()));
+        }),
+    );
+
+    // 3. The operation.
+    let result: Result<Done, (RecoveryError, bool)> = match req.mode {
+        ReparentMode::Planned => {
+            let opts = PlannedOptions {
+                to: req.to.clone(),
+                wait_timeout: req.wait_timeout,
+                max_lag: req.max_lag,
+                requester: req.requester.clone(),
+            };
+            planned::planned_reparent(&ctx, &opts)
+                .await
+                .map_err(|f| (f.error, f.undone))
+        }
+        ReparentMode::Emergency => {
+            let opts = EmergencyOptions {
+                to: req.to.clone(),
+                demote_old_first: Some(EMERGENCY_DEMOTE_BOUND),
+            };
+            reparent::emergency_reparent_with(&ctx, &opts)
+                .await
+                .map_err(|e| {
+                    let undone = ctx.steps().iter().any(|s| s.name == "undo_demote" && s.ok);
+                    (e, undone)
+                })
+        }
+    };
+    let term_now = ctx.term();
+    let done = match result {
+        Ok(d) => {
+            let term = d.new_term.unwrap_or(old_term);
+            summary(term, old_primary.clone(), OUTCOME_OK, d.detail.clone());
+            OpDone {
+                ok: true,
+                mode: req.mode,
+                kind: None,
+                error: None,
+                old_primary: old_primary.clone(),
+                new_primary: d.new_primary.clone(),
+                term: Some(term),
+                undone: None,
+                holder: None,
+                purpose: None,
+                total_ms: millis(started.elapsed()),
+                detail: Some(d.detail),
+            }
+        }
+        Err((e, undone)) => {
+            let (kind, outcome) = match &e {
+                RecoveryError::Refused(_) => (FailKind::Refused, OUTCOME_REFUSED),
+                _ => (FailKind::Failed, OUTCOME_FAILED),
+            };
+            let error = match &e {
+                RecoveryError::Refused(r) => r.clone(),
+                e => e.to_string(),
+            };
+            let text = if undone {
+                format!("{error}; the demotion was undone (the old primary takes writes again)")
+            } else {
+                error.clone()
+            };
+            summary(term_now, old_primary.clone(), outcome, text);
+            let mut d = fail(kind, error, old_primary.clone(), None);
+            d.undone = Some(undone);
+            d
+        }
+    };
+    release(ctx.into_lock()).await;
+    // The term at the end, as the record says (a rolled-back promotion may have raised it).
+    let mut done = done;
+    if done.term.is_none() {
+        done.term = deps
+            .topo
+            .get_shard(&ks, &shard)
+            .await
+            .ok()
+            .flatten()
+            .map(|(r, _)| r.term);
+    }
+    done.total_ms = millis(started.elapsed());
+    finish(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(mode: ReparentMode, to: Option<&str>) -> ReparentRequest {
+        ReparentRequest {
+            mode,
+            to: to.map(str::to_string),
+            wait_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(10),
+            max_lag: Duration::from_secs(5),
+            requester: "alice".into(),
+        }
+    }
+
+    #[test]
+    fn events_are_one_json_object_per_line_as_the_contract_says() {
+        let w = OpEvent::WaitingLock {
+            holder: "orchestrator@h:1".into(),
+            purpose: "repair primary_read_only".into(),
+        };
+        assert_eq!(
+            w.line(),
+            "{\"event\":\"waiting_lock\",\"holder\":\"orchestrator@h:1\",\"purpose\":\"repair primary_read_only\"}\n"
+        );
+        let s = OpEvent::Step(StepRecord {
+            name: "demote".into(),
+            tablet: Some("zone1-101".into()),
+            ok: true,
+            detail: "read_only on".into(),
+            at_ms: 7,
+            duration_ms: 12,
+        });
+        let v: serde_json::Value = serde_json::from_str(&s.line()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event": "step", "name": "demote", "tablet": "zone1-101", "ok": true,
+                "detail": "read_only on", "at_ms": 7, "duration_ms": 12})
+        );
+        let ok = OpEvent::Done(OpDone {
+            ok: true,
+            mode: ReparentMode::Planned,
+            kind: None,
+            error: None,
+            old_primary: Some("zone1-101".into()),
+            new_primary: Some("zone1-102".into()),
+            term: Some(5),
+            undone: None,
+            holder: None,
+            purpose: None,
+            total_ms: 143,
+            detail: Some("...".into()),
+        });
+        let v: serde_json::Value = serde_json::from_str(&ok.line()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"event": "done", "ok": true, "mode": "planned", "old_primary": "zone1-101",
+                "new_primary": "zone1-102", "term": 5, "total_ms": 143, "detail": "..."})
+        );
+        let held = OpEvent::Done(OpDone {
+            ok: false,
+            mode: ReparentMode::Emergency,
+            kind: Some(FailKind::LockHeld),
+            error: Some("held by x (y)".into()),
+            old_primary: Some("zone1-101".into()),
+            new_primary: None,
+            term: Some(4),
+            undone: Some(false),
+            holder: Some("x".into()),
+            purpose: Some("y".into()),
+            total_ms: 1000,
+            detail: None,
+        });
+        let v: serde_json::Value = serde_json::from_str(&held.line()).unwrap();
+        assert_eq!(v["kind"], "lock_held");
+        assert_eq!(v["mode"], "emergency");
+        assert_eq!(v["undone"], false);
+        assert_eq!(
+            (v["holder"].as_str(), v["purpose"].as_str()),
+            (Some("x"), Some("y"))
+        );
+        assert!(held.line().ends_with("}\n") && held.line().matches('\n').count() == 1);
+    }
+
+    #[test]
+    fn the_actor_and_the_lock_purpose_name_the_operator() {
+        assert_eq!(
+            operator_actor("alice", "orchestrator@h:1"),
+            "operator:alice@orchestrator@h:1"
+        );
+        assert!(operator_actor("a", "b").starts_with(OPERATOR_ACTOR_PREFIX));
+        assert_eq!(
+            lock_purpose(&request(ReparentMode::Planned, Some("zone1-102"))),
+            "planned reparent to zone1-102 requested by alice"
+        );
+        assert_eq!(
+            lock_purpose(&request(ReparentMode::Emergency, None)),
+            "emergency reparent requested by alice"
+        );
+    }
+}

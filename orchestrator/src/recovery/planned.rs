@@ -1,0 +1,1008 @@
+//! Planned reparent (scenarios S1-S4): an operator moves the primary of a healthy shard to a
+//! replica without losing a write. Contract: `docs/design.md`, "Operator reparents".
+//!
+//! Runs under the shard lock on a fresh view ([`RecoveryContext::fresh`]), in order, nothing
+//! changed before step 4:
+//! 1. (the caller took the lock and refreshed);
+//! 2. the primary must answer, writable ([`choose_planned`]);
+//! 3. the candidate: the requested one or the best replica ([`choose_planned`], pure), refused
+//!    with the reason otherwise (S2: the lag is in it);
+//! 4. mark the shard record (`reparent_in_progress`, and the new term reserved);
+//! 5. `Demote(old)`: read-only, in-flight commits finished, its final position P;
+//! 6. `WaitForPosition(candidate, P, wait_timeout)`;
+//! 7. `Promote(candidate)` under the new term;
+//! 8. the shard record names the candidate at the new term, mark cleared;
+//! 9. the old primary and every answering replica replicate from the candidate (a down replica
+//!    is skipped: the repairs repoint it when it returns, S3).
+//!
+//! A failure in 5-7 undoes the demotion (S4): the old primary is writable again and the mark is
+//! cleared. When `Promote` was sent, the candidate may have accepted the new term: it is put
+//! back under the old primary (read-only, replicating) and the record keeps the old primary at
+//! the new term, so that no agent knows a term above the record's.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use myha_proto::agent as pb;
+use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
+
+use super::{Done, RecoveryContext, RecoveryError};
+use crate::analysis;
+
+/// What the operator asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedOptions {
+    /// The candidate; `None`: the best replica.
+    pub to: Option<String>,
+    /// Bound on the candidate reaching the demoted primary's position (step 6).
+    pub wait_timeout: Duration,
+    /// A candidate lagging more than this is refused before anything changes (S2).
+    pub max_lag: Duration,
+    /// Who asked (in the mark and the audit log).
+    pub requester: String,
+}
+
+/// Why a planned reparent is refused before anything changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlannedRefusal {
+    #[error("the shard record names no primary")]
+    NoPrimary,
+    #[error("primary {alias} is not usable for a planned reparent: {why}")]
+    Primary { alias: String, why: String },
+    #[error("{alias} is the primary already")]
+    CandidateIsPrimary { alias: String },
+    #[error("{alias} is not a registered tablet of this shard")]
+    UnknownCandidate { alias: String },
+    #[error("{alias} does not answer: {why}")]
+    Unreachable { alias: String, why: String },
+    #[error("{alias} is not a replica of primary {primary}: {why}")]
+    NotReplicating {
+        alias: String,
+        primary: String,
+        why: String,
+    },
+    #[error("{alias} has promotion rule must_not")]
+    MustNot { alias: String },
+    #[error("{alias} is quarantined: {reason}")]
+    Quarantined { alias: String, reason: String },
+    #[error("{alias} lags {lag_ms} ms behind the primary, over the bound of {max_lag_ms} ms")]
+    Lagging {
+        alias: String,
+        lag_ms: u64,
+        max_lag_ms: u64,
+    },
+    #[error("{alias}'s lag is unknown (no heartbeat applied yet) and it has not applied the primary's position {primary_position}")]
+    LagUnknown {
+        alias: String,
+        primary_position: String,
+    },
+    #[error("no replica can be promoted: {0}")]
+    NoCandidate(String),
+    #[error("durability semi_sync cannot be met after promoting {candidate}: {why}")]
+    SemiSync { candidate: String, why: String },
+}
+
+/// What [`choose_planned`] looks at: the fresh shard and the request.
+#[derive(Debug, Clone, Copy)]
+pub struct PlannedInput<'a> {
+    pub record: &'a ShardRecord,
+    pub durability: Durability,
+    pub tablets: &'a BTreeMap<String, TabletRecord>,
+    /// `FullStatus` answers, by alias.
+    pub statuses: &'a BTreeMap<String, pb::Health>,
+    /// Why each silent agent is unseen.
+    pub unseen: &'a BTreeMap<String, String>,
+    /// Quarantined tablets and why.
+    pub quarantined: &'a BTreeMap<String, String>,
+    pub to: Option<&'a str>,
+    pub max_lag: Duration,
+}
+
+/// The decision of [`choose_planned`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedChoice {
+    pub primary: String,
+    pub candidate: String,
+    /// Why this one (for the audit log).
+    pub reason: String,
+    /// Answering tablets to repoint at the candidate after the promotion, besides the old
+    /// primary.
+    pub repoint: Vec<String>,
+    /// Tablets left alone, with why (down, quarantined).
+    pub skipped: Vec<String>,
+}
+
+/// A usable candidate as ranked by [`choose_planned`].
+#[derive(Debug, Clone)]
+struct Eligible {
+    alias: String,
+    cell_differs: bool,
+    rule: PromotionRule,
+    lag_ms: Option<u64>,
+    position: Option<gtid::GtidSet>,
+}
+
+fn rule_rank(r: PromotionRule) -> u8 {
+    match r {
+        PromotionRule::Prefer => 0,
+        PromotionRule::Neutral => 1,
+        PromotionRule::MustNot => 2,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl PlannedInput<'_> {
+    fn answering(&self, alias: &str) -> Result<&pb::Health, String> {
+        match self.statuses.get(alias) {
+            Some(h) if h.mysql_reachable => Ok(h),
+            Some(h) => Err(format!("its mysqld is unreachable: {}", h.mysql_error)),
+            None => Err(match self.unseen.get(alias) {
+                Some(why) => format!("its agent does not answer: {why}"),
+                None => "its agent does not answer".to_string(),
+            }),
+        }
+    }
+
+    /// Whether `alias` may be promoted in place of `primary`; its ranking data if so.
+    fn eligible(
+        &self,
+        alias: &str,
+        primary: &str,
+        primary_addr: &str,
+        primary_cell: Option<&str>,
+        primary_pos: Option<&gtid::GtidSet>,
+    ) -> Result<Eligible, PlannedRefusal> {
+        if alias == primary {
+            return Err(PlannedRefusal::CandidateIsPrimary {
+                alias: alias.into(),
+            });
+        }
+        let Some(rec) = self.tablets.get(alias) else {
+            return Err(PlannedRefusal::UnknownCandidate {
+                alias: alias.into(),
+            });
+        };
+        if let Some(reason) = self.quarantined.get(alias) {
+            return Err(PlannedRefusal::Quarantined {
+                alias: alias.into(),
+                reason: reason.clone(),
+            });
+        }
+        let h = self
+            .answering(alias)
+            .map_err(|why| PlannedRefusal::Unreachable {
+                alias: alias.into(),
+                why,
+            })?;
+        if rec.promotion_rule == PromotionRule::MustNot {
+            return Err(PlannedRefusal::MustNot {
+                alias: alias.into(),
+            });
+        }
+        let rep = h.replication.clone().unwrap_or_default();
+        let source = format!("{}:{}", rep.source_host, rep.source_port);
+        let not_replicating = |why: String| PlannedRefusal::NotReplicating {
+            alias: alias.into(),
+            primary: primary.into(),
+            why,
+        };
+        if !rep.configured {
+            return Err(not_replicating("it has no replication source".into()));
+        }
+        if source != primary_addr {
+            return Err(not_replicating(format!(
+                "it replicates from {source}, not from the primary at {primary_addr}"
+            )));
+        }
+        if !analysis::replicating(h) {
+            let errors = [rep.last_io_error.as_str(), rep.last_sql_error.as_str()]
+                .into_iter()
+                .filter(|e| !e.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(not_replicating(format!(
+                "its replication threads are not both running{}",
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {errors}")
+                }
+            )));
+        }
+        let position = analysis::position(h);
+        match h.lag_ms {
+            Some(lag) if lag > millis(self.max_lag) => {
+                return Err(PlannedRefusal::Lagging {
+                    alias: alias.into(),
+                    lag_ms: lag,
+                    max_lag_ms: millis(self.max_lag),
+                })
+            }
+            Some(_) => {}
+            None => {
+                let caught_up = match (&position, primary_pos) {
+                    (Some(p), Some(pp)) => p.contains_set(pp).unwrap_or(false),
+                    _ => false,
+                };
+                if !caught_up {
+                    return Err(PlannedRefusal::LagUnknown {
+                        alias: alias.into(),
+                        primary_position: primary_pos.map(|p| p.to_string()).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        Ok(Eligible {
+            alias: alias.into(),
+            cell_differs: primary_cell.is_some_and(|c| c != rec.cell),
+            rule: rec.promotion_rule,
+            lag_ms: h.lag_ms,
+            position,
+        })
+    }
+}
+
+/// Steps 2 and 3: checks the primary and picks the candidate. Pure.
+///
+/// The candidate is `to`, or the best replica: answering, replicating from the primary (IO and
+/// SQL running), not quarantined, not `must_not`, lag within `max_lag` (unknown lag only when it
+/// has applied the primary's position); preferred: the primary's cell, then `prefer` over
+/// `neutral`, then least lag, then the most advanced position, then the alias. With semi_sync
+/// durability someone other than the candidate (the old primary counts) must be able to ack.
+pub fn choose_planned(input: &PlannedInput<'_>) -> Result<PlannedChoice, PlannedRefusal> {
+    let primary = input
+        .record
+        .primary
+        .clone()
+        .ok_or(PlannedRefusal::NoPrimary)?;
+    let bad_primary = |why: String| PlannedRefusal::Primary {
+        alias: primary.clone(),
+        why,
+    };
+    let Some(p_rec) = input.tablets.get(&primary) else {
+        return Err(bad_primary(
+            "it is not registered (agent gone, lease expired)".into(),
+        ));
+    };
+    let ph = input.answering(&primary).map_err(bad_primary)?;
+    let pm = ph.mysql.clone().unwrap_or_default();
+    if pm.read_only {
+        return Err(bad_primary("it is read-only".into()));
+    }
+    if ph.replication.as_ref().is_some_and(|r| r.configured) {
+        return Err(bad_primary(
+            "it replicates from someone (repair it first)".into(),
+        ));
+    }
+    let primary_addr = format!("{}:{}", p_rec.mysql_host, p_rec.mysql_port);
+    let primary_pos = analysis::position(ph);
+    let check = |alias: &str| {
+        input.eligible(
+            alias,
+            &primary,
+            &primary_addr,
+            Some(p_rec.cell.as_str()),
+            primary_pos.as_ref(),
+        )
+    };
+    let chosen = match input.to {
+        Some(to) => check(to)?,
+        None => {
+            let mut ok = Vec::new();
+            let mut excluded = Vec::new();
+            for alias in input.tablets.keys().filter(|a| **a != primary) {
+                match check(alias) {
+                    Ok(e) => ok.push(e),
+                    Err(r) => excluded.push(r.to_string()),
+                }
+            }
+            best(ok).ok_or_else(|| {
+                PlannedRefusal::NoCandidate(if excluded.is_empty() {
+                    "the shard has no replica".into()
+                } else {
+                    excluded.join("; ")
+                })
+            })?
+        }
+    };
+    // Who could ack the new primary's writes: every answering, non-quarantined tablet but the
+    // candidate (the old primary included: it becomes a replica).
+    let ackers: Vec<&String> = input
+        .tablets
+        .keys()
+        .filter(|a| **a != chosen.alias)
+        .filter(|a| !input.quarantined.contains_key(*a) && input.answering(a).is_ok())
+        .collect();
+    if input.durability == Durability::SemiSync && ackers.is_empty() {
+        return Err(PlannedRefusal::SemiSync {
+            candidate: chosen.alias.clone(),
+            why: "no other tablet (the old primary included) answers and could acknowledge its writes".into(),
+        });
+    }
+    let mut repoint = Vec::new();
+    let mut skipped = Vec::new();
+    for alias in input
+        .tablets
+        .keys()
+        .filter(|a| **a != primary && **a != chosen.alias)
+    {
+        if let Some(reason) = input.quarantined.get(alias) {
+            skipped.push(format!("{alias}: quarantined ({reason})"));
+            continue;
+        }
+        match input.answering(alias) {
+            Ok(_) => repoint.push(alias.clone()),
+            Err(why) => skipped.push(format!("{alias}: {why}")),
+        }
+    }
+    let reason = format!(
+        "{}{} ({:?}, {} cell, lag {}, position {})",
+        chosen.alias,
+        if input.to.is_some() {
+            " as requested"
+        } else {
+            ", the best replica"
+        },
+        chosen.rule,
+        if chosen.cell_differs {
+            "another"
+        } else {
+            "the primary's"
+        },
+        chosen
+            .lag_ms
+            .map(|l| format!("{l} ms"))
+            .unwrap_or_else(|| "unknown, caught up".into()),
+        chosen
+            .position
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "unknown".into()),
+    );
+    Ok(PlannedChoice {
+        primary,
+        candidate: chosen.alias,
+        reason,
+        repoint,
+        skipped,
+    })
+}
+
+/// The best of the eligible: cell, rule, lag, then the most advanced, then the alias.
+fn best(mut ok: Vec<Eligible>) -> Option<Eligible> {
+    let key = |e: &Eligible| {
+        (
+            e.cell_differs,
+            rule_rank(e.rule),
+            e.lag_ms.unwrap_or(u64::MAX),
+        )
+    };
+    let top = ok.iter().map(key).min()?;
+    ok.retain(|e| key(e) == top);
+    ok.sort_by(|a, b| a.alias.cmp(&b.alias));
+    let mut pick = ok.first()?.clone();
+    for e in &ok[1..] {
+        let ahead = match (&e.position, &pick.position) {
+            (Some(a), Some(b)) => a != b && a.contains_set(b).unwrap_or(false),
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if ahead {
+            pick = e.clone();
+        }
+    }
+    Some(pick)
+}
+
+/// How a planned reparent ended badly.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct PlannedFailure {
+    pub error: RecoveryError,
+    /// The demotion was rolled back: the old primary is writable again.
+    pub undone: bool,
+}
+
+impl From<RecoveryError> for PlannedFailure {
+    fn from(error: RecoveryError) -> PlannedFailure {
+        PlannedFailure {
+            error,
+            undone: false,
+        }
+    }
+}
+
+/// The text of the mark (step 4).
+pub fn mark_text(candidate: &str, requester: &str) -> String {
+    format!("planned reparent to {candidate} by {requester}")
+}
+
+/// The planned reparent. See the module doc.
+pub async fn planned_reparent(
+    ctx: &RecoveryContext,
+    opts: &PlannedOptions,
+) -> Result<Done, PlannedFailure> {
+    let fresh = &ctx.fresh;
+    let record = fresh
+        .record
+        .clone()
+        .ok_or_else(|| RecoveryError::Refused("the shard has no record".into()))?;
+    if let Some(stale) = &record.reparent_in_progress {
+        // We hold the lock: whoever set it is gone. Our own mark replaces it.
+        ctx.record_step(
+            "stale_reparent_mark",
+            None,
+            true,
+            format!("found a stale reparent mark ({stale}) under the lock: replaced by ours"),
+            Duration::ZERO,
+        );
+    }
+    let input = PlannedInput {
+        record: &record,
+        durability: fresh.durability,
+        tablets: &fresh.tablets,
+        statuses: &fresh.statuses,
+        unseen: &fresh.unseen,
+        quarantined: &fresh.input.quarantined,
+        to: opts.to.as_deref(),
+        max_lag: opts.max_lag,
+    };
+    let choice = match choose_planned(&input) {
+        Ok(c) => c,
+        Err(r) => {
+            let why = r.to_string();
+            ctx.record_step(
+                "choose_candidate",
+                opts.to.as_deref(),
+                false,
+                why.clone(),
+                Duration::ZERO,
+            );
+            return Err(RecoveryError::Refused(format!(
+                "{why}; nothing was changed (primary {} stays at term {})",
+                record.primary.as_deref().unwrap_or("none"),
+                record.term
+            ))
+            .into());
+        }
+    };
+    ctx.record_step(
+        "choose_candidate",
+        Some(&choice.candidate),
+        true,
+        choice.reason.clone(),
+        Duration::ZERO,
+    );
+    let old = choice.primary.clone();
+    let candidate = ctx.tablet(&choice.candidate)?.clone();
+    let old_rec = ctx.tablet(&old)?.clone();
+    let new_term = fresh.next_promotion_term();
+    let semi = fresh.durability == Durability::SemiSync;
+
+    // 4. Mark (and reserve the new term) before touching anything.
+    let marked = ShardRecord {
+        reparent_in_progress: Some(mark_text(&candidate.alias, &opts.requester)),
+        reserved_term: record.reserved_term.max(new_term),
+        ..record.clone()
+    };
+    if let Err(e) = ctx.write_shard_record_as("mark_reparent", &marked).await {
+        // The write may have happened (a timeout): make sure no mark stays.
+        let _ = ctx
+            .write_shard_record_as("clear_reparent_mark", &record)
+            .await;
+        return Err(e.into());
+    }
+
+    // 5-7. Demote, wait, promote; any failure undoes the demotion.
+    let mut promote_sent = false;
+    let promoted = async {
+        let demoted = ctx.demote(&old).await?;
+        let position = demoted.gtid_position;
+        if position.trim().is_empty() {
+            return Err(RecoveryError::Failed(format!(
+                "Demote of {old} answered no GTID position"
+            )));
+        }
+        ctx.wait_for_position(
+            "wait_for_position",
+            &candidate.alias,
+            &position,
+            opts.wait_timeout,
+        )
+        .await?;
+        ctx.set_term(new_term);
+        promote_sent = true;
+        ctx.promote(&candidate.alias).await?;
+        Ok(position)
+    }
+    .await;
+    let position = match promoted {
+        Ok(p) => p,
+        Err(error) => {
+            let undone = undo(
+                ctx,
+                &record,
+                &old_rec,
+                &candidate,
+                promote_sent,
+                new_term,
+                semi,
+            )
+            .await;
+            return Err(PlannedFailure { error, undone });
+        }
+    };
+
+    // 8. The new primary in the record, mark cleared.
+    let next = ShardRecord {
+        primary: Some(candidate.alias.clone()),
+        term: new_term,
+        term_start_ms: topo::now_ms(),
+        reparent_in_progress: None,
+        reserved_term: marked.reserved_term.max(new_term),
+        ..record.clone()
+    };
+    if let Err(e) = ctx.write_shard_record(&next).await {
+        return Err(RecoveryError::Failed(format!(
+            "{} was promoted at term {new_term} but the shard record could not be written ({e}); \
+             the mark stays until the next lock holder clears it",
+            candidate.alias
+        ))
+        .into());
+    }
+
+    // 9. Everyone else replicates from the new primary.
+    let mut targets = vec![old.clone()];
+    targets.extend(choice.repoint.iter().cloned());
+    let (ok, failed) = ctx.repoint_all(&targets, &candidate, semi).await;
+    Ok(Done {
+        detail: format!(
+            "{old} -> {} at term {new_term} (was {}): caught up to {position}; repointed [{}]{}{}",
+            candidate.alias,
+            record.term,
+            ok.join(", "),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; repoint failed (the repairs finish it): {}",
+                    failed.join("; ")
+                )
+            },
+            if choice.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; skipped (repointed by the repairs when they return): {}",
+                    choice.skipped.join("; ")
+                )
+            }
+        ),
+        new_term: Some(new_term),
+        new_primary: Some(candidate.alias.clone()),
+    })
+}
+
+/// Rolls a failed demote/wait/promote back: the candidate (if `Promote` was sent) goes back
+/// under the old primary, the old primary is made writable again, the mark is cleared (the
+/// term raised to `new_term` when the candidate may know it). Returns whether the old primary
+/// is writable again.
+async fn undo(
+    ctx: &RecoveryContext,
+    record: &ShardRecord,
+    old: &TabletRecord,
+    candidate: &TabletRecord,
+    promote_sent: bool,
+    new_term: u64,
+    semi: bool,
+) -> bool {
+    if promote_sent {
+        // It may be writable under the new term: read-only, and a replica of the old primary.
+        let _ = ctx.set_read_only(&candidate.alias, true).await;
+        let _ = ctx
+            .set_replication_source("undo_promote", &candidate.alias, old, semi, true)
+            .await;
+    }
+    let undone = ctx.undo_demote(&old.alias).await.is_ok();
+    let restored = if promote_sent {
+        ShardRecord {
+            term: new_term,
+            term_start_ms: topo::now_ms(),
+            reparent_in_progress: None,
+            reserved_term: record.reserved_term.max(new_term),
+            ..record.clone()
+        }
+    } else {
+        // No agent was asked to act under the new term: its reservation is given back.
+        ShardRecord {
+            reparent_in_progress: None,
+            ..record.clone()
+        }
+    };
+    // Without the lock (lost) this fails; the next lock holder clears the stale mark.
+    let _ = ctx
+        .write_shard_record_as("clear_reparent_mark", &restored)
+        .await;
+    undone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use myha_proto::agent::{MysqlStatus, Replication};
+    use tabletwatch::testing::tablet_record;
+
+    const P: &str = "zone1-101";
+
+    fn port(alias: &str) -> u16 {
+        4000 + topo::parse_alias(alias).map(|(_, u)| u as u16).unwrap_or(0)
+    }
+
+    fn rec(alias: &str, cell: &str, rule: PromotionRule) -> TabletRecord {
+        let mut t = tablet_record(alias, "ks", "0");
+        t.cell = cell.into();
+        t.mysql_host = "127.0.0.1".into();
+        t.mysql_port = port(alias);
+        t.promotion_rule = rule;
+        t
+    }
+
+    fn primary_health(pos: &str) -> pb::Health {
+        pb::Health {
+            mysql_reachable: true,
+            mysql: Some(MysqlStatus {
+                flavor: "mariadb".into(),
+                read_only: false,
+                gtid_position: pos.into(),
+                ..Default::default()
+            }),
+            replication: Some(Replication::default()),
+            ..Default::default()
+        }
+    }
+
+    fn replica_health(pos: &str, lag_ms: Option<u64>) -> pb::Health {
+        pb::Health {
+            mysql_reachable: true,
+            mysql: Some(MysqlStatus {
+                flavor: "mariadb".into(),
+                read_only: true,
+                gtid_position: pos.into(),
+                ..Default::default()
+            }),
+            replication: Some(Replication {
+                configured: true,
+                source_host: "127.0.0.1".into(),
+                source_port: port(P).into(),
+                io_state: pb::ThreadState::Running as i32,
+                sql_state: pb::ThreadState::Running as i32,
+                ..Default::default()
+            }),
+            lag_ms,
+            ..Default::default()
+        }
+    }
+
+    /// Primary zone1-101 at 0-101-10; replicas zone1-102 (lag 20), zone1-103 (lag 10),
+    /// zone2-104 (lag 5, another cell).
+    struct Shard {
+        record: ShardRecord,
+        durability: Durability,
+        tablets: BTreeMap<String, TabletRecord>,
+        statuses: BTreeMap<String, pb::Health>,
+        unseen: BTreeMap<String, String>,
+        quarantined: BTreeMap<String, String>,
+        max_lag: Duration,
+    }
+
+    impl Shard {
+        fn new() -> Shard {
+            let mut record = ShardRecord::new("ks", "0");
+            record.primary = Some(P.into());
+            record.term = 3;
+            let tablets = [
+                rec(P, "zone1", PromotionRule::Neutral),
+                rec("zone1-102", "zone1", PromotionRule::Neutral),
+                rec("zone1-103", "zone1", PromotionRule::Neutral),
+                rec("zone2-104", "zone2", PromotionRule::Neutral),
+            ]
+            .into_iter()
+            .map(|t| (t.alias.clone(), t))
+            .collect();
+            let statuses = [
+                (P.to_string(), primary_health("0-101-10")),
+                ("zone1-102".into(), replica_health("0-101-9", Some(20))),
+                ("zone1-103".into(), replica_health("0-101-10", Some(10))),
+                ("zone2-104".into(), replica_health("0-101-10", Some(5))),
+            ]
+            .into();
+            Shard {
+                record,
+                durability: Durability::SemiSync,
+                tablets,
+                statuses,
+                unseen: BTreeMap::new(),
+                quarantined: BTreeMap::new(),
+                max_lag: Duration::from_secs(5),
+            }
+        }
+
+        fn choose(&self, to: Option<&str>) -> Result<PlannedChoice, PlannedRefusal> {
+            choose_planned(&PlannedInput {
+                record: &self.record,
+                durability: self.durability,
+                tablets: &self.tablets,
+                statuses: &self.statuses,
+                unseen: &self.unseen,
+                quarantined: &self.quarantined,
+                to,
+                max_lag: self.max_lag,
+            })
+        }
+
+        fn status(&mut self, alias: &str) -> &mut pb::Health {
+            self.statuses.get_mut(alias).expect("tablet")
+        }
+
+        fn rule(&mut self, alias: &str, rule: PromotionRule) {
+            self.tablets.get_mut(alias).expect("tablet").promotion_rule = rule;
+        }
+    }
+
+    #[test]
+    fn the_best_replica_is_in_the_primarys_cell_then_least_lagging() {
+        let c = Shard::new().choose(None).expect("a candidate");
+        assert_eq!(c.primary, P);
+        assert_eq!(c.candidate, "zone1-103", "{c:?}");
+        assert_eq!(c.repoint, vec!["zone1-102", "zone2-104"]);
+        assert!(c.skipped.is_empty());
+        assert!(c.reason.contains("lag 10 ms"), "{}", c.reason);
+    }
+
+    #[test]
+    fn prefer_beats_lag_and_the_cell_beats_prefer() {
+        let mut s = Shard::new();
+        s.rule("zone1-102", PromotionRule::Prefer);
+        assert_eq!(s.choose(None).unwrap().candidate, "zone1-102");
+        s.rule("zone2-104", PromotionRule::Prefer);
+        s.rule("zone1-102", PromotionRule::Neutral);
+        assert_eq!(
+            s.choose(None).unwrap().candidate,
+            "zone1-103",
+            "same cell first"
+        );
+    }
+
+    #[test]
+    fn equal_lag_goes_to_the_most_advanced_then_the_alias() {
+        let mut s = Shard::new();
+        s.status("zone1-102").lag_ms = Some(10);
+        s.status("zone1-102").mysql.as_mut().unwrap().gtid_position = "0-101-11".into();
+        assert_eq!(s.choose(None).unwrap().candidate, "zone1-102");
+        s.status("zone1-102").mysql.as_mut().unwrap().gtid_position = "0-101-10".into();
+        assert_eq!(
+            s.choose(None).unwrap().candidate,
+            "zone1-102",
+            "alias order"
+        );
+        s.status("zone1-103").mysql.as_mut().unwrap().gtid_position = "0-101-12".into();
+        assert_eq!(s.choose(None).unwrap().candidate, "zone1-103");
+    }
+
+    #[test]
+    fn the_requested_candidate_is_taken_even_if_another_is_better() {
+        let c = Shard::new().choose(Some("zone2-104")).unwrap();
+        assert_eq!(c.candidate, "zone2-104");
+        assert_eq!(c.repoint, vec!["zone1-102", "zone1-103"]);
+        assert!(c.reason.contains("as requested"), "{}", c.reason);
+    }
+
+    #[test]
+    fn refused_when_the_candidate_is_the_primary() {
+        assert_eq!(
+            Shard::new().choose(Some(P)),
+            Err(PlannedRefusal::CandidateIsPrimary { alias: P.into() })
+        );
+    }
+
+    #[test]
+    fn refused_when_the_candidate_is_not_registered() {
+        assert_eq!(
+            Shard::new().choose(Some("zone1-199")),
+            Err(PlannedRefusal::UnknownCandidate {
+                alias: "zone1-199".into()
+            })
+        );
+    }
+
+    #[test]
+    fn refused_when_the_candidate_is_not_replicating_from_the_primary() {
+        let mut s = Shard::new();
+        s.status("zone1-102")
+            .replication
+            .as_mut()
+            .unwrap()
+            .sql_state = pb::ThreadState::Stopped as i32;
+        s.status("zone1-102")
+            .replication
+            .as_mut()
+            .unwrap()
+            .last_sql_error = "Duplicate entry".into();
+        let e = s.choose(Some("zone1-102")).unwrap_err();
+        assert!(
+            matches!(&e, PlannedRefusal::NotReplicating { why, .. } if why.contains("Duplicate entry")),
+            "{e}"
+        );
+        // Replicating from someone else.
+        let mut s = Shard::new();
+        s.status("zone1-102")
+            .replication
+            .as_mut()
+            .unwrap()
+            .source_port = port("zone1-103").into();
+        let e = s.choose(Some("zone1-102")).unwrap_err();
+        assert!(
+            matches!(&e, PlannedRefusal::NotReplicating { why, .. } if why.contains("not from the primary")),
+            "{e}"
+        );
+        // No source at all.
+        let mut s = Shard::new();
+        s.status("zone1-102").replication = Some(Replication::default());
+        let e = s.choose(Some("zone1-102")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("zone1-102 is not a replica of primary zone1-101"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn refused_when_the_candidate_is_must_not() {
+        let mut s = Shard::new();
+        s.rule("zone1-103", PromotionRule::MustNot);
+        assert_eq!(
+            s.choose(Some("zone1-103")),
+            Err(PlannedRefusal::MustNot {
+                alias: "zone1-103".into()
+            })
+        );
+        // Left out of the automatic pick.
+        assert_eq!(s.choose(None).unwrap().candidate, "zone1-102");
+    }
+
+    #[test]
+    fn refused_when_the_candidate_is_quarantined() {
+        let mut s = Shard::new();
+        s.quarantined
+            .insert("zone1-103".into(), "errant 0-103-1".into());
+        assert_eq!(
+            s.choose(Some("zone1-103")),
+            Err(PlannedRefusal::Quarantined {
+                alias: "zone1-103".into(),
+                reason: "errant 0-103-1".into()
+            })
+        );
+        let c = s.choose(None).unwrap();
+        assert_eq!(c.candidate, "zone1-102");
+        assert_eq!(c.repoint, vec!["zone2-104"]);
+        assert_eq!(c.skipped.len(), 1, "{c:?}");
+    }
+
+    #[test]
+    fn refused_when_the_candidate_does_not_answer() {
+        let mut s = Shard::new();
+        s.statuses.remove("zone1-103");
+        s.unseen
+            .insert("zone1-103".into(), "connection refused".into());
+        let e = s.choose(Some("zone1-103")).unwrap_err();
+        assert!(
+            matches!(&e, PlannedRefusal::Unreachable { why, .. } if why.contains("connection refused")),
+            "{e}"
+        );
+        let mut s = Shard::new();
+        s.status("zone1-103").mysql_reachable = false;
+        s.status("zone1-103").mysql_error = "Can't connect".into();
+        let e = s.choose(Some("zone1-103")).unwrap_err();
+        assert!(e.to_string().contains("mysqld is unreachable"), "{e}");
+        // A down replica is skipped, not a reason to refuse (S3).
+        let c = s.choose(None).unwrap();
+        assert_eq!(c.candidate, "zone1-102");
+        assert_eq!(c.repoint, vec!["zone2-104"]);
+        assert!(c.skipped[0].starts_with("zone1-103: "), "{c:?}");
+    }
+
+    #[test]
+    fn refused_when_the_candidate_lags_with_the_lag_in_the_reason() {
+        let mut s = Shard::new();
+        s.status("zone1-103").lag_ms = Some(12_345);
+        let e = s.choose(Some("zone1-103")).unwrap_err();
+        assert_eq!(
+            e,
+            PlannedRefusal::Lagging {
+                alias: "zone1-103".into(),
+                lag_ms: 12_345,
+                max_lag_ms: 5000
+            }
+        );
+        assert!(e.to_string().contains("12345 ms"), "{e}");
+        // Everyone lagging: no candidate, every lag shown.
+        for a in ["zone1-102", "zone2-104"] {
+            s.status(a).lag_ms = Some(9000);
+        }
+        let e = s.choose(None).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, PlannedRefusal::NoCandidate(_))
+                && text.contains("12345 ms")
+                && text.contains("9000 ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_lag_is_accepted_only_when_caught_up() {
+        let mut s = Shard::new();
+        s.status("zone1-102").lag_ms = None;
+        let e = s.choose(Some("zone1-102")).unwrap_err();
+        assert!(matches!(e, PlannedRefusal::LagUnknown { .. }), "{e}");
+        s.status("zone1-102").mysql.as_mut().unwrap().gtid_position = "0-101-10".into();
+        let c = s.choose(Some("zone1-102")).unwrap();
+        assert!(c.reason.contains("unknown, caught up"), "{}", c.reason);
+    }
+
+    #[test]
+    fn refused_when_semi_sync_could_not_be_acknowledged() {
+        let mut s = Shard::new();
+        for a in ["zone1-102", "zone2-104"] {
+            s.tablets.remove(a);
+            s.statuses.remove(a);
+        }
+        // Two tablets: the old primary acks once it replicates.
+        assert_eq!(s.choose(None).unwrap().candidate, "zone1-103");
+        // ... unless it is quarantined.
+        s.quarantined.insert(P.into(), "operator".into());
+        let e = s.choose(None).unwrap_err();
+        assert!(
+            matches!(&e, PlannedRefusal::SemiSync { candidate, .. } if candidate == "zone1-103"),
+            "{e}"
+        );
+        s.durability = Durability::None;
+        assert_eq!(s.choose(None).unwrap().candidate, "zone1-103");
+    }
+
+    #[test]
+    fn refused_when_the_primary_is_not_usable() {
+        let mut s = Shard::new();
+        s.status(P).mysql.as_mut().unwrap().read_only = true;
+        let e = s.choose(None).unwrap_err();
+        assert!(
+            matches!(&e, PlannedRefusal::Primary { why, .. } if why.contains("read-only")),
+            "{e}"
+        );
+        let mut s = Shard::new();
+        s.statuses.remove(P);
+        let e = s.choose(None).unwrap_err();
+        assert!(
+            matches!(&e, PlannedRefusal::Primary { why, .. } if why.contains("does not answer")),
+            "{e}"
+        );
+        let mut s = Shard::new();
+        s.record.primary = None;
+        assert_eq!(s.choose(None), Err(PlannedRefusal::NoPrimary));
+    }
+
+    #[test]
+    fn no_replica_at_all_is_a_refusal() {
+        let mut s = Shard::new();
+        s.tablets.retain(|a, _| a == P);
+        assert_eq!(
+            s.choose(None),
+            Err(PlannedRefusal::NoCandidate(
+                "the shard has no replica".into()
+            ))
+        );
+    }
+}

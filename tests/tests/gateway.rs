@@ -1,0 +1,1013 @@
+//! myha-gateway as a proxy, with real processes (etcd + 3 MariaDB semi_sync + agents +
+//! orchestrator + gateway): roles and ports, the error packet, reads by lag (G2), fallbacks
+//! (G3), a silent health stream (G4), held connections, graceful shutdown, and failover under
+//! a writer through the RW port (G1). Timings are printed, never asserted tighter than a
+//! generous bound. Half-close and the kill switch are unit-tested against local sockets in
+//! `gateway/src/proxy.rs`; routing decisions branch by branch in `gateway/src/routing.rs`.
+//!
+//! Needs the binaries: `cargo build -p myha-agent -p myha-orchestrator -p myha-gateway`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::{Cluster, ClusterOptions, GatewayConfig, GatewayProc, Tablet, Writer, WriterOptions};
+use myha_tests::ha::{self, BOUND};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use serde_json::Value;
+
+/// One cluster at a time: each is big for a small machine, and timings stay meaningful.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Bound on a client connect through the gateway (held connections included).
+const CONNECT_BOUND: Duration = Duration::from_secs(15);
+
+fn app_opts(c: &Cluster, addr: SocketAddr) -> OptsBuilder {
+    let creds = c.credentials();
+    OptsBuilder::default()
+        .ip_or_hostname(addr.ip().to_string())
+        .tcp_port(addr.port())
+        .user(Some(creds.app_user.clone()))
+        .pass(Some(creds.app_password.clone()))
+        .db_name(Some(creds.database.clone()))
+        // Never switch to the server's unix socket: that would bypass the gateway.
+        .prefer_socket(false)
+}
+
+/// A connection as the application user through `addr`, bounded.
+async fn connect(c: &Cluster, addr: SocketAddr) -> Result<Conn, String> {
+    match tokio::time::timeout(CONNECT_BOUND, Conn::new(app_opts(c, addr))).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no connection through {addr} within {CONNECT_BOUND:?}"
+        )),
+    }
+}
+
+/// The server error a refused connect through `addr` gets: (code, message).
+async fn refused(c: &Cluster, addr: SocketAddr) -> (u16, String) {
+    match tokio::time::timeout(CONNECT_BOUND, Conn::new(app_opts(c, addr))).await {
+        Ok(Err(mysql_async::Error::Server(e))) => (e.code, e.message),
+        Ok(Err(e)) => panic!("connect through {addr}: expected a server error, got {e}"),
+        Ok(Ok(_)) => panic!("connect through {addr}: expected a refusal, got a connection"),
+        Err(_) => panic!("connect through {addr}: no answer within {CONNECT_BOUND:?}"),
+    }
+}
+
+/// (server_id, read_only) of the server behind `conn`.
+async fn whoami(conn: &mut Conn) -> Result<(u32, bool), String> {
+    let row: Option<(u32, u8)> = tokio::time::timeout(
+        Duration::from_secs(5),
+        conn.query_first("SELECT @@server_id, @@read_only"),
+    )
+    .await
+    .map_err(|_| "no answer within 5 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    let (id, ro) = row.ok_or("no row")?;
+    Ok((id, ro != 0))
+}
+
+fn alias_of(c: &Cluster, server_id: u32) -> String {
+    c.tablets()
+        .iter()
+        .find(|t| t.uid() == server_id)
+        .map(|t| t.alias().to_string())
+        .unwrap_or_else(|| format!("server_id {server_id}"))
+}
+
+fn gw_rw(g: &GatewayProc) -> SocketAddr {
+    g.rw_addr().expect("RW listener")
+}
+
+fn gw_ro(g: &GatewayProc) -> SocketAddr {
+    g.ro_addr().expect("RO listener")
+}
+
+fn aliases(list: &Value) -> Vec<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["alias"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the gateway routes writes to `primary` and reads to exactly `replicas`.
+async fn wait_routes(c: &Cluster, g: &GatewayProc, primary: &str, replicas: &[&str]) -> Value {
+    let mut want: Vec<String> = replicas.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    g.wait_shard_routing(
+        c.keyspace(),
+        c.shard(),
+        &format!("rw {primary}, ro {want:?}"),
+        BOUND,
+        |s| s["rw"]["alias"] == primary && aliases(&s["ro"]) == want,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `CHANGE MASTER TO MASTER_DELAY=secs` on a replica (retried: the orchestrator may restart
+/// replication between our statements).
+async fn set_delay(t: &Tablet, secs: u32) {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let attempt = async {
+            let mut c = t.root_conn().await.map_err(|e| e.to_string())?;
+            for s in [
+                "STOP SLAVE".to_string(),
+                format!("CHANGE MASTER TO MASTER_DELAY={secs}"),
+                "START SLAVE".to_string(),
+            ] {
+                c.query_drop(&s).await.map_err(|e| format!("{s}: {e}"))?;
+            }
+            let _ = c.disconnect().await;
+            Ok::<_, String>(())
+        };
+        match attempt.await {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{}: MASTER_DELAY={secs}: {last}", t.alias());
+}
+
+/// Opens RO connections through `addr` until one lands on each of `want` (bounded); returns
+/// them by server_id. Every connection must be to a read-only server.
+async fn ro_conns_on(c: &Cluster, addr: SocketAddr, want: &[u32]) -> Vec<(u32, Conn)> {
+    let mut out: Vec<(u32, Conn)> = Vec::new();
+    for _ in 0..(want.len() * 6) {
+        let mut conn = connect(c, addr).await.unwrap_or_else(|e| panic!("{e}"));
+        let (id, ro) = whoami(&mut conn).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            ro,
+            "RO port reached a writable server ({})",
+            alias_of(c, id)
+        );
+        assert!(
+            want.contains(&id),
+            "RO port reached {} (want {want:?})",
+            alias_of(c, id)
+        );
+        if !out.iter().any(|(i, _)| *i == id) {
+            out.push((id, conn));
+        }
+        if out.len() == want.len() {
+            return out;
+        }
+    }
+    panic!(
+        "RO connections did not reach every one of {want:?}: got {:?}",
+        out.iter().map(|(i, _)| *i).collect::<Vec<_>>()
+    );
+}
+
+/// The sum of the samples of metric `name` whose labels include `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let n = l.split(['{', ' ']).next().unwrap_or("");
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Average time of `n` point selects on `conn`.
+async fn point_selects(conn: &mut Conn, n: u32) -> Duration {
+    let start = Instant::now();
+    for i in 0..n {
+        let v: Option<String> = conn
+            .exec_first("SELECT v FROM kv WHERE id = ?", (i % 100 + 1,))
+            .await
+            .expect("point select");
+        assert!(v.is_some());
+    }
+    start.elapsed() / n
+}
+
+/// Average time of connect + handshake + `SELECT 1` + close through `addr`, `n` times.
+async fn connects(c: &Cluster, addr: SocketAddr, n: u32) -> Duration {
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut conn = connect(c, addr).await.unwrap_or_else(|e| panic!("{e}"));
+        conn.query_drop("SELECT 1").await.expect("select 1");
+        let _ = conn.disconnect().await;
+    }
+    start.elapsed() / n
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} us", d.as_secs_f64() * 1e6)
+}
+
+fn cluster_options() -> ClusterOptions {
+    ClusterOptions {
+        // Agents frozen for a few seconds below must keep their registration.
+        lease_ttl: Duration::from_secs(10),
+        gateway_config: Some(Arc::new(|g: &mut GatewayConfig| {
+            g.max_replica_lag = Some(Duration::from_secs(1));
+            g.ro_hard_lag = Some(Duration::from_secs(4));
+        })),
+        start_gateway: true,
+        ..ha::ha_options(3)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_routes_by_role_lag_and_health() {
+    let _serial = SERIAL.lock().await;
+    let t0 = Instant::now();
+    let c = ha::start(cluster_options()).await;
+    let g = c.gateway().expect("gateway");
+    let [p, r1, r2] = [c.tablet(0), c.tablet(1), c.tablet(2)];
+    let (pid, r1id, r2id) = (p.uid(), r1.uid(), r2.uid());
+    wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()]).await;
+
+    // A second gateway on the same cluster: RO refuses instead of falling back, short buffer
+    // window, a listener for a shard that does not exist, short shutdown grace.
+    let mut cfg2 = c.gateway_config().expect("config");
+    cfg2.ro_fallback = Some("refuse".into());
+    cfg2.buffer_window = Some(Duration::from_millis(500));
+    cfg2.shutdown_grace = Some(Duration::from_secs(3));
+    cfg2.listeners.push(harness::GatewayListener {
+        keyspace: c.keyspace().into(),
+        shard: "-80".into(),
+        rw: Some(([127, 0, 0, 1], harness::free_port().unwrap()).into()),
+        ro: None,
+    });
+    let g2 = c.start_gateway_with(cfg2).await.expect("second gateway");
+    wait_routes(&c, &g2, p.alias(), &[r1.alias(), r2.alias()]).await;
+
+    // ---- roles: RW reaches the primary, RO the replicas (spread by least connections).
+    let mut rw = connect(&c, gw_rw(g)).await.expect("RW connect");
+    assert_eq!(
+        whoami(&mut rw).await.unwrap(),
+        (pid, false),
+        "RW port reaches the writable primary"
+    );
+    let ro = ro_conns_on(&c, gw_ro(g), &[r1id, r2id]).await;
+    let s = g.shard_routing(c.keyspace(), c.shard()).await.unwrap();
+    let backends = s["backends"].as_array().cloned().unwrap_or_default();
+    for alias in [r1.alias(), r2.alias()] {
+        assert!(
+            backends
+                .iter()
+                .any(|b| b["alias"] == alias && b["ro_open"].as_u64() >= Some(1)),
+            "/routing counts the RO connection to {alias}: {s}"
+        );
+    }
+    assert!(
+        backends
+            .iter()
+            .any(|b| b["alias"] == p.alias() && b["rw_open"] == 1),
+        "{s}"
+    );
+    drop(ro);
+
+    // ---- proxy overhead: point selects and connection setup, direct vs through the gateway.
+    let mut pc = p.app_conn().await.expect("primary");
+    pc.query_drop("CREATE TABLE kv (id INT PRIMARY KEY, v VARCHAR(64))")
+        .await
+        .expect("create kv");
+    pc.query_drop(format!(
+        "INSERT INTO kv VALUES {}",
+        (1..=100)
+            .map(|i| format!("({i}, 'value {i}')"))
+            .collect::<Vec<_>>()
+            .join(",")
+    ))
+    .await
+    .expect("fill kv");
+    c.wait_replicated(BOUND).await.expect("replicated");
+    let mut direct = r1.app_conn().await.expect("direct");
+    let mut via = loop {
+        let mut conn = connect(&c, gw_ro(g)).await.unwrap();
+        if whoami(&mut conn).await.unwrap().0 == r1id {
+            break conn;
+        }
+    };
+    point_selects(&mut direct, 300).await;
+    point_selects(&mut via, 300).await;
+    let (mut d_sum, mut g_sum) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..3 {
+        d_sum += point_selects(&mut direct, 1000).await;
+        g_sum += point_selects(&mut via, 1000).await;
+    }
+    let (d, gv) = (d_sum / 3, g_sum / 3);
+    let direct_addr: SocketAddr = r1.mysqld().addr().parse().unwrap();
+    let (cd, cg) = (
+        connects(&c, direct_addr, 30).await,
+        connects(&c, gw_ro(g), 30).await,
+    );
+    println!(
+        "point select (mysql_async, 1 client; binaries as built): direct {} / query, through the gateway {} / query ({:.2} x direct QPS, +{} per query); connect+select+close: direct {}, gateway {}",
+        us(d),
+        us(gv),
+        d.as_secs_f64() / gv.as_secs_f64(),
+        us(gv.saturating_sub(d)),
+        us(cd),
+        us(cg)
+    );
+    drop((direct, via));
+
+    // ---- a shard without a record: the MySQL error packet at greeting position.
+    let unknown = g2.config().listeners[1].rw.unwrap();
+    let (code, msg) = refused(&c, unknown).await;
+    assert_eq!(code, 1105, "{msg}");
+    assert!(
+        msg.contains("myha-gateway: no primary for commerce/-80: no shard record"),
+        "{msg}"
+    );
+    println!("unknown shard refused: ERROR {code}: {msg}");
+    if let Some(cli) = mariadb_cli(&c, unknown) {
+        // MariaDB's client reads the `#SQLSTATE` marker of a greeting-position error: the
+        // message arrives clean.
+        assert!(
+            cli.contains("1105")
+                && cli.contains("myha-gateway: no primary for commerce/-80")
+                && !cli.contains("#HY000"),
+            "{cli}"
+        );
+        println!("mariadb CLI shows: {cli}");
+    }
+
+    // ---- G2: a replica over the lag bound gets no new RO connections; its open ones stay
+    // until ro_hard_lag, then close; it is used again once it recovers.
+    let mut ro = ro_conns_on(&c, gw_ro(g), &[r1id, r2id]).await;
+    set_delay(r1, 2).await;
+    let (crossed, dropped) = lag_reaction(&c, g, r1, 1000).await;
+    println!(
+        "G2: {} lag >= 1000 ms seen by its agent after {:.2} s; out of the gateway's ro set {} ms later",
+        r1.alias(),
+        crossed.as_secs_f64(),
+        dropped.as_millis() as i64 - crossed.as_millis() as i64
+    );
+    for _ in 0..6 {
+        let mut conn = connect(&c, gw_ro(g)).await.unwrap();
+        let (id, _) = whoami(&mut conn).await.unwrap();
+        assert_eq!(
+            id,
+            r2id,
+            "a new RO connection reached {} over the bound",
+            alias_of(&c, id)
+        );
+    }
+    for (id, conn) in &mut ro {
+        assert_eq!(
+            whoami(conn).await.map(|w| w.0),
+            Ok(*id),
+            "open RO connections stay under ro_hard_lag"
+        );
+    }
+    set_delay(r1, 8).await;
+    let start = Instant::now();
+    let (_, mut on_r1) = ro.remove(ro.iter().position(|(id, _)| *id == r1id).unwrap());
+    loop {
+        if whoami(&mut on_r1).await.is_err() {
+            break;
+        }
+        assert!(
+            start.elapsed() < BOUND,
+            "the RO connection to {} stayed open past ro_hard_lag",
+            r1.alias()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "G2: open RO connection to {} closed {:.1} s after MASTER_DELAY=8 (ro_hard_lag 4 s)",
+        r1.alias(),
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        whoami(&mut ro[0].1).await.map(|w| w.0),
+        Ok(r2id),
+        "the other replica's RO connection stays"
+    );
+    set_delay(r1, 0).await;
+    let start = Instant::now();
+    wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()]).await;
+    println!(
+        "G2: {} back in the ro set {:.1} s after MASTER_DELAY=0",
+        r1.alias(),
+        start.elapsed().as_secs_f64()
+    );
+    ro_conns_on(&c, gw_ro(g), &[r1id, r2id]).await;
+    let m = g.metrics().await.unwrap();
+    assert!(
+        metric(
+            &m,
+            "myha_gateway_closed_by_routing_total",
+            &[("role", "ro")]
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // ---- G4 + G3: both replicas' agents go silent: after health_stale_after they get no new
+    // RO connections; the first gateway falls back to the primary, the second refuses.
+    let frozen = Instant::now();
+    for t in [r1, r2] {
+        t.agent_proc().unwrap().freeze().unwrap();
+    }
+    let s = g
+        .wait_shard_routing(
+            c.keyspace(),
+            c.shard(),
+            "no replica (agents silent)",
+            BOUND,
+            |s| aliases(&s["ro"]).is_empty(),
+        )
+        .await
+        .unwrap();
+    println!(
+        "G4: replicas out of the ro set {:.2} s after their agents froze (health_stale_after 1.5 s): {}",
+        frozen.elapsed().as_secs_f64(),
+        s["ro_unavailable"]
+    );
+    let mut fb = connect(&c, gw_ro(g)).await.expect("RO fallback");
+    assert_eq!(
+        whoami(&mut fb).await.unwrap(),
+        (pid, false),
+        "G3: RO falls back to the primary"
+    );
+    drop(fb);
+    g2.wait_shard_routing(
+        c.keyspace(),
+        c.shard(),
+        "no replica (agents silent)",
+        BOUND,
+        |s| aliases(&s["ro"]).is_empty(),
+    )
+    .await
+    .unwrap();
+    let (code, msg) = refused(&c, gw_ro(&g2)).await;
+    assert_eq!(code, 1105);
+    assert!(
+        msg.contains("myha-gateway: no replica for commerce/0: no eligible replica")
+            && msg.contains("health is"),
+        "{msg}"
+    );
+    println!("G3 refuse: ERROR {code}: {msg}");
+    for t in [r1, r2] {
+        t.agent_proc().unwrap().thaw().unwrap();
+    }
+    wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()]).await;
+
+    // ---- no usable primary (its agent silent): new RW connections are held, then refused
+    // after the buffer window (second gateway, 500 ms) or routed once the primary is usable
+    // again (first gateway, 5 s).
+    let pa = p.agent_proc().unwrap();
+    pa.freeze().unwrap();
+    for gw in [g, &g2] {
+        gw.wait_shard_routing(
+            c.keyspace(),
+            c.shard(),
+            "no rw (primary agent silent)",
+            BOUND,
+            |s| s["rw"].is_null(),
+        )
+        .await
+        .unwrap();
+    }
+    let start = Instant::now();
+    let (code, msg) = refused(&c, gw_rw(&g2)).await;
+    let waited = start.elapsed();
+    assert_eq!(code, 1105);
+    assert!(
+        msg.contains("myha-gateway: no primary for commerce/0: primary zone1-101's health is")
+            && msg.contains("(buffer window 500ms expired)"),
+        "{msg}"
+    );
+    assert!(
+        waited >= Duration::from_millis(400),
+        "refused after {waited:?}, before the buffer window"
+    );
+    println!(
+        "held {} ms then refused: ERROR {code}: {msg}",
+        waited.as_millis()
+    );
+    let addr = gw_rw(g);
+    let opts = app_opts(&c, addr);
+    let held = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut conn = Conn::new(opts).await.map_err(|e| e.to_string())?;
+        let who = whoami(&mut conn).await?;
+        Ok::<_, String>((who, start.elapsed()))
+    });
+    let h = g
+        .wait_shard_routing(c.keyspace(), c.shard(), "a held connection", BOUND, |s| {
+            s["held"] == 1
+        })
+        .await
+        .unwrap();
+    assert_eq!(h["rw"], Value::Null);
+    let m = g.metrics().await.unwrap();
+    assert_eq!(metric(&m, "myha_gateway_held_connections", &[]), 1.0, "{m}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pa.thaw().unwrap();
+    let (who, took) = tokio::time::timeout(BOUND, held)
+        .await
+        .expect("held connection answered")
+        .unwrap()
+        .expect("held connection routed");
+    assert_eq!(who, (pid, false), "the held connection reached the primary");
+    println!(
+        "held RW connection routed to the primary after {} ms (agent thawed after ~300 ms)",
+        took.as_millis()
+    );
+    let m = g2.metrics().await.unwrap();
+    assert!(
+        metric(
+            &m,
+            "myha_gateway_refusals_total",
+            &[("reason", "no_primary")]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "myha_gateway_refusals_total",
+            &[("reason", "no_replica")]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "myha_gateway_refusals_total",
+            &[("reason", "unknown_shard")]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "myha_gateway_routing_changes_total", &[]) >= 1.0,
+        "{m}"
+    );
+    let m = g.metrics().await.unwrap();
+    for (direction, role) in [
+        ("to_client", "rw"),
+        ("to_backend", "rw"),
+        ("to_client", "ro"),
+        ("to_backend", "ro"),
+    ] {
+        assert!(
+            metric(
+                &m,
+                "myha_gateway_bytes_total",
+                &[("direction", direction), ("role", role)]
+            ) > 0.0,
+            "{direction} {role}: {m}"
+        );
+    }
+    assert!(
+        metric(
+            &m,
+            "myha_gateway_connections_total",
+            &[
+                ("keyspace", "commerce"),
+                ("shard", "0"),
+                ("role", "ro"),
+                ("backend", r1.alias())
+            ]
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // ---- graceful shutdown (second gateway, shutdown_grace 3 s): no new connections, open
+    // ones keep working during the grace, then are closed; the process exits cleanly.
+    wait_routes(&c, &g2, p.alias(), &[r1.alias(), r2.alias()]).await;
+    let mut a = connect(&c, gw_rw(&g2)).await.unwrap();
+    let mut b = connect(&c, gw_ro(&g2)).await.unwrap();
+    whoami(&mut a).await.unwrap();
+    whoami(&mut b).await.unwrap();
+    g2.terminate().expect("SIGTERM");
+    let stopping = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused_new = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(gw_rw(&g2)),
+    )
+    .await;
+    assert!(
+        matches!(refused_new, Ok(Err(_))),
+        "the RW port still accepts after SIGTERM: {refused_new:?}"
+    );
+    assert_eq!(
+        whoami(&mut a).await.unwrap().0,
+        pid,
+        "open connections work during the grace"
+    );
+    let _ = a.disconnect().await;
+    assert!(whoami(&mut b).await.is_ok());
+    while g2.is_running() {
+        assert!(
+            stopping.elapsed() < Duration::from_secs(10),
+            "the gateway did not exit after its grace"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exited = stopping.elapsed();
+    assert!(
+        whoami(&mut b).await.is_err(),
+        "the connection left open was closed at the end of the grace"
+    );
+    assert!(
+        exited >= Duration::from_millis(2500),
+        "exited after {exited:?}, before shutdown_grace"
+    );
+    let status = g2.last_exit().expect("exit status");
+    assert!(status.success(), "gateway exit: {status}");
+    println!(
+        "graceful shutdown: exited {:.1} s after SIGTERM (grace 3 s), status {status}",
+        exited.as_secs_f64()
+    );
+    println!("gateway test done in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// The `mariadb` client's answer to a connect through `addr` (None when it is not installed).
+fn mariadb_cli(c: &Cluster, addr: SocketAddr) -> Option<String> {
+    let creds = c.credentials();
+    let out = std::process::Command::new("mariadb")
+        .args([
+            "--protocol=tcp",
+            &format!("-h{}", addr.ip()),
+            &format!("-P{}", addr.port()),
+            &format!("-u{}", creds.app_user),
+            &format!("-p{}", creds.app_password),
+            "--connect-timeout=10",
+            "-e",
+            "SELECT 1",
+        ])
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stderr).trim().to_string())
+}
+
+/// Polls the agent of `t` and the gateway until the agent reports lag >= `bound_ms` and the
+/// gateway excludes `t` from reads for its lag; returns when each was first seen (from now).
+async fn lag_reaction(
+    c: &Cluster,
+    g: &GatewayProc,
+    t: &Tablet,
+    bound_ms: u64,
+) -> (Duration, Duration) {
+    let start = Instant::now();
+    let agent = t.agent_proc().unwrap();
+    let (mut crossed, mut dropped) = (None, None);
+    while crossed.is_none() || dropped.is_none() {
+        assert!(
+            start.elapsed() < BOUND,
+            "{}: lag over {bound_ms} ms not seen/acted on (agent {crossed:?}, gateway {dropped:?})",
+            t.alias()
+        );
+        if crossed.is_none() {
+            if let Ok(h) = agent.full_status().await {
+                if h.lag_ms.is_some_and(|l| l >= bound_ms) {
+                    crossed = Some(start.elapsed());
+                }
+            }
+        }
+        if dropped.is_none() {
+            if let Ok(s) = g.shard_routing(c.keyspace(), c.shard()).await {
+                let over = s["ro_excluded"].as_array().is_some_and(|ex| {
+                    ex.iter().any(|e| {
+                        e["alias"] == t.alias()
+                            && e["reason"].as_str().is_some_and(|r| r.contains(">= max"))
+                    })
+                });
+                if over {
+                    dropped = Some(start.elapsed());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (crossed.unwrap_or_default(), dropped.unwrap_or_default())
+}
+
+/// Once the gateway routes to the first primary and the orchestrator is quiet: a writer through
+/// the RW port with 50 writes acknowledged.
+async fn writer_through_rw(c: &Cluster, g: &GatewayProc) -> Writer {
+    wait_routes(
+        c,
+        g,
+        c.tablet(0).alias(),
+        &[c.tablet(1).alias(), c.tablet(2).alias()],
+    )
+    .await;
+    ha::wait_quiet(ha::orch(c), c, BOUND).await;
+    let w = Writer::start(
+        c,
+        WriterOptions {
+            via: Some(gw_rw(g)),
+            // Above the gateway's buffer window (5 s): a held connect is the point.
+            connect_timeout: Duration::from_secs(10),
+            max_duration: Duration::from_secs(120),
+            ..WriterOptions::default()
+        },
+    )
+    .await
+    .expect("writer");
+    w.wait_more_acks(50, BOUND)
+        .await
+        .expect("writes through the RW port");
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g1_failover_under_a_writer_through_the_rw_port() {
+    let _serial = SERIAL.lock().await;
+    let t0 = Instant::now();
+    let c = ha::start(cluster_options()).await;
+    let g = c.gateway().expect("gateway");
+    let p0 = c.tablet(0);
+    let w = writer_through_rw(&c, g).await;
+    assert!(
+        w.acks().iter().all(|a| a.tablet == p0.alias()),
+        "acks from the primary"
+    );
+
+    // ---- fault 1: the primary's mysqld is SIGKILLed under the writer.
+    let mut idle = connect(&c, gw_rw(g)).await.unwrap();
+    let rec = ha::record(&c).await;
+    let fault = w.mark_fault();
+    p0.mysqld().kill().expect("kill primary mysqld");
+    // New RW connections opened now are held, then reach the new primary.
+    let opts = app_opts(&c, gw_rw(g));
+    let held = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut conn = Conn::new(opts).await.map_err(|e| e.to_string())?;
+        let who = whoami(&mut conn).await?;
+        Ok::<_, String>((who, start.elapsed()))
+    });
+    let (rec1, applied) = wait_rw_applied(&c, g, p0.alias(), rec.term).await;
+    let p1 = c.tablet_by_alias(rec1.primary.as_deref().unwrap()).unwrap();
+    let (who, took) = tokio::time::timeout(BOUND, held)
+        .await
+        .expect("held connection answered")
+        .unwrap()
+        .expect("held connection routed");
+    assert_eq!(
+        who,
+        (p1.uid(), false),
+        "the held connection reached the new primary"
+    );
+    let (ack, unavail) = w
+        .wait_ack_after(fault.at, BOUND)
+        .await
+        .expect("writes resume");
+    assert_eq!(ack.tablet, p1.alias(), "{ack:?}");
+    assert!(
+        whoami(&mut idle).await.is_err(),
+        "the RW connection to the dead primary is gone"
+    );
+    println!(
+        "G1 (SIGKILL): term {} primary {} ; gateway applied it {} ms after the record changed; held connection routed after {:.2} s; first ack through the RW port {:.2} s after the fault",
+        rec1.term,
+        p1.alias(),
+        applied.as_millis(),
+        took.as_secs_f64(),
+        unavail.as_secs_f64()
+    );
+
+    // ---- fault 2: the new primary's mysqld is frozen (SIGSTOP): its TCP connections stay
+    // open, so only the gateway closing them at the new term unblocks their clients. First
+    // the old primary comes back and rejoins (semi_sync needs an acker besides the candidate).
+    p0.mysqld()
+        .start()
+        .await
+        .expect("restart the old primary's mysqld");
+    let rejoined = ha::wait_shard_healthy(&c, &[], BOUND).await;
+    ha::wait_quiet(ha::orch(&c), &c, BOUND).await;
+    println!(
+        "{} rejoined as a replica {:.1} s after its restart",
+        p0.alias(),
+        rejoined.as_secs_f64()
+    );
+    w.wait_more_acks(20, BOUND)
+        .await
+        .expect("writes on the new primary");
+    let mut blocked = connect(&c, gw_rw(g)).await.unwrap();
+    assert_eq!(whoami(&mut blocked).await.unwrap().0, p1.uid());
+    let fault2 = w.mark_fault();
+    p1.mysqld().freeze().expect("freeze");
+    let frozen_at = Instant::now();
+    let stuck = tokio::spawn(async move {
+        let r = blocked.query_drop("SELECT 1").await;
+        (r.map_err(|e| e.to_string()), Instant::now())
+    });
+    let (rec2, _) = ha::wait_new_primary(&c, p1.alias(), rec1.term, BOUND).await;
+    let seen_at = Instant::now();
+    let (r, ended) = tokio::time::timeout(BOUND, stuck)
+        .await
+        .expect("the query on the frozen primary ended")
+        .unwrap();
+    assert!(
+        r.is_err(),
+        "a query on a frozen primary cannot succeed: {r:?}"
+    );
+    println!(
+        "G1 (SIGSTOP): term {} primary {}; the RW connection to the frozen {} was closed {:.2} s after the freeze ({} ms after the test saw the new record): {}",
+        rec2.term,
+        rec2.primary.as_deref().unwrap_or("-"),
+        p1.alias(),
+        ended.duration_since(frozen_at).as_secs_f64(),
+        ended.saturating_duration_since(seen_at).as_millis(),
+        r.unwrap_err()
+    );
+    let (ack2, unavail2) = w
+        .wait_ack_after(fault2.at, BOUND)
+        .await
+        .expect("writes resume");
+    assert_eq!(Some(ack2.tablet.as_str()), rec2.primary.as_deref());
+    println!(
+        "G1 (SIGSTOP): first ack through the RW port {:.2} s after the freeze",
+        unavail2.as_secs_f64()
+    );
+    p1.mysqld().thaw().expect("thaw");
+    let m = g.metrics().await.unwrap();
+    assert!(
+        metric(
+            &m,
+            "myha_gateway_closed_by_routing_total",
+            &[("role", "rw")]
+        ) >= 1.0,
+        "{m}"
+    );
+    w.wait_more_acks(20, BOUND).await.expect("more writes");
+    let report = w.verify(&c).await;
+    assert!(report.acked >= 90, "{report}");
+    assert!(
+        report.deposed_acks.is_empty() && report.lost.is_empty(),
+        "{report}"
+    );
+    // Through the gateway not even a durable late ack: the connection to the frozen primary
+    // was closed before it could answer.
+    assert!(report.late_acks.is_empty(), "{report}");
+    println!("G1 done in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Polls the shard record and the gateway (every ~5 ms) until the record names a new primary
+/// (term above `old_term`, not `old_primary`, no reparent marked) and the gateway routes writes
+/// to it at that term; returns the record and how long after the test first saw it the gateway
+/// routed to it (0 when the gateway was first).
+async fn wait_rw_applied(
+    c: &Cluster,
+    g: &GatewayProc,
+    old_primary: &str,
+    old_term: u64,
+) -> (topo::ShardRecord, Duration) {
+    let start = Instant::now();
+    let mut seen: Option<(topo::ShardRecord, Instant)> = None;
+    let mut gateway_at: Option<(String, u64, Instant)> = None;
+    loop {
+        assert!(
+            start.elapsed() < BOUND,
+            "no new primary routed by the gateway within {BOUND:?}: record {seen:?}, gateway {gateway_at:?}\n{}",
+            ha::diagnostics(c).await
+        );
+        if seen.is_none() {
+            let r = ha::record(c).await;
+            if r.term > old_term
+                && r.primary.is_some()
+                && r.primary.as_deref() != Some(old_primary)
+                && r.reparent_in_progress.is_none()
+            {
+                seen = Some((r, Instant::now()));
+            }
+        }
+        if gateway_at.is_none() {
+            if let Ok(s) = g.shard_routing(c.keyspace(), c.shard()).await {
+                let term = s["term"].as_u64().unwrap_or(0);
+                if let Some(a) = s["rw"]["alias"].as_str().filter(|a| *a != old_primary) {
+                    if term > old_term {
+                        gateway_at = Some((a.to_string(), term, Instant::now()));
+                    }
+                }
+            }
+        }
+        if let (Some((r, at)), Some((a, term, gat))) = (&seen, &gateway_at) {
+            assert_eq!((Some(a.as_str()), *term), (r.primary.as_deref(), r.term));
+            return (r.clone(), gat.saturating_duration_since(*at));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// S1 through the gateway: a planned reparent under a writer on the RW port while a client keeps
+/// opening new RW connections. No new connection is refused (they are held while the reparent
+/// is marked, then routed), the ones opened after the reparent reach the new primary, the
+/// writer loses nothing and no deposed primary acknowledges anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_switchover_through_the_gateway() {
+    let _serial = SERIAL.lock().await;
+    let c = ha::start(cluster_options()).await;
+    let g = c.gateway().expect("gateway");
+    let p0 = c.tablet(0);
+    let w = writer_through_rw(&c, g).await;
+
+    // New connections, one after the other, for the whole switchover.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opts = app_opts(&c, gw_rw(g));
+    let opener = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut seen: Vec<(Instant, Result<u32, String>)> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let opened = Instant::now();
+                let r = match tokio::time::timeout(CONNECT_BOUND, Conn::new(opts.clone())).await {
+                    Ok(Ok(mut conn)) => {
+                        let who = whoami(&mut conn).await.map(|(id, _)| id);
+                        let _ = conn.disconnect().await;
+                        who
+                    }
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no connection within {CONNECT_BOUND:?}")),
+                };
+                seen.push((opened, r));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let old = ha::record(&c).await;
+    let requested = Instant::now();
+    let events = ha::reparent_events(&c, &serde_json::json!({"mode": "planned"}), BOUND)
+        .await
+        .expect("planned reparent");
+    let finished = Instant::now();
+    let done = &events.last().expect("events").1;
+    assert_eq!(done["event"], "done", "{events:?}");
+    assert_eq!(done["ok"], true, "{events:?}");
+    let new_alias = done["new_primary"]
+        .as_str()
+        .expect("new primary")
+        .to_string();
+    let new = c.tablet_by_alias(&new_alias).expect("a tablet");
+    assert_ne!(new_alias, p0.alias());
+    assert_eq!(done["term"], old.term + 1, "{done}");
+    let (ack, _) = w
+        .wait_ack_after(finished, BOUND)
+        .await
+        .expect("writes resume after the switchover");
+    assert_eq!(ack.tablet, new_alias, "{ack:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = opener.await.expect("opener task");
+
+    let refused: Vec<&(Instant, Result<u32, String>)> =
+        seen.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        refused.is_empty(),
+        "new RW connections got errors during the switchover: {refused:?}"
+    );
+    let during = seen
+        .iter()
+        .filter(|(at, _)| *at >= requested && *at <= finished)
+        .count();
+    let after: Vec<u32> = seen
+        .iter()
+        .filter(|(at, _)| *at > finished + Duration::from_millis(100))
+        .filter_map(|(_, r)| r.as_ref().ok().copied())
+        .collect();
+    assert!(!after.is_empty(), "connections opened after the switchover");
+    assert!(
+        after.iter().all(|id| *id == new.uid()),
+        "connections opened after the switchover reach {new_alias} (server_id {}): {after:?}",
+        new.uid()
+    );
+    let mut at: Vec<Instant> = w.acks().iter().map(|a| a.acked_at).collect();
+    at.sort();
+    let gap = at
+        .windows(2)
+        .filter(|p| p[1] >= requested && p[0] <= finished + Duration::from_secs(1))
+        .map(|p| p[1].duration_since(p[0]))
+        .max()
+        .unwrap_or_default();
+    ha::wait_shard_healthy(&c, &[], BOUND).await;
+    let report = w.verify(&c).await;
+    assert!(
+        report.lost.is_empty() && report.deposed_acks.is_empty(),
+        "{report}"
+    );
+    println!(
+        "S1 through the gateway: {} -> {new_alias} term {} in {} ms (orchestrator total_ms {}); {} new connections, {during} opened during it, none refused; longest gap between acks {} ms; {} acks, none lost",
+        p0.alias(),
+        old.term + 1,
+        finished.duration_since(requested).as_millis(),
+        done["total_ms"],
+        seen.len(),
+        gap.as_millis(),
+        report.acked
+    );
+}
