@@ -1,5 +1,5 @@
-//! `myhactl sandbox up|down`: a local cluster (etcd + MariaDB + agents + one orchestrator) in
-//! the background, described by `{dir}/sandbox.json`.
+//! `myhactl sandbox up|down`: a local cluster (etcd + MariaDB + agents + one orchestrator + one
+//! gateway) in the background, described by `{dir}/sandbox.json`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -76,6 +76,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         base_dir: Some(dir.clone()),
         start_agents: true,
         start_orchestrator: true,
+        start_gateway: true,
         lease_ttl: Duration::from_secs(5),
         new_session: true,
         ..ClusterOptions::default()
@@ -110,6 +111,15 @@ fn render_up(s: &SandboxState, took: Duration) -> String {
         s.orchestrator_http.as_deref().unwrap_or("-"),
         pid(s.orchestrator_pid)
     ));
+    if let Some(g) = &s.gateway {
+        out.push_str(&format!(
+            "  gateway   rw {} ro {} admin http://{} (pid {})\n",
+            g.rw.as_deref().unwrap_or("-"),
+            g.ro.as_deref().unwrap_or("-"),
+            g.admin,
+            pid(s.gateway_pid)
+        ));
+    }
     out.push_str(&format!(
         "  shard     {}/{} ({}), primary {}\n",
         s.keyspace,
@@ -132,12 +142,37 @@ fn render_up(s: &SandboxState, took: Duration) -> String {
             pid(t.agent_pid)
         ));
     }
-    if let Some(t) = s.tablets.first() {
-        let port = t.mysql.rsplit(':').next().unwrap_or("");
-        out.push_str(&format!(
-            "connect:  mariadb -h127.0.0.1 -P{port} -u{} -p{} {}\n",
+    let connect = |addr: &str| {
+        let port = addr.rsplit(':').next().unwrap_or("");
+        format!(
+            "mariadb --protocol=tcp -h127.0.0.1 -P{port} -u{} -p{} {}",
             s.app_user, s.app_password, s.database
-        ));
+        )
+    };
+    match s
+        .gateway
+        .as_ref()
+        .map(|g| (g.rw.as_deref(), g.ro.as_deref()))
+    {
+        Some((rw, ro)) => {
+            if let Some(rw) = rw {
+                out.push_str(&format!(
+                    "writes:   {}  (gateway RW port: the primary)\n",
+                    connect(rw)
+                ));
+            }
+            if let Some(ro) = ro {
+                out.push_str(&format!(
+                    "reads:    {}  (gateway RO port: a replica)\n",
+                    connect(ro)
+                ));
+            }
+        }
+        None => {
+            if let Some(t) = s.tablets.first() {
+                out.push_str(&format!("connect:  {}\n", connect(&t.mysql)));
+            }
+        }
     }
     out.push_str(&format!(
         "status:   myhactl status --dir {}\nstop:     myhactl sandbox down --dir {}\n",

@@ -6,7 +6,6 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use myha_orchestrator::api::{AuditJson, ProblemJson, RecoveryJson};
 use myha_proto::agent::{self as pb, agent_client::AgentClient};
 use serde::{Deserialize, Serialize};
@@ -122,91 +121,57 @@ pub struct TabletReport {
     pub problem: Option<String>,
 }
 
-/// Where etcd is: the flag or env, else the sandbox state.
-pub fn etcd_endpoints(
-    etcd: &[String],
-    dir: Option<&std::path::Path>,
-) -> anyhow::Result<Vec<String>> {
-    if !etcd.is_empty() {
-        return Ok(etcd.to_vec());
-    }
-    let dir = dir
-        .map(|d| d.to_path_buf())
-        .unwrap_or_else(crate::sandbox::default_dir);
-    let state = crate::sandbox::read_state(&dir).with_context(|| {
-        format!(
-            "no --etcd or MYHA_ETCD given and no sandbox in {}",
-            dir.display()
-        )
-    })?;
-    Ok(vec![state.etcd])
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Locate(#[from] crate::api::ApiError),
+    #[error("connecting to etcd at {endpoints}")]
+    Connect {
+        endpoints: String,
+        #[source]
+        source: topo::TopoError,
+    },
+    #[error("reading the topology from etcd")]
+    Topo(#[from] topo::TopoError),
+    #[error("printing the report")]
+    Json(#[source] serde_json::Error),
 }
 
-/// The orchestrator's API base URL (`http://host:port`): the flag or env, else the sandbox's
-/// when etcd came from the sandbox too (another cluster's etcd with the sandbox's
-/// orchestrator would mix two clusters).
-pub fn orchestrator_url(
-    flag: Option<&str>,
-    etcd_given: bool,
-    dir: Option<&std::path::Path>,
-) -> Option<String> {
-    if let Some(f) = flag.map(str::trim).filter(|f| !f.is_empty()) {
-        return Some(normalize_url(f));
-    }
-    if etcd_given {
-        return None;
-    }
-    let dir = dir
-        .map(|d| d.to_path_buf())
-        .unwrap_or_else(crate::sandbox::default_dir);
-    let state = harness::SandboxState::read(&dir).ok()??;
-    state.orchestrator_http.as_deref().map(normalize_url)
+/// The agent's `FullStatus` could not be had (shown per tablet, never fatal).
+#[derive(Debug, thiserror::Error)]
+enum AgentError {
+    #[error("bad agent address")]
+    Address(#[source] tonic::transport::Error),
+    #[error("cannot connect")]
+    Connect(#[source] tonic::transport::Error),
+    /// Not a `#[source]`: tonic's own text of a status is a debug dump; code and message say it.
+    #[error("FullStatus: {}: {}", .0.code(), .0.message())]
+    Rpc(tonic::Status),
 }
 
-/// `host:port` -> `http://host:port`; no trailing slash.
-pub fn normalize_url(u: &str) -> String {
-    let u = u.trim().trim_end_matches('/');
-    if u.contains("://") {
-        u.to_string()
-    } else {
-        format!("http://{u}")
-    }
-}
-
-async fn fetch_orchestrator(base: &str) -> anyhow::Result<OrchShards> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .timeout(Duration::from_secs(3))
-        .build()?;
-    let url = format!("{base}/api/v1/shards");
-    let resp = client
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    let status = resp.status();
-    let body = resp.text().await.with_context(|| format!("GET {url}"))?;
-    if !status.is_success() {
-        anyhow::bail!("GET {url}: {status}: {}", body.trim());
-    }
-    serde_json::from_str(&body).with_context(|| format!("GET {url}: unexpected answer"))
-}
-
-pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let endpoints = etcd_endpoints(&args.etcd, args.dir.as_deref())?;
-    let orch_url = orchestrator_url(
+pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
+    let endpoints = crate::api::etcd_endpoints(&args.etcd, args.dir.as_deref())?;
+    let orch_url = crate::api::orchestrator_url(
         args.orchestrator.as_deref(),
         !args.etcd.is_empty(),
         args.dir.as_deref(),
     );
     let topo = Topo::connect(&endpoints, &args.prefix, Duration::from_secs(2))
         .await
-        .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+        .map_err(|source| StatusError::Connect {
+            endpoints: endpoints.join(","),
+            source,
+        })?;
     // The orchestrator is asked while the agents are.
     let orch_fut = async {
         match &orch_url {
-            Some(u) => Some(fetch_orchestrator(u).await.map_err(|e| format!("{e:#}"))),
+            Some(u) => Some(
+                match crate::api::Api::new(u, None) {
+                    Ok(api) => api.get::<OrchShards>("/api/v1/shards").await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| crate::api::chain(&e)),
+            ),
             None => None,
         }
     };
@@ -221,14 +186,17 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         fill_last_recovery_from_etcd(&topo, &mut report).await;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(StatusError::Json)?
+        );
     } else {
         print!("{}", render(&report));
     }
     Ok(())
 }
 
-pub async fn collect(topo: &Topo) -> anyhow::Result<Report> {
+pub async fn collect(topo: &Topo) -> Result<Report, StatusError> {
     let mut shards = Vec::new();
     for ks in topo.list_keyspaces().await? {
         for shard in topo.list_shards(&ks.name).await? {
@@ -358,14 +326,16 @@ async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
     out
 }
 
-async fn full_status(grpc_addr: &str) -> anyhow::Result<pb::Health> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))?
+async fn full_status(grpc_addr: &str) -> Result<pb::Health, AgentError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .map_err(AgentError::Address)?
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(3));
-    let channel = endpoint.connect().await?;
+    let channel = endpoint.connect().await.map_err(AgentError::Connect)?;
     let h = AgentClient::new(channel)
         .full_status(pb::FullStatusRequest {})
-        .await?
+        .await
+        .map_err(AgentError::Rpc)?
         .into_inner();
     Ok(h)
 }
@@ -379,7 +349,13 @@ async fn tablet_report(shard: &ShardRecord, t: &TabletRecord) -> TabletReport {
         ..Default::default()
     };
     match full_status(&t.grpc_addr).await {
-        Err(e) => r.problem = Some(format!("agent at {} unreachable: {e:#}", t.grpc_addr)),
+        Err(e) => {
+            r.problem = Some(format!(
+                "agent at {} unreachable: {}",
+                t.grpc_addr,
+                crate::api::chain(&e)
+            ))
+        }
         Ok(h) => fill_from_health(&mut r, named_primary, &h),
     }
     r
@@ -852,19 +828,5 @@ mod tests {
         assert_eq!(json["shards"][0]["problems"][0]["tablet"], "zone1-101");
         assert_eq!(json["shards"][1]["problems"], serde_json::json!([]));
         assert_eq!(json["shards"][1]["last_recovery"], serde_json::Value::Null);
-    }
-
-    #[test]
-    fn orchestrator_is_found() {
-        assert_eq!(normalize_url("127.0.0.1:15000/"), "http://127.0.0.1:15000");
-        assert_eq!(normalize_url("https://o:1"), "https://o:1");
-        assert_eq!(
-            orchestrator_url(Some("o:1"), true, None).as_deref(),
-            Some("http://o:1")
-        );
-        // Another cluster's etcd: never the sandbox's orchestrator.
-        let d = tempfile::tempdir().unwrap();
-        assert_eq!(orchestrator_url(None, true, Some(d.path())), None);
-        assert_eq!(orchestrator_url(None, false, Some(d.path())), None);
     }
 }

@@ -11,6 +11,7 @@ mod config;
 mod mysql;
 mod proxy;
 mod routing;
+mod splice;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -18,7 +18,7 @@
 //!   under the same mutex: so a connection routed by an older snapshot is always seen by the
 //!   sweep of every newer one (no connection to a deposed primary slips through).
 //! - The mutex is taken per connection event (route, close) and per sweep, never per packet:
-//!   the data path is `copy_bidirectional` between the two sockets plus an atomic kill flag.
+//!   the data path is [`crate::splice`] between the two sockets plus an atomic kill flag.
 //! - Held connections wait on a `watch` of routing changes (woken by the change itself, not by
 //!   polling) and the end of their buffer window.
 
@@ -26,17 +26,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures::task::AtomicWaker;
 use metrics::{Counter, Gauge};
 use tabletwatch::{FleetSnapshot, TabletWatch};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -157,90 +157,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-// ---- byte counting ------------------------------------------------------------------------
-
-/// Bytes read are published to the shared counter in batches of at least this many (and when
-/// the connection ends): the counter is shared by every connection of every proxy thread, and
-/// an atomic add on a contended cache line per packet is measurable at 30k queries/s.
-const COUNT_BATCH: u64 = 64 * 1024;
-
-/// A socket whose reads add to a byte counter (a plain add per read, no allocation).
-struct Counted {
-    inner: TcpStream,
-    read_bytes: Counter,
-    unpublished: u64,
-}
-
-impl Counted {
-    fn new(inner: TcpStream, read_bytes: Counter) -> Counted {
-        Counted {
-            inner,
-            read_bytes,
-            unpublished: 0,
-        }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        if self.unpublished > 0 {
-            self.read_bytes.increment(self.unpublished);
-        }
-    }
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            self.unpublished += (buf.filled().len() - before) as u64;
-            if self.unpublished >= COUNT_BATCH {
-                let n = std::mem::take(&mut self.unpublished);
-                self.read_bytes.increment(n);
-            }
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-/// Splices `client` and `backend` until both directions reached EOF (each EOF is passed on as
-/// a write shutdown of the other socket: half-close), an error, or `kill`. Returns the bytes
-/// moved (client to backend, backend to client), or `None` when killed.
+/// Splices `client` and `backend` (see [`crate::splice`]) until both directions reached EOF
+/// (each EOF is passed on as a write shutdown of the other socket: half-close), an error, or
+/// `kill`. Returns the bytes moved (client to backend, backend to client), or `None` when killed.
 async fn splice(
     client: TcpStream,
     backend: TcpStream,
@@ -248,10 +167,8 @@ async fn splice(
     to_client: Counter,
     kill: &KillSwitch,
 ) -> Option<io::Result<(u64, u64)>> {
-    let mut c = Counted::new(client, to_backend);
-    let mut b = Counted::new(backend, to_client);
     killable(
-        tokio::io::copy_bidirectional_with_sizes(&mut c, &mut b, SPLICE_BUFFER, SPLICE_BUFFER),
+        crate::splice::splice(client, backend, SPLICE_BUFFER, to_backend, to_client),
         kill,
     )
     .await

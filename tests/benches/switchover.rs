@@ -147,7 +147,7 @@ fn main() {
                 )
             ));
             out.push_str(&format!(
-                "| acknowledged writes lost / acks from a deposed primary | {} / {} (of {} acked) | | 0 | |\n",
+                "| acknowledged writes lost / acks from a deposed primary | {} / {} (of {} acked) | | | | 0 | |\n",
                 report.lost.len(),
                 report.deposed_acks.len(),
                 report.acked
