@@ -40,6 +40,10 @@ pub struct Target {
     pub mysql_addr: String,
     /// Replication lag (replicas).
     pub lag_ms: Option<u64>,
+    /// Why this target is used although its own health is not fresh (the primary's agent is
+    /// silent and replicas vouch for its mysqld); `None` normally.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 /// Why writes have nowhere to go.
@@ -232,12 +236,20 @@ fn rw(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> Result<Target,
     let max = policy.health_stale_after;
     let h = match freshness(t, now, max) {
         Freshness::Fresh(h) => h,
-        Freshness::Stale(age) => return Err(RwUnavailable::StaleHealth { alias, age, max }),
+        Freshness::Stale(age) => {
+            let why = RwUnavailable::StaleHealth {
+                alias: alias.clone(),
+                age,
+                max,
+            };
+            return vouched_primary(shard, t, record.term, now, max, why);
+        }
         Freshness::Missing(stream_error) => {
-            return Err(RwUnavailable::NoHealth {
-                alias,
+            let why = RwUnavailable::NoHealth {
+                alias: alias.clone(),
                 stream_error,
-            })
+            };
+            return vouched_primary(shard, t, record.term, now, max, why);
         }
     };
     if !h.mysql_reachable {
@@ -270,6 +282,70 @@ fn rw(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> Result<Target,
         alias,
         mysql_addr: t.mysql_addr(),
         lag_ms: None,
+        degraded: None,
+    })
+}
+
+/// The record's primary `t` has no fresh health of its own (`why`): its agent may have died
+/// while its mysqld serves on (P5: the orchestrator does not fail over then, and writes must
+/// go on). Replicas whose own health is fresh and whose direct probe of this primary's mysqld
+/// succeeds vouch for it: the target, marked degraded. A frozen or dead mysqld fails their
+/// probes, so new connections are held as before (a failover is coming). Whatever the
+/// primary's last health said, however old, still refuses: fenced, behind the record's term,
+/// read-only.
+fn vouched_primary(
+    shard: &ShardView,
+    t: &TabletView,
+    record_term: u64,
+    now: Instant,
+    max: Duration,
+    why: RwUnavailable,
+) -> Result<Target, RwUnavailable> {
+    let alias = t.alias().to_string();
+    let vouchers: Vec<&str> = shard
+        .replicas()
+        .filter_map(|r| match freshness(r, now, max) {
+            Freshness::Fresh(h) => h
+                .primary_probe
+                .as_ref()
+                .filter(|p| p.primary_alias == alias && p.reachable)
+                .map(|_| r.alias()),
+            _ => None,
+        })
+        .collect();
+    if vouchers.is_empty() {
+        return Err(why);
+    }
+    if let Some(last) = t.health() {
+        if last.fenced {
+            return Err(RwUnavailable::Fenced {
+                alias,
+                reason: last.fence_reason.clone(),
+            });
+        }
+        if last.term < record_term {
+            return Err(RwUnavailable::BehindTerm {
+                alias,
+                agent_term: last.term,
+                record_term,
+            });
+        }
+        if last
+            .mysql
+            .as_ref()
+            .is_some_and(|m| m.read_only || m.super_read_only)
+        {
+            return Err(RwUnavailable::ReadOnly { alias });
+        }
+    }
+    Ok(Target {
+        mysql_addr: t.mysql_addr(),
+        lag_ms: None,
+        degraded: Some(format!(
+            "{why}; its mysqld answers the probes of {}",
+            vouchers.join(", ")
+        )),
+        alias,
     })
 }
 
@@ -315,6 +391,7 @@ fn replica(t: &TabletView, now: Instant, policy: &RoutingPolicy) -> Result<Targe
         alias: t.alias().to_string(),
         mysql_addr: t.mysql_addr(),
         lag_ms: Some(lag_ms),
+        degraded: None,
     })
 }
 
@@ -1148,7 +1225,8 @@ mod tests {
             Target {
                 alias: P.into(),
                 mysql_addr: "127.0.0.1:3401".into(),
-                lag_ms: None
+                lag_ms: None,
+                degraded: None,
             }
         );
         assert_eq!(aliases(&r.ro), [R1, R2]);
@@ -1278,6 +1356,84 @@ mod tests {
             "{why}"
         );
         assert!(why.contains("zone1-103"), "{why}");
+    }
+
+    /// The replicas' probe of P: reachable or not.
+    fn probe(f: &mut Fixture, replica: &str, reachable: bool) {
+        f.health_mut(replica).primary_probe = Some(myha_proto::agent::PrimaryProbe {
+            primary_alias: P.into(),
+            reachable,
+            ..Default::default()
+        });
+    }
+
+    /// P's agent went silent (its last health 2 s old) while R1 and R2 report at `t0 + 2 s`.
+    fn silent_primary_agent(f: &mut Fixture) -> Routing {
+        let later = f.t0 + Duration::from_secs(2);
+        for t in f.tablets.iter_mut().filter(|t| t.alias() != P) {
+            Arc::make_mut(t.last_health.as_mut().expect("health")).received_at = later;
+        }
+        f.route_at(Duration::from_secs(2))
+    }
+
+    #[test]
+    fn a_silent_primary_agent_is_vouched_for_by_the_replicas_probes() {
+        // P5: only the primary's agent died; replicas still reach its mysqld.
+        let mut f = Fixture::healthy();
+        probe(&mut f, R1, true);
+        probe(&mut f, R2, false);
+        let rw = silent_primary_agent(&mut f)
+            .rw
+            .expect("rw through the vouching replica");
+        assert_eq!(rw.alias, P);
+        let why = rw.degraded.expect("marked degraded");
+        assert!(
+            why.contains("health is 2000 ms old") && why.contains("probes of zone1-102"),
+            "{why}"
+        );
+        assert!(!why.contains("zone1-103"), "{why}");
+
+        // Nobody reaches it (frozen or dead mysqld): held as before.
+        let mut f = Fixture::healthy();
+        probe(&mut f, R1, false);
+        probe(&mut f, R2, false);
+        assert!(matches!(
+            silent_primary_agent(&mut f).rw,
+            Err(RwUnavailable::StaleHealth { .. })
+        ));
+
+        // A probe of another primary vouches for nothing.
+        let mut f = Fixture::healthy();
+        probe(&mut f, R1, true);
+        f.health_mut(R1)
+            .primary_probe
+            .as_mut()
+            .unwrap()
+            .primary_alias = R2.into();
+        assert!(silent_primary_agent(&mut f).rw.is_err());
+
+        // What its last health said still refuses: fenced, read-only, behind the term.
+        let mut f = Fixture::healthy();
+        probe(&mut f, R1, true);
+        f.health_mut(P).fenced = true;
+        assert!(matches!(
+            silent_primary_agent(&mut f).rw,
+            Err(RwUnavailable::Fenced { .. })
+        ));
+        let mut f = Fixture::healthy();
+        probe(&mut f, R1, true);
+        f.health_mut(P).term = 2;
+        assert!(matches!(
+            silent_primary_agent(&mut f).rw,
+            Err(RwUnavailable::BehindTerm { .. })
+        ));
+        let mut f = Fixture::healthy();
+        probe(&mut f, R1, true);
+        f.health_mut(P).mysql.as_mut().unwrap().read_only = true;
+        assert!(matches!(
+            silent_primary_agent(&mut f).rw,
+            Err(RwUnavailable::ReadOnly { .. })
+        ));
     }
 
     #[test]
@@ -1825,6 +1981,7 @@ mod tests {
             alias: alias.into(),
             mysql_addr: format!("addr-{alias}"),
             lag_ms: Some(0),
+            degraded: None,
         }
     }
 
@@ -1935,6 +2092,7 @@ mod tests {
             alias: P.into(),
             mysql_addr: "127.0.0.1:3401".into(),
             lag_ms: None,
+            degraded: None,
         }
     }
 

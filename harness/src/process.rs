@@ -192,8 +192,19 @@ impl Proc {
         Ok(())
     }
 
+    /// SIGSTOP, returning once every thread of the process is stopped (bounded by 1 s): the
+    /// signal takes effect at each thread's next return to user space, and a test that acts
+    /// right after the call must find the process frozen, not answering one last query.
     pub(crate) fn freeze(&self) -> Result<()> {
-        self.signal(libc::SIGSTOP)
+        self.signal(libc::SIGSTOP)?;
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline && !all_threads_stopped(pid) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
     }
 
     pub(crate) fn thaw(&self) -> Result<()> {
@@ -276,3 +287,20 @@ macro_rules! signal_controls {
     };
 }
 pub(crate) use signal_controls;
+
+/// Whether every thread of `pid` is in the stopped state (`T`), read from `/proc`; `true` when
+/// the process is gone (nothing left to run).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|task| {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            return true;
+        };
+        // `pid (comm) S ...`: the state follows the last ')' (comm may hold spaces or parens).
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state == "T" || state == "t" || state == "Z" || state == "X")
+    })
+}

@@ -461,11 +461,17 @@ async fn gateway_routes_by_role_lag_and_health() {
     }
     wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()]).await;
 
-    // ---- no usable primary (its agent silent): new RW connections are held, then refused
-    // after the buffer window (second gateway, 500 ms) or routed once the primary is usable
-    // again (first gateway, 5 s).
-    let pa = p.agent_proc().unwrap();
-    pa.freeze().unwrap();
+    // ---- no usable primary (its agent silent, and no replica left to vouch for its mysqld:
+    // their agents are silent too): new RW connections are held, then refused after the buffer
+    // window (second gateway, 500 ms) or routed once the primary is usable again (first
+    // gateway, 5 s).
+    let agents: Vec<_> = [p, r1, r2]
+        .iter()
+        .map(|t| t.agent_proc().unwrap())
+        .collect();
+    for a in &agents {
+        a.freeze().unwrap();
+    }
     for gw in [g, &g2] {
         gw.wait_shard_routing(
             c.keyspace(),
@@ -512,7 +518,9 @@ async fn gateway_routes_by_role_lag_and_health() {
     let m = g.metrics().await.unwrap();
     assert_eq!(metric(&m, "myha_gateway_held_connections", &[]), 1.0, "{m}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    pa.thaw().unwrap();
+    for a in &agents {
+        a.thaw().unwrap();
+    }
     let (who, took) = tokio::time::timeout(BOUND, held)
         .await
         .expect("held connection answered")
@@ -802,7 +810,8 @@ async fn g1_failover_under_a_writer_through_the_rw_port() {
     p1.mysqld().freeze().expect("freeze");
     let frozen_at = Instant::now();
     let stuck = tokio::spawn(async move {
-        let r = blocked.query_drop("SELECT 1").await;
+        let r: Result<Option<(u32, String)>, _> =
+            blocked.query_first("SELECT @@server_id, NOW(6)").await;
         (r.map_err(|e| e.to_string()), Instant::now())
     });
     let (rec2, _) = ha::wait_new_primary(&c, p1.alias(), rec1.term, BOUND).await;
@@ -813,7 +822,10 @@ async fn g1_failover_under_a_writer_through_the_rw_port() {
         .unwrap();
     assert!(
         r.is_err(),
-        "a query on a frozen primary cannot succeed: {r:?}"
+        "a query on a frozen primary cannot succeed: {r:?} (frozen at {:?}, answered at {:?}; {})",
+        frozen_at,
+        ended,
+        p1.alias()
     );
     println!(
         "G1 (SIGSTOP): term {} primary {}; the RW connection to the frozen {} was closed {:.2} s after the freeze ({} ms after the test saw the new record): {}",
@@ -1010,4 +1022,61 @@ async fn s1_switchover_through_the_gateway() {
         gap.as_millis(),
         report.acked
     );
+}
+
+/// P5 through the gateway: only the primary's agent dies. The orchestrator does not fail over,
+/// and the gateway keeps routing new RW connections to the primary (marked degraded in
+/// `/routing`) because the replicas' own probes still reach its mysqld; once the agent is
+/// back, the route is normal again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p5_a_dead_primary_agent_does_not_stop_new_writes() {
+    let _serial = SERIAL.lock().await;
+    let c = ha::start(cluster_options()).await;
+    let g = c.gateway().expect("gateway");
+    let p0 = c.tablet(0);
+    wait_routes(
+        &c,
+        g,
+        p0.alias(),
+        &[c.tablet(1).alias(), c.tablet(2).alias()],
+    )
+    .await;
+    let agent = p0.agent_proc().expect("agent");
+    agent.kill().expect("kill the primary's agent");
+    let killed = Instant::now();
+    let degraded = loop {
+        let s = g.shard_routing(c.keyspace(), c.shard()).await.unwrap();
+        if let Some(d) = s["rw"]["degraded"].as_str() {
+            assert_eq!(s["rw"]["alias"], p0.alias(), "{s}");
+            break d.to_string();
+        }
+        assert!(
+            killed.elapsed() < BOUND,
+            "the route never became degraded: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(degraded.contains("probes of"), "{degraded}");
+    let mut conn = connect(&c, gw_rw(g)).await.expect("a new RW connection");
+    assert_eq!(whoami(&mut conn).await.unwrap(), (p0.uid(), false));
+    conn.query_drop("CREATE TABLE IF NOT EXISTS p5 (id INT PRIMARY KEY)")
+        .await
+        .expect("write through the gateway with the primary's agent dead");
+    conn.query_drop("REPLACE INTO p5 VALUES (1)").await.unwrap();
+    assert_eq!(ha::record(&c).await.term, 1, "no failover");
+    println!(
+        "P5 through the gateway: route degraded {:.2} s after the agent died ({degraded}); a new RW connection wrote to {}",
+        killed.elapsed().as_secs_f64(),
+        p0.alias()
+    );
+    agent.start().await.expect("agent back");
+    let back = Instant::now();
+    loop {
+        let s = g.shard_routing(c.keyspace(), c.shard()).await.unwrap();
+        if s["rw"]["alias"] == p0.alias() && s["rw"].get("degraded").is_none() {
+            break;
+        }
+        assert!(back.elapsed() < BOUND, "the route stayed degraded: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
