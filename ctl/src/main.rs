@@ -81,7 +81,7 @@ enum Command {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
-    /// A local cluster (etcd + MariaDB + agents + orchestrator) to try myha on one machine.
+    /// A local cluster (etcd + MariaDB + agents + orchestrator + gateway) to try myha on one machine.
     Sandbox {
         #[command(subcommand)]
         command: SandboxCommand,

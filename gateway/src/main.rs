@@ -38,7 +38,8 @@ use crate::routing::ProxyPolicy;
     about = "myha-gateway: L4 proxy that sends each shard's writes to its primary and reads to replicas under a lag bound",
     long_about = "myha-gateway: a lean L4 proxy for MySQL/MariaDB. For each [[listener]] shard it \
 opens an RW port (connections go to the primary named by the etcd shard record, while its agent \
-reports it fresh, writable and at the record's term) and an RO port (connections go to a replica \
+reports it fresh, writable and at the record's term, or, when its agent is silent, while the \
+replicas' own probes still reach its mysqld) and an RO port (connections go to a replica \
 whose health is fresh and whose lag is under routing.max_replica_lag; otherwise per \
 routing.ro_fallback). Bytes are spliced as they are: no authentication termination, no query \
 parsing.\n\nDuring a failover new RW connections are held up to routing.buffer_window, then \

@@ -14,6 +14,7 @@
 
 mod agent;
 mod cluster;
+mod config_daemon;
 mod error;
 mod etcd;
 mod gateway;
@@ -31,6 +32,7 @@ pub use cluster::{
     global_status, global_var, row_to_map, slave_status, AgentConfigHook, Cluster, ClusterOptions,
     Credentials, GatewayConfigHook, OrchestratorConfigHook, Tablet, SEMI_SYNC_TIMEOUT_MS,
 };
+pub use config_daemon::ConfigDaemon;
 pub use error::{HarnessError, Result};
 pub use etcd::{Etcd, ETCD_START_TIMEOUT, ETCD_STOP_GRACE};
 pub use gateway::{

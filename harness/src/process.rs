@@ -23,6 +23,7 @@ pub(crate) struct Proc {
     log: PathBuf,
     new_session: bool,
     env: Vec<(OsString, OsString)>,
+    env_removed: Vec<OsString>,
     child: Mutex<Option<Child>>,
     last_exit: Mutex<Option<ExitStatus>>,
     detached: AtomicBool,
@@ -53,6 +54,7 @@ impl Proc {
             log,
             new_session,
             env: Vec::new(),
+            env_removed: Vec::new(),
             child: Mutex::new(None),
             last_exit: Mutex::new(None),
             detached: AtomicBool::new(false),
@@ -62,6 +64,12 @@ impl Proc {
     /// Adds an environment variable for every (re)start.
     pub(crate) fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Proc {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Removes an inherited environment variable for every (re)start.
+    pub(crate) fn without_env(mut self, key: impl Into<OsString>) -> Proc {
+        self.env_removed.push(key.into());
         self
     }
 
@@ -98,6 +106,9 @@ impl Proc {
             .try_clone()
             .map_err(HarnessError::io(format!("{}: dup log fd", self.name)))?;
         let mut cmd = Command::new(&self.program);
+        for k in &self.env_removed {
+            cmd.env_remove(k);
+        }
         cmd.args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -248,11 +248,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
     };
 
     // 2. Quarantine and a fresh view, under the lock.
-    let release = |lock: topo::ShardLock| async move {
-        if let Err(e) = lock.release().await {
-            tracing::warn!(error = %e, "releasing the shard lock (it expires with its lease)");
-        }
-    };
+    let release = |lock: topo::ShardLock| recovery::release_lock(lock, &ks, &shard);
     let quarantined = match Control::new(deps.topo.clone()).list_quarantine().await {
         Ok(q) => q
             .iter()

@@ -115,16 +115,10 @@ fn main() {
         &replica.mysqld().addr(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let haproxy_port: u16 = haproxy
-        .addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("haproxy port");
     let targets = [
         (Via::Direct, at(replica.mysqld().port())),
         (Via::Gateway, at(gw_ro)),
-        (Via::Haproxy, at(haproxy_port)),
+        (Via::Haproxy, at(haproxy.port)),
     ];
     // Every path works and the gateway's RO port reaches the replica, before measuring.
     for (via, t) in &targets {

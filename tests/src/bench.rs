@@ -125,7 +125,8 @@ impl Via {
 /// (threads = CPUs). Killed on drop.
 pub struct Haproxy {
     child: Child,
-    pub addr: String,
+    /// The loopback port it listens on.
+    pub port: u16,
     log: PathBuf,
 }
 
@@ -158,7 +159,7 @@ impl Haproxy {
             })?;
         let mut h = Haproxy {
             child,
-            addr: format!("127.0.0.1:{listen_port}"),
+            port: listen_port,
             log,
         };
         let started = Instant::now();
@@ -169,7 +170,7 @@ impl Haproxy {
                     std::fs::read_to_string(&h.log).unwrap_or_default()
                 ));
             }
-            if std::net::TcpStream::connect(&h.addr).is_ok() {
+            if std::net::TcpStream::connect(("127.0.0.1", h.port)).is_ok() {
                 return Ok(h);
             }
             if started.elapsed() > Duration::from_secs(10) {

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{find_myha_bin, free_port, Cluster, ClusterOptions};
-use myha_tests::Daemon;
+use harness::{find_myha_bin, free_port, Cluster, ClusterOptions, ConfigDaemon};
 use mysql_async::prelude::Queryable;
 use serde_json::Value;
 
@@ -27,16 +26,17 @@ fn playbooks_dir() -> PathBuf {
 }
 
 /// A binary the playbook deployed into `root`, started with a config it rendered.
-fn deployed(root: &Path, bin: &str, config: &Path) -> Daemon {
+fn deployed(root: &Path, bin: &str, config: &Path) -> ConfigDaemon {
     let name = config
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| bin.to_string());
-    Daemon::spawn(
+    ConfigDaemon::start(
         &root.join("usr/local/bin").join(bin),
         config,
         root.join(format!("{name}.log")),
     )
+    .unwrap_or_else(|e| panic!("start deployed {bin}: {e}"))
 }
 
 /// `ansible-playbook site.yml` with `inventory`; returns the PLAY RECAP's `changed=` per host.
@@ -231,7 +231,7 @@ async fn playbooks_deploy_a_working_fleet() {
     }
 
     // The deployed daemons work with the rendered configs.
-    let mut agents: Vec<Daemon> = c
+    let agents: Vec<ConfigDaemon> = c
         .tablets()
         .iter()
         .map(|t| {
@@ -242,17 +242,17 @@ async fn playbooks_deploy_a_working_fleet() {
             )
         })
         .collect();
-    let mut orch = deployed(&root, "myha-orchestrator", &etc.join("orchestrator.toml"));
-    let mut gw = deployed(&root, "myha-gateway", &etc.join("gateway.toml"));
+    let orch = deployed(&root, "myha-orchestrator", &etc.join("orchestrator.toml"));
+    let gw = deployed(&root, "myha-gateway", &etc.join("gateway.toml"));
     let http = reqwest::Client::new();
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        for a in &mut agents {
-            a.check_alive();
+        for a in &agents {
+            a.check_alive().unwrap_or_else(|e| panic!("{e}"));
         }
-        orch.check_alive();
-        gw.check_alive();
+        orch.check_alive().unwrap_or_else(|e| panic!("{e}"));
+        gw.check_alive().unwrap_or_else(|e| panic!("{e}"));
         let registered = c
             .topo()
             .list_tablets(Some(c.keyspace()), Some(c.shard()))
@@ -315,7 +315,7 @@ async fn playbooks_deploy_a_working_fleet() {
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
             Ok(Ok(id)) => break id,
             other => {
-                gw.check_alive();
+                gw.check_alive().unwrap_or_else(|e| panic!("{e}"));
                 assert!(
                     started.elapsed() < BOUND,
                     "no write through the deployed gateway: {other:?}"

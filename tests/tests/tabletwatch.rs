@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{find_myha_bin, free_port, Cluster, ClusterOptions};
-use myha_tests::Daemon;
+use harness::{find_myha_bin, free_port, Cluster, ClusterOptions, ConfigDaemon};
 use mysql_async::prelude::Queryable;
 use serde_json::Value;
 use tabletwatch::{FleetSnapshot, TabletWatch, WatchOptions};
@@ -258,7 +257,7 @@ async fn get_json(addr: &str, path: &str) -> Value {
 
 /// Polls `GET path` until `pred` holds; returns the JSON.
 async fn poll_json(
-    d: &mut Daemon,
+    d: &ConfigDaemon,
     addr: &str,
     path: &str,
     timeout: Duration,
@@ -267,7 +266,7 @@ async fn poll_json(
     let t0 = Instant::now();
     let mut last = Value::Null;
     while t0.elapsed() < timeout {
-        d.check_alive();
+        d.check_alive().unwrap_or_else(|e| panic!("{e}"));
         if let Ok((200, body)) = http_get(addr, path).await {
             if let Ok(v) = serde_json::from_str::<Value>(&body) {
                 if pred(&v) {
@@ -384,13 +383,15 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     assert!(ok, "{out}");
 
     let t0 = Instant::now();
-    let mut orch =
-        Daemon::spawn_built("myha-orchestrator", &orch_cfg, dir.join("orchestrator.log"));
-    let mut gw = Daemon::spawn_built("myha-gateway", &gw_cfg, dir.join("gateway.log"));
+    let orch =
+        ConfigDaemon::start_built("myha-orchestrator", &orch_cfg, dir.join("orchestrator.log"))
+            .expect("start myha-orchestrator");
+    let gw = ConfigDaemon::start_built("myha-gateway", &gw_cfg, dir.join("gateway.log"))
+        .expect("start myha-gateway");
 
     // Orchestrator: /health, then /api/v1/shards with the whole shard.
     poll_json(
-        &mut orch,
+        &orch,
         &orch_addr,
         "/api/v1/shards",
         Duration::from_secs(15),
@@ -400,7 +401,7 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     let (status, body) = http_get(&orch_addr, "/health").await.unwrap();
     assert_eq!((status, body.trim()), (200, "ok"));
     let v = poll_json(
-        &mut orch,
+        &orch,
         &orch_addr,
         "/api/v1/shards",
         Duration::from_secs(15),
@@ -472,16 +473,10 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     }
 
     // Gateway: writes to the primary, reads to both replicas.
-    let v = poll_json(
-        &mut gw,
-        &gw_addr,
-        "/routing",
-        Duration::from_secs(15),
-        |v| {
-            let s = shard0(v);
-            s["rw"]["alias"] == PRIMARY && s["ro"].as_array().is_some_and(|ro| ro.len() == 2)
-        },
-    )
+    let v = poll_json(&gw, &gw_addr, "/routing", Duration::from_secs(15), |v| {
+        let s = shard0(v);
+        s["rw"]["alias"] == PRIMARY && s["ro"].as_array().is_some_and(|ro| ro.len() == 2)
+    })
     .await;
     eprintln!("gateway routes rw+ro {:?} after start", t0.elapsed());
     let s = shard0(&v);
@@ -534,7 +529,7 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
         .kill()
         .unwrap();
     let v = poll_json(
-        &mut orch,
+        &orch,
         &orch_addr,
         "/api/v1/shards",
         Duration::from_secs(10),
@@ -546,13 +541,9 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
         killed_at.elapsed(),
         tablet(shard0(&v), PRIMARY)["stream_error"]
     );
-    let v = poll_json(
-        &mut gw,
-        &gw_addr,
-        "/routing",
-        Duration::from_secs(10),
-        |v| shard0(v)["rw"].is_null(),
-    )
+    let v = poll_json(&gw, &gw_addr, "/routing", Duration::from_secs(10), |v| {
+        shard0(v)["rw"].is_null()
+    })
     .await;
     let s = shard0(&v);
     eprintln!(
@@ -570,8 +561,8 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
 
     // The orchestrator took no action: a primary whose agent is gone but whose mysqld the
     // replicas still reach is not dead (P5). The gateway logged its port and the change.
-    orch.check_alive();
-    gw.check_alive();
+    orch.check_alive().unwrap_or_else(|e| panic!("{e}"));
+    gw.check_alive().unwrap_or_else(|e| panic!("{e}"));
     let log = orch.log_text();
     assert!(!log.contains("emergency_reparent"), "{log}");
     let log = gw.log_text();

@@ -1392,15 +1392,19 @@ fn action_name(code: ProblemCode) -> &'static str {
     }
 }
 
+/// Releases a shard lock at the end of an operation; a failure is only logged (the lock
+/// expires with its lease).
+pub async fn release_lock(lock: ShardLock, keyspace: &str, shard: &str) {
+    if let Err(e) = lock.release().await {
+        tracing::warn!(keyspace, shard, error = %e, "releasing the shard lock (it expires with its lease)");
+    }
+}
+
 async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
     let (ks, shard) = (job.keyspace.as_str(), job.shard.as_str());
     let code = job.problem.code;
     let action = action_name(code);
-    let release = |lock: ShardLock| async move {
-        if let Err(e) = lock.release().await {
-            tracing::warn!(keyspace = ks, shard, error = %e, "releasing the shard lock (it expires with its lease)");
-        }
-    };
+    let release = |lock: ShardLock| release_lock(lock, ks, shard);
     let summary = |term: u64, outcome: &str, detail: String, took: Duration| {
         deps.audit.append(
             ks,
