@@ -5,6 +5,7 @@
 //! [gateway]
 //! admin_listen = "127.0.0.1:15100"  # /health, /metrics, /routing (loopback by default)
 //! proxy_threads = 2                 # threads running connections (each owns its connections)
+//! proxy_cpus = "none"               # none | auto | [0, 1]: pin proxy thread i to the i-th CPU (like cpu-map)
 //!
 //! [[listener]]                      # one per shard; at least one of rw / ro
 //! keyspace = "commerce"
@@ -72,6 +73,31 @@ pub struct GatewaySection {
     /// lives on one of them. About one per core the gateway may use.
     #[serde(default = "default_proxy_threads")]
     pub proxy_threads: usize,
+    /// CPU pinning of the proxy threads: `"none"` (the scheduler places them), `"auto"` (thread
+    /// `i` on the `i`-th CPU this process may use) or a list of CPU numbers taken in turn.
+    #[serde(default)]
+    pub proxy_cpus: ProxyCpus,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuKeyword {
+    #[default]
+    None,
+    Auto,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ProxyCpus {
+    Keyword(CpuKeyword),
+    List(Vec<usize>),
+}
+
+impl Default for ProxyCpus {
+    fn default() -> Self {
+        ProxyCpus::Keyword(CpuKeyword::None)
+    }
 }
 
 pub const DEFAULT_PROXY_THREADS: usize = 2;
@@ -92,6 +118,7 @@ impl Default for GatewaySection {
         GatewaySection {
             admin_listen: default_admin_listen(),
             proxy_threads: default_proxy_threads(),
+            proxy_cpus: ProxyCpus::default(),
         }
     }
 }
@@ -243,9 +270,46 @@ impl GatewayConfig {
                 ),
             ));
         }
+        self.proxy_cpu_plan()?;
         self.validate_listeners()?;
         self.etcd.validate()?;
         self.log.validate()
+    }
+
+    /// The CPU of each proxy thread (empty: not pinned), checked against the CPUs this process
+    /// may use, so that `--check-config` on the target host catches a CPU it does not have.
+    pub fn proxy_cpu_plan(&self) -> Result<Vec<usize>, ConfigError> {
+        const KEY: &str = "gateway.proxy_cpus";
+        let cpus: Vec<usize> = match &self.gateway.proxy_cpus {
+            ProxyCpus::Keyword(CpuKeyword::None) => return Ok(Vec::new()),
+            ProxyCpus::Keyword(CpuKeyword::Auto) => crate::affinity::allowed_cpus()
+                .map_err(|e| invalid(KEY, format!("cannot read this process's CPU affinity: {e}")))?
+                .into_iter()
+                .collect(),
+            ProxyCpus::List(list) => {
+                if list.is_empty() {
+                    return Err(invalid(
+                        KEY,
+                        "an empty list pins nothing: use \"none\" or name at least one CPU",
+                    ));
+                }
+                let allowed = crate::affinity::allowed_cpus().map_err(|e| {
+                    invalid(KEY, format!("cannot read this process's CPU affinity: {e}"))
+                })?;
+                if let Some(cpu) = list.iter().find(|c| !allowed.contains(c)) {
+                    let have: Vec<String> = allowed.iter().map(|c| c.to_string()).collect();
+                    return Err(invalid(
+                        KEY,
+                        format!(
+                            "CPU {cpu} is not one this process may run on ({})",
+                            have.join(",")
+                        ),
+                    ));
+                }
+                list.clone()
+            }
+        };
+        Ok(crate::affinity::plan(&cpus, self.gateway.proxy_threads))
     }
 
     fn validate_listeners(&self) -> Result<(), ConfigError> {
@@ -308,6 +372,43 @@ mod tests {
 [etcd]
 endpoints = ["http://127.0.0.1:2379"]
 "#;
+
+    #[test]
+    fn proxy_cpus_are_none_auto_or_an_allowed_list() {
+        let cfg = GatewayConfig::parse(MINIMAL).expect("parses");
+        assert_eq!(cfg.gateway.proxy_cpus, ProxyCpus::Keyword(CpuKeyword::None));
+        assert!(cfg.proxy_cpu_plan().expect("plan").is_empty());
+        let allowed: Vec<usize> = crate::affinity::allowed_cpus()
+            .expect("affinity")
+            .into_iter()
+            .collect();
+        let cfg = GatewayConfig::parse(&format!(
+            "[gateway]\nproxy_threads = 3\nproxy_cpus = \"auto\"\n{MINIMAL}"
+        ))
+        .expect("auto parses");
+        assert_eq!(
+            cfg.proxy_cpu_plan().expect("plan"),
+            crate::affinity::plan(&allowed, 3)
+        );
+        let first = allowed[0];
+        let cfg = GatewayConfig::parse(&format!("[gateway]\nproxy_cpus = [{first}]\n{MINIMAL}"))
+            .expect("a list parses");
+        assert_eq!(cfg.proxy_cpu_plan().expect("plan"), vec![first, first]);
+        let roundtrip = GatewayConfig::parse(&cfg.to_toml()).expect("serialised form parses");
+        assert_eq!(roundtrip, cfg);
+        for bad in ["\"all\"", "[]", "[100000]", "-1"] {
+            let e = err(&format!("[gateway]\nproxy_cpus = {bad}\n{MINIMAL}"));
+            assert!(e.contains("proxy_cpus"), "{bad}: {e}");
+        }
+        let missing = (0..1024)
+            .find(|c| !allowed.contains(c))
+            .expect("some CPU is absent");
+        let e = err(&format!("[gateway]\nproxy_cpus = [{missing}]\n{MINIMAL}"));
+        assert!(
+            e.contains("`gateway.proxy_cpus`") && e.contains(&format!("CPU {missing}")),
+            "{e}"
+        );
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

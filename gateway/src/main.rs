@@ -7,6 +7,7 @@
 //! proxy (`proxy`) acts on it. `/health`, `/metrics` and `/routing` are served on
 //! `[gateway] admin_listen`.
 
+mod affinity;
 mod config;
 mod mysql;
 mod proxy;
@@ -118,11 +119,12 @@ async fn run(
     };
     let specs = listener_specs(&cfg);
     let threads = cfg.gateway.proxy_threads;
+    let cpus = cfg.proxy_cpu_plan()?;
     let gateway = Gateway::new(settings, &specs, threads);
     // Ports first: a taken port is a start failure, before anything else runs.
     let listeners = Gateway::bind(&specs)?;
     let proxy_threads = gateway
-        .start_proxy_threads(listeners)
+        .start_proxy_threads(listeners, &cpus)
         .context("starting the proxy threads")?;
     let admin = tokio::net::TcpListener::bind(cfg.gateway.admin_listen)
         .await
@@ -147,6 +149,7 @@ async fn run(
         prefix = %cfg.etcd.prefix,
         listeners = specs.len(),
         proxy_threads = threads,
+        proxy_cpus = ?cpus,
         health_stale_after = ?r.health_stale_after,
         max_replica_lag = ?r.max_replica_lag,
         ro_hard_lag = ?r.ro_hard_lag,

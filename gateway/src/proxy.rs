@@ -446,10 +446,12 @@ impl Gateway {
 
     /// Starts the proxy threads (as many as [`Gateway::new`] was given), each a
     /// single-threaded tokio runtime; thread 0 accepts on `listeners`. They end once the
-    /// gateway has drained ([`Gateway::shutdown`]).
+    /// gateway has drained ([`Gateway::shutdown`]). Thread `i` is pinned to `cpus[i]` when
+    /// `cpus` is not empty (see [`crate::affinity`]); a pin that fails is logged, not fatal.
     pub fn start_proxy_threads(
         self: &Arc<Gateway>,
         listeners: Vec<(ListenerSpec, std::net::TcpListener)>,
+        cpus: &[usize],
     ) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
         let n = self.load.len();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
@@ -466,9 +468,18 @@ impl Gateway {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            let cpu = cpus.get(index).copied();
             let t = std::thread::Builder::new()
                 .name(format!("proxy-{index}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        match crate::affinity::pin_current_thread(cpu) {
+                            Ok(()) => debug!(thread = index, cpu, "proxy thread pinned"),
+                            Err(e) => {
+                                warn!(thread = index, cpu, error = %e, "cannot pin the proxy thread; it runs unpinned")
+                            }
+                        }
+                    }
                     rt.block_on(proxy_thread(gw, index, mine.unwrap_or_default(), rx))
                 })?;
             threads.push(t);

@@ -49,6 +49,9 @@ pub struct GatewayConfig {
     pub max_buffered: Option<usize>,
     pub connect_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
+    pub proxy_threads: Option<usize>,
+    /// `[gateway] proxy_cpus` as a TOML value: `"\"auto\""`, `"[0, 1]"`.
+    pub proxy_cpus: Option<String>,
 }
 
 fn toml_duration(d: Duration) -> String {
@@ -62,10 +65,14 @@ fn toml_string(s: &str) -> String {
 impl GatewayConfig {
     /// The TOML the gateway reads.
     pub fn to_toml(&self) -> String {
-        let mut t = format!(
-            "[gateway]\nadmin_listen = \"{}\"\n\n[routing]\n",
-            self.admin_listen
-        );
+        let mut t = format!("[gateway]\nadmin_listen = \"{}\"\n", self.admin_listen);
+        if let Some(n) = self.proxy_threads {
+            t.push_str(&format!("proxy_threads = {n}\n"));
+        }
+        if let Some(cpus) = &self.proxy_cpus {
+            t.push_str(&format!("proxy_cpus = {cpus}\n"));
+        }
+        t.push_str("\n[routing]\n");
         let durations = [
             ("health_stale_after", self.health_stale_after),
             ("max_replica_lag", self.max_replica_lag),
@@ -154,6 +161,8 @@ pub fn gateway_config(
         max_buffered: None,
         connect_timeout: None,
         shutdown_grace: None,
+        proxy_threads: None,
+        proxy_cpus: None,
     })
 }
 
@@ -405,11 +414,17 @@ mod tests {
             max_buffered: Some(3),
             connect_timeout: None,
             shutdown_grace: None,
+            proxy_threads: Some(3),
+            proxy_cpus: Some("\"auto\"".into()),
         };
         let t = c.to_toml();
         assert!(t.contains("max_replica_lag = \"1500ms\""), "{t}");
         assert!(t.contains("ro_policy = \"round_robin\""), "{t}");
         assert!(t.contains("max_buffered = 3"), "{t}");
+        assert!(
+            t.starts_with("[gateway]\nadmin_listen = \"127.0.0.1:1\"\nproxy_threads = 3\nproxy_cpus = \"auto\"\n\n[routing]\n"),
+            "{t}"
+        );
         assert!(!t.contains("buffer_window"), "{t}");
         assert!(
             t.contains("[[listener]]\nkeyspace = \"ks\"\nshard = \"0\"\nrw = \"127.0.0.1:2\"\n"),

@@ -2,17 +2,19 @@
 //! [--time 15] [--threads 1,4] [--tests oltp_point_select,oltp_read_only]`; needs `sysbench` and
 //! `haproxy` (installed by `scripts/dev bench`).
 //!
-//! A 2-tablet semi_sync shard (primary + one replica, agents, no orchestrator) and a myha-gateway
-//! whose RO port can only route to that replica. sysbench runs each test at each thread count
-//! against the replica three ways in the same run, interleaved: directly, through the gateway's RO
-//! port, and through HAProxy 2.x in `mode tcp` (distribution defaults) in front of the same replica.
+//! A 2-tablet semi_sync shard (primary + one replica, agents, no orchestrator) and two
+//! myha-gateways whose RO ports can only route to that replica: one with the defaults (proxy
+//! threads placed by the scheduler) and one with `proxy_cpus = "auto"` (each proxy thread pinned
+//! to a CPU, like HAProxy's `cpu-map`). sysbench runs each test at each thread count against the
+//! replica four ways in the same run, interleaved: directly, through each gateway's RO port, and
+//! through HAProxy 2.x in `mode tcp` (distribution defaults) in front of the same replica.
 //! It prints QPS, average and p95 latency and the ratio to direct, with the goals of targets.md:
 //! >= 0.80 x direct at 1 thread, and above HAProxy at every thread count.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use harness::{free_port, Cluster, ClusterOptions};
+use harness::{free_port, Cluster, ClusterOptions, GatewayProc};
 use myha_tests::bench::{self, Haproxy, SysbenchResult, SysbenchTarget};
 
 const TABLES: u32 = 4;
@@ -22,6 +24,7 @@ const TABLE_SIZE: u32 = 20_000;
 enum Via {
     Direct,
     Gateway,
+    GatewayPinned,
     Haproxy,
 }
 
@@ -30,6 +33,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Gateway => "myha-gateway (RO port)",
+            Via::GatewayPinned => "myha-gateway, proxy_cpus=auto",
             Via::Haproxy => "HAProxy mode tcp",
         }
     }
@@ -115,9 +119,41 @@ fn main() {
         &replica.mysqld().addr(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    // The same gateway config, on other ports, with its proxy threads pinned.
+    let mut pinned_cfg = gw.config().clone();
+    pinned_cfg.admin_listen = ([127, 0, 0, 1], free_port().expect("port")).into();
+    for l in &mut pinned_cfg.listeners {
+        l.rw = Some(([127, 0, 0, 1], free_port().expect("port")).into());
+        l.ro = Some(([127, 0, 0, 1], free_port().expect("port")).into());
+    }
+    pinned_cfg.proxy_cpus = Some("\"auto\"".into());
+    let pinned = rt.block_on(async {
+        let g = GatewayProc::launch(pinned_cfg, &dir.path().join("gateway-pinned"), false)
+            .await
+            .expect("pinned gateway starts");
+        let want = replica.alias().to_string();
+        g.wait_shard_routing(
+            c.keyspace(),
+            c.shard(),
+            "reads routed to the replica",
+            Duration::from_secs(30),
+            |r| {
+                r["ro"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|t| t["alias"] == want.as_str()))
+            },
+        )
+        .await
+        .expect("pinned gateway routes reads");
+        g
+    });
+    let pinned_ro = pinned
+        .ro_port(c.keyspace(), c.shard())
+        .expect("RO listener");
     let targets = [
         (Via::Direct, at(replica.mysqld().port())),
         (Via::Gateway, at(gw_ro)),
+        (Via::GatewayPinned, at(pinned_ro)),
         (Via::Haproxy, at(haproxy.port)),
     ];
     // Every path works and the gateway's RO port reaches the replica, before measuring.
@@ -152,13 +188,12 @@ fn main() {
     for test in &tests {
         for &n in &threads {
             let direct = results[&(test.clone(), n, Via::Direct)];
-            let gw = results[&(test.clone(), n, Via::Gateway)];
             let hap = results[&(test.clone(), n, Via::Haproxy)];
-            for via in [Via::Direct, Via::Gateway, Via::Haproxy] {
+            for via in [Via::Direct, Via::Gateway, Via::GatewayPinned, Via::Haproxy] {
                 let r = results[&(test.clone(), n, via)];
                 let goal = match via {
-                    Via::Gateway if n == 1 => ">= 0.80 x direct, > HAProxy",
-                    Via::Gateway => "> HAProxy",
+                    Via::Gateway | Via::GatewayPinned if n == 1 => ">= 0.80 x direct, > HAProxy",
+                    Via::Gateway | Via::GatewayPinned => "> HAProxy",
                     _ => "",
                 };
                 println!(
@@ -170,15 +205,19 @@ fn main() {
                     r.qps / direct.qps
                 );
             }
-            let ratio = gw.qps / direct.qps;
-            let above = gw.qps > hap.qps;
-            let met = above && (n != 1 || ratio >= 0.80);
-            verdicts.push(format!(
-                "{test}, {n} thread(s): gateway {:.2} x direct, {:.2} x HAProxy: {}",
-                ratio,
-                gw.qps / hap.qps,
-                if met { "goal met" } else { "GOAL MISSED" }
-            ));
+            for via in [Via::Gateway, Via::GatewayPinned] {
+                let gw = results[&(test.clone(), n, via)];
+                let ratio = gw.qps / direct.qps;
+                let above = gw.qps > hap.qps;
+                let met = above && (n != 1 || ratio >= 0.80);
+                verdicts.push(format!(
+                    "{test}, {n} thread(s), {}: {:.2} x direct, {:.2} x HAProxy: {}",
+                    via.name(),
+                    ratio,
+                    gw.qps / hap.qps,
+                    if met { "goal met" } else { "GOAL MISSED" }
+                ));
+            }
         }
     }
     println!(
@@ -188,4 +227,5 @@ fn main() {
         println!("{v}");
     }
     drop(haproxy);
+    drop(pinned);
 }

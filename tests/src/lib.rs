@@ -154,6 +154,20 @@ pub mod ha {
         tablet: Option<&str>,
         bound: Duration,
     ) -> (String, Value) {
+        wait_any_problem(o, c, &[code], tablet, bound).await
+    }
+
+    /// Waits until the orchestrator reports one of `codes` (for `tablet`, when given); returns
+    /// its detail and the shard JSON. Right after a recovery the analysis may still show the
+    /// recovered problem for a round, so assertions on what follows a recovery must poll.
+    pub async fn wait_any_problem(
+        o: &OrchestratorProc,
+        c: &Cluster,
+        codes: &[&str],
+        tablet: Option<&str>,
+        bound: Duration,
+    ) -> (String, Value) {
+        let code = codes.join("|");
         let start = Instant::now();
         let mut last: Value;
         loop {
@@ -167,7 +181,8 @@ pub mod ha {
                         .cloned()
                         .unwrap_or(Value::Null);
                     let hit = problems(&s).into_iter().find(|(cd, t, _)| {
-                        cd == code && tablet.is_none_or(|want| t.as_deref() == Some(want))
+                        codes.contains(&cd.as_str())
+                            && tablet.is_none_or(|want| t.as_deref() == Some(want))
                     });
                     if let Some((_, _, detail)) = hit {
                         return (detail, s);
@@ -196,6 +211,31 @@ pub mod ha {
             .expect("read audit log");
         v.reverse();
         v
+    }
+
+    /// Polls the shard's audit log (oldest first) until `pred` holds and returns it. The
+    /// orchestrator appends its entries in the background, after the change they describe is
+    /// already visible, so an entry may only land a moment after its effect.
+    pub async fn wait_audit(
+        c: &Cluster,
+        what: &str,
+        bound: Duration,
+        pred: impl Fn(&[AuditEntry]) -> bool,
+    ) -> Vec<AuditEntry> {
+        let start = Instant::now();
+        loop {
+            let a = audit(c).await;
+            if pred(&a) {
+                return a;
+            }
+            if start.elapsed() > bound {
+                panic!(
+                    "{what}: not in the audit log within {bound:?}:\n{}",
+                    audit_text(&a)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn audit_line(e: &AuditEntry) -> String {

@@ -31,6 +31,11 @@ async fn writer(c: &Cluster) -> Writer {
 
 /// After a fault marked on `w`: a new primary (not `old`) at a newer term, the first ack after
 /// the fault from it, every running tablet but `skip` replicating from it. Prints the times.
+///
+/// The tests mark a primary's fault once it is in effect (a killed mysqld reaped, a frozen one
+/// with every thread stopped): an insert sent after the mark can then only be acknowledged by
+/// a successor, whereas one sent between a mark and the kill may still be acknowledged by the
+/// old primary.
 async fn expect_failover(
     c: &Cluster,
     w: &Writer,
@@ -103,8 +108,8 @@ async fn p1_primary_mysqld_killed() {
     wait_quiet(orch(&c), &c, BOUND).await;
     let w = writer(&c).await;
     let old = alias_of(&c, 0);
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
     let rec = expect_failover(&c, &w, &old, 1, &[]).await;
     assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
     // Confirmed by the orchestrator and by both replicas before acting.
@@ -126,8 +131,8 @@ async fn p2_primary_host_lost_mysqld_and_agent_killed() {
     wait_quiet(orch(&c), &c, BOUND).await;
     let w = writer(&c).await;
     let old = alias_of(&c, 0);
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
     c.tablet(0)
         .agent_proc()
         .unwrap()
@@ -152,8 +157,8 @@ async fn p3_primary_frozen_then_resumed_is_fenced_and_rejoins_or_is_quarantined(
     wait_quiet(o, &c, BOUND).await;
     let w = writer(&c).await;
     let old = alias_of(&c, 0);
-    w.mark_fault();
     c.tablet(0).mysqld().freeze().expect("SIGSTOP mysqld");
+    w.mark_fault();
     let rec = expect_failover(&c, &w, &old, 1, &[]).await;
     assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
     let new_primary = c.tablet_by_alias(rec.primary.as_deref().unwrap()).unwrap();
@@ -358,8 +363,8 @@ async fn p7_primary_killed_before_any_orchestrator_starts() {
     .await;
     let w = writer(&c).await;
     let old = alias_of(&c, 0);
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
     let _o = c.start_orchestrator().await.expect("orchestrator starts");
@@ -389,8 +394,8 @@ async fn p8_primary_killed_with_a_replica_down_refuses_under_semi_sync() {
         .await
         .expect("writes continue with one acking replica");
     let before = record(&c).await;
-    let fault = w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill the primary");
+    let fault = w.mark_fault();
 
     // Refused: the survivor would have no replica to acknowledge its writes.
     let (detail, _) =
@@ -468,22 +473,19 @@ async fn p9_errant_most_advanced_replica_is_not_promoted() {
     let (detail, _) = wait_problem(o, &c, "errant_gtid", Some(&errant), BOUND).await;
     println!("reported: errant_gtid: {detail}");
     w.wait_more_acks(10, BOUND).await.expect("writes continue");
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
     let rec = expect_failover(&c, &w, &old, 1, &[&errant]).await;
     assert_ne!(
         rec.primary.as_deref(),
         Some(errant.as_str()),
         "the errant replica was promoted"
     );
-    let shard = shard_json(o, &c).await;
-    let reported = problems(&shard).into_iter().any(|(code, t, _)| {
-        (code == "errant_gtid" || code == "quarantined") && t.as_deref() == Some(errant.as_str())
-    });
-    assert!(
-        reported,
-        "the errant replica is not reported after the failover: {shard}"
-    );
+    // Still reported once the recovery is over (right after it the analysis may show only the
+    // recovered problem for a round).
+    let (detail, _) =
+        wait_any_problem(o, &c, &["errant_gtid", "quarantined"], Some(&errant), BOUND).await;
+    println!("after the failover the errant replica is reported: {detail}");
     w.verify(&c).await;
 }
 
@@ -514,8 +516,8 @@ async fn p11_must_not_most_advanced_is_only_an_intermediate_source() {
     w.wait_more_acks(50, BOUND)
         .await
         .expect("writes acked by the must_not replica");
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
     let _o = c.start_orchestrator().await.expect("orchestrator starts");
     let rec = expect_failover(&c, &w, &alias_of(&c, 0), 1, &[]).await;
     assert_eq!(
@@ -639,8 +641,8 @@ async fn p12_orchestrator_killed_midway_another_finishes_with_one_new_term() {
         .topo()
         .watch_prefix(&c.topo().keys().lock_prefix(c.keyspace(), c.shard()));
     let mut rx = locks.subscribe();
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
     // As soon as the first orchestrator holds the shard lock for the reparent: SIGKILL it.
     let info = wait_reparent_lock(&mut rx).await;
     a.kill().expect("SIGKILL the first orchestrator");
@@ -662,8 +664,8 @@ async fn p12_orchestrator_frozen_midway_and_resumed_after_takeover_changes_nothi
         .topo()
         .watch_prefix(&c.topo().keys().lock_prefix(c.keyspace(), c.shard()));
     let mut rx = locks.subscribe();
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
     let audit_watch = c
         .topo()
         .watch_prefix(&c.topo().keys().audit_prefix(c.keyspace(), c.shard()));
@@ -740,11 +742,13 @@ async fn p13_two_orchestrators_exactly_one_reparent() {
     wait_quiet(&b, &c, BOUND).await;
     let w = writer(&c).await;
     let old = alias_of(&c, 0);
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
     let rec = expect_failover(&c, &w, &old, 1, &[]).await;
     assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
     assert_record_stays(&c, &rec, Duration::from_secs(3)).await;
+    // The summary is audited in the background: wait for it, then count.
+    reparent_entry(&c, rec.term).await;
     let entries = audit(&c).await;
     let ok: Vec<_> = entries
         .iter()
@@ -791,29 +795,29 @@ async fn p14_second_failure_reparents_again_and_flapping_stops_until_acknowledge
 
     // First failure.
     let p1 = alias_of(&c, 0);
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill");
+    w.mark_fault();
     let r1 = expect_failover(&c, &w, &p1, 1, &[]).await;
 
     // The new primary fails right away: a second reparent, no cool-down.
     let p2 = r1.primary.clone().unwrap();
-    w.mark_fault();
     c.tablet_by_alias(&p2)
         .unwrap()
         .mysqld()
         .kill()
         .expect("kill");
+    w.mark_fault();
     let r2 = expect_failover(&c, &w, &p2, r1.term, &[&p1]).await;
     assert_eq!(r2.term, r1.term + 1);
 
     // A third failure within the window: flapping (limit 2) stops automatic recovery.
     let p3 = r2.primary.clone().unwrap();
-    let fault = w.mark_fault();
     c.tablet_by_alias(&p3)
         .unwrap()
         .mysqld()
         .kill()
         .expect("kill");
+    let fault = w.mark_fault();
     let start = Instant::now();
     let shard = loop {
         let s = shard_json(o, &c).await;
@@ -868,8 +872,8 @@ async fn p15_no_reparent_without_etcd_then_recovery_when_it_returns() {
     let old = alias_of(&c, 0);
     let before = record(&c).await;
     c.etcd().kill().expect("kill etcd");
-    w.mark_fault();
     c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
 
     // No promotion while etcd is down: the replicas stay read-only replicas of the dead primary.
     let down_for = Duration::from_secs(6);
@@ -910,11 +914,13 @@ async fn p15_no_reparent_without_etcd_then_recovery_when_it_returns() {
 
     c.etcd().start().await.expect("etcd restarts");
     let back = Instant::now();
+    // The orchestrator may already have recovered by the time this is read: the record is
+    // either the one from before etcd died or the failover's, one term later.
     let rec = record(&c).await;
-    assert_eq!(
-        (rec.primary.as_deref(), rec.term),
-        (before.primary.as_deref(), before.term),
-        "the shard record changed while etcd was down"
+    assert!(
+        (rec.primary == before.primary && rec.term == before.term)
+            || (rec.primary != before.primary && rec.term == before.term + 1),
+        "the shard record changed while etcd was down: {rec:?} (before: {before:?})"
     );
     let rec = expect_failover(&c, &w, &old, before.term, &[]).await;
     println!(

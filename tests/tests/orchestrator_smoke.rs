@@ -1,6 +1,6 @@
 //! Smoke test of the orchestrator's emergency reparent against real processes: a 3-tablet
 //! semi-sync shard, the orchestrator binary started as a child process, the primary's mysqld
-//! SIGKILLed. Within 10 s the shard record must name a new primary at term 2, it must take
+//! SIGKILLed. Within 10 s the shard record must name a new primary at term 2; it must then take
 //! writes, the remaining replica must replicate from it, and the audit log must hold the steps.
 //!
 //! Prints the measured times (fault -> new shard record, fault -> first acknowledged write).
@@ -15,11 +15,14 @@ use mysql_async::prelude::Queryable;
 use topo::{AuditEntry, Durability};
 
 const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+/// Bound on the new primary's first acknowledged write, from its shard record.
+const WRITE_BOUND: Duration = Duration::from_secs(15);
 
 /// The orchestrator as a child process; killed on drop.
 struct Orchestrator {
     child: tokio::process::Child,
     log: std::path::PathBuf,
+    port: u16,
 }
 
 impl Orchestrator {
@@ -51,19 +54,48 @@ impl Orchestrator {
             .kill_on_drop(true)
             .spawn()
             .expect("start myha-orchestrator");
-        let o = Orchestrator { child, log };
-        // Up once its engine runs and has seen every agent's health for a moment.
+        let o = Orchestrator { child, log, port };
+        // Up once its engine runs and its analysis of the shard covers every tablet, with no
+        // problem: the fault comes after a clean view, not after a fixed pause.
         let start = Instant::now();
-        while !o.log_text().contains("recovery engine started") {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("HTTP client");
+        let mut last = String::new();
+        loop {
+            if o.log_text().contains("recovery engine started") {
+                let shards = http
+                    .get(format!("http://127.0.0.1:{}/api/v1/shards", o.port))
+                    .send()
+                    .await;
+                let v = match shards {
+                    Ok(r) => r.json::<serde_json::Value>().await.ok(),
+                    Err(e) => {
+                        last = e.to_string();
+                        None
+                    }
+                };
+                if let Some(v) = v {
+                    let shard = &v["shards"][0];
+                    if shard["problems"] == serde_json::json!([])
+                        && shard["tablets"].as_array().is_some_and(|t| {
+                            t.len() == cluster.tablets().len()
+                                && t.iter().all(|t| t["fresh"] == true)
+                        })
+                    {
+                        return o;
+                    }
+                    last = v.to_string();
+                }
+            }
             assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "orchestrator did not start:\n{}",
+                start.elapsed() < Duration::from_secs(30),
+                "orchestrator not up with a clean view of the shard: {last}\n{}",
                 o.log_text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        o
     }
 
     fn log_text(&self) -> String {
@@ -195,21 +227,22 @@ async fn killed_primary_is_replaced_by_an_emergency_reparent() {
         .find(|t| t.alias() != old.alias() && t.alias() != new_alias)
         .expect("the third tablet");
 
-    // It takes writes (semi-sync: acknowledged by the repointed replica).
+    // It takes writes (semi-sync: acknowledged by the repointed replica, so the first one may
+    // wait for the repoint). An attempt that failed committed nothing and is retried; one
+    // still waiting is waited for to the end of the bound, never abandoned and retried (it
+    // may still commit, and the row count below must be exact).
+    let write_deadline = Instant::now() + WRITE_BOUND;
     let write = loop {
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            exec(new, "INSERT INTO app.smoke (v) VALUES (100)"),
-        )
-        .await
+        let left = write_deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, exec(new, "INSERT INTO app.smoke (v) VALUES (100)")).await
         {
             Ok(Ok(())) => break fault.elapsed(),
-            Ok(Err(e)) if fault.elapsed() < FAILOVER_BOUND => {
-                let _ = e;
+            Ok(Err(_)) if Instant::now() < write_deadline => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             other => panic!(
-                "new primary {new_alias} not writable within {FAILOVER_BOUND:?}: {other:?}\n{}",
+                "new primary {new_alias} not writable within {WRITE_BOUND:?} of its record: \
+                 {other:?}\n{}",
                 orch.log_text()
             ),
         }
@@ -269,8 +302,9 @@ async fn killed_primary_is_replaced_by_an_emergency_reparent() {
         {
             break entries;
         }
+        // Steps are audited in the background, after they took effect.
         assert!(
-            start.elapsed() < Duration::from_secs(5),
+            start.elapsed() < Duration::from_secs(15),
             "audit log incomplete:\n{}",
             audit_text(&entries)
         );

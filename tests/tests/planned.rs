@@ -32,11 +32,19 @@ const TOKEN: &str = "planned-t0ken";
 const REQUEST_BOUND: Duration = Duration::from_secs(60);
 
 fn options(tablets: usize) -> ClusterOptions {
+    options_with(tablets, |_| {})
+}
+
+fn options_with(
+    tablets: usize,
+    more: impl Fn(&mut harness::OrchestratorConfig) + Send + Sync + 'static,
+) -> ClusterOptions {
     ClusterOptions {
-        orchestrator_config: Some(Arc::new(|cfg: &mut harness::OrchestratorConfig| {
+        orchestrator_config: Some(Arc::new(move |cfg: &mut harness::OrchestratorConfig| {
             cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
             cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
             cfg.orchestrator.api_token = Some(TOKEN.into());
+            more(cfg);
         })),
         ..ha_options(tablets)
     }
@@ -597,14 +605,15 @@ async fn planned_reparents() {
         "S3: {down} replicates from {target} {:.1} s after its restart",
         took.as_secs_f64()
     );
-    let a = audit(&c).await;
-    assert!(
-        a.iter().any(|e| e.tablet.as_deref() == Some(down.as_str())
-            && e.action == "replica_wrong_source"
-            && e.outcome == "ok"),
-        "the repairs did not repoint {down}:\n{}",
-        audit_text(&a)
-    );
+    // The repair's entry is audited in the background, after the repoint it describes.
+    wait_audit(&c, &format!("the repairs repointing {down}"), BOUND, |a| {
+        a.iter().any(|e| {
+            e.tablet.as_deref() == Some(down.as_str())
+                && e.action == "replica_wrong_source"
+                && e.outcome == "ok"
+        })
+    })
+    .await;
     wait_shard_healthy(&c, &[], BOUND).await;
 
     // ---- ten switchovers back and forth ----
@@ -699,7 +708,14 @@ async fn planned_reparents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_emergency_reparents() {
     let _serial = SERIAL.lock().await;
-    let c = start(options(3)).await;
+    // The automatic emergency reparent below holds the shard lock while it waits (up to
+    // relay_log_wait) for a replica whose SQL thread the test blocks until the planned request
+    // is seen waiting for that lock: the wait must outlast the test's way from seeing the lock
+    // to its request, however slow the machine.
+    let c = start(options_with(3, |cfg| {
+        cfg.recovery.relay_log_wait = Duration::from_secs(10);
+    }))
+    .await;
     let o = orch(&c);
     wait_quiet(o, &c, BOUND).await;
     let (ks, shard) = (c.keyspace().to_string(), c.shard().to_string());
@@ -839,15 +855,15 @@ async fn operator_emergency_reparents() {
     assert_eq!(r.primary.as_deref(), Some(to2.as_str()));
     assert_eq!(r.term, 4, "one emergency and one planned reparent: {r:?}");
     wait_shard_healthy(&c, &[primary.as_str()], BOUND).await;
-    let a = audit(&c).await;
-    let automatic: Vec<_> = a
-        .iter()
-        .filter(|e| {
-            e.action == "emergency_reparent"
-                && e.outcome == "ok"
-                && !e.actor.starts_with("operator:")
-        })
-        .collect();
+    let automatic_ok = |e: &&topo::AuditEntry| {
+        e.action == "emergency_reparent" && e.outcome == "ok" && !e.actor.starts_with("operator:")
+    };
+    // Its summary is audited in the background: wait for it, then count.
+    let a = wait_audit(&c, "the automatic emergency reparent", BOUND, |a| {
+        a.iter().any(|e| automatic_ok(&e))
+    })
+    .await;
+    let automatic: Vec<_> = a.iter().filter(automatic_ok).collect();
     assert_eq!(automatic.len(), 1, "{}", audit_text(&a));
     let report = w.verify(&c).await;
     assert!(report.lost.is_empty());

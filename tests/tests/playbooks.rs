@@ -217,7 +217,11 @@ async fn playbooks_deploy_a_working_fleet() {
         "{cnf}"
     );
 
-    // The accounts exist on every tablet (created on the primary, replicated).
+    // The accounts exist on every tablet (created on the primary, replicated: applied on the
+    // replicas a moment after the playbook saw them committed).
+    c.wait_replicated(BOUND)
+        .await
+        .expect("the replicas apply the primary's binlog");
     for t in c.tablets() {
         let mut conn = t.root_conn().await.expect("root conn");
         let n: Option<u64> = conn
