@@ -280,6 +280,17 @@ impl Api {
         self.json_answer("POST", url, req).await
     }
 
+    /// `DELETE path` with a JSON body and the bearer token, answering JSON.
+    pub async fn delete<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiError> {
+        let url = self.url(path);
+        let req = self.authorized(self.http.delete(&url)).json(body);
+        self.json_answer("DELETE", url, req).await
+    }
+
     /// `POST path` with a JSON body and the bearer token, for a streamed answer: the response
     /// once its status is a success (its body not read), else the refusal.
     pub async fn post_stream<B: Serialize>(

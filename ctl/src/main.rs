@@ -6,6 +6,7 @@
 
 mod api;
 mod audit;
+mod quarantine;
 mod recoveries;
 mod reparent;
 mod sandbox;
@@ -20,8 +21,8 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 const LONG_ABOUT: &str = "\
-Operate myha: see each shard's state, move primaries, control automatic recovery, read the
-audit log, and run a local sandbox cluster.
+Operate myha: see each shard's state, move primaries, control automatic recovery, quarantine
+tablets, read the audit log, and run a local sandbox cluster.
 
 Commands that change something speak to the orchestrator's HTTP API, found with
 --orchestrator or $MYHA_ORCHESTRATOR, else the sandbox's; when the orchestrator has an
@@ -39,6 +40,8 @@ Examples:
   myhactl recoveries enable commerce/0
   myhactl ack commerce/0
   myhactl audit commerce/0 --limit 20
+  myhactl quarantine add zone1-103 --reason 'checksum mismatch'
+  myhactl quarantine release zone1-103
   source <(myhactl completions bash)";
 
 #[derive(Parser, Debug)]
@@ -75,6 +78,11 @@ enum Command {
     Ack(recoveries::AckArgs),
     /// The audit log: every recovery, reparent step, switch and ack, newest first.
     Audit(audit::AuditArgs),
+    /// Keep tablets out of promotion and read routing (list, add, release).
+    Quarantine {
+        #[command(subcommand)]
+        command: quarantine::QuarantineCommand,
+    },
     /// Print a shell completion script.
     #[command(after_long_help = COMPLETION_EXAMPLES)]
     Completions {
@@ -165,6 +173,7 @@ fn main() -> ExitCode {
             }
             Command::Ack(a) => recoveries::ack(a).await.map_err(Into::into),
             Command::Audit(a) => audit::run(a).await.map_err(Into::into),
+            Command::Quarantine { command } => quarantine::run(command).await.map_err(Into::into),
             // Handled above, before the runtime.
             Command::Completions { .. } => Ok(()),
             Command::Sandbox { command } => match command {
@@ -207,6 +216,9 @@ mod tests {
             &["ack", "commerce/"],
             &["recoveries", "disable", "/0"],
             &["audit", "--limit", "1001"],
+            &["quarantine", "add", "zone1-103"],
+            &["quarantine", "add", "zone1", "--reason", "x"],
+            &["quarantine", "release"],
         ] {
             let e = parse(args).expect_err(&format!("{args:?}"));
             assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
@@ -232,5 +244,8 @@ mod tests {
         }
         assert!(parse(&["recoveries", "enable"]).is_ok());
         assert!(parse(&["audit", "commerce"]).is_ok());
+        assert!(parse(&["quarantine", "list"]).is_ok());
+        assert!(parse(&["quarantine", "add", "zone1-103", "--reason", "x"]).is_ok());
+        assert!(parse(&["quarantine", "release", "zone1-103"]).is_ok());
     }
 }

@@ -119,6 +119,9 @@ pub struct TabletReport {
     /// Why the tablet is not healthy, when it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// Why it is quarantined (from etcd), when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,13 +200,18 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
 }
 
 pub async fn collect(topo: &Topo) -> Result<Report, StatusError> {
+    let quarantine = topo.list_quarantine().await?;
     let mut shards = Vec::new();
     for ks in topo.list_keyspaces().await? {
         for shard in topo.list_shards(&ks.name).await? {
             let tablets = topo
                 .list_tablets(Some(&shard.keyspace), Some(&shard.shard))
                 .await?;
-            shards.push(shard_report(&shard, tablets).await);
+            let mut report = shard_report(&shard, tablets).await;
+            for t in &mut report.tablets {
+                t.quarantined = quarantine.get(&t.alias).map(|q| q.describe());
+            }
+            shards.push(report);
         }
     }
     Ok(Report {
@@ -423,7 +431,7 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
 }
 
 /// `2024-05-01T10:00:00Z (3m 12s ago)`.
-fn when(at_ms: u64, now_ms: u64) -> String {
+pub(crate) fn when(at_ms: u64, now_ms: u64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(at_ms);
     let ago = Duration::from_secs(now_ms.saturating_sub(at_ms) / 1000);
     let ago = if ago.is_zero() {
@@ -566,6 +574,19 @@ pub fn render_at(report: &Report, now_ms: u64) -> String {
         }
         if let Some(r) = s.recovery.as_ref().and_then(|r| render_recovery(r, now_ms)) {
             out.push_str(&format!("  recovery: {r}\n"));
+        }
+        // From etcd, so shown whether or not the orchestrator answered; its own `quarantined`
+        // problem says the same, so only one of them is printed.
+        for t in &s.tablets {
+            if let Some(q) = &t.quarantined {
+                let named = s
+                    .problems
+                    .iter()
+                    .any(|p| p.code == "quarantined" && p.tablet.as_ref() == Some(&t.alias));
+                if !named {
+                    out.push_str(&format!("  quarantined {}: {q}\n", t.alias));
+                }
+            }
         }
         if s.problems.is_empty() {
             out.push_str("  problems: none\n");
@@ -771,6 +792,40 @@ mod tests {
             text.contains("last recovery (from etcd): 2023-11-14T22:13:20Z (1m ago) emergency_reparent zone1-102 by orchestrator@h:1: ok in 840 ms (zone1-101 dead)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn quarantined_tablets_are_shown_once() {
+        let mut t = unhealthy("zone1-103", "x");
+        t.problem = None;
+        t.healthy = true;
+        t.quarantined = Some("checksum mismatch (quarantined by alice at term 2, 5 ms)".into());
+        let mut report = Report {
+            orchestrator: OrchestratorReport::default(),
+            shards: vec![shard_with(vec![t])],
+        };
+        join_orchestrator(&mut report, None, Err("no orchestrator given".into()));
+        let text = render_at(&report, 0);
+        assert!(
+            text.contains("  quarantined zone1-103: checksum mismatch (quarantined by alice"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["shards"][0]["tablets"][0]["quarantined"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("checksum mismatch")));
+        // The orchestrator's problem names it already: not twice.
+        report.shards[0].problems = vec![ProblemJson {
+            code: "quarantined".into(),
+            tablet: Some("zone1-103".into()),
+            detail: "checksum mismatch".into(),
+        }];
+        let text = render_at(&report, 0);
+        assert!(
+            text.contains("! quarantined zone1-103: checksum mismatch"),
+            "{text}"
+        );
+        assert!(!text.contains("  quarantined zone1-103:"), "{text}");
     }
 
     #[test]

@@ -43,9 +43,9 @@ use tracing::{debug, info, warn};
 
 use crate::mysql;
 use crate::routing::{
-    close_reason, compute_routes, ro_choice, route_changes, rw_choice, Ask, BackendJson, ConnRole,
-    ListenersJson, ProxyPolicy, Refusal, RefusalKind, RoChoice, Routes, RoutingPolicy,
-    RoutingResponse, RwChoice, ShardConnections, Target,
+    close_reason, compute_routes, excluded_counts, ro_choice, route_changes, rw_choice, Ask,
+    BackendJson, ConnRole, ListenersJson, ProxyPolicy, Refusal, RefusalKind, RoChoice, Routes,
+    RoutingPolicy, RoutingResponse, RwChoice, ShardConnections, Target,
 };
 
 /// Routing is recomputed at least this often: freshness and lag bounds move with time alone.
@@ -200,6 +200,10 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         "myha_gateway_refusals_total",
         "Connections refused with a MySQL error packet, by reason"
+    );
+    metrics::describe_gauge!(
+        "myha_gateway_ro_excluded",
+        "Replicas left out of a shard's RO routing now, by keyspace, shard and reason (quarantined, no_health, stale_health, mysql_unreachable, fenced, not_replicating, lag_unknown, lag_too_high)"
     );
     metrics::describe_counter!(
         "myha_gateway_closed_by_routing_total",
@@ -549,6 +553,17 @@ impl Gateway {
         }
         if !changes.is_empty() || old.topo_synced != new.topo_synced {
             self.changed.send_replace(seq);
+        }
+        for route in new.shards.values() {
+            for (reason, n) in excluded_counts(route) {
+                metrics::gauge!(
+                    "myha_gateway_ro_excluded",
+                    "keyspace" => route.keyspace.clone(),
+                    "shard" => route.shard.clone(),
+                    "reason" => reason
+                )
+                .set(n as f64);
+            }
         }
         self.sweep(&new);
     }

@@ -5,8 +5,12 @@
 //!   - `rw`: the primary named by the shard record, only if the record is the newest word
 //!     (no reparent under way, no tablet reports a newer term, the primary's agent knows the
 //!     record's term) and the primary's health is fresh, reachable, not fenced and writable.
-//!   - `ro`: every other registered tablet whose health is fresh, whose mysqld is reachable and
-//!     replicates (both threads running) with a measured lag under `max_replica_lag`.
+//!   - `ro`: every other registered tablet that is not quarantined, whose health is fresh,
+//!     whose mysqld is reachable and replicates (both threads running) with a measured lag
+//!     under `max_replica_lag`.
+//!   - A quarantined primary still gets the writes (the shard record decides, and failing over
+//!     is the orchestrator's business, not the gateway's); [`ShardRoute::primary_quarantined`]
+//!     marks it.
 //! - [`compute_routes`]: [`route`] for every shard of a tablettwatch snapshot, plus for every
 //!   tablet whether open RO connections to it must be closed ([`ro_close_reason`]): the
 //!   immutable [`Routes`] the proxy swaps in atomically.
@@ -123,18 +127,65 @@ impl fmt::Display for RwUnavailable {
 /// Why a replica gets no reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Excluded {
-    NoHealth { stream_error: Option<String> },
-    StaleHealth { age: Duration, max: Duration },
-    MysqlUnreachable { error: String },
-    Fenced { reason: String },
-    NotReplicating { detail: String },
+    /// `{p}/quarantine/{alias}` exists: the record's reason in words.
+    Quarantined {
+        reason: String,
+    },
+    NoHealth {
+        stream_error: Option<String>,
+    },
+    StaleHealth {
+        age: Duration,
+        max: Duration,
+    },
+    MysqlUnreachable {
+        error: String,
+    },
+    Fenced {
+        reason: String,
+    },
+    NotReplicating {
+        detail: String,
+    },
     LagUnknown,
-    LagTooHigh { lag_ms: u64, max_ms: u64 },
+    LagTooHigh {
+        lag_ms: u64,
+        max_ms: u64,
+    },
+}
+
+impl Excluded {
+    /// Every [`Excluded::kind`], for metrics that exist at 0 from the start.
+    pub const KINDS: [&'static str; 8] = [
+        "quarantined",
+        "no_health",
+        "stale_health",
+        "mysql_unreachable",
+        "fenced",
+        "not_replicating",
+        "lag_unknown",
+        "lag_too_high",
+    ];
+
+    /// The reason as a metric label (`myha_gateway_ro_excluded{reason}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Excluded::Quarantined { .. } => "quarantined",
+            Excluded::NoHealth { .. } => "no_health",
+            Excluded::StaleHealth { .. } => "stale_health",
+            Excluded::MysqlUnreachable { .. } => "mysql_unreachable",
+            Excluded::Fenced { .. } => "fenced",
+            Excluded::NotReplicating { .. } => "not_replicating",
+            Excluded::LagUnknown => "lag_unknown",
+            Excluded::LagTooHigh { .. } => "lag_too_high",
+        }
+    }
 }
 
 impl fmt::Display for Excluded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Excluded::Quarantined { reason } => write!(f, "quarantined: {reason}"),
             Excluded::NoHealth {
                 stream_error: Some(e),
             } => write!(f, "no health ({e})"),
@@ -350,6 +401,12 @@ fn vouched_primary(
 }
 
 fn replica(t: &TabletView, now: Instant, policy: &RoutingPolicy) -> Result<Target, Excluded> {
+    // An operator's (or the repair's) decision outranks any health: first.
+    if let Some(q) = t.quarantined() {
+        return Err(Excluded::Quarantined {
+            reason: q.describe(),
+        });
+    }
     let max = policy.health_stale_after;
     let h = match freshness(t, now, max) {
         Freshness::Fresh(h) => h,
@@ -422,6 +479,10 @@ pub struct ShardRoute {
     pub term: u64,
     /// The primary the shard record names.
     pub primary: Option<String>,
+    /// The record's primary is quarantined (never expected: the orchestrator does not promote
+    /// a quarantined tablet, and the API refuses to quarantine the primary): why. Writes still
+    /// follow the record; this only makes the anomaly visible.
+    pub primary_quarantined: Option<String>,
     pub routing: Routing,
     /// Every registered tablet: `None` when open RO connections to it may stay, else why they
     /// must be closed ([`ro_close_reason`]). A tablet missing here is not registered.
@@ -461,6 +522,7 @@ impl Routes {
 /// `max_replica_lag`, a replication thread reconnecting during a failover, a late health
 /// message) keeps its open connections; they are closed only when
 /// - it is the shard's primary now (the RO port must not hand out a writable server),
+/// - it is quarantined (its data is suspect: errant transactions, or an operator says so),
 /// - there is no health for it, its agent fenced it or reports its mysqld unreachable,
 /// - its lag may exceed `ro_hard_lag`: the last reported lag plus the age of that report
 ///   (a silent health stream or stopped replication therefore closes them once the data could
@@ -473,6 +535,9 @@ pub fn ro_close_reason(
 ) -> Option<String> {
     if shard.primary_alias() == Some(t.alias()) {
         return Some("it is the shard's primary now".into());
+    }
+    if let Some(q) = t.quarantined() {
+        return Some(format!("quarantined: {}", q.describe()));
     }
     let (Some(h), Some(age)) = (t.health(), t.health_age(now)) else {
         return Some("no health".into());
@@ -505,6 +570,10 @@ pub fn shard_route(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> S
         shard: shard.shard.clone(),
         term: shard.term(),
         primary: shard.primary_alias().map(str::to_string),
+        primary_quarantined: shard
+            .primary()
+            .and_then(TabletView::quarantined)
+            .map(|q| q.describe()),
         routing: route(shard, now, policy),
         ro_close: shard
             .tablets
@@ -1014,6 +1083,9 @@ pub struct ShardRoutingJson {
     pub term: u64,
     /// The primary the shard record names.
     pub primary: Option<String>,
+    /// Why the record's primary is quarantined (`null` normally): writes still go to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary_quarantined: Option<String>,
     /// Where writes go, or `null`.
     pub rw: Option<Target>,
     /// Why writes have nowhere to go (when `rw` is `null`).
@@ -1060,6 +1132,17 @@ pub struct ShardConnections {
     pub backends: Vec<BackendJson>,
 }
 
+/// How many replicas of `route` are left out of `ro`, per [`Excluded::kind`] (every kind, 0
+/// included), for `myha_gateway_ro_excluded{keyspace,shard,reason}`.
+pub fn excluded_counts(route: &ShardRoute) -> BTreeMap<&'static str, usize> {
+    let mut counts: BTreeMap<&'static str, usize> =
+        Excluded::KINDS.iter().map(|k| (*k, 0)).collect();
+    for (_, e) in &route.routing.ro_excluded {
+        *counts.entry(e.kind()).or_default() += 1;
+    }
+    counts
+}
+
 /// The JSON of `routes`; `conns` gives each configured shard's listeners and connections.
 pub fn routing_response(
     routes: &Routes,
@@ -1094,6 +1177,7 @@ pub fn routing_response(
                         shard: k.1.clone(),
                         term: 0,
                         primary: None,
+                        primary_quarantined: None,
                         rw: None,
                         rw_unavailable: Some(RwUnavailable::NoShardRecord.to_string()),
                         ro: vec![],
@@ -1114,6 +1198,7 @@ pub fn routing_response(
                     shard: s.shard.clone(),
                     term: s.term,
                     primary: s.primary.clone(),
+                    primary_quarantined: s.primary_quarantined.clone(),
                     rw,
                     rw_unavailable,
                     ro: r.ro.clone(),
@@ -2313,5 +2398,163 @@ mod tests {
         assert_eq!(fmt_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(RoPolicy::RoundRobin.as_str(), "round_robin");
         assert_eq!(RoFallback::Refuse.as_str(), "refuse");
+    }
+
+    // ---- quarantine ----
+
+    impl Fixture {
+        fn quarantine(&mut self, alias: &str, reason: &str) {
+            let i = self
+                .tablets
+                .iter()
+                .position(|t| t.alias() == alias)
+                .expect("tablet");
+            self.tablets[i] = quarantined(self.tablets[i].clone(), reason);
+        }
+    }
+
+    #[test]
+    fn a_quarantined_replica_gets_no_reads_whatever_its_health() {
+        let mut f = Fixture::healthy();
+        f.quarantine(R1, "errant 0-102-7");
+        let r = f.route();
+        assert_eq!(aliases(&r.ro), [R2]);
+        let e = excluded(&r, R1);
+        assert_eq!(e.kind(), "quarantined");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("quarantined: errant 0-102-7") && text.contains("by test"),
+            "{text}"
+        );
+        // Quarantine outranks every health reason (it is listed as quarantined, not stale).
+        let r = f.route_at(Duration::from_secs(10));
+        assert_eq!(excluded(&r, R1).kind(), "quarantined");
+        assert_eq!(excluded(&r, R2).kind(), "stale_health");
+        // Writes are unaffected.
+        assert_eq!(f.route().rw.map(|t| t.alias), Ok(P.to_string()));
+    }
+
+    #[test]
+    fn open_ro_connections_to_a_quarantined_replica_are_closed() {
+        let mut f = Fixture::healthy();
+        f.quarantine(R2, "operator: disk errors");
+        let why = f.close_at(R2, Duration::ZERO).expect("closed");
+        assert!(
+            why.starts_with("quarantined: operator: disk errors"),
+            "{why}"
+        );
+        assert_eq!(f.close_at(R1, Duration::ZERO), None);
+        let r = f.shard_route_at(Duration::ZERO);
+        let why = close_reason(ConnRole::RoReplica, R2, 3, Some(&r)).expect("closed");
+        assert!(why.contains("disk errors"), "{why}");
+        assert_eq!(close_reason(ConnRole::RoReplica, R1, 3, Some(&r)), None);
+        // The primary stays "the shard's primary" first (both close; that reason is the
+        // one that explains a promotion).
+        f.quarantine(P, "odd");
+        assert_eq!(
+            f.close_at(P, Duration::ZERO).as_deref(),
+            Some("it is the shard's primary now")
+        );
+    }
+
+    #[test]
+    fn a_quarantined_primary_keeps_the_writes_but_is_marked() {
+        let mut f = Fixture::healthy();
+        assert_eq!(f.shard_route_at(Duration::ZERO).primary_quarantined, None);
+        f.quarantine(P, "should never happen");
+        let r = f.shard_route_at(Duration::ZERO);
+        assert_eq!(r.routing.rw.as_ref().map(|t| t.alias.as_str()), Ok(P));
+        let why = r.primary_quarantined.clone().expect("marked");
+        assert!(why.starts_with("should never happen"), "{why}");
+        for role in [ConnRole::Rw, ConnRole::RoPrimary] {
+            assert_eq!(close_reason(role, P, 3, Some(&r)), None);
+        }
+        let mut routes = routes_of(&f, 1);
+        routes.shards.insert(("ks".into(), "0".into()), r);
+        let resp = routing_response(&routes, &policy(), &proxy(), 0, &BTreeMap::new());
+        let json = serde_json::to_value(&resp).unwrap();
+        assert!(json["shards"][0]["primary_quarantined"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("should never happen")));
+        // Absent (not null) when the primary is not quarantined.
+        let resp = routing_response(
+            &routes_of(&Fixture::healthy(), 2),
+            &policy(),
+            &proxy(),
+            0,
+            &BTreeMap::new(),
+        );
+        let json = serde_json::to_value(&resp).unwrap();
+        assert!(
+            json["shards"][0].get("primary_quarantined").is_none(),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn quarantine_shows_in_routing_json_metrics_and_refusals() {
+        let mut f = Fixture::healthy();
+        f.quarantine(R1, "errant");
+        f.health_mut(R2).lag_ms = Some(9_000);
+        let r = f.shard_route_at(Duration::ZERO);
+        let counts = excluded_counts(&r);
+        assert_eq!(counts.len(), Excluded::KINDS.len());
+        assert_eq!(
+            (
+                counts["quarantined"],
+                counts["lag_too_high"],
+                counts["no_health"]
+            ),
+            (1, 1, 0)
+        );
+
+        let routes = Routes {
+            shards: BTreeMap::from([(("ks".to_string(), "0".to_string()), r.clone())]),
+            ..routes_of(&f, 1)
+        };
+        let resp = routing_response(&routes, &policy(), &proxy(), 0, &BTreeMap::new());
+        let ex = &resp.shards[0].ro_excluded;
+        assert!(
+            ex.iter()
+                .any(|e| e.alias == R1 && e.reason.starts_with("quarantined: errant")),
+            "{ex:?}"
+        );
+
+        // Nothing eligible: the refusal names the quarantine.
+        let refuse = ProxyPolicy {
+            ro_fallback: RoFallback::Refuse,
+            ..proxy()
+        };
+        let none = |_: &str| 0;
+        let RoChoice::Refuse(x) = ro_choice(&ask(Some(&r)), &refuse, &none, &[], 0) else {
+            panic!()
+        };
+        assert_eq!(x.kind, RefusalKind::NoReplica);
+        assert!(
+            x.message.contains("zone1-102: quarantined: errant"),
+            "{}",
+            x.message
+        );
+        // With the primary fallback, reads go to the primary.
+        assert!(matches!(
+            ro_choice(&ask(Some(&r)), &proxy(), &none, &[], 0),
+            RoChoice::Primary(t) if t.alias == P
+        ));
+    }
+
+    #[test]
+    fn quarantine_and_release_are_routing_changes() {
+        let mut f = Fixture::healthy();
+        let before = routes_of(&f, 1);
+        f.quarantine(R1, "x");
+        let during = routes_of(&f, 2);
+        let changes = route_changes(&before, &during);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            changes[0].after.as_ref().map(|k| k.ro.clone()),
+            Some(vec![R2.to_string()])
+        );
+        let released = routes_of(&Fixture::healthy(), 3);
+        assert_eq!(route_changes(&during, &released).len(), 1);
     }
 }

@@ -13,6 +13,9 @@
 //! | POST | `/api/v1/recoveries/enable` | idem |
 //! | POST | `/api/v1/shards/{keyspace}/{shard}/ack` | [`AckRequest`]: acknowledge the shard's last recovery |
 //! | POST | `/api/v1/shards/{keyspace}/{shard}/reparent` | [`ReparentBody`]: an operator reparent, answered as ndjson events ([`crate::operator`]) |
+//! | GET | `/api/v1/quarantine` | [`QuarantineListResponse`]: every quarantined tablet |
+//! | POST | `/api/v1/quarantine/{alias}` | [`QuarantineRequest`]: quarantine a registered non-primary tablet -> [`QuarantineChange`] |
+//! | DELETE | `/api/v1/quarantine/{alias}` | [`ReleaseRequest`] (optional): release it (404 if not quarantined) -> [`QuarantineChange`] |
 //!
 //! Mutating endpoints need `Authorization: Bearer <token>` when `[orchestrator] api_token` is
 //! set. Every error is `{"error": "..."}` with a 4xx/5xx status.
@@ -24,7 +27,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tabletwatch::{FleetSnapshot, ShardView, StreamState, TabletView};
-use topo::AuditEntry;
+use topo::{AuditEntry, QuarantineRecord, ShardRecord, TabletRecord};
 
 use crate::analysis::{Problem, ProblemCode};
 use crate::engine::{EngineView, RecoveryResult, ShardStatus};
@@ -323,6 +326,8 @@ pub struct TabletJson {
     pub term: Option<u64>,
     pub fenced: Option<bool>,
     pub fence_reason: Option<String>,
+    /// Why it is quarantined (kept out of promotion and read routing); `null`: it is not.
+    pub quarantined: Option<String>,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -364,6 +369,7 @@ pub fn tablet_json(
         term: t.term(),
         fenced: t.fenced(),
         fence_reason: h.and_then(|h| non_empty(&h.fence_reason)),
+        quarantined: t.quarantined().map(QuarantineRecord::describe),
     }
 }
 
@@ -742,6 +748,141 @@ pub struct ChangeResponse {
     /// `global` or `keyspace/shard`.
     pub scope: String,
     pub reason: Option<String>,
+}
+
+// ---- quarantine ----------------------------------------------------------------------
+
+/// One quarantined tablet in `GET /api/v1/quarantine`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineJson {
+    pub alias: String,
+    /// Its shard, from its registration (`null`: not registered now, e.g. its agent is down).
+    pub keyspace: Option<String>,
+    pub shard: Option<String>,
+    pub reason: String,
+    pub at_ms: u64,
+    /// The shard's term when it was quarantined.
+    pub term: u64,
+    /// Who quarantined it (`null`: the orchestrator's own repair).
+    pub by: Option<String>,
+}
+
+impl QuarantineJson {
+    pub fn new(alias: &str, rec: &QuarantineRecord, tablet: Option<&TabletRecord>) -> Self {
+        QuarantineJson {
+            alias: alias.to_string(),
+            keyspace: tablet.map(|t| t.keyspace.clone()),
+            shard: tablet.map(|t| t.shard.clone()),
+            reason: rec.reason.clone(),
+            at_ms: rec.at_ms,
+            term: rec.term,
+            by: rec.by.clone(),
+        }
+    }
+}
+
+/// `GET /api/v1/quarantine`, by alias.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineListResponse {
+    pub quarantine: Vec<QuarantineJson>,
+}
+
+/// Every record of `records` (by alias) with the shard its registration names. Pure.
+pub fn quarantine_list(
+    records: &BTreeMap<String, QuarantineRecord>,
+    registered: &BTreeMap<String, TabletRecord>,
+) -> QuarantineListResponse {
+    QuarantineListResponse {
+        quarantine: records
+            .iter()
+            .map(|(a, r)| QuarantineJson::new(a, r, registered.get(a)))
+            .collect(),
+    }
+}
+
+/// Body of `POST /api/v1/quarantine/{alias}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineRequest {
+    /// Why (required: the record is what everyone reads to understand the exclusion).
+    pub reason: Option<String>,
+    /// Who asks (default: the client's address).
+    pub requester: Option<String>,
+}
+
+impl QuarantineRequest {
+    /// `(reason, requester)`; 400 without a reason.
+    pub fn validate(self, peer: &str) -> Result<(String, String), ApiError> {
+        let reason = non_blank(self.reason).ok_or_else(|| {
+            ApiError::bad_request(
+                "a reason is required: it is what operators and the gateway's /routing show",
+            )
+        })?;
+        Ok((
+            reason,
+            non_blank(self.requester).unwrap_or_else(|| peer.to_string()),
+        ))
+    }
+}
+
+/// Body of `DELETE /api/v1/quarantine/{alias}` (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// Why, for the audit log.
+    pub reason: Option<String>,
+    /// Who asks (default: the client's address).
+    pub requester: Option<String>,
+}
+
+/// Answer of `POST` / `DELETE /api/v1/quarantine/{alias}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineChange {
+    pub ok: bool,
+    /// `quarantine` or `release`.
+    pub action: String,
+    /// The record written, or the one removed.
+    pub tablet: QuarantineJson,
+    /// Whether an audit entry was written (a release of an unregistered tablet has no shard
+    /// to audit on).
+    pub audited: bool,
+}
+
+/// 400 unless `alias` is `{cell}-{uid}`.
+pub fn check_alias(alias: &str) -> Result<(), ApiError> {
+    topo::parse_alias(alias)
+        .map(drop)
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Whether `alias` may be quarantined, given its registration and its shard's record: the
+/// shard and term to record and audit it under. Pure.
+/// - unknown (not registered): 404: a typo must not silently quarantine nothing;
+/// - the shard record's primary: 409: quarantine removes a tablet from promotion and reads,
+///   the primary must be moved first (a planned reparent), not hidden behind a record the
+///   gateway would route writes to anyway.
+pub fn quarantine_target(
+    alias: &str,
+    tablet: Option<&TabletRecord>,
+    record: Option<&ShardRecord>,
+) -> Result<(String, String, u64), ApiError> {
+    check_alias(alias)?;
+    let t = tablet.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no tablet {alias} is registered (unknown alias, or its agent is down)"
+        ))
+    })?;
+    let term = record.map_or(0, |r| r.term);
+    if let Some(r) = record.filter(|r| r.primary.as_deref() == Some(alias)) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{alias} is the primary of {}/{} (term {}): move the primary first                  (myhactl reparent planned {}/{}), then quarantine it",
+                r.keyspace, r.shard, r.term, r.keyspace, r.shard
+            ),
+        ));
+    }
+    Ok((t.keyspace.clone(), t.shard.clone(), term))
 }
 
 /// Query of `GET /api/v1/recoveries`.
@@ -1363,5 +1504,89 @@ mod tests {
             assert!(e.message.contains(want), "{body}: {e}");
         }
         assert!(is_recovery_action(ACTION_PLANNED_REPARENT));
+    }
+
+    fn registered(alias: &str) -> TabletRecord {
+        tablet_record(alias, "ks", "0")
+    }
+
+    #[test]
+    fn quarantine_targets_are_checked() {
+        let rec = shard_record("ks", "0", Some("zone1-101"), 4);
+        let r = quarantine_target("zone1-102", Some(&registered("zone1-102")), Some(&rec));
+        assert_eq!(r.unwrap(), ("ks".to_string(), "0".to_string(), 4));
+        let e =
+            quarantine_target("zone1-101", Some(&registered("zone1-101")), Some(&rec)).unwrap_err();
+        assert_eq!(e.status, StatusCode::CONFLICT);
+        assert!(
+            e.message.contains("primary of ks/0") && e.message.contains("reparent planned ks/0"),
+            "{e}"
+        );
+        let e = quarantine_target("zone1-109", None, None).unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert!(
+            e.message.contains("no tablet zone1-109 is registered"),
+            "{e}"
+        );
+        let e = quarantine_target("zone1", None, None).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        // A shard without a record yet: term 0.
+        let r = quarantine_target("zone1-102", Some(&registered("zone1-102")), None);
+        assert_eq!(r.unwrap().2, 0);
+    }
+
+    #[test]
+    fn quarantine_requests_need_a_reason() {
+        let e = QuarantineRequest::default()
+            .validate("http-api from 1.2.3.4")
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("reason is required"), "{e}");
+        let req: QuarantineRequest =
+            parse_body(br#"{"reason":" disk errors ","requester":"alice"}"#).unwrap();
+        assert_eq!(
+            req.validate("peer").unwrap(),
+            ("disk errors".to_string(), "alice".to_string())
+        );
+        let req: QuarantineRequest = parse_body(br#"{"reason":"x"}"#).unwrap();
+        assert_eq!(req.validate("peer").unwrap().1, "peer");
+        assert!(parse_body::<QuarantineRequest>(br#"{"reasn":"x"}"#).is_err());
+        let rel: ReleaseRequest = parse_body(b"").unwrap();
+        assert_eq!(rel, ReleaseRequest::default());
+    }
+
+    #[test]
+    fn quarantine_lists_name_the_shard_when_registered() {
+        let records = BTreeMap::from([
+            (
+                "zone1-102".to_string(),
+                QuarantineRecord {
+                    reason: "errant".into(),
+                    at_ms: 5,
+                    term: 3,
+                    by: None,
+                },
+            ),
+            (
+                "zone1-109".to_string(),
+                QuarantineRecord {
+                    reason: "gone".into(),
+                    at_ms: 6,
+                    term: 3,
+                    by: Some("alice".into()),
+                },
+            ),
+        ]);
+        let tablets = BTreeMap::from([("zone1-102".to_string(), registered("zone1-102"))]);
+        let json = serde_json::to_value(quarantine_list(&records, &tablets)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"quarantine": [
+                {"alias": "zone1-102", "keyspace": "ks", "shard": "0", "reason": "errant",
+                 "at_ms": 5, "term": 3, "by": null},
+                {"alias": "zone1-109", "keyspace": null, "shard": null, "reason": "gone",
+                 "at_ms": 6, "term": 3, "by": "alice"},
+            ]})
+        );
     }
 }

@@ -5,7 +5,10 @@
 //! |---|---|
 //! | `{p}/control/recoveries` | [`ControlRecord`]: recoveries disabled everywhere |
 //! | `{p}/control/shards/{ks}/{shard}` | [`ControlRecord`]: disabled for one shard, and the last `ack` |
-//! | `{p}/quarantine/{alias}` | [`QuarantineRecord`]: the tablet is kept out of promotion and routing |
+//!
+//! The quarantine (`{p}/quarantine/{alias}`, [`QuarantineRecord`], defined in `topo` because
+//! the gateway reads it too) is written here: by the repairs (errant deposed primary) and by
+//! operators through the API, each audited.
 //!
 //! Flapping ([`flapping`]) is computed from the shard's audit log: at least `flap_limit`
 //! successful emergency reparents within `flap_window`, counting only those after the shard's
@@ -42,14 +45,7 @@ pub struct ControlRecord {
     pub acked_at_ms: Option<u64>,
 }
 
-/// The value of `{p}/quarantine/{alias}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuarantineRecord {
-    pub reason: String,
-    pub at_ms: u64,
-    /// The shard term when it was quarantined.
-    pub term: u64,
-}
+pub use topo::QuarantineRecord;
 
 /// A shard that reparented too often.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -169,12 +165,12 @@ pub fn control_prefix(keys: &Keys) -> String {
 
 /// `{p}/quarantine/{alias}`.
 pub fn quarantine_key(keys: &Keys, alias: &str) -> String {
-    format!("{}/quarantine/{alias}", keys.prefix())
+    keys.quarantine(alias)
 }
 
 /// `{p}/quarantine/`.
 pub fn quarantine_prefix(keys: &Keys) -> String {
-    format!("{}/quarantine/", keys.prefix())
+    keys.quarantine_prefix()
 }
 
 /// The etcd-backed control operations.
@@ -359,6 +355,8 @@ impl Control {
             } else {
                 "recoveries_enabled"
             },
+            None,
+            0,
             reason,
         )
         .await;
@@ -381,19 +379,31 @@ impl Control {
             shard,
             by,
             "ack",
+            None,
+            0,
             "recoveries acknowledged: flapping count reset",
         )
         .await;
         Ok(rec)
     }
 
-    async fn audit(&self, keyspace: &str, shard: &str, by: &str, action: &str, detail: &str) {
+    #[allow(clippy::too_many_arguments)]
+    async fn audit(
+        &self,
+        keyspace: &str,
+        shard: &str,
+        by: &str,
+        action: &str,
+        tablet: Option<&str>,
+        term: u64,
+        detail: &str,
+    ) {
         let entry = AuditEntry {
             at_ms: topo::now_ms(),
-            term: 0,
+            term,
             actor: by.to_string(),
             action: action.to_string(),
-            tablet: None,
+            tablet: tablet.map(str::to_string),
             outcome: OUTCOME_OK.to_string(),
             detail: detail.to_string(),
             duration_ms: None,
@@ -421,51 +431,117 @@ impl Control {
         Ok(flapping(&entries, acked, now_ms, limit, window))
     }
 
-    /// Quarantines a tablet: kept out of promotion and routing, with the reason.
+    /// Quarantines a tablet: kept out of promotion and routing, with the reason. The repair's
+    /// own step is its audit entry; operators go through [`Control::quarantine_by`].
     pub async fn quarantine(
         &self,
         alias: &str,
         reason: &str,
         term: u64,
     ) -> Result<QuarantineRecord> {
-        topo::parse_alias(alias).map_err(|e| ControlError::Invalid(e.to_string()))?;
-        let key = quarantine_key(self.keys(), alias);
         let rec = QuarantineRecord {
             reason: reason.to_string(),
             at_ms: topo::now_ms(),
             term,
+            by: None,
         };
-        let data = serde_json::to_vec(&rec).map_err(|source| ControlError::Decode {
-            key: key.clone(),
-            source,
-        })?;
-        let mut kv = self.topo.client().kv_client();
-        self.call("put", &key, kv.put(key.as_str(), data, None))
-            .await?;
+        self.put_quarantine(alias, &rec).await?;
         Ok(rec)
     }
 
-    /// Releases a tablet from quarantine; returns whether it was quarantined.
-    pub async fn release_quarantine(&self, alias: &str) -> Result<bool> {
-        let key = quarantine_key(self.keys(), alias);
-        let mut kv = self.topo.client().kv_client();
-        let resp = self
-            .call("delete", &key, kv.delete(key.as_str(), None))
-            .await?;
-        Ok(resp.deleted() > 0)
+    async fn put_quarantine(&self, alias: &str, rec: &QuarantineRecord) -> Result<()> {
+        match self.topo.put_quarantine(alias, rec).await {
+            Err(topo::TopoError::Parse(e)) => Err(ControlError::Invalid(e.to_string())),
+            r => Ok(r?),
+        }
+    }
+
+    /// An operator quarantines `alias` of `keyspace/shard` (whose record is at `term`); audited
+    /// on that shard as `quarantine_added`. Whether the tablet may be quarantined (registered,
+    /// not the primary) is the caller's check.
+    pub async fn quarantine_by(
+        &self,
+        keyspace: &str,
+        shard: &str,
+        alias: &str,
+        reason: &str,
+        term: u64,
+        by: &str,
+    ) -> Result<QuarantineRecord> {
+        check_names(keyspace, shard)?;
+        let rec = QuarantineRecord {
+            reason: reason.to_string(),
+            at_ms: topo::now_ms(),
+            term,
+            by: Some(by.to_string()),
+        };
+        self.put_quarantine(alias, &rec).await?;
+        self.audit(
+            keyspace,
+            shard,
+            by,
+            ACTION_QUARANTINE_ADDED,
+            Some(alias),
+            term,
+            reason,
+        )
+        .await;
+        Ok(rec)
+    }
+
+    /// Releases a tablet from quarantine; returns the record that was removed (`None`: it was
+    /// not quarantined).
+    pub async fn release_quarantine(&self, alias: &str) -> Result<Option<QuarantineRecord>> {
+        match self.topo.delete_quarantine(alias).await {
+            Err(topo::TopoError::Parse(e)) => Err(ControlError::Invalid(e.to_string())),
+            r => Ok(r?),
+        }
+    }
+
+    /// An operator releases `alias`; audited as `quarantine_released` on `shard` when the
+    /// tablet's shard is known (`None`: not registered, nothing to audit on). Returns the
+    /// removed record (`None`: it was not quarantined, nothing changed or audited).
+    pub async fn release_quarantine_by(
+        &self,
+        alias: &str,
+        shard: Option<(&str, &str, u64)>,
+        reason: Option<&str>,
+        by: &str,
+    ) -> Result<Option<QuarantineRecord>> {
+        let Some(rec) = self.release_quarantine(alias).await? else {
+            return Ok(None);
+        };
+        if let Some((keyspace, shard, term)) = shard {
+            let why = reason
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            let detail = format!("released{why}; it had been quarantined: {}", rec.describe());
+            self.audit(
+                keyspace,
+                shard,
+                by,
+                ACTION_QUARANTINE_RELEASED,
+                Some(alias),
+                term,
+                &detail,
+            )
+            .await;
+        }
+        Ok(Some(rec))
     }
 
     /// Every quarantined tablet, by alias.
     pub async fn list_quarantine(&self) -> Result<BTreeMap<String, QuarantineRecord>> {
-        let prefix = quarantine_prefix(self.keys());
-        Ok(self
-            .list::<QuarantineRecord>(&prefix)
-            .await?
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v)))
-            .collect())
+        Ok(self.topo.list_quarantine().await?)
     }
 }
+
+/// Audit action of an operator's quarantine.
+pub const ACTION_QUARANTINE_ADDED: &str = "quarantine_added";
+/// Audit action of an operator's release.
+pub const ACTION_QUARANTINE_RELEASED: &str = "quarantine_released";
 
 /// How many of a shard's newest audit entries the flapping check reads.
 pub const AUDIT_SCAN: usize = 2000;
@@ -587,10 +663,7 @@ impl ControlState {
 
 /// A quarantine record in words.
 pub fn quarantine_text(q: &QuarantineRecord) -> String {
-    format!(
-        "{} (quarantined at term {}, {} ms)",
-        q.reason, q.term, q.at_ms
-    )
+    q.describe()
 }
 
 fn or_unknown(s: &str) -> &str {

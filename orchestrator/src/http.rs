@@ -11,7 +11,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Extension;
 use axum::{Json, Router};
 use futures::future::join_all;
@@ -20,8 +20,9 @@ use tabletwatch::TabletWatch;
 use topo::Topo;
 
 use crate::api::{
-    self, AckRequest, ApiError, AuditJson, ChangeResponse, EngineState, RecoveriesQuery,
-    RecoveriesResponse, ReparentBody, ReparentDefaults, Scope, ToggleRequest,
+    self, AckRequest, ApiError, AuditJson, ChangeResponse, EngineState, QuarantineChange,
+    QuarantineJson, QuarantineListResponse, QuarantineRequest, RecoveriesQuery, RecoveriesResponse,
+    ReleaseRequest, ReparentBody, ReparentDefaults, Scope, ToggleRequest,
 };
 use crate::control::{Control, ControlError};
 use crate::engine::{EngineHandle, EngineView};
@@ -65,6 +66,11 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/api/v1/recoveries/enable", post(enable))
         .route("/api/v1/shards/{keyspace}/{shard}/ack", post(ack))
         .route("/api/v1/shards/{keyspace}/{shard}/reparent", post(reparent))
+        .route("/api/v1/quarantine", get(quarantine_list))
+        .route(
+            "/api/v1/quarantine/{alias}",
+            post(quarantine_add).merge(delete(quarantine_release)),
+        )
         .method_not_allowed_fallback(|method: axum::http::Method, uri: Uri| async move {
             ApiError::new(
                 axum::http::StatusCode::METHOD_NOT_ALLOWED,
@@ -74,7 +80,8 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .fallback(|uri: Uri| async move {
             ApiError::not_found(format!(
                 "no such endpoint: {}; see GET /api/v1/shards, GET /api/v1/recoveries, \
-                 POST /api/v1/recoveries/disable|enable, POST /api/v1/shards/{{keyspace}}/{{shard}}/ack|reparent",
+                 POST /api/v1/recoveries/disable|enable, POST /api/v1/shards/{{keyspace}}/{{shard}}/ack|reparent, \
+                 GET /api/v1/quarantine, POST|DELETE /api/v1/quarantine/{{alias}}",
                 uri.path()
             ))
         })
@@ -304,6 +311,114 @@ async fn ack(
         action: "ack".into(),
         scope: format!("{keyspace}/{shard}"),
         reason,
+    }))
+}
+
+// ---- quarantine --------------------------------------------------------------------------
+
+/// `GET /api/v1/quarantine`: read from etcd (not the watched copy), so that an answer right
+/// after a change through any orchestrator includes it.
+async fn quarantine_list(State(s): St) -> Result<Json<QuarantineListResponse>, ApiError> {
+    let (records, tablets) =
+        tokio::join!(s.control.list_quarantine(), s.topo.list_tablets(None, None));
+    let records = records.map_err(control_err)?;
+    let tablets = tablets
+        .map_err(topo_err)?
+        .into_iter()
+        .map(|t| (t.alias.clone(), t))
+        .collect();
+    Ok(Json(api::quarantine_list(&records, &tablets)))
+}
+
+/// The tablet's registration and its shard's record (either may be missing).
+async fn tablet_and_shard(
+    s: &HttpState,
+    alias: &str,
+) -> Result<(Option<topo::TabletRecord>, Option<topo::ShardRecord>), ApiError> {
+    let Some(t) = s.topo.get_tablet(alias).await.map_err(topo_err)? else {
+        return Ok((None, None));
+    };
+    let rec = s
+        .topo
+        .get_shard(&t.keyspace, &t.shard)
+        .await
+        .map_err(topo_err)?
+        .map(|(r, _)| r);
+    Ok((Some(t), rec))
+}
+
+/// `POST /api/v1/quarantine/{alias}`. The primary check and the write are not atomic: a
+/// reparent to this tablet finishing in between would leave a quarantined primary, which the
+/// analysis and the gateway report (nothing promotes it again meanwhile).
+async fn quarantine_add(
+    State(s): St,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Path(alias): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<QuarantineChange>, ApiError> {
+    authorize(&s, &headers)?;
+    let req: QuarantineRequest = api::parse_body(&body)?;
+    let (reason, by) = req.validate(&requester(peer.map(|Extension(ConnectInfo(p))| p)))?;
+    api::check_alias(&alias)?;
+    let (tablet, record) = tablet_and_shard(&s, &alias).await?;
+    let (keyspace, shard, term) = api::quarantine_target(&alias, tablet.as_ref(), record.as_ref())?;
+    let rec = s
+        .control
+        .quarantine_by(&keyspace, &shard, &alias, &reason, term, &by)
+        .await
+        .map_err(control_err)?;
+    tracing::warn!(tablet = %alias, keyspace, shard, reason, %by, "tablet quarantined through the API");
+    Ok(Json(QuarantineChange {
+        ok: true,
+        action: "quarantine".into(),
+        tablet: QuarantineJson::new(&alias, &rec, tablet.as_ref()),
+        audited: true,
+    }))
+}
+
+/// `DELETE /api/v1/quarantine/{alias}`: 404 when it is not quarantined. The repairs then treat
+/// the tablet like any other (a deposed primary that still holds errant transactions is
+/// quarantined again by the next `stale_tablet_claiming_primary` repair, with the reason).
+async fn quarantine_release(
+    State(s): St,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Path(alias): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<QuarantineChange>, ApiError> {
+    authorize(&s, &headers)?;
+    let req: ReleaseRequest = api::parse_body(&body)?;
+    let by = req
+        .requester
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| requester(peer.map(|Extension(ConnectInfo(p))| p)));
+    api::check_alias(&alias)?;
+    let (tablet, record) = tablet_and_shard(&s, &alias).await?;
+    let shard = tablet.as_ref().map(|t| {
+        (
+            t.keyspace.as_str(),
+            t.shard.as_str(),
+            record.as_ref().map_or(0, |r| r.term),
+        )
+    });
+    let Some(rec) = s
+        .control
+        .release_quarantine_by(&alias, shard, req.reason.as_deref(), &by)
+        .await
+        .map_err(control_err)?
+    else {
+        return Err(ApiError::not_found(format!("{alias} is not quarantined")));
+    };
+    if shard.is_none() {
+        tracing::warn!(tablet = %alias, "released tablet is not registered: no shard to audit the release on");
+    }
+    tracing::warn!(tablet = %alias, %by, "tablet released from quarantine through the API");
+    Ok(Json(QuarantineChange {
+        ok: true,
+        action: "release".into(),
+        tablet: QuarantineJson::new(&alias, &rec, tablet.as_ref()),
+        audited: shard.is_some(),
     }))
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use myha_proto::agent::{Health, ThreadState};
-use topo::{ShardRecord, TabletRecord};
+use topo::{QuarantineRecord, ShardRecord, TabletRecord};
 
 /// One `Health` message as it was received from an agent's `StreamHealth`.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,11 +80,19 @@ pub struct TabletView {
     /// [`TabletView::is_fresh`]).
     pub last_health: Option<Arc<HealthSample>>,
     pub stream: StreamState,
+    /// `{p}/quarantine/{alias}` when the tablet is quarantined: kept out of promotion and of
+    /// read routing until an operator releases it.
+    pub quarantine: Option<Arc<QuarantineRecord>>,
 }
 
 impl TabletView {
     pub fn alias(&self) -> &str {
         &self.record.alias
+    }
+
+    /// The quarantine record, when the tablet is quarantined.
+    pub fn quarantined(&self) -> Option<&QuarantineRecord> {
+        self.quarantine.as_deref()
     }
 
     /// `mysql_host:mysql_port` from the registration.
@@ -229,8 +237,9 @@ pub struct FleetSnapshot {
     pub version: u64,
     /// When this snapshot was built.
     pub taken_at: Instant,
-    /// Both etcd watches (tablets, shards) are current. While false the registrations and
-    /// shard records may be out of date (etcd unreachable, or not read yet).
+    /// Every etcd watch (tablets, shards, quarantine) is current. While false the
+    /// registrations, shard records and quarantines may be out of date (etcd unreachable, or
+    /// not read yet).
     pub topo_synced: bool,
     /// By `(keyspace, shard)`: every shard with a record or a registered tablet.
     pub shards: BTreeMap<(String, String), ShardView>,
@@ -350,7 +359,19 @@ pub mod testing {
                 since: received_at,
                 since_ms: 0,
             },
+            quarantine: None,
         }
+    }
+
+    /// `view` quarantined by an operator for `reason` at term 1.
+    pub fn quarantined(mut view: TabletView, reason: &str) -> TabletView {
+        view.quarantine = Some(Arc::new(QuarantineRecord {
+            reason: reason.to_string(),
+            at_ms: 1,
+            term: 1,
+            by: Some("test".into()),
+        }));
+        view
     }
 
     /// A shard view with `record` (when given) and `tablets`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use topo::{PrefixWatch, ShardRecord, TabletRecord, Topo};
+use topo::{PrefixWatch, QuarantineRecord, ShardRecord, TabletRecord, Topo};
 
 use crate::snapshot::{FleetSnapshot, HealthSample, ShardView, StreamState, TabletView};
 use crate::stream::{self, now_ms, Report};
@@ -44,6 +44,8 @@ impl Default for WatchOptions {
 pub type TabletMap = Arc<BTreeMap<String, TabletRecord>>;
 /// Shard records by `(keyspace, shard)`.
 pub type ShardMap = Arc<BTreeMap<(String, String), ShardRecord>>;
+/// Quarantine records by alias.
+pub type QuarantineMap = Arc<BTreeMap<String, QuarantineRecord>>;
 
 /// Where [`TabletWatch`] learns the topology from. [`TabletWatch::start`] builds it from etcd;
 /// tests can feed it by hand.
@@ -55,11 +57,14 @@ pub struct TopoInputs {
     pub tablets_synced: watch::Receiver<bool>,
     /// True while the shards input is current.
     pub shards_synced: watch::Receiver<bool>,
+    pub quarantine: watch::Receiver<QuarantineMap>,
+    /// True while the quarantine input is current.
+    pub quarantine_synced: watch::Receiver<bool>,
 }
 
 impl TopoInputs {
-    /// Resilient etcd watches (see [`Topo::watch_prefix`]) on `{p}/tablets/` and `{p}/shards/`.
-    /// Undecodable records are logged and skipped.
+    /// Resilient etcd watches (see [`Topo::watch_prefix`]) on `{p}/tablets/`, `{p}/shards/`
+    /// and `{p}/quarantine/`. Undecodable records are logged and skipped.
     pub fn from_topo(topo: &Topo) -> TopoInputs {
         let keys = topo.keys().clone();
         let k = keys.clone();
@@ -84,11 +89,14 @@ impl TopoInputs {
                 Some(((ks.to_string(), shard.to_string()), rec))
             },
         );
+        let (quarantine, quarantine_synced) = topo.watch_quarantine();
         TopoInputs {
             tablets,
             shards,
             tablets_synced,
             shards_synced,
+            quarantine,
+            quarantine_synced,
         }
     }
 }
@@ -240,6 +248,7 @@ struct Supervisor {
     opts: WatchOptions,
     tablets: BTreeMap<String, Entry>,
     shards: BTreeMap<(String, String), Arc<ShardRecord>>,
+    quarantine: BTreeMap<String, Arc<QuarantineRecord>>,
     next_generation: u64,
     reports: mpsc::Sender<Report>,
     version: u64,
@@ -326,6 +335,19 @@ impl Supervisor {
         changed
     }
 
+    fn apply_quarantine(&mut self, map: &BTreeMap<String, QuarantineRecord>) -> bool {
+        let next: BTreeMap<String, Arc<QuarantineRecord>> = map
+            .iter()
+            .map(|(k, v)| match self.quarantine.get(k) {
+                Some(old) if **old == *v => (k.clone(), old.clone()),
+                _ => (k.clone(), Arc::new(v.clone())),
+            })
+            .collect();
+        let changed = next != self.quarantine;
+        self.quarantine = next;
+        changed
+    }
+
     /// Applies a stream task's report; returns whether anything changed.
     fn apply_report(&mut self, report: Report) -> bool {
         match report {
@@ -383,6 +405,7 @@ impl Supervisor {
                     record: e.record.clone(),
                     last_health: e.last_health.clone(),
                     stream: e.stream.clone(),
+                    quarantine: self.quarantine.get(alias).cloned(),
                 },
             );
         }
@@ -422,28 +445,38 @@ async fn supervise(
         opts,
         tablets: BTreeMap::new(),
         shards: BTreeMap::new(),
+        quarantine: BTreeMap::new(),
         next_generation: 0,
         reports,
         version: 0,
     };
     let (mut t_open, mut s_open, mut ts_open, mut ss_open) = (true, true, true, true);
+    let (mut q_open, mut qs_open) = (true, true);
     let mut last_synced = None;
     let mut reported = false;
     loop {
         let tablets = inputs.tablets.borrow_and_update().clone();
         let shards = inputs.shards.borrow_and_update().clone();
+        let quarantine = inputs.quarantine.borrow_and_update().clone();
         let mut dirty = std::mem::take(&mut reported);
         dirty |= sup.apply_tablets(&tablets);
         dirty |= sup.apply_shards(&shards);
-        let synced =
-            *inputs.tablets_synced.borrow_and_update() && *inputs.shards_synced.borrow_and_update();
+        dirty |= sup.apply_quarantine(&quarantine);
+        // Every input is read (no short-circuit) so that each change notification is consumed.
+        let synced = [
+            *inputs.tablets_synced.borrow_and_update(),
+            *inputs.shards_synced.borrow_and_update(),
+            *inputs.quarantine_synced.borrow_and_update(),
+        ]
+        .iter()
+        .all(|s| *s);
         if last_synced != Some(synced) {
             if last_synced.is_some() {
                 if synced {
                     tracing::info!("etcd watches current again");
                 } else {
                     tracing::warn!(
-                        "etcd watches interrupted; registrations and shard records may be stale"
+                        "etcd watches interrupted; registrations, shard records and quarantines may be stale"
                     );
                 }
             }
@@ -463,6 +496,8 @@ async fn supervise(
             _ = changed(&mut inputs.shards, &mut s_open) => {}
             _ = changed(&mut inputs.tablets_synced, &mut ts_open) => {}
             _ = changed(&mut inputs.shards_synced, &mut ss_open) => {}
+            _ = changed(&mut inputs.quarantine, &mut q_open) => {}
+            _ = changed(&mut inputs.quarantine_synced, &mut qs_open) => {}
             r = report_rx.recv() => match r {
                 Some(r) => reported = sup.apply_report(r),
                 // Never: the supervisor holds a sender.

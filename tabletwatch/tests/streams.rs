@@ -219,11 +219,14 @@ fn topology(tablets: Vec<TabletRecord>) -> (Topology, TopoInputs) {
     let (t_tx, t_rx) = watch::channel(Arc::new(map));
     let (s_tx, s_rx) = watch::channel(Arc::new(shards));
     let (y_tx, y_rx) = watch::channel(true);
+    let (_, q_rx) = watch::channel(Arc::default());
     let inputs = TopoInputs {
         tablets: t_rx,
         shards: s_rx,
         tablets_synced: y_rx.clone(),
-        shards_synced: y_rx,
+        shards_synced: y_rx.clone(),
+        quarantine: q_rx,
+        quarantine_synced: y_rx,
     };
     (
         Topology {

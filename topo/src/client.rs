@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use crate::error::{is_unavailable, TopoError};
 use crate::keys::{validate_name, Keys};
 use crate::records::{
-    now_ms, parse_alias, AuditEntry, CellRecord, KeyspaceRecord, LockInfo, ShardRecord,
-    TabletRecord,
+    now_ms, parse_alias, AuditEntry, CellRecord, KeyspaceRecord, LockInfo, QuarantineRecord,
+    ShardRecord, TabletRecord,
 };
 
 /// Result of the topology layer.
@@ -456,6 +456,60 @@ impl Topo {
     /// it existed.
     pub async fn delete_tablet(&self, alias: &str) -> Result<bool> {
         self.delete_key(&self.keys.tablet(alias)).await
+    }
+
+    /// Writes `{p}/quarantine/{alias}` (replacing any earlier record of the tablet). Whether
+    /// the alias names a registered tablet, or the shard's primary, is the caller's judgement.
+    pub async fn put_quarantine(&self, alias: &str, rec: &QuarantineRecord) -> Result<()> {
+        parse_alias(alias)?;
+        self.put_json(&self.keys.quarantine(alias), rec)
+            .await
+            .map(drop)
+    }
+
+    /// Reads `{p}/quarantine/{alias}` (`None`: not quarantined).
+    pub async fn get_quarantine(&self, alias: &str) -> Result<Option<QuarantineRecord>> {
+        parse_alias(alias)?;
+        Ok(self
+            .get_json(&self.keys.quarantine(alias))
+            .await?
+            .map(|(q, _)| q))
+    }
+
+    /// Every quarantined tablet, by alias. An undecodable record is an error: a caller listing
+    /// quarantines must not silently miss one.
+    pub async fn list_quarantine(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, QuarantineRecord>> {
+        let kvs = self
+            .list_kvs(&self.keys.quarantine_prefix(), GetOptions::new())
+            .await?;
+        let mut out = std::collections::BTreeMap::new();
+        for kv in &kvs {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let Some(alias) = self.keys.parse_quarantine_key(&key) else {
+                continue;
+            };
+            out.insert(alias.to_string(), decode(&key, kv.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes `{p}/quarantine/{alias}` (releases the tablet); returns the record that was
+    /// there (`None`: it was not quarantined), as etcd removed it (no read-then-delete race).
+    pub async fn delete_quarantine(&self, alias: &str) -> Result<Option<QuarantineRecord>> {
+        parse_alias(alias)?;
+        let key = self.keys.quarantine(alias);
+        let mut kv = self.client.kv_client();
+        let mut resp = self
+            .call(
+                "delete",
+                &key,
+                kv.delete(key.as_str(), Some(DeleteOptions::new().with_prev_key())),
+            )
+            .await?;
+        let prev = resp.take_prev_kvs().into_iter().next();
+        prev.map(|kv| decode(&key, kv.value())).transpose()
     }
 
     /// The current holder of a shard lock, if any.

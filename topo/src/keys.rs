@@ -119,6 +119,22 @@ impl Keys {
         format!("{}/audit/{ks}/", self.prefix)
     }
 
+    /// `{p}/quarantine/{alias}`.
+    pub fn quarantine(&self, alias: &str) -> String {
+        format!("{}/quarantine/{alias}", self.prefix)
+    }
+
+    /// `{p}/quarantine/`.
+    pub fn quarantine_prefix(&self) -> String {
+        format!("{}/quarantine/", self.prefix)
+    }
+
+    /// Inverse of [`Keys::quarantine`].
+    pub fn parse_quarantine_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(&self.quarantine_prefix())
+            .filter(|a| !a.is_empty() && !a.contains('/'))
+    }
+
     /// Inverse of [`Keys::tablet`].
     pub fn parse_tablet_key<'a>(&self, key: &'a str) -> Option<&'a str> {
         key.strip_prefix(&self.tablets_prefix())
@@ -195,6 +211,8 @@ mod tests {
             "/myha/audit/commerce/80-/"
         );
         assert_eq!(k.audit_keyspace_prefix("commerce"), "/myha/audit/commerce/");
+        assert_eq!(k.quarantine("zone1-101"), "/myha/quarantine/zone1-101");
+        assert_eq!(k.quarantine_prefix(), "/myha/quarantine/");
     }
 
     #[test]
@@ -241,6 +259,7 @@ mod tests {
             k.keyspaces_prefix(),
             k.all_shards_prefix(),
             k.tablets_prefix(),
+            k.quarantine_prefix(),
             k.root(),
         ] {
             assert!(p.ends_with('/') && !p.ends_with("//"), "{p}");
@@ -262,6 +281,12 @@ mod tests {
         );
         assert_eq!(k.parse_shard_key("/myha/shards/commerce"), None);
         assert_eq!(k.parse_shard_key("/myha/shards/commerce/0/x"), None);
+        assert_eq!(
+            k.parse_quarantine_key("/myha/quarantine/zone1-101"),
+            Some("zone1-101")
+        );
+        assert_eq!(k.parse_quarantine_key("/myha/quarantine/"), None);
+        assert_eq!(k.parse_quarantine_key("/myha/tablets/zone1-101"), None);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub use keys::{prefix_range_end, validate_name, Keys, DEFAULT_PREFIX};
 pub use lock::{LockRequest, ShardLock, DEFAULT_LOCK_TTL};
 pub use records::{
     alias, now_ms, parse_alias, AuditEntry, CellRecord, Durability, KeyspaceRecord, LockInfo,
-    PromotionRule, ShardRecord, TabletRecord, TabletType,
+    PromotionRule, QuarantineRecord, ShardRecord, TabletRecord, TabletType,
 };
 pub use registration::{Registration, RegistrationStatus};
 pub use watch::{PrefixWatch, Snapshot};

@@ -175,6 +175,37 @@ pub struct AuditEntry {
     pub duration_ms: Option<u64>,
 }
 
+/// `{p}/quarantine/{alias}`: the tablet is kept out of promotion (orchestrator) and routing
+/// (gateway) until the key is deleted (released). Written by the orchestrator's repair when a
+/// deposed primary holds transactions the current primary lacks, or by an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    pub reason: String,
+    /// When it was quarantined (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// The shard's term when it was quarantined.
+    pub term: u64,
+    /// Who quarantined it (an operator's name or address); absent for the orchestrator's own
+    /// repairs and for records written before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+impl QuarantineRecord {
+    /// The record in words, for analysis problems and routing exclusions.
+    pub fn describe(&self) -> String {
+        let by = self
+            .by
+            .as_deref()
+            .map(|b| format!(" by {b}"))
+            .unwrap_or_default();
+        format!(
+            "{} (quarantined{by} at term {}, {} ms)",
+            self.reason, self.term, self.at_ms
+        )
+    }
+}
+
 /// `{cell}-{uid}`, e.g. `zone1-101`.
 pub fn alias(cell: &str, uid: u32) -> String {
     format!("{cell}-{uid}")
@@ -364,6 +395,27 @@ mod tests {
         assert!(
             serde_json::from_str::<KeyspaceRecord>(r#"{"name":"a","durability":"x"}"#).is_err()
         );
+    }
+
+    #[test]
+    fn quarantine_record_reads_old_values_and_describes_itself() {
+        let old: QuarantineRecord =
+            serde_json::from_str(r#"{"reason":"errant","at_ms":5,"term":3}"#).unwrap();
+        assert_eq!(old.by, None);
+        assert_eq!(old.describe(), "errant (quarantined at term 3, 5 ms)");
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("by"), "{json}");
+        let q = QuarantineRecord {
+            by: Some("alice".into()),
+            ..old
+        };
+        assert_eq!(
+            q.describe(),
+            "errant (quarantined by alice at term 3, 5 ms)"
+        );
+        let back: QuarantineRecord =
+            serde_json::from_str(&serde_json::to_string(&q).unwrap()).unwrap();
+        assert_eq!(back, q);
     }
 
     #[test]

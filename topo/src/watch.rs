@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::client::Topo;
 use crate::keys::prefix_range_end;
 use crate::lease::Backoff;
-use crate::records::{ShardRecord, TabletRecord};
+use crate::records::{QuarantineRecord, ShardRecord, TabletRecord};
 
 /// The content of a watched range: full key -> raw value.
 pub type Snapshot = Arc<BTreeMap<String, Vec<u8>>>;
@@ -136,6 +136,31 @@ impl Topo {
                     .collect(),
             )
         })
+    }
+
+    /// Quarantined tablets by alias (undecodable records are logged and skipped), with whether
+    /// the watch is current: a consumer keeping tablets out of traffic must know when its view
+    /// of the quarantine may be missing a record.
+    pub fn watch_quarantine(
+        &self,
+    ) -> (
+        watch::Receiver<Arc<BTreeMap<String, QuarantineRecord>>>,
+        watch::Receiver<bool>,
+    ) {
+        let keys = self.keys().clone();
+        let pw = self.watch_prefix(&keys.quarantine_prefix());
+        let synced = pw.synced();
+        let rx = map_watch(pw, Arc::default(), move |map, _| {
+            Arc::new(
+                map.iter()
+                    .filter_map(|(k, v)| {
+                        let alias = keys.parse_quarantine_key(k)?;
+                        decode_logged::<QuarantineRecord>(k, v).map(|r| (alias.to_string(), r))
+                    })
+                    .collect(),
+            )
+        });
+        (rx, synced)
     }
 }
 

@@ -195,6 +195,7 @@ fn records_round_trip() {
         reason: "errant".into(),
         at_ms: 2,
         term: 3,
+        by: None,
     };
     let json = serde_json::to_string(&q).expect("encodes");
     assert_eq!(json, r#"{"reason":"errant","at_ms":2,"term":3}"#);
