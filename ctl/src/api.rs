@@ -84,6 +84,38 @@ impl ApiError {
     }
 }
 
+/// An answer to a change that could not be reported as done.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// A 2xx whose body says it did not happen: never expected, but not to be reported as done.
+    #[error("the orchestrator answered without doing it: {0}")]
+    NotDone(String),
+    #[error("printing the answer")]
+    Json(#[source] serde_json::Error),
+}
+
+/// Prints the orchestrator's answer to a change, as one JSON line with `json`, else as `text`;
+/// an error, printing nothing, when the answer's `ok` is false.
+pub fn print_change<T: Serialize>(
+    answer: &T,
+    ok: bool,
+    text: String,
+    json: bool,
+) -> Result<(), AnswerError> {
+    if !ok {
+        return Err(AnswerError::NotDone(text));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(answer).map_err(AnswerError::Json)?
+        );
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
 /// Where the orchestrator is and who we are to it: flattened into every command that speaks
 /// to its API.
 #[derive(clap::Args, Debug, Clone)]
@@ -404,6 +436,16 @@ mod tests {
         assert!(!e.is_unavailable());
         let e = api.refused("GET", "u".into(), StatusCode::SERVICE_UNAVAILABLE, "{}");
         assert!(e.is_unavailable());
+    }
+
+    #[test]
+    fn an_answer_that_did_not_happen_is_an_error() {
+        let e =
+            print_change(&serde_json::json!({"ok": false}), false, "x".into(), true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the orchestrator answered without doing it: x"
+        );
     }
 
     #[test]

@@ -8,15 +8,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use myha_orchestrator::api::{QuarantineChange, QuarantineJson, QuarantineListResponse};
 use serde::Serialize;
 
-use crate::api::{encode, Api, ApiArgs, ApiError};
+use crate::api::{encode, print_change, AnswerError, Api, ApiArgs, ApiError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuarantineError {
     #[error(transparent)]
     Api(#[from] ApiError),
-    /// A 2xx whose body says it did not happen: never expected, but not to be reported as done.
-    #[error("the orchestrator answered without doing it: {0}")]
-    NotDone(String),
+    #[error(transparent)]
+    Answer(#[from] AnswerError),
     #[error("printing the answer")]
     Json(#[source] serde_json::Error),
 }
@@ -176,19 +175,23 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn print_change(c: &QuarantineChange, json: bool) -> Result<(), QuarantineError> {
-    if !c.ok {
-        return Err(QuarantineError::NotDone(describe(c)));
-    }
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(c).map_err(QuarantineError::Json)?
-        );
+/// `POST` (add) or `DELETE` (release) `/api/v1/quarantine/{alias}` with `body`, and its answer
+/// printed.
+async fn change<B: Serialize>(
+    api: &ApiArgs,
+    release: bool,
+    alias: &str,
+    body: &B,
+    json: bool,
+) -> Result<(), QuarantineError> {
+    let api = Api::from_args(api)?;
+    let path = format!("/api/v1/quarantine/{}", encode(alias));
+    let c: QuarantineChange = if release {
+        api.delete(&path, body).await?
     } else {
-        println!("{}", describe(c));
-    }
-    Ok(())
+        api.post(&path, body).await?
+    };
+    Ok(print_change(&c, c.ok, describe(&c), json)?)
 }
 
 pub async fn run(cmd: QuarantineCommand) -> Result<(), QuarantineError> {
@@ -207,26 +210,18 @@ pub async fn run(cmd: QuarantineCommand) -> Result<(), QuarantineError> {
             Ok(())
         }
         QuarantineCommand::Add(a) => {
-            let api = Api::from_args(&a.api)?;
             let body = AddBody {
                 reason: &a.reason,
                 requester: a.requester.as_deref(),
             };
-            let c: QuarantineChange = api
-                .post(&format!("/api/v1/quarantine/{}", encode(&a.alias)), &body)
-                .await?;
-            print_change(&c, a.json)
+            change(&a.api, false, &a.alias, &body, a.json).await
         }
         QuarantineCommand::Release(a) => {
-            let api = Api::from_args(&a.api)?;
             let body = ReleaseBody {
                 reason: a.reason.as_deref(),
                 requester: a.requester.as_deref(),
             };
-            let c: QuarantineChange = api
-                .delete(&format!("/api/v1/quarantine/{}", encode(&a.alias)), &body)
-                .await?;
-            print_change(&c, a.json)
+            change(&a.api, true, &a.alias, &body, a.json).await
         }
     }
 }

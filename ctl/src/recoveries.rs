@@ -6,18 +6,15 @@
 use myha_orchestrator::api::ChangeResponse;
 use serde::Serialize;
 
-use crate::api::{encode, Api, ApiArgs, ApiError};
+use crate::api::{encode, print_change, AnswerError, Api, ApiArgs, ApiError};
 use crate::scope::ShardRef;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveriesError {
     #[error(transparent)]
     Api(#[from] ApiError),
-    /// A 2xx whose body says it did not happen: never expected, but not to be reported as done.
-    #[error("the orchestrator answered without doing it: {0}")]
-    NotDone(String),
-    #[error("printing the answer")]
-    Json(#[source] serde_json::Error),
+    #[error(transparent)]
+    Answer(#[from] AnswerError),
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -117,18 +114,7 @@ pub fn describe(r: &ChangeResponse) -> String {
 }
 
 fn print(r: &ChangeResponse, json: bool) -> Result<(), RecoveriesError> {
-    if !r.ok {
-        return Err(RecoveriesError::NotDone(describe(r)));
-    }
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(r).map_err(RecoveriesError::Json)?
-        );
-    } else {
-        println!("{}", describe(r));
-    }
-    Ok(())
+    Ok(print_change(r, r.ok, describe(r), json)?)
 }
 
 pub async fn toggle(cmd: RecoveriesCommand) -> Result<(), RecoveriesError> {

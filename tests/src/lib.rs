@@ -552,3 +552,79 @@ pub mod ha {
             .collect()
     }
 }
+
+/// What the gateway tests share: application connections through it, and its routing as the
+/// orchestrator's changes reach it.
+pub mod gw {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use harness::{Cluster, GatewayProc};
+    use mysql_async::OptsBuilder;
+    use serde_json::Value;
+
+    /// Connection options of the application user through `addr` (a gateway port).
+    pub fn app_opts(c: &Cluster, addr: SocketAddr) -> OptsBuilder {
+        let creds = c.credentials();
+        OptsBuilder::default()
+            .ip_or_hostname(addr.ip().to_string())
+            .tcp_port(addr.port())
+            .user(Some(creds.app_user.clone()))
+            .pass(Some(creds.app_password.clone()))
+            .db_name(Some(creds.database.clone()))
+            // Never switch to the server's unix socket: that would bypass the gateway.
+            .prefer_socket(false)
+    }
+
+    /// The aliases of a routing list (`ro` of `/routing`), sorted: comparisons ask which
+    /// replicas, not in which order.
+    pub fn aliases(list: &Value) -> Vec<String> {
+        let mut v: Vec<String> = list
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t["alias"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Waits (up to `bound`) until the gateway routes writes to `primary` and reads to exactly
+    /// `replicas`; returns the shard's routing.
+    pub async fn wait_routes(
+        c: &Cluster,
+        g: &GatewayProc,
+        primary: &str,
+        replicas: &[&str],
+        bound: Duration,
+    ) -> Value {
+        let mut want: Vec<String> = replicas.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        g.wait_shard_routing(
+            c.keyspace(),
+            c.shard(),
+            &format!("rw {primary}, ro {want:?}"),
+            bound,
+            |s| s["rw"]["alias"] == primary && aliases(&s["ro"]) == want,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// What the tests running `myhactl` share.
+pub mod ctl {
+    use std::process::Output;
+
+    /// A finished command's status, stdout and stderr, for assertion messages.
+    pub fn text(o: &Output) -> String {
+        format!(
+            "status {:?}\nstdout:\n{}\nstderr:\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+}

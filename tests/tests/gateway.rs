@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{Cluster, ClusterOptions, GatewayConfig, GatewayProc, Tablet, Writer, WriterOptions};
+use myha_tests::gw;
 use myha_tests::ha::{self, BOUND};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder};
+use mysql_async::Conn;
 use serde_json::Value;
 
 /// One cluster at a time: each is big for a small machine, and timings stay meaningful.
@@ -23,21 +24,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Bound on a client connect through the gateway (held connections included).
 const CONNECT_BOUND: Duration = Duration::from_secs(15);
 
-fn app_opts(c: &Cluster, addr: SocketAddr) -> OptsBuilder {
-    let creds = c.credentials();
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some(creds.app_user.clone()))
-        .pass(Some(creds.app_password.clone()))
-        .db_name(Some(creds.database.clone()))
-        // Never switch to the server's unix socket: that would bypass the gateway.
-        .prefer_socket(false)
-}
-
 /// A connection as the application user through `addr`, bounded.
 async fn connect(c: &Cluster, addr: SocketAddr) -> Result<Conn, String> {
-    match tokio::time::timeout(CONNECT_BOUND, Conn::new(app_opts(c, addr))).await {
+    match tokio::time::timeout(CONNECT_BOUND, Conn::new(gw::app_opts(c, addr))).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!(
@@ -48,7 +37,7 @@ async fn connect(c: &Cluster, addr: SocketAddr) -> Result<Conn, String> {
 
 /// The server error a refused connect through `addr` gets: (code, message).
 async fn refused(c: &Cluster, addr: SocketAddr) -> (u16, String) {
-    match tokio::time::timeout(CONNECT_BOUND, Conn::new(app_opts(c, addr))).await {
+    match tokio::time::timeout(CONNECT_BOUND, Conn::new(gw::app_opts(c, addr))).await {
         Ok(Err(mysql_async::Error::Server(e))) => (e.code, e.message),
         Ok(Err(e)) => panic!("connect through {addr}: expected a server error, got {e}"),
         Ok(Ok(_)) => panic!("connect through {addr}: expected a refusal, got a connection"),
@@ -83,31 +72,6 @@ fn gw_rw(g: &GatewayProc) -> SocketAddr {
 
 fn gw_ro(g: &GatewayProc) -> SocketAddr {
     g.ro_addr().expect("RO listener")
-}
-
-fn aliases(list: &Value) -> Vec<String> {
-    list.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t["alias"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Waits until the gateway routes writes to `primary` and reads to exactly `replicas`.
-async fn wait_routes(c: &Cluster, g: &GatewayProc, primary: &str, replicas: &[&str]) -> Value {
-    let mut want: Vec<String> = replicas.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    g.wait_shard_routing(
-        c.keyspace(),
-        c.shard(),
-        &format!("rw {primary}, ro {want:?}"),
-        BOUND,
-        |s| s["rw"]["alias"] == primary && aliases(&s["ro"]) == want,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `CHANGE MASTER TO MASTER_DELAY=secs` on a replica (retried: the orchestrator may restart
@@ -230,7 +194,7 @@ async fn gateway_routes_by_role_lag_and_health() {
     let g = c.gateway().expect("gateway");
     let [p, r1, r2] = [c.tablet(0), c.tablet(1), c.tablet(2)];
     let (pid, r1id, r2id) = (p.uid(), r1.uid(), r2.uid());
-    wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()]).await;
+    gw::wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()], BOUND).await;
 
     // A second gateway on the same cluster: RO refuses instead of falling back, short buffer
     // window, a listener for a shard that does not exist, short shutdown grace.
@@ -245,7 +209,7 @@ async fn gateway_routes_by_role_lag_and_health() {
         ro: None,
     });
     let g2 = c.start_gateway_with(cfg2).await.expect("second gateway");
-    wait_routes(&c, &g2, p.alias(), &[r1.alias(), r2.alias()]).await;
+    gw::wait_routes(&c, &g2, p.alias(), &[r1.alias(), r2.alias()], BOUND).await;
 
     // ---- roles: RW reaches the primary, RO the replicas (spread by least connections).
     let mut rw = connect(&c, gw_rw(g)).await.expect("RW connect");
@@ -394,7 +358,7 @@ async fn gateway_routes_by_role_lag_and_health() {
     );
     set_delay(r1, 0).await;
     let start = Instant::now();
-    wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()]).await;
+    gw::wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()], BOUND).await;
     println!(
         "G2: {} back in the ro set {:.1} s after MASTER_DELAY=0",
         r1.alias(),
@@ -423,7 +387,7 @@ async fn gateway_routes_by_role_lag_and_health() {
             c.shard(),
             "no replica (agents silent)",
             BOUND,
-            |s| aliases(&s["ro"]).is_empty(),
+            |s| gw::aliases(&s["ro"]).is_empty(),
         )
         .await
         .unwrap();
@@ -444,7 +408,7 @@ async fn gateway_routes_by_role_lag_and_health() {
         c.shard(),
         "no replica (agents silent)",
         BOUND,
-        |s| aliases(&s["ro"]).is_empty(),
+        |s| gw::aliases(&s["ro"]).is_empty(),
     )
     .await
     .unwrap();
@@ -459,7 +423,7 @@ async fn gateway_routes_by_role_lag_and_health() {
     for t in [r1, r2] {
         t.agent_proc().unwrap().thaw().unwrap();
     }
-    wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()]).await;
+    gw::wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()], BOUND).await;
 
     // ---- no usable primary (its agent silent, and no replica left to vouch for its mysqld:
     // their agents are silent too): new RW connections are held, then refused after the buffer
@@ -501,7 +465,7 @@ async fn gateway_routes_by_role_lag_and_health() {
         waited.as_millis()
     );
     let addr = gw_rw(g);
-    let opts = app_opts(&c, addr);
+    let opts = gw::app_opts(&c, addr);
     let held = tokio::spawn(async move {
         let start = Instant::now();
         let mut conn = Conn::new(opts).await.map_err(|e| e.to_string())?;
@@ -592,7 +556,7 @@ async fn gateway_routes_by_role_lag_and_health() {
 
     // ---- graceful shutdown (second gateway, shutdown_grace 3 s): no new connections, open
     // ones keep working during the grace, then are closed; the process exits cleanly.
-    wait_routes(&c, &g2, p.alias(), &[r1.alias(), r2.alias()]).await;
+    gw::wait_routes(&c, &g2, p.alias(), &[r1.alias(), r2.alias()], BOUND).await;
     let mut a = connect(&c, gw_rw(&g2)).await.unwrap();
     let mut b = connect(&c, gw_ro(&g2)).await.unwrap();
     whoami(&mut a).await.unwrap();
@@ -717,11 +681,12 @@ async fn lag_reaction(
 /// Once the gateway routes to the first primary and the orchestrator is quiet: a writer through
 /// the RW port with 50 writes acknowledged.
 async fn writer_through_rw(c: &Cluster, g: &GatewayProc) -> Writer {
-    wait_routes(
+    gw::wait_routes(
         c,
         g,
         c.tablet(0).alias(),
         &[c.tablet(1).alias(), c.tablet(2).alias()],
+        BOUND,
     )
     .await;
     ha::wait_quiet(ha::orch(c), c, BOUND).await;
@@ -764,7 +729,7 @@ async fn g1_failover_under_a_writer_through_the_rw_port() {
     p0.mysqld().kill().expect("kill primary mysqld");
     let fault = w.mark_fault();
     // New RW connections opened now are held, then reach the new primary.
-    let opts = app_opts(&c, gw_rw(g));
+    let opts = gw::app_opts(&c, gw_rw(g));
     let held = tokio::spawn(async move {
         let start = Instant::now();
         let mut conn = Conn::new(opts).await.map_err(|e| e.to_string())?;
@@ -943,7 +908,7 @@ async fn s1_switchover_through_the_gateway() {
 
     // New connections, one after the other, for the whole switchover.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let opts = app_opts(&c, gw_rw(g));
+    let opts = gw::app_opts(&c, gw_rw(g));
     let opener = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -1052,11 +1017,12 @@ async fn p5_a_dead_primary_agent_does_not_stop_new_writes() {
     let c = ha::start(cluster_options()).await;
     let g = c.gateway().expect("gateway");
     let p0 = c.tablet(0);
-    wait_routes(
+    gw::wait_routes(
         &c,
         g,
         p0.alias(),
         &[c.tablet(1).alias(), c.tablet(2).alias()],
+        BOUND,
     )
     .await;
     let agent = p0.agent_proc().expect("agent");

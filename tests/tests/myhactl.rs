@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use myha_tests::ctl::text;
 use serde_json::Value;
 
 fn myhactl(args: &[&str], env_dir: &Path) -> Output {
@@ -20,15 +21,6 @@ fn myhactl(args: &[&str], env_dir: &Path) -> Output {
         .env_remove("MYHA_ORCHESTRATOR")
         .output()
         .expect("run myhactl")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Stops the sandbox even when an assertion fails half-way.

@@ -9,15 +9,15 @@
 //!
 //! Needs the binaries: `cargo build -p myha-agent -p myha-orchestrator -p myha-gateway -p myhactl`.
 
-use std::net::SocketAddr;
 use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{Cluster, ClusterOptions, GatewayProc};
-use myha_tests::ha;
+use myha_tests::ctl::text;
+use myha_tests::{gw, ha};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder};
+use mysql_async::Conn;
 use serde_json::Value;
 
 const TOKEN: &str = "t0ken-for-quarantine";
@@ -51,31 +51,10 @@ async fn ctl(c: &Cluster, token: Option<&str>, args: &[&str]) -> Output {
     cmd.output().await.expect("run myhactl")
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn app_opts(c: &Cluster, addr: SocketAddr) -> OptsBuilder {
-    let creds = c.credentials();
-    OptsBuilder::default()
-        .ip_or_hostname(addr.ip().to_string())
-        .tcp_port(addr.port())
-        .user(Some(creds.app_user.clone()))
-        .pass(Some(creds.app_password.clone()))
-        .db_name(Some(creds.database.clone()))
-        // Never switch to the server's unix socket: that would bypass the gateway.
-        .prefer_socket(false)
-}
-
 /// A connection through the gateway's RO port and the server_id behind it.
 async fn ro_conn(c: &Cluster, g: &GatewayProc) -> (u32, Conn) {
     let addr = g.ro_addr().expect("RO listener");
-    let mut conn = tokio::time::timeout(Duration::from_secs(15), Conn::new(app_opts(c, addr)))
+    let mut conn = tokio::time::timeout(Duration::from_secs(15), Conn::new(gw::app_opts(c, addr)))
         .await
         .unwrap_or_else(|_| panic!("no RO connection through {addr} within 15 s"))
         .unwrap_or_else(|e| panic!("RO connect through {addr}: {e}"));
@@ -92,34 +71,6 @@ async fn server_id(conn: &mut Conn) -> Result<u32, String> {
     .map_err(|_| "no answer within 5 s".to_string())?
     .map_err(|e| e.to_string())?;
     row.ok_or_else(|| "no row".to_string())
-}
-
-fn aliases(list: &Value) -> Vec<String> {
-    let mut v: Vec<String> = list
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t["alias"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Waits until the gateway routes writes to `primary` and reads to exactly `replicas`.
-async fn wait_routes(c: &Cluster, g: &GatewayProc, primary: &str, replicas: &[&str]) -> Value {
-    let mut want: Vec<String> = replicas.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    g.wait_shard_routing(
-        c.keyspace(),
-        c.shard(),
-        &format!("rw {primary}, ro {want:?}"),
-        BOUND,
-        |s| s["rw"]["alias"] == primary && aliases(&s["ro"]) == want,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Polls the orchestrator's view of the shard until `pred` holds.
@@ -164,7 +115,7 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
     let g = c.gateway().expect("gateway");
     let [p, r1, r2] = [c.tablet(0), c.tablet(1), c.tablet(2)];
     let shard = format!("{}/{}", c.keyspace(), c.shard());
-    wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()]).await;
+    gw::wait_routes(&c, g, p.alias(), &[r1.alias(), r2.alias()], BOUND).await;
 
     // An open RO connection on r2 (the one to be quarantined), opened before the change.
     let mut on_r2 = None;
@@ -262,7 +213,7 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
     .await;
 
     // The gateway: reads only to r1, r2 excluded with the reason, the open connection closed.
-    let s = wait_routes(&c, g, p.alias(), &[r1.alias()]).await;
+    let s = gw::wait_routes(&c, g, p.alias(), &[r1.alias()], BOUND).await;
     println!(
         "gateway stopped routing reads to {} {:.1} s after `quarantine add`",
         r2.alias(),
@@ -351,7 +302,7 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
     .await
     .0;
     assert_eq!(rec.primary.as_deref(), Some(r1.alias()), "{}", text(&out));
-    wait_routes(&c, g, r1.alias(), &[p.alias()]).await;
+    gw::wait_routes(&c, g, r1.alias(), &[p.alias()], BOUND).await;
     // Still quarantined (and still reported).
     wait_shard(&c, "r2 still quarantined after the reparent", |s| {
         has_problem(s, "quarantined", r2.alias())
@@ -386,7 +337,7 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
         "{}",
         text(&out)
     );
-    wait_routes(&c, g, r1.alias(), &[p.alias(), r2.alias()]).await;
+    gw::wait_routes(&c, g, r1.alias(), &[p.alias(), r2.alias()], BOUND).await;
     println!(
         "{} routed again {:.1} s after `quarantine release`",
         r2.alias(),
@@ -398,7 +349,7 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
     .await;
     // The repoint may take r2 out of `ro` for a moment (replication restarted): routed again
     // after it, then connections are kept open so that least_connections must reach r2.
-    wait_routes(&c, g, r1.alias(), &[p.alias(), r2.alias()]).await;
+    gw::wait_routes(&c, g, r1.alias(), &[p.alias(), r2.alias()], BOUND).await;
     let start = Instant::now();
     let mut open = Vec::new();
     loop {
