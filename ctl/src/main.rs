@@ -11,6 +11,7 @@ mod recoveries;
 mod reparent;
 mod sandbox;
 mod sandbox_fault;
+mod sandbox_restart;
 mod sandbox_write;
 mod scope;
 mod sql;
@@ -35,6 +36,7 @@ const EXAMPLES: &str = "\
 Examples:
   myhactl sandbox up                                  # a local cluster to try it on
   myhactl status
+  myhactl sandbox fault kill primary                  # then: myhactl sandbox restart ALIAS
   myhactl reparent planned commerce/0 --to zone1-102
   myhactl recoveries disable commerce/0 --reason 'disk swap on zone1-101'
   myhactl recoveries enable commerce/0
@@ -124,8 +126,20 @@ enum SandboxCommand {
     #[command(after_long_help = WRITE_EXAMPLES)]
     Write(sandbox_write::WriteArgs),
     /// Kill, freeze (stop) or thaw (cont) a tablet's mysqld: the primary or one by alias.
+    #[command(after_long_help = FAULT_EXAMPLES)]
     Fault(sandbox_fault::FaultArgs),
+    /// Start a killed tablet's mysqld again (same datadir, ports, config; its agent too if it
+    /// is gone): the tablet rejoins as a replica, or is quarantined with the reason.
+    #[command(after_long_help = FAULT_EXAMPLES)]
+    Restart(sandbox_restart::RestartArgs),
 }
+
+const FAULT_EXAMPLES: &str = "\
+Examples:
+  myhactl sandbox fault kill primary       # a crash: the orchestrator promotes a replica
+  myhactl status                           # the new primary; the old one is down
+  myhactl sandbox restart zone1-101        # the old primary comes back and rejoins as a replica
+  myhactl sandbox fault stop zone1-102     # a freeze; thaw it with `fault cont zone1-102`";
 
 const WRITE_EXAMPLES: &str = "\
 Examples:
@@ -182,6 +196,7 @@ fn main() -> ExitCode {
                 SandboxCommand::Sql(a) => sql::run(a).await,
                 SandboxCommand::Write(a) => sandbox_write::run(a).await.map_err(Into::into),
                 SandboxCommand::Fault(a) => sandbox_fault::run(a).await.map_err(Into::into),
+                SandboxCommand::Restart(a) => sandbox_restart::run(a).await.map_err(Into::into),
             },
         }
     });
@@ -247,5 +262,7 @@ mod tests {
         assert!(parse(&["quarantine", "list"]).is_ok());
         assert!(parse(&["quarantine", "add", "zone1-103", "--reason", "x"]).is_ok());
         assert!(parse(&["quarantine", "release", "zone1-103"]).is_ok());
+        assert!(parse(&["sandbox", "restart", "zone1-101", "--dir", "/tmp/x"]).is_ok());
+        assert_eq!(parse(&["sandbox", "restart"]).unwrap_err().exit_code(), 2);
     }
 }

@@ -1,9 +1,7 @@
 //! `myhactl sandbox fault <kill|stop|cont> <primary|ALIAS>`: a signal to one tablet's mysqld of
 //! the sandbox (its pid from `{dir}/sandbox.json`; `primary` is the tablet the etcd shard record
-//! names now), to watch the failover happen.
-//!
-//! There is no `sandbox restart`: the state file does not record mysqld's command line, so a
-//! killed mysqld of a detached sandbox cannot be started again from here.
+//! names now), to watch the failover happen. A killed mysqld stays down until `myhactl sandbox
+//! restart` starts it again (see `sandbox_restart`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -217,7 +215,7 @@ pub async fn run(args: FaultArgs) -> Result<(), FaultError> {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             println!(
-                "killed mysqld of {alias} (pid {pid}){role} with SIGKILL; it stays down (the sandbox cannot restart it)"
+                "killed mysqld of {alias} (pid {pid}){role} with SIGKILL; it stays down until `myhactl sandbox restart {alias}`"
             );
         }
         Fault::Stop => println!(

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 use crate::error::{HarnessError, Result};
 use crate::mysqld::absolute;
-use crate::process::Proc;
+use crate::process::{CommandLine, Proc};
 use crate::util::find_myha_bin;
 
 pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -66,6 +66,30 @@ impl AgentProc {
             config,
             proc,
         })
+    }
+
+    /// A handle on the agent that `cl` (from [`AgentProc::command_line`]) starts with the
+    /// config already in `{dir}/agent.toml`, not started: `myhactl sandbox restart` starts a
+    /// sandbox's agent again with the very command line the harness first used.
+    pub fn from_command_line(dir: &Path, cl: &CommandLine, new_session: bool) -> Result<AgentProc> {
+        let dir = absolute(dir)?;
+        let config_path = dir.join("agent.toml");
+        let config = AgentConfig::load(&config_path).map_err(|e| {
+            HarnessError::Invalid(format!("agent config {}: {e}", config_path.display()))
+        })?;
+        let alias = config.alias();
+        Ok(AgentProc {
+            proc: Proc::from_command_line(format!("myha-agent {alias}"), cl, new_session),
+            alias,
+            dir,
+            config_path,
+            config,
+        })
+    }
+
+    /// The command line every (re)start uses (`None` if not UTF-8).
+    pub fn command_line(&self) -> Option<CommandLine> {
+        self.proc.command_line()
     }
 
     async fn start_again(&self) -> Result<()> {

@@ -1005,6 +1005,8 @@ impl Cluster {
                     agent_grpc: t.agent.as_ref().map(|a| a.grpc_addr().to_string()),
                     agent_http: t.agent.as_ref().map(|a| a.http_addr().to_string()),
                     dir: t.dir.clone(),
+                    mysqld_command: t.mysqld.command_line(),
+                    agent_command: t.agent.as_ref().and_then(AgentProc::command_line),
                 })
                 .collect(),
             created_ms: topo::now_ms(),

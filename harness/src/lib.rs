@@ -46,8 +46,11 @@ pub use orchestrator::{
     orchestrator_config, OrchestratorProc, ORCHESTRATOR_HTTP_TIMEOUT, ORCHESTRATOR_START_TIMEOUT,
     ORCHESTRATOR_STOP_GRACE,
 };
+pub use process::CommandLine;
 pub use sandbox::{SandboxGateway, SandboxState, SandboxTablet};
-pub use util::{find_myha_bin, free_port, log_tail, pid_alive, random_password, rss_kib};
+pub use util::{
+    find_myha_bin, free_port, log_tail, pid_alive, pid_stopped, random_password, rss_kib,
+};
 pub use writer::{Ack, DeposedAck, FaultMark, Writer, WriterOptions, WriterReport};
 
 /// Re-exported for [`ClusterOptions::durability`].

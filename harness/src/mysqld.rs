@@ -8,7 +8,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 
 use crate::error::{HarnessError, Result};
-use crate::process::Proc;
+use crate::process::{CommandLine, Proc};
 use crate::template::{copy_dir, template_datadir, INNODB_LOG_FILE_SIZE};
 use crate::util::{find_system_program, free_port};
 
@@ -78,10 +78,12 @@ impl Mysqld {
     pub async fn create(opts: MysqldOptions) -> Result<Mysqld> {
         let mariadbd = find_system_program("mariadbd", "MYHA_MARIADBD")?;
         let dir = absolute(&opts.dir)?;
-        let datadir = dir.join("data");
-        let socket = dir.join("mysqld.sock");
-        let pid_file = dir.join("mysqld.pid");
-        let log = dir.join("mysqld.log");
+        let Paths {
+            datadir,
+            socket,
+            pid_file,
+            log,
+        } = Paths::of(&dir);
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(HarnessError::Invalid(format!(
                 "{}: socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter base dir",
@@ -171,11 +173,65 @@ impl Mysqld {
         })
     }
 
+    /// A handle on the mysqld that `cl` (from [`Mysqld::command_line`]) starts, in `dir`
+    /// on `port`, not started: `myhactl sandbox restart` starts a sandbox's mysqld again with
+    /// the very command line the harness first used, read back from `sandbox.json`.
+    pub fn from_command_line(
+        name: impl Into<String>,
+        dir: &Path,
+        port: u16,
+        cl: &CommandLine,
+        new_session: bool,
+    ) -> Result<Mysqld> {
+        let name = name.into();
+        let dir = absolute(dir)?;
+        let Paths {
+            datadir, socket, ..
+        } = Paths::of(&dir);
+        // The command line is the truth; the server id is only kept for `server_id()`.
+        let server_id = cl
+            .args
+            .iter()
+            .find_map(|a| a.strip_prefix("--server-id="))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                HarnessError::Invalid(format!(
+                    "{name}: the recorded command line has no --server-id=N"
+                ))
+            })?;
+        if !datadir.is_dir() {
+            return Err(HarnessError::Invalid(format!(
+                "{name}: datadir {} does not exist",
+                datadir.display()
+            )));
+        }
+        Ok(Mysqld {
+            proc: Proc::from_command_line(name.clone(), cl, new_session),
+            name,
+            dir,
+            datadir,
+            port,
+            socket,
+            log: cl.log.clone(),
+            server_id,
+        })
+    }
+
+    /// The command line every (re)start uses (`None` if not UTF-8).
+    pub fn command_line(&self) -> Option<CommandLine> {
+        self.proc.command_line()
+    }
+
     /// Starts and waits until it accepts connections (an error if already running).
     pub async fn start(&self) -> Result<()> {
+        self.start_within(MYSQLD_START_TIMEOUT).await
+    }
+
+    /// [`Mysqld::start`] with another bound on the wait for connections.
+    pub async fn start_within(&self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         self.proc.spawn()?;
-        self.wait_ready(MYSQLD_START_TIMEOUT).await?;
+        self.wait_ready(timeout).await?;
         tracing::debug!(mysqld = %self.name, port = self.port, elapsed = ?started.elapsed(), "mysqld ready");
         Ok(())
     }
@@ -288,6 +344,26 @@ impl Mysqld {
     /// Leave the process running when this handle is dropped.
     pub(crate) fn detach(&self) {
         self.proc.detach();
+    }
+}
+
+/// Where a mysqld keeps its files under its dir: one definition for a first start and for a
+/// handle made from a recorded command line.
+struct Paths {
+    datadir: PathBuf,
+    socket: PathBuf,
+    pid_file: PathBuf,
+    log: PathBuf,
+}
+
+impl Paths {
+    fn of(dir: &Path) -> Paths {
+        Paths {
+            datadir: dir.join("data"),
+            socket: dir.join("mysqld.sock"),
+            pid_file: dir.join("mysqld.pid"),
+            log: dir.join("mysqld.log"),
+        }
     }
 }
 

@@ -10,11 +10,31 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{HarnessError, Result};
 use crate::util::{log_tail, signal};
 
 /// Lines of log put into start errors.
 pub(crate) const TAIL_LINES: usize = 30;
+
+/// A process's complete command line, as `sandbox.json` keeps it so that `myhactl sandbox
+/// restart` starts the process again exactly as the harness first did (same arguments, hence
+/// the same datadir, ports, socket and config). Text only: the harness's own paths are UTF-8,
+/// and a command line that is not is simply not recorded (see [`Proc::command_line`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandLine {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Variables set for the process (on top of the starter's environment).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Variables removed from the starter's environment.
+    #[serde(default)]
+    pub env_removed: Vec<String>,
+    /// Where stdout and stderr are appended.
+    pub log: PathBuf,
+}
 
 pub(crate) struct Proc {
     name: String,
@@ -59,6 +79,48 @@ impl Proc {
             last_exit: Mutex::new(None),
             detached: AtomicBool::new(false),
         }
+    }
+
+    /// A process started from a recorded command line (see [`Proc::command_line`]).
+    pub(crate) fn from_command_line(
+        name: impl Into<String>,
+        cl: &CommandLine,
+        new_session: bool,
+    ) -> Proc {
+        let mut p = Proc::new(
+            name,
+            cl.program.clone(),
+            cl.args.iter().map(OsString::from).collect(),
+            cl.log.clone(),
+            new_session,
+        );
+        p.env = cl
+            .env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect();
+        p.env_removed = cl.env_removed.iter().map(OsString::from).collect();
+        p
+    }
+
+    /// The command line this process is (re)started with; `None` when a part of it is not
+    /// UTF-8 (it could not be recorded faithfully).
+    pub(crate) fn command_line(&self) -> Option<CommandLine> {
+        let text = |s: &OsString| s.to_str().map(str::to_string);
+        // serde_json cannot write a non-UTF-8 path either.
+        self.program.to_str()?;
+        self.log.to_str()?;
+        Some(CommandLine {
+            program: self.program.clone(),
+            args: self.args.iter().map(text).collect::<Option<_>>()?,
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| Some((text(k)?, text(v)?)))
+                .collect::<Option<_>>()?,
+            env_removed: self.env_removed.iter().map(text).collect::<Option<_>>()?,
+            log: self.log.clone(),
+        })
     }
 
     /// Adds an environment variable for every (re)start.

@@ -6,8 +6,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use topo::Durability;
 
+use crate::agent::AgentProc;
 use crate::cluster::Credentials;
 use crate::error::{HarnessError, Result};
+use crate::mysqld::Mysqld;
+use crate::process::CommandLine;
 use crate::util::{pid_alive, signal};
 
 /// Name of the state file in the sandbox dir.
@@ -70,6 +73,75 @@ pub struct SandboxTablet {
     pub agent_grpc: Option<String>,
     pub agent_http: Option<String>,
     pub dir: PathBuf,
+    /// How mysqld was started, for `myhactl sandbox restart` (none in sandboxes made before
+    /// restart existed).
+    #[serde(default)]
+    pub mysqld_command: Option<CommandLine>,
+    /// How the agent was started (likewise).
+    #[serde(default)]
+    pub agent_command: Option<CommandLine>,
+}
+
+impl SandboxTablet {
+    /// The live processes of this tablet, found in /proc by their arguments (anything naming
+    /// the tablet's dir), whatever pid `sandbox.json` recorded: (program, pid).
+    pub fn running(&self) -> Vec<(&'static str, u32)> {
+        scan(&self.dir)
+            .into_iter()
+            .map(|(_, prog, pid)| (prog, pid))
+            .collect()
+    }
+
+    fn recorded<'a>(&self, cl: &'a Option<CommandLine>, what: &str) -> Result<&'a CommandLine> {
+        cl.as_ref().ok_or_else(|| {
+            HarnessError::Sandbox(format!(
+                "{STATE_FILE} does not record how {what} of {} was started (a sandbox made by an \
+                 older myhactl); recreate it with `myhactl sandbox down` and `myhactl sandbox up`",
+                self.alias
+            ))
+        })
+    }
+
+    /// Starts the tablet's mysqld again, detached (new session, output appended to its
+    /// `mysqld.log`), with the command line recorded at `sandbox up`, and returns its pid
+    /// once it accepts connections within `timeout` (else an error naming the log, and the
+    /// new process is killed). The caller makes sure it is not running already.
+    pub async fn start_mysqld(&self, timeout: Duration) -> Result<u32> {
+        let cl = self.recorded(&self.mysqld_command, "mysqld")?;
+        let port = self
+            .mysql
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| {
+                HarnessError::Sandbox(format!("{}: bad mysql address {}", self.alias, self.mysql))
+            })?;
+        let m =
+            Mysqld::from_command_line(format!("mysqld {}", self.alias), &self.dir, port, cl, true)?;
+        m.start_within(timeout).await?;
+        m.detach();
+        m.pid().ok_or_else(|| {
+            HarnessError::Sandbox(format!(
+                "mysqld of {} exited right after its start",
+                self.alias
+            ))
+        })
+    }
+
+    /// Starts the tablet's agent again, detached, with the recorded command line (its config
+    /// is still `{dir}/agent.toml`); returns its pid once it answers `FullStatus`.
+    pub async fn start_agent(&self) -> Result<u32> {
+        let cl = self.recorded(&self.agent_command, "the agent")?;
+        let a = AgentProc::from_command_line(&self.dir, cl, true)?;
+        a.start().await?;
+        a.detach();
+        a.pid().ok_or_else(|| {
+            HarnessError::Sandbox(format!(
+                "the agent of {} exited right after its start",
+                self.alias
+            ))
+        })
+    }
 }
 
 impl SandboxState {
@@ -307,15 +379,15 @@ pub async fn down(dir: &Path, grace: Duration) -> Result<Vec<Stopped>> {
     Ok(report)
 }
 
-/// An exclusive `flock` on the sandbox directory, held while `up` or `down` works on it
+/// An exclusive `flock` on the sandbox directory, held while `up`, `down` or `restart` works on it
 /// (released on drop; not inherited by the started processes: the fd is close-on-exec).
 #[derive(Debug)]
 pub struct DirLock {
     _file: std::fs::File,
 }
 
-/// Creates `dir` if needed and locks it; an error naming the dir when another `up`/`down`
-/// holds it.
+/// Creates `dir` if needed and locks it; an error naming the dir when another `up`/`down`/
+/// `restart` holds it.
 pub fn lock_dir(dir: &Path) -> Result<DirLock> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(dir).map_err(HarnessError::io(format!("create {}", dir.display())))?;
@@ -325,7 +397,7 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock> {
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
         return Err(HarnessError::Sandbox(format!(
-            "another `myhactl sandbox up` or `down` is working on {} right now",
+            "another `myhactl sandbox up`, `down` or `restart` is working on {} right now",
             dir.display()
         )));
     }
@@ -427,6 +499,14 @@ mod tests {
                 agent_grpc: None,
                 agent_http: None,
                 dir: dir.join("zone1-101"),
+                mysqld_command: Some(CommandLine {
+                    program: "/usr/sbin/mariadbd".into(),
+                    args: vec!["--server-id=101".into()],
+                    env: vec![],
+                    env_removed: vec![],
+                    log: dir.join("zone1-101/mysqld.log"),
+                }),
+                agent_command: None,
             }],
             created_ms: 1,
         }
@@ -493,7 +573,22 @@ mod tests {
         o.remove("orchestrator_http");
         o.remove("gateway_pid");
         o.remove("gateway");
+        // ... and one from before restart: it reads, and restart says what is missing.
+        for t in o["tablets"].as_array_mut().unwrap() {
+            let t = t.as_object_mut().unwrap();
+            t.remove("mysqld_command");
+            t.remove("agent_command");
+        }
         let old: SandboxState = serde_json::from_value(v).unwrap();
+        assert_eq!(old.tablets[0].mysqld_command, None);
+        let err = old.tablets[0]
+            .recorded(&old.tablets[0].mysqld_command, "mysqld")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("older myhactl") && err.contains("zone1-101"),
+            "{err}"
+        );
         assert!(old.summary_json()["gateway"].is_null());
         assert_eq!((old.orchestrator_pid, old.orchestrator_http), (None, None));
         assert_eq!((old.gateway_pid, old.gateway), (None, None));

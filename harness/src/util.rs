@@ -203,16 +203,24 @@ pub(crate) fn signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// The state letter of a process (`R`, `S`, `T`, `Z`, ...), from /proc/PID/stat.
+fn pid_state(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state is the first field after the parenthesised command name (which may hold
+    // spaces or parentheses itself).
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .map(str::to_string)
+}
+
 /// Whether a process with this pid exists and is not a zombie.
 pub fn pid_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the first field after the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    pid_state(pid).is_some_and(|state| state != "Z" && state != "X")
+}
+
+/// Whether the process is stopped by a signal (SIGSTOP: frozen, waiting for SIGCONT).
+pub fn pid_stopped(pid: u32) -> bool {
+    pid_state(pid).is_some_and(|state| state == "T")
 }
 
 /// The resident set size of a process in KiB (from /proc/PID/status).

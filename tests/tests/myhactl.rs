@@ -3,7 +3,8 @@
 //! disable/enable, ack and the audit log (from the orchestrator, and from etcd when the
 //! orchestrator is dead) against a cluster whose orchestrator wants a token; planned and
 //! emergency reparents end to end; and the reparent stream's rendering (live lines, `--json`,
-//! a lost connection) against a scripted stand-in for the orchestrator.
+//! a lost connection) against a scripted stand-in for the orchestrator; the sandbox writer across
+//! a primary kill, and `sandbox restart` bringing the killed primary back as a replica.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -1154,4 +1155,173 @@ fn sandbox_writer_survives_a_primary_kill() {
 
     let out = myhactl(&["sandbox", "down", "--dir", &d], &dir);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// `sandbox restart`: a killed primary comes back and rejoins as a replica.
+
+/// Polls `myhactl status --json` (every 200 ms, up to `bound`) until `done` says yes; the last
+/// report in the panic otherwise.
+fn poll_status(
+    dir: &Path,
+    what: &str,
+    bound: Duration,
+    mut done: impl FnMut(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let out = myhactl(&["status", "--json"], dir);
+        if out.status.success() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
+                if done(&v) {
+                    println!("{what} after {:.1} s", start.elapsed().as_secs_f64());
+                    return v;
+                }
+                last = format!("{v:#}");
+            }
+        } else {
+            last = text(&out);
+        }
+        if start.elapsed() > bound {
+            panic!("not {what} within {bound:?}; last status: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Tablet `alias` in a `status --json` report.
+fn status_tablet<'a>(v: &'a Value, alias: &str) -> Option<&'a Value> {
+    v["shards"][0]["tablets"]
+        .as_array()?
+        .iter()
+        .find(|t| t["alias"] == alias)
+}
+
+/// The mysqld pid of `alias` that sandbox.json records now.
+fn recorded_mysqld_pid(dir: &Path, alias: &str) -> Option<u32> {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sandbox.json")).ok()?).ok()?;
+    v["tablets"]
+        .as_array()?
+        .iter()
+        .find(|t| t["alias"] == alias)?["mysqld_pid"]
+        .as_u64()
+        .map(|p| p as u32)
+}
+
+#[test]
+fn sandbox_restart_brings_a_killed_primary_back_as_a_replica() {
+    let (_tmp, dir, up) = sandbox_up();
+    let _down = Down(&dir);
+    let d = dir.to_string_lossy().to_string();
+    let old = "zone1-101";
+    assert_eq!(up["tablets"][0]["alias"], old, "{up}");
+    let old_pid = up["tablets"][0]["mysqld_pid"].as_u64().unwrap() as u32;
+    let mysql_of = |alias: &str| -> String {
+        up["tablets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["alias"] == alias)
+            .and_then(|t| t["mysql"].as_str())
+            .unwrap_or_else(|| panic!("no tablet {alias}: {up}"))
+            .to_string()
+    };
+
+    // A running mysqld is not restarted.
+    let out = myhactl(&["sandbox", "restart", "zone1-102", "--dir", &d], &dir);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(err_text(&out).contains("still running"), "{}", text(&out));
+
+    let out = myhactl(&["sandbox", "fault", "kill", "primary", "--dir", &d], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out_text(&out).contains(&format!("sandbox restart {old}")),
+        "{}",
+        text(&out)
+    );
+    assert!(!harness::pid_alive(old_pid), "mysqld {old_pid} is gone");
+
+    // Failover: etcd names another primary, and it is writable.
+    let v = poll_status(&dir, "failed over", Duration::from_secs(60), |v| {
+        let p = v["shards"][0]["primary"].as_str().unwrap_or(old);
+        p != old
+            && status_tablet(v, p).is_some_and(|t| t["healthy"] == true && t["read_only"] == false)
+    });
+    let new_primary = v["shards"][0]["primary"].as_str().unwrap().to_string();
+    let new_mysql = mysql_of(&new_primary);
+
+    let out = myhactl(&["sandbox", "restart", old, "--dir", &d], &dir);
+    println!("{}", text(&out));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out_text(&out).contains(&format!("restarted mysqld of {old} (pid ")),
+        "{}",
+        text(&out)
+    );
+    // Its agent never died (the agent outlives its mysqld): only mysqld was started.
+    assert!(
+        out_text(&out).contains("only mysqld was restarted"),
+        "{}",
+        text(&out)
+    );
+    let new_pid = recorded_mysqld_pid(&dir, old).expect("the new pid in sandbox.json");
+    assert_ne!(new_pid, old_pid);
+    assert!(
+        harness::pid_alive(new_pid),
+        "restarted mysqld {new_pid} runs"
+    );
+
+    // It rejoins as a replica of the new primary, or (if the kill left it with a transaction
+    // the new primary never had) is quarantined with the reason: both are the repairs' answer.
+    let v = poll_status(
+        &dir,
+        "the old primary rejoined (or quarantined)",
+        Duration::from_secs(60),
+        |v| {
+            status_tablet(v, old).is_some_and(|t| {
+                let quarantined = t["quarantined"].as_str().is_some_and(|r| !r.is_empty());
+                let rejoined = t["role"] == "replica"
+                    && t["healthy"] == true
+                    && t["replicating"] == true
+                    && t["source"].as_str() == Some(new_mysql.as_str());
+                quarantined || rejoined
+            })
+        },
+    );
+    let t = status_tablet(&v, old).unwrap();
+    println!("{old} after its restart: {t:#}");
+    assert_eq!(v["shards"][0]["primary"], new_primary.as_str(), "{v:#}");
+    let out = myhactl(&["status", "--dir", &d], &dir);
+    println!("{}", text(&out));
+
+    // Restarting it again is refused: it runs.
+    let out = myhactl(&["sandbox", "restart", old, "--dir", &d], &dir);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        err_text(&out).contains(&format!("still running (pid {new_pid})")),
+        "{}",
+        text(&out)
+    );
+    // Frozen is not down: restart says to thaw it.
+    let out = myhactl(&["sandbox", "fault", "stop", old, "--dir", &d], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = myhactl(&["sandbox", "restart", old, "--dir", &d], &dir);
+    let thaw = myhactl(&["sandbox", "fault", "cont", old, "--dir", &d], &dir);
+    assert!(thaw.status.success(), "{}", text(&thaw));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        err_text(&out).contains("frozen")
+            && err_text(&out).contains(&format!("sandbox fault cont {old}")),
+        "{}",
+        text(&out)
+    );
+
+    let out = myhactl(&["sandbox", "down", "--dir", &d], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !harness::pid_alive(new_pid),
+        "down stops the restarted mysqld"
+    );
 }
