@@ -243,7 +243,7 @@ impl Exec {
             // for over 600 ms) tells when the thread is out of the read, so on MariaDB 10.11
             // this loop in practice runs to its bound. Measured on an idle replica: STOP sent
             // in the same session right after the KILL took 2.0 s in 8 of 8 tries, 0.5-50 ms
-            // after it ~1 ms in 64 of 64; a shorter bound is safe only if the IO thread is
+            // after it ~1 ms in 56 of 56; a shorter bound is safe only if the IO thread is
             // scheduled within it, which a loaded host does not promise.
             if !ids.is_empty() {
                 let until = tokio::time::Instant::now() + Duration::from_millis(250);
