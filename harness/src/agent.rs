@@ -35,7 +35,7 @@ impl AgentProc {
     /// concrete ports (the caller picks them, see [`crate::free_port`]).
     pub async fn launch(config: AgentConfig, dir: &Path, new_session: bool) -> Result<AgentProc> {
         let a = AgentProc::create(config, dir, new_session)?;
-        a.start_again().await?;
+        a.start().await?;
         Ok(a)
     }
 
@@ -92,7 +92,8 @@ impl AgentProc {
         self.proc.command_line()
     }
 
-    async fn start_again(&self) -> Result<()> {
+    /// Starts it, also again after a kill/stop (an error if running).
+    pub async fn start(&self) -> Result<()> {
         let started = Instant::now();
         self.proc.spawn()?;
         let mut last;
@@ -112,11 +113,6 @@ impl AgentProc {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// Starts it again after a kill/stop (an error if running).
-    pub async fn start(&self) -> Result<()> {
-        self.start_again().await
     }
 
     /// A gRPC client (connects now, 1 s bound).
@@ -186,7 +182,7 @@ impl AgentProc {
         if self.is_running() {
             self.stop().await?;
         }
-        self.start_again().await
+        self.start().await
     }
 
     pub(crate) fn detach(&self) {

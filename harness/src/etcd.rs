@@ -69,11 +69,12 @@ impl Etcd {
             peer_port,
             proc,
         };
-        e.start_again().await?;
+        e.start().await?;
         Ok(e)
     }
 
-    async fn start_again(&self) -> Result<()> {
+    /// Starts it, also again after a kill/stop (an error if running).
+    pub async fn start(&self) -> Result<()> {
         self.proc.spawn()?;
         self.wait_ready(ETCD_START_TIMEOUT).await
     }
@@ -135,12 +136,7 @@ impl Etcd {
         if self.is_running() {
             self.stop().await?;
         }
-        self.start_again().await
-    }
-
-    /// Starts it again after a kill/stop (an error if running).
-    pub async fn start(&self) -> Result<()> {
-        self.start_again().await
+        self.start().await
     }
 
     pub(crate) fn detach(&self) {

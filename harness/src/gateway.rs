@@ -186,7 +186,7 @@ impl GatewayProc {
         new_session: bool,
     ) -> Result<GatewayProc> {
         let g = GatewayProc::create(config, dir, new_session)?;
-        g.start_again().await?;
+        g.start().await?;
         Ok(g)
     }
 
@@ -220,13 +220,9 @@ impl GatewayProc {
         })
     }
 
-    async fn start_again(&self) -> Result<()> {
-        self.http.start(&self.proc, GATEWAY_START_TIMEOUT).await
-    }
-
-    /// Starts it again after a kill/stop (an error if running).
+    /// Starts it, also again after a kill/stop (an error if running).
     pub async fn start(&self) -> Result<()> {
-        self.start_again().await
+        self.http.start(&self.proc, GATEWAY_START_TIMEOUT).await
     }
 
     /// `http://admin{path}`.
@@ -379,7 +375,7 @@ impl GatewayProc {
         if self.is_running() {
             self.stop().await?;
         }
-        self.start_again().await
+        self.start().await
     }
 
     /// Leave the process running when this handle is dropped.

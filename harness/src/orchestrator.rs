@@ -58,7 +58,7 @@ impl OrchestratorProc {
         new_session: bool,
     ) -> Result<OrchestratorProc> {
         let o = OrchestratorProc::create(config, dir, new_session)?;
-        o.start_again().await?;
+        o.start().await?;
         Ok(o)
     }
 
@@ -94,15 +94,11 @@ impl OrchestratorProc {
         })
     }
 
-    async fn start_again(&self) -> Result<()> {
+    /// Starts it, also again after a kill/stop (an error if running).
+    pub async fn start(&self) -> Result<()> {
         self.http
             .start(&self.proc, ORCHESTRATOR_START_TIMEOUT)
             .await
-    }
-
-    /// Starts it again after a kill/stop (an error if running).
-    pub async fn start(&self) -> Result<()> {
-        self.start_again().await
     }
 
     /// `http://127.0.0.1:port{path}`.
@@ -228,7 +224,7 @@ impl OrchestratorProc {
         if self.is_running() {
             self.stop().await?;
         }
-        self.start_again().await
+        self.start().await
     }
 
     /// Leave the process running when this handle is dropped.

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use harness::{free_port, Cluster, ClusterOptions, GatewayProc};
 use myha_tests::bench::{self, Haproxy, SysbenchResult, SysbenchTarget};
+use myha_tests::gw;
 
 const TABLES: u32 = 4;
 const TABLE_SIZE: u32 = 20_000;
@@ -131,20 +132,15 @@ fn main() {
         let g = GatewayProc::launch(pinned_cfg, &dir.path().join("gateway-pinned"), false)
             .await
             .expect("pinned gateway starts");
-        let want = replica.alias().to_string();
-        g.wait_shard_routing(
-            c.keyspace(),
-            c.shard(),
-            "reads routed to the replica",
+        // Only the replica can take reads: the same routing as the default gateway's.
+        gw::wait_routes(
+            &c,
+            &g,
+            primary.alias(),
+            &[replica.alias()],
             Duration::from_secs(30),
-            |r| {
-                r["ro"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|t| t["alias"] == want.as_str()))
-            },
         )
-        .await
-        .expect("pinned gateway routes reads");
+        .await;
         g
     });
     let pinned_ro = pinned

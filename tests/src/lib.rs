@@ -612,6 +612,21 @@ pub mod gw {
         .await
         .unwrap_or_else(|e| panic!("{e}"))
     }
+
+    /// Waits (up to `bound`) until the gateway routes reads to no replica; returns the shard's
+    /// routing.
+    pub async fn wait_no_replicas(
+        c: &Cluster,
+        g: &GatewayProc,
+        what: &str,
+        bound: Duration,
+    ) -> Value {
+        g.wait_shard_routing(c.keyspace(), c.shard(), what, bound, |s| {
+            aliases(&s["ro"]).is_empty()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
 }
 
 /// What the tests running `myhactl` share.

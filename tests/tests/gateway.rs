@@ -381,16 +381,7 @@ async fn gateway_routes_by_role_lag_and_health() {
     for t in [r1, r2] {
         t.agent_proc().unwrap().freeze().unwrap();
     }
-    let s = g
-        .wait_shard_routing(
-            c.keyspace(),
-            c.shard(),
-            "no replica (agents silent)",
-            BOUND,
-            |s| gw::aliases(&s["ro"]).is_empty(),
-        )
-        .await
-        .unwrap();
+    let s = gw::wait_no_replicas(&c, g, "no replica (agents silent)", BOUND).await;
     println!(
         "G4: replicas out of the ro set {:.2} s after their agents froze (health_stale_after 1.5 s): {}",
         frozen.elapsed().as_secs_f64(),
@@ -403,15 +394,7 @@ async fn gateway_routes_by_role_lag_and_health() {
         "G3: RO falls back to the primary"
     );
     drop(fb);
-    g2.wait_shard_routing(
-        c.keyspace(),
-        c.shard(),
-        "no replica (agents silent)",
-        BOUND,
-        |s| gw::aliases(&s["ro"]).is_empty(),
-    )
-    .await
-    .unwrap();
+    gw::wait_no_replicas(&c, &g2, "no replica (agents silent)", BOUND).await;
     let (code, msg) = refused(&c, gw_ro(&g2)).await;
     assert_eq!(code, 1105);
     assert!(
