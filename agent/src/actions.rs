@@ -80,6 +80,8 @@ pub struct Exec {
     timeout: Duration,
     pub steps: Vec<String>,
     pub term: u64,
+    /// What the IO thread had received, reported in the answer (StopReplication).
+    received: String,
 }
 
 impl Exec {
@@ -128,6 +130,7 @@ impl Exec {
             timeout,
             steps: Vec::new(),
             term: ctx.term,
+            received: String::new(),
         })
     }
 
@@ -309,6 +312,7 @@ impl Exec {
             gtid_position,
             term,
             duration_us: duration.as_micros() as u64,
+            gtid_received: self.received,
         })
     }
 }
@@ -333,6 +337,8 @@ pub async fn stop_replication(
     } else {
         let step = x.dialect.stop_replication(sc).to_lowercase();
         x.stop_threads(&step, sc).await?;
+        // Read after the stop: nothing more can arrive, so this is final for a dead source.
+        x.received = x.replica_status().await?.gtid_io_pos;
     }
     x.finish().await
 }
@@ -366,6 +372,9 @@ pub async fn wait_for_position(
             reason: format!("gtid_position: {e}"),
         });
     }
+    if req.lift_delay {
+        lift_delay(&mut x).await?;
+    }
     let step = format!("wait until {} is applied", req.gtid_position);
     // Leave a little of the deadline to answer in.
     let left = x
@@ -385,6 +394,96 @@ pub async fn wait_for_position(
     }
     x.note(step);
     x.finish().await
+}
+
+/// A delayed replica (MASTER_DELAY) holds received transactions it will apply only later; a
+/// reparent that needs them applies them now. The SQL thread is restarted without the delay, from
+/// where it stopped in the relay log, which is kept (see [`flavor::Dialect::lift_apply_delay`]:
+/// a plain `CHANGE MASTER TO MASTER_DELAY = 0` would delete it under GTID mode). The delay is not
+/// restored here: a reparent promotes or repoints this replica next, and the tablet's own
+/// configuration sets it again.
+async fn lift_delay(x: &mut Exec) -> Result<(), ActionError> {
+    let st = x.replica_status().await?;
+    if !st.configured || st.sql_delay_secs == 0 {
+        return Ok(());
+    }
+    if st.io_state != flavor::ThreadState::Stopped {
+        return Err(ActionError::Refused {
+            action: x.action,
+            reason: format!(
+                "lifting the replication delay ({} s) needs the IO thread stopped; it is {:?}",
+                st.sql_delay_secs, st.io_state
+            ),
+        });
+    }
+    x.stop_threads("stop the SQL thread to lift the delay", Scope::Both)
+        .await?;
+    // Read after the stop: where the SQL thread will resume.
+    let at = x.replica_status().await?;
+    if at.relay_log_file.is_empty() || at.relay_log_pos == 0 {
+        return Err(ActionError::Refused {
+            action: x.action,
+            reason: format!(
+                "cannot lift the replication delay without losing the relay log: no relay log position (`{}`:{})",
+                at.relay_log_file, at.relay_log_pos
+            ),
+        });
+    }
+    let sql = x
+        .dialect
+        .lift_apply_delay(&at.relay_log_file, at.relay_log_pos);
+    x.sql(
+        &format!(
+            "lift the replication delay of {} s, keeping the relay log from {}:{}",
+            st.sql_delay_secs, at.relay_log_file, at.relay_log_pos
+        ),
+        &sql,
+    )
+    .await?;
+    let sql = x.dialect.start_sql_thread();
+    x.sql("start the SQL thread", sql).await
+}
+
+/// Never reset replication past a received-but-unapplied transaction (replication stopped): the
+/// reset discards the relay log, and one of its transactions may be the only copy of an
+/// acknowledged write. The caller applies it first (WaitForPosition on the received position).
+async fn refuse_unapplied_relay_log(x: &mut Exec) -> Result<(), ActionError> {
+    let received = x.replica_status().await?.gtid_io_pos;
+    let executed = x.variables().await?.gtid_position;
+    let reason = match unapplied(x.dialect, &received, &executed) {
+        Ok(None) => return Ok(()),
+        Ok(Some(missing)) => format!(
+            "the relay log holds received transactions not applied yet ({missing}; received {received}, applied {executed}): apply them first"
+        ),
+        Err(e) => format!("cannot tell whether the relay log holds unapplied transactions: {e}"),
+    };
+    Err(ActionError::Refused {
+        action: x.action,
+        reason,
+    })
+}
+
+/// A replica's relay log that holds transactions not yet applied: promoting or resetting it would
+/// throw them away, and one of them may be the only copy of an acknowledged write. `None` when
+/// everything received is applied.
+pub fn unapplied(
+    dialect: Dialect,
+    received: &str,
+    executed: &str,
+) -> Result<Option<String>, String> {
+    if received.trim().is_empty() {
+        return Ok(None);
+    }
+    let parse = |what: &str, s: &str| {
+        gtid::GtidSet::parse(dialect.flavor, s).map_err(|e| format!("{what} `{s}`: {e}"))
+    };
+    let r = parse("received position", received)?;
+    let e = parse("executed position", executed)?;
+    if e.contains_set(&r).map_err(|e| e.to_string())? {
+        return Ok(None);
+    }
+    let missing = r.difference(&e).map_err(|e| e.to_string())?;
+    Ok(Some(missing.to_string()))
 }
 
 pub async fn set_read_only(
@@ -479,6 +578,7 @@ pub async fn reset_replication(
     let st = x.replica_status().await?;
     if st.configured {
         x.stop_threads("stop replication", Scope::Both).await?;
+        refuse_unapplied_relay_log(&mut x).await?;
         let sql = x.dialect.reset_replication_all().to_string();
         x.sql("reset replication", &sql).await?;
     } else {
@@ -565,6 +665,7 @@ pub async fn promote(
     let st = x.replica_status().await?;
     if st.configured {
         x.stop_threads("stop replication", Scope::Both).await?;
+        refuse_unapplied_relay_log(&mut x).await?;
         let sql = x.dialect.reset_replication_all().to_string();
         x.sql("reset replication", &sql).await?;
     } else {
@@ -652,4 +753,32 @@ pub async fn undo_demote(
     }
     x.state.demote = None;
     x.finish().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unapplied_names_what_the_relay_log_still_holds() {
+        let d = Dialect::MARIADB_10_11;
+        assert_eq!(unapplied(d, "", "0-101-5"), Ok(None), "nothing received");
+        assert_eq!(unapplied(d, "0-101-5", "0-101-5"), Ok(None));
+        assert_eq!(
+            unapplied(d, "0-101-5", "0-101-7,1-102-3"),
+            Ok(None),
+            "applied more than received (e.g. earlier sources)"
+        );
+        assert_eq!(
+            unapplied(d, "0-101-8115", "0-101-18"),
+            Ok(Some("0-101-19..8115".into()))
+        );
+        assert!(unapplied(d, "garbage", "0-101-1").is_err());
+        let m = Dialect::MYSQL_8_0;
+        let u = "3e11fa47-71ca-11e1-9e33-c80aa9429562";
+        assert_eq!(
+            unapplied(m, &format!("{u}:1-57"), &format!("{u}:1-50")),
+            Ok(Some(format!("{u}:51-57")))
+        );
+    }
 }

@@ -71,7 +71,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn new(cfg: AgentConfig) -> Arc<Shared> {
+    pub fn new(cfg: AgentConfig) -> Result<Arc<Shared>, StateError> {
         let alias = cfg.alias();
         let mysql_addr = format!("{}:{}", cfg.agent.advertise_host, cfg.mysql.port);
         let id = Identity {
@@ -82,7 +82,7 @@ impl Shared {
             mysql_addr,
         };
         let state_file = cfg.agent.state_dir.join("agent-state.json");
-        let terms = load_terms(&state_file);
+        let terms = load_terms(&state_file)?;
         let endpoint = Endpoint::new(&cfg.mysql);
         let initial = health::build(HealthInputs {
             id: &id,
@@ -93,7 +93,7 @@ impl Shared {
             etcd_connected: false,
             now_us: now_us(),
         });
-        Arc::new(Shared {
+        Ok(Arc::new(Shared {
             cfg,
             id,
             endpoint,
@@ -112,7 +112,7 @@ impl Shared {
             probe: Mutex::new(None),
             grpc_addr: Mutex::new(String::new()),
             http_addr: Mutex::new(String::new()),
-        })
+        }))
     }
 
     pub fn terms(&self) -> TermState {
@@ -248,22 +248,49 @@ impl Shared {
     }
 }
 
-fn load_terms(path: &PathBuf) -> TermState {
-    match std::fs::read_to_string(path) {
-        Ok(s) => serde_json::from_str(&s).unwrap_or_else(|e| {
-            warn!(file = %path.display(), error = %e, "ignoring unreadable agent state");
-            TermState::default()
-        }),
-        Err(_) => TermState::default(),
+/// The persisted term state cannot be read: starting with zero terms would forget the term this
+/// mysqld was promoted under, and a deposed primary would then never fence itself.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "agent state {path} is unreadable ({reason}): refusing to start, since forgetting the term this \
+     mysqld was promoted under would stop a deposed primary from fencing itself; restore the file, \
+     or remove it once this mysqld is known to be read-only and not the primary"
+)]
+pub struct StateError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// The persisted terms; a missing file is a tablet never promoted (all zero).
+pub fn load_terms(path: &PathBuf) -> Result<TermState, StateError> {
+    let err = |reason: String| StateError {
+        path: path.clone(),
+        reason,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TermState::default()),
+        Err(e) => Err(err(e.to_string())),
     }
 }
 
+/// Writes the terms durably: a temporary file, fsynced, renamed over the state file, and the
+/// directory fsynced, so that after a crash the file holds the old or the new state, never a
+/// torn or empty one.
 fn save_terms(path: &PathBuf, t: &TermState) {
+    use std::io::Write;
     let tmp = path.with_extension("json.tmp");
-    let write = serde_json::to_vec(t)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|_| std::fs::rename(&tmp, path));
+    let write = (|| -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(t).map_err(std::io::Error::other)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
     if let Err(e) = write {
         warn!(file = %path.display(), error = %e, "cannot persist agent term state");
     }

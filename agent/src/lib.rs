@@ -25,6 +25,8 @@ use crate::config::AgentConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error(transparent)]
+    State(#[from] agent::StateError),
     #[error("cannot create state_dir {path}: {source}")]
     StateDir {
         path: std::path::PathBuf,
@@ -63,7 +65,7 @@ pub async fn run(
     let host = cfg.agent.advertise_host.clone();
     let grpc_addr = grpc.local_addr().map_err(RunError::Http)?;
     let http_addr = http.local_addr().map_err(RunError::Http)?;
-    let shared = Shared::new(cfg);
+    let shared = Shared::new(cfg)?;
     shared.set_grpc_addr(format!("{host}:{}", grpc_addr.port()));
     shared.set_http_addr(format!("{host}:{}", http_addr.port()));
     info!(alias = %shared.id.alias, grpc = %grpc_addr, http = %http_addr, mysql = %shared.endpoint.addr(), "agent starting");

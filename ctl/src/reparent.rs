@@ -156,6 +156,11 @@ pub struct PlannedArgs {
 pub struct EmergencyArgs {
     #[command(flatten)]
     pub target: TargetArgs,
+    /// Promote even when a replica that could not be reached may hold the only copy of
+    /// acknowledged writes (those writes are then lost). Without it such a reparent is refused
+    /// with the tablets named. Audited with them.
+    #[arg(long)]
+    pub may_lose_acknowledged_writes: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -174,6 +179,8 @@ pub struct ReparentRequest {
     pub max_lag: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requester: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub may_lose_acknowledged_writes: bool,
 }
 
 fn duration_text(d: Option<Duration>) -> Option<String> {
@@ -412,6 +419,7 @@ pub async fn run(cmd: ReparentCommand) -> Result<(), ReparentError> {
                 lock_timeout: duration_text(a.target.lock_timeout),
                 max_lag: duration_text(a.max_lag),
                 requester: requester(a.output.requester.as_deref()),
+                may_lose_acknowledged_writes: false,
             };
             (a.target, a.output, req, a.wait_timeout)
         }
@@ -423,6 +431,7 @@ pub async fn run(cmd: ReparentCommand) -> Result<(), ReparentError> {
                 lock_timeout: duration_text(a.target.lock_timeout),
                 max_lag: None,
                 requester: requester(a.output.requester.as_deref()),
+                may_lose_acknowledged_writes: a.may_lose_acknowledged_writes,
             };
             (a.target, a.output, req, None)
         }
@@ -545,6 +554,7 @@ mod tests {
             lock_timeout: None,
             max_lag: duration_text(Some(Duration::from_secs(5))),
             requester: Some("alice".into()),
+            may_lose_acknowledged_writes: false,
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(

@@ -200,6 +200,15 @@ impl Dialect {
         }
     }
 
+    /// Starts the SQL (applier) thread alone.
+    pub fn start_sql_thread(&self) -> &'static str {
+        if self.replica_words() {
+            "START REPLICA SQL_THREAD"
+        } else {
+            "START SLAVE SQL_THREAD"
+        }
+    }
+
     pub fn reset_replication_all(&self) -> &'static str {
         if self.replica_words() {
             "RESET REPLICA ALL"
@@ -241,6 +250,34 @@ impl Dialect {
                  MASTER_CONNECT_RETRY = {retry}, MASTER_HEARTBEAT_PERIOD = {heartbeat}",
                 src.port
             )],
+        }
+    }
+
+    /// Lifts the replication apply delay while keeping the relay log, so that what was received
+    /// is applied now. Both threads must be stopped and `relay_file`/`relay_pos` must be the
+    /// SQL thread's position (`Relay_Log_File`/`Relay_Log_Pos`) read after the stop.
+    ///
+    /// TRAP (measured on MariaDB 10.11): with `MASTER_USE_GTID = slave_pos` every CHANGE MASTER,
+    /// even one naming only `MASTER_DELAY`, deletes the relay logs, and with them every received
+    /// transaction not applied yet. Naming the relay log position keeps them, and that is refused
+    /// under GTID auto-positioning, so the replica switches to file/position mode for the apply;
+    /// its next repoint (or its promotion) sets GTID mode again. MySQL refuses RELAY_LOG_FILE
+    /// with auto-positioning in the same way.
+    pub fn lift_apply_delay(&self, relay_file: &str, relay_pos: u64) -> String {
+        let file = quote(relay_file);
+        match self.flavor {
+            Flavor::MariaDb => format!(
+                "CHANGE MASTER TO MASTER_USE_GTID = no, MASTER_DELAY = 0, \
+                 RELAY_LOG_FILE = {file}, RELAY_LOG_POS = {relay_pos}"
+            ),
+            Flavor::MySql if self.replica_words() => format!(
+                "CHANGE REPLICATION SOURCE TO SOURCE_AUTO_POSITION = 0, SOURCE_DELAY = 0, \
+                 RELAY_LOG_FILE = {file}, RELAY_LOG_POS = {relay_pos}"
+            ),
+            Flavor::MySql => format!(
+                "CHANGE MASTER TO MASTER_AUTO_POSITION = 0, MASTER_DELAY = 0, \
+                 RELAY_LOG_FILE = {file}, RELAY_LOG_POS = {relay_pos}"
+            ),
         }
     }
 
@@ -473,6 +510,10 @@ impl Dialect {
                 "Seconds_Behind",
                 col(&["Seconds_Behind_Master", "Seconds_Behind_Source"]),
             )?,
+            sql_delay_secs: parse_num::<u64>(what, "SQL_Delay", col(&["SQL_Delay"]))?.unwrap_or(0),
+            relay_log_file: col(&["Relay_Log_File"]).unwrap_or_default(),
+            relay_log_pos: parse_num::<u64>(what, "Relay_Log_Pos", col(&["Relay_Log_Pos"]))?
+                .unwrap_or(0),
         })
     }
 
@@ -596,6 +637,11 @@ pub struct ReplicaStatus {
     pub gtid_io_pos: String,
     pub using_gtid: bool,
     pub seconds_behind: Option<u64>,
+    /// The configured apply delay (`MASTER_DELAY` / `SOURCE_DELAY`), seconds; 0 when none.
+    pub sql_delay_secs: u64,
+    /// The SQL thread's position in the relay log (`Relay_Log_File`, `Relay_Log_Pos`).
+    pub relay_log_file: String,
+    pub relay_log_pos: u64,
 }
 
 impl ReplicaStatus {

@@ -35,6 +35,7 @@ fn mariadb_replica_row() -> Row {
         ("Skip_Counter", Some("0")),
         ("Exec_Master_Log_Pos", Some("2154")),
         ("Seconds_Behind_Master", Some("0")),
+        ("SQL_Delay", Some("30")),
         ("Last_IO_Errno", Some("0")),
         ("Last_IO_Error", Some("")),
         ("Last_SQL_Errno", Some("0")),
@@ -115,6 +116,25 @@ fn parses_mariadb_replica_status() {
     assert_eq!(st.gtid_io_pos, "0-101-12");
     assert!(st.using_gtid);
     assert_eq!(st.seconds_behind, Some(0));
+    assert_eq!(st.sql_delay_secs, 30);
+    assert_eq!(
+        (st.relay_log_file.as_str(), st.relay_log_pos),
+        ("relay-bin.000002", 2453)
+    );
+}
+
+#[test]
+fn lifting_the_delay_names_the_relay_log_position_so_it_is_kept() {
+    assert_eq!(
+        Dialect::MARIADB_10_11.lift_apply_delay("relay-bin.000002", 22042),
+        "CHANGE MASTER TO MASTER_USE_GTID = no, MASTER_DELAY = 0, \
+         RELAY_LOG_FILE = 'relay-bin.000002', RELAY_LOG_POS = 22042"
+    );
+    assert_eq!(
+        Dialect::MYSQL_8_0.lift_apply_delay("r'.1", 4),
+        "CHANGE REPLICATION SOURCE TO SOURCE_AUTO_POSITION = 0, SOURCE_DELAY = 0, \
+         RELAY_LOG_FILE = 'r''.1', RELAY_LOG_POS = 4"
+    );
 }
 
 #[test]

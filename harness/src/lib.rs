@@ -20,6 +20,7 @@ mod etcd;
 mod gateway;
 mod http;
 mod mysqld;
+pub mod net;
 mod orchestrator;
 mod process;
 pub mod sandbox;

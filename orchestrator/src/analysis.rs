@@ -648,7 +648,12 @@ pub struct Candidate {
     pub alias: String,
     pub cell: String,
     pub rule: PromotionRule,
+    /// Everything the tablet holds: applied, or received into its relay log (an acknowledged
+    /// write may exist only there). Candidates are ranked on this.
     pub position: GtidSet,
+    /// What it has applied; it must apply up to `position` before it is promoted. Among equally
+    /// advanced candidates the one with less left to apply is chosen (it is promoted sooner).
+    pub applied: GtidSet,
     /// Errant transactions, if any: never promoted, never a source.
     pub errant: Option<String>,
 }
@@ -731,6 +736,9 @@ pub fn choose_candidate(
             rule_rank(c.rule),
             old_primary_cell.is_some_and(|cell| cell != c.cell),
             !c.position.contains_set(&most.position).unwrap_or(false),
+            c.position
+                .transaction_count()
+                .saturating_sub(c.applied.transaction_count()),
             c.alias.clone(),
         )
     });

@@ -639,6 +639,9 @@ pub struct ReparentBody {
     pub lock_timeout: Option<String>,
     pub max_lag: Option<String>,
     pub requester: Option<String>,
+    /// Emergency only: promote even when an unreached replica may hold the only copy of
+    /// acknowledged writes (see `recovery::reparent::revocation`).
+    pub may_lose_acknowledged_writes: Option<bool>,
 }
 
 /// A validated reparent request.
@@ -651,6 +654,8 @@ pub struct ReparentRequest {
     pub max_lag: Duration,
     /// Who asked: the body's `requester`, else the client's address.
     pub requester: String,
+    /// Emergency only: see [`ReparentBody::may_lose_acknowledged_writes`].
+    pub may_lose_acknowledged_writes: bool,
 }
 
 /// The defaults of a reparent request (`[recovery] planned_*`).
@@ -718,6 +723,12 @@ impl ReparentBody {
                 "requester must be printable and at most 200 bytes",
             ));
         }
+        let may_lose_acknowledged_writes = self.may_lose_acknowledged_writes.unwrap_or(false);
+        if may_lose_acknowledged_writes && mode != ReparentMode::Emergency {
+            return Err(ApiError::bad_request(
+                "may_lose_acknowledged_writes applies to emergency reparents only",
+            ));
+        }
         Ok(ReparentRequest {
             mode,
             to,
@@ -735,6 +746,7 @@ impl ReparentBody {
             )?,
             max_lag: duration_field("max_lag", self.max_lag, defaults.max_lag, false)?,
             requester,
+            may_lose_acknowledged_writes,
         })
     }
 }
@@ -1452,7 +1464,17 @@ mod tests {
                 lock_timeout: Duration::from_secs(10),
                 max_lag: Duration::from_secs(5),
                 requester: "http-api from 127.0.0.1".into(),
+                may_lose_acknowledged_writes: false,
             }
+        );
+        let r = reparent_body(r#"{"mode": "emergency", "may_lose_acknowledged_writes": true}"#)
+            .unwrap();
+        assert!(r.may_lose_acknowledged_writes);
+        let e = reparent_body(r#"{"mode": "planned", "may_lose_acknowledged_writes": true}"#)
+            .unwrap_err();
+        assert!(
+            format!("{e:?}").contains("emergency reparents only"),
+            "{e:?}"
         );
         let r = reparent_body(
             r#"{"mode": "emergency", "to": "zone1-102", "wait_timeout": "1s 500ms",

@@ -13,7 +13,7 @@
 //! lock_ttl = "5s"                   # lease of the shard lock: how long it outlives a dead orchestrator
 //! lock_wait = "200ms"               # wait this long for a shard lock held by another instance, then skip
 //! action_timeout = "5s"             # bound of every agent action
-//! relay_log_wait = "2s"             # emergency reparent: bound on replicas applying their relay logs
+//! relay_log_wait = "30s"            # emergency reparent: bound on the candidate applying all it received (size it for your largest transaction)
 //! catch_up_timeout = "5s"           # emergency reparent: bound on the chosen candidate catching up
 //! flap_limit = 3                    # this many emergency reparents of a shard within flap_window ...
 //! flap_window = "10m"               # ... stop its automatic recovery until acknowledged
@@ -88,7 +88,10 @@ pub struct RecoverySection {
     /// Bound on every agent action.
     #[serde(default = "default_action_timeout", with = "humantime_serde")]
     pub action_timeout: Duration,
-    /// Bound on replicas applying their relay logs during an emergency reparent.
+    /// Bound on the candidate (and a catch-up source) applying everything it received during an
+    /// emergency reparent. Running out of it is a refusal (never a less advanced promotion), so
+    /// it must fit the largest transaction's apply time; it costs nothing when the relay log is
+    /// applied already. 30 s as Vitess's `--wait-replicas-timeout`.
     #[serde(default = "default_relay_log_wait", with = "humantime_serde")]
     pub relay_log_wait: Duration,
     /// Bound on the chosen candidate catching up from the most advanced replica.
@@ -123,7 +126,7 @@ fn default_action_timeout() -> Duration {
     Duration::from_secs(5)
 }
 fn default_relay_log_wait() -> Duration {
-    Duration::from_secs(2)
+    Duration::from_secs(30)
 }
 fn default_catch_up_timeout() -> Duration {
     Duration::from_secs(5)
@@ -324,7 +327,7 @@ endpoints = ["http://127.0.0.1:2379"]
         );
         assert_eq!(
             (r.relay_log_wait, r.catch_up_timeout),
-            (Duration::from_secs(2), Duration::from_secs(5))
+            (Duration::from_secs(30), Duration::from_secs(5))
         );
         assert_eq!((r.flap_limit, r.flap_window), (3, Duration::from_secs(600)));
         assert_eq!(

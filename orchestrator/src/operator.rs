@@ -320,6 +320,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
             let opts = EmergencyOptions {
                 to: req.to.clone(),
                 demote_old_first: Some(EMERGENCY_DEMOTE_BOUND),
+                may_lose_acknowledged_writes: req.may_lose_acknowledged_writes,
             };
             reparent::emergency_reparent_with(&ctx, &opts)
                 .await
@@ -397,6 +398,7 @@ mod tests {
             lock_timeout: Duration::from_secs(10),
             max_lag: Duration::from_secs(5),
             requester: "alice".into(),
+            may_lose_acknowledged_writes: false,
         }
     }
 

@@ -11,7 +11,10 @@ pub mod ha {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use harness::{global_var, slave_status, Cluster, ClusterOptions, OrchestratorProc, Tablet};
+    use harness::{
+        global_var, slave_status, Cluster, ClusterOptions, OrchestratorProc, Tablet, Writer,
+        WriterOptions,
+    };
     use mysql_async::prelude::Queryable;
     use serde_json::Value;
     use topo::{AuditEntry, ShardRecord};
@@ -22,6 +25,109 @@ pub mod ha {
     /// The orchestrator's leases (its shard locks) in tests: a killed orchestrator's lock
     /// expires after this.
     pub const ORCH_LEASE_TTL: Duration = Duration::from_secs(3);
+
+    /// How long "no failover" must hold: well past the agent lease (2 s), the health staleness
+    /// (1.5 s) and the orchestrator's lock TTL (3 s).
+    pub const NO_FAILOVER_WINDOW: Duration = Duration::from_secs(8);
+
+    pub async fn writer(c: &Cluster) -> Writer {
+        let w = Writer::start(c, WriterOptions::default())
+            .await
+            .expect("writer starts");
+        w.wait_more_acks(20, BOUND)
+            .await
+            .expect("the writer gets acks before the fault");
+        w
+    }
+
+    /// After a fault marked on `w`: a new primary (not `old`) at a newer term, the first ack after
+    /// the fault from it, every running tablet but `skip` replicating from it. Prints the times.
+    ///
+    /// The tests mark a primary's fault once it is in effect (a killed mysqld reaped, a frozen one
+    /// with every thread stopped): an insert sent after the mark can then only be acknowledged by
+    /// a successor, whereas one sent between a mark and the kill may still be acknowledged by the
+    /// old primary.
+    pub async fn expect_failover(
+        c: &Cluster,
+        w: &Writer,
+        old: &str,
+        old_term: u64,
+        skip: &[&str],
+    ) -> ShardRecord {
+        let fault = w.fault().expect("fault marked");
+        let (rec, _) = wait_new_primary(c, old, old_term, BOUND).await;
+        let record_after = Duration::from_millis(rec.term_start_ms.saturating_sub(fault.at_ms));
+        let (ack, unavailable) = w
+            .wait_ack_after(fault.at, BOUND)
+            .await
+            .unwrap_or_else(|e| panic!("no write acknowledged after the failover: {e}"));
+        assert_eq!(
+            Some(ack.tablet.as_str()),
+            rec.primary.as_deref(),
+            "the first ack after the fault came from {} (term {}), not the new primary {:?}",
+            ack.tablet,
+            ack.term,
+            rec.primary
+        );
+        let mut skips: Vec<&str> = skip.to_vec();
+        skips.push(old);
+        let healthy = wait_shard_healthy(c, &skips, BOUND).await;
+        println!(
+            "failover {old} -> {:?} term {} -> {}: new shard record {:.3} s after the fault, \
+             first acknowledged write {:.3} s after the fault; replicas repointed {:.3} s later",
+            rec.primary,
+            old_term,
+            rec.term,
+            record_after.as_secs_f64(),
+            unavailable.as_secs_f64(),
+            healthy.as_secs_f64()
+        );
+        rec
+    }
+
+    /// The emergency reparent's summary entry (outcome ok) of `term`, from the audit log.
+    pub async fn reparent_entry(c: &Cluster, term: u64) -> topo::AuditEntry {
+        let start = Instant::now();
+        loop {
+            let a = audit(c).await;
+            if let Some(e) = a
+                .iter()
+                .find(|e| e.action == "emergency_reparent" && e.outcome == "ok" && e.term == term)
+            {
+                return e.clone();
+            }
+            if start.elapsed() > BOUND {
+                panic!(
+                    "no successful emergency_reparent audit entry for term {term}:\n{}",
+                    audit_text(&a)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn alias_of(c: &Cluster, i: usize) -> String {
+        c.tablet(i).alias().to_string()
+    }
+
+    /// The summary entry of a refused emergency reparent after `since_ms`.
+    pub async fn refused_reparent(c: &Cluster, since_ms: u64) -> topo::AuditEntry {
+        let start = Instant::now();
+        loop {
+            let a = audit(c).await;
+            if let Some(e) = a.iter().find(|e| {
+                e.action == "emergency_reparent" && e.outcome == "refused" && e.at_ms >= since_ms
+            }) {
+                return e.clone();
+            }
+            assert!(
+                start.elapsed() < BOUND,
+                "no refused emergency_reparent in the audit log:\n{}",
+                audit_text(&a)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     /// A cluster of `tablets` (semi_sync) with one orchestrator on short TTLs.
     pub fn ha_options(tablets: usize) -> ClusterOptions {

@@ -187,6 +187,7 @@ async fn every_action_against_a_real_cluster() {
         .wait_for_position(pb::WaitForPositionRequest {
             ctx: ctx(1),
             gtid_position: pos.clone(),
+            ..Default::default()
         })
         .await
         .expect("position reached")
@@ -208,6 +209,7 @@ async fn every_action_against_a_real_cluster() {
                 requester: String::new(),
             }),
             gtid_position: "0-101-999999".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -217,6 +219,7 @@ async fn every_action_against_a_real_cluster() {
         .wait_for_position(pb::WaitForPositionRequest {
             ctx: ctx(1),
             gtid_position: "0-x-1".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -360,6 +363,7 @@ async fn every_action_against_a_real_cluster() {
     a_r1.wait_for_position(pb::WaitForPositionRequest {
         ctx: ctx(1),
         gtid_position: demoted.gtid_position.clone(),
+        ..Default::default()
     })
     .await
     .expect("candidate caught up");
@@ -845,4 +849,150 @@ async fn stopping_replication_from_a_frozen_source_does_not_wait() {
     })
     .await;
     assert!(h.replication.unwrap().configured);
+}
+
+/// P18 at the agent: a replica whose relay log holds received transactions it has not applied
+/// (here a MASTER_DELAY) refuses `Promote`, whose reset would throw them away; `WaitForPosition`
+/// with `lift_delay` applies them now, relay log kept, and `Promote` then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_refuses_a_relay_log_not_applied_and_lift_delay_applies_it() {
+    let c = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let mut a_r1 = client(&c, 1).await;
+    write_row(&c, 0, "before").await.expect("primary write");
+    c.wait_replicated(GENEROUS)
+        .await
+        .expect("the table replicated");
+    let mut root = c.tablet(1).root_conn().await.expect("root");
+    for stmt in [
+        "STOP SLAVE",
+        "CHANGE MASTER TO MASTER_DELAY = 60",
+        "START SLAVE",
+    ] {
+        root.query_drop(stmt).await.expect(stmt);
+    }
+    for i in 0..20 {
+        write_row(&c, 0, &format!("delayed-{i}"))
+            .await
+            .expect("primary write");
+    }
+    // The fault in effect: the delayed replica has received the writes (it applies them in 60 s).
+    let mut p = c.tablet(0).root_conn().await.expect("root");
+    let written: String = p
+        .query_first("SELECT @@gtid_binlog_pos")
+        .await
+        .expect("primary position")
+        .unwrap_or_default();
+    let written = gtid::MariaDbPosition::parse(&written).expect("position parses");
+    let start = Instant::now();
+    loop {
+        let st = harness::slave_status(&mut root)
+            .await
+            .expect("slave status")
+            .unwrap_or_default();
+        let io = st.get("Gtid_IO_Pos").cloned().flatten().unwrap_or_default();
+        if gtid::MariaDbPosition::parse(&io).is_ok_and(|io| io.contains(&written)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < GENEROUS,
+            "the delayed replica did not receive {written}: at {io}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = a_r1
+        .stop_replication(pb::StopReplicationRequest {
+            ctx: ctx(1),
+            scope: pb::ReplicationScope::IoOnly as i32,
+        })
+        .await
+        .expect("stop IO")
+        .into_inner();
+    println!(
+        "after the IO stop: applied {}, received {}",
+        stopped.gtid_position, stopped.gtid_received
+    );
+    let received = gtid::MariaDbPosition::parse(&stopped.gtid_received).expect("received parses");
+    let applied = gtid::MariaDbPosition::parse(&stopped.gtid_position).expect("applied parses");
+    assert!(
+        !applied.contains(&received),
+        "the delayed replica applied everything it received"
+    );
+    let err = a_r1
+        .promote(pb::PromoteRequest {
+            ctx: ctx(2),
+            durability: pb::Durability::SemiSync as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("received transactions not applied"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        count_rows(&c, 1, "delayed-19").await,
+        0,
+        "nothing applied yet"
+    );
+    let r = a_r1
+        .wait_for_position(pb::WaitForPositionRequest {
+            ctx: ctx(2),
+            gtid_position: stopped.gtid_received.clone(),
+            lift_delay: true,
+        })
+        .await
+        .expect("applied with the delay lifted")
+        .into_inner();
+    println!("lift_delay: {:?}", r.steps);
+    assert!(
+        r.steps
+            .iter()
+            .any(|s| s.contains("lift the replication delay of 60 s")),
+        "{:?}",
+        r.steps
+    );
+    assert_eq!(
+        count_rows(&c, 1, "delayed-19").await,
+        1,
+        "the relay log was applied"
+    );
+    a_r1.promote(pb::PromoteRequest {
+        ctx: ctx(2),
+        durability: pb::Durability::SemiSync as i32,
+    })
+    .await
+    .expect("promoted once everything received is applied");
+}
+
+/// An agent whose persisted term state cannot be read refuses to start (naming the file)
+/// rather than start with zero terms: a deposed primary that forgot its promotion term would
+/// never fence itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_term_state_stops_the_agent_from_starting() {
+    let c = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let a = c.tablet(1).agent_proc().expect("agent");
+    a.kill().expect("kill the agent");
+    let state = c
+        .tablet(1)
+        .dir()
+        .join("agent-state")
+        .join("agent-state.json");
+    // A torn write, as an unsynced file can be after a crash.
+    std::fs::write(&state, b"{\"known_term\":7,\"promo").expect("write the state file");
+    let err = a.start().await.expect_err("the agent must refuse to start");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(
+        text.contains("agent-state.json") && text.contains("refusing to start"),
+        "{text}"
+    );
+    std::fs::remove_file(&state).expect("remove the state file");
+    a.start()
+        .await
+        .expect("without a state file the agent starts");
 }

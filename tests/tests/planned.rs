@@ -769,11 +769,15 @@ async fn operator_emergency_reparents() {
     );
 
     // ---- a planned reparent requested while an automatic emergency reparent holds the lock ----
+    // Neither replica can apply its relay log (a global read lock blocks their SQL threads): the
+    // emergency reparent's candidate waits for it (up to relay_log_wait) holding the lock.
     let primary = to.clone();
-    let slow = c.tablet(1).alias().to_string(); // its relay log cannot be applied: the
-                                                // emergency reparent waits relay_log_wait
+    let slow = c.tablet(1).alias().to_string();
     let survivor = c.tablet(0).alias().to_string();
-    let locked = read_lock(tablet(&c, &slow)).await;
+    let locked = [
+        read_lock(tablet(&c, &slow)).await,
+        read_lock(tablet(&c, &survivor)).await,
+    ];
     w.wait_more_acks(20, BOUND).await.expect("acks");
     tablet(&c, &primary)
         .mysqld()
@@ -814,7 +818,9 @@ async fn operator_emergency_reparents() {
             .starts_with("emergency reparent"),
         "{first}"
     );
-    unlock(locked).await;
+    for l in locked {
+        unlock(l).await;
+    }
     let mut events = vec![(sent.elapsed(), first)];
     while let Some(line) = st.next_line().await.expect("read") {
         events.push((sent.elapsed(), serde_json::from_str(&line).expect("JSON")));
@@ -835,8 +841,8 @@ async fn operator_emergency_reparents() {
     }
     let d = &run.done;
     assert_eq!(d["ok"], true, "{}", run.text());
-    // The emergency promoted the survivor (the slow replica could not apply its relay log in
-    // time); the planned reparent then moved the primary to the other live tablet.
+    // The emergency promoted one of the two live tablets once it had applied its relay log; the
+    // planned reparent then moved the primary to the other one.
     let (from, to2) = (
         d["old_primary"].as_str().unwrap_or_default().to_string(),
         d["new_primary"].as_str().unwrap_or_default().to_string(),

@@ -211,6 +211,29 @@ impl Topo {
             .collect()
     }
 
+    /// As [`Topo::list_json`], but a value that cannot be decoded (corrupt, or a variant this
+    /// version does not know) is skipped and returned beside the others: one bad record must not
+    /// hide every good one.
+    async fn list_json_lenient<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<T>, Vec<Unreadable>)> {
+        let kvs = self.list_kvs(prefix, GetOptions::new()).await?;
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for kv in &kvs {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match decode(&key, kv.value()) {
+                Ok(v) => good.push(v),
+                Err(e) => bad.push(Unreadable {
+                    error: e.to_string(),
+                    key,
+                }),
+            }
+        }
+        Ok((good, bad))
+    }
+
     async fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<i64> {
         let data = encode(key, value)?;
         let mut kv = self.client.kv_client();
@@ -437,19 +460,37 @@ impl Topo {
             .map(|(t, _)| t))
     }
 
-    /// Registered tablets by alias, optionally only those of a keyspace (and shard).
+    /// Registered tablets by alias, optionally only those of a keyspace (and shard). A record
+    /// that cannot be decoded is skipped with a warning; [`Topo::list_tablets_reporting`] also
+    /// returns those.
     pub async fn list_tablets(
         &self,
         keyspace: Option<&str>,
         shard: Option<&str>,
     ) -> Result<Vec<TabletRecord>> {
-        let all: Vec<TabletRecord> = self.list_json(&self.keys.tablets_prefix()).await?;
-        Ok(all
+        let (tablets, unreadable) = self.list_tablets_reporting(keyspace, shard).await?;
+        for u in &unreadable {
+            tracing::warn!(key = %u.key, error = %u.error, "skipping an unreadable tablet record");
+        }
+        Ok(tablets)
+    }
+
+    /// As [`Topo::list_tablets`], with the records that could not be decoded (of any shard:
+    /// their shard cannot be read either).
+    pub async fn list_tablets_reporting(
+        &self,
+        keyspace: Option<&str>,
+        shard: Option<&str>,
+    ) -> Result<(Vec<TabletRecord>, Vec<Unreadable>)> {
+        let (all, unreadable): (Vec<TabletRecord>, _) =
+            self.list_json_lenient(&self.keys.tablets_prefix()).await?;
+        let tablets = all
             .into_iter()
             .filter(|t| {
                 keyspace.is_none_or(|k| t.keyspace == k) && shard.is_none_or(|s| t.shard == s)
             })
-            .collect())
+            .collect();
+        Ok((tablets, unreadable))
     }
 
     /// Deletes a tablet's registration (e.g. cleaning up after a dead agent). Returns whether
@@ -629,6 +670,13 @@ pub(crate) fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>> {
         key: key.to_string(),
         source,
     })
+}
+
+/// A record that could not be decoded: its key and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub key: String,
+    pub error: String,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {

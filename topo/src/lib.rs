@@ -14,7 +14,7 @@ mod records;
 mod registration;
 mod watch;
 
-pub use client::{Result, Topo, DEFAULT_OP_TIMEOUT};
+pub use client::{Result, Topo, Unreadable, DEFAULT_OP_TIMEOUT};
 pub use error::{ParseError, TopoError};
 pub use keys::{prefix_range_end, validate_name, Keys, DEFAULT_PREFIX};
 pub use lock::{LockRequest, ShardLock, DEFAULT_LOCK_TTL};

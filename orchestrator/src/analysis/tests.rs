@@ -407,8 +407,41 @@ fn cand(alias: &str, cell: &str, rule: PromotionRule, pos: &str) -> Candidate {
         cell: cell.into(),
         rule,
         position: GtidSet::parse(Flavor::MariaDb, pos).unwrap(),
+        applied: GtidSet::parse(Flavor::MariaDb, pos).unwrap(),
         errant: None,
     }
+}
+
+/// A candidate that received up to `held` and applied up to `applied`.
+fn cand_unapplied(alias: &str, held: &str, applied: &str) -> Candidate {
+    Candidate {
+        applied: GtidSet::parse(Flavor::MariaDb, applied).unwrap(),
+        ..cand(alias, "zone1", PromotionRule::Neutral, held)
+    }
+}
+
+#[test]
+fn candidates_rank_on_what_they_received_not_on_what_they_applied() {
+    // P18: z-2 (delayed) received up to 8115 but applied 18; z-3 applied all it got, 1491.
+    let c = vec![
+        cand_unapplied("z-2", "0-101-8115", "0-101-18"),
+        cand("z-3", "zone1", PromotionRule::Neutral, "0-101-1491"),
+    ];
+    let ch = choose_candidate(&c, Some("zone1"), Durability::SemiSync).unwrap();
+    assert_eq!(ch.candidate, "z-2");
+    assert_eq!(ch.catch_up_from, None);
+    assert_eq!(ch.target_position, "0-101-8115");
+}
+
+#[test]
+fn among_equals_the_one_with_less_to_apply_is_chosen() {
+    let c = vec![
+        cand_unapplied("z-2", "0-101-67", "0-101-65"),
+        cand_unapplied("z-3", "0-101-67", "0-101-66"),
+    ];
+    let ch = choose_candidate(&c, Some("zone1"), Durability::SemiSync).unwrap();
+    assert_eq!(ch.candidate, "z-3", "it finishes applying first");
+    assert_eq!(ch.catch_up_from, None);
 }
 
 #[test]

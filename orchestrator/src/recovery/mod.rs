@@ -602,6 +602,8 @@ pub struct FreshShard {
     pub input: ShardInput,
     /// `analyze(input)`.
     pub problems: Vec<Problem>,
+    /// Tablet records under the prefix that could not be decoded, skipped.
+    pub unreadable: Vec<topo::Unreadable>,
 }
 
 impl FreshShard {
@@ -635,6 +637,9 @@ impl FreshShard {
 /// A primary already suspected dead gets this long to answer the refresh: a frozen mysqld
 /// keeps its agent's `FullStatus` waiting for the agent's own query timeout, and the reparent
 /// must not wait for that. One that answers alive in time cancels the reparent.
+/// How often [`RecoveryContext::apply_received`] audits the progress of a long apply.
+pub const APPLY_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
 pub const SUSPECT_STATUS_TIMEOUT: Duration = Duration::from_millis(150);
 
 /// Re-reads the shard record, keyspace and registrations from etcd, and asks every registered
@@ -650,11 +655,13 @@ pub async fn refresh(
     let topo = &deps.topo;
     let (rec, tablets, ks) = tokio::join!(
         topo.get_shard(keyspace, shard),
-        topo.list_tablets(Some(keyspace), Some(shard)),
+        topo.list_tablets_reporting(Some(keyspace), Some(shard)),
         topo.get_keyspace(keyspace),
     );
     let rec = rec.map_err(RecoveryError::topo("read the shard record"))?;
-    let tablets = tablets.map_err(RecoveryError::topo("list the shard's tablets"))?;
+    // One corrupt or unknown-variant tablet record (of this shard or any other) must not stop
+    // this shard's recovery: it is skipped, and reported with every recovery it is seen in.
+    let (tablets, unreadable) = tablets.map_err(RecoveryError::topo("list the shard's tablets"))?;
     let ks = ks
         .map_err(RecoveryError::topo("read the keyspace record"))?
         .ok_or_else(|| {
@@ -709,6 +716,7 @@ pub async fn refresh(
         unseen,
         input,
         problems,
+        unreadable,
     })
 }
 
@@ -904,27 +912,7 @@ impl RecoveryContext {
     where
         Fut: Future<Output = Result<tonic::Response<pb::ActionResponse>, tonic::Status>>,
     {
-        let fut = async {
-            // Never act for a lock we no longer hold: another instance may own the shard now.
-            if self.lock.is_lost() {
-                return Err(RecoveryError::Refused(format!(
-                    "shard lock lost before {rpc} on {alias}: stopping"
-                )));
-            }
-            let client = self.deps.agents.client(self.tablet(alias)?)?;
-            let ctx = self.action_context(timeout);
-            // The agent bounds the action itself; our bound only covers a silent agent.
-            let bound = timeout + Duration::from_millis(500);
-            match tokio::time::timeout(bound, call(client, ctx)).await {
-                Err(_) => Err(RecoveryError::AgentTimeout {
-                    rpc,
-                    tablet: alias.to_string(),
-                    after: bound,
-                }),
-                Ok(Err(status)) => Err(agent_error(rpc, alias, &status)),
-                Ok(Ok(resp)) => Ok(resp.into_inner()),
-            }
-        };
+        let fut = self.call_agent(rpc, alias, timeout, call);
         self.step(step, Some(alias), fut, |r: &pb::ActionResponse| {
             format!(
                 "{} (term {}, position {})",
@@ -934,6 +922,112 @@ impl RecoveryContext {
             )
         })
         .await
+    }
+
+    /// One agent action, not recorded: the client, the bound, the error mapping.
+    async fn call_agent<Fut>(
+        &self,
+        rpc: &'static str,
+        alias: &str,
+        timeout: Duration,
+        call: impl FnOnce(AgentClient<Channel>, pb::ActionContext) -> Fut,
+    ) -> Result<pb::ActionResponse, RecoveryError>
+    where
+        Fut: Future<Output = Result<tonic::Response<pb::ActionResponse>, tonic::Status>>,
+    {
+        // Never act for a lock we no longer hold: another instance may own the shard now.
+        if self.lock.is_lost() {
+            return Err(RecoveryError::Refused(format!(
+                "shard lock lost before {rpc} on {alias}: stopping"
+            )));
+        }
+        let client = self.deps.agents.client(self.tablet(alias)?)?;
+        let ctx = self.action_context(timeout);
+        // The agent bounds the action itself; our bound only covers a silent agent.
+        let bound = timeout + Duration::from_millis(500);
+        match tokio::time::timeout(bound, call(client, ctx)).await {
+            Err(_) => Err(RecoveryError::AgentTimeout {
+                rpc,
+                tablet: alias.to_string(),
+                after: bound,
+            }),
+            Ok(Err(status)) => Err(agent_error(rpc, alias, &status)),
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+        }
+    }
+
+    /// Applies everything `alias` received (`received`, its IO thread stopped), lifting a
+    /// replication delay, within `bound` (`relay_log_wait`). Waits in slices of
+    /// [`APPLY_PROGRESS_EVERY`] and audits the applied position after each one, so that a large
+    /// transaction's progress shows; one `apply_relay_log` step records the outcome.
+    pub async fn apply_received(
+        &self,
+        alias: &str,
+        received: &str,
+        bound: Duration,
+    ) -> Result<pb::ActionResponse, RecoveryError> {
+        let started = Instant::now();
+        let mut slices = 0u32;
+        let r = loop {
+            let left = bound.saturating_sub(started.elapsed());
+            let slice = left.min(APPLY_PROGRESS_EVERY);
+            let pos = received.to_string();
+            let r = self
+                .call_agent("WaitForPosition", alias, slice, |mut c, ctx| async move {
+                    c.wait_for_position(pb::WaitForPositionRequest {
+                        ctx: Some(ctx),
+                        gtid_position: pos,
+                        lift_delay: true,
+                    })
+                    .await
+                })
+                .await;
+            slices += 1;
+            let timed_out = matches!(&r, Err(RecoveryError::Agent { code, .. }) if *code == tonic::Code::DeadlineExceeded)
+                || matches!(&r, Err(RecoveryError::AgentTimeout { .. }));
+            if !timed_out || started.elapsed() + Duration::from_millis(10) >= bound {
+                break r;
+            }
+            let at = self
+                .full_status(alias)
+                .await
+                .ok()
+                .and_then(|h| h.mysql.map(|m| m.gtid_position))
+                .unwrap_or_else(|| "unknown".into());
+            self.record_step(
+                "apply_relay_log_progress",
+                Some(alias),
+                true,
+                format!(
+                    "applying what it received: at {at}, target {received}, {:.1} s of {:?}",
+                    started.elapsed().as_secs_f64(),
+                    bound
+                ),
+                started.elapsed(),
+            );
+        };
+        let took = started.elapsed();
+        match &r {
+            Ok(v) => self.record_step(
+                "apply_relay_log",
+                Some(alias),
+                true,
+                format!(
+                    "applied everything received up to {received}: {} (position {}, {slices} wait(s))",
+                    v.steps.join("; "),
+                    v.gtid_position
+                ),
+                took,
+            ),
+            Err(e) => self.record_step(
+                "apply_relay_log",
+                Some(alias),
+                false,
+                format!("not applied within {bound:?}: {e}"),
+                took,
+            ),
+        }
+        r
     }
 
     /// `FullStatus`, bounded by `status_timeout`; not a step (it changes nothing).
@@ -1014,6 +1108,7 @@ impl RecoveryContext {
                 c.wait_for_position(pb::WaitForPositionRequest {
                     ctx: Some(ctx),
                     gtid_position: pos,
+                    lift_delay: false,
                 })
                 .await
             },
@@ -1497,6 +1592,18 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
         return (Outcome::ProblemGone { detail }, Vec::new(), None, None);
     };
     let ctx = RecoveryContext::new(deps.clone(), job.clone(), problem.clone(), fresh, lock);
+    for u in &ctx.fresh.unreadable {
+        ctx.audit(
+            "unreadable_record",
+            None,
+            OUTCOME_SKIPPED,
+            format!(
+                "{}: {}: skipped; this recovery acts on the records that can be read",
+                u.key, u.error
+            ),
+            None,
+        );
+    }
     let result = if is_dead_primary(problem.code) {
         reparent::emergency_reparent(&ctx).await
     } else {

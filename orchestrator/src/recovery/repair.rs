@@ -221,6 +221,7 @@ async fn elect_primary(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
             alias: alias.clone(),
             cell: t.cell.clone(),
             rule: t.promotion_rule,
+            applied: position.clone(),
             position,
             errant: None,
         });

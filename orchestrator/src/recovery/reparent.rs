@@ -7,13 +7,21 @@
 //!    promotions under one term);
 //! 2. a pre-check of the candidate choice on the current positions: a refusal (e.g. semi_sync
 //!    durability cannot be met, P8) changes nothing;
-//! 3. per reachable replica, in parallel: stop the IO thread, read its received position, wait
-//!    (bounded by `relay_log_wait`) for it to be applied, read its final position;
+//! 3. per reachable replica, in parallel: stop the IO thread and read what it applied and what
+//!    it received (final: the primary is dead);
 //! 4. errant check of each against the dead primary's last known position, then
-//!    [`choose_candidate`]; a refusal here restarts the IO threads and changes nothing else;
-//! 5. if the candidate lags the most advanced tablet: catch it up from that tablet (bounded by
+//!    [`choose_candidate`] on everything each replica holds, applied or only received (under
+//!    AFTER_SYNC a replica acknowledges on receipt, so an acknowledged write may exist only in a
+//!    relay log); a refusal here restarts the IO threads and changes nothing else;
+//! 5. if the candidate lags the most advanced tablet: that tablet applies everything it received
+//!    (so that it is in its binlog), then the candidate catches up from it (bounded by
 //!    `catch_up_timeout`), falling back to promoting the most advanced one (unless `must_not`);
-//! 6. `Promote` under the new term, write the shard record (conditional on the lock), repoint
+//! 6. the candidate applies everything it received, a replication delay lifted (bounded by
+//!    `relay_log_wait`, progress audited): never is a received transaction thrown away by the
+//!    promotion's reset, and running out of the bound is a refusal, not the promotion of a less
+//!    advanced tablet. The other replicas' relay logs may be discarded by their repointing: the
+//!    new primary holds all they received;
+//! 7. `Promote` under the new term, write the shard record (conditional on the lock), repoint
 //!    every other reachable tablet at the new primary in parallel (a failure there is audited,
 //!    the promotion stands).
 //!
@@ -47,6 +55,41 @@ pub struct EmergencyOptions {
     /// becomes the errant-check reference and what the replicas apply before choosing. A
     /// refusal before the promotion undoes the demotion.
     pub demote_old_first: Option<Duration>,
+    /// Operator request: promote even though replication could not be stopped on enough replicas
+    /// to know every acknowledged transaction ([`revocation`]): an unreached replica may hold
+    /// the only copy of acknowledged writes, which are then lost. Audited with those tablets.
+    pub may_lose_acknowledged_writes: bool,
+}
+
+/// Acknowledgements a commit needs under `d` (K): 1 under semi_sync (MariaDB 10.11 has no
+/// `wait_for_slave_count`), 0 with no durability.
+pub fn acks_required(d: Durability) -> usize {
+    match d {
+        Durability::SemiSync => 1,
+        Durability::None => 0,
+    }
+}
+
+/// Rule 2 of a lossless reparent (`lossless-reparent.md`; Vitess `haveRevoked`): with K
+/// acknowledgements required per commit and R replicas that could acknowledge, only once
+/// replication is stopped on at least R - K + 1 of them is the set of acknowledged transactions
+/// fixed and known to lie within the reached ones (and the old primary can no longer complete a
+/// commit). `Err` names the replicas not reached when fewer were; with K = 0 nothing is needed.
+pub fn revocation<'a>(
+    replicas: impl IntoIterator<Item = &'a String>,
+    reached: &[String],
+    acks_required: usize,
+) -> Result<(), Vec<String>> {
+    let unreached: Vec<String> = replicas
+        .into_iter()
+        .filter(|a| !reached.contains(a))
+        .cloned()
+        .collect();
+    if acks_required == 0 || unreached.len() < acks_required {
+        Ok(())
+    } else {
+        Err(unreached)
+    }
 }
 
 /// Records one phase's duration (`myha_orchestrator_reparent_phase_seconds{phase}`).
@@ -69,21 +112,14 @@ pub fn next_term(record_term: u64, reserved: u64, highest_reported: u64) -> u64 
         .saturating_add(1)
 }
 
-/// What a replica must apply before its position is final: everything its IO thread received
-/// (`gtid_io_pos`), else its current position.
-pub fn relay_log_target(h: &pb::Health) -> Option<String> {
-    let io = h
-        .replication
+/// What a replica's IO thread received from its source (`gtid_io_pos` / `Retrieved_Gtid_Set`),
+/// applied or not; `None` without a source or when nothing was received.
+pub fn received(h: &pb::Health) -> Option<String> {
+    h.replication
         .as_ref()
         .filter(|r| r.configured)
         .map(|r| r.gtid_io_pos.trim().to_string())
-        .filter(|p| !p.is_empty());
-    io.or_else(|| {
-        h.mysql
-            .as_ref()
-            .map(|m| m.gtid_position.trim().to_string())
-            .filter(|p| !p.is_empty())
-    })
+        .filter(|p| !p.is_empty())
 }
 
 /// The reference for the errant check: the dead primary's last healthy position and its
@@ -94,8 +130,8 @@ pub struct Reference {
     pub writer: String,
 }
 
-/// Candidates from final statuses. A tablet without a parseable position is left out (and
-/// reported in the second value).
+/// Candidates from final statuses, each ranked on what it applied joined with what it received.
+/// A tablet without a parseable position is left out (and reported in the second value).
 pub fn candidates(
     statuses: &BTreeMap<String, pb::Health>,
     tablets: &BTreeMap<String, TabletRecord>,
@@ -108,9 +144,22 @@ pub fn candidates(
             left_out.push(format!("{alias}: not registered"));
             continue;
         };
-        let Some(position) = analysis::position(h).filter(|_| h.mysql_reachable) else {
+        let Some(applied) = analysis::position(h).filter(|_| h.mysql_reachable) else {
             left_out.push(format!("{alias}: no readable GTID position"));
             continue;
+        };
+        let held = match received(h).map(|r| GtidSet::parse(applied.flavor(), &r)) {
+            None => Ok(applied.clone()),
+            Some(Ok(r)) => applied.union(&r).map_err(|e| e.to_string()),
+            Some(Err(e)) => Err(e.to_string()),
+        };
+        let position = match held {
+            Ok(p) => p,
+            Err(e) => {
+                // Unknown received transactions could be the only copy of acknowledged writes.
+                left_out.push(format!("{alias}: unreadable received position ({e})"));
+                continue;
+            }
         };
         let errant = reference.and_then(|r| analysis::errant(&position, &r.position, &r.writer));
         out.push(Candidate {
@@ -118,6 +167,7 @@ pub fn candidates(
             cell: rec.cell.clone(),
             rule: rec.promotion_rule,
             position,
+            applied,
             errant,
         });
     }
@@ -177,15 +227,79 @@ pub async fn emergency_reparent_with(
             })
         });
 
-    // The replicas to work with: answering, mysqld up, not quarantined, not the old primary.
-    let reachable: BTreeMap<String, pb::Health> = fresh
+    // The replicas whose replication is stopped before the choice (every one that answers with
+    // its mysqld up: a quarantined one may acknowledge too), and among them the candidates (not
+    // quarantined).
+    let answering: BTreeMap<String, pb::Health> = fresh
         .statuses
         .iter()
-        .filter(|(a, h)| {
-            **a != old_primary && h.mysql_reachable && !fresh.input.quarantined.contains_key(*a)
-        })
+        .filter(|(a, h)| **a != old_primary && h.mysql_reachable)
         .map(|(a, h)| (a.clone(), h.clone()))
         .collect();
+    let reachable: BTreeMap<String, pb::Health> = answering
+        .iter()
+        .filter(|(a, _)| !fresh.input.quarantined.contains_key(*a))
+        .map(|(a, h)| (a.clone(), h.clone()))
+        .collect();
+    // Every registered replica could have acknowledged the old primary's last commits, except
+    // those known not to: a stale primary claim (promoted under an older term and never
+    // repointed since, so it replicates from nobody) and a replica with its semi-sync side off.
+    let replicas: Vec<String> = fresh
+        .tablets
+        .keys()
+        .filter(|a| **a != old_primary)
+        .filter(|a| match fresh.statuses.get(*a) {
+            Some(h) => {
+                let stale_primary = h.promoted_term > 0;
+                let no_ack =
+                    h.mysql_reachable && h.semi_sync.as_ref().is_some_and(|s| !s.replica_enabled);
+                !stale_primary && !no_ack
+            }
+            None => true,
+        })
+        .cloned()
+        .collect();
+    let k = acks_required(durability);
+    let why_unreached = |a: &str| -> String {
+        match (fresh.unseen.get(a), fresh.statuses.get(a)) {
+            (Some(why), _) => format!("{a} (agent: {why})"),
+            (None, Some(h)) if !h.mysql_reachable => {
+                format!("{a} (mysqld unreachable: {})", h.mysql_error)
+            }
+            (None, Some(_)) => format!("{a} (its IO thread could not be stopped)"),
+            (None, None) => format!("{a} (no answer)"),
+        }
+    };
+    // Checks rule 2 on `reached`; Ok(None) when met, Ok(Some(note)) when forced, Err(why).
+    let revoked = |reached: &[String]| -> Result<Option<String>, String> {
+        match revocation(&replicas, reached, k) {
+            Ok(()) => Ok(None),
+            Err(unreached) => {
+                let names: Vec<String> = unreached.iter().map(|a| why_unreached(a)).collect();
+                let why = format!(
+                    "semi_sync: replication must be stopped on at least {} of the {} replicas (R - K + 1, K = {k}) to know every acknowledged transaction; not reached: {}",
+                    replicas.len() + 1 - k.min(replicas.len() + 1),
+                    replicas.len(),
+                    names.join(", ")
+                );
+                if opts.may_lose_acknowledged_writes {
+                    Ok(Some(format!(
+                        "FORCED by the operator (may_lose_acknowledged_writes): {why}; acknowledged writes held only there are lost"
+                    )))
+                } else {
+                    Err(why)
+                }
+            }
+        }
+    };
+    let answering_aliases: Vec<String> = answering.keys().cloned().collect();
+    if let Err(why) = revoked(&answering_aliases) {
+        ctx.record_step("revocation", None, false, why.clone(), Duration::ZERO);
+        return Err(RecoveryError::Refused(format!(
+            "{why}; nothing was changed (primary {old_primary} stays in the record at term {}); an operator may force it with may_lose_acknowledged_writes",
+            record.term
+        )));
+    }
 
     let requested = opts.to.as_deref();
     let why_missing = requested.and_then(|to| {
@@ -237,7 +351,6 @@ pub async fn emergency_reparent_with(
     // Operator request with the old primary answering: read-only first, its final position
     // is what the replicas must reach.
     let mut demoted: Option<&str> = None;
-    let mut final_target: Option<String> = None;
     if let Some(bound) = opts.demote_old_first {
         let answering = fresh
             .statuses
@@ -253,7 +366,6 @@ pub async fn emergency_reparent_with(
                             position,
                             writer: analysis::writer_id(h),
                         });
-                        final_target = Some(r.gtid_position.clone());
                     }
                 }
                 Err(e) => ctx.record_step(
@@ -283,26 +395,45 @@ pub async fn emergency_reparent_with(
         return Err(e);
     }
 
-    // Stop IO, let every replica apply what it received, read final positions.
+    // Stop IO everywhere: what each replica received is final from here on.
     let t = Instant::now();
     let finals = futures::future::join_all(
-        reachable
+        answering
             .iter()
-            .map(|(alias, h)| settle_replica(ctx, alias.clone(), h.clone(), final_target.clone())),
+            .map(|(alias, h)| stop_io(ctx, alias.clone(), h.clone())),
     )
     .await;
-    phase("stop_io_and_apply_relay_log", t.elapsed());
+    phase("stop_io", t.elapsed());
     let mut final_statuses = BTreeMap::new();
     let mut stopped = Vec::new();
     for (alias, io_stopped, status) in finals {
         if io_stopped {
             stopped.push(alias.clone());
         }
-        if let Some(h) = status {
+        if let Some(h) = status.filter(|_| reachable.contains_key(&alias)) {
             final_statuses.insert(alias, h);
         }
     }
-
+    match revoked(&stopped) {
+        Ok(None) => ctx.record_step(
+            "revocation",
+            None,
+            true,
+            format!(
+                "replication stopped on {} of {} replicas: every acknowledged transaction is among them",
+                stopped.len(),
+                replicas.len()
+            ),
+            t.elapsed(),
+        ),
+        Ok(Some(forced)) => ctx.record_step("revocation", None, true, forced, t.elapsed()),
+        Err(why) => {
+            let refusal = ctx.refuse("revocation", None, why);
+            restart_io(ctx, &stopped).await;
+            undo_first_demotion(ctx, demoted).await;
+            return Err(refusal);
+        }
+    }
     // Choose.
     let t = Instant::now();
     let (cands, left_out) = candidates(&final_statuses, &fresh.tablets, reference.as_ref());
@@ -353,12 +484,25 @@ pub async fn emergency_reparent_with(
     );
     phase("choose", t.elapsed());
 
-    // Catch up from the most advanced tablet if needed.
+    // Catch up from the most advanced tablet if needed: it applies what it received first, so
+    // that everything the candidate fetches from it is in its binlog.
+    let held = |alias: &str| {
+        final_statuses
+            .get(alias)
+            .and_then(received)
+            .map(|r| (alias.to_string(), r))
+    };
     let choice = match &choice.catch_up_from {
         None => choice,
         Some(source) => {
             let t = Instant::now();
-            let r = catch_up(ctx, &choice, source).await;
+            let r = async {
+                if let Some((a, r)) = held(source) {
+                    ctx.apply_received(&a, &r, ctx.cfg().relay_log_wait).await?;
+                }
+                catch_up(ctx, &choice, source).await
+            }
+            .await;
             phase("catch_up", t.elapsed());
             match r {
                 Ok(()) => choice,
@@ -382,6 +526,28 @@ pub async fn emergency_reparent_with(
             }
         }
     };
+
+    // The candidate applies everything it received (after a catch-up: a no-op, it waited for
+    // the target). The promotion resets replication, which would throw the rest away.
+    if choice.catch_up_from.is_none() {
+        if let Some((alias, target)) = held(&choice.candidate) {
+            let t = Instant::now();
+            let r = ctx
+                .apply_received(&alias, &target, ctx.cfg().relay_log_wait)
+                .await;
+            phase("apply_relay_log", t.elapsed());
+            if let Err(e) = r {
+                let why = format!(
+                    "candidate {alias} received up to {target} but did not apply it within relay_log_wait ({:?}): {e}; refusing rather than promote a tablet missing acknowledged transactions",
+                    ctx.cfg().relay_log_wait
+                );
+                let refusal = ctx.refuse("apply_relay_log", Some(&alias), why);
+                restart_io(ctx, &stopped).await;
+                undo_first_demotion(ctx, demoted).await;
+                return Err(refusal);
+            }
+        }
+    }
     let candidate = ctx.tablet(&choice.candidate)?.clone();
 
     // Promote under the new term.
@@ -451,74 +617,51 @@ pub async fn emergency_reparent_with(
     })
 }
 
-/// Stops the IO thread, waits for the relay log to be applied, and returns the replica's
-/// status with its final position: (alias, IO thread stopped, status if usable).
-///
-/// The target is what the IO thread had received at the refresh: the primary is dead, nothing
-/// arrives after that. The final position comes from the actions' answers; `FullStatus` is
-/// only asked when an action failed (a replica that then does not answer is left out).
-async fn settle_replica(
+/// Stops the IO thread and returns the replica's status with its final positions: (alias, IO
+/// thread stopped, status if usable). Applied and received positions come from the action's
+/// answer; `FullStatus` is only asked when the stop failed (a replica that then does not answer
+/// is left out).
+async fn stop_io(
     ctx: &RecoveryContext,
     alias: String,
     before: pb::Health,
-    final_target: Option<String>,
 ) -> (String, bool, Option<pb::Health>) {
-    let flavor = analysis::flavor_of(&before);
-    let parse = |s: &str| GtidSet::parse(flavor, s).ok();
-    let target = final_target.or_else(|| relay_log_target(&before));
-    let (stopped, mut pos) = match ctx.stop_replication(&alias, true).await {
-        Ok(r) => (true, Some(r.gtid_position)),
-        Err(_) => (false, None),
-    };
-    if let Some(target) = target {
-        let reached = match (pos.as_deref().and_then(parse), parse(&target)) {
-            (Some(p), Some(t)) => p.contains_set(&t).unwrap_or(false),
-            _ => false,
-        };
-        if stopped && !reached {
-            match ctx
-                .wait_for_position("apply_relay_log", &alias, &target, ctx.cfg().relay_log_wait)
-                .await
-            {
-                Ok(r) => pos = Some(r.gtid_position),
-                // A timeout leaves the replica less advanced, not unusable: read where it is.
-                Err(_) => pos = None,
-            }
-        }
-    }
-    let status = match pos {
-        Some(p) => {
+    let status = match ctx.stop_replication(&alias, true).await {
+        Ok(r) => {
             let mut h = before;
             if let Some(m) = h.mysql.as_mut() {
-                m.gtid_position = p;
+                m.gtid_position = r.gtid_position;
             }
-            h
+            if let Some(rep) = h.replication.as_mut() {
+                rep.gtid_io_pos = r.gtid_received;
+            }
+            return (alias, true, Some(h));
         }
-        None => match ctx.full_status(&alias).await {
-            Ok(h) if h.mysql_reachable => h,
-            Ok(h) => {
-                ctx.record_step(
-                    "read_position",
-                    Some(&alias),
-                    false,
-                    format!("mysqld unreachable: {}", h.mysql_error),
-                    Duration::ZERO,
-                );
-                return (alias, stopped, None);
-            }
-            Err(e) => {
-                ctx.record_step(
-                    "read_position",
-                    Some(&alias),
-                    false,
-                    e.to_string(),
-                    Duration::ZERO,
-                );
-                return (alias, stopped, None);
-            }
-        },
+        Err(_) => ctx.full_status(&alias).await,
     };
-    (alias, stopped, Some(status))
+    match status {
+        Ok(h) if h.mysql_reachable => (alias, false, Some(h)),
+        Ok(h) => {
+            ctx.record_step(
+                "read_position",
+                Some(&alias),
+                false,
+                format!("mysqld unreachable: {}", h.mysql_error),
+                Duration::ZERO,
+            );
+            (alias, false, None)
+        }
+        Err(e) => {
+            ctx.record_step(
+                "read_position",
+                Some(&alias),
+                false,
+                e.to_string(),
+                Duration::ZERO,
+            );
+            (alias, false, None)
+        }
+    }
 }
 
 /// Best effort after a refusal: the replicas follow the old primary again should it return.
@@ -627,21 +770,68 @@ mod tests {
     }
 
     #[test]
-    fn relay_log_target_prefers_the_received_position() {
+    fn revocation_needs_r_minus_k_plus_one_replicas() {
+        let r: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let reached = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // K = 1 (MariaDB semi-sync): every replica.
+        assert_eq!(revocation(&r, &reached(&["a", "b", "c"]), 1), Ok(()));
         assert_eq!(
-            relay_log_target(&health("0-101-5", "0-101-9", true)).as_deref(),
+            revocation(&r, &reached(&["a", "c"]), 1),
+            Err(vec!["b".to_string()])
+        );
+        // K = 2: one may be missing, not two.
+        assert_eq!(revocation(&r, &reached(&["a", "c"]), 2), Ok(()));
+        assert_eq!(
+            revocation(&r, &reached(&["a"]), 2),
+            Err(vec!["b".to_string(), "c".to_string()])
+        );
+        // No durability: nothing to revoke.
+        assert_eq!(revocation(&r, &[], 0), Ok(()));
+        assert_eq!(acks_required(Durability::SemiSync), 1);
+        assert_eq!(acks_required(Durability::None), 0);
+    }
+
+    #[test]
+    fn received_is_the_io_threads_position_only() {
+        assert_eq!(
+            received(&health("0-101-5", "0-101-9", true)).as_deref(),
             Some("0-101-9")
         );
+        assert_eq!(received(&health("0-101-5", "", true)), None);
         assert_eq!(
-            relay_log_target(&health("0-101-5", "", true)).as_deref(),
-            Some("0-101-5")
-        );
-        assert_eq!(
-            relay_log_target(&health("0-101-5", "0-101-9", false)).as_deref(),
-            Some("0-101-5"),
+            received(&health("0-101-5", "0-101-9", false)),
+            None,
             "without a source the received position means nothing"
         );
-        assert_eq!(relay_log_target(&health("", "", false)), None);
+    }
+
+    #[test]
+    fn candidates_hold_what_they_received_beside_what_they_applied() {
+        let mut tablets = BTreeMap::new();
+        for a in ["zone1-102", "zone1-103"] {
+            tablets.insert(a.to_string(), tablet_record(a, "ks", "0"));
+        }
+        let statuses: BTreeMap<String, pb::Health> = [
+            (
+                "zone1-102".to_string(),
+                health("0-101-18", "0-101-8115", true),
+            ),
+            ("zone1-103".to_string(), health("0-101-1491", "", true)),
+        ]
+        .into();
+        let (c, left_out) = candidates(&statuses, &tablets, None);
+        assert!(left_out.is_empty(), "{left_out:?}");
+        assert_eq!(c[0].position.to_string(), "0-101-8115");
+        assert_eq!(c[0].applied.to_string(), "0-101-18");
+        assert_eq!(c[1].position.to_string(), "0-101-1491");
+        let mut bad = statuses.clone();
+        bad.insert("zone1-103".into(), health("0-101-5", "junk", true));
+        let (c, left_out) = candidates(&bad, &tablets, None);
+        assert_eq!(c.len(), 1);
+        assert!(
+            left_out[0].contains("unreadable received position"),
+            "{left_out:?}"
+        );
     }
 
     #[test]
