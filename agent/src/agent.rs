@@ -59,6 +59,8 @@ pub struct Shared {
     /// The shard primary's mysqld address as last learned from its etcd record; kept when
     /// the record disappears (a dead host's lease expires) so replicas can keep probing it.
     primary_addr: Mutex<Option<(String, String)>>,
+    /// The heartbeat write in flight: (started, µs since the epoch; its connection id).
+    heartbeat_inflight: Mutex<Option<(u64, u32)>>,
     probe: Mutex<Option<pb::PrimaryProbe>>,
     /// Addresses the agent actually listens on (after binding port 0).
     pub grpc_addr: Mutex<String>,
@@ -109,6 +111,7 @@ impl Shared {
             poke: Notify::new(),
             state_file,
             primary_addr: Mutex::new(None),
+            heartbeat_inflight: Mutex::new(None),
             probe: Mutex::new(None),
             grpc_addr: Mutex::new(String::new()),
             http_addr: Mutex::new(String::new()),
@@ -296,6 +299,32 @@ fn save_terms(path: &PathBuf, t: &TermState) {
     }
 }
 
+/// A heartbeat write pending this long is looked at: what does it wait for?
+const WRITE_STALL_LOOK_AFTER_US: u64 = 500_000;
+
+/// Primary only: how long the heartbeat write has been pending, and past
+/// [`WRITE_STALL_LOOK_AFTER_US`] what it waits for (its PROCESSLIST state: "Waiting for global
+/// read lock", "Waiting for semi-sync ACK from slave", a commit or disk wait...).
+async fn report_write_stall(shared: &Shared, c: &mut Conn, h: &mut pb::Health, timeout: Duration) {
+    if h.tablet_type != pb::TabletType::Primary as i32 {
+        return;
+    }
+    let Some((since, id)) = *lock(&shared.heartbeat_inflight) else {
+        return;
+    };
+    let age_us = now_us().saturating_sub(since);
+    h.write_stalled_ms = age_us / 1000;
+    if age_us < WRITE_STALL_LOOK_AFTER_US {
+        return;
+    }
+    let q = format!("SELECT STATE FROM information_schema.PROCESSLIST WHERE ID = {id}");
+    h.write_blocked_by = match mysql::query_scalar(c, &q, timeout).await {
+        Ok(Some(state)) if !state.trim().is_empty() => state,
+        Ok(_) => "no state shown".into(),
+        Err(e) => format!("state unknown: {e}"),
+    };
+}
+
 /// Polls mysqld every `poll_interval` (or at once when poked) and publishes health.
 pub async fn poll_loop(shared: Arc<Shared>) {
     let mut conn: Option<(Conn, Dialect)> = None;
@@ -315,15 +344,14 @@ pub async fn poll_loop(shared: Arc<Shared>) {
         if let Some((c, dialect)) = conn.as_mut() {
             let result = health::observe(c, *dialect, timeout).await;
             metrics::histogram!("myha_agent_poll_seconds").record(started.elapsed().as_secs_f64());
-            let poll = match result {
-                Ok(o) => Ok(o),
-                Err(e) => {
-                    // The connection may be half-dead; start afresh next round.
-                    conn = None;
-                    Err(e.to_string())
-                }
-            };
-            let h = shared.health_from(&poll);
+            let poll = result.map_err(|e| e.to_string());
+            let mut h = shared.health_from(&poll);
+            if poll.is_ok() {
+                report_write_stall(&shared, c, &mut h, timeout).await;
+            } else {
+                // The connection may be half-dead; start afresh next round.
+                conn = None;
+            }
             record_metrics(&h);
             shared.publish(h);
         } else {
@@ -419,8 +447,12 @@ pub async fn heartbeat_loop(shared: Arc<Shared>) {
                 now_us(),
                 h.term
             );
-            // Generous bound: only to notice a connection that died under us.
-            mysql::exec(c, &sql, Duration::from_secs(3600)).await
+            // Generous bound: only to notice a connection that died under us. While it runs, the
+            // poll reports how long it has been pending (a write stall).
+            *lock(&shared.heartbeat_inflight) = Some((now_us(), c.id()));
+            let r = mysql::exec(c, &sql, Duration::from_secs(3600)).await;
+            *lock(&shared.heartbeat_inflight) = None;
+            r
         }
         .await;
         match result {

@@ -221,6 +221,18 @@ impl AgentConfig {
                 self.agent.primary_probe_timeout,
             ),
         ])?;
+        // Below the lossless threshold the orchestrator would report the primary as not
+        // lossless and the repair would set the same value again, forever.
+        if self.agent.semi_sync_timeout < topo::MIN_LOSSLESS_SEMI_SYNC_TIMEOUT {
+            return Err(invalid(
+                "agent.semi_sync_timeout",
+                format!(
+                    "{:?} is below the lossless minimum of {:?}: a primary waiting that long for an ack falls back to async and acknowledges commits no replica holds",
+                    self.agent.semi_sync_timeout,
+                    topo::MIN_LOSSLESS_SEMI_SYNC_TIMEOUT
+                ),
+            ));
+        }
         self.etcd.validate()?;
         self.log.validate()?;
         Ok(())

@@ -21,6 +21,7 @@
 //! ro_fallback = "primary"           # primary | refuse: when no replica qualifies
 //! buffer_window = "5s"              # new RW connections wait this long for a usable primary (0: refuse at once)
 //! max_buffered = 1000               # held connections beyond this are refused at once
+//! max_connections = 10000           # open connections through the gateway beyond this are refused at once
 //! connect_timeout = "1s"            # backend connect
 //! shutdown_grace = "10s"            # open connections may finish this long after SIGTERM
 //!
@@ -160,6 +161,10 @@ pub struct RoutingSection {
     /// Connections held at once (beyond: refused at once).
     #[serde(default = "default_max_buffered")]
     pub max_buffered: usize,
+    /// Connections open through the gateway at once, held or spliced (beyond: refused at once
+    /// with an error packet, before any backend is touched).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// Bound on connecting to a backend mysqld.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -173,6 +178,7 @@ pub const DEFAULT_MAX_REPLICA_LAG: Duration = Duration::from_secs(5);
 pub const DEFAULT_RO_HARD_LAG: Duration = Duration::from_secs(30);
 pub const DEFAULT_BUFFER_WINDOW: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BUFFERED: usize = 1000;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -191,6 +197,9 @@ fn default_buffer_window() -> Duration {
 fn default_max_buffered() -> usize {
     DEFAULT_MAX_BUFFERED
 }
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
@@ -208,6 +217,7 @@ impl Default for RoutingSection {
             ro_fallback: RoFallback::default(),
             buffer_window: default_buffer_window(),
             max_buffered: default_max_buffered(),
+            max_connections: default_max_connections(),
             connect_timeout: default_connect_timeout(),
             shutdown_grace: default_shutdown_grace(),
         }
@@ -252,6 +262,12 @@ impl GatewayConfig {
             ("routing.ro_hard_lag", r.ro_hard_lag),
             ("routing.connect_timeout", r.connect_timeout),
         ])?;
+        if r.max_connections == 0 {
+            return Err(invalid(
+                "routing.max_connections",
+                "must be at least 1 (0 would refuse every connection)",
+            ));
+        }
         if r.ro_hard_lag < r.max_replica_lag {
             return Err(invalid(
                 "routing.ro_hard_lag",

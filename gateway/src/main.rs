@@ -116,6 +116,7 @@ async fn run(
         },
         connect_timeout: r.connect_timeout,
         shutdown_grace: r.shutdown_grace,
+        max_connections: r.max_connections,
     };
     let specs = listener_specs(&cfg);
     let threads = cfg.gateway.proxy_threads;

@@ -84,7 +84,13 @@ pub struct Settings {
     pub proxy: ProxyPolicy,
     pub connect_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Connections open through the gateway at once (beyond: refused at accept).
+    pub max_connections: usize,
 }
+
+/// New connections that may wait for one proxy thread to take them (beyond: refused): a
+/// stalled thread must not queue an unbounded number of sockets.
+pub const HANDOFF_QUEUE: usize = 1024;
 
 /// A listener to open: one port of one shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,7 +374,7 @@ pub struct Gateway {
     /// Per proxy thread, its connections.
     load: Vec<AtomicUsize>,
     /// Per proxy thread, where thread 0 hands it new connections (set when the threads start).
-    handoff: std::sync::OnceLock<Vec<tokio::sync::mpsc::UnboundedSender<Incoming>>>,
+    handoff: std::sync::OnceLock<Vec<tokio::sync::mpsc::Sender<Incoming>>>,
     spin: AtomicU64,
     next_id: AtomicU64,
     stopping: watch::Sender<bool>,
@@ -459,7 +465,7 @@ impl Gateway {
     ) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
         let n = self.load.len();
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n)
-            .map(|_| tokio::sync::mpsc::unbounded_channel::<Incoming>())
+            .map(|_| tokio::sync::mpsc::channel::<Incoming>(HANDOFF_QUEUE))
             .unzip();
         if self.handoff.set(txs).is_err() {
             return Err(io::Error::other("the proxy threads are started already"));
@@ -794,7 +800,7 @@ async fn proxy_thread(
     gw: Arc<Gateway>,
     index: usize,
     listeners: Vec<(ListenerSpec, std::net::TcpListener)>,
-    mut incoming: tokio::sync::mpsc::UnboundedReceiver<Incoming>,
+    mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
 ) {
     for (l, std_listener) in listeners {
         let Some(shard) = gw.shards.get(&(l.keyspace.clone(), l.shard.clone())) else {
@@ -841,18 +847,32 @@ fn hand_off(
             return;
         }
     };
-    let sent = gw.handoff.get().and_then(|h| h.get(thread)).map(|tx| {
-        tx.send(Incoming {
-            shard,
-            port,
-            stream,
-            peer,
-            guard,
-        })
-    });
-    if !matches!(sent, Some(Ok(()))) {
-        // The thread is gone (shutting down): dropping the socket closes the connection.
+    let Some(tx) = gw.handoff.get().and_then(|h| h.get(thread)) else {
         debug!(%peer, thread, "proxy thread gone; connection dropped");
+        return;
+    };
+    match tx.try_send(Incoming {
+        shard,
+        port,
+        stream,
+        peer,
+        guard,
+    }) {
+        Ok(()) => {}
+        Err(tokio::sync::mpsc::error::TrySendError::Full(inc)) => {
+            // Refused here, on the accepting thread, with the reason.
+            if let Ok(mut client) = TcpStream::from_std(inc.stream) {
+                let r = Refusal::overloaded(&inc.shard.key.0, &inc.shard.key.1, HANDOFF_QUEUE);
+                tokio::spawn(async move {
+                    let _guard = inc.guard;
+                    refuse(&mut client, peer, port, &r).await;
+                });
+            }
+        }
+        // The thread is gone (shutting down): dropping the socket closes the connection.
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+            debug!(%peer, thread, "proxy thread gone; connection dropped");
+        }
     }
 }
 
@@ -863,7 +883,13 @@ async fn accept_loop(gw: Arc<Gateway>, shard: Arc<ShardConns>, port: Port, sock:
             biased;
             _ = stopped(&mut stopping) => break,
             r = sock.accept() => match r {
-                Ok((client, peer)) => {
+                Ok((mut client, peer)) => {
+                    let max = gw.settings.max_connections;
+                    if gw.active.load(Ordering::Acquire) >= max {
+                        let r = Refusal::max_connections(&shard.key.0, &shard.key.1, max);
+                        tokio::spawn(async move { refuse(&mut client, peer, port, &r).await });
+                        continue;
+                    }
                     let thread = gw.least_loaded_thread();
                     let guard = ActiveGuard::new(&gw, thread);
                     if thread == 0 {

@@ -279,12 +279,14 @@ fn rw(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> Result<Target,
             record_term: record.term,
         });
     }
-    let t = shard
-        .tablet(&alias)
-        .ok_or_else(|| RwUnavailable::NotRegistered {
-            alias: alias.clone(),
-        })?;
     let max = policy.health_stale_after;
+    let Some(t) = shard.tablet(&alias) else {
+        // P17: the agent is gone past its lease; its mysqld may serve on.
+        let why = RwUnavailable::NotRegistered {
+            alias: alias.clone(),
+        };
+        return vouched_primary(shard, &alias, None, record.term, now, max, why);
+    };
     let h = match freshness(t, now, max) {
         Freshness::Fresh(h) => h,
         Freshness::Stale(age) => {
@@ -293,14 +295,14 @@ fn rw(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> Result<Target,
                 age,
                 max,
             };
-            return vouched_primary(shard, t, record.term, now, max, why);
+            return vouched_primary(shard, &alias, Some(t), record.term, now, max, why);
         }
         Freshness::Missing(stream_error) => {
             let why = RwUnavailable::NoHealth {
                 alias: alias.clone(),
                 stream_error,
             };
-            return vouched_primary(shard, t, record.term, now, max, why);
+            return vouched_primary(shard, &alias, Some(t), record.term, now, max, why);
         }
     };
     if !h.mysql_reachable {
@@ -337,37 +339,50 @@ fn rw(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> Result<Target,
     })
 }
 
-/// The record's primary `t` has no fresh health of its own (`why`): its agent may have died
-/// while its mysqld serves on (P5: the orchestrator does not fail over then, and writes must
-/// go on). Replicas whose own health is fresh and whose direct probe of this primary's mysqld
-/// succeeds vouch for it: the target, marked degraded. A frozen or dead mysqld fails their
-/// probes, so new connections are held as before (a failover is coming). Whatever the
-/// primary's last health said, however old, still refuses: fenced, behind the record's term,
-/// read-only.
+/// The record's primary `alias` has no fresh health of its own (`why`): its agent may have
+/// died while its mysqld serves on (P5, and P17 once the agent's lease expired and `t`, its
+/// registration, is gone: the orchestrator does not fail over then, and writes must go on).
+/// Replicas whose own health is fresh and whose direct probe of this primary's mysqld succeeds
+/// vouch for it: the target, marked degraded; without a registration, at the address they
+/// probe (refused when they disagree on it). A frozen or dead mysqld fails their probes, so new
+/// connections are held as before (a failover is coming). Whatever the primary's last health
+/// said, however old, still refuses: fenced, behind the record's term, read-only.
 fn vouched_primary(
     shard: &ShardView,
-    t: &TabletView,
+    alias: &str,
+    t: Option<&TabletView>,
     record_term: u64,
     now: Instant,
     max: Duration,
     why: RwUnavailable,
 ) -> Result<Target, RwUnavailable> {
-    let alias = t.alias().to_string();
-    let vouchers: Vec<&str> = shard
+    let alias = alias.to_string();
+    let vouchers: Vec<(&str, &str)> = shard
         .replicas()
         .filter_map(|r| match freshness(r, now, max) {
             Freshness::Fresh(h) => h
                 .primary_probe
                 .as_ref()
                 .filter(|p| p.primary_alias == alias && p.reachable)
-                .map(|_| r.alias()),
+                .map(|p| (r.alias(), p.addr.as_str())),
             _ => None,
         })
         .collect();
     if vouchers.is_empty() {
         return Err(why);
     }
-    if let Some(last) = t.health() {
+    let names: Vec<&str> = vouchers.iter().map(|(a, _)| *a).collect();
+    let mysql_addr = match t {
+        Some(t) => t.mysql_addr(),
+        None => {
+            let addr = vouchers[0].1;
+            if addr.is_empty() || vouchers.iter().any(|(_, a)| *a != addr) {
+                return Err(why);
+            }
+            addr.to_string()
+        }
+    };
+    if let Some(last) = t.and_then(|t| t.health()) {
         if last.fenced {
             return Err(RwUnavailable::Fenced {
                 alias,
@@ -390,12 +405,12 @@ fn vouched_primary(
         }
     }
     Ok(Target {
-        mysql_addr: t.mysql_addr(),
-        lag_ms: None,
         degraded: Some(format!(
-            "{why}; its mysqld answers the probes of {}",
-            vouchers.join(", ")
+            "{why}; its mysqld at {mysql_addr} answers the probes of {}",
+            names.join(", ")
         )),
+        mysql_addr,
+        lag_ms: None,
         alias,
     })
 }
@@ -735,16 +750,22 @@ pub enum RefusalKind {
     ConnectFailed,
     /// The gateway is shutting down.
     ShuttingDown,
+    /// `max_connections` connections were open through the gateway already.
+    MaxConnections,
+    /// The proxy thread chosen for it had `HANDOFF_QUEUE` connections waiting already.
+    Overloaded,
 }
 
 impl RefusalKind {
-    pub const ALL: [RefusalKind; 6] = [
+    pub const ALL: [RefusalKind; 8] = [
         RefusalKind::NoPrimary,
         RefusalKind::NoReplica,
         RefusalKind::UnknownShard,
         RefusalKind::MaxBuffered,
         RefusalKind::ConnectFailed,
         RefusalKind::ShuttingDown,
+        RefusalKind::MaxConnections,
+        RefusalKind::Overloaded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -755,6 +776,8 @@ impl RefusalKind {
             RefusalKind::MaxBuffered => "max_buffered",
             RefusalKind::ConnectFailed => "connect_failed",
             RefusalKind::ShuttingDown => "shutting_down",
+            RefusalKind::MaxConnections => "max_connections",
+            RefusalKind::Overloaded => "overloaded",
         }
     }
 }
@@ -788,6 +811,26 @@ impl Refusal {
             format!(
                 "no {what} for {keyspace}/{shard}: cannot connect to {} ({}): {error}",
                 target.alias, target.mysql_addr
+            ),
+        )
+    }
+
+    /// The gateway's connection cap is reached.
+    pub fn max_connections(keyspace: &str, shard: &str, max: usize) -> Refusal {
+        Refusal::new(
+            RefusalKind::MaxConnections,
+            format!(
+                "{keyspace}/{shard}: too many connections through this gateway ({max}: routing.max_connections)"
+            ),
+        )
+    }
+
+    /// The proxy thread the connection would go to has too many waiting already.
+    pub fn overloaded(keyspace: &str, shard: &str, queued: usize) -> Refusal {
+        Refusal::new(
+            RefusalKind::Overloaded,
+            format!(
+                "{keyspace}/{shard}: the gateway is overloaded ({queued} new connections already wait for a proxy thread)"
             ),
         )
     }
@@ -1459,6 +1502,35 @@ mod tests {
             Arc::make_mut(t.last_health.as_mut().expect("health")).received_at = later;
         }
         f.route_at(Duration::from_secs(2))
+    }
+
+    #[test]
+    fn an_unregistered_primary_is_vouched_for_at_the_address_the_replicas_probe() {
+        // P17: the primary's agent is gone past its lease (no registration); replicas reach
+        // its mysqld.
+        let mut f = Fixture::healthy();
+        f.tablets.remove(0);
+        probe(&mut f, R1, true);
+        probe(&mut f, R2, true);
+        for r in [R1, R2] {
+            f.health_mut(r).primary_probe.as_mut().unwrap().addr = "10.9.9.9:3306".into();
+        }
+        let rw = f.route().rw.expect("rw at the probed address");
+        assert_eq!(
+            (rw.alias.as_str(), rw.mysql_addr.as_str()),
+            (P, "10.9.9.9:3306")
+        );
+        let why = rw.degraded.expect("marked degraded");
+        assert!(
+            why.contains("is not registered") && why.contains("zone1-102, zone1-103"),
+            "{why}"
+        );
+        // Replicas that disagree on where it is vouch for nothing.
+        f.health_mut(R2).primary_probe.as_mut().unwrap().addr = "10.9.9.8:3306".into();
+        assert_eq!(
+            f.route().rw,
+            Err(RwUnavailable::NotRegistered { alias: P.into() })
+        );
     }
 
     #[test]
@@ -2391,9 +2463,14 @@ mod tests {
                 "unknown_shard",
                 "max_buffered",
                 "connect_failed",
-                "shutting_down"
+                "shutting_down",
+                "max_connections",
+                "overloaded"
             ]
         );
+        assert!(Refusal::max_connections("ks", "0", 3)
+            .message
+            .contains("too many connections through this gateway (3: routing.max_connections)"));
         assert_eq!(fmt_duration(Duration::from_secs(5)), "5s");
         assert_eq!(fmt_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(RoPolicy::RoundRobin.as_str(), "round_robin");

@@ -47,6 +47,7 @@ pub struct GatewayConfig {
     pub ro_fallback: Option<String>,
     pub buffer_window: Option<Duration>,
     pub max_buffered: Option<usize>,
+    pub max_connections: Option<usize>,
     pub connect_timeout: Option<Duration>,
     pub shutdown_grace: Option<Duration>,
     pub proxy_threads: Option<usize>,
@@ -96,6 +97,9 @@ impl GatewayConfig {
         }
         if let Some(m) = self.max_buffered {
             t.push_str(&format!("max_buffered = {m}\n"));
+        }
+        if let Some(m) = self.max_connections {
+            t.push_str(&format!("max_connections = {m}\n"));
         }
         t.push_str(&format!(
             "\n[etcd]\nendpoints = [{}]\nprefix = {}\n\n[log]\nformat = \"human\"\nlevel = {}\n",
@@ -159,6 +163,7 @@ pub fn gateway_config(
         ro_fallback: None,
         buffer_window: None,
         max_buffered: None,
+        max_connections: None,
         connect_timeout: None,
         shutdown_grace: None,
         proxy_threads: None,
@@ -408,6 +413,7 @@ mod tests {
             ro_fallback: None,
             buffer_window: None,
             max_buffered: Some(3),
+            max_connections: Some(7),
             connect_timeout: None,
             shutdown_grace: None,
             proxy_threads: Some(3),
@@ -417,6 +423,7 @@ mod tests {
         assert!(t.contains("max_replica_lag = \"1500ms\""), "{t}");
         assert!(t.contains("ro_policy = \"round_robin\""), "{t}");
         assert!(t.contains("max_buffered = 3"), "{t}");
+        assert!(t.contains("max_connections = 7"), "{t}");
         assert!(
             t.starts_with("[gateway]\nadmin_listen = \"127.0.0.1:1\"\nproxy_threads = 3\nproxy_cpus = \"auto\"\n\n[routing]\n"),
             "{t}"

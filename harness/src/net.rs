@@ -95,7 +95,7 @@ impl LinkDrop {
     /// the replica then receives nothing, not even the reset when the primary dies).
     pub fn one_way(from: u16, to: u16) -> Result<LinkDrop> {
         Self::add(
-            vec![(from, to)],
+            vec![ports(Some(from), Some(to))],
             format!("127.0.0.1:{from} -> 127.0.0.1:{to}"),
         )
     }
@@ -103,39 +103,38 @@ impl LinkDrop {
     /// Both directions of the connection between local ports `a` and `b`.
     pub fn both_ways(a: u16, b: u16) -> Result<LinkDrop> {
         Self::add(
-            vec![(a, b), (b, a)],
+            vec![ports(Some(a), Some(b)), ports(Some(b), Some(a))],
             format!("127.0.0.1:{a} <-> 127.0.0.1:{b}"),
         )
     }
 
-    fn add(pairs: Vec<(u16, u16)>, what: String) -> Result<LinkDrop> {
+    /// Every packet to or from local port `port` (e.g. a mysqld's TCP port: every client and
+    /// replica loses it silently, while its unix socket still answers).
+    pub fn port(port: u16) -> Result<LinkDrop> {
+        Self::add(
+            vec![ports(None, Some(port)), ports(Some(port), None)],
+            format!("127.0.0.1:{port} (both directions, every peer)"),
+        )
+    }
+
+    fn add(matches: Vec<Vec<String>>, what: String) -> Result<LinkDrop> {
         remove_stale_rules()?;
         let tag = format!("{TAG}{}", std::process::id());
         let mut drop = LinkDrop {
             rules: Vec::new(),
             what,
         };
-        for (from, to) in pairs {
-            let rule: Vec<String> = [
-                "INPUT",
-                "-i",
-                "lo",
-                "-p",
-                "tcp",
-                "--sport",
-                &from.to_string(),
-                "--dport",
-                &to.to_string(),
-                "-m",
-                "comment",
-                "--comment",
-                &tag,
-                "-j",
-                "DROP",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        for m in matches {
+            let mut rule: Vec<String> = ["INPUT", "-i", "lo", "-p", "tcp"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            rule.extend(m);
+            rule.extend(
+                ["-m", "comment", "--comment", &tag, "-j", "DROP"]
+                    .iter()
+                    .map(|s| s.to_string()),
+            );
             let mut args = vec!["-I".to_string()];
             args.extend(rule.iter().cloned());
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -176,6 +175,18 @@ impl Drop for LinkDrop {
             eprintln!("harness: could not heal {}: {e}", self.what);
         }
     }
+}
+
+/// `--sport`/`--dport` matches.
+fn ports(sport: Option<u16>, dport: Option<u16>) -> Vec<String> {
+    let mut m = Vec::new();
+    if let Some(p) = sport {
+        m.extend(["--sport".to_string(), p.to_string()]);
+    }
+    if let Some(p) = dport {
+        m.extend(["--dport".to_string(), p.to_string()]);
+    }
+    m
 }
 
 /// The socket inodes process `pid` holds open.

@@ -26,6 +26,16 @@ pub enum ProblemCode {
     DeadPrimaryAndAllReplicas,
     /// The orchestrator cannot see the primary but replicas reach it (P5, P6): no failover.
     UnreachablePrimary,
+    /// The primary's own agent reaches it, but every replica has lost it: their probes of its
+    /// mysqld fail and none has received its heartbeat for `isolated_primary_after` (P20). The
+    /// co-located agent is no independent observer of network reachability, and under semi_sync
+    /// a primary no replica reaches cannot commit anyway: failed over like a dead primary; its
+    /// agent, which still reaches etcd, fences it on the new term.
+    IsolatedPrimary,
+    /// The primary answers pings and reads but its writes have not completed (the agent's
+    /// heartbeat write pending) for `writes_stalled_after`: a global read lock, semi-sync
+    /// waiting for acks, a stalled disk. Reported with what blocks; no automatic failover.
+    PrimaryWritesStalled,
     /// The shard record names no primary (R8).
     NoPrimary,
     PrimaryReadOnly,
@@ -67,6 +77,8 @@ impl ProblemCode {
             ProblemCode::DeadPrimaryAndSomeReplicas => "dead_primary_and_some_replicas",
             ProblemCode::DeadPrimaryAndAllReplicas => "dead_primary_and_all_replicas",
             ProblemCode::UnreachablePrimary => "unreachable_primary",
+            ProblemCode::IsolatedPrimary => "isolated_primary",
+            ProblemCode::PrimaryWritesStalled => "primary_writes_stalled",
             ProblemCode::NoPrimary => "no_primary",
             ProblemCode::PrimaryReadOnly => "primary_read_only",
             ProblemCode::PrimaryReplicating => "primary_replicating",
@@ -91,6 +103,7 @@ impl ProblemCode {
         !matches!(
             self,
             ProblemCode::UnreachablePrimary
+                | ProblemCode::PrimaryWritesStalled
                 | ProblemCode::DeadPrimaryAndAllReplicas
                 | ProblemCode::ErrantGtid
                 | ProblemCode::ReplicaMysqlUnreachable
@@ -152,6 +165,10 @@ pub struct AnalysisConfig {
     pub probe_stale_after: Duration,
     /// A primary semi-sync timeout below this could fall back to async: not lossless.
     pub min_semi_sync_timeout: Duration,
+    /// See [`ProblemCode::IsolatedPrimary`].
+    pub isolated_primary_after: Duration,
+    /// See [`ProblemCode::PrimaryWritesStalled`].
+    pub writes_stalled_after: Duration,
 }
 
 impl Default for AnalysisConfig {
@@ -159,7 +176,9 @@ impl Default for AnalysisConfig {
         AnalysisConfig {
             health_stale_after: Duration::from_millis(1500),
             probe_stale_after: Duration::from_millis(1500),
-            min_semi_sync_timeout: Duration::from_secs(24 * 3600),
+            min_semi_sync_timeout: topo::MIN_LOSSLESS_SEMI_SYNC_TIMEOUT,
+            isolated_primary_after: Duration::from_secs(1),
+            writes_stalled_after: Duration::from_secs(2),
         }
     }
 }
@@ -372,6 +391,11 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         return out;
     };
 
+    if let Some(p) = primary_isolated(input, cfg, &primary_alias, ph, &replicas) {
+        out.push(p);
+        return out;
+    }
+
     // The primary is seen: check it and every replica against it.
     let p_addr = primary.map(|p| p.mysql_addr()).unwrap_or_default();
     let pm = ph.mysql.clone().unwrap_or_default();
@@ -380,6 +404,28 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
             ProblemCode::PrimaryReadOnly,
             Some(&primary_alias),
             "the primary is read-only",
+        ));
+    } else if Duration::from_millis(ph.write_stalled_ms) >= cfg.writes_stalled_after {
+        let semi_clients = ph
+            .semi_sync
+            .as_ref()
+            .map(|s| (s.primary_enabled, s.primary_clients));
+        out.push(Problem::new(
+            ProblemCode::PrimaryWritesStalled,
+            Some(&primary_alias),
+            format!(
+                "the primary answers but its writes have not completed for {} ms (the heartbeat write waits: {}){}",
+                ph.write_stalled_ms,
+                if ph.write_blocked_by.is_empty() {
+                    "state not read yet"
+                } else {
+                    ph.write_blocked_by.as_str()
+                },
+                match semi_clients {
+                    Some((true, 0)) => "; semi-sync is on and no replica is connected to acknowledge",
+                    _ => "",
+                }
+            ),
         ));
     }
     if ph.replication.as_ref().is_some_and(|r| r.configured) {
@@ -552,6 +598,72 @@ fn thread_word(s: i32) -> &'static str {
     } else {
         "stopped"
     }
+}
+
+/// The primary is seen by its own agent: is it cut off from every replica? Each reachable
+/// replica (not quarantined) must have a fresh probe of it failing and no heartbeat from it for
+/// `isolated_primary_after` (its lag that long, or its IO thread not running). Under durability
+/// `none`, where nothing else stops the old primary's writes, only while its agent reaches etcd
+/// (it then fences it on the new term); otherwise reported as unreachable, no failover.
+fn primary_isolated(
+    input: &ShardInput,
+    cfg: &AnalysisConfig,
+    primary_alias: &str,
+    ph: &pb::Health,
+    replicas: &[&TabletInput],
+) -> Option<Problem> {
+    let reachable: Vec<&TabletInput> = replicas
+        .iter()
+        .copied()
+        .filter(|r| !input.quarantined.contains_key(r.alias()))
+        .filter(|r| r.mysql_seen(cfg).is_some())
+        .collect();
+    if reachable.is_empty() {
+        return None;
+    }
+    let bound_ms = cfg.isolated_primary_after.as_millis() as u64;
+    let mut lost = Vec::new();
+    for r in &reachable {
+        let h = r.health.as_ref()?;
+        let probe = h
+            .primary_probe
+            .as_ref()
+            .filter(|p| p.primary_alias == primary_alias)
+            .filter(|p| {
+                input.now_ms.saturating_sub(p.probed_at_ms)
+                    <= cfg.probe_stale_after.as_millis() as u64
+            })
+            .filter(|p| !p.reachable)?;
+        let io_running = h
+            .replication
+            .as_ref()
+            .is_some_and(|rep| rep.configured && running(rep.io_state));
+        let stream = match h.lag_ms {
+            Some(lag) if lag >= bound_ms => format!("no heartbeat for {lag} ms"),
+            _ if !io_running => "IO thread not running".to_string(),
+            _ => return None,
+        };
+        lost.push(format!("{} ({}; {stream})", r.alias(), probe.error));
+    }
+    if input.durability == Durability::None && !ph.etcd_connected {
+        return Some(Problem::new(
+            ProblemCode::UnreachablePrimary,
+            Some(primary_alias),
+            format!(
+                "every replica has lost primary {primary_alias} ({}), but under durability none its agent must reach etcd to fence it, and it does not: no failover",
+                lost.join(", ")
+            ),
+        ));
+    }
+    Some(Problem::new(
+        ProblemCode::IsolatedPrimary,
+        Some(primary_alias),
+        format!(
+            "primary {primary_alias} isolated: its agent still reaches it, but every replica has lost it for over {:?}: {}",
+            cfg.isolated_primary_after,
+            lost.join(", ")
+        ),
+    ))
 }
 
 /// The primary is not seen by the orchestrator: dead only if every reachable replica confirms.

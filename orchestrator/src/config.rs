@@ -7,6 +7,8 @@
 //! health_stale_after = "1500ms"     # a tablet's health older than this is not fresh (agents push >= every 500ms)
 //! api_token = "..."                 # optional: POST /api/v1/... then needs `Authorization: Bearer <token>`
 //! probe_stale_after = "1500ms"      # a replica's probe of the primary older than this confirms nothing
+//! isolated_primary_after = "1s"     # every replica lost the primary (probe failing, no heartbeat for this long): fail over
+//! writes_stalled_after = "2s"       # a primary whose heartbeat write is pending this long is reported (primary_writes_stalled)
 //!
 //! [recovery]
 //! enabled = true                    # false: analyse and report only, never act
@@ -20,6 +22,9 @@
 //! planned_wait_timeout = "5s"       # operator reparents: default bound on the candidate reaching the demoted primary's position
 //! planned_lock_timeout = "10s"      # operator reparents: default wait for a held shard lock (0s: do not wait; at most 1h)
 //! planned_max_lag = "5s"            # planned reparent: default bound on the candidate's lag (more: refused up front)
+//! audit_keep = 10000                # per shard: the audit log keeps the newest this many entries ...
+//! audit_max_age = "30d"             # ... and none older than this
+//! audit_prune_interval = "1m"       # how often each shard's audit log is pruned
 //!
 //! [etcd]
 //! endpoints = ["http://127.0.0.1:2379"]
@@ -40,7 +45,7 @@ use daemon::{EtcdSection, LogSection};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::AnalysisConfig;
-use crate::recovery::RecoveryConfig;
+use crate::recovery::{AuditRetention, RecoveryConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +75,21 @@ pub struct OrchestratorSection {
     /// A replica's probe of the primary older than this does not confirm a dead primary.
     #[serde(default = "default_probe_stale_after", with = "humantime_serde")]
     pub probe_stale_after: Duration,
+    /// A primary its own agent still reaches, but that every replica has lost (their probes of
+    /// its mysqld fail and none has received its heartbeat for this long), is failed over (P20).
+    #[serde(default = "default_isolated_primary_after", with = "humantime_serde")]
+    pub isolated_primary_after: Duration,
+    /// A primary whose writes (its agent's heartbeat write) have been pending this long is
+    /// reported as `primary_writes_stalled`, with what blocks them.
+    #[serde(default = "default_writes_stalled_after", with = "humantime_serde")]
+    pub writes_stalled_after: Duration,
+}
+
+fn default_isolated_primary_after() -> Duration {
+    AnalysisConfig::default().isolated_primary_after
+}
+fn default_writes_stalled_after() -> Duration {
+    AnalysisConfig::default().writes_stalled_after
 }
 
 /// `[recovery]`: what the orchestrator may do and how long each step may take.
@@ -111,6 +131,25 @@ pub struct RecoverySection {
     /// Planned reparents: default `max_lag` of the candidate.
     #[serde(default = "default_planned_max_lag", with = "humantime_serde")]
     pub planned_max_lag: Duration,
+    /// Per shard, the audit log keeps its newest `audit_keep` entries ...
+    #[serde(default = "default_audit_keep")]
+    pub audit_keep: usize,
+    /// ... none older than this ...
+    #[serde(default = "default_audit_max_age", with = "humantime_serde")]
+    pub audit_max_age: Duration,
+    /// ... pruned at most this often per shard.
+    #[serde(default = "default_audit_prune_interval", with = "humantime_serde")]
+    pub audit_prune_interval: Duration,
+}
+
+fn default_audit_keep() -> usize {
+    AuditRetention::default().keep
+}
+fn default_audit_max_age() -> Duration {
+    AuditRetention::default().max_age
+}
+fn default_audit_prune_interval() -> Duration {
+    AuditRetention::default().prune_interval
 }
 
 fn default_true() -> bool {
@@ -164,6 +203,9 @@ impl Default for RecoverySection {
             planned_wait_timeout: default_planned_wait_timeout(),
             planned_lock_timeout: default_planned_lock_timeout(),
             planned_max_lag: default_planned_max_lag(),
+            audit_keep: default_audit_keep(),
+            audit_max_age: default_audit_max_age(),
+            audit_prune_interval: default_audit_prune_interval(),
         }
     }
 }
@@ -189,6 +231,8 @@ impl Default for OrchestratorSection {
             health_stale_after: default_health_stale_after(),
             api_token: None,
             probe_stale_after: default_probe_stale_after(),
+            isolated_primary_after: default_isolated_primary_after(),
+            writes_stalled_after: default_writes_stalled_after(),
         }
     }
 }
@@ -224,6 +268,14 @@ impl OrchestratorConfig {
                 "orchestrator.probe_stale_after",
                 self.orchestrator.probe_stale_after,
             ),
+            (
+                "orchestrator.isolated_primary_after",
+                self.orchestrator.isolated_primary_after,
+            ),
+            (
+                "orchestrator.writes_stalled_after",
+                self.orchestrator.writes_stalled_after,
+            ),
             ("recovery.lock_wait", r.lock_wait),
             ("recovery.action_timeout", r.action_timeout),
             ("recovery.relay_log_wait", r.relay_log_wait),
@@ -231,7 +283,14 @@ impl OrchestratorConfig {
             ("recovery.flap_window", r.flap_window),
             ("recovery.planned_wait_timeout", r.planned_wait_timeout),
             ("recovery.planned_max_lag", r.planned_max_lag),
+            ("recovery.audit_max_age", r.audit_max_age),
         ])?;
+        if r.audit_keep == 0 {
+            return Err(daemon::invalid(
+                "recovery.audit_keep",
+                "must be at least 1 (the audit log explains every decision)",
+            ));
+        }
         if r.planned_lock_timeout > MAX_LOCK_TIMEOUT {
             return Err(daemon::invalid(
                 "recovery.planned_lock_timeout",
@@ -267,6 +326,8 @@ impl OrchestratorConfig {
         AnalysisConfig {
             health_stale_after: self.orchestrator.health_stale_after,
             probe_stale_after: self.orchestrator.probe_stale_after,
+            isolated_primary_after: self.orchestrator.isolated_primary_after,
+            writes_stalled_after: self.orchestrator.writes_stalled_after,
             ..AnalysisConfig::default()
         }
     }
@@ -287,6 +348,11 @@ impl OrchestratorConfig {
             planned_lock_timeout: r.planned_lock_timeout,
             planned_max_lag: r.planned_max_lag,
             analysis: self.analysis(),
+            audit: AuditRetention {
+                keep: r.audit_keep,
+                max_age: r.audit_max_age,
+                prune_interval: r.audit_prune_interval,
+            },
             ..RecoveryConfig::default()
         }
     }

@@ -214,7 +214,7 @@ pub fn urgency(code: ProblemCode) -> Option<u8> {
     use ProblemCode as P;
     Some(match code {
         P::DeadPrimary => 0,
-        P::DeadPrimaryAndSomeReplicas => 1,
+        P::DeadPrimaryAndSomeReplicas | P::IsolatedPrimary => 1,
         // A stale mark (after `Gate::mark_grace`) hides every fix below: clear it first.
         P::ReparentInProgress => 2,
         P::NoPrimary => 2,
@@ -232,6 +232,7 @@ pub fn urgency(code: ProblemCode) -> Option<u8> {
         P::PrimarySemiSyncMustBeSet => 12,
         P::DeadPrimaryAndAllReplicas
         | P::UnreachablePrimary
+        | P::PrimaryWritesStalled
         | P::ErrantGtid
         | P::ReplicaMysqlUnreachable
         | P::ReplicaAgentUnreachable
@@ -264,6 +265,7 @@ pub fn episode_key(p: &Problem) -> String {
         | P::DeadPrimaryAndSomeReplicas
         | P::DeadPrimaryAndAllReplicas
         | P::UnreachablePrimary => "primary_unseen",
+        P::IsolatedPrimary => "primary_isolated",
         c => c.as_str(),
     };
     format!("{root}:{}", p.tablet.as_deref().unwrap_or(""))

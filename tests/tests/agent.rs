@@ -745,6 +745,11 @@ endpoints = ["http://127.0.0.1:2379"]
             false,
             "maybe",
         ),
+        (
+            format!("{good}[agent]\nsemi_sync_timeout = \"10s\"\n"),
+            false,
+            "agent.semi_sync_timeout",
+        ),
     ];
     for (text, ok, needle) in cases {
         let path = dir.path().join("agent.toml");
@@ -985,12 +990,15 @@ async fn an_unreadable_term_state_stops_the_agent_from_starting() {
     // A torn write, as an unsynced file can be after a crash.
     std::fs::write(&state, b"{\"known_term\":7,\"promo").expect("write the state file");
     let err = a.start().await.expect_err("the agent must refuse to start");
-    let text = err.to_string();
-    println!("{text}");
-    assert!(
-        text.contains("agent-state.json") && text.contains("refusing to start"),
-        "{text}"
-    );
+    // The whole log: with RUST_BACKTRACE set, a backtrace follows the message and the error's
+    // tail may show only that.
+    let log = std::fs::read_to_string(c.tablet(1).dir().join("agent.log")).expect("agent log");
+    let line = log
+        .lines()
+        .find(|l| l.contains("refusing to start"))
+        .unwrap_or_else(|| panic!("no refusal in the agent's log ({err}):\n{log}"));
+    println!("{line}");
+    assert!(line.contains("agent-state.json"), "{line}");
     std::fs::remove_file(&state).expect("remove the state file");
     a.start()
         .await

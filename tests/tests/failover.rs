@@ -829,3 +829,39 @@ async fn p15_no_reparent_without_etcd_then_recovery_when_it_returns() {
     assert_eq!(rec.term, before.term + 1, "exactly one new term: {rec:?}");
     w.verify(&c).await;
 }
+
+// ---- write-path trouble: the primary answers, its writes block --------------------------
+
+/// A primary that answers pings and reads while every write blocks (a global read lock held;
+/// a stalled disk looks the same) is reported with what blocks the writes, and not failed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_writes_block_is_reported_with_the_reason_not_failed_over() {
+    use mysql_async::prelude::Queryable;
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let primary = alias_of(&c, 0);
+    let before = record(&c).await;
+    let mut lock = c.tablet(0).root_conn().await.expect("root conn");
+    lock.query_drop("FLUSH TABLES WITH READ LOCK")
+        .await
+        .expect("FLUSH TABLES WITH READ LOCK");
+    let locked = Instant::now();
+    let (detail, _) = wait_problem(o, &c, "primary_writes_stalled", Some(&primary), BOUND).await;
+    println!(
+        "reported {:.2} s after the lock: {detail}",
+        locked.elapsed().as_secs_f64()
+    );
+    // MariaDB 10.4+ implements the global read lock with backup locks.
+    assert!(
+        detail.contains("Waiting for backup lock")
+            || detail.contains("Waiting for global read lock"),
+        "the report does not say what blocks: {detail}"
+    );
+    assert_record_stays(&c, &before, Duration::from_secs(3)).await;
+    lock.query_drop("UNLOCK TABLES")
+        .await
+        .expect("UNLOCK TABLES");
+    wait_quiet(o, &c, BOUND).await;
+}

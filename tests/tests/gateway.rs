@@ -1047,3 +1047,136 @@ async fn p5_a_dead_primary_agent_does_not_stop_new_writes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// P17 through the gateway: only the primary's agent dies, and stays dead past its etcd lease
+/// (the harness's default lease), so its registration is gone. The gateway keeps routing new RW
+/// connections to the primary's mysqld at the address the replicas probe (degraded, with the
+/// reason), with no failover; when that mysqld then dies too, the replicas alone confirm it and
+/// the shard fails over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p17_a_primary_agent_dead_past_its_lease_does_not_stop_new_writes() {
+    let _serial = SERIAL.lock().await;
+    let c = ha::start(ClusterOptions {
+        lease_ttl: ClusterOptions::default().lease_ttl,
+        ..cluster_options()
+    })
+    .await;
+    let g = c.gateway().expect("gateway");
+    let p0 = c.tablet(0);
+    gw::wait_routes(
+        &c,
+        g,
+        p0.alias(),
+        &[c.tablet(1).alias(), c.tablet(2).alias()],
+        BOUND,
+    )
+    .await;
+    p0.agent_proc()
+        .expect("agent")
+        .kill()
+        .expect("kill the primary's agent");
+    let killed = Instant::now();
+    while c
+        .topo()
+        .get_tablet(p0.alias())
+        .await
+        .expect("etcd")
+        .is_some()
+    {
+        assert!(killed.elapsed() < BOUND, "the registration never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expired = killed.elapsed();
+    // Well past the lease (and the gateway's 5 s buffer window): writes still go through.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = g.shard_routing(c.keyspace(), c.shard()).await.unwrap();
+    let degraded = s["rw"]["degraded"].as_str().unwrap_or_default().to_string();
+    assert!(
+        s["rw"]["alias"] == p0.alias() && degraded.contains("is not registered"),
+        "{s}"
+    );
+    let mut conn = connect(&c, gw_rw(g)).await.expect("a new RW connection");
+    assert_eq!(whoami(&mut conn).await.unwrap(), (p0.uid(), false));
+    conn.query_drop("CREATE TABLE IF NOT EXISTS p17 (id INT PRIMARY KEY)")
+        .await
+        .expect("write through the gateway with the primary's agent gone");
+    conn.query_drop("REPLACE INTO p17 VALUES (1)")
+        .await
+        .unwrap();
+    let _ = conn.disconnect().await;
+    assert_eq!(ha::record(&c).await.term, 1, "no failover");
+    println!(
+        "P17: registration gone {:.2} s after the agent died; {:.2} s after: {degraded}",
+        expired.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
+
+    // The agentless primary's mysqld dies too: the replicas alone confirm it.
+    p0.mysqld().kill().expect("kill the primary's mysqld");
+    let died = Instant::now();
+    let (rec, _) = ha::wait_new_primary(&c, p0.alias(), 1, BOUND).await;
+    let new = c
+        .tablet_by_alias(rec.primary.as_deref().unwrap_or_default())
+        .expect("a tablet");
+    println!(
+        "P17: new primary {} at term {} {:.3} s after the agentless primary's mysqld died",
+        new.alias(),
+        rec.term,
+        died.elapsed().as_secs_f64()
+    );
+    let mut conn = connect(&c, gw_rw(g)).await.expect("a new RW connection");
+    assert_eq!(whoami(&mut conn).await.unwrap(), (new.uid(), false));
+    conn.query_drop("REPLACE INTO p17 VALUES (2)")
+        .await
+        .expect("write on the new primary");
+}
+
+/// The gateway's connection cap: with `max_connections = 3`, a fourth connection is refused at
+/// once with an error that names the key; once one closes, a new one is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_are_refused_with_the_reason() {
+    let _serial = SERIAL.lock().await;
+    let c = ha::start(ClusterOptions {
+        gateway_config: Some(Arc::new(|g: &mut GatewayConfig| {
+            g.max_connections = Some(3);
+        })),
+        ..cluster_options()
+    })
+    .await;
+    let g = c.gateway().expect("gateway");
+    gw::wait_routes(
+        &c,
+        g,
+        c.tablet(0).alias(),
+        &[c.tablet(1).alias(), c.tablet(2).alias()],
+        BOUND,
+    )
+    .await;
+    let mut open = Vec::new();
+    for addr in [gw_rw(g), gw_ro(g), gw_ro(g)] {
+        let mut conn = connect(&c, addr).await.expect("under the cap");
+        conn.query_drop("SELECT 1").await.expect("query");
+        open.push(conn);
+    }
+    let (code, message) = refused(&c, gw_rw(g)).await;
+    println!("the fourth connection: {code} {message}");
+    assert!(
+        message.contains("too many connections through this gateway (3: routing.max_connections)"),
+        "{message}"
+    );
+    let _ = open.pop().expect("one").disconnect().await;
+    let start = Instant::now();
+    loop {
+        match connect(&c, gw_rw(g)).await {
+            Ok(mut conn) => {
+                conn.query_drop("SELECT 1").await.expect("query");
+                break;
+            }
+            Err(e) => assert!(
+                start.elapsed() < BOUND,
+                "no connection after one closed: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -311,3 +311,41 @@ async fn x1_a_corrupt_tablet_record_does_not_stop_a_failover() {
     );
     w.verify(&c).await;
 }
+
+/// Point 9 of the safety work: the audit log is pruned (here to 5 entries per shard, after
+/// every entry) instead of growing until etcd's space quota stops every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_is_pruned_to_its_configured_size() {
+    let _serial = SERIAL.lock().await;
+    let mut opts = ha_options(3);
+    opts.orchestrator_config = Some(std::sync::Arc::new(
+        |cfg: &mut harness::OrchestratorConfig| {
+            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
+            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
+            cfg.recovery.audit_keep = 5;
+            cfg.recovery.audit_prune_interval = Duration::ZERO;
+        },
+    ));
+    let c = start(opts).await;
+    wait_quiet(orch(&c), &c, BOUND).await;
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    c.tablet(0).mysqld().kill().expect("kill the primary");
+    w.mark_fault();
+    // A failover writes well over 5 entries (each step, the summary).
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    let n = wait_ok(&c, "the audit log pruned to 5 entries", BOUND, || async {
+        let a = audit(&c).await;
+        if a.len() <= 5 && a.iter().any(|e| e.term == rec.term) {
+            Ok(())
+        } else {
+            Err(format!("{} entries:\n{}", a.len(), audit_text(&a)))
+        }
+    })
+    .await;
+    println!(
+        "audit log at most 5 entries {:.3} s after the failover",
+        n.as_secs_f64()
+    );
+    w.verify(&c).await;
+}

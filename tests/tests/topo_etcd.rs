@@ -765,6 +765,41 @@ async fn typed_watches_follow_shard_and_tablets() {
         wait_until(&mut shards2, SECS(10), |m| m.len() == 2).await,
         "both shards seen"
     );
+
+    // A corrupt write keeps the last readable record in the view (a shard must not drop out of
+    // routing). Ordered behind it, a change to the other shard shows the garbage was seen.
+    let key = t.keys().shard("commerce", "0");
+    t.client()
+        .kv_client()
+        .put(key.as_str(), "{garbage", None)
+        .await
+        .unwrap();
+    let other = ShardRecord {
+        term: 7,
+        ..t.get_shard("commerce", "0-80").await.unwrap().unwrap().0
+    };
+    t.client()
+        .kv_client()
+        .put(
+            t.keys().shard("commerce", "0-80"),
+            serde_json::to_vec(&other).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_until(&mut shards2, SECS(10), |m| m
+            .get("0-80")
+            .is_some_and(|s| s.term == 7))
+        .await,
+        "the later write seen"
+    );
+    let kept = shards2.borrow().get("0").cloned();
+    assert_eq!(
+        kept.map(|s| (s.term, s.primary)),
+        Some((1, Some("zone1-101".to_string()))),
+        "the corrupt record dropped the shard"
+    );
 }
 
 // ---- bootstrap, CRUD, audit ----------------------------------------------------------
@@ -905,6 +940,26 @@ async fn bootstrap_primary_sets_term_one_once() {
         .collect();
     assert_eq!(left, ["step4", "step3"]);
     assert_eq!(t.prune_audit("commerce", "0", 5).await.unwrap(), 0);
+    // By age: everything written before 1002 ms goes, other shards stay.
+    assert_eq!(
+        t.prune_audit_before("commerce", "0", 1002).await.unwrap(),
+        1
+    );
+    let left: Vec<String> = t
+        .list_audit("commerce", Some("0"), 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(left, ["step4"]);
+    assert_eq!(
+        t.list_audit("commerce", Some("80-"), 0)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

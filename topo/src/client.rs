@@ -643,6 +643,30 @@ impl Topo {
         Ok(usize::try_from(resp.deleted()).unwrap_or_default())
     }
 
+    /// Deletes the audit entries of a shard written before `cutoff_ms` (keys sort by time).
+    /// Returns how many were deleted.
+    pub async fn prune_audit_before(
+        &self,
+        keyspace: &str,
+        shard: &str,
+        cutoff_ms: u64,
+    ) -> Result<usize> {
+        let prefix = self.keys.audit_prefix(keyspace, shard);
+        let end = format!("{prefix}{cutoff_ms:020}");
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .call(
+                "delete range",
+                &prefix,
+                kv.delete(
+                    prefix.as_str(),
+                    Some(DeleteOptions::new().with_range(end.as_str())),
+                ),
+            )
+            .await?;
+        Ok(usize::try_from(resp.deleted()).unwrap_or_default())
+    }
+
     /// Ops of a transaction's responses that were range reads, flattened.
     pub(crate) fn txn_kvs(resp: &etcd_client::TxnResponse) -> Vec<KeyValue> {
         resp.op_responses()

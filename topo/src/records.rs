@@ -13,6 +13,13 @@ pub struct CellRecord {
     pub name: String,
 }
 
+/// The smallest `rpl_semi_sync_master_timeout` that counts as lossless: below it a primary
+/// that waits that long for an ack falls back to async and acknowledges commits no replica
+/// holds. The agents refuse a `semi_sync_timeout` below it at start; the orchestrator reports
+/// a primary configured below it.
+pub const MIN_LOSSLESS_SEMI_SYNC_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
 /// How a keyspace's primaries acknowledge commits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

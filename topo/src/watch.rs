@@ -103,35 +103,39 @@ impl Topo {
         })
     }
 
-    /// The shards of a keyspace, by shard name (undecodable records are logged and skipped).
+    /// The shards of a keyspace, by shard name (an undecodable record is logged; it keeps its
+    /// last readable value, or is skipped when it never had one).
     pub fn watch_shards(
         &self,
         keyspace: &str,
     ) -> watch::Receiver<Arc<BTreeMap<String, ShardRecord>>> {
         let keys = self.keys().clone();
         let pw = self.watch_prefix(&keys.shards_prefix(keyspace));
-        map_watch(pw, Arc::default(), move |map, _| {
+        map_watch(pw, Arc::default(), move |map, prev| {
             Arc::new(
                 map.iter()
                     .filter_map(|(k, v)| {
                         let (_, shard) = keys.parse_shard_key(k)?;
-                        decode_logged::<ShardRecord>(k, v).map(|r| (shard.to_string(), r))
+                        decode_or_keep::<ShardRecord>(k, v, shard, prev)
+                            .map(|r| (shard.to_string(), r))
                     })
                     .collect(),
             )
         })
     }
 
-    /// Registered tablets by alias (undecodable records are logged and skipped).
+    /// Registered tablets by alias (an undecodable record is logged; it keeps its last readable
+    /// value, or is skipped when it never had one).
     pub fn watch_tablets(&self) -> watch::Receiver<Arc<BTreeMap<String, TabletRecord>>> {
         let keys = self.keys().clone();
         let pw = self.watch_prefix(&keys.tablets_prefix());
-        map_watch(pw, Arc::default(), move |map, _| {
+        map_watch(pw, Arc::default(), move |map, prev| {
             Arc::new(
                 map.iter()
                     .filter_map(|(k, v)| {
                         let alias = keys.parse_tablet_key(k)?;
-                        decode_logged::<TabletRecord>(k, v).map(|r| (alias.to_string(), r))
+                        decode_or_keep::<TabletRecord>(k, v, alias, prev)
+                            .map(|r| (alias.to_string(), r))
                     })
                     .collect(),
             )
@@ -150,12 +154,13 @@ impl Topo {
         let keys = self.keys().clone();
         let pw = self.watch_prefix(&keys.quarantine_prefix());
         let synced = pw.synced();
-        let rx = map_watch(pw, Arc::default(), move |map, _| {
+        let rx = map_watch(pw, Arc::default(), move |map, prev| {
             Arc::new(
                 map.iter()
                     .filter_map(|(k, v)| {
                         let alias = keys.parse_quarantine_key(k)?;
-                        decode_logged::<QuarantineRecord>(k, v).map(|r| (alias.to_string(), r))
+                        decode_or_keep::<QuarantineRecord>(k, v, alias, prev)
+                            .map(|r| (alias.to_string(), r))
                     })
                     .collect(),
             )
@@ -164,12 +169,24 @@ impl Topo {
     }
 }
 
-fn decode_logged<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
+/// Decodes a watched record. One that cannot be decoded is logged, and keeps its last readable
+/// value (from `prev`, by `id`): one corrupt write must not drop a shard from routing or a tablet out
+/// of the view (a missing record would read as "no primary" or "not registered").
+fn decode_or_keep<T: serde::de::DeserializeOwned + Clone>(
+    key: &str,
+    value: &[u8],
+    id: &str,
+    prev: &BTreeMap<String, T>,
+) -> Option<T> {
     match serde_json::from_slice(value) {
         Ok(v) => Some(v),
         Err(e) => {
-            tracing::warn!(key, error = %e, "undecodable record");
-            None
+            let kept = prev.get(id).cloned();
+            tracing::warn!(
+                key, error = %e, kept_last_readable = kept.is_some(),
+                "undecodable record"
+            );
+            kept
         }
     }
 }

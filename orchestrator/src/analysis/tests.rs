@@ -177,6 +177,98 @@ fn a_stale_probe_does_not_confirm() {
     assert_eq!(codes(&s)[0].0, ProblemCode::UnreachablePrimary);
 }
 
+/// P20: the primary's agent reaches it (it is seen), each replica's probe fails; `lag_ms` per
+/// replica (`None`: unknown).
+fn cut_off(lags: [Option<u64>; 2]) -> ShardInput {
+    let mut s = healthy();
+    s.tablets[0].health.as_mut().unwrap().etcd_connected = true;
+    for (i, lag) in [1, 2].into_iter().zip(lags) {
+        let alias = format!("z-{}", i + 1);
+        let mut h = replica_health(&alias, "z-1", "0-1-9", Some(false));
+        h.lag_ms = lag;
+        s.tablets[i] = tablet(&alias, Some(h));
+    }
+    s
+}
+
+#[test]
+fn a_primary_every_replica_has_lost_is_isolated() {
+    let p = analyze(
+        &cut_off([Some(1500), Some(1200)]),
+        &AnalysisConfig::default(),
+    );
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].code, ProblemCode::IsolatedPrimary);
+    assert!(p[0].code.actionable());
+    assert!(
+        p[0].detail.contains("z-2") && p[0].detail.contains("no heartbeat for 1500 ms"),
+        "{}",
+        p[0].detail
+    );
+    // An IO thread that is not running counts as lost, whatever the lag says.
+    let mut s = cut_off([Some(1500), Some(100)]);
+    s.tablets[2]
+        .health
+        .as_mut()
+        .unwrap()
+        .replication
+        .as_mut()
+        .unwrap()
+        .io_state = pb::ThreadState::Connecting as i32;
+    assert_eq!(codes(&s)[0].0, ProblemCode::IsolatedPrimary);
+}
+
+#[test]
+fn isolation_needs_every_replica_to_have_lost_the_primary_for_the_bound() {
+    // One replica still gets the heartbeat (its probe failed once): not isolated.
+    assert_eq!(codes(&cut_off([Some(1500), Some(150)])), vec![]);
+    // Lag unknown with the IO thread running: not isolated.
+    assert_eq!(codes(&cut_off([Some(1500), None])), vec![]);
+    // One replica's probe reaches the primary: not isolated, however high the lags.
+    let mut s = cut_off([Some(5000), Some(5000)]);
+    s.tablets[2]
+        .health
+        .as_mut()
+        .unwrap()
+        .primary_probe
+        .as_mut()
+        .unwrap()
+        .reachable = true;
+    assert!(!codes(&s)
+        .iter()
+        .any(|(c, _)| *c == ProblemCode::IsolatedPrimary));
+    // Under durability none its agent must reach etcd to fence it: else reported only.
+    let mut s = cut_off([Some(1500), Some(1500)]);
+    s.durability = Durability::None;
+    s.tablets[0].health.as_mut().unwrap().etcd_connected = false;
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p[0].code, ProblemCode::UnreachablePrimary, "{p:?}");
+    assert!(p[0].detail.contains("durability none"), "{}", p[0].detail);
+}
+
+#[test]
+fn a_primary_whose_writes_block_is_reported_with_what_blocks_them() {
+    let mut s = healthy();
+    let h = s.tablets[0].health.as_mut().unwrap();
+    h.write_stalled_ms = 1900;
+    h.write_blocked_by = "Waiting for global read lock".into();
+    assert_eq!(codes(&s), vec![], "below the bound");
+    let h = s.tablets[0].health.as_mut().unwrap();
+    h.write_stalled_ms = 8000;
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].code, ProblemCode::PrimaryWritesStalled);
+    assert!(
+        !p[0].code.actionable(),
+        "reported, never a failover by default"
+    );
+    assert!(
+        p[0].detail.contains("8000 ms") && p[0].detail.contains("Waiting for global read lock"),
+        "{}",
+        p[0].detail
+    );
+}
+
 #[test]
 fn primary_agent_down_but_mysqld_alive_is_not_dead() {
     // P5: the primary's agent died; replicas' probes reach its mysqld.

@@ -70,6 +70,28 @@ pub struct RecoveryConfig {
     pub planned_lock_timeout: Duration,
     pub planned_max_lag: Duration,
     pub analysis: AnalysisConfig,
+    /// How much of each shard's audit log is kept in etcd.
+    pub audit: AuditRetention,
+}
+
+/// The audit log is pruned per shard, at most every `prune_interval`, to the newest `keep`
+/// entries and to those younger than `max_age`: unpruned it grows until etcd's space quota
+/// stops every write, routing and fencing included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRetention {
+    pub keep: usize,
+    pub max_age: Duration,
+    pub prune_interval: Duration,
+}
+
+impl Default for AuditRetention {
+    fn default() -> Self {
+        AuditRetention {
+            keep: 10_000,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for RecoveryConfig {
@@ -79,7 +101,7 @@ impl Default for RecoveryConfig {
             lock_ttl: Duration::from_secs(5),
             lock_wait: Duration::from_millis(200),
             action_timeout: Duration::from_secs(5),
-            relay_log_wait: Duration::from_secs(2),
+            relay_log_wait: Duration::from_secs(30),
             catch_up_timeout: Duration::from_secs(5),
             flap_limit: 3,
             flap_window: Duration::from_secs(600),
@@ -89,6 +111,7 @@ impl Default for RecoveryConfig {
             planned_lock_timeout: Duration::from_secs(10),
             planned_max_lag: Duration::from_secs(5),
             analysis: AnalysisConfig::default(),
+            audit: AuditRetention::default(),
         }
     }
 }
@@ -424,11 +447,39 @@ impl std::fmt::Debug for AuditMsg {
     }
 }
 
+/// One shard's audit log cut to `retention` (by age, then by count); a failure is logged and
+/// retried at the next interval.
+async fn prune_audit(topo: &Topo, keyspace: &str, shard: &str, retention: AuditRetention) {
+    let cutoff = topo::now_ms().saturating_sub(millis(retention.max_age));
+    let by_age = topo.prune_audit_before(keyspace, shard, cutoff).await;
+    let by_count = topo.prune_audit(keyspace, shard, retention.keep).await;
+    match (by_age, by_count) {
+        (Ok(a), Ok(c)) => {
+            if a + c > 0 {
+                tracing::debug!(
+                    keyspace,
+                    shard,
+                    by_age = a,
+                    by_count = c,
+                    "audit log pruned"
+                );
+                metrics::counter!("myha_orchestrator_audit_pruned_total").increment((a + c) as u64);
+            }
+        }
+        (a, c) => tracing::warn!(
+            keyspace, shard, by_age = ?a.err(), by_count = ?c.err(),
+            "audit log pruning failed; retried later"
+        ),
+    }
+}
+
 impl AuditSink {
-    /// Starts the writer task (needs a tokio runtime).
-    pub fn spawn(topo: Topo) -> AuditSink {
+    /// Starts the writer task (needs a tokio runtime); it also prunes each shard's log it
+    /// writes to, per `retention`.
+    pub fn spawn(topo: Topo, retention: AuditRetention) -> AuditSink {
         let (tx, mut rx) = mpsc::channel::<AuditMsg>(4096);
         tokio::spawn(async move {
+            let mut pruned_at: HashMap<(String, String), Instant> = HashMap::new();
             while let Some(msg) = rx.recv().await {
                 match msg {
                     AuditMsg::Flush(done) => {
@@ -458,6 +509,14 @@ impl AuditSink {
                                 detail = %entry.detail, error = %e,
                                 "audit entry could not be written to etcd; dropped"
                             );
+                        }
+                        let key = (keyspace, shard);
+                        let due = pruned_at
+                            .get(&key)
+                            .is_none_or(|t| t.elapsed() >= retention.prune_interval);
+                        if due {
+                            prune_audit(&topo, &key.0, &key.1, retention).await;
+                            pruned_at.insert(key, Instant::now());
                         }
                     }
                 }
@@ -513,7 +572,7 @@ impl Deps {
     pub fn new(topo: Topo, cfg: RecoveryConfig) -> Deps {
         Deps {
             agents: AgentClients::new(cfg.connect_timeout),
-            audit: AuditSink::spawn(topo.clone()),
+            audit: AuditSink::spawn(topo.clone(), cfg.audit),
             topo,
             cfg: Arc::new(cfg),
             actor: actor_name().into(),
@@ -1378,7 +1437,9 @@ pub struct Done {
 pub fn is_dead_primary(code: ProblemCode) -> bool {
     matches!(
         code,
-        ProblemCode::DeadPrimary | ProblemCode::DeadPrimaryAndSomeReplicas
+        ProblemCode::DeadPrimary
+            | ProblemCode::DeadPrimaryAndSomeReplicas
+            | ProblemCode::IsolatedPrimary
     )
 }
 

@@ -486,11 +486,19 @@ pub async fn emergency_reparent_with(
 
     // Catch up from the most advanced tablet if needed: it applies what it received first, so
     // that everything the candidate fetches from it is in its binlog.
+    // What a tablet still has to apply: its received position, unless its applied one (from
+    // the IO stop's answer) already contains it (then no wait, no RPC).
     let held = |alias: &str| {
-        final_statuses
-            .get(alias)
-            .and_then(received)
-            .map(|r| (alias.to_string(), r))
+        let h = final_statuses.get(alias)?;
+        let r = received(h)?;
+        let applied = analysis::position(h);
+        let done = applied.is_some_and(|a| {
+            GtidSet::parse(a.flavor(), &r)
+                .ok()
+                .and_then(|r| a.contains_set(&r).ok())
+                .unwrap_or(false)
+        });
+        (!done).then(|| (alias.to_string(), r))
     };
     let choice = match &choice.catch_up_from {
         None => choice,
