@@ -45,6 +45,12 @@ pub enum ProblemCode {
     PrimarySemiSyncMustBeSet,
     /// Durability none: the primary side is on (R7).
     PrimarySemiSyncMustNotBeSet,
+    /// Durability semi_sync: the primary side is on and no replica is connected to acknowledge:
+    /// every commit waits (the lossless setting: until a replica returns). Reported.
+    PrimarySemiSyncNoAckers,
+    /// Durability semi_sync: the primary side is on but not active (`Rpl_semi_sync_master_status`
+    /// OFF): it fell back to async and acknowledges commits no replica holds. Reported.
+    PrimarySemiSyncFellBack,
     ReplicaSemiSyncMustBeSet,
     ReplicaSemiSyncMustNotBeSet,
     /// A replica with read_only off (R2).
@@ -84,6 +90,8 @@ impl ProblemCode {
             ProblemCode::PrimaryReplicating => "primary_replicating",
             ProblemCode::PrimarySemiSyncMustBeSet => "primary_semi_sync_must_be_set",
             ProblemCode::PrimarySemiSyncMustNotBeSet => "primary_semi_sync_must_not_be_set",
+            ProblemCode::PrimarySemiSyncNoAckers => "primary_semi_sync_no_ackers",
+            ProblemCode::PrimarySemiSyncFellBack => "primary_semi_sync_fell_back",
             ProblemCode::ReplicaSemiSyncMustBeSet => "replica_semi_sync_must_be_set",
             ProblemCode::ReplicaSemiSyncMustNotBeSet => "replica_semi_sync_must_not_be_set",
             ProblemCode::ReplicaWritable => "replica_writable",
@@ -104,6 +112,8 @@ impl ProblemCode {
             self,
             ProblemCode::UnreachablePrimary
                 | ProblemCode::PrimaryWritesStalled
+                | ProblemCode::PrimarySemiSyncNoAckers
+                | ProblemCode::PrimarySemiSyncFellBack
                 | ProblemCode::DeadPrimaryAndAllReplicas
                 | ProblemCode::ErrantGtid
                 | ProblemCode::ReplicaMysqlUnreachable
@@ -578,6 +588,25 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
                 } else {
                     "durability semi_sync: primary side is off".to_string()
                 },
+            ));
+        }
+        if ps.primary_enabled && ps.primary_clients == 0 {
+            out.push(Problem::new(
+                ProblemCode::PrimarySemiSyncNoAckers,
+                Some(&primary_alias),
+                format!(
+                    "durability semi_sync: no replica is connected to acknowledge; every commit waits (up to {} ms)",
+                    ps.primary_timeout_ms
+                ),
+            ));
+        } else if ps.primary_enabled && !ps.primary_active {
+            out.push(Problem::new(
+                ProblemCode::PrimarySemiSyncFellBack,
+                Some(&primary_alias),
+                format!(
+                    "durability semi_sync: enabled but not active (fell back to async): {} commits acknowledged without a replica",
+                    ps.primary_no_tx
+                ),
             ));
         }
     } else if ps.primary_enabled {

@@ -233,6 +233,8 @@ pub fn urgency(code: ProblemCode) -> Option<u8> {
         P::DeadPrimaryAndAllReplicas
         | P::UnreachablePrimary
         | P::PrimaryWritesStalled
+        | P::PrimarySemiSyncNoAckers
+        | P::PrimarySemiSyncFellBack
         | P::ErrantGtid
         | P::ReplicaMysqlUnreachable
         | P::ReplicaAgentUnreachable

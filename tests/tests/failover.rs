@@ -865,3 +865,37 @@ async fn a_primary_whose_writes_block_is_reported_with_the_reason_not_failed_ove
         .expect("UNLOCK TABLES");
     wait_quiet(o, &c, BOUND).await;
 }
+
+/// Semi-sync drift is reported: a semi-sync primary with no replica connected to acknowledge
+/// (every commit now waits) raises `primary_semi_sync_no_ackers` (recoveries are disabled so
+/// that the repairs do not restart the replicas first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semi_sync_primary_without_ackers_is_reported() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let shard = serde_json::json!({"keyspace": c.keyspace(), "shard": c.shard(), "reason": "test"});
+    let (code, body) = o
+        .post_json("/api/v1/recoveries/disable", &shard)
+        .await
+        .expect("disable");
+    assert_eq!(code, 200, "{body}");
+    for i in [1, 2] {
+        sql(c.tablet(i), "STOP SLAVE").await;
+    }
+    let primary = alias_of(&c, 0);
+    let (detail, _) =
+        wait_problem(o, &c, "primary_semi_sync_no_ackers", Some(&primary), BOUND).await;
+    println!("reported: {detail}");
+    assert!(detail.contains("every commit waits"), "{detail}");
+    for i in [1, 2] {
+        sql(c.tablet(i), "START SLAVE").await;
+    }
+    let (code, body) = o
+        .post_json("/api/v1/recoveries/enable", &shard)
+        .await
+        .expect("enable");
+    assert_eq!(code, 200, "{body}");
+    wait_quiet(o, &c, BOUND).await;
+}

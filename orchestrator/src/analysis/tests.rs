@@ -38,6 +38,8 @@ fn primary_health(alias: &str, pos: &str) -> pb::Health {
         replication: Some(pb::Replication::default()),
         semi_sync: Some(pb::SemiSync {
             primary_enabled: true,
+            primary_active: true,
+            primary_clients: 2,
             wait_point: "AFTER_SYNC".into(),
             primary_timeout_ms: 30 * 24 * 3600 * 1000,
             ..Default::default()
@@ -267,6 +269,41 @@ fn a_primary_whose_writes_block_is_reported_with_what_blocks_them() {
         "{}",
         p[0].detail
     );
+}
+
+#[test]
+fn semi_sync_drift_on_the_primary_is_reported() {
+    let mut s = healthy();
+    let ss = s.tablets[0]
+        .health
+        .as_mut()
+        .unwrap()
+        .semi_sync
+        .as_mut()
+        .unwrap();
+    ss.primary_clients = 0;
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].code, ProblemCode::PrimarySemiSyncNoAckers);
+    assert!(
+        p[0].detail.contains("every commit waits"),
+        "{}",
+        p[0].detail
+    );
+    let ss = s.tablets[0]
+        .health
+        .as_mut()
+        .unwrap()
+        .semi_sync
+        .as_mut()
+        .unwrap();
+    ss.primary_clients = 2;
+    ss.primary_active = false;
+    ss.primary_no_tx = 7;
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p[0].code, ProblemCode::PrimarySemiSyncFellBack, "{p:?}");
+    assert!(p[0].detail.contains("7 commits"), "{}", p[0].detail);
+    assert!(!p[0].code.actionable());
 }
 
 #[test]
