@@ -424,9 +424,10 @@ pub async fn emergency_reparent_with(
                 stopped.len(),
                 replicas.len()
             ),
-            t.elapsed(),
+            // A check, not an action: the stops are steps of their own.
+            Duration::ZERO,
         ),
-        Ok(Some(forced)) => ctx.record_step("revocation", None, true, forced, t.elapsed()),
+        Ok(Some(forced)) => ctx.record_step("revocation", None, true, forced, Duration::ZERO),
         Err(why) => {
             let refusal = ctx.refuse("revocation", None, why);
             restart_io(ctx, &stopped).await;
