@@ -629,6 +629,7 @@ pub async fn probe_loop(shared: Arc<Shared>) {
     let timeout = shared.cfg.agent.primary_probe_timeout;
     let mut conn: Option<(String, Conn)> = None;
     let mut failures: u32 = 0;
+    let mut failing_since_ms: u64 = 0;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -641,6 +642,7 @@ pub async fn probe_loop(shared: Arc<Shared>) {
         if conn.as_ref().is_some_and(|(a, _)| *a != addr) {
             conn = None;
             failures = 0;
+            failing_since_ms = 0;
         }
         let started = tokio::time::Instant::now();
         let result: Result<(), MysqlError> = async {
@@ -678,6 +680,12 @@ pub async fn probe_loop(shared: Arc<Shared>) {
         } else {
             failures.saturating_add(1)
         };
+        // The run began when this attempt started: it was already failing then.
+        failing_since_ms = match (reachable, failing_since_ms) {
+            (true, _) => 0,
+            (false, 0) => (now_us() / 1000).saturating_sub(started.elapsed().as_millis() as u64),
+            (false, since) => since,
+        };
         let probe = pb::PrimaryProbe {
             primary_alias: alias,
             addr: addr.clone(),
@@ -686,6 +694,7 @@ pub async fn probe_loop(shared: Arc<Shared>) {
             consecutive_failures: failures,
             probed_at_ms: now_us() / 1000,
             rtt_us: started.elapsed().as_micros() as u64,
+            failing_since_ms,
         };
         let changed = {
             let mut cur = lock(&shared.probe);

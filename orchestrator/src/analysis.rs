@@ -630,8 +630,9 @@ fn thread_word(s: i32) -> &'static str {
 }
 
 /// The primary is seen by its own agent: is it cut off from every replica? Each reachable
-/// replica (not quarantined) must have a fresh probe of it failing and no heartbeat from it for
-/// `isolated_primary_after` (its lag that long, or its IO thread not running). Under durability
+/// replica (not quarantined) must have a fresh probe of it failing without a break for
+/// `isolated_primary_after`, and no heartbeat from it for as long (its lag that long, or its IO
+/// thread not running). Under durability
 /// `none`, where nothing else stops the old primary's writes, only while its agent reaches etcd
 /// (it then fences it on the new term); otherwise reported as unreachable, no failover.
 fn primary_isolated(
@@ -662,7 +663,12 @@ fn primary_isolated(
                 input.now_ms.saturating_sub(p.probed_at_ms)
                     <= cfg.probe_stale_after.as_millis() as u64
             })
-            .filter(|p| !p.reachable)?;
+            .filter(|p| !p.reachable)
+            // Failing without a break for the whole bound (a loaded host can fail one probe).
+            .filter(|p| {
+                p.failing_since_ms > 0
+                    && input.now_ms.saturating_sub(p.failing_since_ms) >= bound_ms
+            })?;
         let io_running = h
             .replication
             .as_ref()

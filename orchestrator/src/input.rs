@@ -99,6 +99,7 @@ mod tests {
             consecutive_failures: u32::from(!reachable),
             probed_at_ms: at_ms,
             rtt_us: 100,
+            failing_since_ms: if reachable { 0 } else { at_ms },
         }
     }
 

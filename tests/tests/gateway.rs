@@ -663,7 +663,9 @@ async fn lag_reaction(
 
 /// Once the gateway routes to the first primary and the orchestrator is quiet: a writer through
 /// the RW port with 50 writes acknowledged.
-async fn writer_through_rw(c: &Cluster, g: &GatewayProc) -> Writer {
+/// Waits until `g` routes writes to tablet 0 and reads to tablets 1 and 2 (the cluster as
+/// started).
+async fn wait_shard_routes(c: &Cluster, g: &GatewayProc) {
     gw::wait_routes(
         c,
         g,
@@ -672,6 +674,10 @@ async fn writer_through_rw(c: &Cluster, g: &GatewayProc) -> Writer {
         BOUND,
     )
     .await;
+}
+
+async fn writer_through_rw(c: &Cluster, g: &GatewayProc) -> Writer {
+    wait_shard_routes(c, g).await;
     ha::wait_quiet(ha::orch(c), c, BOUND).await;
     let w = Writer::start(
         c,
@@ -1000,14 +1006,7 @@ async fn p5_a_dead_primary_agent_does_not_stop_new_writes() {
     let c = ha::start(cluster_options()).await;
     let g = c.gateway().expect("gateway");
     let p0 = c.tablet(0);
-    gw::wait_routes(
-        &c,
-        g,
-        p0.alias(),
-        &[c.tablet(1).alias(), c.tablet(2).alias()],
-        BOUND,
-    )
-    .await;
+    wait_shard_routes(&c, g).await;
     let agent = p0.agent_proc().expect("agent");
     agent.kill().expect("kill the primary's agent");
     let killed = Instant::now();
@@ -1063,14 +1062,7 @@ async fn p17_a_primary_agent_dead_past_its_lease_does_not_stop_new_writes() {
     .await;
     let g = c.gateway().expect("gateway");
     let p0 = c.tablet(0);
-    gw::wait_routes(
-        &c,
-        g,
-        p0.alias(),
-        &[c.tablet(1).alias(), c.tablet(2).alias()],
-        BOUND,
-    )
-    .await;
+    wait_shard_routes(&c, g).await;
     p0.agent_proc()
         .expect("agent")
         .kill()
@@ -1144,14 +1136,7 @@ async fn connections_beyond_max_connections_are_refused_with_the_reason() {
     })
     .await;
     let g = c.gateway().expect("gateway");
-    gw::wait_routes(
-        &c,
-        g,
-        c.tablet(0).alias(),
-        &[c.tablet(1).alias(), c.tablet(2).alias()],
-        BOUND,
-    )
-    .await;
+    wait_shard_routes(&c, g).await;
     let mut open = Vec::new();
     for addr in [gw_rw(g), gw_ro(g), gw_ro(g)] {
         let mut conn = connect(&c, addr).await.expect("under the cap");

@@ -629,15 +629,17 @@ impl Topo {
             0 => crate::keys::prefix_range_end(prefix.as_bytes()),
             _ => kvs[kvs.len() - keep].key().to_vec(),
         };
+        self.delete_range(&prefix, first_kept).await
+    }
+
+    /// Deletes the keys in `[start, end)`; returns how many were deleted.
+    async fn delete_range(&self, start: &str, end: impl Into<Vec<u8>>) -> Result<usize> {
         let mut kv = self.client.kv_client();
         let resp = self
             .call(
                 "delete range",
-                &prefix,
-                kv.delete(
-                    prefix.as_str(),
-                    Some(DeleteOptions::new().with_range(first_kept)),
-                ),
+                start,
+                kv.delete(start, Some(DeleteOptions::new().with_range(end))),
             )
             .await?;
         Ok(usize::try_from(resp.deleted()).unwrap_or_default())
@@ -653,18 +655,7 @@ impl Topo {
     ) -> Result<usize> {
         let prefix = self.keys.audit_prefix(keyspace, shard);
         let end = format!("{prefix}{cutoff_ms:020}");
-        let mut kv = self.client.kv_client();
-        let resp = self
-            .call(
-                "delete range",
-                &prefix,
-                kv.delete(
-                    prefix.as_str(),
-                    Some(DeleteOptions::new().with_range(end.as_str())),
-                ),
-            )
-            .await?;
-        Ok(usize::try_from(resp.deleted()).unwrap_or_default())
+        self.delete_range(&prefix, end).await
     }
 
     /// Ops of a transaction's responses that were range reads, flattened.

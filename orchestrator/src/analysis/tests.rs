@@ -187,6 +187,7 @@ fn cut_off(lags: [Option<u64>; 2]) -> ShardInput {
     for (i, lag) in [1, 2].into_iter().zip(lags) {
         let alias = format!("z-{}", i + 1);
         let mut h = replica_health(&alias, "z-1", "0-1-9", Some(false));
+        h.primary_probe.as_mut().unwrap().failing_since_ms = NOW_MS - 1200;
         h.lag_ms = lag;
         s.tablets[i] = tablet(&alias, Some(h));
     }
@@ -226,6 +227,17 @@ fn isolation_needs_every_replica_to_have_lost_the_primary_for_the_bound() {
     assert_eq!(codes(&cut_off([Some(1500), Some(150)])), vec![]);
     // Lag unknown with the IO thread running: not isolated.
     assert_eq!(codes(&cut_off([Some(1500), None])), vec![]);
+    // A probe that has failed only for a moment (a loaded host): not isolated.
+    let mut s = cut_off([Some(1500), Some(1500)]);
+    s.tablets[2]
+        .health
+        .as_mut()
+        .unwrap()
+        .primary_probe
+        .as_mut()
+        .unwrap()
+        .failing_since_ms = NOW_MS - 300;
+    assert_eq!(codes(&s), vec![]);
     // One replica's probe reaches the primary: not isolated, however high the lags.
     let mut s = cut_off([Some(5000), Some(5000)]);
     s.tablets[2]
