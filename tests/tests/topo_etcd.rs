@@ -804,6 +804,16 @@ async fn typed_watches_follow_shard_and_tablets() {
 
 // ---- bootstrap, CRUD, audit ----------------------------------------------------------
 
+/// The actions of the newest `limit` (0: all) audit entries of commerce/0, newest first.
+async fn actions(t: &Topo, limit: usize) -> Vec<String> {
+    t.list_audit("commerce", Some("0"), limit)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_primary_sets_term_one_once() {
     let etcd = TestEtcd::start().await;
@@ -919,25 +929,13 @@ async fn bootstrap_primary_sets_term_one_once() {
     };
     t.append_audit("commerce", "80-", &other).await.unwrap();
     t.append_audit("commerce2", "0", &other).await.unwrap();
-    let newest: Vec<String> = t
-        .list_audit("commerce", Some("0"), 3)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.action)
-        .collect();
+    let newest = actions(&t, 3).await;
     assert_eq!(newest, ["step4", "step3", "step2"]);
     let all = t.list_audit("commerce", None, 0).await.unwrap();
     assert_eq!(all.len(), 6, "keyspace-wide, without commerce2");
     assert_eq!(all[0].action, "other-shard");
     assert_eq!(t.prune_audit("commerce", "0", 2).await.unwrap(), 3);
-    let left: Vec<String> = t
-        .list_audit("commerce", Some("0"), 0)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.action)
-        .collect();
+    let left = actions(&t, 0).await;
     assert_eq!(left, ["step4", "step3"]);
     assert_eq!(t.prune_audit("commerce", "0", 5).await.unwrap(), 0);
     // By age: everything written before 1002 ms goes, other shards stay.
@@ -945,13 +943,7 @@ async fn bootstrap_primary_sets_term_one_once() {
         t.prune_audit_before("commerce", "0", 1002).await.unwrap(),
         1
     );
-    let left: Vec<String> = t
-        .list_audit("commerce", Some("0"), 0)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.action)
-        .collect();
+    let left = actions(&t, 0).await;
     assert_eq!(left, ["step4"]);
     assert_eq!(
         t.list_audit("commerce", Some("80-"), 0)

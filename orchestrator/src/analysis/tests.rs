@@ -194,6 +194,15 @@ fn cut_off(lags: [Option<u64>; 2]) -> ShardInput {
     s
 }
 
+/// Tablet `i`'s probe of the primary.
+fn probe_mut(s: &mut ShardInput, i: usize) -> &mut pb::PrimaryProbe {
+    s.tablets[i]
+        .health
+        .as_mut()
+        .and_then(|h| h.primary_probe.as_mut())
+        .expect("a probe")
+}
+
 #[test]
 fn a_primary_every_replica_has_lost_is_isolated() {
     let p = analyze(
@@ -229,25 +238,11 @@ fn isolation_needs_every_replica_to_have_lost_the_primary_for_the_bound() {
     assert_eq!(codes(&cut_off([Some(1500), None])), vec![]);
     // A probe that has failed only for a moment (a loaded host): not isolated.
     let mut s = cut_off([Some(1500), Some(1500)]);
-    s.tablets[2]
-        .health
-        .as_mut()
-        .unwrap()
-        .primary_probe
-        .as_mut()
-        .unwrap()
-        .failing_since_ms = NOW_MS - 300;
+    probe_mut(&mut s, 2).failing_since_ms = NOW_MS - 300;
     assert_eq!(codes(&s), vec![]);
     // One replica's probe reaches the primary: not isolated, however high the lags.
     let mut s = cut_off([Some(5000), Some(5000)]);
-    s.tablets[2]
-        .health
-        .as_mut()
-        .unwrap()
-        .primary_probe
-        .as_mut()
-        .unwrap()
-        .reachable = true;
+    probe_mut(&mut s, 2).reachable = true;
     assert!(!codes(&s)
         .iter()
         .any(|(c, _)| *c == ProblemCode::IsolatedPrimary));
