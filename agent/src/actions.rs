@@ -108,7 +108,7 @@ impl Exec {
             .map_err(|_| deadline_err("wait for the previous action to finish"))?;
         // Admit only once we run: a term may have moved on while we queued.
         shared
-            .update_terms(|t| t.admit(ctx.term))
+            .update_terms(|t| t.admit(ctx.term, ctx.lock_epoch))
             .map_err(|source| ActionError::StaleTerm { action, source })?;
         let (conn, dialect) = tokio::time::timeout_at(deadline, shared.connect())
             .await
@@ -118,7 +118,7 @@ impl Exec {
                 step: "connect to mysqld".into(),
                 source: Box::new(source),
             })?;
-        info!(action, term = ctx.term, requester = %ctx.requester, "action started");
+        info!(action, term = ctx.term, epoch = ctx.lock_epoch, requester = %ctx.requester, "action started");
         Ok(Exec {
             action,
             shared: shared.clone(),
@@ -686,6 +686,7 @@ pub async fn promote(
         &sqls,
     )
     .await?;
+    record_promotion(shared, &mut x, &req).await?;
     let sqls = x.dialect.set_read_only(false, false);
     x.sqls("set read_only off", &sqls).await?;
     let term = x.term;
@@ -694,6 +695,107 @@ pub async fn promote(
     x.state.demote = None;
     x.note(format!("promoted under term {term}"));
     x.finish().await
+}
+
+/// The writer id of a server: what its GTIDs are tagged with.
+pub fn writer_id(dialect: &flavor::Dialect, v: &flavor::ServerVariables) -> String {
+    match dialect.flavor {
+        flavor::Flavor::MySql => v.server_uuid.clone(),
+        _ => v.server_id.to_string(),
+    }
+}
+
+/// Records the promotion in the shard's history before mysqld becomes writable (create-only:
+/// one term, one tablet). Without etcd, or with the term given to another tablet, the promotion
+/// is refused: a primary whose promotion is not on record could not be told apart from a stale
+/// one, and an agent cut from etcd could not learn of its own deposition either.
+async fn record_promotion(
+    shared: &Arc<Shared>,
+    x: &mut Exec,
+    req: &pb::PromoteRequest,
+) -> Result<(), ActionError> {
+    let step = "record the promotion in the shard history";
+    let refuse = |reason: String| ActionError::Refused {
+        action: "Promote",
+        reason,
+    };
+    let Some(topo) = shared.topo() else {
+        return Err(refuse(format!(
+            "{step}: not connected to etcd; not made writable"
+        )));
+    };
+    let v = x.variables().await?;
+    let rec = topo::PromotionRecord {
+        keyspace: shared.id.keyspace.clone(),
+        shard: shared.id.shard.clone(),
+        term: x.term,
+        primary: shared.id.alias.clone(),
+        writer: writer_id(&x.dialect, &v),
+        position: v.gtid_position.clone(),
+        at_ms: topo::now_ms(),
+        by: req
+            .ctx
+            .as_ref()
+            .map(|c| c.requester.clone())
+            .unwrap_or_default(),
+        lock_epoch: req.ctx.as_ref().map_or(0, |c| c.lock_epoch),
+    };
+    let left = x.remaining(step)?;
+    match tokio::time::timeout(left, topo.record_promotion(&rec)).await {
+        Err(_) => Err(x.deadline_err(step)),
+        Ok(Err(e)) => Err(refuse(format!("{step}: {e}; not made writable"))),
+        Ok(Ok(r)) if r.at_ms != rec.at_ms => {
+            x.note(format!("promotion of term {} already on record", r.term));
+            Ok(())
+        }
+        Ok(Ok(r)) => {
+            x.note(format!(
+                "promotion recorded: term {} from position {}",
+                r.term, r.position
+            ));
+            Ok(())
+        }
+    }
+}
+
+/// Fences another mysqld (a deposed primary whose agent is gone) over MySQL with this agent's
+/// credentials; its session is killed before read-only is set, so a commit waiting for acks
+/// cannot hold `SET GLOBAL read_only` up.
+pub async fn fence_server(
+    shared: &Arc<Shared>,
+    req: pb::FenceServerRequest,
+) -> Result<pb::ActionResponse, ActionError> {
+    let mut x = Exec::begin(shared, "FenceServer", req.ctx.as_ref()).await?;
+    let port = u16::try_from(req.port).map_err(|_| ActionError::Invalid {
+        action: "FenceServer",
+        reason: format!("port {} out of range", req.port),
+    })?;
+    if req.host.is_empty() {
+        return Err(ActionError::Invalid {
+            action: "FenceServer",
+            reason: "no host".into(),
+        });
+    }
+    let step = format!("fence {} at {}:{port}", req.alias, req.host);
+    let left = x.remaining(&step)?;
+    let ep = shared.endpoint.towards(&req.host, port, left);
+    let dialect = x.dialect;
+    let fenced = async {
+        let mut c = ep.connect().await?;
+        let killed = crate::agent::fence_over(&mut c, dialect, left).await;
+        let _ = c.disconnect().await;
+        killed
+    };
+    match tokio::time::timeout(left, fenced).await {
+        Err(_) => Err(x.deadline_err(&step)),
+        Ok(Err(e)) => Err(x.map_err(&step, e)),
+        Ok(Ok(killed)) => {
+            x.note(format!(
+                "{step}: read-only, {killed} client session(s) killed"
+            ));
+            x.finish().await
+        }
+    }
 }
 
 pub async fn demote(

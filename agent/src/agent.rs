@@ -50,6 +50,8 @@ pub struct Shared {
     fence: Mutex<FenceStatus>,
     pub etcd_connected: AtomicBool,
     etcd_error: Mutex<String>,
+    /// The etcd client once connected (a promotion is recorded through it).
+    topo: Mutex<Option<Topo>>,
     dialect: Mutex<Option<Dialect>>,
     /// Mutating actions and fencing run one at a time.
     pub actions: Arc<tokio::sync::Mutex<ActionState>>,
@@ -106,6 +108,7 @@ impl Shared {
             fence: Mutex::new(FenceStatus::default()),
             etcd_connected: AtomicBool::new(false),
             etcd_error: Mutex::new("not connected yet".into()),
+            topo: Mutex::new(None),
             dialect: Mutex::new(None),
             actions: Arc::new(tokio::sync::Mutex::new(ActionState::default())),
             poke: Notify::new(),
@@ -116,6 +119,11 @@ impl Shared {
             grpc_addr: Mutex::new(String::new()),
             http_addr: Mutex::new(String::new()),
         }))
+    }
+
+    /// The etcd client, once connected.
+    pub fn topo(&self) -> Option<Topo> {
+        lock(&self.topo).clone()
     }
 
     pub fn terms(&self) -> TermState {
@@ -510,12 +518,17 @@ pub async fn fence_loop(shared: Arc<Shared>) {
 /// `SET GLOBAL read_only` waits for it, so clients must go before read_only can be set.
 pub async fn fence_mysqld(shared: &Shared) -> Result<usize, MysqlError> {
     let (mut c, dialect) = shared.connect().await?;
-    let t = shared.endpoint.query_timeout;
-    let mut killed = kill_clients(&mut c, dialect, t).await?;
+    fence_over(&mut c, dialect, shared.endpoint.query_timeout).await
+}
+
+/// Fences the server `c` is connected to (this agent's mysqld, or another one: a deposed primary
+/// whose agent is gone): kill, read-only, kill again. Returns the sessions killed.
+pub async fn fence_over(c: &mut Conn, dialect: Dialect, t: Duration) -> Result<usize, MysqlError> {
+    let mut killed = kill_clients(c, dialect, t).await?;
     for sql in dialect.set_read_only(true, true) {
-        mysql::exec(&mut c, &sql, Duration::from_secs(10)).await?;
+        mysql::exec(c, &sql, Duration::from_secs(10)).await?;
     }
-    killed += kill_clients(&mut c, dialect, t).await?;
+    killed += kill_clients(c, dialect, t).await?;
     Ok(killed)
 }
 
@@ -550,6 +563,7 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
         }
     };
     info!(endpoints = ?cfg.endpoints, "connected to etcd");
+    *lock(&shared.topo) = Some(topo.clone());
     let ks = shared.cfg.tablet.keyspace.clone();
     let shard_name = shared.cfg.tablet.shard.clone();
     let mut shard_rx = topo.watch_shard(&ks, &shard_name);
@@ -563,6 +577,9 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
         let shard = shard_rx.borrow_and_update().clone();
         if let Some(s) = &shard {
             shared.update_terms(|t| t.observe_shard(&shared.id.alias, s));
+            if s.primary.as_deref() == Some(shared.id.alias.as_str()) {
+                record_bootstrap_promotion(&shared, &topo, s).await;
+            }
             if let Some(p) = s.primary.as_deref().filter(|p| *p != shared.id.alias) {
                 if let Ok(Some(t)) = topo.get_tablet(p).await {
                     shared.set_primary_addr(
@@ -604,6 +621,55 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
         }
     }
     warn!("etcd watch ended; the agent keeps serving without topology updates");
+}
+
+/// A shard record naming this tablet at a term with no promotion on record (the first primary,
+/// set by a bootstrap, not by a Promote): records it, with this mysqld's writer id and position,
+/// so that the shard's history covers every term. Best effort, retried on the next round.
+async fn record_bootstrap_promotion(shared: &Shared, topo: &Topo, s: &ShardRecord) {
+    let (ks, sh) = (&shared.id.keyspace, &shared.id.shard);
+    match topo.get_promotion(ks, sh, s.term).await {
+        Ok(Some(_)) => return,
+        Ok(None) => {}
+        Err(e) => {
+            debug!(error = %e, "reading the promotion history");
+            return;
+        }
+    }
+    let vars = match shared.connect().await {
+        Ok((mut conn, dialect)) => {
+            let rows = mysql::query_rows(
+                &mut conn,
+                &dialect.variables_query(),
+                Duration::from_secs(2),
+            )
+            .await;
+            let _ = conn.disconnect().await;
+            match rows.map(|r| dialect.parse_variables(&r).map(|v| (dialect, v))) {
+                Ok(Ok(v)) => v,
+                _ => return,
+            }
+        }
+        Err(_) => return,
+    };
+    let (dialect, v) = vars;
+    let rec = topo::PromotionRecord {
+        keyspace: ks.clone(),
+        shard: sh.clone(),
+        term: s.term,
+        primary: shared.id.alias.clone(),
+        writer: crate::actions::writer_id(&dialect, &v),
+        position: v.gtid_position.clone(),
+        at_ms: s.term_start_ms,
+        by: "bootstrap (recorded by the agent of the primary the shard record names)".into(),
+        lock_epoch: 0,
+    };
+    match topo.record_promotion(&rec).await {
+        Ok(r) => {
+            info!(term = r.term, primary = %r.primary, "promotion history: recorded the bootstrap term")
+        }
+        Err(e) => warn!(error = %e, "promotion history: cannot record the bootstrap term"),
+    }
 }
 
 /// Where this replica should probe the primary: its etcd record's address, else (record gone

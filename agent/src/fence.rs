@@ -13,32 +13,60 @@ pub struct TermState {
     pub known_term: u64,
     /// Term under which this mysqld was last promoted; 0 when it is not a promoted primary.
     pub promoted_term: u64,
+    /// Highest shard-lock epoch accepted in an RPC at `known_term` (0: none yet at this term).
+    /// Reset when the known term rises.
+    #[serde(default)]
+    pub known_epoch: u64,
 }
 
+/// Why an RPC's fencing token is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("stale term {requested} < known term {known}")]
-pub struct StaleTerm {
-    pub requested: u64,
-    pub known: u64,
+pub enum StaleTerm {
+    #[error("stale term {requested} < known term {known}")]
+    Term { requested: u64, known: u64 },
+    /// Same term, an older lock holder: the caller lost the shard lock to the holder of
+    /// `known_epoch`, who already acted at this term.
+    #[error("stale term {term}: lock epoch {epoch} < epoch {known_epoch} already accepted at this term (the caller lost the shard lock)")]
+    Holder {
+        term: u64,
+        epoch: u64,
+        known_epoch: u64,
+    },
 }
 
 impl TermState {
-    /// Admits an RPC acting under `term`: refuses a stale one, raises the known term otherwise.
-    pub fn admit(&mut self, term: u64) -> Result<bool, StaleTerm> {
+    /// Admits an RPC acting under (`term`, `epoch`): refuses a stale term, or an older lock
+    /// holder's epoch at the known term; raises the known term (and epoch) otherwise. Returns
+    /// whether the known term rose.
+    pub fn admit(&mut self, term: u64, epoch: u64) -> Result<bool, StaleTerm> {
         if term < self.known_term {
-            return Err(StaleTerm {
+            return Err(StaleTerm::Term {
                 requested: term,
                 known: self.known_term,
             });
         }
+        if term == self.known_term && epoch < self.known_epoch {
+            return Err(StaleTerm::Holder {
+                term,
+                epoch,
+                known_epoch: self.known_epoch,
+            });
+        }
         let changed = term > self.known_term;
+        if changed {
+            self.known_epoch = 0;
+        }
         self.known_term = term;
+        self.known_epoch = self.known_epoch.max(epoch);
         Ok(changed)
     }
 
     /// Folds in the shard record; returns whether anything changed (to persist).
     pub fn observe_shard(&mut self, alias: &str, shard: &ShardRecord) -> bool {
         let before = self.clone();
+        if shard.term > self.known_term {
+            self.known_epoch = 0;
+        }
         self.known_term = self.known_term.max(shard.term);
         // The record naming us at a term is a promotion under that term (e.g. the bootstrap).
         if shard.primary.as_deref() == Some(alias) && shard.term > self.promoted_term {
@@ -99,22 +127,52 @@ mod tests {
         let mut t = TermState {
             known_term: 5,
             promoted_term: 0,
+            known_epoch: 0,
         };
         assert_eq!(
-            t.admit(4),
-            Err(StaleTerm {
+            t.admit(4, 0),
+            Err(StaleTerm::Term {
                 requested: 4,
                 known: 5
             })
         );
-        assert_eq!(t.admit(5), Ok(false));
-        assert_eq!(t.admit(7), Ok(true));
+        assert_eq!(t.admit(5, 0), Ok(false));
+        assert_eq!(t.admit(7, 0), Ok(true));
         assert_eq!(t.known_term, 7);
         assert!(t
-            .admit(6)
+            .admit(6, 0)
             .unwrap_err()
             .to_string()
             .contains("stale term 6 < known term 7"));
+    }
+
+    #[test]
+    fn an_older_lock_holder_is_refused_at_an_equal_term() {
+        let mut t = TermState::default();
+        assert_eq!(t.admit(3, 200), Ok(true));
+        // The same holder again, and a newer one: admitted.
+        assert_eq!(t.admit(3, 200), Ok(false));
+        assert_eq!(t.admit(3, 300), Ok(false));
+        // The holder of epoch 200 lost the lock to 300: refused at term 3, with both epochs.
+        let e = t.admit(3, 200).unwrap_err();
+        assert_eq!(
+            e,
+            StaleTerm::Holder {
+                term: 3,
+                epoch: 200,
+                known_epoch: 300
+            }
+        );
+        assert!(e.to_string().contains("lost the shard lock"), "{e}");
+        // A caller without a lock cannot act next to a holder either.
+        assert!(t.admit(3, 0).is_err());
+        // A newer term starts over: any epoch is admitted, then ordered again.
+        assert_eq!(t.admit(4, 100), Ok(true));
+        assert_eq!(t.known_epoch, 100);
+        let mut t2 = t.clone();
+        assert!(t2.observe_shard("zone1-101", &shard(Some("zone1-102"), 5)));
+        assert_eq!((t2.known_term, t2.known_epoch), (5, 0));
+        assert_eq!(t2.admit(5, 1), Ok(false));
     }
 
     #[test]
@@ -125,7 +183,8 @@ mod tests {
             t,
             TermState {
                 known_term: 1,
-                promoted_term: 1
+                promoted_term: 1,
+                known_epoch: 0,
             }
         );
         assert!(!t.observe_shard("zone1-101", &shard(Some("zone1-101"), 1)));
@@ -134,7 +193,8 @@ mod tests {
             t,
             TermState {
                 known_term: 2,
-                promoted_term: 1
+                promoted_term: 1,
+                known_epoch: 0,
             }
         );
     }
@@ -144,6 +204,7 @@ mod tests {
         let old = TermState {
             known_term: 2,
             promoted_term: 1,
+            known_epoch: 0,
         };
         let newer = shard(Some("zone1-102"), 2);
         let d = decide("zone1-101", &old, Some(&newer), Some(true));
@@ -164,6 +225,7 @@ mod tests {
         let replica = TermState {
             known_term: 2,
             promoted_term: 0,
+            known_epoch: 0,
         };
         assert_eq!(
             decide("zone1-103", &replica, Some(&newer), Some(true)),
@@ -173,6 +235,7 @@ mod tests {
         let cur = TermState {
             known_term: 2,
             promoted_term: 2,
+            known_epoch: 0,
         };
         assert_eq!(
             decide("zone1-102", &cur, Some(&newer), Some(true)),

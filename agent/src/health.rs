@@ -228,6 +228,7 @@ mod tests {
             terms: &TermState {
                 known_term: 3,
                 promoted_term: 0,
+                known_epoch: 0,
             },
             shard: Some(&shard("zone1-101")),
             fence: &FenceStatus::default(),

@@ -158,4 +158,11 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::ActionResponse>, Status> {
         answer(actions::undo_demote(&self.shared, req.into_inner()).await)
     }
+
+    async fn fence_server(
+        &self,
+        req: Request<pb::FenceServerRequest>,
+    ) -> Result<Response<pb::ActionResponse>, Status> {
+        answer(actions::fence_server(&self.shared, req.into_inner()).await)
+    }
 }

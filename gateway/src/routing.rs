@@ -58,7 +58,8 @@ pub enum RwUnavailable {
     ReparentInProgress {
         what: String,
     },
-    /// A tablet reports a term above the record's: our view of the record is behind.
+    /// A tablet reports a promotion above the record's term, or a term above its reservation:
+    /// our view of the record is behind.
     NewerTermReported {
         tablet: String,
         term: u64,
@@ -269,10 +270,7 @@ fn rw(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> Result<Target,
     if let Some(what) = &record.reparent_in_progress {
         return Err(RwUnavailable::ReparentInProgress { what: what.clone() });
     }
-    if let Some((tablet, term)) = shard
-        .highest_reported_term()
-        .filter(|(_, t)| *t > record.term)
-    {
+    if let Some((tablet, term)) = shard.term_ahead_of_record() {
         return Err(RwUnavailable::NewerTermReported {
             tablet: tablet.to_string(),
             term,
@@ -1397,6 +1395,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("reparent in progress"));
+    }
+
+    #[test]
+    fn a_reserved_term_reported_by_replicas_keeps_the_primary() {
+        // A reparent reserved term 4 and stopped replication under it (then refused, or is
+        // still choosing): the record's primary still holds the shard.
+        let mut f = Fixture::healthy();
+        if let Some(r) = f.record.as_mut() {
+            r.reserved_term = 4;
+        }
+        f.health_mut(R1).term = 4;
+        f.health_mut(R2).term = 4;
+        assert_eq!(f.route().rw.expect("rw").alias, P);
+        // Past the reservation, the view is behind.
+        f.health_mut(R2).term = 5;
+        assert!(matches!(
+            f.route().rw,
+            Err(RwUnavailable::NewerTermReported { term: 5, .. })
+        ));
+        // A promotion under the reserved term is a new primary the record does not show yet.
+        f.health_mut(R2).term = 4;
+        f.health_mut(R1).promoted_term = 4;
+        assert_eq!(
+            f.route().rw,
+            Err(RwUnavailable::NewerTermReported {
+                tablet: R1.into(),
+                term: 4,
+                record_term: 3
+            })
+        );
     }
 
     #[test]

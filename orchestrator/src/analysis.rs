@@ -115,7 +115,6 @@ impl ProblemCode {
                 | ProblemCode::PrimarySemiSyncNoAckers
                 | ProblemCode::PrimarySemiSyncFellBack
                 | ProblemCode::DeadPrimaryAndAllReplicas
-                | ProblemCode::ErrantGtid
                 | ProblemCode::ReplicaMysqlUnreachable
                 | ProblemCode::ReplicaAgentUnreachable
                 | ProblemCode::Quarantined

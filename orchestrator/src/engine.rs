@@ -219,23 +219,24 @@ pub fn urgency(code: ProblemCode) -> Option<u8> {
         P::ReparentInProgress => 2,
         P::NoPrimary => 2,
         P::StaleTabletClaimingPrimary => 3,
-        P::PrimaryReplicating => 4,
-        P::PrimaryReadOnly => 5,
+        // Quarantined before anything else touches it (its repairs would be moot).
+        P::ErrantGtid => 4,
+        P::PrimaryReplicating => 5,
+        P::PrimaryReadOnly => 6,
         // Turning semi-sync off: the primary side first (else it waits for acks nobody sends).
-        P::PrimarySemiSyncMustNotBeSet => 6,
-        P::ReplicaWritable => 7,
-        P::ReplicaWrongSource => 8,
-        P::ReplicaNotReplicating => 9,
+        P::PrimarySemiSyncMustNotBeSet => 7,
+        P::ReplicaWritable => 8,
+        P::ReplicaWrongSource => 9,
+        P::ReplicaNotReplicating => 10,
         // Turning semi-sync on: the replica side first (else every commit blocks).
-        P::ReplicaSemiSyncMustBeSet => 10,
-        P::ReplicaSemiSyncMustNotBeSet => 11,
-        P::PrimarySemiSyncMustBeSet => 12,
+        P::ReplicaSemiSyncMustBeSet => 11,
+        P::ReplicaSemiSyncMustNotBeSet => 12,
+        P::PrimarySemiSyncMustBeSet => 13,
         P::DeadPrimaryAndAllReplicas
         | P::UnreachablePrimary
         | P::PrimaryWritesStalled
         | P::PrimarySemiSyncNoAckers
         | P::PrimarySemiSyncFellBack
-        | P::ErrantGtid
         | P::ReplicaMysqlUnreachable
         | P::ReplicaAgentUnreachable
         | P::Quarantined => return None,

@@ -227,6 +227,32 @@ impl ShardView {
                 _ => Some((a, term)),
             })
     }
+
+    /// A tablet whose health says the record view is behind, with the term it reports: it was
+    /// promoted under a term above the record's, or it knows a term above both the record's and
+    /// the record's reservation. A term up to the reservation is not news: a reparent in progress
+    /// (or one that stopped) acts under its reserved term before it writes a new primary, and the
+    /// record's primary still holds the shard until it does.
+    pub fn term_ahead_of_record(&self) -> Option<(&str, u64)> {
+        let rec = self.record.as_deref()?;
+        let known = rec.term.max(rec.reserved_term);
+        self.tablets
+            .values()
+            .filter_map(|t| {
+                let h = t.health()?;
+                if h.promoted_term > rec.term {
+                    Some((t.alias(), h.promoted_term))
+                } else if h.term > known {
+                    Some((t.alias(), h.term))
+                } else {
+                    None
+                }
+            })
+            .fold(None, |best: Option<(&str, u64)>, (a, term)| match best {
+                Some((_, b)) if b >= term => best,
+                _ => Some((a, term)),
+            })
+    }
 }
 
 /// Everything [`crate::TabletWatch`] knows at one moment. Immutable: a new one is published

@@ -141,6 +141,13 @@ impl Agent for FakeAgent {
     ) -> Result<Response<pb::ActionResponse>, Status> {
         unimplemented()
     }
+
+    async fn fence_server(
+        &self,
+        _: Request<pb::FenceServerRequest>,
+    ) -> Result<Response<pb::ActionResponse>, Status> {
+        unimplemented()
+    }
 }
 
 /// A running fake agent; `kill` breaks its streams and closes its port.

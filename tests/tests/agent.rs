@@ -13,11 +13,28 @@ use topo::{LockRequest, ShardRecord};
 const GENEROUS: Duration = Duration::from_secs(15);
 
 fn ctx(term: u64) -> Option<pb::ActionContext> {
+    ctx_epoch(term, 0)
+}
+
+/// An action context of a caller holding a shard lock of epoch `lock_epoch`.
+fn ctx_epoch(term: u64, lock_epoch: u64) -> Option<pb::ActionContext> {
     Some(pb::ActionContext {
         term,
         timeout_ms: 10_000,
-        requester: "agent-test".into(),
+        requester: format!("agent-test (epoch {lock_epoch})"),
+        lock_epoch,
     })
+}
+
+/// `@@read_only` asked from the tablet's mysqld itself.
+async fn mysqld_read_only(c: &Cluster, i: usize) -> bool {
+    let mut conn = c.tablet(i).root_conn().await.expect("root conn");
+    let v: Option<u8> = conn
+        .query_first("SELECT @@global.read_only")
+        .await
+        .expect("read_only");
+    let _ = conn.disconnect().await;
+    v == Some(1)
 }
 
 async fn client(c: &Cluster, i: usize) -> AgentClient<Channel> {
@@ -207,6 +224,7 @@ async fn every_action_against_a_real_cluster() {
                 term: 1,
                 timeout_ms: 300,
                 requester: String::new(),
+                lock_epoch: 0,
             }),
             gtid_position: "0-101-999999".into(),
             ..Default::default()
@@ -1003,4 +1021,128 @@ async fn an_unreadable_term_state_stops_the_agent_from_starting() {
     a.start()
         .await
         .expect("without a state file the agent starts");
+}
+
+/// P21 on the agent side: at an equal term an older lock holder is refused (its lock epoch is
+/// below one already accepted), and every promotion is recorded in the shard history before
+/// mysqld becomes writable, one tablet per term: a second promotion of a term is refused and
+/// leaves its mysqld read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
+    let c = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let (r1, r2) = (1, 2);
+    let mut a_r1 = client(&c, r1).await;
+    let mut a_r2 = client(&c, r2).await;
+    let (ks, shard) = (c.keyspace().to_string(), c.shard().to_string());
+
+    // The bootstrap term is recorded by the agent of the primary the record names.
+    let deadline = Instant::now() + GENEROUS;
+    let first = loop {
+        if let Some(p) = c
+            .topo()
+            .get_promotion(&ks, &shard, 1)
+            .await
+            .expect("history")
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "term 1 never recorded in the shard history"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(first.primary, c.tablet(0).alias());
+    assert_eq!(first.writer, c.tablet(0).uid().to_string());
+    assert!(!first.position.is_empty(), "{first:?}");
+
+    // Epochs at an equal term: the holder of epoch 500 acts; an older holder (400) is refused
+    // with both epochs named; a newer one (600) is admitted.
+    a_r1.stop_replication(pb::StopReplicationRequest {
+        ctx: ctx_epoch(1, 500),
+        ..Default::default()
+    })
+    .await
+    .expect("stop replication at (1, 500)");
+    let err = a_r1
+        .start_replication(pb::StartReplicationRequest {
+            ctx: ctx_epoch(1, 400),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an older lock holder at an equal term");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("lock epoch 400 < epoch 500"),
+        "{}",
+        err.message()
+    );
+    a_r1.start_replication(pb::StartReplicationRequest {
+        ctx: ctx_epoch(1, 600),
+        ..Default::default()
+    })
+    .await
+    .expect("a newer lock holder at an equal term");
+
+    // A promotion is on record before mysqld is writable.
+    a_r1.promote(pb::PromoteRequest {
+        ctx: ctx_epoch(2, 700),
+        durability: pb::Durability::SemiSync as i32,
+    })
+    .await
+    .expect("promote r1 at term 2");
+    let rec = c
+        .topo()
+        .get_promotion(&ks, &shard, 2)
+        .await
+        .expect("history")
+        .expect("term 2 on record");
+    assert_eq!(rec.primary, c.tablet(r1).alias());
+    assert_eq!(rec.writer, c.tablet(r1).uid().to_string());
+    assert_eq!(rec.lock_epoch, 700);
+    assert!(!mysqld_read_only(&c, r1).await, "r1 is writable");
+    // Idempotent repeat.
+    a_r1.promote(pb::PromoteRequest {
+        ctx: ctx_epoch(2, 700),
+        durability: pb::Durability::SemiSync as i32,
+    })
+    .await
+    .expect("promote r1 again");
+    // Another tablet at the same term (a stale caller): refused, read-only stays on. Its agent
+    // does not know term 2 from the shard record (nobody wrote it): only the history stops it.
+    let err = a_r2
+        .promote(pb::PromoteRequest {
+            ctx: ctx_epoch(2, 800),
+            durability: pb::Durability::SemiSync as i32,
+        })
+        .await
+        .expect_err("a second promotion of term 2");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains(&format!(
+            "term 2 was already given to {}",
+            c.tablet(r1).alias()
+        )),
+        "{}",
+        err.message()
+    );
+    assert!(mysqld_read_only(&c, r2).await, "r2 stayed read-only");
+    let history = c
+        .topo()
+        .promotion_history(&ks, &shard)
+        .await
+        .expect("history");
+    let terms: Vec<(u64, String)> = history
+        .iter()
+        .map(|p| (p.term, p.primary.clone()))
+        .collect();
+    assert_eq!(
+        terms,
+        vec![
+            (1, c.tablet(0).alias().to_string()),
+            (2, c.tablet(r1).alias().to_string())
+        ]
+    );
 }

@@ -293,6 +293,206 @@ async fn p7_primary_killed_before_any_orchestrator_starts() {
     w.verify(&c).await;
 }
 
+/// P7 with an errant replica: the orchestrator starts after the primary died, so it never saw
+/// the primary's position; the errant check rests on the shard history (term 1 started at a
+/// recorded position, written by the primary's server), and the errant replica, the most
+/// advanced one, is not promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_errant_replica_is_not_promoted_by_an_orchestrator_that_never_saw_the_primary() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ClusterOptions {
+        start_orchestrator: false,
+        ..ha_options(4)
+    })
+    .await;
+    let old = alias_of(&c, 0);
+    let errant = alias_of(&c, 1);
+    wait_ok(
+        &c,
+        "term 1 on record in the shard history",
+        BOUND,
+        || async {
+            match c.topo().get_promotion(c.keyspace(), c.shard(), 1).await {
+                Ok(Some(p)) if p.primary == old => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let w = writer(&c).await;
+    // Its own domain: the errant replica keeps applying the primary's stream, so it stays the
+    // most advanced (a superset of every other replica) while holding an errant GTID.
+    sql(
+        c.tablet(1),
+        "SET SESSION gtid_domain_id=9; CREATE DATABASE IF NOT EXISTS errant; \
+         CREATE TABLE IF NOT EXISTS errant.t (id INT PRIMARY KEY); INSERT INTO errant.t VALUES (1)",
+    )
+    .await;
+    w.wait_more_acks(10, BOUND).await.expect("writes continue");
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _o = c.start_orchestrator().await.expect("orchestrator starts");
+    let rec = expect_failover(&c, &w, &old, 1, &[&errant]).await;
+    assert_ne!(
+        rec.primary.as_deref(),
+        Some(errant.as_str()),
+        "the errant replica was promoted"
+    );
+    let entries = audit(&c).await;
+    let check = entries
+        .iter()
+        .find(|e| e.action == "errant_check" && e.detail.contains("shard history"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no errant check from the history:\n{}",
+                audit_text(&entries)
+            )
+        });
+    println!("{}", audit_line(check));
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.action == "errant_check" && e.tablet.as_deref() == Some(errant.as_str())),
+        "the errant replica was not named by the check:\n{}",
+        audit_text(&entries)
+    );
+    assert_one_promotion_per_term(&c).await;
+    w.verify(&c).await;
+}
+
+/// Waits until the registration of `alias` expired (its agent is gone past its lease).
+async fn wait_unregistered(c: &Cluster, alias: &str) {
+    wait_ok(
+        c,
+        "the dead agent's registration expires",
+        BOUND,
+        || async move {
+            match c.topo().get_tablet(alias).await {
+                Ok(None) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+/// P17, deposed: the primary's agent is gone past its lease, its mysqld serves on, and an
+/// operator's emergency reparent deposes it. Nothing can fence it through its agent; the new
+/// primary's agent fences it over MySQL (read-only, asked from that mysqld itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p17_a_deposed_primary_without_its_agent_is_fenced_over_mysql() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ClusterOptions {
+        lease_ttl: ClusterOptions::default().lease_ttl,
+        ..ha_options(3)
+    })
+    .await;
+    wait_quiet(orch(&c), &c, BOUND).await;
+    let p0 = c.tablet(0);
+    p0.agent_proc()
+        .expect("agent")
+        .kill()
+        .expect("kill the primary's agent");
+    wait_unregistered(&c, p0.alias()).await;
+    assert!(!read_only(p0)
+        .await
+        .expect("the old primary's mysqld answers"));
+    let body = serde_json::json!({"mode": "emergency", "requester": "p17-deposed"});
+    let events = reparent_events(&c, &body, BOUND)
+        .await
+        .expect("reparent stream");
+    let done = &events.last().expect("a done event").1;
+    assert_eq!(done["ok"], true, "{events:?}");
+    let new = done["new_primary"].as_str().unwrap_or_default().to_string();
+    assert_ne!(new, p0.alias());
+    wait_ok(
+        &c,
+        "the deposed primary's mysqld is read-only",
+        BOUND,
+        || async {
+            match read_only(p0).await {
+                Ok(true) => Ok(()),
+                other => Err(format!("read_only: {other:?}")),
+            }
+        },
+    )
+    .await;
+    let entries = audit(&c).await;
+    let fence = entries
+        .iter()
+        .find(|e| e.action == "fence_old_primary" && e.outcome == "ok")
+        .unwrap_or_else(|| panic!("no fence step:\n{}", audit_text(&entries)));
+    println!("{}", audit_line(fence));
+    assert_eq!(
+        fence.tablet.as_deref(),
+        Some(new.as_str()),
+        "fenced through the new primary's agent"
+    );
+    assert_one_promotion_per_term(&c).await;
+}
+
+/// P17 under durability none: the agentless primary's mysqld dies too; the replicas confirm it,
+/// but it cannot be fenced (nothing answers at its address), and under `none` nothing else would
+/// stop its clients' writes if it were only cut off: refused with the reason, nothing changed.
+/// An operator may force it, naming the risk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p17_durability_none_refuses_to_promote_past_an_unfenceable_old_primary() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ClusterOptions {
+        lease_ttl: ClusterOptions::default().lease_ttl,
+        durability: topo::Durability::None,
+        ..ha_options(3)
+    })
+    .await;
+    wait_quiet(orch(&c), &c, BOUND).await;
+    let p0 = c.tablet(0);
+    p0.agent_proc()
+        .expect("agent")
+        .kill()
+        .expect("kill the primary's agent");
+    wait_unregistered(&c, p0.alias()).await;
+    let since = topo::now_ms();
+    p0.mysqld().kill().expect("kill the primary's mysqld");
+    let refusal = refused_reparent(&c, since).await;
+    println!("{}", audit_line(&refusal));
+    assert!(
+        refusal.detail.contains("could not be fenced")
+            && refusal.detail.contains("durability none"),
+        "{}",
+        refusal.detail
+    );
+    let rec = record(&c).await;
+    assert_eq!(
+        (rec.term, rec.primary.as_deref()),
+        (1, Some(p0.alias())),
+        "nothing changed"
+    );
+    for i in [1, 2] {
+        assert!(
+            read_only(c.tablet(i)).await.expect("replica answers"),
+            "a replica was made writable"
+        );
+    }
+    let body = serde_json::json!({"mode": "emergency", "may_lose_acknowledged_writes": true, "requester": "p17-none"});
+    let events = reparent_events(&c, &body, BOUND)
+        .await
+        .expect("reparent stream");
+    let done = &events.last().expect("a done event").1;
+    assert_eq!(done["ok"], true, "{events:?}");
+    let forced = events
+        .iter()
+        .map(|(_, e)| e)
+        .find(|e| {
+            e["event"] == "step"
+                && e["name"] == "fence_old_primary"
+                && e["ok"] == true
+                && e["detail"].as_str().unwrap_or_default().contains("FORCED")
+        })
+        .unwrap_or_else(|| panic!("no forced fence step: {events:?}"));
+    println!("{forced}");
+}
+
 // ---- P8: primary and one replica down, semi_sync cannot be met ---------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,12 +554,19 @@ async fn p8_primary_killed_with_a_replica_down_refuses_under_semi_sync() {
 async fn p9_errant_most_advanced_replica_is_not_promoted() {
     let _serial = SERIAL.lock().await;
     // 4 tablets: once the errant replica is out, two clean ones remain, so semi_sync can be met.
-    let c = start(ha_options(4)).await;
+    let c = start(ClusterOptions {
+        start_gateway: true,
+        ..ha_options(4)
+    })
+    .await;
     let o = orch(&c);
     wait_quiet(o, &c, BOUND).await;
+    let g = c.gateway().expect("gateway");
     let w = writer(&c).await;
     let old = alias_of(&c, 0);
     let errant = alias_of(&c, 1);
+    let clean = [alias_of(&c, 2), alias_of(&c, 3)];
+    myha_tests::gw::wait_routes(&c, g, &old, &[&errant, &clean[0], &clean[1]], BOUND).await;
     // A transaction the primary never had, in its own domain so that the replica keeps
     // applying the primary's stream: it stays a superset of every other replica (the most
     // advanced) while holding an errant GTID.
@@ -369,8 +576,12 @@ async fn p9_errant_most_advanced_replica_is_not_promoted() {
          CREATE TABLE IF NOT EXISTS errant.t (id INT PRIMARY KEY); INSERT INTO errant.t VALUES (1)",
     )
     .await;
-    let (detail, _) = wait_problem(o, &c, "errant_gtid", Some(&errant), BOUND).await;
-    println!("reported: errant_gtid: {detail}");
+    // Quarantined with the reason (its data is not the shard's), and so out of read routing.
+    let (detail, _) = wait_problem(o, &c, "quarantined", Some(&errant), BOUND).await;
+    println!("reported: quarantined: {detail}");
+    assert!(detail.contains("errant transactions"), "{detail}");
+    let routes = myha_tests::gw::wait_routes(&c, g, &old, &[&clean[0], &clean[1]], BOUND).await;
+    println!("read routing without the errant replica: {}", routes["ro"]);
     w.wait_more_acks(10, BOUND).await.expect("writes continue");
     c.tablet(0).mysqld().kill().expect("kill mysqld");
     w.mark_fault();
@@ -457,29 +668,83 @@ async fn wait_reparent_lock(rx: &mut tokio::sync::watch::Receiver<topo::Snapshot
     })
 }
 
-/// Never two promotions of the same term: per term above 1, at most one tablet's agent reports
-/// having been promoted under it.
+/// The first audit entry (seen through `rx`, a watch of the shard's audit prefix) that `pred`
+/// accepts, within [`BOUND`].
+async fn wait_audited(
+    rx: &mut tokio::sync::watch::Receiver<topo::Snapshot>,
+    pred: impl Fn(&topo::AuditEntry) -> bool,
+) -> Result<topo::AuditEntry, tokio::time::error::Elapsed> {
+    tokio::time::timeout(BOUND, async {
+        loop {
+            let hit = rx.borrow_and_update().values().find_map(|v| {
+                serde_json::from_slice::<topo::AuditEntry>(v)
+                    .ok()
+                    .filter(|e| pred(e))
+            });
+            if let Some(e) = hit {
+                return e;
+            }
+            rx.changed().await.expect("audit watch");
+        }
+    })
+    .await
+}
+
+/// Never two promotions of the same term, checked on the durable record of every promotion (the
+/// shard history, written create-only by each promoted agent before its mysqld became writable;
+/// a later repoint cannot erase it, unlike an agent's current `promoted_term`): the terms on
+/// record follow each other in time, the shard record's primary is the one on record for its
+/// term, and every promotion an agent reports is on record with that agent.
 async fn assert_one_promotion_per_term(c: &Cluster) {
-    let mut by_term: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    let history = c
+        .topo()
+        .promotion_history(c.keyspace(), c.shard())
+        .await
+        .expect("read the shard history");
+    let lines: Vec<String> = history
+        .iter()
+        .map(|p| {
+            format!(
+                "term {} -> {} at {} by {}",
+                p.term, p.primary, p.at_ms, p.by
+            )
+        })
+        .collect();
+    println!("promotions on record:\n  {}", lines.join("\n  "));
+    for pair in history.windows(2) {
+        assert!(
+            pair[0].term < pair[1].term && pair[0].at_ms <= pair[1].at_ms,
+            "promotions out of order: {:?} then {:?}",
+            pair[0],
+            pair[1]
+        );
+    }
+    let rec = record(c).await;
+    if rec.term > 0 {
+        let on_record = history.iter().find(|p| p.term == rec.term);
+        assert_eq!(
+            on_record.map(|p| p.primary.as_str()),
+            rec.primary.as_deref(),
+            "the shard record's primary at term {} is not the one on record",
+            rec.term
+        );
+    }
     for t in c.tablets() {
         let Some(a) = t.agent().filter(|a| a.is_running()) else {
             continue;
         };
         if let Ok(h) = a.full_status().await {
-            if h.promoted_term > 1 {
-                by_term
-                    .entry(h.promoted_term)
-                    .or_default()
-                    .push(t.alias().to_string());
+            if h.promoted_term > 0 {
+                let p = history.iter().find(|p| p.term == h.promoted_term);
+                assert_eq!(
+                    p.map(|p| p.primary.as_str()),
+                    Some(t.alias()),
+                    "{} reports a promotion under term {} that is not on record as its own",
+                    t.alias(),
+                    h.promoted_term
+                );
             }
         }
-    }
-    println!("promoted terms reported by the agents: {by_term:?}");
-    for (term, tablets) in &by_term {
-        assert!(
-            tablets.len() <= 1,
-            "two tablets promoted under term {term}: {tablets:?}"
-        );
     }
 }
 
@@ -573,18 +838,8 @@ async fn p12_orchestrator_frozen_midway_and_resumed_after_takeover_changes_nothi
     // steps are audited asynchronously, so it may be a step or two further): its lease
     // expires, the second one takes over and finishes.
     let info = wait_reparent_lock(&mut rx).await;
-    let step = tokio::time::timeout(BOUND, async {
-        loop {
-            let hit = audit_rx.borrow_and_update().values().find_map(|v| {
-                serde_json::from_slice::<topo::AuditEntry>(v)
-                    .ok()
-                    .filter(|e| e.actor == info.holder && e.action != "emergency_reparent")
-            });
-            if let Some(e) = hit {
-                return e;
-            }
-            audit_rx.changed().await.expect("audit watch");
-        }
+    let step = wait_audited(&mut audit_rx, |e| {
+        e.actor == info.holder && e.action != "emergency_reparent"
     })
     .await
     .expect("the first orchestrator audits a reparent step");
@@ -629,6 +884,193 @@ async fn p12_orchestrator_frozen_midway_and_resumed_after_takeover_changes_nothi
         w.acked() > acked_before,
         "writes continue on the new primary"
     );
+    w.verify(&c).await;
+}
+
+/// Holds the row `blocker.id = 1` locked on a replica (an open `SELECT ... FOR UPDATE`), so that
+/// its SQL thread waits on the next replicated change of that row. Dropping the connection
+/// (or `ROLLBACK`) lets it go.
+async fn hold_row_lock(t: &harness::Tablet) -> mysql_async::Conn {
+    use mysql_async::prelude::Queryable;
+    let mut conn = t.root_conn().await.expect("root conn");
+    conn.query_drop("BEGIN").await.expect("begin");
+    conn.query_drop("SELECT * FROM app.p21_blocker WHERE id = 1 FOR UPDATE")
+        .await
+        .expect("lock the row");
+    conn
+}
+
+/// P21: an orchestrator frozen mid-reparent past its lock TTL, while a second one takes the lock
+/// and acts under the same term (the primary came back, so it repairs instead of failing over):
+/// once thawed, the first sends nothing (its local lease deadline has passed) and would be
+/// refused anyway (its lock epoch is older than the second one's at that term). It changes
+/// nothing: no second writable mysqld, no promotion on record, the record untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p21_stale_orchestrator_thawed_after_another_acted_at_the_same_term_changes_nothing() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let a = orch(&c);
+    wait_quiet(a, &c, BOUND).await;
+    let (primary, r1, r2) = (c.tablet(0), c.tablet(1), c.tablet(2));
+    sql(
+        primary,
+        "CREATE TABLE IF NOT EXISTS app.p21_blocker (id INT PRIMARY KEY, v INT NOT NULL)",
+    )
+    .await;
+    sql(primary, "INSERT INTO app.p21_blocker VALUES (1, 0)").await;
+    for r in [r1, r2] {
+        wait_ok(&c, "the blocker row replicated", BOUND, || async move {
+            let mut conn = r.root_conn().await.map_err(|e| e.to_string())?;
+            use mysql_async::prelude::Queryable;
+            let n: Option<u64> = conn
+                .query_first("SELECT COUNT(*) FROM app.p21_blocker")
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = conn.disconnect().await;
+            (n == Some(1))
+                .then_some(())
+                .ok_or_else(|| "not yet".to_string())
+        })
+        .await;
+    }
+    let w = writer(&c).await;
+    // Both replicas receive (and acknowledge) the change of the locked row, and cannot apply it.
+    let locks = [hold_row_lock(r1).await, hold_row_lock(r2).await];
+    sql(primary, "UPDATE app.p21_blocker SET v = v + 1 WHERE id = 1").await;
+    w.wait_more_acks(20, BOUND).await.expect("acks continue");
+
+    let lock_watch = c
+        .topo()
+        .watch_prefix(&c.topo().keys().lock_prefix(c.keyspace(), c.shard()));
+    let mut lock_rx = lock_watch.subscribe();
+    let audit_watch = c
+        .topo()
+        .watch_prefix(&c.topo().keys().audit_prefix(c.keyspace(), c.shard()));
+    let mut audit_rx = audit_watch.subscribe();
+    primary
+        .mysqld()
+        .freeze()
+        .expect("SIGSTOP the primary's mysqld");
+    w.mark_fault();
+    let info = wait_reparent_lock(&mut lock_rx).await;
+    // The first orchestrator waits for a replica to apply what it received: freeze it there.
+    let step = wait_audited(&mut audit_rx, |e| {
+        e.actor == info.holder && e.action == "apply_relay_log_progress"
+    })
+    .await
+    .expect("the first orchestrator waits for a relay log to apply");
+    a.freeze().expect("SIGSTOP the first orchestrator");
+    // The replicas may apply now: the wait the first orchestrator sent just before it froze
+    // succeeds while it is frozen, and its next step on waking is the promotion.
+    drop(locks);
+    println!(
+        "froze {} mid-reparent after: {}",
+        info.holder,
+        audit_line(&step)
+    );
+    let mid = record(&c).await;
+    println!("shard record: {mid:?}");
+    // The primary comes back; a second orchestrator takes the lock once the first one's lease
+    // expired, and repairs the replicas (their IO threads were stopped) under the same term.
+    primary
+        .mysqld()
+        .thaw()
+        .expect("SIGCONT the primary's mysqld");
+    let _b = c.start_orchestrator().await.expect("second orchestrator");
+    for r in [r1, r2] {
+        wait_ok(
+            &c,
+            "the second orchestrator restarts replication",
+            BOUND + ORCH_LEASE_TTL,
+            || async move {
+                let mut conn = r.root_conn().await.map_err(|e| e.to_string())?;
+                let st = harness::slave_status(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_default();
+                let _ = conn.disconnect().await;
+                (col(&st, "Slave_IO_Running") == "Yes")
+                    .then_some(())
+                    .ok_or_else(|| format!("IO thread {}", col(&st, "Slave_IO_Running")))
+            },
+        )
+        .await;
+    }
+    let by_b: Vec<String> = audit(&c)
+        .await
+        .iter()
+        .filter(|e| e.actor != info.holder)
+        .map(audit_line)
+        .collect();
+    println!("the second orchestrator:\n  {}", by_b.join("\n  "));
+    wait_shard_healthy(&c, &[], BOUND).await;
+    let rec = record(&c).await;
+    assert_eq!(rec.primary.as_deref(), Some(primary.alias()));
+    let thawed_ms = topo::now_ms();
+    a.thaw().expect("SIGCONT the first orchestrator");
+    let resumed = Instant::now();
+    while resumed.elapsed() < Duration::from_secs(5) {
+        let r = record(&c).await;
+        assert!(
+            r.term == rec.term && r.primary == rec.primary,
+            "the thawed orchestrator changed the shard record: {r:?}"
+        );
+        for t in [r1, r2] {
+            if let Ok(false) = read_only(t).await {
+                panic!(
+                    "{} is writable next to the primary {} after the first orchestrator thawed\n{}",
+                    t.alias(),
+                    primary.alias(),
+                    audit_text(&audit(&c).await)
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let entries = audit(&c).await;
+    let after: Vec<&topo::AuditEntry> = entries
+        .iter()
+        .filter(|e| e.actor == info.holder && e.at_ms >= thawed_ms)
+        .collect();
+    println!(
+        "what the thawed orchestrator did:\n  {}",
+        after
+            .iter()
+            .map(|e| audit_line(e))
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    // The outcome of the wait sent before the freeze is recorded on waking; anything else that
+    // succeeded went out after the lock was gone.
+    let acted: Vec<String> = after
+        .iter()
+        .filter(|e| {
+            e.outcome == "ok"
+                && e.action != "apply_relay_log_progress"
+                && e.action != "apply_relay_log"
+        })
+        .map(|e| audit_line(e))
+        .collect();
+    assert!(
+        acted.is_empty(),
+        "the thawed orchestrator still acted:\n  {}",
+        acted.join("\n  ")
+    );
+    assert!(
+        after.iter().any(|e| e.action == "lock_deadline"),
+        "the thawed orchestrator did not stop on its lease deadline"
+    );
+    let history = c
+        .topo()
+        .promotion_history(c.keyspace(), c.shard())
+        .await
+        .expect("history");
+    assert_eq!(
+        history.iter().map(|p| p.term).collect::<Vec<_>>(),
+        vec![1],
+        "a promotion went on record: {history:?}"
+    );
+    assert_one_promotion_per_term(&c).await;
     w.verify(&c).await;
 }
 

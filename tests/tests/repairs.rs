@@ -415,7 +415,9 @@ async fn r10_errant_gtid_is_reported_and_kept_out_of_promotion() {
     )
     .await;
     let injected = Instant::now();
-    let (detail, shard) = wait_problem(o, &c, "errant_gtid", Some(&errant), BOUND).await;
+    // Reported, then quarantined (out of reads and promotion) with the reason.
+    let (detail, shard) =
+        wait_any_problem(o, &c, &["errant_gtid", "quarantined"], Some(&errant), BOUND).await;
     println!(
         "R10 reported after {:.3} s: {detail}",
         injected.elapsed().as_secs_f64()

@@ -524,6 +524,63 @@ async fn dead_holders_lock_is_freed_after_ttl() {
     l.release().await.unwrap();
 }
 
+/// P21 at the lock: a holder whose process is frozen past the TTL (here: its only runtime
+/// thread blocked, so no task runs, as under SIGSTOP) wakes up with the keep-alive's flag still
+/// saying "held": the keep-alive notices only after a round trip to etcd, and an action taken at
+/// once would go out under a lock that another holder may own. The local lease deadline (from
+/// when the last renewal was sent) says so at once, and a later holder has a higher epoch.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lock_frozen_past_its_ttl_is_known_lost_before_the_keep_alive_notices() {
+    let etcd = TestEtcd::start().await;
+    let t = connect(&etcd, "/myha").await;
+    let frozen = t
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("frozen-orch", "reparent").with_ttl(SECS(2)),
+        )
+        .await
+        .unwrap();
+    let ttl = frozen.ttl();
+    frozen
+        .check_deadline(Duration::from_millis(200))
+        .expect("held right after taking it");
+    assert!(frozen.remaining().is_some_and(|r| r <= ttl));
+    // Freeze: nothing on this runtime runs (the keep-alive included) for longer than the TTL.
+    std::thread::sleep(ttl + SECS(2));
+    // At the moment of waking, before any other task ran: the old check still says held.
+    assert!(
+        !frozen.is_lost(),
+        "the keep-alive cannot have noticed yet: this is the window the deadline closes"
+    );
+    assert_eq!(frozen.remaining(), None);
+    let err = frozen
+        .check_deadline(Duration::from_millis(200))
+        .expect_err("past the local lease deadline");
+    assert!(
+        err.to_string().contains("local lease deadline has passed"),
+        "{err}"
+    );
+    // etcd agrees: another holder gets the lock, with a higher epoch.
+    let next = t
+        .lock_shard(
+            "commerce",
+            "0",
+            LockRequest::new("next", "x").with_wait(SECS(10)),
+        )
+        .await
+        .expect("the frozen holder's lease expired");
+    assert!(
+        next.epoch() > frozen.epoch(),
+        "{} <= {}",
+        next.epoch(),
+        frozen.epoch()
+    );
+    next.check_deadline(Duration::from_millis(200))
+        .expect("the new holder holds it");
+    next.release().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_shard_needs_the_lock() {
     let etcd = TestEtcd::start().await;

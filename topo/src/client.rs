@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use crate::error::{is_unavailable, TopoError};
 use crate::keys::{validate_name, Keys};
 use crate::records::{
-    now_ms, parse_alias, AuditEntry, CellRecord, KeyspaceRecord, LockInfo, QuarantineRecord,
-    ShardRecord, TabletRecord,
+    now_ms, parse_alias, AuditEntry, CellRecord, KeyspaceRecord, LockInfo, PromotionRecord,
+    QuarantineRecord, ShardRecord, TabletRecord,
 };
 
 /// Result of the topology layer.
@@ -450,6 +450,64 @@ impl Topo {
             key,
             detail: "the shard record keeps changing".into(),
         })
+    }
+
+    /// Records a promotion in the shard's history, create-only: the first tablet to claim a term
+    /// keeps it. Returns the record now stored: `rec` itself, or an earlier record of the same
+    /// term (an idempotent repeat when it names the same tablet). A record naming another tablet
+    /// is [`TopoError::Conflict`].
+    pub async fn record_promotion(&self, rec: &PromotionRecord) -> Result<PromotionRecord> {
+        let key = self.keys.promotion(&rec.keyspace, &rec.shard, rec.term);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), encode(&key, rec)?, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self.txn("record promotion", &key, txn).await?;
+        if resp.succeeded() {
+            return Ok(rec.clone());
+        }
+        let existing: PromotionRecord = match Topo::txn_kvs(&resp).first() {
+            Some(kv) => decode(&key, kv.value())?,
+            None => {
+                return Err(TopoError::Conflict {
+                    key,
+                    detail: "the record exists but could not be read back".into(),
+                })
+            }
+        };
+        if existing.primary != rec.primary {
+            return Err(TopoError::Conflict {
+                key,
+                detail: format!(
+                    "term {} was already given to {} (by {})",
+                    rec.term, existing.primary, existing.by
+                ),
+            });
+        }
+        Ok(existing)
+    }
+
+    /// The promotion that started `term`, if recorded.
+    pub async fn get_promotion(
+        &self,
+        keyspace: &str,
+        shard: &str,
+        term: u64,
+    ) -> Result<Option<PromotionRecord>> {
+        Ok(self
+            .get_json(&self.keys.promotion(keyspace, shard, term))
+            .await?
+            .map(|(r, _)| r))
+    }
+
+    /// Every recorded promotion of a shard, in term order.
+    pub async fn promotion_history(
+        &self,
+        keyspace: &str,
+        shard: &str,
+    ) -> Result<Vec<PromotionRecord>> {
+        self.list_json(&self.keys.history_prefix(keyspace, shard))
+            .await
     }
 
     /// Reads `{p}/tablets/{alias}`.

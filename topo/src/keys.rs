@@ -119,6 +119,16 @@ impl Keys {
         format!("{}/audit/{ks}/", self.prefix)
     }
 
+    /// `{p}/history/{ks}/{shard}/{term:020}`: the promotion that started `term`.
+    pub fn promotion(&self, ks: &str, shard: &str, term: u64) -> String {
+        format!("{}/history/{ks}/{shard}/{term:020}", self.prefix)
+    }
+
+    /// `{p}/history/{ks}/{shard}/`: every promotion of a shard, in term order.
+    pub fn history_prefix(&self, ks: &str, shard: &str) -> String {
+        format!("{}/history/{ks}/{shard}/", self.prefix)
+    }
+
     /// `{p}/quarantine/{alias}`.
     pub fn quarantine(&self, alias: &str) -> String {
         format!("{}/quarantine/{alias}", self.prefix)

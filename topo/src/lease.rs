@@ -1,5 +1,6 @@
 //! Leases kept alive by a background task, and a retry backoff.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -46,26 +47,47 @@ impl Backoff {
 /// A granted lease whose keep-alive runs in a background task. `lost` turns `Some(reason)`
 /// the moment a keep-alive fails (the task then stops: the lease will expire on its own).
 /// Dropping it stops the keep-alive without revoking the lease.
+///
+/// `valid_until` is a local, conservative deadline: the instant a request that etcd answered
+/// with the lease alive was *sent* (the grant, then each keep-alive), plus the TTL etcd gave.
+/// etcd starts its own countdown no earlier than it received that request, so before this
+/// deadline the lease cannot have expired, whatever the keep-alive task has or has not noticed
+/// (a process frozen past the TTL wakes up with an old `lost == None` but a passed deadline).
 #[derive(Debug)]
 pub(crate) struct KeptLease {
     pub(crate) id: i64,
     pub(crate) ttl: Duration,
     lost: watch::Receiver<Option<String>>,
+    valid_until: Arc<Mutex<Instant>>,
     task: JoinHandle<()>,
 }
 
 impl KeptLease {
     /// Grants a lease of `ttl` and starts keeping it alive.
     pub(crate) async fn grant(topo: &Topo, ttl: Duration) -> crate::Result<KeptLease> {
+        let asked = Instant::now();
         let (id, granted) = topo.grant_lease(ttl).await?;
         let (tx, lost) = watch::channel(None);
-        let task = tokio::spawn(keep_alive(topo.clone(), id, granted, tx));
+        let valid_until = Arc::new(Mutex::new(asked + granted));
+        let task = tokio::spawn(keep_alive(
+            topo.clone(),
+            id,
+            granted,
+            tx,
+            valid_until.clone(),
+        ));
         Ok(KeptLease {
             id,
             ttl: granted,
             lost,
+            valid_until,
             task,
         })
+    }
+
+    /// The local deadline before which the lease is certainly alive (see the type's doc).
+    pub(crate) fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn lost(&self) -> watch::Receiver<Option<String>> {
@@ -88,14 +110,25 @@ impl Drop for KeptLease {
     }
 }
 
-async fn keep_alive(topo: Topo, id: i64, ttl: Duration, lost: watch::Sender<Option<String>>) {
-    let reason = keep_alive_until_failure(&topo, id, ttl).await;
+async fn keep_alive(
+    topo: Topo,
+    id: i64,
+    ttl: Duration,
+    lost: watch::Sender<Option<String>>,
+    valid_until: Arc<Mutex<Instant>>,
+) {
+    let reason = keep_alive_until_failure(&topo, id, ttl, &valid_until).await;
     tracing::warn!(lease = format_args!("{id:x}"), %reason, "lease keep-alive failed");
     let _ = lost.send(Some(reason));
 }
 
 /// Renews every ttl/3 and waits for each answer; returns why it stopped.
-async fn keep_alive_until_failure(topo: &Topo, id: i64, ttl: Duration) -> String {
+async fn keep_alive_until_failure(
+    topo: &Topo,
+    id: i64,
+    ttl: Duration,
+    valid_until: &Mutex<Instant>,
+) -> String {
     let interval = (ttl / 3).max(Duration::from_millis(100));
     // An answer must come back well before the lease could expire.
     let answer_timeout = topo.op_timeout().min(interval);
@@ -111,7 +144,8 @@ async fn keep_alive_until_failure(topo: &Topo, id: i64, ttl: Duration) -> String
     let mut next = Instant::now() + interval;
     loop {
         tokio::time::sleep_until(next).await;
-        next = Instant::now() + interval;
+        let sent = Instant::now();
+        next = sent + interval;
         if let Err(e) = keeper.keep_alive().await {
             topo.set_reachable(false);
             return format!("sending keep-alive: {e}");
@@ -134,6 +168,9 @@ async fn keep_alive_until_failure(topo: &Topo, id: i64, ttl: Duration) -> String
                 if resp.ttl() <= 0 {
                     return "lease expired or revoked".to_string();
                 }
+                let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
+                let mut v = valid_until.lock().unwrap_or_else(|p| p.into_inner());
+                *v = (*v).max(sent + granted);
             }
         }
     }

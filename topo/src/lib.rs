@@ -20,7 +20,7 @@ pub use keys::{prefix_range_end, validate_name, Keys, DEFAULT_PREFIX};
 pub use lock::{LockRequest, ShardLock, DEFAULT_LOCK_TTL};
 pub use records::{
     alias, now_ms, parse_alias, AuditEntry, CellRecord, Durability, KeyspaceRecord, LockInfo,
-    PromotionRule, QuarantineRecord, ShardRecord, TabletRecord, TabletType,
+    PromotionRecord, PromotionRule, QuarantineRecord, ShardRecord, TabletRecord, TabletType,
     MIN_LOSSLESS_SEMI_SYNC_TIMEOUT,
 };
 pub use registration::{Registration, RegistrationStatus};

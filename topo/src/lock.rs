@@ -71,6 +71,8 @@ pub struct ShardLock {
     key: String,
     info: LockInfo,
     lease: KeptLease,
+    /// The create revision of our owner key (see [`ShardLock::epoch`]).
+    epoch: i64,
     done: bool,
 }
 
@@ -96,7 +98,7 @@ impl Topo {
             .acquire(keyspace, shard, &key, &mut info, &lease, req.wait)
             .await
         {
-            Ok(()) => {
+            Ok(epoch) => {
                 tracing::info!(key, holder = %info.holder, purpose = %info.purpose, "shard lock acquired");
                 Ok(ShardLock {
                     topo: self.clone(),
@@ -105,6 +107,7 @@ impl Topo {
                     key,
                     info,
                     lease,
+                    epoch,
                     done: false,
                 })
             }
@@ -129,7 +132,7 @@ impl Topo {
         info: &mut LockInfo,
         lease: &KeptLease,
         wait: Option<Duration>,
-    ) -> Result<()> {
+    ) -> Result<i64> {
         let started = Instant::now();
         let prefix = self.keys().lock_prefix(keyspace, shard);
         let txn = Txn::new()
@@ -209,7 +212,7 @@ impl Topo {
             );
             self.call("put", key, put).await?;
         }
-        Ok(())
+        Ok(my_rev)
     }
 
     /// Returns when `key` is deleted (at or after `from_rev`), when `remaining` passes, when
@@ -298,6 +301,44 @@ impl ShardLock {
     /// True once the keep-alive failed.
     pub fn is_lost(&self) -> bool {
         self.lease.lost_reason().is_some()
+    }
+
+    /// The lock's epoch: the etcd create revision of our owner key. Owners of a shard's lock
+    /// follow the order of their keys' creation, so a later holder always has a higher epoch;
+    /// agents use it to refuse an older holder at an equal term.
+    pub fn epoch(&self) -> u64 {
+        u64::try_from(self.epoch).unwrap_or(0)
+    }
+
+    /// How long the lock is still certainly ours by the local lease deadline (measured from
+    /// when the request that last renewed it was sent), `None` once past it. Checked right
+    /// before every action taken under the lock: after a freeze longer than the TTL this says
+    /// so at once, before the keep-alive task has had a chance to notice.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.lease
+            .valid_until()
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+    }
+
+    /// `Err(LockLost)` unless the lock is neither lost nor within `margin` of its local lease
+    /// deadline.
+    pub fn check_deadline(&self, margin: Duration) -> Result<()> {
+        self.check()?;
+        match self.remaining() {
+            Some(left) if left > margin => Ok(()),
+            left => Err(TopoError::LockLost {
+                key: self.key.clone(),
+                reason: format!(
+                    "the local lease deadline {} (TTL {:?}, margin {margin:?}): the lock may belong to another holder now",
+                    match left {
+                        Some(l) => format!("is {l:?} away"),
+                        None => "has passed".to_string(),
+                    },
+                    self.lease.ttl
+                ),
+            }),
+        }
     }
 
     /// `Err(LockLost)` if the keep-alive failed.

@@ -75,6 +75,33 @@ impl ShardRecord {
     }
 }
 
+/// One promotion, kept for good at `{p}/history/{ks}/{shard}/{term:020}`: which server became
+/// primary at which term, from which position. Written by the promoted tablet's agent, create-only,
+/// before its mysqld is made writable: a term can be given to one tablet only, and every
+/// promotion that ever made a mysqld writable is on record (a later repoint cannot erase it).
+/// The shard's history is also the reference for errant transactions: during a term only its
+/// primary writes, so a transaction past the term's start position written by another server is
+/// errant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotionRecord {
+    pub keyspace: String,
+    pub shard: String,
+    pub term: u64,
+    /// Alias of the tablet promoted.
+    pub primary: String,
+    /// Its writer id: server_id (MariaDB) or server_uuid (MySQL).
+    pub writer: String,
+    /// Its GTID position when it became primary (replication stopped, before writable).
+    pub position: String,
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Who asked (the orchestrator's actor name, or `bootstrap` for a first primary).
+    pub by: String,
+    /// The shard-lock epoch of the request (0 without a lock: a bootstrap).
+    #[serde(default)]
+    pub lock_epoch: u64,
+}
+
 /// The role a tablet registers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

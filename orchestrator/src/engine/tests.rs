@@ -31,6 +31,7 @@ fn urgency_follows_the_rules() {
         P::DeadPrimaryAndSomeReplicas,
         P::NoPrimary,
         P::StaleTabletClaimingPrimary,
+        P::ErrantGtid,
         P::PrimaryReplicating,
         P::PrimaryReadOnly,
         P::PrimarySemiSyncMustNotBeSet,
@@ -52,7 +53,6 @@ fn urgency_follows_the_rules() {
     for c in [
         P::DeadPrimaryAndAllReplicas,
         P::UnreachablePrimary,
-        P::ErrantGtid,
         P::ReplicaMysqlUnreachable,
         P::ReplicaAgentUnreachable,
         P::Quarantined,
@@ -82,7 +82,7 @@ fn most_urgent_picks_the_dead_primary_first() {
     let problems = vec![
         p(P::UnreachablePrimary, Some("zone1-101")),
         p(P::DeadPrimaryAndAllReplicas, Some("zone1-101")),
-        p(P::ErrantGtid, Some("zone1-102")),
+        p(P::ReplicaMysqlUnreachable, Some("zone1-102")),
     ];
     assert_eq!(most_urgent(&problems), None);
     // Among recoverable ones the rank decides, not the order.

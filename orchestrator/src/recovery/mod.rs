@@ -699,6 +699,10 @@ impl FreshShard {
 /// How often [`RecoveryContext::apply_received`] audits the progress of a long apply.
 pub const APPLY_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+/// An action is only sent while the shard lock's local lease deadline is at least this far away:
+/// the RPC must reach the agent before another orchestrator could take the lock.
+pub const LOCK_DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
 pub const SUSPECT_STATUS_TIMEOUT: Duration = Duration::from_millis(150);
 
 /// Re-reads the shard record, keyspace and registrations from etcd, and asks every registered
@@ -870,6 +874,7 @@ impl RecoveryContext {
             term: self.term(),
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             requester: self.deps.actor.to_string(),
+            lock_epoch: self.lock.epoch(),
         }
     }
 
@@ -994,11 +999,20 @@ impl RecoveryContext {
     where
         Fut: Future<Output = Result<tonic::Response<pb::ActionResponse>, tonic::Status>>,
     {
-        // Never act for a lock we no longer hold: another instance may own the shard now.
-        if self.lock.is_lost() {
-            return Err(RecoveryError::Refused(format!(
-                "shard lock lost before {rpc} on {alias}: stopping"
-            )));
+        // Never act for a lock we may no longer hold: another instance may own the shard now.
+        // The local lease deadline is checked right before sending, since the keep-alive task
+        // only notices a loss after a round trip (a freeze past the TTL wakes both at once).
+        if let Err(e) = self.lock.check_deadline(LOCK_DEADLINE_MARGIN) {
+            let why =
+                format!("shard lock not certainly held before {rpc} on {alias}: {e}; stopping");
+            self.record_step(
+                "lock_deadline",
+                Some(alias),
+                false,
+                why.clone(),
+                Duration::ZERO,
+            );
+            return Err(RecoveryError::Refused(why));
         }
         let client = self.deps.agents.client(self.tablet(alias)?)?;
         let ctx = self.action_context(timeout);
@@ -1194,6 +1208,38 @@ impl RecoveryContext {
             })
             .await
         })
+        .await
+    }
+
+    /// Asks `via`'s agent to fence the mysqld at `addr` (`host:port`) of `target`, a deposed
+    /// primary whose own agent is gone: read-only, client sessions killed. Bounded by `bound`.
+    pub async fn fence_server(
+        &self,
+        via: &str,
+        target: &str,
+        addr: &str,
+        bound: Duration,
+    ) -> Result<pb::ActionResponse, RecoveryError> {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_string(), p.parse::<u32>().ok()?)))
+            .ok_or_else(|| RecoveryError::Failed(format!("bad mysqld address {addr:?}")))?;
+        let target = target.to_string();
+        self.action(
+            "FenceServer",
+            "fence_old_primary",
+            via,
+            bound,
+            |mut c, ctx| async move {
+                c.fence_server(pb::FenceServerRequest {
+                    ctx: Some(ctx),
+                    host,
+                    port,
+                    alias: target,
+                })
+                .await
+            },
+        )
         .await
     }
 

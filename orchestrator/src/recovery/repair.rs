@@ -28,6 +28,7 @@ pub fn supports(code: ProblemCode) -> bool {
             | ProblemCode::ReplicaNotReplicating
             | ProblemCode::ReplicaWrongSource
             | ProblemCode::StaleTabletClaimingPrimary
+            | ProblemCode::ErrantGtid
             | ProblemCode::ReparentInProgress
     )
 }
@@ -102,6 +103,7 @@ pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, Re
             )))
         }
         ProblemCode::StaleTabletClaimingPrimary => rejoin_or_quarantine(ctx, problem).await,
+        ProblemCode::ErrantGtid => quarantine_errant(ctx, problem).await,
         ProblemCode::ReparentInProgress => clear_stale_mark(ctx).await,
         other => Err(RecoveryError::Refused(format!(
             "no automatic repair for {}",
@@ -116,6 +118,48 @@ fn onoff(b: bool) -> &'static str {
     } else {
         "off"
     }
+}
+
+/// Quarantines `alias` with `reason` as one step.
+async fn quarantine_step(
+    ctx: &RecoveryContext,
+    alias: &str,
+    reason: &str,
+) -> Result<(), RecoveryError> {
+    let control = Control::new(ctx.deps.topo.clone());
+    ctx.step(
+        "quarantine",
+        Some(alias),
+        async {
+            control
+                .quarantine(alias, reason, ctx.term())
+                .await
+                .map_err(|e| RecoveryError::Failed(e.to_string()))
+        },
+        |_| reason.to_string(),
+    )
+    .await
+    .map(drop)
+}
+
+/// A replica holding transactions the primary never had (P9): its data is not the shard's, so it
+/// must not serve reads nor be promoted. Quarantined with the analysis' reason (the gateway then
+/// leaves it out of read routing; only an operator lifts it, after resolving the transactions).
+/// Nothing is changed on its mysqld: the transactions stay there for the operator to inspect.
+async fn quarantine_errant(
+    ctx: &RecoveryContext,
+    problem: &Problem,
+) -> Result<Done, RecoveryError> {
+    let alias = tablet_of(problem)?;
+    let reason = format!(
+        "{}; quarantined: out of read routing and never promoted until an operator resolves them",
+        problem.detail
+    );
+    quarantine_step(ctx, alias, &reason).await?;
+    Ok(Done {
+        detail: format!("{alias}: {reason}"),
+        ..Done::default()
+    })
 }
 
 /// A tablet promoted under an older term came back (P3, R9). It rejoins as a replica of the
@@ -168,19 +212,7 @@ async fn rejoin_or_quarantine(
         );
         // Read-only first: the agent fences it already, this makes sure.
         ctx.set_read_only(stale, true).await?;
-        let control = Control::new(ctx.deps.topo.clone());
-        ctx.step(
-            "quarantine",
-            Some(stale),
-            async {
-                control
-                    .quarantine(stale, &reason, ctx.term())
-                    .await
-                    .map_err(|e| RecoveryError::Failed(e.to_string()))
-            },
-            |_| reason.clone(),
-        )
-        .await?;
+        quarantine_step(ctx, stale, &reason).await?;
         return Ok(Done {
             detail: reason,
             ..Done::default()
@@ -375,13 +407,13 @@ mod tests {
             ProblemCode::ReplicaNotReplicating,
             ProblemCode::ReplicaWrongSource,
             ProblemCode::StaleTabletClaimingPrimary,
+            ProblemCode::ErrantGtid,
             ProblemCode::ReparentInProgress,
         ] {
             assert!(supports(code), "{code:?}");
             assert!(code.actionable(), "{code:?}");
         }
         for code in [
-            ProblemCode::ErrantGtid,
             ProblemCode::UnreachablePrimary,
             ProblemCode::Quarantined,
             ProblemCode::DeadPrimary,

@@ -38,7 +38,7 @@ use gtid::GtidSet;
 use myha_proto::agent as pb;
 use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
 
-use super::{Done, RecoveryContext, RecoveryError, OUTCOME_OK};
+use super::{Done, FreshShard, RecoveryContext, RecoveryError, OUTCOME_OK};
 use crate::analysis::{
     self, choose_candidate, choose_requested_candidate, Candidate, Choice, Refusal,
 };
@@ -207,8 +207,6 @@ pub async fn emergency_reparent_with(
         .clone()
         .ok_or_else(|| RecoveryError::Refused("the shard record names no primary".into()))?;
     let new_term = fresh.next_promotion_term();
-    // Everything before the promotion runs under the highest term already known.
-    ctx.set_term(new_term - 1);
     let durability = ctx.durability();
     let old_cell = fresh
         .tablets
@@ -379,13 +377,7 @@ pub async fn emergency_reparent_with(
         }
     }
     if reference.is_none() {
-        ctx.audit(
-            "errant_check",
-            Some(&old_primary),
-            OUTCOME_OK,
-            format!("the dead primary {old_primary}'s last position is unknown to this orchestrator: errant check skipped (divergence is still refused)"),
-            None,
-        );
+        reference = history_reference(ctx, &record, &old_primary, &answering).await;
     }
 
     // Reserve the new term before touching anything (a refusal above burns no term): whoever
@@ -394,6 +386,10 @@ pub async fn emergency_reparent_with(
         undo_first_demotion(ctx, demoted).await;
         return Err(e);
     }
+    // Every step from here on carries the reserved term: it is ours alone (reserved under the
+    // lock), so an agent that accepted one of our steps refuses anyone acting under an older
+    // term, and one that accepted a newer holder's step at this term refuses ours.
+    ctx.set_term(new_term);
 
     // Stop IO everywhere: what each replica received is final from here on.
     let t = Instant::now();
@@ -559,8 +555,42 @@ pub async fn emergency_reparent_with(
     }
     let candidate = ctx.tablet(&choice.candidate)?.clone();
 
+    // A deposed primary whose agent is gone cannot fence itself: the candidate's agent fences
+    // its mysqld over MySQL. Under durability none nothing else stops its clients' writes, so
+    // that comes first and a failure refuses the promotion (unless forced); under semi_sync its
+    // commits cannot complete without the replicas stopped above, and it is fenced right after
+    // the promotion, off the critical path.
+    let agentless = (!fresh.statuses.contains_key(&old_primary))
+        .then(|| old_primary_addr(fresh, &old_primary))
+        .flatten();
+    if let (Some(addr), Durability::None) = (&agentless, durability) {
+        let t = Instant::now();
+        let r = ctx
+            .fence_server(&candidate.alias, &old_primary, addr, FENCE_BOUND)
+            .await;
+        phase("fence_old_primary", t.elapsed());
+        if let Err(e) = r {
+            let why = format!(
+                "durability none: the old primary {old_primary}'s agent is gone and its mysqld at {addr} could not be fenced ({e}); with nothing else to stop its clients' writes, promoting {} would make two writable primaries",
+                candidate.alias
+            );
+            if opts.may_lose_acknowledged_writes {
+                ctx.record_step(
+                    "fence_old_primary",
+                    Some(&old_primary),
+                    true,
+                    format!("FORCED by the operator (may_lose_acknowledged_writes): {why}"),
+                    Duration::ZERO,
+                );
+            } else {
+                let refusal = ctx.refuse("fence_old_primary", Some(&old_primary), why);
+                restart_io(ctx, &stopped).await;
+                return Err(refusal);
+            }
+        }
+    }
+
     // Promote under the new term.
-    ctx.set_term(new_term);
     let t = Instant::now();
     ctx.promote(&candidate.alias).await?;
     phase("promote", t.elapsed());
@@ -586,7 +616,24 @@ pub async fn emergency_reparent_with(
         .filter(|a| **a != candidate.alias && final_statuses.contains_key(*a))
         .cloned()
         .collect();
-    let (ok, failed) = ctx.repoint_all(&others, &candidate, semi).await;
+    let fence_after = async {
+        if let (Some(addr), Durability::SemiSync) = (&agentless, durability) {
+            if let Err(e) = ctx
+                .fence_server(&candidate.alias, &old_primary, addr, FENCE_BOUND)
+                .await
+            {
+                ctx.audit(
+                    "fence_old_primary_noted",
+                    Some(&old_primary),
+                    OUTCOME_OK,
+                    format!("not fenced ({e}): under semi_sync its commits wait for acks no replica sends any more; fenced by its agent if that returns"),
+                    None,
+                );
+            }
+        }
+    };
+    let ((ok, failed), ()) =
+        futures::future::join(ctx.repoint_all(&others, &candidate, semi), fence_after).await;
     phase("repoint", t.elapsed());
     phase("total", total.elapsed());
     let unseen: Vec<&String> = fresh
@@ -624,6 +671,77 @@ pub async fn emergency_reparent_with(
         new_term: Some(new_term),
         new_primary: Some(candidate.alias.clone()),
     })
+}
+
+/// Bound on fencing a deposed primary's mysqld over MySQL (a dead host must not hold a
+/// failover up for long).
+pub const FENCE_BOUND: Duration = Duration::from_secs(2);
+
+/// The mysqld address of the old primary: its registration, else (gone past its lease, P17)
+/// what the replicas probe it at.
+fn old_primary_addr(fresh: &FreshShard, old_primary: &str) -> Option<String> {
+    if let Some(t) = fresh.tablets.get(old_primary) {
+        return Some(format!("{}:{}", t.mysql_host, t.mysql_port));
+    }
+    fresh
+        .statuses
+        .values()
+        .filter_map(|h| h.primary_probe.as_ref())
+        .find(|p| p.primary_alias == old_primary && !p.addr.is_empty())
+        .map(|p| p.addr.clone())
+}
+
+/// The errant-check reference when this orchestrator never saw the dead primary healthy (it just
+/// started, P7): the shard's own history. During term T only its primary writes, so beyond the
+/// position the term started from, a transaction written by another server is errant. Audited
+/// either way, with what the check rests on.
+async fn history_reference(
+    ctx: &RecoveryContext,
+    record: &ShardRecord,
+    old_primary: &str,
+    answering: &BTreeMap<String, pb::Health>,
+) -> Option<Reference> {
+    let flavor = answering.values().next().map(analysis::flavor_of)?;
+    let got = ctx
+        .deps
+        .topo
+        .get_promotion(&ctx.keyspace, &ctx.shard, record.term)
+        .await;
+    let (reference, detail) = match got {
+        Ok(Some(p)) if p.primary == old_primary => match GtidSet::parse(flavor, &p.position) {
+            Ok(position) => (
+                Some(Reference {
+                    position,
+                    writer: p.writer.clone(),
+                }),
+                format!(
+                    "the dead primary {old_primary}'s last position is unknown to this orchestrator; reference from the shard history: term {} started at {} (writer {}): a transaction past it not written by {old_primary} is errant",
+                    p.term, p.position, p.writer
+                ),
+            ),
+            Err(e) => (
+                None,
+                format!("the shard history's start position of term {} cannot be read ({e}): errant check skipped (divergence is still refused)", p.term),
+            ),
+        },
+        Ok(Some(p)) => (
+            None,
+            format!(
+                "the shard history gives term {} to {}, not to {old_primary}: errant check skipped (divergence is still refused)",
+                p.term, p.primary
+            ),
+        ),
+        Ok(None) => (
+            None,
+            format!("the dead primary {old_primary}'s last position is unknown to this orchestrator and term {} has no promotion on record: errant check skipped (divergence is still refused)", record.term),
+        ),
+        Err(e) => (
+            None,
+            format!("the shard history cannot be read ({e}): errant check skipped (divergence is still refused)"),
+        ),
+    };
+    ctx.audit("errant_check", Some(old_primary), OUTCOME_OK, detail, None);
+    reference
 }
 
 /// Stops the IO thread and returns the replica's status with its final positions: (alias, IO
