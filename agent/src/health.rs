@@ -153,6 +153,7 @@ pub fn build(i: HealthInputs<'_>) -> pb::Health {
                 primary_no_tx: o.semi.primary_no_tx,
                 primary_timeout_ms: o.vars.semi_sync_timeout_ms,
                 wait_point: o.vars.semi_sync_wait_point.clone(),
+                wait_no_replica: o.vars.semi_sync_wait_no_replica,
                 replica_active: o.semi.replica_active,
             });
             // Lag only means something where a source is configured: on the primary the row is

@@ -97,6 +97,16 @@ impl Dialect {
         self.is_mysql_at_least((8, 0, 26))
     }
 
+    /// The primary-side variable that keeps commits waiting with no replica attached.
+    fn semi_wait_no_replica_variable(&self) -> String {
+        let p = self.semi_primary_prefix();
+        if self.semi_sync_source_words() {
+            format!("{p}_wait_no_replica")
+        } else {
+            format!("{p}_wait_no_slave")
+        }
+    }
+
     pub fn has_super_read_only(&self) -> bool {
         self.flavor == Flavor::MySql
     }
@@ -155,6 +165,7 @@ impl Dialect {
             format!("{p}_enabled"),
             format!("{p}_timeout"),
             format!("{p}_wait_point"),
+            self.semi_wait_no_replica_variable(),
             format!("{r}_enabled"),
         ];
         names.iter_mut().for_each(|n| *n = format!("'{n}'"));
@@ -326,18 +337,18 @@ impl Dialect {
         if !enabled {
             return vec![format!("SET GLOBAL {p}_enabled = OFF")];
         }
-        // MySQL 8.0.26+ has no wait_no_slave; its equivalent is wait_for_replica_count = 1.
-        let wait_without_replicas = if self.semi_sync_source_words() {
-            format!("SET GLOBAL {p}_wait_for_replica_count = 1")
-        } else {
-            format!("SET GLOBAL {p}_wait_no_slave = ON")
-        };
-        vec![
+        // Keep waiting with no replica attached (never fall back to async): wait_no_slave,
+        // renamed wait_no_replica in MySQL 8.0.26; MySQL also needs one ack per commit.
+        let mut out = vec![
             format!("SET GLOBAL {p}_wait_point = AFTER_SYNC"),
             format!("SET GLOBAL {p}_timeout = {timeout_ms}"),
-            wait_without_replicas,
-            format!("SET GLOBAL {p}_enabled = ON"),
-        ]
+            format!("SET GLOBAL {} = ON", self.semi_wait_no_replica_variable()),
+        ];
+        if self.flavor == Flavor::MySql {
+            out.push(format!("SET GLOBAL {p}_wait_for_replica_count = 1"));
+        }
+        out.push(format!("SET GLOBAL {p}_enabled = ON"));
+        out
     }
 
     pub fn set_semi_sync_replica(&self, enabled: bool) -> String {
@@ -420,6 +431,11 @@ impl Dialect {
             )?
             .unwrap_or(0),
             semi_sync_wait_point: get(&format!("{p}_wait_point")).unwrap_or_default(),
+            semi_sync_wait_no_replica: parse_bool(
+                what,
+                "semi wait no replica",
+                get(&self.semi_wait_no_replica_variable()),
+            )?,
         })
     }
 
@@ -573,6 +589,8 @@ pub struct ServerVariables {
     pub semi_sync_replica_enabled: bool,
     pub semi_sync_timeout_ms: u64,
     pub semi_sync_wait_point: String,
+    /// wait_no_slave / wait_no_replica (`None`: the plugin is not loaded).
+    pub semi_sync_wait_no_replica: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

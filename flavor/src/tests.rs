@@ -220,6 +220,7 @@ fn parses_mariadb_variables() {
         ("rpl_semi_sync_master_enabled", "ON"),
         ("rpl_semi_sync_master_timeout", "2592000000"),
         ("rpl_semi_sync_master_wait_point", "AFTER_SYNC"),
+        ("rpl_semi_sync_master_wait_no_slave", "ON"),
         ("rpl_semi_sync_slave_enabled", "OFF"),
         ("server_id", "101"),
         ("version", "10.11.19-MariaDB-0+deb12u1-log"),
@@ -233,6 +234,7 @@ fn parses_mariadb_variables() {
     assert!(!v.semi_sync_replica_enabled);
     assert_eq!(v.semi_sync_timeout_ms, 2_592_000_000);
     assert_eq!(v.semi_sync_wait_point, "AFTER_SYNC");
+    assert_eq!(v.semi_sync_wait_no_replica, Some(true));
 }
 
 #[test]
@@ -337,6 +339,13 @@ fn statements_per_flavor() {
     assert!(semi
         .iter()
         .any(|s| s.contains("wait_for_replica_count = 1")));
+    // MySQL 8.0.26+ renamed wait_no_slave: set under its new name.
+    assert!(semi
+        .iter()
+        .any(|s| s == "SET GLOBAL rpl_semi_sync_source_wait_no_replica = ON"));
+    assert!(y
+        .variables_query()
+        .contains("'rpl_semi_sync_source_wait_no_replica'"));
     assert_eq!(
         y.set_semi_sync_replica(true),
         "SET GLOBAL rpl_semi_sync_replica_enabled = ON"

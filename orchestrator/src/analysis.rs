@@ -74,6 +74,13 @@ pub enum ProblemCode {
     /// by a dead orchestrator is cleared once the shard lock is free (the engine waits
     /// `lock_ttl` first).
     ReparentInProgress,
+    /// A tablet reports a term the shard record does not account for: a promotion above the
+    /// record's term, or a known term above its reservation (X2: an etcd restored from a
+    /// snapshot, or an orchestrator that died between a promotion and the record write). The
+    /// record is not to be trusted, so every other fix is held (repairing towards a stale
+    /// record could make a second primary); the repair adopts the one writable tablet that
+    /// claims the newest promotion, or only raises the reservation, and refuses otherwise.
+    TermAheadOfRecord,
 }
 
 impl ProblemCode {
@@ -103,6 +110,7 @@ impl ProblemCode {
             ProblemCode::ReplicaAgentUnreachable => "replica_agent_unreachable",
             ProblemCode::Quarantined => "quarantined",
             ProblemCode::ReparentInProgress => "reparent_in_progress",
+            ProblemCode::TermAheadOfRecord => "term_ahead_of_record",
         }
     }
 
@@ -334,6 +342,9 @@ pub fn held_while_reparenting(code: ProblemCode) -> bool {
 /// progress, the problems [`held_while_reparenting`] are left out and
 /// [`ProblemCode::ReparentInProgress`] is reported instead.
 pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
+    if let Some(p) = term_ahead_of_record(input, cfg) {
+        return vec![p];
+    }
     let mut out = analyze_topology(input, cfg);
     let mark = input
         .record
@@ -348,6 +359,44 @@ pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         ));
     }
     out
+}
+
+/// X2: a tablet's term the record does not account for (see [`ProblemCode::TermAheadOfRecord`]).
+fn term_ahead_of_record(input: &ShardInput, cfg: &AnalysisConfig) -> Option<Problem> {
+    let rec = input.record.as_ref()?;
+    // A marked reparent promotes before it writes the record: expected, held like the rest.
+    if rec.reparent_in_progress.is_some() {
+        return None;
+    }
+    let known = rec.term.max(rec.reserved_term);
+    let mut ahead: Vec<String> = Vec::new();
+    for t in &input.tablets {
+        let Some(h) = t.fresh_health(cfg) else {
+            continue;
+        };
+        if h.promoted_term > rec.term {
+            ahead.push(format!(
+                "{} promoted under term {}",
+                t.alias(),
+                h.promoted_term
+            ));
+        } else if h.term > known {
+            ahead.push(format!("{} knows term {}", t.alias(), h.term));
+        }
+    }
+    (!ahead.is_empty()).then(|| {
+        Problem::new(
+            ProblemCode::TermAheadOfRecord,
+            None,
+            format!(
+                "the shard record (primary {}, term {}, reserved {}) is behind what tablets report: {}; every other fix is held until it is reconciled",
+                rec.primary.as_deref().unwrap_or("none"),
+                rec.term,
+                rec.reserved_term,
+                ahead.join(", ")
+            ),
+        )
+    })
 }
 
 fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
@@ -571,8 +620,11 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
     }
     let ps = ph.semi_sync.clone().unwrap_or_default();
     if semi {
+        // Read back, not assumed from the promotion: AFTER_SYNC, a timeout that never falls
+        // back, and waiting with no replica attached (wait_no_slave / wait_no_replica).
         let lossless = ps.wait_point.eq_ignore_ascii_case("AFTER_SYNC")
-            && Duration::from_millis(ps.primary_timeout_ms) >= cfg.min_semi_sync_timeout;
+            && Duration::from_millis(ps.primary_timeout_ms) >= cfg.min_semi_sync_timeout
+            && ps.wait_no_replica != Some(false);
         // Enabling the primary side with no acking replica would block every commit: wait for
         // the replicas' side to be fixed first.
         if (!ps.primary_enabled || !lossless) && acking_replicas > 0 {
@@ -581,8 +633,14 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
                 Some(&primary_alias),
                 if ps.primary_enabled {
                     format!(
-                        "durability semi_sync: not lossless (wait point {}, timeout {} ms)",
-                        ps.wait_point, ps.primary_timeout_ms
+                        "durability semi_sync: not lossless (wait point {}, timeout {} ms, wait with no replica {})",
+                        ps.wait_point,
+                        ps.primary_timeout_ms,
+                        match ps.wait_no_replica {
+                            Some(true) => "on",
+                            Some(false) => "off",
+                            None => "unknown",
+                        }
                     )
                 } else {
                     "durability semi_sync: primary side is off".to_string()

@@ -213,7 +213,8 @@ fn describe_metrics() {
 pub fn urgency(code: ProblemCode) -> Option<u8> {
     use ProblemCode as P;
     Some(match code {
-        P::DeadPrimary => 0,
+        // A record behind the tablets is reconciled first: every other fix rests on it.
+        P::TermAheadOfRecord | P::DeadPrimary => 0,
         P::DeadPrimaryAndSomeReplicas | P::IsolatedPrimary => 1,
         // A stale mark (after `Gate::mark_grace`) hides every fix below: clear it first.
         P::ReparentInProgress => 2,
@@ -394,7 +395,8 @@ pub fn decide(
             true,
         );
     }
-    if !recovery::is_dead_primary(p.code) {
+    // A record behind the tablets names the wrong primary to suspect: reconciling it first.
+    if !recovery::is_dead_primary(p.code) && p.code != ProblemCode::TermAheadOfRecord {
         if let Some(why) = &gate.primary_suspect {
             return wait(
                 format!("the primary is suspect ({why}): waiting for the dead-primary analysis"),

@@ -312,6 +312,80 @@ async fn x1_a_corrupt_tablet_record_does_not_stop_a_failover() {
     w.verify(&c).await;
 }
 
+/// X2: the shard record goes back to an older term (an etcd restored from a snapshot) after a
+/// failover. The tablets report the newer term; the analysis holds every other fix (acting on
+/// the stale record would fail over again, or worse) and the record is reconciled to the one
+/// writable tablet that claims the newest promotion, at its term. Never a second writable tablet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x2_a_record_restored_to_an_older_term_is_reconciled_to_the_real_primary() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ha_options(3)).await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let key = c.topo().keys().shard(c.keyspace(), c.shard());
+    let before = c
+        .topo()
+        .client()
+        .kv_client()
+        .get(key.as_str(), None)
+        .await
+        .expect("read the shard record")
+        .kvs()
+        .first()
+        .map(|kv| kv.value().to_vec())
+        .expect("a shard record");
+    let w = writer(&c).await;
+    let old = alias_of(&c, 0);
+    c.tablet(0).mysqld().kill().expect("kill the primary");
+    w.mark_fault();
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    let new = rec.primary.clone().expect("a new primary");
+    println!("failed over to {new} at term {}", rec.term);
+    // The restore: the record as it was at term 1.
+    let restored_ms = topo::now_ms();
+    c.topo()
+        .client()
+        .kv_client()
+        .put(key.as_str(), before, None)
+        .await
+        .expect("restore the old record");
+    let (detail, _) = wait_problem(o, &c, "term_ahead_of_record", None, BOUND).await;
+    println!("reported: {detail}");
+    let (fixed, _) = wait_record(&c, "the record reconciled", BOUND, |r| {
+        r.primary.as_deref() == Some(new.as_str()) && r.term == rec.term
+    })
+    .await;
+    println!("reconciled: {fixed:?}");
+    let entries = audit(&c).await;
+    let since: Vec<&topo::AuditEntry> = entries.iter().filter(|e| e.at_ms >= restored_ms).collect();
+    assert!(
+        since
+            .iter()
+            .any(|e| e.action == "reconcile_terms" && e.outcome == "ok"),
+        "no reconcile step:\n{}",
+        audit_text(&entries)
+    );
+    assert!(
+        !since.iter().any(|e| e.action == "emergency_reparent"),
+        "a second failover on the stale record:\n{}",
+        audit_text(&entries)
+    );
+    for i in [1, 2] {
+        let t = c.tablet(i);
+        if t.alias() != new {
+            assert!(
+                read_only(t).await.expect("replica answers"),
+                "{} writable",
+                t.alias()
+            );
+        }
+    }
+    w.wait_more_acks(20, BOUND)
+        .await
+        .expect("writes flow again");
+    w.verify(&c).await;
+}
+
 /// Point 9 of the safety work: the audit log is pruned (here to 5 entries per shard, after
 /// every entry) instead of growing until etcd's space quota stops every write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

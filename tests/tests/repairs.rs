@@ -92,6 +92,49 @@ async fn r1_primary_read_only_is_set_back_off() {
     print_repairs(&c, "primary_read_only").await;
 }
 
+/// R1 with the primary's semi-sync side off too: the repair makes it lossless before it makes
+/// it writable (never a writable semi_sync primary that acknowledges commits no replica holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r1_a_read_only_primary_is_made_lossless_before_writable() {
+    let _serial = SERIAL.lock().await;
+    let c = healthy_cluster(ha_options(3)).await;
+    let since = topo::now_ms();
+    sql(
+        c.tablet(0),
+        "SET GLOBAL rpl_semi_sync_master_enabled=OFF; SET GLOBAL read_only=ON",
+    )
+    .await;
+    wait_var(&c, c.tablet(0), "read_only", false).await;
+    assert!(
+        on(&var(c.tablet(0), "rpl_semi_sync_master_enabled").await),
+        "writable again with the semi-sync primary side off"
+    );
+    let done = |a: &[topo::AuditEntry], action: &str| {
+        a.iter()
+            .any(|e| e.at_ms >= since && e.action == action && e.outcome == "ok")
+    };
+    let a = wait_audit(&c, "both steps audited", BOUND, |a| {
+        done(a, "set_semi_sync") && done(a, "set_read_only_off")
+    })
+    .await;
+    let first = |action: &str| {
+        a.iter()
+            .filter(|e| e.at_ms >= since && e.action == action && e.outcome == "ok")
+            .map(|e| e.at_ms)
+            .min()
+    };
+    let (semi, writable) = (first("set_semi_sync"), first("set_read_only_off"));
+    println!(
+        "semi-sync set at {semi:?}, read_only off at {writable:?}\n{}",
+        audit_text(&a)
+    );
+    match (semi, writable) {
+        (Some(s), Some(w)) => assert!(s <= w, "made writable before lossless"),
+        other => panic!("steps missing from the audit log: {other:?}"),
+    }
+    assert_eq!(record(&c).await.term, 1, "no reparent");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r2_writable_replica_is_set_back_read_only() {
     let _serial = SERIAL.lock().await;
@@ -261,6 +304,36 @@ async fn r6_semi_sync_disabled_is_enabled_replicas_first() {
         (Some(r), Some(p)) => assert!(r <= p, "the primary side was enabled first"),
         other => panic!("repairs missing from the audit log: {other:?}"),
     }
+    assert_eq!(record(&c).await.term, 1, "no reparent");
+}
+
+/// Semi-sync drift read back from the server: a primary that would stop waiting once no replica
+/// is attached (`wait_no_slave` OFF: it falls back to async at once and acknowledges commits no
+/// replica holds) is not lossless; reported and set back, asked from its mysqld.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r6_wait_no_slave_turned_off_is_read_back_and_set_again() {
+    let _serial = SERIAL.lock().await;
+    let c = healthy_cluster(ha_options(3)).await;
+    sql(
+        c.tablet(0),
+        "SET GLOBAL rpl_semi_sync_master_wait_no_slave=OFF",
+    )
+    .await;
+    let start = Instant::now();
+    wait_var(&c, c.tablet(0), "rpl_semi_sync_master_wait_no_slave", true).await;
+    println!(
+        "wait_no_slave set back in {:.3} s",
+        start.elapsed().as_secs_f64()
+    );
+    let a = wait_audit(&c, "the semi-sync repair", BOUND, |a| {
+        a.iter().any(|e| {
+            e.action == "primary_semi_sync_must_be_set"
+                && e.outcome == "ok"
+                && e.detail.contains("wait with no replica off")
+        })
+    })
+    .await;
+    println!("{}", audit_text(&a));
     assert_eq!(record(&c).await.term, 1, "no reparent");
 }
 

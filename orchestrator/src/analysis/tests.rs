@@ -725,7 +725,15 @@ fn a_marked_reparent_holds_the_primary_and_replica_fixes() {
     let mut r = h(&mut s, 2);
     r.replication.as_mut().unwrap().sql_state = pb::ThreadState::Stopped as i32;
     s.tablets[2].health = Some(r);
-    let unmarked = codes(&s);
+    // Unmarked, a promotion above the record's term is a record behind the tablets (X2).
+    assert_eq!(codes(&s), vec![(ProblemCode::TermAheadOfRecord, None)]);
+    let mut promoted_unmarked = s.clone();
+    promoted_unmarked.tablets[1]
+        .health
+        .as_mut()
+        .unwrap()
+        .promoted_term = 0;
+    let unmarked = codes(&promoted_unmarked);
     assert!(
         unmarked.contains(&(ProblemCode::PrimaryReadOnly, Some("z-1".into()))),
         "{unmarked:?}"
@@ -828,4 +836,66 @@ fn a_requested_candidate_is_caught_up_or_refused_with_the_reason() {
     let e = choose_requested_candidate(&alone, "z-3", None, Durability::SemiSync).unwrap_err();
     assert!(matches!(e, Refusal::Durability { .. }), "{e}");
     assert!(choose_requested_candidate(&alone, "z-3", None, Durability::None).is_ok());
+}
+
+#[test]
+fn a_term_the_record_does_not_account_for_holds_every_other_fix() {
+    fn health(s: &mut ShardInput, i: usize) -> &mut pb::Health {
+        s.tablets[i].health.as_mut().expect("health")
+    }
+    // A replica knows a term above the record's and above its reservation.
+    let mut s = healthy();
+    health(&mut s, 1).term = 5;
+    // Something else is wrong too (a writable replica): held, only X2 is reported.
+    health(&mut s, 2).mysql.as_mut().unwrap().read_only = false;
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].code, ProblemCode::TermAheadOfRecord);
+    assert!(p[0].detail.contains("z-2 knows term 5"), "{}", p[0].detail);
+    assert!(p[0].code.actionable());
+    // Within the reservation (a reparent acting under its reserved term): not news.
+    if let Some(r) = s.record.as_mut() {
+        r.reserved_term = 5;
+    }
+    assert!(!codes(&s)
+        .iter()
+        .any(|(c, _)| *c == ProblemCode::TermAheadOfRecord));
+    // A promotion above the record's term is, whatever the reservation.
+    health(&mut s, 1).promoted_term = 4;
+    let p = analyze(&s, &AnalysisConfig::default());
+    assert_eq!(p[0].code, ProblemCode::TermAheadOfRecord);
+    assert!(
+        p[0].detail.contains("z-2 promoted under term 4"),
+        "{}",
+        p[0].detail
+    );
+}
+
+#[test]
+fn a_primary_that_would_not_wait_without_replicas_is_not_lossless() {
+    let mut s = healthy();
+    let semi = s.tablets[0]
+        .health
+        .as_mut()
+        .and_then(|h| h.semi_sync.as_mut())
+        .expect("semi-sync status");
+    semi.wait_no_replica = Some(false);
+    let p = analyze(&s, &AnalysisConfig::default());
+    let must = p
+        .iter()
+        .find(|p| p.code == ProblemCode::PrimarySemiSyncMustBeSet)
+        .unwrap_or_else(|| panic!("{p:?}"));
+    assert!(
+        must.detail.contains("wait with no replica off"),
+        "{}",
+        must.detail
+    );
+    // Known on: lossless again.
+    s.tablets[0]
+        .health
+        .as_mut()
+        .and_then(|h| h.semi_sync.as_mut())
+        .expect("semi-sync status")
+        .wait_no_replica = Some(true);
+    assert_eq!(codes(&s), vec![]);
 }

@@ -30,6 +30,7 @@ pub fn supports(code: ProblemCode) -> bool {
             | ProblemCode::StaleTabletClaimingPrimary
             | ProblemCode::ErrantGtid
             | ProblemCode::ReparentInProgress
+            | ProblemCode::TermAheadOfRecord
     )
 }
 
@@ -59,8 +60,22 @@ pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, Re
         ProblemCode::NoPrimary => elect_primary(ctx).await,
         ProblemCode::PrimaryReadOnly => {
             let p = tablet_of(problem)?;
+            // Never writable before lossless: under semi_sync the primary side is (re)applied
+            // first (AFTER_SYNC, no fallback, waiting with no replica), else the first commits
+            // after read_only could be acknowledged with no replica holding them.
+            let semi = ctx.durability() == Durability::SemiSync;
+            if semi {
+                ctx.set_semi_sync(p, Some(true), None).await?;
+            }
             ctx.set_read_only(p, false).await?;
-            Ok(done(format!("{p}: read_only set back to OFF")))
+            Ok(done(format!(
+                "{p}: {}read_only set back to OFF",
+                if semi {
+                    "semi-sync primary side made lossless, then "
+                } else {
+                    ""
+                }
+            )))
         }
         ProblemCode::PrimaryReplicating => {
             let p = tablet_of(problem)?;
@@ -104,6 +119,7 @@ pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, Re
         }
         ProblemCode::StaleTabletClaimingPrimary => rejoin_or_quarantine(ctx, problem).await,
         ProblemCode::ErrantGtid => quarantine_errant(ctx, problem).await,
+        ProblemCode::TermAheadOfRecord => reconcile_terms(ctx).await,
         ProblemCode::ReparentInProgress => clear_stale_mark(ctx).await,
         other => Err(RecoveryError::Refused(format!(
             "no automatic repair for {}",
@@ -118,6 +134,92 @@ fn onoff(b: bool) -> &'static str {
     } else {
         "off"
     }
+}
+
+/// X2: brings the shard record up to the terms the tablets report, without ever making a tablet
+/// writable. One writable tablet that claims a promotion above the record (and replicates from
+/// nobody) while every other answering tablet is read-only is the primary: the record adopts it
+/// at its promotion term. Without such a claim only the reservation is raised (nothing changes
+/// hands). Several claims, or a claimant that is not the only writable tablet: refused, with
+/// what was seen.
+async fn reconcile_terms(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
+    let fresh = &ctx.fresh;
+    let rec = fresh
+        .record
+        .clone()
+        .ok_or_else(|| RecoveryError::Refused("the shard has no record".into()))?;
+    let highest = fresh.highest_reported_term();
+    let claims: Vec<(&String, &myha_proto::agent::Health)> = fresh
+        .statuses
+        .iter()
+        .filter(|(_, h)| h.promoted_term > rec.term)
+        .collect();
+    let writable: Vec<&String> = fresh
+        .statuses
+        .iter()
+        .filter(|(_, h)| h.mysql_reachable && h.mysql.as_ref().is_some_and(|m| !m.read_only))
+        .map(|(a, _)| a)
+        .collect();
+    let mut next = rec.clone();
+    next.reserved_term = rec.reserved_term.max(highest);
+    let detail = match claims.as_slice() {
+        [] => format!(
+            "no tablet claims a promotion above term {}: reservation raised to {} (primary {} unchanged)",
+            rec.term,
+            next.reserved_term,
+            rec.primary.as_deref().unwrap_or("none")
+        ),
+        [(alias, h)] => {
+            let replicating = h.replication.as_ref().is_some_and(|r| r.configured);
+            if writable.as_slice() != [*alias] || replicating {
+                return Err(ctx.refuse(
+                    "reconcile_terms",
+                    Some(alias),
+                    format!(
+                        "{alias} claims term {} above the record's {}, but it is not the only writable tablet (writable: [{}]){}: not adopted, an operator must decide",
+                        h.promoted_term,
+                        rec.term,
+                        writable.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", "),
+                        if replicating { ", and it replicates from a source" } else { "" }
+                    ),
+                ));
+            }
+            next.primary = Some((*alias).clone());
+            next.term = h.promoted_term;
+            next.term_start_ms = topo::now_ms();
+            next.reparent_in_progress = None;
+            format!(
+                "{alias}, the only writable tablet, was promoted under term {} above the record's {} (primary {}): adopted as primary at term {}, reservation {}",
+                h.promoted_term,
+                rec.term,
+                rec.primary.as_deref().unwrap_or("none"),
+                next.term,
+                next.reserved_term
+            )
+        }
+        many => {
+            return Err(ctx.refuse(
+                "reconcile_terms",
+                None,
+                format!(
+                    "several tablets claim promotions above the record's term {}: {}: not adopted, an operator must decide",
+                    rec.term,
+                    many.iter()
+                        .map(|(a, h)| format!("{a} (term {})", h.promoted_term))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
+        }
+    };
+    ctx.write_shard_record_as("reconcile_terms", &next).await?;
+    Ok(Done {
+        detail,
+        new_term: (next.term != rec.term).then_some(next.term),
+        new_primary: (next.primary != rec.primary)
+            .then(|| next.primary.clone())
+            .flatten(),
+    })
 }
 
 /// Quarantines `alias` with `reason` as one step.
