@@ -662,6 +662,11 @@ pub async fn promote(
             reason: "durability not given and the keyspace record is not known yet".into(),
         })?,
     };
+    // The promotion goes on record while replication is stopped and semi-sync set (one etcd
+    // write, overlapped with those steps); it is awaited before mysqld becomes writable. The
+    // reparent stopped the IO thread and applied the relay log before sending Promote, so the
+    // position read now is the one the term starts from.
+    let recording = start_recording_promotion(shared, &mut x, &req).await?;
     let st = x.replica_status().await?;
     if st.configured {
         x.stop_threads("stop replication", Scope::Both).await?;
@@ -686,7 +691,7 @@ pub async fn promote(
         &sqls,
     )
     .await?;
-    record_promotion(shared, &mut x, &req).await?;
+    finish_recording_promotion(&mut x, recording).await?;
     let sqls = x.dialect.set_read_only(false, false);
     x.sqls("set read_only off", &sqls).await?;
     let term = x.term;
@@ -705,24 +710,28 @@ pub fn writer_id(dialect: &flavor::Dialect, v: &flavor::ServerVariables) -> Stri
     }
 }
 
-/// Records the promotion in the shard's history before mysqld becomes writable (create-only:
-/// one term, one tablet). Without etcd, or with the term given to another tablet, the promotion
-/// is refused: a primary whose promotion is not on record could not be told apart from a stale
-/// one, and an agent cut from etcd could not learn of its own deposition either.
-async fn record_promotion(
+/// The shard-history write of a promotion in flight, and the `at_ms` it was sent with.
+type Recording = (
+    tokio::task::JoinHandle<topo::Result<topo::PromotionRecord>>,
+    u64,
+);
+
+const RECORD_STEP: &str = "record the promotion in the shard history";
+
+/// Starts recording the promotion in the shard's history (create-only: one term, one tablet).
+/// Without etcd the promotion is refused at once: a primary whose promotion is not on record
+/// could not be told apart from a stale one, and an agent cut from etcd could not learn of its
+/// own deposition either.
+async fn start_recording_promotion(
     shared: &Arc<Shared>,
     x: &mut Exec,
     req: &pb::PromoteRequest,
-) -> Result<(), ActionError> {
-    let step = "record the promotion in the shard history";
-    let refuse = |reason: String| ActionError::Refused {
-        action: "Promote",
-        reason,
-    };
+) -> Result<Recording, ActionError> {
     let Some(topo) = shared.topo() else {
-        return Err(refuse(format!(
-            "{step}: not connected to etcd; not made writable"
-        )));
+        return Err(ActionError::Refused {
+            action: "Promote",
+            reason: format!("{RECORD_STEP}: not connected to etcd; not made writable"),
+        });
     };
     let v = x.variables().await?;
     let rec = topo::PromotionRecord {
@@ -740,15 +749,33 @@ async fn record_promotion(
             .unwrap_or_default(),
         lock_epoch: req.ctx.as_ref().map_or(0, |c| c.lock_epoch),
     };
-    let left = x.remaining(step)?;
-    match tokio::time::timeout(left, topo.record_promotion(&rec)).await {
-        Err(_) => Err(x.deadline_err(step)),
-        Ok(Err(e)) => Err(refuse(format!("{step}: {e}; not made writable"))),
-        Ok(Ok(r)) if r.at_ms != rec.at_ms => {
+    let at_ms = rec.at_ms;
+    Ok((
+        tokio::spawn(async move { topo.record_promotion(&rec).await }),
+        at_ms,
+    ))
+}
+
+/// Waits for the history write (within the action's deadline) before mysqld becomes writable;
+/// a term already given to another tablet refuses the promotion.
+async fn finish_recording_promotion(
+    x: &mut Exec,
+    (recording, at_ms): Recording,
+) -> Result<(), ActionError> {
+    let refuse = |reason: String| ActionError::Refused {
+        action: "Promote",
+        reason,
+    };
+    let left = x.remaining(RECORD_STEP)?;
+    match tokio::time::timeout(left, recording).await {
+        Err(_) => Err(x.deadline_err(RECORD_STEP)),
+        Ok(Err(e)) => Err(refuse(format!("{RECORD_STEP}: {e}; not made writable"))),
+        Ok(Ok(Err(e))) => Err(refuse(format!("{RECORD_STEP}: {e}; not made writable"))),
+        Ok(Ok(Ok(r))) if r.at_ms != at_ms => {
             x.note(format!("promotion of term {} already on record", r.term));
             Ok(())
         }
-        Ok(Ok(r)) => {
+        Ok(Ok(Ok(r))) => {
             x.note(format!(
                 "promotion recorded: term {} from position {}",
                 r.term, r.position
