@@ -573,13 +573,12 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
     let mut reg_rx = registration.status();
     let mut reachable = topo.reachable();
     let mut last_type = None;
+    // The term whose promotion is known to be on record (checked once per term, not per round).
+    let mut on_record: Option<u64> = None;
     loop {
         let shard = shard_rx.borrow_and_update().clone();
         if let Some(s) = &shard {
             shared.update_terms(|t| t.observe_shard(&shared.id.alias, s));
-            if s.primary.as_deref() == Some(shared.id.alias.as_str()) {
-                record_bootstrap_promotion(&shared, &topo, s).await;
-            }
             if let Some(p) = s.primary.as_deref().filter(|p| *p != shared.id.alias) {
                 if let Ok(Some(t)) = topo.get_tablet(p).await {
                     shared.set_primary_addr(
@@ -594,6 +593,16 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
             match registration.update(record.clone()).await {
                 Ok(()) => last_type = Some(record.tablet_type),
                 Err(e) => debug!(error = %e, "tablet record update deferred"),
+            }
+        }
+        // After the record is published (the new role is not held up by an etcd read).
+        if let Some(s) = shard
+            .as_ref()
+            .filter(|s| s.primary.as_deref() == Some(shared.id.alias.as_str()))
+            .filter(|s| on_record != Some(s.term))
+        {
+            if record_bootstrap_promotion(&shared, &topo, s).await {
+                on_record = Some(s.term);
             }
         }
         shared.shard.send_replace(shard);
@@ -625,15 +634,16 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
 
 /// A shard record naming this tablet at a term with no promotion on record (the first primary,
 /// set by a bootstrap, not by a Promote): records it, with this mysqld's writer id and position,
-/// so that the shard's history covers every term. Best effort, retried on the next round.
-async fn record_bootstrap_promotion(shared: &Shared, topo: &Topo, s: &ShardRecord) {
+/// so that the shard's history covers every term. Best effort, retried on the next round; returns
+/// whether the term is on record.
+async fn record_bootstrap_promotion(shared: &Shared, topo: &Topo, s: &ShardRecord) -> bool {
     let (ks, sh) = (&shared.id.keyspace, &shared.id.shard);
     match topo.get_promotion(ks, sh, s.term).await {
-        Ok(Some(_)) => return,
+        Ok(Some(_)) => return true,
         Ok(None) => {}
         Err(e) => {
             debug!(error = %e, "reading the promotion history");
-            return;
+            return false;
         }
     }
     let vars = match shared.connect().await {
@@ -647,10 +657,10 @@ async fn record_bootstrap_promotion(shared: &Shared, topo: &Topo, s: &ShardRecor
             let _ = conn.disconnect().await;
             match rows.map(|r| dialect.parse_variables(&r).map(|v| (dialect, v))) {
                 Ok(Ok(v)) => v,
-                _ => return,
+                _ => return false,
             }
         }
-        Err(_) => return,
+        Err(_) => return false,
     };
     let (dialect, v) = vars;
     let rec = topo::PromotionRecord {
@@ -666,9 +676,13 @@ async fn record_bootstrap_promotion(shared: &Shared, topo: &Topo, s: &ShardRecor
     };
     match topo.record_promotion(&rec).await {
         Ok(r) => {
-            info!(term = r.term, primary = %r.primary, "promotion history: recorded the bootstrap term")
+            info!(term = r.term, primary = %r.primary, "promotion history: recorded the bootstrap term");
+            true
         }
-        Err(e) => warn!(error = %e, "promotion history: cannot record the bootstrap term"),
+        Err(e) => {
+            warn!(error = %e, "promotion history: cannot record the bootstrap term");
+            false
+        }
     }
 }
 
