@@ -313,7 +313,12 @@ const WRITE_STALL_LOOK_AFTER_US: u64 = 500_000;
 /// Primary only: how long the heartbeat write has been pending, and past
 /// [`WRITE_STALL_LOOK_AFTER_US`] what it waits for (its PROCESSLIST state: "Waiting for global
 /// read lock", "Waiting for semi-sync ACK from slave", a commit or disk wait...).
-async fn report_write_stall(shared: &Shared, c: &mut Conn, h: &mut pb::Health, timeout: Duration) {
+pub(crate) async fn report_write_stall(
+    shared: &Shared,
+    c: &mut Conn,
+    h: &mut pb::Health,
+    timeout: Duration,
+) {
     if h.tablet_type != pb::TabletType::Primary as i32 {
         return;
     }

@@ -78,15 +78,23 @@ impl Agent for AgentService {
         &self,
         _req: Request<pb::FullStatusRequest>,
     ) -> Result<Response<pb::Health>, Status> {
-        let poll = match self.shared.connect().await {
+        let timeout = self.shared.endpoint.query_timeout;
+        let h = match self.shared.connect().await {
             Ok((mut conn, dialect)) => {
-                health::observe(&mut conn, dialect, self.shared.endpoint.query_timeout)
+                let poll = health::observe(&mut conn, dialect, timeout)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                let mut h = self.shared.health_from(&poll);
+                // The same stall report as the pushed health: a recovery re-analyses on this.
+                if poll.is_ok() {
+                    crate::agent::report_write_stall(&self.shared, &mut conn, &mut h, timeout)
+                        .await;
+                }
+                h
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => self.shared.health_from(&Err(e.to_string())),
         };
-        Ok(Response::new(self.shared.health_from(&poll)))
+        Ok(Response::new(h))
     }
 
     async fn stop_replication(

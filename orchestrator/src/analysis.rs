@@ -34,8 +34,16 @@ pub enum ProblemCode {
     IsolatedPrimary,
     /// The primary answers pings and reads but its writes have not completed (the agent's
     /// heartbeat write pending) for `writes_stalled_after`: a global read lock, semi-sync
-    /// waiting for acks, a stalled disk. Reported with what blocks; no automatic failover.
+    /// waiting for acks, a stalled disk. Reported with what blocks; no automatic failover
+    /// unless the operator opted in ([`ProblemCode::StalledPrimary`]).
     PrimaryWritesStalled,
+    /// Opt-in (`[recovery] failover_on_writes_stalled`, off by default): the primary's writes
+    /// have been stalled for that long. Failed over like a dead primary, except that the live
+    /// old primary is set read-only first (`Demote`, which passes a global read lock's holder)
+    /// and its final position is what the replicas apply; under durability none, where nothing
+    /// else stops its writes once the stall clears, a failed demotion refuses the failover.
+    /// VTOrc's equivalent is `PrimaryDiskStalled` behind `--enable-primary-disk-stalled-recovery`.
+    StalledPrimary,
     /// The shard record names no primary (R8).
     NoPrimary,
     PrimaryReadOnly,
@@ -92,6 +100,7 @@ impl ProblemCode {
             ProblemCode::UnreachablePrimary => "unreachable_primary",
             ProblemCode::IsolatedPrimary => "isolated_primary",
             ProblemCode::PrimaryWritesStalled => "primary_writes_stalled",
+            ProblemCode::StalledPrimary => "stalled_primary",
             ProblemCode::NoPrimary => "no_primary",
             ProblemCode::PrimaryReadOnly => "primary_read_only",
             ProblemCode::PrimaryReplicating => "primary_replicating",
@@ -186,6 +195,8 @@ pub struct AnalysisConfig {
     pub isolated_primary_after: Duration,
     /// See [`ProblemCode::PrimaryWritesStalled`].
     pub writes_stalled_after: Duration,
+    /// See [`ProblemCode::StalledPrimary`]: `None` (the default) never fails over on a stall.
+    pub stalled_failover_after: Option<Duration>,
 }
 
 impl Default for AnalysisConfig {
@@ -196,6 +207,7 @@ impl Default for AnalysisConfig {
             min_semi_sync_timeout: topo::MIN_LOSSLESS_SEMI_SYNC_TIMEOUT,
             isolated_primary_after: Duration::from_secs(1),
             writes_stalled_after: Duration::from_secs(2),
+            stalled_failover_after: None,
         }
     }
 }
@@ -464,27 +476,42 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
             "the primary is read-only",
         ));
     } else if Duration::from_millis(ph.write_stalled_ms) >= cfg.writes_stalled_after {
+        let stalled = Duration::from_millis(ph.write_stalled_ms);
         let semi_clients = ph
             .semi_sync
             .as_ref()
             .map(|s| (s.primary_enabled, s.primary_clients));
-        out.push(Problem::new(
-            ProblemCode::PrimaryWritesStalled,
-            Some(&primary_alias),
-            format!(
-                "the primary answers but its writes have not completed for {} ms (the heartbeat write waits: {}){}",
-                ph.write_stalled_ms,
-                if ph.write_blocked_by.is_empty() {
-                    "state not read yet"
-                } else {
-                    ph.write_blocked_by.as_str()
-                },
-                match semi_clients {
-                    Some((true, 0)) => "; semi-sync is on and no replica is connected to acknowledge",
-                    _ => "",
-                }
-            ),
-        ));
+        let what = format!(
+            "the primary answers but its writes have not completed for {} ms (the heartbeat write waits: {}){}",
+            ph.write_stalled_ms,
+            if ph.write_blocked_by.is_empty() {
+                "state not read yet"
+            } else {
+                ph.write_blocked_by.as_str()
+            },
+            match semi_clients {
+                Some((true, 0)) => "; semi-sync is on and no replica is connected to acknowledge",
+                _ => "",
+            }
+        );
+        match cfg.stalled_failover_after {
+            Some(bound) if stalled >= bound => {
+                out.push(Problem::new(
+                    ProblemCode::StalledPrimary,
+                    Some(&primary_alias),
+                    format!(
+                        "{what}: past [recovery] failover_on_writes_stalled ({}), failing over",
+                        humantime::format_duration(bound)
+                    ),
+                ));
+                return out;
+            }
+            _ => out.push(Problem::new(
+                ProblemCode::PrimaryWritesStalled,
+                Some(&primary_alias),
+                what,
+            )),
+        }
     }
     if ph.replication.as_ref().is_some_and(|r| r.configured) {
         let r = ph.replication.clone().unwrap_or_default();

@@ -25,6 +25,7 @@
 //! audit_keep = 10000                # per shard: the audit log keeps the newest this many entries ...
 //! audit_max_age = "30d"             # ... and none older than this
 //! audit_prune_interval = "1m"       # how often each shard's audit log is pruned
+//! failover_on_writes_stalled = "30s" # opt-in (unset: never): fail over a primary whose writes stall this long
 //!
 //! [etcd]
 //! endpoints = ["http://127.0.0.1:2379"]
@@ -140,6 +141,16 @@ pub struct RecoverySection {
     /// ... pruned at most this often per shard.
     #[serde(default = "default_audit_prune_interval", with = "humantime_serde")]
     pub audit_prune_interval: Duration,
+    /// Opt-in: a primary whose writes have been stalled this long (its heartbeat write pending:
+    /// a global read lock, a stalled disk, semi-sync waiting for acks) is failed over
+    /// (`stalled_primary`). Unset, the default: stalls are reported only
+    /// (`primary_writes_stalled`), never failed over.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub failover_on_writes_stalled: Option<Duration>,
 }
 
 fn default_audit_keep() -> usize {
@@ -206,6 +217,7 @@ impl Default for RecoverySection {
             audit_keep: default_audit_keep(),
             audit_max_age: default_audit_max_age(),
             audit_prune_interval: default_audit_prune_interval(),
+            failover_on_writes_stalled: None,
         }
     }
 }
@@ -303,6 +315,17 @@ impl OrchestratorConfig {
                 "must be at least 1s (etcd leases have 1 s granularity)",
             ));
         }
+        if let Some(b) = r.failover_on_writes_stalled {
+            if b < self.orchestrator.writes_stalled_after {
+                return Err(daemon::invalid(
+                    "recovery.failover_on_writes_stalled",
+                    format!(
+                        "must be at least orchestrator.writes_stalled_after ({}): a stall is reported before it is failed over (leave it out to never fail over on a stall)",
+                        humantime::format_duration(self.orchestrator.writes_stalled_after)
+                    ),
+                ));
+            }
+        }
         if r.flap_limit == 0 {
             return Err(daemon::invalid("recovery.flap_limit", "must be at least 1"));
         }
@@ -328,6 +351,7 @@ impl OrchestratorConfig {
             probe_stale_after: self.orchestrator.probe_stale_after,
             isolated_primary_after: self.orchestrator.isolated_primary_after,
             writes_stalled_after: self.orchestrator.writes_stalled_after,
+            stalled_failover_after: self.recovery.failover_on_writes_stalled,
             ..AnalysisConfig::default()
         }
     }
@@ -497,6 +521,11 @@ level = "debug,h2=info"
                 "planned_lock_timeout = \"2h\"",
                 "`recovery.planned_lock_timeout`",
             ),
+            (
+                // Below orchestrator.writes_stalled_after (2 s by default).
+                "failover_on_writes_stalled = \"1s\"",
+                "`recovery.failover_on_writes_stalled`",
+            ),
         ] {
             let e = err(&format!("[recovery]\n{text}\n{MINIMAL}"));
             assert!(e.contains(key), "{text}: {e}");
@@ -509,6 +538,23 @@ level = "debug,h2=info"
             "[orchestrator]\nprobe_stale_after = \"0s\"\n{MINIMAL}"
         ));
         assert!(e.contains("`orchestrator.probe_stale_after`"), "{e}");
+    }
+
+    #[test]
+    fn the_stall_failover_is_off_unless_asked_for() {
+        let cfg = OrchestratorConfig::parse(MINIMAL).expect("minimal");
+        assert_eq!(cfg.recovery.failover_on_writes_stalled, None);
+        assert_eq!(cfg.analysis().stalled_failover_after, None);
+        let cfg = OrchestratorConfig::parse(&format!(
+            "[recovery]\nfailover_on_writes_stalled = \"30s\"\n{MINIMAL}"
+        ))
+        .expect("opted in");
+        assert_eq!(
+            cfg.analysis().stalled_failover_after,
+            Some(Duration::from_secs(30))
+        );
+        let again = OrchestratorConfig::parse(&cfg.to_toml()).expect("round trip");
+        assert_eq!(again, cfg);
     }
 
     #[test]

@@ -215,7 +215,7 @@ pub fn urgency(code: ProblemCode) -> Option<u8> {
     Some(match code {
         // A record behind the tablets is reconciled first: every other fix rests on it.
         P::TermAheadOfRecord | P::DeadPrimary => 0,
-        P::DeadPrimaryAndSomeReplicas | P::IsolatedPrimary => 1,
+        P::DeadPrimaryAndSomeReplicas | P::IsolatedPrimary | P::StalledPrimary => 1,
         // A stale mark (after `Gate::mark_grace`) hides every fix below: clear it first.
         P::ReparentInProgress => 2,
         P::NoPrimary => 2,

@@ -321,6 +321,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
                 to: req.to.clone(),
                 demote_old_first: Some(EMERGENCY_DEMOTE_BOUND),
                 may_lose_acknowledged_writes: req.may_lose_acknowledged_writes,
+                old_primary_must_be_fenced: false,
             };
             reparent::emergency_reparent_with(&ctx, &opts)
                 .await

@@ -1308,6 +1308,180 @@ async fn a_primary_whose_writes_block_is_reported_with_the_reason_not_failed_ove
     wait_quiet(o, &c, BOUND).await;
 }
 
+/// The stall failover opted in (`[recovery] failover_on_writes_stalled`; the test above shows the
+/// default never fails over): a primary under a global read lock whose writes stay blocked past
+/// the bound is failed over. Its agent sets it read-only first, past the lock's holder, so the
+/// writes queued behind the lock fail with ER_OPTION_PREVENTS_STATEMENT (1290) when it is
+/// released instead of committing on the deposed primary (asked of its mysqld); the writer loses
+/// no acknowledged write and gets no ack from the old primary after the new term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_writes_stay_blocked_is_failed_over_when_the_operator_opted_in() {
+    use mysql_async::prelude::Queryable;
+    let _serial = SERIAL.lock().await;
+    let bound = Duration::from_secs(3);
+    let c = start(ClusterOptions {
+        orchestrator_config: Some(Arc::new(move |cfg: &mut OrchestratorConfig| {
+            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
+            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
+            cfg.recovery.failover_on_writes_stalled = Some(bound);
+        })),
+        ..ha_options(3)
+    })
+    .await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let old = alias_of(&c, 0);
+    let before = record(&c).await;
+    sql(
+        c.tablet(0),
+        "CREATE TABLE app.stall_probe (id INT PRIMARY KEY)",
+    )
+    .await;
+    let w = Writer::start(
+        &c,
+        harness::WriterOptions {
+            attempt_timeout: Duration::from_secs(1),
+            ..harness::WriterOptions::default()
+        },
+    )
+    .await
+    .expect("writer starts");
+    w.wait_more_acks(20, BOUND)
+        .await
+        .expect("acks before the stall");
+
+    let mut lock = c.tablet(0).root_conn().await.expect("root conn");
+    lock.query_drop("FLUSH TABLES WITH READ LOCK")
+        .await
+        .expect("FLUSH TABLES WITH READ LOCK");
+    w.mark_fault();
+    // An application write queued behind the lock on the old primary.
+    let mut app = c.tablet(0).app_conn().await.expect("app conn");
+    let queued = tokio::spawn(async move {
+        let r = app
+            .query_drop("INSERT INTO app.stall_probe VALUES (1)")
+            .await;
+        r.map_err(|e| e.to_string())
+    });
+    let rec = expect_failover(&c, &w, &old, before.term, &[]).await;
+    assert_eq!(rec.term, before.term + 1, "{rec:?}");
+    let entries = audit(&c).await;
+    let summary = entries
+        .iter()
+        .find(|e| e.action == "emergency_reparent" && e.outcome == "ok" && e.term == rec.term)
+        .unwrap_or_else(|| panic!("no emergency reparent:\n{}", audit_text(&entries)));
+    println!("{}", audit_line(summary));
+    assert!(
+        summary.detail.contains("failover_on_writes_stalled"),
+        "not the stall failover: {}",
+        summary.detail
+    );
+    let demote = entries
+        .iter()
+        .find(|e| e.action == "demote" && e.outcome == "ok" && e.tablet.as_deref() == Some(&old))
+        .unwrap_or_else(|| {
+            panic!(
+                "the old primary was not demoted first:\n{}",
+                audit_text(&entries)
+            )
+        });
+    println!("{}", audit_line(demote));
+    assert!(
+        read_only(c.tablet(0))
+            .await
+            .expect("the old primary answers"),
+        "the deposed primary is writable"
+    );
+    assert!(
+        !queued.is_finished(),
+        "the queued write did not wait for the lock"
+    );
+    lock.query_drop("UNLOCK TABLES")
+        .await
+        .expect("UNLOCK TABLES");
+    let queued = tokio::time::timeout(BOUND, queued)
+        .await
+        .expect("the queued write returns once the lock is released")
+        .expect("task");
+    let err =
+        queued.expect_err("the write queued behind the lock committed on the deposed primary");
+    println!("the queued write, once the lock was released: {err}");
+    assert!(err.contains("1290") || err.contains("read-only"), "{err}");
+    let mut root = c.tablet(0).root_conn().await.expect("root conn");
+    let rows: Vec<i64> = root
+        .query("SELECT id FROM app.stall_probe")
+        .await
+        .expect("read the probe table");
+    assert!(
+        rows.is_empty(),
+        "committed on the deposed primary: {rows:?}"
+    );
+    wait_quiet(o, &c, BOUND).await;
+    w.verify(&c).await;
+    assert_one_promotion_per_term(&c).await;
+}
+
+/// The stall failover under durability none, when the stalled primary cannot be set read-only:
+/// an open transaction holding the heartbeat row's lock stalls the heartbeat write (reads go on)
+/// and makes `SET GLOBAL read_only` wait for it too, as a commit stuck on a stalled disk would.
+/// Nothing else would stop the old primary's writes once the stall clears, so the failover is
+/// refused with the reason and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_none_refuses_the_stall_failover_when_the_stalled_primary_cannot_be_fenced() {
+    use mysql_async::prelude::Queryable;
+    let _serial = SERIAL.lock().await;
+    let c = start(ClusterOptions {
+        durability: topo::Durability::None,
+        orchestrator_config: Some(Arc::new(|cfg: &mut OrchestratorConfig| {
+            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
+            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
+            cfg.recovery.failover_on_writes_stalled = Some(Duration::from_secs(3));
+        })),
+        ..ha_options(3)
+    })
+    .await;
+    let o = orch(&c);
+    wait_quiet(o, &c, BOUND).await;
+    let old = alias_of(&c, 0);
+    let before = record(&c).await;
+    let since = topo::now_ms();
+    let mut lock = c.tablet(0).root_conn().await.expect("root conn");
+    lock.query_drop("BEGIN").await.expect("BEGIN");
+    lock.query_drop("UPDATE _myha.heartbeat SET ts_us = ts_us WHERE id = 1")
+        .await
+        .expect("lock the heartbeat row");
+    let (detail, _) = wait_problem(o, &c, "stalled_primary", Some(&old), BOUND).await;
+    println!("reported: {detail}");
+    let refusal = refused_reparent(&c, since).await;
+    println!("{}", audit_line(&refusal));
+    assert!(
+        refusal.detail.contains("could not be set read-only")
+            && refusal.detail.contains("durability none")
+            && refusal.detail.contains(&old),
+        "{}",
+        refusal.detail
+    );
+    let rec = record(&c).await;
+    assert_eq!(
+        (rec.term, rec.primary.as_deref()),
+        (before.term, Some(old.as_str())),
+        "nothing changed"
+    );
+    for i in [1, 2] {
+        assert!(
+            read_only(c.tablet(i)).await.expect("replica answers"),
+            "a replica was made writable"
+        );
+    }
+    lock.query_drop("ROLLBACK").await.expect("ROLLBACK");
+    wait_quiet(o, &c, BOUND).await;
+    assert!(
+        !read_only(c.tablet(0)).await.expect("the primary answers"),
+        "the primary stays read-only after the refusal"
+    );
+    assert_record_stays(&c, &before, Duration::from_secs(2)).await;
+}
+
 /// Semi-sync drift is reported: a semi-sync primary with no replica connected to acknowledge
 /// (every commit now waits) raises `primary_semi_sync_no_ackers` (recoveries are disabled so
 /// that the repairs do not restart the replicas first).

@@ -279,6 +279,45 @@ fn a_primary_whose_writes_block_is_reported_with_what_blocks_them() {
 }
 
 #[test]
+fn a_stall_is_failed_over_only_when_opted_in_and_past_its_bound() {
+    let mut s = healthy();
+    let h = s.tablets[0].health.as_mut().unwrap();
+    h.write_stalled_ms = 8000;
+    h.write_blocked_by = "Waiting for backup lock".into();
+    let cfg = AnalysisConfig {
+        stalled_failover_after: Some(Duration::from_secs(10)),
+        ..AnalysisConfig::default()
+    };
+    let p = analyze(&s, &cfg);
+    assert_eq!(
+        p[0].code,
+        ProblemCode::PrimaryWritesStalled,
+        "below the bound: {p:?}"
+    );
+    s.tablets[0].health.as_mut().unwrap().write_stalled_ms = 10_000;
+    let p = analyze(&s, &cfg);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].code, ProblemCode::StalledPrimary);
+    assert!(p[0].code.actionable());
+    assert!(
+        crate::engine::recoverable(p[0].code),
+        "an emergency reparent recovers it"
+    );
+    assert!(
+        p[0].detail.contains("Waiting for backup lock")
+            && p[0].detail.contains("failover_on_writes_stalled (10s)"),
+        "{}",
+        p[0].detail
+    );
+    // The default config never fails over on a stall, however long.
+    s.tablets[0].health.as_mut().unwrap().write_stalled_ms = 3_600_000;
+    assert_eq!(
+        analyze(&s, &AnalysisConfig::default())[0].code,
+        ProblemCode::PrimaryWritesStalled
+    );
+}
+
+#[test]
 fn semi_sync_drift_on_the_primary_is_reported() {
     let mut s = healthy();
     let ss = s.tablets[0]

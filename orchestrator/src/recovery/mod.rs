@@ -1486,6 +1486,7 @@ pub fn is_dead_primary(code: ProblemCode) -> bool {
         ProblemCode::DeadPrimary
             | ProblemCode::DeadPrimaryAndSomeReplicas
             | ProblemCode::IsolatedPrimary
+            | ProblemCode::StalledPrimary
     )
 }
 
@@ -1711,7 +1712,9 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
             None,
         );
     }
-    let result = if is_dead_primary(problem.code) {
+    let result = if problem.code == ProblemCode::StalledPrimary {
+        reparent::stalled_primary_reparent(&ctx).await
+    } else if is_dead_primary(problem.code) {
         reparent::emergency_reparent(&ctx).await
     } else {
         repair::repair(&ctx, &problem).await

@@ -59,6 +59,12 @@ pub struct EmergencyOptions {
     /// to know every acknowledged transaction ([`revocation`]): an unreached replica may hold
     /// the only copy of acknowledged writes, which are then lost. Audited with those tablets.
     pub may_lose_acknowledged_writes: bool,
+    /// The old primary is alive and takes writes again once whatever stalls it clears (a
+    /// stalled primary): the demotion is not best effort. Under durability none a failed one
+    /// refuses the failover (nothing else would stop those writes); under semi_sync it is
+    /// noted and the reparent goes on (with every replica's IO thread stopped, no commit there
+    /// can be acknowledged, and its agent fences it on the new term).
+    pub old_primary_must_be_fenced: bool,
 }
 
 /// Acknowledgements a commit needs under `d` (K): 1 under semi_sync (MariaDB 10.11 has no
@@ -181,6 +187,20 @@ fn refusal_text(r: &Refusal) -> String {
 /// The emergency reparent. See the module doc.
 pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
     emergency_reparent_with(ctx, &EmergencyOptions::default()).await
+}
+
+/// A stalled primary (opt-in, [`crate::analysis::ProblemCode::StalledPrimary`]): its agent sets
+/// it read-only first, bounded by `action_timeout` (read_only is set past a global read lock's
+/// holder, and the writes blocked behind that lock then fail with ER_OPTION_PREVENTS_STATEMENT
+/// instead of committing on the deposed primary); its final position is what the replicas
+/// apply. See [`EmergencyOptions::old_primary_must_be_fenced`].
+pub async fn stalled_primary_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
+    let opts = EmergencyOptions {
+        demote_old_first: Some(ctx.cfg().action_timeout),
+        old_primary_must_be_fenced: true,
+        ..EmergencyOptions::default()
+    };
+    emergency_reparent_with(ctx, &opts).await
 }
 
 /// Best effort after a refusal or failure before the promotion: the old primary demoted by
@@ -366,6 +386,22 @@ pub async fn emergency_reparent_with(
                         });
                     }
                 }
+                Err(e) if opts.old_primary_must_be_fenced && durability == Durability::None => {
+                    let why = format!(
+                        "durability none: the stalled old primary {old_primary} could not be set read-only ({e}); once its stall clears nothing else stops its clients' writes, so promoting a replica would make two writable primaries; nothing was changed (primary {old_primary} stays in the record at term {})",
+                        record.term
+                    );
+                    return Err(ctx.refuse("fence_old_primary", Some(&old_primary), why));
+                }
+                Err(e) if opts.old_primary_must_be_fenced => ctx.record_step(
+                    "demote_noted",
+                    Some(&old_primary),
+                    true,
+                    format!(
+                        "the stalled old primary could not be set read-only ({e}); going on: under semi_sync none of its commits can be acknowledged once the replicas' IO threads stop, and its agent fences it on the new term"
+                    ),
+                    Duration::ZERO,
+                ),
                 Err(e) => ctx.record_step(
                     "demote_noted",
                     Some(&old_primary),
