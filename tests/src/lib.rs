@@ -360,6 +360,21 @@ pub mod ha {
         )
     }
 
+    /// The first entry of `entries` matching `pred`, printed; panics with `what` and the whole
+    /// log when there is none.
+    pub fn audited<'a>(
+        entries: &'a [AuditEntry],
+        what: &str,
+        pred: impl Fn(&AuditEntry) -> bool,
+    ) -> &'a AuditEntry {
+        let e = entries
+            .iter()
+            .find(|e| pred(e))
+            .unwrap_or_else(|| panic!("{what}:\n{}", audit_text(entries)));
+        println!("{}", audit_line(e));
+        e
+    }
+
     pub fn audit_text(entries: &[AuditEntry]) -> String {
         entries
             .iter()

@@ -340,16 +340,9 @@ async fn p7_errant_replica_is_not_promoted_by_an_orchestrator_that_never_saw_the
         "the errant replica was promoted"
     );
     let entries = audit(&c).await;
-    let check = entries
-        .iter()
-        .find(|e| e.action == "errant_check" && e.detail.contains("shard history"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no errant check from the history:\n{}",
-                audit_text(&entries)
-            )
-        });
-    println!("{}", audit_line(check));
+    audited(&entries, "no errant check from the history", |e| {
+        e.action == "errant_check" && e.detail.contains("shard history")
+    });
     assert!(
         entries
             .iter()
@@ -1366,26 +1359,17 @@ async fn a_primary_whose_writes_stay_blocked_is_failed_over_when_the_operator_op
     let rec = expect_failover(&c, &w, &old, before.term, &[]).await;
     assert_eq!(rec.term, before.term + 1, "{rec:?}");
     let entries = audit(&c).await;
-    let summary = entries
-        .iter()
-        .find(|e| e.action == "emergency_reparent" && e.outcome == "ok" && e.term == rec.term)
-        .unwrap_or_else(|| panic!("no emergency reparent:\n{}", audit_text(&entries)));
-    println!("{}", audit_line(summary));
+    let summary = audited(&entries, "no emergency reparent", |e| {
+        e.action == "emergency_reparent" && e.outcome == "ok" && e.term == rec.term
+    });
     assert!(
         summary.detail.contains("failover_on_writes_stalled"),
         "not the stall failover: {}",
         summary.detail
     );
-    let demote = entries
-        .iter()
-        .find(|e| e.action == "demote" && e.outcome == "ok" && e.tablet.as_deref() == Some(&old))
-        .unwrap_or_else(|| {
-            panic!(
-                "the old primary was not demoted first:\n{}",
-                audit_text(&entries)
-            )
-        });
-    println!("{}", audit_line(demote));
+    audited(&entries, "the old primary was not demoted first", |e| {
+        e.action == "demote" && e.outcome == "ok" && e.tablet.as_deref() == Some(&old)
+    });
     assert!(
         read_only(c.tablet(0))
             .await

@@ -294,16 +294,9 @@ async fn x1_a_corrupt_tablet_record_does_not_stop_a_failover() {
     let rec = expect_failover(&c, &w, &old, 1, &[]).await;
     assert_eq!(rec.term, 2, "{rec:?}");
     let entries = audit(&c).await;
-    let skipped = entries
-        .iter()
-        .find(|e| e.action == "unreadable_record")
-        .unwrap_or_else(|| {
-            panic!(
-                "the corrupt record is not reported:\n{}",
-                audit_text(&entries)
-            )
-        });
-    println!("{}", audit_line(skipped));
+    let skipped = audited(&entries, "the corrupt record is not reported", |e| {
+        e.action == "unreadable_record"
+    });
     assert!(
         skipped.detail.contains("zone9-999"),
         "{}",
