@@ -447,11 +447,13 @@ async fn lift_delay(x: &mut Exec) -> Result<(), ActionError> {
 /// Never reset replication past a received-but-unapplied transaction (replication stopped): the
 /// reset discards the relay log, and one of its transactions may be the only copy of an
 /// acknowledged write. The caller applies it first (WaitForPosition on the received position).
-async fn refuse_unapplied_relay_log(x: &mut Exec) -> Result<(), ActionError> {
+/// Returns the server variables it read (the executed position among them).
+async fn refuse_unapplied_relay_log(x: &mut Exec) -> Result<flavor::ServerVariables, ActionError> {
     let received = x.replica_status().await?.gtid_io_pos;
-    let executed = x.variables().await?.gtid_position;
+    let vars = x.variables().await?;
+    let executed = vars.gtid_position.clone();
     let reason = match unapplied(x.dialect, &received, &executed) {
-        Ok(None) => return Ok(()),
+        Ok(None) => return Ok(vars),
         Ok(Some(missing)) => format!(
             "the relay log holds received transactions not applied yet ({missing}; received {received}, applied {executed}): apply them first"
         ),
@@ -662,20 +664,31 @@ pub async fn promote(
             reason: "durability not given and the keyspace record is not known yet".into(),
         })?,
     };
-    // The promotion goes on record while replication is stopped and semi-sync set (one etcd
-    // write, overlapped with those steps); it is awaited before mysqld becomes writable. The
-    // reparent stopped the IO thread and applied the relay log before sending Promote, so the
-    // position read now is the one the term starts from.
-    let recording = start_recording_promotion(shared, &mut x, &req).await?;
+    // The promotion goes on record (one etcd write) while replication is reset and semi-sync set,
+    // from the position read once replication is stopped and the relay log found applied (the
+    // reparent applied it before sending Promote): the one the term starts from. The write is
+    // awaited before mysqld becomes writable. Without etcd nothing is changed at all.
+    let Some(topo) = shared.topo() else {
+        return Err(ActionError::Refused {
+            action: "Promote",
+            reason: format!("{RECORD_STEP}: not connected to etcd; not made writable"),
+        });
+    };
     let st = x.replica_status().await?;
-    if st.configured {
+    let recording = if st.configured {
         x.stop_threads("stop replication", Scope::Both).await?;
-        refuse_unapplied_relay_log(&mut x).await?;
+        // Replication stopped and everything received applied: the position the term starts
+        // from. Its record is written while the reset and the semi-sync steps run.
+        let vars = refuse_unapplied_relay_log(&mut x).await?;
+        let recording = start_recording_promotion(shared, topo, &x, &req, &vars);
         let sql = x.dialect.reset_replication_all().to_string();
         x.sql("reset replication", &sql).await?;
+        recording
     } else {
         x.note("no replication configured");
-    }
+        let vars = x.variables().await?;
+        start_recording_promotion(shared, topo, &x, &req, &vars)
+    };
     let sql = x.dialect.set_semi_sync_replica(false);
     x.sql("semi-sync replica side off", &sql).await?;
     let semi = durability == Durability::SemiSync;
@@ -718,28 +731,23 @@ type Recording = (
 
 const RECORD_STEP: &str = "record the promotion in the shard history";
 
-/// Starts recording the promotion in the shard's history (create-only: one term, one tablet).
-/// Without etcd the promotion is refused at once: a primary whose promotion is not on record
-/// could not be told apart from a stale one, and an agent cut from etcd could not learn of its
-/// own deposition either.
-async fn start_recording_promotion(
+/// Starts recording the promotion in the shard's history (create-only: one term, one tablet),
+/// from the position in `v`. Without etcd the promotion is refused before anything changes
+/// (see `promote`): a primary whose promotion is not on record could not be told apart from a
+/// stale one, and an agent cut from etcd could not learn of its own deposition either.
+fn start_recording_promotion(
     shared: &Arc<Shared>,
-    x: &mut Exec,
+    topo: topo::Topo,
+    x: &Exec,
     req: &pb::PromoteRequest,
-) -> Result<Recording, ActionError> {
-    let Some(topo) = shared.topo() else {
-        return Err(ActionError::Refused {
-            action: "Promote",
-            reason: format!("{RECORD_STEP}: not connected to etcd; not made writable"),
-        });
-    };
-    let v = x.variables().await?;
+    v: &flavor::ServerVariables,
+) -> Recording {
     let rec = topo::PromotionRecord {
         keyspace: shared.id.keyspace.clone(),
         shard: shared.id.shard.clone(),
         term: x.term,
         primary: shared.id.alias.clone(),
-        writer: writer_id(&x.dialect, &v),
+        writer: writer_id(&x.dialect, v),
         position: v.gtid_position.clone(),
         at_ms: topo::now_ms(),
         by: req
@@ -750,10 +758,10 @@ async fn start_recording_promotion(
         lock_epoch: req.ctx.as_ref().map_or(0, |c| c.lock_epoch),
     };
     let at_ms = rec.at_ms;
-    Ok((
+    (
         tokio::spawn(async move { topo.record_promotion(&rec).await }),
         at_ms,
-    ))
+    )
 }
 
 /// Waits for the history write (within the action's deadline) before mysqld becomes writable;

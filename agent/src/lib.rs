@@ -17,7 +17,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use myha_proto::agent::agent_server::AgentServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::agent::Shared;
@@ -98,15 +98,22 @@ pub async fn run(
         shared: shared.clone(),
     };
     let grpc_server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(AgentServer::new(svc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), wait_stop(stop_rx));
+        .serve_with_incoming_shutdown(grpc_incoming(grpc), wait_stop(stop_rx));
 
     let (g, h) = tokio::join!(grpc_server, http_server);
     g?;
     h.map_err(RunError::Http)?;
     info!("agent stopped");
     Ok(())
+}
+
+/// The gRPC connections, with Nagle's algorithm off. `Server::tcp_nodelay` does not apply to a
+/// listener of our own (`serve_with_incoming`): without this, a response written in more than
+/// one piece waited for the orchestrator's delayed ACK (about 40 ms on Linux) in the middle of
+/// a reparent (measured: `Promote` 14 ms in the agent, 58 ms seen by the orchestrator).
+pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// `/health`: 200 with the last health as JSON-ish text when mysqld is reachable, 503 otherwise.
@@ -120,4 +127,28 @@ async fn health_json(
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     };
     (code, format!("{h:#?}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn grpc_connections_are_accepted_with_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = grpc_incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(
+            accepted.nodelay().expect("read TCP_NODELAY"),
+            "Nagle's algorithm is on for the agent's gRPC connections"
+        );
+    }
 }
