@@ -21,6 +21,7 @@ mod gateway;
 mod http;
 mod mysqld;
 pub mod net;
+pub mod netns;
 mod orchestrator;
 mod process;
 pub mod sandbox;

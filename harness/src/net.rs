@@ -8,32 +8,18 @@
 //! loopback is touched: the rules match `-i lo`, so nothing leaves this machine.
 
 use std::collections::HashSet;
-use std::process::Command;
 
 use crate::error::{HarnessError, Result};
-use crate::util::pid_alive;
+use crate::util::{pid_alive, run_tool};
 
 const TAG: &str = "myha-harness:";
 
 fn iptables(args: &[&str]) -> Result<String> {
-    let out = Command::new("iptables")
-        .args(args)
-        .output()
-        .map_err(|source| HarnessError::Io {
-            what: "run iptables (package iptables; scripts/dev installs it)".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(HarnessError::Io {
-            what: format!(
-                "iptables {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            source: std::io::Error::other("iptables failed"),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_tool(
+        "iptables",
+        args,
+        "package iptables; scripts/dev installs it",
+    )
 }
 
 /// The harness's rules in the INPUT chain, as `iptables -S` prints them, with the pid that added

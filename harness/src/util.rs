@@ -264,6 +264,29 @@ where
     }
 }
 
+/// Runs a system tool to completion: its stdout, or an error with its stderr (`hint` names the
+/// package that provides it).
+pub fn run_tool(program: &str, args: &[&str], hint: &str) -> Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| HarnessError::Io {
+            what: format!("run {program} ({hint})"),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(HarnessError::Io {
+            what: format!(
+                "{program} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            source: std::io::Error::other(format!("{program} failed")),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

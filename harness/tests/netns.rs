@@ -1,0 +1,219 @@
+//! Hosts in network namespaces (harness::netns) on the real kernel: addresses reachable between
+//! the hosts and nowhere else, silent cuts (both ways and one way), random loss, healing, and
+//! cleanup on drop and of a killed run's namespaces. Needs root (as CI runs).
+
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use harness::netns::{remove_stale, Direction, Network};
+
+fn namespaces() -> String {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Connects from `net`'s host `from` to `to` within `t`: Ok, or the error's kind.
+fn connect(
+    net: &Network,
+    from: &str,
+    to: SocketAddr,
+    t: Duration,
+) -> Result<(), std::io::ErrorKind> {
+    net.host(from)
+        .expect("host")
+        .run_in(move || {
+            TcpStream::connect_timeout(&to, t)
+                .map(drop)
+                .map_err(|e| e.kind())
+        })
+        .expect("thread in the namespace")
+}
+
+fn listen(net: &Network, on: &str) -> (TcpListener, SocketAddr) {
+    let addr = net.host(on).expect("host").addr;
+    let l = net
+        .host(on)
+        .expect("host")
+        .run_in(move || TcpListener::bind((addr, 0)).expect("bind"))
+        .expect("thread in the namespace");
+    let a = l.local_addr().expect("addr");
+    // Accept (and drop) whatever connects, for the test's duration.
+    let l2 = l.try_clone().expect("clone listener");
+    std::thread::spawn(move || for _ in l2.incoming() {});
+    (l, a)
+}
+
+/// A UDP socket bound on `host`.
+fn udp(net: &Network, host: &str) -> UdpSocket {
+    let addr = net.host(host).expect("host").addr;
+    let s = net
+        .host(host)
+        .expect("host")
+        .run_in(move || UdpSocket::bind((addr, 0)).expect("bind udp"))
+        .expect("thread in the namespace");
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    s
+}
+
+/// Datagrams `from` sends to `to` that arrive (of `n`).
+fn delivered(from: &UdpSocket, to: &UdpSocket, n: usize) -> usize {
+    let dst = to.local_addr().expect("addr");
+    for i in 0..n {
+        from.send_to(&(i as u32).to_be_bytes(), dst).expect("send");
+    }
+    let mut got = 0;
+    let mut buf = [0u8; 16];
+    while to.recv_from(&mut buf).is_ok() {
+        got += 1;
+    }
+    got
+}
+
+const T: Duration = Duration::from_millis(500);
+
+#[test]
+fn hosts_reach_each_other_only_inside_their_network_and_cuts_are_silent_and_heal() {
+    let net = Network::create(&["primary", "replica", "client"]).expect("network");
+    let names = namespaces();
+    for h in net.hosts() {
+        assert!(names.contains(&h.ns), "{} missing from: {names}", h.ns);
+    }
+    let (_l, primary) = listen(&net, "primary");
+    assert_eq!(connect(&net, "replica", primary, T), Ok(()));
+    assert_eq!(connect(&net, "client", primary, T), Ok(()));
+    // The range exists only inside the network: the machine's own namespace has no address or
+    // route in it (never connect there from outside: that would go to the default route), and
+    // a host has no route anywhere else.
+    let own = Command::new("ip")
+        .args(["-4", "route"])
+        .output()
+        .expect("ip route");
+    let own = String::from_utf8_lossy(&own.stdout).into_owned()
+        + &String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-4", "addr"])
+                .output()
+                .expect("ip addr")
+                .stdout,
+        );
+    assert!(
+        !own.contains("10.99.0."),
+        "the host range leaked into the machine's namespace: {own}"
+    );
+    let routes = net
+        .host("client")
+        .expect("host")
+        .command("ip")
+        .args(["-4", "route"])
+        .output()
+        .expect("ip route in the host");
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    assert!(
+        !routes.contains("default"),
+        "a host has a default route: {routes}"
+    );
+
+    // A cut drops silently: the connection attempt times out (no reset, no ICMP).
+    net.cut("primary", &["replica"], Direction::Both)
+        .expect("cut");
+    assert_eq!(
+        connect(&net, "replica", primary, T),
+        Err(std::io::ErrorKind::TimedOut)
+    );
+    assert_eq!(
+        connect(&net, "client", primary, T),
+        Ok(()),
+        "only replica is cut"
+    );
+    net.heal("primary").expect("heal");
+    assert_eq!(connect(&net, "replica", primary, T), Ok(()));
+
+    // Isolated from everyone.
+    net.isolate("primary", Direction::Both).expect("isolate");
+    for from in ["replica", "client"] {
+        assert_eq!(
+            connect(&net, from, primary, T),
+            Err(std::io::ErrorKind::TimedOut),
+            "{from}"
+        );
+    }
+    net.heal_all().expect("heal all");
+    assert_eq!(connect(&net, "client", primary, T), Ok(()));
+    let gone: Vec<String> = net.hosts().iter().map(|h| h.ns.clone()).collect();
+    drop(net);
+    let names = namespaces();
+    for ns in gone {
+        assert!(!names.contains(&ns), "{ns} left behind: {names}");
+    }
+}
+
+#[test]
+fn one_way_cuts_drop_one_direction_and_loss_drops_a_share() {
+    let net = Network::create(&["a", "b"]).expect("network");
+    let a = udp(&net, "a");
+    let b = udp(&net, "b");
+    assert_eq!(delivered(&a, &b, 20), 20);
+    assert_eq!(delivered(&b, &a, 20), 20);
+    // b receives nothing from a; what b sends still arrives.
+    net.cut("b", &["a"], Direction::Inbound)
+        .expect("cut inbound");
+    assert_eq!(delivered(&a, &b, 20), 0, "a -> b crossed an inbound cut");
+    assert_eq!(delivered(&b, &a, 20), 20, "b -> a was cut too");
+    net.heal("b").expect("heal");
+    // Nothing a sends reaches b; a still receives.
+    net.cut("a", &["b"], Direction::Outbound)
+        .expect("cut outbound");
+    assert_eq!(delivered(&a, &b, 20), 0, "a -> b crossed an outbound cut");
+    assert_eq!(delivered(&b, &a, 20), 20, "b -> a was cut too");
+    net.heal("a").expect("heal");
+    // Half of what b receives is dropped (400 datagrams: the share is far from 0 and 400).
+    net.lossy("b", 0.5).expect("lossy");
+    let got = delivered(&a, &b, 400);
+    println!("with 50 % loss: {got} of 400 delivered");
+    assert!((100..=300).contains(&got), "{got} of 400 delivered");
+    assert!(net.lossy("b", 1.5).is_err());
+}
+
+#[test]
+fn a_killed_runs_namespaces_are_removed() {
+    // A pid above pid_max (4194304 at most on Linux) is never alive.
+    let stale = "myha4194999n0-x";
+    let _ = Command::new("ip").args(["netns", "del", stale]).status();
+    let st = Command::new("ip")
+        .args(["netns", "add", stale])
+        .status()
+        .expect("ip netns add");
+    assert!(st.success());
+    assert!(namespaces().contains(stale));
+    let removed = remove_stale().expect("remove stale");
+    assert!(removed >= 1);
+    assert!(!namespaces().contains(stale), "{}", namespaces());
+    // Our own live networks are kept.
+    let net = Network::create(&["x"]).expect("network");
+    remove_stale().expect("remove stale");
+    assert!(namespaces().contains(&net.host("x").expect("host").ns));
+}
+
+#[test]
+fn a_failing_test_leaves_no_namespace_behind() {
+    let made = std::sync::Mutex::new(Vec::new());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let net = Network::create(&["p", "q"]).expect("network");
+        made.lock()
+            .expect("lock")
+            .extend(net.hosts().iter().map(|h| h.ns.clone()));
+        panic!("a test assertion fails while the network is up");
+    }));
+    assert!(r.is_err());
+    let made = made.into_inner().expect("lock");
+    assert_eq!(made.len(), 2);
+    let names = namespaces();
+    for ns in made {
+        assert!(!names.contains(&ns), "{ns} left behind: {names}");
+    }
+}
