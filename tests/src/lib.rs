@@ -142,6 +142,21 @@ pub mod ha {
         }
     }
 
+    /// [`ha_options`] with `more` applied to each orchestrator's config after its short TTLs.
+    pub fn ha_options_with(
+        tablets: usize,
+        more: impl Fn(&mut harness::OrchestratorConfig) + Send + Sync + 'static,
+    ) -> ClusterOptions {
+        ClusterOptions {
+            orchestrator_config: Some(Arc::new(move |cfg: &mut harness::OrchestratorConfig| {
+                cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
+                cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
+                more(cfg);
+            })),
+            ..ha_options(tablets)
+        }
+    }
+
     pub async fn start(opts: ClusterOptions) -> Cluster {
         let started = Instant::now();
         let c = Cluster::start(opts).await.expect("cluster starts");

@@ -1113,15 +1113,10 @@ async fn p13_two_orchestrators_exactly_one_reparent() {
 async fn p14_second_failure_reparents_again_and_flapping_stops_until_acknowledged() {
     let _serial = SERIAL.lock().await;
     // 5 tablets: three successive primaries die and two tablets still remain (semi_sync met).
-    let c = start(ClusterOptions {
-        orchestrator_config: Some(Arc::new(|cfg: &mut OrchestratorConfig| {
-            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
-            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
-            cfg.recovery.flap_limit = 2;
-            cfg.recovery.flap_window = Duration::from_secs(600);
-        })),
-        ..ha_options(5)
-    })
+    let c = start(ha_options_with(5, |cfg: &mut OrchestratorConfig| {
+        cfg.recovery.flap_limit = 2;
+        cfg.recovery.flap_window = Duration::from_secs(600);
+    }))
     .await;
     let o = orch(&c);
     wait_quiet(o, &c, BOUND).await;
@@ -1312,14 +1307,9 @@ async fn a_primary_whose_writes_stay_blocked_is_failed_over_when_the_operator_op
     use mysql_async::prelude::Queryable;
     let _serial = SERIAL.lock().await;
     let bound = Duration::from_secs(3);
-    let c = start(ClusterOptions {
-        orchestrator_config: Some(Arc::new(move |cfg: &mut OrchestratorConfig| {
-            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
-            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
-            cfg.recovery.failover_on_writes_stalled = Some(bound);
-        })),
-        ..ha_options(3)
-    })
+    let c = start(ha_options_with(3, move |cfg: &mut OrchestratorConfig| {
+        cfg.recovery.failover_on_writes_stalled = Some(bound);
+    }))
     .await;
     let o = orch(&c);
     wait_quiet(o, &c, BOUND).await;
@@ -1416,12 +1406,9 @@ async fn durability_none_refuses_the_stall_failover_when_the_stalled_primary_can
     let _serial = SERIAL.lock().await;
     let c = start(ClusterOptions {
         durability: topo::Durability::None,
-        orchestrator_config: Some(Arc::new(|cfg: &mut OrchestratorConfig| {
-            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
-            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
+        ..ha_options_with(3, |cfg: &mut OrchestratorConfig| {
             cfg.recovery.failover_on_writes_stalled = Some(Duration::from_secs(3));
-        })),
-        ..ha_options(3)
+        })
     })
     .await;
     let o = orch(&c);

@@ -384,16 +384,14 @@ async fn x2_a_record_restored_to_an_older_term_is_reconciled_to_the_real_primary
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_is_pruned_to_its_configured_size() {
     let _serial = SERIAL.lock().await;
-    let mut opts = ha_options(3);
-    opts.orchestrator_config = Some(std::sync::Arc::new(
+    let c = start(ha_options_with(
+        3,
         |cfg: &mut harness::OrchestratorConfig| {
-            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
-            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
             cfg.recovery.audit_keep = 5;
             cfg.recovery.audit_prune_interval = Duration::ZERO;
         },
-    ));
-    let c = start(opts).await;
+    ))
+    .await;
     wait_quiet(orch(&c), &c, BOUND).await;
     let w = writer(&c).await;
     let old = alias_of(&c, 0);

@@ -16,7 +16,6 @@
 //! Time bounds are generous; measured times are printed (write unavailability and the
 //! reparent's `total_ms` per switchover), never asserted tightly. One test at a time (`SERIAL`).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{Ack, Cluster, ClusterOptions, Tablet, Writer, WriterOptions};
@@ -39,15 +38,10 @@ fn options_with(
     tablets: usize,
     more: impl Fn(&mut harness::OrchestratorConfig) + Send + Sync + 'static,
 ) -> ClusterOptions {
-    ClusterOptions {
-        orchestrator_config: Some(Arc::new(move |cfg: &mut harness::OrchestratorConfig| {
-            cfg.etcd.lease_ttl = ORCH_LEASE_TTL;
-            cfg.recovery.lock_ttl = ORCH_LEASE_TTL;
-            cfg.orchestrator.api_token = Some(TOKEN.into());
-            more(cfg);
-        })),
-        ..ha_options(tablets)
-    }
+    ha_options_with(tablets, move |cfg: &mut harness::OrchestratorConfig| {
+        cfg.orchestrator.api_token = Some(TOKEN.into());
+        more(cfg);
+    })
 }
 
 /// One reparent request as streamed: each event with its arrival time after the send.
