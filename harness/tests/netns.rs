@@ -2,7 +2,7 @@
 //! the hosts and nowhere else, silent cuts (both ways and one way), random loss, healing, and
 //! cleanup on drop and of a killed run's namespaces. Needs root (as CI runs).
 
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,6 +16,17 @@ fn namespaces() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `f` with the host's address on a thread inside the host's namespace.
+fn on_host<T, F>(net: &Network, host: &str, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(Ipv4Addr) -> T + Send + 'static,
+{
+    let h = net.host(host).expect("host");
+    let addr = h.addr;
+    h.run_in(move || f(addr)).expect("thread in the namespace")
+}
+
 /// Connects from `net`'s host `from` to `to` within `t`: Ok, or the error's kind.
 fn connect(
     net: &Network,
@@ -23,23 +34,15 @@ fn connect(
     to: SocketAddr,
     t: Duration,
 ) -> Result<(), std::io::ErrorKind> {
-    net.host(from)
-        .expect("host")
-        .run_in(move || {
-            TcpStream::connect_timeout(&to, t)
-                .map(drop)
-                .map_err(|e| e.kind())
-        })
-        .expect("thread in the namespace")
+    on_host(net, from, move |_| {
+        TcpStream::connect_timeout(&to, t)
+            .map(drop)
+            .map_err(|e| e.kind())
+    })
 }
 
 fn listen(net: &Network, on: &str) -> (TcpListener, SocketAddr) {
-    let addr = net.host(on).expect("host").addr;
-    let l = net
-        .host(on)
-        .expect("host")
-        .run_in(move || TcpListener::bind((addr, 0)).expect("bind"))
-        .expect("thread in the namespace");
+    let l = on_host(net, on, |addr| TcpListener::bind((addr, 0)).expect("bind"));
     let a = l.local_addr().expect("addr");
     // Accept (and drop) whatever connects, for the test's duration.
     let l2 = l.try_clone().expect("clone listener");
@@ -49,12 +52,9 @@ fn listen(net: &Network, on: &str) -> (TcpListener, SocketAddr) {
 
 /// A UDP socket bound on `host`.
 fn udp(net: &Network, host: &str) -> UdpSocket {
-    let addr = net.host(host).expect("host").addr;
-    let s = net
-        .host(host)
-        .expect("host")
-        .run_in(move || UdpSocket::bind((addr, 0)).expect("bind udp"))
-        .expect("thread in the namespace");
+    let s = on_host(net, host, |addr| {
+        UdpSocket::bind((addr, 0)).expect("bind udp")
+    });
     s.set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");
     s
