@@ -87,6 +87,13 @@ impl AgentProc {
         })
     }
 
+    /// Runs it inside network namespace `ns` (a host of [`crate::netns::Network`]) from the next
+    /// start on; `None` leaves it where the harness runs.
+    pub fn in_netns(mut self, ns: Option<&str>) -> Self {
+        self.proc = self.proc.in_netns(ns);
+        self
+    }
+
     /// The command line every (re)start uses (`None` if not UTF-8).
     pub fn command_line(&self) -> Option<CommandLine> {
         self.proc.command_line()

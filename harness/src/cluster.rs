@@ -1,8 +1,18 @@
 //! [`Cluster`]: etcd + N MariaDB (GTID replication from tablet 0, optionally semi-sync) +
 //! optionally one `myha-agent` per mysqld, with the topology bootstrapped in etcd.
+//!
+//! Every process runs on loopback ([`Hosts::Loopback`], the default), or on hosts of its own
+//! ([`Hosts::Netns`]): a [`Network`] with one host per etcd member (`etcd`, or `etcd-1`..), per
+//! tablet (its alias; mysqld and its agent), per orchestrator (`orchestrator`,
+//! `orchestrator-2`, `orchestrator-3`) and per gateway (`gateway`, `gateway-2`), plus the
+//! machine's own namespace as host `client`: the test process, its writers and its etcd client
+//! run there and reach every process by its host's address. A process's host follows from the
+//! address in its config (see [`Cluster::start_orchestrator_with`]); the faults are the
+//! network's ([`Cluster::network`]).
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,9 +31,10 @@ use topo::{CellRecord, Durability, KeyspaceRecord, PromotionRule, Topo};
 
 use crate::agent::AgentProc;
 use crate::error::{HarnessError, Result};
-use crate::etcd::Etcd;
+use crate::etcd::{Etcd, EtcdMember};
 use crate::gateway::{gateway_config, GatewayConfig, GatewayProc};
 use crate::mysqld::{absolute, Mysqld, MysqldOptions};
+use crate::netns::Network;
 use crate::orchestrator::{orchestrator_config, OrchestratorProc};
 use crate::sandbox::{SandboxGateway, SandboxState, SandboxTablet, STATE_FILE};
 use crate::util::{free_port, poll_until, random_password};
@@ -41,9 +52,38 @@ pub type OrchestratorConfigHook =
 /// A hook to adjust each gateway's config before it is written.
 pub type GatewayConfigHook = Arc<dyn Fn(&mut GatewayConfig) + Send + Sync>;
 
+/// Where a cluster's processes run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hosts {
+    /// Every process on 127.0.0.1 (ports differ).
+    #[default]
+    Loopback,
+    /// Each on a host of its own in a network namespace (see the module doc); needs root.
+    Netns,
+}
+
+/// The host names of a [`Hosts::Netns`] cluster besides its tablets'.
+pub const CLIENT_HOST: &str = "client";
+const ORCHESTRATOR_HOSTS: [&str; 3] = ["orchestrator", "orchestrator-2", "orchestrator-3"];
+const GATEWAY_HOSTS: [&str; 2] = ["gateway", "gateway-2"];
+
+/// The name of etcd member `i` of `n` (its host's name and its directory's).
+fn etcd_member_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "etcd".into()
+    } else {
+        format!("etcd-{}", i + 1)
+    }
+}
+
 /// What to start.
 #[derive(Clone)]
 pub struct ClusterOptions {
+    /// Loopback (default) or a host per process.
+    pub hosts: Hosts,
+    /// etcd members (1, or 3 for quorum faults; more than 1 needs [`Hosts::Netns`]).
+    pub etcd_members: usize,
     /// Number of mysqld (tablet 0 is the first primary).
     pub tablets: usize,
     pub durability: Durability,
@@ -100,6 +140,8 @@ pub struct ClusterOptions {
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
+            hosts: Hosts::Loopback,
+            etcd_members: 1,
             tablets: 3,
             durability: Durability::SemiSync,
             keyspace: "commerce".into(),
@@ -131,6 +173,8 @@ impl Default for ClusterOptions {
 impl fmt::Debug for ClusterOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClusterOptions")
+            .field("hosts", &self.hosts)
+            .field("etcd_members", &self.etcd_members)
             .field("tablets", &self.tablets)
             .field("durability", &self.durability)
             .field("keyspace", &self.keyspace)
@@ -258,13 +302,16 @@ pub struct Cluster {
     creds: Arc<Credentials>,
     topo: Topo,
     tablets: Vec<Tablet>,
-    etcd: Etcd,
+    /// At least one member.
+    etcd: Vec<Etcd>,
     /// The one started by [`ClusterOptions::start_orchestrator`].
     orchestrator: Option<OrchestratorProc>,
     /// The one started by [`ClusterOptions::start_gateway`].
     gateway: Option<GatewayProc>,
     keep_dir: AtomicBool,
     detached: bool,
+    /// The hosts ([`Hosts::Netns`]); dropped after the processes are killed.
+    network: Option<Network>,
     // Last: removed after the processes are gone.
     temp: Option<TempDir>,
 }
@@ -273,7 +320,7 @@ impl fmt::Debug for Cluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cluster")
             .field("dir", &self.dir)
-            .field("etcd", &self.etcd.endpoint())
+            .field("etcd", &self.etcd_endpoints())
             .field(
                 "tablets",
                 &self.tablets.iter().map(|t| t.alias()).collect::<Vec<_>>(),
@@ -437,22 +484,66 @@ impl Cluster {
         }
         let creds = Arc::new(Credentials::generate());
         let semi = opts.durability == Durability::SemiSync;
+        let n_etcd = opts.etcd_members;
+        if n_etcd == 0 || (n_etcd > 1 && opts.hosts != Hosts::Netns) {
+            return Err(HarnessError::Invalid(format!(
+                "etcd_members: {n_etcd}; one, or more on hosts: netns (one host per member)"
+            )));
+        }
+        let network = match opts.hosts {
+            Hosts::Loopback => None,
+            Hosts::Netns => {
+                let mut names: Vec<String> =
+                    (0..n_etcd).map(|i| etcd_member_name(i, n_etcd)).collect();
+                names.extend(aliases.iter().cloned());
+                names.extend(ORCHESTRATOR_HOSTS.iter().map(|s| s.to_string()));
+                names.extend(GATEWAY_HOSTS.iter().map(|s| s.to_string()));
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                Some(Network::create_with_machine(&names, CLIENT_HOST)?)
+            }
+        };
+        let place = |host: &str| -> Result<(Ipv4Addr, Option<String>)> {
+            match &network {
+                None => Ok((Ipv4Addr::LOCALHOST, None)),
+                Some(n) => {
+                    let h = n.host(host)?;
+                    Ok((h.addr, h.ns.clone()))
+                }
+            }
+        };
 
         // etcd and every mysqld in parallel.
+        let members = (0..n_etcd)
+            .map(|i| {
+                let name = etcd_member_name(i, n_etcd);
+                let (addr, netns) = place(&name)?;
+                Ok(EtcdMember {
+                    name: if n_etcd == 1 { "myha".into() } else { name },
+                    addr,
+                    netns,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let etcd_dir = dir.join("etcd");
-        let etcd_fut = Etcd::launch(&etcd_dir, opts.new_session);
-        let mysqld_futs = aliases.iter().enumerate().map(|(i, alias)| {
-            let mut m = MysqldOptions::new(
-                format!("mysqld {alias}"),
-                dir.join(alias),
-                opts.first_uid + i as u32,
-            );
-            // Replica side only where a replica runs: the first primary acks nobody.
-            m.semi_sync_replica = semi && i > 0;
-            m.extra_args = opts.mysqld_args.clone();
-            m.new_session = opts.new_session;
-            Mysqld::launch(m)
-        });
+        let etcd_fut = Etcd::launch_members(&etcd_dir, &members, opts.new_session);
+        let mysqld_opts = aliases
+            .iter()
+            .enumerate()
+            .map(|(i, alias)| {
+                let mut m = MysqldOptions::new(
+                    format!("mysqld {alias}"),
+                    dir.join(alias),
+                    opts.first_uid + i as u32,
+                );
+                // Replica side only where a replica runs: the first primary acks nobody.
+                m.semi_sync_replica = semi && i > 0;
+                m.extra_args = opts.mysqld_args.clone();
+                m.new_session = opts.new_session;
+                (m.addr, m.netns) = place(alias)?;
+                Ok(m)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mysqld_futs = mysqld_opts.into_iter().map(Mysqld::launch);
         let (etcd, mysqlds) = tokio::join!(etcd_fut, join_all(mysqld_futs));
         let etcd = etcd?;
         let mysqlds = mysqlds.into_iter().collect::<Result<Vec<_>>>()?;
@@ -492,6 +583,7 @@ impl Cluster {
             gateway: None,
             keep_dir: AtomicBool::new(false),
             detached: false,
+            network,
             temp,
         };
         cluster.bootstrap_replication().await?;
@@ -522,9 +614,10 @@ impl Cluster {
             let stmts = vec![
                 "SET GLOBAL gtid_slave_pos=''".to_string(),
                 format!(
-                    "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER={}, \
+                    "CHANGE MASTER TO MASTER_HOST='{}', MASTER_PORT={}, MASTER_USER={}, \
                      MASTER_PASSWORD={}, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, \
                      MASTER_HEARTBEAT_PERIOD={heartbeat}",
+                    primary.mysqld.ip(),
                     primary.mysqld.port(),
                     sql_quote(&self.creds.repl_user),
                     sql_quote(&self.creds.repl_password)
@@ -680,9 +773,68 @@ impl Cluster {
         results.into_iter().collect::<Result<Vec<_>>>().map(drop)
     }
 
+    /// The address and namespace of host `name` (loopback and none without a network).
+    fn place(&self, name: &str) -> Result<(Ipv4Addr, Option<String>)> {
+        match &self.network {
+            None => Ok((Ipv4Addr::LOCALHOST, None)),
+            Some(n) => {
+                let h = n.host(name)?;
+                Ok((h.addr, h.ns.clone()))
+            }
+        }
+    }
+
+    /// The namespace of the host that has `ip` (none on loopback); an error when no host of
+    /// the network has it.
+    fn netns_of(&self, ip: IpAddr) -> Result<Option<String>> {
+        let Some(n) = &self.network else {
+            return Ok(None);
+        };
+        let host = match ip {
+            IpAddr::V4(v4) => n.host_at(v4),
+            IpAddr::V6(_) => None,
+        };
+        host.map(|h| h.ns.clone()).ok_or_else(|| {
+            HarnessError::Invalid(format!("{ip} is no host of this cluster's network"))
+        })
+    }
+
+    /// The first of `hosts` whose directory under the cluster's does not exist yet: where the
+    /// next orchestrator or gateway goes.
+    fn next_slot(&self, hosts: &[&'static str]) -> Result<&'static str> {
+        hosts
+            .iter()
+            .copied()
+            .find(|h| !self.dir.join(h).exists())
+            .ok_or_else(|| HarnessError::Invalid(format!("all of {hosts:?} are taken")))
+    }
+
+    /// The hosts ([`Hosts::Netns`]), to cut, isolate or slow them.
+    pub fn network(&self) -> Option<&Network> {
+        self.network.as_ref()
+    }
+
+    /// The network, or an error saying the cluster runs on loopback.
+    pub fn net(&self) -> Result<&Network> {
+        self.network.as_ref().ok_or_else(|| {
+            HarnessError::Invalid("this cluster runs on loopback (hosts: Loopback)".into())
+        })
+    }
+
+    /// Every etcd member's client URL.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd.iter().map(Etcd::endpoint).collect()
+    }
+
+    /// Every etcd member.
+    pub fn etcd_members(&self) -> &[Etcd] {
+        &self.etcd
+    }
+
     /// The config the harness gives tablet `i`'s agent (fresh ports each call).
     pub fn agent_config(&self, i: usize) -> Result<AgentConfig> {
         let t = &self.tablets[i];
+        let ip = t.mysqld.ip();
         let mut cfg = AgentConfig {
             tablet: TabletSection {
                 cell: t.cell.clone(),
@@ -705,15 +857,15 @@ impl Cluster {
             },
             agent: AgentSection {
                 poll_interval: self.opts.poll_interval,
-                grpc_listen: ([127, 0, 0, 1], free_port()?).into(),
-                http_listen: ([127, 0, 0, 1], free_port()?).into(),
-                advertise_host: "127.0.0.1".into(),
+                grpc_listen: (ip, free_port()?).into(),
+                http_listen: (ip, free_port()?).into(),
+                advertise_host: ip.to_string(),
                 state_dir: t.dir.join("agent-state"),
                 semi_sync_timeout: Duration::from_millis(SEMI_SYNC_TIMEOUT_MS),
                 ..AgentSection::default()
             },
             etcd: EtcdSection {
-                endpoints: vec![self.etcd.endpoint()],
+                endpoints: self.etcd_endpoints(),
                 prefix: self.opts.prefix.clone(),
                 lease_ttl: self.opts.lease_ttl,
                 dial_timeout: Duration::from_secs(2),
@@ -738,9 +890,18 @@ impl Cluster {
             }
         }
         let new_session = self.opts.new_session;
-        let launched = join_all(configs.into_iter().map(|(i, cfg)| {
+        let mut agents = Vec::new();
+        for (i, cfg) in configs {
+            let ns = self.netns_of(cfg.agent.grpc_listen.ip())?;
             let dir = self.tablets[i].dir.clone();
-            async move { (i, AgentProc::launch(cfg, &dir, new_session).await) }
+            agents.push((
+                i,
+                AgentProc::create(cfg, &dir, new_session)?.in_netns(ns.as_deref()),
+            ));
+        }
+        let launched = join_all(agents.into_iter().map(|(i, a)| async move {
+            let r = a.start().await.map(|()| a);
+            (i, r)
         }))
         .await;
         let mut first_err = None;
@@ -825,13 +986,16 @@ impl Cluster {
         results.into_iter().collect::<Result<Vec<_>>>().map(drop)
     }
 
-    /// The config the harness gives an orchestrator of this cluster (fresh port each call):
-    /// this cluster's etcd and prefix, then [`ClusterOptions::orchestrator_config`].
+    /// The config the harness gives an orchestrator of this cluster (fresh port each call, on
+    /// the next orchestrator's host): this cluster's etcd and prefix, then
+    /// [`ClusterOptions::orchestrator_config`].
     pub fn orchestrator_config(&self) -> Result<myha_orchestrator::config::OrchestratorConfig> {
+        let (ip, _) = self.place(self.next_slot(&ORCHESTRATOR_HOSTS)?)?;
         let mut cfg = orchestrator_config(
-            &self.etcd.endpoint(),
+            &self.etcd_endpoints(),
             &self.opts.prefix,
             &self.opts.orchestrator_log_level,
+            ip,
         )?;
         if let Some(hook) = &self.opts.orchestrator_config {
             hook(&mut cfg);
@@ -847,11 +1011,13 @@ impl Cluster {
         self.start_orchestrator_with(cfg).await
     }
 
-    /// As [`Cluster::start_orchestrator`], with a config of the caller's.
+    /// As [`Cluster::start_orchestrator`], with a config of the caller's. It runs on the host
+    /// that has its `http_listen` address.
     pub async fn start_orchestrator_with(
         &self,
         cfg: myha_orchestrator::config::OrchestratorConfig,
     ) -> Result<OrchestratorProc> {
+        let ns = self.netns_of(cfg.orchestrator.http_listen.ip())?;
         let dir = (1..)
             .map(|n| match n {
                 1 => self.dir.join("orchestrator"),
@@ -859,7 +1025,9 @@ impl Cluster {
             })
             .find(|d| !d.exists())
             .unwrap_or_else(|| self.dir.join("orchestrator"));
-        OrchestratorProc::launch(cfg, &dir, self.opts.new_session).await
+        let o = OrchestratorProc::create(cfg, &dir, self.opts.new_session)?.in_netns(ns.as_deref());
+        o.start().await?;
+        Ok(o)
     }
 
     /// The orchestrator started by [`ClusterOptions::start_orchestrator`].
@@ -871,12 +1039,14 @@ impl Cluster {
     /// cluster's etcd and prefix, RW and RO listeners for its shard, then
     /// [`ClusterOptions::gateway_config`].
     pub fn gateway_config(&self) -> Result<GatewayConfig> {
+        let (ip, _) = self.place(self.next_slot(&GATEWAY_HOSTS)?)?;
         let mut cfg = gateway_config(
-            &self.etcd.endpoint(),
+            &self.etcd_endpoints(),
             &self.opts.prefix,
             &self.opts.gateway_log_level,
             &self.opts.keyspace,
             &self.opts.shard,
+            ip,
         )?;
         if let Some(hook) = &self.opts.gateway_config {
             hook(&mut cfg);
@@ -892,8 +1062,10 @@ impl Cluster {
         self.start_gateway_with(cfg).await
     }
 
-    /// As [`Cluster::start_gateway`], with a config of the caller's.
+    /// As [`Cluster::start_gateway`], with a config of the caller's. It runs on the host that
+    /// has its `admin_listen` address.
     pub async fn start_gateway_with(&self, cfg: GatewayConfig) -> Result<GatewayProc> {
+        let ns = self.netns_of(cfg.admin_listen.ip())?;
         let dir = (1..)
             .map(|n| match n {
                 1 => self.dir.join("gateway"),
@@ -901,7 +1073,9 @@ impl Cluster {
             })
             .find(|d| !d.exists())
             .unwrap_or_else(|| self.dir.join("gateway"));
-        GatewayProc::launch(cfg, &dir, self.opts.new_session).await
+        let g = GatewayProc::create(cfg, &dir, self.opts.new_session)?.in_netns(ns.as_deref());
+        g.start().await?;
+        Ok(g)
     }
 
     /// The gateway started by [`ClusterOptions::start_gateway`].
@@ -912,8 +1086,9 @@ impl Cluster {
     pub fn topo(&self) -> &Topo {
         &self.topo
     }
+    /// The first etcd member (the only one unless [`ClusterOptions::etcd_members`] > 1).
     pub fn etcd(&self) -> &Etcd {
-        &self.etcd
+        &self.etcd[0]
     }
     pub fn tablets(&self) -> &[Tablet] {
         &self.tablets
@@ -971,8 +1146,8 @@ impl Cluster {
     pub fn sandbox_state(&self) -> SandboxState {
         SandboxState {
             dir: self.dir.clone(),
-            etcd: self.etcd.endpoint(),
-            etcd_pid: self.etcd.pid(),
+            etcd: self.etcd[0].endpoint(),
+            etcd_pid: self.etcd[0].pid(),
             prefix: self.opts.prefix.clone(),
             cell: self.opts.cell.clone(),
             keyspace: self.opts.keyspace.clone(),
@@ -1019,7 +1194,9 @@ impl Cluster {
     pub fn detach(mut self) -> Result<SandboxState> {
         let state = self.sandbox_state();
         state.write(&self.dir.join(STATE_FILE))?;
-        self.etcd.detach();
+        for e in &self.etcd {
+            e.detach();
+        }
         if let Some(g) = &self.gateway {
             g.detach();
         }
@@ -1053,7 +1230,8 @@ impl Cluster {
         }
         let stops = join_all(self.tablets.iter().map(|t| t.mysqld.stop())).await;
         stops.into_iter().collect::<Result<Vec<_>>>()?;
-        self.etcd.stop().await
+        let stops = join_all(self.etcd.iter().map(Etcd::stop)).await;
+        stops.into_iter().collect::<Result<Vec<_>>>().map(drop)
     }
 }
 
@@ -1076,7 +1254,9 @@ impl Drop for Cluster {
             for t in &self.tablets {
                 let _ = t.mysqld.kill();
             }
-            let _ = self.etcd.kill();
+            for e in &self.etcd {
+                let _ = e.kill();
+            }
         }
         let keep_env = std::env::var_os("MYHA_KEEP_DIR").is_some_and(|v| !v.is_empty() && v != "0");
         if self.keep_dir.load(Ordering::SeqCst) || keep_env {
@@ -1135,13 +1315,11 @@ async fn bootstrap_primary_sql(primary: &Tablet, creds: &Credentials) -> Result<
 
 /// Cell, keyspace (with durability), shard, and (unless `bootstrap_primary` is off) tablet 0 as
 /// primary at term 1.
-async fn bootstrap_topology(etcd: &Etcd, opts: &ClusterOptions, primary: &str) -> Result<Topo> {
-    let topo = Topo::connect(&[etcd.endpoint()], &opts.prefix, Duration::from_secs(2))
+async fn bootstrap_topology(etcd: &[Etcd], opts: &ClusterOptions, primary: &str) -> Result<Topo> {
+    let endpoints: Vec<String> = etcd.iter().map(Etcd::endpoint).collect();
+    let topo = Topo::connect(&endpoints, &opts.prefix, Duration::from_secs(2))
         .await
-        .map_err(HarnessError::topo(format!(
-            "connect to {}",
-            etcd.endpoint()
-        )))?;
+        .map_err(HarnessError::topo(format!("connect to {endpoints:?}")))?;
     topo.put_cell(&CellRecord {
         name: opts.cell.clone(),
     })

@@ -5,7 +5,7 @@
 //! as TOML; settings left `None` keep the gateway's defaults.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ pub struct GatewayListener {
 pub struct GatewayConfig {
     pub admin_listen: SocketAddr,
     pub listeners: Vec<GatewayListener>,
-    pub etcd_endpoint: String,
+    pub etcd_endpoints: Vec<String>,
     pub prefix: String,
     pub log_level: String,
     pub health_stale_after: Option<Duration>,
@@ -103,7 +103,11 @@ impl GatewayConfig {
         }
         t.push_str(&format!(
             "\n[etcd]\nendpoints = [{}]\nprefix = {}\n\n[log]\nformat = \"human\"\nlevel = {}\n",
-            toml_string(&self.etcd_endpoint),
+            self.etcd_endpoints
+                .iter()
+                .map(|e| toml_string(e))
+                .collect::<Vec<_>>()
+                .join(", "),
             toml_string(&self.prefix),
             toml_string(&self.log_level)
         ));
@@ -134,17 +138,18 @@ impl GatewayConfig {
     }
 }
 
-/// The config the harness gives a gateway: etcd at `etcd_endpoint` under `prefix`, one
-/// listener for `keyspace/shard` with RW and RO ports, admin on fresh loopback ports, human
+/// The config the harness gives a gateway: etcd at `etcd_endpoints` under `prefix`, one
+/// listener for `keyspace/shard` with RW and RO ports, admin on fresh ports of `ip`, human
 /// logs at `log_level`, every routing setting at the gateway's default.
 pub fn gateway_config(
-    etcd_endpoint: &str,
+    etcd_endpoints: &[String],
     prefix: &str,
     log_level: &str,
     keyspace: &str,
     shard: &str,
+    ip: Ipv4Addr,
 ) -> Result<GatewayConfig> {
-    let port = || -> Result<SocketAddr> { Ok(([127, 0, 0, 1], free_port()?).into()) };
+    let port = || -> Result<SocketAddr> { Ok((ip, free_port()?).into()) };
     Ok(GatewayConfig {
         admin_listen: port()?,
         listeners: vec![GatewayListener {
@@ -153,7 +158,7 @@ pub fn gateway_config(
             rw: Some(port()?),
             ro: Some(port()?),
         }],
-        etcd_endpoint: etcd_endpoint.into(),
+        etcd_endpoints: etcd_endpoints.to_vec(),
         prefix: prefix.into(),
         log_level: log_level.into(),
         health_stale_after: None,
@@ -223,6 +228,13 @@ impl GatewayProc {
             proc,
             http,
         })
+    }
+
+    /// Runs it inside network namespace `ns` (a host of [`crate::netns::Network`]) from the next
+    /// start on; `None` leaves it where the harness runs.
+    pub fn in_netns(mut self, ns: Option<&str>) -> Self {
+        self.proc = self.proc.in_netns(ns);
+        self
     }
 
     /// Starts it, also again after a kill/stop (an error if running).
@@ -403,7 +415,7 @@ mod tests {
                 rw: Some("127.0.0.1:2".parse().unwrap()),
                 ro: None,
             }],
-            etcd_endpoint: "http://127.0.0.1:3".into(),
+            etcd_endpoints: vec!["http://127.0.0.1:3".into()],
             prefix: "/p".into(),
             log_level: "info".into(),
             health_stale_after: None,

@@ -32,11 +32,12 @@ pub mod writer;
 pub use agent::{AgentProc, AGENT_START_TIMEOUT, AGENT_STOP_GRACE};
 pub use cluster::{
     global_status, global_var, row_to_map, slave_status, AgentConfigHook, Cluster, ClusterOptions,
-    Credentials, GatewayConfigHook, OrchestratorConfigHook, Tablet, SEMI_SYNC_TIMEOUT_MS,
+    Credentials, GatewayConfigHook, Hosts, OrchestratorConfigHook, Tablet, CLIENT_HOST,
+    SEMI_SYNC_TIMEOUT_MS,
 };
 pub use config_daemon::ConfigDaemon;
 pub use error::{HarnessError, Result};
-pub use etcd::{Etcd, ETCD_START_TIMEOUT, ETCD_STOP_GRACE};
+pub use etcd::{Etcd, EtcdMember, ETCD_START_TIMEOUT, ETCD_STOP_GRACE};
 pub use gateway::{
     gateway_config, GatewayConfig, GatewayListener, GatewayProc, GATEWAY_HTTP_TIMEOUT,
     GATEWAY_START_TIMEOUT, GATEWAY_STOP_SLACK,

@@ -1,6 +1,7 @@
 //! [`Mysqld`]: one `mariadbd` on a loopback port with its own datadir.
 
 use std::ffi::OsString;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,13 @@ pub struct MysqldOptions {
     pub extra_args: Vec<String>,
     /// Start in a new session (survives the parent; for the sandbox).
     pub new_session: bool,
+    /// The address it listens on and clients connect to (loopback unless on a host of a
+    /// [`crate::netns::Network`]).
+    pub addr: Ipv4Addr,
+    /// The network namespace it runs in (`None`: where the harness runs). In a namespace it
+    /// listens on every address of its host (its own and the host's loopback, which its agent
+    /// uses), and `addr` is the host's.
+    pub netns: Option<String>,
 }
 
 impl MysqldOptions {
@@ -48,6 +56,8 @@ impl MysqldOptions {
             semi_sync_replica: false,
             extra_args: Vec::new(),
             new_session: false,
+            addr: Ipv4Addr::LOCALHOST,
+            netns: None,
         }
     }
 }
@@ -59,6 +69,8 @@ pub struct Mysqld {
     dir: PathBuf,
     datadir: PathBuf,
     port: u16,
+    /// Where clients connect over TCP.
+    addr: Ipv4Addr,
     socket: PathBuf,
     log: PathBuf,
     server_id: u32,
@@ -112,7 +124,14 @@ impl Mysqld {
             "--user=root".into(),
             format!("--datadir={}", datadir.display()),
             format!("--port={port}"),
-            "--bind-address=127.0.0.1".into(),
+            format!(
+                "--bind-address={}",
+                if opts.netns.is_some() {
+                    Ipv4Addr::UNSPECIFIED
+                } else {
+                    opts.addr
+                }
+            ),
             format!("--socket={}", socket.display()),
             format!("--pid-file={}", pid_file.display()),
             format!("--log-error={}", log.display()),
@@ -160,12 +179,14 @@ impl Mysqld {
             args,
             log.clone(),
             opts.new_session,
-        );
+        )
+        .in_netns(opts.netns.as_deref());
         Ok(Mysqld {
             name: opts.name,
             dir,
             datadir,
             port,
+            addr: opts.addr,
             socket,
             log,
             server_id: opts.server_id,
@@ -179,6 +200,7 @@ impl Mysqld {
     pub fn from_command_line(
         name: impl Into<String>,
         dir: &Path,
+        addr: Ipv4Addr,
         port: u16,
         cl: &CommandLine,
         new_session: bool,
@@ -211,6 +233,7 @@ impl Mysqld {
             dir,
             datadir,
             port,
+            addr,
             socket,
             log: cl.log.clone(),
             server_id,
@@ -284,9 +307,14 @@ impl Mysqld {
         self.port
     }
 
-    /// `127.0.0.1:port`.
+    /// `ip:port` (loopback unless on a namespace host).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.addr, self.port)
+    }
+
+    /// The address clients connect to.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.addr
     }
 
     pub fn socket(&self) -> &Path {
@@ -325,10 +353,10 @@ impl Mysqld {
         )))
     }
 
-    /// A TCP connection to 127.0.0.1:port as `user`.
+    /// A TCP connection to [`Mysqld::addr`] as `user`.
     pub async fn conn(&self, user: &str, password: &str, db: Option<&str>) -> Result<Conn> {
         let opts = OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
+            .ip_or_hostname(self.addr.to_string())
             .tcp_port(self.port)
             .user(Some(user))
             .pass(Some(password))

@@ -7,13 +7,25 @@
 //! namespaces this network made: the machine's own namespace gets neither a route nor an address
 //! in that range, and nothing a test sends there can leave the machine.
 //!
+//! A network may also attach the machine's own namespace as one more host
+//! ([`Network::create_with_machine`]): a veth from the machine into the bridge with the address
+//! `.1` of the network's subnet. That is where the test process, its writers and its etcd client
+//! run, so that they reach every host by its address and can be cut like any other host. Such a
+//! network gets a subnet of its own (`10.99.<n>.0/24`, n >= 1, picked under a lock file so that
+//! concurrent runs never share one); the machine then has a route to that subnet, and only to
+//! the bridge: nothing sent there can leave the machine. A network without the machine uses
+//! `10.99.0.0/24`, which then exists only inside its namespaces.
+//!
 //! Names carry the creating process's pid (`myha<pid>n<k>-<host>`): the namespaces are deleted
 //! when the [`Network`] drops (also while unwinding from a failed test), and those of a process
-//! that is gone (a killed run) are deleted before any new network is made.
+//! that is gone (a killed run) are deleted before any new network is made, with the fault rules
+//! such a run left in the machine's own namespace.
 //!
 //! Faults are `iptables` rules in the INPUT chain of the namespace where the packets arrive
-//! (never OUTPUT: a sender would see EPERM, which no pulled cable gives), tagged with the host
-//! the fault is about: [`Network::cut`] drops what crosses between a host and chosen others (both
+//! (never OUTPUT: a sender would see EPERM, which no pulled cable gives), tagged with the
+//! network and the host the fault is about (`myha<pid>n<k>:<host>`; on the machine's own
+//! namespace the rules match only this network's addresses and only tagged rules are ever
+//! removed): [`Network::cut`] drops what crosses between a host and chosen others (both
 //! directions, or one), [`Network::isolate`] cuts it from every other host, [`Network::lossy`]
 //! drops a random share of what it receives, [`Network::heal`] removes a host's faults.
 //!
@@ -31,7 +43,8 @@ use crate::util::{pid_alive, run_tool};
 
 /// Prefix of every namespace this harness makes.
 const PREFIX: &str = "myha";
-const SUBNET: [u8; 3] = [10, 99, 0];
+/// Every network's addresses are in `10.99.0.0/16`; one `/24` per network.
+const SUBNET_PREFIX: [u8; 2] = [10, 99];
 /// Host addresses start here (`.1` is left free for a future gateway).
 const FIRST_HOST: u8 = 10;
 
@@ -52,17 +65,24 @@ pub enum Direction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
     pub name: String,
-    /// The namespace's name (`ip netns exec <ns> ...`).
-    pub ns: String,
+    /// The namespace's name (`ip netns exec <ns> ...`); `None` for the machine's own namespace
+    /// ([`Network::create_with_machine`]).
+    pub ns: Option<String>,
     pub addr: Ipv4Addr,
 }
 
 impl Host {
-    /// `program` run inside this host's namespace (through `ip netns exec`).
+    /// `program` run inside this host's namespace (through `ip netns exec`, which enters the
+    /// namespace and then execs `program`: the child's pid is the program's).
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns, program]);
-        c
+        match &self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
     }
 
     /// Runs `f` on a thread that entered this host's namespace: sockets it opens belong to the
@@ -72,8 +92,13 @@ impl Host {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let path = format!("/run/netns/{}", self.ns);
-        let ns = self.ns.clone();
+        let Some(ns) = self.ns.clone() else {
+            return std::thread::spawn(f)
+                .join()
+                .map_err(|_| HarnessError::Invalid("a thread on the machine panicked".into()));
+        };
+        let path = format!("/run/netns/{ns}");
+        let ns2 = ns.clone();
         std::thread::spawn(move || -> Result<T> {
             let file = std::fs::File::open(&path).map_err(|source| HarnessError::Io {
                 what: format!("open {path}"),
@@ -90,15 +115,20 @@ impl Host {
             Ok(f())
         })
         .join()
-        .map_err(|_| HarnessError::Invalid(format!("a thread in namespace {} panicked", self.ns)))?
+        .map_err(|_| HarnessError::Invalid(format!("a thread in namespace {ns2} panicked")))?
     }
 }
 
-/// A set of hosts on one bridge. Dropping it deletes every namespace it made.
+/// A set of hosts on one bridge. Dropping it deletes every namespace it made and the fault
+/// rules it left in the machine's namespace.
 #[derive(Debug)]
 pub struct Network {
+    /// `myha<pid>n<k>`: the namespaces' prefix and the fault rules' tag.
+    base: String,
     switch: String,
     hosts: Vec<Host>,
+    /// The machine's end of its veth, when attached.
+    machine_link: Option<String>,
 }
 
 fn ip(args: &[&str]) -> Result<String> {
@@ -113,7 +143,7 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
     )
 }
 
-/// The pid a namespace name of ours carries (`myha<pid>n<k>-...`).
+/// The pid a namespace name or rule tag of ours carries (`myha<pid>n<k>...`).
 fn owner_pid(ns: &str) -> Option<u32> {
     let rest = ns.strip_prefix(PREFIX)?;
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
@@ -133,7 +163,58 @@ fn our_namespaces() -> Result<Vec<String>> {
         .collect())
 }
 
-/// Deletes the namespaces of harness processes that are gone (a killed run). Returns how many.
+/// The comment of an `iptables -S` rule line (printed quoted: `--comment "myha1n0:a"`), and the
+/// rule's words after `-A` for a `-D`.
+fn rule_comment(rule: &str) -> Option<(String, Vec<String>)> {
+    let words: Vec<String> = rule
+        .split_whitespace()
+        .map(|w| w.trim_matches('"').to_string())
+        .collect();
+    if words.first().map(String::as_str) != Some("-A") {
+        return None;
+    }
+    let comment = words
+        .windows(2)
+        .find(|w| w[0] == "--comment")
+        .map(|w| w[1].clone())?;
+    Some((comment, words[1..].to_vec()))
+}
+
+/// Runs `iptables -w args` in `ns` (`None`: the machine's own namespace).
+fn iptables_in(ns: Option<&str>, args: &[&str]) -> Result<String> {
+    match ns {
+        Some(ns) => {
+            let mut full = vec!["netns", "exec", ns, "iptables", "-w"];
+            full.extend_from_slice(args);
+            run("ip", &full)
+        }
+        None => {
+            let mut full = vec!["-w"];
+            full.extend_from_slice(args);
+            run("iptables", &full)
+        }
+    }
+}
+
+/// Deletes the INPUT rules in `ns` whose comment satisfies `pred`.
+fn delete_rules(ns: Option<&str>, pred: impl Fn(&str) -> bool) -> Result<()> {
+    let rules = iptables_in(ns, &["-S", "INPUT"])?;
+    for rule in rules.lines() {
+        let Some((comment, words)) = rule_comment(rule) else {
+            continue;
+        };
+        if pred(&comment) {
+            let mut args = vec!["-D"];
+            args.extend(words.iter().map(String::as_str));
+            iptables_in(ns, &args)?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the namespaces of harness processes that are gone (a killed run), and the fault rules
+/// such runs left in the machine's namespace (their veths went with their namespaces). Returns
+/// how many namespaces.
 pub fn remove_stale() -> Result<usize> {
     let mut removed = 0;
     for ns in our_namespaces()? {
@@ -141,48 +222,141 @@ pub fn remove_stale() -> Result<usize> {
             removed += 1;
         }
     }
+    delete_rules(None, |c| owner_pid(c).is_some_and(|p| !pid_alive(p)))?;
     Ok(removed)
 }
 
-impl Network {
-    /// Makes one namespace per name in `hosts`, each with an address on a bridge of its own.
-    pub fn create(hosts: &[&str]) -> Result<Network> {
-        if hosts.is_empty() || hosts.len() > usize::from(u8::MAX - FIRST_HOST) {
+/// Serialises the choice of a subnet between processes: held while one is picked and its
+/// machine-side address added.
+struct SubnetLock {
+    _file: std::fs::File,
+}
+
+impl SubnetLock {
+    fn take() -> Result<SubnetLock> {
+        let path = "/run/lock/myha-netns.lock";
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|source| HarnessError::Io {
+                what: format!("open {path}"),
+                source,
+            })?;
+        // SAFETY: flock on an fd we own; released when the file closes.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(HarnessError::Io {
+                what: format!("lock {path}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(SubnetLock { _file: f })
+    }
+}
+
+/// The lowest `n >= 1` such that the machine has no address in `10.99.n.0/24`.
+fn free_subnet() -> Result<u8> {
+    let addrs = ip(&["-4", "-o", "addr", "show"])?;
+    (1..=254u8)
+        .find(|n| {
+            let p = format!("{}.{}.{n}.", SUBNET_PREFIX[0], SUBNET_PREFIX[1]);
+            !addrs.contains(&format!(" {p}"))
+        })
+        .ok_or_else(|| HarnessError::Invalid("no free 10.99.n.0/24 subnet left".into()))
+}
+
+fn check_names(hosts: &[&str]) -> Result<()> {
+    if hosts.is_empty() || hosts.len() > usize::from(u8::MAX - FIRST_HOST) {
+        return Err(HarnessError::Invalid(format!(
+            "a network has 1 to {} hosts, not {}",
+            u8::MAX - FIRST_HOST,
+            hosts.len()
+        )));
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        let valid = !h.is_empty()
+            && h.len() <= 32
+            && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !valid || hosts[..i].contains(h) {
             return Err(HarnessError::Invalid(format!(
-                "a network has 1 to {} hosts, not {}",
-                u8::MAX - FIRST_HOST,
-                hosts.len()
+                "host name {h:?}: unique, 1-32 of [A-Za-z0-9-]"
             )));
         }
-        for (i, h) in hosts.iter().enumerate() {
-            let valid = !h.is_empty()
-                && h.len() <= 32
-                && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-            if !valid || hosts[..i].contains(h) {
-                return Err(HarnessError::Invalid(format!(
-                    "host name {h:?}: unique, 1-32 of [A-Za-z0-9-]"
-                )));
-            }
-        }
+    }
+    Ok(())
+}
+
+impl Network {
+    /// Makes one namespace per name in `hosts`, each with an address in `10.99.0.0/24` on a
+    /// bridge of its own; the machine's namespace gets nothing.
+    pub fn create(hosts: &[&str]) -> Result<Network> {
+        Network::build(hosts, None)
+    }
+
+    /// As [`Network::create`], plus the machine's own namespace attached as host `machine`
+    /// (address `.1`), on a subnet no other live network of this machine uses.
+    pub fn create_with_machine(hosts: &[&str], machine: &str) -> Result<Network> {
+        Network::build(hosts, Some(machine))
+    }
+
+    fn build(hosts: &[&str], machine: Option<&str>) -> Result<Network> {
+        let mut all: Vec<&str> = hosts.to_vec();
+        all.extend(machine);
+        check_names(&all)?;
         remove_stale()?;
         let k = NETWORKS.fetch_add(1, Ordering::Relaxed);
-        let base = format!("{PREFIX}{}n{k}", std::process::id());
+        let pid = std::process::id();
+        let base = format!("{PREFIX}{pid}n{k}");
         let switch = format!("{base}-sw");
         // From here on, Drop deletes whatever was made, also when a later step fails.
         let mut net = Network {
+            base: base.clone(),
             switch: switch.clone(),
             hosts: Vec::new(),
+            machine_link: None,
         };
         ip(&["netns", "add", &switch])?;
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &switch, "link", "set", "br0", "up"])?;
+        let mut lock = None;
+        let subnet = match machine {
+            None => 0,
+            Some(_) => {
+                lock = Some(SubnetLock::take()?);
+                free_subnet()?
+            }
+        };
+        let addr_of =
+            |i: u8| Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], subnet, FIRST_HOST + i);
+        if let Some(name) = machine {
+            // The machine's end lives in its own namespace (at most 15 bytes: `my<pid>n<k>`)
+            // and goes when its peer in the switch namespace is deleted.
+            let link = format!("my{pid}n{k}");
+            let addr = Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], subnet, 1);
+            ip(&[
+                "link", "add", &link, "type", "veth", "peer", "name", "machine", "netns", &switch,
+            ])?;
+            net.machine_link = Some(link.clone());
+            ip(&[
+                "-n", &switch, "link", "set", "machine", "master", "br0", "up",
+            ])?;
+            ip(&["addr", "add", &format!("{addr}/24"), "dev", &link])?;
+            ip(&["link", "set", &link, "up"])?;
+            net.hosts.push(Host {
+                name: name.to_string(),
+                ns: None,
+                addr,
+            });
+        }
+        drop(lock);
         for (i, name) in hosts.iter().enumerate() {
             let ns = format!("{base}-{name}");
-            let addr = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], FIRST_HOST + i as u8);
+            let addr = addr_of(i as u8);
             ip(&["netns", "add", &ns])?;
             net.hosts.push(Host {
                 name: name.to_string(),
-                ns: ns.clone(),
+                ns: Some(ns.clone()),
                 addr,
             });
             let port = format!("h{i}");
@@ -211,19 +385,22 @@ impl Network {
             .ok_or_else(|| HarnessError::Invalid(format!("no host {name:?} in this network")))
     }
 
-    fn iptables(&self, host: &Host, args: &[&str]) -> Result<String> {
-        let mut full = vec!["netns", "exec", host.ns.as_str(), "iptables", "-w"];
-        full.extend_from_slice(args);
-        run("ip", &full)
+    /// The host that has `addr`.
+    pub fn host_at(&self, addr: Ipv4Addr) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.addr == addr)
+    }
+
+    fn tag(&self, about: &str) -> String {
+        format!("{}:{about}", self.base)
     }
 
     /// Appends `-A INPUT <matches> -j DROP` on `at`, tagged with the host the fault is about.
     fn drop_rule(&self, at: &Host, matches: &[&str], about: &str) -> Result<()> {
-        let tag = format!("{PREFIX}:{about}");
+        let tag = self.tag(about);
         let mut args = vec!["-A", "INPUT"];
         args.extend_from_slice(matches);
         args.extend(["-m", "comment", "--comment", tag.as_str(), "-j", "DROP"]);
-        self.iptables(at, &args).map(drop)
+        iptables_in(at.ns.as_deref(), &args).map(drop)
     }
 
     /// Drops, on `at`, what arrives from `from`.
@@ -268,9 +445,11 @@ impl Network {
         }
         let h = self.host(host)?;
         let p = format!("{share:.4}");
+        let subnet = format!("{}/24", Ipv4Addr::from(u32::from(h.addr) & 0xffff_ff00));
+        // Only this network's packets: on the machine's namespace nothing else is touched.
         let m = [
-            "-i",
-            "eth0",
+            "-s",
+            &subnet,
             "-m",
             "statistic",
             "--mode",
@@ -285,31 +464,18 @@ impl Network {
     /// loss).
     pub fn heal(&self, host: &str) -> Result<()> {
         self.host(host)?;
-        let tag = format!("{PREFIX}:{host}");
+        let tag = self.tag(host);
         for h in &self.hosts {
-            let rules = self.iptables(h, &["-S", "INPUT"])?;
-            for rule in rules.lines() {
-                // `iptables -S` prints the comment quoted: `--comment "myha:a"`.
-                let words: Vec<&str> = rule
-                    .split_whitespace()
-                    .map(|w| w.trim_matches('"'))
-                    .collect();
-                let ours = words.windows(2).any(|w| w[0] == "--comment" && w[1] == tag);
-                if !ours || words.first() != Some(&"-A") {
-                    continue;
-                }
-                let mut args = vec!["-D"];
-                args.extend(&words[1..]);
-                self.iptables(h, &args)?;
-            }
+            delete_rules(h.ns.as_deref(), |c| c == tag)?;
         }
         Ok(())
     }
 
-    /// Removes every fault of every host.
+    /// Removes every fault of every host (only this network's rules).
     pub fn heal_all(&self) -> Result<()> {
+        let ours = format!("{}:", self.base);
         for h in &self.hosts {
-            self.iptables(h, &["-F", "INPUT"])?;
+            delete_rules(h.ns.as_deref(), |c| c.starts_with(&ours))?;
         }
         Ok(())
     }
@@ -317,8 +483,21 @@ impl Network {
 
 impl Drop for Network {
     fn drop(&mut self) {
+        let ours = format!("{}:", self.base);
         for h in &self.hosts {
-            let _ = ip(&["netns", "del", &h.ns]);
+            match &h.ns {
+                Some(ns) => {
+                    let _ = ip(&["netns", "del", ns]);
+                }
+                None => {
+                    let _ = delete_rules(None, |c| c.starts_with(&ours));
+                }
+            }
+        }
+        // Deleted here, not left to the switch's namespace going away: that happens later, in
+        // the kernel's own time, and the address would linger on the machine until then.
+        if let Some(link) = &self.machine_link {
+            let _ = ip(&["link", "del", link]);
         }
         let _ = ip(&["netns", "del", &self.switch]);
     }
@@ -336,5 +515,18 @@ mod tests {
         assert_eq!(owner_pid("myhaXn0-a"), None);
         assert_eq!(owner_pid("myha12-a"), None);
         assert_eq!(owner_pid("other123n0-a"), None);
+        assert_eq!(owner_pid("myha77n3:primary"), Some(77));
+    }
+
+    #[test]
+    fn rule_comments_are_read_from_iptables_listings() {
+        let (c, words) =
+            rule_comment("-A INPUT -s 10.99.1.12/32 -m comment --comment \"myha9n0:p\" -j DROP")
+                .expect("a tagged rule");
+        assert_eq!(c, "myha9n0:p");
+        assert_eq!(words[0], "INPUT");
+        assert_eq!(words.last().map(String::as_str), Some("DROP"));
+        assert!(rule_comment("-P INPUT ACCEPT").is_none());
+        assert!(rule_comment("-A INPUT -s 10.0.0.1/32 -j DROP").is_none());
     }
 }

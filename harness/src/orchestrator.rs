@@ -2,7 +2,7 @@
 //! config, plus a small HTTP client for its API.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,22 +19,24 @@ pub const ORCHESTRATOR_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Bound on one HTTP call of [`OrchestratorProc::get_json`] / [`OrchestratorProc::post_json`].
 pub const ORCHESTRATOR_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The config the harness gives an orchestrator: etcd at `etcd_endpoint` under `prefix`,
-/// `http_listen` on a fresh loopback port, human logs at `log_level`; every other setting at
+/// The config the harness gives an orchestrator: etcd at `etcd_endpoints` under `prefix`,
+/// `http_listen` on a fresh port of `ip`, human logs at `log_level`; every other setting at
 /// its default (adjust the returned value before [`OrchestratorProc::launch`]).
 pub fn orchestrator_config(
-    etcd_endpoint: &str,
+    etcd_endpoints: &[String],
     prefix: &str,
     log_level: &str,
+    ip: Ipv4Addr,
 ) -> Result<OrchestratorConfig> {
     // Built from text so that sections added later keep their defaults here.
+    let endpoints: Vec<String> = etcd_endpoints.iter().map(|e| format!("{e:?}")).collect();
     let text = format!(
-        "[etcd]\nendpoints = [{endpoint:?}]\nprefix = {prefix:?}\n\n[log]\nformat = \"human\"\nlevel = {log_level:?}\n",
-        endpoint = etcd_endpoint,
+        "[etcd]\nendpoints = [{endpoints}]\nprefix = {prefix:?}\n\n[log]\nformat = \"human\"\nlevel = {log_level:?}\n",
+        endpoints = endpoints.join(", "),
     );
     let mut cfg = OrchestratorConfig::parse(&text)
         .map_err(|e| HarnessError::Invalid(format!("orchestrator config: {e}")))?;
-    cfg.orchestrator.http_listen = ([127, 0, 0, 1], free_port()?).into();
+    cfg.orchestrator.http_listen = (ip, free_port()?).into();
     Ok(cfg)
 }
 
@@ -92,6 +94,13 @@ impl OrchestratorProc {
             proc,
             http,
         })
+    }
+
+    /// Runs it inside network namespace `ns` (a host of [`crate::netns::Network`]) from the next
+    /// start on; `None` leaves it where the harness runs.
+    pub fn in_netns(mut self, ns: Option<&str>) -> Self {
+        self.proc = self.proc.in_netns(ns);
+        self
     }
 
     /// Starts it, also again after a kill/stop (an error if running).

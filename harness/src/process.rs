@@ -123,6 +123,20 @@ impl Proc {
         })
     }
 
+    /// Runs the process inside network namespace `ns` (`None`: where the harness runs), through
+    /// `ip netns exec`, which enters the namespace and execs the program: the pid, signals and
+    /// exit status stay the program's, and the recorded command line carries the namespace.
+    pub(crate) fn in_netns(mut self, ns: Option<&str>) -> Proc {
+        if let Some(ns) = ns {
+            let mut args: Vec<OsString> = vec!["netns".into(), "exec".into(), ns.into()];
+            args.push(std::mem::take(&mut self.program).into_os_string());
+            args.append(&mut self.args);
+            self.program = PathBuf::from("ip");
+            self.args = args;
+        }
+        self
+    }
+
     /// Adds an environment variable for every (re)start.
     pub(crate) fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Proc {
         self.env.push((key.into(), value.into()));

@@ -108,16 +108,17 @@ impl SandboxTablet {
     /// new process is killed). The caller makes sure it is not running already.
     pub async fn start_mysqld(&self, timeout: Duration) -> Result<u32> {
         let cl = self.recorded(&self.mysqld_command, "mysqld")?;
-        let port = self
-            .mysql
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| {
-                HarnessError::Sandbox(format!("{}: bad mysql address {}", self.alias, self.mysql))
-            })?;
-        let m =
-            Mysqld::from_command_line(format!("mysqld {}", self.alias), &self.dir, port, cl, true)?;
+        let addr: std::net::SocketAddrV4 = self.mysql.parse().map_err(|_| {
+            HarnessError::Sandbox(format!("{}: bad mysql address {}", self.alias, self.mysql))
+        })?;
+        let m = Mysqld::from_command_line(
+            format!("mysqld {}", self.alias),
+            &self.dir,
+            *addr.ip(),
+            addr.port(),
+            cl,
+            true,
+        )?;
         m.start_within(timeout).await?;
         m.detach();
         m.pid().ok_or_else(|| {

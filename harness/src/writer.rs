@@ -322,7 +322,7 @@ impl Log {
 /// Where the writer connects: per tablet alias its mysqld port, or a fixed address.
 #[derive(Clone)]
 struct Target {
-    ports: Vec<(String, u16)>,
+    addrs: Vec<(String, SocketAddr)>,
     /// `(server_id, alias)` of every tablet (server_id = uid).
     server_ids: Vec<(u32, String)>,
     via: Option<SocketAddr>,
@@ -332,24 +332,24 @@ struct Target {
 }
 
 impl Target {
-    fn port(&self, alias: &str) -> Option<u16> {
-        self.ports.iter().find(|(a, _)| a == alias).map(|(_, p)| *p)
+    fn addr(&self, alias: &str) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(a, _)| a == alias).map(|(_, p)| *p)
     }
 
     async fn connect(&self, alias: &str) -> std::result::Result<Conn, String> {
-        let port = self
-            .port(alias)
+        let addr = self
+            .addr(alias)
             .ok_or_else(|| format!("{alias} is not a tablet of this cluster"))?;
         let opts = OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
-            .tcp_port(port)
+            .ip_or_hostname(addr.ip().to_string())
+            .tcp_port(addr.port())
             .user(Some(self.user.clone()))
             .pass(Some(self.password.clone()))
             .db_name(Some(self.database.clone()))
             .prefer_socket(false);
         Conn::new(opts)
             .await
-            .map_err(|e| format!("connect to {alias} (127.0.0.1:{port}): {e}"))
+            .map_err(|e| format!("connect to {alias} ({addr}): {e}"))
     }
 
     /// Connects through `addr` and names the tablet that answers.
@@ -421,10 +421,13 @@ impl Writer {
     pub async fn start(cluster: &Cluster, opts: WriterOptions) -> Result<Writer> {
         let creds = cluster.credentials();
         let target = Target {
-            ports: cluster
+            addrs: cluster
                 .tablets()
                 .iter()
-                .map(|t| (t.alias().to_string(), t.mysqld().port()))
+                .map(|t| {
+                    let m = t.mysqld();
+                    (t.alias().to_string(), (m.ip(), m.port()).into())
+                })
                 .collect(),
             server_ids: cluster
                 .tablets()

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
-use harness::netns::{remove_stale, Direction, Network};
+use harness::netns::{remove_stale, Direction, Host, Network};
 
 fn namespaces() -> String {
     let out = Command::new("ip")
@@ -14,6 +14,11 @@ fn namespaces() -> String {
         .output()
         .expect("ip netns list");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A namespace host's namespace name.
+fn ns_of(h: &Host) -> String {
+    h.ns.clone().expect("a host in a namespace of its own")
 }
 
 /// Runs `f` with the host's address on a thread inside the host's namespace.
@@ -81,7 +86,7 @@ fn hosts_reach_each_other_only_inside_their_network_and_cuts_are_silent_and_heal
     let net = Network::create(&["primary", "replica", "client"]).expect("network");
     let names = namespaces();
     for h in net.hosts() {
-        assert!(names.contains(&h.ns), "{} missing from: {names}", h.ns);
+        assert!(names.contains(&ns_of(h)), "{h:?} missing from: {names}");
     }
     let (_l, primary) = listen(&net, "primary");
     assert_eq!(connect(&net, "replica", primary, T), Ok(()));
@@ -144,7 +149,7 @@ fn hosts_reach_each_other_only_inside_their_network_and_cuts_are_silent_and_heal
     }
     net.heal_all().expect("heal all");
     assert_eq!(connect(&net, "client", primary, T), Ok(()));
-    let gone: Vec<String> = net.hosts().iter().map(|h| h.ns.clone()).collect();
+    let gone: Vec<String> = net.hosts().iter().map(ns_of).collect();
     drop(net);
     let names = namespaces();
     for ns in gone {
@@ -196,7 +201,7 @@ fn a_killed_runs_namespaces_are_removed() {
     // Our own live networks are kept.
     let net = Network::create(&["x"]).expect("network");
     remove_stale().expect("remove stale");
-    assert!(namespaces().contains(&net.host("x").expect("host").ns));
+    assert!(namespaces().contains(&ns_of(net.host("x").expect("host"))));
 }
 
 #[test]
@@ -206,7 +211,7 @@ fn a_failing_test_leaves_no_namespace_behind() {
         let net = Network::create(&["p", "q"]).expect("network");
         made.lock()
             .expect("lock")
-            .extend(net.hosts().iter().map(|h| h.ns.clone()));
+            .extend(net.hosts().iter().map(ns_of));
         panic!("a test assertion fails while the network is up");
     }));
     assert!(r.is_err());
@@ -216,4 +221,79 @@ fn a_failing_test_leaves_no_namespace_behind() {
     for ns in made {
         assert!(!names.contains(&ns), "{ns} left behind: {names}");
     }
+}
+
+/// The machine's INPUT rules as `iptables -S` prints them.
+fn machine_rules() -> String {
+    let out = Command::new("iptables")
+        .args(["-w", "-S", "INPUT"])
+        .output()
+        .expect("iptables -S");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_machine_joins_as_a_host_on_a_subnet_of_its_own_and_is_cut_and_healed_like_the_others() {
+    let net = Network::create_with_machine(&["db", "other"], "client").expect("network");
+    let client = net.host("client").expect("client host").clone();
+    assert_eq!(client.ns, None, "the machine's own namespace");
+    let db = net.host("db").expect("db host").addr;
+    assert_eq!(client.addr.octets()[3], 1);
+    assert_ne!(
+        client.addr.octets()[2],
+        0,
+        "10.99.0.0/24 is for networks without the machine"
+    );
+    assert_eq!(client.addr.octets()[..3], db.octets()[..3], "one subnet");
+    // A second such network (another test, another run) gets another subnet.
+    let net2 = Network::create_with_machine(&["z"], "client").expect("second network");
+    let z = net2.host("z").expect("z").addr;
+    assert_ne!(z.octets()[2], db.octets()[2]);
+    drop(net2);
+
+    // This process, on the machine, reaches a host by its address, and back.
+    let (_l, at_db) = listen(&net, "db");
+    TcpStream::connect_timeout(&at_db, T).expect("machine -> db");
+    let (_l2, at_client) = listen(&net, "client");
+    assert_eq!(connect(&net, "db", at_client, T), Ok(()));
+
+    // Cut the machine from db: both ends silent; the rules on the machine name this network.
+    net.cut("client", &["db"], Direction::Both).expect("cut");
+    assert_eq!(
+        TcpStream::connect_timeout(&at_db, T)
+            .map_err(|e| e.kind())
+            .map(drop),
+        Err(std::io::ErrorKind::TimedOut)
+    );
+    assert_eq!(
+        connect(&net, "db", at_client, T),
+        Err(std::io::ErrorKind::TimedOut)
+    );
+    assert_eq!(
+        connect(&net, "other", at_client, T),
+        Ok(()),
+        "only db is cut"
+    );
+    let rules = machine_rules();
+    assert!(rules.contains(&format!("-s {db}/32")), "{rules}");
+    net.heal_all().expect("heal all");
+    TcpStream::connect_timeout(&at_db, T).expect("healed");
+    assert!(
+        !machine_rules().contains(&format!("-s {db}/32")),
+        "{}",
+        machine_rules()
+    );
+
+    // Dropped: no rule, address or route of it is left on the machine.
+    net.isolate("client", Direction::Inbound).expect("isolate");
+    let prefix = format!("{}.{}.{}.", db.octets()[0], db.octets()[1], db.octets()[2]);
+    drop(net);
+    let rules = machine_rules();
+    assert!(!rules.contains(&prefix), "rules left behind: {rules}");
+    let addrs = Command::new("ip")
+        .args(["-4", "-o", "addr"])
+        .output()
+        .expect("ip addr");
+    let addrs = String::from_utf8_lossy(&addrs.stdout).into_owned();
+    assert!(!addrs.contains(&prefix), "address left behind: {addrs}");
 }

@@ -595,6 +595,140 @@ pub mod ha {
         .await
     }
 
+    /// No failover for the window, `problem` (if any) reported about the primary, writes continue
+    /// on the primary without a gap of 3 s or more.
+    pub async fn expect_no_failover_writes_continue(
+        c: &Cluster,
+        w: &Writer,
+        primary: &str,
+        problem: Option<&str>,
+    ) {
+        let before = record(c).await;
+        let fault = w.fault().expect("fault marked");
+        if let Some(code) = problem {
+            let (detail, _) = wait_problem(orch(c), c, code, Some(primary), BOUND).await;
+            println!(
+                "reported after {:.3} s: {code}: {detail}",
+                fault.at.elapsed().as_secs_f64()
+            );
+        }
+        let left = NO_FAILOVER_WINDOW.saturating_sub(fault.at.elapsed());
+        assert_record_stays(c, &before, left).await;
+        // Writes continued all along, on the same primary.
+        w.wait_more_acks(20, Duration::from_secs(5))
+            .await
+            .expect("writes continue");
+        let acks = w.acks();
+        let after: Vec<_> = acks.iter().filter(|a| a.acked_at > fault.at).collect();
+        assert!(
+            after.iter().all(|a| a.tablet == primary),
+            "a write after the fault was acked elsewhere than {primary}"
+        );
+        let mut gaps: Vec<Duration> = after
+            .windows(2)
+            .map(|p| p[1].acked_at.saturating_duration_since(p[0].acked_at))
+            .collect();
+        gaps.sort();
+        let max_gap = gaps.last().copied().unwrap_or_default();
+        println!(
+            "{} writes acked by {primary} during the {:.1} s after the fault; longest gap {:.3} s",
+            after.len(),
+            fault.at.elapsed().as_secs_f64(),
+            max_gap.as_secs_f64()
+        );
+        assert!(
+            max_gap < Duration::from_secs(3),
+            "writes stalled for {max_gap:?} although the primary was healthy"
+        );
+        assert!(
+            !problems(&shard_json(orch(c), c).await)
+                .iter()
+                .any(|(code, _, _)| code.starts_with("dead_primary")),
+            "the primary was called dead"
+        );
+    }
+
+    /// After a deposed primary `old` comes back (resumed or healed at `since`): it rejoins as
+    /// a replica of `new_primary` when everything it wrote is on the new primary, else it is
+    /// quarantined with a reason. Prints which, and when.
+    ///
+    /// MariaDB positions keep only the last GTID per domain, so a transaction the new primary
+    /// never had can hide behind its own higher sequence numbers: the binlog states are
+    /// compared, which keep the last GTID per (domain, server).
+    pub async fn expect_rejoin_or_quarantine(
+        c: &Cluster,
+        old: &Tablet,
+        new_primary: &Tablet,
+        since: Instant,
+    ) {
+        let mut oc = old.root_conn().await.expect("old primary conn");
+        let old_pos = global_var(&mut oc, "gtid_binlog_state")
+            .await
+            .expect("old primary's binlog state")
+            .unwrap_or_default();
+        let mut nc = new_primary.root_conn().await.expect("new primary conn");
+        let new_pos = global_var(&mut nc, "gtid_binlog_state")
+            .await
+            .expect("new primary's binlog state")
+            .unwrap_or_default();
+        let entries = |s: &str| -> Vec<(u32, u32, u64)> {
+            s.split(',')
+                .filter(|e| !e.trim().is_empty())
+                .map(|e| {
+                    let n: Vec<&str> = e.trim().split('-').collect();
+                    let num = |i: usize| n.get(i).and_then(|v| v.parse::<u64>().ok());
+                    match (num(0), num(1), num(2)) {
+                        (Some(d), Some(srv), Some(seq)) => (d as u32, srv as u32, seq),
+                        _ => panic!("bad GTID {e:?} in {s:?}"),
+                    }
+                })
+                .collect()
+        };
+        let on_new = entries(&new_pos);
+        let subset = entries(&old_pos).iter().all(|(d, srv, seq)| {
+            on_new
+                .iter()
+                .any(|(d2, s2, q2)| d2 == d && s2 == srv && q2 >= seq)
+        });
+        println!("old primary at {old_pos}, new primary at {new_pos}: subset={subset}");
+        if subset {
+            let took = wait_ok(
+                c,
+                "the old primary to rejoin as a replica",
+                BOUND,
+                || async { replicates_from(old, new_primary).await },
+            )
+            .await;
+            println!(
+                "old primary rejoined as a replica {:.3} s after it came back ({:.3} s after \
+                 the wait began)",
+                since.elapsed().as_secs_f64(),
+                took.as_secs_f64()
+            );
+            wait_shard_healthy(c, &[], BOUND).await;
+        } else {
+            let (detail, _) =
+                wait_problem(orch(c), c, "quarantined", Some(old.alias()), BOUND).await;
+            println!(
+                "old primary quarantined {:.3} s after it came back: {detail}",
+                since.elapsed().as_secs_f64()
+            );
+            assert!(!detail.trim().is_empty(), "quarantined without a reason");
+        }
+    }
+
+    /// Waits (up to [`BOUND`]) until `t`'s mysqld is read-only; how long that took.
+    pub async fn wait_read_only(c: &Cluster, t: &Tablet, what: &str) -> Duration {
+        wait_ok(c, what, BOUND, || async {
+            match read_only(t).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("read_only is OFF".into()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
     /// A write as `app` directly on a tablet, bounded: `Ok` only if it was acknowledged.
     pub async fn try_app_write(t: &Tablet, bound: Duration) -> Result<(), String> {
         let fut = async {
@@ -695,7 +829,7 @@ pub mod gw {
     use std::net::SocketAddr;
     use std::time::Duration;
 
-    use harness::{Cluster, GatewayProc};
+    use harness::{Cluster, GatewayProc, Writer, WriterOptions};
     use mysql_async::OptsBuilder;
     use serde_json::Value;
 
@@ -725,6 +859,43 @@ pub mod gw {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    /// Waits until `g` routes writes to tablet 0 and reads to tablets 1 and 2 (the cluster as
+    /// started).
+    pub async fn wait_shard_routes(c: &Cluster, g: &GatewayProc) {
+        wait_routes(
+            c,
+            g,
+            c.tablet(0).alias(),
+            &[c.tablet(1).alias(), c.tablet(2).alias()],
+            crate::ha::BOUND,
+        )
+        .await;
+    }
+
+    /// Once the gateway routes to the first primary and the orchestrator is quiet: a writer
+    /// through the RW port with 50 writes acknowledged.
+    pub async fn writer_through_rw(c: &Cluster, g: &GatewayProc) -> Writer {
+        wait_shard_routes(c, g).await;
+        crate::ha::wait_quiet(crate::ha::orch(c), c, crate::ha::BOUND).await;
+        let rw = g.rw_addr().expect("the gateway has an RW listener");
+        let w = Writer::start(
+            c,
+            WriterOptions {
+                via: Some(rw),
+                // Above the gateway's buffer window (5 s): a held connect is the point.
+                connect_timeout: Duration::from_secs(10),
+                max_duration: Duration::from_secs(120),
+                ..WriterOptions::default()
+            },
+        )
+        .await
+        .expect("writer");
+        w.wait_more_acks(50, crate::ha::BOUND)
+            .await
+            .expect("writes through the RW port");
+        w
     }
 
     /// Waits (up to `bound`) until the gateway routes writes to `primary` and reads to exactly

@@ -82,14 +82,7 @@ async fn p3_primary_frozen_then_resumed_is_fenced_and_rejoins_or_is_quarantined(
     // Resume: the old primary must accept no write, its agent fences it (read-only).
     let resumed = Instant::now();
     c.tablet(0).mysqld().thaw().expect("SIGCONT mysqld");
-    let fenced = wait_ok(&c, "the resumed old primary read-only", BOUND, || async {
-        match read_only(c.tablet(0)).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("read_only is OFF".into()),
-            Err(e) => Err(e),
-        }
-    })
-    .await;
+    let fenced = wait_read_only(&c, c.tablet(0), "the resumed old primary read-only").await;
     println!(
         "old primary read-only {:.3} s after SIGCONT",
         fenced.as_secs_f64()
@@ -101,108 +94,11 @@ async fn p3_primary_frozen_then_resumed_is_fenced_and_rejoins_or_is_quarantined(
     );
     println!("a write on the resumed old primary: {direct:?}");
 
-    // Rejoin when everything it wrote is on the new primary, else quarantine with a reason.
-    // MariaDB positions keep only the last GTID per domain, so a transaction the new primary
-    // never had can hide behind its own higher sequence numbers: compare the binlog states,
-    // which keep the last GTID per (domain, server).
-    let mut oc = c.tablet(0).root_conn().await.expect("old primary conn");
-    let old_pos = harness::global_var(&mut oc, "gtid_binlog_state")
-        .await
-        .unwrap()
-        .unwrap_or_default();
-    let mut nc = new_primary.root_conn().await.expect("new primary conn");
-    let new_pos = harness::global_var(&mut nc, "gtid_binlog_state")
-        .await
-        .unwrap()
-        .unwrap_or_default();
-    let entries = |s: &str| -> Vec<(u32, u32, u64)> {
-        s.split(',')
-            .filter(|e| !e.trim().is_empty())
-            .map(|e| {
-                let n: Vec<&str> = e.trim().split('-').collect();
-                (
-                    n[0].parse().unwrap(),
-                    n[1].parse().unwrap(),
-                    n[2].parse().unwrap(),
-                )
-            })
-            .collect()
-    };
-    let on_new = entries(&new_pos);
-    let subset = entries(&old_pos).iter().all(|(d, srv, seq)| {
-        on_new
-            .iter()
-            .any(|(d2, s2, q2)| d2 == d && s2 == srv && q2 >= seq)
-    });
-    println!("old primary at {old_pos}, new primary at {new_pos}: subset={subset}");
-    if subset {
-        let took = wait_ok(
-            &c,
-            "the old primary to rejoin as a replica",
-            BOUND,
-            || async { replicates_from(c.tablet(0), new_primary).await },
-        )
-        .await;
-        println!(
-            "old primary rejoined as a replica {:.3} s after SIGCONT ({:.3} s after the wait began)",
-            resumed.elapsed().as_secs_f64(),
-            took.as_secs_f64()
-        );
-        wait_shard_healthy(&c, &[], BOUND).await;
-    } else {
-        let (detail, _) = wait_problem(o, &c, "quarantined", Some(&old), BOUND).await;
-        println!("old primary quarantined: {detail}");
-        assert!(!detail.trim().is_empty(), "quarantined without a reason");
-    }
+    expect_rejoin_or_quarantine(&c, c.tablet(0), new_primary, resumed).await;
     w.verify(&c).await;
 }
 
 // ---- P5 P6: the primary is fine, only the orchestrator cannot see it ---------------------
-
-/// No failover for the window, `unreachable_primary` reported, writes continue on the primary.
-async fn expect_no_failover_writes_continue(c: &Cluster, w: &Writer, primary: &str) {
-    let before = record(c).await;
-    let fault = w.fault().expect("fault marked");
-    let (detail, _) = wait_problem(orch(c), c, "unreachable_primary", Some(primary), BOUND).await;
-    println!(
-        "reported after {:.3} s: unreachable_primary: {detail}",
-        fault.at.elapsed().as_secs_f64()
-    );
-    let left = NO_FAILOVER_WINDOW.saturating_sub(fault.at.elapsed());
-    assert_record_stays(c, &before, left).await;
-    // Writes continued all along, on the same primary.
-    w.wait_more_acks(20, Duration::from_secs(5))
-        .await
-        .expect("writes continue");
-    let acks = w.acks();
-    let after: Vec<_> = acks.iter().filter(|a| a.acked_at > fault.at).collect();
-    assert!(
-        after.iter().all(|a| a.tablet == primary),
-        "a write after the fault was acked elsewhere than {primary}"
-    );
-    let mut gaps: Vec<Duration> = after
-        .windows(2)
-        .map(|p| p[1].acked_at.saturating_duration_since(p[0].acked_at))
-        .collect();
-    gaps.sort();
-    let max_gap = gaps.last().copied().unwrap_or_default();
-    println!(
-        "{} writes acked by {primary} during the {:.1} s after the fault; longest gap {:.3} s",
-        after.len(),
-        fault.at.elapsed().as_secs_f64(),
-        max_gap.as_secs_f64()
-    );
-    assert!(
-        max_gap < Duration::from_secs(3),
-        "writes stalled for {max_gap:?} although the primary was healthy"
-    );
-    assert!(
-        !problems(&shard_json(orch(c), c).await)
-            .iter()
-            .any(|(code, _, _)| code.starts_with("dead_primary")),
-        "the primary was called dead"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p5_only_the_primarys_agent_dies_no_failover() {
@@ -217,7 +113,7 @@ async fn p5_only_the_primarys_agent_dies_no_failover() {
         .unwrap()
         .kill()
         .expect("kill agent");
-    expect_no_failover_writes_continue(&c, &w, &p).await;
+    expect_no_failover_writes_continue(&c, &w, &p, Some("unreachable_primary")).await;
     // The agent comes back: the problem clears.
     c.tablet(0)
         .agent_proc()
@@ -253,7 +149,7 @@ async fn p6_orchestrator_cut_off_from_the_primary_only_no_failover() {
         .unwrap()
         .freeze()
         .expect("SIGSTOP agent");
-    expect_no_failover_writes_continue(&c, &w, &p).await;
+    expect_no_failover_writes_continue(&c, &w, &p, Some("unreachable_primary")).await;
     c.tablet(0)
         .agent_proc()
         .unwrap()

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{Cluster, ClusterOptions, GatewayConfig, GatewayProc, Tablet, Writer, WriterOptions};
+use harness::{Cluster, ClusterOptions, GatewayConfig, GatewayProc, Tablet};
 use myha_tests::gw;
 use myha_tests::ha::{self, BOUND};
 use mysql_async::prelude::Queryable;
@@ -661,42 +661,6 @@ async fn lag_reaction(
     (crossed.unwrap_or_default(), dropped.unwrap_or_default())
 }
 
-/// Once the gateway routes to the first primary and the orchestrator is quiet: a writer through
-/// the RW port with 50 writes acknowledged.
-/// Waits until `g` routes writes to tablet 0 and reads to tablets 1 and 2 (the cluster as
-/// started).
-async fn wait_shard_routes(c: &Cluster, g: &GatewayProc) {
-    gw::wait_routes(
-        c,
-        g,
-        c.tablet(0).alias(),
-        &[c.tablet(1).alias(), c.tablet(2).alias()],
-        BOUND,
-    )
-    .await;
-}
-
-async fn writer_through_rw(c: &Cluster, g: &GatewayProc) -> Writer {
-    wait_shard_routes(c, g).await;
-    ha::wait_quiet(ha::orch(c), c, BOUND).await;
-    let w = Writer::start(
-        c,
-        WriterOptions {
-            via: Some(gw_rw(g)),
-            // Above the gateway's buffer window (5 s): a held connect is the point.
-            connect_timeout: Duration::from_secs(10),
-            max_duration: Duration::from_secs(120),
-            ..WriterOptions::default()
-        },
-    )
-    .await
-    .expect("writer");
-    w.wait_more_acks(50, BOUND)
-        .await
-        .expect("writes through the RW port");
-    w
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g1_failover_under_a_writer_through_the_rw_port() {
     let _serial = SERIAL.lock().await;
@@ -704,7 +668,7 @@ async fn g1_failover_under_a_writer_through_the_rw_port() {
     let c = ha::start(cluster_options()).await;
     let g = c.gateway().expect("gateway");
     let p0 = c.tablet(0);
-    let w = writer_through_rw(&c, g).await;
+    let w = gw::writer_through_rw(&c, g).await;
     assert!(
         w.acks().iter().all(|a| a.tablet == p0.alias()),
         "acks from the primary"
@@ -893,7 +857,7 @@ async fn s1_switchover_through_the_gateway() {
     let c = ha::start(cluster_options()).await;
     let g = c.gateway().expect("gateway");
     let p0 = c.tablet(0);
-    let w = writer_through_rw(&c, g).await;
+    let w = gw::writer_through_rw(&c, g).await;
 
     // New connections, one after the other, for the whole switchover.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1006,7 +970,7 @@ async fn p5_a_dead_primary_agent_does_not_stop_new_writes() {
     let c = ha::start(cluster_options()).await;
     let g = c.gateway().expect("gateway");
     let p0 = c.tablet(0);
-    wait_shard_routes(&c, g).await;
+    gw::wait_shard_routes(&c, g).await;
     let agent = p0.agent_proc().expect("agent");
     agent.kill().expect("kill the primary's agent");
     let killed = Instant::now();
@@ -1062,7 +1026,7 @@ async fn p17_a_primary_agent_dead_past_its_lease_does_not_stop_new_writes() {
     .await;
     let g = c.gateway().expect("gateway");
     let p0 = c.tablet(0);
-    wait_shard_routes(&c, g).await;
+    gw::wait_shard_routes(&c, g).await;
     p0.agent_proc()
         .expect("agent")
         .kill()
@@ -1136,7 +1100,7 @@ async fn connections_beyond_max_connections_are_refused_with_the_reason() {
     })
     .await;
     let g = c.gateway().expect("gateway");
-    wait_shard_routes(&c, g).await;
+    gw::wait_shard_routes(&c, g).await;
     let mut open = Vec::new();
     for addr in [gw_rw(g), gw_ro(g), gw_ro(g)] {
         let mut conn = connect(&c, addr).await.expect("under the cap");

@@ -1,0 +1,394 @@
+//! Network faults between real hosts (scenarios P4, P6 and P16 of the fault catalog): every
+//! process on a host of its own ([`Hosts::Netns`]: a network namespace on a bridge, see
+//! `harness::netns`), the test and its writers on the machine's own namespace (host `client`),
+//! and faults that silently drop packets between hosts, as a pulled cable or a dead switch port
+//! would. Each failover runs under the acknowledged-write recorder ([`harness::Writer`]), through
+//! the gateway's RW port. Needs root (as CI runs). Time bounds are generous; measured times are
+//! printed, never asserted tightly.
+//!
+//! The tests share the machine with everything else: they run one at a time (`SERIAL`).
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::netns::{Direction, Host};
+use harness::{Cluster, ClusterOptions, Hosts};
+use myha_tests::gw;
+use myha_tests::ha::*;
+use mysql_async::prelude::Queryable;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A 3-tablet semi-sync shard with an orchestrator and a gateway, each process on its own host.
+fn netns_options() -> ClusterOptions {
+    ClusterOptions {
+        hosts: Hosts::Netns,
+        start_gateway: true,
+        ..ha_options(3)
+    }
+}
+
+/// The network namespace inode of a process, or of a named namespace.
+fn ns_inode(path: &str) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {path}: {e}"))
+        .ino()
+}
+
+/// Asserts that `pid` runs in `host`'s namespace.
+fn assert_on_host(what: &str, pid: Option<u32>, host: &Host) {
+    let pid = pid.unwrap_or_else(|| panic!("{what} is not running"));
+    let ns = host.ns.as_deref().expect("a namespace host");
+    assert_eq!(
+        ns_inode(&format!("/proc/{pid}/ns/net")),
+        ns_inode(&format!("/run/netns/{ns}")),
+        "{what} (pid {pid}) is not on host {}",
+        host.name
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_runs_on_its_own_host_and_a_killed_primary_is_replaced() {
+    let _serial = SERIAL.lock().await;
+    let c = start(netns_options()).await;
+    let net = c.net().expect("network");
+    for t in c.tablets() {
+        let h = net.host(t.alias()).expect("tablet host");
+        assert_on_host(&format!("mysqld {}", t.alias()), t.mysqld().pid(), h);
+        let a = t.agent_proc().expect("agent");
+        assert_on_host(&format!("agent {}", t.alias()), a.pid(), h);
+        assert_eq!(t.mysqld().ip(), h.addr);
+        assert_eq!(a.grpc_addr().ip(), h.addr);
+    }
+    assert_on_host("etcd", c.etcd().pid(), net.host("etcd").unwrap());
+    assert_on_host(
+        "orchestrator",
+        orch(&c).pid(),
+        net.host("orchestrator").unwrap(),
+    );
+    assert_on_host(
+        "gateway",
+        c.gateway().unwrap().pid(),
+        net.host("gateway").unwrap(),
+    );
+    // Replication runs between host addresses.
+    let mut rc = c.tablet(1).root_conn().await.expect("replica conn");
+    let st = harness::slave_status(&mut rc).await.unwrap().unwrap();
+    assert_eq!(
+        col(&st, "Master_Host"),
+        c.tablet(0).mysqld().ip().to_string()
+    );
+
+    let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
+    let old = alias_of(&c, 0);
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    w.verify(&c).await;
+}
+
+/// One insert of a [`LocalClient`]: when it was sent and how it ended (ms since the epoch).
+#[derive(Debug, Clone)]
+struct LocalInsert {
+    id: u64,
+    sent_ms: u64,
+    /// `Some(Ok(ms))` acknowledged at ms, `Some(Err((ms, error)))` failed at ms, `None` still
+    /// waiting.
+    outcome: Option<Result<u64, (u64, String)>>,
+}
+
+/// A client on a tablet's own host, writing straight to its mysqld one insert at a time (no
+/// timeout: a commit that waits forever shows as waiting), so that it stays on the primary's
+/// side of a cut. Runs on a thread inside the host's namespace, with a runtime of its own.
+struct LocalClient {
+    log: Arc<Mutex<Vec<LocalInsert>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LocalClient {
+    fn start(c: &Cluster, i: usize) -> LocalClient {
+        let t = c.tablet(i);
+        let host = c.net().unwrap().host(t.alias()).unwrap().clone();
+        let creds = c.credentials().clone();
+        let (ip, port) = (t.mysqld().ip(), t.mysqld().port());
+        let log = Arc::new(Mutex::new(Vec::<LocalInsert>::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log2, stop2) = (log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            host.run_in(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let opts = mysql_async::OptsBuilder::default()
+                        .ip_or_hostname(ip.to_string())
+                        .tcp_port(port)
+                        .user(Some(creds.app_user.clone()))
+                        .pass(Some(creds.app_password.clone()))
+                        .db_name(Some(creds.database.clone()))
+                        .prefer_socket(false);
+                    let mut id = 1_000_000_000u64;
+                    while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                        let mut conn = match mysql_async::Conn::new(opts.clone()).await {
+                            Ok(conn) => conn,
+                            Err(_) => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        };
+                        let _ = conn
+                            .query_drop(
+                                "CREATE TABLE IF NOT EXISTS local_writes \
+                                 (id BIGINT PRIMARY KEY, sent_ms BIGINT)",
+                            )
+                            .await;
+                        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                            id += 1;
+                            let sent_ms = topo::now_ms();
+                            let k = {
+                                let mut l = log2.lock().unwrap();
+                                l.push(LocalInsert {
+                                    id,
+                                    sent_ms,
+                                    outcome: None,
+                                });
+                                l.len() - 1
+                            };
+                            let r = conn
+                                .query_drop(format!(
+                                    "INSERT INTO local_writes VALUES ({id}, {sent_ms})"
+                                ))
+                                .await;
+                            let failed = r.is_err();
+                            log2.lock().unwrap()[k].outcome = Some(
+                                r.map(|()| topo::now_ms())
+                                    .map_err(|e| (topo::now_ms(), e.to_string())),
+                            );
+                            if failed {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+            })
+            .expect("thread on the host");
+        });
+        LocalClient { log, stop }
+    }
+
+    fn inserts(&self) -> Vec<LocalInsert> {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn wait_acks(&self, n: usize) {
+        let start = Instant::now();
+        while self
+            .inserts()
+            .iter()
+            .filter(|i| matches!(i.outcome, Some(Ok(_))))
+            .count()
+            < n
+        {
+            assert!(start.elapsed() < BOUND, "the local client got no acks");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for LocalClient {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// What the local client saw: acks after `after_ms`, and a summary line.
+fn local_summary(
+    inserts: &[LocalInsert],
+    after_ms: u64,
+    now_ms: u64,
+) -> (Vec<LocalInsert>, String) {
+    let late: Vec<LocalInsert> = inserts
+        .iter()
+        .filter(|i| matches!(i.outcome, Some(Ok(at)) if at >= after_ms))
+        .cloned()
+        .collect();
+    let acked = inserts
+        .iter()
+        .filter(|i| matches!(i.outcome, Some(Ok(_))))
+        .count();
+    // The first few of each kind: a fenced primary refuses every later insert the same way.
+    let errors: Vec<String> = inserts
+        .iter()
+        .filter_map(|i| match &i.outcome {
+            Some(Err((at, e))) => Some(format!(
+                "insert {} failed {:+.3} s from the new term's start, after {:.3} s: {e}",
+                i.id,
+                (*at as f64 - after_ms as f64) / 1000.0,
+                at.saturating_sub(i.sent_ms) as f64 / 1000.0
+            )),
+            _ => None,
+        })
+        .take(3)
+        .collect();
+    let waiting: Vec<String> = inserts
+        .iter()
+        .filter(|i| i.outcome.is_none())
+        .map(|i| {
+            format!(
+                "insert {} waiting for {:.3} s",
+                i.id,
+                now_ms.saturating_sub(i.sent_ms) as f64 / 1000.0
+            )
+        })
+        .collect();
+    (
+        late,
+        format!(
+            "{} sent, {acked} acknowledged; {}; {}",
+            inserts.len(),
+            if waiting.is_empty() {
+                "none waiting".into()
+            } else {
+                waiting.join(", ")
+            },
+            if errors.is_empty() {
+                "no errors".into()
+            } else {
+                errors.join("; ")
+            }
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_primary_host_cut_from_everything_is_replaced_and_acknowledges_nothing_after() {
+    let _serial = SERIAL.lock().await;
+    let c = start(netns_options()).await;
+    let net = c.net().expect("network");
+    let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
+    let old = alias_of(&c, 0);
+    let local = LocalClient::start(&c, 0);
+    local.wait_acks(5).await;
+
+    net.isolate(&old, Direction::Both)
+        .expect("isolate the primary's host");
+    w.mark_fault();
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let new_primary = c
+        .tablet_by_alias(rec.primary.as_deref().expect("a primary"))
+        .expect("a tablet");
+    let e = reparent_entry(&c, rec.term).await;
+    println!("reparent: {}", audit_line(&e));
+
+    // The client on the primary's side: semi-sync leaves its commits waiting for an ack no
+    // replica can send. Nothing may be acknowledged once the new term began.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (late, summary) = local_summary(&local.inserts(), rec.term_start_ms, topo::now_ms());
+    println!("client on the cut primary's host, 3 s after the new term: {summary}");
+    assert!(
+        late.is_empty(),
+        "the cut primary acknowledged writes after the new term began: {late:?}"
+    );
+    // It is still writable on its side (it cannot know yet), but nothing commits there.
+    println!("cut primary: {}", sql_state(c.tablet(0)).await);
+
+    // Heal: its agent sees the newer term and fences it; it rejoins or is quarantined.
+    let healed = Instant::now();
+    net.heal_all().expect("heal");
+    let fenced = wait_read_only(&c, c.tablet(0), "the healed old primary read-only").await;
+    println!(
+        "old primary read-only {:.3} s after the heal",
+        fenced.as_secs_f64()
+    );
+    expect_rejoin_or_quarantine(&c, c.tablet(0), new_primary, healed).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (late, summary) = local_summary(&local.inserts(), rec.term_start_ms, topo::now_ms());
+    println!("client on the old primary's host after the heal: {summary}");
+    assert!(
+        late.is_empty(),
+        "the deposed primary acknowledged writes after the new term began: {late:?}"
+    );
+    drop(local);
+    w.verify(&c).await;
+}
+
+/// A writer through the gateway, the primary's host cut from `others` (both ways), then no
+/// failover for the window, writes continuing on the primary (and `problem` reported, if
+/// given); healed, the shard stays as it was and is healthy.
+async fn expect_cut_without_failover(others: &[&str], problem: Option<&str>) {
+    let c = start(netns_options()).await;
+    let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
+    let p = alias_of(&c, 0);
+    c.net()
+        .expect("network")
+        .cut(&p, others, Direction::Both)
+        .unwrap_or_else(|e| panic!("cut primary | {others:?}: {e}"));
+    w.mark_fault();
+    expect_no_failover_writes_continue(&c, &w, &p, problem).await;
+    c.net().unwrap().heal_all().expect("heal");
+    let took = wait_quiet(orch(&c), &c, BOUND).await;
+    println!("no problem left {:.3} s after the heal", took.as_secs_f64());
+    wait_shard_healthy(&c, &[], BOUND).await;
+    assert_eq!(record(&c).await.term, 1, "no new term");
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p6_orchestrator_host_cut_from_the_primary_host_no_failover() {
+    let _serial = SERIAL.lock().await;
+    expect_cut_without_failover(&["orchestrator"], Some("unreachable_primary")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p16_primary_host_cut_from_etcd_keeps_serving() {
+    let _serial = SERIAL.lock().await;
+    // Its agent's lease expires (its registration goes) but the orchestrator, the replicas and
+    // the clients still reach it: not isolated, so it neither fails over nor demotes itself.
+    expect_cut_without_failover(&["etcd"], None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_cut_from_etcd_and_the_orchestrator_but_not_its_replicas_keeps_serving() {
+    let _serial = SERIAL.lock().await;
+    // The replicas still replicate from it and say so: unreachable, not dead.
+    expect_cut_without_failover(&["etcd", "orchestrator"], Some("unreachable_primary")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p20_primary_cut_from_its_replicas_and_clients_only_is_replaced_and_fenced_by_its_agent() {
+    let _serial = SERIAL.lock().await;
+    let c = start(netns_options()).await;
+    let net = c.net().expect("network");
+    let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
+    let old = alias_of(&c, 0);
+    let (r1, r2) = (alias_of(&c, 1), alias_of(&c, 2));
+    // Its agent still reaches etcd and the orchestrator; mysqld serves nobody but local clients.
+    net.cut(
+        &old,
+        &[&r1, &r2, "gateway", harness::CLIENT_HOST],
+        Direction::Both,
+    )
+    .expect("cut primary | replicas, gateway, client");
+    w.mark_fault();
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    // Fenced by its own agent, which still sees etcd, before any heal.
+    wait_read_only(&c, c.tablet(0), "the cut old primary read-only").await;
+    println!(
+        "old primary read-only within {:.3} s of the new term's start, still cut",
+        topo::now_ms().saturating_sub(rec.term_start_ms) as f64 / 1000.0
+    );
+    let healed = Instant::now();
+    net.heal_all().expect("heal");
+    let new_primary = c
+        .tablet_by_alias(rec.primary.as_deref().expect("a primary"))
+        .expect("a tablet");
+    expect_rejoin_or_quarantine(&c, c.tablet(0), new_primary, healed).await;
+    w.verify(&c).await;
+}
