@@ -177,6 +177,33 @@ impl Etcd {
         format!("http://{}:{}", self.addr, self.client_port)
     }
 
+    /// Whether this member is its cluster's raft leader now (`/v3/maintenance/status`: its
+    /// member id equals the leader's).
+    pub async fn is_leader(&self) -> Result<bool> {
+        let body = "{}";
+        let req = format!(
+            "POST /v3/maintenance/status HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        let text = http_text(self.addr, self.client_port, req)
+            .await
+            .map_err(HarnessError::io(format!(
+                "{}: maintenance status",
+                self.name
+            )))?;
+        let json = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+            HarnessError::Invalid(format!("{}: maintenance status {json:?}: {e}", self.name))
+        })?;
+        let me = v["header"]["member_id"].as_str();
+        Ok(me.is_some() && me == v["leader"].as_str())
+    }
+
     pub fn client_port(&self) -> u16 {
         self.client_port
     }
@@ -217,22 +244,31 @@ impl Etcd {
     }
 }
 
-/// One `GET /health` over a plain TCP connection.
-async fn health(addr: Ipv4Addr, port: u16) -> std::io::Result<bool> {
+/// One HTTP/1.0 request to `addr:port` over a plain TCP connection: the response's text.
+async fn http_text(addr: Ipv4Addr, port: u16, request: String) -> std::io::Result<String> {
     let fut = async {
         let mut s = TcpStream::connect((addr, port)).await?;
-        s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(request.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf);
-        Ok(text.starts_with("HTTP/1.") && text.contains("\"health\":\"true\""))
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     };
     match tokio::time::timeout(Duration::from_secs(1), fut).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            "health timed out",
+            "no answer within 1 s",
         )),
     }
+}
+
+/// One `GET /health` over a plain TCP connection.
+async fn health(addr: Ipv4Addr, port: u16) -> std::io::Result<bool> {
+    let text = http_text(
+        addr,
+        port,
+        format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await?;
+    Ok(text.starts_with("HTTP/1.") && text.contains("\"health\":\"true\""))
 }

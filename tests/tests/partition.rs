@@ -392,3 +392,220 @@ async fn p20_primary_cut_from_its_replicas_and_clients_only_is_replaced_and_fenc
     expect_rejoin_or_quarantine(&c, c.tablet(0), new_primary, healed).await;
     w.verify(&c).await;
 }
+
+// ---- etcd faults: a minority, the leader, the quorum, a gateway cut from it -------------
+
+/// [`netns_options`] with three etcd members, one per host.
+fn three_etcd_options() -> ClusterOptions {
+    ClusterOptions {
+        etcd_members: 3,
+        ..netns_options()
+    }
+}
+
+/// The host name of the etcd member that leads now.
+async fn etcd_leader(c: &Cluster) -> String {
+    let start = Instant::now();
+    loop {
+        for e in c.etcd_members() {
+            if e.is_leader().await.unwrap_or(false) {
+                return c
+                    .net()
+                    .unwrap()
+                    .host_at(e.ip())
+                    .expect("an etcd host")
+                    .name
+                    .clone();
+            }
+        }
+        assert!(start.elapsed() < BOUND, "no etcd leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The bug this found: one etcd client balanced round-robin over every member kept sending a
+/// share of its calls to a member that was silently cut off, each waiting out its timeout (with
+/// three members, the third read after the cut failed). Now a client moves to the next member
+/// on the first failure and retries reads there; a lease keep-alive stream that goes silent
+/// moves too, while the lease is still valid, so the lock held here must survive the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_client_cut_from_the_member_it_uses_keeps_reading_and_keeps_its_lock() {
+    let _serial = SERIAL.lock().await;
+    let net = harness::netns::Network::create_with_machine(
+        &["etcd-1", "etcd-2", "etcd-3"],
+        harness::CLIENT_HOST,
+    )
+    .expect("network");
+    let members: Vec<harness::EtcdMember> = ["etcd-1", "etcd-2", "etcd-3"]
+        .iter()
+        .map(|n| {
+            let h = net.host(n).unwrap();
+            harness::EtcdMember {
+                name: n.to_string(),
+                addr: h.addr,
+                netns: h.ns.clone(),
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let etcd = harness::Etcd::launch_members(dir.path(), &members, false)
+        .await
+        .expect("three etcd members");
+    let endpoints: Vec<String> = etcd.iter().map(harness::Etcd::endpoint).collect();
+    let topo = topo::Topo::connect(&endpoints, "/myha", Duration::from_secs(2))
+        .await
+        .expect("connect");
+    topo.create_shard("ks", "0").await.expect("create shard");
+    let lock = topo
+        .lock_shard(
+            "ks",
+            "0",
+            topo::LockRequest::new("test", "hold across the cut").with_ttl(Duration::from_secs(3)),
+        )
+        .await
+        .expect("lock");
+    // Cut this client (the machine) from the member it uses; that member keeps its peers.
+    let used = topo.endpoint().to_string();
+    let member = etcd
+        .iter()
+        .find(|e| e.endpoint() == used)
+        .expect("the endpoint in use is a member");
+    let host = net.host_at(member.ip()).expect("its host").name.clone();
+    net.cut(harness::CLIENT_HOST, &[&host], Direction::Both)
+        .expect("cut client | member in use");
+    let cut = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut reads = 0;
+    while cut.elapsed() < Duration::from_secs(8) {
+        let t = Instant::now();
+        let r = topo.get_shard("ks", "0").await;
+        slowest = slowest.max(t.elapsed());
+        reads += 1;
+        assert!(
+            r.is_ok(),
+            "read {reads}, {:.3} s after the cut from {host}: {r:?}",
+            cut.elapsed().as_secs_f64()
+        );
+        assert!(
+            !lock.is_lost(),
+            "the shard lock was lost {:.3} s after the cut from {host}: {:?}",
+            cut.elapsed().as_secs_f64(),
+            lock.lost().borrow().clone()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "cut from {host} ({used}): {reads} reads in 8 s, all answered, the slowest in {:.3} s; \
+         now on {}; the lock held",
+        slowest.as_secs_f64(),
+        topo.endpoint()
+    );
+    assert_ne!(topo.endpoint(), used);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_etcd_leader_host_changes_nothing_a_failover_still_happens() {
+    let _serial = SERIAL.lock().await;
+    let c = start(three_etcd_options()).await;
+    let net = c.net().expect("network");
+    let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
+    let leader = etcd_leader(&c).await;
+    net.isolate(&leader, Direction::Both)
+        .expect("isolate the etcd leader");
+    let cut = Instant::now();
+    // The two others elect a new leader; nothing else notices.
+    let next = etcd_leader(&c).await;
+    assert_ne!(next, leader);
+    println!(
+        "etcd leader {leader} cut; {next} leads {:.3} s later",
+        cut.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(record(&c).await.term, 1, "no failover for an etcd member");
+    wait_quiet(orch(&c), &c, BOUND).await;
+    // With the leader still cut away, a dead primary is replaced as usual.
+    let old = alias_of(&c, 0);
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    net.heal_all().expect("heal");
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p15_etcd_quorum_lost_no_reparent_and_the_reason_shown_then_recovery() {
+    let _serial = SERIAL.lock().await;
+    let c = start(three_etcd_options()).await;
+    let net = c.net().expect("network");
+    let o = orch(&c);
+    let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
+    let old = alias_of(&c, 0);
+    // Two of three members cut from everyone (and each other): the third has no quorum.
+    net.isolate("etcd-1", Direction::Both).expect("cut etcd-1");
+    net.isolate("etcd-2", Direction::Both).expect("cut etcd-2");
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
+
+    let start = Instant::now();
+    let mut reason = String::new();
+    let mut last_api = String::new();
+    while start.elapsed() < Duration::from_secs(6) {
+        for i in [1, 2] {
+            assert!(
+                read_only(c.tablet(i)).await.expect("replica answers"),
+                "{} was made writable without an etcd quorum",
+                alias_of(&c, i)
+            );
+        }
+        match o.shards().await {
+            Ok(all) => {
+                let why = serde_json::to_string(&all["shards"][0]["recovery"]).unwrap();
+                if why.contains("etcd") || why.contains("shard lock") {
+                    reason = why;
+                }
+                last_api = serde_json::to_string(&all).unwrap();
+            }
+            Err(e) => last_api = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !reason.is_empty(),
+        "the orchestrator does not show why it is not recovering; last answer: {last_api}\n\
+         --- orchestrator log ---\n{}",
+        harness::log_tail(o.log_path(), 30)
+    );
+    println!("without an etcd quorum, the orchestrator said: {reason}");
+
+    let back = Instant::now();
+    net.heal_all().expect("heal");
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    println!(
+        "recovered {:.3} s after the quorum returned",
+        back.elapsed().as_secs_f64()
+    );
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_cut_from_etcd_keeps_routing_from_its_last_snapshot() {
+    let _serial = SERIAL.lock().await;
+    let c = start(netns_options()).await;
+    let g = c.gateway().expect("gateway");
+    let w = gw::writer_through_rw(&c, g).await;
+    let p = alias_of(&c, 0);
+    c.net()
+        .unwrap()
+        .cut("gateway", &["etcd"], Direction::Both)
+        .expect("cut gateway | etcd");
+    w.mark_fault();
+    // Nothing changed in the shard: writes keep flowing through the gateway to the primary.
+    expect_no_failover_writes_continue(&c, &w, &p, None).await;
+    let routing = g.routing().await.expect("routing while cut");
+    println!("gateway routing while cut from etcd: {routing}");
+    c.net().unwrap().heal_all().expect("heal");
+    gw::wait_shard_routes(&c, g).await;
+    w.verify(&c).await;
+}

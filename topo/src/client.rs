@@ -1,6 +1,7 @@
 //! [`Topo`]: the etcd connection, key layout and record CRUD.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,10 +26,56 @@ pub type Result<T, E = TopoError> = std::result::Result<T, E>;
 /// Default bound on every single etcd call.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Handle on the topology in etcd. Cheap to clone; all clones share one connection.
+/// One etcd client per endpoint, and the one in use.
+///
+/// Why not one client balanced over every endpoint: a member that is silently cut off (no
+/// reset, no ICMP) keeps its connection looking healthy until the HTTP/2 keepalive gives up
+/// (10 s and more), and a round-robin balancer keeps sending it a share of the calls, each of
+/// which then waits out its timeout: with three members, one call in three. A pinned
+/// endpoint instead costs one timed-out call: the failure moves every clone (they share this)
+/// to the next endpoint, and reads are retried there at once.
+struct Endpoints {
+    urls: Vec<String>,
+    clients: Vec<Client>,
+    /// Index of the endpoint in use.
+    current: AtomicUsize,
+}
+
+impl Endpoints {
+    fn current(&self) -> (usize, &Client) {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        (i, &self.clients[i])
+    }
+
+    /// Moves off endpoint `failed` (when it is still the one in use: concurrent failures of
+    /// one endpoint move once).
+    fn failed(&self, failed: usize) {
+        let n = self.clients.len();
+        if n > 1
+            && self
+                .current
+                .compare_exchange(
+                    failed,
+                    (failed + 1) % n,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+                failed = %self.urls[failed],
+                next = %self.urls[(failed + 1) % n],
+                "etcd endpoint not answering: moving to the next"
+            );
+        }
+    }
+}
+
+/// Handle on the topology in etcd. Cheap to clone; all clones share the connections and the
+/// choice of endpoint.
 #[derive(Clone)]
 pub struct Topo {
-    client: Client,
+    endpoints: Arc<Endpoints>,
     keys: Keys,
     op_timeout: Duration,
     reachable: Arc<watch::Sender<bool>>,
@@ -71,27 +118,37 @@ impl Topo {
             )
             .with_keep_alive_while_idle(false)
             .with_require_leader(true);
-        let client =
-            match tokio::time::timeout(dial_timeout, Client::connect(&eps, Some(options))).await {
+        let mut clients = Vec::new();
+        for ep in &eps {
+            let connect = Client::connect([ep.as_str()], Some(options.clone()));
+            let client = match tokio::time::timeout(dial_timeout, connect).await {
                 Err(_) => {
                     return Err(TopoError::Timeout {
                         op: "connect",
-                        key: what,
+                        key: ep.clone(),
                         after: dial_timeout,
                     })
                 }
                 Ok(Err(source)) => {
                     return Err(TopoError::Etcd {
                         op: "connect",
-                        key: what,
+                        key: ep.clone(),
                         source,
                     })
                 }
                 Ok(Ok(c)) => c,
             };
+            clients.push(client);
+        }
+        // Processes start on different endpoints, so that they do not all load one member.
+        let first = std::process::id() as usize % clients.len();
         let (tx, _) = watch::channel(false);
         let topo = Topo {
-            client,
+            endpoints: Arc::new(Endpoints {
+                urls: eps,
+                clients,
+                current: AtomicUsize::new(first),
+            }),
             keys: Keys::new(prefix),
             op_timeout: DEFAULT_OP_TIMEOUT,
             reachable: Arc::new(tx),
@@ -119,9 +176,26 @@ impl Topo {
         &self.keys
     }
 
-    /// The underlying etcd client (escape hatch; calls through it are not bounded).
+    /// The etcd client of the endpoint in use (escape hatch; calls through it are not
+    /// bounded, and their failures do not move to another endpoint).
     pub fn client(&self) -> &Client {
-        &self.client
+        self.endpoints.current().1
+    }
+
+    /// Index of the endpoint in use (for [`Topo::endpoint_failed`]).
+    pub(crate) fn endpoint_index(&self) -> usize {
+        self.endpoints.current().0
+    }
+
+    /// A stream opened on endpoint `i` went silent or broke: move every clone off it.
+    pub(crate) fn endpoint_failed(&self, i: usize) {
+        self.endpoints.failed(i);
+    }
+
+    /// The endpoint in use.
+    pub fn endpoint(&self) -> &str {
+        let (i, _) = self.endpoints.current();
+        &self.endpoints.urls[i]
     }
 
     /// Whether the last etcd call (of any clone, including background tasks) got an answer.
@@ -137,16 +211,21 @@ impl Topo {
         });
     }
 
-    /// Runs one etcd call under the operation timeout, with context on failure.
+    /// Runs one etcd call (made on [`Topo::client`] just before) under the operation timeout,
+    /// with context on failure. A timeout or a connectivity error moves every clone to the next
+    /// endpoint; the call itself is not repeated (a write may have been applied): see
+    /// [`Topo::read`] for calls that may be.
     pub(crate) async fn call<T>(
         &self,
         op: &'static str,
         key: &str,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T> {
+        let (endpoint, _) = self.endpoints.current();
         match tokio::time::timeout(self.op_timeout, fut).await {
             Err(_) => {
                 self.set_reachable(false);
+                self.endpoints.failed(endpoint);
                 Err(TopoError::Timeout {
                     op,
                     key: key.to_string(),
@@ -156,6 +235,7 @@ impl Topo {
             Ok(Err(source)) => {
                 if is_unavailable(&source) {
                     self.set_reachable(false);
+                    self.endpoints.failed(endpoint);
                 }
                 Err(TopoError::Etcd {
                     op,
@@ -170,11 +250,37 @@ impl Topo {
         }
     }
 
+    /// A call that changes nothing, tried on each endpoint in turn while the answer is a
+    /// timeout or a connectivity error (`make` builds it on the client it is given).
+    pub(crate) async fn read<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut make: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut tries = self.endpoints.clients.len();
+        loop {
+            tries -= 1;
+            match self.call(op, key, make(self.client().clone())).await {
+                Err(e) if tries > 0 && e.is_unavailable() => continue,
+                other => return other,
+            }
+        }
+    }
+
     // ---- generic helpers -------------------------------------------------------------
 
     pub(crate) async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
-        let mut kv = self.client.kv_client();
-        let mut resp = self.call("get", key, kv.get(key, None)).await?;
+        let mut resp = self
+            .read("get", key, |c| {
+                let key = key.to_string();
+                async move { c.kv_client().get(key, None).await }
+            })
+            .await?;
         Ok(resp.take_kvs().into_iter().next())
     }
 
@@ -193,13 +299,12 @@ impl Topo {
         prefix: &str,
         options: GetOptions,
     ) -> Result<Vec<KeyValue>> {
-        let mut kv = self.client.kv_client();
+        let options = options.with_prefix();
         let mut resp = self
-            .call(
-                "get prefix",
-                prefix,
-                kv.get(prefix, Some(options.with_prefix())),
-            )
+            .read("get prefix", prefix, |c| {
+                let (prefix, options) = (prefix.to_string(), options.clone());
+                async move { c.kv_client().get(prefix, Some(options)).await }
+            })
             .await?;
         Ok(resp.take_kvs())
     }
@@ -236,7 +341,7 @@ impl Topo {
 
     async fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<i64> {
         let data = encode(key, value)?;
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let resp = self.call("put", key, kv.put(key, data, None)).await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
     }
@@ -247,7 +352,7 @@ impl Topo {
         key: &str,
         txn: Txn,
     ) -> Result<etcd_client::TxnResponse> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         self.call(op, key, kv.txn(txn)).await
     }
 
@@ -267,14 +372,14 @@ impl Topo {
 
     /// Deletes one key; returns whether it existed.
     pub(crate) async fn delete_key(&self, key: &str) -> Result<bool> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let resp = self.call("delete", key, kv.delete(key, None)).await?;
         Ok(resp.deleted() > 0)
     }
 
     /// Revokes a lease (deleting its keys). A lease that is already gone is not an error.
     pub(crate) async fn revoke_lease(&self, lease_id: i64) -> Result<()> {
-        let mut lease = self.client.lease_client();
+        let mut lease = self.client().lease_client();
         let what = format!("lease {lease_id:x}");
         match self
             .call("lease revoke", &what, lease.revoke(lease_id))
@@ -293,7 +398,7 @@ impl Topo {
     /// and the TTL etcd granted (it may raise it to its minimum).
     pub(crate) async fn grant_lease(&self, ttl: Duration) -> Result<(i64, Duration)> {
         let secs = ttl.as_millis().div_ceil(1000).max(1) as i64;
-        let mut lease = self.client.lease_client();
+        let mut lease = self.client().lease_client();
         let resp = self
             .call(
                 "lease grant",
@@ -310,23 +415,21 @@ impl Topo {
     /// The current etcd revision (also a cheap liveness probe).
     pub async fn current_revision(&self) -> Result<i64> {
         let root = self.keys.root();
-        let mut kv = self.client.kv_client();
         let resp = self
-            .call(
-                "get",
-                &root,
-                kv.get(
-                    root.as_str(),
-                    Some(GetOptions::new().with_prefix().with_count_only()),
-                ),
-            )
+            .read("get", &root, |c| {
+                let root = root.clone();
+                async move {
+                    let opts = GetOptions::new().with_prefix().with_count_only();
+                    c.kv_client().get(root, Some(opts)).await
+                }
+            })
             .await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
     }
 
     /// Compacts etcd's history up to `revision` (physically), as an operator or test would.
     pub async fn compact(&self, revision: i64) -> Result<()> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let opts = etcd_client::CompactionOptions::new().with_physical();
         self.call(
             "compact",
@@ -599,7 +702,7 @@ impl Topo {
     pub async fn delete_quarantine(&self, alias: &str) -> Result<Option<QuarantineRecord>> {
         parse_alias(alias)?;
         let key = self.keys.quarantine(alias);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let mut resp = self
             .call(
                 "delete",
@@ -692,7 +795,7 @@ impl Topo {
 
     /// Deletes the keys in `[start, end)`; returns how many were deleted.
     async fn delete_range(&self, start: &str, end: impl Into<Vec<u8>>) -> Result<usize> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         let resp = self
             .call(
                 "delete range",

@@ -122,7 +122,10 @@ async fn keep_alive(
     let _ = lost.send(Some(reason));
 }
 
-/// Renews every ttl/3 and waits for each answer; returns why it stopped.
+/// Renews every ttl/3 and waits for each answer; returns why it stopped. A stream that fails
+/// or goes silent moves every clone of `topo` to the next endpoint and is opened again there
+/// while the lease is still valid (a lease belongs to the cluster, not to a member): losing one
+/// etcd member must not cost a lease.
 async fn keep_alive_until_failure(
     topo: &Topo,
     id: i64,
@@ -130,43 +133,63 @@ async fn keep_alive_until_failure(
     valid_until: &Mutex<Instant>,
 ) -> String {
     let interval = (ttl / 3).max(Duration::from_millis(100));
-    // An answer must come back well before the lease could expire.
-    let answer_timeout = topo.op_timeout().min(interval);
+    // An answer must come back well before the lease could expire, and soon enough that a
+    // silent member still leaves time to renew through another: a renewal sent just before
+    // the cut leaves `ttl`, the next ping goes `interval` later and is given up after half an
+    // interval, and the first ping on the next endpoint then goes out at once.
+    let answer_timeout = topo.op_timeout().min(interval / 2);
     let what = format!("lease {id:x}");
+    let valid = || *valid_until.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let endpoint = topo.endpoint_index();
+        let why = keep_alive_on(topo, id, interval, answer_timeout, &what, valid_until).await;
+        topo.set_reachable(false);
+        topo.endpoint_failed(endpoint);
+        // Another endpoint is worth a try only while an answer there can still come in time.
+        if why == LEASE_GONE || Instant::now() + answer_timeout >= valid() {
+            return why;
+        }
+        tracing::warn!(lease = %what, reason = %why, "lease keep-alive: trying the next etcd endpoint");
+    }
+}
+
+/// What [`keep_alive_on`] returns when etcd says the lease is no more.
+const LEASE_GONE: &str = "lease expired or revoked";
+
+/// Keeps the lease alive over one keep-alive stream on the endpoint in use; returns why it
+/// stopped.
+async fn keep_alive_on(
+    topo: &Topo,
+    id: i64,
+    interval: Duration,
+    answer_timeout: Duration,
+    what: &str,
+    valid_until: &Mutex<Instant>,
+) -> String {
     let mut client = topo.client().lease_client();
     let (mut keeper, mut stream) = match topo
-        .call("lease keep-alive", &what, client.keep_alive(id))
+        .call("lease keep-alive", what, client.keep_alive(id))
         .await
     {
         Ok(pair) => pair,
         Err(e) => return e.to_string(),
     };
-    let mut next = Instant::now() + interval;
+    let mut next = Instant::now();
     loop {
         tokio::time::sleep_until(next).await;
         let sent = Instant::now();
         next = sent + interval;
         if let Err(e) = keeper.keep_alive().await {
-            topo.set_reachable(false);
             return format!("sending keep-alive: {e}");
         }
         match tokio::time::timeout(answer_timeout, stream.message()).await {
-            Err(_) => {
-                topo.set_reachable(false);
-                return format!("no keep-alive answer within {answer_timeout:?}");
-            }
-            Ok(Err(e)) => {
-                topo.set_reachable(false);
-                return format!("keep-alive stream failed: {e}");
-            }
-            Ok(Ok(None)) => {
-                topo.set_reachable(false);
-                return "keep-alive stream closed".to_string();
-            }
+            Err(_) => return format!("no keep-alive answer within {answer_timeout:?}"),
+            Ok(Err(e)) => return format!("keep-alive stream failed: {e}"),
+            Ok(Ok(None)) => return "keep-alive stream closed".to_string(),
             Ok(Ok(Some(resp))) => {
                 topo.set_reachable(true);
                 if resp.ttl() <= 0 {
-                    return "lease expired or revoked".to_string();
+                    return LEASE_GONE.to_string();
                 }
                 let granted = Duration::from_secs(u64::try_from(resp.ttl()).unwrap_or(0));
                 let mut v = valid_until.lock().unwrap_or_else(|p| p.into_inner());

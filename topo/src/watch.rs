@@ -273,6 +273,7 @@ async fn run(
         publish(content, &map);
 
         // 2. Watch from the next revision.
+        let endpoint = topo.endpoint_index();
         let mut wc = topo.client().watch_client();
         let options = WatchOptions::new()
             .with_range(end)
@@ -329,6 +330,7 @@ async fn run(
                 _ = probe.tick() => {
                     if last_message.elapsed() > probe_every * 2 + topo.op_timeout() {
                         topo.set_reachable(false);
+                        topo.endpoint_failed(endpoint);
                         break format!("no answer on the watch stream for {:?}", last_message.elapsed());
                     }
                     if let Err(e) = stream.request_progress().await {
