@@ -648,6 +648,45 @@ pub mod ha {
         );
     }
 
+    /// For `window` after the primary (tablet 0) died with etcd unavailable: tablets 1 and 2
+    /// stay read-only, and the shard's recovery state in the orchestrator's API says why
+    /// nothing happens (it names etcd or the shard lock). Returns what it said.
+    pub async fn expect_no_promotion_without_etcd(c: &Cluster, window: Duration) -> String {
+        let o = orch(c);
+        let start = Instant::now();
+        let mut reason = String::new();
+        let mut last_api = String::new();
+        while start.elapsed() < window {
+            for i in [1, 2] {
+                assert!(
+                    read_only(c.tablet(i)).await.expect("replica answers"),
+                    "{} was made writable while etcd was unavailable",
+                    alias_of(c, i)
+                );
+            }
+            match o.shards().await {
+                Ok(all) => {
+                    let why =
+                        serde_json::to_string(&all["shards"][0]["recovery"]).unwrap_or_default();
+                    if why.contains("etcd") || why.contains("shard lock") {
+                        reason = why;
+                    }
+                    last_api = serde_json::to_string(&all).unwrap_or_default();
+                }
+                Err(e) => last_api = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            !reason.is_empty(),
+            "the orchestrator does not show why it is not recovering (the shard's recovery \
+             state in /api/v1/shards names neither etcd nor the shard lock); last answer: \
+             {last_api}\n--- orchestrator log ---\n{}",
+            harness::log_tail(o.log_path(), 30)
+        );
+        reason
+    }
+
     /// After a deposed primary `old` comes back (resumed or healed at `since`): it rejoins as
     /// a replica of `new_primary` when everything it wrote is on the new primary, else it is
     /// quarantined with a reason. Prints which, and when.

@@ -1102,39 +1102,7 @@ async fn p15_no_reparent_without_etcd_then_recovery_when_it_returns() {
 
     // No promotion while etcd is down: the replicas stay read-only replicas of the dead primary.
     let down_for = Duration::from_secs(6);
-    let start = Instant::now();
-    let mut reason = String::new();
-    let mut last_api = String::new();
-    while start.elapsed() < down_for {
-        for i in [1, 2] {
-            assert!(
-                read_only(c.tablet(i)).await.expect("replica answers"),
-                "{} was made writable while etcd was down",
-                alias_of(&c, i)
-            );
-        }
-        // The shard's recovery state must say why nothing happens: etcd (the shard lock and
-        // the records live there) is unavailable.
-        match o.shards().await {
-            Ok(all) => {
-                let shard = all["shards"][0].clone();
-                let why = serde_json::to_string(&shard["recovery"]).unwrap();
-                if why.contains("etcd") || why.contains("shard lock") {
-                    reason = why;
-                }
-                last_api = serde_json::to_string(&all).unwrap();
-            }
-            Err(e) => last_api = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        !reason.is_empty(),
-        "the orchestrator does not show why it is not recovering (the shard's recovery state in \
-         /api/v1/shards names neither etcd nor the shard lock); last answer: {last_api}\n\
-         --- orchestrator log ---\n{}",
-        harness::log_tail(o.log_path(), 30)
-    );
+    let reason = expect_no_promotion_without_etcd(&c, down_for).await;
     println!("while etcd was down, the orchestrator said: {reason}");
 
     c.etcd().start().await.expect("etcd restarts");

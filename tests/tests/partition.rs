@@ -538,7 +538,6 @@ async fn p15_etcd_quorum_lost_no_reparent_and_the_reason_shown_then_recovery() {
     let _serial = SERIAL.lock().await;
     let c = start(three_etcd_options()).await;
     let net = c.net().expect("network");
-    let o = orch(&c);
     let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
     let old = alias_of(&c, 0);
     // Two of three members cut from everyone (and each other): the third has no quorum.
@@ -547,35 +546,7 @@ async fn p15_etcd_quorum_lost_no_reparent_and_the_reason_shown_then_recovery() {
     c.tablet(0).mysqld().kill().expect("kill mysqld");
     w.mark_fault();
 
-    let start = Instant::now();
-    let mut reason = String::new();
-    let mut last_api = String::new();
-    while start.elapsed() < Duration::from_secs(6) {
-        for i in [1, 2] {
-            assert!(
-                read_only(c.tablet(i)).await.expect("replica answers"),
-                "{} was made writable without an etcd quorum",
-                alias_of(&c, i)
-            );
-        }
-        match o.shards().await {
-            Ok(all) => {
-                let why = serde_json::to_string(&all["shards"][0]["recovery"]).unwrap();
-                if why.contains("etcd") || why.contains("shard lock") {
-                    reason = why;
-                }
-                last_api = serde_json::to_string(&all).unwrap();
-            }
-            Err(e) => last_api = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        !reason.is_empty(),
-        "the orchestrator does not show why it is not recovering; last answer: {last_api}\n\
-         --- orchestrator log ---\n{}",
-        harness::log_tail(o.log_path(), 30)
-    );
+    let reason = expect_no_promotion_without_etcd(&c, Duration::from_secs(6)).await;
     println!("without an etcd quorum, the orchestrator said: {reason}");
 
     let back = Instant::now();
