@@ -756,6 +756,8 @@ fn start_recording_promotion(
             .map(|c| c.requester.clone())
             .unwrap_or_default(),
         lock_epoch: req.ctx.as_ref().map_or(0, |c| c.lock_epoch),
+        // This agent runs the isolation rule (agent::isolation_loop) whenever it is primary.
+        self_demotes: true,
     };
     let at_ms = rec.at_ms;
     (

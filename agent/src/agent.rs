@@ -11,7 +11,8 @@ use flavor::Dialect;
 use myha_proto::agent as pb;
 use mysql_async::Conn;
 use tokio::sync::{watch, Notify};
-use topo::{Durability, ShardRecord, TabletRecord, TabletType, Topo};
+use tokio::time::Instant;
+use topo::{Durability, Registration, ShardRecord, TabletRecord, TabletType, Topo};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
@@ -52,6 +53,8 @@ pub struct Shared {
     etcd_error: Mutex<String>,
     /// The etcd client once connected (a promotion is recorded through it).
     topo: Mutex<Option<Topo>>,
+    /// The tablet's registration once made (the isolation rule reads its lease).
+    registration: Mutex<Option<Arc<Registration>>>,
     dialect: Mutex<Option<Dialect>>,
     /// Mutating actions and fencing run one at a time.
     pub actions: Arc<tokio::sync::Mutex<ActionState>>,
@@ -109,6 +112,7 @@ impl Shared {
             etcd_connected: AtomicBool::new(false),
             etcd_error: Mutex::new("not connected yet".into()),
             topo: Mutex::new(None),
+            registration: Mutex::new(None),
             dialect: Mutex::new(None),
             actions: Arc::new(tokio::sync::Mutex::new(ActionState::default())),
             poke: Notify::new(),
@@ -500,21 +504,104 @@ pub async fn fence_loop(shared: Arc<Shared>) {
             fence::decide(&shared.id.alias, &shared.terms(), shard.as_ref(), writable)
         {
             warn!(%reason, "fencing mysqld");
-            let _guard = shared.actions.lock().await;
-            match fence_mysqld(&shared).await {
-                Ok(killed) => {
-                    info!(killed, %reason, "mysqld fenced: read-only, client connections killed");
-                    metrics::counter!("myha_agent_fences_total").increment(1);
-                    shared.set_fence_status(FenceStatus {
-                        fenced: true,
-                        reason,
-                    });
-                }
-                Err(e) => warn!(error = %e, "fencing failed; will retry on the next poll"),
-            }
-            shared.poke.notify_one();
+            fence_for(&shared, reason, "myha_agent_fences_total").await;
         }
     }
+}
+
+/// The isolation rule's margin before the lease's end: the fence (kill, read-only) must be
+/// done before etcd can expire the registration.
+fn isolation_margin(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 5).max(Duration::from_millis(300))
+}
+
+/// How often a primary's agent checks that another tablet of its shard answers.
+const ISOLATION_TICK: Duration = Duration::from_millis(100);
+/// Bound on one answer from another tablet's agent.
+const PEER_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often the list of the shard's other tablets is read again from etcd.
+const PEERS_REFRESH: Duration = Duration::from_secs(10);
+
+/// The isolation rule ([`topo::SELF_DEMOTE_PEER_WINDOW`]): while this tablet is a writable
+/// primary, checks every tick that another tablet of its shard answers (a TCP connect to its
+/// agent) and what is left of the registration lease, and fences mysqld when both are gone.
+pub async fn isolation_loop(shared: Arc<Shared>) {
+    let margin = isolation_margin(shared.cfg.etcd.lease_ttl);
+    let (ks, sh) = (shared.id.keyspace.clone(), shared.id.shard.clone());
+    let mut peers: Vec<String> = Vec::new();
+    let mut peers_read: Option<Instant> = None;
+    let mut last_answer = Instant::now();
+    loop {
+        tokio::time::sleep(ISOLATION_TICK).await;
+        let h = shared.health.borrow().clone();
+        let shard = shared.shard.borrow().clone();
+        let named = shard
+            .as_ref()
+            .is_some_and(|s| s.primary.as_deref() == Some(shared.id.alias.as_str()));
+        let writable = h.mysql_reachable && h.mysql.as_ref().is_some_and(|m| !m.read_only);
+        if !(named && shared.terms().promoted_term > 0 && writable) {
+            last_answer = Instant::now();
+            continue;
+        }
+        if peers_read.is_none_or(|t| t.elapsed() >= PEERS_REFRESH) {
+            if let Some(topo) = shared.topo() {
+                let quick = topo.with_op_timeout(PEER_PROBE_TIMEOUT);
+                if let Ok(list) = quick.list_tablets(Some(&ks), Some(&sh)).await {
+                    peers = list
+                        .into_iter()
+                        .filter(|t| t.alias != shared.id.alias && !t.grpc_addr.is_empty())
+                        .map(|t| t.grpc_addr)
+                        .collect();
+                    peers_read = Some(Instant::now());
+                }
+            }
+        }
+        let answers = futures::future::join_all(peers.iter().map(|addr| async move {
+            matches!(
+                tokio::time::timeout(PEER_PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                    .await,
+                Ok(Ok(_))
+            )
+        }))
+        .await;
+        if answers.iter().any(|ok| *ok) {
+            last_answer = Instant::now();
+        }
+        let lease_left = lock(&shared.registration)
+            .as_ref()
+            .and_then(|r| r.lease_valid_until())
+            .map_or(Duration::ZERO, |until| {
+                until.saturating_duration_since(Instant::now())
+            });
+        let input = fence::Isolation {
+            lease_left,
+            peers_silent_for: (!peers.is_empty()).then(|| last_answer.elapsed()),
+        };
+        if let FenceDecision::Fence { reason } =
+            fence::decide_isolation(&input, margin, topo::SELF_DEMOTE_PEER_WINDOW)
+        {
+            warn!(%reason, "self-demotion (isolation rule): fencing mysqld");
+            fence_for(&shared, reason, "myha_agent_self_demotions_total").await;
+        }
+    }
+}
+
+/// Fences mysqld (one action at a time) for `reason`, counted in `counter` and kept as the
+/// fence status; a failure is logged and left to the caller's next round.
+async fn fence_for(shared: &Shared, reason: String, counter: &'static str) {
+    let _guard = shared.actions.lock().await;
+    match fence_mysqld(shared).await {
+        Ok(killed) => {
+            info!(killed, %reason, "mysqld fenced: read-only, client connections killed");
+            metrics::counter!(counter).increment(1);
+            shared.set_fence_status(FenceStatus {
+                fenced: true,
+                reason,
+            });
+        }
+        Err(e) => warn!(error = %e, "fencing failed; will retry"),
+    }
+    shared.poke.notify_one();
 }
 
 /// Kills client sessions, sets read_only (super_read_only where it exists), kills again.
@@ -574,7 +661,8 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
     let mut shard_rx = topo.watch_shard(&ks, &shard_name);
     let initial_shard = shard_rx.borrow().clone();
     let registration =
-        topo.register_tablet(shared.tablet_record(initial_shard.as_ref()), cfg.lease_ttl);
+        Arc::new(topo.register_tablet(shared.tablet_record(initial_shard.as_ref()), cfg.lease_ttl));
+    *lock(&shared.registration) = Some(registration.clone());
     let mut reg_rx = registration.status();
     let mut reachable = topo.reachable();
     let mut last_type = None;
@@ -678,6 +766,7 @@ async fn record_bootstrap_promotion(shared: &Shared, topo: &Topo, s: &ShardRecor
         at_ms: s.term_start_ms,
         by: "bootstrap (recorded by the agent of the primary the shard record names)".into(),
         lock_epoch: 0,
+        self_demotes: true,
     };
     match topo.record_promotion(&rec).await {
         Ok(r) => {

@@ -3,6 +3,8 @@
 //! Invariant: a mysqld promoted under term T must stop taking writes as soon as its agent
 //! learns that the shard record names another primary at a term > T.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use topo::ShardRecord;
 
@@ -105,6 +107,36 @@ pub fn decide(
             reason: format!(
                 "shard {}/{} names {p} primary at term {} > term {} this mysqld was promoted under",
                 shard.keyspace, shard.shard, shard.term, terms.promoted_term
+            ),
+        },
+        _ => FenceDecision::Keep,
+    }
+}
+
+/// What the isolation rule (see [`topo::SELF_DEMOTE_PEER_WINDOW`]) looks at, on a writable
+/// primary promoted under a term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Isolation {
+    /// What is left of the registration lease by the local deadline (zero once past it, lost,
+    /// or never granted).
+    pub lease_left: Duration,
+    /// How long since another tablet of the shard last answered; `None` when the shard has no
+    /// other tablet on record (nobody could be promoted instead: nothing to guard against).
+    pub peers_silent_for: Option<Duration>,
+}
+
+/// Whether an isolated primary must make its mysqld read-only now: its lease is within
+/// `margin` of running out (so others may soon see it gone) and no other tablet has answered it
+/// for `window`. A primary cut from etcd alone (P16) keeps serving: its replicas answer.
+pub fn decide_isolation(i: &Isolation, margin: Duration, window: Duration) -> FenceDecision {
+    match i.peers_silent_for {
+        Some(silent) if i.lease_left <= margin && silent >= window => FenceDecision::Fence {
+            reason: format!(
+                "isolated: etcd has not renewed this tablet's registration ({} ms of its lease \
+                 left) and no other tablet of the shard has answered for {} ms: another may be \
+                 promoted once the lease expires, so this primary stops taking writes first",
+                i.lease_left.as_millis(),
+                silent.as_millis()
             ),
         },
         _ => FenceDecision::Keep,
@@ -257,5 +289,36 @@ mod tests {
             decide("zone1-101", &old, Some(&shard(None, 3)), Some(true)),
             FenceDecision::Keep
         );
+    }
+
+    #[test]
+    fn an_isolated_primary_demotes_before_its_lease_runs_out_and_not_while_a_replica_answers() {
+        let m = Duration::from_millis(400);
+        let w = Duration::from_secs(1);
+        let at = |left_ms: u64, silent_ms: Option<u64>| Isolation {
+            lease_left: Duration::from_millis(left_ms),
+            peers_silent_for: silent_ms.map(Duration::from_millis),
+        };
+        // Cut from everything: demote once the lease is within the margin and the peers have
+        // been silent for the window, not before either.
+        assert!(matches!(
+            decide_isolation(&at(400, Some(1000)), m, w),
+            FenceDecision::Fence { reason } if reason.contains("isolated") && reason.contains("1000 ms")
+        ));
+        assert_eq!(
+            decide_isolation(&at(401, Some(5000)), m, w),
+            FenceDecision::Keep
+        );
+        assert_eq!(
+            decide_isolation(&at(0, Some(999)), m, w),
+            FenceDecision::Keep
+        );
+        // P16: etcd lost (lease gone) but the replicas answer: keep serving.
+        assert_eq!(
+            decide_isolation(&at(0, Some(100)), m, w),
+            FenceDecision::Keep
+        );
+        // No other tablet at all: nobody could be promoted, nothing to stop.
+        assert_eq!(decide_isolation(&at(0, None), m, w), FenceDecision::Keep);
     }
 }

@@ -75,6 +75,7 @@ pub async fn run(
     tokio::spawn(agent::fence_loop(shared.clone()));
     tokio::spawn(agent::etcd_loop(shared.clone()));
     tokio::spawn(agent::probe_loop(shared.clone()));
+    tokio::spawn(agent::isolation_loop(shared.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

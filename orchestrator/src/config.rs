@@ -17,6 +17,7 @@
 //! action_timeout = "5s"             # bound of every agent action
 //! relay_log_wait = "30s"            # emergency reparent: bound on the candidate applying all it received (size it for your largest transaction)
 //! catch_up_timeout = "5s"           # emergency reparent: bound on the chosen candidate catching up
+//! self_demotion_wait = "15s"        # durability none, old primary silent and unfenceable: wait at most this for its lease to expire (above the agents' etcd.lease_ttl)
 //! flap_limit = 3                    # this many emergency reparents of a shard within flap_window ...
 //! flap_window = "10m"               # ... stop its automatic recovery until acknowledged
 //! planned_wait_timeout = "5s"       # operator reparents: default bound on the candidate reaching the demoted primary's position
@@ -118,6 +119,12 @@ pub struct RecoverySection {
     /// Bound on the chosen candidate catching up from the most advanced replica.
     #[serde(default = "default_catch_up_timeout", with = "humantime_serde")]
     pub catch_up_timeout: Duration,
+    /// Durability `none`, an old primary whose agent is silent and whose mysqld cannot be
+    /// fenced over MySQL: the emergency reparent waits at most this long for that primary's
+    /// registration lease to expire (then its agent, if alive, has demoted it:
+    /// `topo::SELF_DEMOTE_PEER_WINDOW`), else refuses. Above the agents' `etcd.lease_ttl`.
+    #[serde(default = "default_self_demotion_wait", with = "humantime_serde")]
+    pub self_demotion_wait: Duration,
     /// Emergency reparents within `flap_window` that make a shard flapping.
     #[serde(default = "default_flap_limit")]
     pub flap_limit: u32,
@@ -181,6 +188,9 @@ fn default_relay_log_wait() -> Duration {
 fn default_catch_up_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_self_demotion_wait() -> Duration {
+    Duration::from_secs(15)
+}
 fn default_flap_limit() -> u32 {
     3
 }
@@ -209,6 +219,7 @@ impl Default for RecoverySection {
             action_timeout: default_action_timeout(),
             relay_log_wait: default_relay_log_wait(),
             catch_up_timeout: default_catch_up_timeout(),
+            self_demotion_wait: default_self_demotion_wait(),
             flap_limit: default_flap_limit(),
             flap_window: default_flap_window(),
             planned_wait_timeout: default_planned_wait_timeout(),
@@ -292,6 +303,7 @@ impl OrchestratorConfig {
             ("recovery.action_timeout", r.action_timeout),
             ("recovery.relay_log_wait", r.relay_log_wait),
             ("recovery.catch_up_timeout", r.catch_up_timeout),
+            ("recovery.self_demotion_wait", r.self_demotion_wait),
             ("recovery.flap_window", r.flap_window),
             ("recovery.planned_wait_timeout", r.planned_wait_timeout),
             ("recovery.planned_max_lag", r.planned_max_lag),
@@ -366,6 +378,7 @@ impl OrchestratorConfig {
             action_timeout: r.action_timeout,
             relay_log_wait: r.relay_log_wait,
             catch_up_timeout: r.catch_up_timeout,
+            self_demotion_wait: r.self_demotion_wait,
             flap_limit: r.flap_limit,
             flap_window: r.flap_window,
             planned_wait_timeout: r.planned_wait_timeout,

@@ -578,6 +578,7 @@ async fn run(
     let mut control_open = true;
     loop {
         let snap = snapshots.borrow_and_update().clone();
+        engine.deps.registrations.observe(&snap, topo::now_ms());
         let ctl = control.borrow_and_update().clone();
         let view = engine.evaluate(&snap, &ctl, Instant::now(), topo::now_ms());
         tx.send_replace(Arc::new(view));

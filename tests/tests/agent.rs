@@ -27,6 +27,29 @@ fn ctx_epoch(term: u64, lock_epoch: u64) -> Option<pb::ActionContext> {
 }
 
 /// `@@read_only` asked from the tablet's mysqld itself.
+/// Stops tablet `i`'s IO thread and waits until its SQL thread has applied all it received.
+async fn drain_relay_log(c: &Cluster, i: usize) {
+    let mut conn = c.tablet(i).root_conn().await.expect("root conn");
+    conn.query_drop("STOP SLAVE IO_THREAD")
+        .await
+        .expect("stop the IO thread");
+    let st = harness::slave_status(&mut conn)
+        .await
+        .expect("slave status")
+        .expect("a replica");
+    let received = st.get("Gtid_IO_Pos").cloned().flatten().unwrap_or_default();
+    let applied: Option<i64> = conn
+        .query_first(format!("SELECT MASTER_GTID_WAIT('{received}', 10)"))
+        .await
+        .expect("MASTER_GTID_WAIT");
+    assert_eq!(
+        applied,
+        Some(0),
+        "{} did not apply {received}",
+        c.tablet(i).alias()
+    );
+}
+
 async fn mysqld_read_only(c: &Cluster, i: usize) -> bool {
     let mut conn = c.tablet(i).root_conn().await.expect("root conn");
     let v: Option<u8> = conn
@@ -1086,6 +1109,9 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
     .await
     .expect("a newer lock holder at an equal term");
 
+    // As an emergency reparent would first: r1 applies everything it received (Promote refuses
+    // a relay log with unapplied transactions, and the primary's heartbeats keep arriving).
+    drain_relay_log(&c, r1).await;
     // A promotion is on record before mysqld is writable.
     a_r1.promote(pb::PromoteRequest {
         ctx: ctx_epoch(2, 700),

@@ -48,6 +48,17 @@ fn assert_on_host(what: &str, pid: Option<u32>, host: &Host) {
     );
 }
 
+/// Heals every cut; the old primary (tablet 0) then rejoins under `rec`'s primary or is
+/// quarantined with a reason.
+async fn heal_and_expect_rejoin_or_quarantine(c: &Cluster, rec: &topo::ShardRecord) {
+    let healed = Instant::now();
+    c.net().expect("network").heal_all().expect("heal");
+    let new_primary = c
+        .tablet_by_alias(rec.primary.as_deref().expect("a primary"))
+        .expect("a tablet");
+    expect_rejoin_or_quarantine(c, c.tablet(0), new_primary, healed).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_process_runs_on_its_own_host_and_a_killed_primary_is_replaced() {
     let _serial = SERIAL.lock().await;
@@ -321,8 +332,8 @@ async fn p4_primary_host_cut_from_everything_is_replaced_and_acknowledges_nothin
 /// A writer through the gateway, the primary's host cut from `others` (both ways), then no
 /// failover for the window, writes continuing on the primary (and `problem` reported, if
 /// given); healed, the shard stays as it was and is healthy.
-async fn expect_cut_without_failover(others: &[&str], problem: Option<&str>) {
-    let c = start(netns_options()).await;
+async fn expect_cut_without_failover(opts: ClusterOptions, others: &[&str], problem: Option<&str>) {
+    let c = start(opts).await;
     let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
     let p = alias_of(&c, 0);
     c.net()
@@ -342,7 +353,12 @@ async fn expect_cut_without_failover(others: &[&str], problem: Option<&str>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p6_orchestrator_host_cut_from_the_primary_host_no_failover() {
     let _serial = SERIAL.lock().await;
-    expect_cut_without_failover(&["orchestrator"], Some("unreachable_primary")).await;
+    expect_cut_without_failover(
+        netns_options(),
+        &["orchestrator"],
+        Some("unreachable_primary"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,14 +366,30 @@ async fn p16_primary_host_cut_from_etcd_keeps_serving() {
     let _serial = SERIAL.lock().await;
     // Its agent's lease expires (its registration goes) but the orchestrator, the replicas and
     // the clients still reach it: not isolated, so it neither fails over nor demotes itself.
-    expect_cut_without_failover(&["etcd"], None).await;
+    expect_cut_without_failover(netns_options(), &["etcd"], None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p16_under_durability_none_the_primary_cut_from_etcd_does_not_demote_itself() {
+    let _serial = SERIAL.lock().await;
+    // Its lease runs out, but its replicas answer: the isolation rule keeps it writable.
+    let opts = ClusterOptions {
+        durability: harness::Durability::None,
+        ..netns_options()
+    };
+    expect_cut_without_failover(opts, &["etcd"], None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_cut_from_etcd_and_the_orchestrator_but_not_its_replicas_keeps_serving() {
     let _serial = SERIAL.lock().await;
     // The replicas still replicate from it and say so: unreachable, not dead.
-    expect_cut_without_failover(&["etcd", "orchestrator"], Some("unreachable_primary")).await;
+    expect_cut_without_failover(
+        netns_options(),
+        &["etcd", "orchestrator"],
+        Some("unreachable_primary"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,12 +416,7 @@ async fn p20_primary_cut_from_its_replicas_and_clients_only_is_replaced_and_fenc
         "old primary read-only within {:.3} s of the new term's start, still cut",
         topo::now_ms().saturating_sub(rec.term_start_ms) as f64 / 1000.0
     );
-    let healed = Instant::now();
-    net.heal_all().expect("heal");
-    let new_primary = c
-        .tablet_by_alias(rec.primary.as_deref().expect("a primary"))
-        .expect("a tablet");
-    expect_rejoin_or_quarantine(&c, c.tablet(0), new_primary, healed).await;
+    heal_and_expect_rejoin_or_quarantine(&c, &rec).await;
     w.verify(&c).await;
 }
 
@@ -579,4 +606,90 @@ async fn a_gateway_cut_from_etcd_keeps_routing_from_its_last_snapshot() {
     c.net().unwrap().heal_all().expect("heal");
     gw::wait_shard_routes(&c, g).await;
     w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p22_an_isolated_primary_under_durability_none_demotes_itself_before_it_is_replaced() {
+    let _serial = SERIAL.lock().await;
+    let c = start(ClusterOptions {
+        durability: harness::Durability::None,
+        ..netns_options()
+    })
+    .await;
+    let net = c.net().expect("network");
+    let w = gw::writer_through_rw(&c, c.gateway().expect("gateway")).await;
+    let old = alias_of(&c, 0);
+    // A client on the primary's own host, writing straight to it: under none nothing but the
+    // isolation rule stops its writes once the host is cut off.
+    let local = LocalClient::start(&c, 0);
+    local.wait_acks(5).await;
+    let cut_ms = topo::now_ms();
+    net.isolate(&old, Direction::Both)
+        .expect("isolate the primary's host");
+    w.mark_fault();
+    // Read-only by its own agent while still cut off (seen over the socket, not the network).
+    let took = wait_read_only(&c, c.tablet(0), "the isolated primary to demote itself").await;
+    let demoted_ms = topo::now_ms();
+    println!(
+        "isolated primary read-only {:.3} s after the cut (its agent's isolation rule)",
+        took.as_secs_f64()
+    );
+    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    assert!(
+        demoted_ms <= rec.term_start_ms,
+        "the new term began {} ms before the old primary was seen read-only",
+        demoted_ms - rec.term_start_ms
+    );
+    // The audit says what the promotion relied on (audited() panics with the log otherwise).
+    let relied = |e: &topo::AuditEntry| e.detail.contains("taken as fenced by its own agent");
+    let entries = wait_audit(
+        &c,
+        "the reparent relying on the self-demotion",
+        BOUND,
+        |a| a.iter().any(relied),
+    )
+    .await;
+    audited(
+        &entries,
+        "the reparent relying on the self-demotion",
+        relied,
+    );
+
+    // The window in which the isolated primary acknowledged writes: from the cut to its last
+    // ack; none after it was read-only, none after the new term began.
+    let inserts = local.inserts();
+    let last_ack = inserts
+        .iter()
+        .filter_map(|i| match i.outcome {
+            Some(Ok(at)) => Some(at),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(cut_ms);
+    let (late, summary) = local_summary(&inserts, rec.term_start_ms, topo::now_ms());
+    println!(
+        "client on the isolated primary's host: {summary}; it acknowledged writes for {} ms \
+         after the cut; read-only {} ms after the cut; new term {} ms after the cut",
+        last_ack.saturating_sub(cut_ms),
+        demoted_ms.saturating_sub(cut_ms),
+        rec.term_start_ms.saturating_sub(cut_ms)
+    );
+    assert!(
+        late.is_empty(),
+        "acknowledged after the new term began: {late:?}"
+    );
+    assert!(
+        last_ack <= demoted_ms,
+        "an ack {} ms after the old primary was seen read-only",
+        last_ack - demoted_ms
+    );
+
+    heal_and_expect_rejoin_or_quarantine(&c, &rec).await;
+    drop(local);
+    // Under none, writes the old primary acknowledged but had not shipped are lost by design;
+    // what must never happen is an ack from it after the new term began.
+    let report = w.check(&c).await.expect("writer check");
+    println!("{report}");
+    assert!(report.deposed_acks.is_empty(), "{report}");
 }

@@ -85,6 +85,11 @@ impl KeptLease {
         })
     }
 
+    /// The shared deadline [`KeptLease::valid_until`] reads (kept current by the keep-alive).
+    pub(crate) fn deadline(&self) -> Arc<Mutex<Instant>> {
+        self.valid_until.clone()
+    }
+
     /// The local deadline before which the lease is certainly alive (see the type's doc).
     pub(crate) fn valid_until(&self) -> Instant {
         *self.valid_until.lock().unwrap_or_else(|p| p.into_inner())

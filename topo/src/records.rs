@@ -100,6 +100,12 @@ pub struct PromotionRecord {
     /// The shard-lock epoch of the request (0 without a lock: a bootstrap).
     #[serde(default)]
     pub lock_epoch: u64,
+    /// The primary's agent follows the isolation rule ([`SELF_DEMOTE_PEER_WINDOW`]): it makes
+    /// its mysqld read-only before its registration lease can expire unless another tablet of
+    /// the shard answers it. Recorded here, durably, because an orchestrator needs it exactly
+    /// when that registration is gone. `false` in records of agents that do not.
+    #[serde(default)]
+    pub self_demotes: bool,
 }
 
 /// The role a tablet registers with.
@@ -183,6 +189,20 @@ pub struct TabletRecord {
     /// When this registration was made (ms since the Unix epoch).
     pub registered_ms: u64,
 }
+
+/// The contract between a primary's agent and an orchestrator that can neither see nor fence
+/// that primary (Patroni's rule: a leader demotes itself before the lease others rely on can
+/// expire). The agent of a writable primary makes its mysqld read-only once both hold:
+/// - its registration lease is about to run out (etcd has not answered its renewals), and
+/// - no other tablet of its shard has answered it for this window.
+///
+/// So an orchestrator may take such a primary as fenced once its registration is gone from
+/// etcd (the lease expired: etcd's clock, no local one) and every replica has failed to reach
+/// it for this window plus a margin: by then its agent, if alive, has demoted it. That is what
+/// lets durability `none`, where nothing else stops an isolated primary's writes, fail over a
+/// silent host safely, at the cost of waiting for the lease. Not covered: an agent that is itself
+/// dead while its mysqld still serves clients that no replica can reach (a double fault).
+pub const SELF_DEMOTE_PEER_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Value of the owner key of a shard lock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,10 +1,12 @@
 //! Tablet registration under a lease that is renewed, and re-created when lost, forever.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::PutOptions;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::client::{encode, Result, Topo};
 use crate::error::TopoError;
@@ -42,7 +44,12 @@ pub struct Registration {
     status: watch::Receiver<RegistrationStatus>,
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+    /// The deadline of the lease the key was last written under (kept after it is lost).
+    lease: LeaseDeadline,
 }
+
+/// The deadline of the registration's latest lease, shared with its task.
+type LeaseDeadline = Arc<Mutex<Option<Arc<Mutex<Instant>>>>>;
 
 impl Topo {
     /// Registers `record` at `{p}/tablets/{record.alias}` under a lease of `ttl`, kept alive
@@ -53,13 +60,23 @@ impl Topo {
         let key = self.keys().tablet(&record.alias);
         let (status_tx, status) = watch::channel(RegistrationStatus::default());
         let (commands, rx) = mpsc::channel(8);
-        let task = tokio::spawn(run(self.clone(), key.clone(), record, ttl, status_tx, rx));
+        let lease = LeaseDeadline::default();
+        let task = tokio::spawn(run(
+            self.clone(),
+            key.clone(),
+            record,
+            ttl,
+            status_tx,
+            rx,
+            lease.clone(),
+        ));
         Registration {
             topo: self.clone(),
             key,
             status,
             commands,
             task,
+            lease,
         }
     }
 }
@@ -73,6 +90,17 @@ impl Registration {
     /// Follows the registration state.
     pub fn status(&self) -> watch::Receiver<RegistrationStatus> {
         self.status.clone()
+    }
+
+    /// The local deadline before which the lease the key was last written under is certainly
+    /// alive (from the send time of its last answered renewal); in the past once it is lost.
+    /// `None` before the first registration. etcd deletes the key at the earliest then: a
+    /// tablet that must stop something before others may see it gone acts before this.
+    pub fn lease_valid_until(&self) -> Option<Instant> {
+        let outer = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        outer
+            .as_ref()
+            .map(|d| *d.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// True while the key is written under a live lease.
@@ -145,6 +173,7 @@ async fn run(
     ttl: Duration,
     status: watch::Sender<RegistrationStatus>,
     mut commands: mpsc::Receiver<Command>,
+    deadline: LeaseDeadline,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let set_error = |e: String| {
@@ -227,6 +256,7 @@ async fn run(
             lease = format_args!("{:x}", lease.id),
             "tablet registered"
         );
+        *deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease.deadline());
         status.send_modify(|s| {
             s.registered = true;
             s.lease_id = Some(lease.id);

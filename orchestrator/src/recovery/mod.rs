@@ -59,6 +59,8 @@ pub struct RecoveryConfig {
     pub action_timeout: Duration,
     pub relay_log_wait: Duration,
     pub catch_up_timeout: Duration,
+    /// See `[recovery] self_demotion_wait`.
+    pub self_demotion_wait: Duration,
     pub flap_limit: u32,
     pub flap_window: Duration,
     /// Bound on each `FullStatus` of the refresh (an agent that does not answer is unseen).
@@ -103,6 +105,7 @@ impl Default for RecoveryConfig {
             action_timeout: Duration::from_secs(5),
             relay_log_wait: Duration::from_secs(30),
             catch_up_timeout: Duration::from_secs(5),
+            self_demotion_wait: Duration::from_secs(15),
             flap_limit: 3,
             flap_window: Duration::from_secs(600),
             status_timeout: Duration::from_millis(500),
@@ -565,6 +568,37 @@ pub struct Deps {
     pub cfg: Arc<RecoveryConfig>,
     /// `orchestrator@{hostname}:{pid}`: lock holder, audit actor, RPC requester.
     pub actor: Arc<str>,
+    /// When each tablet's registration was last seen in a current snapshot.
+    pub registrations: Arc<RegistrationsSeen>,
+}
+
+/// When each tablet's registration was last seen in etcd, by this process's synced watch (ms
+/// since the epoch). A registration gone before a primary was lost means its agent was gone
+/// then: the isolation rule cannot have demoted it (see `reparent::wait_for_self_demotion`).
+#[derive(Debug, Default)]
+pub struct RegistrationsSeen {
+    seen: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+impl RegistrationsSeen {
+    /// Notes every registration of a snapshot whose watches are current, at `now_ms`.
+    pub fn observe(&self, snap: &tabletwatch::FleetSnapshot, now_ms: u64) {
+        if !snap.topo_synced {
+            return;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for shard in snap.shards.values() {
+            for alias in shard.tablets.keys() {
+                seen.insert(alias.clone(), now_ms);
+            }
+        }
+    }
+
+    /// When `alias` was last seen registered.
+    pub fn last_seen(&self, alias: &str) -> Option<u64> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(alias).copied()
+    }
 }
 
 impl Deps {
@@ -576,6 +610,7 @@ impl Deps {
             topo,
             cfg: Arc::new(cfg),
             actor: actor_name().into(),
+            registrations: Arc::default(),
         }
     }
 }

@@ -600,10 +600,46 @@ pub async fn emergency_reparent_with(
         .then(|| old_primary_addr(fresh, &old_primary))
         .flatten();
     if let (Some(addr), Durability::None) = (&agentless, durability) {
+        // Fenced over MySQL from the candidate, or relied on to have fenced itself (its lease
+        // expired while no replica reached it: the isolation rule), whichever is settled
+        // first: a cut-off host never answers the fence, and waiting out its bound first
+        // would only delay the promotion.
         let t = Instant::now();
-        let r = ctx
-            .fence_server(&candidate.alias, &old_primary, addr, FENCE_BOUND)
-            .await;
+        let fence = ctx.fence_server(&candidate.alias, &old_primary, addr, FENCE_BOUND);
+        let relied = wait_for_self_demotion(ctx, fresh, &record, &old_primary);
+        tokio::pin!(fence, relied);
+        let (mut fence_failed, mut not_relied) = (None, None);
+        let r = loop {
+            tokio::select! {
+                f = &mut fence, if fence_failed.is_none() => match f {
+                    Ok(_) => break Ok(()),
+                    Err(e) => match not_relied.take() {
+                        Some(n) => break Err(format!("{e}; nor can it be taken as self-demoted: {n}")),
+                        None => fence_failed = Some(e),
+                    },
+                },
+                w = &mut relied, if not_relied.is_none() => match w {
+                    Ok(detail) => {
+                        let fence = match &fence_failed {
+                            Some(e) => format!("its mysqld at {addr} could not be fenced ({e})"),
+                            None => format!("its mysqld at {addr} had not answered the fence"),
+                        };
+                        ctx.record_step(
+                            "fence_old_primary",
+                            Some(&old_primary),
+                            true,
+                            format!("{fence}; {detail}"),
+                            t.elapsed(),
+                        );
+                        break Ok(());
+                    }
+                    Err(n) => match fence_failed.take() {
+                        Some(e) => break Err(format!("{e}; nor can it be taken as self-demoted: {n}")),
+                        None => not_relied = Some(n),
+                    },
+                },
+            }
+        };
         phase("fence_old_primary", t.elapsed());
         if let Err(e) = r {
             let why = format!(
@@ -715,6 +751,95 @@ pub const FENCE_BOUND: Duration = Duration::from_secs(2);
 
 /// The mysqld address of the old primary: its registration, else (gone past its lease, P17)
 /// what the replicas probe it at.
+/// Past [`topo::SELF_DEMOTE_PEER_WINDOW`], what an orchestrator adds before relying on the
+/// isolation rule: the agent's tick, its fence and clock skew between the replicas' hosts.
+const SELF_DEMOTION_MARGIN: Duration = Duration::from_millis(500);
+
+/// Durability none, the old primary's agent silent and its mysqld not fenceable from here:
+/// whether its agent's isolation rule (see [`topo::SELF_DEMOTE_PEER_WINDOW`]) has made it
+/// read-only, waiting up to `self_demotion_wait` for what that rests on: its promotion record
+/// says its agent follows the rule, its registration is gone from etcd (the lease expired), and
+/// every replica has failed to reach it for the rule's window plus a margin. `Ok` with what it
+/// rests on, or `Err` with what is missing.
+async fn wait_for_self_demotion(
+    ctx: &RecoveryContext,
+    fresh: &FreshShard,
+    record: &ShardRecord,
+    old_primary: &str,
+) -> Result<String, String> {
+    let topo = &ctx.deps.topo;
+    match topo
+        .get_promotion(&ctx.keyspace, &ctx.shard, record.term)
+        .await
+    {
+        Ok(Some(p)) if p.primary == old_primary && p.self_demotes => {}
+        Ok(Some(p)) if p.primary == old_primary => {
+            return Err(format!(
+            "the promotion record of term {} does not say its agent demotes itself when isolated",
+            record.term
+        ))
+        }
+        Ok(_) => {
+            return Err(format!(
+            "no promotion record of term {} names it: whether its agent demotes itself is unknown",
+            record.term
+        ))
+        }
+        Err(e) => return Err(format!("the promotion record of term {}: {e}", record.term)),
+    }
+    let now = topo::now_ms();
+    // The latest of the replicas' "lost it since": the rule's window runs from the last answer.
+    let lost_since = fresh
+        .statuses
+        .iter()
+        .filter(|(a, _)| a.as_str() != old_primary)
+        .filter_map(|(_, h)| h.primary_probe.as_ref())
+        .filter(|p| p.primary_alias == old_primary && !p.reachable && p.failing_since_ms > 0)
+        .map(|p| p.failing_since_ms)
+        .max()
+        .unwrap_or(now);
+    // Its agent must have been alive (registered) when the replicas lost it: one already gone
+    // (a dead agent, P17) runs no rule, and its mysqld may still take writes.
+    match ctx.deps.registrations.last_seen(old_primary) {
+        Some(seen) if seen >= lost_since => {}
+        seen => {
+            return Err(format!(
+                "its registration was last seen {}, before the replicas lost it ({lost_since} ms): its agent was already gone, so nothing demotes it",
+                seen.map_or("never".to_string(), |s| format!("at {s} ms"))
+            ))
+        }
+    }
+    let ready_ms =
+        lost_since + (topo::SELF_DEMOTE_PEER_WINDOW + SELF_DEMOTION_MARGIN).as_millis() as u64;
+    let waited = Instant::now();
+    let bound = ctx.cfg().self_demotion_wait;
+    loop {
+        let registered = topo.get_tablet(old_primary).await;
+        let now = topo::now_ms();
+        let gone = matches!(registered, Ok(None));
+        if gone && now >= ready_ms {
+            return Ok(format!(
+                "taken as fenced by its own agent: its registration lease expired and no replica has reached it for {} ms (the isolation rule demotes a primary before its lease runs out once no other tablet answers it for {} ms); waited {} ms for that",
+                now.saturating_sub(lost_since),
+                topo::SELF_DEMOTE_PEER_WINDOW.as_millis(),
+                waited.elapsed().as_millis()
+            ));
+        }
+        if waited.elapsed() >= bound {
+            let missing = match registered {
+                Ok(Some(_)) => "its registration is still in etcd (its agent still renews its lease: it may reach etcd and still take writes)".to_string(),
+                Ok(None) => format!("the replicas lost it only {} ms ago", now.saturating_sub(lost_since)),
+                Err(e) => format!("its registration cannot be read: {e}"),
+            };
+            return Err(format!(
+                "after waiting {} ms (recovery.self_demotion_wait): {missing}",
+                bound.as_millis()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn old_primary_addr(fresh: &FreshShard, old_primary: &str) -> Option<String> {
     if let Some(t) = fresh.tablets.get(old_primary) {
         return Some(format!("{}:{}", t.mysql_host, t.mysql_port));
