@@ -15,6 +15,7 @@
 mod agent;
 mod cluster;
 mod config_daemon;
+pub mod delay;
 mod error;
 mod etcd;
 mod gateway;

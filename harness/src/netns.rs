@@ -29,15 +29,21 @@
 //! directions, or one), [`Network::isolate`] cuts it from every other host, [`Network::lossy`]
 //! drops a random share of what it receives, [`Network::heal`] removes a host's faults.
 //!
-//! Delay and jitter need `tc netem`, which this machine's kernel lacks
-//! (`CONFIG_NET_SCH_NETEM` is not set: "Specified qdisc kind is unknown"); they are not offered
-//! here rather than offered and failing.
+//! Delay and jitter ([`Network::delay`]) would be `tc netem`, which this machine's kernel lacks
+//! (`CONFIG_NET_SCH_NETEM` is not set: "Specified qdisc kind is unknown"): the host's packets to
+//! and from the network are queued to userspace instead (iptables `NFQUEUE`) and released when
+//! due by a [`Delayer`]. Such rules come after every drop rule (drops are inserted at the
+//! chain's head, queues appended), because a released packet skips the rest of its chain.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
 
+use crate::delay::Delayer;
 use crate::error::{HarnessError, Result};
 use crate::util::{pid_alive, run_tool};
 
@@ -97,26 +103,33 @@ impl Host {
                 .join()
                 .map_err(|_| HarnessError::Invalid("a thread on the machine panicked".into()));
         };
-        let path = format!("/run/netns/{ns}");
         let ns2 = ns.clone();
         std::thread::spawn(move || -> Result<T> {
-            let file = std::fs::File::open(&path).map_err(|source| HarnessError::Io {
-                what: format!("open {path}"),
-                source,
-            })?;
-            // SAFETY: setns on a valid namespace fd changes only this thread's network namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(HarnessError::Io {
-                    what: format!("enter network namespace {ns}"),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+            enter(&ns)?;
             Ok(f())
         })
         .join()
         .map_err(|_| HarnessError::Invalid(format!("a thread in namespace {ns2} panicked")))?
     }
+}
+
+/// Moves the calling thread into network namespace `ns` (one of `ip netns`): the sockets it
+/// opens from then on belong to it.
+pub(crate) fn enter(ns: &str) -> Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).map_err(|source| HarnessError::Io {
+        what: format!("open {path}"),
+        source,
+    })?;
+    // SAFETY: setns on a valid namespace fd changes only this thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(HarnessError::Io {
+            what: format!("enter network namespace {ns}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// A set of hosts on one bridge. Dropping it deletes every namespace it made and the fault
@@ -129,6 +142,8 @@ pub struct Network {
     hosts: Vec<Host>,
     /// The machine's end of its veth, when attached.
     machine_link: Option<String>,
+    /// The delayed hosts' delayers, by host name.
+    delayers: Mutex<HashMap<String, Delayer>>,
 }
 
 fn ip(args: &[&str]) -> Result<String> {
@@ -196,9 +211,10 @@ fn iptables_in(ns: Option<&str>, args: &[&str]) -> Result<String> {
     }
 }
 
-/// Deletes the INPUT rules in `ns` whose comment satisfies `pred`.
+/// Deletes the INPUT and OUTPUT rules in `ns` whose comment satisfies `pred`.
 fn delete_rules(ns: Option<&str>, pred: impl Fn(&str) -> bool) -> Result<()> {
-    let rules = iptables_in(ns, &["-S", "INPUT"])?;
+    let mut rules = iptables_in(ns, &["-S", "INPUT"])?;
+    rules.push_str(&iptables_in(ns, &["-S", "OUTPUT"])?);
     for rule in rules.lines() {
         let Some((comment, words)) = rule_comment(rule) else {
             continue;
@@ -315,6 +331,7 @@ impl Network {
             switch: switch.clone(),
             hosts: Vec::new(),
             machine_link: None,
+            delayers: Mutex::new(HashMap::new()),
         };
         ip(&["netns", "add", &switch])?;
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
@@ -394,10 +411,12 @@ impl Network {
         format!("{}:{about}", self.base)
     }
 
-    /// Appends `-A INPUT <matches> -j DROP` on `at`, tagged with the host the fault is about.
+    /// Inserts `-I INPUT 1 <matches> -j DROP` on `at`, tagged with the host the fault is about:
+    /// at the chain's head, before any delay's queue rule (a queued packet, once released,
+    /// would skip it).
     fn drop_rule(&self, at: &Host, matches: &[&str], about: &str) -> Result<()> {
         let tag = self.tag(about);
-        let mut args = vec!["-A", "INPUT"];
+        let mut args = vec!["-I", "INPUT", "1"];
         args.extend_from_slice(matches);
         args.extend(["-m", "comment", "--comment", tag.as_str(), "-j", "DROP"]);
         iptables_in(at.ns.as_deref(), &args).map(drop)
@@ -460,15 +479,77 @@ impl Network {
         self.drop_rule(h, &m, host)
     }
 
-    /// Removes every fault about `host` (its cuts, on whichever host they were placed, and its
-    /// loss).
+    /// Delays every packet `host` sends to or receives from the other hosts by `one_way` plus
+    /// a uniform random share of `jitter` (so a round trip to an undelayed host takes twice
+    /// that; between two hosts delayed alike, four times). Replaces an earlier delay of the
+    /// host; [`Network::heal`] removes it with the host's other faults.
+    pub fn delay(&self, host: &str, one_way: Duration, jitter: Duration) -> Result<()> {
+        let index = self
+            .hosts
+            .iter()
+            .position(|h| h.name == host)
+            .ok_or_else(|| HarnessError::Invalid(format!("no host {host:?} in this network")))?;
+        let h = &self.hosts[index];
+        self.undelay(host)?;
+        // Queue numbers are per namespace; on the machine's, keep clear of anyone else's.
+        let queue = match h.ns {
+            Some(_) => 1,
+            None => 40_000 + (std::process::id() % 20_000) as u16,
+        };
+        let delayer = Delayer::start(h.ns.as_deref(), queue, one_way, jitter)?;
+        let tag = self.tag(&format!("{host}:delay"));
+        let subnet = format!("{}/24", Ipv4Addr::from(u32::from(h.addr) & 0xffff_ff00));
+        let q = queue.to_string();
+        for (chain, iface, dir) in [("INPUT", "-i", "-s"), ("OUTPUT", "-o", "-d")] {
+            let args = [
+                "-A",
+                chain,
+                "!",
+                iface,
+                "lo",
+                dir,
+                &subnet,
+                "-m",
+                "comment",
+                "--comment",
+                &tag,
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                &q,
+                "--queue-bypass",
+            ];
+            iptables_in(h.ns.as_deref(), &args)?;
+        }
+        self.delayers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string(), delayer);
+        Ok(())
+    }
+
+    /// Removes `host`'s delay (its queue rules first: a packet queued with nobody to release
+    /// it would be accepted anyway, `--queue-bypass`, but late).
+    fn undelay(&self, host: &str) -> Result<()> {
+        let h = self.host(host)?;
+        let tag = self.tag(&format!("{host}:delay"));
+        delete_rules(h.ns.as_deref(), |c| c == tag)?;
+        self.delayers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host);
+        Ok(())
+    }
+
+    /// Removes every fault about `host` (its cuts, on whichever host they were placed, its
+    /// loss and its delay).
     pub fn heal(&self, host: &str) -> Result<()> {
         self.host(host)?;
         let tag = self.tag(host);
         for h in &self.hosts {
             delete_rules(h.ns.as_deref(), |c| c == tag)?;
         }
-        Ok(())
+        self.undelay(host)
     }
 
     /// Removes every fault of every host (only this network's rules).
@@ -477,6 +558,10 @@ impl Network {
         for h in &self.hosts {
             delete_rules(h.ns.as_deref(), |c| c.starts_with(&ours))?;
         }
+        self.delayers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         Ok(())
     }
 }

@@ -297,3 +297,89 @@ fn the_machine_joins_as_a_host_on_a_subnet_of_its_own_and_is_cut_and_healed_like
     let addrs = String::from_utf8_lossy(&addrs.stdout).into_owned();
     assert!(!addrs.contains(&prefix), "address left behind: {addrs}");
 }
+
+/// The median round trip of `n` UDP echoes from `from` to an echo server on `to`.
+fn median_rtt(net: &Network, from: &str, to: &str, n: usize) -> Duration {
+    let server = udp(net, to);
+    let dst = server.local_addr().expect("addr");
+    let echo = server.try_clone().expect("clone");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((len, peer)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..len], peer);
+            }
+        }
+    });
+    let client = udp(net, from);
+    let mut rtts = Vec::new();
+    let mut buf = [0u8; 64];
+    for i in 0..n {
+        let sent = std::time::Instant::now();
+        client
+            .send_to(&(i as u32).to_be_bytes(), dst)
+            .expect("send");
+        if client.recv_from(&mut buf).is_ok() {
+            rtts.push(sent.elapsed());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = t.join();
+    assert!(
+        rtts.len() * 10 >= n * 9,
+        "{} of {n} echoes came back",
+        rtts.len()
+    );
+    rtts.sort();
+    rtts[rtts.len() / 2]
+}
+
+#[test]
+fn a_delayed_host_waits_its_delay_each_way_and_heals() {
+    let net = Network::create_with_machine(&["a", "b", "c"], "client").expect("network");
+    let base = median_rtt(&net, "a", "b", 50);
+    net.delay("a", Duration::from_millis(2), Duration::ZERO)
+        .expect("delay a");
+    let delayed = median_rtt(&net, "a", "b", 50);
+    // b and c are not delayed: only the link of a counts, once each way.
+    let other = median_rtt(&net, "c", "b", 50);
+    // The machine's own namespace can be delayed too.
+    net.delay("client", Duration::from_millis(1), Duration::from_millis(1))
+        .expect("delay the machine");
+    let machine = median_rtt(&net, "client", "b", 50);
+    // A cut still drops a delayed host's packets (drops come before the queue).
+    net.cut("a", &["b"], Direction::Both).expect("cut");
+    let s = udp(&net, "b");
+    let a = udp(&net, "a");
+    assert_eq!(
+        delivered(&a, &s, 10),
+        0,
+        "a cut delayed host still delivered"
+    );
+    net.heal_all().expect("heal all");
+    let healed = median_rtt(&net, "a", "b", 50);
+    println!(
+        "median UDP round trip a-b: {base:?} before, {delayed:?} with 2 ms on a's link, \
+         {healed:?} healed; c-b meanwhile {other:?}; machine-b with 1 ms + 0-1 ms jitter: {machine:?}"
+    );
+    assert!(
+        delayed >= Duration::from_micros(3800) && delayed < Duration::from_millis(40),
+        "{delayed:?}"
+    );
+    assert!(other < Duration::from_millis(2), "{other:?}");
+    assert!(
+        machine >= Duration::from_micros(1900) && machine < Duration::from_millis(40),
+        "{machine:?}"
+    );
+    assert!(healed < Duration::from_millis(2), "{healed:?}");
+    // Nothing of it is left on the machine (queue rules sit in INPUT and OUTPUT).
+    drop(net);
+    let all = Command::new("iptables")
+        .args(["-w", "-S"])
+        .output()
+        .expect("iptables -S");
+    let all = String::from_utf8_lossy(&all.stdout).into_owned();
+    assert!(!all.contains("NFQUEUE"), "{all}");
+}

@@ -1,7 +1,8 @@
 //! Unplanned failover benchmark (not a test): `cargo bench -p myha-tests --bench failover --
-//! --runs 20 [--faults kill,stop] [--via gateway,direct]`.
+//! --runs 20 [--faults kill,stop,cut] [--via gateway,direct] [--hosts netns [--rtt 0ms,0.5ms,2ms]]`.
 //!
-//! For each fault (SIGKILL of the primary's mysqld; SIGSTOP of it) it runs N failovers on a
+//! For each fault (SIGKILL of the primary's mysqld; SIGSTOP of it; with `--hosts netns`, the
+//! primary's host cut from every other host, packets silently dropped) it runs N failovers on a
 //! 3-tablet semi_sync shard (etcd + MariaDB + agents + one orchestrator + one gateway, harness defaults, the
 //! orchestrator's defaults except a flap limit high enough for N failovers in a row) under the
 //! acknowledged-write recorder, and prints min / p50 / p99 / max of:
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{Cluster, ClusterOptions, OrchestratorConfig, Writer, WriterOptions};
-use myha_tests::bench::{self, Via};
+use myha_tests::bench::{self, Links, Via};
 use myha_tests::ha::*;
 use topo::LockInfo;
 
@@ -29,6 +30,7 @@ use topo::LockInfo;
 enum Fault {
     Kill,
     Stop,
+    Cut,
 }
 
 impl Fault {
@@ -36,12 +38,13 @@ impl Fault {
         match self {
             Fault::Kill => "primary mysqld killed (SIGKILL)",
             Fault::Stop => "primary mysqld frozen (SIGSTOP)",
+            Fault::Cut => "primary's host cut from every other host (packets dropped)",
         }
     }
     fn goal(self) -> &'static str {
         match self {
             Fault::Kill => "p50 <= 0.5 s, p99 <= 1.0 s",
-            Fault::Stop => "p99 <= 2.5 s",
+            Fault::Stop | Fault::Cut => "p99 <= 2.5 s",
         }
     }
     fn anchors(self) -> &'static str {
@@ -50,7 +53,7 @@ impl Fault {
                 "VTOrc 4.3 / 6.8 / 7.0 s (p50/p99/max, defaults); orchestrator@GitHub 10-13 s; \
                  MaxScale ~10 s; InnoDB Cluster ~5-10 s; Patroni ~30-40 s (quoted)"
             }
-            Fault::Stop => {
+            Fault::Stop | Fault::Cut => {
                 "VTOrc ~10-17 s; orchestrator ~4-10 s (slave_net_timeout=4), ~60 s MySQL defaults (quoted)"
             }
         }
@@ -74,6 +77,7 @@ struct Args {
     runs: usize,
     faults: Vec<Fault>,
     vias: Vec<Via>,
+    links: Vec<Links>,
 }
 
 fn args() -> Args {
@@ -96,7 +100,8 @@ fn args() -> Args {
                     .map(|f| match f.trim() {
                         "kill" => Fault::Kill,
                         "stop" => Fault::Stop,
-                        other => panic!("unknown fault {other:?} (kill, stop)"),
+                        "cut" => Fault::Cut,
+                        other => panic!("unknown fault {other:?} (kill, stop, cut)"),
                     })
                     .collect()
             }
@@ -104,15 +109,21 @@ fn args() -> Args {
             _ => {}
         }
     }
+    let links = Links::from_args();
+    if faults.contains(&Fault::Cut) && links.contains(&Links::Loopback) {
+        panic!("--faults cut needs --hosts netns (a host to cut)");
+    }
     Args {
         runs,
         faults,
         vias: Via::from_args(&[Via::Gateway, Via::Direct]),
+        links,
     }
 }
 
-fn options() -> ClusterOptions {
+fn options(links: Links) -> ClusterOptions {
     ClusterOptions {
+        hosts: links.hosts(),
         tablets: 3,
         start_orchestrator: true,
         start_gateway: true,
@@ -127,8 +138,11 @@ fn options() -> ClusterOptions {
     }
 }
 
-async fn fresh_cluster() -> Cluster {
-    let c = Cluster::start(options()).await.expect("cluster starts");
+async fn fresh_cluster(links: Links) -> Cluster {
+    let c = Cluster::start(options(links))
+        .await
+        .expect("cluster starts");
+    links.shape(&c);
     wait_quiet(orch(&c), &c, BOUND).await;
     c
 }
@@ -148,7 +162,7 @@ async fn restored(c: &Cluster, bound: Duration) -> bool {
     false
 }
 
-async fn one_run(c: &Cluster, fault: Fault, via: Via) -> Run {
+async fn one_run(c: &Cluster, fault: Fault, via: Via, links: Links) -> Run {
     let mut run = Run::default();
     let opts = WriterOptions {
         via: match via {
@@ -186,6 +200,12 @@ async fn one_run(c: &Cluster, fault: Fault, via: Via) -> Run {
     let r = match fault {
         Fault::Kill => victim.mysqld().kill(),
         Fault::Stop => victim.mysqld().freeze(),
+        Fault::Cut => match c.net() {
+            Ok(net) => net
+                .isolate(&old, harness::netns::Direction::Both)
+                .map_err(|e| harness::HarnessError::Invalid(e.to_string())),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = r {
         run.error = Some(format!("fault: {e}"));
@@ -267,6 +287,12 @@ async fn one_run(c: &Cluster, fault: Fault, via: Via) -> Run {
     let _ = match fault {
         Fault::Kill => victim.mysqld().start().await,
         Fault::Stop => victim.mysqld().thaw(),
+        Fault::Cut => {
+            // Healing removes the links' delays with the cut: shape them again.
+            let healed = c.net().and_then(|n| n.heal_all());
+            links.shape(c);
+            healed
+        }
     };
     match w.check(c).await {
         Ok(r) => {
@@ -286,7 +312,7 @@ fn stats(v: &[Option<Duration>]) -> String {
     bench::stats_with(v, bench::secs)
 }
 
-fn table(fault: Fault, via: Via, runs: &[Run]) -> String {
+fn table(fault: Fault, via: Via, links: Links, runs: &[Run]) -> String {
     let counts = |f: fn(&Run) -> usize| {
         let mut v: Vec<usize> = runs.iter().map(f).collect();
         v.sort();
@@ -301,10 +327,11 @@ fn table(fault: Fault, via: Via, runs: &[Run]) -> String {
     };
     let mut out = String::new();
     out.push_str(&format!(
-        "\n### {}, {} - {} runs, 3-tablet semi_sync shard, loopback\n\n",
+        "\n### {}, {} - {} runs, 3-tablet semi_sync shard, {}\n\n",
         fault.name(),
         via.name(),
-        runs.len()
+        runs.len(),
+        links.name()
     ));
     out.push_str("| measure | min | p50 | p99 | max | myha goal | anchors |\n");
     out.push_str("|---|---|---|---|---|---|---|\n");
@@ -355,23 +382,27 @@ fn main() {
     let rt = bench::runtime();
     let mut tables = Vec::new();
     rt.block_on(async {
-        for (&via, &fault) in args
-            .vias
-            .iter()
-            .flat_map(|v| args.faults.iter().map(move |f| (v, f)))
-        {
+        let mut combos = Vec::new();
+        for &l in &args.links {
+            for &v in &args.vias {
+                for &f in &args.faults {
+                    combos.push((l, v, f));
+                }
+            }
+        }
+        for (links, via, fault) in combos {
             let mut runs = Vec::new();
-            let mut cluster = Some(fresh_cluster().await);
+            let mut cluster = Some(fresh_cluster(links).await);
             let mut fresh = true;
             for i in 0..args.runs {
                 let c = match cluster.take() {
                     Some(c) => c,
                     None => {
                         fresh = true;
-                        fresh_cluster().await
+                        fresh_cluster(links).await
                     }
                 };
-                let mut run = one_run(&c, fault, via).await;
+                let mut run = one_run(&c, fault, via, links).await;
                 run.fresh_cluster = fresh && i > 0;
                 fresh = false;
                 let f = |d: Option<Duration>| {
@@ -384,6 +415,7 @@ fn main() {
                     match fault {
                         Fault::Kill => "kill",
                         Fault::Stop => "stop",
+                        Fault::Cut => "cut",
                     },
                     i + 1,
                     args.runs,
@@ -415,7 +447,7 @@ fn main() {
                     }
                 }
             }
-            let t = table(fault, via, &runs);
+            let t = table(fault, via, links, &runs);
             println!("{t}");
             tables.push(t);
         }

@@ -1,5 +1,5 @@
 //! Planned reparent (switchover) benchmark (not a test): `cargo bench -p myha-tests --bench
-//! switchover -- [--runs 20] [--via direct,gateway]`.
+//! switchover -- [--runs 20] [--via direct,gateway] [--hosts netns [--rtt 0ms,0.5ms,2ms]]`.
 //!
 //! A 3-tablet semi_sync shard (etcd + MariaDB + agents + one orchestrator + one gateway). An
 //! acknowledged-write recorder inserts a row every 2 ms, either directly on the primary the shard
@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use harness::{Cluster, ClusterOptions, Writer, WriterOptions};
-use myha_tests::bench::{self, Via};
+use myha_tests::bench::{self, Links, Via};
 use myha_tests::ha::*;
 use serde_json::{json, Value};
 
@@ -73,11 +73,17 @@ async fn one_run(c: &Cluster, w: &Writer) -> Run {
 fn main() {
     let runs: usize = bench::arg_parsed("--runs", 20);
     let vias = Via::from_args(&[Via::Direct, Via::Gateway]);
+    let links = Links::from_args();
     let rt = bench::runtime();
     let mut out = String::new();
     rt.block_on(async {
-        for via in vias {
+        let combos: Vec<(Links, Via)> = links
+            .iter()
+            .flat_map(|l| vias.iter().map(move |v| (*l, *v)))
+            .collect();
+        for (links, via) in combos {
             let c = Cluster::start(ClusterOptions {
+                hosts: links.hosts(),
                 tablets: 3,
                 start_orchestrator: true,
                 start_gateway: true,
@@ -88,6 +94,7 @@ fn main() {
             })
             .await
             .expect("cluster starts");
+            links.shape(&c);
             wait_quiet(orch(&c), &c, BOUND).await;
             let gateway_rw = c
                 .gateway()
@@ -128,8 +135,9 @@ fn main() {
                 .filter_map(|(i, r)| r.error.as_ref().map(|e| format!("run {}: {e}", i + 1)))
                 .collect();
             out.push_str(&format!(
-                "\n### planned reparent, {} - {runs} switchovers, 3-tablet semi_sync shard, writes every 2 ms\n\n",
-                via.name()
+                "\n### planned reparent, {} - {runs} switchovers, 3-tablet semi_sync shard, writes every 2 ms, {}\n\n",
+                via.name(),
+                links.name()
             ));
             out.push_str("| measure | min | p50 | p99 | max | myha goal | anchor |\n|---|---|---|---|---|---|---|\n");
             out.push_str(&format!(

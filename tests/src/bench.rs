@@ -121,6 +121,66 @@ impl Via {
     }
 }
 
+/// Where a benchmark's cluster runs: every process on loopback, or each on a host of its own
+/// (network namespaces) with a round trip of `rtt` between any two hosts (each host's link
+/// delayed by a quarter of it each way: `harness::netns::Network::delay`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Links {
+    Loopback,
+    Netns { rtt: Duration },
+}
+
+impl Links {
+    /// `--hosts loopback|netns` (default loopback) and, with netns, `--rtt 0ms,0.5ms,2ms`
+    /// (humantime, comma-separated; default 0ms): one setting per round trip.
+    pub fn from_args() -> Vec<Links> {
+        match arg("--hosts").as_deref() {
+            None | Some("loopback") => vec![Links::Loopback],
+            Some("netns") => arg("--rtt")
+                .unwrap_or_else(|| "0ms".into())
+                .split(',')
+                .map(|r| {
+                    let rtt = humantime::parse_duration(r.trim())
+                        .unwrap_or_else(|e| panic!("--rtt {r:?}: {e}"));
+                    Links::Netns { rtt }
+                })
+                .collect(),
+            Some(other) => panic!("--hosts {other:?}: loopback or netns"),
+        }
+    }
+
+    pub fn hosts(self) -> harness::Hosts {
+        match self {
+            Links::Loopback => harness::Hosts::Loopback,
+            Links::Netns { .. } => harness::Hosts::Netns,
+        }
+    }
+
+    /// For table titles.
+    pub fn name(self) -> String {
+        match self {
+            Links::Loopback => "loopback".into(),
+            Links::Netns { rtt } => format!(
+                "a host per process (network namespaces), {} ms round trip between hosts",
+                rtt.as_secs_f64() * 1000.0
+            ),
+        }
+    }
+
+    /// Delays every host's link of `c` (again after a heal, which removes delays).
+    pub fn shape(self, c: &harness::Cluster) {
+        if let (Links::Netns { rtt }, Some(net)) = (self, c.network()) {
+            if rtt.is_zero() {
+                return;
+            }
+            for h in net.hosts() {
+                net.delay(&h.name, rtt / 4, Duration::ZERO)
+                    .unwrap_or_else(|e| panic!("delay {}: {e}", h.name));
+            }
+        }
+    }
+}
+
 /// HAProxy 2.x in `mode tcp` in front of one backend, with the distribution's defaults otherwise
 /// (threads = CPUs). Killed on drop.
 pub struct Haproxy {
