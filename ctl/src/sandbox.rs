@@ -19,6 +19,29 @@ pub struct UpArgs {
     /// Print the endpoints and credentials as JSON.
     #[arg(long)]
     pub json: bool,
+    /// `loopback`: every process on 127.0.0.1. `netns`: each process on a host of its own (a
+    /// network namespace on a private bridge, 10.99.n.0/24, reachable from this machine only),
+    /// so that network faults between hosts can be tried; needs root and iproute2.
+    #[arg(long, value_enum, default_value_t = HostsArg::Loopback)]
+    pub hosts: HostsArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostsArg {
+    Loopback,
+    Netns,
+}
+
+/// A short name for the sandbox's network, from its directory (several sandboxes, several
+/// networks): `sb` and 8 hex digits.
+fn network_name(dir: &Path) -> String {
+    // FNV-1a: stable across runs and builds (std's hasher is not).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in dir.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("sb{h:08x}")
 }
 
 #[derive(Args, Debug)]
@@ -70,7 +93,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let _lock = harness::sandbox::lock_dir(&dir)?;
     harness::sandbox::prepare_dir(&dir)?;
     let started = Instant::now();
+    let (hosts, netns_name) = match args.hosts {
+        HostsArg::Loopback => (harness::Hosts::Loopback, None),
+        HostsArg::Netns => (harness::Hosts::Netns, Some(network_name(&dir))),
+    };
     let cluster = Cluster::start(ClusterOptions {
+        hosts,
+        netns_name,
         tablets: args.tablets,
         durability: Durability::SemiSync,
         base_dir: Some(dir.clone()),

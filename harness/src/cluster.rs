@@ -84,6 +84,9 @@ pub struct ClusterOptions {
     pub hosts: Hosts,
     /// etcd members (1, or 3 for quorum faults; more than 1 needs [`Hosts::Netns`]).
     pub etcd_members: usize,
+    /// [`Hosts::Netns`] only: make the network under this name, to outlive this process when
+    /// the cluster is detached (the sandbox; see [`Network::create_kept`]).
+    pub netns_name: Option<String>,
     /// Number of mysqld (tablet 0 is the first primary).
     pub tablets: usize,
     pub durability: Durability,
@@ -142,6 +145,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             hosts: Hosts::Loopback,
             etcd_members: 1,
+            netns_name: None,
             tablets: 3,
             durability: Durability::SemiSync,
             keyspace: "commerce".into(),
@@ -499,7 +503,10 @@ impl Cluster {
                 names.extend(ORCHESTRATOR_HOSTS.iter().map(|s| s.to_string()));
                 names.extend(GATEWAY_HOSTS.iter().map(|s| s.to_string()));
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                Some(Network::create_with_machine(&names, CLIENT_HOST)?)
+                Some(match &opts.netns_name {
+                    Some(kept) => Network::create_kept(kept, &names, CLIENT_HOST)?,
+                    None => Network::create_with_machine(&names, CLIENT_HOST)?,
+                })
             }
         };
         let place = |host: &str| -> Result<(Ipv4Addr, Option<String>)> {
@@ -1185,6 +1192,7 @@ impl Cluster {
                 })
                 .collect(),
             created_ms: topo::now_ms(),
+            network: None,
         }
     }
 
@@ -1192,7 +1200,9 @@ impl Cluster {
     /// and returns what it wrote. Start the cluster with `new_session: true` for the
     /// processes to survive this process's exit cleanly.
     pub fn detach(mut self) -> Result<SandboxState> {
-        let state = self.sandbox_state();
+        let mut state = self.sandbox_state();
+        // The processes live in the network's namespaces: it stays with them.
+        state.network = self.network.take().map(Network::detach);
         state.write(&self.dir.join(STATE_FILE))?;
         for e in &self.etcd {
             e.detach();

@@ -242,6 +242,43 @@ pub fn remove_stale() -> Result<usize> {
     Ok(removed)
 }
 
+/// What a network's namespaces and machine link are called.
+struct Names {
+    /// Prefix of its namespaces, tag of its rules.
+    base: String,
+    /// The machine's end of its veth (at most 15 bytes).
+    machine_link: String,
+}
+
+fn kept_names(name: &str) -> Names {
+    Names {
+        base: format!("{PREFIX}-{name}"),
+        machine_link: format!("mh-{name}"),
+    }
+}
+
+/// Removes a network left by [`Network::detach`] (named by what it returned): its namespaces,
+/// the machine's link and the rules tagged with it on the machine. Nothing left is not an
+/// error.
+pub fn remove_kept(base: &str) -> Result<()> {
+    let name = base
+        .strip_prefix(&format!("{PREFIX}-"))
+        .ok_or_else(|| HarnessError::Invalid(format!("{base:?} is not a kept network's name")))?;
+    let names = kept_names(name);
+    let ours = format!("{}:", names.base);
+    delete_rules(None, |c| c.starts_with(&ours))?;
+    let _ = ip(&["link", "del", &names.machine_link]);
+    let prefix = format!("{}-", names.base);
+    for ns in ip(&["netns", "list"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+    {
+        let _ = ip(&["netns", "del", ns]);
+    }
+    Ok(())
+}
+
 /// Serialises the choice of a subnet between processes: held while one is picked and its
 /// machine-side address added.
 struct SubnetLock {
@@ -307,23 +344,64 @@ impl Network {
     /// Makes one namespace per name in `hosts`, each with an address in `10.99.0.0/24` on a
     /// bridge of its own; the machine's namespace gets nothing.
     pub fn create(hosts: &[&str]) -> Result<Network> {
-        Network::build(hosts, None)
+        let k = NETWORKS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let names = Names {
+            base: format!("{PREFIX}{pid}n{k}"),
+            machine_link: String::new(),
+        };
+        Network::build(names, hosts, None)
     }
 
     /// As [`Network::create`], plus the machine's own namespace attached as host `machine`
     /// (address `.1`), on a subnet no other live network of this machine uses.
     pub fn create_with_machine(hosts: &[&str], machine: &str) -> Result<Network> {
-        Network::build(hosts, Some(machine))
+        let k = NETWORKS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let names = Names {
+            base: format!("{PREFIX}{pid}n{k}"),
+            machine_link: format!("my{pid}n{k}"),
+        };
+        Network::build(names, hosts, Some(machine))
     }
 
-    fn build(hosts: &[&str], machine: Option<&str>) -> Result<Network> {
+    /// As [`Network::create_with_machine`], for a network meant to outlive this process (the
+    /// sandbox): named `myha-<name>-...` (no pid, so never taken for a killed run's), left in
+    /// place by [`Network::detach`] and removed by [`remove_kept`]. `name`: 1-10 of
+    /// `[a-z0-9]`.
+    pub fn create_kept(name: &str, hosts: &[&str], machine: &str) -> Result<Network> {
+        if name.is_empty()
+            || name.len() > 10
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            return Err(HarnessError::Invalid(format!(
+                "kept network name {name:?}: 1-10 of [a-z0-9]"
+            )));
+        }
+        Network::build(kept_names(name), hosts, Some(machine))
+    }
+
+    /// Leaves the namespaces, the machine's link and the fault rules in place (the delays
+    /// stop: their threads are this process's) and returns the network's name for
+    /// [`remove_kept`].
+    pub fn detach(self) -> String {
+        self.delayers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let base = self.base.clone();
+        std::mem::forget(self);
+        base
+    }
+
+    fn build(names: Names, hosts: &[&str], machine: Option<&str>) -> Result<Network> {
         let mut all: Vec<&str> = hosts.to_vec();
         all.extend(machine);
         check_names(&all)?;
         remove_stale()?;
-        let k = NETWORKS.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let base = format!("{PREFIX}{pid}n{k}");
+        let Names { base, machine_link } = names;
         let switch = format!("{base}-sw");
         // From here on, Drop deletes whatever was made, also when a later step fails.
         let mut net = Network {
@@ -349,7 +427,7 @@ impl Network {
         if let Some(name) = machine {
             // The machine's end lives in its own namespace (at most 15 bytes: `my<pid>n<k>`)
             // and goes when its peer in the switch namespace is deleted.
-            let link = format!("my{pid}n{k}");
+            let link = machine_link;
             let addr = Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], subnet, 1);
             ip(&[
                 "link", "add", &link, "type", "veth", "peer", "name", "machine", "netns", &switch,
@@ -528,6 +606,82 @@ impl Network {
         Ok(())
     }
 
+    /// Limits what `host` receives over TCP from source ports `ports` (of any host) to `kbit`
+    /// kbit/s, queueing the excess (HTB on the bridge's port towards the host): a slow or
+    /// congested link for those streams (replication from a primary, say) while everything
+    /// else to the host goes at full speed. Replaces an earlier limit; [`Network::heal`]
+    /// removes it.
+    pub fn throttle(&self, host: &str, ports: &[u16], kbit: u32) -> Result<()> {
+        let index = self.port_index(host)?;
+        let dev = format!("h{index}");
+        self.unthrottle(host)?;
+        let tc = |args: &[&str]| -> Result<String> {
+            let mut full = vec!["netns", "exec", self.switch.as_str(), "tc"];
+            full.extend_from_slice(args);
+            run("ip", &full)
+        };
+        let rate = format!("{kbit}kbit");
+        tc(&[
+            "qdisc", "add", "dev", &dev, "root", "handle", "1:", "htb", "default", "10",
+        ])?;
+        tc(&[
+            "class", "add", "dev", &dev, "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit",
+        ])?;
+        tc(&[
+            "class", "add", "dev", &dev, "parent", "1:", "classid", "1:20", "htb", "rate", &rate,
+            "ceil", &rate,
+        ])?;
+        // A deep queue: the excess waits (a slow link), it is not dropped (a lossy one).
+        tc(&[
+            "qdisc", "add", "dev", &dev, "parent", "1:20", "handle", "20:", "pfifo", "limit",
+            "100000",
+        ])?;
+        for p in ports {
+            let p = p.to_string();
+            tc(&[
+                "filter", "add", "dev", &dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                "match", "ip", "protocol", "6", "0xff", "match", "ip", "sport", &p, "0xffff",
+                "flowid", "1:20",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Removes `host`'s rate limit, if any.
+    fn unthrottle(&self, host: &str) -> Result<()> {
+        let Ok(index) = self.port_index(host) else {
+            return Ok(());
+        };
+        let dev = format!("h{index}");
+        // "No such file or directory" when there is none: nothing to remove.
+        let _ = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.switch,
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                &dev,
+                "root",
+            ],
+        );
+        Ok(())
+    }
+
+    /// The index of `host`'s port on the bridge (`h<i>`); the machine has none of that name.
+    fn port_index(&self, host: &str) -> Result<usize> {
+        self.hosts
+            .iter()
+            .filter(|h| h.ns.is_some())
+            .position(|h| h.name == host)
+            .ok_or_else(|| {
+                HarnessError::Invalid(format!("no namespace host {host:?} in this network"))
+            })
+    }
+
     /// Removes `host`'s delay (its queue rules first: a packet queued with nobody to release
     /// it would be accepted anyway, `--queue-bypass`, but late).
     fn undelay(&self, host: &str) -> Result<()> {
@@ -549,6 +703,7 @@ impl Network {
         for h in &self.hosts {
             delete_rules(h.ns.as_deref(), |c| c == tag)?;
         }
+        self.unthrottle(host)?;
         self.undelay(host)
     }
 
@@ -557,6 +712,9 @@ impl Network {
         let ours = format!("{}:", self.base);
         for h in &self.hosts {
             delete_rules(h.ns.as_deref(), |c| c.starts_with(&ours))?;
+            if h.ns.is_some() {
+                self.unthrottle(&h.name)?;
+            }
         }
         self.delayers
             .lock()

@@ -48,6 +48,10 @@ pub struct SandboxState {
     pub gateway: Option<SandboxGateway>,
     pub tablets: Vec<SandboxTablet>,
     pub created_ms: u64,
+    /// The network namespaces the processes run in (`myhactl sandbox up --hosts netns`), by
+    /// the name `sandbox down` removes them under; none on loopback.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// The sandbox gateway's ports, `127.0.0.1:port` each.
@@ -197,6 +201,7 @@ impl SandboxState {
             })),
             "keyspace": self.keyspace,
             "shard": self.shard,
+            "network": self.network,
             "app_user": self.app_user,
             "app_password": self.app_password,
             "database": self.database,
@@ -375,6 +380,9 @@ pub async fn down(dir: &Path, grace: Duration) -> Result<Vec<Stopped>> {
             report.push(Stopped { what, pid, outcome });
         }
     }
+    if let Some(net) = &state.network {
+        crate::netns::remove_kept(net)?;
+    }
     let path = SandboxState::path(dir);
     std::fs::remove_file(&path).map_err(HarnessError::io(format!("remove {}", path.display())))?;
     Ok(report)
@@ -510,6 +518,7 @@ mod tests {
                 agent_command: None,
             }],
             created_ms: 1,
+            network: None,
         }
     }
 

@@ -196,7 +196,10 @@ async fn one_run(c: &Cluster, fault: Fault, via: Via, links: Links) -> Run {
     locks.wait_synced(Duration::from_secs(2)).await;
     let mut rec_rx = c.topo().watch_shard(c.keyspace(), c.shard());
 
-    let fault_mark = w.mark_fault();
+    // The fault is marked once in effect (see `ha::expect_failover`); a kill or a freeze is
+    // instant, the cut's rules take a moment to install, during which the old primary may
+    // still acknowledge: marked after them.
+    let mut fault_mark = w.mark_fault();
     let r = match fault {
         Fault::Kill => victim.mysqld().kill(),
         Fault::Stop => victim.mysqld().freeze(),
@@ -210,6 +213,9 @@ async fn one_run(c: &Cluster, fault: Fault, via: Via, links: Links) -> Run {
     if let Err(e) = r {
         run.error = Some(format!("fault: {e}"));
         return run;
+    }
+    if fault == Fault::Cut {
+        fault_mark = w.mark_fault();
     }
     let decision = tokio::time::timeout(BOUND, async {
         loop {

@@ -1325,3 +1325,66 @@ fn sandbox_restart_brings_a_killed_primary_back_as_a_replica() {
         "down stops the restarted mysqld"
     );
 }
+
+#[test]
+fn sandbox_on_netns_hosts_runs_a_host_per_process_and_down_removes_the_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sb");
+    let d = dir.to_string_lossy().to_string();
+    let out = myhactl(
+        &["sandbox", "up", "--dir", &d, "--json", "--hosts", "netns"],
+        &dir,
+    );
+    let _down = Down(&dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let up: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let network = up["network"].as_str().expect("a network name").to_string();
+    // Each tablet on its own address of the network's subnet, the orchestrator too.
+    let addrs: Vec<String> = up["tablets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t["mysql"]
+                .as_str()
+                .unwrap()
+                .rsplit_once(':')
+                .unwrap()
+                .0
+                .to_string()
+        })
+        .collect();
+    assert!(addrs.iter().all(|a| a.starts_with("10.99.")), "{addrs:?}");
+    let mut distinct = addrs.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{addrs:?}");
+    let orch = up["orchestrator_http"].as_str().unwrap().to_string();
+    assert!(orch.starts_with("10.99."), "{orch}");
+    assert_eq!(http_get(&orch, "/health").0, 200);
+    let namespaces = || {
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(namespaces().contains(&network), "{}", namespaces());
+    // The orchestrator reaches the agents across hosts: a planned reparent succeeds.
+    let out = myhactl(&["reparent", "planned", "commerce/0", "--dir", &d], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = myhactl(&["sandbox", "down", "--dir", &d], &dir);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !namespaces().contains(&network),
+        "left behind: {}",
+        namespaces()
+    );
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    let name = network.trim_start_matches("myha-");
+    assert!(!links.contains(&format!("mh-{name}")), "{links}");
+}

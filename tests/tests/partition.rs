@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::netns::{Direction, Host};
-use harness::{Cluster, ClusterOptions, Hosts};
+use harness::{Cluster, ClusterOptions, Hosts, Writer, WriterOptions};
 use myha_tests::gw;
 use myha_tests::ha::*;
 use mysql_async::prelude::Queryable;
@@ -692,4 +692,114 @@ async fn p22_an_isolated_primary_under_durability_none_demotes_itself_before_it_
     let report = w.check(&c).await.expect("writer check");
     println!("{report}");
     assert!(report.deposed_acks.is_empty(), "{report}");
+}
+
+// ---- P10: the preferred candidate behind a slow link ---------------------------------------
+
+/// A netns shard whose tablet 2 has promotion rule `prefer`, with `catch_up_timeout`.
+async fn preferred_candidate(catch_up_timeout: Duration) -> Cluster {
+    let prefer = 103;
+    let c = start(ClusterOptions {
+        agent_config: Some(Arc::new(
+            move |cfg: &mut myha_agent::config::AgentConfig| {
+                if cfg.tablet.uid == prefer {
+                    cfg.tablet.promotion_rule = topo::PromotionRule::Prefer;
+                }
+            },
+        )),
+        ..ClusterOptions {
+            hosts: Hosts::Netns,
+            start_gateway: true,
+            ..ha_options_with(3, move |cfg| {
+                cfg.recovery.catch_up_timeout = catch_up_timeout
+            })
+        }
+    })
+    .await;
+    assert_eq!(c.tablet(2).uid(), prefer);
+    c
+}
+
+/// Writes 1 KB rows through the gateway as fast as they are acknowledged while the preferred
+/// candidate (tablet 2) receives the replication streams from the tablets `from` over a link of
+/// 1 Mbit/s (everything else to it at full speed): it falls behind; then the primary is
+/// killed (and the fault marked). Returns the writer.
+async fn kill_primary_with_the_candidate_behind(c: &Cluster, from: &[usize]) -> Writer {
+    let g = c.gateway().expect("gateway");
+    gw::wait_shard_routes(c, g).await;
+    wait_quiet(orch(c), c, BOUND).await;
+    let w = Writer::start(
+        c,
+        WriterOptions {
+            via: g.rw_addr(),
+            connect_timeout: Duration::from_secs(10),
+            max_duration: Duration::from_secs(120),
+            payload_len: 1000,
+            pause: Duration::ZERO,
+            ..WriterOptions::default()
+        },
+    )
+    .await
+    .expect("writer");
+    w.wait_more_acks(50, BOUND).await.expect("writes");
+    let ports: Vec<u16> = from.iter().map(|i| c.tablet(*i).mysqld().port()).collect();
+    c.net()
+        .unwrap()
+        .throttle(c.tablet(2).alias(), &ports, 1000)
+        .expect("a slow link to the preferred candidate");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("before the kill: {}", sql_state(c.tablet(2)).await);
+    println!("most advanced:   {}", sql_state(c.tablet(1)).await);
+    c.tablet(0).mysqld().kill().expect("kill mysqld");
+    w.mark_fault();
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_preferred_candidate_behind_a_slow_link_is_caught_up_and_promoted() {
+    let _serial = SERIAL.lock().await;
+    // Slow from the primary only: the catch-up from the other replica is quick.
+    let c = preferred_candidate(Duration::from_secs(5)).await;
+    let w = kill_primary_with_the_candidate_behind(&c, &[0]).await;
+    let rec = expect_failover(&c, &w, &alias_of(&c, 0), 1, &[]).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let entries = audit(&c).await;
+    assert_eq!(
+        rec.primary.as_deref(),
+        Some(c.tablet(2).alias()),
+        "the preferred candidate was not promoted:\n{}",
+        audit_text(&entries)
+    );
+    audited(
+        &entries,
+        "the catch-up from the most advanced replica",
+        |e| e.action == "catch_up" && e.outcome == "ok" && e.term == 2,
+    );
+    w.verify(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_when_the_catch_up_over_a_slow_link_times_out_the_most_advanced_is_promoted() {
+    let _serial = SERIAL.lock().await;
+    // Slow from both: catching up what it missed at 1 Mbit/s takes seconds, not 500 ms.
+    let c = preferred_candidate(Duration::from_millis(500)).await;
+    let w = kill_primary_with_the_candidate_behind(&c, &[0, 1]).await;
+    let old = alias_of(&c, 0);
+    let (rec, _) = wait_new_primary(&c, &old, 1, BOUND).await;
+    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let entries = audit(&c).await;
+    assert_eq!(
+        rec.primary.as_deref(),
+        Some(c.tablet(1).alias()),
+        "the most advanced replica was not promoted:\n{}",
+        audit_text(&entries)
+    );
+    audited(&entries, "the fallback to the most advanced replica", |e| {
+        e.action == "catch_up_fallback" && e.outcome == "ok" && e.term == 2
+    });
+    // The new primary's only semi-sync acker is the slow one, still receiving seconds of
+    // backlog: writes wait for it. Healed, they flow.
+    c.net().unwrap().heal_all().expect("heal");
+    expect_failover(&c, &w, &old, 1, &[]).await;
+    w.verify(&c).await;
 }
