@@ -70,6 +70,9 @@ pub struct WriterOptions {
     /// shard record names (see the module doc). Give it a `connect_timeout` above the gateway's
     /// buffer window: a held connection is the point.
     pub via: Option<SocketAddr>,
+    /// The table written (in the application database; default [`WRITES_TABLE`]): writers
+    /// running side by side need one each, their ids would collide otherwise.
+    pub table: String,
 }
 
 impl Default for WriterOptions {
@@ -84,6 +87,7 @@ impl Default for WriterOptions {
             payload_len: 32,
             straggler_grace: Duration::from_secs(1),
             via: None,
+            table: WRITES_TABLE.into(),
         }
     }
 }
@@ -391,6 +395,8 @@ impl Target {
 /// The running recorder. Dropping it stops the task (without verifying).
 pub struct Writer {
     log: Arc<Mutex<Log>>,
+    /// The table written ([`WriterOptions::table`]).
+    table: String,
     /// Writing through a fixed address ([`WriterOptions::via`]).
     via: bool,
     stop: watch::Sender<bool>,
@@ -419,6 +425,17 @@ impl Writer {
     /// Creates `app.writes` on the current primary if needed and starts writing. The id sequence
     /// continues after the largest id already in the table.
     pub async fn start(cluster: &Cluster, opts: WriterOptions) -> Result<Writer> {
+        if opts.table.is_empty()
+            || !opts
+                .table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(HarnessError::Invalid(format!(
+                "writer table {:?}: letters, digits and '_' only",
+                opts.table
+            )));
+        }
         let creds = cluster.credentials();
         let target = Target {
             addrs: cluster
@@ -442,20 +459,22 @@ impl Writer {
         let primary = cluster.primary().await?;
         let mut c = primary.app_conn().await?;
         c.query_drop(format!(
-            "CREATE TABLE IF NOT EXISTS {WRITES_TABLE} (\
+            "CREATE TABLE IF NOT EXISTS {} (\
              id BIGINT UNSIGNED NOT NULL PRIMARY KEY, \
              payload VARCHAR(1024) NOT NULL, \
              sent_ms BIGINT UNSIGNED NOT NULL, \
              tablet VARCHAR(64) NOT NULL, \
-             term BIGINT UNSIGNED NOT NULL) ENGINE=InnoDB"
+             term BIGINT UNSIGNED NOT NULL) ENGINE=InnoDB",
+            opts.table
         ))
         .await
         .map_err(HarnessError::mysql(format!(
-            "{}: create app.{WRITES_TABLE}",
-            primary.alias()
+            "{}: create app.{}",
+            primary.alias(),
+            opts.table
         )))?;
         let max: Option<u64> = c
-            .query_first(format!("SELECT COALESCE(MAX(id), 0) FROM {WRITES_TABLE}"))
+            .query_first(format!("SELECT COALESCE(MAX(id), 0) FROM {}", opts.table))
             .await
             .map_err(HarnessError::mysql("max id"))?;
         let _ = c.disconnect().await;
@@ -468,6 +487,7 @@ impl Writer {
         let (stop, stop_rx) = watch::channel(false);
         let (done_tx, done) = watch::channel(false);
         let via = opts.via.is_some();
+        let table = opts.table.clone();
         let task = tokio::spawn(run(
             target,
             opts,
@@ -479,6 +499,7 @@ impl Writer {
         ));
         Ok(Writer {
             log,
+            table,
             via,
             stop,
             task: Mutex::new(Some(task)),
@@ -633,8 +654,9 @@ impl Writer {
                     .map_err(|e| e.to_string())?;
                 let ids: Vec<u64> = c
                     .query(format!(
-                        "SELECT id FROM {}.{WRITES_TABLE}",
-                        cluster.credentials().database
+                        "SELECT id FROM {}.{}",
+                        cluster.credentials().database,
+                        self.table
                     ))
                     .await
                     .map_err(|e| format!("{alias}: select ids: {e}"))?;
@@ -878,7 +900,8 @@ async fn run(
         let sent_at = Instant::now();
         lock().attempts += 1;
         let sql = format!(
-            "INSERT INTO {WRITES_TABLE} (id, payload, sent_ms, tablet, term) VALUES ({id}, '{}', {sent_ms}, '{}', {term})",
+            "INSERT INTO {} (id, payload, sent_ms, tablet, term) VALUES ({id}, '{}', {sent_ms}, '{}', {term})",
+            opts.table,
             payload(id, opts.payload_len),
             primary.replace('\'', "")
         );

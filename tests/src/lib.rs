@@ -5,6 +5,7 @@
 //! (percentiles, arguments, HAProxy, sysbench).
 
 pub mod bench;
+pub mod chaos;
 
 pub mod ha {
     use std::collections::HashMap;

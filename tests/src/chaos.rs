@@ -1,0 +1,737 @@
+//! A Jepsen-style chaos run (the nemesis and the checker): a seeded schedule of faults drawn
+//! from the fault catalogue (process faults, and network faults between hosts), one at a time,
+//! each applied for a random while, then healed, on a 3-tablet semi_sync shard with every
+//! process on a host of its own, under
+//! - a writer through the gateway's RW port and one straight to the primary the shard record
+//!   names (each with its own table: [`harness::Writer`] checks that no acknowledged write is lost
+//!   and none was acknowledged by a deposed primary after the newer term began),
+//! - a reader through the RO port (its reads must never be older than the lag bound allows),
+//! - a sampler of every tablet's `read_only` every 50 ms over its unix socket (no network: it
+//!   sees through every cut): never two tablets that both acknowledge writes around one sample.
+//!
+//! A shard that does not come back whole after a fault (a deposed primary quarantined for an
+//! errant transaction, as the catalogue allows) ends a segment: the checks run on it and the
+//! schedule goes on on a fresh cluster. Every violation names the schedule step and the seed,
+//! so that `--seed` replays the schedule.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::netns::Direction;
+use harness::{Ack, Cluster, ClusterOptions, Writer, WriterOptions};
+use mysql_async::prelude::Queryable;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::bench::{self, Links};
+use crate::gw;
+use crate::ha::{self, BOUND};
+
+/// One kind of fault of the schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    KillPrimary,
+    FreezePrimary,
+    KillPrimaryAgent,
+    KillReplica,
+    CutPrimary,
+    PrimaryFromReplicas,
+    OrchestratorFromPrimary,
+    PrimaryFromEtcd,
+    SlowPrimaryLink,
+}
+
+const PROCESS_KINDS: [Kind; 4] = [
+    Kind::KillPrimary,
+    Kind::FreezePrimary,
+    Kind::KillPrimaryAgent,
+    Kind::KillReplica,
+];
+const NETWORK_KINDS: [Kind; 5] = [
+    Kind::CutPrimary,
+    Kind::PrimaryFromReplicas,
+    Kind::OrchestratorFromPrimary,
+    Kind::PrimaryFromEtcd,
+    Kind::SlowPrimaryLink,
+];
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::KillPrimary => "primary mysqld killed (P1)",
+            Kind::FreezePrimary => "primary mysqld frozen (P3)",
+            Kind::KillPrimaryAgent => "primary's agent killed (P5)",
+            Kind::KillReplica => "a replica's mysqld killed",
+            Kind::CutPrimary => "primary's host cut from all (P4)",
+            Kind::PrimaryFromReplicas => "primary cut from its replicas (P20)",
+            Kind::OrchestratorFromPrimary => "orchestrator cut from the primary (P6)",
+            Kind::PrimaryFromEtcd => "primary cut from etcd (P16)",
+            Kind::SlowPrimaryLink => "primary's link slowed (5 ms + 0-5 ms each way)",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub seed: u64,
+    pub faults: usize,
+    /// Network faults need [`Links::Netns`]; on loopback only process faults are drawn.
+    pub links: Links,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct KindStats {
+    pub injected: usize,
+    pub failovers: usize,
+    /// Per fault: the longest time without an acknowledged write through the gateway, from the
+    /// fault until the shard was whole again.
+    pub unavailability: Vec<Option<Duration>>,
+    pub lost: usize,
+    pub deposed: usize,
+    pub dual_writer: usize,
+}
+
+/// What a chaos run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub links: String,
+    /// The schedule as run, one line per step.
+    pub steps: Vec<String>,
+    pub kinds: BTreeMap<Kind, KindStats>,
+    /// Samples with two writable tablets (expected briefly: a cut-off old primary stays
+    /// writable until it fences itself, without acknowledging anything).
+    pub writable_pairs: usize,
+    pub stale_reads: usize,
+    pub segments: usize,
+    /// Each with its step and the seed.
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    /// No acknowledged write lost, none acknowledged by a deposed primary, no dual writer, no
+    /// stale read, and no other violation.
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    fn totals(&self) -> (usize, usize, usize) {
+        self.kinds.values().fold((0, 0, 0), |(l, d, w), k| {
+            (l + k.lost, d + k.deposed, w + k.dual_writer)
+        })
+    }
+
+    /// The markdown table, with the seed and the goals.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "\n### chaos run: {} faults, seed {}, 3-tablet semi_sync shard, {}, {} cluster(s)\n\n\
+             | fault | injected | failovers | write unavailability min | p50 | p99 | max | acked writes lost | acked by a deposed primary | dual-writer samples |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+            self.steps.len(),
+            self.seed,
+            self.links,
+            self.segments
+        );
+        for (kind, s) in &self.kinds {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                kind.name(),
+                s.injected,
+                s.failovers,
+                bench::stats_with(&s.unavailability, bench::secs),
+                s.lost,
+                s.deposed,
+                s.dual_writer
+            ));
+        }
+        let (lost, deposed, dual) = self.totals();
+        out.push_str(&format!(
+            "| **all** | {} | {} | | | | | **{lost}** | **{deposed}** | **{dual}** |\n\n\
+             goal: >= 100 faults with 0 / 0 / 0. Samples with two writable tablets, neither \
+             acknowledging twice: {}; reads through the RO port older than the lag bound: {}; \
+             violations: {}\n",
+            self.steps.len(),
+            self.kinds.values().map(|k| k.failovers).sum::<usize>(),
+            self.writable_pairs,
+            self.stale_reads,
+            if self.violations.is_empty() {
+                "none".to_string()
+            } else {
+                self.violations.join("; ")
+            }
+        ));
+        out
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let (lost, deposed, dual) = self.totals();
+        serde_json::json!({
+            "seed": self.seed,
+            "links": self.links,
+            "faults": self.steps.len(),
+            "segments": self.segments,
+            "lost": lost,
+            "deposed_acks": deposed,
+            "dual_writer_samples": dual,
+            "writable_pairs": self.writable_pairs,
+            "stale_reads": self.stale_reads,
+            "violations": self.violations,
+            "steps": self.steps,
+            "kinds": self.kinds.iter().map(|(k, s)| serde_json::json!({
+                "kind": k.name(),
+                "injected": s.injected,
+                "failovers": s.failovers,
+                "unavailability_s": s.unavailability.iter()
+                    .map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
+                "lost": s.lost,
+                "deposed_acks": s.deposed,
+                "dual_writer_samples": s.dual_writer,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// One step as run: its number, kind and start.
+#[derive(Debug, Clone)]
+struct Step {
+    n: usize,
+    kind: Kind,
+    from: Instant,
+}
+
+/// Samples of the writable tablets: (when, their aliases).
+type Samples = Vec<(Instant, Vec<String>)>;
+
+/// Every tablet's `read_only` every 50 ms, over the unix socket.
+struct Sampler {
+    samples: Arc<Mutex<Samples>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start(c: &Cluster) -> Sampler {
+        let sockets: Vec<(String, String)> = c
+            .tablets()
+            .iter()
+            .map(|t| {
+                (
+                    t.alias().to_string(),
+                    t.mysqld().socket().display().to_string(),
+                )
+            })
+            .collect();
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let out = samples.clone();
+        let task = tokio::spawn(async move {
+            let mut conns: Vec<Option<mysql_async::Conn>> = sockets.iter().map(|_| None).collect();
+            loop {
+                let at = Instant::now();
+                let mut writable = Vec::new();
+                for (i, (alias, socket)) in sockets.iter().enumerate() {
+                    if conns[i].is_none() {
+                        let opts = mysql_async::OptsBuilder::default()
+                            .socket(Some(socket.clone()))
+                            .user(Some("root"))
+                            .prefer_socket(true);
+                        let conn = tokio::time::timeout(
+                            Duration::from_millis(200),
+                            mysql_async::Conn::new(opts),
+                        )
+                        .await;
+                        conns[i] = conn.ok().and_then(Result::ok);
+                    }
+                    let Some(conn) = conns[i].as_mut() else {
+                        continue;
+                    };
+                    let q = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        conn.query_first::<i64, _>("SELECT @@global.read_only"),
+                    )
+                    .await;
+                    match q {
+                        Ok(Ok(Some(0))) => writable.push(alias.clone()),
+                        Ok(Ok(_)) => {}
+                        _ => conns[i] = None,
+                    }
+                }
+                out.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((at, writable));
+                tokio::time::sleep_until((at + Duration::from_millis(50)).into()).await;
+            }
+        });
+        Sampler { samples, task }
+    }
+
+    fn stop(self) -> Samples {
+        self.task.abort();
+        let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        s.clone()
+    }
+}
+
+/// `MAX(id)` of the gateway writer's table through the RO port every 100 ms: (when, value).
+struct Reader {
+    reads: Arc<Mutex<Vec<(Instant, u64)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    fn start(c: &Cluster, table: &str) -> Option<Reader> {
+        let ro = c.gateway()?.ro_addr()?;
+        let opts = gw::app_opts(c, ro);
+        let sql = format!("SELECT COALESCE(MAX(id), 0) FROM {table}");
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let out = reads.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let started = Instant::now();
+                let read = tokio::time::timeout(Duration::from_secs(1), async {
+                    let mut conn = mysql_async::Conn::new(opts.clone()).await.ok()?;
+                    let v: Option<u64> = conn.query_first(sql.as_str()).await.ok()?;
+                    let _ = conn.disconnect().await;
+                    v
+                })
+                .await;
+                if let Ok(Some(v)) = read {
+                    // The read saw the table as of some moment after it started.
+                    out.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((started, v));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Some(Reader { reads, task })
+    }
+
+    fn stop(self) -> Vec<(Instant, u64)> {
+        self.task.abort();
+        let r = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        r.clone()
+    }
+}
+
+/// A cluster with its writers, reader and sampler.
+struct Segment {
+    c: Cluster,
+    via_gateway: Writer,
+    direct: Writer,
+    reader: Option<Reader>,
+    sampler: Sampler,
+    steps: Vec<Step>,
+}
+
+const GATEWAY_TABLE: &str = "chaos_gateway";
+const DIRECT_TABLE: &str = "chaos_direct";
+/// How stale a read through the RO port may be: the gateway's default `max_replica_lag` (5 s)
+/// plus the time for a lagging replica to leave the routing (<= 500 ms) and slack.
+const READ_BOUND: Duration = Duration::from_secs(7);
+/// How close to a sample an ack must be for its tablet to count as acknowledging then.
+const ACK_NEAR: Duration = Duration::from_millis(100);
+
+fn options(links: Links) -> ClusterOptions {
+    ClusterOptions {
+        hosts: links.hosts(),
+        start_gateway: true,
+        agent_log_level: "warn".into(),
+        orchestrator_log_level: "warn".into(),
+        gateway_log_level: "warn".into(),
+        ..ha::ha_options_with(3, |cfg| {
+            // Many failovers in a row are the point here, not flapping protection.
+            cfg.recovery.flap_limit = 1_000_000;
+        })
+    }
+}
+
+async fn new_segment(links: Links) -> Segment {
+    let c = Cluster::start(options(links))
+        .await
+        .expect("cluster starts");
+    links.shape(&c);
+    let g = c.gateway().expect("gateway");
+    gw::wait_shard_routes(&c, g).await;
+    ha::wait_quiet(ha::orch(&c), &c, BOUND).await;
+    let writer = |via, table: &str| WriterOptions {
+        via,
+        table: table.into(),
+        // Above the gateway's buffer window (5 s): a held connect is the point.
+        connect_timeout: Duration::from_secs(10),
+        max_duration: Duration::from_secs(24 * 3600),
+        pause: Duration::from_millis(5),
+        ..WriterOptions::default()
+    };
+    let via_gateway = Writer::start(&c, writer(g.rw_addr(), GATEWAY_TABLE))
+        .await
+        .expect("writer through the gateway");
+    let direct = Writer::start(&c, writer(None, DIRECT_TABLE))
+        .await
+        .expect("direct writer");
+    via_gateway
+        .wait_more_acks(20, BOUND)
+        .await
+        .expect("acks through the gateway");
+    direct.wait_more_acks(20, BOUND).await.expect("direct acks");
+    let reader = Reader::start(&c, GATEWAY_TABLE);
+    let sampler = Sampler::start(&c);
+    Segment {
+        c,
+        via_gateway,
+        direct,
+        reader,
+        sampler,
+        steps: Vec::new(),
+    }
+}
+
+/// The step running at `at` (or the last one before it).
+fn step_at(steps: &[Step], at: Instant) -> Option<&Step> {
+    steps.iter().rev().find(|s| s.from <= at)
+}
+
+/// Checks a segment and folds its findings into `report`.
+async fn end_segment(seg: Segment, report: &mut Report) {
+    let Segment {
+        c,
+        via_gateway,
+        direct,
+        reader,
+        sampler,
+        steps,
+    } = seg;
+    let samples = sampler.stop();
+    let reads = reader.map(Reader::stop).unwrap_or_default();
+    let seed = report.seed;
+    let blame = |report: &mut Report, at: Instant, what: String, field: fn(&mut KindStats)| {
+        let step = step_at(&steps, at);
+        if let Some(s) = step {
+            field(report.kinds.entry(s.kind).or_default());
+        }
+        report.violations.push(format!(
+            "{what} (step {}, seed {seed})",
+            step.map_or("before the first fault".to_string(), |s| format!(
+                "{}: {}",
+                s.n,
+                s.kind.name()
+            ))
+        ));
+    };
+    let mut all_acks: Vec<Ack> = Vec::new();
+    for (name, w) in [("gateway", &via_gateway), ("direct", &direct)] {
+        w.stop().await;
+        let acks = w.acks();
+        match w.check(&c).await {
+            Ok(r) => {
+                for id in &r.lost {
+                    let at = acks
+                        .iter()
+                        .find(|a| a.id == *id)
+                        .map_or_else(Instant::now, |a| a.acked_at);
+                    blame(
+                        report,
+                        at,
+                        format!("{name} writer: acknowledged write {id} lost"),
+                        |k| k.lost += 1,
+                    );
+                }
+                for d in &r.deposed_acks {
+                    blame(report, d.ack.acked_at, format!("{name} writer: {d}"), |k| {
+                        k.deposed += 1
+                    });
+                }
+            }
+            Err(e) => report
+                .violations
+                .push(format!("{name} writer: check failed: {e} (seed {seed})")),
+        }
+        all_acks.extend(acks);
+    }
+    // Two tablets acknowledging writes around one sample.
+    for (at, writable) in &samples {
+        if writable.len() < 2 {
+            continue;
+        }
+        report.writable_pairs += 1;
+        let acking: Vec<&String> = writable
+            .iter()
+            .filter(|t| {
+                all_acks.iter().any(|a| {
+                    &a.tablet == *t && a.acked_at + ACK_NEAR >= *at && a.acked_at <= *at + ACK_NEAR
+                })
+            })
+            .collect();
+        if acking.len() >= 2 {
+            blame(
+                report,
+                *at,
+                format!("dual writer: {acking:?} both writable and acknowledging"),
+                |k| k.dual_writer += 1,
+            );
+        }
+    }
+    // A read through the RO port older than the bound: it missed a write acknowledged
+    // through the gateway more than READ_BOUND before it started.
+    let gw_acks = via_gateway.acks();
+    for (at, v) in &reads {
+        let missed = gw_acks
+            .iter()
+            .filter(|a| a.acked_at + READ_BOUND <= *at && a.id > *v)
+            .map(|a| a.id)
+            .max();
+        if let Some(id) = missed {
+            report.stale_reads += 1;
+            blame(
+                report,
+                *at,
+                format!("stale read through the RO port: max id {v}, but {id} was acknowledged over {READ_BOUND:?} earlier"),
+                |_| {},
+            );
+        }
+    }
+    report.segments += 1;
+    drop(c);
+}
+
+/// Index of the tablet the shard record names primary.
+async fn primary_index(c: &Cluster) -> Option<usize> {
+    let p = c.primary().await.ok()?;
+    Some(p.index())
+}
+
+/// Applies `kind`; returns what undoes it.
+async fn inject(c: &Cluster, kind: Kind, primary: usize, rng: &mut StdRng) -> Result<Undo, String> {
+    let p = c.tablet(primary);
+    let pa = p.alias().to_string();
+    let replicas: Vec<String> = c
+        .tablets()
+        .iter()
+        .filter(|t| t.index() != primary)
+        .map(|t| t.alias().to_string())
+        .collect();
+    let e = |e: harness::HarnessError| e.to_string();
+    Ok(match kind {
+        Kind::KillPrimary => {
+            p.mysqld().kill().map_err(e)?;
+            Undo::StartMysqld(primary)
+        }
+        Kind::FreezePrimary => {
+            p.mysqld().freeze().map_err(e)?;
+            Undo::Thaw(primary)
+        }
+        Kind::KillPrimaryAgent => {
+            p.agent_proc().map_err(e)?.kill().map_err(e)?;
+            Undo::StartAgent(primary)
+        }
+        Kind::KillReplica => {
+            let r = c
+                .tablets()
+                .iter()
+                .filter(|t| t.index() != primary)
+                .nth(rng.random_range(0..replicas.len()))
+                .ok_or("no replica")?;
+            r.mysqld().kill().map_err(e)?;
+            Undo::StartMysqld(r.index())
+        }
+        Kind::CutPrimary => {
+            c.net()
+                .map_err(e)?
+                .isolate(&pa, Direction::Both)
+                .map_err(e)?;
+            Undo::Heal(pa)
+        }
+        Kind::PrimaryFromReplicas => {
+            let others: Vec<&str> = replicas.iter().map(String::as_str).collect();
+            c.net()
+                .map_err(e)?
+                .cut(&pa, &others, Direction::Both)
+                .map_err(e)?;
+            Undo::Heal(pa)
+        }
+        Kind::OrchestratorFromPrimary => {
+            c.net()
+                .map_err(e)?
+                .cut("orchestrator", &[&pa], Direction::Both)
+                .map_err(e)?;
+            Undo::Heal("orchestrator".into())
+        }
+        Kind::PrimaryFromEtcd => {
+            c.net()
+                .map_err(e)?
+                .cut(&pa, &["etcd"], Direction::Both)
+                .map_err(e)?;
+            Undo::Heal(pa)
+        }
+        Kind::SlowPrimaryLink => {
+            c.net()
+                .map_err(e)?
+                .delay(&pa, Duration::from_millis(5), Duration::from_millis(5))
+                .map_err(e)?;
+            Undo::Heal(pa)
+        }
+    })
+}
+
+/// How a fault is undone.
+enum Undo {
+    StartMysqld(usize),
+    Thaw(usize),
+    StartAgent(usize),
+    Heal(String),
+}
+
+async fn undo(c: &Cluster, u: Undo, links: Links) -> Result<(), String> {
+    let e = |e: harness::HarnessError| e.to_string();
+    match u {
+        Undo::StartMysqld(i) => c.tablet(i).mysqld().start().await.map_err(e),
+        Undo::Thaw(i) => c.tablet(i).mysqld().thaw().map_err(e),
+        Undo::StartAgent(i) => c
+            .tablet(i)
+            .agent_proc()
+            .map_err(e)?
+            .start()
+            .await
+            .map_err(e),
+        Undo::Heal(host) => {
+            c.net().map_err(e)?.heal(&host).map_err(e)?;
+            // A heal removes the host's link delay too.
+            links.shape(c);
+            Ok(())
+        }
+    }
+}
+
+/// The shard whole again: three healthy tablets, nothing reported. `Err` with why not, at once
+/// when a tablet is quarantined (only an operator brings it back).
+async fn restored(c: &Cluster, bound: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < bound {
+        let problems = ha::problems(&ha::shard_json(ha::orch(c), c).await);
+        if let Some((_, tablet, detail)) =
+            problems.iter().find(|(code, _, _)| code == "quarantined")
+        {
+            return Err(format!("{tablet:?} quarantined: {detail}"));
+        }
+        match ha::shard_healthy(c, &[]).await {
+            Ok(_) if problems.is_empty() => return Ok(()),
+            Ok(_) => last = format!("{problems:?}"),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(last)
+}
+
+/// The longest time without an acknowledged write in `acks` from `from` to `to` (from the
+/// fault to its first ack counts).
+fn unavailability(acks: &[Ack], from: Instant, to: Instant) -> Option<Duration> {
+    let mut times: Vec<Instant> = acks
+        .iter()
+        .map(|a| a.acked_at)
+        .filter(|t| *t > from && *t <= to)
+        .collect();
+    times.sort();
+    if times.is_empty() {
+        return None;
+    }
+    let mut prev = from;
+    let mut worst = Duration::ZERO;
+    for t in times {
+        worst = worst.max(t.duration_since(prev));
+        prev = t;
+    }
+    Some(worst)
+}
+
+/// Runs the schedule; prints each step as it goes.
+pub async fn run(opts: Options) -> Report {
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let kinds: Vec<Kind> = match opts.links {
+        Links::Loopback => PROCESS_KINDS.to_vec(),
+        Links::Netns { .. } => PROCESS_KINDS
+            .iter()
+            .chain(&NETWORK_KINDS)
+            .copied()
+            .collect(),
+    };
+    let mut report = Report {
+        seed: opts.seed,
+        links: opts.links.name(),
+        ..Report::default()
+    };
+    let mut seg = Some(new_segment(opts.links).await);
+    for n in 1..=opts.faults {
+        let s = match seg.take() {
+            Some(s) => s,
+            None => new_segment(opts.links).await,
+        };
+        let mut s = s;
+        let kind = kinds[rng.random_range(0..kinds.len())];
+        let hold = Duration::from_millis(rng.random_range(1000..4000));
+        let before = ha::record(&s.c).await;
+        let Some(primary) = primary_index(&s.c).await else {
+            report.violations.push(format!(
+                "step {n}: no primary before the fault (seed {})",
+                opts.seed
+            ));
+            end_segment(s, &mut report).await;
+            continue;
+        };
+        let from = Instant::now();
+        let undo_it = match inject(&s.c, kind, primary, &mut rng).await {
+            Ok(u) => u,
+            Err(e) => {
+                println!("step {n}: {} could not be injected: {e}", kind.name());
+                seg = Some(s);
+                continue;
+            }
+        };
+        tokio::time::sleep(hold).await;
+        let undone = undo(&s.c, undo_it, opts.links).await;
+        let back = restored(&s.c, Duration::from_secs(30)).await;
+        let to = Instant::now();
+        let after = ha::record(&s.c).await;
+        let unavailable = unavailability(&s.via_gateway.acks(), from, to);
+        let stats = report.kinds.entry(kind).or_default();
+        stats.injected += 1;
+        let failover = after.term > before.term;
+        if failover {
+            stats.failovers += 1;
+        }
+        stats.unavailability.push(unavailable);
+        let line = format!(
+            "step {n}: {} on {} for {:.1} s: {}; longest write gap {}; {}",
+            kind.name(),
+            s.c.tablet(primary).alias(),
+            hold.as_secs_f64(),
+            if failover {
+                format!(
+                    "failover term {} -> {} ({:?})",
+                    before.term, after.term, after.primary
+                )
+            } else {
+                "no failover".to_string()
+            },
+            unavailable.map_or("-".into(), |d| format!("{:.3} s", d.as_secs_f64())),
+            match (&undone, &back) {
+                (Ok(()), Ok(())) => "shard whole again".to_string(),
+                (Err(e), _) => format!("undo failed: {e}"),
+                (_, Err(e)) => format!("not whole ({e}): next step on a fresh cluster"),
+            }
+        );
+        println!("{line}");
+        report.steps.push(line);
+        s.steps.push(Step { n, kind, from });
+        if undone.is_ok() && back.is_ok() {
+            seg = Some(s);
+        } else {
+            end_segment(s, &mut report).await;
+        }
+    }
+    if let Some(s) = seg {
+        end_segment(s, &mut report).await;
+    }
+    report
+}

@@ -1,0 +1,34 @@
+//! A short seeded chaos run (`myha_tests::chaos`): ten faults, process and network ones mixed,
+//! on a 3-tablet semi_sync shard with every process on a host of its own, under writers through
+//! the gateway and straight to the primary, a reader through the RO port and a sampler of every
+//! tablet's read_only. No acknowledged write lost, none acknowledged by a deposed primary, never
+//! two tablets acknowledging at once, no read older than the lag bound. Needs root.
+//! `MYHA_CHAOS_FAULTS` and `MYHA_CHAOS_SEED` change the schedule (the benchmark,
+//! `scripts/dev bench chaos`, is the long run).
+
+use std::time::Duration;
+
+use myha_tests::bench::Links;
+use myha_tests::chaos;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_chaos_run_of_ten_faults_loses_nothing_and_never_has_two_writers() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let faults = env("MYHA_CHAOS_FAULTS", 10) as usize;
+    let report = chaos::run(chaos::Options {
+        seed: env("MYHA_CHAOS_SEED", 20261202),
+        faults,
+        links: Links::Netns {
+            rtt: Duration::ZERO,
+        },
+    })
+    .await;
+    println!("{}", report.table());
+    assert_eq!(report.steps.len(), faults, "every step ran");
+    assert!(report.is_clean(), "{}", report.table());
+}
