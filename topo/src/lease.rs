@@ -148,10 +148,14 @@ async fn keep_alive_until_failure(
     loop {
         let endpoint = topo.endpoint_index();
         let why = keep_alive_on(topo, id, interval, answer_timeout, &what, valid_until).await;
+        // etcd answered that the lease is gone: the endpoint works, the lease does not.
+        if why == LEASE_GONE {
+            return why;
+        }
         topo.set_reachable(false);
         topo.endpoint_failed(endpoint);
         // Another endpoint is worth a try only while an answer there can still come in time.
-        if why == LEASE_GONE || Instant::now() + answer_timeout >= valid() {
+        if Instant::now() + answer_timeout >= valid() {
             return why;
         }
         tracing::warn!(lease = %what, reason = %why, "lease keep-alive: trying the next etcd endpoint");
