@@ -68,6 +68,17 @@ pub const CLIENT_HOST: &str = "client";
 const ORCHESTRATOR_HOSTS: [&str; 3] = ["orchestrator", "orchestrator-2", "orchestrator-3"];
 const GATEWAY_HOSTS: [&str; 2] = ["gateway", "gateway-2"];
 
+/// The address and namespace of host `name` of `network` (loopback and none without one).
+fn place_on(network: Option<&Network>, name: &str) -> Result<(Ipv4Addr, Option<String>)> {
+    match network {
+        None => Ok((Ipv4Addr::LOCALHOST, None)),
+        Some(n) => {
+            let h = n.host(name)?;
+            Ok((h.addr, h.ns.clone()))
+        }
+    }
+}
+
 /// The name of etcd member `i` of `n` (its host's name and its directory's).
 fn etcd_member_name(i: usize, n: usize) -> String {
     if n == 1 {
@@ -509,15 +520,7 @@ impl Cluster {
                 })
             }
         };
-        let place = |host: &str| -> Result<(Ipv4Addr, Option<String>)> {
-            match &network {
-                None => Ok((Ipv4Addr::LOCALHOST, None)),
-                Some(n) => {
-                    let h = n.host(host)?;
-                    Ok((h.addr, h.ns.clone()))
-                }
-            }
-        };
+        let place = |host: &str| place_on(network.as_ref(), host);
 
         // etcd and every mysqld in parallel.
         let members = (0..n_etcd)
@@ -782,13 +785,7 @@ impl Cluster {
 
     /// The address and namespace of host `name` (loopback and none without a network).
     fn place(&self, name: &str) -> Result<(Ipv4Addr, Option<String>)> {
-        match &self.network {
-            None => Ok((Ipv4Addr::LOCALHOST, None)),
-            Some(n) => {
-                let h = n.host(name)?;
-                Ok((h.addr, h.ns.clone()))
-            }
-        }
+        place_on(self.network.as_ref(), name)
     }
 
     /// The namespace of the host that has `ip` (none on loopback); an error when no host of

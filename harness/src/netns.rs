@@ -250,6 +250,18 @@ struct Names {
     machine_link: String,
 }
 
+impl Names {
+    /// This process's next network: `myha<pid>n<k>`, machine link `my<pid>n<k>`.
+    fn next() -> Names {
+        let k = NETWORKS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        Names {
+            base: format!("{PREFIX}{pid}n{k}"),
+            machine_link: format!("my{pid}n{k}"),
+        }
+    }
+}
+
 fn kept_names(name: &str) -> Names {
     Names {
         base: format!("{PREFIX}-{name}"),
@@ -344,25 +356,13 @@ impl Network {
     /// Makes one namespace per name in `hosts`, each with an address in `10.99.0.0/24` on a
     /// bridge of its own; the machine's namespace gets nothing.
     pub fn create(hosts: &[&str]) -> Result<Network> {
-        let k = NETWORKS.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let names = Names {
-            base: format!("{PREFIX}{pid}n{k}"),
-            machine_link: String::new(),
-        };
-        Network::build(names, hosts, None)
+        Network::build(Names::next(), hosts, None)
     }
 
     /// As [`Network::create`], plus the machine's own namespace attached as host `machine`
     /// (address `.1`), on a subnet no other live network of this machine uses.
     pub fn create_with_machine(hosts: &[&str], machine: &str) -> Result<Network> {
-        let k = NETWORKS.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let names = Names {
-            base: format!("{PREFIX}{pid}n{k}"),
-            machine_link: format!("my{pid}n{k}"),
-        };
-        Network::build(names, hosts, Some(machine))
+        Network::build(Names::next(), hosts, Some(machine))
     }
 
     /// As [`Network::create_with_machine`], for a network meant to outlive this process (the

@@ -538,6 +538,7 @@ mod tests {
                 "etcd",
                 "gateway",
                 "keyspace",
+                "network",
                 "orchestrator_http",
                 "shard",
                 "tablets"
