@@ -161,6 +161,18 @@ impl Exec {
         }
     }
 
+    /// Refuses an action that would make mysqld writable while the isolation rule holds,
+    /// judged now from the isolation loop's last probe of the peers (at most a tick old).
+    pub fn refuse_writable_if_isolated(&self) -> Result<(), ActionError> {
+        match self.shared.isolation_holds() {
+            Some(reason) => Err(ActionError::Refused {
+                action: self.action,
+                reason: format!("not made writable while the isolation rule holds: {reason}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Runs one statement as a named step.
     pub async fn sql(&mut self, step: &str, sql: &str) -> Result<(), ActionError> {
         let left = self.remaining(step)?;
@@ -493,6 +505,9 @@ pub async fn set_read_only(
     req: pb::SetReadOnlyRequest,
 ) -> Result<pb::ActionResponse, ActionError> {
     let mut x = Exec::begin(shared, "SetReadOnly", req.ctx.as_ref()).await?;
+    if !req.read_only {
+        x.refuse_writable_if_isolated()?;
+    }
     let sqls = x.dialect.set_read_only(req.read_only, req.super_read_only);
     let step = if req.read_only {
         "set read_only on"
@@ -872,6 +887,7 @@ pub async fn undo_demote(
         });
     };
     if !memo.read_only_before {
+        x.refuse_writable_if_isolated()?;
         let sqls = x.dialect.set_read_only(false, false);
         x.sqls("set read_only off", &sqls).await?;
     } else if !memo.super_read_only_before && x.dialect.has_super_read_only() {

@@ -55,6 +55,10 @@ pub struct Shared {
     topo: Mutex<Option<Topo>>,
     /// The tablet's registration once made (the isolation rule reads its lease).
     registration: Mutex<Option<Arc<Registration>>>,
+    /// What the isolation loop last learned of the shard's other tablets, while this tablet is
+    /// the primary on record (`None` otherwise): the rule is judged from it by the loop and by
+    /// every action that would make mysqld writable.
+    peer_watch: Mutex<Option<PeerWatch>>,
     dialect: Mutex<Option<Dialect>>,
     /// Mutating actions and fencing run one at a time.
     pub actions: Arc<tokio::sync::Mutex<ActionState>>,
@@ -113,6 +117,7 @@ impl Shared {
             etcd_error: Mutex::new("not connected yet".into()),
             topo: Mutex::new(None),
             registration: Mutex::new(None),
+            peer_watch: Mutex::new(None),
             dialect: Mutex::new(None),
             actions: Arc::new(tokio::sync::Mutex::new(ActionState::default())),
             poke: Notify::new(),
@@ -132,6 +137,29 @@ impl Shared {
 
     pub fn terms(&self) -> TermState {
         lock(&self.terms).clone()
+    }
+
+    /// Why the isolation rule holds now (see [`isolation_loop`]), or `None`: its lease is
+    /// within the margin of running out and no other tablet has answered for the window.
+    /// While it holds, nothing may make this mysqld writable (an orchestrator that still
+    /// reaches it would otherwise undo the self-demotion the others rely on).
+    pub fn isolation_holds(&self) -> Option<String> {
+        let watch = (*lock(&self.peer_watch))?;
+        let lease_left = lock(&self.registration)
+            .as_ref()
+            .and_then(|r| r.lease_valid_until())
+            .map_or(Duration::ZERO, |until| {
+                until.saturating_duration_since(Instant::now())
+            });
+        let input = fence::Isolation {
+            lease_left,
+            peers_silent_for: watch.has_peers.then(|| watch.last_answer.elapsed()),
+        };
+        let margin = isolation_margin(self.cfg.etcd.lease_ttl);
+        match fence::decide_isolation(&input, margin, topo::SELF_DEMOTE_PEER_WINDOW) {
+            FenceDecision::Fence { reason } => Some(reason),
+            FenceDecision::Keep => None,
+        }
     }
 
     /// Applies `f` to the term state and persists it when it changed.
@@ -515,18 +543,30 @@ fn isolation_margin(lease_ttl: Duration) -> Duration {
     (lease_ttl / 5).max(Duration::from_millis(300))
 }
 
+/// When another tablet of the shard last answered this primary's agent.
+#[derive(Debug, Clone, Copy)]
+struct PeerWatch {
+    last_answer: Instant,
+    /// Whether the shard may have another tablet (one on record, or the list never read).
+    has_peers: bool,
+}
+
 /// How often a primary's agent checks that another tablet of its shard answers.
 const ISOLATION_TICK: Duration = Duration::from_millis(100);
 /// Bound on one answer from another tablet's agent.
 const PEER_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// How often the list of the shard's other tablets is read again from etcd.
 const PEERS_REFRESH: Duration = Duration::from_secs(10);
+/// How often while that list is empty: a primary named before its replicas registered must
+/// learn of them soon, or it would never apply the rule (nobody to be replaced by, it thinks).
+const PEERS_REFRESH_EMPTY: Duration = Duration::from_secs(1);
 
-/// The isolation rule ([`topo::SELF_DEMOTE_PEER_WINDOW`]): while this tablet is a writable
-/// primary, checks every tick that another tablet of its shard answers (a TCP connect to its
-/// agent) and what is left of the registration lease, and fences mysqld when both are gone.
+/// The isolation rule ([`topo::SELF_DEMOTE_PEER_WINDOW`]): while this tablet is the primary on
+/// record, checks every tick that another tablet of its shard answers (a TCP connect to its
+/// agent) and what is left of the registration lease, and fences mysqld when both are gone and
+/// it is writable. It keeps watching once read-only, so that an action asked to make it
+/// writable while the rule holds is refused ([`Shared::isolation_holds`]).
 pub async fn isolation_loop(shared: Arc<Shared>) {
-    let margin = isolation_margin(shared.cfg.etcd.lease_ttl);
     let (ks, sh) = (shared.id.keyspace.clone(), shared.id.shard.clone());
     let mut peers: Vec<String> = Vec::new();
     let mut peers_read: Option<Instant> = None;
@@ -538,12 +578,17 @@ pub async fn isolation_loop(shared: Arc<Shared>) {
         let named = shard
             .as_ref()
             .is_some_and(|s| s.primary.as_deref() == Some(shared.id.alias.as_str()));
-        let writable = h.mysql_reachable && h.mysql.as_ref().is_some_and(|m| !m.read_only);
-        if !(named && shared.terms().promoted_term > 0 && writable) {
+        if !(named && shared.terms().promoted_term > 0) {
             last_answer = Instant::now();
+            *lock(&shared.peer_watch) = None;
             continue;
         }
-        if peers_read.is_none_or(|t| t.elapsed() >= PEERS_REFRESH) {
+        let refresh = if peers.is_empty() {
+            PEERS_REFRESH_EMPTY
+        } else {
+            PEERS_REFRESH
+        };
+        if peers_read.is_none_or(|t| t.elapsed() >= refresh) {
             if let Some(topo) = shared.topo() {
                 let quick = topo.with_op_timeout(PEER_PROBE_TIMEOUT);
                 if let Ok(list) = quick.list_tablets(Some(&ks), Some(&sh)).await {
@@ -567,19 +612,14 @@ pub async fn isolation_loop(shared: Arc<Shared>) {
         if answers.iter().any(|ok| *ok) {
             last_answer = Instant::now();
         }
-        let lease_left = lock(&shared.registration)
-            .as_ref()
-            .and_then(|r| r.lease_valid_until())
-            .map_or(Duration::ZERO, |until| {
-                until.saturating_duration_since(Instant::now())
-            });
-        let input = fence::Isolation {
-            lease_left,
-            peers_silent_for: (!peers.is_empty()).then(|| last_answer.elapsed()),
-        };
-        if let FenceDecision::Fence { reason } =
-            fence::decide_isolation(&input, margin, topo::SELF_DEMOTE_PEER_WINDOW)
-        {
+        *lock(&shared.peer_watch) = Some(PeerWatch {
+            last_answer,
+            // Never read (etcd unreachable since this tablet became primary): others may exist,
+            // and none answered; only a list read empty means nobody could take over.
+            has_peers: !peers.is_empty() || peers_read.is_none(),
+        });
+        let writable = h.mysql_reachable && h.mysql.as_ref().is_some_and(|m| !m.read_only);
+        if let (true, Some(reason)) = (writable, shared.isolation_holds()) {
             warn!(%reason, "self-demotion (isolation rule): fencing mysqld");
             fence_for(&shared, reason, "myha_agent_self_demotions_total").await;
         }

@@ -122,6 +122,12 @@ impl AgentProc {
         }
     }
 
+    /// Starts it without waiting for it to answer (an error if running): for a caller that may
+    /// be cut from the agent's host.
+    pub fn spawn(&self) -> Result<()> {
+        self.proc.spawn().map(drop)
+    }
+
     /// A gRPC client (connects now, 1 s bound).
     pub async fn client(&self) -> Result<AgentClient<Channel>> {
         let uri = format!("http://{}", self.grpc_addr());

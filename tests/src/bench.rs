@@ -174,8 +174,17 @@ impl Links {
                 return;
             }
             for h in net.hosts() {
-                net.delay(&h.name, rtt / 4, Duration::ZERO)
-                    .unwrap_or_else(|e| panic!("delay {}: {e}", h.name));
+                self.shape_host(c, &h.name);
+            }
+        }
+    }
+
+    /// Gives `host` its share of the round trip again (after a heal removed it).
+    pub fn shape_host(self, c: &harness::Cluster, host: &str) {
+        if let (Links::Netns { rtt }, Some(net)) = (self, c.network()) {
+            if !rtt.is_zero() {
+                net.delay(host, rtt / 4, Duration::ZERO)
+                    .unwrap_or_else(|e| panic!("delay {host}: {e}"));
             }
         }
     }

@@ -1,7 +1,9 @@
 //! A Jepsen-style chaos run (the nemesis and the checker): a seeded schedule of faults drawn
-//! from the fault catalogue (process faults, and network faults between hosts), one at a time,
-//! each applied for a random while, then healed, on a 3-tablet semi_sync shard with every
-//! process on a host of its own, under
+//! from the fault catalogue (process faults, and network faults between hosts), each applied
+//! for a random while, then healed; a share of the steps overlap two faults (the second begins
+//! while the first holds, on whichever tablet is then primary or a replica, and each is undone
+//! when its own hold ends). On a 3-tablet semi_sync shard with every process on a host of its
+//! own, under
 //! - a writer through the gateway's RW port and one straight to the primary the shard record
 //!   names (each with its own table: [`harness::Writer`] checks that no acknowledged write is lost
 //!   and none was acknowledged by a deposed primary after the newer term began),
@@ -57,6 +59,16 @@ const NETWORK_KINDS: [Kind; 5] = [
 ];
 
 impl Kind {
+    /// The process a process fault acts on (two faults of one step never share one).
+    fn target(self, primary: usize, replica: usize) -> Option<Target> {
+        match self {
+            Kind::KillPrimary | Kind::FreezePrimary => Some(Target::Mysqld(primary)),
+            Kind::KillPrimaryAgent => Some(Target::Agent(primary)),
+            Kind::KillReplica => Some(Target::Mysqld(replica)),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::KillPrimary => "primary mysqld killed (P1)",
@@ -72,20 +84,51 @@ impl Kind {
     }
 }
 
+/// A process a fault acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Mysqld(usize),
+    Agent(usize),
+}
+
+/// A row of the report: steps of one fault alone, or steps of two overlapping faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Row {
+    Single(Kind),
+    Overlapping,
+}
+
+impl Row {
+    pub fn name(self) -> &'static str {
+        match self {
+            Row::Single(k) => k.name(),
+            Row::Overlapping => "two faults overlapping (any two of the above)",
+        }
+    }
+}
+
+/// The share of steps that overlap two faults by default.
+pub const OVERLAP_SHARE: f64 = 1.0 / 3.0;
+
 /// What to run.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     pub seed: u64,
+    /// Faults in all (an overlapping step counts two).
     pub faults: usize,
+    /// The share of steps that overlap two faults (0 for one at a time).
+    pub overlap: f64,
     /// Network faults need [`Links::Netns`]; on loopback only process faults are drawn.
     pub links: Links,
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct KindStats {
+    /// Faults (two per overlapping step).
     pub injected: usize,
+    /// New terms.
     pub failovers: usize,
-    /// Per fault: the longest time without an acknowledged write through the gateway, from the
+    /// Per step: the longest time without an acknowledged write through the gateway, from the
     /// fault until the shard was whole again.
     pub unavailability: Vec<Option<Duration>>,
     pub lost: usize,
@@ -100,7 +143,7 @@ pub struct Report {
     pub links: String,
     /// The schedule as run, one line per step.
     pub steps: Vec<String>,
-    pub kinds: BTreeMap<Kind, KindStats>,
+    pub kinds: BTreeMap<Row, KindStats>,
     /// Samples with two writable tablets (expected briefly: a cut-off old primary stays
     /// writable until it fences itself, without acknowledging anything).
     pub writable_pairs: usize,
@@ -111,6 +154,11 @@ pub struct Report {
 }
 
 impl Report {
+    /// Faults injected in all (an overlapping step counts two).
+    pub fn faults(&self) -> usize {
+        self.kinds.values().map(|k| k.injected).sum()
+    }
+
     /// No acknowledged write lost, none acknowledged by a deposed primary, no dual writer, no
     /// stale read, and no other violation.
     pub fn is_clean(&self) -> bool {
@@ -126,9 +174,10 @@ impl Report {
     /// The markdown table, with the seed and the goals.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "\n### chaos run: {} faults, seed {}, 3-tablet semi_sync shard, {}, {} cluster(s)\n\n\
+            "\n### chaos run: {} faults in {} steps, seed {}, 3-tablet semi_sync shard, {}, {} cluster(s)\n\n\
              | fault | injected | failovers | write unavailability min | p50 | p99 | max | acked writes lost | acked by a deposed primary | dual-writer samples |\n\
              |---|---|---|---|---|---|---|---|---|---|\n",
+            self.faults(),
             self.steps.len(),
             self.seed,
             self.links,
@@ -152,7 +201,7 @@ impl Report {
              goal: >= 100 faults with 0 / 0 / 0. Samples with two writable tablets, neither \
              acknowledging twice: {}; reads through the RO port older than the lag bound: {}; \
              violations: {}\n",
-            self.steps.len(),
+            self.faults(),
             self.kinds.values().map(|k| k.failovers).sum::<usize>(),
             self.writable_pairs,
             self.stale_reads,
@@ -170,7 +219,8 @@ impl Report {
         serde_json::json!({
             "seed": self.seed,
             "links": self.links,
-            "faults": self.steps.len(),
+            "faults": self.faults(),
+            "steps_run": self.steps.len(),
             "segments": self.segments,
             "lost": lost,
             "deposed_acks": deposed,
@@ -193,11 +243,11 @@ impl Report {
     }
 }
 
-/// One step as run: its number, kind and start.
+/// One step as run: its number, its row and start.
 #[derive(Debug, Clone)]
 struct Step {
     n: usize,
-    kind: Kind,
+    row: Row,
     from: Instant,
 }
 
@@ -407,14 +457,14 @@ async fn end_segment(seg: Segment, report: &mut Report) {
     let blame = |report: &mut Report, at: Instant, what: String, field: fn(&mut KindStats)| {
         let step = step_at(&steps, at);
         if let Some(s) = step {
-            field(report.kinds.entry(s.kind).or_default());
+            field(report.kinds.entry(s.row).or_default());
         }
         report.violations.push(format!(
             "{what} (step {}, seed {seed})",
             step.map_or("before the first fault".to_string(), |s| format!(
                 "{}: {}",
                 s.n,
-                s.kind.name()
+                s.row.name()
             ))
         ));
     };
@@ -518,92 +568,152 @@ async fn primary_index(c: &Cluster) -> Option<usize> {
     Some(p.index())
 }
 
-/// Applies `kind`; returns what undoes it.
-async fn inject(c: &Cluster, kind: Kind, primary: usize, rng: &mut StdRng) -> Result<Undo, String> {
+/// A network fault as applied: healing its host removes every fault about that host, so the
+/// others still holding there are applied again.
+#[derive(Debug, Clone)]
+struct NetFault {
+    host: String,
+    what: NetWhat,
+}
+
+#[derive(Debug, Clone)]
+enum NetWhat {
+    Isolate,
+    Cut(Vec<String>),
+    Delay(Duration, Duration),
+}
+
+impl NetFault {
+    fn apply(&self, c: &Cluster) -> Result<(), String> {
+        let net = c.net().map_err(|e| e.to_string())?;
+        let h = self.host.as_str();
+        match &self.what {
+            NetWhat::Isolate => net.isolate(h, Direction::Both),
+            NetWhat::Cut(others) => {
+                let others: Vec<&str> = others.iter().map(String::as_str).collect();
+                net.cut(h, &others, Direction::Both)
+            }
+            NetWhat::Delay(one_way, jitter) => net.delay(h, *one_way, *jitter),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Applies `kind`, with `primary` the tablet the shard record names, leaving alone the
+/// processes in `busy` (another fault of the step holds them); returns what undoes it.
+async fn inject(
+    c: &Cluster,
+    kind: Kind,
+    primary: usize,
+    busy: &[Target],
+    rng: &mut StdRng,
+) -> Result<Undo, String> {
     let p = c.tablet(primary);
     let pa = p.alias().to_string();
-    let replicas: Vec<String> = c
+    let replicas: Vec<usize> = c
         .tablets()
         .iter()
-        .filter(|t| t.index() != primary)
-        .map(|t| t.alias().to_string())
+        .map(|t| t.index())
+        .filter(|i| *i != primary)
         .collect();
+    let free: Vec<usize> = replicas
+        .iter()
+        .copied()
+        .filter(|i| !busy.contains(&Target::Mysqld(*i)))
+        .collect();
+    let replica = match free.len() {
+        0 => None,
+        n => Some(free[rng.random_range(0..n)]),
+    };
+    if kind == Kind::KillReplica && replica.is_none() {
+        return Err("every replica's mysqld is already down".into());
+    }
+    if let Some(t) = kind.target(primary, replica.unwrap_or(primary)) {
+        if busy.contains(&t) {
+            return Err(format!("{t:?} is already held by the step's other fault"));
+        }
+    }
     let e = |e: harness::HarnessError| e.to_string();
-    Ok(match kind {
+    let net = |what: NetWhat, host: &str| -> Result<Undo, String> {
+        let f = NetFault {
+            host: host.to_string(),
+            what,
+        };
+        f.apply(c)?;
+        Ok(Undo::Heal(f))
+    };
+    match kind {
         Kind::KillPrimary => {
             p.mysqld().kill().map_err(e)?;
-            Undo::StartMysqld(primary)
+            Ok(Undo::StartMysqld(primary))
         }
         Kind::FreezePrimary => {
             p.mysqld().freeze().map_err(e)?;
-            Undo::Thaw(primary)
+            Ok(Undo::Thaw(primary))
         }
         Kind::KillPrimaryAgent => {
             p.agent_proc().map_err(e)?.kill().map_err(e)?;
-            Undo::StartAgent(primary)
+            Ok(Undo::StartAgent(primary))
         }
         Kind::KillReplica => {
-            let r = c
-                .tablets()
-                .iter()
-                .filter(|t| t.index() != primary)
-                .nth(rng.random_range(0..replicas.len()))
-                .ok_or("no replica")?;
-            r.mysqld().kill().map_err(e)?;
-            Undo::StartMysqld(r.index())
+            let r = replica.ok_or("no replica")?;
+            c.tablet(r).mysqld().kill().map_err(e)?;
+            Ok(Undo::StartMysqld(r))
         }
-        Kind::CutPrimary => {
-            c.net()
-                .map_err(e)?
-                .isolate(&pa, Direction::Both)
-                .map_err(e)?;
-            Undo::Heal(pa)
-        }
+        Kind::CutPrimary => net(NetWhat::Isolate, &pa),
         Kind::PrimaryFromReplicas => {
-            let others: Vec<&str> = replicas.iter().map(String::as_str).collect();
-            c.net()
-                .map_err(e)?
-                .cut(&pa, &others, Direction::Both)
-                .map_err(e)?;
-            Undo::Heal(pa)
+            let others = replicas.iter().map(|i| c.tablet(*i).alias().to_string());
+            net(NetWhat::Cut(others.collect()), &pa)
         }
-        Kind::OrchestratorFromPrimary => {
-            c.net()
-                .map_err(e)?
-                .cut("orchestrator", &[&pa], Direction::Both)
-                .map_err(e)?;
-            Undo::Heal("orchestrator".into())
-        }
-        Kind::PrimaryFromEtcd => {
-            c.net()
-                .map_err(e)?
-                .cut(&pa, &["etcd"], Direction::Both)
-                .map_err(e)?;
-            Undo::Heal(pa)
-        }
-        Kind::SlowPrimaryLink => {
-            c.net()
-                .map_err(e)?
-                .delay(&pa, Duration::from_millis(5), Duration::from_millis(5))
-                .map_err(e)?;
-            Undo::Heal(pa)
-        }
-    })
+        Kind::OrchestratorFromPrimary => net(NetWhat::Cut(vec![pa]), "orchestrator"),
+        Kind::PrimaryFromEtcd => net(NetWhat::Cut(vec!["etcd".into()]), &pa),
+        Kind::SlowPrimaryLink => net(
+            NetWhat::Delay(Duration::from_millis(5), Duration::from_millis(5)),
+            &pa,
+        ),
+    }
 }
 
 /// How a fault is undone.
+#[derive(Debug)]
 enum Undo {
     StartMysqld(usize),
     Thaw(usize),
     StartAgent(usize),
-    Heal(String),
+    Heal(NetFault),
 }
 
-async fn undo(c: &Cluster, u: Undo, links: Links) -> Result<(), String> {
+impl Undo {
+    /// The tablet or host the fault acts on.
+    fn on(&self, c: &Cluster) -> String {
+        match self {
+            Undo::StartMysqld(i) | Undo::Thaw(i) | Undo::StartAgent(i) => {
+                c.tablet(*i).alias().to_string()
+            }
+            Undo::Heal(f) => f.host.clone(),
+        }
+    }
+
+    fn target(&self) -> Option<Target> {
+        match self {
+            Undo::StartMysqld(i) | Undo::Thaw(i) => Some(Target::Mysqld(*i)),
+            Undo::StartAgent(i) => Some(Target::Agent(*i)),
+            Undo::Heal(_) => None,
+        }
+    }
+}
+
+/// Undoes `u`; `others` are the step's faults that still hold.
+async fn undo(c: &Cluster, u: Undo, others: &[&Undo], links: Links) -> Result<(), String> {
     let e = |e: harness::HarnessError| e.to_string();
     match u {
         Undo::StartMysqld(i) => c.tablet(i).mysqld().start().await.map_err(e),
         Undo::Thaw(i) => c.tablet(i).mysqld().thaw().map_err(e),
+        // While another fault holds, its host may be cut from this one: started, not awaited
+        // (the shard's restoration, checked after the step, includes its agent).
+        Undo::StartAgent(i) if !others.is_empty() => {
+            c.tablet(i).agent_proc().map_err(e)?.spawn().map_err(e)
+        }
         Undo::StartAgent(i) => c
             .tablet(i)
             .agent_proc()
@@ -611,10 +721,17 @@ async fn undo(c: &Cluster, u: Undo, links: Links) -> Result<(), String> {
             .start()
             .await
             .map_err(e),
-        Undo::Heal(host) => {
-            c.net().map_err(e)?.heal(&host).map_err(e)?;
-            // A heal removes the host's link delay too.
-            links.shape(c);
+        Undo::Heal(f) => {
+            c.net().map_err(e)?.heal(&f.host).map_err(e)?;
+            // A heal removes the host's link delay and its other faults too.
+            links.shape_host(c, &f.host);
+            for o in others {
+                if let Undo::Heal(g) = o {
+                    if g.host == f.host {
+                        g.apply(c)?;
+                    }
+                }
+            }
             Ok(())
         }
     }
@@ -663,6 +780,21 @@ fn unavailability(acks: &[Ack], from: Instant, to: Instant) -> Option<Duration> 
     Some(worst)
 }
 
+/// The second fault of an overlapping step: when it begins after the first and how long it
+/// holds.
+struct Second {
+    kind: Kind,
+    after: Duration,
+    hold: Duration,
+}
+
+/// A fault of a step that holds: what undoes it, and when.
+struct Holding {
+    kind: Kind,
+    until: Instant,
+    undo: Undo,
+}
+
 /// Runs the schedule; prints each step as it goes.
 pub async fn run(opts: Options) -> Report {
     let mut rng = StdRng::seed_from_u64(opts.seed);
@@ -680,14 +812,22 @@ pub async fn run(opts: Options) -> Report {
         ..Report::default()
     };
     let mut seg = Some(new_segment(opts.links).await);
-    for n in 1..=opts.faults {
-        let s = match seg.take() {
+    let mut n = 0;
+    while report.faults() < opts.faults {
+        n += 1;
+        let mut s = match seg.take() {
             Some(s) => s,
             None => new_segment(opts.links).await,
         };
-        let mut s = s;
+        // Every draw of the step is made up front, from the seed alone.
         let kind = kinds[rng.random_range(0..kinds.len())];
         let hold = Duration::from_millis(rng.random_range(1000..4000));
+        let second =
+            (opts.faults - report.faults() >= 2 && rng.random_bool(opts.overlap)).then(|| Second {
+                kind: kinds[rng.random_range(0..kinds.len())],
+                after: Duration::from_millis(rng.random_range(0..hold.as_millis() as u64)),
+                hold: Duration::from_millis(rng.random_range(1000..4000)),
+            });
         let before = ha::record(&s.c).await;
         let Some(primary) = primary_index(&s.c).await else {
             report.violations.push(format!(
@@ -698,7 +838,7 @@ pub async fn run(opts: Options) -> Report {
             continue;
         };
         let from = Instant::now();
-        let undo_it = match inject(&s.c, kind, primary, &mut rng).await {
+        let first = match inject(&s.c, kind, primary, &[], &mut rng).await {
             Ok(u) => u,
             Err(e) => {
                 println!("step {n}: {} could not be injected: {e}", kind.name());
@@ -706,25 +846,80 @@ pub async fn run(opts: Options) -> Report {
                 continue;
             }
         };
-        tokio::time::sleep(hold).await;
-        let undone = undo(&s.c, undo_it, opts.links).await;
+        let mut what = format!(
+            "{} on {} for {:.1} s",
+            kind.name(),
+            first.on(&s.c),
+            hold.as_secs_f64()
+        );
+        let mut holding = vec![Holding {
+            kind,
+            until: from + hold,
+            undo: first,
+        }];
+        let mut overlapped = false;
+        if let Some(two) = &second {
+            tokio::time::sleep_until((from + two.after).into()).await;
+            // On whichever tablet is primary now (a failover may have begun or ended).
+            let now_primary = primary_index(&s.c).await.unwrap_or(primary);
+            let busy: Vec<Target> = holding.iter().filter_map(|h| h.undo.target()).collect();
+            let injected =
+                if two.kind == kind && NETWORK_KINDS.contains(&kind) && now_primary == primary {
+                    Err("the same fault already holds there".to_string())
+                } else {
+                    inject(&s.c, two.kind, now_primary, &busy, &mut rng).await
+                };
+            match injected {
+                Ok(u) => {
+                    what.push_str(&format!(
+                        ", and {:.1} s in {} on {} for {:.1} s",
+                        two.after.as_secs_f64(),
+                        two.kind.name(),
+                        u.on(&s.c),
+                        two.hold.as_secs_f64()
+                    ));
+                    holding.push(Holding {
+                        kind: two.kind,
+                        until: Instant::now() + two.hold,
+                        undo: u,
+                    });
+                    overlapped = true;
+                }
+                Err(e) => what.push_str(&format!(
+                    ", and {:.1} s in {} not injected: {e}",
+                    two.after.as_secs_f64(),
+                    two.kind.name()
+                )),
+            }
+        }
+        // Each fault is undone when its own hold ends, the others still holding.
+        holding.sort_by_key(|h| h.until);
+        let mut undone: Result<(), String> = Ok(());
+        while !holding.is_empty() {
+            let h = holding.remove(0);
+            tokio::time::sleep_until(h.until.into()).await;
+            let rest: Vec<&Undo> = holding.iter().map(|h| &h.undo).collect();
+            if let Err(e) = undo(&s.c, h.undo, &rest, opts.links).await {
+                undone = Err(format!("{}: {e}", h.kind.name()));
+            }
+        }
+        let row = if overlapped {
+            Row::Overlapping
+        } else {
+            Row::Single(kind)
+        };
         let back = restored(&s.c, Duration::from_secs(30)).await;
         let to = Instant::now();
         let after = ha::record(&s.c).await;
         let unavailable = unavailability(&s.via_gateway.acks(), from, to);
-        let stats = report.kinds.entry(kind).or_default();
-        stats.injected += 1;
-        let failover = after.term > before.term;
-        if failover {
-            stats.failovers += 1;
-        }
+        let stats = report.kinds.entry(row).or_default();
+        stats.injected += if overlapped { 2 } else { 1 };
+        let terms = after.term.saturating_sub(before.term) as usize;
+        stats.failovers += terms;
         stats.unavailability.push(unavailable);
         let line = format!(
-            "step {n}: {} on {} for {:.1} s: {}; longest write gap {}; {}",
-            kind.name(),
-            s.c.tablet(primary).alias(),
-            hold.as_secs_f64(),
-            if failover {
+            "step {n}: {what}: {}; longest write gap {}; {}",
+            if terms > 0 {
                 format!(
                     "failover term {} -> {} ({:?})",
                     before.term, after.term, after.primary
@@ -735,13 +930,13 @@ pub async fn run(opts: Options) -> Report {
             unavailable.map_or("-".into(), |d| format!("{:.3} s", d.as_secs_f64())),
             match (&undone, &back) {
                 (Ok(()), Ok(())) => "shard whole again".to_string(),
-                (Err(e), _) => format!("undo failed: {e}"),
+                (Err(e), _) => format!("undo failed ({e}): next step on a fresh cluster"),
                 (_, Err(e)) => format!("not whole ({e}): next step on a fresh cluster"),
             }
         );
         println!("{line}");
         report.steps.push(line);
-        s.steps.push(Step { n, kind, from });
+        s.steps.push(Step { n, row, from });
         if undone.is_ok() && back.is_ok() {
             seg = Some(s);
         } else {

@@ -1,4 +1,5 @@
 //! A short seeded chaos run (`myha_tests::chaos`): ten faults, process and network ones mixed,
+//! some steps overlapping two,
 //! on a 3-tablet semi_sync shard with every process on a host of its own, under writers through
 //! the gateway and straight to the primary, a reader through the RO port and a sampler of every
 //! tablet's read_only. No acknowledged write lost, none acknowledged by a deposed primary, never
@@ -23,12 +24,19 @@ async fn a_seeded_chaos_run_of_ten_faults_loses_nothing_and_never_has_two_writer
     let report = chaos::run(chaos::Options {
         seed: env("MYHA_CHAOS_SEED", 20261202),
         faults,
+        // Higher than the benchmark's share: ten faults must hold some overlapping steps.
+        overlap: 0.5,
         links: Links::Netns {
             rtt: Duration::ZERO,
         },
     })
     .await;
     println!("{}", report.table());
-    assert_eq!(report.steps.len(), faults, "every step ran");
+    assert_eq!(report.faults(), faults, "every fault ran");
+    assert!(
+        report.kinds.contains_key(&chaos::Row::Overlapping),
+        "the schedule overlaps faults: {}",
+        report.table()
+    );
     assert!(report.is_clean(), "{}", report.table());
 }

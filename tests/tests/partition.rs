@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use harness::netns::{Direction, Host};
 use harness::{Cluster, ClusterOptions, Hosts, Writer, WriterOptions};
+use myha_proto::agent as pb;
 use myha_tests::gw;
 use myha_tests::ha::*;
 use mysql_async::prelude::Queryable;
@@ -692,6 +693,109 @@ async fn p22_an_isolated_primary_under_durability_none_demotes_itself_before_it_
     let report = w.check(&c).await.expect("writer check");
     println!("{report}");
     assert!(report.deposed_acks.is_empty(), "{report}");
+}
+
+/// Asks tablet 0's agent, at the shard's term, to make its mysqld writable (what the orchestrator's
+/// `primary_read_only` repair does).
+async fn ask_writable(c: &Cluster, term: u64) -> Result<(), tonic::Status> {
+    let mut a = c
+        .tablet(0)
+        .agent_proc()
+        .expect("agent started")
+        .client()
+        .await
+        .expect("agent gRPC reachable");
+    a.set_read_only(pb::SetReadOnlyRequest {
+        ctx: Some(pb::ActionContext {
+            term,
+            timeout_ms: 5_000,
+            requester: "partition test (as the primary_read_only repair)".into(),
+            lock_epoch: 0,
+        }),
+        read_only: false,
+        super_read_only: false,
+    })
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_primary_that_demoted_itself_is_not_made_writable_again_while_isolated() {
+    let _serial = SERIAL.lock().await;
+    // The primary's host cut from etcd and from its replicas, while a caller (here the test on
+    // the client host; in production an orchestrator that still reaches it) asks its agent to
+    // make it writable again, as the primary_read_only repair would once it sees the primary
+    // read-only. No orchestrator runs, so nothing fails over meanwhile.
+    let c = start(ClusterOptions {
+        start_orchestrator: false,
+        start_gateway: false,
+        ..netns_options()
+    })
+    .await;
+    let term = record(&c).await.term;
+    let old = alias_of(&c, 0);
+    let replicas = [alias_of(&c, 1), alias_of(&c, 2)];
+    // The primary's agent learns its peers from etcd (again every second while it knows none):
+    // all registered, then a second and a half for it to have read them before the cut.
+    wait_ok(&c, "every tablet registered", BOUND, || async {
+        match c.topo().list_tablets(None, None).await {
+            Ok(l) if l.len() == 3 => Ok(()),
+            Ok(l) => Err(format!("{} registered", l.len())),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut others: Vec<&str> = replicas.iter().map(String::as_str).collect();
+    others.push("etcd");
+    let net = c.net().expect("network");
+    net.cut(&old, &others, Direction::Both)
+        .expect("cut the primary from etcd and its replicas");
+    let took = wait_read_only(&c, c.tablet(0), "the isolated primary to demote itself").await;
+    println!(
+        "primary cut from etcd and its replicas: read-only {:.3} s after the cut",
+        took.as_secs_f64()
+    );
+    let err = ask_writable(&c, term)
+        .await
+        .expect_err("made writable again while isolated");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("isolation rule holds"),
+        "the refusal names the rule: {}",
+        err.message()
+    );
+    println!("refused: {}", err.message());
+    // Read from the server itself (its socket, through no cut) for a while: still read-only.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(2) {
+        assert!(
+            read_only(c.tablet(0)).await.expect("read_only"),
+            "the isolated primary became writable {:.3} s after the refusal",
+            watch.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Healed: the lease is renewed and the peers answer, so the rule no longer holds and the
+    // same request is carried out.
+    net.heal_all().expect("heal");
+    let healed = Instant::now();
+    wait_ok(
+        &c,
+        "the agent to accept the request once healed",
+        BOUND,
+        || async {
+            ask_writable(&c, term)
+                .await
+                .map_err(|e| e.message().to_string())
+        },
+    )
+    .await;
+    println!(
+        "healed: made writable {:.3} s after the heal",
+        healed.elapsed().as_secs_f64()
+    );
+    assert!(!read_only(c.tablet(0)).await.expect("read_only"));
 }
 
 // ---- P10: the preferred candidate behind a slow link ---------------------------------------
