@@ -59,6 +59,16 @@ const NETWORK_KINDS: [Kind; 5] = [
 ];
 
 impl Kind {
+    /// Whether the catalogue expects a failover from this fault alone (held 1-4 s): the
+    /// others (P5, a replica lost, P6, P16, a slow link) must leave the primary in place, and
+    /// a failover after one of them is reported with the orchestrator's reason.
+    fn may_fail_over(self) -> bool {
+        matches!(
+            self,
+            Kind::KillPrimary | Kind::FreezePrimary | Kind::CutPrimary | Kind::PrimaryFromReplicas
+        )
+    }
+
     /// The process a process fault acts on (two faults of one step never share one).
     fn target(self, primary: usize, replica: usize) -> Option<Target> {
         match self {
@@ -148,6 +158,9 @@ pub struct Report {
     /// writable until it fences itself, without acknowledging anything).
     pub writable_pairs: usize,
     pub stale_reads: usize,
+    /// Failovers after a fault the catalogue expects none from, with the orchestrator's
+    /// reason (a needless failover loses nothing but deposes a working primary).
+    pub unexpected_failovers: Vec<String>,
     pub segments: usize,
     /// Each with its step and the seed.
     pub violations: Vec<String>,
@@ -200,11 +213,16 @@ impl Report {
             "| **all** | {} | {} | | | | | **{lost}** | **{deposed}** | **{dual}** |\n\n\
              goal: >= 100 faults with 0 / 0 / 0. Samples with two writable tablets, neither \
              acknowledging twice: {}; reads through the RO port older than the lag bound: {}; \
-             violations: {}\n",
+             failovers not expected from their fault: {}; violations: {}\n",
             self.faults(),
             self.kinds.values().map(|k| k.failovers).sum::<usize>(),
             self.writable_pairs,
             self.stale_reads,
+            if self.unexpected_failovers.is_empty() {
+                "none".to_string()
+            } else {
+                self.unexpected_failovers.join("; ")
+            },
             if self.violations.is_empty() {
                 "none".to_string()
             } else {
@@ -227,6 +245,7 @@ impl Report {
             "dual_writer_samples": dual,
             "writable_pairs": self.writable_pairs,
             "stale_reads": self.stale_reads,
+            "unexpected_failovers": self.unexpected_failovers,
             "violations": self.violations,
             "steps": self.steps,
             "kinds": self.kinds.iter().map(|(k, s)| serde_json::json!({
@@ -737,8 +756,8 @@ async fn undo(c: &Cluster, u: Undo, others: &[&Undo], links: Links) -> Result<()
     }
 }
 
-/// The shard whole again: three healthy tablets, nothing reported. `Err` with why not, at once
-/// when a tablet is quarantined (only an operator brings it back).
+/// The shard whole again: three healthy tablets, nothing reported, replication flowing. `Err`
+/// with why not, at once when a tablet is quarantined (only an operator brings it back).
 async fn restored(c: &Cluster, bound: Duration) -> Result<(), String> {
     let start = Instant::now();
     let mut last = String::new();
@@ -750,13 +769,51 @@ async fn restored(c: &Cluster, bound: Duration) -> Result<(), String> {
             return Err(format!("{tablet:?} quarantined: {detail}"));
         }
         match ha::shard_healthy(c, &[]).await {
-            Ok(_) if problems.is_empty() => return Ok(()),
+            Ok(p) if problems.is_empty() => match replication_flows(c, &p).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            },
             Ok(_) => last = format!("{problems:?}"),
             Err(e) => last = e,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(last)
+}
+
+/// Every running replica applies, within a second, what the primary had written when asked:
+/// replication flows. An IO thread reads "Yes" on a connection that a healed cut left dead until
+/// TCP retransmits, so a running thread alone does not say the shard is whole.
+async fn replication_flows(c: &Cluster, primary: &str) -> Result<(), String> {
+    let p = c
+        .tablet_by_alias(primary)
+        .ok_or_else(|| format!("{primary} is not a tablet of this cluster"))?;
+    let e = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+    let mut conn = p.root_conn().await.map_err(|x| e(primary, &x))?;
+    let pos: Option<String> = conn
+        .query_first("SELECT @@global.gtid_binlog_pos")
+        .await
+        .map_err(|x| e(primary, &x))?;
+    let _ = conn.disconnect().await;
+    let pos = pos.unwrap_or_default();
+    for t in c.tablets() {
+        if t.alias() == primary || !t.mysqld().is_running() {
+            continue;
+        }
+        let mut conn = t.root_conn().await.map_err(|x| e(t.alias(), &x))?;
+        let waited: Option<i64> = conn
+            .query_first(format!("SELECT MASTER_GTID_WAIT('{pos}', 1)"))
+            .await
+            .map_err(|x| e(t.alias(), &x))?;
+        let _ = conn.disconnect().await;
+        if waited != Some(0) {
+            return Err(format!(
+                "{} has not applied the primary's {pos} within 1 s: replication does not flow",
+                t.alias()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The longest time without an acknowledged write in `acks` from `from` to `to` (from the
@@ -917,8 +974,22 @@ pub async fn run(opts: Options) -> Report {
         let terms = after.term.saturating_sub(before.term) as usize;
         stats.failovers += terms;
         stats.unavailability.push(unavailable);
+        let mut why = String::new();
+        if terms > 0 && !overlapped && !kind.may_fail_over() {
+            let reasons: Vec<String> = ha::audit(&s.c)
+                .await
+                .into_iter()
+                .filter(|e| e.action == "emergency_reparent" && e.term > before.term)
+                .map(|e| format!("term {} {}: {}", e.term, e.outcome, e.detail))
+                .collect();
+            why = format!(
+                " (not expected from this fault; the orchestrator's reason: {})",
+                reasons.join(" | ")
+            );
+            report.unexpected_failovers.push(format!("step {n}{why}"));
+        }
         let line = format!(
-            "step {n}: {what}: {}; longest write gap {}; {}",
+            "step {n}: {what}: {}{why}; longest write gap {}; {}",
             if terms > 0 {
                 format!(
                     "failover term {} -> {} ({:?})",
