@@ -126,7 +126,7 @@ pub struct Options {
     pub seed: u64,
     /// Faults in all (an overlapping step counts two).
     pub faults: usize,
-    /// The share of steps that overlap two faults (0 for one at a time).
+    /// The share of steps that overlap two faults (0 for one at a time; clamped to 0-1).
     pub overlap: f64,
     /// Network faults need [`Links::Netns`]; on loopback only process faults are drawn.
     pub links: Links,
@@ -876,11 +876,17 @@ pub async fn run(opts: Options) -> Report {
             Some(s) => s,
             None => new_segment(opts.links).await,
         };
-        // Every draw of the step is made up front, from the seed alone.
+        // The step's faults and times are drawn up front, from the seed (inject only draws
+        // which replica a replica fault takes).
         let kind = kinds[rng.random_range(0..kinds.len())];
         let hold = Duration::from_millis(rng.random_range(1000..4000));
+        let share = if opts.overlap.is_finite() {
+            opts.overlap.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let second =
-            (opts.faults - report.faults() >= 2 && rng.random_bool(opts.overlap)).then(|| Second {
+            (opts.faults - report.faults() >= 2 && rng.random_bool(share)).then(|| Second {
                 kind: kinds[rng.random_range(0..kinds.len())],
                 after: Duration::from_millis(rng.random_range(0..hold.as_millis() as u64)),
                 hold: Duration::from_millis(rng.random_range(1000..4000)),
