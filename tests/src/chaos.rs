@@ -769,9 +769,12 @@ async fn restored(c: &Cluster, bound: Duration) -> Result<(), String> {
             return Err(format!("{tablet:?} quarantined: {detail}"));
         }
         match ha::shard_healthy(c, &[]).await {
-            Ok(p) if problems.is_empty() => match replication_flows(c, &p).await {
+            // Replication flowing, not only threads that read "Yes" (a healed cut can leave the
+            // IO thread's connection dead until TCP retransmits): every replica applies the
+            // primary's position within a second.
+            Ok(_) if problems.is_empty() => match c.wait_replicated(Duration::from_secs(1)).await {
                 Ok(()) => return Ok(()),
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             },
             Ok(_) => last = format!("{problems:?}"),
             Err(e) => last = e,
@@ -779,41 +782,6 @@ async fn restored(c: &Cluster, bound: Duration) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(last)
-}
-
-/// Every running replica applies, within a second, what the primary had written when asked:
-/// replication flows. An IO thread reads "Yes" on a connection that a healed cut left dead until
-/// TCP retransmits, so a running thread alone does not say the shard is whole.
-async fn replication_flows(c: &Cluster, primary: &str) -> Result<(), String> {
-    let p = c
-        .tablet_by_alias(primary)
-        .ok_or_else(|| format!("{primary} is not a tablet of this cluster"))?;
-    let e = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
-    let mut conn = p.root_conn().await.map_err(|x| e(primary, &x))?;
-    let pos: Option<String> = conn
-        .query_first("SELECT @@global.gtid_binlog_pos")
-        .await
-        .map_err(|x| e(primary, &x))?;
-    let _ = conn.disconnect().await;
-    let pos = pos.unwrap_or_default();
-    for t in c.tablets() {
-        if t.alias() == primary || !t.mysqld().is_running() {
-            continue;
-        }
-        let mut conn = t.root_conn().await.map_err(|x| e(t.alias(), &x))?;
-        let waited: Option<i64> = conn
-            .query_first(format!("SELECT MASTER_GTID_WAIT('{pos}', 1)"))
-            .await
-            .map_err(|x| e(t.alias(), &x))?;
-        let _ = conn.disconnect().await;
-        if waited != Some(0) {
-            return Err(format!(
-                "{} has not applied the primary's {pos} within 1 s: replication does not flow",
-                t.alias()
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The longest time without an acknowledged write in `acks` from `from` to `to` (from the
