@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use backoff::Backoff;
 use flavor::Dialect;
 use myha_proto::agent as pb;
 use mysql_async::Conn;
@@ -682,15 +683,14 @@ async fn kill_clients(c: &mut Conn, dialect: Dialect, t: Duration) -> Result<usi
 /// Keeps the etcd side alive forever: connect, register under a lease, watch the shard record.
 pub async fn etcd_loop(shared: Arc<Shared>) {
     let cfg = &shared.cfg.etcd;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let topo = loop {
         match Topo::connect(&cfg.endpoints, &cfg.prefix, cfg.dial_timeout).await {
             Ok(t) => break t,
             Err(e) => {
                 *lock(&shared.etcd_error) = e.to_string();
                 warn!(error = %e, "etcd unreachable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     };

@@ -3,8 +3,9 @@
 //! or moved).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use backoff::Backoff;
 use myha_proto::agent::agent_client::AgentClient;
 use myha_proto::agent::{Health, StreamHealthRequest};
 use tokio::sync::mpsc;
@@ -27,35 +28,6 @@ pub(crate) enum Report {
         generation: u64,
         state: StreamState,
     },
-}
-
-/// Doubling delay between `min` and `max`.
-#[derive(Debug, Clone)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
-        let min = min.max(Duration::from_millis(1));
-        Backoff {
-            min,
-            max: max.max(min),
-            next: min,
-        }
-    }
-
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = self.min;
-    }
 }
 
 /// The gRPC endpoint of an agent's `host:port`.
@@ -221,17 +193,6 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_the_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let got: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(got, [100, 200, 350, 350]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
-        let mut odd = Backoff::new(Duration::ZERO, Duration::ZERO);
-        assert_eq!(odd.next_delay(), Duration::from_millis(1));
-    }
 
     #[test]
     fn endpoints() {

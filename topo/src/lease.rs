@@ -1,4 +1,4 @@
-//! Leases kept alive by a background task, and a retry backoff.
+//! Leases kept alive by a background task, and the jitter of the etcd retry backoff.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,39 +9,14 @@ use tokio::time::Instant;
 
 use crate::client::Topo;
 
-/// Exponential backoff with a little jitter, bounded by `[min, max]`.
-#[derive(Debug, Clone)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = self.min;
-    }
-
-    /// The delay to wait now; doubles the next one.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        // Up to +20% jitter, from the clock (no RNG needed for this).
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|t| t.subsec_nanos())
-            .unwrap_or(0);
-        let jitter = d.mul_f64(f64::from(nanos % 200) / 1000.0);
-        (d + jitter).min(self.max)
-    }
+/// Up to 20 % jitter for a retry delay ([`backoff::Backoff::next_delay_jittered`]), from the
+/// clock's sub-second nanos: etcd clients retrying in step drift apart without an RNG.
+pub(crate) fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 200) / 1000.0
 }
 
 /// A granted lease whose keep-alive runs in a background task. `lost` turns `Some(reason)`
@@ -213,20 +188,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_is_bounded() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let first = b.next_delay();
-        assert!(
-            first >= Duration::from_millis(100) && first <= Duration::from_millis(120),
-            "{first:?}"
-        );
-        let mut last = first;
-        for _ in 0..20 {
-            last = b.next_delay();
-            assert!(last <= Duration::from_secs(2));
+    fn jitter_is_at_most_a_fifth() {
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..0.2).contains(&j), "{j}");
         }
-        assert!(last >= Duration::from_millis(1600), "{last:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(120));
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backoff::Backoff;
 use etcd_client::PutOptions;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -10,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::client::{encode, Result, Topo};
 use crate::error::TopoError;
-use crate::lease::{Backoff, KeptLease};
+use crate::lease::{jitter, KeptLease};
 use crate::records::{now_ms, TabletRecord};
 
 /// Where a [`Registration`] stands.
@@ -207,7 +208,7 @@ async fn run(
                 },
             }
         }
-        delay = backoff.next_delay();
+        delay = backoff.next_delay_jittered(jitter());
 
         // Two agents configured with one alias must not take turns overwriting each other's
         // record: refuse while another mysqld holds it (the same mysqld is a restart of us).

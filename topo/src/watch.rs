@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backoff::Backoff;
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::client::Topo;
 use crate::keys::prefix_range_end;
-use crate::lease::Backoff;
+use crate::lease::jitter;
 use crate::records::{QuarantineRecord, ShardRecord, TabletRecord};
 
 /// The content of a watched range: full key -> raw value.
@@ -266,7 +267,7 @@ async fn run(
             Err(e) => {
                 synced.send_replace(false);
                 tracing::debug!(prefix = what, error = %e, "watch: reading the range failed");
-                tokio::time::sleep(backoff.next_delay()).await;
+                tokio::time::sleep(backoff.next_delay_jittered(jitter())).await;
                 continue;
             }
         };
@@ -286,7 +287,7 @@ async fn run(
             Err(e) => {
                 synced.send_replace(false);
                 tracing::debug!(prefix = what, error = %e, "watch: creating the watch failed");
-                tokio::time::sleep(backoff.next_delay()).await;
+                tokio::time::sleep(backoff.next_delay_jittered(jitter())).await;
                 continue;
             }
         };
@@ -341,6 +342,6 @@ async fn run(
         };
         synced.send_replace(false);
         tracing::info!(prefix = what, reason = why, "watch interrupted; re-reading");
-        tokio::time::sleep(backoff.next_delay()).await;
+        tokio::time::sleep(backoff.next_delay_jittered(jitter())).await;
     }
 }
