@@ -24,6 +24,8 @@ pub enum ActionError {
     StaleTerm {
         action: &'static str,
         source: StaleTerm,
+        /// The refused request's lock epoch (for the structured refusal).
+        epoch: u64,
     },
     #[error("{action}: invalid request: {reason}")]
     Invalid {
@@ -53,9 +55,10 @@ impl From<ActionError> for tonic::Status {
     fn from(e: ActionError) -> tonic::Status {
         let msg = e.to_string();
         match e {
-            ActionError::StaleTerm { .. } | ActionError::Refused { .. } => {
-                tonic::Status::failed_precondition(msg)
+            ActionError::StaleTerm { source, epoch, .. } => {
+                myha_proto::stale_term_status(msg, source.refusal(epoch))
             }
+            ActionError::Refused { .. } => tonic::Status::failed_precondition(msg),
             ActionError::Invalid { .. } => tonic::Status::invalid_argument(msg),
             ActionError::Deadline { .. } => tonic::Status::deadline_exceeded(msg),
             ActionError::Mysql { source, .. } => match *source {
@@ -109,7 +112,11 @@ impl Exec {
         // Admit only once we run: a term may have moved on while we queued.
         shared
             .update_terms(|t| t.admit(ctx.term, ctx.lock_epoch))
-            .map_err(|source| ActionError::StaleTerm { action, source })?;
+            .map_err(|source| ActionError::StaleTerm {
+                action,
+                source,
+                epoch: ctx.lock_epoch,
+            })?;
         let (conn, dialect) = tokio::time::timeout_at(deadline, shared.connect())
             .await
             .map_err(|_| deadline_err("connect to mysqld"))?

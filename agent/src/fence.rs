@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use myha_proto::agent as pb;
 use serde::{Deserialize, Serialize};
 use topo::ShardRecord;
 
@@ -34,6 +35,31 @@ pub enum StaleTerm {
         epoch: u64,
         known_epoch: u64,
     },
+}
+
+impl StaleTerm {
+    /// The refusal as the gRPC contract carries it (`StaleTermRefusal` in the status details);
+    /// `epoch` is the refused request's lock epoch.
+    pub fn refusal(&self, epoch: u64) -> pb::StaleTermRefusal {
+        match *self {
+            StaleTerm::Term { requested, known } => pb::StaleTermRefusal {
+                requested_term: requested,
+                requested_epoch: epoch,
+                known_term: known,
+                known_epoch: 0,
+            },
+            StaleTerm::Holder {
+                term,
+                epoch,
+                known_epoch,
+            } => pb::StaleTermRefusal {
+                requested_term: term,
+                requested_epoch: epoch,
+                known_term: term,
+                known_epoch,
+            },
+        }
+    }
 }
 
 impl TermState {

@@ -187,6 +187,17 @@ async fn every_action_against_a_real_cluster() {
         "{}",
         err.message()
     );
+    // The contract's structured refusal: callers read the details, not the message.
+    assert_eq!(
+        myha_proto::stale_term_refusal(&err),
+        Some(pb::StaleTermRefusal {
+            requested_term: 0,
+            requested_epoch: 0,
+            known_term: 1,
+            known_epoch: 0,
+        }),
+        "{err:?}"
+    );
 
     // Stop IO only, twice (idempotent), then start again.
     for _ in 0..2 {
@@ -344,6 +355,11 @@ async fn every_action_against_a_real_cluster() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "nothing left to undo");
+    assert_eq!(
+        myha_proto::stale_term_refusal(&err),
+        None,
+        "a refusal for another reason is no stale-term refusal: {err:?}"
+    );
 
     // ResetReplication forgets the source; SetReplicationSource brings it back.
     a_r2.reset_replication(pb::ResetReplicationRequest { ctx: ctx(1) })
@@ -1101,6 +1117,16 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
         err.message().contains("lock epoch 400 < epoch 500"),
         "{}",
         err.message()
+    );
+    assert_eq!(
+        myha_proto::stale_term_refusal(&err),
+        Some(pb::StaleTermRefusal {
+            requested_term: 1,
+            requested_epoch: 400,
+            known_term: 1,
+            known_epoch: 500,
+        }),
+        "{err:?}"
     );
     a_r1.start_replication(pb::StartReplicationRequest {
         ctx: ctx_epoch(1, 600),
