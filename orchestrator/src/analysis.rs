@@ -11,133 +11,11 @@ use std::time::Duration;
 
 use gtid::{Flavor, GtidSet};
 use myha_proto::agent as pb;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
 
-/// Every problem the orchestrator knows, one per catalog case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProblemCode {
-    /// Primary unreachable by the orchestrator and by every reachable replica (P1-P3).
-    DeadPrimary,
-    /// As DeadPrimary, and some replicas are unreachable too (P8).
-    DeadPrimaryAndSomeReplicas,
-    /// The primary and every replica are unreachable: nothing to promote.
-    DeadPrimaryAndAllReplicas,
-    /// The orchestrator cannot see the primary but replicas reach it (P5, P6): no failover.
-    UnreachablePrimary,
-    /// The primary's own agent reaches it, but every replica has lost it: their probes of its
-    /// mysqld fail and none has received its heartbeat for `isolated_primary_after` (P20). The
-    /// co-located agent is no independent observer of network reachability, and under semi_sync
-    /// a primary no replica reaches cannot commit anyway: failed over like a dead primary; its
-    /// agent, which still reaches etcd, fences it on the new term.
-    IsolatedPrimary,
-    /// The primary answers pings and reads but its writes have not completed (the agent's
-    /// heartbeat write pending) for `writes_stalled_after`: a global read lock, semi-sync
-    /// waiting for acks, a stalled disk. Reported with what blocks; no automatic failover
-    /// unless the operator opted in ([`ProblemCode::StalledPrimary`]).
-    PrimaryWritesStalled,
-    /// Opt-in (`[recovery] failover_on_writes_stalled`, off by default): the primary's writes
-    /// have been stalled for that long. Failed over like a dead primary, except that the live
-    /// old primary is set read-only first (`Demote`, which passes a global read lock's holder)
-    /// and its final position is what the replicas apply; under durability none, where nothing
-    /// else stops its writes once the stall clears, a failed demotion refuses the failover.
-    /// VTOrc's equivalent is `PrimaryDiskStalled` behind `--enable-primary-disk-stalled-recovery`.
-    StalledPrimary,
-    /// The shard record names no primary (R8).
-    NoPrimary,
-    PrimaryReadOnly,
-    /// The primary replicates from someone (R5).
-    PrimaryReplicating,
-    /// Durability semi_sync: the primary side is off or not lossless (R6).
-    PrimarySemiSyncMustBeSet,
-    /// Durability none: the primary side is on (R7).
-    PrimarySemiSyncMustNotBeSet,
-    /// Durability semi_sync: the primary side is on and no replica is connected to acknowledge:
-    /// every commit waits (the lossless setting: until a replica returns). Reported.
-    PrimarySemiSyncNoAckers,
-    /// Durability semi_sync: the primary side is on but not active (`Rpl_semi_sync_master_status`
-    /// OFF): it fell back to async and acknowledges commits no replica holds. Reported.
-    PrimarySemiSyncFellBack,
-    ReplicaSemiSyncMustBeSet,
-    ReplicaSemiSyncMustNotBeSet,
-    /// A replica with read_only off (R2).
-    ReplicaWritable,
-    /// A replica whose IO and/or SQL thread is stopped (R3).
-    ReplicaNotReplicating,
-    /// A replica pointed at another replica, a wrong host, or nowhere (R4).
-    ReplicaWrongSource,
-    /// A replica holds transactions the primary never had (R10, P9).
-    ErrantGtid,
-    /// A tablet promoted under an older term that is not a replica of the current primary (R9, P3).
-    StaleTabletClaimingPrimary,
-    /// A replica whose mysqld its agent cannot reach.
-    ReplicaMysqlUnreachable,
-    /// A replica whose agent the orchestrator cannot hear.
-    ReplicaAgentUnreachable,
-    /// A tablet held out of promotion and routing, with the reason recorded.
-    Quarantined,
-    /// The shard record marks a reparent in progress. While it is set, the primary and replica
-    /// fixes are not reported (a planned reparent demotes the primary on purpose); a mark left
-    /// by a dead orchestrator is cleared once the shard lock is free (the engine waits
-    /// `lock_ttl` first).
-    ReparentInProgress,
-    /// A tablet reports a term the shard record does not account for: a promotion above the
-    /// record's term, or a known term above its reservation (X2: an etcd restored from a
-    /// snapshot, or an orchestrator that died between a promotion and the record write). The
-    /// record is not to be trusted, so every other fix is held (repairing towards a stale
-    /// record could make a second primary); the repair adopts the one writable tablet that
-    /// claims the newest promotion, or only raises the reservation, and refuses otherwise.
-    TermAheadOfRecord,
-}
-
-impl ProblemCode {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ProblemCode::DeadPrimary => "dead_primary",
-            ProblemCode::DeadPrimaryAndSomeReplicas => "dead_primary_and_some_replicas",
-            ProblemCode::DeadPrimaryAndAllReplicas => "dead_primary_and_all_replicas",
-            ProblemCode::UnreachablePrimary => "unreachable_primary",
-            ProblemCode::IsolatedPrimary => "isolated_primary",
-            ProblemCode::PrimaryWritesStalled => "primary_writes_stalled",
-            ProblemCode::StalledPrimary => "stalled_primary",
-            ProblemCode::NoPrimary => "no_primary",
-            ProblemCode::PrimaryReadOnly => "primary_read_only",
-            ProblemCode::PrimaryReplicating => "primary_replicating",
-            ProblemCode::PrimarySemiSyncMustBeSet => "primary_semi_sync_must_be_set",
-            ProblemCode::PrimarySemiSyncMustNotBeSet => "primary_semi_sync_must_not_be_set",
-            ProblemCode::PrimarySemiSyncNoAckers => "primary_semi_sync_no_ackers",
-            ProblemCode::PrimarySemiSyncFellBack => "primary_semi_sync_fell_back",
-            ProblemCode::ReplicaSemiSyncMustBeSet => "replica_semi_sync_must_be_set",
-            ProblemCode::ReplicaSemiSyncMustNotBeSet => "replica_semi_sync_must_not_be_set",
-            ProblemCode::ReplicaWritable => "replica_writable",
-            ProblemCode::ReplicaNotReplicating => "replica_not_replicating",
-            ProblemCode::ReplicaWrongSource => "replica_wrong_source",
-            ProblemCode::ErrantGtid => "errant_gtid",
-            ProblemCode::StaleTabletClaimingPrimary => "stale_tablet_claiming_primary",
-            ProblemCode::ReplicaMysqlUnreachable => "replica_mysql_unreachable",
-            ProblemCode::ReplicaAgentUnreachable => "replica_agent_unreachable",
-            ProblemCode::Quarantined => "quarantined",
-            ProblemCode::ReparentInProgress => "reparent_in_progress",
-            ProblemCode::TermAheadOfRecord => "term_ahead_of_record",
-        }
-    }
-
-    /// Whether the orchestrator has a recovery for it (others are reported only).
-    pub fn actionable(&self) -> bool {
-        !matches!(
-            self,
-            ProblemCode::UnreachablePrimary
-                | ProblemCode::PrimaryWritesStalled
-                | ProblemCode::PrimarySemiSyncNoAckers
-                | ProblemCode::PrimarySemiSyncFellBack
-                | ProblemCode::DeadPrimaryAndAllReplicas
-                | ProblemCode::ReplicaMysqlUnreachable
-                | ProblemCode::ReplicaAgentUnreachable
-                | ProblemCode::Quarantined
-        )
-    }
-}
+pub use crate::problem::{ProblemCode, Remedy, Subject};
+use crate::ranking::{self, Rank};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
@@ -150,6 +28,11 @@ pub struct Problem {
 
 impl Problem {
     fn new(code: ProblemCode, tablet: Option<&str>, detail: impl Into<String>) -> Problem {
+        debug_assert_eq!(
+            tablet.is_some(),
+            code.facts().subject != Subject::Shard,
+            "{code:?}: a problem names a tablet unless it is about the shard"
+        );
         Problem {
             code,
             tablet: tablet.map(str::to_string),
@@ -331,27 +214,8 @@ pub fn writer_id(h: &pb::Health) -> String {
     }
 }
 
-/// Problems that are expected, not fixed, while a reparent is marked in progress: the primary
-/// is demoted and replicas are repointed on purpose.
-pub fn held_while_reparenting(code: ProblemCode) -> bool {
-    use ProblemCode as P;
-    matches!(
-        code,
-        P::PrimaryReadOnly
-            | P::PrimaryReplicating
-            | P::PrimarySemiSyncMustBeSet
-            | P::PrimarySemiSyncMustNotBeSet
-            | P::ReplicaSemiSyncMustBeSet
-            | P::ReplicaSemiSyncMustNotBeSet
-            | P::ReplicaWritable
-            | P::ReplicaNotReplicating
-            | P::ReplicaWrongSource
-            | P::StaleTabletClaimingPrimary
-    )
-}
-
 /// All problems of one shard, most urgent first. While the shard record marks a reparent in
-/// progress, the problems [`held_while_reparenting`] are left out and
+/// progress, the problems held while reparenting ([`crate::problem::Facts`]) are left out and
 /// [`ProblemCode::ReparentInProgress`] is reported instead.
 pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
     if let Some(p) = term_ahead_of_record(input, cfg) {
@@ -363,7 +227,7 @@ pub fn analyze(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         .as_ref()
         .and_then(|r| r.reparent_in_progress.as_deref());
     if let Some(mark) = mark {
-        out.retain(|p| !held_while_reparenting(p.code));
+        out.retain(|p| !p.code.facts().held_while_reparenting);
         out.push(Problem::new(
             ProblemCode::ReparentInProgress,
             None,
@@ -916,19 +780,12 @@ pub enum Refusal {
     },
 }
 
-fn rule_rank(r: PromotionRule) -> u8 {
-    match r {
-        PromotionRule::Prefer => 0,
-        PromotionRule::Neutral => 1,
-        PromotionRule::MustNot => 2,
-    }
-}
-
 /// Chooses the new primary among reachable, non-quarantined tablets.
 ///
 /// The most advanced tablet (a superset of every other) sets the target; errant tablets are out;
-/// `must_not` tablets are never chosen but may serve as the catch-up source; `prefer` beats
-/// `neutral`, then the old primary's cell, then being already at the target, then the alias.
+/// `must_not` tablets are never chosen but may serve as the catch-up source; the eligible are
+/// ranked by [`crate::ranking`] (rule, the old primary's cell, holding the target, least left
+/// to apply, alias).
 pub fn choose_candidate(
     candidates: &[Candidate],
     old_primary_cell: Option<&str>,
@@ -952,7 +809,7 @@ pub fn choose_candidate(
         return Err(Refusal::NoCandidate(why));
     }
     let most = most_advanced(&clean)?;
-    let mut eligible: Vec<&Candidate> = clean
+    let eligible: Vec<&Candidate> = clean
         .iter()
         .copied()
         .filter(|c| c.rule != PromotionRule::MustNot)
@@ -962,18 +819,19 @@ pub fn choose_candidate(
             "every clean reachable replica has promotion rule must_not".into(),
         ));
     }
-    eligible.sort_by_key(|c| {
-        (
-            rule_rank(c.rule),
+    let Some(chosen) = ranking::best(eligible, |c| {
+        Rank::new(
+            &c.alias,
+            c.rule,
             old_primary_cell.is_some_and(|cell| cell != c.cell),
             !c.position.contains_set(&most.position).unwrap_or(false),
             c.position
                 .transaction_count()
                 .saturating_sub(c.applied.transaction_count()),
-            c.alias.clone(),
         )
-    });
-    let chosen = eligible[0];
+    }) else {
+        return Err(Refusal::NoCandidate("no eligible replica".into()));
+    };
     let at_target = chosen
         .position
         .contains_set(&most.position)

@@ -210,45 +210,14 @@ fn describe_metrics() {
 // ---- pure decision ----------------------------------------------------------------------
 
 /// Rank of an actionable problem (lower is more urgent); `None` for problems reported only.
+/// The ranks are in [`crate::problem::PROBLEMS`].
 pub fn urgency(code: ProblemCode) -> Option<u8> {
-    use ProblemCode as P;
-    Some(match code {
-        // A record behind the tablets is reconciled first: every other fix rests on it.
-        P::TermAheadOfRecord | P::DeadPrimary => 0,
-        P::DeadPrimaryAndSomeReplicas | P::IsolatedPrimary | P::StalledPrimary => 1,
-        // A stale mark (after `Gate::mark_grace`) hides every fix below: clear it first.
-        P::ReparentInProgress => 2,
-        P::NoPrimary => 2,
-        P::StaleTabletClaimingPrimary => 3,
-        // Quarantined before anything else touches it (its repairs would be moot).
-        P::ErrantGtid => 4,
-        P::PrimaryReplicating => 5,
-        P::PrimaryReadOnly => 6,
-        // Turning semi-sync off: the primary side first (else it waits for acks nobody sends).
-        P::PrimarySemiSyncMustNotBeSet => 7,
-        P::ReplicaWritable => 8,
-        P::ReplicaWrongSource => 9,
-        P::ReplicaNotReplicating => 10,
-        // Turning semi-sync on: the replica side first (else every commit blocks).
-        P::ReplicaSemiSyncMustBeSet => 11,
-        P::ReplicaSemiSyncMustNotBeSet => 12,
-        P::PrimarySemiSyncMustBeSet => 13,
-        P::DeadPrimaryAndAllReplicas
-        | P::UnreachablePrimary
-        | P::PrimaryWritesStalled
-        | P::PrimarySemiSyncNoAckers
-        | P::PrimarySemiSyncFellBack
-        | P::ReplicaMysqlUnreachable
-        | P::ReplicaAgentUnreachable
-        | P::Quarantined => return None,
-    })
+    code.facts().urgency
 }
 
 /// Whether this orchestrator has a recovery for `code`.
 pub fn recoverable(code: ProblemCode) -> bool {
-    code.actionable()
-        && urgency(code).is_some()
-        && (recovery::is_dead_primary(code) || recovery::repair::supports(code))
+    urgency(code).is_some()
 }
 
 /// The most urgent problem this orchestrator can recover (ties: analysis order).
@@ -263,15 +232,7 @@ pub fn most_urgent(problems: &[Problem]) -> Option<&Problem> {
 /// an unreachable primary share one (the primary unseen), so detection latency runs from the
 /// first moment the primary was not seen.
 pub fn episode_key(p: &Problem) -> String {
-    use ProblemCode as P;
-    let root = match p.code {
-        P::DeadPrimary
-        | P::DeadPrimaryAndSomeReplicas
-        | P::DeadPrimaryAndAllReplicas
-        | P::UnreachablePrimary => "primary_unseen",
-        P::IsolatedPrimary => "primary_isolated",
-        c => c.as_str(),
-    };
+    let root = p.code.facts().episode_root.unwrap_or(p.code.as_str());
     format!("{root}:{}", p.tablet.as_deref().unwrap_or(""))
 }
 
@@ -396,7 +357,7 @@ pub fn decide(
         );
     }
     // A record behind the tablets names the wrong primary to suspect: reconciling it first.
-    if !recovery::is_dead_primary(p.code) && p.code != ProblemCode::TermAheadOfRecord {
+    if !p.code.facts().while_primary_suspect {
         if let Some(why) = &gate.primary_suspect {
             return wait(
                 format!("the primary is suspect ({why}): waiting for the dead-primary analysis"),
@@ -418,13 +379,7 @@ pub fn decide(
                 );
             }
         }
-        let graced = match p.code {
-            ProblemCode::ReplicaNotReplicating => Some("replication stopped"),
-            ProblemCode::ReplicaWrongSource => Some("wrong replication source"),
-            ProblemCode::StaleTabletClaimingPrimary => Some("stale primary claim"),
-            _ => None,
-        };
-        if let (Some(what), Some(ep)) = (graced, episode) {
+        if let (Some(what), Some(ep)) = (p.code.facts().grace, episode) {
             let age = now.saturating_duration_since(ep.first_seen);
             if age < gate.replica_grace {
                 return wait(
@@ -482,8 +437,7 @@ pub fn primary_suspect(
 
 /// Backoff after `failures` unsuccessful attempts.
 pub fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
-    let shift = failures.saturating_sub(1).min(16);
-    min.saturating_mul(1u32 << shift).min(max)
+    backoff::Backoff::after_failures(failures, min, max)
 }
 
 // ---- the task ---------------------------------------------------------------------------
@@ -988,7 +942,7 @@ impl Engine {
 }
 
 fn skip_action(code: ProblemCode) -> String {
-    if recovery::is_dead_primary(code) {
+    if code.is_dead_primary() {
         recovery::ACTION_EMERGENCY_REPARENT.to_string()
     } else {
         code.as_str().to_string()

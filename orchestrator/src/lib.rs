@@ -1,6 +1,8 @@
 //! myha-orchestrator: follows every tablet's health, analyses each shard, and recovers.
 //!
+//! - [`problem`]: every problem code and its facts (urgency, remedy, holds), in one table;
 //! - [`analysis`]: pure `(shard input) -> problems` and candidate choice;
+//! - [`ranking`]: the one candidate ranking both reparents use;
 //! - [`input`]: builds the analysis input from a snapshot or from fresh `FullStatus` answers;
 //! - [`engine`]: the decision loop and its published [`engine::EngineView`];
 //! - [`recovery`]: what runs under the shard lock (emergency reparent, repairs);
@@ -17,4 +19,6 @@ pub mod engine;
 pub mod http;
 pub mod input;
 pub mod operator;
+pub mod problem;
+pub mod ranking;
 pub mod recovery;

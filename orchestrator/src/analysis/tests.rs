@@ -675,6 +675,18 @@ fn must_not_is_an_intermediate_source_only_and_prefer_wins() {
             .candidate,
         "z-4"
     );
+    // A `prefer` tablet in another cell beats a neutral one in the old primary's cell, as in a
+    // planned reparent (`recovery::planned`'s `prefer_beats_lag_and_the_cell`).
+    let c = vec![
+        cand("z-3", "zone1", PromotionRule::Neutral, "0-1-10"),
+        cand("z-4", "zone2", PromotionRule::Prefer, "0-1-10"),
+    ];
+    assert_eq!(
+        choose_candidate(&c, Some("zone1"), Durability::None)
+            .unwrap()
+            .candidate,
+        "z-4"
+    );
 }
 
 #[test]
@@ -797,7 +809,7 @@ fn a_marked_reparent_holds_the_primary_and_replica_fixes() {
         ProblemCode::ReplicaNotReplicating,
         ProblemCode::StaleTabletClaimingPrimary,
     ] {
-        assert!(held_while_reparenting(code), "{code:?}");
+        assert!(code.facts().held_while_reparenting, "{code:?}");
     }
 }
 
@@ -832,11 +844,13 @@ fn a_marked_reparent_still_reports_a_dead_primary_and_what_needs_an_operator() {
         c.contains(&(ProblemCode::ReplicaMysqlUnreachable, Some("z-3".into()))),
         "{c:?}"
     );
-    assert!(!held_while_reparenting(
-        ProblemCode::ReplicaMysqlUnreachable
-    ));
-    assert!(!held_while_reparenting(ProblemCode::ErrantGtid));
-    assert!(!held_while_reparenting(ProblemCode::DeadPrimary));
+    assert!(
+        !ProblemCode::ReplicaMysqlUnreachable
+            .facts()
+            .held_while_reparenting
+    );
+    assert!(!ProblemCode::ErrantGtid.facts().held_while_reparenting);
+    assert!(!ProblemCode::DeadPrimary.facts().held_while_reparenting);
 }
 
 #[test]

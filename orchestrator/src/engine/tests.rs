@@ -96,11 +96,11 @@ fn most_urgent_picks_the_dead_primary_first() {
         .into_iter()
         .map(|c| p(c, Some("zone1-102")))
         .collect();
-    match most_urgent(&repairs).map(|p| p.code) {
-        // Repairs are recovered only once `recovery::repair` supports them.
-        None => assert!(!recovery::repair::supports(P::ReplicaSemiSyncMustBeSet)),
-        Some(c) => assert_eq!(c, P::ReplicaSemiSyncMustBeSet, "replica side first"),
-    }
+    assert_eq!(
+        most_urgent(&repairs).map(|p| p.code),
+        Some(P::ReplicaSemiSyncMustBeSet),
+        "replica side first"
+    );
 }
 
 #[test]

@@ -34,6 +34,7 @@ use topo::{
 use crate::analysis::{self, AnalysisConfig, Problem, ProblemCode, ShardInput};
 use crate::control;
 use crate::input;
+use crate::problem::Remedy;
 
 /// Audit `action` of an emergency reparent's summary entry (flapping counts the automatic ones).
 pub const ACTION_EMERGENCY_REPARENT: &str = "emergency_reparent";
@@ -129,6 +130,9 @@ pub enum RecoveryError {
         tablet: String,
         code: tonic::Code,
         message: String,
+        /// Set when the agent refused our fencing token (term, lock epoch), from the status
+        /// details: another orchestrator acted at a newer term or under a newer lock.
+        stale: Option<pb::StaleTermRefusal>,
     },
     /// An agent did not answer in time.
     #[error("{rpc} on {tablet}: no answer within {after:?}")]
@@ -169,9 +173,13 @@ impl RecoveryError {
         move |source| RecoveryError::Topo { what, source }
     }
 
-    /// The gRPC code when an agent refused because our term is stale.
-    pub fn is_stale_term(&self) -> bool {
-        matches!(self, RecoveryError::Agent { code: tonic::Code::FailedPrecondition, message, .. } if message.contains("stale term"))
+    /// The agent's refusal when it refused our fencing token as stale (the structured
+    /// refusal of the gRPC contract, never a reading of the message).
+    pub fn stale_term(&self) -> Option<&pb::StaleTermRefusal> {
+        match self {
+            RecoveryError::Agent { stale, .. } => stale.as_ref(),
+            _ => None,
+        }
     }
 }
 
@@ -413,6 +421,7 @@ fn agent_error(rpc: &'static str, tablet: &str, s: &tonic::Status) -> RecoveryEr
         tablet: tablet.to_string(),
         code: s.code(),
         message,
+        stale: myha_proto::stale_term_refusal(s),
     }
 }
 
@@ -1514,23 +1523,12 @@ pub struct Done {
     pub new_primary: Option<String>,
 }
 
-/// Whether the dead-primary family: an emergency reparent recovers it.
-pub fn is_dead_primary(code: ProblemCode) -> bool {
-    matches!(
-        code,
-        ProblemCode::DeadPrimary
-            | ProblemCode::DeadPrimaryAndSomeReplicas
-            | ProblemCode::IsolatedPrimary
-            | ProblemCode::StalledPrimary
-    )
-}
-
 /// The problem in `problems` that is "the same" as `wanted`: same code (any dead-primary
 /// variant for a dead primary) and same tablet.
 pub fn same_problem<'a>(wanted: &Problem, problems: &'a [Problem]) -> Option<&'a Problem> {
     problems.iter().find(|p| {
-        let code_matches = if is_dead_primary(wanted.code) {
-            is_dead_primary(p.code)
+        let code_matches = if wanted.code.is_dead_primary() {
+            p.code.is_dead_primary()
         } else {
             p.code == wanted.code
         };
@@ -1583,7 +1581,7 @@ async fn run_locked(deps: &Deps, job: &Job) -> Ran {
             },
         )
     };
-    let purpose = if is_dead_primary(code) {
+    let purpose = if code.is_dead_primary() {
         format!("emergency reparent ({})", job.problem.detail)
     } else {
         format!("repair {}", code.as_str())
@@ -1615,7 +1613,7 @@ async fn run_locked(deps: &Deps, job: &Job) -> Ran {
             return (Outcome::Failed { error: reason }, Vec::new(), None, None);
         }
     };
-    if is_dead_primary(code) {
+    if code.is_dead_primary() {
         reparent::phase("lock", lock_started.elapsed());
     }
     let (outcome, steps, new_term, problem) = under_lock(deps, job, lock).await;
@@ -1623,7 +1621,7 @@ async fn run_locked(deps: &Deps, job: &Job) -> Ran {
 }
 
 fn action_name(code: ProblemCode) -> &'static str {
-    if is_dead_primary(code) {
+    if code.is_dead_primary() {
         ACTION_EMERGENCY_REPARENT
     } else {
         code.as_str()
@@ -1683,7 +1681,10 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
             tracing::warn!(keyspace = ks, shard, error = %e, "flapping check failed; proceeding");
         }
     }
-    let suspect = is_dead_primary(job.problem.code)
+    let suspect = job
+        .problem
+        .code
+        .is_dead_primary()
         .then_some(job.problem.tablet.as_deref())
         .flatten();
     let fresh = match refresh(deps, ks, shard, &job.quarantined, suspect).await {
@@ -1700,7 +1701,7 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
             return (outcome, Vec::new(), None, None);
         }
     };
-    if is_dead_primary(code) {
+    if code.is_dead_primary() {
         reparent::phase("refresh", t0.elapsed());
     }
     let term = fresh.record_term();
@@ -1747,12 +1748,10 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
             None,
         );
     }
-    let result = if problem.code == ProblemCode::StalledPrimary {
-        reparent::stalled_primary_reparent(&ctx).await
-    } else if is_dead_primary(problem.code) {
-        reparent::emergency_reparent(&ctx).await
-    } else {
-        repair::repair(&ctx, &problem).await
+    let result = match problem.code.facts().remedy {
+        Remedy::DemoteThenEmergencyReparent => reparent::stalled_primary_reparent(&ctx).await,
+        Remedy::EmergencyReparent => reparent::emergency_reparent(&ctx).await,
+        remedy => repair::repair(&ctx, &problem, remedy).await,
     };
     let took = ctx.started().elapsed();
     let (outcome, new_term) = match result {

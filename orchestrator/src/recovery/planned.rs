@@ -28,6 +28,7 @@ use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
 
 use super::{Done, RecoveryContext, RecoveryError};
 use crate::analysis;
+use crate::ranking::{self, Rank};
 
 /// What the operator asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,14 +121,6 @@ struct Eligible {
     rule: PromotionRule,
     lag_ms: Option<u64>,
     position: Option<gtid::GtidSet>,
-}
-
-fn rule_rank(r: PromotionRule) -> u8 {
-    match r {
-        PromotionRule::Prefer => 0,
-        PromotionRule::Neutral => 1,
-        PromotionRule::MustNot => 2,
-    }
 }
 
 fn millis(d: Duration) -> u64 {
@@ -249,8 +242,9 @@ impl PlannedInput<'_> {
 ///
 /// The candidate is `to`, or the best replica: answering, replicating from the primary (IO and
 /// SQL running), not quarantined, not `must_not`, lag within `max_lag` (unknown lag only when it
-/// has applied the primary's position); preferred: the primary's cell, then `prefer` over
-/// `neutral`, then least lag, then the most advanced position, then the alias. With semi_sync
+/// has applied the primary's position); the best by [`crate::ranking`] (`prefer` over
+/// `neutral`, then the primary's cell, then holding what the others hold, then least lag,
+/// then the alias). With semi_sync
 /// durability someone other than the candidate (the old primary counts) must be able to ack.
 pub fn choose_planned(input: &PlannedInput<'_>) -> Result<PlannedChoice, PlannedRefusal> {
     let primary = input
@@ -371,30 +365,29 @@ pub fn choose_planned(input: &PlannedInput<'_>) -> Result<PlannedChoice, Planned
     })
 }
 
-/// The best of the eligible: cell, rule, lag, then the most advanced, then the alias.
-fn best(mut ok: Vec<Eligible>) -> Option<Eligible> {
-    let key = |e: &Eligible| {
-        (
-            e.cell_differs,
-            rule_rank(e.rule),
-            e.lag_ms.unwrap_or(u64::MAX),
-        )
-    };
-    let top = ok.iter().map(key).min()?;
-    ok.retain(|e| key(e) == top);
-    ok.sort_by(|a, b| a.alias.cmp(&b.alias));
-    let mut pick = ok.first()?.clone();
-    for e in &ok[1..] {
-        let ahead = match (&e.position, &pick.position) {
-            (Some(a), Some(b)) => a != b && a.contains_set(b).unwrap_or(false),
-            (Some(_), None) => true,
+/// The best of the eligible by [`crate::ranking`]: rule, the primary's cell, holding what every
+/// other eligible replica holds, least lag, alias.
+fn best(ok: Vec<Eligible>) -> Option<Eligible> {
+    let lacks = |e: &Eligible| {
+        ok.iter().any(|o| match (&e.position, &o.position) {
+            (Some(mine), Some(theirs)) => !mine.contains_set(theirs).unwrap_or(false),
+            (None, Some(_)) => true,
             _ => false,
-        };
-        if ahead {
-            pick = e.clone();
-        }
-    }
-    Some(pick)
+        })
+    };
+    let ranks: Vec<Rank> = ok
+        .iter()
+        .map(|e| {
+            Rank::new(
+                &e.alias,
+                e.rule,
+                e.cell_differs,
+                lacks(e),
+                e.lag_ms.unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    ranking::best(ok.into_iter().zip(ranks), |(_, r)| r.clone()).map(|(e, _)| e)
 }
 
 /// How a planned reparent ended badly.
@@ -763,16 +756,18 @@ mod tests {
     }
 
     #[test]
-    fn prefer_beats_lag_and_the_cell_beats_prefer() {
+    fn prefer_beats_lag_and_the_cell() {
         let mut s = Shard::new();
         s.rule("zone1-102", PromotionRule::Prefer);
         assert_eq!(s.choose(None).unwrap().candidate, "zone1-102");
         s.rule("zone2-104", PromotionRule::Prefer);
         s.rule("zone1-102", PromotionRule::Neutral);
+        // The emergency reparent ranks the same way (one ranking, `crate::ranking`): before
+        // it did, a planned reparent put the cell first and the two disagreed.
         assert_eq!(
             s.choose(None).unwrap().candidate,
-            "zone1-103",
-            "same cell first"
+            "zone2-104",
+            "prefer first, even in another cell"
         );
     }
 

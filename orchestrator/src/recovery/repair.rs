@@ -1,38 +1,18 @@
 //! Repairs that need no reparent (R1-R9), plus electing the first primary of a new shard and
 //! rejoining (or quarantining) a returning old primary.
 //!
-//! Contract with the engine ([`super::run`]): [`supports`] says which codes are repaired here;
-//! [`repair`] runs under the shard lock with a fresh [`RecoveryContext`] whose problem was
+//! Contract with the engine ([`super::run`]): every remedy of [`crate::problem::PROBLEMS`] but
+//! the reports and the emergency reparents is carried out here; [`repair`] runs under the shard lock with a fresh [`RecoveryContext`] whose problem was
 //! re-found under the lock. Each agent call is an audited step under `ctx.term()`.
 //!
 //! Order matters for semi-sync: the analysis only reports the primary side once a replica acks,
 //! so replicas are always fixed first and no commit ever waits on a primary with no acker.
 
 use super::{Done, RecoveryContext, RecoveryError};
-use crate::analysis::{self, Candidate, Problem, ProblemCode};
+use crate::analysis::{self, Candidate, Problem};
 use crate::control::Control;
+use crate::problem::Remedy;
 use topo::{Durability, ShardRecord};
-
-/// Whether [`repair`] recovers `code`.
-pub fn supports(code: ProblemCode) -> bool {
-    matches!(
-        code,
-        ProblemCode::NoPrimary
-            | ProblemCode::PrimaryReadOnly
-            | ProblemCode::PrimaryReplicating
-            | ProblemCode::PrimarySemiSyncMustBeSet
-            | ProblemCode::PrimarySemiSyncMustNotBeSet
-            | ProblemCode::ReplicaSemiSyncMustBeSet
-            | ProblemCode::ReplicaSemiSyncMustNotBeSet
-            | ProblemCode::ReplicaWritable
-            | ProblemCode::ReplicaNotReplicating
-            | ProblemCode::ReplicaWrongSource
-            | ProblemCode::StaleTabletClaimingPrimary
-            | ProblemCode::ErrantGtid
-            | ProblemCode::ReparentInProgress
-            | ProblemCode::TermAheadOfRecord
-    )
-}
 
 fn tablet_of(problem: &Problem) -> Result<&str, RecoveryError> {
     problem
@@ -49,16 +29,20 @@ fn primary_of(ctx: &RecoveryContext) -> Result<String, RecoveryError> {
         .ok_or_else(|| RecoveryError::Refused("the shard record names no primary".into()))
 }
 
-/// Repairs `problem`.
-pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, RecoveryError> {
+/// Repairs `problem` by `remedy` (its code's, from the problem table).
+pub async fn repair(
+    ctx: &RecoveryContext,
+    problem: &Problem,
+    remedy: Remedy,
+) -> Result<Done, RecoveryError> {
     let semi = ctx.durability() == Durability::SemiSync;
     let done = |detail: String| Done {
         detail,
         ..Done::default()
     };
-    match problem.code {
-        ProblemCode::NoPrimary => elect_primary(ctx).await,
-        ProblemCode::PrimaryReadOnly => {
+    match remedy {
+        Remedy::ElectPrimary => elect_primary(ctx).await,
+        Remedy::MakePrimaryWritable => {
             let p = tablet_of(problem)?;
             // Never writable before lossless: under semi_sync the primary side is (re)applied
             // first (AFTER_SYNC, no fallback, waiting with no replica), else the first commits
@@ -77,36 +61,34 @@ pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, Re
                 }
             )))
         }
-        ProblemCode::PrimaryReplicating => {
+        Remedy::ResetPrimaryReplication => {
             let p = tablet_of(problem)?;
             ctx.reset_replication(p).await?;
             Ok(done(format!(
                 "{p}: replication on the primary stopped and reset"
             )))
         }
-        ProblemCode::PrimarySemiSyncMustBeSet | ProblemCode::PrimarySemiSyncMustNotBeSet => {
+        Remedy::SetPrimarySemiSync(on) => {
             let p = tablet_of(problem)?;
-            let on = problem.code == ProblemCode::PrimarySemiSyncMustBeSet;
             ctx.set_semi_sync(p, Some(on), None).await?;
             Ok(done(format!("{p}: semi-sync primary side {}", onoff(on))))
         }
-        ProblemCode::ReplicaSemiSyncMustBeSet | ProblemCode::ReplicaSemiSyncMustNotBeSet => {
+        Remedy::SetReplicaSemiSync(on) => {
             let r = tablet_of(problem)?;
-            let on = problem.code == ProblemCode::ReplicaSemiSyncMustBeSet;
             ctx.set_semi_sync(r, None, Some(on)).await?;
             Ok(done(format!("{r}: semi-sync replica side {}", onoff(on))))
         }
-        ProblemCode::ReplicaWritable => {
+        Remedy::MakeReplicaReadOnly => {
             let r = tablet_of(problem)?;
             ctx.set_read_only(r, true).await?;
             Ok(done(format!("{r}: read_only set back to ON")))
         }
-        ProblemCode::ReplicaNotReplicating => {
+        Remedy::RestartReplication => {
             let r = tablet_of(problem)?;
             ctx.start_replication(r, false).await?;
             Ok(done(format!("{r}: replication restarted")))
         }
-        ProblemCode::ReplicaWrongSource => {
+        Remedy::RepointAtPrimary => {
             let r = tablet_of(problem)?;
             let primary = primary_of(ctx)?;
             let source = ctx.tablet(&primary)?.clone();
@@ -117,14 +99,16 @@ pub async fn repair(ctx: &RecoveryContext, problem: &Problem) -> Result<Done, Re
                 source.mysql_host, source.mysql_port
             )))
         }
-        ProblemCode::StaleTabletClaimingPrimary => rejoin_or_quarantine(ctx, problem).await,
-        ProblemCode::ErrantGtid => quarantine_errant(ctx, problem).await,
-        ProblemCode::TermAheadOfRecord => reconcile_terms(ctx).await,
-        ProblemCode::ReparentInProgress => clear_stale_mark(ctx).await,
-        other => Err(RecoveryError::Refused(format!(
-            "no automatic repair for {}",
-            other.as_str()
-        ))),
+        Remedy::RejoinOrQuarantine => rejoin_or_quarantine(ctx, problem).await,
+        Remedy::QuarantineErrant => quarantine_errant(ctx, problem).await,
+        Remedy::ReconcileTerms => reconcile_terms(ctx).await,
+        Remedy::ClearStaleMark => clear_stale_mark(ctx).await,
+        Remedy::Report | Remedy::EmergencyReparent | Remedy::DemoteThenEmergencyReparent => {
+            Err(RecoveryError::Refused(format!(
+                "no repair for {}: {remedy:?} is not a repair",
+                problem.code.as_str()
+            )))
+        }
     }
 }
 
@@ -494,35 +478,6 @@ async fn clear_stale_mark(ctx: &RecoveryContext) -> Result<Done, RecoveryError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn repairs_cover_the_catalog_except_reports() {
-        for code in [
-            ProblemCode::NoPrimary,
-            ProblemCode::PrimaryReadOnly,
-            ProblemCode::PrimaryReplicating,
-            ProblemCode::PrimarySemiSyncMustBeSet,
-            ProblemCode::PrimarySemiSyncMustNotBeSet,
-            ProblemCode::ReplicaSemiSyncMustBeSet,
-            ProblemCode::ReplicaSemiSyncMustNotBeSet,
-            ProblemCode::ReplicaWritable,
-            ProblemCode::ReplicaNotReplicating,
-            ProblemCode::ReplicaWrongSource,
-            ProblemCode::StaleTabletClaimingPrimary,
-            ProblemCode::ErrantGtid,
-            ProblemCode::ReparentInProgress,
-        ] {
-            assert!(supports(code), "{code:?}");
-            assert!(code.actionable(), "{code:?}");
-        }
-        for code in [
-            ProblemCode::UnreachablePrimary,
-            ProblemCode::Quarantined,
-            ProblemCode::DeadPrimary,
-        ] {
-            assert!(!supports(code), "{code:?}");
-        }
-    }
 
     fn marked(term: u64, reserved: u64) -> ShardRecord {
         let mut r = ShardRecord::new("ks", "0");
