@@ -367,27 +367,33 @@ pub fn choose_planned(input: &PlannedInput<'_>) -> Result<PlannedChoice, Planned
 
 /// The best of the eligible by [`crate::ranking`]: rule, the primary's cell, holding what every
 /// other eligible replica holds, least lag, alias.
+///
+/// With the primary live, the positions are read at different instants while writes go on: a
+/// replica lagging 5 s whose health came later can show more than one lagging 0 s. So a
+/// position counts only against replicas lagging no less ([`lag_key`]): progress breaks ties
+/// between equal lags and never outranks a smaller lag. For GTID sets that form a chain (no
+/// errant replica is eligible) the winner is the least lag, then the most advanced, then the
+/// alias, as before the ranking was shared.
 fn best(ok: Vec<Eligible>) -> Option<Eligible> {
     let lacks = |e: &Eligible| {
-        ok.iter().any(|o| match (&e.position, &o.position) {
-            (Some(mine), Some(theirs)) => !mine.contains_set(theirs).unwrap_or(false),
-            (None, Some(_)) => true,
-            _ => false,
-        })
+        ok.iter()
+            .filter(|o| lag_key(o) <= lag_key(e))
+            .any(|o| match (&e.position, &o.position) {
+                (Some(mine), Some(theirs)) => !mine.contains_set(theirs).unwrap_or(false),
+                (None, Some(_)) => true,
+                _ => false,
+            })
     };
     let ranks: Vec<Rank> = ok
         .iter()
-        .map(|e| {
-            Rank::new(
-                &e.alias,
-                e.rule,
-                e.cell_differs,
-                lacks(e),
-                e.lag_ms.unwrap_or(u64::MAX),
-            )
-        })
+        .map(|e| Rank::new(&e.alias, e.rule, e.cell_differs, lacks(e), lag_key(e)))
         .collect();
     ranking::best(ok.into_iter().zip(ranks), |(_, r)| r.clone()).map(|(e, _)| e)
+}
+
+/// A replica's lag as the ranking's backlog; unknown lag ranks last.
+fn lag_key(e: &Eligible) -> u64 {
+    e.lag_ms.unwrap_or(u64::MAX)
 }
 
 /// How a planned reparent ended badly.
@@ -785,6 +791,20 @@ mod tests {
         );
         s.status("zone1-103").mysql.as_mut().unwrap().gtid_position = "0-101-12".into();
         assert_eq!(s.choose(None).unwrap().candidate, "zone1-103");
+    }
+
+    #[test]
+    fn a_later_snapshot_of_a_lagging_replica_does_not_outrank_a_smaller_lag() {
+        // zone1-103 (lag 10) shows more than zone2-104 (lag 5) because its health was read
+        // later; 104 is moved into the primary's cell so that only lag and position differ.
+        let mut s = Shard::new();
+        s.tablets.get_mut("zone2-104").expect("tablet").cell = "zone1".into();
+        s.status("zone2-104").mysql.as_mut().unwrap().gtid_position = "0-101-9".into();
+        assert_eq!(
+            s.choose(None).unwrap().candidate,
+            "zone2-104",
+            "least lag first; progress only among equal lags"
+        );
     }
 
     #[test]
