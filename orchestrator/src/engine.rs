@@ -2,9 +2,13 @@
 //! `tick`), decides which problem to recover, and starts recovery tasks ([`recovery::run`]).
 //!
 //! The decision is pure ([`decide`]): `(problems, shard memory, control, now) -> Decision`.
-//! The task around it keeps per-shard memory (problem episodes, the running recovery, backoff,
-//! the primary's last healthy position, flapping from the audit log) and publishes an
-//! [`EngineView`] for the HTTP API.
+//! Around it, [`Engine`] is the sans-IO core: `handle(input, now) -> effects` plus
+//! [`Engine::poll_timeout`], keeping per-shard memory (problem episodes, the running recovery,
+//! backoff, the primary's last healthy position, flapping from the audit log). It reads no
+//! clock and starts no task: the thin async shell ([`start`]) feeds it snapshots, control
+//! states and results, performs its [`Effect`]s (start a recovery, read or append the audit
+//! log, warm an agent channel, publish the [`EngineView`] for the HTTP API) and sleeps until
+//! its timeout. The simulator drives the same core with a virtual clock.
 //!
 //! Rules:
 //! - the most urgent actionable problem first ([`urgency`]): dead primary, no primary, stale
@@ -24,12 +28,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tabletwatch::{FleetSnapshot, ShardView};
 use tokio::sync::{mpsc, watch};
-use topo::AuditEntry;
+use topo::{AuditEntry, TabletRecord};
 
 use crate::analysis::{self, Problem, ProblemCode};
 use crate::control::{self, ControlState, Flapping};
 use crate::input;
-use crate::recovery::{self, Deps, Job, Outcome, PrimaryPosition, Report};
+use crate::recovery::{self, Deps, Job, Outcome, PrimaryPosition, RecoveryConfig, Report};
 
 /// The engine's published state.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -489,23 +493,134 @@ struct ShardMem {
 
 type ShardKey = (String, String);
 
+/// What the engine core is told.
+#[derive(Debug)]
+pub enum Input {
+    /// The current snapshot and control state, on a change or at [`Engine::poll_timeout`]:
+    /// every shard whose inputs changed or whose memo is due is analysed again.
+    Evaluate {
+        snapshot: Arc<FleetSnapshot>,
+        control: Arc<ControlState>,
+        /// Wall clock (ms since the epoch) for records and the audit.
+        now_ms: u64,
+    },
+    /// A recovery the core started ([`Effect::StartRecovery`]) ended.
+    Done(Report),
+    /// A read of a shard's audit log the core asked for ([`Effect::LoadAudit`]) ended.
+    Audit {
+        keyspace: String,
+        shard: String,
+        /// The shard term the read was asked at.
+        term: u64,
+        result: Result<Vec<AuditEntry>, String>,
+    },
+}
+
+/// What the shell must do for the core, in order.
+#[derive(Debug)]
+pub enum Effect {
+    /// Run [`recovery::run`] for the job and hand its report back as [`Input::Done`].
+    StartRecovery(Job),
+    /// Read the shard's audit log (for the flapping check) and hand it back as
+    /// [`Input::Audit`] with the same term.
+    LoadAudit {
+        keyspace: String,
+        shard: String,
+        term: u64,
+    },
+    /// Append an entry to the shard's audit log (a skipped recovery).
+    AppendAudit {
+        keyspace: String,
+        shard: String,
+        entry: AuditEntry,
+    },
+    /// Open the agent's channel ahead of need, so that a recovery does not pay the connect.
+    WarmAgent(Arc<TabletRecord>),
+    /// The new view for the API.
+    Publish(EngineView),
+}
+
+/// The engine's sans-IO core. Invariant: it changes only in [`Engine::handle`], and every
+/// effect it wants is returned from there, in the order it must be performed.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: Arc<RecoveryConfig>,
+    actor: Arc<str>,
+    opts: EngineOptions,
+    shards: HashMap<ShardKey, ShardMem>,
+    loads_in_flight: usize,
+    version: u64,
+    last_control: Option<Arc<ControlState>>,
+    /// When the last [`Input::Evaluate`] ran and the least `due` of the memos it left.
+    last_eval: Option<Instant>,
+    next_due: Option<Instant>,
+    effects: Vec<Effect>,
+}
+
+const MAX_AUDIT_LOADS: usize = 8;
+
+/// The least gap between two evaluations the core asks for: a memo due at once (a health
+/// already stale) must not make the shell spin.
+const MIN_EVAL_GAP: Duration = Duration::from_millis(5);
+
+impl Engine {
+    pub fn new(cfg: Arc<RecoveryConfig>, actor: Arc<str>, opts: EngineOptions) -> Engine {
+        Engine {
+            cfg,
+            actor,
+            opts,
+            shards: HashMap::new(),
+            loads_in_flight: 0,
+            version: 0,
+            last_control: None,
+            last_eval: None,
+            next_due: None,
+            effects: Vec::new(),
+        }
+    }
+
+    /// Takes one input at `now`; returns what to do, in order.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Effect> {
+        match input {
+            Input::Evaluate {
+                snapshot,
+                control,
+                now_ms,
+            } => {
+                let view = self.evaluate(&snapshot, &control, now, now_ms);
+                self.effects.push(Effect::Publish(view));
+            }
+            Input::Done(report) => self.fold(Event::Done(report), now),
+            Input::Audit {
+                keyspace,
+                shard,
+                term,
+                result,
+            } => self.fold(Event::Audit((keyspace, shard), term, result), now),
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    /// When the core wants the next [`Input::Evaluate`] even if nothing changes: the first
+    /// memo to fall due (a tablet's health turning stale, a backoff ending), at most `tick`
+    /// after the last evaluation, at least [`MIN_EVAL_GAP`] after it. `None` before the first.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let last = self.last_eval?;
+        let tick = last + self.opts.tick;
+        Some(
+            self.next_due
+                .map_or(tick, |d| d.min(tick))
+                .max(last + MIN_EVAL_GAP),
+        )
+    }
+}
+
 enum Event {
     Done(Report),
     Audit(ShardKey, u64, Result<Vec<AuditEntry>, String>),
 }
 
-struct Engine {
-    deps: Deps,
-    opts: EngineOptions,
-    shards: HashMap<ShardKey, ShardMem>,
-    events: mpsc::UnboundedSender<Event>,
-    loads_in_flight: usize,
-    version: u64,
-    last_control: Option<Arc<ControlState>>,
-}
-
-const MAX_AUDIT_LOADS: usize = 8;
-
+/// The shell: feeds the core and performs its effects. Every wait is here.
 async fn run(
     mut snapshots: watch::Receiver<Arc<FleetSnapshot>>,
     mut control: watch::Receiver<Arc<ControlState>>,
@@ -514,44 +629,91 @@ async fn run(
     tx: watch::Sender<Arc<EngineView>>,
 ) {
     let (events, mut rx) = mpsc::unbounded_channel();
-    let mut engine = Engine {
-        deps,
-        opts,
-        shards: HashMap::new(),
-        events,
-        loads_in_flight: 0,
-        version: 0,
-        last_control: None,
-    };
+    let mut engine = Engine::new(deps.cfg.clone(), deps.actor.clone(), opts);
     tracing::info!(
-        actor = %engine.deps.actor,
-        enabled = engine.deps.cfg.enabled,
+        actor = %deps.actor,
+        enabled = deps.cfg.enabled,
         "recovery engine started"
     );
     let mut snapshots_open = true;
     let mut control_open = true;
     loop {
         let snap = snapshots.borrow_and_update().clone();
-        engine.deps.registrations.observe(&snap, topo::now_ms());
+        deps.registrations.observe(&snap, topo::now_ms());
         let ctl = control.borrow_and_update().clone();
-        let view = engine.evaluate(&snap, &ctl, Instant::now(), topo::now_ms());
-        tx.send_replace(Arc::new(view));
-        let tick = tokio::time::sleep(engine.opts.tick);
+        let input = Input::Evaluate {
+            snapshot: snap,
+            control: ctl,
+            now_ms: topo::now_ms(),
+        };
+        perform(&deps, &events, &tx, engine.handle(input, Instant::now()));
+        let wake = engine
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + engine.opts.tick);
         tokio::select! {
             r = snapshots.changed(), if snapshots_open => if r.is_err() { snapshots_open = false },
             r = control.changed(), if control_open => if r.is_err() { control_open = false },
-            Some(ev) = rx.recv() => engine.handle(ev, Instant::now()),
-            _ = tick => {}
+            Some(input) = rx.recv() => perform(&deps, &events, &tx, engine.handle(input, Instant::now())),
+            _ = tokio::time::sleep_until(wake.into()) => {}
         }
         // Drain whatever else arrived, so reports are folded in before the next evaluation.
-        while let Ok(ev) = rx.try_recv() {
-            engine.handle(ev, Instant::now());
+        while let Ok(input) = rx.try_recv() {
+            perform(&deps, &events, &tx, engine.handle(input, Instant::now()));
+        }
+    }
+}
+
+fn perform(
+    deps: &Deps,
+    events: &mpsc::UnboundedSender<Input>,
+    tx: &watch::Sender<Arc<EngineView>>,
+    effects: Vec<Effect>,
+) {
+    for effect in effects {
+        match effect {
+            Effect::StartRecovery(job) => {
+                let deps = deps.clone();
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let report = recovery::run(deps, job).await;
+                    let _ = events.send(Input::Done(report));
+                });
+            }
+            Effect::LoadAudit {
+                keyspace,
+                shard,
+                term,
+            } => {
+                let topo = deps.topo.clone();
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let result = topo
+                        .list_audit(&keyspace, Some(&shard), control::AUDIT_SCAN)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = events.send(Input::Audit {
+                        keyspace,
+                        shard,
+                        term,
+                        result,
+                    });
+                });
+            }
+            Effect::AppendAudit {
+                keyspace,
+                shard,
+                entry,
+            } => deps.audit.append(&keyspace, &shard, entry),
+            Effect::WarmAgent(tablet) => deps.agents.warm(&tablet),
+            Effect::Publish(view) => {
+                tx.send_replace(Arc::new(view));
+            }
         }
     }
 }
 
 impl Engine {
-    fn handle(&mut self, ev: Event, now: Instant) {
+    fn fold(&mut self, ev: Event, now: Instant) {
         let key = match &ev {
             Event::Audit(key, ..) => key.clone(),
             Event::Done(r) => (r.keyspace.clone(), r.shard.clone()),
@@ -591,7 +753,7 @@ impl Engine {
                 mem.running = None;
                 mem.flap.stale = true;
                 let settle = if matches!(report.outcome, Outcome::LockHeld { .. }) {
-                    self.deps.cfg.lock_wait
+                    self.cfg.lock_wait
                 } else {
                     self.opts.settle_max
                 };
@@ -636,6 +798,8 @@ impl Engine {
         now_ms: u64,
     ) -> EngineView {
         self.version += 1;
+        self.last_eval = Some(now);
+        self.next_due = None;
         if !self
             .last_control
             .as_ref()
@@ -648,7 +812,7 @@ impl Engine {
         }
         self.shards
             .retain(|k, m| snap.shards.contains_key(k) || m.running.is_some());
-        let global_disabled = if !self.deps.cfg.enabled {
+        let global_disabled = if !self.cfg.enabled {
             Some(
                 "automatic recovery is disabled in the configuration ([recovery] enabled = false)"
                     .to_string(),
@@ -664,11 +828,13 @@ impl Engine {
         for (key, view) in &snap.shards {
             let memo = self.shards.get(key).and_then(|m| m.memo.as_ref());
             if let Some(m) = memo.filter(|m| now < m.due && m.synced == synced && m.view == *view) {
+                self.next_due = Some(self.next_due.map_or(m.due, |d| d.min(m.due)));
                 shards.push(m.status.clone());
                 continue;
             }
             let status = self.evaluate_shard(key, view, ctl, synced, now, now_ms);
             let due = self.due(key, view, &status, now);
+            self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
             if let Some(mem) = self.shards.get_mut(key) {
                 mem.memo = Some(Memo {
                     view: view.clone(),
@@ -687,7 +853,7 @@ impl Engine {
             control_synced: ctl.synced,
             recoveries_enabled: global_disabled.is_none(),
             disabled_reason: global_disabled,
-            actor: self.deps.actor.to_string(),
+            actor: self.actor.to_string(),
             shards,
         }
     }
@@ -701,7 +867,7 @@ impl Engine {
         now: Instant,
         now_ms: u64,
     ) -> ShardStatus {
-        let cfg = self.deps.cfg.clone();
+        let cfg = self.cfg.clone();
         let (ks, shard) = (key.0.as_str(), key.1.as_str());
         let durability = ctl.durability(ks);
         let quarantined = ctl.quarantined(view.tablets.keys().map(String::as_str));
@@ -714,7 +880,7 @@ impl Engine {
         );
         let problems = analysis::analyze(&input, &cfg.analysis);
         for t in view.tablets.values() {
-            self.deps.agents.warm(&t.record);
+            self.effects.push(Effect::WarmAgent(t.record.clone()));
         }
         self.maybe_load_audit(key, view.term(), now);
         let mem = self.shards.entry(key.clone()).or_default();
@@ -797,20 +963,20 @@ impl Engine {
                     if let Some(ep) = mem.episodes.get_mut(&ep_key) {
                         if ep.skips.insert(reason.clone()) {
                             tracing::info!(keyspace = ks, shard, problem = problem.code.as_str(), tablet = ?problem.tablet, %reason, "recovery skipped");
-                            self.deps.audit.append(
-                                ks,
-                                shard,
-                                AuditEntry {
+                            self.effects.push(Effect::AppendAudit {
+                                keyspace: ks.to_string(),
+                                shard: shard.to_string(),
+                                entry: AuditEntry {
                                     at_ms: now_ms,
                                     term: view.term(),
-                                    actor: self.deps.actor.to_string(),
+                                    actor: self.actor.to_string(),
                                     action: skip_action(problem.code).to_string(),
                                     tablet: problem.tablet.clone(),
                                     outcome: recovery::OUTCOME_SKIPPED.to_string(),
                                     detail: format!("{}: {reason}", problem.detail),
                                     duration_ms: None,
                                 },
-                            );
+                            });
                         }
                     }
                 }
@@ -854,12 +1020,7 @@ impl Engine {
                     quarantined: quarantined.clone(),
                     last_primary: mem.last_primary.clone(),
                 };
-                let deps = self.deps.clone();
-                let events = self.events.clone();
-                tokio::spawn(async move {
-                    let report = recovery::run(deps, job).await;
-                    let _ = events.send(Event::Done(report));
-                });
+                self.effects.push(Effect::StartRecovery(job));
             }
         }
         let enabled_reason = if !cfg.enabled {
@@ -900,7 +1061,7 @@ impl Engine {
         if busy || !status.problems.is_empty() || status.waiting.is_some() {
             return now + self.opts.tick;
         }
-        let stale_after = self.deps.cfg.analysis.health_stale_after;
+        let stale_after = self.cfg.analysis.health_stale_after;
         view.tablets
             .values()
             .filter_map(|t| t.last_health.as_deref())
@@ -928,15 +1089,10 @@ impl Engine {
         }
         mem.flap.loading = true;
         self.loads_in_flight += 1;
-        let topo = self.deps.topo.clone();
-        let events = self.events.clone();
-        let key = key.clone();
-        tokio::spawn(async move {
-            let r = topo
-                .list_audit(&key.0, Some(&key.1), control::AUDIT_SCAN)
-                .await
-                .map_err(|e| e.to_string());
-            let _ = events.send(Event::Audit(key, term, r));
+        self.effects.push(Effect::LoadAudit {
+            keyspace: key.0.clone(),
+            shard: key.1.clone(),
+            term,
         });
     }
 }

@@ -418,3 +418,137 @@ fn what_a_reparent_in_flight_repoints_itself_gets_the_replica_grace() {
         Decision::Recover(_)
     ));
 }
+
+/// A shard whose record names no primary, one tablet registered and not yet heard from.
+fn no_primary_snapshot(now: Instant) -> Arc<FleetSnapshot> {
+    use tabletwatch::{StreamState, TabletView};
+    let record = tabletwatch::testing::tablet_record("zone1-101", "ks", "0");
+    let tablet = TabletView {
+        record: Arc::new(record),
+        last_health: None,
+        stream: StreamState::Connecting {
+            since: now,
+            since_ms: 1_000,
+            failures: 0,
+            last_error: None,
+        },
+        quarantine: None,
+    };
+    let view = ShardView {
+        keyspace: "ks".into(),
+        shard: "0".into(),
+        record: Some(Arc::new(topo::ShardRecord::new("ks", "0"))),
+        tablets: [("zone1-101".to_string(), tablet)].into(),
+    };
+    Arc::new(FleetSnapshot {
+        version: 1,
+        taken_at: now,
+        topo_synced: true,
+        shards: [(("ks".to_string(), "0".to_string()), view)].into(),
+    })
+}
+
+fn evaluate(
+    e: &mut Engine,
+    snap: &Arc<FleetSnapshot>,
+    ctl: &ControlState,
+    now: Instant,
+) -> Vec<Effect> {
+    e.handle(
+        Input::Evaluate {
+            snapshot: snap.clone(),
+            control: Arc::new(ctl.clone()),
+            now_ms: 1_000,
+        },
+        now,
+    )
+}
+
+#[test]
+fn the_core_returns_its_effects_audits_a_skip_once_and_starts_one_recovery() {
+    let opts = EngineOptions::default();
+    let tick = opts.tick;
+    let mut e = Engine::new(
+        Arc::new(RecoveryConfig::default()),
+        Arc::from("orchestrator@test:1"),
+        opts,
+    );
+    assert_eq!(
+        e.poll_timeout(),
+        None,
+        "no timeout before the first evaluation"
+    );
+    let t0 = Instant::now();
+    let snap = no_primary_snapshot(t0);
+    // Durability unknown: the recovery is skipped, said once in the audit.
+    let mut ctl = ControlState {
+        synced: true,
+        ..ControlState::default()
+    };
+    let fx = evaluate(&mut e, &snap, &ctl, t0);
+    let skips: Vec<&AuditEntry> = fx
+        .iter()
+        .filter_map(|f| match f {
+            Effect::AppendAudit { entry, .. } => Some(entry),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(skips.len(), 1, "{fx:?}");
+    assert_eq!(skips[0].outcome, recovery::OUTCOME_SKIPPED);
+    assert!(
+        skips[0].detail.contains("durability unknown"),
+        "{}",
+        skips[0].detail
+    );
+    assert!(fx
+        .iter()
+        .any(|f| matches!(f, Effect::LoadAudit { term: 0, .. })));
+    assert!(fx
+        .iter()
+        .any(|f| matches!(f, Effect::WarmAgent(t) if t.alias == "zone1-101")));
+    assert!(matches!(fx.last(), Some(Effect::Publish(v)) if v.shards[0].waiting.is_some()));
+    assert!(!fx.iter().any(|f| matches!(f, Effect::StartRecovery(_))));
+    // A shard with a problem is looked at again within a tick.
+    let wake = e.poll_timeout().expect("a timeout");
+    assert!(wake > t0 && wake <= t0 + tick, "{:?}", wake - t0);
+
+    // Woken again: the skip is not audited twice, the audit read is not asked twice.
+    let fx = evaluate(&mut e, &snap, &ctl, wake);
+    assert!(
+        !fx.iter()
+            .any(|f| matches!(f, Effect::AppendAudit { .. } | Effect::LoadAudit { .. })),
+        "{fx:?}"
+    );
+    // The audit read comes back empty: no flapping. Folding it in asks for nothing.
+    let fx = e.handle(
+        Input::Audit {
+            keyspace: "ks".into(),
+            shard: "0".into(),
+            term: 0,
+            result: Ok(Vec::new()),
+        },
+        wake,
+    );
+    assert!(fx.is_empty(), "{fx:?}");
+
+    // Durability known: one recovery is started, and only one while it runs.
+    ctl.keyspaces
+        .insert("ks".into(), topo::Durability::SemiSync);
+    let t1 = wake + tick;
+    let fx = evaluate(&mut e, &snap, &ctl, t1);
+    let jobs: Vec<&Job> = fx
+        .iter()
+        .filter_map(|f| match f {
+            Effect::StartRecovery(j) => Some(j),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(jobs.len(), 1, "{fx:?}");
+    assert_eq!(jobs[0].problem.code, ProblemCode::NoPrimary);
+    let fx = evaluate(&mut e, &snap, &ctl, t1 + tick);
+    assert!(
+        !fx.iter().any(|f| matches!(f, Effect::StartRecovery(_))),
+        "{fx:?}"
+    );
+    assert!(matches!(fx.last(), Some(Effect::Publish(v)) if v.shards[0].recovery.is_some()));
+}
