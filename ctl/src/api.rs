@@ -68,7 +68,7 @@ pub enum ApiError {
     Sandbox {
         dir: String,
         #[source]
-        source: Box<harness::HarnessError>,
+        source: Box<launcher::HarnessError>,
     },
 }
 
@@ -151,7 +151,7 @@ pub fn etcd_endpoints(etcd: &[String], dir: Option<&Path>) -> Result<Vec<String>
         return Ok(etcd.to_vec());
     }
     let dir = sandbox_dir(dir);
-    match harness::SandboxState::read(&dir) {
+    match launcher::SandboxState::read(&dir) {
         Ok(Some(state)) => Ok(vec![state.etcd]),
         Ok(None) => Err(ApiError::NoEtcd {
             dir: dir.display().to_string(),
@@ -177,7 +177,7 @@ pub fn orchestrator_url(
     if etcd_given {
         return None;
     }
-    let state = harness::SandboxState::read(&sandbox_dir(dir)).ok()??;
+    let state = launcher::SandboxState::read(&sandbox_dir(dir)).ok()??;
     state.orchestrator_http.as_deref().map(normalize_url)
 }
 

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use myha_orchestrator::api::{merge_audit, AuditJson, RecoveriesResponse};
+use myha_api::{merge_audit, AuditJson, RecoveriesResponse};
 use serde::Serialize;
 use topo::{Topo, TopoError};
 

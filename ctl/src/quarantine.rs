@@ -5,7 +5,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use myha_orchestrator::api::{QuarantineChange, QuarantineJson, QuarantineListResponse};
+use myha_api::{QuarantineChange, QuarantineJson, QuarantineListResponse};
 use serde::Serialize;
 
 use crate::api::{encode, print_change, AnswerError, Api, ApiArgs, ApiError};

@@ -3,7 +3,7 @@
 //! `POST /api/v1/shards/{ks}/{shard}/ack`). The orchestrator writes the control records in
 //! etcd, so every orchestrator of the cluster follows the change, not only the one asked.
 
-use myha_orchestrator::api::ChangeResponse;
+use myha_api::ChangeResponse;
 use serde::Serialize;
 
 use crate::api::{encode, print_change, AnswerError, Api, ApiArgs, ApiError};

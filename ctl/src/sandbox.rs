@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use harness::{Cluster, ClusterOptions, Durability, SandboxState};
+use launcher::{Cluster, ClusterOptions, Durability, SandboxState};
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
@@ -69,7 +69,7 @@ pub fn read_state(dir: &Path) -> anyhow::Result<SandboxState> {
         format!(
             "no sandbox in {} (no {}); start one with `myhactl sandbox up`",
             dir.display(),
-            harness::sandbox::STATE_FILE
+            launcher::sandbox::STATE_FILE
         )
     })
 }
@@ -90,12 +90,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         anyhow::bail!("--tablets must be at least 1");
     }
     let dir = resolve_dir(args.dir)?;
-    let _lock = harness::sandbox::lock_dir(&dir)?;
-    harness::sandbox::prepare_dir(&dir)?;
+    let _lock = launcher::sandbox::lock_dir(&dir)?;
+    launcher::sandbox::prepare_dir(&dir)?;
     let started = Instant::now();
     let (hosts, netns_name) = match args.hosts {
-        HostsArg::Loopback => (harness::Hosts::Loopback, None),
-        HostsArg::Netns => (harness::Hosts::Netns, Some(network_name(&dir))),
+        HostsArg::Loopback => (launcher::Hosts::Loopback, None),
+        HostsArg::Netns => (launcher::Hosts::Netns, Some(network_name(&dir))),
     };
     let cluster = Cluster::start(ClusterOptions {
         hosts,
@@ -217,18 +217,18 @@ pub async fn down(args: DownArgs) -> anyhow::Result<()> {
         anyhow::bail!(
             "no sandbox running in {} (no {})",
             dir.display(),
-            harness::sandbox::STATE_FILE
+            launcher::sandbox::STATE_FILE
         );
     }
-    let _lock = harness::sandbox::lock_dir(&dir)?;
+    let _lock = launcher::sandbox::lock_dir(&dir)?;
     if SandboxState::read(&dir)?.is_none() {
         anyhow::bail!(
             "no sandbox running in {} (no {})",
             dir.display(),
-            harness::sandbox::STATE_FILE
+            launcher::sandbox::STATE_FILE
         );
     }
-    let report = harness::sandbox::down(&dir, Duration::from_secs(30)).await?;
+    let report = launcher::sandbox::down(&dir, Duration::from_secs(30)).await?;
     let mut stuck = Vec::new();
     for s in &report {
         println!("{:<24} pid {:<8} {}", s.what, s.pid, s.outcome);

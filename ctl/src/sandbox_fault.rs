@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use harness::{SandboxState, SandboxTablet};
+use launcher::{SandboxState, SandboxTablet};
 use topo::Topo;
 
 /// How long etcd may take to answer (connect, and each read).
@@ -19,7 +19,7 @@ pub enum FaultError {
     #[error("no sandbox in {dir} (no {file}); start one with `myhactl sandbox up`")]
     NoSandbox { dir: PathBuf, file: &'static str },
     #[error(transparent)]
-    Harness(#[from] harness::HarnessError),
+    Harness(#[from] launcher::HarnessError),
     #[error("the sandbox's etcd at {etcd}: {reason}")]
     Etcd { etcd: String, reason: String },
     #[error("{keyspace}/{shard} has no primary in etcd right now")]
@@ -91,7 +91,7 @@ pub struct FaultArgs {
 pub fn read_state(dir: &Path) -> Result<SandboxState, FaultError> {
     SandboxState::read(dir)?.ok_or_else(|| FaultError::NoSandbox {
         dir: dir.to_path_buf(),
-        file: harness::sandbox::STATE_FILE,
+        file: launcher::sandbox::STATE_FILE,
     })
 }
 
@@ -197,14 +197,14 @@ pub async fn run(args: FaultArgs) -> Result<(), FaultError> {
         .mysqld_pid
         .ok_or_else(|| FaultError::NoPid(alias.clone()))?;
     // Only a live mariadbd of this sandbox is signalled, never a recycled pid.
-    if !harness::sandbox::is_ours(pid, "mariadbd", &state.dir) {
+    if !launcher::sandbox::is_ours(pid, "mariadbd", &state.dir) {
         return Err(FaultError::NotRunning { alias, pid });
     }
     send_signal(args.fault, pid)?;
     match args.fault {
         Fault::Kill => {
             let start = Instant::now();
-            while harness::pid_alive(pid) {
+            while launcher::pid_alive(pid) {
                 if start.elapsed() > KILL_WAIT {
                     return Err(FaultError::Survived {
                         alias,

@@ -17,7 +17,7 @@ pub enum RestartError {
     #[error(transparent)]
     Sandbox(#[from] FaultError),
     #[error(transparent)]
-    Harness(#[from] harness::HarnessError),
+    Harness(#[from] launcher::HarnessError),
     #[error(
         "mysqld of {alias} is still running (pid {pid}): nothing to restart (`myhactl sandbox fault kill {alias}` crashes it)"
     )]
@@ -30,20 +30,20 @@ pub enum RestartError {
     Mysqld {
         alias: String,
         #[source]
-        source: harness::HarnessError,
+        source: launcher::HarnessError,
     },
     #[error("mysqld of {alias} runs again (pid {pid}), but starting its agent failed")]
     Agent {
         alias: String,
         pid: u32,
         #[source]
-        source: harness::HarnessError,
+        source: launcher::HarnessError,
     },
     #[error("recording the new pids in {path}")]
     Record {
         path: PathBuf,
         #[source]
-        source: harness::HarnessError,
+        source: launcher::HarnessError,
     },
 }
 
@@ -64,7 +64,7 @@ pub async fn run(args: RestartArgs) -> Result<(), RestartError> {
     read_state(&dir)?;
     // Not concurrently with `up`/`down`/another restart: the pids written back must be the
     // ones running.
-    let _lock = harness::sandbox::lock_dir(&dir)?;
+    let _lock = launcher::sandbox::lock_dir(&dir)?;
     let mut state = read_state(&dir)?;
     let alias = if args.target == "primary" {
         let topo = connect_topo(&state).await?;
@@ -84,7 +84,7 @@ pub async fn run(args: RestartArgs) -> Result<(), RestartError> {
             .map(|(_, pid)| *pid)
     };
     if let Some(pid) = pid_of("mariadbd") {
-        return Err(if harness::pid_stopped(pid) {
+        return Err(if launcher::pid_stopped(pid) {
             RestartError::Frozen { alias, pid }
         } else {
             RestartError::Running { alias, pid }
@@ -114,7 +114,7 @@ pub async fn run(args: RestartArgs) -> Result<(), RestartError> {
         rec.mysqld_pid = Some(mysqld_pid);
         rec.agent_pid = Some(agent_pid);
     }
-    let path = harness::SandboxState::path(&dir);
+    let path = launcher::SandboxState::path(&dir);
     state
         .write(&path)
         .map_err(|source| RestartError::Record { path, source })?;

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use harness::SandboxState;
+use launcher::SandboxState;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
 use topo::Topo;

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use myha_orchestrator::api::{AuditJson, ProblemJson, RecoveryJson};
+use myha_api::{AuditJson, ProblemJson, RecoveryJson};
 use myha_proto::agent::{self as pb, agent_client::AgentClient};
 use serde::{Deserialize, Serialize};
 use topo::{ShardRecord, TabletRecord, Topo};
@@ -282,10 +282,10 @@ pub fn join_orchestrator(
 /// say), chosen as the orchestrator chooses it.
 async fn fill_last_recovery_from_etcd(topo: &Topo, report: &mut Report) {
     for s in &mut report.shards {
-        let scan = myha_orchestrator::http::LAST_RECOVERY_SCAN;
+        let scan = myha_api::LAST_RECOVERY_SCAN;
         if let Ok(entries) = topo.list_audit(&s.keyspace, Some(&s.shard), scan).await {
-            s.last_recovery = myha_orchestrator::api::last_recovery(&entries)
-                .map(|e| AuditJson::new(&s.keyspace, &s.shard, e));
+            s.last_recovery =
+                myha_api::last_recovery(&entries).map(|e| AuditJson::new(&s.keyspace, &s.shard, e));
             s.last_recovery_source = "etcd";
         }
     }

@@ -241,17 +241,27 @@ impl GatewayConfig {
         Ok(cfg)
     }
 
-    #[cfg(test)]
+    /// `gateway.toml` text, parsed and validated as [`GatewayConfig::load`] does.
     pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         let cfg: GatewayConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    #[cfg(test)]
+    /// The config as `gateway.toml` text (what the harness and the playbook tests write).
     pub fn to_toml(&self) -> String {
         // Serialising plain data with string keys cannot fail.
         toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The first listener's RW port.
+    pub fn rw(&self) -> Option<SocketAddr> {
+        self.listeners.iter().find_map(|l| l.rw)
+    }
+
+    /// The first listener's RO port.
+    pub fn ro(&self) -> Option<SocketAddr> {
+        self.listeners.iter().find_map(|l| l.ro)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -7,13 +7,6 @@
 //! proxy (`proxy`) acts on it. `/health`, `/metrics` and `/routing` are served on
 //! `[gateway] admin_listen`.
 
-mod affinity;
-mod config;
-mod mysql;
-mod proxy;
-mod routing;
-mod splice;
-
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,9 +20,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tabletwatch::{TabletWatch, WatchOptions};
 use tracing::{info, warn};
 
-use crate::config::GatewayConfig;
-use crate::proxy::{Gateway, ListenerSpec, Port, Settings};
-use crate::routing::ProxyPolicy;
+use myha_gateway::config::GatewayConfig;
+use myha_gateway::proxy::{self, Gateway, ListenerSpec, Port, Settings};
+use myha_gateway::routing::{self, ProxyPolicy};
 
 /// myha-gateway: an L4 proxy that sends writes to the shard's primary and reads to replicas
 /// under a lag bound.

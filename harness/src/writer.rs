@@ -40,8 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use topo::ShardRecord;
 
-use crate::cluster::Cluster;
-use crate::error::{HarnessError, Result};
+use launcher::{Cluster, HarnessError, Result};
 
 /// The table the writer fills, in the application database.
 pub const WRITES_TABLE: &str = "writes";

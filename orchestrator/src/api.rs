@@ -27,56 +27,16 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tabletwatch::{FleetSnapshot, ShardView, StreamState, TabletView};
-use topo::{AuditEntry, QuarantineRecord, ShardRecord, TabletRecord};
+use topo::{QuarantineRecord, ShardRecord, TabletRecord};
 
-use crate::analysis::{Problem, ProblemCode};
+use crate::analysis::Problem;
 use crate::engine::{EngineView, RecoveryResult, ShardStatus};
-use crate::recovery::{ACTION_EMERGENCY_REPARENT, ACTION_PLANNED_REPARENT};
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ShardsResponse {
-    /// The snapshot's version (increases with every change).
-    pub version: u64,
-    /// The etcd watches are current (else registrations and shard records may be stale).
-    pub topo_synced: bool,
-    /// What `fresh` was judged with.
-    pub health_stale_after_ms: u64,
-    /// The engine has analysed at least once (else `problems` are empty for lack of analysis).
-    pub analysed: bool,
-    /// Automatic recovery is on (`[recovery] enabled` and not disabled globally); else why not.
-    pub recoveries_enabled: bool,
-    pub recoveries_disabled_reason: Option<String>,
-    pub shards: Vec<ShardJson>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ShardJson {
-    pub keyspace: String,
-    pub shard: String,
-    /// The shard record exists (else only tablets registered for it are known).
-    pub has_record: bool,
-    /// The primary the shard record names.
-    pub primary: Option<String>,
-    pub term: u64,
-    pub term_start_ms: Option<u64>,
-    pub reparent_in_progress: Option<String>,
-    /// What the analysis finds wrong now, most urgent first (empty: healthy).
-    pub problems: Vec<ProblemJson>,
-    /// Whether and how the orchestrator may recover this shard now.
-    pub recovery: RecoveryJson,
-    /// The newest audit entry of the shard (`null`: none known).
-    pub last_recovery: Option<AuditJson>,
-    pub tablets: Vec<TabletJson>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProblemJson {
-    /// e.g. `dead_primary`, `replica_not_replicating` (see `analysis::ProblemCode`).
-    pub code: String,
-    /// The tablet it is about; `null` for shard-wide problems.
-    pub tablet: Option<String>,
-    pub detail: String,
-}
+pub use myha_api::{
+    is_recovery_action, last_recovery, merge_audit, AttemptJson, AuditJson, ChangeResponse,
+    InProgressJson, ProblemJson, QuarantineChange, QuarantineJson, QuarantineListResponse,
+    RecoveriesResponse, RecoveryJson, ShardJson, ShardsResponse, TabletJson,
+};
 
 impl From<&Problem> for ProblemJson {
     fn from(p: &Problem) -> Self {
@@ -86,37 +46,6 @@ impl From<&Problem> for ProblemJson {
             detail: p.detail.clone(),
         }
     }
-}
-
-/// A recovery running now (in this orchestrator process).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InProgressJson {
-    /// The problem it recovers, e.g. `dead_primary`.
-    pub what: String,
-    /// The tablet it is about, if one.
-    pub tablet: Option<String>,
-    #[serde(default)]
-    pub detail: String,
-    /// When it started, ms since the epoch.
-    pub since_ms: u64,
-    #[serde(default)]
-    pub running_ms: u64,
-}
-
-/// How this orchestrator process's last attempt on the shard ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AttemptJson {
-    /// The problem it was for.
-    pub problem: String,
-    pub tablet: Option<String>,
-    /// `recovered`, `refused`, `failed`, `problem_gone`, `lock_held` or `skipped`.
-    pub outcome: String,
-    /// The outcome's detail, reason or error.
-    pub detail: String,
-    pub started_ms: u64,
-    pub duration_ms: u64,
-    /// The term written (emergency reparent).
-    pub new_term: Option<u64>,
 }
 
 impl From<&RecoveryResult> for AttemptJson {
@@ -133,45 +62,9 @@ impl From<&RecoveryResult> for AttemptJson {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RecoveryJson {
-    pub in_progress: Option<InProgressJson>,
-    /// The orchestrator would recover this shard now (not disabled, not flapping).
-    pub enabled: bool,
-    /// Why not, when not enabled (`[recovery] enabled = false`, global or shard disable,
-    /// flapping).
-    pub disabled_reason: Option<String>,
-    /// Automatic recovery stopped after too many reparents, until acknowledged
-    /// (`POST /api/v1/shards/{keyspace}/{shard}/ack`).
-    pub flapping: bool,
-    /// The flapping reason, when flapping.
-    pub flapping_detail: Option<String>,
-    /// The problem the orchestrator would recover next.
-    pub next: Option<ProblemJson>,
-    /// Why the next problem was not acted on at the last evaluation (skip, backoff, hold).
-    pub waiting: Option<String>,
-    /// This process's last attempt (lost on restart; `last_recovery` is from the audit log).
-    pub last_attempt: Option<AttemptJson>,
-}
-
-impl Default for RecoveryJson {
-    fn default() -> Self {
-        RecoveryJson {
-            in_progress: None,
-            enabled: true,
-            disabled_reason: None,
-            flapping: false,
-            flapping_detail: None,
-            next: None,
-            waiting: None,
-            last_attempt: None,
-        }
-    }
-}
-
-impl RecoveryJson {
-    pub fn from_status(s: &ShardStatus) -> RecoveryJson {
+/// A shard's recovery state as the API shows it.
+pub fn recovery_json(s: &ShardStatus) -> RecoveryJson {
+    {
         RecoveryJson {
             in_progress: s.recovery.as_ref().map(|r| InProgressJson {
                 what: r.problem.as_str().to_string(),
@@ -209,58 +102,12 @@ impl EngineState {
                     let key = (s.keyspace.clone(), s.shard.clone());
                     let state = ShardState {
                         problems: s.problems.iter().map(ProblemJson::from).collect(),
-                        recovery: RecoveryJson::from_status(s),
+                        recovery: recovery_json(s),
                         last_recovery: last_recoveries.get(&key).cloned(),
                     };
                     (key, state)
                 })
                 .collect(),
-        }
-    }
-}
-
-/// Whether an audit action names a whole recovery (the summary an attempt ends with, or a
-/// skipped one): `emergency_reparent`, `planned_reparent` or a problem code. Steps, acks and
-/// switches are not.
-pub fn is_recovery_action(action: &str) -> bool {
-    action == ACTION_EMERGENCY_REPARENT
-        || action == ACTION_PLANNED_REPARENT
-        || serde_json::from_value::<ProblemCode>(serde_json::Value::String(action.into())).is_ok()
-}
-
-/// The newest recovery among a shard's audit entries (given newest first).
-pub fn last_recovery(entries: &[AuditEntry]) -> Option<&AuditEntry> {
-    entries.iter().find(|e| is_recovery_action(&e.action))
-}
-
-/// One audit entry with the shard it belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditJson {
-    pub keyspace: String,
-    pub shard: String,
-    pub at_ms: u64,
-    pub term: u64,
-    pub actor: String,
-    pub action: String,
-    pub tablet: Option<String>,
-    pub outcome: String,
-    pub detail: String,
-    pub duration_ms: Option<u64>,
-}
-
-impl AuditJson {
-    pub fn new(keyspace: &str, shard: &str, e: &AuditEntry) -> AuditJson {
-        AuditJson {
-            keyspace: keyspace.to_string(),
-            shard: shard.to_string(),
-            at_ms: e.at_ms,
-            term: e.term,
-            actor: e.actor.clone(),
-            action: e.action.clone(),
-            tablet: e.tablet.clone(),
-            outcome: e.outcome.clone(),
-            detail: e.detail.clone(),
-            duration_ms: e.duration_ms,
         }
     }
 }
@@ -296,40 +143,6 @@ impl Default for EngineState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TabletJson {
-    pub alias: String,
-    /// The shard record names it as primary.
-    pub is_primary: bool,
-    pub mysql_addr: String,
-    pub grpc_addr: String,
-    /// `connected` or `connecting`.
-    pub stream: &'static str,
-    /// Why the stream is down (while connecting after a failure).
-    pub stream_error: Option<String>,
-    /// Failed attempts since the stream was last up.
-    pub stream_failures: u32,
-    /// How long the stream has been in its state.
-    pub stream_state_ms: u64,
-    /// Age of the last health message; `null` when none was ever received.
-    pub last_health_age_ms: Option<u64>,
-    /// Wall clock of the last health message's receipt, ms since the epoch.
-    pub last_health_received_ms: Option<u64>,
-    /// The last health is at most `health_stale_after_ms` old.
-    pub fresh: bool,
-    pub mysql_reachable: Option<bool>,
-    pub mysql_error: Option<String>,
-    pub read_only: Option<bool>,
-    pub replicating: Option<bool>,
-    pub lag_ms: Option<u64>,
-    /// The highest term the agent knows.
-    pub term: Option<u64>,
-    pub fenced: Option<bool>,
-    pub fence_reason: Option<String>,
-    /// Why it is quarantined (kept out of promotion and read routing); `null`: it is not.
-    pub quarantined: Option<String>,
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -354,7 +167,7 @@ pub fn tablet_json(
         is_primary: shard.primary_alias() == Some(t.alias()),
         mysql_addr: t.mysql_addr(),
         grpc_addr: t.record.grpc_addr.clone(),
-        stream: t.stream.as_str(),
+        stream: t.stream.as_str().to_string(),
         stream_error: t.stream.last_error().map(str::to_string),
         stream_failures: failures,
         stream_state_ms: millis(t.stream.duration(now)),
@@ -751,54 +564,6 @@ impl ReparentBody {
     }
 }
 
-/// Answer of the mutating endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChangeResponse {
-    pub ok: bool,
-    /// e.g. `disable`, `enable`, `ack`.
-    pub action: String,
-    /// `global` or `keyspace/shard`.
-    pub scope: String,
-    pub reason: Option<String>,
-}
-
-// ---- quarantine ----------------------------------------------------------------------
-
-/// One quarantined tablet in `GET /api/v1/quarantine`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuarantineJson {
-    pub alias: String,
-    /// Its shard, from its registration (`null`: not registered now, e.g. its agent is down).
-    pub keyspace: Option<String>,
-    pub shard: Option<String>,
-    pub reason: String,
-    pub at_ms: u64,
-    /// The shard's term when it was quarantined.
-    pub term: u64,
-    /// Who quarantined it (`null`: the orchestrator's own repair).
-    pub by: Option<String>,
-}
-
-impl QuarantineJson {
-    pub fn new(alias: &str, rec: &QuarantineRecord, tablet: Option<&TabletRecord>) -> Self {
-        QuarantineJson {
-            alias: alias.to_string(),
-            keyspace: tablet.map(|t| t.keyspace.clone()),
-            shard: tablet.map(|t| t.shard.clone()),
-            reason: rec.reason.clone(),
-            at_ms: rec.at_ms,
-            term: rec.term,
-            by: rec.by.clone(),
-        }
-    }
-}
-
-/// `GET /api/v1/quarantine`, by alias.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuarantineListResponse {
-    pub quarantine: Vec<QuarantineJson>,
-}
-
 /// Every record of `records` (by alias) with the shard its registration names. Pure.
 pub fn quarantine_list(
     records: &BTreeMap<String, QuarantineRecord>,
@@ -845,19 +610,6 @@ pub struct ReleaseRequest {
     pub reason: Option<String>,
     /// Who asks (default: the client's address).
     pub requester: Option<String>,
-}
-
-/// Answer of `POST` / `DELETE /api/v1/quarantine/{alias}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuarantineChange {
-    pub ok: bool,
-    /// `quarantine` or `release`.
-    pub action: String,
-    /// The record written, or the one removed.
-    pub tablet: QuarantineJson,
-    /// Whether an audit entry was written (a release of an unregistered tablet has no shard
-    /// to audit on).
-    pub audited: bool,
 }
 
 /// 400 unless `alias` is `{cell}-{uid}`.
@@ -952,27 +704,6 @@ impl RecoveriesQuery {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecoveriesResponse {
-    /// Newest first.
-    pub recoveries: Vec<AuditJson>,
-}
-
-/// Every shard's newest entries (each list newest first) merged into one list, newest first,
-/// at most `limit` long. Ties keep the order of `per_shard`.
-pub fn merge_audit(
-    per_shard: &[(String, String, Vec<AuditEntry>)],
-    limit: usize,
-) -> Vec<AuditJson> {
-    let mut all: Vec<AuditJson> = per_shard
-        .iter()
-        .flat_map(|(ks, shard, entries)| entries.iter().map(|e| AuditJson::new(ks, shard, e)))
-        .collect();
-    all.sort_by_key(|a| std::cmp::Reverse(a.at_ms));
-    all.truncate(limit);
-    all
-}
-
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
@@ -1046,9 +777,11 @@ pub fn tablet_metrics(snap: &FleetSnapshot, now: Instant, stale_after: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use myha_api::ACTION_PLANNED_REPARENT;
     use std::sync::Arc;
     use tabletwatch::testing::*;
     use tabletwatch::HealthSample;
+    use topo::AuditEntry;
 
     #[test]
     fn snapshot_translates_to_json() {

@@ -29,8 +29,7 @@ use crate::engine::{EngineHandle, EngineView};
 use crate::operator::{self, OpEvent, Operation};
 use crate::recovery::{self, PrimaryPosition};
 
-/// How many of a shard's newest audit entries are searched for its last recovery.
-pub const LAST_RECOVERY_SCAN: usize = 200;
+pub use myha_api::LAST_RECOVERY_SCAN;
 /// A shard's last recovery is re-read at least this often.
 pub const LAST_RECOVERY_REFRESH: Duration = Duration::from_secs(10);
 /// ... and every second for this long after its recovery state or term changed (the audit

@@ -472,6 +472,14 @@ const _: () = {
 mod tests {
     use super::*;
 
+    /// The API crate's list is what clients (myhactl) use to tell a recovery from a step in
+    /// the audit log: it must name exactly these codes, in this order.
+    #[test]
+    fn the_api_lists_exactly_these_codes() {
+        let ours: Vec<&str> = ProblemCode::all().map(ProblemCode::as_str).collect();
+        assert_eq!(ours, myha_api::PROBLEM_CODES);
+    }
+
     #[test]
     fn every_code_has_its_row_and_a_unique_name() {
         let names: std::collections::BTreeSet<&str> =

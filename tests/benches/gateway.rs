@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use harness::{free_port, Cluster, ClusterOptions, GatewayProc};
+use myha_gateway::config::{CpuKeyword, ProxyCpus};
 use myha_tests::bench::{self, Haproxy, SysbenchResult, SysbenchTarget};
 use myha_tests::gw;
 
@@ -122,12 +123,12 @@ fn main() {
     .unwrap_or_else(|e| panic!("{e}"));
     // The same gateway config, on other ports, with its proxy threads pinned.
     let mut pinned_cfg = gw.config().clone();
-    pinned_cfg.admin_listen = ([127, 0, 0, 1], free_port().expect("port")).into();
+    pinned_cfg.gateway.admin_listen = ([127, 0, 0, 1], free_port().expect("port")).into();
     for l in &mut pinned_cfg.listeners {
         l.rw = Some(([127, 0, 0, 1], free_port().expect("port")).into());
         l.ro = Some(([127, 0, 0, 1], free_port().expect("port")).into());
     }
-    pinned_cfg.proxy_cpus = Some("\"auto\"".into());
+    pinned_cfg.gateway.proxy_cpus = ProxyCpus::Keyword(CpuKeyword::Auto);
     let pinned = rt.block_on(async {
         let g = GatewayProc::launch(pinned_cfg, &dir.path().join("gateway-pinned"), false)
             .await

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{Cluster, ClusterOptions, GatewayConfig, GatewayProc, Tablet};
+use myha_gateway::routing::RoFallback;
 use myha_tests::gw;
 use myha_tests::ha::{self, BOUND};
 use mysql_async::prelude::Queryable;
@@ -178,8 +179,8 @@ fn cluster_options() -> ClusterOptions {
         // Agents frozen for a few seconds below must keep their registration.
         lease_ttl: Duration::from_secs(10),
         gateway_config: Some(Arc::new(|g: &mut GatewayConfig| {
-            g.max_replica_lag = Some(Duration::from_secs(1));
-            g.ro_hard_lag = Some(Duration::from_secs(4));
+            g.routing.max_replica_lag = Duration::from_secs(1);
+            g.routing.ro_hard_lag = Duration::from_secs(4);
         })),
         start_gateway: true,
         ..ha::ha_options(3)
@@ -199,9 +200,9 @@ async fn gateway_routes_by_role_lag_and_health() {
     // A second gateway on the same cluster: RO refuses instead of falling back, short buffer
     // window, a listener for a shard that does not exist, short shutdown grace.
     let mut cfg2 = c.gateway_config().expect("config");
-    cfg2.ro_fallback = Some("refuse".into());
-    cfg2.buffer_window = Some(Duration::from_millis(500));
-    cfg2.shutdown_grace = Some(Duration::from_secs(3));
+    cfg2.routing.ro_fallback = RoFallback::Refuse;
+    cfg2.routing.buffer_window = Duration::from_millis(500);
+    cfg2.routing.shutdown_grace = Duration::from_secs(3);
     cfg2.listeners.push(harness::GatewayListener {
         keyspace: c.keyspace().into(),
         shard: "-80".into(),
@@ -1094,7 +1095,7 @@ async fn connections_beyond_max_connections_are_refused_with_the_reason() {
     let _serial = SERIAL.lock().await;
     let c = ha::start(ClusterOptions {
         gateway_config: Some(Arc::new(|g: &mut GatewayConfig| {
-            g.max_connections = Some(3);
+            g.routing.max_connections = 3;
         })),
         ..cluster_options()
     })

@@ -53,10 +53,7 @@ use crate::control;
 use crate::input;
 use crate::problem::Remedy;
 
-/// Audit `action` of an emergency reparent's summary entry (flapping counts the automatic ones).
-pub const ACTION_EMERGENCY_REPARENT: &str = "emergency_reparent";
-/// Audit `action` of a planned reparent's summary entry.
-pub const ACTION_PLANNED_REPARENT: &str = "planned_reparent";
+pub use myha_api::{ACTION_EMERGENCY_REPARENT, ACTION_PLANNED_REPARENT};
 /// Audit actors of operator-requested operations start with this (`operator:<who>@<actor>`).
 pub const OPERATOR_ACTOR_PREFIX: &str = "operator:";
 /// Audit outcomes.

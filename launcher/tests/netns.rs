@@ -1,4 +1,4 @@
-//! Hosts in network namespaces (harness::netns) on the real kernel: addresses reachable between
+//! Hosts in network namespaces (launcher::netns) on the real kernel: addresses reachable between
 //! the hosts and nowhere else, silent cuts (both ways and one way), random loss, healing, and
 //! cleanup on drop and of a killed run's namespaces. Needs root (as CI runs).
 
@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
-use harness::netns::{remove_stale, Direction, Host, Network};
+use launcher::netns::{remove_stale, Direction, Host, Network};
 
 fn namespaces() -> String {
     let out = Command::new("ip")

@@ -76,9 +76,7 @@ impl HarnessError {
         move |source| HarnessError::Io { what, source }
     }
 
-    pub(crate) fn mysql(
-        what: impl Into<String>,
-    ) -> impl FnOnce(mysql_async::Error) -> HarnessError {
+    pub fn mysql(what: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> HarnessError {
         let what = what.into();
         move |source| HarnessError::Mysql { what, source }
     }

@@ -1069,7 +1069,7 @@ impl Cluster {
     /// As [`Cluster::start_gateway`], with a config of the caller's. It runs on the host that
     /// has its `admin_listen` address.
     pub async fn start_gateway_with(&self, cfg: GatewayConfig) -> Result<GatewayProc> {
-        let ns = self.netns_of(cfg.admin_listen.ip())?;
+        let ns = self.netns_of(cfg.gateway.admin_listen.ip())?;
         let dir = (1..)
             .map(|n| match n {
                 1 => self.dir.join("gateway"),

@@ -1,8 +1,7 @@
 //! [`GatewayProc`]: the `myha-gateway` binary as a child process with a generated config, plus
 //! a small HTTP client for its admin API (`/health`, `/metrics`, `/routing`).
 //!
-//! The gateway is a binary only, so its config is described here ([`GatewayConfig`]) and written
-//! as TOML; settings left `None` keep the gateway's defaults.
+//! The config is the gateway's own type ([`GatewayConfig`], re-exported), written as TOML.
 
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,129 +13,14 @@ use crate::http::DaemonHttp;
 use crate::mysqld::absolute;
 use crate::process::Proc;
 use crate::util::{find_myha_bin, free_port};
+use daemon::{LogFormat, LogSection};
+pub use myha_gateway::config::{GatewayConfig, ListenerSection as GatewayListener};
 
 pub const GATEWAY_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bound on one HTTP call to the admin API.
 pub const GATEWAY_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Added to `shutdown_grace` when waiting for a SIGTERMed gateway to exit.
 pub const GATEWAY_STOP_SLACK: Duration = Duration::from_secs(5);
-
-/// One shard's MySQL ports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GatewayListener {
-    pub keyspace: String,
-    pub shard: String,
-    pub rw: Option<SocketAddr>,
-    pub ro: Option<SocketAddr>,
-}
-
-/// A `gateway.toml`. `None` = the gateway's default (see `gateway/src/config.rs`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GatewayConfig {
-    pub admin_listen: SocketAddr,
-    pub listeners: Vec<GatewayListener>,
-    pub etcd_endpoints: Vec<String>,
-    pub prefix: String,
-    pub log_level: String,
-    pub health_stale_after: Option<Duration>,
-    pub max_replica_lag: Option<Duration>,
-    pub ro_hard_lag: Option<Duration>,
-    /// `least_connections` | `random` | `round_robin`.
-    pub ro_policy: Option<String>,
-    /// `primary` | `refuse`.
-    pub ro_fallback: Option<String>,
-    pub buffer_window: Option<Duration>,
-    pub max_buffered: Option<usize>,
-    pub max_connections: Option<usize>,
-    pub connect_timeout: Option<Duration>,
-    pub shutdown_grace: Option<Duration>,
-    pub proxy_threads: Option<usize>,
-    /// `[gateway] proxy_cpus` as a TOML value: `"\"auto\""`, `"[0, 1]"`.
-    pub proxy_cpus: Option<String>,
-}
-
-fn toml_duration(d: Duration) -> String {
-    format!("\"{}ms\"", d.as_millis())
-}
-
-fn toml_string(s: &str) -> String {
-    format!("{s:?}")
-}
-
-impl GatewayConfig {
-    /// The TOML the gateway reads.
-    pub fn to_toml(&self) -> String {
-        let mut t = format!("[gateway]\nadmin_listen = \"{}\"\n", self.admin_listen);
-        if let Some(n) = self.proxy_threads {
-            t.push_str(&format!("proxy_threads = {n}\n"));
-        }
-        if let Some(cpus) = &self.proxy_cpus {
-            t.push_str(&format!("proxy_cpus = {cpus}\n"));
-        }
-        t.push_str("\n[routing]\n");
-        let durations = [
-            ("health_stale_after", self.health_stale_after),
-            ("max_replica_lag", self.max_replica_lag),
-            ("ro_hard_lag", self.ro_hard_lag),
-            ("buffer_window", self.buffer_window),
-            ("connect_timeout", self.connect_timeout),
-            ("shutdown_grace", self.shutdown_grace),
-        ];
-        for (k, v) in durations {
-            if let Some(v) = v {
-                t.push_str(&format!("{k} = {}\n", toml_duration(v)));
-            }
-        }
-        for (k, v) in [
-            ("ro_policy", &self.ro_policy),
-            ("ro_fallback", &self.ro_fallback),
-        ] {
-            if let Some(v) = v {
-                t.push_str(&format!("{k} = {}\n", toml_string(v)));
-            }
-        }
-        if let Some(m) = self.max_buffered {
-            t.push_str(&format!("max_buffered = {m}\n"));
-        }
-        if let Some(m) = self.max_connections {
-            t.push_str(&format!("max_connections = {m}\n"));
-        }
-        t.push_str(&format!(
-            "\n[etcd]\nendpoints = [{}]\nprefix = {}\n\n[log]\nformat = \"human\"\nlevel = {}\n",
-            self.etcd_endpoints
-                .iter()
-                .map(|e| toml_string(e))
-                .collect::<Vec<_>>()
-                .join(", "),
-            toml_string(&self.prefix),
-            toml_string(&self.log_level)
-        ));
-        for l in &self.listeners {
-            t.push_str(&format!(
-                "\n[[listener]]\nkeyspace = {}\nshard = {}\n",
-                toml_string(&l.keyspace),
-                toml_string(&l.shard)
-            ));
-            if let Some(a) = l.rw {
-                t.push_str(&format!("rw = \"{a}\"\n"));
-            }
-            if let Some(a) = l.ro {
-                t.push_str(&format!("ro = \"{a}\"\n"));
-            }
-        }
-        t
-    }
-
-    /// The first listener's RW port.
-    pub fn rw(&self) -> Option<SocketAddr> {
-        self.listeners.iter().find_map(|l| l.rw)
-    }
-
-    /// The first listener's RO port.
-    pub fn ro(&self) -> Option<SocketAddr> {
-        self.listeners.iter().find_map(|l| l.ro)
-    }
-}
 
 /// The config the harness gives a gateway: etcd at `etcd_endpoints` under `prefix`, one
 /// listener for `keyspace/shard` with RW and RO ports, admin on fresh ports of `ip`, human
@@ -150,30 +34,22 @@ pub fn gateway_config(
     ip: Ipv4Addr,
 ) -> Result<GatewayConfig> {
     let port = || -> Result<SocketAddr> { Ok((ip, free_port()?).into()) };
-    Ok(GatewayConfig {
-        admin_listen: port()?,
-        listeners: vec![GatewayListener {
-            keyspace: keyspace.into(),
-            shard: shard.into(),
-            rw: Some(port()?),
-            ro: Some(port()?),
-        }],
-        etcd_endpoints: etcd_endpoints.to_vec(),
-        prefix: prefix.into(),
-        log_level: log_level.into(),
-        health_stale_after: None,
-        max_replica_lag: None,
-        ro_hard_lag: None,
-        ro_policy: None,
-        ro_fallback: None,
-        buffer_window: None,
-        max_buffered: None,
-        max_connections: None,
-        connect_timeout: None,
-        shutdown_grace: None,
-        proxy_threads: None,
-        proxy_cpus: None,
-    })
+    let mut cfg = GatewayConfig::parse(&format!(
+        "[etcd]\nendpoints = {etcd_endpoints:?}\nprefix = {prefix:?}\n"
+    ))
+    .map_err(|e| HarnessError::Invalid(format!("gateway config: {e}")))?;
+    cfg.gateway.admin_listen = port()?;
+    cfg.log = LogSection {
+        format: LogFormat::Human,
+        level: log_level.into(),
+    };
+    cfg.listeners = vec![GatewayListener {
+        keyspace: keyspace.into(),
+        shard: shard.into(),
+        rw: Some(port()?),
+        ro: Some(port()?),
+    }];
+    Ok(cfg)
 }
 
 /// One `myha-gateway`. Its config is written to `{dir}/gateway.toml`, output goes to
@@ -206,7 +82,7 @@ impl GatewayProc {
         let dir = absolute(dir)?;
         std::fs::create_dir_all(&dir)
             .map_err(HarnessError::io(format!("create {}", dir.display())))?;
-        if config.admin_listen.port() == 0 {
+        if config.gateway.admin_listen.port() == 0 {
             return Err(HarnessError::Invalid(
                 "gateway config: admin_listen needs a concrete port".into(),
             ));
@@ -219,8 +95,8 @@ impl GatewayProc {
         let proc = Proc::new("myha-gateway", bin, args, log, new_session)
             .with_env("NO_COLOR", "1")
             // The gateway's own level comes from its config, not from the test's environment.
-            .with_env("MYHA_LOG", config.log_level.clone());
-        let http = DaemonHttp::new(config.admin_listen, GATEWAY_HTTP_TIMEOUT)?;
+            .with_env("MYHA_LOG", config.log.level.clone());
+        let http = DaemonHttp::new(config.gateway.admin_listen, GATEWAY_HTTP_TIMEOUT)?;
         Ok(GatewayProc {
             dir,
             config_path,
@@ -318,7 +194,7 @@ impl GatewayProc {
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.config.admin_listen
+        self.config.gateway.admin_listen
     }
 
     /// The first listener's RW port.
@@ -371,14 +247,10 @@ impl GatewayProc {
         self.proc.signal(libc::SIGTERM)
     }
 
-    /// SIGTERM, wait for the exit (SIGKILL after `shutdown_grace` (default 10 s) + 5 s).
+    /// SIGTERM, wait for the exit (SIGKILL after `routing.shutdown_grace` + 5 s).
     /// Returns whether it exited on its own.
     pub async fn stop(&self) -> Result<bool> {
-        let grace = self
-            .config
-            .shutdown_grace
-            .unwrap_or(Duration::from_secs(10))
-            + GATEWAY_STOP_SLACK;
+        let grace = self.config.routing.shutdown_grace + GATEWAY_STOP_SLACK;
         self.proc.stop(grace).await
     }
 
@@ -398,57 +270,5 @@ impl GatewayProc {
     /// Leave the process running when this handle is dropped.
     pub fn detach(&self) {
         self.proc.detach();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn toml_has_the_set_keys_only() {
-        let mut c = GatewayConfig {
-            admin_listen: "127.0.0.1:1".parse().unwrap(),
-            listeners: vec![GatewayListener {
-                keyspace: "ks".into(),
-                shard: "0".into(),
-                rw: Some("127.0.0.1:2".parse().unwrap()),
-                ro: None,
-            }],
-            etcd_endpoints: vec!["http://127.0.0.1:3".into()],
-            prefix: "/p".into(),
-            log_level: "info".into(),
-            health_stale_after: None,
-            max_replica_lag: Some(Duration::from_millis(1500)),
-            ro_hard_lag: None,
-            ro_policy: Some("round_robin".into()),
-            ro_fallback: None,
-            buffer_window: None,
-            max_buffered: Some(3),
-            max_connections: Some(7),
-            connect_timeout: None,
-            shutdown_grace: None,
-            proxy_threads: Some(3),
-            proxy_cpus: Some("\"auto\"".into()),
-        };
-        let t = c.to_toml();
-        assert!(t.contains("max_replica_lag = \"1500ms\""), "{t}");
-        assert!(t.contains("ro_policy = \"round_robin\""), "{t}");
-        assert!(t.contains("max_buffered = 3"), "{t}");
-        assert!(t.contains("max_connections = 7"), "{t}");
-        assert!(
-            t.starts_with("[gateway]\nadmin_listen = \"127.0.0.1:1\"\nproxy_threads = 3\nproxy_cpus = \"auto\"\n\n[routing]\n"),
-            "{t}"
-        );
-        assert!(!t.contains("buffer_window"), "{t}");
-        assert!(
-            t.contains("[[listener]]\nkeyspace = \"ks\"\nshard = \"0\"\nrw = \"127.0.0.1:2\"\n"),
-            "{t}"
-        );
-        assert!(!t.contains("ro = "), "{t}");
-        assert_eq!(c.rw(), Some("127.0.0.1:2".parse().unwrap()));
-        assert_eq!(c.ro(), None);
-        c.listeners.clear();
-        assert!(!c.to_toml().contains("[[listener]]"));
     }
 }
