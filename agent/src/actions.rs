@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use topo::Term;
 
 use flavor::{Dialect, Scope, SourceSpec};
 use myha_proto::agent as pb;
@@ -111,7 +112,7 @@ impl Exec {
             .map_err(|_| deadline_err("wait for the previous action to finish"))?;
         // Admit only once we run: a term may have moved on while we queued.
         shared
-            .update_terms(|t| t.admit(ctx.term, ctx.lock_epoch))
+            .update_terms(|t| t.admit(Term::new(ctx.term), ctx.lock_epoch))
             .map_err(|source| ActionError::StaleTerm {
                 action,
                 source,
@@ -329,7 +330,7 @@ impl Exec {
         Ok(pb::ActionResponse {
             steps: self.steps,
             gtid_position,
-            term,
+            term: term.get(),
             duration_us: duration.as_micros() as u64,
             gtid_received: self.received,
         })
@@ -588,7 +589,7 @@ pub async fn set_replication_source(
         }
     }
     // A tablet replicating from someone is no longer a promoted primary.
-    shared.update_terms(|t| t.promoted_term = 0);
+    shared.update_terms(|t| t.promoted_term = Term::ZERO);
     shared.set_fence_status(FenceStatus::default());
     x.state.demote = None;
     x.finish().await
@@ -666,7 +667,7 @@ pub async fn promote(
         .shard
         .borrow()
         .clone()
-        .filter(|s| s.term >= x.term)
+        .filter(|s| s.term >= Term::new(x.term))
         .and_then(|s| s.primary.map(|p| (p, s.term)))
         .filter(|(p, _)| *p != shared.id.alias);
     if let Some((p, t)) = owner {
@@ -730,7 +731,7 @@ pub async fn promote(
     let sqls = x.dialect.set_read_only(false, false);
     x.sqls("set read_only off", &sqls).await?;
     let term = x.term;
-    shared.update_terms(|t| t.promoted_term = t.promoted_term.max(term));
+    shared.update_terms(|t| t.promoted_term = t.promoted_term.max(Term::new(term)));
     shared.set_fence_status(FenceStatus::default());
     x.state.demote = None;
     x.note(format!("promoted under term {term}"));
@@ -767,7 +768,7 @@ fn start_recording_promotion(
     let rec = topo::PromotionRecord {
         keyspace: shared.id.keyspace.clone(),
         shard: shared.id.shard.clone(),
-        term: x.term,
+        term: Term::new(x.term),
         primary: shared.id.alias.clone(),
         writer: writer_id(&x.dialect, v),
         position: v.gtid_position.clone(),

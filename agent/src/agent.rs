@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use topo::Term;
 
 use backoff::Backoff;
 use flavor::Dialect;
@@ -579,7 +580,7 @@ pub async fn isolation_loop(shared: Arc<Shared>) {
         let named = shard
             .as_ref()
             .is_some_and(|s| s.primary.as_deref() == Some(shared.id.alias.as_str()));
-        if !(named && shared.terms().promoted_term > 0) {
+        if !(named && shared.terms().promoted_term > Term::ZERO) {
             last_answer = Instant::now();
             *lock(&shared.peer_watch) = None;
             continue;
@@ -707,7 +708,7 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
     let mut reachable = topo.reachable();
     let mut last_type = None;
     // The term whose promotion is known to be on record (checked once per term, not per round).
-    let mut on_record: Option<u64> = None;
+    let mut on_record: Option<Term> = None;
     loop {
         let shard = shard_rx.borrow_and_update().clone();
         if let Some(s) = &shard {
@@ -810,7 +811,7 @@ async fn record_bootstrap_promotion(shared: &Shared, topo: &Topo, s: &ShardRecor
     };
     match topo.record_promotion(&rec).await {
         Ok(r) => {
-            info!(term = r.term, primary = %r.primary, "promotion history: recorded the bootstrap term");
+            info!(term = r.term.get(), primary = %r.primary, "promotion history: recorded the bootstrap term");
             true
         }
         Err(e) => {

@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use myha_proto::agent as pb;
 use serde::{Deserialize, Serialize};
-use topo::ShardRecord;
+use topo::{ShardRecord, Term};
 
 /// What the agent knows about terms; persisted so a restarted agent still fences.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TermState {
     /// Highest term seen in etcd or in an accepted RPC.
-    pub known_term: u64,
+    pub known_term: Term,
     /// Term under which this mysqld was last promoted; 0 when it is not a promoted primary.
-    pub promoted_term: u64,
+    pub promoted_term: Term,
     /// Highest shard-lock epoch accepted in an RPC at `known_term` (0: none yet at this term).
     /// Reset when the known term rises.
     #[serde(default)]
@@ -26,12 +26,12 @@ pub struct TermState {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StaleTerm {
     #[error("stale term {requested} < known term {known}")]
-    Term { requested: u64, known: u64 },
+    Term { requested: Term, known: Term },
     /// Same term, an older lock holder: the caller lost the shard lock to the holder of
     /// `known_epoch`, who already acted at this term.
     #[error("stale term {term}: lock epoch {epoch} < epoch {known_epoch} already accepted at this term (the caller lost the shard lock)")]
     Holder {
-        term: u64,
+        term: Term,
         epoch: u64,
         known_epoch: u64,
     },
@@ -43,9 +43,9 @@ impl StaleTerm {
     pub fn refusal(&self, epoch: u64) -> pb::StaleTermRefusal {
         match *self {
             StaleTerm::Term { requested, known } => pb::StaleTermRefusal {
-                requested_term: requested,
+                requested_term: requested.get(),
                 requested_epoch: epoch,
-                known_term: known,
+                known_term: known.get(),
                 known_epoch: 0,
             },
             StaleTerm::Holder {
@@ -53,9 +53,9 @@ impl StaleTerm {
                 epoch,
                 known_epoch,
             } => pb::StaleTermRefusal {
-                requested_term: term,
+                requested_term: term.get(),
                 requested_epoch: epoch,
-                known_term: term,
+                known_term: term.get(),
                 known_epoch,
             },
         }
@@ -66,7 +66,7 @@ impl TermState {
     /// Admits an RPC acting under (`term`, `epoch`): refuses a stale term, or an older lock
     /// holder's epoch at the known term; raises the known term (and epoch) otherwise. Returns
     /// whether the known term rose.
-    pub fn admit(&mut self, term: u64, epoch: u64) -> Result<bool, StaleTerm> {
+    pub fn admit(&mut self, term: Term, epoch: u64) -> Result<bool, StaleTerm> {
         if term < self.known_term {
             return Err(StaleTerm::Term {
                 requested: term,
@@ -125,7 +125,7 @@ pub fn decide(
     let Some(shard) = shard else {
         return FenceDecision::Keep;
     };
-    if terms.promoted_term == 0 || writable != Some(true) {
+    if terms.promoted_term.is_zero() || writable != Some(true) {
         return FenceDecision::Keep;
     }
     match shard.primary.as_deref() {
@@ -174,6 +174,7 @@ mod tests {
     use super::*;
 
     fn shard(primary: Option<&str>, term: u64) -> ShardRecord {
+        let term = Term::new(term);
         let mut s = ShardRecord::new("commerce", "0");
         s.primary = primary.map(str::to_string);
         s.term = term;
@@ -183,22 +184,22 @@ mod tests {
     #[test]
     fn stale_terms_are_refused_and_newer_raise_known() {
         let mut t = TermState {
-            known_term: 5,
-            promoted_term: 0,
+            known_term: Term::new(5),
+            promoted_term: Term::ZERO,
             known_epoch: 0,
         };
         assert_eq!(
-            t.admit(4, 0),
+            t.admit(Term::new(4), 0),
             Err(StaleTerm::Term {
-                requested: 4,
-                known: 5
+                requested: Term::new(4),
+                known: Term::new(5)
             })
         );
-        assert_eq!(t.admit(5, 0), Ok(false));
-        assert_eq!(t.admit(7, 0), Ok(true));
-        assert_eq!(t.known_term, 7);
+        assert_eq!(t.admit(Term::new(5), 0), Ok(false));
+        assert_eq!(t.admit(Term::new(7), 0), Ok(true));
+        assert_eq!(t.known_term, Term::new(7));
         assert!(t
-            .admit(6, 0)
+            .admit(Term::new(6), 0)
             .unwrap_err()
             .to_string()
             .contains("stale term 6 < known term 7"));
@@ -207,30 +208,30 @@ mod tests {
     #[test]
     fn an_older_lock_holder_is_refused_at_an_equal_term() {
         let mut t = TermState::default();
-        assert_eq!(t.admit(3, 200), Ok(true));
+        assert_eq!(t.admit(Term::new(3), 200), Ok(true));
         // The same holder again, and a newer one: admitted.
-        assert_eq!(t.admit(3, 200), Ok(false));
-        assert_eq!(t.admit(3, 300), Ok(false));
+        assert_eq!(t.admit(Term::new(3), 200), Ok(false));
+        assert_eq!(t.admit(Term::new(3), 300), Ok(false));
         // The holder of epoch 200 lost the lock to 300: refused at term 3, with both epochs.
-        let e = t.admit(3, 200).unwrap_err();
+        let e = t.admit(Term::new(3), 200).unwrap_err();
         assert_eq!(
             e,
             StaleTerm::Holder {
-                term: 3,
+                term: Term::new(3),
                 epoch: 200,
                 known_epoch: 300
             }
         );
         assert!(e.to_string().contains("lost the shard lock"), "{e}");
         // A caller without a lock cannot act next to a holder either.
-        assert!(t.admit(3, 0).is_err());
+        assert!(t.admit(Term::new(3), 0).is_err());
         // A newer term starts over: any epoch is admitted, then ordered again.
-        assert_eq!(t.admit(4, 100), Ok(true));
+        assert_eq!(t.admit(Term::new(4), 100), Ok(true));
         assert_eq!(t.known_epoch, 100);
         let mut t2 = t.clone();
         assert!(t2.observe_shard("zone1-101", &shard(Some("zone1-102"), 5)));
-        assert_eq!((t2.known_term, t2.known_epoch), (5, 0));
-        assert_eq!(t2.admit(5, 1), Ok(false));
+        assert_eq!((t2.known_term, t2.known_epoch), (Term::new(5), 0));
+        assert_eq!(t2.admit(Term::new(5), 1), Ok(false));
     }
 
     #[test]
@@ -240,8 +241,8 @@ mod tests {
         assert_eq!(
             t,
             TermState {
-                known_term: 1,
-                promoted_term: 1,
+                known_term: Term::new(1),
+                promoted_term: Term::new(1),
                 known_epoch: 0,
             }
         );
@@ -250,8 +251,8 @@ mod tests {
         assert_eq!(
             t,
             TermState {
-                known_term: 2,
-                promoted_term: 1,
+                known_term: Term::new(2),
+                promoted_term: Term::new(1),
                 known_epoch: 0,
             }
         );
@@ -260,8 +261,8 @@ mod tests {
     #[test]
     fn fences_only_a_writable_promoted_primary_superseded_by_a_newer_term() {
         let old = TermState {
-            known_term: 2,
-            promoted_term: 1,
+            known_term: Term::new(2),
+            promoted_term: Term::new(1),
             known_epoch: 0,
         };
         let newer = shard(Some("zone1-102"), 2);
@@ -281,8 +282,8 @@ mod tests {
         );
         // Never promoted (a replica): not this mechanism's business.
         let replica = TermState {
-            known_term: 2,
-            promoted_term: 0,
+            known_term: Term::new(2),
+            promoted_term: Term::ZERO,
             known_epoch: 0,
         };
         assert_eq!(
@@ -291,8 +292,8 @@ mod tests {
         );
         // Still the named primary.
         let cur = TermState {
-            known_term: 2,
-            promoted_term: 2,
+            known_term: Term::new(2),
+            promoted_term: Term::new(2),
             known_epoch: 0,
         };
         assert_eq!(

@@ -102,8 +102,8 @@ pub fn build(i: HealthInputs<'_>) -> pb::Health {
             pb::TabletType::Replica
         } as i32,
         polled_at_ms: i.now_us / 1000,
-        term: i.terms.known_term,
-        promoted_term: i.terms.promoted_term,
+        term: i.terms.known_term.get(),
+        promoted_term: i.terms.promoted_term.get(),
         fenced: i.fence.fenced,
         fence_reason: i.fence.reason.clone(),
         etcd_connected: i.etcd_connected,
@@ -182,6 +182,7 @@ pub fn same_content(a: &pb::Health, b: &pb::Health) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use topo::Term;
 
     fn id() -> Identity {
         Identity {
@@ -216,7 +217,7 @@ mod tests {
     fn shard(primary: &str) -> ShardRecord {
         let mut s = ShardRecord::new("commerce", "0");
         s.primary = Some(primary.into());
-        s.term = 3;
+        s.term = Term::new(3);
         s
     }
 
@@ -227,8 +228,8 @@ mod tests {
             id: &id(),
             poll: &poll,
             terms: &TermState {
-                known_term: 3,
-                promoted_term: 0,
+                known_term: Term::new(3),
+                promoted_term: Term::ZERO,
                 known_epoch: 0,
             },
             shard: Some(&shard("zone1-101")),

@@ -6,7 +6,7 @@
 //! the contract: add fields, do not rename or remove them.
 
 use serde::{Deserialize, Serialize};
-use topo::{AuditEntry, QuarantineRecord, TabletRecord};
+use topo::{AuditEntry, QuarantineRecord, TabletRecord, Term};
 
 /// Audit `action` of an emergency reparent's summary entry (flapping counts the automatic ones).
 pub const ACTION_EMERGENCY_REPARENT: &str = "emergency_reparent";
@@ -80,7 +80,7 @@ pub struct ShardJson {
     pub has_record: bool,
     /// The primary the shard record names.
     pub primary: Option<String>,
-    pub term: u64,
+    pub term: Term,
     pub term_start_ms: Option<u64>,
     pub reparent_in_progress: Option<String>,
     /// What the analysis finds wrong now, most urgent first (empty: healthy).
@@ -129,7 +129,7 @@ pub struct AttemptJson {
     pub started_ms: u64,
     pub duration_ms: u64,
     /// The term written (emergency reparent).
-    pub new_term: Option<u64>,
+    pub new_term: Option<Term>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,7 +180,7 @@ pub struct AuditJson {
     pub keyspace: String,
     pub shard: String,
     pub at_ms: u64,
-    pub term: u64,
+    pub term: Term,
     pub actor: String,
     pub action: String,
     pub tablet: Option<String>,
@@ -233,7 +233,7 @@ pub struct TabletJson {
     pub replicating: Option<bool>,
     pub lag_ms: Option<u64>,
     /// The highest term the agent knows.
-    pub term: Option<u64>,
+    pub term: Option<Term>,
     pub fenced: Option<bool>,
     pub fence_reason: Option<String>,
     /// Why it is quarantined (kept out of promotion and read routing); `null`: it is not.
@@ -263,7 +263,7 @@ pub struct QuarantineJson {
     pub reason: String,
     pub at_ms: u64,
     /// The shard's term when it was quarantined.
-    pub term: u64,
+    pub term: Term,
     /// Who quarantined it (`null`: the orchestrator's own repair).
     pub by: Option<String>,
 }
@@ -329,7 +329,7 @@ mod tests {
     fn entry(at_ms: u64, action: &str) -> AuditEntry {
         AuditEntry {
             at_ms,
-            term: 1,
+            term: Term::new(1),
             actor: "test".into(),
             action: action.into(),
             tablet: None,

@@ -288,13 +288,14 @@ pub fn render(report: &AuditReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use topo::Term;
 
     fn entry(at_ms: u64, action: &str, detail: &str) -> AuditJson {
         AuditJson {
             keyspace: "commerce".into(),
             shard: "0".into(),
             at_ms,
-            term: 5,
+            term: Term::new(5),
             actor: "operator:alice@orchestrator@h:1".into(),
             action: action.into(),
             tablet: Some("zone1-102".into()),

@@ -229,6 +229,7 @@ pub async fn run(cmd: QuarantineCommand) -> Result<(), QuarantineError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use topo::Term;
 
     fn q(by: Option<&str>, registered: bool) -> QuarantineJson {
         QuarantineJson {
@@ -237,7 +238,7 @@ mod tests {
             shard: registered.then(|| "0".to_string()),
             reason: "checksum mismatch".into(),
             at_ms: 1_000,
-            term: 4,
+            term: Term::new(4),
             by: by.map(str::to_string),
         }
     }

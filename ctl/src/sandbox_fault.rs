@@ -137,7 +137,7 @@ pub async fn current_primary(
             Err(_) => return Err(etcd_err(format!("no answer within {ETCD_TIMEOUT:?}"))),
         };
     match record.primary {
-        Some(p) => Ok((p, record.term)),
+        Some(p) => Ok((p, record.term.get())),
         None => Err(FaultError::NoPrimary {
             keyspace: state.keyspace.clone(),
             shard: state.shard.clone(),

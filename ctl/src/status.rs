@@ -315,7 +315,7 @@ async fn shard_report(shard: &ShardRecord, tablets: Vec<TabletRecord>) -> ShardR
         keyspace: shard.keyspace.clone(),
         shard: shard.shard.clone(),
         primary: shard.primary.clone(),
-        term: shard.term,
+        term: shard.term.get(),
         problems: Vec::new(),
         problems_source: "myhactl",
         recovery: None,
@@ -649,6 +649,7 @@ pub fn render_at(report: &Report, now_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use topo::Term;
 
     fn health(read_only: bool, io: pb::ThreadState, configured: bool) -> pb::Health {
         pb::Health {
@@ -744,7 +745,7 @@ mod tests {
             keyspace: "commerce".into(),
             shard: "0".into(),
             at_ms: 1_700_000_000_000,
-            term: 2,
+            term: Term::new(2),
             actor: "orchestrator@h:1".into(),
             action: "emergency_reparent".into(),
             tablet: Some("zone1-102".into()),

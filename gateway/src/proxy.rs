@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use arc_swap::ArcSwap;
 use futures::task::AtomicWaker;
@@ -259,7 +260,7 @@ struct OpenConn {
     role: ConnRole,
     backend: Arc<str>,
     /// The shard record's term when it was routed.
-    term: u64,
+    term: Term,
     kill: Arc<KillSwitch>,
 }
 
@@ -656,7 +657,7 @@ impl Gateway {
             OpenConn {
                 role,
                 backend,
-                term: route.map_or(0, |r| r.term),
+                term: route.map_or(Term::ZERO, |r| r.term),
                 kill: kill.clone(),
             },
         );

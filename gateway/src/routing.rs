@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tabletwatch::{FleetSnapshot, Health, ShardView, TabletView};
+use topo::Term;
 
 /// Bounds for [`route`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +63,8 @@ pub enum RwUnavailable {
     /// our view of the record is behind.
     NewerTermReported {
         tablet: String,
-        term: u64,
-        record_term: u64,
+        term: Term,
+        record_term: Term,
     },
     NotRegistered {
         alias: String,
@@ -88,8 +89,8 @@ pub enum RwUnavailable {
     /// The primary's agent has not seen the record's term yet.
     BehindTerm {
         alias: String,
-        agent_term: u64,
-        record_term: u64,
+        agent_term: Term,
+        record_term: Term,
     },
     ReadOnly {
         alias: String,
@@ -315,10 +316,10 @@ fn rw(shard: &ShardView, now: Instant, policy: &RoutingPolicy) -> Result<Target,
             reason: h.fence_reason.clone(),
         });
     }
-    if h.term < record.term {
+    if h.term < record.term.get() {
         return Err(RwUnavailable::BehindTerm {
             alias,
-            agent_term: h.term,
+            agent_term: Term::new(h.term),
             record_term: record.term,
         });
     }
@@ -349,7 +350,7 @@ fn vouched_primary(
     shard: &ShardView,
     alias: &str,
     t: Option<&TabletView>,
-    record_term: u64,
+    record_term: Term,
     now: Instant,
     max: Duration,
     why: RwUnavailable,
@@ -387,10 +388,10 @@ fn vouched_primary(
                 reason: last.fence_reason.clone(),
             });
         }
-        if last.term < record_term {
+        if last.term < record_term.get() {
             return Err(RwUnavailable::BehindTerm {
                 alias,
-                agent_term: last.term,
+                agent_term: Term::new(last.term),
                 record_term,
             });
         }
@@ -489,7 +490,7 @@ pub struct ShardRoute {
     pub keyspace: String,
     pub shard: String,
     /// The shard record's term (0 without a record).
-    pub term: u64,
+    pub term: Term,
     /// The primary the shard record names.
     pub primary: Option<String>,
     /// The record's primary is quarantined (never expected: the orchestrator does not promote
@@ -631,7 +632,7 @@ pub fn compute_routes(
 /// ro targets. Lag values and reasons are left out: they change with every health message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteKey {
-    pub rw: Option<(String, u64)>,
+    pub rw: Option<(String, Term)>,
     pub ro: Vec<String>,
 }
 
@@ -1071,7 +1072,7 @@ impl ConnRole {
 pub fn close_reason(
     role: ConnRole,
     backend: &str,
-    opened_term: u64,
+    opened_term: Term,
     route: Option<&ShardRoute>,
 ) -> Option<String> {
     let route = route?;
@@ -1121,7 +1122,7 @@ pub struct RoutingResponse {
 pub struct ShardRoutingJson {
     pub keyspace: String,
     pub shard: String,
-    pub term: u64,
+    pub term: Term,
     /// The primary the shard record names.
     pub primary: Option<String>,
     /// Why the record's primary is quarantined (`null` normally): writes still go to it.
@@ -1216,7 +1217,7 @@ pub fn routing_response(
                     return ShardRoutingJson {
                         keyspace: k.0.clone(),
                         shard: k.1.clone(),
-                        term: 0,
+                        term: Term::ZERO,
                         primary: None,
                         primary_quarantined: None,
                         rw: None,
@@ -1403,7 +1404,7 @@ mod tests {
         // still choosing): the record's primary still holds the shard.
         let mut f = Fixture::healthy();
         if let Some(r) = f.record.as_mut() {
-            r.reserved_term = 4;
+            r.reserved_term = Term::new(4);
         }
         f.health_mut(R1).term = 4;
         f.health_mut(R2).term = 4;
@@ -1412,7 +1413,7 @@ mod tests {
         f.health_mut(R2).term = 5;
         assert!(matches!(
             f.route().rw,
-            Err(RwUnavailable::NewerTermReported { term: 5, .. })
+            Err(RwUnavailable::NewerTermReported { term, .. }) if term == Term::new(5)
         ));
         // A promotion under the reserved term is a new primary the record does not show yet.
         f.health_mut(R2).term = 4;
@@ -1421,8 +1422,8 @@ mod tests {
             f.route().rw,
             Err(RwUnavailable::NewerTermReported {
                 tablet: R1.into(),
-                term: 4,
-                record_term: 3
+                term: Term::new(4),
+                record_term: Term::new(3)
             })
         );
     }
@@ -1436,8 +1437,8 @@ mod tests {
             r.rw,
             Err(RwUnavailable::NewerTermReported {
                 tablet: R2.into(),
-                term: 4,
-                record_term: 3
+                term: Term::new(4),
+                record_term: Term::new(3)
             })
         );
         // Even from stale health: terms only grow.
@@ -1672,8 +1673,8 @@ mod tests {
             f.route().rw,
             Err(RwUnavailable::BehindTerm {
                 alias: P.into(),
-                agent_term: 2,
-                record_term: 3
+                agent_term: Term::new(2),
+                record_term: Term::new(3)
             })
         );
     }
@@ -1871,8 +1872,8 @@ mod tests {
             (
                 RwUnavailable::BehindTerm {
                     alias: P.into(),
-                    agent_term: 1,
-                    record_term: 2,
+                    agent_term: Term::new(1),
+                    record_term: Term::new(2),
                 },
                 "knows term 1",
             ),
@@ -1880,8 +1881,8 @@ mod tests {
             (
                 RwUnavailable::NewerTermReported {
                     tablet: R1.into(),
-                    term: 5,
-                    record_term: 4,
+                    term: Term::new(5),
+                    record_term: Term::new(4),
                 },
                 "zone1-102 reports term 5",
             ),
@@ -1978,7 +1979,7 @@ mod tests {
         assert_eq!(b.rw, None);
         assert_eq!(b.rw_unavailable.as_deref(), Some("no shard record"));
         assert_eq!(b.ro_unavailable.as_deref(), Some("no replica registered"));
-        assert_eq!((c.keyspace.as_str(), c.term), ("other", 0));
+        assert_eq!((c.keyspace.as_str(), c.term), ("other", Term::ZERO));
         assert_eq!(c.rw_unavailable.as_deref(), Some("no shard record"));
         let json = serde_json::to_value(&resp).unwrap();
         assert_eq!(json["shards"][0]["rw"]["mysql_addr"], "127.0.0.1:3401");
@@ -2097,7 +2098,7 @@ mod tests {
         let mut f = Fixture::healthy();
         f.health_mut(R2).lag_ms = Some(40_000);
         let r = f.shard_route_at(Duration::ZERO);
-        assert_eq!((r.term, r.primary.as_deref()), (3, Some(P)));
+        assert_eq!((r.term, r.primary.as_deref()), (Term::new(3), Some(P)));
         assert_eq!(r.routing, f.route());
         assert_eq!(r.ro_close.len(), 3);
         assert_eq!(r.ro_close[R1], None);
@@ -2153,8 +2154,14 @@ mod tests {
             Arc::make_mut(t.last_health.as_mut().unwrap()).health.term = 4;
         }
         let c = route_changes(&a, &routes_of(&f, 4));
-        assert_eq!(c[0].before.as_ref().unwrap().rw, Some((P.into(), 3)));
-        assert_eq!(c[0].after.as_ref().unwrap().rw, Some((P.into(), 4)));
+        assert_eq!(
+            c[0].before.as_ref().unwrap().rw,
+            Some((P.into(), Term::new(3)))
+        );
+        assert_eq!(
+            c[0].after.as_ref().unwrap().rw,
+            Some((P.into(), Term::new(4)))
+        );
         let empty = Routes::empty();
         let c = route_changes(&empty, &a);
         assert_eq!((c.len(), c[0].before.is_none()), (1, true));
@@ -2439,20 +2446,20 @@ mod tests {
         let f = Fixture::healthy();
         let r = f.shard_route_at(Duration::ZERO);
         for role in [ConnRole::Rw, ConnRole::RoPrimary] {
-            assert_eq!(close_reason(role, P, 3, Some(&r)), None);
+            assert_eq!(close_reason(role, P, Term::new(3), Some(&r)), None);
             // Opened under an older term on the same primary: stays.
-            assert_eq!(close_reason(role, P, 2, Some(&r)), None);
+            assert_eq!(close_reason(role, P, Term::new(2), Some(&r)), None);
             // Another tablet than the record's primary, opened under an older term: closed.
-            let why = close_reason(role, R1, 2, Some(&r)).expect("closed");
+            let why = close_reason(role, R1, Term::new(2), Some(&r)).expect("closed");
             assert!(why.contains("term 3 names zone1-101"), "{why}");
             // Same term: nothing rose, nothing to do.
-            assert_eq!(close_reason(role, R1, 3, Some(&r)), None);
-            assert_eq!(close_reason(role, R1, 2, None), None);
+            assert_eq!(close_reason(role, R1, Term::new(3), Some(&r)), None);
+            assert_eq!(close_reason(role, R1, Term::new(2), None), None);
         }
         let mut f = Fixture::healthy();
         f.record = Some(shard_record("ks", "0", None, 4));
         let r = f.shard_route_at(Duration::ZERO);
-        let why = close_reason(ConnRole::Rw, P, 3, Some(&r)).unwrap();
+        let why = close_reason(ConnRole::Rw, P, Term::new(3), Some(&r)).unwrap();
         assert!(why.contains("names no tablet"), "{why}");
     }
 
@@ -2461,10 +2468,13 @@ mod tests {
         let mut f = Fixture::healthy();
         f.health_mut(R2).lag_ms = Some(31_000);
         let r = f.shard_route_at(Duration::ZERO);
-        assert_eq!(close_reason(ConnRole::RoReplica, R1, 3, Some(&r)), None);
-        assert!(close_reason(ConnRole::RoReplica, R2, 3, Some(&r)).is_some());
         assert_eq!(
-            close_reason(ConnRole::RoReplica, "zone1-999", 3, Some(&r)).as_deref(),
+            close_reason(ConnRole::RoReplica, R1, Term::new(3), Some(&r)),
+            None
+        );
+        assert!(close_reason(ConnRole::RoReplica, R2, Term::new(3), Some(&r)).is_some());
+        assert_eq!(
+            close_reason(ConnRole::RoReplica, "zone1-999", Term::new(3), Some(&r)).as_deref(),
             Some("the tablet is no longer registered")
         );
         assert_eq!(ConnRole::RoPrimary.port(), "ro");
@@ -2550,9 +2560,12 @@ mod tests {
         );
         assert_eq!(f.close_at(R1, Duration::ZERO), None);
         let r = f.shard_route_at(Duration::ZERO);
-        let why = close_reason(ConnRole::RoReplica, R2, 3, Some(&r)).expect("closed");
+        let why = close_reason(ConnRole::RoReplica, R2, Term::new(3), Some(&r)).expect("closed");
         assert!(why.contains("disk errors"), "{why}");
-        assert_eq!(close_reason(ConnRole::RoReplica, R1, 3, Some(&r)), None);
+        assert_eq!(
+            close_reason(ConnRole::RoReplica, R1, Term::new(3), Some(&r)),
+            None
+        );
         // The primary stays "the shard's primary" first (both close; that reason is the
         // one that explains a promotion).
         f.quarantine(P, "odd");
@@ -2572,7 +2585,7 @@ mod tests {
         let why = r.primary_quarantined.clone().expect("marked");
         assert!(why.starts_with("should never happen"), "{why}");
         for role in [ConnRole::Rw, ConnRole::RoPrimary] {
-            assert_eq!(close_reason(role, P, 3, Some(&r)), None);
+            assert_eq!(close_reason(role, P, Term::new(3), Some(&r)), None);
         }
         let mut routes = routes_of(&f, 1);
         routes.shards.insert(("ks".into(), "0".into()), r);

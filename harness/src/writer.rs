@@ -33,6 +33,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
@@ -98,7 +99,7 @@ pub struct Ack {
     /// The tablet the insert was sent to (whose mysqld acknowledged it).
     pub tablet: String,
     /// The shard record's term when it was sent.
-    pub term: u64,
+    pub term: Term,
     /// Wall clock, ms since the epoch, when it was sent and when the ack arrived.
     pub sent_ms: u64,
     pub acked_ms: u64,
@@ -166,7 +167,7 @@ pub struct WriterReport {
     /// not split brain; reported, not hidden.
     pub late_acks: Vec<DeposedAck>,
     /// The primary and term the ids were checked on.
-    pub checked_on: Option<(String, u64)>,
+    pub checked_on: Option<(String, Term)>,
     /// Rows found on it.
     pub rows_on_primary: usize,
     /// The fault, if one was marked.
@@ -302,13 +303,13 @@ impl Log {
     }
 
     /// The term of the newest record seen naming `alias` primary (0 if none).
-    fn term_as_primary(&self, alias: &str) -> u64 {
+    fn term_as_primary(&self, alias: &str) -> Term {
         self.records
             .iter()
             .filter(|r| r.primary.as_deref() == Some(alias))
             .map(|r| r.term)
             .max()
-            .unwrap_or(0)
+            .unwrap_or(Term::ZERO)
     }
 
     fn saw(&mut self, rec: &ShardRecord) {
@@ -749,13 +750,13 @@ impl Drop for Writer {
 
 /// The term under which `tablet` was primary when it acknowledged at `at_ms`: the newest
 /// record naming it that had begun by then (0: none had).
-fn term_at(records: &[ShardRecord], tablet: &str, at_ms: u64) -> u64 {
+fn term_at(records: &[ShardRecord], tablet: &str, at_ms: u64) -> Term {
     records
         .iter()
         .filter(|r| r.primary.as_deref() == Some(tablet) && r.term_start_ms <= at_ms)
         .map(|r| r.term)
         .max()
-        .unwrap_or(0)
+        .unwrap_or(Term::ZERO)
 }
 
 /// Acks by a tablet after a newer term naming another primary had started.
@@ -1002,10 +1003,10 @@ mod tests {
             keyspace: "ks".into(),
             shard: "0".into(),
             primary: Some(primary.into()),
-            term,
+            term: Term::new(term),
             term_start_ms: start,
             reparent_in_progress: None,
-            reserved_term: 0,
+            reserved_term: Term::ZERO,
         }
     }
 
@@ -1013,7 +1014,7 @@ mod tests {
         Ack {
             id,
             tablet: tablet.into(),
-            term,
+            term: Term::new(term),
             sent_ms: acked_ms.saturating_sub(1),
             acked_ms,
             sent_at: Instant::now(),
@@ -1037,7 +1038,7 @@ mod tests {
             d.iter()
                 .map(|d| (d.ack.id, d.newer.term))
                 .collect::<Vec<_>>(),
-            vec![(2, 2), (4, 3)]
+            vec![(2, Term::new(2)), (4, Term::new(3))]
         );
         assert!(d[0].to_string().contains("1 ms after term 2"), "{}", d[0]);
     }
@@ -1046,10 +1047,10 @@ mod tests {
     fn through_a_fixed_address_acks_are_judged_by_the_term_at_ack_time() {
         let records = vec![rec("a", 1, 100), rec("b", 2, 1000), rec("a", 3, 2000)];
         // b acked just after its term began, before the writer saw the record: term 2.
-        assert_eq!(term_at(&records, "b", 1001), 2);
-        assert_eq!(term_at(&records, "b", 999), 0);
-        assert_eq!(term_at(&records, "a", 1500), 1);
-        assert_eq!(term_at(&records, "a", 2500), 3);
+        assert_eq!(term_at(&records, "b", 1001), Term::new(2));
+        assert_eq!(term_at(&records, "b", 999), Term::ZERO);
+        assert_eq!(term_at(&records, "a", 1500), Term::new(1));
+        assert_eq!(term_at(&records, "a", 2500), Term::new(3));
         let acks: Vec<Ack> = [
             (1, "b", 1001),
             (2, "a", 1500),
@@ -1057,7 +1058,7 @@ mod tests {
             (4, "a", 2100),
         ]
         .into_iter()
-        .map(|(id, t, at)| ack(id, t, term_at(&records, t, at), at))
+        .map(|(id, t, at)| ack(id, t, term_at(&records, t, at).get(), at))
         .collect();
         let d = deposed(&acks, &records);
         // a acked at 1500 under term 1 although term 2 (b) began at 1000; b acked at 2100

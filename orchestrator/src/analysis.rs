@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+use topo::Term;
 
 use gtid::{Flavor, GtidSet};
 use myha_proto::agent as pb;
@@ -250,13 +251,13 @@ fn term_ahead_of_record(input: &ShardInput, cfg: &AnalysisConfig) -> Option<Prob
         let Some(h) = t.fresh_health(cfg) else {
             continue;
         };
-        if h.promoted_term > rec.term {
+        if h.promoted_term > rec.term.get() {
             ahead.push(format!(
                 "{} promoted under term {}",
                 t.alias(),
                 h.promoted_term
             ));
-        } else if h.term > known {
+        } else if h.term > known.get() {
             ahead.push(format!("{} knows term {}", t.alias(), h.term));
         }
     }
@@ -305,7 +306,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         }
         return out;
     };
-    let term = input.record.as_ref().map(|r| r.term).unwrap_or(0);
+    let term = input.record.as_ref().map(|r| r.term).unwrap_or(Term::ZERO);
     let primary = input.tablets.iter().find(|t| t.alias() == primary_alias);
     let replicas: Vec<&TabletInput> = input
         .tablets
@@ -421,7 +422,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         let rep = h.replication.clone().unwrap_or_default();
         // A returning old primary first: its repair decides between rejoining and quarantine,
         // whatever extra transactions it holds.
-        if h.promoted_term > 0 && h.promoted_term < term && !rep.configured {
+        if h.promoted_term > 0 && h.promoted_term < term.get() && !rep.configured {
             out.push(Problem::new(
                 ProblemCode::StaleTabletClaimingPrimary,
                 Some(alias),

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -629,14 +630,14 @@ pub fn quarantine_target(
     alias: &str,
     tablet: Option<&TabletRecord>,
     record: Option<&ShardRecord>,
-) -> Result<(String, String, u64), ApiError> {
+) -> Result<(String, String, Term), ApiError> {
     check_alias(alias)?;
     let t = tablet.ok_or_else(|| {
         ApiError::not_found(format!(
             "no tablet {alias} is registered (unknown alias, or its agent is down)"
         ))
     })?;
-    let term = record.map_or(0, |r| r.term);
+    let term = record.map_or(Term::ZERO, |r| r.term);
     if let Some(r) = record.filter(|r| r.primary.as_deref() == Some(alias)) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -865,7 +866,7 @@ mod tests {
         let ks = &resp.shards[0];
         assert_eq!(
             (ks.keyspace.as_str(), ks.shard.as_str(), ks.term),
-            ("ks", "0", 2)
+            ("ks", "0", Term::new(2))
         );
         assert_eq!(ks.primary.as_deref(), Some("zone1-101"));
         assert!(ks.has_record);
@@ -902,7 +903,7 @@ mod tests {
         assert!(!other.has_record);
         assert_eq!(
             (other.primary.as_ref(), other.term, other.term_start_ms),
-            (None, 0, None)
+            (None, Term::ZERO, None)
         );
         let n = &other.tablets[0];
         assert_eq!(
@@ -938,7 +939,7 @@ mod tests {
     fn audit(at_ms: u64, action: &str) -> AuditEntry {
         AuditEntry {
             at_ms,
-            term: 2,
+            term: Term::new(2),
             actor: "orchestrator@h:1".into(),
             action: action.into(),
             tablet: Some("zone1-102".into()),
@@ -1269,7 +1270,10 @@ mod tests {
     fn quarantine_targets_are_checked() {
         let rec = shard_record("ks", "0", Some("zone1-101"), 4);
         let r = quarantine_target("zone1-102", Some(&registered("zone1-102")), Some(&rec));
-        assert_eq!(r.unwrap(), ("ks".to_string(), "0".to_string(), 4));
+        assert_eq!(
+            r.unwrap(),
+            ("ks".to_string(), "0".to_string(), Term::new(4))
+        );
         let e =
             quarantine_target("zone1-101", Some(&registered("zone1-101")), Some(&rec)).unwrap_err();
         assert_eq!(e.status, StatusCode::CONFLICT);
@@ -1287,7 +1291,7 @@ mod tests {
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         // A shard without a record yet: term 0.
         let r = quarantine_target("zone1-102", Some(&registered("zone1-102")), None);
-        assert_eq!(r.unwrap().2, 0);
+        assert_eq!(r.unwrap().2, Term::ZERO);
     }
 
     #[test]
@@ -1318,7 +1322,7 @@ mod tests {
                 QuarantineRecord {
                     reason: "errant".into(),
                     at_ms: 5,
-                    term: 3,
+                    term: Term::new(3),
                     by: None,
                 },
             ),
@@ -1327,7 +1331,7 @@ mod tests {
                 QuarantineRecord {
                     reason: "gone".into(),
                     at_ms: 6,
-                    term: 3,
+                    term: Term::new(3),
                     by: Some("alice".into()),
                 },
             ),

@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use topo::Term;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -356,7 +357,7 @@ impl Control {
                 "recoveries_enabled"
             },
             None,
-            0,
+            Term::ZERO,
             reason,
         )
         .await;
@@ -380,7 +381,7 @@ impl Control {
             by,
             "ack",
             None,
-            0,
+            Term::ZERO,
             "recoveries acknowledged: flapping count reset",
         )
         .await;
@@ -395,7 +396,7 @@ impl Control {
         by: &str,
         action: &str,
         tablet: Option<&str>,
-        term: u64,
+        term: Term,
         detail: &str,
     ) {
         let entry = AuditEntry {
@@ -437,7 +438,7 @@ impl Control {
         &self,
         alias: &str,
         reason: &str,
-        term: u64,
+        term: Term,
     ) -> Result<QuarantineRecord> {
         let rec = QuarantineRecord {
             reason: reason.to_string(),
@@ -465,7 +466,7 @@ impl Control {
         shard: &str,
         alias: &str,
         reason: &str,
-        term: u64,
+        term: Term,
         by: &str,
     ) -> Result<QuarantineRecord> {
         check_names(keyspace, shard)?;
@@ -504,7 +505,7 @@ impl Control {
     pub async fn release_quarantine_by(
         &self,
         alias: &str,
-        shard: Option<(&str, &str, u64)>,
+        shard: Option<(&str, &str, Term)>,
         reason: Option<&str>,
         by: &str,
     ) -> Result<Option<QuarantineRecord>> {

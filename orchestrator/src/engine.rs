@@ -24,6 +24,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use serde::Serialize;
 use tabletwatch::{FleetSnapshot, ShardView};
@@ -123,7 +124,7 @@ pub struct RecoveryResult {
     pub started_ms: u64,
     pub duration_ms: u64,
     /// The term written, when the recovery changed it (emergency reparent).
-    pub new_term: Option<u64>,
+    pub new_term: Option<Term>,
     /// Steps taken (each one is also in the audit log).
     pub steps: Vec<recovery::StepRecord>,
 }
@@ -456,7 +457,7 @@ struct Running {
 #[derive(Debug)]
 struct Hold {
     after: Instant,
-    until_term: Option<u64>,
+    until_term: Option<Term>,
     deadline: Instant,
 }
 
@@ -465,7 +466,7 @@ struct FlapCache {
     /// Successful emergency reparent summaries (only those).
     reparents: Vec<AuditEntry>,
     loaded_at: Option<Instant>,
-    loaded_term: u64,
+    loaded_term: Term,
     loading: bool,
     stale: bool,
 }
@@ -511,7 +512,7 @@ pub enum Input {
         keyspace: String,
         shard: String,
         /// The shard term the read was asked at.
-        term: u64,
+        term: Term,
         result: Result<Vec<AuditEntry>, String>,
     },
 }
@@ -526,7 +527,7 @@ pub enum Effect {
     LoadAudit {
         keyspace: String,
         shard: String,
-        term: u64,
+        term: Term,
     },
     /// Append an entry to the shard's audit log (a skipped recovery).
     AppendAudit {
@@ -617,7 +618,7 @@ impl Engine {
 
 enum Event {
     Done(Report),
-    Audit(ShardKey, u64, Result<Vec<AuditEntry>, String>),
+    Audit(ShardKey, Term, Result<Vec<AuditEntry>, String>),
 }
 
 /// The shell: feeds the core and performs its effects. Every wait is here.
@@ -1074,7 +1075,7 @@ impl Engine {
 
     /// Starts reading the shard's audit log when its reparent history is unknown, stale
     /// (a recovery ended, the term changed) or old.
-    fn maybe_load_audit(&mut self, key: &ShardKey, term: u64, now: Instant) {
+    fn maybe_load_audit(&mut self, key: &ShardKey, term: Term, now: Instant) {
         let reload = self.opts.flap_reload;
         let mem = self.shards.entry(key.clone()).or_default();
         let f = &mem.flap;

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -398,7 +399,7 @@ async fn quarantine_release(
         (
             t.keyspace.as_str(),
             t.shard.as_str(),
-            record.as_ref().map_or(0, |r| r.term),
+            record.as_ref().map_or(Term::ZERO, |r| r.term),
         )
     });
     let Some(rec) = s
@@ -509,7 +510,7 @@ async fn reparent(
 /// What, when it changes, means a shard's audit log probably grew.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Signature {
-    term: u64,
+    term: Term,
     running: bool,
     last_attempt_ms: Option<u64>,
 }
@@ -528,7 +529,9 @@ fn signatures(
     view.shards
         .iter()
         .map(|s| {
-            let term = snap.shard(&s.keyspace, &s.shard).map_or(0, |v| v.term());
+            let term = snap
+                .shard(&s.keyspace, &s.shard)
+                .map_or(Term::ZERO, |v| v.term());
             (
                 (s.keyspace.clone(), s.shard.clone()),
                 Signature {

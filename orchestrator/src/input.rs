@@ -89,6 +89,7 @@ mod tests {
     use crate::analysis::{analyze, AnalysisConfig, ProblemCode};
     use tabletwatch::testing::*;
     use tabletwatch::StreamState;
+    use topo::Term;
 
     fn probe(primary: &str, reachable: bool, at_ms: u64) -> pb::PrimaryProbe {
         pb::PrimaryProbe {
@@ -139,7 +140,7 @@ mod tests {
         .into();
         let input = shard_input(&view, now, 42_000, Durability::SemiSync, &q);
         assert_eq!((input.keyspace.as_str(), input.shard.as_str()), ("ks", "0"));
-        assert_eq!(input.record.as_ref().map(|r| r.term), Some(1));
+        assert_eq!(input.record.as_ref().map(|r| r.term), Some(Term::new(1)));
         assert_eq!(input.durability, Durability::SemiSync);
         assert_eq!(input.now_ms, 42_000);
         let [p, r, n] = &input.tablets[..] else {

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -72,7 +73,7 @@ pub struct OpDone {
     pub new_primary: Option<String>,
     /// The shard's term at the end (the new one on success).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub term: Option<u64>,
+    pub term: Option<Term>,
     /// Failures: whether a demotion was rolled back (the old primary is writable again).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub undone: Option<bool>,
@@ -151,7 +152,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
         ReparentMode::Planned => ACTION_PLANNED_REPARENT,
         ReparentMode::Emergency => ACTION_EMERGENCY_REPARENT,
     };
-    let fail = |kind: FailKind, error: String, old: Option<String>, term: Option<u64>| OpDone {
+    let fail = |kind: FailKind, error: String, old: Option<String>, term: Option<Term>| OpDone {
         ok: false,
         mode: req.mode,
         kind: Some(kind),
@@ -165,7 +166,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
         total_ms: millis(started.elapsed()),
         detail: None,
     };
-    let summary = |term: u64, tablet: Option<String>, outcome: &str, detail: String| {
+    let summary = |term: Term, tablet: Option<String>, outcome: &str, detail: String| {
         deps.audit.append(
             &ks,
             &shard,
@@ -234,7 +235,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
                 holder.acquired_ms,
                 req.lock_timeout
             );
-            summary(0, None, OUTCOME_FAILED, error.clone());
+            summary(Term::ZERO, None, OUTCOME_FAILED, error.clone());
             let mut done = fail(FailKind::LockHeld, error, op.suspect.clone(), None);
             done.holder = Some(holder.holder);
             done.purpose = Some(holder.purpose);
@@ -242,7 +243,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
         }
         Err(e) => {
             let error = format!("no reparent without the shard lock: {e}");
-            summary(0, None, OUTCOME_FAILED, error.clone());
+            summary(Term::ZERO, None, OUTCOME_FAILED, error.clone());
             return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
         }
     };
@@ -256,7 +257,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
             .collect::<BTreeMap<_, _>>(),
         Err(e) => {
             let error = format!("cannot read the quarantine list (nothing was changed): {e}");
-            summary(0, None, OUTCOME_FAILED, error.clone());
+            summary(Term::ZERO, None, OUTCOME_FAILED, error.clone());
             release(lock).await;
             return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
         }
@@ -269,7 +270,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
         Ok(f) => f,
         Err(e) => {
             let error = format!("refresh under the lock (nothing was changed): {e}");
-            summary(0, None, OUTCOME_FAILED, error.clone());
+            summary(Term::ZERO, None, OUTCOME_FAILED, error.clone());
             release(lock).await;
             return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
         }
@@ -434,7 +435,7 @@ mod tests {
             error: None,
             old_primary: Some("zone1-101".into()),
             new_primary: Some("zone1-102".into()),
-            term: Some(5),
+            term: Some(Term::new(5)),
             undone: None,
             holder: None,
             purpose: None,
@@ -454,7 +455,7 @@ mod tests {
             error: Some("held by x (y)".into()),
             old_primary: Some("zone1-101".into()),
             new_primary: None,
-            term: Some(4),
+            term: Some(Term::new(4)),
             undone: Some(false),
             holder: Some("x".into()),
             purpose: Some("y".into()),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use myha_proto::agent::{Health, ThreadState};
-use topo::{QuarantineRecord, ShardRecord, TabletRecord};
+use topo::{QuarantineRecord, ShardRecord, TabletRecord, Term};
 
 /// One `Health` message as it was received from an agent's `StreamHealth`.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,8 +147,8 @@ impl TabletView {
     }
 
     /// The highest term the agent knows (`None` without health).
-    pub fn term(&self) -> Option<u64> {
-        self.health().map(|h| h.term)
+    pub fn term(&self) -> Option<Term> {
+        self.health().map(|h| Term::new(h.term))
     }
 
     /// The agent fenced its mysqld (`None` without health).
@@ -195,8 +195,8 @@ impl ShardView {
     }
 
     /// The shard record's term (0 without a record).
-    pub fn term(&self) -> u64 {
-        self.record.as_deref().map_or(0, |r| r.term)
+    pub fn term(&self) -> Term {
+        self.record.as_deref().map_or(Term::ZERO, |r| r.term)
     }
 
     pub fn tablet(&self, alias: &str) -> Option<&TabletView> {
@@ -218,11 +218,11 @@ impl ShardView {
 
     /// The tablet whose latest health reports the highest term, with that term (`None` when
     /// no tablet has health). Ties go to the first alias.
-    pub fn highest_reported_term(&self) -> Option<(&str, u64)> {
+    pub fn highest_reported_term(&self) -> Option<(&str, Term)> {
         self.tablets
             .values()
             .filter_map(|t| Some((t.alias(), t.term()?)))
-            .fold(None, |best: Option<(&str, u64)>, (a, term)| match best {
+            .fold(None, |best: Option<(&str, Term)>, (a, term)| match best {
                 Some((_, b)) if b >= term => best,
                 _ => Some((a, term)),
             })
@@ -233,22 +233,23 @@ impl ShardView {
     /// the record's reservation. A term up to the reservation is not news: a reparent in progress
     /// (or one that stopped) acts under its reserved term before it writes a new primary, and the
     /// record's primary still holds the shard until it does.
-    pub fn term_ahead_of_record(&self) -> Option<(&str, u64)> {
+    pub fn term_ahead_of_record(&self) -> Option<(&str, Term)> {
         let rec = self.record.as_deref()?;
         let known = rec.term.max(rec.reserved_term);
         self.tablets
             .values()
             .filter_map(|t| {
                 let h = t.health()?;
-                if h.promoted_term > rec.term {
-                    Some((t.alias(), h.promoted_term))
-                } else if h.term > known {
-                    Some((t.alias(), h.term))
+                let (promoted, term) = (Term::new(h.promoted_term), Term::new(h.term));
+                if promoted > rec.term {
+                    Some((t.alias(), promoted))
+                } else if term > known {
+                    Some((t.alias(), term))
                 } else {
                     None
                 }
             })
-            .fold(None, |best: Option<(&str, u64)>, (a, term)| match best {
+            .fold(None, |best: Option<(&str, Term)>, (a, term)| match best {
                 Some((_, b)) if b >= term => best,
                 _ => Some((a, term)),
             })
@@ -394,7 +395,7 @@ pub mod testing {
         view.quarantine = Some(Arc::new(QuarantineRecord {
             reason: reason.to_string(),
             at_ms: 1,
-            term: 1,
+            term: Term::new(1),
             by: Some("test".into()),
         }));
         view
@@ -427,7 +428,7 @@ pub mod testing {
     ) -> ShardRecord {
         ShardRecord {
             primary: primary.map(str::to_string),
-            term,
+            term: Term::new(term),
             term_start_ms: 1,
             ..ShardRecord::new(keyspace, shard)
         }
@@ -483,7 +484,7 @@ mod tests {
         assert_eq!(p.read_only(), Some(false));
         assert_eq!(p.replicating(), Some(false));
         assert_eq!(p.lag_ms(), None);
-        assert_eq!(p.term(), Some(3));
+        assert_eq!(p.term(), Some(Term::new(3)));
         assert_eq!(p.fenced(), Some(false));
         assert_eq!(p.mysql_addr(), "127.0.0.1:3401");
 
@@ -557,15 +558,15 @@ mod tests {
             ],
         );
         assert_eq!(s.primary_alias(), Some("zone1-101"));
-        assert_eq!(s.term(), 4);
+        assert_eq!(s.term(), Term::new(4));
         assert_eq!(s.primary().map(TabletView::alias), Some("zone1-101"));
         let replicas: Vec<&str> = s.replicas().map(TabletView::alias).collect();
         assert_eq!(replicas, ["zone1-102", "zone1-103"]);
-        assert_eq!(s.highest_reported_term(), Some(("zone1-102", 5)));
+        assert_eq!(s.highest_reported_term(), Some(("zone1-102", Term::new(5))));
 
         let bare = shard("ks", "1", None, vec![]);
         assert_eq!(bare.primary_alias(), None);
-        assert_eq!(bare.term(), 0);
+        assert_eq!(bare.term(), Term::ZERO);
         assert!(bare.primary().is_none());
         assert_eq!(bare.highest_reported_term(), None);
 

@@ -945,7 +945,7 @@ pub async fn run(opts: Options) -> Report {
         let unavailable = unavailability(&s.via_gateway.acks(), from, to);
         let stats = report.kinds.entry(row).or_default();
         stats.injected += if overlapped { 2 } else { 1 };
-        let terms = after.term.saturating_sub(before.term) as usize;
+        let terms = after.term.get().saturating_sub(before.term.get()) as usize;
         stats.failovers += terms;
         stats.unavailability.push(unavailable);
         let mut why = String::new();

@@ -18,7 +18,7 @@ pub mod ha {
     };
     use mysql_async::prelude::Queryable;
     use serde_json::Value;
-    use topo::{AuditEntry, ShardRecord};
+    use topo::{AuditEntry, ShardRecord, Term};
 
     /// The bound for anything the orchestrator has to do (never a timing assertion).
     pub const BOUND: Duration = Duration::from_secs(15);
@@ -52,7 +52,7 @@ pub mod ha {
         c: &Cluster,
         w: &Writer,
         old: &str,
-        old_term: u64,
+        old_term: Term,
         skip: &[&str],
     ) -> ShardRecord {
         let fault = w.fault().expect("fault marked");
@@ -87,7 +87,7 @@ pub mod ha {
     }
 
     /// The emergency reparent's summary entry (outcome ok) of `term`, from the audit log.
-    pub async fn reparent_entry(c: &Cluster, term: u64) -> topo::AuditEntry {
+    pub async fn reparent_entry(c: &Cluster, term: Term) -> topo::AuditEntry {
         let start = Instant::now();
         loop {
             let a = audit(c).await;
@@ -210,7 +210,7 @@ pub mod ha {
     pub async fn wait_new_primary(
         c: &Cluster,
         old_primary: &str,
-        old_term: u64,
+        old_term: Term,
         bound: Duration,
     ) -> (ShardRecord, Duration) {
         wait_record(c, "a new primary in the shard record", bound, |r| {

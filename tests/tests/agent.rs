@@ -2,6 +2,7 @@
 //! faults, lease expiry, self-fencing, and bad input.
 
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{Cluster, ClusterOptions};
 use myha_proto::agent::{self as pb, agent_client::AgentClient};
@@ -139,7 +140,7 @@ async fn write_shard_record(c: &Cluster, primary: &str, term: u64) {
         .expect("lock shard");
     let mut rec = ShardRecord::new(c.keyspace(), c.shard());
     rec.primary = Some(primary.to_string());
-    rec.term = term;
+    rec.term = Term::new(term);
     rec.term_start_ms = topo::now_ms();
     lock.update_shard(&rec).await.expect("update shard");
     lock.release().await.expect("release");
@@ -1081,7 +1082,7 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
     let first = loop {
         if let Some(p) = c
             .topo()
-            .get_promotion(&ks, &shard, 1)
+            .get_promotion(&ks, &shard, Term::new(1))
             .await
             .expect("history")
         {
@@ -1147,7 +1148,7 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
     .expect("promote r1 at term 2");
     let rec = c
         .topo()
-        .get_promotion(&ks, &shard, 2)
+        .get_promotion(&ks, &shard, Term::new(2))
         .await
         .expect("history")
         .expect("term 2 on record");
@@ -1188,7 +1189,7 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
         .expect("history");
     let terms: Vec<(u64, String)> = history
         .iter()
-        .map(|p| (p.term, p.primary.clone()))
+        .map(|p| (p.term.get(), p.primary.clone()))
         .collect();
     assert_eq!(
         terms,

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{Cluster, ClusterOptions, OrchestratorConfig, Writer};
 use myha_tests::ha::*;
@@ -26,8 +27,8 @@ async fn p1_primary_mysqld_killed() {
     let old = alias_of(&c, 0);
     c.tablet(0).mysqld().kill().expect("kill mysqld");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     // Confirmed by the orchestrator and by both replicas before acting.
     let e = reparent_entry(&c, rec.term).await;
     assert!(
@@ -54,8 +55,8 @@ async fn p2_primary_host_lost_mysqld_and_agent_killed() {
         .unwrap()
         .kill()
         .expect("kill agent");
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     let e = reparent_entry(&c, rec.term).await;
     assert!(
         e.detail.contains("confirmed by"),
@@ -75,8 +76,8 @@ async fn p3_primary_frozen_then_resumed_is_fenced_and_rejoins_or_is_quarantined(
     let old = alias_of(&c, 0);
     c.tablet(0).mysqld().freeze().expect("SIGSTOP mysqld");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     let new_primary = c.tablet_by_alias(rec.primary.as_deref().unwrap()).unwrap();
 
     // Resume: the old primary must accept no write, its agent fences it (read-only).
@@ -180,8 +181,8 @@ async fn p7_primary_killed_before_any_orchestrator_starts() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
     let _o = c.start_orchestrator().await.expect("orchestrator starts");
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     println!(
         "reparented {:.3} s after the orchestrator was started",
         started.elapsed().as_secs_f64()
@@ -208,7 +209,11 @@ async fn p7_errant_replica_is_not_promoted_by_an_orchestrator_that_never_saw_the
         "term 1 on record in the shard history",
         BOUND,
         || async {
-            match c.topo().get_promotion(c.keyspace(), c.shard(), 1).await {
+            match c
+                .topo()
+                .get_promotion(c.keyspace(), c.shard(), Term::new(1))
+                .await
+            {
                 Ok(Some(p)) if p.primary == old => Ok(()),
                 other => Err(format!("{other:?}")),
             }
@@ -229,7 +234,7 @@ async fn p7_errant_replica_is_not_promoted_by_an_orchestrator_that_never_saw_the
     w.mark_fault();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _o = c.start_orchestrator().await.expect("orchestrator starts");
-    let rec = expect_failover(&c, &w, &old, 1, &[&errant]).await;
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[&errant]).await;
     assert_ne!(
         rec.primary.as_deref(),
         Some(errant.as_str()),
@@ -354,7 +359,7 @@ async fn p17_durability_none_refuses_to_promote_past_an_unfenceable_old_primary(
     let rec = record(&c).await;
     assert_eq!(
         (rec.term, rec.primary.as_deref()),
-        (1, Some(p0.alias())),
+        (Term::new(1), Some(p0.alias())),
         "nothing changed"
     );
     for i in [1, 2] {
@@ -433,7 +438,11 @@ async fn p8_primary_killed_with_a_replica_down_refuses_under_semi_sync() {
         .await
         .expect("replica restarts");
     let rec = expect_failover(&c, &w, &old, before.term, &[]).await;
-    assert_eq!(rec.term, before.term + 1, "exactly one new term: {rec:?}");
+    assert_eq!(
+        rec.term,
+        before.term.next(),
+        "exactly one new term: {rec:?}"
+    );
     w.verify(&c).await;
 }
 
@@ -474,7 +483,7 @@ async fn p9_errant_most_advanced_replica_is_not_promoted() {
     w.wait_more_acks(10, BOUND).await.expect("writes continue");
     c.tablet(0).mysqld().kill().expect("kill mysqld");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[&errant]).await;
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[&errant]).await;
     assert_ne!(
         rec.primary.as_deref(),
         Some(errant.as_str()),
@@ -518,7 +527,7 @@ async fn p11_must_not_most_advanced_is_only_an_intermediate_source() {
     c.tablet(0).mysqld().kill().expect("kill mysqld");
     w.mark_fault();
     let _o = c.start_orchestrator().await.expect("orchestrator starts");
-    let rec = expect_failover(&c, &w, &alias_of(&c, 0), 1, &[]).await;
+    let rec = expect_failover(&c, &w, &alias_of(&c, 0), Term::new(1), &[]).await;
     assert_eq!(
         rec.primary.as_deref(),
         Some(alias_of(&c, 2).as_str()),
@@ -609,7 +618,7 @@ async fn assert_one_promotion_per_term(c: &Cluster) {
         );
     }
     let rec = record(c).await;
-    if rec.term > 0 {
+    if rec.term > Term::ZERO {
         let on_record = history.iter().find(|p| p.term == rec.term);
         assert_eq!(
             on_record.map(|p| p.primary.as_str()),
@@ -624,7 +633,9 @@ async fn assert_one_promotion_per_term(c: &Cluster) {
         };
         if let Ok(h) = a.full_status().await {
             if h.promoted_term > 0 {
-                let p = history.iter().find(|p| p.term == h.promoted_term);
+                let p = history
+                    .iter()
+                    .find(|p| p.term == Term::new(h.promoted_term));
                 assert_eq!(
                     p.map(|p| p.primary.as_str()),
                     Some(t.alias()),
@@ -652,7 +663,11 @@ async fn second_orchestrator_finishes(
         c,
         "the second orchestrator to finish",
         BOUND + ORCH_LEASE_TTL,
-        |r| r.term > 1 && r.primary.as_deref() != Some(old) && r.reparent_in_progress.is_none(),
+        |r| {
+            r.term > Term::new(1)
+                && r.primary.as_deref() != Some(old)
+                && r.reparent_in_progress.is_none()
+        },
     )
     .await;
     wait_shard_healthy(c, &[old], BOUND).await;
@@ -662,10 +677,10 @@ async fn second_orchestrator_finishes(
     );
     assert_record_stays(c, &rec, Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let seen: Vec<u64> = w.records().iter().map(|r| r.term).collect();
+    let seen: Vec<Term> = w.records().iter().map(|r| r.term).collect();
     assert_eq!(
         seen,
-        vec![1, rec.term],
+        vec![Term::new(1), rec.term],
         "the shard record went through more than one new term"
     );
     assert_one_promotion_per_term(c).await;
@@ -955,7 +970,7 @@ async fn p21_stale_orchestrator_thawed_after_another_acted_at_the_same_term_chan
         .await
         .expect("history");
     assert_eq!(
-        history.iter().map(|p| p.term).collect::<Vec<_>>(),
+        history.iter().map(|p| p.term.get()).collect::<Vec<_>>(),
         vec![1],
         "a promotion went on record: {history:?}"
     );
@@ -974,8 +989,8 @@ async fn p13_two_orchestrators_exactly_one_reparent() {
     let old = alias_of(&c, 0);
     c.tablet(0).mysqld().kill().expect("kill mysqld");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     assert_record_stays(&c, &rec, Duration::from_secs(3)).await;
     // The summary is audited in the background: wait for it, then count.
     reparent_entry(&c, rec.term).await;
@@ -992,13 +1007,13 @@ async fn p13_two_orchestrators_exactly_one_reparent() {
     );
     let actors: std::collections::BTreeSet<&str> = entries
         .iter()
-        .filter(|e| e.term == 2 && !e.action.is_empty())
+        .filter(|e| e.term == Term::new(2) && !e.action.is_empty())
         .map(|e| e.actor.as_str())
         .collect();
     println!("actors at term 2: {actors:?}");
     let r = w.verify(&c).await;
     assert_eq!(
-        r.records.iter().map(|r| r.term).collect::<Vec<_>>(),
+        r.records.iter().map(|r| r.term.get()).collect::<Vec<_>>(),
         vec![1, 2]
     );
 }
@@ -1022,7 +1037,7 @@ async fn p14_second_failure_reparents_again_and_flapping_stops_until_acknowledge
     let p1 = alias_of(&c, 0);
     c.tablet(0).mysqld().kill().expect("kill");
     w.mark_fault();
-    let r1 = expect_failover(&c, &w, &p1, 1, &[]).await;
+    let r1 = expect_failover(&c, &w, &p1, Term::new(1), &[]).await;
 
     // The new primary fails right away: a second reparent, no cool-down.
     let p2 = r1.primary.clone().unwrap();
@@ -1033,7 +1048,7 @@ async fn p14_second_failure_reparents_again_and_flapping_stops_until_acknowledge
         .expect("kill");
     w.mark_fault();
     let r2 = expect_failover(&c, &w, &p2, r1.term, &[&p1]).await;
-    assert_eq!(r2.term, r1.term + 1);
+    assert_eq!(r2.term, r1.term.next());
 
     // A third failure within the window: flapping (limit 2) stops automatic recovery.
     let p3 = r2.primary.clone().unwrap();
@@ -1080,7 +1095,7 @@ async fn p14_second_failure_reparents_again_and_flapping_stops_until_acknowledge
         .expect("POST ack");
     assert_eq!(status, 200, "ack answered {status}: {body}");
     let (r3, _) = wait_new_primary(&c, &p3, r2.term, BOUND).await;
-    assert_eq!(r3.term, r2.term + 1);
+    assert_eq!(r3.term, r2.term.next());
     wait_shard_healthy(&c, &[&p1, &p2, &p3], BOUND).await;
     w.verify(&c).await;
 }
@@ -1112,7 +1127,7 @@ async fn p15_no_reparent_without_etcd_then_recovery_when_it_returns() {
     let rec = record(&c).await;
     assert!(
         (rec.primary == before.primary && rec.term == before.term)
-            || (rec.primary != before.primary && rec.term == before.term + 1),
+            || (rec.primary != before.primary && rec.term == before.term.next()),
         "the shard record changed while etcd was down: {rec:?} (before: {before:?})"
     );
     let rec = expect_failover(&c, &w, &old, before.term, &[]).await;
@@ -1120,7 +1135,11 @@ async fn p15_no_reparent_without_etcd_then_recovery_when_it_returns() {
         "recovered {:.3} s after etcd returned",
         back.elapsed().as_secs_f64()
     );
-    assert_eq!(rec.term, before.term + 1, "exactly one new term: {rec:?}");
+    assert_eq!(
+        rec.term,
+        before.term.next(),
+        "exactly one new term: {rec:?}"
+    );
     w.verify(&c).await;
 }
 
@@ -1211,7 +1230,7 @@ async fn a_primary_whose_writes_stay_blocked_is_failed_over_when_the_operator_op
         r.map_err(|e| e.to_string())
     });
     let rec = expect_failover(&c, &w, &old, before.term, &[]).await;
-    assert_eq!(rec.term, before.term + 1, "{rec:?}");
+    assert_eq!(rec.term, before.term.next(), "{rec:?}");
     let entries = audit(&c).await;
     let summary = audited(&entries, "no emergency reparent", |e| {
         e.action == "emergency_reparent" && e.outcome == "ok" && e.term == rec.term

@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{Cluster, ClusterOptions, GatewayConfig, GatewayProc, Tablet};
 use myha_gateway::routing::RoFallback;
@@ -690,7 +691,7 @@ async fn g1_failover_under_a_writer_through_the_rw_port() {
         let who = whoami(&mut conn).await?;
         Ok::<_, String>((who, start.elapsed()))
     });
-    let (rec1, applied) = wait_rw_applied(&c, g, p0.alias(), rec.term).await;
+    let (rec1, applied) = wait_rw_applied(&c, g, p0.alias(), Term::new(rec.term.get())).await;
     let p1 = c.tablet_by_alias(rec1.primary.as_deref().unwrap()).unwrap();
     let (who, took) = tokio::time::timeout(BOUND, held)
         .await
@@ -809,11 +810,11 @@ async fn wait_rw_applied(
     c: &Cluster,
     g: &GatewayProc,
     old_primary: &str,
-    old_term: u64,
+    old_term: Term,
 ) -> (topo::ShardRecord, Duration) {
     let start = Instant::now();
     let mut seen: Option<(topo::ShardRecord, Instant)> = None;
-    let mut gateway_at: Option<(String, u64, Instant)> = None;
+    let mut gateway_at: Option<(String, Term, Instant)> = None;
     loop {
         assert!(
             start.elapsed() < BOUND,
@@ -832,7 +833,7 @@ async fn wait_rw_applied(
         }
         if gateway_at.is_none() {
             if let Ok(s) = g.shard_routing(c.keyspace(), c.shard()).await {
-                let term = s["term"].as_u64().unwrap_or(0);
+                let term = Term::new(s["term"].as_u64().unwrap_or(0));
                 if let Some(a) = s["rw"]["alias"].as_str().filter(|a| *a != old_primary) {
                     if term > old_term {
                         gateway_at = Some((a.to_string(), term, Instant::now()));
@@ -900,7 +901,7 @@ async fn s1_switchover_through_the_gateway() {
         .to_string();
     let new = c.tablet_by_alias(&new_alias).expect("a tablet");
     assert_ne!(new_alias, p0.alias());
-    assert_eq!(done["term"], old.term + 1, "{done}");
+    assert_eq!(done["term"], old.term.next().get(), "{done}");
     let (ack, _) = w
         .wait_ack_after(finished, BOUND)
         .await
@@ -952,7 +953,7 @@ async fn s1_switchover_through_the_gateway() {
     println!(
         "S1 through the gateway: {} -> {new_alias} term {} in {} ms (orchestrator total_ms {}); {} new connections, {during} opened during it, none refused; longest gap between acks {} ms; {} acks, none lost",
         p0.alias(),
-        old.term + 1,
+        old.term.next(),
         finished.duration_since(requested).as_millis(),
         done["total_ms"],
         seen.len(),
@@ -994,7 +995,7 @@ async fn p5_a_dead_primary_agent_does_not_stop_new_writes() {
         .await
         .expect("write through the gateway with the primary's agent dead");
     conn.query_drop("REPLACE INTO p5 VALUES (1)").await.unwrap();
-    assert_eq!(ha::record(&c).await.term, 1, "no failover");
+    assert_eq!(ha::record(&c).await.term, Term::new(1), "no failover");
     println!(
         "P5 through the gateway: route degraded {:.2} s after the agent died ({degraded}); a new RW connection wrote to {}",
         killed.elapsed().as_secs_f64(),
@@ -1061,7 +1062,7 @@ async fn p17_a_primary_agent_dead_past_its_lease_does_not_stop_new_writes() {
         .await
         .unwrap();
     let _ = conn.disconnect().await;
-    assert_eq!(ha::record(&c).await.term, 1, "no failover");
+    assert_eq!(ha::record(&c).await.term, Term::new(1), "no failover");
     println!(
         "P17: registration gone {:.2} s after the agent died; {:.2} s after: {degraded}",
         expired.as_secs_f64(),
@@ -1071,7 +1072,7 @@ async fn p17_a_primary_agent_dead_past_its_lease_does_not_stop_new_writes() {
     // The agentless primary's mysqld dies too: the replicas alone confirm it.
     p0.mysqld().kill().expect("kill the primary's mysqld");
     let died = Instant::now();
-    let (rec, _) = ha::wait_new_primary(&c, p0.alias(), 1, BOUND).await;
+    let (rec, _) = ha::wait_new_primary(&c, p0.alias(), Term::new(1), BOUND).await;
     let new = c
         .tablet_by_alias(rec.primary.as_deref().unwrap_or_default())
         .expect("a tablet");

@@ -2,6 +2,7 @@
 //! and cleanup when a test panics.
 
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{global_status, pid_alive, rss_kib, Cluster, ClusterOptions, Durability};
 use mysql_async::prelude::Queryable;
@@ -88,7 +89,7 @@ async fn three_tablet_semi_sync_cluster_survives_faults() {
         .unwrap()
         .unwrap();
     assert_eq!(shard.primary.as_deref(), Some("zone1-101"));
-    assert_eq!(shard.term, 1);
+    assert_eq!(shard.term, Term::new(1));
     let primary = cluster.primary().await.expect("primary");
     assert_eq!(primary.alias(), "zone1-101");
 

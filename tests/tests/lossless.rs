@@ -7,6 +7,7 @@
 //! The tests share the machine with everything else: they run one at a time (`SERIAL`).
 
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::net::{local_ports_to, LinkDrop};
 use harness::{global_var, slave_status, Tablet};
@@ -98,7 +99,7 @@ async fn p18_delayed_replica_holds_the_newest_acknowledged_writes() {
         "the starved replica is not the less advanced receiver and the better applier"
     );
 
-    let rec = expect_failover(&c, &w, primary.alias(), 1, &[]).await;
+    let rec = expect_failover(&c, &w, primary.alias(), Term::new(1), &[]).await;
     // Zero acknowledged writes lost (asserted inside), whoever was promoted.
     w.verify(&c).await;
     assert_eq!(
@@ -174,7 +175,7 @@ async fn p18_large_acknowledged_transaction_received_but_not_applied_survives() 
         l.query_drop("UNLOCK TABLES").await.expect("UNLOCK TABLES");
     }
 
-    let (rec, _) = wait_new_primary(&c, primary.alias(), 1, APPLY_BOUND).await;
+    let (rec, _) = wait_new_primary(&c, primary.alias(), Term::new(1), APPLY_BOUND).await;
     let new = c
         .tablet_by_alias(rec.primary.as_deref().unwrap_or_default())
         .expect("the new primary is a tablet");
@@ -291,8 +292,8 @@ async fn x1_a_corrupt_tablet_record_does_not_stop_a_failover() {
     let old = alias_of(&c, 0);
     c.tablet(0).mysqld().kill().expect("kill the primary");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "{rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "{rec:?}");
     let entries = audit(&c).await;
     let skipped = audited(&entries, "the corrupt record is not reported", |e| {
         e.action == "unreadable_record"
@@ -331,7 +332,7 @@ async fn x2_a_record_restored_to_an_older_term_is_reconciled_to_the_real_primary
     let old = alias_of(&c, 0);
     c.tablet(0).mysqld().kill().expect("kill the primary");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
     let new = rec.primary.clone().expect("a new primary");
     println!("failed over to {new} at term {}", rec.term);
     // The restore: the record as it was at term 1.
@@ -398,7 +399,7 @@ async fn the_audit_log_is_pruned_to_its_configured_size() {
     c.tablet(0).mysqld().kill().expect("kill the primary");
     w.mark_fault();
     // A failover writes well over 5 entries (each step, the summary).
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
     let n = wait_ok(&c, "the audit log pruned to 5 entries", BOUND, || async {
         let a = audit(&c).await;
         if a.len() <= 5 && a.iter().any(|e| e.term == rec.term) {

@@ -4,6 +4,7 @@
 //! The tests share the machine with everything else: they run one at a time (`SERIAL`).
 
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::net::LinkDrop;
 use harness::{Writer, WriterOptions};
@@ -38,7 +39,7 @@ async fn p20_primary_cut_off_from_every_replica_fails_over_and_is_fenced() {
     w.mark_fault();
     println!("dropping {}", cut.describe());
 
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
     let e = reparent_entry(&c, rec.term).await;
     println!("{}", audit_line(&e));
     assert!(

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{Cluster, ClusterOptions, Tablet};
 use mysql_async::prelude::Queryable;
@@ -188,7 +189,7 @@ async fn killed_primary_is_replaced_by_an_emergency_reparent() {
         .0;
     assert_eq!(
         (before.primary.as_deref(), before.term),
-        (Some(old.alias()), 1)
+        (Some(old.alias()), Term::new(1))
     );
 
     // The fault.
@@ -216,7 +217,7 @@ async fn killed_primary_is_replaced_by_an_emergency_reparent() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let to_record = fault.elapsed();
-    assert_eq!(record.term, 2, "{record:?}");
+    assert_eq!(record.term, Term::new(2), "{record:?}");
     let new_alias = record.primary.clone().expect("a primary");
     let new = cluster
         .tablet_by_alias(&new_alias)
@@ -314,7 +315,7 @@ async fn killed_primary_is_replaced_by_an_emergency_reparent() {
         .iter()
         .find(|e| e.action == "emergency_reparent" && e.outcome == "ok")
         .expect("summary");
-    assert_eq!(summary.term, 2);
+    assert_eq!(summary.term, Term::new(2));
     assert!(summary.detail.contains(&new_alias), "{}", summary.detail);
     assert!(
         entries

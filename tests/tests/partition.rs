@@ -11,6 +11,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::netns::{Direction, Host};
 use harness::{Cluster, ClusterOptions, Hosts, Writer, WriterOptions};
@@ -96,8 +97,8 @@ async fn every_process_runs_on_its_own_host_and_a_killed_primary_is_replaced() {
     let old = alias_of(&c, 0);
     c.tablet(0).mysqld().kill().expect("kill mysqld");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     w.verify(&c).await;
 }
 
@@ -290,8 +291,8 @@ async fn p4_primary_host_cut_from_everything_is_replaced_and_acknowledges_nothin
     net.isolate(&old, Direction::Both)
         .expect("isolate the primary's host");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     let new_primary = c
         .tablet_by_alias(rec.primary.as_deref().expect("a primary"))
         .expect("a tablet");
@@ -347,7 +348,7 @@ async fn expect_cut_without_failover(opts: ClusterOptions, others: &[&str], prob
     let took = wait_quiet(orch(&c), &c, BOUND).await;
     println!("no problem left {:.3} s after the heal", took.as_secs_f64());
     wait_shard_healthy(&c, &[], BOUND).await;
-    assert_eq!(record(&c).await.term, 1, "no new term");
+    assert_eq!(record(&c).await.term, Term::new(1), "no new term");
     w.verify(&c).await;
 }
 
@@ -409,8 +410,8 @@ async fn p20_primary_cut_from_its_replicas_and_clients_only_is_replaced_and_fenc
     )
     .expect("cut primary | replicas, gateway, client");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     // Fenced by its own agent, which still sees etcd, before any heal.
     wait_read_only(&c, c.tablet(0), "the cut old primary read-only").await;
     println!(
@@ -549,14 +550,18 @@ async fn losing_the_etcd_leader_host_changes_nothing_a_failover_still_happens() 
         cut.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(record(&c).await.term, 1, "no failover for an etcd member");
+    assert_eq!(
+        record(&c).await.term,
+        Term::new(1),
+        "no failover for an etcd member"
+    );
     wait_quiet(orch(&c), &c, BOUND).await;
     // With the leader still cut away, a dead primary is replaced as usual.
     let old = alias_of(&c, 0);
     c.tablet(0).mysqld().kill().expect("kill mysqld");
     w.mark_fault();
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     net.heal_all().expect("heal");
     w.verify(&c).await;
 }
@@ -579,12 +584,12 @@ async fn p15_etcd_quorum_lost_no_reparent_and_the_reason_shown_then_recovery() {
 
     let back = Instant::now();
     net.heal_all().expect("heal");
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
     println!(
         "recovered {:.3} s after the quorum returned",
         back.elapsed().as_secs_f64()
     );
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     w.verify(&c).await;
 }
 
@@ -635,8 +640,8 @@ async fn p22_an_isolated_primary_under_durability_none_demotes_itself_before_it_
         "isolated primary read-only {:.3} s after the cut (its agent's isolation rule)",
         took.as_secs_f64()
     );
-    let rec = expect_failover(&c, &w, &old, 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &old, Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     assert!(
         demoted_ms <= rec.term_start_ms,
         "the new term began {} ms before the old primary was seen read-only",
@@ -756,7 +761,7 @@ async fn an_isolated_primary_that_demoted_itself_is_not_made_writable_again_whil
         "primary cut from etcd and its replicas: read-only {:.3} s after the cut",
         took.as_secs_f64()
     );
-    let err = ask_writable(&c, term)
+    let err = ask_writable(&c, term.get())
         .await
         .expect_err("made writable again while isolated");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
@@ -785,7 +790,7 @@ async fn an_isolated_primary_that_demoted_itself_is_not_made_writable_again_whil
         "the agent to accept the request once healed",
         BOUND,
         || async {
-            ask_writable(&c, term)
+            ask_writable(&c, term.get())
                 .await
                 .map_err(|e| e.message().to_string())
         },
@@ -865,8 +870,8 @@ async fn p10_a_preferred_candidate_behind_a_slow_link_is_caught_up_and_promoted(
     // Slow from the primary only: the catch-up from the other replica is quick.
     let c = preferred_candidate(Duration::from_secs(5)).await;
     let w = kill_primary_with_the_candidate_behind(&c, &[0]).await;
-    let rec = expect_failover(&c, &w, &alias_of(&c, 0), 1, &[]).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let rec = expect_failover(&c, &w, &alias_of(&c, 0), Term::new(1), &[]).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     let entries = audit(&c).await;
     assert_eq!(
         rec.primary.as_deref(),
@@ -877,7 +882,7 @@ async fn p10_a_preferred_candidate_behind_a_slow_link_is_caught_up_and_promoted(
     audited(
         &entries,
         "the catch-up from the most advanced replica",
-        |e| e.action == "catch_up" && e.outcome == "ok" && e.term == 2,
+        |e| e.action == "catch_up" && e.outcome == "ok" && e.term == Term::new(2),
     );
     w.verify(&c).await;
 }
@@ -889,8 +894,8 @@ async fn p10_when_the_catch_up_over_a_slow_link_times_out_the_most_advanced_is_p
     let c = preferred_candidate(Duration::from_millis(500)).await;
     let w = kill_primary_with_the_candidate_behind(&c, &[0, 1]).await;
     let old = alias_of(&c, 0);
-    let (rec, _) = wait_new_primary(&c, &old, 1, BOUND).await;
-    assert_eq!(rec.term, 2, "exactly one new term: {rec:?}");
+    let (rec, _) = wait_new_primary(&c, &old, Term::new(1), BOUND).await;
+    assert_eq!(rec.term, Term::new(2), "exactly one new term: {rec:?}");
     let entries = audit(&c).await;
     assert_eq!(
         rec.primary.as_deref(),
@@ -899,11 +904,11 @@ async fn p10_when_the_catch_up_over_a_slow_link_times_out_the_most_advanced_is_p
         audit_text(&entries)
     );
     audited(&entries, "the fallback to the most advanced replica", |e| {
-        e.action == "catch_up_fallback" && e.outcome == "ok" && e.term == 2
+        e.action == "catch_up_fallback" && e.outcome == "ok" && e.term == Term::new(2)
     });
     // The new primary's only semi-sync acker is the slow one, still receiving seconds of
     // backlog: writes wait for it. Healed, they flow.
     c.net().unwrap().heal_all().expect("heal");
-    expect_failover(&c, &w, &old, 1, &[]).await;
+    expect_failover(&c, &w, &old, Term::new(1), &[]).await;
     w.verify(&c).await;
 }

@@ -17,6 +17,7 @@
 //! reparent's `total_ms` per switchover), never asserted tightly. One test at a time (`SERIAL`).
 
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{Ack, Cluster, ClusterOptions, Tablet, Writer, WriterOptions};
 use myha_tests::ha::*;
@@ -116,15 +117,15 @@ fn finish_run(events: Vec<(Duration, Value)>, body: &Value) -> Run {
 }
 
 /// A successful switchover `old -> new`: `done` says so, the record agrees (new term, no mark).
-async fn expect_switched(c: &Cluster, run: &Run, old: &str, new: &str, old_term: u64) {
+async fn expect_switched(c: &Cluster, run: &Run, old: &str, new: &str, old_term: Term) {
     let d = &run.done;
     assert_eq!(d["ok"], true, "not ok:\n{}", run.text());
     assert_eq!(d["old_primary"], old, "{d}");
     assert_eq!(d["new_primary"], new, "{d}");
-    assert_eq!(d["term"], old_term + 1, "{d}");
+    assert_eq!(d["term"], old_term.next().get(), "{d}");
     let r = record(c).await;
     assert_eq!(r.primary.as_deref(), Some(new), "{r:?}");
-    assert_eq!(r.term, old_term + 1, "{r:?}");
+    assert_eq!(r.term, old_term.next(), "{r:?}");
     assert_eq!(r.reparent_in_progress, None, "{r:?}");
 }
 
@@ -290,7 +291,11 @@ async fn planned_reparents() {
         .await
         .unwrap();
     assert_eq!(code, 404, "{b}");
-    assert_eq!(record(&c).await.term, 1, "validation changed nothing");
+    assert_eq!(
+        record(&c).await.term,
+        Term::new(1),
+        "validation changed nothing"
+    );
 
     let w = Writer::start(&c, WriterOptions::default())
         .await
@@ -307,7 +312,7 @@ async fn planned_reparents() {
         .as_str()
         .unwrap_or_else(|| panic!("no new primary:\n{}", run.text()))
         .to_string();
-    expect_switched(&c, &run, &old, &new, 1).await;
+    expect_switched(&c, &run, &old, &new, Term::new(1)).await;
     let names = run.names();
     assert_eq!(
         names[..6],
@@ -358,7 +363,7 @@ async fn planned_reparents() {
         "{}",
         audit_line(&e)
     );
-    assert_eq!(e.term, 2, "{}", audit_line(&e));
+    assert_eq!(e.term, Term::new(2), "{}", audit_line(&e));
 
     // ---- S2: the target lags beyond the bound: refused up front, the lag shown ----
     let primary = new.clone();
@@ -424,7 +429,7 @@ async fn planned_reparents() {
             .contains("WaitForPosition"),
         "{d}"
     );
-    assert_eq!(d["term"], before.term, "{d}");
+    assert_eq!(d["term"], before.term.get(), "{d}");
     assert_eq!(
         run.names(),
         [
@@ -539,7 +544,7 @@ async fn planned_reparents() {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    expect_switched(&c, &run, &old, &new, before.term).await;
+    expect_switched(&c, &run, &old, &new, Term::new(before.term.get())).await;
     wait_shard_healthy(&c, &[], BOUND).await;
     let gap = unavailability(&c, &w, &old, &new, sent).await;
     eprintln!(
@@ -564,7 +569,7 @@ async fn planned_reparents() {
         json!({"mode": "planned", "to": target, "requester": "s3"}),
     )
     .await;
-    expect_switched(&c, &run, &primary, &target, before.term).await;
+    expect_switched(&c, &run, &primary, &target, Term::new(before.term.get())).await;
     let repointed: Vec<&str> = run
         .steps()
         .iter()
@@ -621,7 +626,7 @@ async fn planned_reparents() {
             json!({"mode": "planned", "to": y, "requester": format!("round-{i}")}),
         )
         .await;
-        expect_switched(&c, &run, &x, &y, term).await;
+        expect_switched(&c, &run, &x, &y, Term::new(term.get())).await;
         let healthy = wait_shard_healthy(&c, &[], BOUND).await;
         let gap = unavailability(&c, &w, &x, &y, since).await;
         eprintln!(
@@ -654,7 +659,7 @@ async fn planned_reparents() {
         BOUND,
         |r| {
             r.primary.as_deref() == Some(y.as_str())
-                && r.term == term + 1
+                && r.term == term.next()
                 && r.reparent_in_progress.is_none()
         },
     )
@@ -743,7 +748,10 @@ async fn operator_emergency_reparents() {
         (Some(old.as_str()), Some(true))
     );
     let r = record(&c).await;
-    assert_eq!((r.primary.as_deref(), r.term), (Some(to.as_str()), 2));
+    assert_eq!(
+        (r.primary.as_deref(), r.term),
+        (Some(to.as_str()), Term::new(2))
+    );
     let gap = unavailability(&c, &w, &old, &to, since).await;
     // The old primary rejoins through the repairs (stale primary claim).
     let healthy = wait_shard_healthy(&c, &[], BOUND).await;
@@ -853,7 +861,11 @@ async fn operator_emergency_reparents() {
     );
     let r = record(&c).await;
     assert_eq!(r.primary.as_deref(), Some(to2.as_str()));
-    assert_eq!(r.term, 4, "one emergency and one planned reparent: {r:?}");
+    assert_eq!(
+        r.term,
+        Term::new(4),
+        "one emergency and one planned reparent: {r:?}"
+    );
     wait_shard_healthy(&c, &[primary.as_str()], BOUND).await;
     let automatic_ok = |e: &&topo::AuditEntry| {
         e.action == "emergency_reparent" && e.outcome == "ok" && !e.actor.starts_with("operator:")

@@ -12,6 +12,7 @@
 use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{Cluster, ClusterOptions, GatewayProc};
 use myha_tests::ctl::text;
@@ -297,7 +298,7 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
     let out = ctl(&c, Some(TOKEN), &["reparent", "planned", &shard]).await;
     assert!(out.status.success(), "{}", text(&out));
     let rec = ha::wait_record(&c, "planned reparent to r1", BOUND, |r| {
-        r.primary.as_deref() == Some(r1.alias()) && r.term == 2
+        r.primary.as_deref() == Some(r1.alias()) && r.term == Term::new(2)
     })
     .await
     .0;

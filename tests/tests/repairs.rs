@@ -5,6 +5,7 @@
 //! The tests share the machine with everything else: they run one at a time (`SERIAL`).
 
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{global_status, global_var, Cluster, ClusterOptions, Durability, Tablet};
 use myha_tests::ha::*;
@@ -88,7 +89,7 @@ async fn r1_primary_read_only_is_set_back_off() {
     try_app_write(c.tablet(0), BOUND)
         .await
         .expect("the primary takes writes again");
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
     print_repairs(&c, "primary_read_only").await;
 }
 
@@ -132,7 +133,7 @@ async fn r1_a_read_only_primary_is_made_lossless_before_writable() {
         (Some(s), Some(w)) => assert!(s <= w, "made writable before lossless"),
         other => panic!("steps missing from the audit log: {other:?}"),
     }
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +144,7 @@ async fn r2_writable_replica_is_set_back_read_only() {
     let took = wait_var(&c, c.tablet(1), "read_only", true).await;
     println!("R2 repaired in {:.3} s", took.as_secs_f64());
     wait_shard_healthy(&c, &[], BOUND).await;
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
     print_repairs(&c, "replica_writable").await;
 }
 
@@ -159,7 +160,7 @@ async fn r3_stopped_replication_threads_are_restarted() {
     sql(c.tablet(2), "STOP SLAVE SQL_THREAD").await;
     let took = wait_shard_healthy(&c, &[], BOUND).await;
     println!("R3 (SQL thread) repaired in {:.3} s", took.as_secs_f64());
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
     print_repairs(&c, "replica_not_replicating").await;
 }
 
@@ -182,7 +183,7 @@ async fn r4_replica_pointed_elsewhere_is_repointed_at_the_primary() {
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", c.tablet(i).alias()));
     }
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
     print_repairs(&c, "replica_wrong_source").await;
 }
 
@@ -218,7 +219,7 @@ async fn r5_primary_replicating_from_a_replica_is_stopped_and_reset() {
     println!("R5 repaired in {:.3} s", took.as_secs_f64());
     wait_shard_healthy(&c, &[], BOUND).await;
     wait_quiet(orch(&c), &c, BOUND).await;
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
     print_repairs(&c, "primary_replicating").await;
 }
 
@@ -304,7 +305,7 @@ async fn r6_semi_sync_disabled_is_enabled_replicas_first() {
         (Some(r), Some(p)) => assert!(r <= p, "the primary side was enabled first"),
         other => panic!("repairs missing from the audit log: {other:?}"),
     }
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
 }
 
 /// Semi-sync drift read back from the server: a primary that would stop waiting once no replica
@@ -334,7 +335,7 @@ async fn r6_wait_no_slave_turned_off_is_read_back_and_set_again() {
     })
     .await;
     println!("{}", audit_text(&a));
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +357,7 @@ async fn r7_semi_sync_under_durability_none_is_disabled() {
     }
     println!("R7 repaired in {:.3} s", start.elapsed().as_secs_f64());
     wait_shard_healthy(&c, &[], BOUND).await;
-    assert_eq!(record(&c).await.term, 1, "no reparent");
+    assert_eq!(record(&c).await.term, Term::new(1), "no reparent");
     print_repairs(&c, "primary_semi_sync_must_not_be_set").await;
     print_repairs(&c, "replica_semi_sync_must_not_be_set").await;
 }
@@ -371,7 +372,7 @@ async fn r8_new_shard_without_primary_elects_one() {
     })
     .await;
     let (rec, took) = wait_record(&c, "a primary elected", BOUND, |r| {
-        r.primary.is_some() && r.term >= 1 && r.reparent_in_progress.is_none()
+        r.primary.is_some() && r.term >= Term::new(1) && r.reparent_in_progress.is_none()
     })
     .await;
     let healthy = wait_shard_healthy(&c, &[], BOUND).await;
@@ -419,7 +420,7 @@ async fn write_shard_record(c: &Cluster, primary: &str, term: u64) -> ShardRecor
         .expect("lock shard");
     let mut rec = ShardRecord::new(c.keyspace(), c.shard());
     rec.primary = Some(primary.to_string());
-    rec.term = term;
+    rec.term = Term::new(term);
     rec.term_start_ms = topo::now_ms();
     lock.update_shard(&rec).await.expect("update shard");
     lock.release().await.expect("release");
@@ -462,7 +463,7 @@ async fn r9_tablet_claiming_primary_under_an_older_term_is_demoted_and_repointed
     let rec = record(&c).await;
     assert_eq!(
         (rec.primary.as_deref(), rec.term),
-        (Some(new.as_str()), 2),
+        (Some(new.as_str()), Term::new(2)),
         "the repair changed the shard record"
     );
     print_repairs(&c, "stale_tablet_claiming_primary").await;
@@ -498,7 +499,7 @@ async fn r10_errant_gtid_is_reported_and_kept_out_of_promotion() {
     assert_eq!(shard["primary"], c.tablet(0).alias());
     // Kept out of promotion: the primary dies, the clean replica is promoted.
     c.tablet(0).mysqld().kill().expect("kill the primary");
-    let (rec, took) = wait_new_primary(&c, c.tablet(0).alias(), 1, BOUND).await;
+    let (rec, took) = wait_new_primary(&c, c.tablet(0).alias(), Term::new(1), BOUND).await;
     println!("reparented in {:.3} s: {rec:?}", took.as_secs_f64());
     assert_eq!(
         rec.primary.as_deref(),

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use harness::{find_myha_bin, free_port, Cluster, ClusterOptions, ConfigDaemon};
 use mysql_async::prelude::Queryable;
@@ -80,7 +81,7 @@ async fn tabletwatch_follows_a_real_cluster() {
             s.topo_synced
                 && s.shard(KS, SHARD).is_some_and(|sh| {
                     sh.primary_alias() == Some(PRIMARY)
-                        && sh.term() == 1
+                        && sh.term() == Term::new(1)
                         && sh.tablets.len() == 3
                         && sh
                             .tablets

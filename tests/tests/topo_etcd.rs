@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use tokio::task::JoinHandle;
 use topo::{
@@ -596,7 +597,7 @@ async fn update_shard_needs_the_lock() {
         .unwrap();
     let (mut rec, rev) = t.get_shard("commerce", "0").await.unwrap().unwrap();
     rec.primary = Some("zone1-101".into());
-    rec.term += 1;
+    rec.term = rec.term.next();
     rec.reparent_in_progress = Some("test".into());
     let new_rev = lock.update_shard_if(&rec, rev).await.unwrap();
     let (got, got_rev) = t.get_shard("commerce", "0").await.unwrap().unwrap();
@@ -782,7 +783,7 @@ async fn typed_watches_follow_shard_and_tablets() {
     assert!(
         wait_until(&mut shard, SECS(10), |s| s
             .as_ref()
-            .is_some_and(|s| s.term == 0))
+            .is_some_and(|s| s.term == Term::ZERO))
         .await,
         "shard record seen"
     );
@@ -795,7 +796,7 @@ async fn typed_watches_follow_shard_and_tablets() {
     assert!(
         wait_until(&mut shard, SECS(10), |s| s
             .as_ref()
-            .is_some_and(|s| s.term == 1))
+            .is_some_and(|s| s.term == Term::new(1)))
         .await,
         "bootstrap seen"
     );
@@ -832,7 +833,7 @@ async fn typed_watches_follow_shard_and_tablets() {
         .await
         .unwrap();
     let other = ShardRecord {
-        term: 7,
+        term: Term::new(7),
         ..t.get_shard("commerce", "0-80").await.unwrap().unwrap().0
     };
     t.client()
@@ -847,14 +848,14 @@ async fn typed_watches_follow_shard_and_tablets() {
     assert!(
         wait_until(&mut shards2, SECS(10), |m| m
             .get("0-80")
-            .is_some_and(|s| s.term == 7))
+            .is_some_and(|s| s.term == Term::new(7)))
         .await,
         "the later write seen"
     );
     let kept = shards2.borrow().get("0").cloned();
     assert_eq!(
         kept.map(|s| (s.term, s.primary)),
-        Some((1, Some("zone1-101".to_string()))),
+        Some((Term::new(1), Some("zone1-101".to_string()))),
         "the corrupt record dropped the shard"
     );
 }
@@ -933,7 +934,7 @@ async fn bootstrap_primary_sets_term_one_once() {
         .bootstrap_primary("commerce", "0", "zone1-101")
         .await
         .unwrap();
-    assert_eq!(rec.term, 1);
+    assert_eq!(rec.term, Term::new(1));
     assert_eq!(rec.primary.as_deref(), Some("zone1-101"));
     assert!(rec.term_start_ms > 0);
     let (stored, _) = t.get_shard("commerce", "0").await.unwrap().unwrap();
@@ -946,7 +947,7 @@ async fn bootstrap_primary_sets_term_one_once() {
     }
     assert_eq!(
         t.get_shard("commerce", "0").await.unwrap().unwrap().0.term,
-        1
+        Term::new(1)
     );
     assert!(t
         .bootstrap_primary("commerce", "-80", "not an alias")
@@ -959,14 +960,14 @@ async fn bootstrap_primary_sets_term_one_once() {
         .unwrap();
     assert_eq!(
         (rec.term, rec.keyspace.as_str(), rec.shard.as_str()),
-        (1, "commerce", "80-")
+        (Term::new(1), "commerce", "80-")
     );
 
     // Audit: newest first, per shard or keyspace-wide, prunable.
     for i in 0..5u64 {
         let e = AuditEntry {
             at_ms: 1_000 + i / 2, // several entries in the same millisecond
-            term: 1,
+            term: Term::new(1),
             actor: "test".into(),
             action: format!("step{i}"),
             tablet: None,

@@ -19,6 +19,7 @@ use crate::records::{
     now_ms, parse_alias, AuditEntry, CellRecord, KeyspaceRecord, LockInfo, PromotionRecord,
     QuarantineRecord, ShardRecord, TabletRecord,
 };
+use crate::term::Term;
 
 /// Result of the topology layer.
 pub type Result<T, E = TopoError> = std::result::Result<T, E>;
@@ -536,7 +537,7 @@ impl Topo {
             }
             let next = ShardRecord {
                 primary: Some(alias.to_string()),
-                term: current.term + 1,
+                term: current.term.next(),
                 term_start_ms: now_ms(),
                 ..current
             };
@@ -595,7 +596,7 @@ impl Topo {
         &self,
         keyspace: &str,
         shard: &str,
-        term: u64,
+        term: Term,
     ) -> Result<Option<PromotionRecord>> {
         Ok(self
             .get_json(&self.keys.promotion(keyspace, shard, term))

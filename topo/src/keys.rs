@@ -3,6 +3,8 @@
 //! Every prefix used for a range scan ends with `/`, so that keyspace `commerce` never matches
 //! `commerce2` and shard `0` never matches `0-80`.
 
+use crate::term::Term;
+
 /// The default cluster prefix.
 pub const DEFAULT_PREFIX: &str = "/myha";
 
@@ -120,8 +122,8 @@ impl Keys {
     }
 
     /// `{p}/history/{ks}/{shard}/{term:020}`: the promotion that started `term`.
-    pub fn promotion(&self, ks: &str, shard: &str, term: u64) -> String {
-        format!("{}/history/{ks}/{shard}/{term:020}", self.prefix)
+    pub fn promotion(&self, ks: &str, shard: &str, term: Term) -> String {
+        format!("{}/history/{ks}/{shard}/{:020}", self.prefix, term.get())
     }
 
     /// `{p}/history/{ks}/{shard}/`: every promotion of a shard, in term order.

@@ -12,6 +12,7 @@ mod lease;
 mod lock;
 mod records;
 mod registration;
+mod term;
 mod watch;
 
 pub use client::{Result, Topo, Unreadable, DEFAULT_OP_TIMEOUT};
@@ -25,6 +26,7 @@ pub use records::{
     MIN_LOSSLESS_SEMI_SYNC_TIMEOUT,
 };
 pub use registration::{Registration, RegistrationStatus};
+pub use term::Term;
 pub use watch::{PrefixWatch, Snapshot};
 
 /// Re-exported so callers can use [`Topo::client`] without naming the crate version.

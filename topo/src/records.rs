@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ParseError;
+use crate::term::Term;
 
 /// `{p}/cells/{cell}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +48,7 @@ pub struct ShardRecord {
     #[serde(default)]
     pub primary: Option<String>,
     /// 0 = no primary ever.
-    pub term: u64,
+    pub term: Term,
     /// When the current term started (ms since the Unix epoch).
     pub term_start_ms: u64,
     /// Set while a reparent is under way (free text naming it).
@@ -57,7 +58,7 @@ pub struct ShardRecord {
     /// recovery must use a higher term, so an orchestrator that lost its lock mid-way can never
     /// have a promotion of its term accepted next to another one's.
     #[serde(default)]
-    pub reserved_term: u64,
+    pub reserved_term: Term,
 }
 
 impl ShardRecord {
@@ -67,10 +68,10 @@ impl ShardRecord {
             keyspace: keyspace.into(),
             shard: shard.into(),
             primary: None,
-            term: 0,
+            term: Term::ZERO,
             term_start_ms: 0,
             reparent_in_progress: None,
-            reserved_term: 0,
+            reserved_term: Term::ZERO,
         }
     }
 }
@@ -86,7 +87,7 @@ impl ShardRecord {
 pub struct PromotionRecord {
     pub keyspace: String,
     pub shard: String,
-    pub term: u64,
+    pub term: Term,
     /// Alias of the tablet promoted.
     pub primary: String,
     /// Its writer id: server_id (MariaDB) or server_uuid (MySQL).
@@ -218,7 +219,7 @@ pub struct LockInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at_ms: u64,
-    pub term: u64,
+    pub term: Term,
     pub actor: String,
     pub action: String,
     #[serde(default)]
@@ -238,7 +239,7 @@ pub struct QuarantineRecord {
     /// When it was quarantined (ms since the Unix epoch).
     pub at_ms: u64,
     /// The shard's term when it was quarantined.
-    pub term: u64,
+    pub term: Term,
     /// Who quarantined it (an operator's name or address); absent for the orchestrator's own
     /// repairs and for records written before this field existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -399,10 +400,10 @@ mod tests {
         assert_eq!(serde_json::from_str::<KeyspaceRecord>(&json).unwrap(), ks);
 
         let mut sh = ShardRecord::new("commerce", "-80");
-        assert_eq!(sh.term, 0);
+        assert_eq!(sh.term, Term::ZERO);
         assert_eq!(sh.primary, None);
         sh.primary = Some("zone1-101".into());
-        sh.term = 3;
+        sh.term = Term::new(3);
         sh.term_start_ms = 42;
         sh.reparent_in_progress = Some("ers by orch".into());
         let json = serde_json::to_string(&sh).unwrap();
@@ -423,7 +424,7 @@ mod tests {
 
         let a = AuditEntry {
             at_ms: 1,
-            term: 2,
+            term: Term::new(2),
             actor: "orch".into(),
             action: "promote".into(),
             tablet: Some("zone1-102".into()),

@@ -1,4 +1,5 @@
 use super::*;
+use topo::Term;
 
 const NOW_MS: u64 = 1_000_000;
 
@@ -98,7 +99,11 @@ fn tablet(alias: &str, h: Option<pb::Health>) -> TabletInput {
 fn shard(primary: Option<&str>, tablets: Vec<TabletInput>) -> ShardInput {
     let mut rec = ShardRecord::new("ks", "0");
     rec.primary = primary.map(str::to_string);
-    rec.term = if primary.is_some() { 3 } else { 0 };
+    rec.term = if primary.is_some() {
+        Term::new(3)
+    } else {
+        Term::ZERO
+    };
     ShardInput {
         keyspace: "ks".into(),
         shard: "0".into(),
@@ -908,7 +913,7 @@ fn a_term_the_record_does_not_account_for_holds_every_other_fix() {
     assert!(p[0].code.actionable());
     // Within the reservation (a reparent acting under its reserved term): not news.
     if let Some(r) = s.record.as_mut() {
-        r.reserved_term = 5;
+        r.reserved_term = Term::new(5);
     }
     assert!(!codes(&s)
         .iter()

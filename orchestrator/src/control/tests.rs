@@ -3,7 +3,7 @@ use super::*;
 fn entry(at_ms: u64, action: &str, outcome: &str) -> AuditEntry {
     AuditEntry {
         at_ms,
-        term: 1,
+        term: Term::new(1),
         actor: "orchestrator@test:1".into(),
         action: action.into(),
         tablet: None,
@@ -194,7 +194,7 @@ fn records_round_trip() {
     let q = QuarantineRecord {
         reason: "errant".into(),
         at_ms: 2,
-        term: 3,
+        term: Term::new(3),
         by: None,
     };
     let json = serde_json::to_string(&q).expect("encodes");

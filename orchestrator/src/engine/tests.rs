@@ -502,7 +502,7 @@ fn the_core_returns_its_effects_audits_a_skip_once_and_starts_one_recovery() {
     );
     assert!(fx
         .iter()
-        .any(|f| matches!(f, Effect::LoadAudit { term: 0, .. })));
+        .any(|f| matches!(f, Effect::LoadAudit { term, .. } if term.is_zero())));
     assert!(fx
         .iter()
         .any(|f| matches!(f, Effect::WarmAgent(t) if t.alias == "zone1-101")));
@@ -524,7 +524,7 @@ fn the_core_returns_its_effects_audits_a_skip_once_and_starts_one_recovery() {
         Input::Audit {
             keyspace: "ks".into(),
             shard: "0".into(),
-            term: 0,
+            term: Term::ZERO,
             result: Ok(Vec::new()),
         },
         wake,

@@ -2,6 +2,7 @@
 //! typed, recorded, audited RPC steps.
 
 use super::*;
+use topo::Term;
 
 /// One recovery under the shard lock: the fresh shard, the term actions run under, and the
 /// steps so far. Every typed RPC helper is one step: bounded, timed, recorded and audited.
@@ -32,7 +33,7 @@ impl RecoveryContext {
             job,
             fresh,
             lock,
-            term: AtomicU64::new(term),
+            term: AtomicU64::new(term.get()),
             steps: Mutex::default(),
             started: Instant::now(),
             observer: None,
@@ -50,13 +51,13 @@ impl RecoveryContext {
     }
 
     /// The term agent actions run under. Starts at [`FreshShard::action_term`].
-    pub fn term(&self) -> u64 {
-        self.term.load(Ordering::SeqCst)
+    pub fn term(&self) -> Term {
+        Term::new(self.term.load(Ordering::SeqCst))
     }
 
     /// Changes the term of the following actions (e.g. the new term of a reparent).
-    pub fn set_term(&self, term: u64) {
-        self.term.store(term, Ordering::SeqCst);
+    pub fn set_term(&self, term: Term) {
+        self.term.store(term.get(), Ordering::SeqCst);
     }
 
     /// The held shard lock (for lock-conditional writes: [`ShardLock::update_shard`]).
@@ -89,7 +90,7 @@ impl RecoveryContext {
     /// The `ActionContext` of an action now.
     pub fn action_context(&self, timeout: Duration) -> pb::ActionContext {
         pb::ActionContext {
-            term: self.term(),
+            term: self.term().get(),
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             requester: self.deps.actor.to_string(),
             lock_epoch: self.lock.epoch(),
@@ -612,7 +613,7 @@ impl RecoveryContext {
     }
 
     /// Reserves `term` in the shard record (conditional on the lock) before acting with it.
-    pub async fn reserve_term(&self, term: u64) -> Result<(), RecoveryError> {
+    pub async fn reserve_term(&self, term: Term) -> Result<(), RecoveryError> {
         let mut record = self
             .fresh
             .record

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+use topo::Term;
 
 use myha_proto::agent as pb;
 use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
@@ -595,7 +596,7 @@ async fn undo(
     old: &TabletRecord,
     candidate: &TabletRecord,
     promote_sent: bool,
-    new_term: u64,
+    new_term: Term,
     semi: bool,
 ) -> bool {
     if promote_sent {
@@ -701,7 +702,7 @@ mod tests {
         fn new() -> Shard {
             let mut record = ShardRecord::new("ks", "0");
             record.primary = Some(P.into());
-            record.term = 3;
+            record.term = Term::new(3);
             let tablets = [
                 rec(P, "zone1", PromotionRule::Neutral),
                 rec("zone1-102", "zone1", PromotionRule::Neutral),

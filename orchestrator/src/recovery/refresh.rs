@@ -2,6 +2,7 @@
 //! a shard read under its lock from etcd and from every agent ([`FreshShard`]).
 
 use super::*;
+use topo::Term;
 
 /// What every recovery of this process shares.
 #[derive(Clone, Debug)]
@@ -75,7 +76,7 @@ pub fn actor_name() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PrimaryPosition {
     pub alias: String,
-    pub term: u64,
+    pub term: Term,
     pub gtid_position: String,
     /// Server id (MariaDB) or uuid (MySQL) of the primary: its own writes are never errant.
     pub writer: String,
@@ -85,7 +86,7 @@ pub struct PrimaryPosition {
 
 impl PrimaryPosition {
     /// From a health of the primary with mysqld reachable.
-    pub fn from_health(alias: &str, term: u64, h: &pb::Health, now_ms: u64) -> Option<Self> {
+    pub fn from_health(alias: &str, term: Term, h: &pb::Health, now_ms: u64) -> Option<Self> {
         let m = h.mysql.as_ref().filter(|_| h.mysql_reachable)?;
         Some(PrimaryPosition {
             alias: alias.to_string(),
@@ -146,28 +147,28 @@ pub struct FreshShard {
 
 impl FreshShard {
     /// The record's term (0 without a record).
-    pub fn record_term(&self) -> u64 {
-        self.record.as_ref().map_or(0, |r| r.term)
+    pub fn record_term(&self) -> Term {
+        self.record.as_ref().map_or(Term::ZERO, |r| r.term)
     }
 
     /// The highest term any answering agent reports (its known term or promoted term).
-    pub fn highest_reported_term(&self) -> u64 {
+    pub fn highest_reported_term(&self) -> Term {
         self.statuses
             .values()
-            .map(|h| h.term.max(h.promoted_term))
+            .map(|h| Term::new(h.term.max(h.promoted_term)))
             .max()
-            .unwrap_or(0)
+            .unwrap_or(Term::ZERO)
     }
 
     /// A term every answering agent accepts: max(record, reported).
-    pub fn action_term(&self) -> u64 {
+    pub fn action_term(&self) -> Term {
         self.record_term().max(self.highest_reported_term())
     }
 
     /// The term a new promotion must use: above the record's, any reservation, and anything an
     /// agent reports.
-    pub fn next_promotion_term(&self) -> u64 {
-        let reserved = self.record.as_ref().map_or(0, |r| r.reserved_term);
+    pub fn next_promotion_term(&self) -> Term {
+        let reserved = self.record.as_ref().map_or(Term::ZERO, |r| r.reserved_term);
         reparent::next_term(self.record_term(), reserved, self.highest_reported_term())
     }
 }

@@ -12,6 +12,7 @@ use super::{Done, RecoveryContext, RecoveryError};
 use crate::analysis::{self, Candidate, Problem};
 use crate::control::Control;
 use crate::problem::Remedy;
+use topo::Term;
 use topo::{Durability, ShardRecord};
 
 fn tablet_of(problem: &Problem) -> Result<&str, RecoveryError> {
@@ -136,7 +137,7 @@ async fn reconcile_terms(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
     let claims: Vec<(&String, &myha_proto::agent::Health)> = fresh
         .statuses
         .iter()
-        .filter(|(_, h)| h.promoted_term > rec.term)
+        .filter(|(_, h)| h.promoted_term > rec.term.get())
         .collect();
     let writable: Vec<&String> = fresh
         .statuses
@@ -169,7 +170,7 @@ async fn reconcile_terms(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
                 ));
             }
             next.primary = Some((*alias).clone());
-            next.term = h.promoted_term;
+            next.term = Term::new(h.promoted_term);
             next.term_start_ms = topo::now_ms();
             next.reparent_in_progress = None;
             format!(
@@ -399,7 +400,7 @@ async fn elect_primary(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
 /// `action_term` (the highest term any agent reported), so that a promotion which never
 /// reached the record cannot leave an agent ahead of it (gateways refuse RW while a tablet
 /// reports a newer term than the record's). Pure.
-pub fn cleared_record(record: &ShardRecord, action_term: u64, now_ms: u64) -> ShardRecord {
+pub fn cleared_record(record: &ShardRecord, action_term: Term, now_ms: u64) -> ShardRecord {
     let term = record.term.max(action_term);
     ShardRecord {
         reparent_in_progress: None,
@@ -479,7 +480,7 @@ async fn clear_stale_mark(ctx: &RecoveryContext) -> Result<Done, RecoveryError> 
 mod tests {
     use super::*;
 
-    fn marked(term: u64, reserved: u64) -> ShardRecord {
+    fn marked(term: Term, reserved: Term) -> ShardRecord {
         let mut r = ShardRecord::new("ks", "0");
         r.primary = Some("z-1".into());
         r.term = term;
@@ -491,16 +492,23 @@ mod tests {
 
     #[test]
     fn a_stale_mark_is_cleared_keeping_the_term_unless_an_agent_is_ahead() {
-        let r = cleared_record(&marked(3, 4), 3, 999);
+        let t = Term::new;
+        let r = cleared_record(&marked(t(3), t(4)), t(3), 999);
         assert_eq!(r.reparent_in_progress, None);
-        assert_eq!((r.term, r.term_start_ms, r.reserved_term), (3, 100, 4));
+        assert_eq!(
+            (r.term, r.term_start_ms, r.reserved_term),
+            (t(3), 100, t(4))
+        );
         assert_eq!(r.primary.as_deref(), Some("z-1"));
         // The interrupted reparent promoted its candidate under term 4 before dying.
-        let r = cleared_record(&marked(3, 4), 4, 999);
-        assert_eq!((r.term, r.term_start_ms, r.reserved_term), (4, 999, 4));
+        let r = cleared_record(&marked(t(3), t(4)), t(4), 999);
+        assert_eq!(
+            (r.term, r.term_start_ms, r.reserved_term),
+            (t(4), 999, t(4))
+        );
         assert_eq!(r.primary.as_deref(), Some("z-1"));
-        let r = cleared_record(&marked(3, 0), 5, 999);
-        assert_eq!((r.term, r.reserved_term), (5, 5));
+        let r = cleared_record(&marked(t(3), t(0)), t(5), 999);
+        assert_eq!((r.term, r.reserved_term), (t(5), t(5)));
     }
 
     #[test]

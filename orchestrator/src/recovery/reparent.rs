@@ -33,6 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use topo::Term;
 
 use gtid::GtidSet;
 use myha_proto::agent as pb;
@@ -111,11 +112,8 @@ pub fn phase(name: &'static str, took: Duration) {
 
 /// The term of a new primary: above the record's, above any term a recovery reserved, and above
 /// anything an agent accepted.
-pub fn next_term(record_term: u64, reserved: u64, highest_reported: u64) -> u64 {
-    record_term
-        .max(reserved)
-        .max(highest_reported)
-        .saturating_add(1)
+pub fn next_term(record_term: Term, reserved: Term, highest_reported: Term) -> Term {
+    record_term.max(reserved).max(highest_reported).next()
 }
 
 /// What a replica's IO thread received from its source (`gtid_io_pos` / `Retrieved_Gtid_Set`),
@@ -1029,14 +1027,15 @@ mod tests {
 
     #[test]
     fn new_term_supersedes_everything_seen() {
-        assert_eq!(next_term(1, 0, 0), 2);
-        assert_eq!(next_term(1, 1, 1), 2);
+        let t = Term::new;
+        assert_eq!(next_term(t(1), t(0), t(0)), t(2));
+        assert_eq!(next_term(t(1), t(1), t(1)), t(2));
         // A dead orchestrator's candidate accepted term 2 but the record still says 1.
-        assert_eq!(next_term(1, 0, 2), 3);
+        assert_eq!(next_term(t(1), t(0), t(2)), t(3));
         // A frozen orchestrator reserved term 2 and nobody has seen it used yet.
-        assert_eq!(next_term(1, 2, 1), 3);
-        assert_eq!(next_term(5, 0, 3), 6);
-        assert_eq!(next_term(u64::MAX, 0, 0), u64::MAX);
+        assert_eq!(next_term(t(1), t(2), t(1)), t(3));
+        assert_eq!(next_term(t(5), t(0), t(3)), t(6));
+        assert_eq!(next_term(t(u64::MAX), t(0), t(0)), t(u64::MAX));
     }
 
     fn health(pos: &str, io_pos: &str, configured: bool) -> pb::Health {

@@ -2,6 +2,7 @@
 //! operator-requested recoveries, with the flapping check and the re-analysis under the lock.
 
 use super::*;
+use topo::Term;
 
 /// What a recovery attempt did.
 #[derive(Debug, Clone, Serialize)]
@@ -12,7 +13,7 @@ pub struct Report {
     pub outcome: Outcome,
     pub steps: Vec<StepRecord>,
     /// The term written to the shard record, when the recovery changed it.
-    pub new_term: Option<u64>,
+    pub new_term: Option<Term>,
     pub started_ms: u64,
     pub duration_ms: u64,
 }
@@ -21,7 +22,7 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Done {
     pub detail: String,
-    pub new_term: Option<u64>,
+    pub new_term: Option<Term>,
     pub new_primary: Option<String>,
 }
 
@@ -62,7 +63,7 @@ pub async fn run(deps: Deps, job: Job) -> Report {
     report
 }
 
-type Ran = (Outcome, Vec<StepRecord>, Option<u64>, Option<Problem>);
+type Ran = (Outcome, Vec<StepRecord>, Option<Term>, Option<Problem>);
 
 async fn run_locked(deps: &Deps, job: &Job) -> Ran {
     let (ks, shard) = (job.keyspace.as_str(), job.shard.as_str());
@@ -73,7 +74,7 @@ async fn run_locked(deps: &Deps, job: &Job) -> Ran {
             shard,
             AuditEntry {
                 at_ms: topo::now_ms(),
-                term: 0,
+                term: Term::ZERO,
                 actor: deps.actor.to_string(),
                 action: action.to_string(),
                 tablet: job.problem.tablet.clone(),
@@ -143,7 +144,7 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
     let code = job.problem.code;
     let action = action_name(code);
     let release = |lock: ShardLock| release_lock(lock, ks, shard);
-    let summary = |term: u64, outcome: &str, detail: String, took: Duration| {
+    let summary = |term: Term, outcome: &str, detail: String, took: Duration| {
         deps.audit.append(
             ks,
             shard,
@@ -173,7 +174,7 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
     {
         Ok(Some(f)) => {
             let reason = f.reason(ks, shard);
-            summary(0, OUTCOME_SKIPPED, reason.clone(), t0.elapsed());
+            summary(Term::ZERO, OUTCOME_SKIPPED, reason.clone(), t0.elapsed());
             release(lock).await;
             return (Outcome::Skipped { reason }, Vec::new(), None, None);
         }
@@ -194,7 +195,7 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
         Err(e) => {
             let outcome = Outcome::from(e);
             summary(
-                0,
+                Term::ZERO,
                 outcome.audit_outcome(),
                 format!("refresh under the lock: {}", outcome.text()),
                 t0.elapsed(),
