@@ -32,6 +32,17 @@
 //! clients see the connection drop: [`WriteError::ConnectionLost`]; the transactions stay in the
 //! binlog), dump threads, runtime `SET GLOBAL` values. A restart comes back with the
 //! configuration's `read_only` (myha: ON) and replication stopped unless asked.
+//!
+//! # Not modelled
+//!
+//! One replication connection per server (no multi-source), one transaction per event, no
+//! parallel replication, no binlog truncation on restart (`--init-rpl-role=SLAVE`), no
+//! `gtid_binlog_state` without events (a server whose binlog lacks a GTID cannot serve a replica
+//! starting there, even after `SET GLOBAL gtid_binlog_state`), no `wait_no_slave=OFF`, no
+//! `MASTER_CONNECT_RETRY` (a failed connection is retried after `slave_net_timeout`), no
+//! connection reset: a source drops a dump thread only when its replica reconnects or sends
+//! `Quit`, so `Rpl_semi_sync_master_clients` still counts a crashed replica.
+//! `CHANGE MASTER` always discards the relay log, even when only `MASTER_DELAY` changes.
 
 #[cfg(test)]
 mod tests;
@@ -1201,6 +1212,15 @@ impl Server {
         semi_sync: bool,
     ) {
         if replica == self.config.server_id {
+            return;
+        }
+        // Connection ids grow per replica. A request older than the one being served comes from
+        // a connection the replica has already abandoned (and closed), so it is not served.
+        if self
+            .dumps
+            .get(&replica)
+            .is_some_and(|d| d.connection > connection)
+        {
             return;
         }
         // Every GTID the replica names must be a transaction of this binlog (including purged

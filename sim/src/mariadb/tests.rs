@@ -991,3 +991,73 @@ fn random_schedules_never_ack_unreplicated_writes_and_converge() {
     assert!(reconnects > 2 * 200 + 200, "{reconnects} connections");
     assert!(freezes > 300, "{freezes} freezes");
 }
+
+#[test]
+fn late_dump_request_of_an_abandoned_connection_is_not_served() {
+    let mut net = lossless(1);
+    // Connection A's request is held; the replica gives up on it and connects again (B).
+    net.held.insert((2, PRIMARY));
+    net.s(2).stop_slave(at(0)).unwrap();
+    net.s(2).start_slave(at(0)).unwrap();
+    net.collect();
+    net.s(2).stop_slave_io(at(0)).unwrap();
+    net.s(2).start_slave(at(0)).unwrap();
+    net.collect();
+    // Deliver B's request first, then A's (stale) one.
+    let dumps: Vec<usize> = net
+        .in_flight
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, _, m))| matches!(m, Message::BinlogDump { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(dumps.len(), 2);
+    let b = net.in_flight.remove(dumps[1]);
+    let a = net.in_flight.remove(dumps[0]);
+    net.in_flight.clear();
+    for (from, to, message) in [b, a] {
+        net.s(to)
+            .handle(Input::Message { from, message }, SimTime::ZERO);
+    }
+    net.held.clear();
+    net.write(PRIMARY, 1);
+    assert_eq!(net.binlog_ids(2), vec![1], "the live connection was kept");
+    assert_eq!(net.acks().len(), 1);
+}
+
+#[test]
+fn disabling_semi_sync_releases_waiting_commits() {
+    let mut net = lossless(0);
+    net.write(PRIMARY, 1);
+    assert!(net.acks().is_empty());
+    net.s(PRIMARY)
+        .set_semi_sync_master(SemiSyncMaster::DISABLED, at(3))
+        .unwrap();
+    net.collect();
+    assert_eq!(
+        net.acks(),
+        vec![(1, MariaDbGtid::new(0, PRIMARY, 1), at(3), false)]
+    );
+    let st = net.s(PRIMARY).status(at(3)).unwrap();
+    assert!(!st.semi_sync_master_active && st.semi_sync_waiting == 0);
+}
+
+#[test]
+fn gtid_current_pos_follows_mariadbs_rule() {
+    let mut net = lossless(1);
+    net.write(PRIMARY, 1);
+    // On the replica the binlog entry is the primary's: current_pos is slave_pos.
+    let replica = net.s(2).status(at(0)).unwrap();
+    assert_eq!(replica.gtid_current_pos, pos("0-1-1"));
+    // On the primary, slave_pos is empty and the binlog entry is its own.
+    let primary = net.s(PRIMARY).status(at(0)).unwrap();
+    assert!(primary.gtid_slave_pos.is_empty());
+    assert_eq!(primary.gtid_current_pos, pos("0-1-1"));
+    // A slave_pos ahead of the binlog wins, and a binlog entry by another server does not count
+    // unless slave_pos has it.
+    net.s(2).stop_slave(at(0)).unwrap();
+    net.s(2).set_gtid_slave_pos(&pos(""), at(0)).unwrap();
+    assert!(net.servers[&2].gtid_current_pos().is_empty());
+    net.s(2).set_gtid_slave_pos(&pos("0-1-5"), at(0)).unwrap();
+    assert_eq!(net.servers[&2].gtid_current_pos(), pos("0-1-5"));
+}
