@@ -4,4 +4,5 @@
 //!
 //! Test-only: no production binary depends on this crate.
 
+pub mod mariadb;
 pub mod time;
