@@ -5,4 +5,5 @@
 //! Test-only: no production binary depends on this crate.
 
 pub mod mariadb;
+pub mod net;
 pub mod time;
