@@ -4,6 +4,7 @@
 //!
 //! Test-only: no production binary depends on this crate.
 
+pub mod etcd;
 pub mod mariadb;
 pub mod net;
 pub mod time;
