@@ -1,8 +1,9 @@
 //! One recovery under the shard lock: the fresh shard, the term its actions run under, and the
 //! typed, recorded, audited RPC steps.
 
+use super::steps::{AgentAction, AgentApi, TopoApi};
 use super::*;
-use topo::Term;
+use topo::{PromotionRecord, Term};
 
 /// One recovery under the shard lock: the fresh shard, the term actions run under, and the
 /// steps so far. Every typed RPC helper is one step: bounded, timed, recorded and audited.
@@ -87,10 +88,10 @@ impl RecoveryContext {
         self.fresh.statuses.get(alias)
     }
 
-    /// The `ActionContext` of an action now.
-    pub fn action_context(&self, timeout: Duration) -> pb::ActionContext {
+    /// The `ActionContext` of an action under `term` now.
+    fn action_context(&self, term: Term, timeout: Duration) -> pb::ActionContext {
         pb::ActionContext {
-            term: self.term().get(),
+            term: term.get(),
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             requester: self.deps.actor.to_string(),
             lock_epoch: self.lock.epoch(),
@@ -102,9 +103,22 @@ impl RecoveryContext {
         self.steps.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Appends one entry to the shard's audit log (queued; see [`AuditSink`]).
+    /// Appends one entry to the shard's audit log under [`RecoveryContext::term`].
     pub fn audit(
         &self,
+        action: &str,
+        tablet: Option<&str>,
+        outcome: &str,
+        detail: impl Into<String>,
+        duration: Option<Duration>,
+    ) {
+        self.audit_at(self.term(), action, tablet, outcome, detail, duration)
+    }
+
+    /// Appends one entry to the shard's audit log (queued; see [`AuditSink`]).
+    pub fn audit_at(
+        &self,
+        term: Term,
         action: &str,
         tablet: Option<&str>,
         outcome: &str,
@@ -116,7 +130,7 @@ impl RecoveryContext {
             &self.shard,
             AuditEntry {
                 at_ms: topo::now_ms(),
-                term: self.term(),
+                term,
                 actor: self.deps.actor.to_string(),
                 action: action.to_string(),
                 tablet: tablet.map(str::to_string),
@@ -127,7 +141,7 @@ impl RecoveryContext {
         );
     }
 
-    /// Records (and audits) a step that already ran.
+    /// Records (and audits) a step that already ran, under [`RecoveryContext::term`].
     pub fn record_step(
         &self,
         name: &str,
@@ -136,9 +150,22 @@ impl RecoveryContext {
         detail: impl Into<String>,
         duration: Duration,
     ) {
+        self.record_step_at(self.term(), name, tablet, ok, detail, duration)
+    }
+
+    /// Records (and audits under `term`) a step that already ran.
+    pub fn record_step_at(
+        &self,
+        term: Term,
+        name: &str,
+        tablet: Option<&str>,
+        ok: bool,
+        detail: impl Into<String>,
+        duration: Duration,
+    ) {
         let detail = detail.into();
         let outcome = if ok { OUTCOME_OK } else { OUTCOME_FAILED };
-        self.audit(name, tablet, outcome, detail.clone(), Some(duration));
+        self.audit_at(term, name, tablet, outcome, detail.clone(), Some(duration));
         let record = StepRecord {
             name: name.to_string(),
             tablet: tablet.map(str::to_string),
@@ -161,10 +188,25 @@ impl RecoveryContext {
         RecoveryError::Refused(why)
     }
 
-    /// Runs `fut` as one step named `name`: timed, recorded and audited. `describe` turns a
-    /// success into the step's detail.
+    /// Runs `fut` as one step named `name` under [`RecoveryContext::term`].
     pub async fn step<T, F>(
         &self,
+        name: &str,
+        tablet: Option<&str>,
+        fut: F,
+        describe: impl FnOnce(&T) -> String,
+    ) -> Result<T, RecoveryError>
+    where
+        F: Future<Output = Result<T, RecoveryError>>,
+    {
+        self.step_at(self.term(), name, tablet, fut, describe).await
+    }
+
+    /// Runs `fut` as one step named `name`: timed, recorded and audited under `term`.
+    /// `describe` turns a success into the step's detail.
+    pub async fn step_at<T, F>(
+        &self,
+        term: Term,
         name: &str,
         tablet: Option<&str>,
         fut: F,
@@ -177,15 +219,16 @@ impl RecoveryContext {
         let r = fut.await;
         let took = started.elapsed();
         match &r {
-            Ok(v) => self.record_step(name, tablet, true, describe(v), took),
-            Err(e) => self.record_step(name, tablet, false, e.to_string(), took),
+            Ok(v) => self.record_step_at(term, name, tablet, true, describe(v), took),
+            Err(e) => self.record_step_at(term, name, tablet, false, e.to_string(), took),
         }
         r
     }
 
-    /// One agent action as a step: the client, the bound, the error mapping.
+    /// One agent action under `term` as a step: the client, the bound, the error mapping.
     async fn action<Fut>(
         &self,
+        term: Term,
         rpc: &'static str,
         step: &str,
         alias: &str,
@@ -195,8 +238,8 @@ impl RecoveryContext {
     where
         Fut: Future<Output = Result<tonic::Response<pb::ActionResponse>, tonic::Status>>,
     {
-        let fut = self.call_agent(rpc, alias, timeout, call);
-        self.step(step, Some(alias), fut, |r: &pb::ActionResponse| {
+        let fut = self.call_agent(term, rpc, alias, timeout, call);
+        self.step_at(term, step, Some(alias), fut, |r: &pb::ActionResponse| {
             format!(
                 "{} (term {}, position {})",
                 r.steps.join("; "),
@@ -207,9 +250,10 @@ impl RecoveryContext {
         .await
     }
 
-    /// One agent action, not recorded: the client, the bound, the error mapping.
+    /// One agent action under `term`, not recorded: the client, the bound, the error mapping.
     async fn call_agent<Fut>(
         &self,
+        term: Term,
         rpc: &'static str,
         alias: &str,
         timeout: Duration,
@@ -224,7 +268,8 @@ impl RecoveryContext {
         if let Err(e) = self.lock.check_deadline(LOCK_DEADLINE_MARGIN) {
             let why =
                 format!("shard lock not certainly held before {rpc} on {alias}: {e}; stopping");
-            self.record_step(
+            self.record_step_at(
+                term,
                 "lock_deadline",
                 Some(alias),
                 false,
@@ -234,7 +279,7 @@ impl RecoveryContext {
             return Err(RecoveryError::Refused(why));
         }
         let client = self.deps.agents.client(self.tablet(alias)?)?;
-        let ctx = self.action_context(timeout);
+        let ctx = self.action_context(term, timeout);
         // The agent bounds the action itself; our bound only covers a silent agent.
         let bound = timeout + Duration::from_millis(500);
         match tokio::time::timeout(bound, call(client, ctx)).await {
@@ -248,12 +293,218 @@ impl RecoveryContext {
         }
     }
 
+    /// Performs one agent action under `term`: the one place each request is built.
+    pub async fn act_at(
+        &self,
+        term: Term,
+        alias: &str,
+        action: AgentAction,
+    ) -> Result<pb::ActionResponse, RecoveryError> {
+        let t = self.cfg().action_timeout;
+        match action {
+            AgentAction::StopReplication { io_only } => {
+                let (name, scope) = if io_only {
+                    ("stop_io_thread", scope(true))
+                } else {
+                    ("stop_replication", scope(false))
+                };
+                self.action(term, "StopReplication", name, alias, t, |mut c, ctx| async move {
+                    c.stop_replication(pb::StopReplicationRequest {
+                        ctx: Some(ctx),
+                        scope,
+                    })
+                    .await
+                })
+                .await
+            }
+            AgentAction::StartReplication { io_only } => {
+                let (name, scope) = if io_only {
+                    ("start_io_thread", scope(true))
+                } else {
+                    ("start_replication", scope(false))
+                };
+                self.action(term, "StartReplication", name, alias, t, |mut c, ctx| async move {
+                    c.start_replication(pb::StartReplicationRequest {
+                        ctx: Some(ctx),
+                        scope,
+                    })
+                    .await
+                })
+                .await
+            }
+            AgentAction::WaitForPosition {
+                step,
+                position,
+                bound,
+            } => {
+                self.action(term, "WaitForPosition", step, alias, bound, |mut c, ctx| async move {
+                    c.wait_for_position(pb::WaitForPositionRequest {
+                        ctx: Some(ctx),
+                        gtid_position: position,
+                        lift_delay: false,
+                    })
+                    .await
+                })
+                .await
+            }
+            AgentAction::ApplyReceived { received, bound } => {
+                self.apply_received_at(term, alias, &received, bound).await
+            }
+            AgentAction::SetReadOnly { read_only } => {
+                let name = if read_only {
+                    "set_read_only_on"
+                } else {
+                    "set_read_only_off"
+                };
+                self.action(term, "SetReadOnly", name, alias, t, |mut c, ctx| async move {
+                    c.set_read_only(pb::SetReadOnlyRequest {
+                        ctx: Some(ctx),
+                        read_only,
+                        super_read_only: read_only,
+                    })
+                    .await
+                })
+                .await
+            }
+            AgentAction::SetReplicationSource {
+                step,
+                source,
+                semi_sync,
+                start_replication,
+            } => {
+                let host = source.mysql_host.clone();
+                let port = u32::from(source.mysql_port);
+                self.action(
+                    term,
+                    "SetReplicationSource",
+                    step,
+                    alias,
+                    t,
+                    |mut c, ctx| async move {
+                        c.set_replication_source(pb::SetReplicationSourceRequest {
+                            ctx: Some(ctx),
+                            host,
+                            port,
+                            semi_sync,
+                            start_replication,
+                        })
+                        .await
+                    },
+                )
+                .await
+            }
+            AgentAction::ResetReplication => {
+                self.action(
+                    term,
+                    "ResetReplication",
+                    "reset_replication",
+                    alias,
+                    t,
+                    |mut c, ctx| async move {
+                        c.reset_replication(pb::ResetReplicationRequest { ctx: Some(ctx) })
+                            .await
+                    },
+                )
+                .await
+            }
+            AgentAction::SetSemiSync { primary, replica } => {
+                self.action(
+                    term,
+                    "SetSemiSync",
+                    "set_semi_sync",
+                    alias,
+                    t,
+                    |mut c, ctx| async move {
+                        c.set_semi_sync(pb::SetSemiSyncRequest {
+                            ctx: Some(ctx),
+                            primary,
+                            replica,
+                        })
+                        .await
+                    },
+                )
+                .await
+            }
+            AgentAction::Promote => {
+                let durability = match self.durability() {
+                    Durability::None => pb::Durability::None,
+                    Durability::SemiSync => pb::Durability::SemiSync,
+                } as i32;
+                self.action(term, "Promote", "promote", alias, t, |mut c, ctx| async move {
+                    c.promote(pb::PromoteRequest {
+                        ctx: Some(ctx),
+                        durability,
+                    })
+                    .await
+                })
+                .await
+            }
+            AgentAction::Demote { bound } => {
+                self.action(term, "Demote", "demote", alias, bound, |mut c, ctx| async move {
+                    c.demote(pb::DemoteRequest { ctx: Some(ctx) }).await
+                })
+                .await
+            }
+            AgentAction::UndoDemote => {
+                self.action(
+                    term,
+                    "UndoDemote",
+                    "undo_demote",
+                    alias,
+                    t,
+                    |mut c, ctx| async move {
+                        c.undo_demote(pb::UndoDemoteRequest { ctx: Some(ctx) })
+                            .await
+                    },
+                )
+                .await
+            }
+            AgentAction::FenceServer {
+                target,
+                addr,
+                bound,
+            } => {
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_string(), p.parse::<u32>().ok()?)))
+                    .ok_or_else(|| RecoveryError::Failed(format!("bad mysqld address {addr:?}")))?;
+                self.action(
+                    term,
+                    "FenceServer",
+                    "fence_old_primary",
+                    alias,
+                    bound,
+                    |mut c, ctx| async move {
+                        c.fence_server(pb::FenceServerRequest {
+                            ctx: Some(ctx),
+                            host,
+                            port,
+                            alias: target,
+                        })
+                        .await
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    /// [`RecoveryContext::act_at`] under [`RecoveryContext::term`].
+    pub async fn act(
+        &self,
+        alias: &str,
+        action: AgentAction,
+    ) -> Result<pb::ActionResponse, RecoveryError> {
+        self.act_at(self.term(), alias, action).await
+    }
+
     /// Applies everything `alias` received (`received`, its IO thread stopped), lifting a
     /// replication delay, within `bound` (`relay_log_wait`). Waits in slices of
     /// [`APPLY_PROGRESS_EVERY`] and audits the applied position after each one, so that a large
     /// transaction's progress shows; one `apply_relay_log` step records the outcome.
-    pub async fn apply_received(
+    async fn apply_received_at(
         &self,
+        term: Term,
         alias: &str,
         received: &str,
         bound: Duration,
@@ -265,14 +516,20 @@ impl RecoveryContext {
             let slice = left.min(APPLY_PROGRESS_EVERY);
             let pos = received.to_string();
             let r = self
-                .call_agent("WaitForPosition", alias, slice, |mut c, ctx| async move {
-                    c.wait_for_position(pb::WaitForPositionRequest {
-                        ctx: Some(ctx),
-                        gtid_position: pos,
-                        lift_delay: true,
-                    })
-                    .await
-                })
+                .call_agent(
+                    term,
+                    "WaitForPosition",
+                    alias,
+                    slice,
+                    |mut c, ctx| async move {
+                        c.wait_for_position(pb::WaitForPositionRequest {
+                            ctx: Some(ctx),
+                            gtid_position: pos,
+                            lift_delay: true,
+                        })
+                        .await
+                    },
+                )
                 .await;
             slices += 1;
             let timed_out = matches!(&r, Err(RecoveryError::Agent { code, .. }) if *code == tonic::Code::DeadlineExceeded)
@@ -286,7 +543,8 @@ impl RecoveryContext {
                 .ok()
                 .and_then(|h| h.mysql.map(|m| m.gtid_position))
                 .unwrap_or_else(|| "unknown".into());
-            self.record_step(
+            self.record_step_at(
+                term,
                 "apply_relay_log_progress",
                 Some(alias),
                 true,
@@ -300,7 +558,8 @@ impl RecoveryContext {
         };
         let took = started.elapsed();
         match &r {
-            Ok(v) => self.record_step(
+            Ok(v) => self.record_step_at(
+                term,
                 "apply_relay_log",
                 Some(alias),
                 true,
@@ -311,7 +570,8 @@ impl RecoveryContext {
                 ),
                 took,
             ),
-            Err(e) => self.record_step(
+            Err(e) => self.record_step_at(
+                term,
                 "apply_relay_log",
                 Some(alias),
                 false,
@@ -332,167 +592,6 @@ impl RecoveryContext {
         .await
     }
 
-    pub async fn stop_replication(
-        &self,
-        alias: &str,
-        io_only: bool,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        let scope = scope(io_only);
-        let name = if io_only {
-            "stop_io_thread"
-        } else {
-            "stop_replication"
-        };
-        let t = self.cfg().action_timeout;
-        self.action("StopReplication", name, alias, t, |mut c, ctx| async move {
-            c.stop_replication(pb::StopReplicationRequest {
-                ctx: Some(ctx),
-                scope,
-            })
-            .await
-        })
-        .await
-    }
-
-    pub async fn start_replication(
-        &self,
-        alias: &str,
-        io_only: bool,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        let scope = scope(io_only);
-        let name = if io_only {
-            "start_io_thread"
-        } else {
-            "start_replication"
-        };
-        let t = self.cfg().action_timeout;
-        self.action(
-            "StartReplication",
-            name,
-            alias,
-            t,
-            |mut c, ctx| async move {
-                c.start_replication(pb::StartReplicationRequest {
-                    ctx: Some(ctx),
-                    scope,
-                })
-                .await
-            },
-        )
-        .await
-    }
-
-    /// Waits up to `timeout` for `gtid_position` to be applied.
-    pub async fn wait_for_position(
-        &self,
-        step: &str,
-        alias: &str,
-        gtid_position: &str,
-        timeout: Duration,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        let pos = gtid_position.to_string();
-        self.action(
-            "WaitForPosition",
-            step,
-            alias,
-            timeout,
-            |mut c, ctx| async move {
-                c.wait_for_position(pb::WaitForPositionRequest {
-                    ctx: Some(ctx),
-                    gtid_position: pos,
-                    lift_delay: false,
-                })
-                .await
-            },
-        )
-        .await
-    }
-
-    pub async fn set_read_only(
-        &self,
-        alias: &str,
-        read_only: bool,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        let t = self.cfg().action_timeout;
-        let name = if read_only {
-            "set_read_only_on"
-        } else {
-            "set_read_only_off"
-        };
-        self.action("SetReadOnly", name, alias, t, |mut c, ctx| async move {
-            c.set_read_only(pb::SetReadOnlyRequest {
-                ctx: Some(ctx),
-                read_only,
-                super_read_only: read_only,
-            })
-            .await
-        })
-        .await
-    }
-
-    /// Asks `via`'s agent to fence the mysqld at `addr` (`host:port`) of `target`, a deposed
-    /// primary whose own agent is gone: read-only, client sessions killed. Bounded by `bound`.
-    pub async fn fence_server(
-        &self,
-        via: &str,
-        target: &str,
-        addr: &str,
-        bound: Duration,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        let (host, port) = addr
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.to_string(), p.parse::<u32>().ok()?)))
-            .ok_or_else(|| RecoveryError::Failed(format!("bad mysqld address {addr:?}")))?;
-        let target = target.to_string();
-        self.action(
-            "FenceServer",
-            "fence_old_primary",
-            via,
-            bound,
-            |mut c, ctx| async move {
-                c.fence_server(pb::FenceServerRequest {
-                    ctx: Some(ctx),
-                    host,
-                    port,
-                    alias: target,
-                })
-                .await
-            },
-        )
-        .await
-    }
-
-    /// Points `alias` at `source` (a tablet of the shard).
-    pub async fn set_replication_source(
-        &self,
-        step: &str,
-        alias: &str,
-        source: &TabletRecord,
-        semi_sync: bool,
-        start_replication: bool,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        let t = self.cfg().action_timeout;
-        let host = source.mysql_host.clone();
-        let port = u32::from(source.mysql_port);
-        self.action(
-            "SetReplicationSource",
-            step,
-            alias,
-            t,
-            |mut c, ctx| async move {
-                c.set_replication_source(pb::SetReplicationSourceRequest {
-                    ctx: Some(ctx),
-                    host,
-                    port,
-                    semi_sync,
-                    start_replication,
-                })
-                .await
-            },
-        )
-        .await
-    }
-
     /// Points every tablet of `targets` at `source` (replication started, semi-sync replica side
     /// per `semi_sync`) in parallel, one `repoint` step each: (repointed, "alias: error" of the
     /// failed ones). A failure is not an error of the reparent: the new primary is in place and
@@ -505,7 +604,15 @@ impl RecoveryContext {
     ) -> (Vec<String>, Vec<String>) {
         let results = futures::future::join_all(targets.iter().map(|a| async move {
             let r = self
-                .set_replication_source("repoint", a, source, semi_sync, true)
+                .act(
+                    a,
+                    AgentAction::SetReplicationSource {
+                        step: "repoint",
+                        source: source.clone(),
+                        semi_sync,
+                        start_replication: true,
+                    },
+                )
                 .await;
             (a.clone(), r)
         }))
@@ -521,106 +628,21 @@ impl RecoveryContext {
         (ok, failed)
     }
 
-    pub async fn reset_replication(
-        &self,
-        alias: &str,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        let t = self.cfg().action_timeout;
-        self.action(
-            "ResetReplication",
-            "reset_replication",
-            alias,
-            t,
-            |mut c, ctx| async move {
-                c.reset_replication(pb::ResetReplicationRequest { ctx: Some(ctx) })
-                    .await
-            },
-        )
-        .await
-    }
-
-    /// Sets either side of semi-sync (`None` leaves it).
-    pub async fn set_semi_sync(
-        &self,
-        alias: &str,
-        primary: Option<bool>,
-        replica: Option<bool>,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        let t = self.cfg().action_timeout;
-        self.action(
-            "SetSemiSync",
-            "set_semi_sync",
-            alias,
-            t,
-            |mut c, ctx| async move {
-                c.set_semi_sync(pb::SetSemiSyncRequest {
-                    ctx: Some(ctx),
-                    primary,
-                    replica,
-                })
-                .await
-            },
-        )
-        .await
-    }
-
-    /// Promotes under [`RecoveryContext::term`] with the shard's durability.
-    pub async fn promote(&self, alias: &str) -> Result<pb::ActionResponse, RecoveryError> {
-        let t = self.cfg().action_timeout;
-        let durability = match self.durability() {
-            Durability::None => pb::Durability::None,
-            Durability::SemiSync => pb::Durability::SemiSync,
-        } as i32;
-        self.action("Promote", "promote", alias, t, |mut c, ctx| async move {
-            c.promote(pb::PromoteRequest {
-                ctx: Some(ctx),
-                durability,
-            })
-            .await
-        })
-        .await
-    }
-
-    pub async fn demote(&self, alias: &str) -> Result<pb::ActionResponse, RecoveryError> {
-        self.demote_within(alias, self.cfg().action_timeout).await
-    }
-
-    /// `Demote` bounded by `t` instead of `action_timeout`.
-    pub async fn demote_within(
-        &self,
-        alias: &str,
-        t: Duration,
-    ) -> Result<pb::ActionResponse, RecoveryError> {
-        self.action("Demote", "demote", alias, t, |mut c, ctx| async move {
-            c.demote(pb::DemoteRequest { ctx: Some(ctx) }).await
-        })
-        .await
-    }
-
-    pub async fn undo_demote(&self, alias: &str) -> Result<pb::ActionResponse, RecoveryError> {
-        let t = self.cfg().action_timeout;
-        self.action(
-            "UndoDemote",
-            "undo_demote",
-            alias,
-            t,
-            |mut c, ctx| async move {
-                c.undo_demote(pb::UndoDemoteRequest { ctx: Some(ctx) })
-                    .await
-            },
-        )
-        .await
-    }
-
     /// Reserves `term` in the shard record (conditional on the lock) before acting with it.
     pub async fn reserve_term(&self, term: Term) -> Result<(), RecoveryError> {
+        let record = self.reserved_record(term);
+        self.write_shard_record(&record).await.map(drop)
+    }
+
+    /// The fresh record with `term` reserved (see [`RecoveryContext::reserve_term`]).
+    pub fn reserved_record(&self, term: Term) -> ShardRecord {
         let mut record = self
             .fresh
             .record
             .clone()
             .unwrap_or_else(|| ShardRecord::new(self.keyspace.clone(), self.shard.clone()));
         record.reserved_term = record.reserved_term.max(term);
-        self.write_shard_record(&record).await.map(drop)
+        record
     }
 
     /// Writes the shard record, conditional on holding the lock (a step).
@@ -635,13 +657,22 @@ impl RecoveryContext {
         step: &str,
         record: &ShardRecord,
     ) -> Result<i64, RecoveryError> {
+        self.write_shard_record_at(self.term(), step, record).await
+    }
+
+    async fn write_shard_record_at(
+        &self,
+        term: Term,
+        step: &str,
+        record: &ShardRecord,
+    ) -> Result<i64, RecoveryError> {
         let fut = async {
             self.lock
                 .update_shard(record)
                 .await
                 .map_err(RecoveryError::topo("write the shard record under the lock"))
         };
-        self.step(step, record.primary.as_deref(), fut, |rev| {
+        self.step_at(term, step, record.primary.as_deref(), fut, |rev| {
             format!(
                 "primary {} term {}{} (etcd revision {rev})",
                 record.primary.as_deref().unwrap_or("none"),
@@ -672,4 +703,57 @@ fn scope(io_only: bool) -> i32 {
 
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl AgentApi for RecoveryContext {
+    fn act(
+        &self,
+        tablet: &str,
+        term: Term,
+        action: AgentAction,
+    ) -> impl Future<Output = Result<pb::ActionResponse, RecoveryError>> + Send {
+        self.act_at(term, tablet, action)
+    }
+
+    fn full_status(
+        &self,
+        tablet: &str,
+    ) -> impl Future<Output = Result<pb::Health, RecoveryError>> + Send {
+        RecoveryContext::full_status(self, tablet)
+    }
+}
+
+impl TopoApi for RecoveryContext {
+    fn write_shard_record(
+        &self,
+        step: &'static str,
+        term: Term,
+        record: &ShardRecord,
+    ) -> impl Future<Output = Result<i64, RecoveryError>> + Send {
+        self.write_shard_record_at(term, step, record)
+    }
+
+    async fn get_promotion(&self, term: Term) -> Result<Option<PromotionRecord>, RecoveryError> {
+        self.deps
+            .topo
+            .get_promotion(&self.keyspace, &self.shard, term)
+            .await
+            .map_err(RecoveryError::topo(format!(
+                "read the promotion record of term {term}"
+            )))
+    }
+
+    async fn get_tablet(&self, alias: &str) -> Result<Option<TabletRecord>, RecoveryError> {
+        self.deps
+            .topo
+            .get_tablet(alias)
+            .await
+            .map_err(RecoveryError::topo(format!(
+                "read the registration of {alias}"
+            )))
+    }
+
+    fn registration_last_seen(&self, alias: &str) -> Option<u64> {
+        self.deps.registrations.last_seen(alias)
+    }
 }

@@ -15,11 +15,14 @@
 //! Layout: this file holds the configuration, the errors and the outcomes; [`clients`] the
 //! agents' channels and calls, [`audit`] the audit sink, [`refresh`] what recoveries share and
 //! the fresh shard read under the lock, [`context`] one recovery's steps, [`runner`] the one
-//! lock-run-release path; [`reparent`], [`planned`] and [`repair`] the procedures.
+//! lock-run-release path; [`steps`] the vocabulary of step machines (calls, replies, the
+//! `AgentApi`/`TopoApi` traits) and the one shell that drives them; [`reparent`] (a step
+//! machine), [`planned`] and [`repair`] the procedures.
 
 pub mod planned;
 pub mod repair;
 pub mod reparent;
+pub mod steps;
 
 mod audit;
 mod clients;

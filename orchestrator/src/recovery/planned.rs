@@ -27,6 +27,7 @@ use topo::Term;
 use myha_proto::agent as pb;
 use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
 
+use super::steps::AgentAction;
 use super::{Done, RecoveryContext, RecoveryError};
 use crate::analysis;
 use crate::ranking::{self, Rank};
@@ -499,23 +500,32 @@ pub async fn planned_reparent(
     // 5-7. Demote, wait, promote; any failure undoes the demotion.
     let mut promote_sent = false;
     let promoted = async {
-        let demoted = ctx.demote(&old).await?;
+        let demoted = ctx
+            .act(
+                &old,
+                AgentAction::Demote {
+                    bound: ctx.cfg().action_timeout,
+                },
+            )
+            .await?;
         let position = demoted.gtid_position;
         if position.trim().is_empty() {
             return Err(RecoveryError::Failed(format!(
                 "Demote of {old} answered no GTID position"
             )));
         }
-        ctx.wait_for_position(
-            "wait_for_position",
+        ctx.act(
             &candidate.alias,
-            &position,
-            opts.wait_timeout,
+            AgentAction::WaitForPosition {
+                step: "wait_for_position",
+                position: position.clone(),
+                bound: opts.wait_timeout,
+            },
         )
         .await?;
         ctx.set_term(new_term);
         promote_sent = true;
-        ctx.promote(&candidate.alias).await?;
+        ctx.act(&candidate.alias, AgentAction::Promote).await?;
         Ok(position)
     }
     .await;
@@ -601,12 +611,25 @@ async fn undo(
 ) -> bool {
     if promote_sent {
         // It may be writable under the new term: read-only, and a replica of the old primary.
-        let _ = ctx.set_read_only(&candidate.alias, true).await;
         let _ = ctx
-            .set_replication_source("undo_promote", &candidate.alias, old, semi, true)
+            .act(
+                &candidate.alias,
+                AgentAction::SetReadOnly { read_only: true },
+            )
+            .await;
+        let _ = ctx
+            .act(
+                &candidate.alias,
+                AgentAction::SetReplicationSource {
+                    step: "undo_promote",
+                    source: old.clone(),
+                    semi_sync: semi,
+                    start_replication: true,
+                },
+            )
             .await;
     }
-    let undone = ctx.undo_demote(&old.alias).await.is_ok();
+    let undone = ctx.act(&old.alias, AgentAction::UndoDemote).await.is_ok();
     let restored = if promote_sent {
         ShardRecord {
             term: new_term,

@@ -8,6 +8,7 @@
 //! Order matters for semi-sync: the analysis only reports the primary side once a replica acks,
 //! so replicas are always fixed first and no commit ever waits on a primary with no acker.
 
+use super::steps::AgentAction;
 use super::{Done, RecoveryContext, RecoveryError};
 use crate::analysis::{self, Candidate, Problem};
 use crate::control::Control;
@@ -50,9 +51,17 @@ pub async fn repair(
             // after read_only could be acknowledged with no replica holding them.
             let semi = ctx.durability() == Durability::SemiSync;
             if semi {
-                ctx.set_semi_sync(p, Some(true), None).await?;
+                ctx.act(
+                    p,
+                    AgentAction::SetSemiSync {
+                        primary: Some(true),
+                        replica: None,
+                    },
+                )
+                .await?;
             }
-            ctx.set_read_only(p, false).await?;
+            ctx.act(p, AgentAction::SetReadOnly { read_only: false })
+                .await?;
             Ok(done(format!(
                 "{p}: {}read_only set back to OFF",
                 if semi {
@@ -64,37 +73,61 @@ pub async fn repair(
         }
         Remedy::ResetPrimaryReplication => {
             let p = tablet_of(problem)?;
-            ctx.reset_replication(p).await?;
+            ctx.act(p, AgentAction::ResetReplication).await?;
             Ok(done(format!(
                 "{p}: replication on the primary stopped and reset"
             )))
         }
         Remedy::SetPrimarySemiSync(on) => {
             let p = tablet_of(problem)?;
-            ctx.set_semi_sync(p, Some(on), None).await?;
+            ctx.act(
+                p,
+                AgentAction::SetSemiSync {
+                    primary: Some(on),
+                    replica: None,
+                },
+            )
+            .await?;
             Ok(done(format!("{p}: semi-sync primary side {}", onoff(on))))
         }
         Remedy::SetReplicaSemiSync(on) => {
             let r = tablet_of(problem)?;
-            ctx.set_semi_sync(r, None, Some(on)).await?;
+            ctx.act(
+                r,
+                AgentAction::SetSemiSync {
+                    primary: None,
+                    replica: Some(on),
+                },
+            )
+            .await?;
             Ok(done(format!("{r}: semi-sync replica side {}", onoff(on))))
         }
         Remedy::MakeReplicaReadOnly => {
             let r = tablet_of(problem)?;
-            ctx.set_read_only(r, true).await?;
+            ctx.act(r, AgentAction::SetReadOnly { read_only: true })
+                .await?;
             Ok(done(format!("{r}: read_only set back to ON")))
         }
         Remedy::RestartReplication => {
             let r = tablet_of(problem)?;
-            ctx.start_replication(r, false).await?;
+            ctx.act(r, AgentAction::StartReplication { io_only: false })
+                .await?;
             Ok(done(format!("{r}: replication restarted")))
         }
         Remedy::RepointAtPrimary => {
             let r = tablet_of(problem)?;
             let primary = primary_of(ctx)?;
             let source = ctx.tablet(&primary)?.clone();
-            ctx.set_replication_source("repoint to the primary", r, &source, semi, true)
-                .await?;
+            ctx.act(
+                r,
+                AgentAction::SetReplicationSource {
+                    step: "repoint to the primary",
+                    source: source.clone(),
+                    semi_sync: semi,
+                    start_replication: true,
+                },
+            )
+            .await?;
             Ok(done(format!(
                 "{r}: repointed at {primary} ({}:{})",
                 source.mysql_host, source.mysql_port
@@ -298,7 +331,8 @@ async fn rejoin_or_quarantine(
             sh.promoted_term
         );
         // Read-only first: the agent fences it already, this makes sure.
-        ctx.set_read_only(stale, true).await?;
+        ctx.act(stale, AgentAction::SetReadOnly { read_only: true })
+            .await?;
         quarantine_step(ctx, stale, &reason).await?;
         return Ok(Done {
             detail: reason,
@@ -306,13 +340,16 @@ async fn rejoin_or_quarantine(
         });
     }
     let source = ctx.tablet(&primary)?.clone();
-    ctx.set_read_only(stale, true).await?;
-    ctx.set_replication_source(
-        "rejoin as a replica",
+    ctx.act(stale, AgentAction::SetReadOnly { read_only: true })
+        .await?;
+    ctx.act(
         stale,
-        &source,
-        ctx.durability() == Durability::SemiSync,
-        true,
+        AgentAction::SetReplicationSource {
+            step: "rejoin as a replica",
+            source,
+            semi_sync: ctx.durability() == Durability::SemiSync,
+            start_replication: true,
+        },
     )
     .await?;
     Ok(Done {
@@ -350,7 +387,7 @@ async fn elect_primary(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
     let term = ctx.fresh.next_promotion_term();
     ctx.reserve_term(term).await?;
     ctx.set_term(term);
-    ctx.promote(&choice.candidate).await?;
+    ctx.act(&choice.candidate, AgentAction::Promote).await?;
     let mut record = ctx
         .fresh
         .record
@@ -366,12 +403,14 @@ async fn elect_primary(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
     let mut repointed = Vec::new();
     for other in &choice.others {
         match ctx
-            .set_replication_source(
-                "replicate from the elected primary",
+            .act(
                 other,
-                &source,
-                semi,
-                true,
+                AgentAction::SetReplicationSource {
+                    step: "replicate from the elected primary",
+                    source: source.clone(),
+                    semi_sync: semi,
+                    start_replication: true,
+                },
             )
             .await
         {
@@ -453,7 +492,8 @@ async fn clear_stale_mark(ctx: &RecoveryContext) -> Result<Done, RecoveryError> 
     ctx.set_term(next.term);
     let strays = stray_writables(record.primary.as_deref(), &ctx.fresh.statuses);
     for alias in &strays {
-        ctx.set_read_only(alias, true).await?;
+        ctx.act(alias, AgentAction::SetReadOnly { read_only: true })
+            .await?;
     }
     ctx.write_shard_record_as("clear_stale_reparent_mark", &next)
         .await?;

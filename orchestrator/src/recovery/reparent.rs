@@ -25,6 +25,13 @@
 //!    every other reachable tablet at the new primary in parallel (a failure there is audited,
 //!    the promotion stands).
 //!
+//! The procedure is one step machine, [`Emergency`] (see [`steps`]): it decides and never
+//! waits, every agent action carries the term explicitly (the action term until step 1's
+//! reservation succeeds, the new term after), and what a refusal undoes derives from its state:
+//! the IO threads it stopped are restarted and an operator-requested demotion is undone; once
+//! `Promote` was sent nothing is undone. [`emergency_reparent_with`] drives it against the real
+//! agents and etcd; the simulator drives the same machine against its models.
+//!
 //! An operator may ask for one whether or not the primary looks dead ([`EmergencyOptions`]):
 //! the old primary, when it answers, is demoted first (bounded, best effort) and its final
 //! position is what the replicas apply; a requested candidate replaces the choice. The old
@@ -32,14 +39,14 @@
 //! quarantine, when it holds transactions the new primary lacks).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-use topo::Term;
+use std::time::Duration;
 
 use gtid::GtidSet;
 use myha_proto::agent as pb;
-use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
+use topo::{Durability, PromotionRecord, PromotionRule, ShardRecord, TabletRecord, Term};
 
-use super::{Done, FreshShard, RecoveryContext, RecoveryError, OUTCOME_OK};
+use super::steps::{self, Action, AgentAction, Call, CallId, Emitter, Now, Reply, StepMachine};
+use super::{Done, FreshShard, PrimaryPosition, RecoveryConfig, RecoveryContext, RecoveryError};
 use crate::analysis::{
     self, choose_candidate, choose_requested_candidate, Candidate, Choice, Refusal,
 };
@@ -201,82 +208,219 @@ pub async fn stalled_primary_reparent(ctx: &RecoveryContext) -> Result<Done, Rec
     emergency_reparent_with(ctx, &opts).await
 }
 
-/// Best effort after a refusal or failure before the promotion: the old primary demoted by
-/// [`EmergencyOptions::demote_old_first`] takes writes again.
-async fn undo_first_demotion(ctx: &RecoveryContext, demoted: Option<&str>) {
-    if let Some(old) = demoted {
-        let _ = ctx.undo_demote(old).await;
-    }
-}
-
-/// The emergency reparent, as asked (see [`EmergencyOptions`]).
+/// The emergency reparent, as asked (see [`EmergencyOptions`]): the [`Emergency`] step machine
+/// driven against the real agents and etcd.
 pub async fn emergency_reparent_with(
     ctx: &RecoveryContext,
     opts: &EmergencyOptions,
 ) -> Result<Done, RecoveryError> {
-    let total = Instant::now();
-    let fresh = &ctx.fresh;
-    let record = fresh
-        .record
-        .clone()
-        .ok_or_else(|| RecoveryError::Refused("the shard has no record".into()))?;
-    let old_primary = record
-        .primary
-        .clone()
-        .ok_or_else(|| RecoveryError::Refused("the shard record names no primary".into()))?;
-    let new_term = fresh.next_promotion_term();
-    let durability = ctx.durability();
-    let old_cell = fresh
-        .tablets
-        .get(&old_primary)
-        .map(|t| t.cell.clone())
-        .or_else(|| topo::parse_alias(&old_primary).ok().map(|(c, _)| c));
-    let mut reference = ctx
-        .job
-        .last_primary
-        .as_ref()
-        .filter(|p| p.alias == old_primary)
-        .and_then(|p| {
-            Some(Reference {
-                position: p.gtid_set()?,
-                writer: p.writer.clone(),
-            })
-        });
+    let input = EmergencyInput {
+        fresh: ctx.fresh.clone(),
+        last_primary: ctx.job.last_primary.clone(),
+        action_term: ctx.term(),
+        cfg: ctx.cfg().clone(),
+    };
+    let mut m = Emergency::new(input, opts.clone());
+    steps::drive(&mut m, ctx).await
+}
 
-    // The replicas whose replication is stopped before the choice (every one that answers with
-    // its mysqld up: a quarantined one may acknowledge too), and among them the candidates (not
-    // quarantined).
-    let answering: BTreeMap<String, pb::Health> = fresh
-        .statuses
-        .iter()
-        .filter(|(a, h)| **a != old_primary && h.mysql_reachable)
-        .map(|(a, h)| (a.clone(), h.clone()))
-        .collect();
-    let reachable: BTreeMap<String, pb::Health> = answering
-        .iter()
-        .filter(|(a, _)| !fresh.input.quarantined.contains_key(*a))
-        .map(|(a, h)| (a.clone(), h.clone()))
-        .collect();
-    // Every registered replica could have acknowledged the old primary's last commits, except
-    // those known not to: a stale primary claim (promoted under an older term and never
-    // repointed since, so it replicates from nobody) and a replica with its semi-sync side off.
-    let replicas: Vec<String> = fresh
-        .tablets
-        .keys()
-        .filter(|a| **a != old_primary)
-        .filter(|a| match fresh.statuses.get(*a) {
-            Some(h) => {
-                let stale_primary = h.promoted_term > 0;
-                let no_ack =
-                    h.mysql_reachable && h.semi_sync.as_ref().is_some_and(|s| !s.replica_enabled);
-                !stale_primary && !no_ack
-            }
-            None => true,
-        })
-        .cloned()
-        .collect();
-    let k = acks_required(durability);
-    let why_unreached = |a: &str| -> String {
+/// What an emergency reparent starts from: the shard as re-read under the lock, the dead
+/// primary's last healthy position as this orchestrator saw it, the term of actions before the
+/// new one is reserved, and the tunables.
+#[derive(Debug, Clone)]
+pub struct EmergencyInput {
+    pub fresh: FreshShard,
+    pub last_primary: Option<PrimaryPosition>,
+    pub action_term: Term,
+    pub cfg: RecoveryConfig,
+}
+
+/// What the start of the run derived from its input (fixed for the run).
+#[derive(Debug, Clone)]
+struct Plan {
+    record: ShardRecord,
+    old_primary: String,
+    new_term: Term,
+    durability: Durability,
+    old_cell: Option<String>,
+    /// The replicas whose replication is stopped before the choice (every one that answers
+    /// with its mysqld up: a quarantined one may acknowledge too).
+    answering: BTreeMap<String, pb::Health>,
+    /// Among them the candidates (not quarantined).
+    reachable: BTreeMap<String, pb::Health>,
+    /// Every registered replica that could have acknowledged the old primary's last commits.
+    replicas: Vec<String>,
+    /// Acknowledgements per commit (K).
+    k: usize,
+    /// Why the requested candidate cannot be promoted, if it cannot.
+    why_missing: Option<String>,
+    /// The old primary's mysqld address when its agent is gone (it cannot fence itself).
+    agentless: Option<String>,
+}
+
+/// The outstanding calls, by what they are for.
+#[derive(Debug, Clone, PartialEq)]
+enum Pending {
+    Demote,
+    History,
+    Reserve,
+    StopIo(String),
+    ReadStatus(String),
+    CatchUpApplySource,
+    CatchUpRepoint,
+    CatchUpWait,
+    CatchUpStop,
+    ApplyCandidate,
+    Fence,
+    SelfDemotion,
+    Promote,
+    WriteRecord,
+    Repoint(String),
+    FenceAfter,
+    Undo,
+}
+
+/// The race between fencing an agentless old primary over MySQL and relying on its agent's
+/// isolation rule (durability none): whichever is settled first.
+#[derive(Debug, Clone, Default)]
+struct FenceRace {
+    started: Duration,
+    fence_failed: Option<String>,
+    not_relied: Option<String>,
+    /// Set once the replicas' "lost it since" is known: (ready at wall ms, lost since, waiting
+    /// since).
+    wait: Option<(u64, u64, Duration)>,
+}
+
+/// The emergency reparent as a step machine (see the module doc for its steps). Undo derives
+/// from the state: replication restarted where it was stopped, an operator-requested demotion
+/// undone; nothing is undone once the promotion was sent.
+#[derive(Debug)]
+pub struct Emergency {
+    input: EmergencyInput,
+    opts: EmergencyOptions,
+    em: Emitter,
+    term: Term,
+    pending: BTreeMap<CallId, Pending>,
+    plan: Option<Plan>,
+    reference: Option<Reference>,
+    demoted: bool,
+    stopped: Vec<String>,
+    final_statuses: BTreeMap<String, pb::Health>,
+    cands: Vec<Candidate>,
+    choice: Option<Choice>,
+    candidate: Option<TabletRecord>,
+    /// The promotion was sent: past the point of no return.
+    committed: bool,
+    /// Start of the current timed phase.
+    phase_started: Duration,
+    fence: FenceRace,
+    repointed: Vec<String>,
+    repoint_failed: Vec<(String, String)>,
+    /// The error to return once the undo calls are answered.
+    undoing: Option<RecoveryError>,
+    finished: bool,
+}
+
+impl Emergency {
+    pub fn new(input: EmergencyInput, opts: EmergencyOptions) -> Emergency {
+        let term = input.action_term;
+        Emergency {
+            input,
+            opts,
+            em: Emitter::default(),
+            term,
+            pending: BTreeMap::new(),
+            plan: None,
+            reference: None,
+            demoted: false,
+            stopped: Vec::new(),
+            final_statuses: BTreeMap::new(),
+            cands: Vec::new(),
+            choice: None,
+            candidate: None,
+            committed: false,
+            phase_started: Duration::ZERO,
+            fence: FenceRace::default(),
+            repointed: Vec::new(),
+            repoint_failed: Vec::new(),
+            undoing: None,
+            finished: false,
+        }
+    }
+
+    /// The tablet promoted, once chosen.
+    pub fn candidate(&self) -> Option<&str> {
+        self.choice.as_ref().map(|c| c.candidate.as_str())
+    }
+
+    fn call(&mut self, call: Call, why: Pending) -> CallId {
+        let id = self.em.call(call);
+        self.pending.insert(id, why);
+        id
+    }
+
+    fn agent(&mut self, tablet: &str, action: AgentAction, why: Pending) -> CallId {
+        let call = Call::Agent {
+            tablet: tablet.to_string(),
+            term: self.term,
+            action,
+        };
+        self.call(call, why)
+    }
+
+    fn record(&mut self, name: &'static str, tablet: Option<&str>, ok: bool, detail: String) {
+        self.em
+            .record(self.term, name, tablet, ok, detail, Duration::ZERO)
+    }
+
+    fn refuse(&mut self, name: &'static str, tablet: Option<&str>, why: String) -> RecoveryError {
+        self.em.refuse(self.term, name, tablet, why)
+    }
+
+    fn phase(&mut self, name: &'static str, now: Now) {
+        let took = now.since_start.saturating_sub(self.phase_started);
+        self.em.out.push(Action::Phase(name, took));
+    }
+
+    fn finish(&mut self, r: Result<Done, RecoveryError>) {
+        for id in std::mem::take(&mut self.pending).into_keys() {
+            self.em.out.push(Action::Cancel(id));
+        }
+        self.finished = true;
+        self.em.out.push(Action::Done(r));
+    }
+
+    /// Ends the run with `e`, first undoing what the state says was done (best effort).
+    fn fail(&mut self, e: RecoveryError) {
+        if self.committed {
+            return self.finish(Err(e));
+        }
+        for alias in self.stopped.clone() {
+            self.agent(
+                &alias,
+                AgentAction::StartReplication { io_only: true },
+                Pending::Undo,
+            );
+        }
+        if self.demoted {
+            let old = self.plan().old_primary.clone();
+            self.agent(&old, AgentAction::UndoDemote, Pending::Undo);
+        }
+        if self.pending.is_empty() {
+            self.finish(Err(e));
+        } else {
+            self.undoing = Some(e);
+        }
+    }
+
+    fn plan(&self) -> &Plan {
+        // Every caller runs after `start` set it (a run without a plan finished in `start`).
+        self.plan.as_ref().expect("plan set at start")
+    }
+
+    fn why_unreached(&self, a: &str) -> String {
+        let fresh = &self.input.fresh;
         match (fresh.unseen.get(a), fresh.statuses.get(a)) {
             (Some(why), _) => format!("{a} (agent: {why})"),
             (None, Some(h)) if !h.mysql_reachable => {
@@ -285,20 +429,23 @@ pub async fn emergency_reparent_with(
             (None, Some(_)) => format!("{a} (its IO thread could not be stopped)"),
             (None, None) => format!("{a} (no answer)"),
         }
-    };
-    // Checks rule 2 on `reached`; Ok(None) when met, Ok(Some(note)) when forced, Err(why).
-    let revoked = |reached: &[String]| -> Result<Option<String>, String> {
-        match revocation(&replicas, reached, k) {
+    }
+
+    /// Rule 2 on `reached`: Ok(None) when met, Ok(Some(note)) when forced, Err(why).
+    fn revoked(&self, reached: &[String]) -> Result<Option<String>, String> {
+        let plan = self.plan();
+        let (replicas, k) = (&plan.replicas, plan.k);
+        match revocation(replicas, reached, k) {
             Ok(()) => Ok(None),
             Err(unreached) => {
-                let names: Vec<String> = unreached.iter().map(|a| why_unreached(a)).collect();
+                let names: Vec<String> = unreached.iter().map(|a| self.why_unreached(a)).collect();
                 let why = format!(
                     "semi_sync: replication must be stopped on at least {} of the {} replicas (R - K + 1, K = {k}) to know every acknowledged transaction; not reached: {}",
                     replicas.len() + 1 - k.min(replicas.len() + 1),
                     replicas.len(),
                     names.join(", ")
                 );
-                if opts.may_lose_acknowledged_writes {
+                if self.opts.may_lose_acknowledged_writes {
                     Ok(Some(format!(
                         "FORCED by the operator (may_lose_acknowledged_writes): {why}; acknowledged writes held only there are lost"
                     )))
@@ -307,220 +454,22 @@ pub async fn emergency_reparent_with(
                 }
             }
         }
-    };
-    let answering_aliases: Vec<String> = answering.keys().cloned().collect();
-    if let Err(why) = revoked(&answering_aliases) {
-        ctx.record_step("revocation", None, false, why.clone(), Duration::ZERO);
-        return Err(RecoveryError::Refused(format!(
-            "{why}; nothing was changed (primary {old_primary} stays in the record at term {}); an operator may force it with may_lose_acknowledged_writes",
-            record.term
-        )));
     }
 
-    let requested = opts.to.as_deref();
-    let why_missing = requested.and_then(|to| {
-        if let Some(q) = fresh.input.quarantined.get(to) {
-            Some(format!("it is quarantined ({q})"))
-        } else if to == old_primary {
-            Some("it is the primary being replaced".to_string())
-        } else if !fresh.tablets.contains_key(to) {
-            Some("it is not registered in this shard".to_string())
-        } else {
-            match fresh.statuses.get(to) {
-                None => Some(format!(
-                    "its agent does not answer: {}",
-                    fresh
-                        .unseen
-                        .get(to)
-                        .map(String::as_str)
-                        .unwrap_or("no answer")
-                )),
-                Some(h) if !h.mysql_reachable => {
-                    Some(format!("its mysqld is unreachable: {}", h.mysql_error))
-                }
-                Some(_) => None,
+    fn choose(&self, cands: &[Candidate]) -> Result<Choice, Refusal> {
+        let plan = self.plan();
+        match self.opts.to.as_deref() {
+            Some(to) => {
+                choose_requested_candidate(cands, to, plan.why_missing.as_deref(), plan.durability)
             }
-        }
-    });
-    let choose = |cands: &[Candidate]| match requested {
-        Some(to) => choose_requested_candidate(cands, to, why_missing.as_deref(), durability),
-        None => choose_candidate(cands, old_cell.as_deref(), durability),
-    };
-
-    // Pre-check on the current positions: refuse before changing anything.
-    let (pre, _) = candidates(&reachable, &fresh.tablets, reference.as_ref());
-    if let Err(refusal) = choose(&pre) {
-        let why = match &refusal {
-            // Positions may still move while the relay logs apply: decide on the final ones.
-            Refusal::Diverged(_) => None,
-            r => Some(refusal_text(r)),
-        };
-        if let Some(why) = why {
-            ctx.record_step("choose_candidate", None, false, why.clone(), Duration::ZERO);
-            return Err(RecoveryError::Refused(format!(
-                "{why}; nothing was changed (primary {old_primary} stays in the record at term {})",
-                record.term
-            )));
+            None => choose_candidate(cands, plan.old_cell.as_deref(), plan.durability),
         }
     }
 
-    // Operator request with the old primary answering: read-only first, its final position
-    // is what the replicas must reach.
-    let mut demoted: Option<&str> = None;
-    if let Some(bound) = opts.demote_old_first {
-        let answering = fresh
-            .statuses
-            .get(&old_primary)
-            .filter(|h| h.mysql_reachable);
-        if let Some(h) = answering {
-            match ctx.demote_within(&old_primary, bound).await {
-                Ok(r) => {
-                    demoted = Some(old_primary.as_str());
-                    let flavor = analysis::flavor_of(h);
-                    if let Ok(position) = GtidSet::parse(flavor, &r.gtid_position) {
-                        reference = Some(Reference {
-                            position,
-                            writer: analysis::writer_id(h),
-                        });
-                    }
-                }
-                Err(e) if opts.old_primary_must_be_fenced && durability == Durability::None => {
-                    let why = format!(
-                        "durability none: the stalled old primary {old_primary} could not be set read-only ({e}); once its stall clears nothing else stops its clients' writes, so promoting a replica would make two writable primaries; nothing was changed (primary {old_primary} stays in the record at term {})",
-                        record.term
-                    );
-                    return Err(ctx.refuse("fence_old_primary", Some(&old_primary), why));
-                }
-                Err(e) if opts.old_primary_must_be_fenced => ctx.record_step(
-                    "demote_noted",
-                    Some(&old_primary),
-                    true,
-                    format!(
-                        "the stalled old primary could not be set read-only ({e}); going on: under semi_sync none of its commits can be acknowledged once the replicas' IO threads stop, and its agent fences it on the new term"
-                    ),
-                    Duration::ZERO,
-                ),
-                Err(e) => ctx.record_step(
-                    "demote_noted",
-                    Some(&old_primary),
-                    true,
-                    format!("the old primary could not be set read-only ({e}); going on"),
-                    Duration::ZERO,
-                ),
-            }
-        }
-    }
-    if reference.is_none() {
-        reference = history_reference(ctx, &record, &old_primary, &answering).await;
-    }
-
-    // Reserve the new term before touching anything (a refusal above burns no term): whoever
-    // acts on this shard after us uses a higher one, even if we lose the lock mid-way.
-    if let Err(e) = ctx.reserve_term(new_term).await {
-        undo_first_demotion(ctx, demoted).await;
-        return Err(e);
-    }
-    // Every step from here on carries the reserved term: it is ours alone (reserved under the
-    // lock), so an agent that accepted one of our steps refuses anyone acting under an older
-    // term, and one that accepted a newer holder's step at this term refuses ours.
-    ctx.set_term(new_term);
-
-    // Stop IO everywhere: what each replica received is final from here on.
-    let t = Instant::now();
-    let finals = futures::future::join_all(
-        answering
-            .iter()
-            .map(|(alias, h)| stop_io(ctx, alias.clone(), h.clone())),
-    )
-    .await;
-    phase("stop_io", t.elapsed());
-    let mut final_statuses = BTreeMap::new();
-    let mut stopped = Vec::new();
-    for (alias, io_stopped, status) in finals {
-        if io_stopped {
-            stopped.push(alias.clone());
-        }
-        if let Some(h) = status.filter(|_| reachable.contains_key(&alias)) {
-            final_statuses.insert(alias, h);
-        }
-    }
-    match revoked(&stopped) {
-        Ok(None) => ctx.record_step(
-            "revocation",
-            None,
-            true,
-            format!(
-                "replication stopped on {} of {} replicas: every acknowledged transaction is among them",
-                stopped.len(),
-                replicas.len()
-            ),
-            // A check, not an action: the stops are steps of their own.
-            Duration::ZERO,
-        ),
-        Ok(Some(forced)) => ctx.record_step("revocation", None, true, forced, Duration::ZERO),
-        Err(why) => {
-            let refusal = ctx.refuse("revocation", None, why);
-            restart_io(ctx, &stopped).await;
-            undo_first_demotion(ctx, demoted).await;
-            return Err(refusal);
-        }
-    }
-    // Choose.
-    let t = Instant::now();
-    let (cands, left_out) = candidates(&final_statuses, &fresh.tablets, reference.as_ref());
-    for c in cands.iter().filter(|c| c.errant.is_some()) {
-        ctx.record_step(
-            "errant_check",
-            Some(&c.alias),
-            false,
-            format!(
-                "errant transactions {} (not on dead primary {old_primary}): never promoted",
-                c.errant.as_deref().unwrap_or_default()
-            ),
-            Duration::ZERO,
-        );
-    }
-    let choice = match choose(&cands) {
-        Ok(c) => c,
-        Err(refusal) => {
-            let why = refusal_text(&refusal);
-            ctx.record_step("choose_candidate", None, false, why.clone(), t.elapsed());
-            restart_io(ctx, &stopped).await;
-            undo_first_demotion(ctx, demoted).await;
-            return Err(RecoveryError::Refused(format!(
-                "{why}{}; IO threads restarted, primary {old_primary} stays in the record at term {}",
-                if left_out.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (left out: {})", left_out.join("; "))
-                },
-                record.term
-            )));
-        }
-    };
-    ctx.record_step(
-        "choose_candidate",
-        Some(&choice.candidate),
-        true,
-        format!(
-            "{}{}",
-            choice.reason,
-            choice
-                .catch_up_from
-                .as_ref()
-                .map(|s| format!("; catch up from {s} first"))
-                .unwrap_or_default()
-        ),
-        t.elapsed(),
-    );
-    phase("choose", t.elapsed());
-
-    // Catch up from the most advanced tablet if needed: it applies what it received first, so
-    // that everything the candidate fetches from it is in its binlog.
-    // What a tablet still has to apply: its received position, unless its applied one (from
-    // the IO stop's answer) already contains it (then no wait, no RPC).
-    let held = |alias: &str| {
-        let h = final_statuses.get(alias)?;
+    /// What a tablet still has to apply: its received position, unless its applied one (from
+    /// the IO stop's answer) already contains it (then no wait, no RPC).
+    fn held(&self, alias: &str) -> Option<String> {
+        let h = self.final_statuses.get(alias)?;
         let r = received(h)?;
         let applied = analysis::position(h);
         let done = applied.is_some_and(|a| {
@@ -529,200 +478,916 @@ pub async fn emergency_reparent_with(
                 .and_then(|r| a.contains_set(&r).ok())
                 .unwrap_or(false)
         });
-        (!done).then(|| (alias.to_string(), r))
-    };
-    let choice = match &choice.catch_up_from {
-        None => choice,
-        Some(source) => {
-            let t = Instant::now();
-            let r = async {
-                if let Some((a, r)) = held(source) {
-                    ctx.apply_received(&a, &r, ctx.cfg().relay_log_wait).await?;
+        (!done).then_some(r)
+    }
+
+    /// Derives the plan and runs the checks that refuse before anything is changed.
+    fn begin(&mut self, now: Now) {
+        let fresh = &self.input.fresh;
+        let Some(record) = fresh.record.clone() else {
+            return self.finish(Err(RecoveryError::Refused(
+                "the shard has no record".into(),
+            )));
+        };
+        let Some(old_primary) = record.primary.clone() else {
+            return self.finish(Err(RecoveryError::Refused(
+                "the shard record names no primary".into(),
+            )));
+        };
+        let durability = fresh.durability;
+        let old_cell = fresh
+            .tablets
+            .get(&old_primary)
+            .map(|t| t.cell.clone())
+            .or_else(|| topo::parse_alias(&old_primary).ok().map(|(c, _)| c));
+        self.reference = self
+            .input
+            .last_primary
+            .as_ref()
+            .filter(|p| p.alias == old_primary)
+            .and_then(|p| {
+                Some(Reference {
+                    position: p.gtid_set()?,
+                    writer: p.writer.clone(),
+                })
+            });
+        let answering: BTreeMap<String, pb::Health> = fresh
+            .statuses
+            .iter()
+            .filter(|(a, h)| **a != old_primary && h.mysql_reachable)
+            .map(|(a, h)| (a.clone(), h.clone()))
+            .collect();
+        let reachable: BTreeMap<String, pb::Health> = answering
+            .iter()
+            .filter(|(a, _)| !fresh.input.quarantined.contains_key(*a))
+            .map(|(a, h)| (a.clone(), h.clone()))
+            .collect();
+        // Every registered replica could have acknowledged the old primary's last commits,
+        // except those known not to: a stale primary claim (promoted under an older term and
+        // never repointed since, so it replicates from nobody) and a replica with its
+        // semi-sync side off.
+        let replicas: Vec<String> = fresh
+            .tablets
+            .keys()
+            .filter(|a| **a != old_primary)
+            .filter(|a| match fresh.statuses.get(*a) {
+                Some(h) => {
+                    let stale_primary = h.promoted_term > 0;
+                    let no_ack = h.mysql_reachable
+                        && h.semi_sync.as_ref().is_some_and(|s| !s.replica_enabled);
+                    !stale_primary && !no_ack
                 }
-                catch_up(ctx, &choice, source).await
-            }
-            .await;
-            phase("catch_up", t.elapsed());
-            match r {
-                Ok(()) => choice,
-                Err(e) if requested.is_some() => {
-                    let why = format!(
-                        "catch-up of the requested candidate {} from {source} failed ({e}): not promoting another tablet than requested",
-                        choice.candidate
-                    );
-                    let refusal = ctx.refuse("catch_up_fallback", Some(source), why);
-                    restart_io(ctx, &stopped).await;
-                    undo_first_demotion(ctx, demoted).await;
-                    return Err(refusal);
-                }
-                Err(e) => match fallback(ctx, &choice, source, &cands, &e) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        undo_first_demotion(ctx, demoted).await;
-                        return Err(e);
+                None => true,
+            })
+            .cloned()
+            .collect();
+        let why_missing = self.opts.to.as_deref().and_then(|to| {
+            if let Some(q) = fresh.input.quarantined.get(to) {
+                Some(format!("it is quarantined ({q})"))
+            } else if to == old_primary {
+                Some("it is the primary being replaced".to_string())
+            } else if !fresh.tablets.contains_key(to) {
+                Some("it is not registered in this shard".to_string())
+            } else {
+                match fresh.statuses.get(to) {
+                    None => Some(format!(
+                        "its agent does not answer: {}",
+                        fresh
+                            .unseen
+                            .get(to)
+                            .map(String::as_str)
+                            .unwrap_or("no answer")
+                    )),
+                    Some(h) if !h.mysql_reachable => {
+                        Some(format!("its mysqld is unreachable: {}", h.mysql_error))
                     }
-                },
+                    Some(_) => None,
+                }
+            }
+        });
+        let agentless = (!fresh.statuses.contains_key(&old_primary))
+            .then(|| old_primary_addr(fresh, &old_primary))
+            .flatten();
+        self.plan = Some(Plan {
+            new_term: fresh.next_promotion_term(),
+            record,
+            old_primary,
+            durability,
+            old_cell,
+            answering,
+            reachable,
+            replicas,
+            k: acks_required(durability),
+            why_missing,
+            agentless,
+        });
+        let plan = self.plan().clone();
+
+        let answering_aliases: Vec<String> = plan.answering.keys().cloned().collect();
+        if let Err(why) = self.revoked(&answering_aliases) {
+            self.record("revocation", None, false, why.clone());
+            return self.finish(Err(RecoveryError::Refused(format!(
+                "{why}; nothing was changed (primary {} stays in the record at term {}); an operator may force it with may_lose_acknowledged_writes",
+                plan.old_primary, plan.record.term
+            ))));
+        }
+        // Pre-check on the current positions: refuse before changing anything.
+        let (pre, _) = candidates(
+            &plan.reachable,
+            &self.input.fresh.tablets,
+            self.reference.as_ref(),
+        );
+        if let Err(refusal) = self.choose(&pre) {
+            // Positions may still move while the relay logs apply: decide on the final ones.
+            if !matches!(refusal, Refusal::Diverged(_)) {
+                let why = refusal_text(&refusal);
+                self.record("choose_candidate", None, false, why.clone());
+                return self.finish(Err(RecoveryError::Refused(format!(
+                    "{why}; nothing was changed (primary {} stays in the record at term {})",
+                    plan.old_primary, plan.record.term
+                ))));
             }
         }
-    };
-
-    // The candidate applies everything it received (after a catch-up: a no-op, it waited for
-    // the target). The promotion resets replication, which would throw the rest away.
-    if choice.catch_up_from.is_none() {
-        if let Some((alias, target)) = held(&choice.candidate) {
-            let t = Instant::now();
-            let r = ctx
-                .apply_received(&alias, &target, ctx.cfg().relay_log_wait)
-                .await;
-            phase("apply_relay_log", t.elapsed());
-            if let Err(e) = r {
-                let why = format!(
-                    "candidate {alias} received up to {target} but did not apply it within relay_log_wait ({:?}): {e}; refusing rather than promote a tablet missing acknowledged transactions",
-                    ctx.cfg().relay_log_wait
+        // Operator request with the old primary answering: read-only first, its final
+        // position is what the replicas must reach.
+        if let Some(bound) = self.opts.demote_old_first {
+            let answers = self
+                .input
+                .fresh
+                .statuses
+                .get(&plan.old_primary)
+                .is_some_and(|h| h.mysql_reachable);
+            if answers {
+                self.agent(
+                    &plan.old_primary,
+                    AgentAction::Demote { bound },
+                    Pending::Demote,
                 );
-                let refusal = ctx.refuse("apply_relay_log", Some(&alias), why);
-                restart_io(ctx, &stopped).await;
-                undo_first_demotion(ctx, demoted).await;
-                return Err(refusal);
+                return;
+            }
+        }
+        self.after_demote(now)
+    }
+
+    fn on_demoted(&mut self, r: Result<pb::ActionResponse, RecoveryError>, now: Now) {
+        let plan = self.plan().clone();
+        let old = plan.old_primary.as_str();
+        match r {
+            Ok(r) => {
+                self.demoted = true;
+                if let Some(h) = self.input.fresh.statuses.get(old) {
+                    let flavor = analysis::flavor_of(h);
+                    if let Ok(position) = GtidSet::parse(flavor, &r.gtid_position) {
+                        self.reference = Some(Reference {
+                            position,
+                            writer: analysis::writer_id(h),
+                        });
+                    }
+                }
+            }
+            Err(e)
+                if self.opts.old_primary_must_be_fenced && plan.durability == Durability::None =>
+            {
+                let why = format!(
+                    "durability none: the stalled old primary {old} could not be set read-only ({e}); once its stall clears nothing else stops its clients' writes, so promoting a replica would make two writable primaries; nothing was changed (primary {old} stays in the record at term {})",
+                    plan.record.term
+                );
+                let refusal = self.refuse("fence_old_primary", Some(old), why);
+                return self.finish(Err(refusal));
+            }
+            Err(e) if self.opts.old_primary_must_be_fenced => self.record(
+                "demote_noted",
+                Some(old),
+                true,
+                format!(
+                    "the stalled old primary could not be set read-only ({e}); going on: under semi_sync none of its commits can be acknowledged once the replicas' IO threads stop, and its agent fences it on the new term"
+                ),
+            ),
+            Err(e) => self.record(
+                "demote_noted",
+                Some(old),
+                true,
+                format!("the old primary could not be set read-only ({e}); going on"),
+            ),
+        }
+        self.after_demote(now)
+    }
+
+    /// The errant-check reference when this orchestrator never saw the dead primary healthy
+    /// (it just started, P7): the shard's own history.
+    fn after_demote(&mut self, now: Now) {
+        if self.reference.is_none() && !self.plan().answering.is_empty() {
+            let term = self.plan().record.term;
+            self.call(Call::GetPromotion(term), Pending::History);
+            return;
+        }
+        self.reserve(now)
+    }
+
+    /// During term T only its primary writes, so beyond the position the term started from, a
+    /// transaction written by another server is errant. Audited either way, with what the check
+    /// rests on.
+    fn on_history(&mut self, got: Result<Option<PromotionRecord>, RecoveryError>, now: Now) {
+        let plan = self.plan().clone();
+        let old_primary = plan.old_primary.as_str();
+        let record = &plan.record;
+        let Some(flavor) = plan.answering.values().next().map(analysis::flavor_of) else {
+            return self.reserve(now);
+        };
+        let (reference, detail) = match got {
+            Ok(Some(p)) if p.primary == old_primary => match GtidSet::parse(flavor, &p.position) {
+                Ok(position) => (
+                    Some(Reference {
+                        position,
+                        writer: p.writer.clone(),
+                    }),
+                    format!(
+                        "the dead primary {old_primary}'s last position is unknown to this orchestrator; reference from the shard history: term {} started at {} (writer {}): a transaction past it not written by {old_primary} is errant",
+                        p.term, p.position, p.writer
+                    ),
+                ),
+                Err(e) => (
+                    None,
+                    format!("the shard history's start position of term {} cannot be read ({e}): errant check skipped (divergence is still refused)", p.term),
+                ),
+            },
+            Ok(Some(p)) => (
+                None,
+                format!(
+                    "the shard history gives term {} to {}, not to {old_primary}: errant check skipped (divergence is still refused)",
+                    p.term, p.primary
+                ),
+            ),
+            Ok(None) => (
+                None,
+                format!("the dead primary {old_primary}'s last position is unknown to this orchestrator and term {} has no promotion on record: errant check skipped (divergence is still refused)", record.term),
+            ),
+            Err(e) => (
+                None,
+                format!("the shard history cannot be read ({e}): errant check skipped (divergence is still refused)"),
+            ),
+        };
+        self.em
+            .audit(self.term, "errant_check", Some(old_primary), detail);
+        self.reference = reference;
+        self.reserve(now)
+    }
+
+    /// Reserves the new term before touching anything (a refusal above burns no term):
+    /// whoever acts on this shard after us uses a higher one, even if we lose the lock mid-way.
+    fn reserve(&mut self, _now: Now) {
+        let plan = self.plan();
+        let mut record = plan.record.clone();
+        record.reserved_term = record.reserved_term.max(plan.new_term);
+        let call = Call::WriteShardRecord {
+            step: "write_shard_record",
+            term: self.term,
+            record,
+        };
+        self.call(call, Pending::Reserve);
+    }
+
+    fn on_reserved(&mut self, r: Result<i64, RecoveryError>, now: Now) {
+        if let Err(e) = r {
+            return self.fail(e);
+        }
+        // Every step from here on carries the reserved term: it is ours alone (reserved under
+        // the lock), so an agent that accepted one of our steps refuses anyone acting under an
+        // older term, and one that accepted a newer holder's step at this term refuses ours.
+        self.term = self.plan().new_term;
+        // Stop IO everywhere: what each replica received is final from here on.
+        self.phase_started = now.since_start;
+        let answering: Vec<String> = self.plan().answering.keys().cloned().collect();
+        for alias in &answering {
+            self.agent(
+                alias,
+                AgentAction::StopReplication { io_only: true },
+                Pending::StopIo(alias.clone()),
+            );
+        }
+        if answering.is_empty() {
+            self.after_stop(now);
+        }
+    }
+
+    /// Applied and received positions come from the stop's answer; `FullStatus` is only asked
+    /// when the stop failed (a replica that then does not answer is left out).
+    fn on_stopped(&mut self, alias: String, r: Result<pb::ActionResponse, RecoveryError>) {
+        match r {
+            Ok(r) => {
+                self.stopped.push(alias.clone());
+                if let Some(before) = self.plan().reachable.get(&alias) {
+                    let mut h = before.clone();
+                    if let Some(m) = h.mysql.as_mut() {
+                        m.gtid_position = r.gtid_position;
+                    }
+                    if let Some(rep) = h.replication.as_mut() {
+                        rep.gtid_io_pos = r.gtid_received;
+                    }
+                    self.final_statuses.insert(alias, h);
+                }
+            }
+            Err(_) => {
+                let call = Call::Status {
+                    tablet: alias.clone(),
+                };
+                self.call(call, Pending::ReadStatus(alias));
             }
         }
     }
-    let candidate = ctx.tablet(&choice.candidate)?.clone();
 
-    // A deposed primary whose agent is gone cannot fence itself: the candidate's agent fences
-    // its mysqld over MySQL. Under durability none nothing else stops its clients' writes, so
-    // that comes first and a failure refuses the promotion (unless forced); under semi_sync its
-    // commits cannot complete without the replicas stopped above, and it is fenced right after
-    // the promotion, off the critical path.
-    let agentless = (!fresh.statuses.contains_key(&old_primary))
-        .then(|| old_primary_addr(fresh, &old_primary))
-        .flatten();
-    if let (Some(addr), Durability::None) = (&agentless, durability) {
-        // Fenced over MySQL from the candidate, or relied on to have fenced itself (its lease
-        // expired while no replica reached it: the isolation rule), whichever is settled
-        // first: a cut-off host never answers the fence, and waiting out its bound first
-        // would only delay the promotion.
-        let t = Instant::now();
-        let fence = ctx.fence_server(&candidate.alias, &old_primary, addr, FENCE_BOUND);
-        let relied = wait_for_self_demotion(ctx, fresh, &record, &old_primary);
-        tokio::pin!(fence, relied);
-        let (mut fence_failed, mut not_relied) = (None, None);
-        let r = loop {
-            tokio::select! {
-                f = &mut fence, if fence_failed.is_none() => match f {
-                    Ok(_) => break Ok(()),
-                    Err(e) => match not_relied.take() {
-                        Some(n) => break Err(format!("{e}; nor can it be taken as self-demoted: {n}")),
-                        None => fence_failed = Some(e),
+    fn on_status(&mut self, alias: String, r: Result<Box<pb::Health>, RecoveryError>) {
+        match r {
+            Ok(h) if h.mysql_reachable => {
+                if self.plan().reachable.contains_key(&alias) {
+                    self.final_statuses.insert(alias, *h);
+                }
+            }
+            Ok(h) => self.record(
+                "read_position",
+                Some(&alias),
+                false,
+                format!("mysqld unreachable: {}", h.mysql_error),
+            ),
+            Err(e) => self.record("read_position", Some(&alias), false, e.to_string()),
+        }
+    }
+
+    fn after_stop(&mut self, now: Now) {
+        self.phase("stop_io", now);
+        self.stopped.sort();
+        let plan = self.plan().clone();
+        match self.revoked(&self.stopped) {
+            Ok(None) => {
+                let detail = format!(
+                    "replication stopped on {} of {} replicas: every acknowledged transaction is among them",
+                    self.stopped.len(),
+                    plan.replicas.len()
+                );
+                // A check, not an action: the stops are steps of their own.
+                self.record("revocation", None, true, detail)
+            }
+            Ok(Some(forced)) => self.record("revocation", None, true, forced),
+            Err(why) => {
+                let refusal = self.refuse("revocation", None, why);
+                return self.fail(refusal);
+            }
+        }
+        // Choose.
+        self.phase_started = now.since_start;
+        let (cands, left_out) = candidates(
+            &self.final_statuses,
+            &self.input.fresh.tablets,
+            self.reference.as_ref(),
+        );
+        for c in cands.iter().filter(|c| c.errant.is_some()) {
+            self.record(
+                "errant_check",
+                Some(&c.alias),
+                false,
+                format!(
+                    "errant transactions {} (not on dead primary {}): never promoted",
+                    c.errant.as_deref().unwrap_or_default(),
+                    plan.old_primary
+                ),
+            );
+        }
+        let choice = match self.choose(&cands) {
+            Ok(c) => c,
+            Err(refusal) => {
+                let why = refusal_text(&refusal);
+                self.record("choose_candidate", None, false, why.clone());
+                return self.fail(RecoveryError::Refused(format!(
+                    "{why}{}; IO threads restarted, primary {} stays in the record at term {}",
+                    if left_out.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (left out: {})", left_out.join("; "))
                     },
-                },
-                w = &mut relied, if not_relied.is_none() => match w {
-                    Ok(detail) => {
-                        let fence = match &fence_failed {
-                            Some(e) => format!("its mysqld at {addr} could not be fenced ({e})"),
-                            None => format!("its mysqld at {addr} had not answered the fence"),
-                        };
-                        ctx.record_step(
-                            "fence_old_primary",
-                            Some(&old_primary),
-                            true,
-                            format!("{fence}; {detail}"),
-                            t.elapsed(),
-                        );
-                        break Ok(());
-                    }
-                    Err(n) => match fence_failed.take() {
-                        Some(e) => break Err(format!("{e}; nor can it be taken as self-demoted: {n}")),
-                        None => not_relied = Some(n),
-                    },
-                },
+                    plan.old_primary,
+                    plan.record.term
+                )));
             }
         };
-        phase("fence_old_primary", t.elapsed());
-        if let Err(e) = r {
-            let why = format!(
-                "durability none: the old primary {old_primary}'s agent is gone and its mysqld at {addr} could not be fenced ({e}); with nothing else to stop its clients' writes, promoting {} would make two writable primaries",
-                candidate.alias
-            );
-            if opts.may_lose_acknowledged_writes {
-                ctx.record_step(
-                    "fence_old_primary",
-                    Some(&old_primary),
-                    true,
-                    format!("FORCED by the operator (may_lose_acknowledged_writes): {why}"),
-                    Duration::ZERO,
+        self.record(
+            "choose_candidate",
+            Some(&choice.candidate),
+            true,
+            format!(
+                "{}{}",
+                choice.reason,
+                choice
+                    .catch_up_from
+                    .as_ref()
+                    .map(|s| format!("; catch up from {s} first"))
+                    .unwrap_or_default()
+            ),
+        );
+        self.phase("choose", now);
+        self.cands = cands;
+        let catch_up_from = choice.catch_up_from.clone();
+        self.choice = Some(choice);
+        match catch_up_from {
+            // Catch up from the most advanced tablet: it applies what it received first, so
+            // that everything the candidate fetches from it is in its binlog.
+            Some(source) => {
+                self.phase_started = now.since_start;
+                match self.held(&source) {
+                    Some(received) => {
+                        let bound = self.input.cfg.relay_log_wait;
+                        self.agent(
+                            &source,
+                            AgentAction::ApplyReceived { received, bound },
+                            Pending::CatchUpApplySource,
+                        );
+                    }
+                    None => self.catch_up_repoint(now),
+                }
+            }
+            None => self.apply_candidate(now),
+        }
+    }
+
+    fn choice(&self) -> &Choice {
+        self.choice.as_ref().expect("chosen before")
+    }
+
+    /// Points the candidate at the most advanced tablet; then waits for the target and stops
+    /// replication.
+    fn catch_up_repoint(&mut self, now: Now) {
+        let choice = self.choice().clone();
+        let source = choice.catch_up_from.clone().unwrap_or_default();
+        match self.input.fresh.tablets.get(&source).cloned() {
+            Some(src) => {
+                self.agent(
+                    &choice.candidate,
+                    AgentAction::SetReplicationSource {
+                        step: "catch_up_from",
+                        source: src,
+                        semi_sync: false,
+                        start_replication: true,
+                    },
+                    Pending::CatchUpRepoint,
                 );
-            } else {
-                let refusal = ctx.refuse("fence_old_primary", Some(&old_primary), why);
-                restart_io(ctx, &stopped).await;
-                return Err(refusal);
+            }
+            None => self.catch_up_failed(RecoveryError::UnknownTablet(source), now),
+        }
+    }
+
+    fn on_catch_up(
+        &mut self,
+        step: Pending,
+        r: Result<pb::ActionResponse, RecoveryError>,
+        now: Now,
+    ) {
+        if let Err(e) = r {
+            return self.catch_up_failed(e, now);
+        }
+        let choice = self.choice().clone();
+        match step {
+            Pending::CatchUpApplySource => self.catch_up_repoint(now),
+            Pending::CatchUpRepoint => {
+                let bound = self.input.cfg.catch_up_timeout;
+                self.agent(
+                    &choice.candidate,
+                    AgentAction::WaitForPosition {
+                        step: "catch_up",
+                        position: choice.target_position.clone(),
+                        bound,
+                    },
+                    Pending::CatchUpWait,
+                );
+            }
+            Pending::CatchUpWait => {
+                self.agent(
+                    &choice.candidate,
+                    AgentAction::StopReplication { io_only: false },
+                    Pending::CatchUpStop,
+                );
+            }
+            _ => {
+                self.phase("catch_up", now);
+                self.apply_candidate(now)
             }
         }
     }
 
-    // Promote under the new term.
-    let t = Instant::now();
-    ctx.promote(&candidate.alias).await?;
-    phase("promote", t.elapsed());
-
-    let t = Instant::now();
-    let next = ShardRecord {
-        primary: Some(candidate.alias.clone()),
-        term: new_term,
-        term_start_ms: topo::now_ms(),
-        reparent_in_progress: None,
-        reserved_term: new_term,
-        ..record.clone()
-    };
-    ctx.write_shard_record(&next).await?;
-    phase("write_record", t.elapsed());
-
-    // Repoint everyone else who answered.
-    let t = Instant::now();
-    let semi = durability == Durability::SemiSync;
-    let others: Vec<String> = choice
-        .others
-        .iter()
-        .filter(|a| **a != candidate.alias && final_statuses.contains_key(*a))
-        .cloned()
-        .collect();
-    let fence_after = async {
-        if let (Some(addr), Durability::SemiSync) = (&agentless, durability) {
-            if let Err(e) = ctx
-                .fence_server(&candidate.alias, &old_primary, addr, FENCE_BOUND)
-                .await
-            {
-                ctx.audit(
-                    "fence_old_primary_noted",
-                    Some(&old_primary),
-                    OUTCOME_OK,
-                    format!("not fenced ({e}): under semi_sync its commits wait for acks no replica sends any more; fenced by its agent if that returns"),
-                    None,
+    /// Catch-up failed: refused for a requested candidate; otherwise the most advanced tablet
+    /// is promoted instead, unless it is `must_not`.
+    fn catch_up_failed(&mut self, err: RecoveryError, now: Now) {
+        self.phase("catch_up", now);
+        let choice = self.choice().clone();
+        let source = choice.catch_up_from.clone().unwrap_or_default();
+        if self.opts.to.is_some() {
+            let why = format!(
+                "catch-up of the requested candidate {} from {source} failed ({err}): not promoting another tablet than requested",
+                choice.candidate
+            );
+            let refusal = self.refuse("catch_up_fallback", Some(&source), why);
+            return self.fail(refusal);
+        }
+        let src = self.cands.iter().find(|c| c.alias == source);
+        match src {
+            Some(c) if c.rule != PromotionRule::MustNot => {
+                let detail = format!(
+                    "catch-up of {} from {source} failed ({err}): promoting {source}, the most advanced, instead",
+                    choice.candidate
                 );
+                self.record("catch_up_fallback", Some(&source), true, detail.clone());
+                let others = self
+                    .cands
+                    .iter()
+                    .filter(|c| c.alias != source)
+                    .map(|c| c.alias.clone())
+                    .collect();
+                self.choice = Some(Choice {
+                    candidate: source.clone(),
+                    catch_up_from: None,
+                    target_position: choice.target_position.clone(),
+                    others,
+                    reason: detail,
+                });
+                self.apply_candidate(now)
+            }
+            _ => {
+                let why = format!(
+                    "catch-up of {} from {source} failed ({err}) and {source} has promotion rule must_not: refusing to promote a tablet missing transactions",
+                    choice.candidate
+                );
+                let refusal = self.refuse("catch_up_fallback", Some(&source), why);
+                self.fail(refusal)
             }
         }
-    };
-    let ((ok, failed), ()) =
-        futures::future::join(ctx.repoint_all(&others, &candidate, semi), fence_after).await;
-    phase("repoint", t.elapsed());
-    phase("total", total.elapsed());
-    let unseen: Vec<&String> = fresh
-        .tablets
-        .keys()
-        .filter(|a| {
-            **a != old_primary && **a != candidate.alias && !final_statuses.contains_key(*a)
-        })
-        .collect();
-    Ok(Done {
-        detail: format!(
-            "promoted {} at term {new_term} (dead primary {old_primary}, term {}): {}; repointed [{}]{}{}",
-            candidate.alias,
-            record.term,
+    }
+
+    /// The candidate applies everything it received (after a catch-up: a no-op, it waited for
+    /// the target). The promotion resets replication, which would throw the rest away.
+    fn apply_candidate(&mut self, now: Now) {
+        let choice = self.choice().clone();
+        if choice.catch_up_from.is_none() {
+            if let Some(received) = self.held(&choice.candidate) {
+                self.phase_started = now.since_start;
+                let bound = self.input.cfg.relay_log_wait;
+                self.agent(
+                    &choice.candidate,
+                    AgentAction::ApplyReceived { received, bound },
+                    Pending::ApplyCandidate,
+                );
+                return;
+            }
+        }
+        self.fence_or_promote(now)
+    }
+
+    fn on_applied(&mut self, r: Result<pb::ActionResponse, RecoveryError>, now: Now) {
+        self.phase("apply_relay_log", now);
+        if let Err(e) = r {
+            let alias = self.choice().candidate.clone();
+            let target = self.held(&alias).unwrap_or_default();
+            let why = format!(
+                "candidate {alias} received up to {target} but did not apply it within relay_log_wait ({:?}): {e}; refusing rather than promote a tablet missing acknowledged transactions",
+                self.input.cfg.relay_log_wait
+            );
+            let refusal = self.refuse("apply_relay_log", Some(&alias), why);
+            return self.fail(refusal);
+        }
+        self.fence_or_promote(now)
+    }
+
+    /// A deposed primary whose agent is gone cannot fence itself: the candidate's agent fences
+    /// its mysqld over MySQL. Under durability none nothing else stops its clients' writes,
+    /// so that comes first and a failure refuses the promotion (unless forced); under
+    /// semi_sync its commits cannot complete without the replicas stopped above, and it is
+    /// fenced right after the promotion, off the critical path.
+    fn fence_or_promote(&mut self, now: Now) {
+        let alias = self.choice().candidate.clone();
+        let Some(candidate) = self.input.fresh.tablets.get(&alias).cloned() else {
+            return self.fail(RecoveryError::UnknownTablet(alias));
+        };
+        self.candidate = Some(candidate);
+        let plan = self.plan().clone();
+        match (&plan.agentless, plan.durability) {
+            (Some(addr), Durability::None) => {
+                // Fenced over MySQL from the candidate, or relied on to have fenced itself (its
+                // lease expired while no replica reached it: the isolation rule), whichever is
+                // settled first: a cut-off host never answers the fence, and waiting out its
+                // bound first would only delay the promotion.
+                self.fence = FenceRace {
+                    started: now.since_start,
+                    ..FenceRace::default()
+                };
+                self.phase_started = now.since_start;
+                self.agent(
+                    &alias,
+                    AgentAction::FenceServer {
+                        target: plan.old_primary.clone(),
+                        addr: addr.clone(),
+                        bound: FENCE_BOUND,
+                    },
+                    Pending::Fence,
+                );
+                self.call(Call::GetPromotion(plan.record.term), Pending::SelfDemotion);
+            }
+            _ => self.promote(now),
+        }
+    }
+
+    fn on_fence(&mut self, r: Result<pb::ActionResponse, RecoveryError>, now: Now) {
+        match r {
+            Ok(_) => self.fence_settled(Ok(()), now),
+            Err(e) => match self.fence.not_relied.take() {
+                Some(n) => self.fence_settled(
+                    Err(format!("{e}; nor can it be taken as self-demoted: {n}")),
+                    now,
+                ),
+                None => self.fence.fence_failed = Some(e.to_string()),
+            },
+        }
+    }
+
+    /// Durability none, the old primary's agent silent and its mysqld not fenceable from here:
+    /// whether its agent's isolation rule (see [`topo::SELF_DEMOTE_PEER_WINDOW`]) has made it
+    /// read-only, waiting up to `self_demotion_wait` for what that rests on: its promotion
+    /// record says its agent follows the rule, its registration is gone from etcd (the lease
+    /// expired), and every replica has failed to reach it for the rule's window plus a margin.
+    fn on_self_demotion(&mut self, reply: Reply, now: Now) {
+        let plan = self.plan().clone();
+        let old_primary = plan.old_primary.as_str();
+        let term = plan.record.term;
+        let verdict: Option<Result<String, String>> = match reply {
+            Reply::Promotion(got) => match got {
+                Ok(Some(p)) if p.primary == old_primary && p.self_demotes => {
+                    self.call(
+                        Call::RegistrationLastSeen(old_primary.to_string()),
+                        Pending::SelfDemotion,
+                    );
+                    None
+                }
+                Ok(Some(p)) if p.primary == old_primary => Some(Err(format!(
+                    "the promotion record of term {term} does not say its agent demotes itself when isolated"
+                ))),
+                Ok(_) => Some(Err(format!(
+                    "no promotion record of term {term} names it: whether its agent demotes itself is unknown"
+                ))),
+                Err(e) => Some(Err(format!("the promotion record of term {term}: {e}"))),
+            },
+            Reply::LastSeen(seen) => {
+                // The latest of the replicas' "lost it since": the rule's window runs from the
+                // last answer.
+                let lost_since = self
+                    .input
+                    .fresh
+                    .statuses
+                    .iter()
+                    .filter(|(a, _)| a.as_str() != old_primary)
+                    .filter_map(|(_, h)| h.primary_probe.as_ref())
+                    .filter(|p| {
+                        p.primary_alias == old_primary && !p.reachable && p.failing_since_ms > 0
+                    })
+                    .map(|p| p.failing_since_ms)
+                    .max()
+                    .unwrap_or(now.wall_ms);
+                // Its agent must have been alive (registered) when the replicas lost it: one
+                // already gone (a dead agent, P17) runs no rule, and its mysqld may still take
+                // writes.
+                match seen {
+                    Some(seen) if seen >= lost_since => {
+                        let ready_ms = lost_since
+                            + (topo::SELF_DEMOTE_PEER_WINDOW + SELF_DEMOTION_MARGIN).as_millis()
+                                as u64;
+                        self.fence.wait = Some((ready_ms, lost_since, now.since_start));
+                        self.call(
+                            Call::GetTablet(old_primary.to_string()),
+                            Pending::SelfDemotion,
+                        );
+                        None
+                    }
+                    seen => Some(Err(format!(
+                        "its registration was last seen {}, before the replicas lost it ({lost_since} ms): its agent was already gone, so nothing demotes it",
+                        seen.map_or("never".to_string(), |s| format!("at {s} ms"))
+                    ))),
+                }
+            }
+            Reply::Tablet(registered) => {
+                let (ready_ms, lost_since, waited) = self.fence.wait.unwrap_or_default();
+                let gone = matches!(registered, Ok(None));
+                let waited_for = now.since_start.saturating_sub(waited);
+                let bound = self.input.cfg.self_demotion_wait;
+                if gone && now.wall_ms >= ready_ms {
+                    Some(Ok(format!(
+                        "taken as fenced by its own agent: its registration lease expired and no replica has reached it for {} ms (the isolation rule demotes a primary before its lease runs out once no other tablet answers it for {} ms); waited {} ms for that",
+                        now.wall_ms.saturating_sub(lost_since),
+                        topo::SELF_DEMOTE_PEER_WINDOW.as_millis(),
+                        waited_for.as_millis()
+                    )))
+                } else if waited_for >= bound {
+                    let missing = match registered {
+                        Ok(Some(_)) => "its registration is still in etcd (its agent still renews its lease: it may reach etcd and still take writes)".to_string(),
+                        Ok(None) => format!("the replicas lost it only {} ms ago", now.wall_ms.saturating_sub(lost_since)),
+                        Err(e) => format!("its registration cannot be read: {e}"),
+                    };
+                    Some(Err(format!(
+                        "after waiting {} ms (recovery.self_demotion_wait): {missing}",
+                        bound.as_millis()
+                    )))
+                } else {
+                    self.call(
+                        Call::Sleep(SELF_DEMOTION_POLL),
+                        Pending::SelfDemotion,
+                    );
+                    None
+                }
+            }
+            Reply::Slept => {
+                self.call(
+                    Call::GetTablet(old_primary.to_string()),
+                    Pending::SelfDemotion,
+                );
+                None
+            }
+            _ => Some(Err("unexpected reply while waiting for self-demotion".into())),
+        };
+        match verdict {
+            None => {}
+            Some(Ok(detail)) => {
+                let addr = plan.agentless.clone().unwrap_or_default();
+                let fence = match &self.fence.fence_failed {
+                    Some(e) => format!("its mysqld at {addr} could not be fenced ({e})"),
+                    None => format!("its mysqld at {addr} had not answered the fence"),
+                };
+                let took = now.since_start.saturating_sub(self.fence.started);
+                self.em.record(
+                    self.term,
+                    "fence_old_primary",
+                    Some(old_primary),
+                    true,
+                    format!("{fence}; {detail}"),
+                    took,
+                );
+                self.fence_settled(Ok(()), now)
+            }
+            Some(Err(n)) => match self.fence.fence_failed.take() {
+                Some(e) => self.fence_settled(
+                    Err(format!("{e}; nor can it be taken as self-demoted: {n}")),
+                    now,
+                ),
+                None => self.fence.not_relied = Some(n),
+            },
+        }
+    }
+
+    fn fence_settled(&mut self, r: Result<(), String>, now: Now) {
+        // Whichever side is still running is not wanted any more.
+        let losers: Vec<CallId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p, Pending::Fence | Pending::SelfDemotion))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in losers {
+            self.pending.remove(&id);
+            self.em.out.push(Action::Cancel(id));
+        }
+        self.phase("fence_old_primary", now);
+        if let Err(e) = r {
+            let plan = self.plan().clone();
+            let old_primary = plan.old_primary.as_str();
+            let why = format!(
+                "durability none: the old primary {old_primary}'s agent is gone and its mysqld at {} could not be fenced ({e}); with nothing else to stop its clients' writes, promoting {} would make two writable primaries",
+                plan.agentless.as_deref().unwrap_or_default(),
+                self.choice().candidate
+            );
+            if self.opts.may_lose_acknowledged_writes {
+                self.record(
+                    "fence_old_primary",
+                    Some(old_primary),
+                    true,
+                    format!("FORCED by the operator (may_lose_acknowledged_writes): {why}"),
+                );
+            } else {
+                let refusal = self.refuse("fence_old_primary", Some(old_primary), why);
+                return self.fail(refusal);
+            }
+        }
+        self.promote(now)
+    }
+
+    /// Promote under the new term: from here on nothing is undone.
+    fn promote(&mut self, now: Now) {
+        self.phase_started = now.since_start;
+        self.committed = true;
+        let alias = self.choice().candidate.clone();
+        self.agent(&alias, AgentAction::Promote, Pending::Promote);
+    }
+
+    fn on_promoted(&mut self, r: Result<pb::ActionResponse, RecoveryError>, now: Now) {
+        if let Err(e) = r {
+            return self.finish(Err(e));
+        }
+        self.phase("promote", now);
+        self.phase_started = now.since_start;
+        let plan = self.plan();
+        let next = ShardRecord {
+            primary: Some(self.choice().candidate.clone()),
+            term: plan.new_term,
+            term_start_ms: now.wall_ms,
+            reparent_in_progress: None,
+            reserved_term: plan.new_term,
+            ..plan.record.clone()
+        };
+        let call = Call::WriteShardRecord {
+            step: "write_shard_record",
+            term: self.term,
+            record: next,
+        };
+        self.call(call, Pending::WriteRecord);
+    }
+
+    /// Repoints everyone else who answered (a failure there is audited, the promotion
+    /// stands); under semi_sync an agentless old primary is fenced meanwhile.
+    fn on_written(&mut self, r: Result<i64, RecoveryError>, now: Now) {
+        if let Err(e) = r {
+            return self.finish(Err(e));
+        }
+        self.phase("write_record", now);
+        self.phase_started = now.since_start;
+        let plan = self.plan().clone();
+        let candidate = self
+            .candidate
+            .clone()
+            .expect("candidate set before promote");
+        let semi = plan.durability == Durability::SemiSync;
+        let others: Vec<String> = self
+            .choice()
+            .others
+            .iter()
+            .filter(|a| **a != candidate.alias && self.final_statuses.contains_key(*a))
+            .cloned()
+            .collect();
+        for a in &others {
+            self.agent(
+                a,
+                AgentAction::SetReplicationSource {
+                    step: "repoint",
+                    source: candidate.clone(),
+                    semi_sync: semi,
+                    start_replication: true,
+                },
+                Pending::Repoint(a.clone()),
+            );
+        }
+        if let (Some(addr), Durability::SemiSync) = (&plan.agentless, plan.durability) {
+            self.agent(
+                &candidate.alias,
+                AgentAction::FenceServer {
+                    target: plan.old_primary.clone(),
+                    addr: addr.clone(),
+                    bound: FENCE_BOUND,
+                },
+                Pending::FenceAfter,
+            );
+        }
+        self.maybe_done(now);
+    }
+
+    fn maybe_done(&mut self, now: Now) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        self.phase("repoint", now);
+        let total = now.since_start;
+        self.em.out.push(Action::Phase("total", total));
+        let plan = self.plan().clone();
+        let choice = self.choice().clone();
+        let candidate = choice.candidate.as_str();
+        // In the order they were asked for, whatever order they answered in.
+        let order = |a: &str| choice.others.iter().position(|o| o == a);
+        self.repointed.sort_by_key(|a| order(a));
+        self.repoint_failed.sort_by_key(|(a, _)| order(a));
+        let unseen: Vec<&String> = self
+            .input
+            .fresh
+            .tablets
+            .keys()
+            .filter(|a| {
+                **a != plan.old_primary && *a != candidate && !self.final_statuses.contains_key(*a)
+            })
+            .collect();
+        let detail = format!(
+            "promoted {candidate} at term {} (dead primary {}, term {}): {}; repointed [{}]{}{}",
+            plan.new_term,
+            plan.old_primary,
+            plan.record.term,
             choice.reason,
-            ok.join(", "),
-            if failed.is_empty() {
+            self.repointed.join(", "),
+            if self.repoint_failed.is_empty() {
                 String::new()
             } else {
+                let failed: Vec<String> = self
+                    .repoint_failed
+                    .iter()
+                    .map(|(a, e)| format!("{a}: {e}"))
+                    .collect();
                 format!("; repoint failed: {}", failed.join("; "))
             },
             if unseen.is_empty() {
@@ -737,107 +1402,117 @@ pub async fn emergency_reparent_with(
                         .join(", ")
                 )
             }
-        ),
-        new_term: Some(new_term),
-        new_primary: Some(candidate.alias.clone()),
-    })
+        );
+        self.finish(Ok(Done {
+            detail,
+            new_term: Some(plan.new_term),
+            new_primary: Some(candidate.to_string()),
+        }))
+    }
+}
+
+impl StepMachine for Emergency {
+    fn start(&mut self, now: Now) -> Vec<Action> {
+        self.begin(now);
+        self.em.take()
+    }
+
+    fn on_reply(&mut self, id: CallId, reply: Reply, now: Now) -> Vec<Action> {
+        let Some(why) = self.pending.remove(&id) else {
+            return Vec::new();
+        };
+        if self.finished {
+            return Vec::new();
+        }
+        match (why, reply) {
+            (Pending::Undo, _) => {
+                if self.pending.is_empty() {
+                    let e = self
+                        .undoing
+                        .take()
+                        .unwrap_or_else(|| RecoveryError::Failed("undone".into()));
+                    self.finish(Err(e));
+                }
+            }
+            (Pending::Demote, Reply::Action(r)) => self.on_demoted(r, now),
+            (Pending::History, Reply::Promotion(r)) => self.on_history(r, now),
+            (Pending::Reserve, Reply::Written(r)) => self.on_reserved(r, now),
+            (Pending::StopIo(a), Reply::Action(r)) => {
+                self.on_stopped(a, r);
+                self.after_stops_if_done(now);
+            }
+            (Pending::ReadStatus(a), Reply::Status(r)) => {
+                self.on_status(a, r);
+                self.after_stops_if_done(now);
+            }
+            (
+                p @ (Pending::CatchUpApplySource
+                | Pending::CatchUpRepoint
+                | Pending::CatchUpWait
+                | Pending::CatchUpStop),
+                Reply::Action(r),
+            ) => self.on_catch_up(p, r, now),
+            (Pending::ApplyCandidate, Reply::Action(r)) => self.on_applied(r, now),
+            (Pending::Fence, Reply::Action(r)) => self.on_fence(r, now),
+            (Pending::SelfDemotion, reply) => self.on_self_demotion(reply, now),
+            (Pending::Promote, Reply::Action(r)) => self.on_promoted(r, now),
+            (Pending::WriteRecord, Reply::Written(r)) => self.on_written(r, now),
+            (Pending::Repoint(a), Reply::Action(r)) => {
+                match r {
+                    Ok(_) => self.repointed.push(a),
+                    Err(e) => self.repoint_failed.push((a, e.to_string())),
+                }
+                self.maybe_done(now);
+            }
+            (Pending::FenceAfter, Reply::Action(r)) => {
+                if let Err(e) = r {
+                    let plan = self.plan().clone();
+                    self.em.audit(
+                        self.term,
+                        "fence_old_primary_noted",
+                        Some(&plan.old_primary),
+                        format!("not fenced ({e}): under semi_sync its commits wait for acks no replica sends any more; fenced by its agent if that returns"),
+                    );
+                }
+                self.maybe_done(now);
+            }
+            (why, reply) => self.finish(Err(RecoveryError::Failed(format!(
+                "emergency reparent: unexpected reply {reply:?} to {why:?}"
+            )))),
+        }
+        self.em.take()
+    }
+
+    fn term(&self) -> Term {
+        self.term
+    }
+}
+
+impl Emergency {
+    fn after_stops_if_done(&mut self, now: Now) {
+        let stopping = self
+            .pending
+            .values()
+            .any(|p| matches!(p, Pending::StopIo(_) | Pending::ReadStatus(_)));
+        if !stopping {
+            self.after_stop(now);
+        }
+    }
 }
 
 /// Bound on fencing a deposed primary's mysqld over MySQL (a dead host must not hold a
 /// failover up for long).
 pub const FENCE_BOUND: Duration = Duration::from_secs(2);
 
-/// The mysqld address of the old primary: its registration, else (gone past its lease, P17)
-/// what the replicas probe it at.
 /// Past [`topo::SELF_DEMOTE_PEER_WINDOW`], what an orchestrator adds before relying on the
 /// isolation rule: the agent's tick, its fence and clock skew between the replicas' hosts.
 const SELF_DEMOTION_MARGIN: Duration = Duration::from_millis(500);
 
-/// Durability none, the old primary's agent silent and its mysqld not fenceable from here:
-/// whether its agent's isolation rule (see [`topo::SELF_DEMOTE_PEER_WINDOW`]) has made it
-/// read-only, waiting up to `self_demotion_wait` for what that rests on: its promotion record
-/// says its agent follows the rule, its registration is gone from etcd (the lease expired), and
-/// every replica has failed to reach it for the rule's window plus a margin. `Ok` with what it
-/// rests on, or `Err` with what is missing.
-async fn wait_for_self_demotion(
-    ctx: &RecoveryContext,
-    fresh: &FreshShard,
-    record: &ShardRecord,
-    old_primary: &str,
-) -> Result<String, String> {
-    let topo = &ctx.deps.topo;
-    match topo
-        .get_promotion(&ctx.keyspace, &ctx.shard, record.term)
-        .await
-    {
-        Ok(Some(p)) if p.primary == old_primary && p.self_demotes => {}
-        Ok(Some(p)) if p.primary == old_primary => {
-            return Err(format!(
-            "the promotion record of term {} does not say its agent demotes itself when isolated",
-            record.term
-        ))
-        }
-        Ok(_) => {
-            return Err(format!(
-            "no promotion record of term {} names it: whether its agent demotes itself is unknown",
-            record.term
-        ))
-        }
-        Err(e) => return Err(format!("the promotion record of term {}: {e}", record.term)),
-    }
-    let now = topo::now_ms();
-    // The latest of the replicas' "lost it since": the rule's window runs from the last answer.
-    let lost_since = fresh
-        .statuses
-        .iter()
-        .filter(|(a, _)| a.as_str() != old_primary)
-        .filter_map(|(_, h)| h.primary_probe.as_ref())
-        .filter(|p| p.primary_alias == old_primary && !p.reachable && p.failing_since_ms > 0)
-        .map(|p| p.failing_since_ms)
-        .max()
-        .unwrap_or(now);
-    // Its agent must have been alive (registered) when the replicas lost it: one already gone
-    // (a dead agent, P17) runs no rule, and its mysqld may still take writes.
-    match ctx.deps.registrations.last_seen(old_primary) {
-        Some(seen) if seen >= lost_since => {}
-        seen => {
-            return Err(format!(
-                "its registration was last seen {}, before the replicas lost it ({lost_since} ms): its agent was already gone, so nothing demotes it",
-                seen.map_or("never".to_string(), |s| format!("at {s} ms"))
-            ))
-        }
-    }
-    let ready_ms =
-        lost_since + (topo::SELF_DEMOTE_PEER_WINDOW + SELF_DEMOTION_MARGIN).as_millis() as u64;
-    let waited = Instant::now();
-    let bound = ctx.cfg().self_demotion_wait;
-    loop {
-        let registered = topo.get_tablet(old_primary).await;
-        let now = topo::now_ms();
-        let gone = matches!(registered, Ok(None));
-        if gone && now >= ready_ms {
-            return Ok(format!(
-                "taken as fenced by its own agent: its registration lease expired and no replica has reached it for {} ms (the isolation rule demotes a primary before its lease runs out once no other tablet answers it for {} ms); waited {} ms for that",
-                now.saturating_sub(lost_since),
-                topo::SELF_DEMOTE_PEER_WINDOW.as_millis(),
-                waited.elapsed().as_millis()
-            ));
-        }
-        if waited.elapsed() >= bound {
-            let missing = match registered {
-                Ok(Some(_)) => "its registration is still in etcd (its agent still renews its lease: it may reach etcd and still take writes)".to_string(),
-                Ok(None) => format!("the replicas lost it only {} ms ago", now.saturating_sub(lost_since)),
-                Err(e) => format!("its registration cannot be read: {e}"),
-            };
-            return Err(format!(
-                "after waiting {} ms (recovery.self_demotion_wait): {missing}",
-                bound.as_millis()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+/// How often the old primary's registration is re-read while waiting for its self-demotion.
+const SELF_DEMOTION_POLL: Duration = Duration::from_millis(100);
 
+/// The mysqld address of the old primary: its registration, else (gone past its lease, P17)
+/// what the replicas probe it at.
 fn old_primary_addr(fresh: &FreshShard, old_primary: &str) -> Option<String> {
     if let Some(t) = fresh.tablets.get(old_primary) {
         return Some(format!("{}:{}", t.mysql_host, t.mysql_port));
@@ -850,174 +1525,8 @@ fn old_primary_addr(fresh: &FreshShard, old_primary: &str) -> Option<String> {
         .map(|p| p.addr.clone())
 }
 
-/// The errant-check reference when this orchestrator never saw the dead primary healthy (it just
-/// started, P7): the shard's own history. During term T only its primary writes, so beyond the
-/// position the term started from, a transaction written by another server is errant. Audited
-/// either way, with what the check rests on.
-async fn history_reference(
-    ctx: &RecoveryContext,
-    record: &ShardRecord,
-    old_primary: &str,
-    answering: &BTreeMap<String, pb::Health>,
-) -> Option<Reference> {
-    let flavor = answering.values().next().map(analysis::flavor_of)?;
-    let got = ctx
-        .deps
-        .topo
-        .get_promotion(&ctx.keyspace, &ctx.shard, record.term)
-        .await;
-    let (reference, detail) = match got {
-        Ok(Some(p)) if p.primary == old_primary => match GtidSet::parse(flavor, &p.position) {
-            Ok(position) => (
-                Some(Reference {
-                    position,
-                    writer: p.writer.clone(),
-                }),
-                format!(
-                    "the dead primary {old_primary}'s last position is unknown to this orchestrator; reference from the shard history: term {} started at {} (writer {}): a transaction past it not written by {old_primary} is errant",
-                    p.term, p.position, p.writer
-                ),
-            ),
-            Err(e) => (
-                None,
-                format!("the shard history's start position of term {} cannot be read ({e}): errant check skipped (divergence is still refused)", p.term),
-            ),
-        },
-        Ok(Some(p)) => (
-            None,
-            format!(
-                "the shard history gives term {} to {}, not to {old_primary}: errant check skipped (divergence is still refused)",
-                p.term, p.primary
-            ),
-        ),
-        Ok(None) => (
-            None,
-            format!("the dead primary {old_primary}'s last position is unknown to this orchestrator and term {} has no promotion on record: errant check skipped (divergence is still refused)", record.term),
-        ),
-        Err(e) => (
-            None,
-            format!("the shard history cannot be read ({e}): errant check skipped (divergence is still refused)"),
-        ),
-    };
-    ctx.audit("errant_check", Some(old_primary), OUTCOME_OK, detail, None);
-    reference
-}
-
-/// Stops the IO thread and returns the replica's status with its final positions: (alias, IO
-/// thread stopped, status if usable). Applied and received positions come from the action's
-/// answer; `FullStatus` is only asked when the stop failed (a replica that then does not answer
-/// is left out).
-async fn stop_io(
-    ctx: &RecoveryContext,
-    alias: String,
-    before: pb::Health,
-) -> (String, bool, Option<pb::Health>) {
-    let status = match ctx.stop_replication(&alias, true).await {
-        Ok(r) => {
-            let mut h = before;
-            if let Some(m) = h.mysql.as_mut() {
-                m.gtid_position = r.gtid_position;
-            }
-            if let Some(rep) = h.replication.as_mut() {
-                rep.gtid_io_pos = r.gtid_received;
-            }
-            return (alias, true, Some(h));
-        }
-        Err(_) => ctx.full_status(&alias).await,
-    };
-    match status {
-        Ok(h) if h.mysql_reachable => (alias, false, Some(h)),
-        Ok(h) => {
-            ctx.record_step(
-                "read_position",
-                Some(&alias),
-                false,
-                format!("mysqld unreachable: {}", h.mysql_error),
-                Duration::ZERO,
-            );
-            (alias, false, None)
-        }
-        Err(e) => {
-            ctx.record_step(
-                "read_position",
-                Some(&alias),
-                false,
-                e.to_string(),
-                Duration::ZERO,
-            );
-            (alias, false, None)
-        }
-    }
-}
-
-/// Best effort after a refusal: the replicas follow the old primary again should it return.
-async fn restart_io(ctx: &RecoveryContext, aliases: &[String]) {
-    futures::future::join_all(aliases.iter().map(|a| ctx.start_replication(a, true))).await;
-}
-
-/// Points the candidate at the most advanced tablet, waits for the target, stops replication.
-async fn catch_up(
-    ctx: &RecoveryContext,
-    choice: &Choice,
-    source: &str,
-) -> Result<(), RecoveryError> {
-    let src = ctx.tablet(source)?.clone();
-    ctx.set_replication_source("catch_up_from", &choice.candidate, &src, false, true)
-        .await?;
-    ctx.wait_for_position(
-        "catch_up",
-        &choice.candidate,
-        &choice.target_position,
-        ctx.cfg().catch_up_timeout,
-    )
-    .await?;
-    ctx.stop_replication(&choice.candidate, false).await?;
-    Ok(())
-}
-
-/// Catch-up failed: promote the most advanced tablet instead, unless it is `must_not`.
-fn fallback(
-    ctx: &RecoveryContext,
-    choice: &Choice,
-    source: &str,
-    cands: &[Candidate],
-    err: &RecoveryError,
-) -> Result<Choice, RecoveryError> {
-    let src = cands.iter().find(|c| c.alias == source);
-    match src {
-        Some(c) if c.rule != PromotionRule::MustNot => {
-            let detail = format!(
-                "catch-up of {} from {source} failed ({err}): promoting {source}, the most advanced, instead",
-                choice.candidate
-            );
-            ctx.record_step(
-                "catch_up_fallback",
-                Some(source),
-                true,
-                detail.clone(),
-                Duration::ZERO,
-            );
-            Ok(Choice {
-                candidate: source.to_string(),
-                catch_up_from: None,
-                target_position: choice.target_position.clone(),
-                others: cands
-                    .iter()
-                    .filter(|c| c.alias != source)
-                    .map(|c| c.alias.clone())
-                    .collect(),
-                reason: detail,
-            })
-        }
-        _ => {
-            let why = format!(
-                "catch-up of {} from {source} failed ({err}) and {source} has promotion rule must_not: refusing to promote a tablet missing transactions",
-                choice.candidate
-            );
-            Err(ctx.refuse("catch_up_fallback", Some(source), why))
-        }
-    }
-}
+#[cfg(test)]
+mod machine_tests;
 
 #[cfg(test)]
 mod tests {
