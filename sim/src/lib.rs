@@ -7,4 +7,5 @@
 pub mod etcd;
 pub mod mariadb;
 pub mod net;
+pub mod shard;
 pub mod time;
