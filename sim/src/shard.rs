@@ -35,6 +35,7 @@ use std::time::Duration;
 use gtid::MariaDbPosition;
 use myha_agent::fence::{self, FenceDecision, TermState};
 use myha_orchestrator::analysis::ShardInput;
+use myha_orchestrator::mutants::{self, Mutant};
 use myha_orchestrator::recovery::reparent::{Emergency, EmergencyInput, EmergencyOptions};
 use myha_orchestrator::recovery::steps::{
     Action, AgentAction, Call, CallId, Now, Reply, StepMachine,
@@ -74,9 +75,27 @@ pub struct ShardSimConfig {
     pub poll_every: Duration,
     /// A client write every this often.
     pub write_every: Duration,
+    /// A re-introduced bug (test builds only; see [`myha_orchestrator::mutants`]).
+    pub mutant: Option<Mutant>,
+    /// Under durability none a deposed primary that comes back writable is fenced by its agent
+    /// within one of its polls; two writable primaries for up to this long are that window,
+    /// longer is a violation. Under semi-sync no window is allowed.
+    pub fence_window: Duration,
 }
 
 impl ShardSimConfig {
+    /// The exploration's mix: every third seed under durability none, and 3 or 4 tablets
+    /// (with 3 replicas, K = 1 leaves the candidate an acker even with one replica out of
+    /// reach, so the revocation rule is the only guard left).
+    pub fn for_seed(seed: u64) -> ShardSimConfig {
+        let mut cfg = ShardSimConfig::new(seed);
+        if seed % 3 == 2 {
+            cfg.durability = Durability::None;
+        }
+        cfg.tablets = 3 + u32::from((seed / 3) % 2 == 1);
+        cfg
+    }
+
     pub fn new(seed: u64) -> ShardSimConfig {
         ShardSimConfig {
             seed,
@@ -87,6 +106,8 @@ impl ShardSimConfig {
             converge_within: Duration::from_secs(5),
             poll_every: Duration::from_millis(100),
             write_every: Duration::from_millis(5),
+            mutant: None,
+            fence_window: Duration::from_millis(300),
         }
     }
 }
@@ -101,6 +122,9 @@ pub enum Fault {
     /// The orchestrator and this tablet's agent cannot talk.
     CutAgent(ServerId),
     HealAgent(ServerId),
+    /// The replication link between the first primary and this replica is cut both ways.
+    CutReplication(ServerId),
+    HealReplication(ServerId),
     /// This server's replication links are cut both ways.
     IsolateServer(ServerId),
     RejoinServer(ServerId),
@@ -250,6 +274,8 @@ pub struct ShardSim {
     last_ack: SimTime,
     late_acks: Vec<(WriteId, ServerId, Term, SimTime)>,
     primary_failures: usize,
+    /// When each server last came back (thawed or restarted).
+    resumed: BTreeMap<ServerId, SimTime>,
     report: RunReport,
     /// When the current episode of two writable primaries started (reported once).
     two_primaries_since: Option<SimTime>,
@@ -281,6 +307,11 @@ impl ShardSim {
             let mut c = ServerConfig::new(id, 0);
             c.semi_sync_slave = semi;
             c.slave_net_timeout = Duration::from_secs(2);
+            // A slow applier on some replicas, so that what they received and what they applied
+            // differ when the primary fails.
+            if id != 101 && rng.random_bool(0.4) {
+                c.apply_delay = Duration::from_micros(rng.random_range(4_000..9_000));
+            }
             c.heartbeat_period = Duration::from_millis(500);
             c.semi_sync_master = SemiSyncMaster {
                 enabled: false,
@@ -363,8 +394,18 @@ impl ShardSim {
             jitter: Duration::from_micros(rng.random_range(0..=1_000)),
             loss: 0.0,
         };
-        let repl = Network::new(rng.random(), repl_link)
+        let mut repl = Network::new(rng.random(), repl_link)
             .unwrap_or_else(|e| unreachable!("a loss in 0..=1 is valid: {e}"));
+        // Replicas at different distances from the first primary, so that what they received
+        // differs when it fails.
+        for &id in &ids[1..] {
+            let link = LinkConfig {
+                delay: Duration::from_micros(rng.random_range(300..4_000)),
+                ..repl_link
+            };
+            repl.set_link_both(101, id, link)
+                .unwrap_or_else(|e| unreachable!("a loss in 0..=1 is valid: {e}"));
+        }
         let rpc = Network::new(rng.random(), rpc_link)
             .unwrap_or_else(|e| unreachable!("a loss of 0 is valid: {e}"));
         let faults = schedule(&cfg, &mut rng, &ids);
@@ -394,6 +435,7 @@ impl ShardSim {
             last_ack: SimTime::ZERO,
             late_acks: Vec::new(),
             primary_failures: 0,
+            resumed: BTreeMap::new(),
             report: RunReport::default(),
             two_primaries_since: None,
             cfg,
@@ -404,6 +446,7 @@ impl ShardSim {
 
     /// Runs to the horizon and checks the end-of-run invariants.
     pub fn run(mut self) -> RunReport {
+        mutants::set(self.cfg.mutant);
         let end = SimTime::ZERO + self.cfg.horizon;
         while self.now < end {
             self.now += TICK;
@@ -412,6 +455,7 @@ impl ShardSim {
         self.finish();
         self.report.acked = self.acked.len();
         self.report.final_term = self.record.term.get();
+        mutants::set(None);
         self.report
     }
 
@@ -490,6 +534,7 @@ impl ShardSim {
                     // Replication starts again where it was configured (skip-slave-start off).
                     let _ = s.restart(now, true);
                 }
+                self.resumed.insert(id, now);
             }
             Fault::Freeze(id) => {
                 if Some(id) == primary {
@@ -503,9 +548,12 @@ impl ShardSim {
                 if let Some(s) = self.servers.get_mut(&id) {
                     let _ = s.thaw(now);
                 }
+                self.resumed.insert(id, now);
             }
             Fault::CutAgent(id) => self.rpc.partition(ORCHESTRATOR, AGENT_NODE + id),
             Fault::HealAgent(id) => self.rpc.heal(ORCHESTRATOR, AGENT_NODE + id),
+            Fault::CutReplication(id) => self.repl.partition(101, id),
+            Fault::HealReplication(id) => self.repl.heal(101, id),
             Fault::IsolateServer(id) => self.repl.isolate(id),
             Fault::RejoinServer(id) => self.repl.rejoin(id),
         }
@@ -538,7 +586,12 @@ impl ShardSim {
                 .agents
                 .get(&id)
                 .map_or(Term::ZERO, |a| a.terms.promoted_term);
-            if self.record.term > own {
+            // Under durability none a deposed primary that comes back commits what its
+            // clients had sent until its agent fences it: the mode's window, not a violation.
+            let resumed = self.resumed.get(&id).copied().unwrap_or(SimTime::ZERO);
+            let in_window = self.cfg.durability == Durability::None
+                && at.saturating_since(resumed) <= self.cfg.fence_window;
+            if self.record.term > own && !in_window {
                 self.late_acks.push((write_id, id, self.record.term, at));
             }
             self.acked.insert(write_id, (id, semi_sync, at));
@@ -606,8 +659,12 @@ impl ShardSim {
             .filter(|id| self.can_commit(*id))
             .collect();
         if able.len() > 1 {
-            if self.two_primaries_since.is_none() {
-                self.two_primaries_since = Some(self.now);
+            let since = *self.two_primaries_since.get_or_insert(self.now);
+            let window = match self.cfg.durability {
+                Durability::SemiSync => Duration::ZERO,
+                Durability::None => self.cfg.fence_window,
+            };
+            if self.now - since == window {
                 self.violate(
                     "two primaries",
                     format!(
@@ -911,7 +968,10 @@ impl ShardSim {
                 // per durability, writable.
                 let semi = self.cfg.durability == Durability::SemiSync;
                 match s.status(now) {
-                    Ok(st) if st.slave.as_ref().is_some_and(|sl| sl.relay_log_events > 0) => {
+                    Ok(st)
+                        if st.slave.as_ref().is_some_and(|sl| sl.relay_log_events > 0)
+                            && !mutants::active(Mutant::PromoteBeforeApplied) =>
+                    {
                         Err(Self::refused(
                             tonic::Code::FailedPrecondition,
                             "the relay log holds unapplied transactions: not promoted".into(),
@@ -1445,29 +1505,39 @@ fn schedule(cfg: &ShardSimConfig, rng: &mut StdRng, ids: &[ServerId]) -> Vec<(Si
         let h = heal_at(rng, t_fail);
         out.push((h, Fault::Thaw(primary)));
     }
+    // Two distinct replicas where there are (`a` fails or is cut off from the orchestrator,
+    // `b` stopped receiving shortly before the failure), so that the one holding the newest
+    // acknowledged writes is sometimes the one the orchestrator cannot reach.
     let replicas = &ids[1..];
-    let pick = |rng: &mut StdRng| replicas[rng.random_range(0..replicas.len())];
-    if rng.random_bool(0.3) {
-        let r = pick(rng);
-        let at = t_fail.saturating_sub(200) + rng.random_range(0..400u64);
+    let ai = rng.random_range(0..replicas.len());
+    let a = replicas[ai];
+    let b = replicas[(ai + 1) % replicas.len()];
+    if rng.random_bool(0.5) {
+        let at = t_fail.saturating_sub(100) + rng.random_range(0..200u64);
         let h = heal_at(rng, at);
-        if rng.random_bool(0.5) {
-            out.push((at, Fault::Crash(r)));
-            out.push((h, Fault::Restart(r)));
-        } else {
-            out.push((at, Fault::Freeze(r)));
-            out.push((h, Fault::Thaw(r)));
+        match rng.random_range(0..3u32) {
+            0 => {
+                out.push((at, Fault::Crash(a)));
+                out.push((h, Fault::Restart(a)));
+            }
+            1 => {
+                out.push((at, Fault::Freeze(a)));
+                out.push((h, Fault::Thaw(a)));
+            }
+            _ => {
+                out.push((at, Fault::CutAgent(a)));
+                out.push((h, Fault::HealAgent(a)));
+            }
         }
     }
-    if rng.random_bool(0.3) {
-        let r = pick(rng);
-        let at = t_fail + rng.random_range(0..500u64);
-        let h = heal_at(rng, at);
-        out.push((at, Fault::CutAgent(r)));
-        out.push((h, Fault::HealAgent(r)));
+    if rng.random_bool(0.4) {
+        let at = t_fail.saturating_sub(rng.random_range(20..300u64));
+        let h = heal_at(rng, t_fail);
+        out.push((at, Fault::CutReplication(b)));
+        out.push((h, Fault::HealReplication(b)));
     }
     if rng.random_bool(0.2) {
-        let r = pick(rng);
+        let r = replicas[rng.random_range(0..replicas.len())];
         let at = t_fail.saturating_sub(300) + rng.random_range(0..300u64);
         let h = heal_at(rng, at);
         out.push((at, Fault::IsolateServer(r)));
@@ -1487,7 +1557,7 @@ pub fn explore(
 ) -> Vec<(u64, RunReport)> {
     (first..first + seeds)
         .filter_map(|seed| {
-            let mut cfg = ShardSimConfig::new(seed);
+            let mut cfg = ShardSimConfig::for_seed(seed);
             tweak(&mut cfg);
             let r = ShardSim::new(cfg).run();
             (!r.violations.is_empty()).then_some((seed, r))

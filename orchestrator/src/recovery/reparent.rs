@@ -50,6 +50,7 @@ use super::{Done, FreshShard, PrimaryPosition, RecoveryConfig, RecoveryContext, 
 use crate::analysis::{
     self, choose_candidate, choose_requested_candidate, Candidate, Choice, Refusal,
 };
+use crate::mutants::{self, Mutant};
 
 /// How an emergency reparent was asked for. The default is the automatic one (dead primary).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -159,7 +160,10 @@ pub fn candidates(
             left_out.push(format!("{alias}: no readable GTID position"));
             continue;
         };
-        let held = match received(h).map(|r| GtidSet::parse(applied.flavor(), &r)) {
+        let held = match received(h)
+            .filter(|_| !mutants::active(Mutant::RankOnApplied))
+            .map(|r| GtidSet::parse(applied.flavor(), &r))
+        {
             None => Ok(applied.clone()),
             Some(Ok(r)) => applied.union(&r).map_err(|e| e.to_string()),
             Some(Err(e)) => Err(e.to_string()),
@@ -435,6 +439,9 @@ impl Emergency {
     fn revoked(&self, reached: &[String]) -> Result<Option<String>, String> {
         let plan = self.plan();
         let (replicas, k) = (&plan.replicas, plan.k);
+        if mutants::active(Mutant::SkipRevocation) {
+            return Ok(None);
+        }
         match revocation(replicas, reached, k) {
             Ok(()) => Ok(None),
             Err(unreached) => {
@@ -569,7 +576,11 @@ impl Emergency {
             .then(|| old_primary_addr(fresh, &old_primary))
             .flatten();
         self.plan = Some(Plan {
-            new_term: fresh.next_promotion_term(),
+            new_term: if mutants::active(Mutant::ReuseTerm) {
+                record.term
+            } else {
+                fresh.next_promotion_term()
+            },
             record,
             old_primary,
             durability,
@@ -1024,7 +1035,7 @@ impl Emergency {
     /// the target). The promotion resets replication, which would throw the rest away.
     fn apply_candidate(&mut self, now: Now) {
         let choice = self.choice().clone();
-        if choice.catch_up_from.is_none() {
+        if choice.catch_up_from.is_none() && !mutants::active(Mutant::PromoteBeforeApplied) {
             if let Some(received) = self.held(&choice.candidate) {
                 self.phase_started = now.since_start;
                 let bound = self.input.cfg.relay_log_wait;

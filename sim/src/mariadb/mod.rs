@@ -615,6 +615,11 @@ impl Server {
 
     // ----- Faults (driven by the simulator) -----
 
+    /// A slow (or fast again) applier from now on: SQL thread time per applied event.
+    pub fn set_apply_delay(&mut self, delay: Duration) {
+        self.config.apply_delay = delay;
+    }
+
     /// SIGSTOP at `now`.
     pub fn freeze(&mut self, now: SimTime) -> Result<(), AdminError> {
         self.require_running()?;

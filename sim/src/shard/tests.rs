@@ -45,7 +45,123 @@ fn seeded_fault_schedules_keep_every_invariant() {
     let failing = explore(0, 40, |_| {});
     let text: Vec<String> = failing
         .iter()
-        .map(|(seed, r)| format!("seed {seed}: {}", show(r)))
+        .map(|(seed, r)| format!("seed {seed}: {}", r.violations[0]))
         .collect();
     assert!(failing.is_empty(), "{}", text.join("\n\n"));
+}
+
+/// The first seed (from 0) at which `mutant` breaks an invariant, within `budget` seeds.
+fn first_violation(mutant: Mutant, budget: u64) -> Option<(u64, Violation)> {
+    (0..budget).find_map(|seed| {
+        let mut cfg = ShardSimConfig::for_seed(seed);
+        cfg.mutant = Some(mutant);
+        let r = ShardSim::new(cfg).run();
+        r.violations.into_iter().next().map(|v| (seed, v))
+    })
+}
+
+#[test]
+fn every_mutant_is_caught_within_its_seed_budget() {
+    const {
+        assert!(
+            mutants::ENABLED,
+            "the simulator's tests turn the mutants feature on"
+        )
+    };
+    let mut missed = Vec::new();
+    for m in Mutant::ALL {
+        match first_violation(m, MUTANT_BUDGET) {
+            Some((seed, v)) => println!("{:<24} caught at seed {seed}: {v}", m.name()),
+            None => missed.push(m.name()),
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "not caught within {MUTANT_BUDGET} seeds: {missed:?}"
+    );
+}
+
+/// Seeds each mutant gets in `cargo test`.
+const MUTANT_BUDGET: u64 = 100;
+
+/// 102 near the primary with a slow applier, 103 far with a fast one.
+fn near_slow_far_fast(mutant: Option<Mutant>) -> RunReport {
+    let mut cfg = ShardSimConfig::new(7);
+    cfg.horizon = Duration::from_secs(5);
+    cfg.quiet = Duration::from_secs(3);
+    cfg.mutant = mutant;
+    let mut sim = ShardSim::new(cfg);
+    sim.faults = [
+        (SimTime::from_millis(900), Fault::CutReplication(103)),
+        (SimTime::from_millis(1_002), Fault::Crash(101)),
+    ]
+    .into();
+    let near = LinkConfig {
+        delay: Duration::from_micros(300),
+        jitter: Duration::ZERO,
+        loss: 0.0,
+    };
+    let far = LinkConfig {
+        delay: Duration::from_micros(4_000),
+        ..near
+    };
+    sim.repl.set_link_both(101, 102, near).expect("valid");
+    sim.repl.set_link_both(101, 103, far).expect("valid");
+    sim.repl.set_link_both(102, 103, near).expect("valid");
+    sim.servers
+        .get_mut(&102)
+        .expect("102")
+        .set_apply_delay(Duration::from_millis(7));
+    sim.run()
+}
+
+#[test]
+fn the_replica_that_received_most_is_promoted_even_when_it_applied_least() {
+    let r = near_slow_far_fast(None);
+    assert!(r.violations.is_empty(), "{}", show(&r));
+    assert!(
+        r.trace.iter().any(|l| l.contains("promoted zone1-102")),
+        "{}",
+        show(&r)
+    );
+    let m = near_slow_far_fast(Some(Mutant::RankOnApplied));
+    assert!(
+        m.violations.iter().any(|v| v.invariant == "lost write"),
+        "{}",
+        show(&m)
+    );
+}
+
+/// 103 and 104 stop receiving, then the orchestrator loses 102's agent, then the primary dies: only
+/// 102 holds the newest acknowledged writes.
+fn newest_writes_out_of_reach(mutant: Option<Mutant>) -> RunReport {
+    let mut cfg = ShardSimConfig::new(9);
+    cfg.tablets = 4;
+    cfg.mutant = mutant;
+    let mut sim = ShardSim::new(cfg);
+    sim.faults = [
+        (SimTime::from_millis(900), Fault::CutReplication(103)),
+        (SimTime::from_millis(900), Fault::CutReplication(104)),
+        (SimTime::from_millis(1_000), Fault::CutAgent(102)),
+        (SimTime::from_millis(1_002), Fault::Crash(101)),
+        (SimTime::from_millis(3_000), Fault::HealAgent(102)),
+        (SimTime::from_millis(3_000), Fault::HealReplication(103)),
+        (SimTime::from_millis(3_000), Fault::HealReplication(104)),
+    ]
+    .into();
+    sim.run()
+}
+
+#[test]
+fn no_promotion_while_a_replica_that_may_hold_acknowledged_writes_is_out_of_reach() {
+    let r = newest_writes_out_of_reach(None);
+    assert!(r.violations.is_empty(), "{}", show(&r));
+    assert!(r.refusals >= 1, "{}", show(&r));
+    assert_eq!(r.reparents, 1, "{}", show(&r));
+    let m = newest_writes_out_of_reach(Some(Mutant::SkipRevocation));
+    assert!(
+        m.violations.iter().any(|v| v.invariant == "lost write"),
+        "{}",
+        show(&m)
+    );
 }
