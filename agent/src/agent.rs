@@ -73,6 +73,9 @@ pub struct Shared {
     /// The heartbeat write in flight: (started, µs since the epoch; its connection id).
     heartbeat_inflight: Mutex<Option<(u64, u32)>>,
     probe: Mutex<Option<pb::PrimaryProbe>>,
+    /// (start of the ongoing mysqld outage, start of the last one): see
+    /// `Health.mysqld_outage_started_ms`.
+    outage: Mutex<(Option<u64>, u64)>,
     /// Addresses the agent actually listens on (after binding port 0).
     pub grpc_addr: Mutex<String>,
     pub http_addr: Mutex<String>,
@@ -127,6 +130,7 @@ impl Shared {
             primary_addr: Mutex::new(None),
             heartbeat_inflight: Mutex::new(None),
             probe: Mutex::new(None),
+            outage: Mutex::new((None, 0)),
             grpc_addr: Mutex::new(String::new()),
             http_addr: Mutex::new(String::new()),
         }))
@@ -243,6 +247,17 @@ impl Shared {
         });
         if h.tablet_type != pb::TabletType::Primary as i32 {
             h.primary_probe = self.probe();
+        }
+        {
+            let mut outage = lock(&self.outage);
+            match poll {
+                Err(_) => {
+                    let since = *outage.0.get_or_insert(h.polled_at_ms);
+                    outage.1 = since;
+                }
+                Ok(_) => outage.0 = None,
+            }
+            h.mysqld_outage_started_ms = outage.1;
         }
         if !h.etcd_connected {
             h.etcd_error = lock(&self.etcd_error).clone();

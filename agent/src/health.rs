@@ -128,6 +128,9 @@ pub fn build(i: HealthInputs<'_>) -> pb::Health {
                 gtid_binlog_pos: o.vars.gtid_binlog_pos.clone(),
                 gtid_slave_pos: o.vars.gtid_slave_pos.clone(),
                 gtid_binlog_state: o.vars.gtid_binlog_state.clone(),
+                started_at_ms: o.semi.uptime_s.map_or(0, |up| {
+                    (i.now_us / 1000).saturating_sub(up.saturating_mul(1000))
+                }),
             });
             let r = &o.replica;
             h.replication = Some(pb::Replication {

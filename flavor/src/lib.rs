@@ -176,7 +176,7 @@ impl Dialect {
     }
 
     pub fn semi_sync_status_query(&self) -> &'static str {
-        "SHOW GLOBAL STATUS WHERE Variable_name LIKE 'Rpl_semi_sync%'"
+        "SHOW GLOBAL STATUS WHERE Variable_name LIKE 'Rpl_semi_sync%' OR Variable_name = 'Uptime'"
     }
 
     pub fn replica_status_query(&self) -> &'static str {
@@ -457,6 +457,7 @@ impl Dialect {
                 .unwrap_or(0),
             replica_active: parse_bool(what, "replica status", get(format!("{rs}_status")))?
                 .unwrap_or(false),
+            uptime_s: parse_num::<u64>("server status", "Uptime", get("Uptime".to_string()))?,
         })
     }
 
@@ -600,6 +601,8 @@ pub struct SemiSyncStatus {
     pub primary_yes_tx: u64,
     pub primary_no_tx: u64,
     pub replica_active: bool,
+    /// `Uptime` (seconds since mysqld started), read with the same query; `None` if absent.
+    pub uptime_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -282,10 +282,12 @@ fn parses_semi_sync_status_both_flavors() {
         ("Rpl_semi_sync_master_yes_tx", "40"),
         ("Rpl_semi_sync_master_no_tx", "0"),
         ("Rpl_semi_sync_slave_status", "OFF"),
+        ("Uptime", "3600"),
     ]);
     let s = Dialect::MARIADB_10_11
         .parse_semi_sync_status(&rows)
         .unwrap();
+    assert_eq!(s.uptime_s, Some(3600));
     assert_eq!(s.primary_clients, 2);
     assert!(s.primary_active);
     assert_eq!(s.primary_yes_tx, 40);

@@ -40,7 +40,7 @@ use myha_orchestrator::recovery::reparent::{Emergency, EmergencyInput, Emergency
 use myha_orchestrator::recovery::steps::{
     Action, AgentAction, Call, CallId, Now, Reply, StepMachine,
 };
-use myha_orchestrator::recovery::{FreshShard, RecoveryConfig, RecoveryError};
+use myha_orchestrator::recovery::{FreshShard, PrimaryPosition, RecoveryConfig, RecoveryError};
 use myha_proto::agent as pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -128,6 +128,20 @@ pub enum Fault {
     /// This server's replication links are cut both ways.
     IsolateServer(ServerId),
     RejoinServer(ServerId),
+}
+
+impl Fault {
+    /// The fault this one ends, if it is a heal.
+    pub fn heals(self) -> Option<Fault> {
+        match self {
+            Fault::Restart(id) => Some(Fault::Crash(id)),
+            Fault::Thaw(id) => Some(Fault::Freeze(id)),
+            Fault::HealAgent(id) => Some(Fault::CutAgent(id)),
+            Fault::HealReplication(id) => Some(Fault::CutReplication(id)),
+            Fault::RejoinServer(id) => Some(Fault::IsolateServer(id)),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Fault {
@@ -274,8 +288,16 @@ pub struct ShardSim {
     last_ack: SimTime,
     late_acks: Vec<(WriteId, ServerId, Term, SimTime)>,
     primary_failures: usize,
+    /// When the first primary failure was injected.
+    first_primary_failure: Option<SimTime>,
     /// When each server last came back (thawed or restarted).
     resumed: BTreeMap<ServerId, SimTime>,
+    /// When each server's mysqld last (re)started (absent: since the beginning).
+    started: BTreeMap<ServerId, SimTime>,
+    /// When each server's mysqld last went down (what its agent's polls see).
+    crashed: BTreeMap<ServerId, SimTime>,
+    /// The primary's last healthy position as the orchestrator's polls saw it.
+    last_primary: Option<PrimaryPosition>,
     report: RunReport,
     /// When the current episode of two writable primaries started (reported once).
     two_primaries_since: Option<SimTime>,
@@ -435,13 +457,30 @@ impl ShardSim {
             last_ack: SimTime::ZERO,
             late_acks: Vec::new(),
             primary_failures: 0,
+            first_primary_failure: None,
             resumed: BTreeMap::new(),
+            started: BTreeMap::new(),
+            crashed: BTreeMap::new(),
+            last_primary: None,
             report: RunReport::default(),
             two_primaries_since: None,
             cfg,
         };
         sim.flush_outputs();
         sim
+    }
+
+    /// The fault schedule this run injects.
+    pub fn faults(&self) -> Vec<(SimTime, Fault)> {
+        self.faults.iter().copied().collect()
+    }
+
+    /// The same run (same seed, same links, same appliers) with another fault schedule: a
+    /// shrunk or hand-written one.
+    pub fn with_faults(mut self, mut faults: Vec<(SimTime, Fault)>) -> ShardSim {
+        faults.sort_by_key(|(t, _)| *t);
+        self.faults = faults.into();
+        self
     }
 
     /// Runs to the horizon and checks the end-of-run invariants.
@@ -521,6 +560,7 @@ impl ShardSim {
             Fault::Crash(id) => {
                 if Some(id) == primary {
                     self.primary_failures += 1;
+                    self.first_primary_failure.get_or_insert(now);
                 }
                 if let Some(s) = self.servers.get_mut(&id) {
                     let _ = s.crash(now);
@@ -528,6 +568,7 @@ impl ShardSim {
                 if let Some(a) = self.agents.get_mut(&id) {
                     a.waits.clear();
                 }
+                self.crashed.insert(id, now);
             }
             Fault::Restart(id) => {
                 if let Some(s) = self.servers.get_mut(&id) {
@@ -535,10 +576,12 @@ impl ShardSim {
                     let _ = s.restart(now, true);
                 }
                 self.resumed.insert(id, now);
+                self.started.insert(id, now);
             }
             Fault::Freeze(id) => {
                 if Some(id) == primary {
                     self.primary_failures += 1;
+                    self.first_primary_failure.get_or_insert(now);
                 }
                 if let Some(s) = self.servers.get_mut(&id) {
                     let _ = s.freeze(now);
@@ -705,6 +748,33 @@ impl ShardSim {
         }
     }
 
+    /// Why the shard need not converge: under semi-sync with K = 1 a primary that stays down
+    /// plus a replica whose mysqld restarted after the primary failed (its relay log, possibly
+    /// the only copy of acknowledged writes, discarded) is a double failure; refusing to
+    /// promote is the lossless answer, and an operator may force it.
+    fn convergence_waiver(&self) -> Option<String> {
+        if self.cfg.durability != Durability::SemiSync {
+            return None;
+        }
+        let failed = self.first_primary_failure?;
+        let p = self.record.primary.as_deref().and_then(server_of)?;
+        if self.servers.get(&p)?.process_state() != ProcessState::Down {
+            return None;
+        }
+        let restarted: Vec<ServerId> = self
+            .started
+            .iter()
+            .filter(|(id, t)| **id != p && **t >= failed)
+            .map(|(id, _)| *id)
+            .collect();
+        (!restarted.is_empty()).then(|| {
+            format!(
+                "primary {p} stays down and {restarted:?} restarted after it failed at {} ms (a double failure K = 1 does not survive without risking acknowledged writes)",
+                ms(failed)
+            )
+        })
+    }
+
     fn finish(&mut self) {
         let primary = self.record.primary.as_deref().and_then(server_of);
         if let Some(p) = primary {
@@ -727,7 +797,11 @@ impl ShardSim {
         }
         let quiet_from = SimTime::ZERO + self.cfg.horizon.saturating_sub(self.cfg.quiet);
         let deadline = quiet_from + self.cfg.converge_within;
-        if self.last_ack < deadline.min(self.now) && self.now >= deadline {
+        let waiver = self.convergence_waiver();
+        if self.last_ack < deadline.min(self.now) && self.now >= deadline && waiver.is_some() {
+            let why = waiver.unwrap_or_default();
+            self.trace(format!("convergence not required: {why}"));
+        } else if self.last_ack < deadline.min(self.now) && self.now >= deadline {
             let last = ms(self.last_ack);
             self.violate(
                 "convergence",
@@ -773,6 +847,8 @@ impl ShardSim {
             etcd_connected: true,
             ..Default::default()
         };
+        let started_at_ms = self.started.get(&id).map_or(0, |t| ms(*t));
+        h.mysqld_outage_started_ms = self.crashed.get(&id).map_or(0, |t| ms(*t));
         let Some(s) = self.servers.get_mut(&id) else {
             return (Box::new(h), false);
         };
@@ -784,6 +860,7 @@ impl ShardSim {
                     server_id: id,
                     flavor: "mariadb".into(),
                     read_only: st.read_only,
+                    started_at_ms,
                     ..Default::default()
                 });
                 h.replication = Some(match &st.slave {
@@ -1217,6 +1294,16 @@ impl ShardSim {
                     if let Response::Status(h) = body {
                         if h.mysql_reachable {
                             *misses = 0;
+                            if let Some(m) = h.mysql.as_ref().filter(|m| !m.read_only) {
+                                self.last_primary = Some(PrimaryPosition {
+                                    alias: h.alias.clone(),
+                                    term: self.record.term,
+                                    gtid_position: m.gtid_position.clone(),
+                                    writer: m.server_id.to_string(),
+                                    flavor: "mariadb",
+                                    seen_ms: ms(self.now),
+                                });
+                            }
                             let read_only = h.mysql.as_ref().is_some_and(|m| m.read_only);
                             if read_only && h.promoted_term == self.record.term.get() {
                                 self.repair_read_only_primary();
@@ -1342,7 +1429,7 @@ impl ShardSim {
         let input = EmergencyInput {
             action_term: fresh.action_term(),
             fresh,
-            last_primary: None,
+            last_primary: self.last_primary.clone(),
             cfg: self.recovery.clone(),
         };
         let mut machine = Emergency::new(input, EmergencyOptions::default());
@@ -1563,6 +1650,60 @@ pub fn explore(
             (!r.violations.is_empty()).then_some((seed, r))
         })
         .collect()
+}
+
+/// The smallest fault schedule (greedy, one fault at a time) under which `cfg`'s run still breaks
+/// the invariant its first violation names; with that run's report. `None` when the run keeps
+/// every invariant.
+pub fn shrink(cfg: &ShardSimConfig) -> Option<(Vec<(SimTime, Fault)>, RunReport)> {
+    let mut report = ShardSim::new(cfg.clone()).run();
+    let invariant = report.violations.first()?.invariant;
+    let mut faults = ShardSim::new(cfg.clone()).faults();
+    loop {
+        let mut changed = false;
+        let mut i = 0;
+        while i < faults.len() {
+            // A fault goes with the heal that ends it (a lone heal is never removed): removing
+            // a restart alone would turn any run into a convergence failure.
+            if faults[i].1.heals().is_some() {
+                i += 1;
+                continue;
+            }
+            let mut fewer = faults.clone();
+            let injury = fewer.remove(i).1;
+            if let Some(h) = fewer[i..]
+                .iter()
+                .position(|(_, f)| f.heals() == Some(injury))
+            {
+                fewer.remove(i + h);
+            }
+            let r = ShardSim::new(cfg.clone()).with_faults(fewer.clone()).run();
+            if r.violations.iter().any(|v| v.invariant == invariant) {
+                faults = fewer;
+                report = r;
+                changed = true;
+            } else {
+                i += 1;
+            }
+        }
+        if !changed {
+            return Some((faults, report));
+        }
+    }
+}
+
+/// A schedule as the Rust a pinned test replays it with (`ShardSim::with_faults`).
+pub fn schedule_code(faults: &[(SimTime, Fault)]) -> String {
+    let lines: Vec<String> = faults
+        .iter()
+        .map(|(t, f)| {
+            format!(
+                "    (SimTime::from_millis({}), Fault::{f:?}),",
+                t.as_millis()
+            )
+        })
+        .collect();
+    format!("vec![\n{}\n]", lines.join("\n"))
 }
 
 #[cfg(test)]

@@ -260,6 +260,10 @@ struct Plan {
     why_missing: Option<String>,
     /// The old primary's mysqld address when its agent is gone (it cannot fence itself).
     agentless: Option<String>,
+    /// Replicas whose mysqld restarted after the old primary was lost, with why: the restart
+    /// discarded their relay log (`relay_log_recovery`), so what they acknowledged may be gone
+    /// and they cannot vouch for it; the revocation counts them as not reached.
+    relay_lost: BTreeMap<String, String>,
 }
 
 /// The outstanding calls, by what they are for.
@@ -424,6 +428,9 @@ impl Emergency {
     }
 
     fn why_unreached(&self, a: &str) -> String {
+        if let Some(why) = self.plan.as_ref().and_then(|p| p.relay_lost.get(a)) {
+            return format!("{a} ({why})");
+        }
         let fresh = &self.input.fresh;
         match (fresh.unseen.get(a), fresh.statuses.get(a)) {
             (Some(why), _) => format!("{a} (agent: {why})"),
@@ -442,7 +449,12 @@ impl Emergency {
         if mutants::active(Mutant::SkipRevocation) {
             return Ok(None);
         }
-        match revocation(replicas, reached, k) {
+        let reached: Vec<String> = reached
+            .iter()
+            .filter(|a| !plan.relay_lost.contains_key(*a))
+            .cloned()
+            .collect();
+        match revocation(replicas, &reached, k) {
             Ok(()) => Ok(None),
             Err(unreached) => {
                 let names: Vec<String> = unreached.iter().map(|a| self.why_unreached(a)).collect();
@@ -575,6 +587,14 @@ impl Emergency {
         let agentless = (!fresh.statuses.contains_key(&old_primary))
             .then(|| old_primary_addr(fresh, &old_primary))
             .flatten();
+        let relay_lost = relay_lost(
+            &answering,
+            self.input
+                .last_primary
+                .as_ref()
+                .filter(|p| p.alias == old_primary),
+            &old_primary,
+        );
         self.plan = Some(Plan {
             new_term: if mutants::active(Mutant::ReuseTerm) {
                 record.term
@@ -591,6 +611,7 @@ impl Emergency {
             k: acks_required(durability),
             why_missing,
             agentless,
+            relay_lost,
         });
         let plan = self.plan().clone();
 
@@ -1521,6 +1542,56 @@ const SELF_DEMOTION_MARGIN: Duration = Duration::from_millis(500);
 
 /// How often the old primary's registration is re-read while waiting for its self-demotion.
 const SELF_DEMOTION_POLL: Duration = Duration::from_millis(100);
+
+/// Replicas that cannot vouch for what they acknowledged: their mysqld went down after the old
+/// primary was lost (after this orchestrator last saw it healthy, or, when it never did, after
+/// the first replica lost it) and has restarted since, so the restart discarded their relay log
+/// (`relay_log_recovery=1`) and the acknowledged transactions it held, while the primary was no
+/// longer there to send them again. One whose outage began while the primary was still alive
+/// (its agent saw it) is reached as before: what it lost, the primary went on sending to the
+/// others (P8). Found by the simulator (a replica crashing right after the
+/// primary froze, with the other replica cut off from the primary shortly before).
+fn relay_lost(
+    answering: &BTreeMap<String, pb::Health>,
+    last_primary: Option<&PrimaryPosition>,
+    old_primary: &str,
+) -> BTreeMap<String, String> {
+    let lost_at = last_primary
+        .map(|p| (p.seen_ms, "was last seen healthy"))
+        .or_else(|| {
+            answering
+                .values()
+                .filter_map(|h| h.primary_probe.as_ref())
+                .filter(|p| {
+                    p.primary_alias == old_primary && !p.reachable && p.failing_since_ms > 0
+                })
+                .map(|p| p.failing_since_ms)
+                .min()
+                .map(|t| (t, "was first lost by a replica"))
+        });
+    let Some((lost_ms, how)) = lost_at else {
+        return BTreeMap::new();
+    };
+    answering
+        .iter()
+        .filter_map(|(alias, h)| {
+            let started = h.mysql.as_ref().map_or(0, |m| m.started_at_ms);
+            // Down already while the primary was alive (P8), it lost only what the primary was
+            // still there to send on to the other replicas; its agent saw the outage begin. An
+            // outage that began after the loss, or one its agent did not see, is suspect.
+            let outage = h.mysqld_outage_started_ms;
+            let went_down_before = outage > 0 && outage < lost_ms;
+            (started > lost_ms && !went_down_before).then(|| {
+                (
+                    alias.clone(),
+                    format!(
+                        "its mysqld restarted at {started} ms, after the primary {how} at {lost_ms} ms: the restart discarded its relay log, so acknowledged transactions it held may be gone"
+                    ),
+                )
+            })
+        })
+        .collect()
+}
 
 /// The mysqld address of the old primary: its registration, else (gone past its lease, P17)
 /// what the replicas probe it at.

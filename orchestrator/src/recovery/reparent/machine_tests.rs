@@ -454,3 +454,41 @@ fn durability_none_refuses_when_neither_fence_nor_self_demotion_holds() {
     assert!(!agents.iter().any(|a| a.2 == "Promote"));
     assert!(has(&agents, R2, "StartReplication") && has(&agents, R3, "StartReplication"));
 }
+
+#[test]
+fn a_replica_restarted_after_the_primary_was_lost_cannot_vouch_for_what_it_acknowledged() {
+    let mut i = input(Durability::SemiSync);
+    if let Some(m) = i.fresh.statuses.get_mut(R3).and_then(|h| h.mysql.as_mut()) {
+        // Restarted 1 s ago; the primary was last seen healthy 20 s ago.
+        m.started_at_ms = WALL0 - 1_000;
+    }
+    let r = run(Emergency::new(i, EmergencyOptions::default()), success);
+    let e = r.result.expect_err("refused");
+    let text = e.to_string();
+    assert!(
+        text.contains("not reached: zone1-103 (its mysqld restarted")
+            && text.contains("nothing was changed"),
+        "{text}"
+    );
+    assert!(agent_calls(&r.calls).is_empty(), "refused before acting");
+
+    // One that restarted long before the primary was lost is reached like any other.
+    let mut i = input(Durability::SemiSync);
+    if let Some(m) = i.fresh.statuses.get_mut(R3).and_then(|h| h.mysql.as_mut()) {
+        m.started_at_ms = WALL0 - 100_000;
+    }
+    let r = run(Emergency::new(i, EmergencyOptions::default()), success);
+    r.result.expect("recovered");
+
+    // Nor one whose outage began while the primary was still alive (P8): the primary went on
+    // sending to the others what its relay log lost.
+    let mut i = input(Durability::SemiSync);
+    if let Some(h) = i.fresh.statuses.get_mut(R3) {
+        h.mysqld_outage_started_ms = WALL0 - 30_000;
+        if let Some(m) = h.mysql.as_mut() {
+            m.started_at_ms = WALL0 - 1_000;
+        }
+    }
+    let r = run(Emergency::new(i, EmergencyOptions::default()), success);
+    r.result.expect("recovered");
+}
