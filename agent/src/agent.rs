@@ -73,9 +73,8 @@ pub struct Shared {
     /// The heartbeat write in flight: (started, µs since the epoch; its connection id).
     heartbeat_inflight: Mutex<Option<(u64, u32)>>,
     probe: Mutex<Option<pb::PrimaryProbe>>,
-    /// (start of the ongoing mysqld outage, start of the last one): see
-    /// `Health.mysqld_outage_started_ms`.
-    outage: Mutex<(Option<u64>, u64)>,
+    /// The mysqld instances seen: `MysqlStatus.started_at_ms`, `Health.mysqld_outage_started_ms`.
+    instance: Mutex<health::InstanceTrack>,
     /// Addresses the agent actually listens on (after binding port 0).
     pub grpc_addr: Mutex<String>,
     pub http_addr: Mutex<String>,
@@ -130,7 +129,7 @@ impl Shared {
             primary_addr: Mutex::new(None),
             heartbeat_inflight: Mutex::new(None),
             probe: Mutex::new(None),
-            outage: Mutex::new((None, 0)),
+            instance: Mutex::new(health::InstanceTrack::default()),
             grpc_addr: Mutex::new(String::new()),
             http_addr: Mutex::new(String::new()),
         }))
@@ -249,15 +248,19 @@ impl Shared {
             h.primary_probe = self.probe();
         }
         {
-            let mut outage = lock(&self.outage);
-            match poll {
-                Err(_) => {
-                    let since = *outage.0.get_or_insert(h.polled_at_ms);
-                    outage.1 = since;
+            let mut track = lock(&self.instance);
+            let seen = match (poll, h.mysql.as_ref()) {
+                (Ok(_), Some(m)) => {
+                    health::InstancePoll::Answered(Some(m.started_at_ms).filter(|s| *s > 0))
                 }
-                Ok(_) => outage.0 = None,
+                (Ok(_), None) => health::InstancePoll::Answered(None),
+                (Err(_), _) => health::InstancePoll::Failed,
+            };
+            track.observe(h.polled_at_ms, seen);
+            if let Some(m) = h.mysql.as_mut() {
+                m.started_at_ms = track.started_at_ms;
             }
-            h.mysqld_outage_started_ms = outage.1;
+            h.mysqld_outage_started_ms = track.outage_started_ms;
         }
         if !h.etcd_connected {
             h.etcd_error = lock(&self.etcd_error).clone();

@@ -68,6 +68,62 @@ pub struct FenceStatus {
     pub reason: String,
 }
 
+/// What the agent remembers about its mysqld's instances across polls: when the current one
+/// started (kept stable: `Uptime` has whole seconds, so each poll's estimate moves by up to
+/// 1 s) and when the outage that preceded it began. An orchestrator uses both to tell a replica
+/// that went down after its primary was lost (its relay log discarded by the restart) from one
+/// that was down already while the primary lived.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceTrack {
+    /// Start of the ongoing run of failed polls.
+    failing_since: Option<u64>,
+    /// The current instance's start, ms since the epoch; 0 unknown.
+    pub started_at_ms: u64,
+    /// When the outage before the current instance began; 0 when this agent did not see one
+    /// (it started after, or the restart fell between two polls).
+    pub outage_started_ms: u64,
+}
+
+/// What one poll says about the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstancePoll {
+    /// mysqld did not answer.
+    Failed,
+    /// mysqld answered, with its start estimate when `Uptime` was read.
+    Answered(Option<u64>),
+}
+
+impl InstanceTrack {
+    /// A start estimate further than this from the known one is a new instance (a restart):
+    /// `Uptime`'s whole seconds make two estimates of one start differ by up to 1 s. A mysqld
+    /// that crashes within about a second of its own start and restarts is not told apart.
+    pub const NEW_INSTANCE_MS: u64 = 1_100;
+
+    /// Folds in a poll made at `polled_ms`. Failures of an instance that then answers again
+    /// with the same start (a query timeout, a refused connection under load) are forgotten.
+    pub fn observe(&mut self, polled_ms: u64, poll: InstancePoll) {
+        match poll {
+            InstancePoll::Failed => {
+                self.failing_since.get_or_insert(polled_ms);
+            }
+            InstancePoll::Answered(started) => {
+                if let Some(s) = started.filter(|s| *s > 0) {
+                    let known = self.started_at_ms;
+                    // A new instance: the first seen, or a start further from the known one
+                    // than two estimates of one start can differ (each up to 1 s late).
+                    if known == 0 || s.abs_diff(known) > Self::NEW_INSTANCE_MS {
+                        if known != 0 {
+                            self.outage_started_ms = self.failing_since.unwrap_or(0);
+                        }
+                        self.started_at_ms = s;
+                    }
+                }
+                self.failing_since = None;
+            }
+        }
+    }
+}
+
 pub struct HealthInputs<'a> {
     pub id: &'a Identity,
     pub poll: &'a Result<Observation, String>,
@@ -185,6 +241,40 @@ pub fn same_content(a: &pb::Health, b: &pb::Health) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_keeps_its_start_and_remembers_the_outage_before_it() {
+        let mut t = InstanceTrack::default();
+        // Started long ago; Uptime's whole seconds make the estimate jitter.
+        t.observe(100_000, InstancePoll::Answered(Some(40_000)));
+        t.observe(100_100, InstancePoll::Answered(Some(40_900)));
+        assert_eq!((t.started_at_ms, t.outage_started_ms), (40_000, 0));
+        // A transient failure of the same instance is forgotten.
+        t.observe(100_200, InstancePoll::Failed);
+        t.observe(100_300, InstancePoll::Answered(Some(40_000)));
+        assert_eq!((t.started_at_ms, t.outage_started_ms), (40_000, 0));
+        // Down from 101_000, a new instance started at 105_000: the outage is remembered.
+        t.observe(101_000, InstancePoll::Failed);
+        t.observe(101_100, InstancePoll::Failed);
+        t.observe(105_500, InstancePoll::Answered(Some(105_000)));
+        assert_eq!((t.started_at_ms, t.outage_started_ms), (105_000, 101_000));
+        // A later transient failure does not move it.
+        t.observe(106_000, InstancePoll::Failed);
+        t.observe(106_100, InstancePoll::Answered(Some(105_300)));
+        assert_eq!((t.started_at_ms, t.outage_started_ms), (105_000, 101_000));
+        // A crash and restart 1.5 s after the previous start is a new instance.
+        t.observe(106_500, InstancePoll::Failed);
+        t.observe(106_700, InstancePoll::Answered(Some(106_500)));
+        assert_eq!((t.started_at_ms, t.outage_started_ms), (106_500, 106_500));
+        // A restart between two polls: no outage seen.
+        t.observe(200_100, InstancePoll::Answered(Some(200_000)));
+        assert_eq!((t.started_at_ms, t.outage_started_ms), (200_000, 0));
+        // Answers without Uptime change nothing but end a run of failures.
+        t.observe(200_200, InstancePoll::Failed);
+        t.observe(200_300, InstancePoll::Answered(None));
+        t.observe(300_000, InstancePoll::Answered(Some(299_000)));
+        assert_eq!((t.started_at_ms, t.outage_started_ms), (299_000, 0));
+    }
     use topo::Term;
 
     fn id() -> Identity {

@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use gtid::MariaDbPosition;
 use myha_agent::fence::{self, FenceDecision, TermState};
+use myha_agent::health::{InstancePoll, InstanceTrack};
 use myha_orchestrator::analysis::ShardInput;
 use myha_orchestrator::mutants::{self, Mutant};
 use myha_orchestrator::recovery::reparent::{Emergency, EmergencyInput, EmergencyOptions};
@@ -237,6 +238,9 @@ struct Agent {
     /// FullStatus answers delayed by a frozen mysqld (the agent's query timeout).
     delayed: Vec<(SimTime, u64, Box<pb::Health>)>,
     next_fence_check: SimTime,
+    /// The agent's record of its mysqld's instances (the real `InstanceTrack`), fed by its
+    /// polls every 100 ms.
+    instance: InstanceTrack,
 }
 
 /// What the orchestrator is doing.
@@ -294,8 +298,6 @@ pub struct ShardSim {
     resumed: BTreeMap<ServerId, SimTime>,
     /// When each server's mysqld last (re)started (absent: since the beginning).
     started: BTreeMap<ServerId, SimTime>,
-    /// When each server's mysqld last went down (what its agent's polls see).
-    crashed: BTreeMap<ServerId, SimTime>,
     /// The primary's last healthy position as the orchestrator's polls saw it.
     last_primary: Option<PrimaryPosition>,
     report: RunReport,
@@ -313,6 +315,16 @@ fn server_of(alias: &str) -> Option<ServerId> {
 
 fn ms(t: SimTime) -> u64 {
     t.as_millis()
+}
+
+/// The wall clock (ms since the epoch) at virtual time zero, as the agents and the orchestrator
+/// read it; the mysqlds started this long before.
+const WALL_BASE_MS: u64 = 1_800_000_000_000;
+const FIRST_START_AGO_MS: u64 = 3_600_000;
+
+/// The wall clock at `t`.
+fn wall(t: SimTime) -> u64 {
+    WALL_BASE_MS + ms(t)
 }
 
 impl ShardSim {
@@ -355,6 +367,7 @@ impl ShardSim {
                     waits: Vec::new(),
                     delayed: Vec::new(),
                     next_fence_check: SimTime::ZERO,
+                    instance: InstanceTrack::default(),
                 },
             );
             tablets.insert(
@@ -460,7 +473,6 @@ impl ShardSim {
             first_primary_failure: None,
             resumed: BTreeMap::new(),
             started: BTreeMap::new(),
-            crashed: BTreeMap::new(),
             last_primary: None,
             report: RunReport::default(),
             two_primaries_since: None,
@@ -568,7 +580,6 @@ impl ShardSim {
                 if let Some(a) = self.agents.get_mut(&id) {
                     a.waits.clear();
                 }
-                self.crashed.insert(id, now);
             }
             Fault::Restart(id) => {
                 if let Some(s) = self.servers.get_mut(&id) {
@@ -847,8 +858,13 @@ impl ShardSim {
             etcd_connected: true,
             ..Default::default()
         };
-        let started_at_ms = self.started.get(&id).map_or(0, |t| ms(*t));
-        h.mysqld_outage_started_ms = self.crashed.get(&id).map_or(0, |t| ms(*t));
+        let instance = self
+            .agents
+            .get(&id)
+            .map(|a| a.instance.clone())
+            .unwrap_or_default();
+        let started_at_ms = instance.started_at_ms;
+        h.mysqld_outage_started_ms = instance.outage_started_ms;
         let Some(s) = self.servers.get_mut(&id) else {
             return (Box::new(h), false);
         };
@@ -1176,11 +1192,26 @@ impl ShardSim {
             a.terms.observe_shard(&alias, &record);
             let terms = a.terms.clone();
             let server = a.server;
-            let writable = self
-                .servers
-                .get_mut(&server)
-                .and_then(|s| s.status(now).ok())
-                .map(|st| !st.read_only);
+            let status = self.servers.get_mut(&server).map(|s| s.status(now));
+            let writable = match &status {
+                Some(Ok(st)) => Some(!st.read_only),
+                _ => None,
+            };
+            // Its mysqld's start as `Uptime` gives it (whole seconds, so the estimate jitters).
+            let poll = match &status {
+                Some(Ok(_)) => {
+                    let started = self
+                        .started
+                        .get(&server)
+                        .map_or(WALL_BASE_MS - FIRST_START_AGO_MS, |t| wall(*t));
+                    let up_s = wall(now).saturating_sub(started) / 1000;
+                    InstancePoll::Answered(Some(wall(now).saturating_sub(up_s * 1000)))
+                }
+                _ => InstancePoll::Failed,
+            };
+            if let Some(a) = self.agents.get_mut(&id) {
+                a.instance.observe(wall(now), poll);
+            }
             if let FenceDecision::Fence { reason } =
                 fence::decide(&alias, &terms, Some(&record), writable)
             {
@@ -1301,7 +1332,7 @@ impl ShardSim {
                                     gtid_position: m.gtid_position.clone(),
                                     writer: m.server_id.to_string(),
                                     flavor: "mariadb",
-                                    seen_ms: ms(self.now),
+                                    seen_ms: wall(self.now),
                                 });
                             }
                             let read_only = h.mysql.as_ref().is_some_and(|m| m.read_only);
@@ -1421,7 +1452,7 @@ impl ShardSim {
                 durability: self.cfg.durability,
                 tablets: Vec::new(),
                 quarantined: BTreeMap::new(),
-                now_ms: ms(self.now),
+                now_ms: wall(self.now),
             },
             problems: Vec::new(),
             unreadable: Vec::new(),
@@ -1459,7 +1490,7 @@ impl ShardSim {
         };
         Now {
             since_start: self.now.saturating_since(started),
-            wall_ms: ms(self.now),
+            wall_ms: wall(self.now),
         }
     }
 
@@ -1559,7 +1590,7 @@ impl ShardSim {
                 let t = self.tablets.get(&a).cloned();
                 self.local(now + etcd_rtt, id, Reply::Tablet(Ok(t)))
             }
-            Call::RegistrationLastSeen(_) => self.local(now, id, Reply::LastSeen(Some(ms(now)))),
+            Call::RegistrationLastSeen(_) => self.local(now, id, Reply::LastSeen(Some(wall(now)))),
             Call::Sleep(d) => self.local(now + d, id, Reply::Slept),
         }
     }

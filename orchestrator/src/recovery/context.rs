@@ -738,9 +738,7 @@ impl TopoApi for RecoveryContext {
             .topo
             .get_promotion(&self.keyspace, &self.shard, term)
             .await
-            .map_err(RecoveryError::topo(format!(
-                "read the promotion record of term {term}"
-            )))
+            .map_err(RecoveryError::topo("etcd read"))
     }
 
     async fn get_tablet(&self, alias: &str) -> Result<Option<TabletRecord>, RecoveryError> {
@@ -748,9 +746,7 @@ impl TopoApi for RecoveryContext {
             .topo
             .get_tablet(alias)
             .await
-            .map_err(RecoveryError::topo(format!(
-                "read the registration of {alias}"
-            )))
+            .map_err(RecoveryError::topo("etcd read"))
     }
 
     fn registration_last_seen(&self, alias: &str) -> Option<u64> {

@@ -97,7 +97,13 @@ impl PrimaryPosition {
                 gtid::Flavor::MySql => "mysql",
                 _ => "mariadb",
             },
-            seen_ms: now_ms,
+            // When the health was polled, not when it was read here: a reparent's relay-log
+            // rule compares replicas' restarts with the last moment the primary was known alive.
+            seen_ms: if h.polled_at_ms > 0 {
+                h.polled_at_ms.min(now_ms)
+            } else {
+                now_ms
+            },
         })
     }
 

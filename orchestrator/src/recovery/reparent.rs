@@ -1508,9 +1508,9 @@ impl StepMachine for Emergency {
                 }
                 self.maybe_done(now);
             }
-            (why, reply) => self.finish(Err(RecoveryError::Failed(format!(
+            (why, reply) => self.fail(RecoveryError::Failed(format!(
                 "emergency reparent: unexpected reply {reply:?} to {why:?}"
-            )))),
+            ))),
         }
         self.em.take()
     }
@@ -1556,20 +1556,23 @@ fn relay_lost(
     last_primary: Option<&PrimaryPosition>,
     old_primary: &str,
 ) -> BTreeMap<String, String> {
-    let lost_at = last_primary
-        .map(|p| (p.seen_ms, "was last seen healthy"))
-        .or_else(|| {
-            answering
-                .values()
-                .filter_map(|h| h.primary_probe.as_ref())
-                .filter(|p| {
-                    p.primary_alias == old_primary && !p.reachable && p.failing_since_ms > 0
-                })
-                .map(|p| p.failing_since_ms)
-                .min()
-                .map(|t| (t, "was first lost by a replica"))
-        });
-    let Some((lost_ms, how)) = lost_at else {
+    // The last moment the primary is known to have been alive: this orchestrator's last healthy
+    // sight of it, or a replica's last successful probe (just before its probe started failing,
+    // or its latest one while it still succeeds), whichever is latest. Every such moment is
+    // before the primary was lost, so the latest one flags the fewest replicas and stays safe.
+    let seen = last_primary.map(|p| (p.seen_ms, "was last seen healthy by this orchestrator"));
+    let probed = answering
+        .values()
+        .filter_map(|h| h.primary_probe.as_ref())
+        .filter(|p| p.primary_alias == old_primary)
+        .filter_map(|p| match (p.reachable, p.failing_since_ms) {
+            (true, _) => Some(p.probed_at_ms),
+            (false, since) if since > 0 => Some(since),
+            _ => None,
+        })
+        .max()
+        .map(|t| (t, "last answered a replica's probe"));
+    let Some((lost_ms, how)) = seen.into_iter().chain(probed).max_by_key(|(t, _)| *t) else {
         return BTreeMap::new();
     };
     answering
@@ -1577,11 +1580,18 @@ fn relay_lost(
         .filter_map(|(alias, h)| {
             let started = h.mysql.as_ref().map_or(0, |m| m.started_at_ms);
             // Down already while the primary was alive (P8), it lost only what the primary was
-            // still there to send on to the other replicas; its agent saw the outage begin. An
-            // outage that began after the loss, or one its agent did not see, is suspect.
+            // still there to send on to the other replicas. Its agent saw when the outage
+            // began; when it did not see one (it started with its mysqld, or the restart fell
+            // between two polls), the start alone decides, past `Uptime`'s whole-second
+            // granularity (a mysqld started just before the loss must not look restarted after
+            // it).
             let outage = h.mysqld_outage_started_ms;
-            let went_down_before = outage > 0 && outage < lost_ms;
-            (started > lost_ms && !went_down_before).then(|| {
+            let suspect = if outage > 0 {
+                outage >= lost_ms && started > lost_ms
+            } else {
+                started > lost_ms + UPTIME_GRANULARITY_MS
+            };
+            suspect.then(|| {
                 (
                     alias.clone(),
                     format!(
@@ -1592,6 +1602,9 @@ fn relay_lost(
         })
         .collect()
 }
+
+/// `Uptime` counts whole seconds: a start estimated from it is up to this late.
+const UPTIME_GRANULARITY_MS: u64 = 1_000;
 
 /// The mysqld address of the old primary: its registration, else (gone past its lease, P17)
 /// what the replicas probe it at.

@@ -10,7 +10,7 @@ use tabletwatch::testing::tablet_record;
 const OLD: &str = "zone1-101";
 const R2: &str = "zone1-102";
 const R3: &str = "zone1-103";
-const WALL0: u64 = 1_000_000;
+const WALL0: u64 = 10_000_000;
 
 fn replica(alias: &str, applied: &str, received: &str, lost_since_ms: u64) -> pb::Health {
     pb::Health {
@@ -487,6 +487,21 @@ fn a_replica_restarted_after_the_primary_was_lost_cannot_vouch_for_what_it_ackno
         h.mysqld_outage_started_ms = WALL0 - 30_000;
         if let Some(m) = h.mysql.as_mut() {
             m.started_at_ms = WALL0 - 1_000;
+        }
+    }
+    let r = run(Emergency::new(i, EmergencyOptions::default()), success);
+    r.result.expect("recovered");
+
+    // This orchestrator last saw the primary an hour ago, but the replicas' probes reached it
+    // until 10 s ago: a replica restarted for maintenance half an hour ago is reached.
+    let mut i = input(Durability::SemiSync);
+    if let Some(p) = i.last_primary.as_mut() {
+        p.seen_ms = WALL0 - 3_600_000;
+    }
+    if let Some(h) = i.fresh.statuses.get_mut(R3) {
+        h.mysqld_outage_started_ms = WALL0 - 1_800_000;
+        if let Some(m) = h.mysql.as_mut() {
+            m.started_at_ms = WALL0 - 1_799_000;
         }
     }
     let r = run(Emergency::new(i, EmergencyOptions::default()), success);
