@@ -539,10 +539,10 @@ impl ShardSim {
             }
         }
         self.flush_outputs();
-        while let Some((from, to, m)) = self.rpc.poll_deliver(now) {
+        while let Some((_, to, m)) = self.rpc.poll_deliver(now) {
             if to == ORCHESTRATOR {
                 if let Rpc::Response { id, body } = m {
-                    self.orchestrator_response(from, id, body);
+                    self.orchestrator_response(id, body);
                 }
             } else if let Rpc::Request {
                 id,
@@ -1250,8 +1250,8 @@ impl ShardSim {
         match &mut self.orch {
             Orch::Watching {
                 next_poll,
-                misses,
                 outstanding,
+                ..
             } => {
                 if let Some((_, give_up)) = *outstanding {
                     if now >= give_up {
@@ -1262,7 +1262,6 @@ impl ShardSim {
                 }
                 if now >= *next_poll && outstanding.is_none() {
                     *next_poll = now + self.cfg.poll_every;
-                    let _ = misses;
                     let Some(p) = self.record.primary.clone() else {
                         return;
                     };
@@ -1312,8 +1311,7 @@ impl ShardSim {
         }
     }
 
-    fn orchestrator_response(&mut self, from: u32, id: u64, body: Response) {
-        let server = from - AGENT_NODE;
+    fn orchestrator_response(&mut self, id: u64, body: Response) {
         match &mut self.orch {
             Orch::Watching {
                 misses,
@@ -1371,7 +1369,6 @@ impl ShardSim {
                         stale: e.stale,
                     })),
                 };
-                let _ = server;
                 self.machine_reply(call, reply);
             }
         }

@@ -136,6 +136,14 @@ fn success(call: &Call) -> Reply {
     }
 }
 
+/// Every call succeeds except the agent actions `fails` picks, which time out.
+fn failing(fails: impl Fn(&AgentAction) -> bool) -> impl FnMut(&Call) -> Reply {
+    move |c| match c {
+        Call::Agent { tablet, action, .. } if fails(action) => Reply::Action(Err(timeout(tablet))),
+        c => success(c),
+    }
+}
+
 struct Run {
     result: Result<Done, RecoveryError>,
     calls: Vec<Call>,
@@ -297,14 +305,7 @@ fn an_unreached_replica_refuses_and_only_what_was_stopped_is_restarted() {
 fn a_relay_log_not_applied_in_time_refuses_and_restarts_every_stopped_replica() {
     let r = run(
         Emergency::new(input(Durability::SemiSync), EmergencyOptions::default()),
-        |c| match c {
-            Call::Agent {
-                action: AgentAction::ApplyReceived { .. },
-                tablet,
-                ..
-            } => Reply::Action(Err(timeout(tablet))),
-            c => success(c),
-        },
+        failing(|a| matches!(a, AgentAction::ApplyReceived { .. })),
     );
     let e = r.result.expect_err("refused");
     assert!(e.to_string().contains("relay_log_wait"), "{e}");
@@ -317,14 +318,7 @@ fn a_relay_log_not_applied_in_time_refuses_and_restarts_every_stopped_replica() 
 fn nothing_is_undone_once_the_promotion_was_sent() {
     let r = run(
         Emergency::new(input(Durability::SemiSync), EmergencyOptions::default()),
-        |c| match c {
-            Call::Agent {
-                action: AgentAction::Promote,
-                tablet,
-                ..
-            } => Reply::Action(Err(timeout(tablet))),
-            c => success(c),
-        },
+        failing(|a| matches!(a, AgentAction::Promote)),
     );
     assert!(r.result.is_err());
     let agents = agent_calls(&r.calls);
@@ -435,14 +429,7 @@ fn durability_none_relies_on_self_demotion_when_the_fence_fails() {
 fn durability_none_refuses_when_neither_fence_nor_self_demotion_holds() {
     let r = run(
         Emergency::new(input(Durability::None), EmergencyOptions::default()),
-        |c| match c {
-            Call::Agent {
-                action: AgentAction::FenceServer { .. },
-                tablet,
-                ..
-            } => Reply::Action(Err(timeout(tablet))),
-            c => success(c),
-        },
+        failing(|a| matches!(a, AgentAction::FenceServer { .. })),
     );
     let e = r.result.expect_err("refused");
     let text = e.to_string();
