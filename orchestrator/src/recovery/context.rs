@@ -303,11 +303,8 @@ impl RecoveryContext {
         let t = self.cfg().action_timeout;
         match action {
             AgentAction::StopReplication { io_only } => {
-                let (name, scope) = if io_only {
-                    ("stop_io_thread", scope(true))
-                } else {
-                    ("stop_replication", scope(false))
-                };
+                let name = if io_only { "stop_io_thread" } else { "stop_replication" };
+                let scope = scope(io_only);
                 self.action(term, "StopReplication", name, alias, t, |mut c, ctx| async move {
                     c.stop_replication(pb::StopReplicationRequest {
                         ctx: Some(ctx),
@@ -318,11 +315,8 @@ impl RecoveryContext {
                 .await
             }
             AgentAction::StartReplication { io_only } => {
-                let (name, scope) = if io_only {
-                    ("start_io_thread", scope(true))
-                } else {
-                    ("start_replication", scope(false))
-                };
+                let name = if io_only { "start_io_thread" } else { "start_replication" };
+                let scope = scope(io_only);
                 self.action(term, "StartReplication", name, alias, t, |mut c, ctx| async move {
                     c.start_replication(pb::StartReplicationRequest {
                         ctx: Some(ctx),
