@@ -591,13 +591,20 @@ fn primary_isolated(
     ph: &pb::Health,
     replicas: &[&TabletInput],
 ) -> Option<Problem> {
-    let reachable: Vec<&TabletInput> = replicas
+    let voters: Vec<&TabletInput> = replicas
         .iter()
         .copied()
         .filter(|r| !input.quarantined.contains_key(r.alias()))
+        .collect();
+    let reachable: Vec<&TabletInput> = voters
+        .iter()
+        .copied()
         .filter(|r| r.mysql_seen(cfg).is_some())
         .collect();
-    if reachable.is_empty() {
+    // Every replica must give its view: one whose agent is unseen or whose mysqld is down may
+    // still reach the primary, and the ones that confirm may be the isolated side (failing
+    // over to them would move the primary onto the host cut off from everyone).
+    if reachable.is_empty() || reachable.len() < voters.len() {
         return None;
     }
     let bound_ms = cfg.isolated_primary_after.as_millis() as u64;
@@ -676,6 +683,16 @@ fn primary_unseen(
             ProblemCode::DeadPrimaryAndAllReplicas,
             Some(primary_alias),
             format!("primary {primary_alias} unseen ({why}) and no replica is reachable: nothing can be promoted"),
+        );
+    }
+    let agent_says_down = primary
+        .and_then(|p| p.fresh_health(cfg))
+        .is_some_and(|h| !h.mysql_reachable);
+    if agent_says_down && crate::mutants::active(crate::mutants::Mutant::TrustColocatedAgent) {
+        return Problem::new(
+            ProblemCode::DeadPrimary,
+            Some(primary_alias),
+            format!("primary {primary_alias} dead: {why} (mutant: replicas not asked)"),
         );
     }
     let mut confirm = Vec::new();

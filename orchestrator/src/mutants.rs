@@ -21,14 +21,18 @@ pub enum Mutant {
     /// Promote under the record's term instead of a new one: the deposed primary's agent never
     /// sees a newer term and does not fence it.
     ReuseTerm,
+    /// Call the primary dead on its own agent's word (it cannot reach its mysqld) without the
+    /// replicas' probes: a primary that serves its clients and replicas is failed over.
+    TrustColocatedAgent,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 4] = [
+    pub const ALL: [Mutant; 5] = [
         Mutant::RankOnApplied,
         Mutant::PromoteBeforeApplied,
         Mutant::SkipRevocation,
         Mutant::ReuseTerm,
+        Mutant::TrustColocatedAgent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -37,6 +41,7 @@ impl Mutant {
             Mutant::PromoteBeforeApplied => "promote-before-applied",
             Mutant::SkipRevocation => "skip-revocation",
             Mutant::ReuseTerm => "reuse-term",
+            Mutant::TrustColocatedAgent => "trust-colocated-agent",
         }
     }
 
@@ -52,6 +57,9 @@ impl Mutant {
             }
             Mutant::SkipRevocation => "proceed without reaching R - K + 1 replicas",
             Mutant::ReuseTerm => "promote under the old term (the deposed primary is never fenced)",
+            Mutant::TrustColocatedAgent => {
+                "trust the co-located agent over every replica (no probe confirmation)"
+            }
         }
     }
 }

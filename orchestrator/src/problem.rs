@@ -20,8 +20,10 @@ pub enum ProblemCode {
     DeadPrimaryAndAllReplicas,
     /// The orchestrator cannot see the primary but replicas reach it (P5, P6): no failover.
     UnreachablePrimary,
-    /// The primary's own agent reaches it, but every replica has lost it: their probes of its
-    /// mysqld fail and none has received its heartbeat for `isolated_primary_after` (P20). The
+    /// The primary's own agent reaches it, but every replica has lost it: each replica that is
+    /// not quarantined is seen with its mysqld up, its probe of the primary's mysqld fails and
+    /// it has not received the primary's heartbeat for `isolated_primary_after` (P20; with a
+    /// replica unseen or down the confirming ones may be the isolated side). The
     /// co-located agent is no independent observer of network reachability, and under semi_sync
     /// a primary no replica reaches cannot commit anyway: failed over like a dead primary; its
     /// agent, which still reaches etcd, fences it on the new term.

@@ -1,17 +1,22 @@
 //! `scripts/dev sim`: explores seeded fault schedules of one simulated shard, replays one seed,
-//! and runs them against a re-introduced bug.
+//! and runs them against a re-introduced bug; or, with `--shards`, runs a fleet under one engine
+//! with 10 % of its primaries killed at once and prints the recovery times and the decision
+//! code's CPU.
 //!
 //! ```text
 //! explore [--seeds N] [--first F] [--seed X] [--mutant NAME] [--list-mutants] [--trace]
+//! explore --shards S [--seed X]
 //! ```
 //!
 //! A violation prints the seed, the shrunk fault schedule (as the Rust a pinned test replays it
-//! with) and the shrunk run's trace. Exit status 1 when an invariant broke.
+//! with) and the shrunk run's trace. Exit status 1 when an invariant broke (or, for a fleet,
+//! when a killed shard was not recovered).
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use myha_orchestrator::mutants::Mutant;
+use myha_sim::fleet::FleetConfig;
 use myha_sim::shard::{schedule_code, shrink, ShardSim, ShardSimConfig};
 
 struct Args {
@@ -21,6 +26,7 @@ struct Args {
     mutant: Option<Mutant>,
     list: bool,
     trace: bool,
+    shards: Option<u32>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -31,6 +37,7 @@ fn parse() -> Result<Args, String> {
         mutant: None,
         list: false,
         trace: false,
+        shards: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +65,13 @@ fn parse() -> Result<Args, String> {
                 a.mutant = Some(Mutant::parse(&name).ok_or(format!(
                     "--mutant: unknown mutant {name:?} (see --list-mutants)"
                 ))?);
+            }
+            "--shards" => {
+                a.shards = Some(
+                    value("--shards")?
+                        .parse()
+                        .map_err(|e| format!("--shards: {e}"))?,
+                )
             }
             "--list-mutants" => a.list = true,
             "--trace" => a.trace = true,
@@ -119,6 +133,9 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    if let Some(shards) = args.shards {
+        return fleet(shards, args.seed.unwrap_or(1));
+    }
     if let Some(seed) = args.seed {
         let cfg = config(seed, args.mutant);
         let r = ShardSim::new(cfg.clone()).run();
@@ -172,6 +189,57 @@ fn main() -> ExitCode {
     if failing.is_empty() {
         ExitCode::SUCCESS
     } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn fleet(shards: u32, seed: u64) -> ExitCode {
+    let mut cfg = FleetConfig::new(shards);
+    cfg.seed = seed;
+    let r = myha_sim::fleet::run(&cfg);
+    let ms =
+        |d: Option<std::time::Duration>| d.map_or("-".to_string(), |d| d.as_millis().to_string());
+    println!(
+        "fleet of {} shards / {} tablets, one engine, seed {seed}: {} primaries killed at {} ms",
+        r.shards,
+        r.tablets,
+        r.killed,
+        cfg.kill_at.as_millis()
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10}",
+        "", "p50 ms", "p99 ms", "max ms", "goal"
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10}",
+        "kill -> new primary in the record",
+        ms(r.quantile(0.5)),
+        ms(r.quantile(0.99)),
+        ms(r.quantile(1.0)),
+        "p99 <= 2000"
+    );
+    println!(
+        "recovered {} of {}; {} invariant violations; {} writes acknowledged",
+        r.recovery.len(),
+        r.killed,
+        r.violations.len(),
+        r.acked
+    );
+    println!(
+        "decision code: {:.3} s of CPU for {:.1} s simulated = {:.1} % of one core (goal < 10 %); {} engine evaluations; whole run {:.1} s",
+        r.decision.as_secs_f64(),
+        r.simulated.as_secs_f64(),
+        100.0 * r.decision_share(),
+        r.evaluations,
+        r.wall.as_secs_f64()
+    );
+    for (shard, v) in r.violations.iter().take(10) {
+        println!("  ks/{shard}: {v}");
+    }
+    if r.unrecovered.is_empty() && r.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        println!("not recovered: {:?}", r.unrecovered);
         ExitCode::FAILURE
     }
 }

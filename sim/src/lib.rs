@@ -5,6 +5,7 @@
 //! Test-only: no production binary depends on this crate.
 
 pub mod etcd;
+pub mod fleet;
 pub mod mariadb;
 pub mod net;
 pub mod shard;

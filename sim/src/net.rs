@@ -260,6 +260,11 @@ impl<M> Network<M> {
         self.drop_in_flight(|f, t| f == a || t == a);
     }
 
+    /// Whether `a` is isolated from every party.
+    pub fn is_isolated(&self, a: NodeId) -> bool {
+        self.isolated.contains(&a)
+    }
+
     /// Ends the isolation of `a` (partitions of its links still hold).
     pub fn rejoin(&mut self, a: NodeId) {
         self.isolated.remove(&a);

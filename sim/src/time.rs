@@ -30,6 +30,11 @@ impl SimTime {
     }
 
     /// Time elapsed since `earlier`; zero when `earlier` is later.
+    /// `self - d`, or zero.
+    pub fn saturating_sub(self, d: Duration) -> SimTime {
+        SimTime::from_micros(self.as_micros().saturating_sub(d.as_micros() as u64))
+    }
+
     pub fn saturating_since(self, earlier: SimTime) -> Duration {
         Duration::from_micros(self.0.saturating_sub(earlier.0))
     }

@@ -260,6 +260,35 @@ fn isolation_needs_every_replica_to_have_lost_the_primary_for_the_bound() {
     assert!(p[0].detail.contains("durability none"), "{}", p[0].detail);
 }
 
+/// Found by the simulator: with one replica's agent unseen (or its mysqld down), the replicas
+/// that confirm may be the isolated ones. Failing over to one of them moved the primary onto
+/// the host cut off from everyone, losing what the healthy primary had (durability none) or
+/// flapping through three reparents for one failure.
+#[test]
+fn isolation_is_not_concluded_while_a_replica_cannot_give_its_view() {
+    let isolated = |s: &ShardInput| {
+        codes(s)
+            .iter()
+            .any(|(c, _)| *c == ProblemCode::IsolatedPrimary)
+    };
+    assert!(isolated(&cut_off([Some(1500), Some(1500)])));
+    // z-3's agent is unseen: it may still reach the primary.
+    let mut s = cut_off([Some(1500), Some(1500)]);
+    s.tablets[2].stream_connected = false;
+    assert!(!isolated(&s), "{:?}", codes(&s));
+    // z-3's mysqld is down: z-2 alone cannot tell its own isolation from the primary's.
+    let mut s = cut_off([Some(1500), Some(1500)]);
+    let h = s.tablets[2].health.as_mut().unwrap();
+    h.mysql_reachable = false;
+    h.mysql_error = "Connection refused".into();
+    assert!(!isolated(&s), "{:?}", codes(&s));
+    // A quarantined replica has no say.
+    let mut s = cut_off([Some(1500), Some(1500)]);
+    s.tablets[2].stream_connected = false;
+    s.quarantined.insert("z-3".into(), "errant".into());
+    assert!(isolated(&s), "{:?}", codes(&s));
+}
+
 #[test]
 fn a_primary_whose_writes_block_is_reported_with_what_blocks_them() {
     let mut s = healthy();

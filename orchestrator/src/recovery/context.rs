@@ -746,4 +746,22 @@ impl TopoApi for RecoveryContext {
     fn registration_last_seen(&self, alias: &str) -> Option<u64> {
         self.deps.registrations.last_seen(alias)
     }
+
+    async fn quarantine(&self, term: Term, alias: &str, reason: &str) -> Result<(), RecoveryError> {
+        let control = crate::control::Control::new(self.deps.topo.clone());
+        self.step_at(
+            term,
+            "quarantine",
+            Some(alias),
+            async {
+                control
+                    .quarantine(alias, reason, term)
+                    .await
+                    .map_err(|e| RecoveryError::Failed(e.to_string()))
+            },
+            |_| reason.to_string(),
+        )
+        .await
+        .map(drop)
+    }
 }

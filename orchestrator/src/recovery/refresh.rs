@@ -241,30 +241,71 @@ pub async fn refresh(
             }
         }
     }
-    let (record, record_revision) = match rec {
-        Some((r, rev)) => (Some(r), rev),
-        None => (None, 0),
-    };
-    let input = input::fresh_input(
-        keyspace,
-        shard,
-        record.clone(),
-        ks.durability,
-        tablets.values().cloned().collect(),
-        &statuses,
-        quarantined.clone(),
-        topo::now_ms(),
-    );
-    let problems = analysis::analyze(&input, &deps.cfg.analysis);
-    Ok(FreshShard {
-        record,
-        record_revision,
-        durability: ks.durability,
-        tablets,
+    Ok(FreshShard::assemble(
+        FreshReads {
+            keyspace,
+            shard,
+            record: rec,
+            durability: ks.durability,
+            tablets,
+            unreadable,
+        },
         statuses,
         unseen,
-        input,
-        problems,
-        unreadable,
-    })
+        quarantined,
+        topo::now_ms(),
+        &deps.cfg.analysis,
+    ))
+}
+
+/// What the refresh read from etcd for one shard.
+#[derive(Debug, Clone)]
+pub struct FreshReads<'a> {
+    pub keyspace: &'a str,
+    pub shard: &'a str,
+    /// The shard record and its `mod_revision`.
+    pub record: Option<(ShardRecord, i64)>,
+    pub durability: Durability,
+    pub tablets: BTreeMap<String, TabletRecord>,
+    pub unreadable: Vec<topo::Unreadable>,
+}
+
+impl FreshShard {
+    /// The fresh shard from what was read (etcd, the agents' answers) at `now_ms`, analysed.
+    /// Pure: the refresh and the simulator build it the same way.
+    pub fn assemble(
+        reads: FreshReads<'_>,
+        statuses: BTreeMap<String, pb::Health>,
+        unseen: BTreeMap<String, String>,
+        quarantined: &BTreeMap<String, String>,
+        now_ms: u64,
+        cfg: &AnalysisConfig,
+    ) -> FreshShard {
+        let (record, record_revision) = match reads.record {
+            Some((r, rev)) => (Some(r), rev),
+            None => (None, 0),
+        };
+        let input = input::fresh_input(
+            reads.keyspace,
+            reads.shard,
+            record.clone(),
+            reads.durability,
+            reads.tablets.values().cloned().collect(),
+            &statuses,
+            quarantined.clone(),
+            now_ms,
+        );
+        let problems = analysis::analyze(&input, cfg);
+        FreshShard {
+            record,
+            record_revision,
+            durability: reads.durability,
+            tablets: reads.tablets,
+            statuses,
+            unseen,
+            input,
+            problems,
+            unreadable: reads.unreadable,
+        }
+    }
 }

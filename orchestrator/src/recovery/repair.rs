@@ -8,8 +8,8 @@
 //! Order matters for semi-sync: the analysis only reports the primary side once a replica acks,
 //! so replicas are always fixed first and no commit ever waits on a primary with no acker.
 
-use super::steps::AgentAction;
-use super::{Done, RecoveryContext, RecoveryError};
+use super::steps::{Action, AgentAction, Call, CallId, Emitter, Now, Reply, StepMachine};
+use super::{Done, FreshShard, RecoveryContext, RecoveryError};
 use crate::analysis::{self, Candidate, Problem};
 use crate::control::Control;
 use crate::problem::Remedy;
@@ -23,8 +23,8 @@ fn tablet_of(problem: &Problem) -> Result<&str, RecoveryError> {
         .ok_or_else(|| RecoveryError::Failed(format!("{} names no tablet", problem.code.as_str())))
 }
 
-fn primary_of(ctx: &RecoveryContext) -> Result<String, RecoveryError> {
-    ctx.fresh
+fn primary_of(fresh: &FreshShard) -> Result<String, RecoveryError> {
+    fresh
         .record
         .as_ref()
         .and_then(|r| r.primary.clone())
@@ -37,112 +37,208 @@ pub async fn repair(
     problem: &Problem,
     remedy: Remedy,
 ) -> Result<Done, RecoveryError> {
-    let semi = ctx.durability() == Durability::SemiSync;
-    let done = |detail: String| Done {
-        detail,
-        ..Done::default()
-    };
+    if let Some(seq) = Sequence::plan(&ctx.fresh, problem, remedy, ctx.term()) {
+        return super::steps::drive(&mut seq?, ctx).await;
+    }
     match remedy {
         Remedy::ElectPrimary => elect_primary(ctx).await,
-        Remedy::MakePrimaryWritable => {
-            let p = tablet_of(problem)?;
-            // Never writable before lossless: under semi_sync the primary side is (re)applied
-            // first (AFTER_SYNC, no fallback, waiting with no replica), else the first commits
-            // after read_only could be acknowledged with no replica holding them.
-            let semi = ctx.durability() == Durability::SemiSync;
-            if semi {
-                ctx.act(
-                    p,
-                    AgentAction::SetSemiSync {
-                        primary: Some(true),
-                        replica: None,
-                    },
-                )
-                .await?;
-            }
-            ctx.act(p, AgentAction::SetReadOnly { read_only: false })
-                .await?;
-            Ok(done(format!(
-                "{p}: {}read_only set back to OFF",
-                if semi {
-                    "semi-sync primary side made lossless, then "
-                } else {
-                    ""
-                }
-            )))
-        }
-        Remedy::ResetPrimaryReplication => {
-            let p = tablet_of(problem)?;
-            ctx.act(p, AgentAction::ResetReplication).await?;
-            Ok(done(format!(
-                "{p}: replication on the primary stopped and reset"
-            )))
-        }
-        Remedy::SetPrimarySemiSync(on) => {
-            let p = tablet_of(problem)?;
-            ctx.act(
-                p,
-                AgentAction::SetSemiSync {
-                    primary: Some(on),
-                    replica: None,
-                },
-            )
-            .await?;
-            Ok(done(format!("{p}: semi-sync primary side {}", onoff(on))))
-        }
-        Remedy::SetReplicaSemiSync(on) => {
-            let r = tablet_of(problem)?;
-            ctx.act(
-                r,
-                AgentAction::SetSemiSync {
-                    primary: None,
-                    replica: Some(on),
-                },
-            )
-            .await?;
-            Ok(done(format!("{r}: semi-sync replica side {}", onoff(on))))
-        }
-        Remedy::MakeReplicaReadOnly => {
-            let r = tablet_of(problem)?;
-            ctx.act(r, AgentAction::SetReadOnly { read_only: true })
-                .await?;
-            Ok(done(format!("{r}: read_only set back to ON")))
-        }
-        Remedy::RestartReplication => {
-            let r = tablet_of(problem)?;
-            ctx.act(r, AgentAction::StartReplication { io_only: false })
-                .await?;
-            Ok(done(format!("{r}: replication restarted")))
-        }
-        Remedy::RepointAtPrimary => {
-            let r = tablet_of(problem)?;
-            let primary = primary_of(ctx)?;
-            let source = ctx.tablet(&primary)?.clone();
-            ctx.act(
-                r,
-                AgentAction::SetReplicationSource {
-                    step: "repoint to the primary",
-                    source: source.clone(),
-                    semi_sync: semi,
-                    start_replication: true,
-                },
-            )
-            .await?;
-            Ok(done(format!(
-                "{r}: repointed at {primary} ({}:{})",
-                source.mysql_host, source.mysql_port
-            )))
-        }
-        Remedy::RejoinOrQuarantine => rejoin_or_quarantine(ctx, problem).await,
         Remedy::QuarantineErrant => quarantine_errant(ctx, problem).await,
-        Remedy::ReconcileTerms => reconcile_terms(ctx).await,
         Remedy::ClearStaleMark => clear_stale_mark(ctx).await,
-        Remedy::Report | Remedy::EmergencyReparent | Remedy::DemoteThenEmergencyReparent => {
-            Err(RecoveryError::Refused(format!(
-                "no repair for {}: {remedy:?} is not a repair",
-                problem.code.as_str()
-            )))
+        _ => Err(RecoveryError::Refused(format!(
+            "no repair for {}: {remedy:?} is not a repair",
+            problem.code.as_str()
+        ))),
+    }
+}
+
+/// A repair's agent actions, each on a tablet, and its detail.
+type Actions = (Vec<(String, AgentAction)>, String);
+
+/// A repair that is a fixed list of agent actions under one term, decided up front from the
+/// problem and the fresh shard: the remedies of a single tablet's setting (R1-R9). The first
+/// failure ends it with that error; nothing is undone (each action is a fix of its own, and
+/// the next analysis sees what is left).
+#[derive(Debug)]
+pub struct Sequence {
+    term: Term,
+    calls: std::collections::VecDeque<Call>,
+    detail: String,
+    pending: Option<CallId>,
+    emit: Emitter,
+}
+
+impl Sequence {
+    /// The sequence for `remedy`, `None` when the remedy is not a sequence (elect, quarantine
+    /// of an errant replica, reconcile, clear, and the reparents); an error when the problem or
+    /// the shard lacks what the remedy needs.
+    pub fn plan(
+        fresh: &FreshShard,
+        problem: &Problem,
+        remedy: Remedy,
+        term: Term,
+    ) -> Option<Result<Sequence, RecoveryError>> {
+        let semi = fresh.durability == Durability::SemiSync;
+        let one = |tablet: &str, action: AgentAction| vec![(tablet.to_string(), action)];
+        let planned = (|| -> Result<Option<Actions>, RecoveryError> {
+            Ok(Some(match remedy {
+                Remedy::MakePrimaryWritable => {
+                    let p = tablet_of(problem)?;
+                    // Never writable before lossless: under semi_sync the primary side is
+                    // (re)applied first (AFTER_SYNC, no fallback, waiting with no replica),
+                    // else the first commits after read_only could be acknowledged with no
+                    // replica holding them.
+                    let mut v = Vec::new();
+                    if semi {
+                        v.push((
+                            p.to_string(),
+                            AgentAction::SetSemiSync {
+                                primary: Some(true),
+                                replica: None,
+                            },
+                        ));
+                    }
+                    v.push((p.to_string(), AgentAction::SetReadOnly { read_only: false }));
+                    let how = if semi {
+                        "semi-sync primary side made lossless, then "
+                    } else {
+                        ""
+                    };
+                    (v, format!("{p}: {how}read_only set back to OFF"))
+                }
+                Remedy::ResetPrimaryReplication => {
+                    let p = tablet_of(problem)?;
+                    (
+                        one(p, AgentAction::ResetReplication),
+                        format!("{p}: replication on the primary stopped and reset"),
+                    )
+                }
+                Remedy::SetPrimarySemiSync(on) => {
+                    let p = tablet_of(problem)?;
+                    let action = AgentAction::SetSemiSync {
+                        primary: Some(on),
+                        replica: None,
+                    };
+                    (
+                        one(p, action),
+                        format!("{p}: semi-sync primary side {}", onoff(on)),
+                    )
+                }
+                Remedy::SetReplicaSemiSync(on) => {
+                    let r = tablet_of(problem)?;
+                    let action = AgentAction::SetSemiSync {
+                        primary: None,
+                        replica: Some(on),
+                    };
+                    (
+                        one(r, action),
+                        format!("{r}: semi-sync replica side {}", onoff(on)),
+                    )
+                }
+                Remedy::MakeReplicaReadOnly => {
+                    let r = tablet_of(problem)?;
+                    (
+                        one(r, AgentAction::SetReadOnly { read_only: true }),
+                        format!("{r}: read_only set back to ON"),
+                    )
+                }
+                Remedy::RestartReplication => {
+                    let r = tablet_of(problem)?;
+                    (
+                        one(r, AgentAction::StartReplication { io_only: false }),
+                        format!("{r}: replication restarted"),
+                    )
+                }
+                Remedy::RepointAtPrimary => {
+                    let r = tablet_of(problem)?;
+                    let primary = primary_of(fresh)?;
+                    let source = fresh
+                        .tablets
+                        .get(&primary)
+                        .cloned()
+                        .ok_or_else(|| RecoveryError::UnknownTablet(primary.clone()))?;
+                    let detail = format!(
+                        "{r}: repointed at {primary} ({}:{})",
+                        source.mysql_host, source.mysql_port
+                    );
+                    let action = AgentAction::SetReplicationSource {
+                        step: "repoint to the primary",
+                        source,
+                        semi_sync: semi,
+                        start_replication: true,
+                    };
+                    (one(r, action), detail)
+                }
+                _ => return Ok(None),
+            }))
+        })();
+        let planned = match (planned, remedy) {
+            (Ok(None), Remedy::RejoinOrQuarantine) => {
+                rejoin_or_quarantine(fresh, problem, term).map(Some)
+            }
+            (Ok(Some((actions, detail))), _) => Ok(Some(Sequence::new(
+                term,
+                actions
+                    .into_iter()
+                    .map(|(tablet, action)| Call::Agent {
+                        tablet,
+                        term,
+                        action,
+                    })
+                    .collect(),
+                detail,
+            ))),
+            (Ok(None), _) => Ok(None),
+            (Err(e), _) => Err(e),
+        };
+        planned.transpose()
+    }
+
+    fn new(term: Term, calls: Vec<Call>, detail: String) -> Sequence {
+        Sequence {
+            term,
+            calls: calls.into(),
+            detail,
+            pending: None,
+            emit: Emitter::default(),
         }
+    }
+
+    fn next(&mut self) -> Vec<Action> {
+        match self.calls.pop_front() {
+            Some(call) => {
+                let id = self.emit.call(call);
+                self.pending = Some(id);
+            }
+            None => self.emit.out.push(Action::Done(Ok(Done {
+                detail: std::mem::take(&mut self.detail),
+                ..Done::default()
+            }))),
+        }
+        self.emit.take()
+    }
+}
+
+impl StepMachine for Sequence {
+    fn start(&mut self, _now: Now) -> Vec<Action> {
+        self.next()
+    }
+
+    fn on_reply(&mut self, id: CallId, reply: Reply, _now: Now) -> Vec<Action> {
+        if self.pending != Some(id) {
+            return Vec::new();
+        }
+        self.pending = None;
+        match reply {
+            Reply::Action(Ok(_)) | Reply::Quarantined(Ok(())) => self.next(),
+            Reply::Action(Err(e)) | Reply::Quarantined(Err(e)) => vec![Action::Done(Err(e))],
+            other => vec![Action::Done(Err(RecoveryError::Failed(format!(
+                "repair: unexpected reply {other:?} to a repair step"
+            ))))],
+        }
+    }
+
+    fn term(&self) -> Term {
+        self.term
     }
 }
 
@@ -160,12 +256,11 @@ fn onoff(b: bool) -> &'static str {
 /// at its promotion term. Without such a claim only the reservation is raised (nothing changes
 /// hands). Several claims, or a claimant that is not the only writable tablet: refused, with
 /// what was seen.
-async fn reconcile_terms(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
-    let fresh = &ctx.fresh;
-    let rec = fresh
-        .record
-        .clone()
-        .ok_or_else(|| RecoveryError::Refused("the shard has no record".into()))?;
+pub fn reconcile_terms(fresh: &FreshShard, now_ms: u64) -> Result<(ShardRecord, Done), Refusal> {
+    let rec = fresh.record.clone().ok_or_else(|| Refusal {
+        tablet: None,
+        why: "the shard has no record".into(),
+    })?;
     let highest = fresh.highest_reported_term();
     let claims: Vec<(&String, &myha_proto::agent::Health)> = fresh
         .statuses
@@ -190,21 +285,20 @@ async fn reconcile_terms(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
         [(alias, h)] => {
             let replicating = h.replication.as_ref().is_some_and(|r| r.configured);
             if writable.as_slice() != [*alias] || replicating {
-                return Err(ctx.refuse(
-                    "reconcile_terms",
-                    Some(alias),
-                    format!(
+                return Err(Refusal {
+                    tablet: Some((*alias).clone()),
+                    why: format!(
                         "{alias} claims term {} above the record's {}, but it is not the only writable tablet (writable: [{}]){}: not adopted, an operator must decide",
                         h.promoted_term,
                         rec.term,
                         writable.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", "),
                         if replicating { ", and it replicates from a source" } else { "" }
                     ),
-                ));
+                });
             }
             next.primary = Some((*alias).clone());
             next.term = Term::new(h.promoted_term);
-            next.term_start_ms = topo::now_ms();
+            next.term_start_ms = now_ms;
             next.reparent_in_progress = None;
             format!(
                 "{alias}, the only writable tablet, was promoted under term {} above the record's {} (primary {}): adopted as primary at term {}, reservation {}",
@@ -216,10 +310,9 @@ async fn reconcile_terms(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
             )
         }
         many => {
-            return Err(ctx.refuse(
-                "reconcile_terms",
-                None,
-                format!(
+            return Err(Refusal {
+                tablet: None,
+                why: format!(
                     "several tablets claim promotions above the record's term {}: {}: not adopted, an operator must decide",
                     rec.term,
                     many.iter()
@@ -227,17 +320,89 @@ async fn reconcile_terms(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-            ))
+            })
         }
     };
-    ctx.write_shard_record_as("reconcile_terms", &next).await?;
-    Ok(Done {
+    let done = Done {
         detail,
         new_term: (next.term != rec.term).then_some(next.term),
         new_primary: (next.primary != rec.primary)
             .then(|| next.primary.clone())
             .flatten(),
-    })
+    };
+    Ok((next, done))
+}
+
+/// Why a repair decided up front does not act, and about which tablet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub tablet: Option<String>,
+    pub why: String,
+}
+
+/// X2 as a step machine: [`reconcile_terms`] decided at its start, then one shard-record write
+/// conditional on the lock (step `reconcile_terms`), or the refusal recorded as that step.
+#[derive(Debug)]
+pub struct Reconcile {
+    fresh: FreshShard,
+    term: Term,
+    done: Option<Done>,
+    pending: Option<CallId>,
+    emit: Emitter,
+}
+
+impl Reconcile {
+    pub fn new(fresh: FreshShard, term: Term) -> Reconcile {
+        Reconcile {
+            fresh,
+            term,
+            done: None,
+            pending: None,
+            emit: Emitter::default(),
+        }
+    }
+}
+
+impl StepMachine for Reconcile {
+    fn start(&mut self, now: Now) -> Vec<Action> {
+        match reconcile_terms(&self.fresh, now.wall_ms) {
+            Ok((record, done)) => {
+                self.done = Some(done);
+                let id = self.emit.call(Call::WriteShardRecord {
+                    step: "reconcile_terms",
+                    term: self.term,
+                    record,
+                });
+                self.pending = Some(id);
+            }
+            Err(r) => {
+                let e = self
+                    .emit
+                    .refuse(self.term, "reconcile_terms", r.tablet.as_deref(), r.why);
+                self.emit.out.push(Action::Done(Err(e)));
+            }
+        }
+        self.emit.take()
+    }
+
+    fn on_reply(&mut self, id: CallId, reply: Reply, _now: Now) -> Vec<Action> {
+        if self.pending != Some(id) {
+            return Vec::new();
+        }
+        self.pending = None;
+        let result = match reply {
+            Reply::Written(Ok(_)) => Ok(self.done.take().unwrap_or_default()),
+            Reply::Written(Err(e)) => Err(e),
+            other => Err(RecoveryError::Failed(format!(
+                "reconcile_terms: unexpected reply {other:?} to a record write"
+            ))),
+        };
+        vec![Action::Done(result)]
+    }
+
+    fn term(&self) -> Term {
+        self.term
+    }
 }
 
 /// Quarantines `alias` with `reason` as one step.
@@ -285,13 +450,14 @@ async fn quarantine_errant(
 /// A tablet promoted under an older term came back (P3, R9). It rejoins as a replica of the
 /// current primary when everything it has is also on the primary; otherwise its extra
 /// transactions would be lost or replicated nowhere, so it is quarantined with the reason.
-async fn rejoin_or_quarantine(
-    ctx: &RecoveryContext,
+fn rejoin_or_quarantine(
+    fresh: &FreshShard,
     problem: &Problem,
-) -> Result<Done, RecoveryError> {
+    term: Term,
+) -> Result<Sequence, RecoveryError> {
     let stale = tablet_of(problem)?;
-    let primary = primary_of(ctx)?;
-    let (Some(sh), Some(ph)) = (ctx.status(stale), ctx.status(&primary)) else {
+    let primary = primary_of(fresh)?;
+    let (Some(sh), Some(ph)) = (fresh.statuses.get(stale), fresh.statuses.get(&primary)) else {
         return Err(RecoveryError::Refused(format!(
             "need fresh status of both {stale} and the primary {primary}"
         )));
@@ -324,41 +490,45 @@ async fn rejoin_or_quarantine(
             .map_err(|e| RecoveryError::Failed(format!("comparing positions: {e}")))?
             .to_string()
     };
+    // Read-only first in both cases: the agent fences it already, this makes sure.
+    let read_only = Call::Agent {
+        tablet: stale.to_string(),
+        term,
+        action: AgentAction::SetReadOnly { read_only: true },
+    };
     if !extra.is_empty() {
         let reason = format!(
             "{stale} (promoted under term {}) holds transactions {extra} that primary {primary} does not have; \
              quarantined: it must not replicate or be promoted until an operator resolves them",
             sh.promoted_term
         );
-        // Read-only first: the agent fences it already, this makes sure.
-        ctx.act(stale, AgentAction::SetReadOnly { read_only: true })
-            .await?;
-        quarantine_step(ctx, stale, &reason).await?;
-        return Ok(Done {
-            detail: reason,
-            ..Done::default()
-        });
+        let quarantine = Call::Quarantine {
+            term,
+            alias: stale.to_string(),
+            reason: reason.clone(),
+        };
+        return Ok(Sequence::new(term, vec![read_only, quarantine], reason));
     }
-    let source = ctx.tablet(&primary)?.clone();
-    ctx.act(stale, AgentAction::SetReadOnly { read_only: true })
-        .await?;
-    ctx.act(
-        stale,
-        AgentAction::SetReplicationSource {
+    let source = fresh
+        .tablets
+        .get(&primary)
+        .cloned()
+        .ok_or_else(|| RecoveryError::UnknownTablet(primary.clone()))?;
+    let rejoin = Call::Agent {
+        tablet: stale.to_string(),
+        term,
+        action: AgentAction::SetReplicationSource {
             step: "rejoin as a replica",
             source,
-            semi_sync: ctx.durability() == Durability::SemiSync,
+            semi_sync: fresh.durability == Durability::SemiSync,
             start_replication: true,
         },
-    )
-    .await?;
-    Ok(Done {
-        detail: format!(
-            "{stale} (promoted under term {}) rejoined as a replica of {primary}: its position {stale_pos} is contained in {primary_pos}",
-            sh.promoted_term
-        ),
-        ..Done::default()
-    })
+    };
+    let detail = format!(
+        "{stale} (promoted under term {}) rejoined as a replica of {primary}: its position {stale_pos} is contained in {primary_pos}",
+        sh.promoted_term
+    );
+    Ok(Sequence::new(term, vec![read_only, rejoin], detail))
 }
 
 /// R8: a shard with no primary gets one, chosen like an emergency candidate among the tablets
@@ -549,6 +719,267 @@ mod tests {
         assert_eq!(r.primary.as_deref(), Some("z-1"));
         let r = cleared_record(&marked(t(3), t(0)), t(5), 999);
         assert_eq!((r.term, r.reserved_term), (t(5), t(5)));
+    }
+
+    fn fresh(durability: Durability) -> FreshShard {
+        use tabletwatch::testing::tablet_record;
+        let mut record = ShardRecord::new("ks", "0");
+        record.primary = Some("z-1".into());
+        record.term = Term::new(4);
+        FreshShard::assemble(
+            super::super::FreshReads {
+                keyspace: "ks",
+                shard: "0",
+                record: Some((record, 3)),
+                durability,
+                tablets: ["z-1", "z-2"]
+                    .iter()
+                    .map(|a| (a.to_string(), tablet_record(a, "ks", "0")))
+                    .collect(),
+                unreadable: Vec::new(),
+            },
+            Default::default(),
+            Default::default(),
+            &Default::default(),
+            1_000,
+            &Default::default(),
+        )
+    }
+
+    fn problem(code: crate::analysis::ProblemCode, tablet: &str) -> Problem {
+        Problem {
+            code,
+            tablet: Some(tablet.into()),
+            detail: "seen".into(),
+        }
+    }
+
+    /// Drives a sequence with `answer` for each call; the calls made and the result.
+    fn drive(
+        mut m: Sequence,
+        mut answer: impl FnMut(&Call) -> Reply,
+    ) -> (Vec<Call>, Result<Done, RecoveryError>) {
+        let now = Now {
+            since_start: std::time::Duration::ZERO,
+            wall_ms: 0,
+        };
+        let mut calls = Vec::new();
+        let mut todo: std::collections::VecDeque<Action> = m.start(now).into();
+        while let Some(a) = todo.pop_front() {
+            match a {
+                Action::Call(id, call) => {
+                    let reply = answer(&call);
+                    calls.push(call);
+                    todo.extend(m.on_reply(id, reply, now));
+                }
+                Action::Done(r) => return (calls, r),
+                _ => {}
+            }
+        }
+        panic!("the sequence stalled after {calls:?}");
+    }
+
+    fn ok(_: &Call) -> Reply {
+        Reply::Action(Ok(Default::default()))
+    }
+
+    #[test]
+    fn a_read_only_primary_gets_lossless_semi_sync_before_writes_under_its_term() {
+        use crate::analysis::ProblemCode;
+        let f = fresh(Durability::SemiSync);
+        let p = problem(ProblemCode::PrimaryReadOnly, "z-1");
+        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4))
+            .expect("a sequence")
+            .expect("planned");
+        let (calls, r) = drive(m, ok);
+        let expect = |action| Call::Agent {
+            tablet: "z-1".into(),
+            term: Term::new(4),
+            action,
+        };
+        assert_eq!(
+            calls,
+            vec![
+                expect(AgentAction::SetSemiSync {
+                    primary: Some(true),
+                    replica: None
+                }),
+                expect(AgentAction::SetReadOnly { read_only: false }),
+            ]
+        );
+        assert!(r
+            .expect("done")
+            .detail
+            .contains("read_only set back to OFF"));
+        // Under durability none: writable at once.
+        let f = fresh(Durability::None);
+        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4))
+            .expect("a sequence")
+            .expect("planned");
+        assert_eq!(drive(m, ok).0.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_action_ends_the_sequence_with_its_error() {
+        use crate::analysis::ProblemCode;
+        let f = fresh(Durability::SemiSync);
+        let p = problem(ProblemCode::PrimaryReadOnly, "z-1");
+        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4))
+            .expect("a sequence")
+            .expect("planned");
+        let (calls, r) = drive(m, |_| {
+            Reply::Action(Err(RecoveryError::Refused("mysqld: gone".into())))
+        });
+        assert_eq!(calls.len(), 1, "nothing after the first failure");
+        assert!(matches!(r, Err(RecoveryError::Refused(m)) if m.contains("gone")));
+    }
+
+    #[test]
+    fn repointing_names_the_record_primary_and_refuses_without_one() {
+        use crate::analysis::ProblemCode;
+        let f = fresh(Durability::SemiSync);
+        let p = problem(ProblemCode::ReplicaWrongSource, "z-2");
+        let m = Sequence::plan(&f, &p, Remedy::RepointAtPrimary, Term::new(4))
+            .expect("a sequence")
+            .expect("planned");
+        let (calls, r) = drive(m, ok);
+        let [Call::Agent {
+            tablet,
+            action:
+                AgentAction::SetReplicationSource {
+                    source, semi_sync, ..
+                },
+            ..
+        }] = &calls[..]
+        else {
+            panic!("one repoint: {calls:?}")
+        };
+        assert_eq!(
+            (tablet.as_str(), source.alias.as_str(), *semi_sync),
+            ("z-2", "z-1", true)
+        );
+        assert!(r.is_ok());
+        let mut f = fresh(Durability::SemiSync);
+        if let Some(r) = f.record.as_mut() {
+            r.primary = None;
+        }
+        assert!(matches!(
+            Sequence::plan(&f, &p, Remedy::RepointAtPrimary, Term::new(4)),
+            Some(Err(RecoveryError::Refused(_)))
+        ));
+        // The remedies that are not sequences are left to their own procedures.
+        assert!(Sequence::plan(&f, &p, Remedy::ElectPrimary, Term::new(4)).is_none());
+    }
+
+    #[test]
+    fn a_returning_old_primary_rejoins_when_contained_and_is_quarantined_otherwise() {
+        use crate::analysis::ProblemCode;
+        use myha_proto::agent::{Health, MysqlStatus};
+        let at = |pos: &str, promoted: u64| Health {
+            mysql_reachable: true,
+            promoted_term: promoted,
+            mysql: Some(MysqlStatus {
+                gtid_position: pos.into(),
+                flavor: "mariadb".into(),
+                read_only: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut f = fresh(Durability::SemiSync);
+        // z-1 is the record's primary; z-2 the old one returning.
+        f.statuses = [
+            ("z-1".to_string(), at("0-1-20", 4)),
+            ("z-2".to_string(), at("0-1-15", 3)),
+        ]
+        .into();
+        let p = problem(ProblemCode::StaleTabletClaimingPrimary, "z-2");
+        let m = Sequence::plan(&f, &p, Remedy::RejoinOrQuarantine, Term::new(4))
+            .expect("a sequence")
+            .expect("planned");
+        let (calls, r) = drive(m, ok);
+        assert!(
+            matches!(
+                &calls[..],
+                [
+                    Call::Agent { action: AgentAction::SetReadOnly { read_only: true }, .. },
+                    Call::Agent { action: AgentAction::SetReplicationSource { source, .. }, .. },
+                ] if source.alias == "z-1"
+            ),
+            "{calls:?}"
+        );
+        assert!(r
+            .expect("done")
+            .detail
+            .contains("rejoined as a replica of z-1"));
+        // It holds a transaction the primary never had: read-only, then quarantined.
+        f.statuses.insert("z-2".into(), at("0-3-25", 3));
+        let m = Sequence::plan(&f, &p, Remedy::RejoinOrQuarantine, Term::new(4))
+            .expect("a sequence")
+            .expect("planned");
+        let (calls, r) = drive(m, |c| match c {
+            Call::Quarantine { .. } => Reply::Quarantined(Ok(())),
+            _ => Reply::Action(Ok(Default::default())),
+        });
+        assert!(
+            matches!(
+                &calls[..],
+                [
+                    Call::Agent { action: AgentAction::SetReadOnly { read_only: true }, .. },
+                    Call::Quarantine { alias, term, .. },
+                ] if alias == "z-2" && *term == Term::new(4)
+            ),
+            "{calls:?}"
+        );
+        assert!(r.expect("done").detail.contains("quarantined"));
+    }
+
+    #[test]
+    fn reconcile_adopts_the_only_writable_claimant_in_one_conditional_write() {
+        use myha_proto::agent::{Health, MysqlStatus};
+        let claim = |promoted: u64, read_only: bool| Health {
+            mysql_reachable: true,
+            promoted_term: promoted,
+            term: promoted,
+            mysql: Some(MysqlStatus {
+                read_only,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut f = fresh(Durability::SemiSync);
+        f.statuses = [
+            ("z-1".to_string(), claim(4, true)),
+            ("z-2".to_string(), claim(5, false)),
+        ]
+        .into();
+        let mut m = Reconcile::new(f.clone(), Term::new(5));
+        let now = Now {
+            since_start: std::time::Duration::ZERO,
+            wall_ms: 777,
+        };
+        let start = m.start(now);
+        let [Action::Call(id, Call::WriteShardRecord { step, term, record })] = &start[..] else {
+            panic!("one record write: {start:?}")
+        };
+        assert_eq!((*step, *term), ("reconcile_terms", Term::new(5)));
+        assert_eq!(record.primary.as_deref(), Some("z-2"));
+        assert_eq!((record.term, record.term_start_ms), (Term::new(5), 777));
+        let end = m.on_reply(*id, Reply::Written(Ok(9)), now);
+        let [Action::Done(Ok(done))] = &end[..] else {
+            panic!("done: {end:?}")
+        };
+        assert_eq!(done.new_primary.as_deref(), Some("z-2"));
+        assert_eq!(done.new_term, Some(Term::new(5)));
+
+        // Two writable tablets: refused as a recorded step, nothing written.
+        f.statuses.insert("z-1".into(), claim(4, false));
+        let mut m = Reconcile::new(f, Term::new(5));
+        let start = m.start(now);
+        assert!(
+            matches!(&start[..], [Action::Record { ok: false, .. }, Action::Done(Err(RecoveryError::Refused(w)))] if w.contains("not the only writable")),
+            "{start:?}"
+        );
     }
 
     #[test]

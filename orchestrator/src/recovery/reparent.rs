@@ -76,6 +76,21 @@ pub struct EmergencyOptions {
     pub old_primary_must_be_fenced: bool,
 }
 
+impl EmergencyOptions {
+    /// A stalled primary (opt-in, [`crate::analysis::ProblemCode::StalledPrimary`]): its agent
+    /// sets it read-only first, bounded by `action_timeout` (read_only is set past a global read
+    /// lock's holder, and the writes blocked behind that lock then fail with
+    /// ER_OPTION_PREVENTS_STATEMENT instead of committing on the deposed primary); its final
+    /// position is what the replicas apply. See [`EmergencyOptions::old_primary_must_be_fenced`].
+    pub fn stalled_primary(cfg: &RecoveryConfig) -> EmergencyOptions {
+        EmergencyOptions {
+            demote_old_first: Some(cfg.action_timeout),
+            old_primary_must_be_fenced: true,
+            ..EmergencyOptions::default()
+        }
+    }
+}
+
 /// Acknowledgements a commit needs under `d` (K): 1 under semi_sync (MariaDB 10.11 has no
 /// `wait_for_slave_count`), 0 with no durability.
 pub fn acks_required(d: Durability) -> usize {
@@ -191,25 +206,6 @@ pub fn candidates(
 
 fn refusal_text(r: &Refusal) -> String {
     r.to_string()
-}
-
-/// The emergency reparent. See the module doc.
-pub async fn emergency_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
-    emergency_reparent_with(ctx, &EmergencyOptions::default()).await
-}
-
-/// A stalled primary (opt-in, [`crate::analysis::ProblemCode::StalledPrimary`]): its agent sets
-/// it read-only first, bounded by `action_timeout` (read_only is set past a global read lock's
-/// holder, and the writes blocked behind that lock then fail with ER_OPTION_PREVENTS_STATEMENT
-/// instead of committing on the deposed primary); its final position is what the replicas
-/// apply. See [`EmergencyOptions::old_primary_must_be_fenced`].
-pub async fn stalled_primary_reparent(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
-    let opts = EmergencyOptions {
-        demote_old_first: Some(ctx.cfg().action_timeout),
-        old_primary_must_be_fenced: true,
-        ..EmergencyOptions::default()
-    };
-    emergency_reparent_with(ctx, &opts).await
 }
 
 /// The emergency reparent, as asked (see [`EmergencyOptions`]): the [`Emergency`] step machine
@@ -1543,14 +1539,21 @@ const SELF_DEMOTION_MARGIN: Duration = Duration::from_millis(500);
 /// How often the old primary's registration is re-read while waiting for its self-demotion.
 const SELF_DEMOTION_POLL: Duration = Duration::from_millis(100);
 
-/// Replicas that cannot vouch for what they acknowledged: their mysqld went down after the old
-/// primary was lost (after this orchestrator last saw it healthy, or, when it never did, after
-/// the first replica lost it) and has restarted since, so the restart discarded their relay log
+/// Replicas that cannot vouch for what they acknowledged: their mysqld restarted after the old
+/// primary was last known alive, so the restart discarded their relay log
 /// (`relay_log_recovery=1`) and the acknowledged transactions it held, while the primary was no
-/// longer there to send them again. One whose outage began while the primary was still alive
-/// (its agent saw it) is reached as before: what it lost, the primary went on sending to the
-/// others (P8). Found by the simulator (a replica crashing right after the
-/// primary froze, with the other replica cut off from the primary shortly before).
+/// longer there to send them again.
+///
+/// One whose outage began while the primary was still alive (its agent saw it) is reached when
+/// the primary is known to have sent the others what it lost (P8): the primary's position as
+/// this orchestrator last saw it healthy, after that outage began, is held (received or applied)
+/// by another answering replica that did not restart. A replica that was down could not
+/// acknowledge anything the primary wrote later, so everything it may have acknowledged is in
+/// that position. Without such a sighting, or when no other replica holds it (the outage
+/// began just before the primary was lost, with the other replicas behind), it is not
+/// reached. Both cases found by the simulator: a replica crashing right after the primary
+/// froze, and one crashing 5 ms before the primary did, each with the other replica cut off
+/// from the primary shortly before.
 fn relay_lost(
     answering: &BTreeMap<String, pb::Health>,
     last_primary: Option<&PrimaryPosition>,
@@ -1575,30 +1578,68 @@ fn relay_lost(
     let Some((lost_ms, how)) = seen.into_iter().chain(probed).max_by_key(|(t, _)| *t) else {
         return BTreeMap::new();
     };
+    // Restarted after the primary was last known alive. Its agent saw when the outage began;
+    // when it did not see one (it started with its mysqld, or the restart fell between two
+    // polls), the start alone decides, past `Uptime`'s whole-second granularity (a mysqld
+    // started just before the loss must not look restarted after it).
+    let restarted = |h: &pb::Health| {
+        let started = h.mysql.as_ref().map_or(0, |m| m.started_at_ms);
+        if h.mysqld_outage_started_ms > 0 {
+            started > lost_ms
+        } else {
+            started > lost_ms + UPTIME_GRANULARITY_MS
+        }
+    };
+    // Whether a replica other than `alias`, not restarted, holds what the primary held when
+    // this orchestrator last saw it, provided that sighting came after `outage` began.
+    let sent_on = |alias: &str, outage: u64| -> Option<String> {
+        let p = last_primary.filter(|p| outage > 0 && p.seen_ms > outage)?;
+        let target = p.gtid_set()?;
+        answering
+            .iter()
+            .filter(|(a, h)| a.as_str() != alias && !restarted(h))
+            .find(|(_, h)| {
+                let applied = analysis::position(h);
+                let got = received(h).and_then(|r| GtidSet::parse(target.flavor(), &r).ok());
+                let held = match (applied, got) {
+                    (Some(a), Some(g)) => a.union(&g).ok(),
+                    (a, g) => a.or(g),
+                };
+                held.is_some_and(|h| h.contains_set(&target).unwrap_or(false))
+            })
+            .map(|(a, _)| a.clone())
+    };
     answering
         .iter()
+        .filter(|(_, h)| restarted(h))
         .filter_map(|(alias, h)| {
             let started = h.mysql.as_ref().map_or(0, |m| m.started_at_ms);
-            // Down already while the primary was alive (P8), it lost only what the primary was
-            // still there to send on to the other replicas. Its agent saw when the outage
-            // began; when it did not see one (it started with its mysqld, or the restart fell
-            // between two polls), the start alone decides, past `Uptime`'s whole-second
-            // granularity (a mysqld started just before the loss must not look restarted after
-            // it).
             let outage = h.mysqld_outage_started_ms;
-            let suspect = if outage > 0 {
-                outage >= lost_ms && started > lost_ms
-            } else {
-                started > lost_ms + UPTIME_GRANULARITY_MS
-            };
-            suspect.then(|| {
-                (
+            if outage > 0 && outage < lost_ms {
+                // Down while the primary was alive (P8): reached if the primary is known to
+                // have sent the others what its relay log lost.
+                if sent_on(alias, outage).is_some() {
+                    return None;
+                }
+                let seen = last_primary.map_or(0, |p| p.seen_ms);
+                return Some((
                     alias.clone(),
                     format!(
-                        "its mysqld restarted at {started} ms, after the primary {how} at {lost_ms} ms: the restart discarded its relay log, so acknowledged transactions it held may be gone"
+                        "its mysqld restarted at {started} ms (down since {outage} ms, while the primary was alive), after the primary {how} at {lost_ms} ms; no other replica received what the primary held when this orchestrator last saw it healthy{}: the restart discarded its relay log, so acknowledged transactions only it held may be gone",
+                        if seen > outage {
+                            format!(" at {seen} ms")
+                        } else {
+                            " after that outage began".to_string()
+                        }
                     ),
-                )
-            })
+                ));
+            }
+            Some((
+                alias.clone(),
+                format!(
+                    "its mysqld restarted at {started} ms, after the primary {how} at {lost_ms} ms: the restart discarded its relay log, so acknowledged transactions it held may be gone"
+                ),
+            ))
         })
         .collect()
 }

@@ -39,6 +39,75 @@ pub fn same_problem<'a>(wanted: &Problem, problems: &'a [Problem]) -> Option<&'a
     })
 }
 
+/// The problem to act on under the lock: `wanted` (what the engine saw) as the fresh analysis
+/// finds it again, or why there is nothing to do (every problem found now, for the audit).
+pub fn problem_under_lock(wanted: &Problem, fresh: &[Problem]) -> Result<Problem, String> {
+    if let Some(p) = same_problem(wanted, fresh) {
+        return Ok(p.clone());
+    }
+    let now: Vec<String> = fresh
+        .iter()
+        .map(|p| {
+            format!(
+                "{}{}",
+                p.code.as_str(),
+                p.tablet
+                    .as_deref()
+                    .map(|t| format!(" ({t})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    Err(format!(
+        "problem gone after lock: {} {} no longer found (now: {})",
+        wanted.code.as_str(),
+        wanted.tablet.as_deref().unwrap_or(""),
+        if now.is_empty() {
+            "none".to_string()
+        } else {
+            now.join(", ")
+        }
+    ))
+}
+
+/// A recovery's step machine, as [`machine_for`] gives it.
+pub type Machine = Box<dyn steps::StepMachine + Send>;
+
+/// The step machine that carries out `problem`'s remedy (from the problem table) on the shard
+/// as re-read under the lock, starting at [`FreshShard::action_term`]: the emergency reparents
+/// and the repairs that are a sequence of agent actions ([`repair::Sequence`]). `None` for the
+/// remedies still written as async procedures ([`repair::repair`]). The runner and the
+/// simulator dispatch through this one function.
+pub fn machine_for(
+    problem: &Problem,
+    fresh: &FreshShard,
+    last_primary: Option<PrimaryPosition>,
+    cfg: &RecoveryConfig,
+) -> Option<Result<Machine, RecoveryError>> {
+    let remedy = problem.code.facts().remedy;
+    let emergency = |opts: reparent::EmergencyOptions| -> Machine {
+        let input = reparent::EmergencyInput {
+            fresh: fresh.clone(),
+            last_primary: last_primary.clone(),
+            action_term: fresh.action_term(),
+            cfg: cfg.clone(),
+        };
+        Box::new(reparent::Emergency::new(input, opts))
+    };
+    match remedy {
+        Remedy::EmergencyReparent => Some(Ok(emergency(reparent::EmergencyOptions::default()))),
+        Remedy::DemoteThenEmergencyReparent => Some(Ok(emergency(
+            reparent::EmergencyOptions::stalled_primary(cfg),
+        ))),
+        Remedy::ReconcileTerms => Some(Ok(Box::new(repair::Reconcile::new(
+            fresh.clone(),
+            fresh.action_term(),
+        )))),
+        _ => repair::Sequence::plan(fresh, problem, remedy, fresh.action_term())
+            .map(|r| r.map(|s| Box::new(s) as Machine)),
+    }
+}
+
 /// Runs one recovery: lock, flapping check, refresh, re-analysis, action, summary, unlock.
 pub async fn run(deps: Deps, job: Job) -> Report {
     let started = Instant::now();
@@ -208,35 +277,14 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
         reparent::phase("refresh", t0.elapsed());
     }
     let term = fresh.record_term();
-    let Some(problem) = same_problem(&job.problem, &fresh.problems).cloned() else {
-        let now: Vec<String> = fresh
-            .problems
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}{}",
-                    p.code.as_str(),
-                    p.tablet
-                        .as_deref()
-                        .map(|t| format!(" ({t})"))
-                        .unwrap_or_default()
-                )
-            })
-            .collect();
-        let detail = format!(
-            "problem gone after lock: {} {} no longer found (now: {})",
-            code.as_str(),
-            job.problem.tablet.as_deref().unwrap_or(""),
-            if now.is_empty() {
-                "none".to_string()
-            } else {
-                now.join(", ")
-            }
-        );
-        tracing::info!(keyspace = ks, shard, %detail, "recovery not needed");
-        summary(term, OUTCOME_GONE, detail.clone(), t0.elapsed());
-        release(lock).await;
-        return (Outcome::ProblemGone { detail }, Vec::new(), None, None);
+    let problem = match problem_under_lock(&job.problem, &fresh.problems) {
+        Ok(p) => p,
+        Err(detail) => {
+            tracing::info!(keyspace = ks, shard, %detail, "recovery not needed");
+            summary(term, OUTCOME_GONE, detail.clone(), t0.elapsed());
+            release(lock).await;
+            return (Outcome::ProblemGone { detail }, Vec::new(), None, None);
+        }
     };
     let ctx = RecoveryContext::new(deps.clone(), job.clone(), problem.clone(), fresh, lock);
     for u in &ctx.fresh.unreadable {
@@ -251,10 +299,15 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
             None,
         );
     }
-    let result = match problem.code.facts().remedy {
-        Remedy::DemoteThenEmergencyReparent => reparent::stalled_primary_reparent(&ctx).await,
-        Remedy::EmergencyReparent => reparent::emergency_reparent(&ctx).await,
-        remedy => repair::repair(&ctx, &problem, remedy).await,
+    let result = match machine_for(
+        &problem,
+        &ctx.fresh,
+        ctx.job.last_primary.clone(),
+        ctx.cfg(),
+    ) {
+        Some(Ok(mut m)) => steps::drive(&mut m, &ctx).await,
+        Some(Err(e)) => Err(e),
+        None => repair::repair(&ctx, &problem, problem.code.facts().remedy).await,
     };
     let took = ctx.started().elapsed();
     let (outcome, new_term) = match result {
@@ -296,4 +349,37 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
     let steps = ctx.steps();
     release(ctx.into_lock()).await;
     (outcome, steps, new_term, Some(problem))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(code: ProblemCode, tablet: Option<&str>) -> Problem {
+        Problem {
+            code,
+            tablet: tablet.map(str::to_string),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_problem_under_the_lock_is_the_same_one_or_says_what_is_there_now() {
+        let wanted = problem(ProblemCode::DeadPrimary, Some("z-1"));
+        // Any dead-primary variant of the same tablet is the same problem.
+        let now = [problem(
+            ProblemCode::DeadPrimaryAndSomeReplicas,
+            Some("z-1"),
+        )];
+        assert_eq!(
+            problem_under_lock(&wanted, &now).map(|p| p.code),
+            Ok(ProblemCode::DeadPrimaryAndSomeReplicas)
+        );
+        let now = [problem(ProblemCode::UnreachablePrimary, Some("z-1"))];
+        let gone = problem_under_lock(&wanted, &now).expect_err("gone");
+        assert!(gone.contains("unreachable_primary (z-1)"), "{gone}");
+        assert!(problem_under_lock(&wanted, &[])
+            .expect_err("gone")
+            .ends_with("(now: none)"));
+    }
 }

@@ -126,6 +126,14 @@ pub trait TopoApi {
 
     /// When this orchestrator last saw `alias` registered (wall ms), from its watch.
     fn registration_last_seen(&self, alias: &str) -> Option<u64>;
+
+    /// Quarantines `alias` with `reason` under `term` (a step named `quarantine`).
+    fn quarantine(
+        &self,
+        term: Term,
+        alias: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), RecoveryError>> + Send;
 }
 
 /// What a machine asks for.
@@ -147,6 +155,11 @@ pub enum Call {
     GetPromotion(Term),
     GetTablet(String),
     RegistrationLastSeen(String),
+    Quarantine {
+        term: Term,
+        alias: String,
+        reason: String,
+    },
     Sleep(Duration),
 }
 
@@ -159,6 +172,7 @@ pub enum Reply {
     Promotion(Result<Option<PromotionRecord>, RecoveryError>),
     Tablet(Result<Option<TabletRecord>, RecoveryError>),
     LastSeen(Option<u64>),
+    Quarantined(Result<(), RecoveryError>),
     Slept,
 }
 
@@ -200,6 +214,20 @@ pub trait StepMachine {
     fn on_reply(&mut self, id: CallId, reply: Reply, now: Now) -> Vec<Action>;
     /// The term the machine's actions run under now.
     fn term(&self) -> Term;
+}
+
+impl<T: StepMachine + ?Sized> StepMachine for Box<T> {
+    fn start(&mut self, now: Now) -> Vec<Action> {
+        (**self).start(now)
+    }
+
+    fn on_reply(&mut self, id: CallId, reply: Reply, now: Now) -> Vec<Action> {
+        (**self).on_reply(id, reply, now)
+    }
+
+    fn term(&self) -> Term {
+        (**self).term()
+    }
 }
 
 /// Helpers a machine uses to emit actions with fresh ids.
@@ -277,6 +305,11 @@ async fn perform<C: AgentApi + TopoApi>(ctx: &C, call: Call) -> Reply {
         Call::GetPromotion(term) => Reply::Promotion(ctx.get_promotion(term).await),
         Call::GetTablet(alias) => Reply::Tablet(ctx.get_tablet(&alias).await),
         Call::RegistrationLastSeen(alias) => Reply::LastSeen(ctx.registration_last_seen(&alias)),
+        Call::Quarantine {
+            term,
+            alias,
+            reason,
+        } => Reply::Quarantined(ctx.quarantine(term, &alias, &reason).await),
         Call::Sleep(d) => {
             tokio::time::sleep(d).await;
             Reply::Slept

@@ -42,7 +42,7 @@ fn a_crashed_primary_is_replaced_without_losing_an_acknowledged_write() {
 
 #[test]
 fn seeded_fault_schedules_keep_every_invariant() {
-    let failing = explore(0, 40, |_| {});
+    let failing = explore(0, 200, |_| {});
     let text: Vec<String> = failing
         .iter()
         .map(|(seed, r)| format!("seed {seed}: {}", r.violations[0]))
@@ -70,19 +70,28 @@ fn every_mutant_is_caught_within_its_seed_budget() {
     };
     let mut missed = Vec::new();
     for m in Mutant::ALL {
-        match first_violation(m, MUTANT_BUDGET) {
+        match first_violation(m, budget(m)) {
             Some((seed, v)) => println!("{:<24} caught at seed {seed}: {v}", m.name()),
             None => missed.push(m.name()),
         }
     }
     assert!(
         missed.is_empty(),
-        "not caught within {MUTANT_BUDGET} seeds: {missed:?}"
+        "not caught within their seed budgets: {missed:?}"
     );
 }
 
-/// Seeds each mutant gets in `cargo test`.
-const MUTANT_BUDGET: u64 = 100;
+/// Seeds each mutant gets in `cargo test` (from seed 0; `scripts/dev sim --mutant NAME
+/// --seeds N` explores further). Each is about twice the first catching seed.
+fn budget(m: Mutant) -> u64 {
+    match m {
+        Mutant::RankOnApplied => 120,
+        Mutant::PromoteBeforeApplied => 40,
+        Mutant::SkipRevocation => 20,
+        Mutant::ReuseTerm => 300,
+        Mutant::TrustColocatedAgent => 60,
+    }
+}
 
 /// 102 near the primary with a slow applier, 103 far with a fast one.
 fn near_slow_far_fast(mutant: Option<Mutant>) -> RunReport {
@@ -168,10 +177,10 @@ fn no_promotion_while_a_replica_that_may_hold_acknowledged_writes_is_out_of_reac
 
 #[test]
 fn a_violation_shrinks_to_a_smaller_schedule_that_still_breaks_the_same_invariant() {
-    let mut cfg = ShardSimConfig::for_seed(11);
+    let mut cfg = ShardSimConfig::for_seed(161);
     cfg.mutant = Some(Mutant::ReuseTerm);
     let full = ShardSim::new(cfg.clone()).faults();
-    let (faults, report) = shrink(&cfg).expect("the mutant breaks an invariant at seed 11");
+    let (faults, report) = shrink(&cfg).expect("the mutant breaks an invariant at seed 161");
     assert!(faults.len() <= full.len(), "{faults:?} from {full:?}");
     assert!(!faults.is_empty());
     assert_eq!(
@@ -199,4 +208,30 @@ fn pinned_seeds_a_replica_restarted_after_the_primary_was_lost() {
         let r = ShardSim::new(ShardSimConfig::for_seed(seed)).run();
         assert!(r.violations.is_empty(), "seed {seed}: {}", show(&r));
     }
+}
+
+/// Found once the simulator drove the real engine: replica 103 crashed 5 ms before the primary
+/// did, with 102 cut off from the primary, and restarted after. Its outage began while the
+/// primary was alive, so the relay-log rule took it as reached (P8), yet the primary did not
+/// live on to send 102 what 103 had acknowledged: those writes were lost.
+#[test]
+fn pinned_a_replica_down_just_before_the_primary_cannot_vouch_for_its_relay_log() {
+    let faults = vec![
+        (SimTime::from_millis(703), Fault::CutReplication(102)),
+        (SimTime::from_millis(899), Fault::Crash(103)),
+        (SimTime::from_millis(904), Fault::Crash(101)),
+        (SimTime::from_millis(1851), Fault::HealReplication(102)),
+        (SimTime::from_millis(2221), Fault::Restart(103)),
+        (SimTime::from_millis(2917), Fault::Restart(101)),
+    ];
+    let r = ShardSim::new(ShardSimConfig::for_seed(379))
+        .with_faults(faults)
+        .run();
+    assert!(r.violations.is_empty(), "{}", show(&r));
+    assert_eq!(
+        r.reparents,
+        0,
+        "no promotion can be lossless here: {}",
+        show(&r)
+    );
 }

@@ -1,0 +1,37 @@
+use super::*;
+
+#[test]
+fn one_engine_recovers_every_killed_primary_of_a_fleet() {
+    let mut cfg = FleetConfig::new(20);
+    cfg.kill_fraction = 0.25;
+    let r = run(&cfg);
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+    assert_eq!(r.killed, 5);
+    assert!(
+        r.unrecovered.is_empty(),
+        "not recovered: {:?}",
+        r.unrecovered
+    );
+    assert_eq!(r.recovery.len(), 5);
+    // A generous bound (the scale run reports the real distribution).
+    assert!(
+        r.quantile(1.0) < Some(Duration::from_secs(2)),
+        "{:?}",
+        r.recovery
+    );
+    assert!(r.evaluations > 100, "{} evaluations", r.evaluations);
+    assert!(r.acked > 1_000, "{} writes acknowledged", r.acked);
+    assert!(r.decision > Duration::ZERO);
+}
+
+#[test]
+fn quantiles_pick_from_the_sorted_times() {
+    let r = FleetReport {
+        recovery: (1..=100).map(Duration::from_millis).collect(),
+        ..FleetReport::default()
+    };
+    assert_eq!(r.quantile(0.5), Some(Duration::from_millis(51)));
+    assert_eq!(r.quantile(0.99), Some(Duration::from_millis(99)));
+    assert_eq!(r.quantile(1.0), Some(Duration::from_millis(100)));
+    assert_eq!(FleetReport::default().quantile(0.5), None);
+}
