@@ -578,8 +578,9 @@ fn thread_word(s: i32) -> &'static str {
     }
 }
 
-/// The primary is seen by its own agent: is it cut off from every replica? Each reachable
-/// replica (not quarantined) must have a fresh probe of it failing without a break for
+/// The primary is seen by its own agent: is it cut off from every replica? Every replica that
+/// is not quarantined must be seen with its mysqld up (an unseen one may still reach the
+/// primary, and then the confirming ones may be the isolated side) and must have a fresh probe of it failing without a break for
 /// `isolated_primary_after`, and no heartbeat from it for as long (its lag that long, or its IO
 /// thread not running). Under durability
 /// `none`, where nothing else stops the old primary's writes, only while its agent reaches etcd

@@ -44,8 +44,7 @@ pub async fn repair(
         Remedy::ElectPrimary => elect_primary(ctx).await,
         Remedy::QuarantineErrant => quarantine_errant(ctx, problem).await,
         Remedy::ClearStaleMark => clear_stale_mark(ctx).await,
-        _ => Err(RecoveryError::Refused(format!(
-            "no repair for {}: {remedy:?} is not a repair",
+        _ => Err(RecoveryError::Refused(format!(            "no repair for {}: {remedy:?} is not an async repair (reparents and step-machine repairs are dispatched by runner::machine_for)",
             problem.code.as_str()
         ))),
     }

@@ -1593,7 +1593,7 @@ fn relay_lost(
     // Whether a replica other than `alias`, not restarted, holds what the primary held when
     // this orchestrator last saw it, provided that sighting came after `outage` began.
     let sent_on = |alias: &str, outage: u64| -> Option<String> {
-        let p = last_primary.filter(|p| outage > 0 && p.seen_ms > outage)?;
+        let p = last_primary.filter(|p| outage > 0 && p.seen_ms > outage + CLOCK_MARGIN_MS)?;
         let target = p.gtid_set()?;
         answering
             .iter()
@@ -1643,6 +1643,11 @@ fn relay_lost(
         })
         .collect()
 }
+
+/// The orchestrator's sighting of the primary (the primary host's poll time) is compared with
+/// a replica's outage start (the replica host's clock): a sighting counts as after the outage
+/// only past this margin for clock skew between hosts and the poll's own duration.
+const CLOCK_MARGIN_MS: u64 = 500;
 
 /// `Uptime` counts whole seconds: a start estimated from it is up to this late.
 const UPTIME_GRANULARITY_MS: u64 = 1_000;
