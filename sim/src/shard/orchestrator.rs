@@ -56,6 +56,8 @@ pub(super) struct Orch {
     /// Real time spent in the decision code: the engine, the re-analysis under the lock, the
     /// step machines.
     pub(crate) decision: Duration,
+    /// `SIM_DEBUG` set: every step-machine call and reply goes into the trace (read once).
+    trace_calls: bool,
 }
 
 struct Recovery {
@@ -109,6 +111,7 @@ impl Orch {
             audit: Vec::new(),
             inputs: Vec::new(),
             decision: Duration::ZERO,
+            trace_calls: std::env::var_os("SIM_DEBUG").is_some(),
         }
     }
 
@@ -349,11 +352,7 @@ impl ShardSim {
             return;
         };
         match &mut rec.stage {
-            Stage::Refreshing {
-                asked,
-                unseen,
-                answers,
-            } => {
+            Stage::Refreshing { asked, unseen, .. } => {
                 let late: Vec<u64> = asked
                     .iter()
                     .filter(|(_, (_, by))| now >= *by)
@@ -365,9 +364,7 @@ impl ShardSim {
                     }
                 }
                 if asked.is_empty() {
-                    let answers = std::mem::take(answers);
-                    let unseen = std::mem::take(unseen);
-                    self.refreshed(answers, unseen);
+                    self.refresh_answered();
                 }
             }
             Stage::Running(run) => {
@@ -400,6 +397,18 @@ impl ShardSim {
                 }
             }
         }
+    }
+    /// Every agent asked in the refresh answered or timed out.
+    fn refresh_answered(&mut self) {
+        let Some(Stage::Refreshing {
+            answers, unseen, ..
+        }) = self.orch.recovery.as_mut().map(|r| &mut r.stage)
+        else {
+            return;
+        };
+        let answers = std::mem::take(answers);
+        let unseen = std::mem::take(unseen);
+        self.refreshed(answers, unseen);
     }
 
     /// The refresh is complete: the runner's re-analysis under the lock, then the remedy.
@@ -525,9 +534,7 @@ impl ShardSim {
                     }
                 }
                 if asked.is_empty() {
-                    let answers = std::mem::take(answers);
-                    let unseen = std::mem::take(unseen);
-                    self.refreshed(answers, unseen);
+                    self.refresh_answered();
                 }
             }
             Stage::Running(run) => {
@@ -563,7 +570,7 @@ impl ShardSim {
 
     fn machine_reply(&mut self, id: CallId, reply: Reply) {
         let now = self.machine_now();
-        if std::env::var_os("SIM_DEBUG").is_some() {
+        if self.orch.trace_calls {
             self.trace(format!("  reply {id:?}: {reply:?}"));
         }
         let actions = match self.orch.recovery.as_mut().map(|r| &mut r.stage) {
@@ -636,7 +643,7 @@ impl ShardSim {
 
     fn perform_call(&mut self, id: CallId, call: Call) {
         let now = self.now;
-        if std::env::var_os("SIM_DEBUG").is_some() {
+        if self.orch.trace_calls {
             self.trace(format!("  call {id:?}: {call:?}"));
         }
         match call {
