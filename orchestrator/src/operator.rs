@@ -332,7 +332,7 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
                 })
         }
     };
-    let term_now = ctx.term();
+    let term_now = ctx.newest_term();
     let done = match result {
         Ok(d) => {
             let term = d.new_term.unwrap_or(old_term);

@@ -17,7 +17,13 @@ pub struct RecoveryContext {
     pub job: Job,
     pub fresh: FreshShard,
     lock: ShardLock,
-    term: AtomicU64,
+    /// The term actions run under unless they name another ([`RecoveryContext::act_at`] and
+    /// the other `_at` helpers). Fixed for the whole run: a procedure that moves to a new
+    /// term says so at every call, so no call's term depends on what ran before it.
+    term: Term,
+    /// The newest term any step of this run was audited under (a record of what happened,
+    /// never an input to a call).
+    newest: Mutex<Term>,
     steps: Mutex<Vec<StepRecord>>,
     started: Instant,
     observer: Option<StepObserver>,
@@ -34,7 +40,8 @@ impl RecoveryContext {
             job,
             fresh,
             lock,
-            term: AtomicU64::new(term.get()),
+            term,
+            newest: Mutex::new(term),
             steps: Mutex::default(),
             started: Instant::now(),
             observer: None,
@@ -51,14 +58,16 @@ impl RecoveryContext {
         &self.deps.cfg
     }
 
-    /// The term agent actions run under. Starts at [`FreshShard::action_term`].
+    /// The term actions run under unless they name another: [`FreshShard::action_term`].
     pub fn term(&self) -> Term {
-        Term::new(self.term.load(Ordering::SeqCst))
+        self.term
     }
 
-    /// Changes the term of the following actions (e.g. the new term of a reparent).
-    pub fn set_term(&self, term: Term) {
-        self.term.store(term.get(), Ordering::SeqCst);
+    /// The newest term any step of this run was audited under (at least [`Self::term`]): a
+    /// run that promoted at a new term, or acted under one before it failed, ends under it,
+    /// and its summary is audited under it.
+    pub fn newest_term(&self) -> Term {
+        self.newest.lock().map(|t| *t).unwrap_or(self.term)
     }
 
     /// The held shard lock (for lock-conditional writes: [`ShardLock::update_shard`]).
@@ -125,6 +134,9 @@ impl RecoveryContext {
         detail: impl Into<String>,
         duration: Option<Duration>,
     ) {
+        if let Ok(mut newest) = self.newest.lock() {
+            *newest = (*newest).max(term);
+        }
         self.deps.audit.append(
             &self.keyspace,
             &self.shard,
@@ -592,13 +604,15 @@ impl RecoveryContext {
     /// the repairs finish the rest.
     pub async fn repoint_all(
         &self,
+        term: Term,
         targets: &[String],
         source: &TabletRecord,
         semi_sync: bool,
     ) -> (Vec<String>, Vec<String>) {
         let results = futures::future::join_all(targets.iter().map(|a| async move {
             let r = self
-                .act(
+                .act_at(
+                    term,
                     a,
                     AgentAction::SetReplicationSource {
                         step: "repoint",
@@ -654,7 +668,8 @@ impl RecoveryContext {
         self.write_shard_record_at(self.term(), step, record).await
     }
 
-    async fn write_shard_record_at(
+    /// [`RecoveryContext::write_shard_record_as`] audited under `term`.
+    pub async fn write_shard_record_at(
         &self,
         term: Term,
         step: &str,

@@ -4,11 +4,12 @@
 //! (a short wait; held by another instance means that instance acts), checks flapping against
 //! the audit log, refreshes the shard from etcd and from every agent's `FullStatus`
 //! ([`refresh()`]), re-runs the analysis on those fresh answers and only acts if the same problem
-//! is still there. It then dispatches to [`reparent::emergency_reparent`] (dead primary) or
-//! [`repair::repair`] (everything else), records a summary, and releases the lock.
+//! is still there. It then drives the remedy's step machine ([`runner::machine_for`]: the
+//! emergency reparents, [`repair::Reconcile`], [`repair::Sequence`] for every other repair),
+//! records a summary under the newest term the run acted under, and releases the lock.
 //!
 //! A recovery talks to agents through [`RecoveryContext`]'s typed RPC helpers: each one is one
-//! step, bounded by `action_timeout`, run under [`RecoveryContext::term`], timed, recorded in
+//! step, bounded by `action_timeout`, run under the term it names, timed, recorded in
 //! the context and appended to the shard's audit log (asynchronously, in order, by
 //! [`AuditSink`], so the etcd writes never slow the recovery down).
 //!
@@ -38,7 +39,6 @@ pub use runner::*;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

@@ -523,9 +523,10 @@ pub async fn planned_reparent(
             },
         )
         .await?;
-        ctx.set_term(new_term);
+        // From Promote on, every call names the new term (the candidate may know it).
         promote_sent = true;
-        ctx.act(&candidate.alias, AgentAction::Promote).await?;
+        ctx.act_at(new_term, &candidate.alias, AgentAction::Promote)
+            .await?;
         Ok(position)
     }
     .await;
@@ -555,7 +556,10 @@ pub async fn planned_reparent(
         reserved_term: marked.reserved_term.max(new_term),
         ..record.clone()
     };
-    if let Err(e) = ctx.write_shard_record(&next).await {
+    if let Err(e) = ctx
+        .write_shard_record_at(new_term, "write_shard_record", &next)
+        .await
+    {
         return Err(RecoveryError::Failed(format!(
             "{} was promoted at term {new_term} but the shard record could not be written ({e}); \
              the mark stays until the next lock holder clears it",
@@ -567,7 +571,7 @@ pub async fn planned_reparent(
     // 9. Everyone else replicates from the new primary.
     let mut targets = vec![old.clone()];
     targets.extend(choice.repoint.iter().cloned());
-    let (ok, failed) = ctx.repoint_all(&targets, &candidate, semi).await;
+    let (ok, failed) = ctx.repoint_all(new_term, &targets, &candidate, semi).await;
     Ok(Done {
         detail: format!(
             "{old} -> {} at term {new_term} (was {}): caught up to {position}; repointed [{}]{}{}",
@@ -609,16 +613,21 @@ async fn undo(
     new_term: Term,
     semi: bool,
 ) -> bool {
+    // Once Promote was sent the candidate may know the new term, so every undo call carries
+    // it (an older term would be refused); before that, nobody was asked to act under it.
+    let term = if promote_sent { new_term } else { ctx.term() };
     if promote_sent {
         // It may be writable under the new term: read-only, and a replica of the old primary.
         let _ = ctx
-            .act(
+            .act_at(
+                term,
                 &candidate.alias,
                 AgentAction::SetReadOnly { read_only: true },
             )
             .await;
         let _ = ctx
-            .act(
+            .act_at(
+                term,
                 &candidate.alias,
                 AgentAction::SetReplicationSource {
                     step: "undo_promote",
@@ -629,7 +638,10 @@ async fn undo(
             )
             .await;
     }
-    let undone = ctx.act(&old.alias, AgentAction::UndoDemote).await.is_ok();
+    let undone = ctx
+        .act_at(term, &old.alias, AgentAction::UndoDemote)
+        .await
+        .is_ok();
     let restored = if promote_sent {
         ShardRecord {
             term: new_term,
@@ -647,7 +659,7 @@ async fn undo(
     };
     // Without the lock (lost) this fails; the next lock holder clears the stale mark.
     let _ = ctx
-        .write_shard_record_as("clear_reparent_mark", &restored)
+        .write_shard_record_at(term, "clear_reparent_mark", &restored)
         .await;
     undone
 }

@@ -2,16 +2,16 @@
 //! rejoining (or quarantining) a returning old primary.
 //!
 //! Contract with the engine ([`super::run`]): every remedy of [`crate::problem::PROBLEMS`] but
-//! the reports and the emergency reparents is carried out here; [`repair`] runs under the shard lock with a fresh [`RecoveryContext`] whose problem was
-//! re-found under the lock. Each agent call is an audited step under `ctx.term()`.
+//! the reports and the emergency reparents is a step machine here ([`Sequence`], [`Reconcile`]),
+//! planned from the shard as re-read under the shard lock, with the problem re-found there.
+//! Each call names its term; each is an audited step.
 //!
 //! Order matters for semi-sync: the analysis only reports the primary side once a replica acks,
 //! so replicas are always fixed first and no commit ever waits on a primary with no acker.
 
 use super::steps::{Action, AgentAction, Call, CallId, Emitter, Now, Reply, StepMachine};
-use super::{Done, FreshShard, RecoveryContext, RecoveryError};
+use super::{Done, FreshShard, RecoveryError};
 use crate::analysis::{self, Candidate, Problem};
-use crate::control::Control;
 use crate::problem::Remedy;
 use topo::Term;
 use topo::{Durability, ShardRecord};
@@ -31,50 +31,53 @@ fn primary_of(fresh: &FreshShard) -> Result<String, RecoveryError> {
         .ok_or_else(|| RecoveryError::Refused("the shard record names no primary".into()))
 }
 
-/// Repairs `problem` by `remedy` (its code's, from the problem table).
-pub async fn repair(
-    ctx: &RecoveryContext,
-    problem: &Problem,
-    remedy: Remedy,
-) -> Result<Done, RecoveryError> {
-    if let Some(seq) = Sequence::plan(&ctx.fresh, problem, remedy, ctx.term()) {
-        return super::steps::drive(&mut seq?, ctx).await;
-    }
-    match remedy {
-        Remedy::ElectPrimary => elect_primary(ctx).await,
-        Remedy::QuarantineErrant => quarantine_errant(ctx, problem).await,
-        Remedy::ClearStaleMark => clear_stale_mark(ctx).await,
-        _ => Err(RecoveryError::Refused(format!(            "no repair for {}: {remedy:?} is not an async repair (reparents and step-machine repairs are dispatched by runner::machine_for)",
-            problem.code.as_str()
-        ))),
-    }
-}
-
 /// A repair's agent actions, each on a tablet, and its detail.
 type Actions = (Vec<(String, AgentAction)>, String);
 
-/// A repair that is a fixed list of agent actions under one term, decided up front from the
-/// problem and the fresh shard: the remedies of a single tablet's setting (R1-R9). The first
-/// failure ends it with that error; nothing is undone (each action is a fix of its own, and
-/// the next analysis sees what is left).
+/// A repair that is a fixed list of calls, decided up front from the problem and the fresh
+/// shard (with an explicit `now`): the remedies of a single tablet's setting (R1-R9), electing
+/// a first primary, quarantining, clearing a stale mark. The first failure of a step that must
+/// succeed ends it with that error; a step that may fail (repointing the other replicas once a
+/// primary is in place) is told in the detail instead. Nothing is undone: each call is a fix of
+/// its own, made safe by the order of the list, and the next analysis sees what is left.
 #[derive(Debug)]
 pub struct Sequence {
     term: Term,
-    calls: std::collections::VecDeque<Call>,
-    detail: String,
-    pending: Option<CallId>,
+    steps: std::collections::VecDeque<Step>,
+    done: Done,
+    pending: Option<(CallId, Step)>,
+    /// The failed steps that may fail, as "tablet: error".
+    left: Vec<String>,
     emit: Emitter,
 }
 
+/// One call of a [`Sequence`] and whether the sequence goes on when it fails.
+#[derive(Debug, Clone)]
+struct Step {
+    call: Call,
+    may_fail: bool,
+}
+
+impl Step {
+    fn must(call: Call) -> Step {
+        Step {
+            call,
+            may_fail: false,
+        }
+    }
+}
+
 impl Sequence {
-    /// The sequence for `remedy`, `None` when the remedy is not a sequence (elect, quarantine
-    /// of an errant replica, reconcile, clear, and the reparents); an error when the problem or
-    /// the shard lacks what the remedy needs.
+    /// The sequence for `remedy`, `None` when the remedy is not a sequence (reconcile, the
+    /// reparents, reports); an error when the problem or the shard lacks what the remedy needs.
+    /// `term` is the term the calls run under (the shard's action term); a promotion's new
+    /// term is decided here. `now_ms` stamps the records written.
     pub fn plan(
         fresh: &FreshShard,
         problem: &Problem,
         remedy: Remedy,
         term: Term,
+        now_ms: u64,
     ) -> Option<Result<Sequence, RecoveryError>> {
         let semi = fresh.durability == Durability::SemiSync;
         let one = |tablet: &str, action: AgentAction| vec![(tablet.to_string(), action)];
@@ -174,6 +177,9 @@ impl Sequence {
             (Ok(None), Remedy::RejoinOrQuarantine) => {
                 rejoin_or_quarantine(fresh, problem, term).map(Some)
             }
+            (Ok(None), Remedy::QuarantineErrant) => quarantine_errant(problem, term).map(Some),
+            (Ok(None), Remedy::ElectPrimary) => elect_primary(fresh, term, now_ms).map(Some),
+            (Ok(None), Remedy::ClearStaleMark) => clear_stale_mark(fresh, now_ms).map(Some),
             (Ok(Some((actions, detail))), _) => Ok(Some(Sequence::new(
                 term,
                 actions
@@ -192,28 +198,59 @@ impl Sequence {
         planned.transpose()
     }
 
+    /// Calls that must all succeed, ending with `detail`.
     fn new(term: Term, calls: Vec<Call>, detail: String) -> Sequence {
+        Sequence::of(
+            term,
+            calls.into_iter().map(Step::must).collect(),
+            Done {
+                detail,
+                ..Done::default()
+            },
+        )
+    }
+
+    fn of(term: Term, steps: Vec<Step>, done: Done) -> Sequence {
         Sequence {
             term,
-            calls: calls.into(),
-            detail,
+            steps: steps.into(),
+            done,
             pending: None,
+            left: Vec::new(),
             emit: Emitter::default(),
         }
     }
 
     fn next(&mut self) -> Vec<Action> {
-        match self.calls.pop_front() {
-            Some(call) => {
-                let id = self.emit.call(call);
-                self.pending = Some(id);
+        match self.steps.pop_front() {
+            Some(step) => {
+                let id = self.emit.call(step.call.clone());
+                self.pending = Some((id, step));
             }
-            None => self.emit.out.push(Action::Done(Ok(Done {
-                detail: std::mem::take(&mut self.detail),
-                ..Done::default()
-            }))),
+            None => {
+                let mut done = std::mem::take(&mut self.done);
+                if !self.left.is_empty() {
+                    done.detail = format!(
+                        "{}; not done (the repairs finish it): {}",
+                        done.detail,
+                        self.left.join("; ")
+                    );
+                }
+                self.emit.out.push(Action::Done(Ok(done)));
+            }
         }
         self.emit.take()
+    }
+}
+
+/// The tablet a call acts on, for the detail of a step that failed.
+fn call_tablet(call: &Call) -> &str {
+    match call {
+        Call::Agent { tablet, .. } | Call::Status { tablet } => tablet,
+        Call::Quarantine { alias, .. } | Call::GetTablet(alias) => alias,
+        Call::RegistrationLastSeen(alias) => alias,
+        Call::WriteShardRecord { step, .. } => step,
+        Call::GetPromotion(_) | Call::Sleep(_) => "",
     }
 }
 
@@ -223,17 +260,24 @@ impl StepMachine for Sequence {
     }
 
     fn on_reply(&mut self, id: CallId, reply: Reply, _now: Now) -> Vec<Action> {
-        if self.pending != Some(id) {
+        let Some((_, step)) = self.pending.take_if(|(pending, _)| *pending == id) else {
             return Vec::new();
-        }
-        self.pending = None;
-        match reply {
-            Reply::Action(Ok(_)) | Reply::Quarantined(Ok(())) => self.next(),
-            Reply::Action(Err(e)) | Reply::Quarantined(Err(e)) => vec![Action::Done(Err(e))],
-            other => vec![Action::Done(Err(RecoveryError::Failed(format!(
+        };
+        let error = match reply {
+            Reply::Action(Ok(_)) | Reply::Quarantined(Ok(())) | Reply::Written(Ok(_)) => {
+                return self.next()
+            }
+            Reply::Action(Err(e)) | Reply::Quarantined(Err(e)) | Reply::Written(Err(e)) => e,
+            other => RecoveryError::Failed(format!(
                 "repair: unexpected reply {other:?} to a repair step"
-            ))))],
+            )),
+        };
+        if step.may_fail {
+            self.left
+                .push(format!("{}: {error}", call_tablet(&step.call)));
+            return self.next();
         }
+        vec![Action::Done(Err(error))]
     }
 
     fn term(&self) -> Term {
@@ -404,46 +448,26 @@ impl StepMachine for Reconcile {
     }
 }
 
-/// Quarantines `alias` with `reason` as one step.
-async fn quarantine_step(
-    ctx: &RecoveryContext,
-    alias: &str,
-    reason: &str,
-) -> Result<(), RecoveryError> {
-    let control = Control::new(ctx.deps.topo.clone());
-    ctx.step(
-        "quarantine",
-        Some(alias),
-        async {
-            control
-                .quarantine(alias, reason, ctx.term())
-                .await
-                .map_err(|e| RecoveryError::Failed(e.to_string()))
-        },
-        |_| reason.to_string(),
-    )
-    .await
-    .map(drop)
-}
-
 /// A replica holding transactions the primary never had (P9): its data is not the shard's, so it
 /// must not serve reads nor be promoted. Quarantined with the analysis' reason (the gateway then
 /// leaves it out of read routing; only an operator lifts it, after resolving the transactions).
 /// Nothing is changed on its mysqld: the transactions stay there for the operator to inspect.
-async fn quarantine_errant(
-    ctx: &RecoveryContext,
-    problem: &Problem,
-) -> Result<Done, RecoveryError> {
+fn quarantine_errant(problem: &Problem, term: Term) -> Result<Sequence, RecoveryError> {
     let alias = tablet_of(problem)?;
     let reason = format!(
         "{}; quarantined: out of read routing and never promoted until an operator resolves them",
         problem.detail
     );
-    quarantine_step(ctx, alias, &reason).await?;
-    Ok(Done {
-        detail: format!("{alias}: {reason}"),
-        ..Done::default()
-    })
+    let call = Call::Quarantine {
+        term,
+        alias: alias.to_string(),
+        reason: reason.clone(),
+    };
+    Ok(Sequence::new(
+        term,
+        vec![call],
+        format!("{alias}: {reason}"),
+    ))
 }
 
 /// A tablet promoted under an older term came back (P3, R9). It rejoins as a replica of the
@@ -531,14 +555,23 @@ fn rejoin_or_quarantine(
 }
 
 /// R8: a shard with no primary gets one, chosen like an emergency candidate among the tablets
-/// whose agents answered; the others replicate from it.
-async fn elect_primary(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
+/// whose agents answered (quarantined ones never); the others replicate from it. The new term
+/// is reserved in the record (under the action term) before any agent hears of it; the
+/// promotion and the record naming the primary carry it; a replica not repointed is left to
+/// the repairs.
+fn elect_primary(
+    fresh: &FreshShard,
+    action_term: Term,
+    now_ms: u64,
+) -> Result<Sequence, RecoveryError> {
     let mut candidates = Vec::new();
-    for (alias, h) in &ctx.fresh.statuses {
-        if !h.mysql_reachable || ctx.job.quarantined.contains_key(alias) {
+    for (alias, h) in &fresh.statuses {
+        if !h.mysql_reachable || fresh.input.quarantined.contains_key(alias) {
             continue;
         }
-        let Ok(t) = ctx.tablet(alias) else { continue };
+        let Some(t) = fresh.tablets.get(alias) else {
+            continue;
+        };
         let Some(position) = analysis::position(h) else {
             continue;
         };
@@ -551,57 +584,75 @@ async fn elect_primary(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
             errant: None,
         });
     }
-    let choice = analysis::choose_candidate(&candidates, None, ctx.durability())
+    let choice = analysis::choose_candidate(&candidates, None, fresh.durability)
         .map_err(|r| RecoveryError::Refused(r.to_string()))?;
-    let term = ctx.fresh.next_promotion_term();
-    ctx.reserve_term(term).await?;
-    ctx.set_term(term);
-    ctx.act(&choice.candidate, AgentAction::Promote).await?;
-    let mut record = ctx
-        .fresh
-        .record
-        .clone()
-        .unwrap_or_else(|| ShardRecord::new(ctx.keyspace.clone(), ctx.shard.clone()));
-    record.primary = Some(choice.candidate.clone());
-    record.term = term;
-    record.reserved_term = term;
-    record.term_start_ms = topo::now_ms();
-    ctx.write_shard_record(&record).await?;
-    let source = ctx.tablet(&choice.candidate)?.clone();
-    let semi = ctx.durability() == Durability::SemiSync;
-    let mut repointed = Vec::new();
-    for other in &choice.others {
-        match ctx
-            .act(
-                other,
-                AgentAction::SetReplicationSource {
-                    step: "replicate from the elected primary",
-                    source: source.clone(),
-                    semi_sync: semi,
-                    start_replication: true,
-                },
-            )
-            .await
-        {
-            Ok(_) => repointed.push(other.clone()),
-            // The primary is in place; a replica left behind is a repair of its own next round.
-            Err(e) => tracing::warn!(tablet = %other, error = %e, "not repointed"),
+    let term = fresh.next_promotion_term();
+    let base = fresh.record.clone().unwrap_or_else(|| {
+        ShardRecord::new(fresh.input.keyspace.clone(), fresh.input.shard.clone())
+    });
+    let reserved = ShardRecord {
+        reserved_term: base.reserved_term.max(term),
+        ..base.clone()
+    };
+    let record = ShardRecord {
+        primary: Some(choice.candidate.clone()),
+        term,
+        reserved_term: term,
+        term_start_ms: now_ms,
+        ..base
+    };
+    let source = fresh
+        .tablets
+        .get(&choice.candidate)
+        .cloned()
+        .ok_or_else(|| RecoveryError::UnknownTablet(choice.candidate.clone()))?;
+    let semi = fresh.durability == Durability::SemiSync;
+    let mut steps = vec![
+        Step::must(Call::WriteShardRecord {
+            step: "write_shard_record",
+            term: action_term,
+            record: reserved,
+        }),
+        Step::must(Call::Agent {
+            tablet: choice.candidate.clone(),
+            term,
+            action: AgentAction::Promote,
+        }),
+        Step::must(Call::WriteShardRecord {
+            step: "write_shard_record",
+            term,
+            record,
+        }),
+    ];
+    steps.extend(choice.others.iter().map(|other| Step {
+        call: Call::Agent {
+            tablet: other.clone(),
+            term,
+            action: AgentAction::SetReplicationSource {
+                step: "replicate from the elected primary",
+                source: source.clone(),
+                semi_sync: semi,
+                start_replication: true,
+            },
+        },
+        may_fail: true,
+    }));
+    let detail = format!(
+        "elected {} as primary at term {term} ({}); replicas: {}",
+        choice.candidate,
+        choice.reason,
+        if choice.others.is_empty() {
+            "none".to_string()
+        } else {
+            choice.others.join(", ")
         }
-    }
-    Ok(Done {
-        detail: format!(
-            "elected {} as primary at term {term} ({}); replicas: {}",
-            choice.candidate,
-            choice.reason,
-            if repointed.is_empty() {
-                "none".to_string()
-            } else {
-                repointed.join(", ")
-            }
-        ),
+    );
+    let done = Done {
+        detail,
         new_term: Some(term),
         new_primary: Some(choice.candidate.clone()),
-    })
+    };
+    Ok(Sequence::of(term, steps, done))
 }
 
 /// The shard record once a stale reparent mark is cleared: no mark, and a term at least
@@ -646,9 +697,8 @@ pub fn stray_writables(
 /// record's primary left writable is set read-only first, then the mark is cleared (with the
 /// term raised to what the agents report); the usual repairs take it from there (e.g. a
 /// demoted primary is set writable again, R1).
-async fn clear_stale_mark(ctx: &RecoveryContext) -> Result<Done, RecoveryError> {
-    let record = ctx
-        .fresh
+fn clear_stale_mark(fresh: &FreshShard, now_ms: u64) -> Result<Sequence, RecoveryError> {
+    let record = fresh
         .record
         .clone()
         .ok_or_else(|| RecoveryError::Refused("the shard has no record".into()))?;
@@ -657,32 +707,46 @@ async fn clear_stale_mark(ctx: &RecoveryContext) -> Result<Done, RecoveryError> 
             "no reparent mark in the shard record any more".into(),
         ));
     };
-    let next = cleared_record(&record, ctx.fresh.action_term(), topo::now_ms());
-    ctx.set_term(next.term);
-    let strays = stray_writables(record.primary.as_deref(), &ctx.fresh.statuses);
-    for alias in &strays {
-        ctx.act(alias, AgentAction::SetReadOnly { read_only: true })
-            .await?;
-    }
-    ctx.write_shard_record_as("clear_stale_reparent_mark", &next)
-        .await?;
-    Ok(Done {
-        detail: format!(
-            "cleared a stale reparent mark ({mark}): the shard lock was free, so whoever set it is gone{}{}",
-            if strays.is_empty() {
-                String::new()
-            } else {
-                format!("; set read-only first: {}", strays.join(", "))
-            },
-            if next.term != record.term {
-                format!("; term raised {} -> {} (an agent reported it)", record.term, next.term)
-            } else {
-                String::new()
-            }
-        ),
+    let next = cleared_record(&record, fresh.action_term(), now_ms);
+    // Every call runs under the term the cleared record states.
+    let strays = stray_writables(record.primary.as_deref(), &fresh.statuses);
+    let mut calls: Vec<Call> = strays
+        .iter()
+        .map(|alias| Call::Agent {
+            tablet: alias.clone(),
+            term: next.term,
+            action: AgentAction::SetReadOnly { read_only: true },
+        })
+        .collect();
+    let detail = format!(
+        "cleared a stale reparent mark ({mark}): the shard lock was free, so whoever set it is gone{}{}",
+        if strays.is_empty() {
+            String::new()
+        } else {
+            format!("; set read-only first: {}", strays.join(", "))
+        },
+        if next.term != record.term {
+            format!("; term raised {} -> {} (an agent reported it)", record.term, next.term)
+        } else {
+            String::new()
+        }
+    );
+    let done = Done {
+        detail,
         new_term: (next.term != record.term).then_some(next.term),
         new_primary: None,
-    })
+    };
+    let term = next.term;
+    calls.push(Call::WriteShardRecord {
+        step: "clear_stale_reparent_mark",
+        term,
+        record: next,
+    });
+    Ok(Sequence::of(
+        term,
+        calls.into_iter().map(Step::must).collect(),
+        done,
+    ))
 }
 
 #[cfg(test)]
@@ -787,7 +851,7 @@ mod tests {
         use crate::analysis::ProblemCode;
         let f = fresh(Durability::SemiSync);
         let p = problem(ProblemCode::PrimaryReadOnly, "z-1");
-        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4))
+        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4), 0)
             .expect("a sequence")
             .expect("planned");
         let (calls, r) = drive(m, ok);
@@ -812,7 +876,7 @@ mod tests {
             .contains("read_only set back to OFF"));
         // Under durability none: writable at once.
         let f = fresh(Durability::None);
-        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4))
+        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4), 0)
             .expect("a sequence")
             .expect("planned");
         assert_eq!(drive(m, ok).0.len(), 1);
@@ -823,7 +887,7 @@ mod tests {
         use crate::analysis::ProblemCode;
         let f = fresh(Durability::SemiSync);
         let p = problem(ProblemCode::PrimaryReadOnly, "z-1");
-        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4))
+        let m = Sequence::plan(&f, &p, Remedy::MakePrimaryWritable, Term::new(4), 0)
             .expect("a sequence")
             .expect("planned");
         let (calls, r) = drive(m, |_| {
@@ -838,7 +902,7 @@ mod tests {
         use crate::analysis::ProblemCode;
         let f = fresh(Durability::SemiSync);
         let p = problem(ProblemCode::ReplicaWrongSource, "z-2");
-        let m = Sequence::plan(&f, &p, Remedy::RepointAtPrimary, Term::new(4))
+        let m = Sequence::plan(&f, &p, Remedy::RepointAtPrimary, Term::new(4), 0)
             .expect("a sequence")
             .expect("planned");
         let (calls, r) = drive(m, ok);
@@ -863,11 +927,12 @@ mod tests {
             r.primary = None;
         }
         assert!(matches!(
-            Sequence::plan(&f, &p, Remedy::RepointAtPrimary, Term::new(4)),
+            Sequence::plan(&f, &p, Remedy::RepointAtPrimary, Term::new(4), 0),
             Some(Err(RecoveryError::Refused(_)))
         ));
-        // The remedies that are not sequences are left to their own procedures.
-        assert!(Sequence::plan(&f, &p, Remedy::ElectPrimary, Term::new(4)).is_none());
+        // The remedies that are not sequences are left to their own machines.
+        assert!(Sequence::plan(&f, &p, Remedy::ReconcileTerms, Term::new(4), 0).is_none());
+        assert!(Sequence::plan(&f, &p, Remedy::EmergencyReparent, Term::new(4), 0).is_none());
     }
 
     #[test]
@@ -893,7 +958,7 @@ mod tests {
         ]
         .into();
         let p = problem(ProblemCode::StaleTabletClaimingPrimary, "z-2");
-        let m = Sequence::plan(&f, &p, Remedy::RejoinOrQuarantine, Term::new(4))
+        let m = Sequence::plan(&f, &p, Remedy::RejoinOrQuarantine, Term::new(4), 0)
             .expect("a sequence")
             .expect("planned");
         let (calls, r) = drive(m, ok);
@@ -913,7 +978,7 @@ mod tests {
             .contains("rejoined as a replica of z-1"));
         // It holds a transaction the primary never had: read-only, then quarantined.
         f.statuses.insert("z-2".into(), at("0-3-25", 3));
-        let m = Sequence::plan(&f, &p, Remedy::RejoinOrQuarantine, Term::new(4))
+        let m = Sequence::plan(&f, &p, Remedy::RejoinOrQuarantine, Term::new(4), 0)
             .expect("a sequence")
             .expect("planned");
         let (calls, r) = drive(m, |c| match c {
@@ -1001,5 +1066,222 @@ mod tests {
         .into();
         assert_eq!(stray_writables(Some("z-1"), &statuses), vec!["z-2"]);
         assert_eq!(stray_writables(None, &statuses), vec!["z-1", "z-2"]);
+    }
+
+    fn health(pos: &str, read_only: bool, promoted: u64) -> myha_proto::agent::Health {
+        myha_proto::agent::Health {
+            mysql_reachable: true,
+            promoted_term: promoted,
+            term: promoted,
+            mysql: Some(myha_proto::agent::MysqlStatus {
+                gtid_position: pos.into(),
+                flavor: "mariadb".into(),
+                read_only,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A shard whose record names no primary, both tablets read-only at `z1`/`z2`.
+    fn primaryless(z1: &str, z2: &str) -> FreshShard {
+        let mut f = fresh(Durability::SemiSync);
+        if let Some(r) = f.record.as_mut() {
+            r.primary = None;
+        }
+        f.statuses = [
+            ("z-1".to_string(), health(z1, true, 0)),
+            ("z-2".to_string(), health(z2, true, 0)),
+        ]
+        .into();
+        f
+    }
+
+    fn no_primary() -> Problem {
+        Problem {
+            code: crate::analysis::ProblemCode::NoPrimary,
+            tablet: None,
+            detail: "no primary".into(),
+        }
+    }
+
+    #[test]
+    fn the_first_primary_is_reserved_then_promoted_then_recorded_under_the_new_term() {
+        let f = primaryless("0-1-20", "0-1-15");
+        let m = Sequence::plan(&f, &no_primary(), Remedy::ElectPrimary, Term::new(4), 777)
+            .expect("a sequence")
+            .expect("planned");
+        // The replica's repoint fails: the primary stands, the detail says what is left.
+        let (calls, r) = drive(m, |c| match c {
+            Call::WriteShardRecord { .. } => Reply::Written(Ok(1)),
+            Call::Agent {
+                action: AgentAction::SetReplicationSource { .. },
+                ..
+            } => Reply::Action(Err(RecoveryError::Refused("agent: busy".into()))),
+            _ => Reply::Action(Ok(Default::default())),
+        });
+        let t = Term::new;
+        match &calls[..] {
+            [Call::WriteShardRecord {
+                term: reserve_under,
+                record: reserved,
+                ..
+            }, Call::Agent {
+                tablet: promoted,
+                term: promote_under,
+                action: AgentAction::Promote,
+            }, Call::WriteShardRecord {
+                term: record_under,
+                record,
+                ..
+            }, Call::Agent {
+                tablet: repointed,
+                term: repoint_under,
+                action: AgentAction::SetReplicationSource { source, .. },
+            }] => {
+                // Reserved under the term every agent already accepts, nobody named yet.
+                assert_eq!(*reserve_under, t(4));
+                assert_eq!(
+                    (reserved.primary.as_deref(), reserved.reserved_term),
+                    (None, t(5))
+                );
+                assert_eq!((promoted.as_str(), *promote_under), ("z-1", t(5)));
+                assert_eq!(*record_under, t(5));
+                assert_eq!(
+                    (record.primary.as_deref(), record.term, record.term_start_ms),
+                    (Some("z-1"), t(5), 777)
+                );
+                assert_eq!(
+                    (repointed.as_str(), *repoint_under, source.alias.as_str()),
+                    ("z-2", t(5), "z-1")
+                );
+            }
+            other => panic!("reserve, promote, record, repoint: {other:?}"),
+        }
+        let done = r.expect("the election stands without the repoint");
+        assert_eq!(
+            (done.new_term, done.new_primary.as_deref()),
+            (Some(t(5)), Some("z-1"))
+        );
+        assert!(
+            done.detail.contains("not done") && done.detail.contains("z-2: "),
+            "{}",
+            done.detail
+        );
+
+        // A failed promotion ends it: no record names a primary that was not promoted.
+        let m = Sequence::plan(&f, &no_primary(), Remedy::ElectPrimary, Term::new(4), 777)
+            .expect("a sequence")
+            .expect("planned");
+        let (calls, r) = drive(m, |c| match c {
+            Call::WriteShardRecord { .. } => Reply::Written(Ok(1)),
+            _ => Reply::Action(Err(RecoveryError::Refused("mysqld: gone".into()))),
+        });
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn a_quarantined_tablet_is_never_elected() {
+        let mut f = primaryless("0-1-20", "0-1-15");
+        // Under semi_sync the one tablet left could have no acker (refused); durability none
+        // isolates the choice.
+        f.durability = Durability::None;
+        f.input
+            .quarantined
+            .insert("z-1".into(), "errant transactions".into());
+        let m = Sequence::plan(&f, &no_primary(), Remedy::ElectPrimary, Term::new(4), 0)
+            .expect("a sequence")
+            .expect("planned");
+        let (calls, r) = drive(m, |c| match c {
+            Call::WriteShardRecord { .. } => Reply::Written(Ok(1)),
+            _ => Reply::Action(Ok(Default::default())),
+        });
+        assert!(
+            calls.iter().any(|c| matches!(c, Call::Agent { tablet, action: AgentAction::Promote, .. } if tablet == "z-2")),
+            "{calls:?}"
+        );
+        assert!(
+            !calls
+                .iter()
+                .any(|c| matches!(c, Call::Agent { tablet, .. } if tablet == "z-1")),
+            "the quarantined tablet was acted on: {calls:?}"
+        );
+        assert_eq!(r.expect("done").new_primary.as_deref(), Some("z-2"));
+    }
+
+    #[test]
+    fn a_stale_mark_is_cleared_after_strays_are_fenced_under_the_cleared_term() {
+        let mut f = fresh(Durability::SemiSync);
+        if let Some(r) = f.record.as_mut() {
+            r.reparent_in_progress = Some("planned reparent to z-2 by ops".into());
+        }
+        // The dead orchestrator promoted z-2 under term 5 before the record said so.
+        f.statuses = [
+            ("z-1".to_string(), health("0-1-20", false, 4)),
+            ("z-2".to_string(), health("0-1-20", false, 5)),
+        ]
+        .into();
+        let m = Sequence::plan(
+            &f,
+            &problem(crate::analysis::ProblemCode::ReparentInProgress, "z-1"),
+            Remedy::ClearStaleMark,
+            Term::new(5),
+            900,
+        )
+        .expect("a sequence")
+        .expect("planned");
+        let (calls, r) = drive(m, |c| match c {
+            Call::WriteShardRecord { .. } => Reply::Written(Ok(1)),
+            _ => Reply::Action(Ok(Default::default())),
+        });
+        match &calls[..] {
+            [Call::Agent {
+                tablet,
+                term,
+                action: AgentAction::SetReadOnly { read_only: true },
+            }, Call::WriteShardRecord {
+                step: "clear_stale_reparent_mark",
+                term: written_under,
+                record,
+            }] => {
+                assert_eq!((tablet.as_str(), *term), ("z-2", Term::new(5)));
+                assert_eq!(*written_under, Term::new(5));
+                assert_eq!(record.reparent_in_progress, None);
+                assert_eq!(
+                    (record.primary.as_deref(), record.term, record.term_start_ms),
+                    (Some("z-1"), Term::new(5), 900)
+                );
+            }
+            other => panic!("fence the stray, then clear: {other:?}"),
+        }
+        assert_eq!(r.expect("done").new_term, Some(Term::new(5)));
+
+        // The mark is gone already: refused, nothing planned.
+        let f = fresh(Durability::SemiSync);
+        let planned = Sequence::plan(
+            &f,
+            &problem(crate::analysis::ProblemCode::ReparentInProgress, "z-1"),
+            Remedy::ClearStaleMark,
+            Term::new(4),
+            0,
+        );
+        assert!(matches!(planned, Some(Err(RecoveryError::Refused(_)))));
+    }
+
+    #[test]
+    fn an_errant_replica_is_quarantined_in_one_call_with_the_analysis_reason() {
+        let f = fresh(Durability::SemiSync);
+        let p = problem(crate::analysis::ProblemCode::ErrantGtid, "z-2");
+        let m = Sequence::plan(&f, &p, Remedy::QuarantineErrant, Term::new(4), 0)
+            .expect("a sequence")
+            .expect("planned");
+        let (calls, r) = drive(m, |_| Reply::Quarantined(Ok(())));
+        assert!(
+            matches!(&calls[..], [Call::Quarantine { term, alias, reason }]
+                if *term == Term::new(4) && alias == "z-2" && reason.starts_with("seen; quarantined")),
+            "{calls:?}"
+        );
+        assert!(r.expect("done").detail.starts_with("z-2: seen"));
     }
 }

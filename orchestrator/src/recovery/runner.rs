@@ -74,15 +74,16 @@ pub fn problem_under_lock(wanted: &Problem, fresh: &[Problem]) -> Result<Problem
 pub type Machine = Box<dyn steps::StepMachine + Send>;
 
 /// The step machine that carries out `problem`'s remedy (from the problem table) on the shard
-/// as re-read under the lock, starting at [`FreshShard::action_term`]: the emergency reparents
-/// and the repairs that are a sequence of agent actions ([`repair::Sequence`]). `None` for the
-/// remedies still written as async procedures ([`repair::repair`]). The runner and the
-/// simulator dispatch through this one function.
+/// as re-read under the lock, starting at [`FreshShard::action_term`]: the emergency reparents,
+/// term reconciliation, and the repairs that are a sequence of calls ([`repair::Sequence`]).
+/// `None` for the reports, which no machine carries out. `now_ms` is the wall clock the plan
+/// stamps records with. The runner and the simulator dispatch through this one function.
 pub fn machine_for(
     problem: &Problem,
     fresh: &FreshShard,
     last_primary: Option<PrimaryPosition>,
     cfg: &RecoveryConfig,
+    now_ms: u64,
 ) -> Option<Result<Machine, RecoveryError>> {
     let remedy = problem.code.facts().remedy;
     let emergency = |opts: reparent::EmergencyOptions| -> Machine {
@@ -103,7 +104,7 @@ pub fn machine_for(
             fresh.clone(),
             fresh.action_term(),
         )))),
-        _ => repair::Sequence::plan(fresh, problem, remedy, fresh.action_term())
+        _ => repair::Sequence::plan(fresh, problem, remedy, fresh.action_term(), now_ms)
             .map(|r| r.map(|s| Box::new(s) as Machine)),
     }
 }
@@ -304,10 +305,15 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
         &ctx.fresh,
         ctx.job.last_primary.clone(),
         ctx.cfg(),
+        topo::now_ms(),
     ) {
         Some(Ok(mut m)) => steps::drive(&mut m, &ctx).await,
         Some(Err(e)) => Err(e),
-        None => repair::repair(&ctx, &problem, problem.code.facts().remedy).await,
+        None => Err(RecoveryError::Refused(format!(
+            "{} is reported for an operator ({:?}): no automatic recovery",
+            problem.code.as_str(),
+            problem.code.facts().remedy
+        ))),
     };
     let took = ctx.started().elapsed();
     let (outcome, new_term) = match result {
@@ -320,7 +326,7 @@ async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
         Err(e) => (Outcome::from(e), None),
     };
     summary(
-        ctx.term(),
+        ctx.newest_term(),
         outcome.audit_outcome(),
         format!("{}: {}", problem.detail, outcome.text()),
         took,

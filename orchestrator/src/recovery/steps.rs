@@ -317,8 +317,8 @@ async fn perform<C: AgentApi + TopoApi>(ctx: &C, call: Call) -> Reply {
     }
 }
 
-/// Runs `m` to its end against the real agents and etcd. The context's term follows the
-/// machine's (the run's summary is audited under it).
+/// Runs `m` to its end against the real agents and etcd. Every call carries the machine's term;
+/// the context's [`RecoveryContext::newest_term`] follows from the steps recorded under it.
 pub async fn drive<M: StepMachine>(
     m: &mut M,
     ctx: &RecoveryContext,
@@ -388,6 +388,5 @@ pub async fn drive<M: StepMachine>(
             }
         }
     };
-    ctx.set_term(m.term());
     result
 }

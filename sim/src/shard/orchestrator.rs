@@ -445,13 +445,20 @@ impl ShardSim {
             }
         };
         self.orch.decision += timer.elapsed();
-        let machine = match machine_for(&problem, &fresh, job.last_primary.clone(), &self.recovery)
-        {
+        let machine = match machine_for(
+            &problem,
+            &fresh,
+            job.last_primary.clone(),
+            &self.recovery,
+            wall(self.now),
+        ) {
             Some(Ok(m)) => m,
             Some(Err(e)) => return self.recovery_done(Some(problem), Outcome::from(e), None),
+            // A report: the engine does not dispatch those, so reaching here is a bug worth
+            // seeing in the trace, not a recovery.
             None => {
                 let error = format!(
-                    "{}: {:?} is not simulated",
+                    "{}: {:?} is reported for an operator, no machine carries it out",
                     problem.code.as_str(),
                     problem.code.facts().remedy
                 );
