@@ -3,10 +3,11 @@
 //! [`RecoveryContext`] machinery as the automatic recoveries. Contract: `docs/design.md`,
 //! "Operator reparents".
 //!
-//! [`run`] is the whole operation: the shard lock (a try first; when held, a
+//! [`run`] is the whole operation, through the same lock-run-release path as the automatic
+//! recoveries ([`recovery::locked_run`]): the shard lock (a try first; when held, a
 //! [`OpEvent::WaitingLock`] naming the holder, then a wait up to `lock_timeout`), the quarantine
-//! list and a fresh refresh under the lock, then [`planned::planned_reparent`] or
-//! [`reparent::emergency_reparent_with`], one summary audit entry (`planned_reparent` /
+//! list and a fresh refresh under the lock, then the [`planned::Planned`] or
+//! [`reparent::Emergency`] step machine driven by `steps::drive`, one summary audit entry (`planned_reparent` /
 //! `emergency_reparent`, actor `operator:<who>@<orchestrator>`), the lock released. Every step
 //! is sent as an [`OpEvent::Step`] the moment it is recorded, and the last event is always one
 //! [`OpEvent::Done`]. The caller spawns it: a client that goes away does not cancel it.
@@ -18,7 +19,7 @@ use topo::Term;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
-use topo::{AuditEntry, LockRequest, TopoError};
+use topo::{AuditEntry, LockRequest};
 
 use crate::analysis::{Problem, ProblemCode};
 use crate::api::{ReparentMode, ReparentRequest};
@@ -26,9 +27,9 @@ use crate::control::{self, Control};
 use crate::recovery::planned::{self, PlannedOptions};
 use crate::recovery::reparent::{self, EmergencyOptions};
 use crate::recovery::{
-    self, millis, Deps, Done, Job, PrimaryPosition, RecoveryContext, RecoveryError, StepObserver,
-    StepRecord, ACTION_EMERGENCY_REPARENT, ACTION_PLANNED_REPARENT, OPERATOR_ACTOR_PREFIX,
-    OUTCOME_FAILED, OUTCOME_OK, OUTCOME_REFUSED,
+    self, millis, Deps, FreshShard, Intent, Job, LockWait, Machine, Outcome, PrimaryPosition,
+    RecoveryError, RunEnd, RunPlan, StepObserver, StepRecord, ACTION_EMERGENCY_REPARENT,
+    ACTION_PLANNED_REPARENT, OPERATOR_ACTOR_PREFIX, OUTCOME_FAILED, OUTCOME_OK, OUTCOME_REFUSED,
 };
 
 /// How long the old primary gets to be set read-only before an emergency reparent on request.
@@ -137,245 +138,86 @@ fn metric(mode: ReparentMode, outcome: &'static str) {
     .increment(1);
 }
 
-/// Runs one operation to its end (see the module doc). Events go to `events` (a closed
-/// receiver is ignored: the operation goes on). Returns the final event's content.
+/// Runs one operation to its end (see the module doc) through the one lock-run-release path,
+/// [`recovery::locked_run`]. Events go to `events` (a closed receiver is ignored: the
+/// operation goes on). Returns the final event's content.
 pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEvent>) -> OpDone {
     let started = Instant::now();
-    let req = op.request.clone();
-    let (ks, shard) = (op.keyspace.clone(), op.shard.clone());
-    let actor = operator_actor(&req.requester, &deps.actor);
+    let actor = operator_actor(&op.request.requester, &deps.actor);
     let deps = Deps {
         actor: Arc::from(actor.as_str()),
         ..deps
     };
-    let action = match req.mode {
-        ReparentMode::Planned => ACTION_PLANNED_REPARENT,
-        ReparentMode::Emergency => ACTION_EMERGENCY_REPARENT,
+    let req = op.request.clone();
+    let (ks, shard) = (op.keyspace.clone(), op.shard.clone());
+    let run = Requested {
+        deps: &deps,
+        op: &op,
+        events: &events,
+        started,
     };
-    let fail = |kind: FailKind, error: String, old: Option<String>, term: Option<Term>| OpDone {
+    let end = recovery::locked_run(&deps, &ks, &shard, &run).await;
+    let ran = matches!(end, RunEnd::Ran(_));
+    let fail = |kind: FailKind, error: String, old: Option<String>| OpDone {
         ok: false,
         mode: req.mode,
         kind: Some(kind),
         error: Some(error),
         old_primary: old,
         new_primary: None,
-        term,
+        term: None,
         undone: Some(false),
         holder: None,
         purpose: None,
-        total_ms: millis(started.elapsed()),
+        total_ms: 0,
         detail: None,
     };
-    let summary = |term: Term, tablet: Option<String>, outcome: &str, detail: String| {
-        deps.audit.append(
-            &ks,
-            &shard,
-            AuditEntry {
-                at_ms: topo::now_ms(),
-                term,
-                actor: actor.clone(),
-                action: action.to_string(),
-                tablet,
-                outcome: outcome.to_string(),
-                detail,
-                duration_ms: Some(millis(started.elapsed())),
-            },
-        )
-    };
-    let finish = |done: OpDone| {
-        metric(
-            req.mode,
-            match (done.ok, done.kind) {
-                (true, _) => "ok",
-                (_, Some(FailKind::Refused)) => "refused",
-                (_, Some(FailKind::LockHeld)) => "lock_held",
-                _ => "failed",
-            },
-        );
-        if done.ok {
-            tracing::info!(keyspace = %ks, shard = %shard, mode = req.mode.as_str(), requester = %req.requester, old = ?done.old_primary, new = ?done.new_primary, term = ?done.term, total_ms = done.total_ms, "operator reparent done");
-        } else {
-            tracing::warn!(keyspace = %ks, shard = %shard, mode = req.mode.as_str(), requester = %req.requester, kind = ?done.kind, error = ?done.error, undone = ?done.undone, total_ms = done.total_ms, "operator reparent did not succeed");
-        }
-        let _ = events.send(OpEvent::Done(done.clone()));
-        done
-    };
-
-    // 1. The lock: a try, then (held) a wait naming the holder.
-    let lock_req = LockRequest::new(actor.clone(), lock_purpose(&req)).with_ttl(deps.cfg.lock_ttl);
-    let lock = match deps.topo.lock_shard(&ks, &shard, lock_req.clone()).await {
-        Ok(l) => Ok(l),
-        Err(TopoError::LockHeld { holder, .. }) => {
-            let _ = events.send(OpEvent::WaitingLock {
-                holder: holder.holder.clone(),
-                purpose: holder.purpose.clone(),
-            });
-            let left = req.lock_timeout.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                Err(TopoError::LockHeld {
-                    key: String::new(),
-                    holder,
-                    waited: None,
-                })
-            } else {
-                deps.topo
-                    .lock_shard(&ks, &shard, lock_req.with_wait(left))
-                    .await
-            }
-        }
-        Err(e) => Err(e),
-    };
-    let lock = match lock {
-        Ok(l) => l,
-        Err(TopoError::LockHeld { holder, .. }) => {
-            let error = format!(
-                "the shard lock of {ks}/{shard} is held by {} ({}) since {} ms; waited {:?} (lock_timeout)",
-                holder.holder,
-                holder.purpose,
-                holder.acquired_ms,
-                req.lock_timeout
+    let mut done = match end {
+        RunEnd::LockHeld(holder) => {
+            let mut d = fail(
+                FailKind::LockHeld,
+                run.lock_held_text(&holder),
+                op.suspect.clone(),
             );
-            summary(Term::ZERO, None, OUTCOME_FAILED, error.clone());
-            let mut done = fail(FailKind::LockHeld, error, op.suspect.clone(), None);
-            done.holder = Some(holder.holder);
-            done.purpose = Some(holder.purpose);
-            return finish(done);
+            d.holder = Some(holder.holder);
+            d.purpose = Some(holder.purpose);
+            d
         }
-        Err(e) => {
-            let error = format!("no reparent without the shard lock: {e}");
-            summary(Term::ZERO, None, OUTCOME_FAILED, error.clone());
-            return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
+        RunEnd::NoLock(_) | RunEnd::Before(_) | RunEnd::Refresh(_) | RunEnd::Declined { .. } => {
+            fail(
+                FailKind::Failed,
+                run.stopped_text(&end).unwrap_or_default(),
+                op.suspect.clone(),
+            )
         }
-    };
-
-    // 2. Quarantine and a fresh view, under the lock.
-    let release = |lock: topo::ShardLock| recovery::release_lock(lock, &ks, &shard);
-    let quarantined = match Control::new(deps.topo.clone()).list_quarantine().await {
-        Ok(q) => q
-            .iter()
-            .map(|(a, r)| (a.clone(), control::quarantine_text(r)))
-            .collect::<BTreeMap<_, _>>(),
-        Err(e) => {
-            let error = format!("cannot read the quarantine list (nothing was changed): {e}");
-            summary(Term::ZERO, None, OUTCOME_FAILED, error.clone());
-            release(lock).await;
-            return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
-        }
-    };
-    let suspect = match req.mode {
-        ReparentMode::Emergency => op.suspect.as_deref(),
-        ReparentMode::Planned => None,
-    };
-    let fresh = match recovery::refresh(&deps, &ks, &shard, &quarantined, suspect).await {
-        Ok(f) => f,
-        Err(e) => {
-            let error = format!("refresh under the lock (nothing was changed): {e}");
-            summary(Term::ZERO, None, OUTCOME_FAILED, error.clone());
-            release(lock).await;
-            return finish(fail(FailKind::Failed, error, op.suspect.clone(), None));
-        }
-    };
-    let old_primary = fresh.record.as_ref().and_then(|r| r.primary.clone());
-    let old_term = fresh.record_term();
-    let quarantined: BTreeMap<String, String> = fresh.input.quarantined.clone();
-    let problem = Problem {
-        code: match req.mode {
-            ReparentMode::Planned => ProblemCode::ReparentInProgress,
-            ReparentMode::Emergency => ProblemCode::DeadPrimary,
-        },
-        tablet: old_primary.clone(),
-        detail: lock_purpose(&req),
-    };
-    let last_primary = op
-        .last_primary
-        .clone()
-        .filter(|p| Some(&p.alias) == old_primary.as_ref());
-    let job = Job {
-        keyspace: ks.clone(),
-        shard: shard.clone(),
-        problem: problem.clone(),
-        quarantined,
-        last_primary,
-    };
-    let step_events = events.clone();
-    let ctx = RecoveryContext::new(deps.clone(), job, problem, fresh, lock).with_observer(
-        StepObserver::new(move |s| {
-            let _ = step_events.send(OpEvent::Step(s.clone()));
-        }),
-    );
-
-    // 3. The operation.
-    let result: Result<Done, (RecoveryError, bool)> = match req.mode {
-        ReparentMode::Planned => {
-            let opts = PlannedOptions {
-                to: req.to.clone(),
-                wait_timeout: req.wait_timeout,
-                max_lag: req.max_lag,
-                requester: req.requester.clone(),
-            };
-            planned::planned_reparent(&ctx, &opts)
-                .await
-                .map_err(|f| (f.error, f.undone))
-        }
-        ReparentMode::Emergency => {
-            let opts = EmergencyOptions {
-                to: req.to.clone(),
-                demote_old_first: Some(EMERGENCY_DEMOTE_BOUND),
-                may_lose_acknowledged_writes: req.may_lose_acknowledged_writes,
-                old_primary_must_be_fenced: false,
-            };
-            reparent::emergency_reparent_with(&ctx, &opts)
-                .await
-                .map_err(|e| {
-                    let undone = ctx.steps().iter().any(|s| s.name == "undo_demote" && s.ok);
-                    (e, undone)
-                })
-        }
-    };
-    let term_now = ctx.newest_term();
-    let done = match result {
-        Ok(d) => {
-            let term = d.new_term.unwrap_or(old_term);
-            summary(term, old_primary.clone(), OUTCOME_OK, d.detail.clone());
-            OpDone {
+        RunEnd::Ran(ran) => match &ran.result {
+            Ok(d) => OpDone {
                 ok: true,
                 mode: req.mode,
                 kind: None,
                 error: None,
-                old_primary: old_primary.clone(),
+                old_primary: ran.old_primary.clone(),
                 new_primary: d.new_primary.clone(),
-                term: Some(term),
+                term: Some(d.new_term.unwrap_or(ran.old_term)),
                 undone: None,
                 holder: None,
                 purpose: None,
-                total_ms: millis(started.elapsed()),
-                detail: Some(d.detail),
+                total_ms: 0,
+                detail: Some(d.detail.clone()),
+            },
+            Err(e) => {
+                let kind = match e {
+                    RecoveryError::Refused(_) => FailKind::Refused,
+                    _ => FailKind::Failed,
+                };
+                let mut d = fail(kind, error_text(e), ran.old_primary.clone());
+                d.undone = Some(undone(&ran.steps));
+                d
             }
-        }
-        Err((e, undone)) => {
-            let (kind, outcome) = match &e {
-                RecoveryError::Refused(_) => (FailKind::Refused, OUTCOME_REFUSED),
-                _ => (FailKind::Failed, OUTCOME_FAILED),
-            };
-            let error = match &e {
-                RecoveryError::Refused(r) => r.clone(),
-                e => e.to_string(),
-            };
-            let text = if undone {
-                format!("{error}; the demotion was undone (the old primary takes writes again)")
-            } else {
-                error.clone()
-            };
-            summary(term_now, old_primary.clone(), outcome, text);
-            let mut d = fail(kind, error, old_primary.clone(), None);
-            d.undone = Some(undone);
-            d
-        }
+        },
     };
-    release(ctx.into_lock()).await;
     // The term at the end, as the record says (a rolled-back promotion may have raised it).
-    let mut done = done;
-    if done.term.is_none() {
+    if ran && !done.ok {
         done.term = deps
             .topo
             .get_shard(&ks, &shard)
@@ -385,7 +227,232 @@ pub async fn run(deps: Deps, op: Operation, events: mpsc::UnboundedSender<OpEven
             .map(|(r, _)| r.term);
     }
     done.total_ms = millis(started.elapsed());
-    finish(done)
+    metric(
+        req.mode,
+        match (done.ok, done.kind) {
+            (true, _) => "ok",
+            (_, Some(FailKind::Refused)) => "refused",
+            (_, Some(FailKind::LockHeld)) => "lock_held",
+            _ => "failed",
+        },
+    );
+    if done.ok {
+        tracing::info!(keyspace = %ks, shard = %shard, mode = req.mode.as_str(), requester = %req.requester, old = ?done.old_primary, new = ?done.new_primary, term = ?done.term, total_ms = done.total_ms, "operator reparent done");
+    } else {
+        tracing::warn!(keyspace = %ks, shard = %shard, mode = req.mode.as_str(), requester = %req.requester, kind = ?done.kind, error = ?done.error, undone = ?done.undone, total_ms = done.total_ms, "operator reparent did not succeed");
+    }
+    let _ = events.send(OpEvent::Done(done.clone()));
+    done
+}
+
+/// Whether a demotion was rolled back, from the steps (both machines undo it the same way).
+fn undone(steps: &[StepRecord]) -> bool {
+    steps.iter().any(|s| s.name == "undo_demote" && s.ok)
+}
+
+fn error_text(e: &RecoveryError) -> String {
+    match e {
+        RecoveryError::Refused(r) => r.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// One operator request, as [`recovery::locked_run`] runs it.
+struct Requested<'a> {
+    deps: &'a Deps,
+    op: &'a Operation,
+    events: &'a mpsc::UnboundedSender<OpEvent>,
+    started: Instant,
+}
+
+impl Requested<'_> {
+    fn action(&self) -> &'static str {
+        match self.op.request.mode {
+            ReparentMode::Planned => ACTION_PLANNED_REPARENT,
+            ReparentMode::Emergency => ACTION_EMERGENCY_REPARENT,
+        }
+    }
+
+    fn summary(&self, term: Term, tablet: Option<String>, outcome: &str, detail: String) {
+        self.deps.audit.append(
+            &self.op.keyspace,
+            &self.op.shard,
+            AuditEntry {
+                at_ms: topo::now_ms(),
+                term,
+                actor: self.deps.actor.to_string(),
+                action: self.action().to_string(),
+                tablet,
+                outcome: outcome.to_string(),
+                detail,
+                duration_ms: Some(millis(self.started.elapsed())),
+            },
+        )
+    }
+
+    fn lock_held_text(&self, holder: &topo::LockInfo) -> String {
+        format!(
+            "the shard lock of {}/{} is held by {} ({}) since {} ms; waited {:?} (lock_timeout)",
+            self.op.keyspace,
+            self.op.shard,
+            holder.holder,
+            holder.purpose,
+            holder.acquired_ms,
+            self.op.request.lock_timeout
+        )
+    }
+
+    /// Why a run that stopped before its machine did not happen (`None` for the others).
+    fn stopped_text(&self, end: &RunEnd) -> Option<String> {
+        match end {
+            RunEnd::LockHeld(h) => Some(self.lock_held_text(h)),
+            RunEnd::NoLock(e) => Some(format!("no reparent without the shard lock: {e}")),
+            RunEnd::Before(outcome) | RunEnd::Declined { outcome, .. } => {
+                Some(outcome.text().to_string())
+            }
+            RunEnd::Refresh(e) => {
+                Some(format!("refresh under the lock (nothing was changed): {e}"))
+            }
+            RunEnd::Ran(_) => None,
+        }
+    }
+}
+
+impl RunPlan for Requested<'_> {
+    fn lock_request(&self) -> LockRequest {
+        LockRequest::new(self.deps.actor.to_string(), lock_purpose(&self.op.request))
+            .with_ttl(self.deps.cfg.lock_ttl)
+    }
+
+    fn lock_wait(&self) -> LockWait {
+        LockWait::TryThenWait {
+            timeout: self.op.request.lock_timeout,
+            since: self.started,
+        }
+    }
+
+    fn on_waiting(&self, holder: &topo::LockInfo) {
+        let _ = self.events.send(OpEvent::WaitingLock {
+            holder: holder.holder.clone(),
+            purpose: holder.purpose.clone(),
+        });
+    }
+
+    async fn before_refresh(&self, deps: &Deps) -> Result<BTreeMap<String, String>, Outcome> {
+        match Control::new(deps.topo.clone()).list_quarantine().await {
+            Ok(q) => Ok(q
+                .iter()
+                .map(|(a, r)| (a.clone(), control::quarantine_text(r)))
+                .collect()),
+            Err(e) => Err(Outcome::Failed {
+                error: format!("cannot read the quarantine list (nothing was changed): {e}"),
+            }),
+        }
+    }
+
+    fn suspect(&self) -> Option<&str> {
+        match self.op.request.mode {
+            ReparentMode::Emergency => self.op.suspect.as_deref(),
+            ReparentMode::Planned => None,
+        }
+    }
+
+    fn intent(&self, fresh: &FreshShard) -> Result<Intent, Outcome> {
+        let req = &self.op.request;
+        let old_primary = fresh.record.as_ref().and_then(|r| r.primary.clone());
+        let problem = Problem {
+            code: match req.mode {
+                ReparentMode::Planned => ProblemCode::ReparentInProgress,
+                ReparentMode::Emergency => ProblemCode::DeadPrimary,
+            },
+            tablet: old_primary.clone(),
+            detail: lock_purpose(req),
+        };
+        let last_primary = self
+            .op
+            .last_primary
+            .clone()
+            .filter(|p| Some(&p.alias) == old_primary.as_ref());
+        let job = Job {
+            keyspace: self.op.keyspace.clone(),
+            shard: self.op.shard.clone(),
+            problem: problem.clone(),
+            quarantined: fresh.input.quarantined.clone(),
+            last_primary: last_primary.clone(),
+        };
+        // Every call before the promotion runs under the fresh shard's action term.
+        let action_term = fresh.action_term();
+        let machine: Machine = match req.mode {
+            ReparentMode::Planned => Box::new(planned::Planned::new(
+                fresh.clone(),
+                action_term,
+                PlannedOptions {
+                    to: req.to.clone(),
+                    wait_timeout: req.wait_timeout,
+                    max_lag: req.max_lag,
+                    requester: req.requester.clone(),
+                },
+                self.deps.cfg.action_timeout,
+            )),
+            ReparentMode::Emergency => Box::new(reparent::Emergency::new(
+                reparent::EmergencyInput {
+                    fresh: fresh.clone(),
+                    last_primary,
+                    action_term,
+                    cfg: (*self.deps.cfg).clone(),
+                },
+                EmergencyOptions {
+                    to: req.to.clone(),
+                    demote_old_first: Some(EMERGENCY_DEMOTE_BOUND),
+                    may_lose_acknowledged_writes: req.may_lose_acknowledged_writes,
+                    old_primary_must_be_fenced: false,
+                },
+            )),
+        };
+        let events = self.events.clone();
+        Ok(Intent {
+            job,
+            problem,
+            machine: Ok(machine),
+            observer: Some(StepObserver::new(move |s| {
+                let _ = events.send(OpEvent::Step(s.clone()));
+            })),
+        })
+    }
+
+    fn finish(&self, end: &RunEnd, _under_lock: Duration) {
+        match end {
+            RunEnd::Ran(ran) => {
+                let tablet = ran.old_primary.clone();
+                match &ran.result {
+                    Ok(d) => self.summary(
+                        d.new_term.unwrap_or(ran.old_term),
+                        tablet,
+                        OUTCOME_OK,
+                        d.detail.clone(),
+                    ),
+                    Err(e) => {
+                        let outcome = match e {
+                            RecoveryError::Refused(_) => OUTCOME_REFUSED,
+                            _ => OUTCOME_FAILED,
+                        };
+                        let error = error_text(e);
+                        let text = if undone(&ran.steps) {
+                            format!("{error}; the demotion was undone (the old primary takes writes again)")
+                        } else {
+                            error
+                        };
+                        self.summary(ran.newest_term, tablet, outcome, text);
+                    }
+                }
+            }
+            other => {
+                if let Some(text) = self.stopped_text(other) {
+                    self.summary(Term::ZERO, None, OUTCOME_FAILED, text);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -261,14 +261,33 @@ impl Outcome {
     }
 }
 
-impl From<RecoveryError> for Outcome {
-    fn from(e: RecoveryError) -> Outcome {
+impl Outcome {
+    /// A refusal is `Refused`, any other error `Failed`.
+    pub fn of_error(e: &RecoveryError) -> Outcome {
         match e {
-            RecoveryError::Refused(reason) => Outcome::Refused { reason },
+            RecoveryError::Refused(reason) => Outcome::Refused {
+                reason: reason.clone(),
+            },
             e => Outcome::Failed {
                 error: e.to_string(),
             },
         }
+    }
+
+    /// How a driven machine's result reads as an outcome.
+    pub fn of_result(r: &Result<Done, RecoveryError>) -> Outcome {
+        match r {
+            Ok(done) => Outcome::Recovered {
+                detail: done.detail.clone(),
+            },
+            Err(e) => Outcome::of_error(e),
+        }
+    }
+}
+
+impl From<RecoveryError> for Outcome {
+    fn from(e: RecoveryError) -> Outcome {
+        Outcome::of_error(&e)
     }
 }
 

@@ -1,8 +1,9 @@
 //! Planned reparent (scenarios S1-S4): an operator moves the primary of a healthy shard to a
 //! replica without losing a write. Contract: `docs/design.md`, "Operator reparents".
 //!
-//! Runs under the shard lock on a fresh view ([`RecoveryContext::fresh`]), in order, nothing
-//! changed before step 4:
+//! Runs under the shard lock on a fresh view (`RecoveryContext::fresh`) as the step machine
+//! [`Planned`], driven by [`super::steps::drive`] (and by the simulator on virtual time), in
+//! order, nothing changed before step 4:
 //! 1. (the caller took the lock and refreshed);
 //! 2. the primary must answer, writable ([`choose_planned`]);
 //! 3. the candidate: the requested one or the best replica ([`choose_planned`], pure), refused
@@ -20,15 +21,15 @@
 //! back under the old primary (read-only, replicating) and the record keeps the old primary at
 //! the new term, so that no agent knows a term above the record's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 use topo::Term;
 
 use myha_proto::agent as pb;
 use topo::{Durability, PromotionRule, ShardRecord, TabletRecord};
 
-use super::steps::AgentAction;
-use super::{Done, RecoveryContext, RecoveryError};
+use super::steps::{Action, AgentAction, Call, CallId, Emitter, Now, Reply, StepMachine};
+use super::{Done, FreshShard, RecoveryError};
 use crate::analysis;
 use crate::ranking::{self, Rank};
 
@@ -398,270 +399,483 @@ fn lag_key(e: &Eligible) -> u64 {
     e.lag_ms.unwrap_or(u64::MAX)
 }
 
-/// How a planned reparent ended badly.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}")]
-pub struct PlannedFailure {
-    pub error: RecoveryError,
-    /// The demotion was rolled back: the old primary is writable again.
-    pub undone: bool,
-}
-
-impl From<RecoveryError> for PlannedFailure {
-    fn from(error: RecoveryError) -> PlannedFailure {
-        PlannedFailure {
-            error,
-            undone: false,
-        }
-    }
-}
-
 /// The text of the mark (step 4).
 pub fn mark_text(candidate: &str, requester: &str) -> String {
     format!("planned reparent to {candidate} by {requester}")
 }
 
-/// The planned reparent. See the module doc.
-pub async fn planned_reparent(
-    ctx: &RecoveryContext,
-    opts: &PlannedOptions,
-) -> Result<Done, PlannedFailure> {
-    let fresh = &ctx.fresh;
-    let record = fresh
-        .record
-        .clone()
-        .ok_or_else(|| RecoveryError::Refused("the shard has no record".into()))?;
-    if let Some(stale) = &record.reparent_in_progress {
-        // We hold the lock: whoever set it is gone. Our own mark replaces it.
-        ctx.record_step(
-            "stale_reparent_mark",
-            None,
-            true,
-            format!("found a stale reparent mark ({stale}) under the lock: replaced by ours"),
-            Duration::ZERO,
-        );
+/// What the start of the run derived from the fresh shard (fixed for the run).
+#[derive(Debug, Clone)]
+struct Plan {
+    /// The record as read under the lock.
+    record: ShardRecord,
+    /// The record as marked (step 4).
+    marked: ShardRecord,
+    choice: PlannedChoice,
+    old: TabletRecord,
+    candidate: TabletRecord,
+    new_term: Term,
+    semi: bool,
+}
+
+/// The outstanding calls, by what they are for.
+#[derive(Debug, Clone, PartialEq)]
+enum Pending {
+    Mark,
+    Demote,
+    Wait,
+    Promote,
+    WriteRecord,
+    Repoint(String),
+    /// One call of the undo sequence (see [`Planned::undo_calls`]).
+    Undo,
+}
+
+/// The planned reparent as a step machine: every step of the module doc in order, in this one
+/// type. What a failure undoes follows from the state (`demote_sent`, `promote_sent`), never
+/// from the exit path: the candidate put back under the old primary once `Promote` was sent,
+/// then the old primary made writable again, then the mark cleared (the term kept at the new
+/// one when an agent may know it). The undo calls run one after the other, in that order, so
+/// that the candidate is read-only before the old primary takes writes again.
+#[derive(Debug)]
+pub struct Planned {
+    fresh: FreshShard,
+    action_term: Term,
+    opts: PlannedOptions,
+    /// Bound on the old primary's demotion (`action_timeout`).
+    demote_bound: Duration,
+    em: Emitter,
+    pending: BTreeMap<CallId, Pending>,
+    plan: Option<Plan>,
+    position: String,
+    demote_sent: bool,
+    promote_sent: bool,
+    /// The undo calls not sent yet, and the error to return once they are answered.
+    undo: VecDeque<Call>,
+    undoing: Option<RecoveryError>,
+    repointed: Vec<String>,
+    repoint_failed: Vec<String>,
+    finished: bool,
+}
+
+impl Planned {
+    /// `action_term`: the term of every call before the promotion (the fresh shard's
+    /// [`FreshShard::action_term`]).
+    pub fn new(
+        fresh: FreshShard,
+        action_term: Term,
+        opts: PlannedOptions,
+        demote_bound: Duration,
+    ) -> Planned {
+        Planned {
+            fresh,
+            action_term,
+            opts,
+            demote_bound,
+            em: Emitter::default(),
+            pending: BTreeMap::new(),
+            plan: None,
+            position: String::new(),
+            demote_sent: false,
+            promote_sent: false,
+            undo: VecDeque::new(),
+            undoing: None,
+            repointed: Vec::new(),
+            repoint_failed: Vec::new(),
+            finished: false,
+        }
     }
-    let input = PlannedInput {
-        record: &record,
-        durability: fresh.durability,
-        tablets: &fresh.tablets,
-        statuses: &fresh.statuses,
-        unseen: &fresh.unseen,
-        quarantined: &fresh.input.quarantined,
-        to: opts.to.as_deref(),
-        max_lag: opts.max_lag,
-    };
-    let choice = match choose_planned(&input) {
-        Ok(c) => c,
-        Err(r) => {
-            let why = r.to_string();
-            ctx.record_step(
-                "choose_candidate",
-                opts.to.as_deref(),
-                false,
-                why.clone(),
+
+    fn plan(&self) -> &Plan {
+        // Every caller runs after `begin` set it (a run without a plan finished in `begin`).
+        self.plan.as_ref().expect("plan set at start")
+    }
+
+    fn agent(&mut self, tablet: &str, term: Term, action: AgentAction, why: Pending) {
+        let id = self.em.call(Call::Agent {
+            tablet: tablet.to_string(),
+            term,
+            action,
+        });
+        self.pending.insert(id, why);
+    }
+
+    fn finish(&mut self, r: Result<Done, RecoveryError>) {
+        for id in std::mem::take(&mut self.pending).into_keys() {
+            self.em.out.push(Action::Cancel(id));
+        }
+        self.finished = true;
+        self.em.out.push(Action::Done(r));
+    }
+
+    /// Steps 1-4: the choice (pure), then the mark.
+    fn begin(&mut self) {
+        let term = self.action_term;
+        let Some(record) = self.fresh.record.clone() else {
+            return self.finish(Err(RecoveryError::Refused(
+                "the shard has no record".into(),
+            )));
+        };
+        if let Some(stale) = &record.reparent_in_progress {
+            // We hold the lock: whoever set it is gone. Our own mark replaces it.
+            self.em.record(
+                term,
+                "stale_reparent_mark",
+                None,
+                true,
+                format!("found a stale reparent mark ({stale}) under the lock: replaced by ours"),
                 Duration::ZERO,
             );
-            return Err(RecoveryError::Refused(format!(
-                "{why}; nothing was changed (primary {} stays at term {})",
-                record.primary.as_deref().unwrap_or("none"),
-                record.term
-            ))
-            .into());
         }
-    };
-    ctx.record_step(
-        "choose_candidate",
-        Some(&choice.candidate),
-        true,
-        choice.reason.clone(),
-        Duration::ZERO,
-    );
-    let old = choice.primary.clone();
-    let candidate = ctx.tablet(&choice.candidate)?.clone();
-    let old_rec = ctx.tablet(&old)?.clone();
-    let new_term = fresh.next_promotion_term();
-    let semi = fresh.durability == Durability::SemiSync;
-
-    // 4. Mark (and reserve the new term) before touching anything.
-    let marked = ShardRecord {
-        reparent_in_progress: Some(mark_text(&candidate.alias, &opts.requester)),
-        reserved_term: record.reserved_term.max(new_term),
-        ..record.clone()
-    };
-    if let Err(e) = ctx.write_shard_record_as("mark_reparent", &marked).await {
-        // The write may have happened (a timeout): make sure no mark stays.
-        let _ = ctx
-            .write_shard_record_as("clear_reparent_mark", &record)
-            .await;
-        return Err(e.into());
+        let fresh = &self.fresh;
+        let input = PlannedInput {
+            record: &record,
+            durability: fresh.durability,
+            tablets: &fresh.tablets,
+            statuses: &fresh.statuses,
+            unseen: &fresh.unseen,
+            quarantined: &fresh.input.quarantined,
+            to: self.opts.to.as_deref(),
+            max_lag: self.opts.max_lag,
+        };
+        let choice = match choose_planned(&input) {
+            Ok(c) => c,
+            Err(r) => {
+                let why = r.to_string();
+                let to = self.opts.to.clone();
+                self.em.record(
+                    term,
+                    "choose_candidate",
+                    to.as_deref(),
+                    false,
+                    why.clone(),
+                    Duration::ZERO,
+                );
+                return self.finish(Err(RecoveryError::Refused(format!(
+                    "{why}; nothing was changed (primary {} stays at term {})",
+                    record.primary.as_deref().unwrap_or("none"),
+                    record.term
+                ))));
+            }
+        };
+        self.em.record(
+            term,
+            "choose_candidate",
+            Some(&choice.candidate),
+            true,
+            choice.reason.clone(),
+            Duration::ZERO,
+        );
+        let tablet = |alias: &str| {
+            self.fresh
+                .tablets
+                .get(alias)
+                .cloned()
+                .ok_or_else(|| RecoveryError::UnknownTablet(alias.to_string()))
+        };
+        let (old, candidate) = match (tablet(&choice.primary), tablet(&choice.candidate)) {
+            (Ok(o), Ok(c)) => (o, c),
+            (Err(e), _) | (_, Err(e)) => return self.finish(Err(e)),
+        };
+        let new_term = self.fresh.next_promotion_term();
+        // 4. Mark (and reserve the new term) before touching anything.
+        let marked = ShardRecord {
+            reparent_in_progress: Some(mark_text(&candidate.alias, &self.opts.requester)),
+            reserved_term: record.reserved_term.max(new_term),
+            ..record.clone()
+        };
+        let id = self.em.call(Call::WriteShardRecord {
+            step: "mark_reparent",
+            term,
+            record: marked.clone(),
+        });
+        self.pending.insert(id, Pending::Mark);
+        self.plan = Some(Plan {
+            record,
+            marked,
+            choice,
+            old,
+            candidate,
+            new_term,
+            semi: self.fresh.durability == Durability::SemiSync,
+        });
     }
 
-    // 5-7. Demote, wait, promote; any failure undoes the demotion.
-    let mut promote_sent = false;
-    let promoted = async {
-        let demoted = ctx
-            .act(
-                &old,
-                AgentAction::Demote {
-                    bound: ctx.cfg().action_timeout,
+    /// What a failure must undo, derived from the state, in the order it must happen.
+    fn undo_calls(&self, now: Now) -> Vec<Call> {
+        let plan = self.plan();
+        // Once Promote was sent the candidate may know the new term, so every undo call carries
+        // it (an older term would be refused); before that, nobody was asked to act under it.
+        let term = if self.promote_sent {
+            plan.new_term
+        } else {
+            self.action_term
+        };
+        let agent = |tablet: &str, action| Call::Agent {
+            tablet: tablet.to_string(),
+            term,
+            action,
+        };
+        let mut calls = Vec::new();
+        if self.promote_sent {
+            // It may be writable under the new term: read-only, and a replica of the old
+            // primary, before the old primary takes writes again.
+            let cand = &plan.candidate.alias;
+            calls.push(agent(cand, AgentAction::SetReadOnly { read_only: true }));
+            calls.push(agent(
+                cand,
+                AgentAction::SetReplicationSource {
+                    step: "undo_promote",
+                    source: plan.old.clone(),
+                    semi_sync: plan.semi,
+                    start_replication: true,
                 },
-            )
-            .await?;
-        let position = demoted.gtid_position;
-        if position.trim().is_empty() {
-            return Err(RecoveryError::Failed(format!(
-                "Demote of {old} answered no GTID position"
-            )));
+            ));
         }
-        ctx.act(
-            &candidate.alias,
+        if self.demote_sent {
+            calls.push(agent(&plan.old.alias, AgentAction::UndoDemote));
+        }
+        let restored = if self.promote_sent {
+            ShardRecord {
+                term: plan.new_term,
+                term_start_ms: now.wall_ms,
+                reparent_in_progress: None,
+                reserved_term: plan.record.reserved_term.max(plan.new_term),
+                ..plan.record.clone()
+            }
+        } else {
+            // No agent was asked to act under the new term: its reservation is given back.
+            ShardRecord {
+                reparent_in_progress: None,
+                ..plan.record.clone()
+            }
+        };
+        // Without the lock (lost) this fails; the next lock holder clears the stale mark.
+        calls.push(Call::WriteShardRecord {
+            step: "clear_reparent_mark",
+            term,
+            record: restored,
+        });
+        calls
+    }
+
+    /// Ends the run with `e` after the undo the state calls for (each call best effort).
+    fn fail(&mut self, e: RecoveryError, now: Now) {
+        self.undo = self.undo_calls(now).into();
+        self.undoing = Some(e);
+        self.next_undo();
+    }
+
+    fn next_undo(&mut self) {
+        match self.undo.pop_front() {
+            Some(call) => {
+                let id = self.em.call(call);
+                self.pending.insert(id, Pending::Undo);
+            }
+            None => {
+                let e = self
+                    .undoing
+                    .take()
+                    .unwrap_or_else(|| RecoveryError::Failed("undone".into()));
+                self.finish(Err(e));
+            }
+        }
+    }
+
+    fn on_marked(&mut self, r: Result<i64, RecoveryError>, now: Now) {
+        if let Err(e) = r {
+            // The write may have happened (a timeout): make sure no mark stays.
+            return self.fail(e, now);
+        }
+        // 5. Demote: from here a failure makes the old primary writable again.
+        let old = self.plan().old.alias.clone();
+        self.demote_sent = true;
+        let bound = self.demote_bound;
+        self.agent(
+            &old,
+            self.action_term,
+            AgentAction::Demote { bound },
+            Pending::Demote,
+        );
+    }
+
+    fn on_demoted(&mut self, r: Result<pb::ActionResponse, RecoveryError>, now: Now) {
+        let position = match r {
+            Ok(d) => d.gtid_position,
+            Err(e) => return self.fail(e, now),
+        };
+        if position.trim().is_empty() {
+            let old = self.plan().old.alias.clone();
+            return self.fail(
+                RecoveryError::Failed(format!("Demote of {old} answered no GTID position")),
+                now,
+            );
+        }
+        self.position = position.clone();
+        // 6. The candidate applies everything the old primary committed.
+        let cand = self.plan().candidate.alias.clone();
+        let bound = self.opts.wait_timeout;
+        self.agent(
+            &cand,
+            self.action_term,
             AgentAction::WaitForPosition {
                 step: "wait_for_position",
-                position: position.clone(),
-                bound: opts.wait_timeout,
+                position,
+                bound,
             },
-        )
-        .await?;
-        // From Promote on, every call names the new term (the candidate may know it).
-        promote_sent = true;
-        ctx.act_at(new_term, &candidate.alias, AgentAction::Promote)
-            .await?;
-        Ok(position)
+            Pending::Wait,
+        );
     }
-    .await;
-    let position = match promoted {
-        Ok(p) => p,
-        Err(error) => {
-            let undone = undo(
-                ctx,
-                &record,
-                &old_rec,
-                &candidate,
-                promote_sent,
-                new_term,
-                semi,
-            )
-            .await;
-            return Err(PlannedFailure { error, undone });
+
+    fn on_caught_up(&mut self, r: Result<pb::ActionResponse, RecoveryError>, now: Now) {
+        if let Err(e) = r {
+            return self.fail(e, now);
         }
-    };
-
-    // 8. The new primary in the record, mark cleared.
-    let next = ShardRecord {
-        primary: Some(candidate.alias.clone()),
-        term: new_term,
-        term_start_ms: topo::now_ms(),
-        reparent_in_progress: None,
-        reserved_term: marked.reserved_term.max(new_term),
-        ..record.clone()
-    };
-    if let Err(e) = ctx
-        .write_shard_record_at(new_term, "write_shard_record", &next)
-        .await
-    {
-        return Err(RecoveryError::Failed(format!(
-            "{} was promoted at term {new_term} but the shard record could not be written ({e}); \
-             the mark stays until the next lock holder clears it",
-            candidate.alias
-        ))
-        .into());
+        // 7. From Promote on, every call names the new term (the candidate may know it).
+        let (cand, new_term) = (self.plan().candidate.alias.clone(), self.plan().new_term);
+        self.promote_sent = true;
+        self.agent(&cand, new_term, AgentAction::Promote, Pending::Promote);
     }
 
-    // 9. Everyone else replicates from the new primary.
-    let mut targets = vec![old.clone()];
-    targets.extend(choice.repoint.iter().cloned());
-    let (ok, failed) = ctx.repoint_all(new_term, &targets, &candidate, semi).await;
-    Ok(Done {
-        detail: format!(
-            "{old} -> {} at term {new_term} (was {}): caught up to {position}; repointed [{}]{}{}",
-            candidate.alias,
-            record.term,
-            ok.join(", "),
-            if failed.is_empty() {
+    fn on_promoted(&mut self, r: Result<pb::ActionResponse, RecoveryError>, now: Now) {
+        if let Err(e) = r {
+            return self.fail(e, now);
+        }
+        // 8. The new primary in the record, mark cleared. Past this point nothing is undone.
+        let plan = self.plan();
+        let next = ShardRecord {
+            primary: Some(plan.candidate.alias.clone()),
+            term: plan.new_term,
+            term_start_ms: now.wall_ms,
+            reparent_in_progress: None,
+            reserved_term: plan.marked.reserved_term.max(plan.new_term),
+            ..plan.record.clone()
+        };
+        let id = self.em.call(Call::WriteShardRecord {
+            step: "write_shard_record",
+            term: plan.new_term,
+            record: next,
+        });
+        self.pending.insert(id, Pending::WriteRecord);
+    }
+
+    fn on_written(&mut self, r: Result<i64, RecoveryError>) {
+        let plan = self.plan().clone();
+        if let Err(e) = r {
+            return self.finish(Err(RecoveryError::Failed(format!(
+                "{} was promoted at term {} but the shard record could not be written ({e}); \
+                 the mark stays until the next lock holder clears it",
+                plan.candidate.alias, plan.new_term
+            ))));
+        }
+        // 9. Everyone else replicates from the new primary, in parallel.
+        let mut targets = vec![plan.old.alias.clone()];
+        targets.extend(plan.choice.repoint.iter().cloned());
+        for t in targets {
+            self.agent(
+                &t,
+                plan.new_term,
+                AgentAction::SetReplicationSource {
+                    step: "repoint",
+                    source: plan.candidate.clone(),
+                    semi_sync: plan.semi,
+                    start_replication: true,
+                },
+                Pending::Repoint(t.clone()),
+            );
+        }
+    }
+
+    fn on_repointed(&mut self, alias: String, r: Result<pb::ActionResponse, RecoveryError>) {
+        match r {
+            Ok(_) => self.repointed.push(alias),
+            Err(e) => self.repoint_failed.push(format!("{alias}: {e}")),
+        }
+        if self
+            .pending
+            .values()
+            .any(|p| matches!(p, Pending::Repoint(_)))
+        {
+            return;
+        }
+        let plan = self.plan().clone();
+        // In the order asked (old primary first), whatever order the answers came in.
+        let order = |a: &String| {
+            std::iter::once(&plan.old.alias)
+                .chain(plan.choice.repoint.iter())
+                .position(|t| t == a)
+        };
+        self.repointed.sort_by_key(order);
+        let detail = format!(
+            "{} -> {} at term {} (was {}): caught up to {}; repointed [{}]{}{}",
+            plan.old.alias,
+            plan.candidate.alias,
+            plan.new_term,
+            plan.record.term,
+            self.position,
+            self.repointed.join(", "),
+            if self.repoint_failed.is_empty() {
                 String::new()
             } else {
                 format!(
                     "; repoint failed (the repairs finish it): {}",
-                    failed.join("; ")
+                    self.repoint_failed.join("; ")
                 )
             },
-            if choice.skipped.is_empty() {
+            if plan.choice.skipped.is_empty() {
                 String::new()
             } else {
                 format!(
                     "; skipped (repointed by the repairs when they return): {}",
-                    choice.skipped.join("; ")
+                    plan.choice.skipped.join("; ")
                 )
             }
-        ),
-        new_term: Some(new_term),
-        new_primary: Some(candidate.alias.clone()),
-    })
+        );
+        self.finish(Ok(Done {
+            detail,
+            new_term: Some(plan.new_term),
+            new_primary: Some(plan.candidate.alias.clone()),
+        }))
+    }
 }
 
-/// Rolls a failed demote/wait/promote back: the candidate (if `Promote` was sent) goes back
-/// under the old primary, the old primary is made writable again, the mark is cleared (the
-/// term raised to `new_term` when the candidate may know it). Returns whether the old primary
-/// is writable again.
-async fn undo(
-    ctx: &RecoveryContext,
-    record: &ShardRecord,
-    old: &TabletRecord,
-    candidate: &TabletRecord,
-    promote_sent: bool,
-    new_term: Term,
-    semi: bool,
-) -> bool {
-    // Once Promote was sent the candidate may know the new term, so every undo call carries
-    // it (an older term would be refused); before that, nobody was asked to act under it.
-    let term = if promote_sent { new_term } else { ctx.term() };
-    if promote_sent {
-        // It may be writable under the new term: read-only, and a replica of the old primary.
-        let _ = ctx
-            .act_at(
-                term,
-                &candidate.alias,
-                AgentAction::SetReadOnly { read_only: true },
-            )
-            .await;
-        let _ = ctx
-            .act_at(
-                term,
-                &candidate.alias,
-                AgentAction::SetReplicationSource {
-                    step: "undo_promote",
-                    source: old.clone(),
-                    semi_sync: semi,
-                    start_replication: true,
-                },
-            )
-            .await;
+impl StepMachine for Planned {
+    fn start(&mut self, _now: Now) -> Vec<Action> {
+        self.begin();
+        self.em.take()
     }
-    let undone = ctx
-        .act_at(term, &old.alias, AgentAction::UndoDemote)
-        .await
-        .is_ok();
-    let restored = if promote_sent {
-        ShardRecord {
-            term: new_term,
-            term_start_ms: topo::now_ms(),
-            reparent_in_progress: None,
-            reserved_term: record.reserved_term.max(new_term),
-            ..record.clone()
+
+    fn on_reply(&mut self, id: CallId, reply: Reply, now: Now) -> Vec<Action> {
+        let Some(why) = self.pending.remove(&id) else {
+            return Vec::new();
+        };
+        if self.finished {
+            return Vec::new();
         }
-    } else {
-        // No agent was asked to act under the new term: its reservation is given back.
-        ShardRecord {
-            reparent_in_progress: None,
-            ..record.clone()
+        match (why, reply) {
+            (Pending::Undo, _) => self.next_undo(),
+            (Pending::Mark, Reply::Written(r)) => self.on_marked(r, now),
+            (Pending::Demote, Reply::Action(r)) => self.on_demoted(r, now),
+            (Pending::Wait, Reply::Action(r)) => self.on_caught_up(r, now),
+            (Pending::Promote, Reply::Action(r)) => self.on_promoted(r, now),
+            (Pending::WriteRecord, Reply::Written(r)) => self.on_written(r),
+            (Pending::Repoint(a), Reply::Action(r)) => self.on_repointed(a, r),
+            (why, reply) => self.fail(
+                RecoveryError::Failed(format!(
+                    "planned reparent: unexpected reply {reply:?} to {why:?}"
+                )),
+                now,
+            ),
         }
-    };
-    // Without the lock (lost) this fails; the next lock holder clears the stale mark.
-    let _ = ctx
-        .write_shard_record_at(term, "clear_reparent_mark", &restored)
-        .await;
-    undone
+        self.em.take()
+    }
+
+    fn term(&self) -> Term {
+        match &self.plan {
+            Some(p) if self.promote_sent => p.new_term,
+            _ => self.action_term,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1055,5 +1269,378 @@ mod tests {
                 "the shard has no replica".into()
             ))
         );
+    }
+
+    // The step machine, driven by scripted replies.
+
+    const CAND: &str = "zone1-103";
+
+    impl Shard {
+        fn fresh(&self) -> FreshShard {
+            FreshShard::assemble(
+                super::super::FreshReads {
+                    keyspace: "ks",
+                    shard: "0",
+                    record: Some((self.record.clone(), 3)),
+                    durability: self.durability,
+                    tablets: self.tablets.clone(),
+                    unreadable: Vec::new(),
+                },
+                self.statuses.clone(),
+                self.unseen.clone(),
+                &self.quarantined,
+                1_000,
+                &Default::default(),
+            )
+        }
+
+        fn machine(&self, to: Option<&str>) -> Planned {
+            Planned::new(
+                self.fresh(),
+                self.record.term,
+                PlannedOptions {
+                    to: to.map(str::to_string),
+                    wait_timeout: Duration::from_secs(5),
+                    max_lag: self.max_lag,
+                    requester: "alice".into(),
+                },
+                Duration::from_secs(5),
+            )
+        }
+    }
+
+    /// One call as made: what, and how many calls were outstanding when it was made.
+    #[derive(Debug)]
+    struct Made {
+        call: Call,
+        outstanding: usize,
+    }
+
+    struct Run {
+        result: Result<Done, RecoveryError>,
+        made: Vec<Made>,
+        steps: Vec<(String, bool)>,
+    }
+
+    impl Run {
+        /// The agent calls as (tablet, term, kind).
+        fn agents(&self) -> Vec<(String, u64, String)> {
+            self.made
+                .iter()
+                .filter_map(|m| match &m.call {
+                    Call::Agent {
+                        tablet,
+                        term,
+                        action,
+                    } => {
+                        let kind = format!("{action:?}");
+                        let kind = kind.split([' ', '{']).next().unwrap_or("").to_string();
+                        Some((tablet.clone(), term.get(), kind))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn writes(&self) -> Vec<(&'static str, u64, ShardRecord)> {
+            self.made
+                .iter()
+                .filter_map(|m| match &m.call {
+                    Call::WriteShardRecord { step, term, record } => {
+                        Some((*step, term.get(), record.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn timeout(tablet: &str) -> RecoveryError {
+        RecoveryError::AgentTimeout {
+            rpc: "test",
+            tablet: tablet.into(),
+            after: Duration::from_secs(1),
+        }
+    }
+
+    /// Every call succeeds (`Demote` answers the primary's position), except those `fails`
+    /// picks, which time out.
+    fn answering(fails: impl Fn(&Call) -> bool) -> impl FnMut(&Call) -> Reply {
+        move |c| match c {
+            Call::Agent { tablet, .. } if fails(c) => Reply::Action(Err(timeout(tablet))),
+            Call::WriteShardRecord { .. } if fails(c) => Reply::Written(Err(timeout("etcd"))),
+            Call::Agent { .. } => Reply::Action(Ok(pb::ActionResponse {
+                gtid_position: "0-101-10".into(),
+                ..Default::default()
+            })),
+            Call::WriteShardRecord { .. } => Reply::Written(Ok(9)),
+            c => panic!("a planned reparent makes no {c:?}"),
+        }
+    }
+
+    fn is_agent(c: &Call, tablet: &str, kind: &str) -> bool {
+        matches!(c, Call::Agent { tablet: t, action, .. }
+            if t == tablet && format!("{action:?}").starts_with(kind))
+    }
+
+    /// Answers the outstanding calls in the order they were made, 1 ms apart.
+    fn run(mut m: Planned, mut answer: impl FnMut(&Call) -> Reply) -> Run {
+        let mut now = Now {
+            since_start: Duration::ZERO,
+            wall_ms: 50_000,
+        };
+        let mut queue: VecDeque<(CallId, Call)> = VecDeque::new();
+        let mut made = Vec::new();
+        let mut steps = Vec::new();
+        let mut actions = m.start(now);
+        for _ in 0..1_000 {
+            for a in actions.drain(..) {
+                match a {
+                    Action::Call(id, c) => {
+                        made.push(Made {
+                            call: c.clone(),
+                            outstanding: queue.len(),
+                        });
+                        queue.push_back((id, c));
+                    }
+                    Action::Cancel(id) => queue.retain(|(i, _)| *i != id),
+                    Action::Record { name, ok, .. } => steps.push((name.to_string(), ok)),
+                    Action::Done(result) => {
+                        assert!(queue.is_empty(), "done with calls outstanding: {queue:?}");
+                        return Run {
+                            result,
+                            made,
+                            steps,
+                        };
+                    }
+                    Action::Audit { .. } | Action::Phase(..) => {}
+                }
+            }
+            let (id, call) = queue
+                .pop_front()
+                .expect("a call outstanding while not done");
+            now.since_start += Duration::from_millis(1);
+            now.wall_ms += 1;
+            actions = m.on_reply(id, answer(&call), now);
+        }
+        panic!("the machine did not finish");
+    }
+
+    #[test]
+    fn marks_demotes_waits_promotes_records_then_repoints_in_parallel() {
+        let s = Shard::new();
+        let r = run(s.machine(None), answering(|_| false));
+        let done = r.result.as_ref().expect("done");
+        assert_eq!(
+            (done.new_term, done.new_primary.as_deref()),
+            (Some(Term::new(4)), Some(CAND))
+        );
+        assert!(
+            done.detail.starts_with(
+                "zone1-101 -> zone1-103 at term 4 (was 3): caught up to 0-101-10; repointed [zone1-101, zone1-102, zone2-104]"
+            ),
+            "{}",
+            done.detail
+        );
+        let agents = r.agents();
+        let expect: Vec<(String, u64, String)> = [
+            (P, 3, "Demote"),
+            (CAND, 3, "WaitForPosition"),
+            (CAND, 4, "Promote"),
+            (P, 4, "SetReplicationSource"),
+            ("zone1-102", 4, "SetReplicationSource"),
+            ("zone2-104", 4, "SetReplicationSource"),
+        ]
+        .iter()
+        .map(|(t, n, k)| (t.to_string(), *n, k.to_string()))
+        .collect();
+        assert_eq!(agents, expect);
+        let writes = r.writes();
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        let (step, term, marked) = &writes[0];
+        assert_eq!((*step, *term), ("mark_reparent", 3));
+        assert_eq!(
+            marked.reparent_in_progress.as_deref(),
+            Some("planned reparent to zone1-103 by alice")
+        );
+        assert_eq!(
+            (marked.primary.as_deref(), marked.term, marked.reserved_term),
+            (Some(P), Term::new(3), Term::new(4)),
+            "the mark reserves the new term and changes nothing else"
+        );
+        let (step, term, next) = &writes[1];
+        assert_eq!((*step, *term), ("write_shard_record", 4));
+        assert_eq!(
+            (
+                next.primary.as_deref(),
+                next.term,
+                next.reparent_in_progress.as_deref()
+            ),
+            (Some(CAND), Term::new(4), None)
+        );
+        assert_eq!(
+            next.term_start_ms, 50_004,
+            "stamped when the promotion answered"
+        );
+        // The three repoints are outstanding together; everything before runs alone.
+        let outstanding: Vec<usize> = r.made.iter().map(|m| m.outstanding).collect();
+        assert_eq!(outstanding, [0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(
+            r.steps,
+            [("choose_candidate".to_string(), true)],
+            "the machine records only its decisions; the shell records each call"
+        );
+    }
+
+    #[test]
+    fn a_wait_that_fails_makes_the_old_primary_writable_again_and_gives_the_term_back() {
+        let s = Shard::new();
+        let r = run(
+            s.machine(None),
+            answering(|c| is_agent(c, CAND, "WaitForPosition")),
+        );
+        let e = r.result.as_ref().expect_err("failed");
+        assert!(matches!(e, RecoveryError::AgentTimeout { .. }), "{e}");
+        let agents = r.agents();
+        assert_eq!(
+            agents.last(),
+            Some(&(P.to_string(), 3, "UndoDemote".to_string()))
+        );
+        assert!(!agents.iter().any(|(_, _, k)| k == "Promote"), "{agents:?}");
+        let writes = r.writes();
+        let (step, term, restored) = writes.last().expect("the mark is cleared");
+        assert_eq!((*step, *term), ("clear_reparent_mark", 3));
+        assert_eq!(
+            restored, &s.record,
+            "nobody acted at term 4: its reservation is given back"
+        );
+    }
+
+    #[test]
+    fn a_failed_promotion_puts_the_candidate_back_before_the_old_primary_takes_writes() {
+        let s = Shard::new();
+        let r = run(s.machine(None), answering(|c| is_agent(c, CAND, "Promote")));
+        assert!(r.result.is_err());
+        let undo: Vec<(String, u64, String)> = r.agents().into_iter().skip(3).collect();
+        let expect: Vec<(String, u64, String)> = [
+            (CAND, 4, "SetReadOnly"),
+            (CAND, 4, "SetReplicationSource"),
+            (P, 4, "UndoDemote"),
+        ]
+        .iter()
+        .map(|(t, n, k)| (t.to_string(), *n, k.to_string()))
+        .collect();
+        assert_eq!(
+            undo, expect,
+            "the candidate may know term 4: every undo call names it"
+        );
+        // One after the other: the candidate is read-only before the old primary is writable.
+        let undo_made: Vec<&Made> = r.made.iter().skip(4).collect();
+        assert!(
+            undo_made.iter().all(|m| m.outstanding == 0),
+            "{undo_made:?}"
+        );
+        match &r.made[4].call {
+            Call::Agent {
+                action: AgentAction::SetReplicationSource { .. },
+                ..
+            }
+            | Call::Agent {
+                action: AgentAction::SetReadOnly { .. },
+                ..
+            } => {}
+            c => panic!("{c:?}"),
+        }
+        let (step, term, restored) = r.writes().last().cloned().expect("cleared");
+        assert_eq!((step, term), ("clear_reparent_mark", 4));
+        assert_eq!(
+            (
+                restored.primary.as_deref(),
+                restored.term,
+                restored.reparent_in_progress
+            ),
+            (Some(P), Term::new(4), None),
+            "the old primary stays, at the term the candidate may know"
+        );
+    }
+
+    #[test]
+    fn a_mark_that_cannot_be_written_is_cleared_and_nothing_else_is_sent() {
+        let s = Shard::new();
+        let r = run(
+            s.machine(None),
+            answering(
+                |c| matches!(c, Call::WriteShardRecord { step, .. } if *step == "mark_reparent"),
+            ),
+        );
+        assert!(r.result.is_err());
+        assert!(r.agents().is_empty(), "{:?}", r.agents());
+        let steps: Vec<&str> = r.writes().iter().map(|w| w.0).collect();
+        assert_eq!(steps, ["mark_reparent", "clear_reparent_mark"]);
+    }
+
+    #[test]
+    fn after_the_promotion_nothing_is_undone() {
+        let s = Shard::new();
+        let r = run(
+            s.machine(None),
+            answering(|c| {
+                matches!(c, Call::WriteShardRecord { step, .. } if *step == "write_shard_record")
+                    || is_agent(c, "zone1-102", "SetReplicationSource")
+            }),
+        );
+        let e = r.result.as_ref().expect_err("failed").to_string();
+        assert!(
+            e.contains("zone1-103 was promoted at term 4") && e.contains("mark stays"),
+            "{e}"
+        );
+        let agents = r.agents();
+        assert_eq!(
+            agents.last().map(|a| a.2.as_str()),
+            Some("Promote"),
+            "{agents:?}"
+        );
+        // A repoint that fails leaves the promotion standing.
+        let r = run(
+            s.machine(None),
+            answering(|c| is_agent(c, "zone1-102", "SetReplicationSource")),
+        );
+        let done = r.result.expect("done");
+        assert!(
+            done.detail.contains("repointed [zone1-101, zone2-104]; repoint failed (the repairs finish it): zone1-102"),
+            "{}",
+            done.detail
+        );
+    }
+
+    #[test]
+    fn a_demotion_without_a_position_is_undone() {
+        let s = Shard::new();
+        let mut inner = answering(|_| false);
+        let r = run(s.machine(None), move |c| {
+            if is_agent(c, P, "Demote") {
+                Reply::Action(Ok(pb::ActionResponse::default()))
+            } else {
+                inner(c)
+            }
+        });
+        let e = r.result.as_ref().expect_err("failed").to_string();
+        assert_eq!(e, "Demote of zone1-101 answered no GTID position");
+        let kinds: Vec<String> = r.agents().into_iter().map(|a| a.2).collect();
+        assert_eq!(kinds, ["Demote", "UndoDemote"]);
+    }
+
+    #[test]
+    fn a_refusal_sends_nothing_and_says_what_stays() {
+        let s = Shard::new();
+        let r = run(s.machine(Some(P)), answering(|_| false));
+        let e = r.result.as_ref().expect_err("refused");
+        assert!(
+            matches!(&e, RecoveryError::Refused(why) if why.contains("is the primary already")
+                && why.ends_with("nothing was changed (primary zone1-101 stays at term 3)")),
+            "{e}"
+        );
+        assert!(r.made.is_empty(), "{:?}", r.made);
+        assert_eq!(r.steps, [("choose_candidate".to_string(), false)]);
     }
 }

@@ -29,8 +29,8 @@
 //! waits, every agent action carries the term explicitly (the action term until step 1's
 //! reservation succeeds, the new term after), and what a refusal undoes derives from its state:
 //! the IO threads it stopped are restarted and an operator-requested demotion is undone; once
-//! `Promote` was sent nothing is undone. [`emergency_reparent_with`] drives it against the real
-//! agents and etcd; the simulator drives the same machine against its models.
+//! `Promote` was sent nothing is undone. [`super::steps::drive`] drives it against the real agents and
+//! etcd (for the runner and for operator requests alike); the simulator drives the same machine against its models.
 //!
 //! An operator may ask for one whether or not the primary looks dead ([`EmergencyOptions`]):
 //! the old primary, when it answers, is demoted first (bounded, best effort) and its final
@@ -45,8 +45,8 @@ use gtid::GtidSet;
 use myha_proto::agent as pb;
 use topo::{Durability, PromotionRecord, PromotionRule, ShardRecord, TabletRecord, Term};
 
-use super::steps::{self, Action, AgentAction, Call, CallId, Emitter, Now, Reply, StepMachine};
-use super::{Done, FreshShard, PrimaryPosition, RecoveryConfig, RecoveryContext, RecoveryError};
+use super::steps::{Action, AgentAction, Call, CallId, Emitter, Now, Reply, StepMachine};
+use super::{Done, FreshShard, PrimaryPosition, RecoveryConfig, RecoveryError};
 use crate::analysis::{
     self, choose_candidate, choose_requested_candidate, Candidate, Choice, Refusal,
 };
@@ -206,22 +206,6 @@ pub fn candidates(
 
 fn refusal_text(r: &Refusal) -> String {
     r.to_string()
-}
-
-/// The emergency reparent, as asked (see [`EmergencyOptions`]): the [`Emergency`] step machine
-/// driven against the real agents and etcd.
-pub async fn emergency_reparent_with(
-    ctx: &RecoveryContext,
-    opts: &EmergencyOptions,
-) -> Result<Done, RecoveryError> {
-    let input = EmergencyInput {
-        fresh: ctx.fresh.clone(),
-        last_primary: ctx.job.last_primary.clone(),
-        action_term: ctx.term(),
-        cfg: ctx.cfg().clone(),
-    };
-    let mut m = Emergency::new(input, opts.clone());
-    steps::drive(&mut m, ctx).await
 }
 
 /// What an emergency reparent starts from: the shard as re-read under the lock, the dead

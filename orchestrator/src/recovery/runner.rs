@@ -109,11 +109,238 @@ pub fn machine_for(
     }
 }
 
-/// Runs one recovery: lock, flapping check, refresh, re-analysis, action, summary, unlock.
+/// How a run waits for the shard lock.
+#[derive(Debug, Clone, Copy)]
+pub enum LockWait {
+    /// Up to this long (automatic recoveries: a holder past it is another instance, which acts).
+    Bounded(Duration),
+    /// Operator requests: a try first; when held, [`RunPlan::on_waiting`] names the holder and
+    /// the run waits up to `timeout`, counted from `since` (the request's arrival).
+    TryThenWait { timeout: Duration, since: Instant },
+}
+
+/// What a run carries out once the shard is re-read under the lock.
+pub struct Intent {
+    pub job: Job,
+    /// The problem as re-found (or, for an operator request, as named by the request).
+    pub problem: Problem,
+    /// The step machine; an error is the run's result without any call made.
+    pub machine: Result<Machine, RecoveryError>,
+    /// Sees every step as it is recorded.
+    pub observer: Option<StepObserver>,
+}
+
+/// A run that drove its machine.
+#[derive(Debug)]
+pub struct Ran {
+    pub problem: Problem,
+    pub result: Result<Done, RecoveryError>,
+    pub steps: Vec<StepRecord>,
+    /// The newest term a step was audited under (at least the action term).
+    pub newest_term: Term,
+    /// The record's primary and term as read under the lock.
+    pub old_primary: Option<String>,
+    pub old_term: Term,
+    /// From the lock taken to the machine's end.
+    pub took: Duration,
+}
+
+/// How [`locked_run`] ended. Every variant but the first two ended under the lock.
+#[derive(Debug)]
+pub enum RunEnd {
+    /// The lock stayed held by someone else.
+    LockHeld(topo::LockInfo),
+    /// The lock could not be taken.
+    NoLock(TopoError),
+    /// [`RunPlan::before_refresh`] stopped the run (nothing was changed).
+    Before(Outcome),
+    /// The refresh under the lock failed (nothing was changed).
+    Refresh(RecoveryError),
+    /// [`RunPlan::intent`] found nothing to do; `term`: the record's.
+    Declined {
+        outcome: Outcome,
+        term: Term,
+    },
+    Ran(Box<Ran>),
+}
+
+/// One kind of run (an automatic recovery, an operator request): what [`locked_run`] asks of
+/// it at each stage. The path itself (lock, refresh, context, machine, summary, release) is
+/// the same for all of them.
+pub trait RunPlan: Sync {
+    fn lock_request(&self) -> LockRequest;
+    fn lock_wait(&self) -> LockWait;
+    /// A [`LockWait::TryThenWait`] run found the lock held and waits now.
+    fn on_waiting(&self, _holder: &topo::LockInfo) {}
+    /// Whether the lock and refresh durations are reparent phases (metrics).
+    fn timed_phases(&self) -> bool {
+        false
+    }
+    /// Under the lock, before the refresh: the quarantine list the refresh uses, or the outcome
+    /// that stops the run.
+    fn before_refresh(
+        &self,
+        deps: &Deps,
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, Outcome>> + Send;
+    /// The tablet whose `FullStatus` gets a short bound in the refresh (a suspected dead primary).
+    fn suspect(&self) -> Option<&str>;
+    /// What to carry out on the fresh shard, or why nothing.
+    fn intent(&self, fresh: &FreshShard) -> Result<Intent, Outcome>;
+    /// Audits the end (called once, before the lock is released when it was taken);
+    /// `under_lock`: how long the lock has been held (zero when it was not taken).
+    fn finish(&self, end: &RunEnd, under_lock: Duration);
+}
+
+/// The one lock-run-release path of every recovery, automatic or requested: take the shard
+/// lock ([`RunPlan::lock_wait`]), run [`RunPlan::before_refresh`], refresh the shard under the
+/// lock, ask [`RunPlan::intent`], drive the machine through a [`RecoveryContext`] that holds
+/// the lock, let [`RunPlan::finish`] audit the end, release the lock. The lock is a guard: on
+/// any exit not through here (a panic, the task dropped) [`ShardLock`]'s drop frees it.
+pub async fn locked_run<P: RunPlan>(deps: &Deps, ks: &str, shard: &str, plan: &P) -> RunEnd {
+    let lock_started = Instant::now();
+    let lock = match take_lock(deps, ks, shard, plan).await {
+        Ok(l) => l,
+        Err(end) => {
+            plan.finish(&end, Duration::ZERO);
+            return end;
+        }
+    };
+    if plan.timed_phases() {
+        reparent::phase("lock", lock_started.elapsed());
+    }
+    let t0 = Instant::now();
+    let stop = |end: RunEnd, lock: ShardLock| async move {
+        plan.finish(&end, t0.elapsed());
+        release_lock(lock, ks, shard).await;
+        end
+    };
+    let quarantined = match plan.before_refresh(deps).await {
+        Ok(q) => q,
+        Err(outcome) => return stop(RunEnd::Before(outcome), lock).await,
+    };
+    let fresh = match refresh(deps, ks, shard, &quarantined, plan.suspect()).await {
+        Ok(f) => f,
+        Err(e) => return stop(RunEnd::Refresh(e), lock).await,
+    };
+    if plan.timed_phases() {
+        reparent::phase("refresh", t0.elapsed());
+    }
+    let intent = match plan.intent(&fresh) {
+        Ok(i) => i,
+        Err(outcome) => {
+            let term = fresh.record_term();
+            return stop(RunEnd::Declined { outcome, term }, lock).await;
+        }
+    };
+    let old_primary = fresh.record.as_ref().and_then(|r| r.primary.clone());
+    let old_term = fresh.record_term();
+    let mut ctx = RecoveryContext::new(
+        deps.clone(),
+        intent.job,
+        intent.problem.clone(),
+        fresh,
+        lock,
+    );
+    if let Some(o) = intent.observer {
+        ctx = ctx.with_observer(o);
+    }
+    for u in &ctx.fresh.unreadable {
+        ctx.audit(
+            "unreadable_record",
+            None,
+            OUTCOME_SKIPPED,
+            format!(
+                "{}: {}: skipped; this recovery acts on the records that can be read",
+                u.key, u.error
+            ),
+            None,
+        );
+    }
+    let result = match intent.machine {
+        Ok(mut m) => steps::drive(&mut m, &ctx).await,
+        Err(e) => Err(e),
+    };
+    let ran = Ran {
+        problem: intent.problem,
+        result,
+        steps: ctx.steps(),
+        newest_term: ctx.newest_term(),
+        old_primary,
+        old_term,
+        took: ctx.started().elapsed(),
+    };
+    stop(RunEnd::Ran(Box::new(ran)), ctx.into_lock()).await
+}
+
+/// The lock as `plan` waits for it.
+async fn take_lock<P: RunPlan>(
+    deps: &Deps,
+    ks: &str,
+    shard: &str,
+    plan: &P,
+) -> Result<ShardLock, RunEnd> {
+    let req = plan.lock_request();
+    let taken = match plan.lock_wait() {
+        LockWait::Bounded(wait) => deps.topo.lock_shard(ks, shard, req.with_wait(wait)).await,
+        LockWait::TryThenWait { timeout, since } => {
+            match deps.topo.lock_shard(ks, shard, req.clone()).await {
+                Err(TopoError::LockHeld { holder, .. }) => {
+                    plan.on_waiting(&holder);
+                    let left = timeout.saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        return Err(RunEnd::LockHeld(holder));
+                    }
+                    deps.topo.lock_shard(ks, shard, req.with_wait(left)).await
+                }
+                r => r,
+            }
+        }
+    };
+    match taken {
+        Ok(l) => Ok(l),
+        Err(TopoError::LockHeld { holder, .. }) => Err(RunEnd::LockHeld(holder)),
+        Err(e) => Err(RunEnd::NoLock(e)),
+    }
+}
+
+/// Runs one recovery the engine asked for (lock, flapping check, refresh, re-analysis,
+/// action, summary, unlock) through [`locked_run`].
 pub async fn run(deps: Deps, job: Job) -> Report {
     let started = Instant::now();
     let started_ms = topo::now_ms();
-    let (outcome, steps, new_term, problem) = run_locked(&deps, &job).await;
+    let auto = Automatic {
+        deps: &deps,
+        job: &job,
+    };
+    let end = locked_run(&deps, &job.keyspace, &job.shard, &auto).await;
+    let (outcome, steps, new_term, problem) = match end {
+        RunEnd::LockHeld(holder) => (
+            Outcome::LockHeld {
+                holder: format!("{} ({})", holder.holder, holder.purpose),
+            },
+            Vec::new(),
+            None,
+            None,
+        ),
+        RunEnd::NoLock(e) => (
+            Outcome::Failed {
+                error: no_lock_reason(&e),
+            },
+            Vec::new(),
+            None,
+            None,
+        ),
+        RunEnd::Before(outcome) | RunEnd::Declined { outcome, .. } => {
+            (outcome, Vec::new(), None, None)
+        }
+        RunEnd::Refresh(e) => (Outcome::of_error(&e), Vec::new(), None, None),
+        RunEnd::Ran(ran) => {
+            let ran = *ran;
+            let outcome = Outcome::of_result(&ran.result);
+            let new_term = ran.result.ok().and_then(|d| d.new_term);
+            (outcome, ran.steps, new_term, Some(ran.problem))
+        }
+    };
     let report = Report {
         keyspace: job.keyspace.clone(),
         shard: job.shard.clone(),
@@ -133,64 +360,196 @@ pub async fn run(deps: Deps, job: Job) -> Report {
     report
 }
 
-type Ran = (Outcome, Vec<StepRecord>, Option<Term>, Option<Problem>);
+fn no_lock_reason(e: &TopoError) -> String {
+    format!("no recovery without the shard lock: {e}")
+}
 
-async fn run_locked(deps: &Deps, job: &Job) -> Ran {
-    let (ks, shard) = (job.keyspace.as_str(), job.shard.as_str());
-    let code = job.problem.code;
-    let audit_now = |action: &str, outcome: &str, detail: String| {
-        deps.audit.append(
-            ks,
-            shard,
+/// An automatic recovery of the problem the engine saw.
+struct Automatic<'a> {
+    deps: &'a Deps,
+    job: &'a Job,
+}
+
+impl Automatic<'_> {
+    fn action(&self) -> &'static str {
+        action_name(self.job.problem.code)
+    }
+
+    fn audit(&self, term: Term, outcome: &str, detail: String, took: Option<Duration>) {
+        self.deps.audit.append(
+            &self.job.keyspace,
+            &self.job.shard,
             AuditEntry {
                 at_ms: topo::now_ms(),
-                term: Term::ZERO,
-                actor: deps.actor.to_string(),
-                action: action.to_string(),
-                tablet: job.problem.tablet.clone(),
+                term,
+                actor: self.deps.actor.to_string(),
+                action: self.action().to_string(),
+                tablet: self.job.problem.tablet.clone(),
                 outcome: outcome.to_string(),
                 detail,
-                duration_ms: None,
+                duration_ms: took.map(millis),
             },
         )
-    };
-    let purpose = if code.is_dead_primary() {
-        format!("emergency reparent ({})", job.problem.detail)
-    } else {
-        format!("repair {}", code.as_str())
-    };
-    let req = LockRequest::new(deps.actor.to_string(), purpose)
-        .with_ttl(deps.cfg.lock_ttl)
-        .with_wait(deps.cfg.lock_wait);
-    let lock_started = Instant::now();
-    let lock = match deps.topo.lock_shard(ks, shard, req).await {
-        Ok(l) => l,
-        Err(TopoError::LockHeld { holder, .. }) => {
-            tracing::debug!(
-                keyspace = ks, shard, problem = code.as_str(), holder = %holder.holder,
-                purpose = %holder.purpose, "shard lock held by another instance; it acts"
-            );
-            return (
-                Outcome::LockHeld {
-                    holder: format!("{} ({})", holder.holder, holder.purpose),
-                },
-                Vec::new(),
-                None,
-                None,
-            );
-        }
-        Err(e) => {
-            let reason = format!("no recovery without the shard lock: {e}");
-            tracing::warn!(keyspace = ks, shard, problem = code.as_str(), %reason, "recovery not started");
-            audit_now(action_name(code), OUTCOME_FAILED, reason.clone());
-            return (Outcome::Failed { error: reason }, Vec::new(), None, None);
-        }
-    };
-    if code.is_dead_primary() {
-        reparent::phase("lock", lock_started.elapsed());
     }
-    let (outcome, steps, new_term, problem) = under_lock(deps, job, lock).await;
-    (outcome, steps, new_term, problem)
+}
+
+impl RunPlan for Automatic<'_> {
+    fn lock_request(&self) -> LockRequest {
+        let p = &self.job.problem;
+        let purpose = if p.code.is_dead_primary() {
+            format!("emergency reparent ({})", p.detail)
+        } else {
+            format!("repair {}", p.code.as_str())
+        };
+        LockRequest::new(self.deps.actor.to_string(), purpose).with_ttl(self.deps.cfg.lock_ttl)
+    }
+
+    fn lock_wait(&self) -> LockWait {
+        LockWait::Bounded(self.deps.cfg.lock_wait)
+    }
+
+    fn timed_phases(&self) -> bool {
+        self.job.problem.code.is_dead_primary()
+    }
+
+    async fn before_refresh(&self, deps: &Deps) -> Result<BTreeMap<String, String>, Outcome> {
+        let (ks, shard) = (self.job.keyspace.as_str(), self.job.shard.as_str());
+        // Flapping, from the audit log (every instance agrees on it).
+        match control::Control::new(deps.topo.clone())
+            .flapping(
+                ks,
+                shard,
+                deps.cfg.flap_limit,
+                deps.cfg.flap_window,
+                topo::now_ms(),
+            )
+            .await
+        {
+            Ok(Some(f)) => {
+                return Err(Outcome::Skipped {
+                    reason: f.reason(ks, shard),
+                })
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // Not knowing is not a reason to leave a dead primary dead: act, and say so.
+                tracing::warn!(keyspace = ks, shard, error = %e, "flapping check failed; proceeding");
+            }
+        }
+        Ok(self.job.quarantined.clone())
+    }
+
+    fn suspect(&self) -> Option<&str> {
+        let p = &self.job.problem;
+        p.code
+            .is_dead_primary()
+            .then_some(p.tablet.as_deref())
+            .flatten()
+    }
+
+    fn intent(&self, fresh: &FreshShard) -> Result<Intent, Outcome> {
+        let problem = problem_under_lock(&self.job.problem, &fresh.problems)
+            .map_err(|detail| Outcome::ProblemGone { detail })?;
+        let machine = match machine_for(
+            &problem,
+            fresh,
+            self.job.last_primary.clone(),
+            &self.deps.cfg,
+            topo::now_ms(),
+        ) {
+            Some(m) => m,
+            None => Err(RecoveryError::Refused(format!(
+                "{} is reported for an operator ({:?}): no automatic recovery",
+                problem.code.as_str(),
+                problem.code.facts().remedy
+            ))),
+        };
+        Ok(Intent {
+            job: self.job.clone(),
+            problem,
+            machine,
+            observer: None,
+        })
+    }
+
+    fn finish(&self, end: &RunEnd, under_lock: Duration) {
+        let (ks, shard) = (self.job.keyspace.as_str(), self.job.shard.as_str());
+        let code = self.job.problem.code;
+        match end {
+            RunEnd::LockHeld(holder) => {
+                tracing::debug!(
+                    keyspace = ks, shard, problem = code.as_str(), holder = %holder.holder,
+                    purpose = %holder.purpose, "shard lock held by another instance; it acts"
+                );
+            }
+            RunEnd::NoLock(e) => {
+                let reason = no_lock_reason(e);
+                tracing::warn!(keyspace = ks, shard, problem = code.as_str(), %reason, "recovery not started");
+                self.audit(Term::ZERO, OUTCOME_FAILED, reason, None);
+            }
+            RunEnd::Before(outcome) => {
+                self.audit(
+                    Term::ZERO,
+                    outcome.audit_outcome(),
+                    outcome.text().to_string(),
+                    Some(under_lock),
+                );
+            }
+            RunEnd::Refresh(e) => {
+                let outcome = Outcome::of_error(e);
+                self.audit(
+                    Term::ZERO,
+                    outcome.audit_outcome(),
+                    format!("refresh under the lock: {}", outcome.text()),
+                    Some(under_lock),
+                );
+            }
+            RunEnd::Declined { outcome, term } => {
+                tracing::info!(
+                    keyspace = ks,
+                    shard,
+                    detail = outcome.text(),
+                    "recovery not needed"
+                );
+                self.audit(
+                    *term,
+                    outcome.audit_outcome(),
+                    outcome.text().to_string(),
+                    Some(under_lock),
+                );
+            }
+            RunEnd::Ran(ran) => {
+                let outcome = Outcome::of_result(&ran.result);
+                let problem = &ran.problem;
+                self.audit(
+                    ran.newest_term,
+                    outcome.audit_outcome(),
+                    format!("{}: {}", problem.detail, outcome.text()),
+                    Some(ran.took),
+                );
+                let took = ran.took;
+                match &outcome {
+                    Outcome::Recovered { .. } => tracing::info!(
+                        keyspace = ks,
+                        shard,
+                        problem = problem.code.as_str(),
+                        detail = outcome.text(),
+                        ?took,
+                        "recovered"
+                    ),
+                    _ => tracing::warn!(
+                        keyspace = ks,
+                        shard,
+                        problem = problem.code.as_str(),
+                        outcome = outcome.label(),
+                        detail = outcome.text(),
+                        ?took,
+                        "recovery did not succeed"
+                    ),
+                }
+            }
+        }
+    }
 }
 
 fn action_name(code: ProblemCode) -> &'static str {
@@ -207,154 +566,6 @@ pub async fn release_lock(lock: ShardLock, keyspace: &str, shard: &str) {
     if let Err(e) = lock.release().await {
         tracing::warn!(keyspace, shard, error = %e, "releasing the shard lock (it expires with its lease)");
     }
-}
-
-async fn under_lock(deps: &Deps, job: &Job, lock: ShardLock) -> Ran {
-    let (ks, shard) = (job.keyspace.as_str(), job.shard.as_str());
-    let code = job.problem.code;
-    let action = action_name(code);
-    let release = |lock: ShardLock| release_lock(lock, ks, shard);
-    let summary = |term: Term, outcome: &str, detail: String, took: Duration| {
-        deps.audit.append(
-            ks,
-            shard,
-            AuditEntry {
-                at_ms: topo::now_ms(),
-                term,
-                actor: deps.actor.to_string(),
-                action: action.to_string(),
-                tablet: job.problem.tablet.clone(),
-                outcome: outcome.to_string(),
-                detail,
-                duration_ms: Some(millis(took)),
-            },
-        )
-    };
-    let t0 = Instant::now();
-    // Flapping, from the audit log (every instance agrees on it).
-    match control::Control::new(deps.topo.clone())
-        .flapping(
-            ks,
-            shard,
-            deps.cfg.flap_limit,
-            deps.cfg.flap_window,
-            topo::now_ms(),
-        )
-        .await
-    {
-        Ok(Some(f)) => {
-            let reason = f.reason(ks, shard);
-            summary(Term::ZERO, OUTCOME_SKIPPED, reason.clone(), t0.elapsed());
-            release(lock).await;
-            return (Outcome::Skipped { reason }, Vec::new(), None, None);
-        }
-        Ok(None) => {}
-        Err(e) => {
-            // Not knowing is not a reason to leave a dead primary dead: act, and say so.
-            tracing::warn!(keyspace = ks, shard, error = %e, "flapping check failed; proceeding");
-        }
-    }
-    let suspect = job
-        .problem
-        .code
-        .is_dead_primary()
-        .then_some(job.problem.tablet.as_deref())
-        .flatten();
-    let fresh = match refresh(deps, ks, shard, &job.quarantined, suspect).await {
-        Ok(f) => f,
-        Err(e) => {
-            let outcome = Outcome::from(e);
-            summary(
-                Term::ZERO,
-                outcome.audit_outcome(),
-                format!("refresh under the lock: {}", outcome.text()),
-                t0.elapsed(),
-            );
-            release(lock).await;
-            return (outcome, Vec::new(), None, None);
-        }
-    };
-    if code.is_dead_primary() {
-        reparent::phase("refresh", t0.elapsed());
-    }
-    let term = fresh.record_term();
-    let problem = match problem_under_lock(&job.problem, &fresh.problems) {
-        Ok(p) => p,
-        Err(detail) => {
-            tracing::info!(keyspace = ks, shard, %detail, "recovery not needed");
-            summary(term, OUTCOME_GONE, detail.clone(), t0.elapsed());
-            release(lock).await;
-            return (Outcome::ProblemGone { detail }, Vec::new(), None, None);
-        }
-    };
-    let ctx = RecoveryContext::new(deps.clone(), job.clone(), problem.clone(), fresh, lock);
-    for u in &ctx.fresh.unreadable {
-        ctx.audit(
-            "unreadable_record",
-            None,
-            OUTCOME_SKIPPED,
-            format!(
-                "{}: {}: skipped; this recovery acts on the records that can be read",
-                u.key, u.error
-            ),
-            None,
-        );
-    }
-    let result = match machine_for(
-        &problem,
-        &ctx.fresh,
-        ctx.job.last_primary.clone(),
-        ctx.cfg(),
-        topo::now_ms(),
-    ) {
-        Some(Ok(mut m)) => steps::drive(&mut m, &ctx).await,
-        Some(Err(e)) => Err(e),
-        None => Err(RecoveryError::Refused(format!(
-            "{} is reported for an operator ({:?}): no automatic recovery",
-            problem.code.as_str(),
-            problem.code.facts().remedy
-        ))),
-    };
-    let took = ctx.started().elapsed();
-    let (outcome, new_term) = match result {
-        Ok(done) => (
-            Outcome::Recovered {
-                detail: done.detail,
-            },
-            done.new_term,
-        ),
-        Err(e) => (Outcome::from(e), None),
-    };
-    summary(
-        ctx.newest_term(),
-        outcome.audit_outcome(),
-        format!("{}: {}", problem.detail, outcome.text()),
-        took,
-    );
-    match &outcome {
-        Outcome::Recovered { .. } => {
-            tracing::info!(
-                keyspace = ks,
-                shard,
-                problem = problem.code.as_str(),
-                detail = outcome.text(),
-                ?took,
-                "recovered"
-            )
-        }
-        _ => tracing::warn!(
-            keyspace = ks,
-            shard,
-            problem = problem.code.as_str(),
-            outcome = outcome.label(),
-            detail = outcome.text(),
-            ?took,
-            "recovery did not succeed"
-        ),
-    }
-    let steps = ctx.steps();
-    release(ctx.into_lock()).await;
-    (outcome, steps, new_term, Some(problem))
 }
 
 #[cfg(test)]
