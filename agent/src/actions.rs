@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use topo::Durability;
 use tracing::info;
 
-use crate::agent::{ActionState, DemoteMemo, Shared};
+use crate::agent::{ActionState, DemoteMemo, Shared, UndoStep};
 use crate::fence::StaleTerm;
 use crate::health::FenceStatus;
 use crate::mysql::{self, MysqlError};
@@ -896,23 +896,35 @@ pub async fn undo_demote(
     };
     if !memo.read_only_before {
         x.refuse_writable_if_isolated()?;
-        let sqls = x.dialect.set_read_only(false, false);
-        x.sqls("set read_only off", &sqls).await?;
-    } else if !memo.super_read_only_before && x.dialect.has_super_read_only() {
-        x.sql(
-            "set super_read_only off",
-            "SET GLOBAL super_read_only = OFF",
-        )
-        .await?;
-    } else {
-        x.note("was read-only before the demotion: left read-only");
     }
     let vars = x.variables().await?;
-    if memo.semi_primary_before && !vars.semi_sync_primary_enabled {
-        let sqls = x
-            .dialect
-            .set_semi_sync_primary(true, semi_timeout_ms(shared));
-        x.sqls("semi-sync primary side on", &sqls).await?;
+    let steps = memo.undo_steps(
+        vars.semi_sync_primary_enabled,
+        x.dialect.has_super_read_only(),
+    );
+    if !steps.iter().any(|s| *s != UndoStep::SemiSyncPrimaryOn) {
+        x.note("was read-only before the demotion: left read-only");
+    }
+    for step in steps {
+        match step {
+            UndoStep::SemiSyncPrimaryOn => {
+                let sqls = x
+                    .dialect
+                    .set_semi_sync_primary(true, semi_timeout_ms(shared));
+                x.sqls("semi-sync primary side on", &sqls).await?;
+            }
+            UndoStep::ReadOnlyOff => {
+                let sqls = x.dialect.set_read_only(false, false);
+                x.sqls("set read_only off", &sqls).await?;
+            }
+            UndoStep::SuperReadOnlyOff => {
+                x.sql(
+                    "set super_read_only off",
+                    "SET GLOBAL super_read_only = OFF",
+                )
+                .await?;
+            }
+        }
     }
     x.state.demote = None;
     x.finish().await

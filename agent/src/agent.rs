@@ -37,6 +37,39 @@ pub struct DemoteMemo {
     pub semi_primary_before: bool,
 }
 
+/// One statement of an UndoDemote, in the order [`DemoteMemo::undo_steps`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UndoStep {
+    /// The semi-sync primary side on (AFTER_SYNC, no async fallback).
+    SemiSyncPrimaryOn,
+    ReadOnlyOff,
+    /// MySQL: `super_read_only` off, `read_only` kept.
+    SuperReadOnlyOff,
+}
+
+impl DemoteMemo {
+    /// What undoing the demotion does now, in order. Invariant: the semi-sync primary side is
+    /// on again before mysqld takes writes. A mysqld restarted since the demotion comes back
+    /// with semi-sync off; made writable first, it would acknowledge commits no replica holds
+    /// until the next statement (the simulator found that order, `sim::shard` seed 285).
+    pub fn undo_steps(
+        &self,
+        semi_primary_on_now: bool,
+        has_super_read_only: bool,
+    ) -> Vec<UndoStep> {
+        let mut steps = Vec::new();
+        if self.semi_primary_before && !semi_primary_on_now {
+            steps.push(UndoStep::SemiSyncPrimaryOn);
+        }
+        if !self.read_only_before {
+            steps.push(UndoStep::ReadOnlyOff);
+        } else if !self.super_read_only_before && has_super_read_only {
+            steps.push(UndoStep::SuperReadOnlyOff);
+        }
+        steps
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ActionState {
     pub demote: Option<DemoteMemo>,
@@ -942,5 +975,51 @@ pub async fn probe_loop(shared: Arc<Shared>) {
         if changed {
             shared.poke.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memo(read_only: bool, super_read_only: bool, semi: bool) -> DemoteMemo {
+        DemoteMemo {
+            read_only_before: read_only,
+            super_read_only_before: super_read_only,
+            semi_primary_before: semi,
+        }
+    }
+
+    #[test]
+    fn semi_sync_is_back_on_before_the_undone_primary_takes_writes() {
+        // Restarted since the demotion: semi-sync came back off.
+        assert_eq!(
+            memo(false, false, true).undo_steps(false, false),
+            vec![UndoStep::SemiSyncPrimaryOn, UndoStep::ReadOnlyOff]
+        );
+        assert_eq!(
+            memo(false, false, true).undo_steps(true, false),
+            vec![UndoStep::ReadOnlyOff],
+            "still on: nothing to restore"
+        );
+        assert_eq!(
+            memo(false, false, false).undo_steps(false, true),
+            vec![UndoStep::ReadOnlyOff],
+            "durability none: semi-sync stays off"
+        );
+    }
+
+    #[test]
+    fn a_tablet_read_only_before_the_demotion_stays_read_only() {
+        assert!(memo(true, true, false).undo_steps(false, true).is_empty());
+        assert_eq!(
+            memo(true, false, false).undo_steps(false, true),
+            vec![UndoStep::SuperReadOnlyOff],
+            "MySQL: read_only kept, super_read_only back off"
+        );
+        assert!(
+            memo(true, false, false).undo_steps(false, false).is_empty(),
+            "MariaDB has no super_read_only"
+        );
     }
 }

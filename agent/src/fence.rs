@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use myha_mutants::{self as mutants, Mutant};
 use myha_proto::agent as pb;
 use serde::{Deserialize, Serialize};
 use topo::{ShardRecord, Term};
@@ -73,7 +74,10 @@ impl TermState {
                 known: self.known_term,
             });
         }
-        if term == self.known_term && epoch < self.known_epoch {
+        if term == self.known_term
+            && epoch < self.known_epoch
+            && !mutants::active(Mutant::EqualTermOtherHolder)
+        {
             return Err(StaleTerm::Holder {
                 term,
                 epoch,

@@ -18,7 +18,7 @@ pub mod control;
 pub mod engine;
 pub mod http;
 pub mod input;
-pub mod mutants;
+pub use myha_mutants as mutants;
 pub mod operator;
 pub mod problem;
 pub mod ranking;

@@ -5,8 +5,12 @@
 //!
 //! ```text
 //! explore [--seeds N] [--first F] [--seed X] [--mutant NAME] [--list-mutants] [--trace]
+//! explore --lock [--seeds N] [--first F] [--seed X] [--mutant NAME]
 //! explore --shards S [--seed X]
 //! ```
+//!
+//! `--lock` (implied by a mutant of the lock: `equal-term-other-holder`, `skip-lease-deadline`)
+//! runs several orchestrators contending for one shard's lock instead (`myha_sim::lock`).
 //!
 //! A violation prints the seed, the shrunk fault schedule (as the Rust a pinned test replays it
 //! with) and the shrunk run's trace. Exit status 1 when an invariant broke (or, for a fleet,
@@ -27,6 +31,7 @@ struct Args {
     list: bool,
     trace: bool,
     shards: Option<u32>,
+    lock: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -38,6 +43,7 @@ fn parse() -> Result<Args, String> {
         list: false,
         trace: false,
         shards: None,
+        lock: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -75,6 +81,7 @@ fn parse() -> Result<Args, String> {
             }
             "--list-mutants" => a.list = true,
             "--trace" => a.trace = true,
+            "--lock" => a.lock = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -127,21 +134,28 @@ fn main() -> ExitCode {
         }
     };
     if args.list {
-        println!("{:<24} what it re-introduces", "mutant");
+        println!("{:<26} what it re-introduces", "mutant");
         for m in Mutant::ALL {
-            println!("{:<24} {}", m.name(), m.describe());
+            println!("{:<26} {}", m.name(), m.describe());
         }
         return ExitCode::SUCCESS;
     }
     if let Some(shards) = args.shards {
         return fleet(shards, args.seed.unwrap_or(1));
     }
+    if args.lock
+        || args
+            .mutant
+            .is_some_and(|m| myha_sim::lock::MUTANTS.contains(&m))
+    {
+        return lock(&args);
+    }
     if let Some(seed) = args.seed {
         let cfg = config(seed, args.mutant);
         let r = ShardSim::new(cfg.clone()).run();
         println!(
-            "seed {seed}: {} tablets, durability {:?}: {} writes acknowledged, {} reparent(s), {} refusal(s), final term {}",
-            cfg.tablets, cfg.durability, r.acked, r.reparents, r.refusals, r.final_term
+            "seed {seed}: {} tablets, durability {:?}: {} writes acknowledged, {} reparent(s), {} refusal(s), {} planned reparent(s) done, {} not, final term {}",
+            cfg.tablets, cfg.durability, r.acked, r.reparents, r.refusals, r.switchovers, r.switchover_refusals, r.final_term
         );
         for line in &r.trace {
             println!("  {line}");
@@ -158,10 +172,14 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut failing = Vec::new();
     let mut virtual_secs = 0.0;
+    let (mut reparents, mut switchovers, mut switchovers_not_done) = (0, 0, 0);
     for seed in args.first..args.first + args.seeds {
         let cfg = config(seed, args.mutant);
         virtual_secs += cfg.horizon.as_secs_f64();
         let r = ShardSim::new(cfg).run();
+        reparents += r.reparents;
+        switchovers += r.switchovers;
+        switchovers_not_done += r.switchover_refusals;
         if args.trace {
             println!("seed {seed}: {} violation(s)", r.violations.len());
         }
@@ -171,6 +189,9 @@ fn main() -> ExitCode {
         }
     }
     let took = started.elapsed().as_secs_f64();
+    println!(
+        "{reparents} emergency reparents; {switchovers} planned reparents done, {switchovers_not_done} refused or undone"
+    );
     println!(
         "{} seeds ({}..{}){}: {} failing; {:.0} s of virtual time in {:.1} s",
         args.seeds,
@@ -241,5 +262,67 @@ fn fleet(shards: u32, seed: u64) -> ExitCode {
     } else {
         println!("not recovered: {:?}", r.unrecovered);
         ExitCode::FAILURE
+    }
+}
+
+/// Several orchestrators contending for one shard's lock: seeds explored, or one replayed with
+/// its trace.
+fn lock(args: &Args) -> ExitCode {
+    use myha_sim::lock::{run, LockSimConfig};
+    let config = |seed| {
+        let mut cfg = LockSimConfig::new(seed);
+        cfg.mutant = args.mutant;
+        cfg
+    };
+    let mutant = args
+        .mutant
+        .map(|m| format!(" with mutant {}", m.name()))
+        .unwrap_or_default();
+    if let Some(seed) = args.seed {
+        let cfg = config(seed);
+        let r = run(&cfg);
+        println!(
+            "lock seed {seed}{mutant}: {} orchestrators, {} acquisitions, {} actions applied, {} refused as stale, {} stopped by the lease gate, {} terms reserved",
+            cfg.orchestrators, r.acquisitions, r.applied, r.refused, r.gated, r.reserved
+        );
+        for line in &r.trace {
+            println!("  {line}");
+        }
+        for v in &r.violations {
+            println!("VIOLATION {v}");
+        }
+        return if r.violations.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let started = Instant::now();
+    let mut failing = Vec::new();
+    for seed in args.first..args.first + args.seeds {
+        let r = run(&config(seed));
+        if let Some(v) = r.violations.first() {
+            println!("lock seed {seed}: {v}");
+            failing.push(seed);
+        }
+    }
+    println!(
+        "{} lock seeds ({}..{}){mutant}: {} failing; in {:.1} s",
+        args.seeds,
+        args.first,
+        args.first + args.seeds,
+        failing.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(seed) = failing.first() {
+        println!(
+            "replay: scripts/dev sim --lock --seed {seed}{}",
+            args.mutant
+                .map(|m| format!(" --mutant {}", m.name()))
+                .unwrap_or_default()
+        );
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod etcd;
 pub mod fleet;
+pub mod lock;
 pub mod mariadb;
 pub mod net;
 pub mod shard;

@@ -1,19 +1,19 @@
 //! One simulated shard: MariaDB models on a replication network, an agent model beside each,
-//! an orchestrator that runs the real emergency reparent step machine
-//! ([`myha_orchestrator::recovery::reparent::Emergency`]) over an RPC network, a writer that
+//! an orchestrator that runs the real engine and recovery step machines (such as
+//! [`myha_orchestrator::recovery::reparent::Emergency`]) over an RPC network, a writer that
 //! records every acknowledgement, and a seeded fault schedule. Invariants are checked after every
 //! step of the virtual clock.
 //!
 //! # What is real and what is modelled
 //!
-//! Real: the emergency reparent (every decision, the term it carries, what it undoes), the
-//! agent's term admission ([`myha_agent::fence::TermState::admit`]) and fencing decision
-//! ([`myha_agent::fence::decide`]). Modelled: mysqld ([`crate::mariadb`]), the network
-//! ([`crate::net`]), the agent's execution of each action on its mysqld, and the orchestrator's
-//! detection and refresh: it polls the primary's agent and, after two polls in a row that find
-//! its mysqld unreachable, refreshes every agent's status and runs the reparent (the engine's
-//! analysis, which also asks the replicas, is not driven here yet). The shard record lives in
-//! the driver, written at once (one orchestrator, the lock always held).
+//! Real: the orchestrator's engine, the runner's re-analysis under the lock and every remedy
+//! that is a step machine (see the `orchestrator` module's header), the agent's term admission
+//! ([`myha_agent::fence::TermState::admit`]), fencing decision ([`myha_agent::fence::decide`])
+//! and instance tracking. Modelled: mysqld ([`crate::mariadb`]), the network ([`crate::net`]),
+//! the agent's execution of each action on its mysqld, and the orchestrator's shell (health
+//! streams, etcd round trips). The shard record lives in the driver, written at once (one
+//! orchestrator, the lock always held: several orchestrators contending for the lock are
+//! [`crate::lock`]'s subject).
 //!
 //! # Invariants
 //!
@@ -24,11 +24,18 @@
 //!   ack reached the old primary before the term changed may legitimately return late).
 //! - **Two primaries**: at every instant at most one tablet can complete a commit (running,
 //!   writable and, under semi-sync, with a semi-sync replica connected to it).
+//! - **Lossless while writable**: under semi-sync, every running writable tablet has its
+//!   semi-sync primary side on with no async fallback. A writable tablet without it
+//!   acknowledges commits no replica holds to any client connected to it, whether or not the
+//!   simulated writer (which follows the record) is among them.
 //! - **Convergence**: once the faults stop, writes are acknowledged again within
 //!   [`ShardSimConfig::converge_within`].
-//! - **No endless recovery**: at most one reparent per primary failure, plus one.
+//! - **No endless recovery**: at most one reparent per primary failure, plus one; and once
+//!   the faults stop, no recovery (problem code and tablet) starts more than
+//!   `MAX_REPEATS_WHEN_QUIET` times.
 
 use gtid::MariaDbPosition;
+use myha_agent::agent::{DemoteMemo, UndoStep};
 use myha_agent::fence::{self, FenceDecision, TermState};
 use myha_agent::health::{InstancePoll, InstanceTrack};
 use myha_orchestrator::mutants::{self, Mutant};
@@ -56,6 +63,9 @@ const AGENT_NODE: u32 = 10_000;
 const TICK: Duration = Duration::from_millis(1);
 /// The id of a delayed health push among an agent's delayed answers.
 const PUSH: u64 = u64::MAX;
+/// The agent's etcd write of a promotion into the shard history, which the real agent awaits
+/// before it makes mysqld writable.
+const PROMOTION_RECORD_WRITE: Duration = Duration::from_millis(3);
 
 /// What one run simulates.
 #[derive(Debug, Clone)]
@@ -144,6 +154,8 @@ pub enum Fault {
     /// goes on serving its clients and replicas.
     CutAgentMysql(ServerId),
     HealAgentMysql(ServerId),
+    /// An operator asks for a planned reparent to the best replica.
+    Switchover,
 }
 
 impl Fault {
@@ -200,6 +212,10 @@ pub struct RunReport {
     /// Windows in which a deposed primary under durability none was writable while its agent
     /// could not reach its mysqld (a known gap, see `check_one_primary`).
     pub unfenceable_windows: usize,
+    /// Operators' planned reparents that completed, and that ended otherwise (refused before
+    /// anything changed, or undone).
+    pub switchovers: usize,
+    pub switchover_refusals: usize,
 }
 
 /// A request from the orchestrator to an agent, or the agent's answer.
@@ -264,7 +280,38 @@ struct Agent {
     instance: InstanceTrack,
     /// Its latest probe of the record's primary's mysqld.
     probe: Option<pb::PrimaryProbe>,
+    /// The statements of an action still to run, one at a time, and the RPC answered after
+    /// the last one.
+    script: Option<Script>,
+    /// What the last Demote changed (the real agent's `DemoteMemo`), for UndoDemote; cleared
+    /// by a promotion or a repoint.
+    demote: Option<DemoteMemo>,
 }
+
+/// An action whose statements take their time: each a round trip to mysqld (or, for the
+/// promotion's history record, to etcd).
+#[derive(Debug, Clone)]
+struct Script {
+    rpc: u64,
+    term: Term,
+    /// The next statement runs then.
+    next_at: SimTime,
+    stmts: VecDeque<Stmt>,
+    /// Its success makes the tablet a primary under `term`.
+    promotes: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stmt {
+    ReadOnly(bool),
+    SemiSyncPrimary(bool),
+}
+
+/// How often one recovery (problem code and tablet) may start once the faults are over.
+const MAX_REPEATS_WHEN_QUIET: usize = 5;
+
+/// One statement's round trip.
+const STATEMENT: Duration = Duration::from_millis(1);
 
 /// The simulated shard.
 pub struct ShardSim {
@@ -277,6 +324,11 @@ pub struct ShardSim {
     rpc: Network<Rpc>,
     record: ShardRecord,
     /// The record's etcd `mod_revision` (bumped by every write).
+    /// Every recovery the engine started: when, and its problem code and tablet.
+    pub(crate) recoveries: Vec<(SimTime, String)>,
+    /// The shard's promotion history (`topo`'s create-only `PromotionRecord`s), written by
+    /// the agents as they promote, read by the orchestrator's errant checks.
+    pub(crate) history: BTreeMap<Term, topo::PromotionRecord>,
     record_revision: i64,
     recovery: RecoveryConfig,
     orch: orchestrator::Orch,
@@ -305,6 +357,8 @@ pub struct ShardSim {
     two_primaries_since: Option<SimTime>,
     /// When the current window of an unfenceable deposed primary started.
     unfenceable_since: Option<SimTime>,
+    /// Servers writable without lossless semi-sync, as last reported (once per window).
+    not_lossless: BTreeSet<ServerId>,
 }
 
 fn alias(id: ServerId) -> String {
@@ -396,6 +450,8 @@ impl ShardSim {
                     next_fence_check: SimTime::ZERO,
                     instance: InstanceTrack::default(),
                     probe: None,
+                    script: None,
+                    demote: None,
                 },
             );
             tablets.insert(
@@ -487,6 +543,8 @@ impl ShardSim {
             orch: orchestrator::Orch::new(&cfg, &recovery, base),
             recovery,
             record_revision: 1,
+            history: BTreeMap::new(),
+            recoveries: Vec::new(),
             next_rpc: 0,
             faults: faults.into(),
             next_write: 1,
@@ -503,8 +561,25 @@ impl ShardSim {
             report: RunReport::default(),
             two_primaries_since: None,
             unfenceable_since: None,
+            not_lossless: BTreeSet::new(),
             cfg,
         };
+        // The bootstrap's promotion of the first primary, at the empty position.
+        sim.history.insert(
+            Term::new(1),
+            topo::PromotionRecord {
+                keyspace: "ks".into(),
+                shard: sim.cfg.shard_name(),
+                term: Term::new(1),
+                primary: alias(first),
+                writer: first.to_string(),
+                position: String::new(),
+                at_ms: wall(SimTime::ZERO),
+                by: "bootstrap".into(),
+                lock_epoch: 0,
+                self_demotes: false,
+            },
+        );
         // In a fleet the agents' polls are not in step (each started at its own moment).
         if base.is_some() {
             for (id, a) in sim.agents.iter_mut() {
@@ -645,6 +720,7 @@ impl ShardSim {
         self.writer_tick();
         self.flush_outputs();
         self.check_one_primary();
+        self.check_lossless();
     }
 
     // ----- Faults -----
@@ -701,6 +777,7 @@ impl ShardSim {
             Fault::HealAgentMysql(id) => {
                 self.agent_mysql_cut.remove(&id);
             }
+            Fault::Switchover => self.operator_switchover(),
         }
         self.flush_outputs();
     }
@@ -850,6 +927,38 @@ impl ShardSim {
         }
     }
 
+    /// Under semi-sync no running tablet is writable without its semi-sync primary side on and
+    /// waiting for an ack without end (reported once per window and tablet).
+    fn check_lossless(&mut self) {
+        if self.cfg.durability != Durability::SemiSync {
+            return;
+        }
+        let now = self.now;
+        let unsafe_now: BTreeSet<ServerId> = self
+            .servers
+            .iter()
+            .filter(|(_, s)| s.process_state() == ProcessState::Running)
+            .filter(|(_, s)| {
+                let st = s.snapshot();
+                let lossless = st.semi_sync_master.enabled
+                    && st.semi_sync_master.timeout == SemiSyncTimeout::Never;
+                !st.read_only && !lossless
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let new: Vec<ServerId> = unsafe_now.difference(&self.not_lossless).copied().collect();
+        for id in new {
+            self.violate(
+                "lossless while writable",
+                format!(
+                    "server {id} is writable at {} ms with its semi-sync primary side off (or able to fall back to async): commits on it are acknowledged without any replica",
+                    ms(now)
+                ),
+            );
+        }
+        self.not_lossless = unsafe_now;
+    }
+
     /// Every write acknowledged with semi-sync is on `primary`.
     fn check_no_loss(&mut self, primary: ServerId, when: &str) {
         if self.cfg.durability != Durability::SemiSync {
@@ -964,6 +1073,29 @@ impl ShardSim {
                 ),
             );
         }
+        // A remedy the engine starts again and again once the faults are over never fixes what
+        // it is for (say, a replica restarted into the same replication error every pass).
+        let mut again: BTreeMap<&str, usize> = BTreeMap::new();
+        for (at, what) in &self.recoveries {
+            if *at >= quiet_from {
+                *again.entry(what.as_str()).or_default() += 1;
+            }
+        }
+        let looping: Vec<String> = again
+            .into_iter()
+            .filter(|(_, n)| *n > MAX_REPEATS_WHEN_QUIET)
+            .map(|(what, n)| format!("{what} {n} times"))
+            .collect();
+        if !looping.is_empty() {
+            self.violate(
+                "endless recovery",
+                format!(
+                    "after the faults stopped at {} ms: {}",
+                    ms(quiet_from),
+                    looping.join("; ")
+                ),
+            );
+        }
         if self.report.reparents > self.primary_failures + 1 {
             self.violate(
                 "endless recovery",
@@ -1031,6 +1163,7 @@ impl ShardSim {
                 h.mysql = Some(pb::MysqlStatus {
                     gtid_position: st.gtid_current_pos.to_string(),
                     gtid_binlog_pos: st.gtid_binlog_pos.to_string(),
+                    gtid_binlog_state: st.gtid_binlog_state.clone(),
                     gtid_slave_pos: st.gtid_slave_pos.to_string(),
                     server_id: id,
                     flavor: "mariadb".into(),
@@ -1074,6 +1207,12 @@ impl ShardSim {
                     }
                     None => pb::Replication::default(),
                 });
+                // As the agent measures it: the heartbeat row's age, where a source is set.
+                if st.slave.is_some() {
+                    h.lag_ms = st
+                        .applied_commit_at
+                        .map(|t| now.saturating_since(t).as_millis() as u64);
+                }
                 let master = st.semi_sync_master;
                 h.semi_sync = Some(pb::SemiSync {
                     replica_enabled: st.semi_sync_slave,
@@ -1123,6 +1262,9 @@ impl ShardSim {
                 }
             }
             Request::Act(action) => {
+                if matches!(*action, AgentAction::UndoDemote) {
+                    self.trace(format!("agent {}: undo demote", alias(server)));
+                }
                 let r = self.agent_act(server, id, term, timeout, *action);
                 if let Some(r) = r {
                     self.send_to_orchestrator(server, id, Response::Act(r));
@@ -1224,6 +1366,7 @@ impl ShardSim {
                         }
                     })
                     .map_err(mysql)
+                    .map(|()| agent.demote = None)
             }
             AgentAction::ResetReplication => s
                 .stop_slave(now)
@@ -1263,6 +1406,30 @@ impl ShardSim {
                             "the relay log holds unapplied transactions: not promoted".into(),
                         ))
                     }
+                    Ok(st) if mutants::active(Mutant::WritableBeforeSemiSync) => {
+                        // Writable first; the semi-sync primary side and the answer after the
+                        // history record write (see `agents_tick`).
+                        let mut r = Ok(());
+                        if st.slave.is_some() {
+                            r = s.stop_slave(now).and_then(|_| s.reset_slave_all(now));
+                        }
+                        let r = r
+                            .and_then(|_| s.set_semi_sync_slave(false, now))
+                            .and_then(|_| s.set_read_only(false, now))
+                            .map_err(mysql);
+                        if r.is_ok() {
+                            agent.demote = None;
+                            agent.script = Some(Script {
+                                rpc: id,
+                                term,
+                                next_at: now + PROMOTION_RECORD_WRITE,
+                                stmts: [Stmt::SemiSyncPrimary(semi)].into(),
+                                promotes: true,
+                            });
+                            return None;
+                        }
+                        r
+                    }
                     Ok(st) => {
                         let mut r = Ok(());
                         if st.slave.is_some() {
@@ -1284,10 +1451,57 @@ impl ShardSim {
                     }
                     Err(e) => Err(mysql(e)),
                 }
-                .map(|()| agent.terms.promoted_term = term)
+                .map(|()| {
+                    agent.terms.promoted_term = term;
+                    agent.demote = None;
+                })
             }
-            AgentAction::Demote { .. } => s.set_read_only(true, now).map_err(mysql),
-            AgentAction::UndoDemote => s.set_read_only(false, now).map_err(mysql),
+            AgentAction::Demote { .. } => match s.status(now) {
+                Ok(st) => {
+                    // A repeated Demote keeps what the first one saw.
+                    agent.demote.get_or_insert(DemoteMemo {
+                        read_only_before: st.read_only,
+                        super_read_only_before: st.read_only,
+                        semi_primary_before: st.semi_sync_master.enabled,
+                    });
+                    s.set_read_only(true, now).map_err(mysql)
+                }
+                Err(e) => Err(mysql(e)),
+            },
+            AgentAction::UndoDemote => {
+                // As the agent does: only a demotion it made, undone by the real plan
+                // (`DemoteMemo::undo_steps`), one statement at a time.
+                let Some(memo) = agent.demote.clone() else {
+                    return Some(Err(Self::refused(
+                        tonic::Code::FailedPrecondition,
+                        "no demotion to undo (none since the last promote or repoint)".into(),
+                    )));
+                };
+                match s.status(now) {
+                    Ok(st) => {
+                        let stmts: VecDeque<Stmt> = memo
+                            .undo_steps(st.semi_sync_master.enabled, false)
+                            .into_iter()
+                            .filter_map(|step| match step {
+                                UndoStep::SemiSyncPrimaryOn => Some(Stmt::SemiSyncPrimary(true)),
+                                UndoStep::ReadOnlyOff => Some(Stmt::ReadOnly(false)),
+                                // MariaDB has no super_read_only (never planned for it).
+                                UndoStep::SuperReadOnlyOff => None,
+                            })
+                            .collect();
+                        agent.demote = None;
+                        agent.script = Some(Script {
+                            rpc: id,
+                            term,
+                            next_at: now,
+                            stmts,
+                            promotes: false,
+                        });
+                        return None;
+                    }
+                    Err(e) => Err(mysql(e)),
+                }
+            }
             AgentAction::FenceServer { target, .. } => {
                 let r = server_of(target)
                     .and_then(|t| self.servers.get_mut(&t))
@@ -1302,7 +1516,32 @@ impl ShardSim {
                 }
             }
         };
+        if r.is_ok() && matches!(action, AgentAction::Promote) {
+            self.record_promotion(server, term);
+        }
         Some(r.map(|()| self.action_response(server, term)))
+    }
+
+    /// The agent's history record of its promotion (create-only: one term, one tablet), with
+    /// the position it became primary at.
+    fn record_promotion(&mut self, server: ServerId, term: Term) {
+        let now = self.now;
+        let position = match self.servers.get_mut(&server).map(|s| s.status(now)) {
+            Some(Ok(st)) => st.gtid_current_pos.to_string(),
+            _ => return,
+        };
+        self.history.entry(term).or_insert(topo::PromotionRecord {
+            keyspace: "ks".into(),
+            shard: self.cfg.shard_name(),
+            term,
+            primary: alias(server),
+            writer: server.to_string(),
+            position,
+            at_ms: wall(now),
+            by: "orchestrator@sim".into(),
+            lock_epoch: 1,
+            self_demotes: false,
+        });
     }
 
     fn action_response(&mut self, server: ServerId, term: Term) -> pb::ActionResponse {
@@ -1322,6 +1561,60 @@ impl ShardSim {
             gtid_received: received,
             ..Default::default()
         }
+    }
+
+    /// The next statement of the agent's script when it is due; the answer after the last (or
+    /// after the first that fails).
+    fn run_script(&mut self, id: ServerId) {
+        let now = self.now;
+        let Some(script) = self.agents.get_mut(&id).and_then(|a| a.script.as_mut()) else {
+            return;
+        };
+        if script.next_at > now {
+            return;
+        }
+        let stmt = script.stmts.pop_front();
+        script.next_at = now + STATEMENT;
+        let mut r = Ok(());
+        if let Some(stmt) = stmt {
+            r = match self.servers.get_mut(&id) {
+                Some(s) => match stmt {
+                    Stmt::ReadOnly(on) => s.set_read_only(on, now),
+                    Stmt::SemiSyncPrimary(on) => s.set_semi_sync_master(
+                        SemiSyncMaster {
+                            enabled: on,
+                            wait_for_slave_count: 1,
+                            timeout: SemiSyncTimeout::Never,
+                        },
+                        now,
+                    ),
+                }
+                .map_err(|e| Self::refused(tonic::Code::Unavailable, format!("mysqld: {e}"))),
+                None => Err(Self::refused(tonic::Code::NotFound, "no server".into())),
+            };
+        }
+        let done = r.is_err()
+            || self
+                .agents
+                .get(&id)
+                .and_then(|a| a.script.as_ref())
+                .is_none_or(|s| s.stmts.is_empty());
+        if !done {
+            return;
+        }
+        let Some(script) = self.agents.get_mut(&id).and_then(|a| a.script.take()) else {
+            return;
+        };
+        let r = r.map(|()| {
+            if script.promotes {
+                if let Some(a) = self.agents.get_mut(&id) {
+                    a.terms.promoted_term = script.term;
+                }
+                self.record_promotion(id, script.term);
+            }
+            self.action_response(id, script.term)
+        });
+        self.send_to_orchestrator(id, script.rpc, Response::Act(r));
     }
 
     /// Waits, delayed status answers, and the fencing decision every 100 ms.
@@ -1358,6 +1651,7 @@ impl ShardSim {
             if let Some(a) = self.agents.get_mut(&id) {
                 a.waits = keep;
             }
+            self.run_script(id);
             // Delayed FullStatus answers.
             let due: Vec<(SimTime, u64, Box<pb::Health>)> = match self.agents.get_mut(&id) {
                 Some(a) => {
@@ -1605,6 +1899,19 @@ fn schedule(cfg: &ShardSimConfig, rng: &mut StdRng, ids: &[ServerId]) -> Vec<(Si
         let h = heal_at(rng, at);
         out.push((at, Fault::CutAgentMysql(who)));
         out.push((h, Fault::HealAgentMysql(who)));
+    }
+    // An operator's planned reparent in some runs: before the failure, as it strikes, while
+    // it is being handled, or after. Drawn from its own stream so that the faults above stay what each
+    // seed drew before switchovers were simulated.
+    let mut op = StdRng::seed_from_u64(cfg.seed ^ 0x5717_c40e);
+    if op.random_bool(0.4) && quiet_from > 1_700 {
+        // Half of them just before the failure, so that it strikes mid-way (undo paths).
+        let at = if op.random_bool(0.5) {
+            t_fail.saturating_sub(op.random_range(0..40u64))
+        } else {
+            op.random_range(200..quiet_from - 1_500)
+        };
+        out.push((at, Fault::Switchover));
     }
     out.sort_by_key(|(t, _)| *t);
     out.into_iter()

@@ -18,7 +18,7 @@ mod watch;
 pub use client::{Result, Topo, Unreadable, DEFAULT_OP_TIMEOUT};
 pub use error::{ParseError, TopoError};
 pub use keys::{prefix_range_end, validate_name, Keys, DEFAULT_PREFIX};
-pub use lock::{LockRequest, ShardLock, DEFAULT_LOCK_TTL};
+pub use lock::{lease_left, LockRequest, ShardLock, DEFAULT_LOCK_TTL};
 pub use records::SELF_DEMOTE_PEER_WINDOW;
 pub use records::{
     alias, now_ms, parse_alias, AuditEntry, CellRecord, Durability, KeyspaceRecord, LockInfo,

@@ -325,9 +325,10 @@ impl ShardLock {
     /// deadline.
     pub fn check_deadline(&self, margin: Duration) -> Result<()> {
         self.check()?;
-        match self.remaining() {
-            Some(left) if left > margin => Ok(()),
-            left => Err(TopoError::LockLost {
+        let (until, now) = (self.lease.valid_until(), Instant::now());
+        match lease_left(until.into_std(), now.into_std(), margin) {
+            Ok(_) => Ok(()),
+            Err(left) => Err(TopoError::LockLost {
                 key: self.key.clone(),
                 reason: format!(
                     "the local lease deadline {} (TTL {:?}, margin {margin:?}): the lock may belong to another holder now",
@@ -459,5 +460,31 @@ impl Drop for ShardLock {
                 let _ = topo.revoke_lease(lease).await;
             });
         }
+    }
+}
+
+/// The lease gate every action under a shard lock passes (the daemon's [`ShardLock::
+/// check_deadline`] and the simulator's orchestrators alike): `Ok(time left)` while the local
+/// lease deadline `valid_until` is more than `margin` after `now`, else `Err` with what is left
+/// (`None`: passed).
+///
+/// `valid_until` is the send time of the last keep-alive etcd answered plus the TTL: etcd
+/// counts the TTL from its receipt of that request, later, so the lease is certainly alive in
+/// etcd before `valid_until`, and no other contender can hold the lock then. `margin` leaves
+/// the request time to reach the agent before that instant.
+pub fn lease_left(
+    valid_until: std::time::Instant,
+    now: std::time::Instant,
+    margin: Duration,
+) -> std::result::Result<Duration, Option<Duration>> {
+    if myha_mutants::active(myha_mutants::Mutant::SkipLeaseDeadline) {
+        return Ok(Duration::MAX);
+    }
+    let left = valid_until
+        .checked_duration_since(now)
+        .filter(|d| !d.is_zero());
+    match left {
+        Some(l) if l > margin => Ok(l),
+        other => Err(other),
     }
 }

@@ -130,6 +130,11 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Whether the tablet has a replication source configured (running or not).
+fn replicates(h: &pb::Health) -> bool {
+    h.replication.as_ref().is_some_and(|r| r.configured)
+}
+
 impl PlannedInput<'_> {
     fn answering(&self, alias: &str) -> Result<&pb::Health, String> {
         match self.statuses.get(alias) {
@@ -306,12 +311,16 @@ pub fn choose_planned(input: &PlannedInput<'_>) -> Result<PlannedChoice, Planned
         }
     };
     // Who could ack the new primary's writes: every answering, non-quarantined tablet but the
-    // candidate (the old primary included: it becomes a replica).
+    // candidate that is repointed (the old primary included: it becomes a replica).
     let ackers: Vec<&String> = input
         .tablets
         .keys()
         .filter(|a| **a != chosen.alias)
-        .filter(|a| !input.quarantined.contains_key(*a) && input.answering(a).is_ok())
+        .filter(|a| !input.quarantined.contains_key(*a))
+        .filter(|a| match input.answering(a) {
+            Ok(h) => **a == primary || replicates(h),
+            Err(_) => false,
+        })
         .collect();
     if input.durability == Durability::SemiSync && ackers.is_empty() {
         return Err(PlannedRefusal::SemiSync {
@@ -331,6 +340,12 @@ pub fn choose_planned(input: &PlannedInput<'_>) -> Result<PlannedChoice, Planned
             continue;
         }
         match input.answering(alias) {
+            // A tablet with no source at all is a deposed primary the repairs have not vetted
+            // yet (it may hold transactions no one acknowledged: the errant check comes
+            // first) or a new one: the repairs rejoin it, not the reparent.
+            Ok(h) if !replicates(h) => skipped.push(format!(
+                "{alias}: no replication source configured (a deposed primary or a new tablet: the repairs vet and repoint it)"
+            )),
             Ok(_) => repoint.push(alias.clone()),
             Err(why) => skipped.push(format!("{alias}: {why}")),
         }
@@ -1009,6 +1024,23 @@ mod tests {
         assert_eq!(c.repoint, vec!["zone1-102", "zone2-104"]);
         assert!(c.skipped.is_empty());
         assert!(c.reason.contains("lag 10 ms"), "{}", c.reason);
+    }
+
+    #[test]
+    fn a_tablet_with_no_replication_source_is_left_to_the_repairs() {
+        // Found by the simulator: a deposed primary, fenced by its agent but not yet vetted
+        // by the repairs (it held transactions nobody acknowledged), was repointed by a
+        // planned reparent before the errant check could quarantine it.
+        let mut s = Shard::new();
+        s.status("zone1-102").replication = None;
+        let c = s.choose(None).expect("a candidate");
+        assert_eq!(c.candidate, "zone1-103");
+        assert_eq!(c.repoint, vec!["zone2-104"], "{c:?}");
+        assert_eq!(c.skipped.len(), 1, "{c:?}");
+        assert!(
+            c.skipped[0].starts_with("zone1-102: no replication source"),
+            "{c:?}"
+        );
     }
 
     #[test]

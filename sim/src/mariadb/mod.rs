@@ -381,6 +381,15 @@ pub struct ServerStatus {
     pub semi_sync_slave: bool,
     /// None when no `CHANGE MASTER` was run (or after `RESET SLAVE ALL`).
     pub slave: Option<SlaveStatus>,
+    /// The original commit time of the newest replicated transaction this server applied:
+    /// what the agent's heartbeat row shows on a replica (the simulated writer commits every
+    /// few milliseconds, as the primary's agent writes its heartbeat), so `now` minus it is
+    /// the agent's `lag_ms`. Data: it survives a restart.
+    pub applied_commit_at: Option<SimTime>,
+    /// `@@gtid_binlog_state`: the last GTID of every (domain, server) pair in the binlog, in
+    /// MariaDB's text form. Unlike the position it shows a transaction of another server
+    /// hidden behind a higher sequence number (what the errant checks compare).
+    pub gtid_binlog_state: String,
 }
 
 /// One GTID per domain: the last transaction of the domain. Kept as a map so updates cannot
@@ -514,6 +523,8 @@ pub struct Server {
     /// Every transaction this server committed, own or replicated, in commit order. Indices
     /// are stable (append-only); `purged` hides a prefix from dump threads only.
     binlog: Vec<Event>,
+    /// The last GTID per (domain, server) in `binlog` (kept as events are appended).
+    binlog_state: BTreeMap<(u32, u32), MariaDbGtid>,
     purged: usize,
     binlog_pos: Gtids,
     slave_pos: Gtids,
@@ -532,6 +543,8 @@ pub struct Server {
     acked: BTreeMap<ServerId, u64>,
     dumps: BTreeMap<ServerId, DumpThread>,
     replica: ReplicaState,
+    /// See [`ServerStatus::applied_commit_at`].
+    applied_commit_at: Option<SimTime>,
 }
 
 impl Server {
@@ -543,6 +556,7 @@ impl Server {
             outputs: VecDeque::new(),
             next_connection: 0,
             binlog: Vec::new(),
+            binlog_state: BTreeMap::new(),
             purged: 0,
             binlog_pos: Gtids::new(),
             slave_pos: Gtids::new(),
@@ -555,6 +569,7 @@ impl Server {
             acked: BTreeMap::new(),
             dumps: BTreeMap::new(),
             replica: ReplicaState::new(Gtids::new()),
+            applied_commit_at: None,
             config,
         }
     }
@@ -868,6 +883,15 @@ impl Server {
         self.replica.relay.iter()
     }
 
+    /// See [`ServerStatus::gtid_binlog_state`].
+    pub fn gtid_binlog_state(&self) -> String {
+        self.binlog_state
+            .values()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn gtid_binlog_pos(&self) -> MariaDbPosition {
         to_position(&self.binlog_pos)
     }
@@ -930,6 +954,8 @@ impl Server {
             semi_sync_waiting: self.pending.len(),
             semi_sync_slave: self.semi_sync_slave,
             slave,
+            applied_commit_at: self.applied_commit_at,
+            gtid_binlog_state: self.gtid_binlog_state(),
         }
     }
 
@@ -1125,6 +1151,8 @@ impl Server {
 
     fn append_binlog(&mut self, event: Event) {
         self.binlog_pos.insert(event.gtid.domain, event.gtid);
+        self.binlog_state
+            .insert((event.gtid.domain, event.gtid.server_id), event.gtid);
         self.binlog.push(event);
         let replicas: Vec<ServerId> = self.dumps.keys().copied().collect();
         for replica in replicas {
@@ -1219,6 +1247,7 @@ impl Server {
         if replica == self.config.server_id {
             return;
         }
+
         // Connection ids grow per replica. A request older than the one being served comes from
         // a connection the replica has already abandoned (and closed), so it is not served.
         if self
@@ -1496,6 +1525,7 @@ impl Server {
         }
         self.replica.relay.pop_front();
         self.slave_pos.insert(gtid.domain, gtid);
+        self.applied_commit_at = Some(event.timestamp);
         // log_slave_updates: applied transactions reach our binlog (and our own replicas).
         self.append_binlog(event);
     }

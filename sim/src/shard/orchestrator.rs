@@ -4,13 +4,17 @@
 //! by [`FreshShard::assemble`], the problem found again ([`problem_under_lock`]), and the
 //! remedy's step machine ([`machine_for`]) driven over the RPC network on virtual time.
 //!
+//! An operator's planned reparent ([`super::Fault::Switchover`]) runs as the runner runs an
+//! operator request (`operator::Requested`): the same refresh under the lock, then the real
+//! [`Planned`] machine; the engine's own recovery meanwhile waits for the lock, and is started
+//! once the operator's run ends (an operator request that arrives while a recovery runs waits
+//! likewise).
+//!
 //! Modelled here: the health stream (a tablet is connected while its pushes arrive, with a
 //! one-second idle timeout like the stream's keep-alive), the shard lock (one orchestrator: it
 //! is always free, so the runner's flapping check under it is left out; the engine's own
 //! flapping check reads the in-memory audit log), and etcd (the record is written at once after
-//! a round trip). Remedies still written as async procedures (rejoin or quarantine a returning
-//! old primary, quarantine an errant replica, reconcile terms, clear a stale mark, elect a first
-//! primary) end as failed "not simulated", and the engine backs off as it would.
+//! a round trip; the promotion history is what the agents recorded as they promoted).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use myha_orchestrator::control::ControlState;
 use myha_orchestrator::engine::{Effect, Engine, EngineOptions, Input as EngineInput};
+use myha_orchestrator::recovery::planned::{Planned, PlannedOptions};
 use myha_orchestrator::recovery::steps::{Action, Call, CallId, Now, Reply, StepMachine};
 use myha_orchestrator::recovery::{
     machine_for, problem_under_lock, FreshReads, FreshShard, Job, Machine, Outcome, RecoveryError,
@@ -49,6 +54,10 @@ pub(super) struct Orch {
     dirty: bool,
     control: Arc<ControlState>,
     recovery: Option<Recovery>,
+    /// The engine's recovery, waiting for the lock an operator's run holds.
+    deferred: Option<Job>,
+    /// An operator's planned reparent, waiting for the lock a recovery holds.
+    requested: bool,
     audit: Vec<AuditEntry>,
 
     /// Engine inputs to hand over after the current effects.
@@ -64,6 +73,9 @@ struct Recovery {
     job: Job,
     started: SimTime,
     stage: Stage,
+    /// An operator's planned reparent (the runner's `operator::Requested` plan), not the
+    /// engine's: no re-analysis, the `Planned` machine, and the engine is not told.
+    operator: bool,
 }
 
 enum Stage {
@@ -108,6 +120,8 @@ impl Orch {
             dirty: true,
             control: Arc::new(control),
             recovery: None,
+            deferred: None,
+            requested: false,
             audit: Vec::new(),
             inputs: Vec::new(),
             decision: Duration::ZERO,
@@ -301,6 +315,15 @@ impl ShardSim {
     }
 
     fn start_recovery(&mut self, job: Job) {
+        if self.orch.recovery.as_ref().is_some_and(|r| r.operator) && self.orch.deferred.is_none() {
+            // The lock is the operator's: the engine's run waits for it.
+            self.trace(format!(
+                "engine: recover {}: waits for the lock (an operator's reparent holds it)",
+                job.problem.code.as_str()
+            ));
+            self.orch.deferred = Some(job);
+            return;
+        }
         if self.orch.recovery.is_some() {
             // The engine runs one recovery per shard; a second one means it lost track.
             self.violate(
@@ -318,6 +341,48 @@ impl ShardSim {
             job.problem.tablet.as_deref().unwrap_or(""),
             job.problem.detail
         ));
+        let what = format!(
+            "{} {}",
+            job.problem.code.as_str(),
+            job.problem.tablet.as_deref().unwrap_or("")
+        );
+        self.recoveries.push((self.now, what));
+        self.begin_refresh(job, false);
+    }
+
+    /// An operator asks for a planned reparent to the best replica (what `myhactl reparent`
+    /// sends by default); it waits while a recovery holds the lock.
+    pub(super) fn operator_switchover(&mut self) {
+        if self.orch.recovery.is_some() {
+            self.trace("operator: planned reparent waits for the lock".into());
+            self.orch.requested = true;
+            return;
+        }
+        let primary = self.record.primary.clone();
+        let problem = myha_orchestrator::analysis::Problem {
+            code: myha_orchestrator::analysis::ProblemCode::ReparentInProgress,
+            tablet: primary,
+            detail: "planned reparent requested by operator@sim".into(),
+        };
+        let job = Job {
+            keyspace: "ks".into(),
+            shard: self.cfg.shard_name(),
+            problem,
+            quarantined: self
+                .orch
+                .control
+                .quarantine
+                .iter()
+                .map(|(a, q)| (a.clone(), q.reason.clone()))
+                .collect(),
+            last_primary: None,
+        };
+        self.trace("operator: planned reparent".into());
+        self.begin_refresh(job, true);
+    }
+
+    /// The refresh under the lock: `FullStatus` asked of every tablet.
+    fn begin_refresh(&mut self, job: Job, operator: bool) {
         let suspect = job
             .problem
             .code
@@ -343,6 +408,7 @@ impl ShardSim {
                 answers: BTreeMap::new(),
                 unseen: BTreeMap::new(),
             },
+            operator,
         });
     }
 
@@ -421,6 +487,7 @@ impl ShardSim {
             return;
         };
         let job = rec.job.clone();
+        let operator = rec.operator;
         let timer = Instant::now();
         let fresh = FreshShard::assemble(
             FreshReads {
@@ -437,6 +504,19 @@ impl ShardSim {
             wall(self.now),
             &self.recovery.analysis,
         );
+        if operator {
+            self.orch.decision += timer.elapsed();
+            let opts = PlannedOptions {
+                to: None,
+                wait_timeout: self.recovery.planned_wait_timeout,
+                max_lag: self.recovery.planned_max_lag,
+                requester: "operator@sim".into(),
+            };
+            let term = fresh.action_term();
+            let timeout = self.recovery.action_timeout;
+            let machine: Machine = Box::new(Planned::new(fresh, term, opts, timeout));
+            return self.run_machine(machine, job.problem);
+        }
         let problem = match problem_under_lock(&job.problem, &fresh.problems) {
             Ok(p) => p,
             Err(detail) => {
@@ -471,6 +551,11 @@ impl ShardSim {
                 problem.detail
             ));
         }
+        self.run_machine(machine, problem);
+    }
+
+    /// Starts the remedy's step machine.
+    fn run_machine(&mut self, machine: Machine, problem: myha_orchestrator::analysis::Problem) {
         let now = self.now;
         if let Some(rec) = self.orch.recovery.as_mut() {
             rec.stage = Stage::Running(Box::new(Running {
@@ -506,6 +591,20 @@ impl ShardSim {
         let Some(rec) = self.orch.recovery.take() else {
             return;
         };
+        if rec.operator {
+            // The operator's run is not the engine's; the lock is free again.
+            match &outcome {
+                Outcome::Recovered { .. } => self.report.switchovers += 1,
+                other => {
+                    self.report.switchover_refusals += 1;
+                    self.trace(format!("operator: planned reparent ended: {other:?}"));
+                }
+            }
+            if let Some(job) = self.orch.deferred.take() {
+                self.begin_refresh(job, false);
+            }
+            return;
+        }
         let report = Report {
             keyspace: rec.job.keyspace.clone(),
             shard: rec.job.shard.clone(),
@@ -517,6 +616,10 @@ impl ShardSim {
             duration_ms: ms(self.now) - ms(rec.started),
         };
         self.engine_input(EngineInput::Done(report));
+        if self.orch.recovery.is_none() && self.orch.requested {
+            self.orch.requested = false;
+            self.operator_switchover();
+        }
     }
 
     pub(super) fn orchestrator_response(&mut self, id: u64, body: Response) {
@@ -701,7 +804,10 @@ impl ShardSim {
                 let rev = self.record_revision;
                 self.local(now + ETCD_RTT, id, Reply::Written(Ok(rev)));
             }
-            Call::GetPromotion(_) => self.local(now + ETCD_RTT, id, Reply::Promotion(Ok(None))),
+            Call::GetPromotion(term) => {
+                let p = self.history.get(&term).cloned();
+                self.local(now + ETCD_RTT, id, Reply::Promotion(Ok(p)))
+            }
             Call::GetTablet(a) => {
                 let t = self.tablets.get(&a).cloned();
                 self.local(now + ETCD_RTT, id, Reply::Tablet(Ok(t)))
