@@ -1,7 +1,8 @@
 //! One simulated shard: MariaDB models on a replication network, an agent model beside each,
 //! an orchestrator that runs the real engine and recovery step machines (such as
 //! [`myha_orchestrator::recovery::reparent::Emergency`]) over an RPC network, a writer that
-//! records every acknowledgement, and a seeded fault schedule. Invariants are checked after every
+//! writes where the gateway's real routing function sends writes and records every
+//! acknowledgement, and a seeded fault schedule. Invariants are checked after every
 //! step of the virtual clock.
 //!
 //! # What is real and what is modelled
@@ -324,6 +325,8 @@ pub struct ShardSim {
     rpc: Network<Rpc>,
     record: ShardRecord,
     /// The record's etcd `mod_revision` (bumped by every write).
+    /// The gateway's routing bounds (its defaults).
+    gateway_policy: myha_gateway::routing::RoutingPolicy,
     /// Every recovery the engine started: when, and its problem code and tablet.
     pub(crate) recoveries: Vec<(SimTime, String)>,
     /// The shard's promotion history (`topo`'s create-only `PromotionRecord`s), written by
@@ -545,6 +548,7 @@ impl ShardSim {
             record_revision: 1,
             history: BTreeMap::new(),
             recoveries: Vec::new(),
+            gateway_policy: myha_gateway::config::RoutingSection::default().policy(),
             next_rpc: 0,
             faults: faults.into(),
             next_write: 1,
@@ -823,14 +827,20 @@ impl ShardSim {
 
     // ----- The writer -----
 
-    /// A client write every `write_every` to the primary the record names (what the gateway
-    /// routes to).
+    /// A client write every `write_every` through the gateway: where the gateway's real routing
+    /// function ([`myha_gateway::routing::route`], default policy) sends writes now, over the
+    /// shard as the watches show it (the gateway follows the same record and health streams as
+    /// the orchestrator). No write while it has nowhere to route them (the gateway holds
+    /// them).
     fn writer_tick(&mut self) {
         if self.now < self.next_write_at {
             return;
         }
         self.next_write_at = self.now + self.cfg.write_every;
-        let Some(p) = self.record.primary.as_deref().and_then(server_of) else {
+        let view = self.shard_view();
+        let at = self.orch.instant(self.now);
+        let routed = myha_gateway::routing::route(&view, at, &self.gateway_policy).rw;
+        let Some(p) = routed.ok().and_then(|t| server_of(&t.alias)) else {
             return;
         };
         let id = self.next_write;

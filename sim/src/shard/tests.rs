@@ -264,10 +264,11 @@ fn an_undone_demotion_after_a_restart_turns_semi_sync_on_before_writes() {
     }
     let r = sim
         .with_faults(vec![
+            // Cut just before: the candidates lag by a few milliseconds (eligible) and cannot
+            // reach the demoted primary's position.
+            (SimTime::from_millis(1_990), Fault::CutReplication(102)),
+            (SimTime::from_millis(1_990), Fault::CutReplication(103)),
             (SimTime::from_millis(2_000), Fault::Switchover),
-            // Cut before the demotion: the candidate cannot reach the demoted position.
-            (SimTime::from_millis(2_006), Fault::CutReplication(102)),
-            (SimTime::from_millis(2_006), Fault::CutReplication(103)),
             (SimTime::from_millis(2_100), Fault::Crash(101)),
             (SimTime::from_millis(2_200), Fault::Restart(101)),
             (SimTime::from_millis(9_000), Fault::HealReplication(102)),
