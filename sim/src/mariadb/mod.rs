@@ -523,8 +523,10 @@ pub struct Server {
     /// Every transaction this server committed, own or replicated, in commit order. Indices
     /// are stable (append-only); `purged` hides a prefix from dump threads only.
     binlog: Vec<Event>,
-    /// The last GTID per (domain, server) in `binlog` (kept as events are appended).
+    /// The last GTID per (domain, server) in `binlog`, and its text (both kept as events are
+    /// appended: every status read takes the text, far more often than the binlog grows).
     binlog_state: BTreeMap<(u32, u32), MariaDbGtid>,
+    binlog_state_text: String,
     purged: usize,
     binlog_pos: Gtids,
     slave_pos: Gtids,
@@ -557,6 +559,7 @@ impl Server {
             next_connection: 0,
             binlog: Vec::new(),
             binlog_state: BTreeMap::new(),
+            binlog_state_text: String::new(),
             purged: 0,
             binlog_pos: Gtids::new(),
             slave_pos: Gtids::new(),
@@ -885,11 +888,7 @@ impl Server {
 
     /// See [`ServerStatus::gtid_binlog_state`].
     pub fn gtid_binlog_state(&self) -> String {
-        self.binlog_state
-            .values()
-            .map(|g| g.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        self.binlog_state_text.clone()
     }
 
     pub fn gtid_binlog_pos(&self) -> MariaDbPosition {
@@ -1153,6 +1152,12 @@ impl Server {
         self.binlog_pos.insert(event.gtid.domain, event.gtid);
         self.binlog_state
             .insert((event.gtid.domain, event.gtid.server_id), event.gtid);
+        self.binlog_state_text = self
+            .binlog_state
+            .values()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         self.binlog.push(event);
         let replicas: Vec<ServerId> = self.dumps.keys().copied().collect();
         for replica in replicas {

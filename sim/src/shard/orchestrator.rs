@@ -315,16 +315,8 @@ impl ShardSim {
     }
 
     fn start_recovery(&mut self, job: Job) {
-        if self.orch.recovery.as_ref().is_some_and(|r| r.operator) && self.orch.deferred.is_none() {
-            // The lock is the operator's: the engine's run waits for it.
-            self.trace(format!(
-                "engine: recover {}: waits for the lock (an operator's reparent holds it)",
-                job.problem.code.as_str()
-            ));
-            self.orch.deferred = Some(job);
-            return;
-        }
-        if self.orch.recovery.is_some() {
+        let operator_holds = self.orch.recovery.as_ref().is_some_and(|r| r.operator);
+        if self.orch.recovery.is_some() && (!operator_holds || self.orch.deferred.is_some()) {
             // The engine runs one recovery per shard; a second one means it lost track.
             self.violate(
                 "engine",
@@ -336,10 +328,15 @@ impl ShardSim {
             return;
         }
         self.trace(format!(
-            "engine: recover {} {}: {}",
+            "engine: recover {} {}: {}{}",
             job.problem.code.as_str(),
             job.problem.tablet.as_deref().unwrap_or(""),
-            job.problem.detail
+            job.problem.detail,
+            if operator_holds {
+                " (waits for the lock an operator's reparent holds)"
+            } else {
+                ""
+            }
         ));
         let what = format!(
             "{} {}",
@@ -347,7 +344,11 @@ impl ShardSim {
             job.problem.tablet.as_deref().unwrap_or("")
         );
         self.recoveries.push((self.now, what));
-        self.begin_refresh(job, false);
+        if operator_holds {
+            self.orch.deferred = Some(job);
+        } else {
+            self.begin_refresh(job, false);
+        }
     }
 
     /// An operator asks for a planned reparent to the best replica (what `myhactl reparent`
