@@ -1318,7 +1318,7 @@ mod tests {
                 .find(|t| t.alias() == alias)
                 .expect("tablet");
             let sample = t.last_health.as_mut().expect("health");
-            &mut Arc::make_mut(sample).health
+            Arc::make_mut(&mut Arc::make_mut(sample).health)
         }
 
         fn route_at(&self, after: Duration) -> Routing {
@@ -1921,10 +1921,12 @@ mod tests {
         snap.version = 3;
         snap.shards.insert(
             ("ks".into(), "0".into()),
-            shard("ks", "0", f.record.clone(), f.tablets.clone()),
+            Arc::new(shard("ks", "0", f.record.clone(), f.tablets.clone())),
         );
-        snap.shards
-            .insert(("ks".into(), "1".into()), shard("ks", "1", None, vec![]));
+        snap.shards.insert(
+            ("ks".into(), "1".into()),
+            Arc::new(shard("ks", "1", None, vec![])),
+        );
         let routes = compute_routes(&snap, f.t0, 42, 7, &policy(), None);
         let mut conns = BTreeMap::new();
         conns.insert(
@@ -2112,7 +2114,8 @@ mod tests {
     fn routes_of(f: &Fixture, seq: u64) -> Routes {
         let mut snap = tabletwatch::FleetSnapshot::empty(f.t0);
         snap.topo_synced = true;
-        snap.shards.insert(("ks".into(), "0".into()), f.view());
+        snap.shards
+            .insert(("ks".into(), "0".into()), Arc::new(f.view()));
         compute_routes(&snap, f.t0, 0, seq, &policy(), None)
     }
 
@@ -2120,9 +2123,12 @@ mod tests {
     fn compute_routes_can_be_scoped() {
         let f = Fixture::healthy();
         let mut snap = tabletwatch::FleetSnapshot::empty(f.t0);
-        snap.shards.insert(("ks".into(), "0".into()), f.view());
         snap.shards
-            .insert(("ks".into(), "1".into()), shard("ks", "1", None, vec![]));
+            .insert(("ks".into(), "0".into()), Arc::new(f.view()));
+        snap.shards.insert(
+            ("ks".into(), "1".into()),
+            Arc::new(shard("ks", "1", None, vec![])),
+        );
         let only = BTreeSet::from([("ks".to_string(), "1".to_string())]);
         let r = compute_routes(&snap, f.t0, 0, 1, &policy(), Some(&only));
         assert_eq!(
@@ -2151,7 +2157,7 @@ mod tests {
         let mut f = Fixture::healthy();
         f.record = Some(shard_record("ks", "0", Some(P), 4));
         for t in &mut f.tablets {
-            Arc::make_mut(t.last_health.as_mut().unwrap()).health.term = 4;
+            Arc::make_mut(&mut Arc::make_mut(t.last_health.as_mut().unwrap()).health).term = 4;
         }
         let c = route_changes(&a, &routes_of(&f, 4));
         assert_eq!(

@@ -6,7 +6,9 @@
 //! reachable replica's own probe of its mysqld fails. A primary that only the orchestrator
 //! cannot see is `UnreachablePrimary`, never a failover (scenarios P5, P6).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 use topo::Term;
 
@@ -45,20 +47,24 @@ impl Problem {
 /// One tablet as the analysis sees it.
 #[derive(Debug, Clone)]
 pub struct TabletInput {
-    pub record: TabletRecord,
+    /// Shared with the snapshot (the engine analyses a changed shard without copying it).
+    pub record: Arc<TabletRecord>,
     /// The latest health, however old.
-    pub health: Option<pb::Health>,
+    pub health: Option<Arc<pb::Health>>,
     /// Age of `health` at `now`; `None` when none was ever received.
     pub health_age: Option<Duration>,
     /// The orchestrator's stream from this agent is up.
     pub stream_connected: bool,
+    /// `health`'s GTID position, parsed, when the builder already had it (the engine keeps
+    /// the parse of a health message it analysed before); `None`: parsed from `health` here.
+    pub position: Option<Arc<GtidSet>>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ShardInput {
     pub keyspace: String,
     pub shard: String,
-    pub record: Option<ShardRecord>,
+    pub record: Option<Arc<ShardRecord>>,
     pub durability: Durability,
     pub tablets: Vec<TabletInput>,
     /// Quarantined tablets and why.
@@ -112,6 +118,15 @@ impl TabletInput {
     /// Seen through its agent with mysqld answering.
     pub fn mysql_seen(&self, cfg: &AnalysisConfig) -> Option<&pb::Health> {
         self.fresh_health(cfg).filter(|h| h.mysql_reachable)
+    }
+
+    /// The GTID position of `h` (this tablet's health), from [`TabletInput::position`] when
+    /// set.
+    fn position_of<'a>(&'a self, h: &pb::Health) -> Option<Cow<'a, GtidSet>> {
+        match &self.position {
+            Some(p) => Some(Cow::Borrowed(&**p)),
+            None => position(h).map(Cow::Owned),
+        }
     }
 
     pub fn mysql_addr(&self) -> String {
@@ -285,7 +300,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
             reason.clone(),
         ));
     }
-    let primary_alias = input.record.as_ref().and_then(|r| r.primary.clone());
+    let primary_alias = input.record.as_ref().and_then(|r| r.primary.as_deref());
     let Some(primary_alias) = primary_alias else {
         if !input.tablets.is_empty() {
             let reachable = input
@@ -319,25 +334,33 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         out.push(primary_unseen(
             input,
             cfg,
-            &primary_alias,
+            primary_alias,
             primary,
             &replicas,
         ));
         return out;
     };
 
-    if let Some(p) = primary_isolated(input, cfg, &primary_alias, ph, &replicas) {
+    if let Some(p) = primary_isolated(input, cfg, primary_alias, ph, &replicas) {
         out.push(p);
         return out;
     }
 
-    // The primary is seen: check it and every replica against it.
-    let p_addr = primary.map(|p| p.mysql_addr()).unwrap_or_default();
-    let pm = ph.mysql.clone().unwrap_or_default();
+    // The primary is seen: check it and every replica against it. The healthy path borrows
+    // and allocates nothing (the engine analyses every changed shard: issue 11, point 6).
+    let p_host = primary.map_or("", |p| p.record.mysql_host.as_str());
+    let p_port = primary.map_or(0, |p| p.record.mysql_port);
+    let p_addr = || format!("{p_host}:{p_port}");
+    let (no_mysql, no_replication, no_semi_sync) = (
+        pb::MysqlStatus::default(),
+        pb::Replication::default(),
+        pb::SemiSync::default(),
+    );
+    let pm = ph.mysql.as_ref().unwrap_or(&no_mysql);
     if pm.read_only {
         out.push(Problem::new(
             ProblemCode::PrimaryReadOnly,
-            Some(&primary_alias),
+            Some(primary_alias),
             "the primary is read-only",
         ));
     } else if Duration::from_millis(ph.write_stalled_ms) >= cfg.writes_stalled_after {
@@ -363,7 +386,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
             Some(bound) if stalled >= bound => {
                 out.push(Problem::new(
                     ProblemCode::StalledPrimary,
-                    Some(&primary_alias),
+                    Some(primary_alias),
                     format!(
                         "{what}: past [recovery] failover_on_writes_stalled ({}), failing over",
                         humantime::format_duration(bound)
@@ -373,23 +396,22 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
             }
             _ => out.push(Problem::new(
                 ProblemCode::PrimaryWritesStalled,
-                Some(&primary_alias),
+                Some(primary_alias),
                 what,
             )),
         }
     }
-    if ph.replication.as_ref().is_some_and(|r| r.configured) {
-        let r = ph.replication.clone().unwrap_or_default();
+    if let Some(r) = ph.replication.as_ref().filter(|r| r.configured) {
         out.push(Problem::new(
             ProblemCode::PrimaryReplicating,
-            Some(&primary_alias),
+            Some(primary_alias),
             format!(
                 "the primary replicates from {}:{}",
                 r.source_host, r.source_port
             ),
         ));
     }
-    let p_pos = position(ph);
+    let p_pos = primary.and_then(|p| p.position_of(ph));
     let p_writer = writer_id(ph);
     let semi = input.durability == Durability::SemiSync;
     let mut acking_replicas = 0;
@@ -418,8 +440,8 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
             ));
             continue;
         }
-        let m = h.mysql.clone().unwrap_or_default();
-        let rep = h.replication.clone().unwrap_or_default();
+        let m = h.mysql.as_ref().unwrap_or(&no_mysql);
+        let rep = h.replication.as_ref().unwrap_or(&no_replication);
         // A returning old primary first: its repair decides between rejoining and quarantine,
         // whatever extra transactions it holds.
         if h.promoted_term > 0 && h.promoted_term < term.get() && !rep.configured {
@@ -433,7 +455,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
             ));
             continue;
         }
-        if let (Some(rp), Some(pp)) = (position(h), p_pos.as_ref()) {
+        if let (Some(rp), Some(pp)) = (r.position_of(h), p_pos.as_deref()) {
             if let Some(e) = errant(&rp, pp, &p_writer) {
                 out.push(Problem::new(
                     ProblemCode::ErrantGtid,
@@ -450,15 +472,20 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
                 "replica is writable (read_only off)",
             ));
         }
-        let source = format!("{}:{}", rep.source_host, rep.source_port);
-        if !rep.configured || source != p_addr {
+        let from_primary = rep.source_host == p_host && rep.source_port == u32::from(p_port);
+        if !rep.configured || !from_primary {
             out.push(Problem::new(
                 ProblemCode::ReplicaWrongSource,
                 Some(alias),
                 if rep.configured {
-                    format!("replicates from {source}, not from the primary at {p_addr}")
+                    format!(
+                        "replicates from {}:{}, not from the primary at {}",
+                        rep.source_host,
+                        rep.source_port,
+                        p_addr()
+                    )
                 } else {
-                    format!("has no replication source (primary is {p_addr})")
+                    format!("has no replication source (primary is {})", p_addr())
                 },
             ));
         } else if !replicating(h) && rep.last_io_errno == ER_SOURCE_FATAL_READING_BINLOG {
@@ -492,7 +519,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
                 ),
             ));
         }
-        let semi_r = h.semi_sync.clone().unwrap_or_default();
+        let semi_r = h.semi_sync.as_ref().unwrap_or(&no_semi_sync);
         if semi && !semi_r.replica_enabled {
             out.push(Problem::new(
                 ProblemCode::ReplicaSemiSyncMustBeSet,
@@ -506,11 +533,11 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
                 "durability none: replica side is on",
             ));
         }
-        if semi && semi_r.replica_enabled && replicating(h) && source == p_addr {
+        if semi && semi_r.replica_enabled && replicating(h) && from_primary {
             acking_replicas += 1;
         }
     }
-    let ps = ph.semi_sync.clone().unwrap_or_default();
+    let ps = ph.semi_sync.as_ref().unwrap_or(&no_semi_sync);
     if semi {
         // Read back, not assumed from the promotion: AFTER_SYNC, a timeout that never falls
         // back, and waiting with no replica attached (wait_no_slave / wait_no_replica).
@@ -522,7 +549,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         if (!ps.primary_enabled || !lossless) && acking_replicas > 0 {
             out.push(Problem::new(
                 ProblemCode::PrimarySemiSyncMustBeSet,
-                Some(&primary_alias),
+                Some(primary_alias),
                 if ps.primary_enabled {
                     format!(
                         "durability semi_sync: not lossless (wait point {}, timeout {} ms, wait with no replica {})",
@@ -542,7 +569,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         if ps.primary_enabled && ps.primary_clients == 0 {
             out.push(Problem::new(
                 ProblemCode::PrimarySemiSyncNoAckers,
-                Some(&primary_alias),
+                Some(primary_alias),
                 format!(
                     "durability semi_sync: no replica is connected to acknowledge; every commit waits (up to {} ms)",
                     ps.primary_timeout_ms
@@ -551,7 +578,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
         } else if ps.primary_enabled && !ps.primary_active {
             out.push(Problem::new(
                 ProblemCode::PrimarySemiSyncFellBack,
-                Some(&primary_alias),
+                Some(primary_alias),
                 format!(
                     "durability semi_sync: enabled but not active (fell back to async): {} commits acknowledged without a replica",
                     ps.primary_no_tx
@@ -561,7 +588,7 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
     } else if ps.primary_enabled {
         out.push(Problem::new(
             ProblemCode::PrimarySemiSyncMustNotBeSet,
-            Some(&primary_alias),
+            Some(primary_alias),
             "durability none: primary side is on",
         ));
     }

@@ -812,7 +812,7 @@ mod tests {
         unreachable.mysql_error = "Connection refused".into();
         let mut u = tablet(tablet_record("zone1-103", "ks", "0"), None, t0);
         u.last_health = Some(Arc::new(HealthSample {
-            health: unreachable,
+            health: Arc::new(unreachable),
             received_at: now,
             received_ms: 42,
         }));
@@ -823,16 +823,16 @@ mod tests {
         snap.topo_synced = true;
         snap.shards.insert(
             ("ks".into(), "0".into()),
-            shard(
+            std::sync::Arc::new(shard(
                 "ks",
                 "0",
                 Some(shard_record("ks", "0", Some("zone1-101"), 2)),
                 vec![p, r, u],
-            ),
+            )),
         );
         snap.shards.insert(
             ("other".into(), "-80".into()),
-            shard("other", "-80", None, vec![none]),
+            std::sync::Arc::new(shard("other", "-80", None, vec![none])),
         );
 
         let mut engine = EngineState::default();
@@ -1132,12 +1132,12 @@ mod tests {
         let mut snap = FleetSnapshot::empty(t0);
         snap.shards.insert(
             ("ks".into(), "0".into()),
-            shard(
+            std::sync::Arc::new(shard(
                 "ks",
                 "0",
                 Some(shard_record("ks", "0", Some("zone1-101"), 2)),
                 vec![p, r, gone],
-            ),
+            )),
         );
         let text = tablet_metrics(&snap, now, stale);
         let l = |a: &str| format!("{{tablet=\"{a}\",keyspace=\"ks\",shard=\"0\"}}");

@@ -1,5 +1,10 @@
-//! The engine: one task that analyses every shard on every snapshot change (and at least every
+//! The engine: one task that evaluates the fleet on every snapshot change (and at least every
 //! `tick`), decides which problem to recover, and starts recovery tasks ([`recovery::run`]).
+//! An evaluation analyses only the shards whose view changed since the last one (tabletwatch
+//! keeps an unchanged shard's `Arc`, compared by pointer) or whose memory fell due (a tick
+//! while a problem, a recovery or a hold lasts; a health turning stale); the others cost a
+//! pointer comparison. The view for the API is published when a status changed, or a tick
+//! after the last publication.
 //!
 //! The decision is pure ([`decide`]): `(problems, shard memory, control, now) -> Decision`.
 //! Around it, [`Engine`] is the sans-IO core: `handle(input, now) -> effects` plus
@@ -21,8 +26,8 @@
 //!   to 5 s); after any attempt the shard is held until the snapshot reflects it (every
 //!   tablet's health received after the attempt, and the new term if one was written) or 2 s.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use topo::Term;
 
@@ -55,8 +60,9 @@ pub struct EngineView {
     pub disabled_reason: Option<String>,
     /// Who acts: `orchestrator@host:pid`.
     pub actor: String,
-    /// Every shard, by keyspace then shard.
-    pub shards: Vec<ShardStatus>,
+    /// Every shard, by keyspace then shard. A shard not analysed again since the previous
+    /// view keeps its `Arc` (publishing is O(shards) pointer copies, not deep copies).
+    pub shards: Vec<Arc<ShardStatus>>,
 }
 
 impl EngineView {
@@ -64,6 +70,7 @@ impl EngineView {
         self.shards
             .iter()
             .find(|s| s.keyspace == keyspace && s.shard == shard)
+            .map(|s| &**s)
     }
 
     fn empty(actor: &str) -> EngineView {
@@ -471,25 +478,47 @@ struct FlapCache {
     stale: bool,
 }
 
-/// The last evaluation of a shard, reused while its view is unchanged and nothing
-/// time-dependent is due.
+/// The last analysis of one shard, reused while its view is unchanged and nothing
+/// time-dependent is due. The engine keeps one per shard of the last snapshot, in its order.
 #[derive(Debug)]
-struct Memo {
-    view: ShardView,
-    synced: bool,
-    status: ShardStatus,
+struct Slot {
+    key: ShardKey,
+    /// An unchanged status keeps its `Arc` (and does not make the view be published again).
+    /// `None` only between a slot's creation and its first analysis.
+    status: Option<Arc<ShardStatus>>,
+    /// What the engine remembers of the shard (kept in the slot: no lookup by key per
+    /// analysis).
+    mem: ShardMem,
+}
+
+/// What an evaluation compares for every shard, apart from the [`Slot`]s and small, so that
+/// walking a fleet of unchanged shards reads one compact array.
+#[derive(Debug)]
+struct Seen {
+    /// The view analysed: an unchanged shard keeps its `Arc` from snapshot to snapshot
+    /// ([`FleetSnapshot::shards`]), so a pointer comparison tells whether it changed (a false
+    /// "changed" only costs one analysis). A weak reference keeps the allocation, so that its
+    /// address cannot be reused by another view, without keeping an old view's contents alive.
+    view: Weak<ShardView>,
+    /// Analyse again from this moment on even if the view is unchanged.
     due: Instant,
+    synced: bool,
 }
 
 #[derive(Debug, Default)]
 struct ShardMem {
-    memo: Option<Memo>,
     episodes: HashMap<String, Episode>,
     running: Option<Running>,
     hold: Option<Hold>,
     last: Option<RecoveryResult>,
     last_primary: Option<PrimaryPosition>,
+    /// The GTID positions parsed from the tablets' last health messages.
+    positions: Vec<(Weak<myha_proto::agent::Health>, Arc<gtid::GtidSet>)>,
+    /// The health message `last_primary` was taken from.
+    last_primary_from: Weak<myha_proto::agent::Health>,
     flap: FlapCache,
+    /// The tablet records whose agent channels were warmed.
+    warmed: Vec<Weak<TabletRecord>>,
 }
 
 type ShardKey = (String, String);
@@ -548,8 +577,22 @@ pub struct Engine {
     cfg: Arc<RecoveryConfig>,
     actor: Arc<str>,
     opts: EngineOptions,
-    shards: HashMap<ShardKey, ShardMem>,
+    /// The memory of shards gone from the snapshot while a recovery of them runs.
+    orphans: BTreeMap<ShardKey, ShardMem>,
+    /// One per shard of the last snapshot evaluated, in its order: an evaluation of a snapshot
+    /// with the same shards walks both in step, so that an unchanged shard costs a pointer
+    /// comparison and the evaluation O(changed shards) analyses.
+    slots: Vec<Slot>,
+    /// Parallel to `slots`.
+    seen: Vec<Seen>,
+    /// The view must be published at the next evaluation (a status or the header changed).
+    publish: bool,
+    last_publish: Option<Instant>,
+    /// `(topo_synced, control_synced)` of the last view published.
+    last_header: Option<(bool, bool)>,
     loads_in_flight: usize,
+    /// Shards analysed (memo misses), in all.
+    analyses: u64,
     version: u64,
     last_control: Option<Arc<ControlState>>,
     /// When the last [`Input::Evaluate`] ran and the least `due` of the memos it left.
@@ -570,8 +613,14 @@ impl Engine {
             cfg,
             actor,
             opts,
-            shards: HashMap::new(),
+            orphans: BTreeMap::new(),
+            slots: Vec::new(),
+            seen: Vec::new(),
+            publish: true,
+            last_publish: None,
+            last_header: None,
             loads_in_flight: 0,
+            analyses: 0,
             version: 0,
             last_control: None,
             last_eval: None,
@@ -588,8 +637,9 @@ impl Engine {
                 control,
                 now_ms,
             } => {
-                let view = self.evaluate(&snapshot, &control, now, now_ms);
-                self.effects.push(Effect::Publish(view));
+                if let Some(view) = self.evaluate(&snapshot, &control, now, now_ms) {
+                    self.effects.push(Effect::Publish(view));
+                }
             }
             Input::Done(report) => self.fold(Event::Done(report), now),
             Input::Audit {
@@ -600,6 +650,12 @@ impl Engine {
             } => self.fold(Event::Audit((keyspace, shard), term, result), now),
         }
         std::mem::take(&mut self.effects)
+    }
+
+    /// How many times a shard was analysed (its memo missed), in all: with an unchanged fleet
+    /// an evaluation analyses nothing.
+    pub fn analyses(&self) -> u64 {
+        self.analyses
     }
 
     /// When the core wants the next [`Input::Evaluate`] even if nothing changes: the first
@@ -719,13 +775,13 @@ impl Engine {
             Event::Audit(key, ..) => key.clone(),
             Event::Done(r) => (r.keyspace.clone(), r.shard.clone()),
         };
-        if let Some(mem) = self.shards.get_mut(&key) {
-            mem.memo = None;
-        }
+        self.invalidate(&key, now);
+        let cfg = self.cfg.clone();
+        let opts = self.opts.clone();
         match ev {
             Event::Audit(key, term, result) => {
                 self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
-                let Some(mem) = self.shards.get_mut(&key) else {
+                let Some(mem) = self.mem_mut(&key) else {
                     return;
                 };
                 mem.flap.loading = false;
@@ -748,15 +804,15 @@ impl Engine {
             }
             Event::Done(report) => {
                 let key = (report.keyspace.clone(), report.shard.clone());
-                let Some(mem) = self.shards.get_mut(&key) else {
+                let Some(mem) = self.mem_mut(&key) else {
                     return;
                 };
                 mem.running = None;
                 mem.flap.stale = true;
                 let settle = if matches!(report.outcome, Outcome::LockHeld { .. }) {
-                    self.cfg.lock_wait
+                    cfg.lock_wait
                 } else {
-                    self.opts.settle_max
+                    opts.settle_max
                 };
                 mem.hold = Some(Hold {
                     after: now,
@@ -767,13 +823,8 @@ impl Engine {
                 if let Some(ep) = mem.episodes.get_mut(&ep_key) {
                     if report.outcome.is_unsuccessful() {
                         ep.failures += 1;
-                        ep.retry_at = Some(
-                            now + backoff(
-                                ep.failures,
-                                self.opts.backoff_min,
-                                self.opts.backoff_max,
-                            ),
-                        );
+                        ep.retry_at =
+                            Some(now + backoff(ep.failures, opts.backoff_min, opts.backoff_max));
                     } else {
                         ep.retry_at = None;
                     }
@@ -791,13 +842,33 @@ impl Engine {
         }
     }
 
+    /// Marks the shard's slot due at `now` (its memory changed: a recovery ended, its audit
+    /// log was read).
+    fn invalidate(&mut self, key: &ShardKey, now: Instant) {
+        if let Ok(i) = self.slots.binary_search_by(|s| s.key.cmp(key)) {
+            if let Some(s) = self.seen.get_mut(i) {
+                s.due = now;
+            }
+        }
+    }
+
+    /// The memory of a shard of the last snapshot, or of one gone while a recovery runs.
+    fn mem_mut(&mut self, key: &ShardKey) -> Option<&mut ShardMem> {
+        match self.slots.binary_search_by(|s| s.key.cmp(key)) {
+            Ok(i) => self.slots.get_mut(i).map(|s| &mut s.mem),
+            Err(_) => self.orphans.get_mut(key),
+        }
+    }
+
+    /// Analyses the shards that changed or fell due; returns the view to publish when a
+    /// status or the header changed, or `tick` after the last publication.
     fn evaluate(
         &mut self,
         snap: &FleetSnapshot,
         ctl: &Arc<ControlState>,
         now: Instant,
         now_ms: u64,
-    ) -> EngineView {
+    ) -> Option<EngineView> {
         self.version += 1;
         self.last_eval = Some(now);
         self.next_due = None;
@@ -806,13 +877,12 @@ impl Engine {
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(c, ctl))
         {
-            for m in self.shards.values_mut() {
-                m.memo = None;
+            for s in &mut self.seen {
+                s.due = now;
             }
             self.last_control = Some(ctl.clone());
+            self.publish = true;
         }
-        self.shards
-            .retain(|k, m| snap.shards.contains_key(k) || m.running.is_some());
         let global_disabled = if !self.cfg.enabled {
             Some(
                 "automatic recovery is disabled in the configuration ([recovery] enabled = false)"
@@ -825,28 +895,91 @@ impl Engine {
                 .map(|_| ctl.disabled_reason("", "").unwrap_or_default())
         };
         let synced = snap.topo_synced && ctl.synced;
-        let mut shards = Vec::with_capacity(snap.shards.len());
-        for (key, view) in &snap.shards {
-            let memo = self.shards.get(key).and_then(|m| m.memo.as_ref());
-            if let Some(m) = memo.filter(|m| now < m.due && m.synced == synced && m.view == *view) {
-                self.next_due = Some(self.next_due.map_or(m.due, |d| d.min(m.due)));
-                shards.push(m.status.clone());
-                continue;
+        // The same shards as the last snapshot (the common case): walk both in step.
+        let mut todo = Vec::new();
+        let mut same_shards =
+            self.slots.len() == snap.shards.len() && self.seen.len() == snap.shards.len();
+        if same_shards {
+            for (i, ((key, view), seen)) in snap.shards.iter().zip(&self.seen).enumerate() {
+                if std::ptr::eq(seen.view.as_ptr(), Arc::as_ptr(view)) {
+                    if now < seen.due && seen.synced == synced {
+                        self.next_due = Some(self.next_due.map_or(seen.due, |d| d.min(seen.due)));
+                        continue;
+                    }
+                } else if self.slots.get(i).is_none_or(|s| s.key != *key) {
+                    same_shards = false;
+                    break;
+                }
+                todo.push(i);
             }
-            let status = self.evaluate_shard(key, view, ctl, synced, now, now_ms);
-            let due = self.due(key, view, &status, now);
-            self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
-            if let Some(mem) = self.shards.get_mut(key) {
-                mem.memo = Some(Memo {
-                    view: view.clone(),
+        }
+        if !same_shards {
+            // A shard came or went (rare): every shard is analysed again. The memory of a
+            // shard gone from the snapshot is dropped, unless a recovery of it runs.
+            let mut old: BTreeMap<ShardKey, ShardMem> =
+                self.slots.drain(..).map(|s| (s.key, s.mem)).collect();
+            old.append(&mut self.orphans);
+            self.seen.clear();
+            for (key, view) in &snap.shards {
+                self.slots.push(Slot {
+                    key: key.clone(),
+                    status: None,
+                    mem: old.remove(key).unwrap_or_default(),
+                });
+                self.seen.push(Seen {
+                    view: Arc::downgrade(view),
+                    due: now,
                     synced,
-                    status: status.clone(),
-                    due,
                 });
             }
-            shards.push(status);
+            self.orphans = old
+                .into_iter()
+                .filter(|(_, m)| m.running.is_some())
+                .collect();
+            todo = (0..snap.shards.len()).collect();
+            self.publish = true;
         }
-        EngineView {
+        let mut views = snap.shards.iter();
+        let mut at = 0;
+        for i in todo {
+            let Some((key, view)) = views.nth(i - at) else {
+                break;
+            };
+            at = i + 1;
+            self.analyses += 1;
+            let Some(slot) = self.slots.get_mut(i) else {
+                break;
+            };
+            let mut mem = std::mem::take(&mut slot.mem);
+            let status = self.evaluate_shard(&mut mem, key, view, ctl, synced, now, now_ms);
+            let due = self.due(&mem, view, &status, now);
+            self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
+            let Some(slot) = self.slots.get_mut(i) else {
+                break;
+            };
+            slot.mem = mem;
+            if slot.status.as_deref() != Some(&status) {
+                slot.status = Some(Arc::new(status));
+                self.publish = true;
+            }
+            if let Some(seen) = self.seen.get_mut(i) {
+                *seen = Seen {
+                    view: Arc::downgrade(view),
+                    due,
+                    synced,
+                };
+            }
+        }
+        let header = (snap.topo_synced, ctl.synced);
+        let header_due = self.last_header != Some(header)
+            || self.last_publish.is_none_or(|t| now >= t + self.opts.tick);
+        if !(self.publish || header_due) {
+            return None;
+        }
+        self.publish = false;
+        self.last_publish = Some(now);
+        self.last_header = Some(header);
+        Some(EngineView {
             version: self.version,
             updated_ms: now_ms,
             snapshot_version: snap.version,
@@ -855,12 +988,14 @@ impl Engine {
             recoveries_enabled: global_disabled.is_none(),
             disabled_reason: global_disabled,
             actor: self.actor.to_string(),
-            shards,
-        }
+            shards: self.slots.iter().filter_map(|s| s.status.clone()).collect(),
+        })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn evaluate_shard(
         &mut self,
+        mem: &mut ShardMem,
         key: &ShardKey,
         view: &ShardView,
         ctl: &ControlState,
@@ -872,25 +1007,64 @@ impl Engine {
         let (ks, shard) = (key.0.as_str(), key.1.as_str());
         let durability = ctl.durability(ks);
         let quarantined = ctl.quarantined(view.tablets.keys().map(String::as_str));
-        let input = input::shard_input(
+        let mut input = input::shard_input(
             view,
             now,
             now_ms,
             durability.unwrap_or_default(),
             &quarantined,
         );
-        let problems = analysis::analyze(&input, &cfg.analysis);
-        for t in view.tablets.values() {
-            self.effects.push(Effect::WarmAgent(t.record.clone()));
+        // Each health message's GTID position is parsed once: a shard is analysed on every
+        // message of any of its tablets, and the others' positions are the ones parsed before.
+        let mut positions = Vec::with_capacity(input.tablets.len());
+        for t in &mut input.tablets {
+            let Some(h) = &t.health else { continue };
+            let cached = mem
+                .positions
+                .iter()
+                .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(h)))
+                .map(|(_, p)| p.clone());
+            let parsed = cached.or_else(|| analysis::position(h).map(Arc::new));
+            if let Some(p) = &parsed {
+                positions.push((Arc::downgrade(h), p.clone()));
+            }
+            t.position = parsed;
         }
-        self.maybe_load_audit(key, view.term(), now);
-        let mem = self.shards.entry(key.clone()).or_default();
+        mem.positions = positions;
+        let problems = analysis::analyze(&input, &cfg.analysis);
+        // Warm the channels of tablets registered (or re-registered) since the last analysis.
+        let warmed = view.tablets.values().all(|t| {
+            mem.warmed
+                .iter()
+                .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&t.record)))
+        });
+        if !warmed || mem.warmed.len() != view.tablets.len() {
+            for t in view.tablets.values() {
+                self.effects.push(Effect::WarmAgent(t.record.clone()));
+            }
+            mem.warmed = view
+                .tablets
+                .values()
+                .map(|t| Arc::downgrade(&t.record))
+                .collect();
+        }
+        self.maybe_load_audit(mem, key, view.term(), now);
 
-        // The primary's last healthy position (the errant-check reference of a reparent).
+        // The primary's last healthy position (the errant-check reference of a reparent),
+        // taken again only from a health message not taken yet.
         if let (Some(alias), Some(p)) = (view.primary_alias(), view.primary()) {
-            if let Some(h) = p.fresh_health(now, cfg.analysis.health_stale_after) {
-                if let Some(pos) = PrimaryPosition::from_health(alias, view.term(), h, now_ms) {
-                    mem.last_primary = Some(pos);
+            let fresh = p.is_fresh(now, cfg.analysis.health_stale_after);
+            if let Some(h) = p.health_shared().filter(|_| fresh) {
+                let taken = std::ptr::eq(mem.last_primary_from.as_ptr(), Arc::as_ptr(h))
+                    && mem
+                        .last_primary
+                        .as_ref()
+                        .is_some_and(|l| l.alias == alias && l.term == view.term());
+                if !taken {
+                    if let Some(pos) = PrimaryPosition::from_health(alias, view.term(), h, now_ms) {
+                        mem.last_primary = Some(pos);
+                        mem.last_primary_from = Arc::downgrade(h);
+                    }
                 }
             }
         }
@@ -1055,10 +1229,9 @@ impl Engine {
     /// Until when an unchanged view of the shard needs no re-evaluation: the next tick while
     /// anything is going on, else the moment the first tablet's health would turn stale
     /// (at most a second away).
-    fn due(&self, key: &ShardKey, view: &ShardView, status: &ShardStatus, now: Instant) -> Instant {
-        let busy = self.shards.get(key).is_none_or(|m| {
-            m.running.is_some() || m.hold.is_some() || !m.episodes.is_empty() || m.flap.loading
-        });
+    fn due(&self, m: &ShardMem, view: &ShardView, status: &ShardStatus, now: Instant) -> Instant {
+        let busy =
+            m.running.is_some() || m.hold.is_some() || !m.episodes.is_empty() || m.flap.loading;
         if busy || !status.problems.is_empty() || status.waiting.is_some() {
             return now + self.opts.tick;
         }
@@ -1075,9 +1248,8 @@ impl Engine {
 
     /// Starts reading the shard's audit log when its reparent history is unknown, stale
     /// (a recovery ended, the term changed) or old.
-    fn maybe_load_audit(&mut self, key: &ShardKey, term: Term, now: Instant) {
+    fn maybe_load_audit(&mut self, mem: &mut ShardMem, key: &ShardKey, term: Term, now: Instant) {
         let reload = self.opts.flap_reload;
-        let mem = self.shards.entry(key.clone()).or_default();
         let f = &mem.flap;
         let due = !f.loading
             && (f.loaded_at.is_none()

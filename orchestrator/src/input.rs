@@ -2,6 +2,7 @@
 //! continuous view) or from fresh `FullStatus` answers (under the shard lock). Pure.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use myha_proto::agent as pb;
@@ -23,16 +24,17 @@ pub fn shard_input(
     ShardInput {
         keyspace: view.keyspace.clone(),
         shard: view.shard.clone(),
-        record: view.record.as_deref().cloned(),
+        record: view.record.clone(),
         durability,
         tablets: view
             .tablets
             .values()
             .map(|t| TabletInput {
-                record: (*t.record).clone(),
-                health: t.health().cloned(),
+                record: t.record.clone(),
+                health: t.health_shared().cloned(),
                 health_age: t.health_age(now),
                 stream_connected: t.is_connected(),
+                position: None,
             })
             .collect(),
         quarantined: quarantined
@@ -64,17 +66,18 @@ pub fn fresh_input(
     ShardInput {
         keyspace: keyspace.to_string(),
         shard: shard.to_string(),
-        record,
+        record: record.map(Arc::new),
         durability,
         tablets: tablets
             .into_iter()
             .map(|record| {
-                let health = statuses.get(&record.alias).cloned();
+                let health = statuses.get(&record.alias).cloned().map(Arc::new);
                 TabletInput {
                     stream_connected: health.is_some(),
                     health_age: health.as_ref().map(|_| Duration::ZERO),
                     health,
-                    record,
+                    record: Arc::new(record),
+                    position: None,
                 }
             })
             .collect(),

@@ -247,11 +247,13 @@ fn fleet(shards: u32, seed: u64) -> ExitCode {
         r.acked
     );
     println!(
-        "decision code: {:.3} s of CPU for {:.1} s simulated = {:.1} % of one core (goal < 10 %); {} engine evaluations; whole run {:.1} s",
+        "decision code: {:.3} s of CPU for {:.1} s simulated = {:.1} % of one core (goal < 10 %); engine {:.3} s in {} evaluations analysing {} shards; whole run {:.1} s",
         r.decision.as_secs_f64(),
         r.simulated.as_secs_f64(),
         100.0 * r.decision_share(),
+        r.engine.as_secs_f64(),
         r.evaluations,
+        r.analyses,
         r.wall.as_secs_f64()
     );
     for (shard, v) in r.violations.iter().take(10) {

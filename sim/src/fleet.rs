@@ -65,10 +65,15 @@ pub struct FleetReport {
     pub simulated: Duration,
     /// Real time in the decision code, in all.
     pub decision: Duration,
+    /// The part of it in the engine's evaluations (the rest: the recoveries' re-analysis
+    /// under the lock and step machines).
+    pub engine: Duration,
     /// Real time of the whole run (models included).
     pub wall: Duration,
     /// The engine's evaluations of the fleet snapshot.
     pub evaluations: u64,
+    /// Shards the engine analysed in those evaluations (only changed or due ones are).
+    pub analyses: u64,
     /// Every shard's broken invariants.
     pub violations: Vec<(String, Violation)>,
     pub acked: usize,
@@ -129,10 +134,10 @@ pub fn run(cfg: &FleetConfig) -> FleetReport {
     let mut engine = orchestrator_engine(&recovery_cfg);
     let mut decision = Duration::ZERO;
     let mut evaluations = 0u64;
-    let mut views: BTreeMap<(String, String), ShardView> = shards
-        .iter()
+    let mut views: BTreeMap<(String, String), Arc<ShardView>> = shards
+        .iter_mut()
         .map(|s| {
-            let v = s.shard_view();
+            let v = s.shared_view();
             ((v.keyspace.clone(), v.shard.clone()), v)
         })
         .collect();
@@ -149,12 +154,14 @@ pub fn run(cfg: &FleetConfig) -> FleetReport {
     let end = SimTime::ZERO + cfg.horizon;
     let mut version = 0u64;
     let mut now = SimTime::ZERO;
+    let mut controls: Vec<Arc<ControlState>> = shards.iter().map(ShardSim::control).collect();
+    let mut control = merged_control(&shards);
     while now < end {
         let mut dirty = false;
         for s in shards.iter_mut() {
             s.advance();
             if s.take_dirty() {
-                let v = s.shard_view();
+                let v = s.shared_view();
                 views.insert((v.keyspace.clone(), v.shard.clone()), v);
                 dirty = true;
             }
@@ -171,12 +178,26 @@ pub fn run(cfg: &FleetConfig) -> FleetReport {
                 topo_synced: true,
                 shards: views.clone(),
             });
+            // A new control state makes the engine analyse every shard again, as a real
+            // control watch's change does: it is merged again only when a shard's changed.
+            if shards
+                .iter()
+                .zip(&controls)
+                .any(|(s, c)| !Arc::ptr_eq(&s.control(), c))
+            {
+                controls = shards.iter().map(ShardSim::control).collect();
+                control = merged_control(&shards);
+            }
+            // The snapshot outlives the engine's call, as the real shell's watch keeps it:
+            // freeing the old views is not decision time.
+            let keep = snapshot.clone();
             let input = Input::Evaluate {
                 snapshot,
-                control: merged_control(&shards),
+                control: control.clone(),
                 now_ms: wall_ms(now),
             };
             feed(&mut engine, &mut shards, &index, input, at, &mut decision);
+            drop(keep);
         }
         // Whatever the shards' recoveries handed back (reports, audit reads).
         let mut inputs = Vec::new();
@@ -198,10 +219,12 @@ pub fn run(cfg: &FleetConfig) -> FleetReport {
         killed: dead.len(),
         simulated: cfg.horizon,
         evaluations,
+        analyses: engine.analyses(),
         ..FleetReport::default()
     };
     report.recovery = recovered.values().copied().collect();
     report.recovery.sort();
+    let engine_time = decision;
     for (i, s) in shards.into_iter().enumerate() {
         decision += s.decision_time();
         let name = s.record().shard.clone();
@@ -214,6 +237,7 @@ pub fn run(cfg: &FleetConfig) -> FleetReport {
             .violations
             .extend(r.violations.into_iter().map(|v| (name.clone(), v)));
     }
+    report.engine = engine_time;
     report.decision = decision;
     report.wall = wall.elapsed();
     report

@@ -13,7 +13,8 @@ use topo::{QuarantineRecord, ShardRecord, TabletRecord, Term};
 /// One `Health` message as it was received from an agent's `StreamHealth`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthSample {
-    pub health: Health,
+    /// Shared with the analysis inputs built from it.
+    pub health: Arc<Health>,
     /// Monotonic time of receipt (what freshness is judged by).
     pub received_at: Instant,
     /// Wall clock of receipt, ms since the Unix epoch (for display and logs).
@@ -102,6 +103,11 @@ impl TabletView {
 
     /// The latest health, however old.
     pub fn health(&self) -> Option<&Health> {
+        self.last_health.as_deref().map(|s| &*s.health)
+    }
+
+    /// The latest health, shared.
+    pub fn health_shared(&self) -> Option<&Arc<Health>> {
         self.last_health.as_deref().map(|s| &s.health)
     }
 
@@ -268,8 +274,11 @@ pub struct FleetSnapshot {
     /// registrations, shard records and quarantines may be out of date (etcd unreachable, or
     /// not read yet).
     pub topo_synced: bool,
-    /// By `(keyspace, shard)`: every shard with a record or a registered tablet.
-    pub shards: BTreeMap<(String, String), ShardView>,
+    /// By `(keyspace, shard)`: every shard with a record or a registered tablet. A shard
+    /// whose inputs did not change since the previous snapshot keeps the same `Arc`, so that
+    /// a consumer can tell the changed shards apart with [`Arc::ptr_eq`] (the engine analyses
+    /// only those).
+    pub shards: BTreeMap<(String, String), Arc<ShardView>>,
 }
 
 impl FleetSnapshot {
@@ -284,7 +293,9 @@ impl FleetSnapshot {
     }
 
     pub fn shard(&self, keyspace: &str, shard: &str) -> Option<&ShardView> {
-        self.shards.get(&(keyspace.to_string(), shard.to_string()))
+        self.shards
+            .get(&(keyspace.to_string(), shard.to_string()))
+            .map(|v| &**v)
     }
 
     /// Every registered tablet, by shard then alias.
@@ -377,7 +388,7 @@ pub mod testing {
             record: Arc::new(record),
             last_health: health.map(|health| {
                 Arc::new(HealthSample {
-                    health,
+                    health: Arc::new(health),
                     received_at,
                     received_ms: 0,
                 })
@@ -572,8 +583,9 @@ mod tests {
 
         let mut snap = FleetSnapshot::empty(t0);
         assert_eq!(snap.tablet_count(), 0);
-        snap.shards.insert(("ks".into(), "0".into()), s);
-        snap.shards.insert(("ks".into(), "1".into()), bare);
+        snap.shards.insert(("ks".into(), "0".into()), Arc::new(s));
+        snap.shards
+            .insert(("ks".into(), "1".into()), Arc::new(bare));
         assert_eq!(snap.tablet_count(), 3);
         assert!(snap.tablet("zone1-103").is_some());
         assert!(snap.tablet("zone1-999").is_none());

@@ -147,7 +147,7 @@ pub(crate) async fn run(
                             messages.increment(1);
                             backoff.reset();
                             let sample = Arc::new(HealthSample {
-                                health,
+                                health: Arc::new(health),
                                 received_at: Instant::now(),
                                 received_ms: now_ms(),
                             });

@@ -1,7 +1,7 @@
 //! [`TabletWatch`]: the supervisor that follows etcd, owns one stream task per registered
 //! tablet and publishes [`FleetSnapshot`]s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -252,9 +252,35 @@ struct Supervisor {
     next_generation: u64,
     reports: mpsc::Sender<Report>,
     version: u64,
+    /// The views of the last snapshot.
+    views: BTreeMap<ShardKey, Arc<ShardView>>,
+    /// The aliases registered per shard (rebuilt with every full build).
+    by_shard: BTreeMap<ShardKey, Vec<String>>,
+    /// Shards whose tablets' health or stream changed since the last build.
+    dirty: BTreeSet<ShardKey>,
+    /// Every shard must be built again (a registration, record or quarantine changed).
+    all_dirty: bool,
 }
 
+type ShardKey = (String, String);
+
 impl Supervisor {
+    fn new(opts: WatchOptions, reports: mpsc::Sender<Report>) -> Supervisor {
+        Supervisor {
+            opts,
+            tablets: BTreeMap::new(),
+            shards: BTreeMap::new(),
+            quarantine: BTreeMap::new(),
+            next_generation: 0,
+            reports,
+            version: 0,
+            views: BTreeMap::new(),
+            by_shard: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            all_dirty: true,
+        }
+    }
+
     fn spawn_stream(&mut self, rec: &TabletRecord) -> (u64, AbortOnDrop) {
         self.next_generation += 1;
         let generation = self.next_generation;
@@ -358,6 +384,7 @@ impl Supervisor {
             } => match self.tablets.get_mut(&alias) {
                 Some(e) if e.generation == generation => {
                     e.last_health = Some(sample);
+                    self.mark(&alias);
                     true
                 }
                 _ => false,
@@ -369,6 +396,7 @@ impl Supervisor {
             } => match self.tablets.get_mut(&alias) {
                 Some(e) if e.generation == generation => {
                     e.stream = state;
+                    self.mark(&alias);
                     true
                 }
                 _ => false,
@@ -376,39 +404,52 @@ impl Supervisor {
         }
     }
 
+    /// The snapshot of now. Only the shards marked dirty since the last build are built again
+    /// (all of them after a registration, record or quarantine change, keeping the `Arc` of
+    /// every shard that came out equal); the others keep their `Arc` (see
+    /// [`FleetSnapshot::shards`]).
     fn build(&mut self, topo_synced: bool) -> FleetSnapshot {
         self.version += 1;
-        let mut shards: BTreeMap<(String, String), ShardView> = self
-            .shards
-            .iter()
-            .map(|((ks, sh), rec)| {
-                let view = ShardView {
-                    keyspace: ks.clone(),
-                    shard: sh.clone(),
-                    record: Some(rec.clone()),
-                    tablets: BTreeMap::new(),
+        if self.all_dirty {
+            self.by_shard.clear();
+            for (alias, e) in &self.tablets {
+                self.by_shard
+                    .entry((e.record.keyspace.clone(), e.record.shard.clone()))
+                    .or_default()
+                    .push(alias.clone());
+            }
+            let keys: BTreeSet<ShardKey> = self
+                .shards
+                .keys()
+                .chain(self.by_shard.keys())
+                .cloned()
+                .collect();
+            let mut views = BTreeMap::new();
+            for key in keys {
+                let Some(view) = self.shard_view(&key) else {
+                    continue;
                 };
-                ((ks.clone(), sh.clone()), view)
-            })
-            .collect();
-        for (alias, e) in &self.tablets {
-            let key = (e.record.keyspace.clone(), e.record.shard.clone());
-            let view = shards.entry(key).or_insert_with(|| ShardView {
-                keyspace: e.record.keyspace.clone(),
-                shard: e.record.shard.clone(),
-                record: None,
-                tablets: BTreeMap::new(),
-            });
-            view.tablets.insert(
-                alias.clone(),
-                TabletView {
-                    record: e.record.clone(),
-                    last_health: e.last_health.clone(),
-                    stream: e.stream.clone(),
-                    quarantine: self.quarantine.get(alias).cloned(),
-                },
-            );
+                let view = match self.views.get(&key) {
+                    Some(old) if **old == view => old.clone(),
+                    _ => Arc::new(view),
+                };
+                views.insert(key, view);
+            }
+            self.views = views;
+        } else {
+            for key in std::mem::take(&mut self.dirty) {
+                match self.shard_view(&key) {
+                    Some(view) => {
+                        self.views.insert(key, Arc::new(view));
+                    }
+                    None => {
+                        self.views.remove(&key);
+                    }
+                }
+            }
         }
+        self.all_dirty = false;
+        self.dirty.clear();
         let connected = self
             .tablets
             .values()
@@ -421,7 +462,47 @@ impl Supervisor {
             version: self.version,
             taken_at: Instant::now(),
             topo_synced,
-            shards,
+            shards: self.views.clone(),
+        }
+    }
+
+    /// One shard's view from the current state (`by_shard` must be current); `None` when the
+    /// shard has neither a record nor a registered tablet.
+    fn shard_view(&self, key: &ShardKey) -> Option<ShardView> {
+        let record = self.shards.get(key).cloned();
+        let aliases = self.by_shard.get(key);
+        if record.is_none() && aliases.is_none_or(Vec::is_empty) {
+            return None;
+        }
+        let tablets = aliases
+            .into_iter()
+            .flatten()
+            .filter_map(|alias| {
+                let e = self.tablets.get(alias)?;
+                Some((
+                    alias.clone(),
+                    TabletView {
+                        record: e.record.clone(),
+                        last_health: e.last_health.clone(),
+                        stream: e.stream.clone(),
+                        quarantine: self.quarantine.get(alias).cloned(),
+                    },
+                ))
+            })
+            .collect();
+        Some(ShardView {
+            keyspace: key.0.clone(),
+            shard: key.1.clone(),
+            record,
+            tablets,
+        })
+    }
+
+    /// Marks the shard of `alias` to be built again.
+    fn mark(&mut self, alias: &str) {
+        if let Some(e) = self.tablets.get(alias) {
+            self.dirty
+                .insert((e.record.keyspace.clone(), e.record.shard.clone()));
         }
     }
 }
@@ -441,15 +522,7 @@ async fn supervise(
     out: watch::Sender<Arc<FleetSnapshot>>,
 ) {
     let (reports, mut report_rx) = mpsc::channel::<Report>(1024);
-    let mut sup = Supervisor {
-        opts,
-        tablets: BTreeMap::new(),
-        shards: BTreeMap::new(),
-        quarantine: BTreeMap::new(),
-        next_generation: 0,
-        reports,
-        version: 0,
-    };
+    let mut sup = Supervisor::new(opts, reports);
     let (mut t_open, mut s_open, mut ts_open, mut ss_open) = (true, true, true, true);
     let (mut q_open, mut qs_open) = (true, true);
     let mut last_synced = None;
@@ -459,9 +532,13 @@ async fn supervise(
         let shards = inputs.shards.borrow_and_update().clone();
         let quarantine = inputs.quarantine.borrow_and_update().clone();
         let mut dirty = std::mem::take(&mut reported);
-        dirty |= sup.apply_tablets(&tablets);
-        dirty |= sup.apply_shards(&shards);
-        dirty |= sup.apply_quarantine(&quarantine);
+        let mut topo_changed = sup.apply_tablets(&tablets);
+        topo_changed |= sup.apply_shards(&shards);
+        topo_changed |= sup.apply_quarantine(&quarantine);
+        // Registrations, records and quarantines change rarely: every shard is built again
+        // (keeping the `Arc` of those that come out equal).
+        sup.all_dirty |= topo_changed;
+        dirty |= topo_changed;
         // Every input is read (no short-circuit) so that each change notification is consumed.
         let synced = [
             *inputs.tablets_synced.borrow_and_update(),
@@ -504,5 +581,121 @@ async fn supervise(
                 None => std::future::pending::<()>().await,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{primary_health, shard_record, tablet_record};
+
+    fn key(shard: &str) -> ShardKey {
+        ("ks".to_string(), shard.to_string())
+    }
+
+    fn supervisor() -> Supervisor {
+        let (reports, _) = mpsc::channel(16);
+        Supervisor::new(WatchOptions::default(), reports)
+    }
+
+    fn registered(aliases: &[(&str, &str)]) -> BTreeMap<String, TabletRecord> {
+        aliases
+            .iter()
+            .map(|(a, shard)| {
+                let mut r = tablet_record(a, "ks", shard);
+                // Nothing listens there: the streams never deliver anything by themselves.
+                r.grpc_addr = "127.0.0.1:1".into();
+                (a.to_string(), r)
+            })
+            .collect()
+    }
+
+    fn health(sup: &mut Supervisor, alias: &str, term: u64) -> bool {
+        let generation = sup.tablets.get(alias).map_or(0, |e| e.generation);
+        sup.apply_report(Report::Health {
+            alias: alias.into(),
+            generation,
+            sample: Arc::new(HealthSample {
+                health: Arc::new(primary_health(alias, term)),
+                received_at: Instant::now(),
+                received_ms: 1,
+            }),
+        })
+    }
+
+    /// A snapshot rebuilds only the shards whose inputs changed; the others keep their `Arc`
+    /// (the engine skips them by pointer), and a rebuilt shard shows the new state.
+    #[tokio::test]
+    async fn only_changed_shards_are_rebuilt() {
+        let mut sup = supervisor();
+        sup.apply_tablets(&registered(&[("z-1", "0"), ("z-2", "0"), ("z-3", "1")]));
+        sup.apply_shards(
+            &[
+                (key("0"), shard_record("ks", "0", Some("z-1"), 1)),
+                (key("1"), shard_record("ks", "1", Some("z-3"), 1)),
+            ]
+            .into(),
+        );
+        let s1 = sup.build(true);
+        assert_eq!(s1.shards.len(), 2);
+        assert_eq!(s1.shards[&key("0")].tablets.len(), 2);
+
+        // Nothing changed: both shards are the same allocation.
+        let s2 = sup.build(true);
+        for k in [key("0"), key("1")] {
+            assert!(Arc::ptr_eq(&s1.shards[&k], &s2.shards[&k]), "{k:?}");
+        }
+
+        // A health message for z-2 rebuilds shard 0 only, with the health in it.
+        assert!(health(&mut sup, "z-2", 1));
+        let s3 = sup.build(true);
+        assert!(!Arc::ptr_eq(&s2.shards[&key("0")], &s3.shards[&key("0")]));
+        assert!(Arc::ptr_eq(&s2.shards[&key("1")], &s3.shards[&key("1")]));
+        assert!(s3.shards[&key("0")].tablets["z-2"].last_health.is_some());
+        assert!(s3.shards[&key("1")].tablets["z-3"].last_health.is_none());
+
+        // A stale generation's report changes nothing.
+        let stale = sup.apply_report(Report::Health {
+            alias: "z-3".into(),
+            generation: 999,
+            sample: Arc::new(HealthSample {
+                health: Arc::new(primary_health("z-3", 1)),
+                received_at: Instant::now(),
+                received_ms: 1,
+            }),
+        });
+        assert!(!stale);
+
+        // A record change rebuilds everything, keeping the Arc of each shard that came out
+        // equal: shard 0 is the same, shard 1 shows its new term.
+        sup.all_dirty |= sup.apply_shards(
+            &[
+                (key("0"), shard_record("ks", "0", Some("z-1"), 1)),
+                (key("1"), shard_record("ks", "1", Some("z-3"), 2)),
+            ]
+            .into(),
+        );
+        let s4 = sup.build(true);
+        assert!(Arc::ptr_eq(&s3.shards[&key("0")], &s4.shards[&key("0")]));
+        assert_eq!(s4.shards[&key("1")].term(), topo::Term::new(2));
+
+        // A tablet moving to another shard, and a shard losing its record and tablets.
+        sup.all_dirty |= sup.apply_tablets(&registered(&[("z-1", "0"), ("z-2", "1")]));
+        sup.all_dirty |=
+            sup.apply_shards(&[(key("0"), shard_record("ks", "0", Some("z-1"), 1))].into());
+        let s5 = sup.build(true);
+        assert_eq!(
+            s5.shards[&key("0")].tablets.keys().collect::<Vec<_>>(),
+            ["z-1"]
+        );
+        assert_eq!(
+            s5.shards[&key("1")].tablets.keys().collect::<Vec<_>>(),
+            ["z-2"],
+            "shard 1 has a tablet but no record"
+        );
+        assert!(s5.shards[&key("1")].record.is_none());
+        sup.all_dirty |= sup.apply_tablets(&registered(&[("z-1", "0")]));
+        let s6 = sup.build(true);
+        assert_eq!(s6.shards.keys().collect::<Vec<_>>(), [&key("0")]);
     }
 }

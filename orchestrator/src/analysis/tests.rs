@@ -89,11 +89,21 @@ fn replica_health(alias: &str, primary: &str, pos: &str, probe_ok: Option<bool>)
 
 fn tablet(alias: &str, h: Option<pb::Health>) -> TabletInput {
     TabletInput {
-        record: record(alias, "zone1", port(alias), PromotionRule::Neutral),
+        record: Arc::new(record(alias, "zone1", port(alias), PromotionRule::Neutral)),
         health_age: h.as_ref().map(|_| Duration::from_millis(50)),
         stream_connected: h.is_some(),
-        health: h,
+        health: h.map(Arc::new),
+        position: None,
     }
+}
+
+/// The health of tablet `i`, to change it in place.
+fn health_mut(s: &mut ShardInput, i: usize) -> &mut pb::Health {
+    s.tablets[i]
+        .health
+        .as_mut()
+        .map(Arc::make_mut)
+        .expect("the tablet has health")
 }
 
 fn shard(primary: Option<&str>, tablets: Vec<TabletInput>) -> ShardInput {
@@ -107,7 +117,7 @@ fn shard(primary: Option<&str>, tablets: Vec<TabletInput>) -> ShardInput {
     ShardInput {
         keyspace: "ks".into(),
         shard: "0".into(),
-        record: Some(rec),
+        record: Some(Arc::new(rec)),
         durability: Durability::SemiSync,
         tablets,
         quarantined: BTreeMap::new(),
@@ -148,7 +158,7 @@ fn a_healthy_shard_has_no_problem() {
 fn dead_primary_needs_every_reachable_replica_to_confirm() {
     let mut s = healthy();
     // Primary's agent says mysqld is down.
-    s.tablets[0].health.as_mut().unwrap().mysql_reachable = false;
+    health_mut(&mut s, 0).mysql_reachable = false;
     // Replicas still reach it: not dead (the orchestrator's view alone is not enough).
     let p = analyze(&s, &AnalysisConfig::default());
     assert_eq!(p[0].code, ProblemCode::UnreachablePrimary, "{p:?}");
@@ -188,7 +198,7 @@ fn a_stale_probe_does_not_confirm() {
 /// replica (`None`: unknown).
 fn cut_off(lags: [Option<u64>; 2]) -> ShardInput {
     let mut s = healthy();
-    s.tablets[0].health.as_mut().unwrap().etcd_connected = true;
+    health_mut(&mut s, 0).etcd_connected = true;
     for (i, lag) in [1, 2].into_iter().zip(lags) {
         let alias = format!("z-{}", i + 1);
         let mut h = replica_health(&alias, "z-1", "0-1-9", Some(false));
@@ -204,6 +214,7 @@ fn probe_mut(s: &mut ShardInput, i: usize) -> &mut pb::PrimaryProbe {
     s.tablets[i]
         .health
         .as_mut()
+        .map(Arc::make_mut)
         .and_then(|h| h.primary_probe.as_mut())
         .expect("a probe")
 }
@@ -224,14 +235,8 @@ fn a_primary_every_replica_has_lost_is_isolated() {
     );
     // An IO thread that is not running counts as lost, whatever the lag says.
     let mut s = cut_off([Some(1500), Some(100)]);
-    s.tablets[2]
-        .health
-        .as_mut()
-        .unwrap()
-        .replication
-        .as_mut()
-        .unwrap()
-        .io_state = pb::ThreadState::Connecting as i32;
+    health_mut(&mut s, 2).replication.as_mut().unwrap().io_state =
+        pb::ThreadState::Connecting as i32;
     assert_eq!(codes(&s)[0].0, ProblemCode::IsolatedPrimary);
 }
 
@@ -254,7 +259,7 @@ fn isolation_needs_every_replica_to_have_lost_the_primary_for_the_bound() {
     // Under durability none its agent must reach etcd to fence it: else reported only.
     let mut s = cut_off([Some(1500), Some(1500)]);
     s.durability = Durability::None;
-    s.tablets[0].health.as_mut().unwrap().etcd_connected = false;
+    health_mut(&mut s, 0).etcd_connected = false;
     let p = analyze(&s, &AnalysisConfig::default());
     assert_eq!(p[0].code, ProblemCode::UnreachablePrimary, "{p:?}");
     assert!(p[0].detail.contains("durability none"), "{}", p[0].detail);
@@ -278,7 +283,7 @@ fn isolation_is_not_concluded_while_a_replica_cannot_give_its_view() {
     assert!(!isolated(&s), "{:?}", codes(&s));
     // z-3's mysqld is down: z-2 alone cannot tell its own isolation from the primary's.
     let mut s = cut_off([Some(1500), Some(1500)]);
-    let h = s.tablets[2].health.as_mut().unwrap();
+    let h = health_mut(&mut s, 2);
     h.mysql_reachable = false;
     h.mysql_error = "Connection refused".into();
     assert!(!isolated(&s), "{:?}", codes(&s));
@@ -292,11 +297,11 @@ fn isolation_is_not_concluded_while_a_replica_cannot_give_its_view() {
 #[test]
 fn a_primary_whose_writes_block_is_reported_with_what_blocks_them() {
     let mut s = healthy();
-    let h = s.tablets[0].health.as_mut().unwrap();
+    let h = health_mut(&mut s, 0);
     h.write_stalled_ms = 1900;
     h.write_blocked_by = "Waiting for global read lock".into();
     assert_eq!(codes(&s), vec![], "below the bound");
-    let h = s.tablets[0].health.as_mut().unwrap();
+    let h = health_mut(&mut s, 0);
     h.write_stalled_ms = 8000;
     let p = analyze(&s, &AnalysisConfig::default());
     assert_eq!(p.len(), 1, "{p:?}");
@@ -315,7 +320,7 @@ fn a_primary_whose_writes_block_is_reported_with_what_blocks_them() {
 #[test]
 fn a_stall_is_failed_over_only_when_opted_in_and_past_its_bound() {
     let mut s = healthy();
-    let h = s.tablets[0].health.as_mut().unwrap();
+    let h = health_mut(&mut s, 0);
     h.write_stalled_ms = 8000;
     h.write_blocked_by = "Waiting for backup lock".into();
     let cfg = AnalysisConfig {
@@ -328,7 +333,7 @@ fn a_stall_is_failed_over_only_when_opted_in_and_past_its_bound() {
         ProblemCode::PrimaryWritesStalled,
         "below the bound: {p:?}"
     );
-    s.tablets[0].health.as_mut().unwrap().write_stalled_ms = 10_000;
+    health_mut(&mut s, 0).write_stalled_ms = 10_000;
     let p = analyze(&s, &cfg);
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0].code, ProblemCode::StalledPrimary);
@@ -344,7 +349,7 @@ fn a_stall_is_failed_over_only_when_opted_in_and_past_its_bound() {
         p[0].detail
     );
     // The default config never fails over on a stall, however long.
-    s.tablets[0].health.as_mut().unwrap().write_stalled_ms = 3_600_000;
+    health_mut(&mut s, 0).write_stalled_ms = 3_600_000;
     assert_eq!(
         analyze(&s, &AnalysisConfig::default())[0].code,
         ProblemCode::PrimaryWritesStalled
@@ -354,13 +359,7 @@ fn a_stall_is_failed_over_only_when_opted_in_and_past_its_bound() {
 #[test]
 fn semi_sync_drift_on_the_primary_is_reported() {
     let mut s = healthy();
-    let ss = s.tablets[0]
-        .health
-        .as_mut()
-        .unwrap()
-        .semi_sync
-        .as_mut()
-        .unwrap();
+    let ss = health_mut(&mut s, 0).semi_sync.as_mut().unwrap();
     ss.primary_clients = 0;
     let p = analyze(&s, &AnalysisConfig::default());
     assert_eq!(p.len(), 1, "{p:?}");
@@ -370,13 +369,7 @@ fn semi_sync_drift_on_the_primary_is_reported() {
         "{}",
         p[0].detail
     );
-    let ss = s.tablets[0]
-        .health
-        .as_mut()
-        .unwrap()
-        .semi_sync
-        .as_mut()
-        .unwrap();
+    let ss = health_mut(&mut s, 0).semi_sync.as_mut().unwrap();
     ss.primary_clients = 2;
     ss.primary_active = false;
     ss.primary_no_tx = 7;
@@ -422,30 +415,9 @@ fn host_loss_is_dead_and_lost_replicas_are_counted() {
 #[test]
 fn repairs_are_detected() {
     let mut s = healthy();
-    s.tablets[0]
-        .health
-        .as_mut()
-        .unwrap()
-        .mysql
-        .as_mut()
-        .unwrap()
-        .read_only = true;
-    s.tablets[1]
-        .health
-        .as_mut()
-        .unwrap()
-        .mysql
-        .as_mut()
-        .unwrap()
-        .read_only = false;
-    s.tablets[2]
-        .health
-        .as_mut()
-        .unwrap()
-        .replication
-        .as_mut()
-        .unwrap()
-        .io_state = pb::ThreadState::Stopped as i32;
+    health_mut(&mut s, 0).mysql.as_mut().unwrap().read_only = true;
+    health_mut(&mut s, 1).mysql.as_mut().unwrap().read_only = false;
+    health_mut(&mut s, 2).replication.as_mut().unwrap().io_state = pb::ThreadState::Stopped as i32;
     let c = codes(&s);
     assert!(
         c.contains(&(ProblemCode::PrimaryReadOnly, Some("z-1".into()))),
@@ -461,15 +433,12 @@ fn repairs_are_detected() {
     );
 
     let mut s = healthy();
-    s.tablets[1]
-        .health
-        .as_mut()
-        .unwrap()
+    health_mut(&mut s, 1)
         .replication
         .as_mut()
         .unwrap()
         .source_port = port("z-3").into();
-    s.tablets[0].health.as_mut().unwrap().replication = Some(pb::Replication {
+    health_mut(&mut s, 0).replication = Some(pb::Replication {
         configured: true,
         source_host: "127.0.0.1".into(),
         source_port: port("z-2").into(),
@@ -489,19 +458,13 @@ fn repairs_are_detected() {
 #[test]
 fn semi_sync_replicas_first_then_primary() {
     let mut s = healthy();
-    s.tablets[0]
-        .health
-        .as_mut()
-        .unwrap()
+    health_mut(&mut s, 0)
         .semi_sync
         .as_mut()
         .unwrap()
         .primary_enabled = false;
     for i in [1, 2] {
-        s.tablets[i]
-            .health
-            .as_mut()
-            .unwrap()
+        health_mut(&mut s, i)
             .semi_sync
             .as_mut()
             .unwrap()
@@ -514,10 +477,7 @@ fn semi_sync_replicas_first_then_primary() {
             .any(|(code, _)| *code == ProblemCode::PrimarySemiSyncMustBeSet),
         "primary side must wait for an acking replica: {c:?}"
     );
-    s.tablets[1]
-        .health
-        .as_mut()
-        .unwrap()
+    health_mut(&mut s, 1)
         .semi_sync
         .as_mut()
         .unwrap()
@@ -529,10 +489,7 @@ fn semi_sync_replicas_first_then_primary() {
     );
     // Not lossless: a short timeout could fall back to async.
     let mut s = healthy();
-    s.tablets[0]
-        .health
-        .as_mut()
-        .unwrap()
+    health_mut(&mut s, 0)
         .semi_sync
         .as_mut()
         .unwrap()
@@ -549,14 +506,7 @@ fn semi_sync_replicas_first_then_primary() {
 #[test]
 fn errant_and_stale_primary_claims() {
     let mut s = healthy();
-    s.tablets[2]
-        .health
-        .as_mut()
-        .unwrap()
-        .mysql
-        .as_mut()
-        .unwrap()
-        .gtid_position = "0-3-11".into();
+    health_mut(&mut s, 2).mysql.as_mut().unwrap().gtid_position = "0-3-11".into();
     let p = analyze(&s, &AnalysisConfig::default());
     let e = p
         .iter()
@@ -566,18 +516,11 @@ fn errant_and_stale_primary_claims() {
     assert!(e.detail.contains("0-3-11"), "{}", e.detail);
     // Ahead of a slightly older primary health with the primary's own transactions: not errant.
     let mut s = healthy();
-    s.tablets[1]
-        .health
-        .as_mut()
-        .unwrap()
-        .mysql
-        .as_mut()
-        .unwrap()
-        .gtid_position = "0-1-12".into();
+    health_mut(&mut s, 1).mysql.as_mut().unwrap().gtid_position = "0-1-12".into();
     assert!(codes(&s).is_empty(), "{:?}", codes(&s));
     // An old primary from term 2 that is not replicating.
     let mut s = healthy();
-    let h = s.tablets[2].health.as_mut().unwrap();
+    let h = health_mut(&mut s, 2);
     h.promoted_term = 2;
     h.replication = Some(pb::Replication::default());
     assert!(codes(&s).contains(&(ProblemCode::StaleTabletClaimingPrimary, Some("z-3".into()))));
@@ -595,14 +538,7 @@ fn no_primary_is_reported() {
 #[test]
 fn quarantined_tablets_are_reported_and_skipped() {
     let mut s = healthy();
-    s.tablets[2]
-        .health
-        .as_mut()
-        .unwrap()
-        .mysql
-        .as_mut()
-        .unwrap()
-        .read_only = false;
+    health_mut(&mut s, 2).mysql.as_mut().unwrap().read_only = false;
     s.quarantined.insert("z-3".into(), "errant 0-3-11".into());
     assert_eq!(
         codes(&s),
@@ -770,13 +706,7 @@ fn binlog_state_shows_what_positions_hide() {
 #[test]
 fn a_diverged_replica_is_reported_not_restarted() {
     let mut s = healthy();
-    let r = s.tablets[2]
-        .health
-        .as_mut()
-        .unwrap()
-        .replication
-        .as_mut()
-        .unwrap();
+    let r = health_mut(&mut s, 2).replication.as_mut().unwrap();
     r.io_state = pb::ThreadState::Stopped as i32;
     r.last_io_errno = 1236;
     r.last_io_error = "connecting slave requested to start from GTID 0-101-40, which is not in the master's binlog".into();
@@ -788,7 +718,7 @@ fn a_diverged_replica_is_reported_not_restarted() {
 }
 
 fn mark(s: &mut ShardInput, text: &str) {
-    if let Some(r) = s.record.as_mut() {
+    if let Some(r) = s.record.as_mut().map(Arc::make_mut) {
         r.reparent_in_progress = Some(text.into());
     }
 }
@@ -798,26 +728,22 @@ fn a_marked_reparent_holds_the_primary_and_replica_fixes() {
     let mut s = healthy();
     // Mid planned reparent: the primary demoted, the candidate promoted and writable, the
     // third replica stopped for its repoint.
-    let h = |s: &mut ShardInput, i: usize| s.tablets[i].health.as_mut().unwrap().clone();
+    let h = |s: &mut ShardInput, i: usize| health_mut(s, i).clone();
     let mut p = h(&mut s, 0);
     p.mysql.as_mut().unwrap().read_only = true;
-    s.tablets[0].health = Some(p);
+    s.tablets[0].health = Some(Arc::new(p));
     let mut c = h(&mut s, 1);
     c.mysql.as_mut().unwrap().read_only = false;
     c.replication = Some(pb::Replication::default());
     c.promoted_term = 4;
-    s.tablets[1].health = Some(c);
+    s.tablets[1].health = Some(Arc::new(c));
     let mut r = h(&mut s, 2);
     r.replication.as_mut().unwrap().sql_state = pb::ThreadState::Stopped as i32;
-    s.tablets[2].health = Some(r);
+    s.tablets[2].health = Some(Arc::new(r));
     // Unmarked, a promotion above the record's term is a record behind the tablets (X2).
     assert_eq!(codes(&s), vec![(ProblemCode::TermAheadOfRecord, None)]);
     let mut promoted_unmarked = s.clone();
-    promoted_unmarked.tablets[1]
-        .health
-        .as_mut()
-        .unwrap()
-        .promoted_term = 0;
+    health_mut(&mut promoted_unmarked, 1).promoted_term = 0;
     let unmarked = codes(&promoted_unmarked);
     assert!(
         unmarked.contains(&(ProblemCode::PrimaryReadOnly, Some("z-1".into()))),
@@ -851,7 +777,7 @@ fn a_marked_reparent_holds_the_primary_and_replica_fixes() {
 fn a_marked_reparent_still_reports_a_dead_primary_and_what_needs_an_operator() {
     let mut s = healthy();
     mark(&mut s, "planned reparent to z-2 by ops");
-    s.tablets[0].health.as_mut().unwrap().mysql_reachable = false;
+    health_mut(&mut s, 0).mysql_reachable = false;
     for i in [1, 2] {
         s.tablets[i] = tablet(
             &format!("z-{}", i + 1),
@@ -872,7 +798,7 @@ fn a_marked_reparent_still_reports_a_dead_primary_and_what_needs_an_operator() {
     // Reported-only problems stay visible.
     let mut s = healthy();
     mark(&mut s, "x");
-    s.tablets[2].health.as_mut().unwrap().mysql_reachable = false;
+    health_mut(&mut s, 2).mysql_reachable = false;
     let c = codes(&s);
     assert!(
         c.contains(&(ProblemCode::ReplicaMysqlUnreachable, Some("z-3".into()))),
@@ -928,7 +854,11 @@ fn a_requested_candidate_is_caught_up_or_refused_with_the_reason() {
 #[test]
 fn a_term_the_record_does_not_account_for_holds_every_other_fix() {
     fn health(s: &mut ShardInput, i: usize) -> &mut pb::Health {
-        s.tablets[i].health.as_mut().expect("health")
+        s.tablets[i]
+            .health
+            .as_mut()
+            .map(Arc::make_mut)
+            .expect("health")
     }
     // A replica knows a term above the record's and above its reservation.
     let mut s = healthy();
@@ -941,7 +871,7 @@ fn a_term_the_record_does_not_account_for_holds_every_other_fix() {
     assert!(p[0].detail.contains("z-2 knows term 5"), "{}", p[0].detail);
     assert!(p[0].code.actionable());
     // Within the reservation (a reparent acting under its reserved term): not news.
-    if let Some(r) = s.record.as_mut() {
+    if let Some(r) = s.record.as_mut().map(Arc::make_mut) {
         r.reserved_term = Term::new(5);
     }
     assert!(!codes(&s)
@@ -964,6 +894,7 @@ fn a_primary_that_would_not_wait_without_replicas_is_not_lossless() {
     let semi = s.tablets[0]
         .health
         .as_mut()
+        .map(Arc::make_mut)
         .and_then(|h| h.semi_sync.as_mut())
         .expect("semi-sync status");
     semi.wait_no_replica = Some(false);
@@ -981,6 +912,7 @@ fn a_primary_that_would_not_wait_without_replicas_is_not_lossless() {
     s.tablets[0]
         .health
         .as_mut()
+        .map(Arc::make_mut)
         .and_then(|h| h.semi_sync.as_mut())
         .expect("semi-sync status")
         .wait_no_replica = Some(true);

@@ -297,10 +297,11 @@ fn the_primary_is_suspect_when_a_replica_probe_fails() {
     use tabletwatch::testing::{primary_health, replica_health, shard_record, tablet_record};
     let now_ms = 1_000_000;
     let tin = |alias: &str, h: pb::Health| TabletInput {
-        record: tablet_record(alias, "ks", "0"),
-        health: Some(h),
+        record: Arc::new(tablet_record(alias, "ks", "0")),
+        health: Some(Arc::new(h)),
         health_age: Some(Duration::from_millis(10)),
         stream_connected: true,
+        position: None,
     };
     let probe = |reachable: bool, at: u64| pb::PrimaryProbe {
         primary_alias: "zone1-101".into(),
@@ -316,7 +317,7 @@ fn the_primary_is_suspect_when_a_replica_probe_fails() {
     let mut input = ShardInput {
         keyspace: "ks".into(),
         shard: "0".into(),
-        record: Some(shard_record("ks", "0", Some("zone1-101"), 1)),
+        record: Some(Arc::new(shard_record("ks", "0", Some("zone1-101"), 1))),
         durability: topo::Durability::SemiSync,
         tablets: vec![
             tin("zone1-101", primary_health("zone1-101", 1)),
@@ -328,14 +329,24 @@ fn the_primary_is_suspect_when_a_replica_probe_fails() {
     };
     let cfg = analysis::AnalysisConfig::default();
     assert_eq!(primary_suspect(&input, &cfg), None);
-    input.tablets[2].health.as_mut().unwrap().primary_probe = Some(probe(false, now_ms - 20));
+    input.tablets[2]
+        .health
+        .as_mut()
+        .map(Arc::make_mut)
+        .unwrap()
+        .primary_probe = Some(probe(false, now_ms - 20));
     let why = primary_suspect(&input, &cfg).expect("suspect");
     assert!(
         why.contains("zone1-103") && why.contains("Connection refused"),
         "{why}"
     );
     // A stale probe says nothing.
-    input.tablets[2].health.as_mut().unwrap().primary_probe = Some(probe(false, now_ms - 5_000));
+    input.tablets[2]
+        .health
+        .as_mut()
+        .map(Arc::make_mut)
+        .unwrap()
+        .primary_probe = Some(probe(false, now_ms - 5_000));
     assert_eq!(primary_suspect(&input, &cfg), None);
 }
 
@@ -444,7 +455,7 @@ fn no_primary_snapshot(now: Instant) -> Arc<FleetSnapshot> {
         version: 1,
         taken_at: now,
         topo_synced: true,
-        shards: [(("ks".to_string(), "0".to_string()), view)].into(),
+        shards: [(("ks".to_string(), "0".to_string()), Arc::new(view))].into(),
     })
 }
 
@@ -464,15 +475,21 @@ fn evaluate(
     )
 }
 
-#[test]
-fn the_core_returns_its_effects_audits_a_skip_once_and_starts_one_recovery() {
+/// An engine with the default configuration and options, and its tick.
+fn test_engine() -> (Engine, Duration) {
     let opts = EngineOptions::default();
     let tick = opts.tick;
-    let mut e = Engine::new(
+    let e = Engine::new(
         Arc::new(RecoveryConfig::default()),
         Arc::from("orchestrator@test:1"),
         opts,
     );
+    (e, tick)
+}
+
+#[test]
+fn the_core_returns_its_effects_audits_a_skip_once_and_starts_one_recovery() {
+    let (mut e, tick) = test_engine();
     assert_eq!(
         e.poll_timeout(),
         None,
@@ -551,4 +568,155 @@ fn the_core_returns_its_effects_audits_a_skip_once_and_starts_one_recovery() {
         "{fx:?}"
     );
     assert!(matches!(fx.last(), Some(Effect::Publish(v)) if v.shards[0].recovery.is_some()));
+}
+
+/// A healthy shard `ks/<n>`: a primary and a replica, each heard from at `at`.
+fn healthy_view(n: &str, at: Instant) -> Arc<ShardView> {
+    use tabletwatch::testing::*;
+    let (p, r) = (format!("zone1-{n}01"), format!("zone1-{n}02"));
+    let primary = tablet_record(&p, "ks", n);
+    let mut rh = replica_health(&r, 1, Some(0));
+    if let Some(rep) = rh.replication.as_mut() {
+        rep.source_host = primary.mysql_host.clone();
+        rep.source_port = u32::from(primary.mysql_port);
+    }
+    Arc::new(shard(
+        "ks",
+        n,
+        Some(shard_record("ks", n, Some(&p), 1)),
+        vec![
+            tablet(primary, Some(primary_health(&p, 1)), at),
+            tablet(tablet_record(&r, "ks", n), Some(rh), at),
+        ],
+    ))
+}
+
+fn fleet(version: u64, at: Instant, views: &[&Arc<ShardView>]) -> Arc<FleetSnapshot> {
+    Arc::new(FleetSnapshot {
+        version,
+        taken_at: at,
+        topo_synced: true,
+        shards: views
+            .iter()
+            .map(|v| ((v.keyspace.clone(), v.shard.clone()), Arc::clone(v)))
+            .collect(),
+    })
+}
+
+fn published(fx: &[Effect]) -> Option<&EngineView> {
+    fx.iter().find_map(|f| match f {
+        Effect::Publish(v) => Some(v),
+        _ => None,
+    })
+}
+
+/// Issue 11, point 6: an evaluation analyses only the shards whose view changed (by `Arc`)
+/// or fell due, and publishes a view only when a status changed or a tick passed; an
+/// unchanged status keeps its `Arc` in the published view.
+#[test]
+fn evaluations_analyse_only_changed_shards() {
+    let (mut e, tick) = test_engine();
+    let t0 = Instant::now();
+    let ctl = Arc::new(ControlState {
+        synced: true,
+        keyspaces: [("ks".to_string(), topo::Durability::None)].into(),
+        ..ControlState::default()
+    });
+    let eval = |e: &mut Engine, snap: &Arc<FleetSnapshot>, now: Instant| {
+        e.handle(
+            Input::Evaluate {
+                snapshot: snap.clone(),
+                control: ctl.clone(),
+                now_ms: 1_000,
+            },
+            now,
+        )
+    };
+    let (a, b, c) = (
+        healthy_view("1", t0),
+        healthy_view("2", t0),
+        healthy_view("3", t0),
+    );
+    let fx = eval(&mut e, &fleet(1, t0, &[&a, &b, &c]), t0);
+    assert_eq!(e.analyses(), 3);
+    let v1 = published(&fx)
+        .expect("the first evaluation publishes")
+        .clone();
+    assert_eq!(v1.shards.len(), 3);
+    assert!(v1.shards.iter().all(|s| s.problems.is_empty()), "{v1:?}");
+    // Each shard's audit log is read (for flapping); the answers make them due again.
+    for f in &fx {
+        if let Effect::LoadAudit {
+            keyspace,
+            shard,
+            term,
+        } = f
+        {
+            e.handle(
+                Input::Audit {
+                    keyspace: keyspace.clone(),
+                    shard: shard.clone(),
+                    term: *term,
+                    result: Ok(Vec::new()),
+                },
+                t0,
+            );
+        }
+    }
+    let t1 = t0 + Duration::from_millis(5);
+    let fx = eval(&mut e, &fleet(2, t1, &[&a, &b, &c]), t1);
+    assert_eq!(e.analyses(), 6, "{fx:?}");
+    assert!(
+        published(&fx).is_none(),
+        "the statuses are unchanged: {fx:?}"
+    );
+
+    // A new snapshot with the same views: nothing analysed, nothing warmed, no publication
+    // before the tick.
+    let t1 = t0 + Duration::from_millis(10);
+    let fx = eval(&mut e, &fleet(3, t1, &[&a, &b, &c]), t1);
+    assert_eq!(e.analyses(), 6, "{fx:?}");
+    assert!(fx.is_empty(), "{fx:?}");
+
+    // Shard 2's replica stops being heard from (a new view): only it is analysed, and the
+    // view published shows its problem beside the other shards' unchanged statuses.
+    let t2 = t0 + Duration::from_millis(20);
+    let mut b2 = (*b).clone();
+    if let Some(t) = b2.tablets.get_mut("zone1-202") {
+        t.stream = tabletwatch::StreamState::Connecting {
+            since: t2,
+            since_ms: 1_000,
+            failures: 1,
+            last_error: Some("reset".into()),
+        };
+    }
+    let b2 = Arc::new(b2);
+    let fx = eval(&mut e, &fleet(4, t2, &[&a, &b2, &c]), t2);
+    assert_eq!(e.analyses(), 7);
+    let v3 = published(&fx).expect("a changed status is published");
+    let s2 = v3.shard("ks", "2").expect("shard 2");
+    assert!(
+        s2.problems
+            .iter()
+            .any(|p| p.code == ProblemCode::ReplicaAgentUnreachable),
+        "{:?}",
+        s2.problems
+    );
+    assert!(Arc::ptr_eq(&v1.shards[0], &v3.shards[0]));
+    assert!(Arc::ptr_eq(&v1.shards[2], &v3.shards[2]));
+    assert!(!Arc::ptr_eq(&v1.shards[1], &v3.shards[1]));
+
+    // Shard 3 goes away: the rest is analysed again once and the view has two shards.
+    let t3 = t0 + Duration::from_millis(30);
+    let fx = eval(&mut e, &fleet(5, t3, &[&a, &b2]), t3);
+    assert_eq!(e.analyses(), 9);
+    let v4 = published(&fx).expect("a shard gone is published");
+    assert_eq!(v4.shards.len(), 2);
+
+    // Past the tick the shard with a problem falls due (its problem's age matters) and the
+    // view is published again for its time; the healthy shard is not analysed.
+    let t4 = t3 + tick + Duration::from_millis(1);
+    let fx = eval(&mut e, &fleet(6, t4, &[&a, &b2]), t4);
+    assert_eq!(e.analyses(), 10, "{fx:?}");
+    assert!(published(&fx).is_some());
 }

@@ -50,6 +50,9 @@ pub(super) struct Orch {
     base: Instant,
     views: BTreeMap<String, TabletView>,
     version: u64,
+    /// The shard view of the last snapshot, handed out again while it is unchanged (as
+    /// tabletwatch does: the engine tells changes by pointer).
+    last_view: Option<Arc<ShardView>>,
     /// A health arrived or a stream changed since the last evaluation.
     dirty: bool,
     control: Arc<ControlState>,
@@ -117,6 +120,7 @@ impl Orch {
             base: base.unwrap_or_else(Instant::now),
             views: BTreeMap::new(),
             version: 0,
+            last_view: None,
             dirty: true,
             control: Arc::new(control),
             recovery: None,
@@ -173,7 +177,7 @@ impl ShardSim {
             };
         }
         view.last_health = Some(Arc::new(HealthSample {
-            health: *h,
+            health: Arc::new(*h),
             received_at: at,
             received_ms: wall(now),
         }));
@@ -245,9 +249,22 @@ impl ShardSim {
         }
     }
 
+    /// The shard view, in the `Arc` of the last one while it is unchanged.
+    pub(crate) fn shared_view(&mut self) -> Arc<ShardView> {
+        let view = self.shard_view();
+        match &self.orch.last_view {
+            Some(old) if **old == view => old.clone(),
+            _ => {
+                let view = Arc::new(view);
+                self.orch.last_view = Some(view.clone());
+                view
+            }
+        }
+    }
+
     fn snapshot(&mut self) -> Arc<FleetSnapshot> {
         self.orch.version += 1;
-        let view = self.shard_view();
+        let view = self.shared_view();
         Arc::new(FleetSnapshot {
             version: self.orch.version,
             taken_at: self.orch.instant(self.now),

@@ -5,6 +5,7 @@ use super::*;
 use crate::analysis::ShardInput;
 use myha_proto::agent::{MysqlStatus, PrimaryProbe, Replication};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use tabletwatch::testing::tablet_record;
 
 const OLD: &str = "zone1-101";
@@ -67,7 +68,7 @@ fn input(durability: Durability) -> EmergencyInput {
         input: ShardInput {
             keyspace: "ks".into(),
             shard: "0".into(),
-            record: Some(record),
+            record: Some(Arc::new(record)),
             durability,
             tablets: Vec::new(),
             quarantined: BTreeMap::new(),
