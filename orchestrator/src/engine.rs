@@ -1116,7 +1116,9 @@ impl Engine {
             durability_known: durability.is_some(),
             running: mem.running.is_some(),
             settling: mem.hold.is_some(),
-            primary_suspect: primary_suspect(&input, &cfg.analysis),
+            // Only a recoverable problem reads the gate ([`decide`]).
+            primary_suspect: most_urgent(&problems)
+                .and_then(|_| primary_suspect(&input, &cfg.analysis)),
             replica_grace: self.opts.replica_grace,
             mark_grace: cfg.lock_ttl,
         };

@@ -271,7 +271,7 @@ fn feed(
     at: Instant,
     decision: &mut Duration,
 ) {
-    let timer = Instant::now();
+    let timer = crate::time::CpuTimer::start();
     let effects = engine.handle(input, at);
     *decision += timer.elapsed();
     for e in effects {

@@ -300,7 +300,7 @@ impl ShardSim {
                 self.orch.outbox.append(&mut self.orch.inputs);
                 continue;
             };
-            let timer = Instant::now();
+            let timer = crate::time::CpuTimer::start();
             let effects = engine.handle(input, at);
             self.orch.decision += timer.elapsed();
             for e in effects {
@@ -506,7 +506,7 @@ impl ShardSim {
         };
         let job = rec.job.clone();
         let operator = rec.operator;
-        let timer = Instant::now();
+        let timer = crate::time::CpuTimer::start();
         let fresh = FreshShard::assemble(
             FreshReads {
                 keyspace: "ks",
@@ -590,7 +590,7 @@ impl ShardSim {
                     since_start: Duration::ZERO,
                     wall_ms: wall(now),
                 };
-                let timer = Instant::now();
+                let timer = crate::time::CpuTimer::start();
                 let actions = run.machine.start(n);
                 self.orch.decision += timer.elapsed();
                 actions
@@ -703,7 +703,7 @@ impl ShardSim {
         }
         let actions = match self.orch.recovery.as_mut().map(|r| &mut r.stage) {
             Some(Stage::Running(run)) => {
-                let timer = Instant::now();
+                let timer = crate::time::CpuTimer::start();
                 let actions = run.machine.on_reply(id, reply, now);
                 self.orch.decision += timer.elapsed();
                 actions
