@@ -128,10 +128,6 @@ impl TabletInput {
             None => position(h).map(Cow::Owned),
         }
     }
-
-    pub fn mysql_addr(&self) -> String {
-        format!("{}:{}", self.record.mysql_host, self.record.mysql_port)
-    }
 }
 
 pub fn flavor_of(h: &pb::Health) -> Flavor {
