@@ -462,7 +462,9 @@ fn thread_running(status: &HashMap<String, Option<String>>, col: &str) -> bool {
 }
 
 impl Cluster {
-    /// Starts everything and returns when replication (and the agents, if asked) are healthy.
+    /// Starts everything and returns when replication (and the agents, if asked) are healthy;
+    /// with agents and a primary, once the primary agent's heartbeat table (its only DDL) is on
+    /// every replica.
     pub async fn start(opts: ClusterOptions) -> Result<Cluster> {
         let started = Instant::now();
         if opts.tablets == 0 {
@@ -601,6 +603,12 @@ impl Cluster {
         if cluster.opts.start_agents {
             cluster.start_agents().await?;
             tracing::info!(elapsed = ?started.elapsed(), "agents healthy");
+            if cluster.opts.bootstrap_primary {
+                cluster
+                    .wait_heartbeat_replicated(cluster.opts.ready_timeout)
+                    .await?;
+                tracing::info!(elapsed = ?started.elapsed(), "heartbeat table replicated");
+            }
         }
         if cluster.opts.start_orchestrator {
             cluster.orchestrator = Some(cluster.start_orchestrator().await?);
@@ -781,6 +789,44 @@ impl Cluster {
         }))
         .await;
         results.into_iter().collect::<Result<Vec<_>>>().map(drop)
+    }
+
+    /// Waits until the first primary's agent has created its heartbeat table and written a
+    /// heartbeat, and every running replica has applied that. The agent creates the table
+    /// (`CREATE DATABASE`, `CREATE TABLE`: DDL) on its first heartbeat; a replica whose mysqld is
+    /// SIGKILLed while it applies a DDL can come back with the DDL in its binlog but not in its
+    /// `gtid_slave_pos` (MariaDB records a DDL's GTID after binlogging it, outside the DDL), and
+    /// its SQL thread then stops on error 1950 ("out-of-order sequence number") re-applying it.
+    /// So no DDL of the cluster's own is on its way to a replica when [`Cluster::start`] returns
+    /// and a test starts killing replicas; from then on the agents only write rows.
+    async fn wait_heartbeat_replicated(&self, timeout: Duration) -> Result<()> {
+        let primary = &self.tablets[0];
+        poll_until(
+            &format!("the heartbeat of {}'s agent", primary.alias),
+            timeout,
+            Duration::from_millis(20),
+            || async {
+                let mut c = primary.root_conn().await?;
+                let exists: Option<i64> = c
+                    .query_first(
+                        "SELECT COUNT(*) FROM information_schema.tables \
+                         WHERE table_schema = '_myha' AND table_name = 'heartbeat'",
+                    )
+                    .await
+                    .map_err(HarnessError::mysql("look for _myha.heartbeat"))?;
+                let rows = if exists == Some(1) {
+                    c.query_first("SELECT COUNT(*) FROM _myha.heartbeat")
+                        .await
+                        .map_err(HarnessError::mysql("count _myha.heartbeat"))?
+                } else {
+                    None
+                };
+                let _ = c.disconnect().await;
+                Ok(rows.filter(|n: &i64| *n > 0).map(drop))
+            },
+        )
+        .await?;
+        self.wait_replicated(timeout).await
     }
 
     /// The address and namespace of host `name` (loopback and none without a network).

@@ -287,3 +287,373 @@ async fn a_mysqld_that_cannot_start_reports_its_log() {
     assert!(err.contains("mysqld.log"), "{err}");
     assert!(err.contains("no-such-option-here"), "{err}");
 }
+
+/// `Cluster::start` returns with no DDL of the cluster's own still on its way to the replicas:
+/// the primary's agent has created its heartbeat table and every replica has applied that
+/// (and a heartbeat row). Before, the table's creation was replicated while a test was already
+/// killing replicas, and a replica SIGKILLed amid it came back with its SQL thread stopped on
+/// error 1950 (`replica_killed_right_after_cluster_start_stress` with `MYHA_STRESS_AIM=1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_start_returns_with_the_agents_ddl_replicated() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster starts");
+    for t in &cluster.tablets()[1..] {
+        let mut c = t.root_conn().await.unwrap();
+        let tables: Option<i64> = c
+            .query_first(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = '_myha' AND table_name = 'heartbeat'",
+            )
+            .await
+            .unwrap();
+        assert_eq!(tables, Some(1), "{}: no _myha.heartbeat yet", t.alias());
+        let rows: Option<i64> = c
+            .query_first("SELECT COUNT(*) FROM _myha.heartbeat")
+            .await
+            .unwrap();
+        assert_eq!(rows, Some(1), "{}: no heartbeat row yet", t.alias());
+        let _ = c.disconnect().await;
+    }
+}
+
+/// One `SELECT @@global.name` over root's socket connection.
+async fn gvar(c: &mut mysql_async::Conn, name: &str) -> String {
+    harness::global_var(c, name)
+        .await
+        .unwrap_or_else(|e| Some(format!("<{e}>")))
+        .unwrap_or_default()
+}
+
+/// The bytes appended to `path` since offset `from`, as text.
+fn log_since(path: &std::path::Path, from: u64) -> String {
+    let all = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(&all[(from as usize).min(all.len())..]).into_owned()
+}
+
+/// Stress (run by hand, bounded by `MYHA_STRESS_CYCLES`, default 60): writes flow on the primary
+/// (semi-sync, AFTER_SYNC) while a replica's mysqld is SIGKILLed and restarted over and over
+/// (the two replicas in turn). After each restart the replica must run both replication
+/// threads and catch up with the primary; a stopped SQL thread (error 1950, "out-of-order
+/// sequence number": its `gtid_slave_pos` behind its own binlog after the crash) is recorded
+/// with the replica's GTID state and log, repaired and counted. Extra mysqld arguments:
+/// `MYHA_STRESS_MYSQLD_ARGS` (space-separated); `MYHA_STRESS_DDL=1` mixes DDL into the writes,
+/// `MYHA_STRESS_BIG=1` makes every write a 256 KiB row (longer commits on the replica),
+/// `MYHA_STRESS_SEMI_SQL=1` starts the replicas without the semi-sync startup flag and turns their
+/// semi-sync side on with SQL after each restart, `MYHA_STRESS_STOP=1` stops mysqld cleanly
+/// (SIGTERM) instead of killing it.
+///
+/// Measured on MariaDB 10.11.19 (100 kills each unless said): row writes only, 0 failures in 60;
+/// with DDL, 14 (startup flag) and 18 (flag off, semi-sync set by SQL) failures, one kind with
+/// the same GTID in the binlog (a `DROP TABLE` binlogged, its GTID not recorded), the other with
+/// the replica's own server id (DDL-log recovery binlogging the interrupted `DROP TABLE` again);
+/// clean stops with DDL, 0 in 50. No restart logged a binlog truncation. DDL mode fails by
+/// design: MariaDB's limitation, kept as a probe (a repair of 1950 would make it pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stress: run by hand"]
+async fn replica_sigkill_restart_stress() {
+    use rand::Rng;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let cycles: usize = std::env::var("MYHA_STRESS_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let extra: Vec<String> = std::env::var("MYHA_STRESS_MYSQLD_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let ddl = std::env::var("MYHA_STRESS_DDL").is_ok_and(|v| v == "1");
+    let big = std::env::var("MYHA_STRESS_BIG").is_ok_and(|v| v == "1");
+    let semi_sql = std::env::var("MYHA_STRESS_SEMI_SQL").is_ok_and(|v| v == "1");
+    let clean_stop = std::env::var("MYHA_STRESS_STOP").is_ok_and(|v| v == "1");
+    let mut extra = extra;
+    if semi_sql {
+        extra.push("--rpl-semi-sync-slave-enabled=OFF".into());
+    }
+    let cluster = Arc::new(
+        Cluster::start(ClusterOptions {
+            tablets: 3,
+            durability: Durability::SemiSync,
+            mysqld_args: extra.clone(),
+            ..ClusterOptions::default()
+        })
+        .await
+        .expect("cluster starts"),
+    );
+    eprintln!(
+        "stress: {cycles} cycles, extra mysqld args {extra:?}, ddl {ddl}, big {big}, dir {}",
+        cluster.dir().display()
+    );
+    {
+        let mut c = cluster.tablet(1).root_conn().await.unwrap();
+        let engine: Option<String> = c
+            .query_first(
+                "SELECT engine FROM information_schema.tables \
+                 WHERE table_schema='mysql' AND table_name='gtid_slave_pos'",
+            )
+            .await
+            .unwrap();
+        eprintln!("mysql.gtid_slave_pos engine: {engine:?}");
+        for v in [
+            "sync_binlog",
+            "innodb_flush_log_at_trx_commit",
+            "rpl_semi_sync_slave_enabled",
+            "init_rpl_role",
+            "relay_log_recovery",
+        ] {
+            eprintln!("  {v} = {}", gvar(&mut c, v).await);
+        }
+    }
+    let primary = cluster.tablet(0);
+    let mut pc = primary.app_conn().await.unwrap();
+    pc.query_drop("CREATE TABLE s (id BIGINT PRIMARY KEY, v MEDIUMTEXT)")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, written, cluster) = (stop.clone(), written.clone(), cluster.clone());
+        tokio::spawn(async move {
+            let mut c = cluster.tablet(0).app_conn().await.unwrap();
+            let mut id = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                id += 1;
+                let q = if ddl && id.is_multiple_of(40) {
+                    format!("CREATE TABLE d{id} (i INT PRIMARY KEY)")
+                } else if ddl && id % 40 == 20 && id > 40 {
+                    format!("DROP TABLE d{}", id - 20)
+                } else if big {
+                    format!("INSERT INTO s VALUES ({id}, REPEAT('x', 262144))")
+                } else {
+                    format!("INSERT INTO s VALUES ({id}, 'row {id}')")
+                };
+                c.query_drop(q).await.expect("write on the primary");
+                written.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+
+    let mut failures: Vec<String> = Vec::new();
+    let mut truncations = 0usize;
+    let mut restart_times = Vec::new();
+    for cycle in 0..cycles {
+        assert!(!writer.is_finished(), "the writer stopped");
+        let victim = cluster.tablet(1 + cycle % 2);
+        let pause = rand::rng().random_range(50..400);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let log = victim.mysqld().log_path().to_path_buf();
+        let log_len = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        if clean_stop {
+            victim.mysqld().stop().await.unwrap();
+        } else {
+            victim.mysqld().kill().unwrap();
+        }
+        let t0 = Instant::now();
+        victim
+            .mysqld()
+            .start()
+            .await
+            .expect("restart after SIGKILL");
+        restart_times.push(t0.elapsed());
+        if semi_sql {
+            let mut c = victim.root_conn().await.unwrap();
+            for q in [
+                "SET GLOBAL rpl_semi_sync_slave_enabled = ON",
+                "STOP SLAVE IO_THREAD",
+                "START SLAVE IO_THREAD",
+            ] {
+                c.query_drop(q).await.unwrap();
+            }
+            let _ = c.disconnect().await;
+        }
+        // Caught up with the primary's position of now, both threads running.
+        let mut rc = primary.root_conn().await.unwrap();
+        let target = gvar(&mut rc, "gtid_binlog_pos").await;
+        let _ = rc.disconnect().await;
+        let mut vc = victim.root_conn().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let outcome = loop {
+            let st = harness::slave_status(&mut vc).await.unwrap().unwrap();
+            let get = |k: &str| st.get(k).cloned().flatten().unwrap_or_default();
+            if get("Last_SQL_Errno") != "0" {
+                break Err(format!(
+                    "SQL thread error {}: {}",
+                    get("Last_SQL_Errno"),
+                    get("Last_SQL_Error")
+                ));
+            }
+            if get("Slave_SQL_Running") == "Yes" && get("Slave_IO_Running") == "Yes" {
+                let r: Option<i64> = vc
+                    .query_first(format!("SELECT MASTER_GTID_WAIT('{target}', 0.5)"))
+                    .await
+                    .unwrap();
+                if r == Some(0) {
+                    break Ok(());
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if Instant::now() > deadline {
+                break Err(format!(
+                    "not caught up with {target} in 30 s: io {} ({}), sql {}",
+                    get("Slave_IO_Running"),
+                    get("Last_IO_Error"),
+                    get("Slave_SQL_Running")
+                ));
+            }
+        };
+        let new_log = log_since(&log, log_len);
+        if new_log.to_lowercase().contains("truncat") {
+            truncations += 1;
+        }
+        if let Err(e) = outcome {
+            let rows: Vec<(u32, u64, u32, u64)> = vc
+                .query(
+                    "SELECT domain_id, sub_id, server_id, seq_no FROM mysql.gtid_slave_pos \
+                     ORDER BY sub_id DESC LIMIT 4",
+                )
+                .await
+                .unwrap_or_default();
+            let report = format!(
+                "cycle {cycle} {}: {e}\n  gtid_slave_pos {} gtid_binlog_pos {} gtid_current_pos {}\n  \
+                 mysql.gtid_slave_pos (newest) {rows:?}\n  log since the kill:\n{new_log}",
+                victim.alias(),
+                gvar(&mut vc, "gtid_slave_pos").await,
+                gvar(&mut vc, "gtid_binlog_pos").await,
+                gvar(&mut vc, "gtid_current_pos").await,
+            );
+            eprintln!("FAILURE {report}");
+            failures.push(report);
+            // Repair to go on measuring: the failed transaction's effect is already there
+            // (its GTID is in the binlog), so skip it.
+            for q in [
+                "STOP SLAVE",
+                "SET GLOBAL sql_slave_skip_counter = 1",
+                "START SLAVE",
+            ] {
+                vc.query_drop(q).await.unwrap();
+            }
+        }
+        let _ = vc.disconnect().await;
+        // Both replicas acking again before the next kill (a second one down blocks writes).
+        wait_semi_sync_clients(primary, 2, Duration::from_secs(30)).await;
+        if cycle % 10 == 9 {
+            eprintln!(
+                "stress: {} cycles, {} failures, {} writes",
+                cycle + 1,
+                failures.len(),
+                written.load(Ordering::SeqCst)
+            );
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    let _ = pc.disconnect().await;
+    restart_times.sort();
+    eprintln!(
+        "stress done: {cycles} cycles, {} failures ({} with 1950), {} restarts logged a binlog \
+         truncation, {} writes, restart median {:?} max {:?}",
+        failures.len(),
+        failures.iter().filter(|f| f.contains("error 1950")).count(),
+        truncations,
+        written.load(Ordering::SeqCst),
+        restart_times[restart_times.len() / 2],
+        restart_times.last().unwrap()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Stress (run by hand, `MYHA_STRESS_CYCLES`, default 40 fresh clusters): the opening of
+/// `three_tablet_semi_sync_cluster_survives_faults`, many times over. A replica's mysqld is
+/// SIGKILLed at a random moment within 400 ms of `Cluster::start` returning, while writes go
+/// on, then restarted; it must run both replication threads and catch up. A replica killed
+/// while applying a DDL (MariaDB: the DDL is binlogged before `gtid_slave_pos` records it) comes
+/// back with its SQL thread stopped on error 1950, so no DDL may still be on its way to the
+/// replicas when `Cluster::start` returns (the primary's agent creates its heartbeat table).
+/// `MYHA_STRESS_AIM=1`: kill the moment the replica's SQL thread is seen running the agent's DDL
+/// with the replica's binlog ahead of its `gtid_slave_pos` instead, when seen within 3 s.
+/// Measured with `MYHA_STRESS_AIM=1`: before the launcher waited for the agent's DDL, 5 of 30
+/// clusters failed with CI's very error (GTID 0-101-17, 12 kills landed amid the DDL); after,
+/// 0 of 20 (the DDL is never in flight any more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stress: run by hand"]
+async fn replica_killed_right_after_cluster_start_stress() {
+    use rand::Rng;
+    let cycles: usize = std::env::var("MYHA_STRESS_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let aim = std::env::var("MYHA_STRESS_AIM").is_ok_and(|v| v == "1");
+    let mut aimed = 0usize;
+    let mut failures = Vec::new();
+    for cycle in 0..cycles {
+        let cluster = Cluster::start(ClusterOptions::default())
+            .await
+            .expect("cluster starts");
+        let primary = cluster.tablet(0);
+        let mut pc = primary.app_conn().await.unwrap();
+        pc.query_drop("CREATE TABLE t (id INT PRIMARY KEY)")
+            .await
+            .unwrap();
+        pc.query_drop("INSERT INTO t VALUES (1)").await.unwrap();
+        cluster
+            .wait_replicated(Duration::from_secs(10))
+            .await
+            .unwrap();
+        let victim = cluster.tablet(1);
+        let delay = if aim {
+            // Aim at the agent's DDL: kill while the replica's SQL thread runs a statement
+            // creating something in `_myha` and its binlog is ahead of its `gtid_slave_pos`
+            // (binlogged, not yet recorded), if that is ever seen.
+            let mut vc = victim.root_conn().await.unwrap();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                let n: Option<i64> = vc
+                    .query_first(
+                        "SELECT COUNT(*) FROM information_schema.processlist \
+                         WHERE command = 'Slave_SQL' AND info LIKE 'CREATE %\\_myha%' \
+                         AND @@gtid_binlog_pos <> @@gtid_slave_pos",
+                    )
+                    .await
+                    .unwrap();
+                if n.unwrap_or(0) > 0 {
+                    aimed += 1;
+                    break;
+                }
+            }
+            drop(vc);
+            0
+        } else {
+            rand::rng().random_range(0..400)
+        };
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        victim.mysqld().kill().unwrap();
+        pc.query_drop("INSERT INTO t VALUES (2)").await.unwrap();
+        victim
+            .mysqld()
+            .start()
+            .await
+            .expect("restart after SIGKILL");
+        if let Err(e) = cluster.wait_replicated(Duration::from_secs(15)).await {
+            eprintln!("FAILURE cycle {cycle} (kill {delay} ms after the writes): {e}");
+            failures.push(format!("cycle {cycle}: {e}"));
+        }
+        let _ = pc.disconnect().await;
+        if cycle % 10 == 9 {
+            eprintln!("stress: {} cycles, {} failures", cycle + 1, failures.len());
+        }
+    }
+    eprintln!(
+        "stress done: {cycles} clusters, {} failures ({} with 1950), {aimed} kills amid the \
+         agent's DDL",
+        failures.len(),
+        failures
+            .iter()
+            .filter(|f| f.contains("out-of-order"))
+            .count()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
