@@ -301,14 +301,17 @@ impl Shared {
         h
     }
 
-    /// Publishes `h` if its content differs from the last one (poll time aside).
+    /// Publishes `h` when [`health::push_due`] says so: at once on a material change, else
+    /// once per `health_interval` while positions or lag move. The stream re-sends the current
+    /// health every `health_interval` in between.
     pub fn publish(&self, h: pb::Health) {
+        let refresh = self.cfg.agent.health_interval;
         self.health.send_if_modified(|cur| {
-            if health::same_content(cur, &h) {
-                false
-            } else {
+            if health::push_due(cur, &h, refresh) {
                 *cur = Arc::new(h);
                 true
+            } else {
+                false
             }
         });
     }
