@@ -214,6 +214,34 @@ pub fn binlog_state_missing(
         .collect())
 }
 
+/// MariaDB: the entries of `replica`'s `gtid_binlog_state` that `primary`'s lacks (see
+/// [`binlog_state_missing`]), leaving out the primary's own server id (`primary_writer`): a
+/// replica's health may be newer than the primary's, and holding what the primary wrote since
+/// is not errant. `None` for MySQL, when either state is unknown, or when nothing is missing.
+pub fn errant_in_binlog_state(
+    replica: &pb::Health,
+    primary: &pb::Health,
+    primary_writer: &str,
+) -> Option<String> {
+    if flavor_of(replica) != Flavor::MariaDb {
+        return None;
+    }
+    let r = replica.mysql.as_ref()?.gtid_binlog_state.as_str();
+    let p = primary.mysql.as_ref()?.gtid_binlog_state.as_str();
+    if r.is_empty() || p.is_empty() {
+        return None;
+    }
+    let foreign: Vec<String> = binlog_state_missing(r, p)
+        .ok()?
+        .into_iter()
+        .filter(|g| {
+            g.parse::<gtid::MariaDbGtid>()
+                .is_ok_and(|g| g.server_id.to_string() != primary_writer)
+        })
+        .collect();
+    (!foreign.is_empty()).then(|| foreign.join(","))
+}
+
 /// MySQL/MariaDB error 1236 (ER_MASTER_FATAL_ERROR_READING_BINLOG): the source lacks what the
 /// replica asks for; restarting replication cannot help.
 const ER_SOURCE_FATAL_READING_BINLOG: u32 = 1236;
@@ -460,6 +488,21 @@ fn analyze_topology(input: &ShardInput, cfg: &AnalysisConfig) -> Vec<Problem> {
                 ));
                 continue;
             }
+        }
+        // MariaDB positions keep one GTID per domain: once the primary has written past the
+        // sequence number of a replica's errant transaction, the positions compare as if the
+        // replica were merely behind (and its SQL thread stops on the primary's transaction at
+        // that number, error 1950, which restarting never cures). The binlog states keep every
+        // (domain, server): one the primary lacks is errant.
+        if let Some(e) = errant_in_binlog_state(h, ph, &p_writer) {
+            out.push(Problem::new(
+                ProblemCode::ErrantGtid,
+                Some(alias),
+                format!(
+                    "errant transactions {e} (in its binlog state, not in primary {primary_alias}'s)"
+                ),
+            ));
+            continue;
         }
         if !m.read_only {
             out.push(Problem::new(

@@ -9,12 +9,16 @@
 //!
 //! Real: the orchestrator's engine, the runner's re-analysis under the lock and every remedy
 //! that is a step machine (see the `orchestrator` module's header), the agent's term admission
-//! ([`myha_agent::fence::TermState::admit`]), fencing decision ([`myha_agent::fence::decide`])
-//! and instance tracking. Modelled: mysqld ([`crate::mariadb`]), the network ([`crate::net`]),
-//! the agent's execution of each action on its mysqld, and the orchestrator's shell (health
-//! streams, etcd round trips). The shard record lives in the driver, written at once (one
-//! orchestrator, the lock always held: several orchestrators contending for the lock are
-//! [`crate::lock`]'s subject).
+//! ([`myha_agent::fence::TermState::admit`]), fencing decision ([`myha_agent::fence::decide`]),
+//! health publication rule ([`myha_agent::health::push_due`]) and instance tracking.
+//! Modelled: mysqld ([`crate::mariadb`]), the network ([`crate::net`]), the agent's execution
+//! of each action on its mysqld (including lifting a replication delay for `ApplyReceived`),
+//! and the orchestrator's shell (health streams, etcd round trips). The shard record lives in
+//! the driver: reads under the lock see a write at once, the watches (the engine's snapshot,
+//! the gateway, the agents) after [`ShardSimConfig::watch_delay`]. One orchestrator at a time:
+//! it may die ([`Fault::CrashOrchestrator`]) wherever its recovery is, and the next one waits
+//! for the dead one's lock lease to expire; several live orchestrators contending for the lock
+//! are [`crate::lock`]'s subject.
 //!
 //! # Invariants
 //!
@@ -23,6 +27,8 @@
 //! - **Late acknowledgement**: a write acknowledged by a tablet after a newer term than its own
 //!   was recorded must be held by the newer term's primary at the end (a commit whose semi-sync
 //!   ack reached the old primary before the term changed may legitimately return late).
+//! - **Errant primary**: after a reparent and at the end, the record's primary holds none of
+//!   the errant transactions written on replicas ([`Fault::ErrantWrite`]; P9, R10).
 //! - **Two primaries**: at every instant at most one tablet can complete a commit (running,
 //!   writable and, under semi-sync, with a semi-sync replica connected to it).
 //! - **Lossless while writable**: under semi-sync, every running writable tablet has its
@@ -93,6 +99,14 @@ pub struct ShardSimConfig {
     /// Which shard of a fleet this is: shard `ks/{index}`, server ids from
     /// `1000 * index + 101` (0: `ks/0`, servers 101, 102, ...).
     pub index: u32,
+    /// A replica configured with `MASTER_DELAY` from the start (an operator's delayed
+    /// replica): it receives and acknowledges at once and applies this long after the commit
+    /// (scenario P18). Its delay is gone once a reparent repoints it, as with the real agent.
+    pub delayed_replica: Option<(ServerId, Duration)>,
+    /// The etcd watches (gateway, agents, the engine's snapshot) deliver each shard record
+    /// write this long after it (at most; drawn per write, in order per watch). The
+    /// orchestrator's reads under the lock are linearizable and never delayed.
+    pub watch_delay: Duration,
 }
 
 impl ShardSimConfig {
@@ -105,6 +119,18 @@ impl ShardSimConfig {
             cfg.durability = Durability::None;
         }
         cfg.tablets = 3 + u32::from((seed / 3) % 2 == 1);
+        // Drawn from a stream of their own, so that the links, appliers and faults each seed
+        // drew before these existed stay what they were.
+        let mut more = StdRng::seed_from_u64(seed ^ 0xde1a_7ed0);
+        if more.random_bool(0.2) {
+            let r = cfg.first_id() + more.random_range(1..cfg.tablets);
+            cfg.delayed_replica = Some((r, Duration::from_millis(more.random_range(500..3_000))));
+        }
+        cfg.watch_delay = if more.random_bool(0.3) {
+            Duration::from_millis(more.random_range(5..150))
+        } else {
+            Duration::from_millis(2)
+        };
         cfg
     }
 
@@ -121,6 +147,8 @@ impl ShardSimConfig {
             mutant: None,
             fence_window: Duration::from_millis(300),
             index: 0,
+            delayed_replica: None,
+            watch_delay: Duration::ZERO,
         }
     }
 
@@ -157,6 +185,16 @@ pub enum Fault {
     HealAgentMysql(ServerId),
     /// An operator asks for a planned reparent to the best replica.
     Switchover,
+    /// A client with `SUPER` commits on this tablet's mysqld whatever its `read_only`: on a
+    /// replica, an errant transaction (scenarios P9, R10).
+    ErrantWrite(ServerId),
+    /// The orchestrator process dies: its engine, its running recovery (wherever the step
+    /// machine was) and its agent connections are gone; its shard lock lives on in etcd until
+    /// the lease expires (`lock_ttl`).
+    CrashOrchestrator,
+    /// A new orchestrator process starts: a fresh engine, which takes the shard lock once the
+    /// dead one's lease has expired.
+    RestartOrchestrator,
 }
 
 impl Fault {
@@ -169,6 +207,7 @@ impl Fault {
             Fault::HealReplication(id) => Some(Fault::CutReplication(id)),
             Fault::RejoinServer(id) => Some(Fault::IsolateServer(id)),
             Fault::HealAgentMysql(id) => Some(Fault::CutAgentMysql(id)),
+            Fault::RestartOrchestrator => Some(Fault::CrashOrchestrator),
             _ => None,
         }
     }
@@ -217,6 +256,14 @@ pub struct RunReport {
     /// anything changed, or undone).
     pub switchovers: usize,
     pub switchover_refusals: usize,
+    /// Orchestrator crashes while a recovery held the shard lock (refreshing or running its
+    /// step machine), and while idle or waiting for the lock.
+    pub crashes_holding_lock: usize,
+    pub crashes_otherwise: usize,
+    /// Replication delays the agents lifted for an emergency reparent (P18).
+    pub delays_lifted: usize,
+    /// Errant transactions committed on replicas.
+    pub errant_writes: usize,
 }
 
 /// A request from the orchestrator to an agent, or the agent's answer.
@@ -287,7 +334,16 @@ struct Agent {
     /// What the last Demote changed (the real agent's `DemoteMemo`), for UndoDemote; cleared
     /// by a promotion or a repoint.
     demote: Option<DemoteMemo>,
+    /// The health the agent last published (the real publication rule,
+    /// [`myha_agent::health::push_due`]) and when its stream last sent one: the stream sends
+    /// each publication and re-sends the current one every `health_interval`.
+    published: Option<Box<pb::Health>>,
+    last_sent: SimTime,
 }
+
+/// The agent's `health_interval` (its default): the publication rule's refresh and the
+/// stream's re-send period.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// An action whose statements take their time: each a round trip to mysqld (or, for the
 /// promotion's history record, to etcd).
@@ -362,7 +418,21 @@ pub struct ShardSim {
     unfenceable_since: Option<SimTime>,
     /// Servers writable without lossless semi-sync, as last reported (once per window).
     not_lossless: BTreeSet<ServerId>,
+    /// The shard record as the watches show it (see [`ShardSimConfig::watch_delay`]), and the
+    /// writes still on their way to them.
+    watched: ShardRecord,
+    watch_queue: VecDeque<(SimTime, ShardRecord)>,
+    watch_rng: StdRng,
+    /// Errant transactions injected: write id, the server they were committed on, and when.
+    errant: Vec<(WriteId, ServerId, SimTime)>,
+    /// The orchestrator process is dead ([`Fault::CrashOrchestrator`]).
+    orch_down: bool,
+    /// A dead orchestrator's shard lock lives until its lease expires.
+    pub(crate) lock_free_at: SimTime,
 }
+
+/// Errant writes' ids start here, apart from the writer's (whose acknowledgements count).
+const ERRANT_BASE: WriteId = 1 << 40;
 
 fn alias(id: ServerId) -> String {
     format!("zone1-{id}")
@@ -455,6 +525,8 @@ impl ShardSim {
                     probe: None,
                     script: None,
                     demote: None,
+                    published: None,
+                    last_sent: SimTime::ZERO,
                 },
             );
             tablets.insert(
@@ -497,7 +569,11 @@ impl ShardSim {
         }
         for &id in &ids[1..] {
             if let Some(s) = servers.get_mut(&id) {
-                let _ = s.change_master(MasterConfig::new(first), now);
+                let mut m = MasterConfig::new(first);
+                if let Some((_, delay)) = cfg.delayed_replica.filter(|(r, _)| *r == id) {
+                    m.master_delay = delay;
+                }
+                let _ = s.change_master(m, now);
                 let _ = s.start_slave(now);
             }
         }
@@ -533,6 +609,9 @@ impl ShardSim {
         let faults = schedule(&cfg, &mut rng, &ids);
         let recovery = RecoveryConfig {
             relay_log_wait: Duration::from_secs(5),
+            // A dead orchestrator's lock outlives it this long (the real default is 5 s; 2 s
+            // leaves the runs room to converge after a crash late in the schedule).
+            lock_ttl: Duration::from_secs(2),
             ..RecoveryConfig::default()
         };
         let mut sim = ShardSim {
@@ -542,7 +621,7 @@ impl ShardSim {
             tablets,
             repl,
             rpc,
-            record,
+            record: record.clone(),
             orch: orchestrator::Orch::new(&cfg, &recovery, base),
             recovery,
             record_revision: 1,
@@ -566,6 +645,12 @@ impl ShardSim {
             two_primaries_since: None,
             unfenceable_since: None,
             not_lossless: BTreeSet::new(),
+            watched: record.clone(),
+            watch_queue: VecDeque::new(),
+            watch_rng: StdRng::seed_from_u64(cfg.seed ^ 0x3a7c_4e11),
+            errant: Vec::new(),
+            orch_down: false,
+            lock_free_at: SimTime::ZERO,
             cfg,
         };
         // The bootstrap's promotion of the first primary, at the empty position.
@@ -679,6 +764,11 @@ impl ShardSim {
                 self.inject(f);
             }
         }
+        while self.watch_queue.front().is_some_and(|(t, _)| *t <= now) {
+            if let Some((_, r)) = self.watch_queue.pop_front() {
+                self.watched = r;
+            }
+        }
         for s in self.servers.values_mut() {
             s.handle_timeout(now);
         }
@@ -725,6 +815,26 @@ impl ShardSim {
         self.flush_outputs();
         self.check_one_primary();
         self.check_lossless();
+    }
+
+    /// A write of the shard record to etcd: the next reads see it at once, the watches
+    /// after their delay (in write order).
+    pub(crate) fn write_record(&mut self, record: ShardRecord) {
+        self.record = record.clone();
+        self.record_revision += 1;
+        let delay = if self.cfg.watch_delay.is_zero() {
+            Duration::ZERO
+        } else {
+            let max = u64::try_from(self.cfg.watch_delay.as_micros()).unwrap_or(u64::MAX);
+            Duration::from_micros(self.watch_rng.random_range(0..=max))
+        };
+        let after = self.watch_queue.back().map_or(self.now, |(t, _)| *t);
+        let at = (self.now + delay).max(after);
+        if at <= self.now {
+            self.watched = record;
+        } else {
+            self.watch_queue.push_back((at, record));
+        }
     }
 
     // ----- Faults -----
@@ -781,7 +891,47 @@ impl ShardSim {
             Fault::HealAgentMysql(id) => {
                 self.agent_mysql_cut.remove(&id);
             }
+            Fault::Switchover if self.orch_down => {
+                self.trace("operator: no orchestrator answers".into());
+                self.report.switchover_refusals += 1;
+            }
             Fault::Switchover => self.operator_switchover(),
+            Fault::ErrantWrite(id) if Some(id) == primary => {
+                // On the primary the same write is an ordinary one (the writer's own are).
+                self.trace(format!("{id} is the primary now: no errant write"));
+            }
+            Fault::ErrantWrite(id) => {
+                let w = ERRANT_BASE + self.errant.len() as WriteId;
+                self.errant.push((w, id, now));
+                self.report.errant_writes += 1;
+                if let Some(s) = self.servers.get_mut(&id) {
+                    s.handle(Input::SuperWrite { write_id: w }, now);
+                }
+            }
+            Fault::CrashOrchestrator => {
+                if !self.orch_down {
+                    self.orch_down = true;
+                    let held = self.orchestrator_crashed();
+                    if held {
+                        self.report.crashes_holding_lock += 1;
+                    } else {
+                        self.report.crashes_otherwise += 1;
+                    }
+                    if held {
+                        self.lock_free_at = now + self.recovery.lock_ttl;
+                        self.trace(format!(
+                            "the dead orchestrator's shard lock lives until {} ms",
+                            ms(self.lock_free_at)
+                        ));
+                    }
+                }
+            }
+            Fault::RestartOrchestrator => {
+                if self.orch_down {
+                    self.orch_down = false;
+                    self.orchestrator_restarted();
+                }
+            }
         }
         self.flush_outputs();
     }
@@ -802,7 +952,8 @@ impl ShardSim {
                         semi_sync,
                         at,
                         ..
-                    } => acks.push((write_id, *id, semi_sync, at)),
+                    } if write_id < ERRANT_BASE => acks.push((write_id, *id, semi_sync, at)),
+                    Output::Ack { .. } => {}
                     Output::WriteFailed { .. } => {}
                 }
             }
@@ -996,6 +1147,29 @@ impl ShardSim {
         }
     }
 
+    /// No primary holds an errant transaction (scenarios P9, R10: a replica with one is kept
+    /// out of promotion; the writes it holds would replicate to every tablet, and whatever
+    /// the primary wrote at the same sequence numbers would break its replicas).
+    pub(crate) fn check_no_errant_primary(&mut self, primary: ServerId, when: &str) {
+        let Some(p) = self.servers.get(&primary) else {
+            return;
+        };
+        let held: Vec<(WriteId, ServerId)> = self
+            .errant
+            .iter()
+            .filter(|(w, _, _)| p.holds(*w))
+            .map(|(w, s, _)| (*w, *s))
+            .collect();
+        if !held.is_empty() {
+            self.violate(
+                "errant primary",
+                format!(
+                    "{when}: primary {primary} holds errant transaction(s) {held:?} (write id, server)"
+                ),
+            );
+        }
+    }
+
     /// A reparent that deposes the record's primary, decided at `decided`, must have had a
     /// reason: the primary's mysqld was down, frozen, or out of every running server's reach
     /// at some point from a second before the decision until now (scenarios P5, P6: a primary only the orchestrator, or only
@@ -1023,13 +1197,30 @@ impl ShardSim {
     /// the only copy of acknowledged writes, discarded) is a double failure; refusing to
     /// promote is the lossless answer, and an operator may force it.
     fn convergence_waiver(&self) -> Option<String> {
-        if self.cfg.durability != Durability::SemiSync {
-            return None;
-        }
         let failed = self.first_primary_failure?;
         let p = self.record.primary.as_deref().and_then(server_of)?;
         if self.servers.get(&p)?.process_state() != ProcessState::Down {
             return None;
+        }
+        if self.cfg.durability != Durability::SemiSync {
+            // An errant write on a replica after the primary failed, typically on the
+            // candidate while it still applies its relay log: its SQL thread stops on the
+            // dead primary's transaction at the same sequence number (error 1950), so it can
+            // never apply what it received, and the reparent refuses rather than promote a
+            // less advanced tablet. The emergency reparent's errant check compares positions,
+            // which this write hides behind the dead primary's higher sequence numbers.
+            let late: BTreeSet<ServerId> = self
+                .errant
+                .iter()
+                .filter(|(_, _, t)| *t >= failed)
+                .map(|(_, s, _)| *s)
+                .collect();
+            return (!late.is_empty()).then(|| {
+                format!(
+                    "primary {p} stays down and {late:?} took errant transactions after it failed at {} ms (a double failure: refusing beats promoting a less advanced tablet)",
+                    ms(failed)
+                )
+            });
         }
         let restarted: Vec<ServerId> = self
             .started
@@ -1037,10 +1228,18 @@ impl ShardSim {
             .filter(|(id, t)| **id != p && **t >= failed)
             .map(|(id, _)| *id)
             .collect();
-        (!restarted.is_empty()).then(|| {
-            format!(
+        if !restarted.is_empty() {
+            return Some(format!(
                 "primary {p} stays down and {restarted:?} restarted after it failed at {} ms (a double failure K = 1 does not survive without risking acknowledged writes)",
                 ms(failed)
+            ));
+        }
+        // A replica with errant transactions is never promoted, and what it received (and
+        // acknowledged) may be beyond every other replica: refusing is the lossless answer.
+        let errant: BTreeSet<ServerId> = self.errant.iter().map(|(_, s, _)| *s).collect();
+        (!errant.is_empty()).then(|| {
+            format!(
+                "primary {p} stays down and {errant:?} took errant transactions (never promoted; a double failure K = 1 does not survive without risking acknowledged writes)"
             )
         })
     }
@@ -1049,6 +1248,7 @@ impl ShardSim {
         let primary = self.record.primary.as_deref().and_then(server_of);
         if let Some(p) = primary {
             self.check_no_loss(p, "end of run");
+            self.check_no_errant_primary(p, "end of run");
             let late: Vec<_> = self
                 .late_acks
                 .iter()
@@ -1133,7 +1333,8 @@ impl ShardSim {
         let now = self.now;
         let agent = self.agents.get(&id).cloned();
         let terms = agent.map(|a| a.terms).unwrap_or_default();
-        let is_primary = self.record.primary.as_deref() == Some(alias(id).as_str());
+        // The agent's record is its watch's.
+        let is_primary = self.watched.primary.as_deref() == Some(alias(id).as_str());
         let mut h = pb::Health {
             alias: alias(id),
             keyspace: "ks".into(),
@@ -1342,6 +1543,35 @@ impl ShardSim {
                         )))
                     }
                 };
+                // ApplyReceived lifts a replication delay first, as the agent's `lift_delay`
+                // does: only with the IO thread stopped, then the SQL thread alone restarted
+                // without the delay, the relay log kept.
+                if matches!(action, AgentAction::ApplyReceived { .. }) {
+                    let delayed = match s.status(now) {
+                        Ok(st) => st.slave.filter(|sl| !sl.sql_delay.is_zero()),
+                        Err(e) => return Some(Err(mysql(e))),
+                    };
+                    if let Some(sl) = delayed {
+                        if sl.io_running != IoRunning::No {
+                            return Some(Err(Self::refused(
+                                tonic::Code::FailedPrecondition,
+                                format!(
+                                    "lifting the replication delay ({} ms) needs the IO thread stopped; it is {:?}",
+                                    sl.sql_delay.as_millis(),
+                                    sl.io_running
+                                ),
+                            )));
+                        }
+                        let lifted = s
+                            .stop_slave(now)
+                            .and_then(|_| s.lift_master_delay(now))
+                            .and_then(|_| s.start_slave_sql(now));
+                        if let Err(e) = lifted {
+                            return Some(Err(mysql(e)));
+                        }
+                        self.report.delays_lifted += 1;
+                    }
+                }
                 match s.status(now) {
                     Ok(_) => {
                         agent.waits.push(Wait {
@@ -1683,7 +1913,7 @@ impl ShardSim {
                 }
             }
             // The fencing decision on the shard record as its watch sees it.
-            let record = self.record.clone();
+            let record = self.watched.clone();
             let Some(a) = self.agents.get_mut(&id) else {
                 continue;
             };
@@ -1737,7 +1967,7 @@ impl ShardSim {
     /// server.
     fn probe_primary(&mut self, id: ServerId) {
         let now = self.now;
-        let Some(p) = self.record.primary.clone() else {
+        let Some(p) = self.watched.primary.clone() else {
             return;
         };
         let Some(ps) = server_of(&p) else {
@@ -1791,11 +2021,32 @@ impl ShardSim {
         });
     }
 
-    /// The agent's stream pushes its poll's health (a frozen mysqld's poll ends at the query
-    /// timeout, later).
+    /// The agent publishes its poll's health when the real rule says so, and its stream sends
+    /// it (a frozen mysqld's poll ends at the query timeout, later); otherwise the stream
+    /// re-sends the last publication once `health_interval` has passed since it last sent.
     fn push_health(&mut self, id: ServerId) {
+        let now = self.now;
         let (h, delayed) = self.health(id);
-        if delayed {
+        let Some(a) = self.agents.get_mut(&id) else {
+            return;
+        };
+        let due = a
+            .published
+            .as_deref()
+            .is_none_or(|last| myha_agent::health::push_due(last, &h, HEALTH_INTERVAL));
+        let h = if due {
+            a.published = Some(h.clone());
+            h
+        } else if now.saturating_since(a.last_sent) >= HEALTH_INTERVAL {
+            match a.published.clone() {
+                Some(p) => p,
+                None => return,
+            }
+        } else {
+            return;
+        };
+        a.last_sent = now;
+        if delayed && due {
             let at = self.now + Duration::from_millis(300);
             if let Some(a) = self.agents.get_mut(&id) {
                 a.delayed.push((at, PUSH, h));
@@ -1922,6 +2173,42 @@ fn schedule(cfg: &ShardSimConfig, rng: &mut StdRng, ids: &[ServerId]) -> Vec<(Si
             op.random_range(200..quiet_from - 1_500)
         };
         out.push((at, Fault::Switchover));
+    }
+    // Later additions, each from a stream of its own for the same reason.
+    // An errant transaction on a replica, long enough before the faults stop for the
+    // repairs to see it.
+    let mut errant = StdRng::seed_from_u64(cfg.seed ^ 0xe77a_9700);
+    if errant.random_bool(0.15) && quiet_from > 1_200 {
+        let r = replicas[errant.random_range(0..replicas.len())];
+        let at = errant.random_range(100..quiet_from - 1_000);
+        out.push((at, Fault::ErrantWrite(r)));
+    }
+    // Scenario P18: the delayed replica is the one that received the newest writes (the
+    // others stopped receiving just before the primary failed), so the reparent must lift its
+    // delay and apply what it received.
+    if let Some((d, _)) = cfg.delayed_replica {
+        let mut p18 = StdRng::seed_from_u64(cfg.seed ^ 0x0918_d31a);
+        if p18.random_bool(0.6) {
+            let at = t_fail.saturating_sub(p18.random_range(20..200u64));
+            let h = heal_at(&mut p18, t_fail);
+            for &r in replicas.iter().filter(|r| **r != d) {
+                out.push((at, Fault::CutReplication(r)));
+                out.push((h, Fault::HealReplication(r)));
+            }
+        }
+    }
+    // The orchestrator dies, mostly while it handles the primary's failure (its recovery
+    // stops wherever the step machine is; nothing undoes it), and a new one starts.
+    let mut crash = StdRng::seed_from_u64(cfg.seed ^ 0x0c4a_5e00);
+    if crash.random_bool(0.25) {
+        let at = if crash.random_bool(0.8) {
+            t_fail + crash.random_range(0..400u64)
+        } else {
+            crash.random_range(100..quiet_from / 2)
+        };
+        let back = (at + crash.random_range(50..1_500u64)).min(quiet_from.saturating_sub(1));
+        out.push((at, Fault::CrashOrchestrator));
+        out.push((back.max(at), Fault::RestartOrchestrator));
     }
     out.sort_by_key(|(t, _)| *t);
     out.into_iter()

@@ -918,3 +918,29 @@ fn a_primary_that_would_not_wait_without_replicas_is_not_lossless() {
         .wait_no_replica = Some(true);
     assert_eq!(codes(&s), vec![]);
 }
+
+#[test]
+fn an_errant_transaction_behind_the_primarys_position_is_found_in_the_binlog_states() {
+    let health = |state: &str| pb::Health {
+        mysql: Some(pb::MysqlStatus {
+            flavor: "mariadb".into(),
+            gtid_binlog_state: state.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Replica 103 wrote 0-103-356; the primary has since written 0-101-360, so the positions
+    // (0-103-356 against 0-101-360) look like a replica merely behind.
+    let replica = health("0-101-355,0-103-356");
+    let primary = health("0-101-360");
+    assert_eq!(
+        errant_in_binlog_state(&replica, &primary, "101").as_deref(),
+        Some("0-103-356")
+    );
+    // What the primary wrote after its own health was taken is not errant.
+    let ahead = health("0-101-365");
+    assert_eq!(errant_in_binlog_state(&ahead, &primary, "101"), None);
+    // Unknown states: no verdict.
+    assert_eq!(errant_in_binlog_state(&health(""), &primary, "101"), None);
+    assert_eq!(errant_in_binlog_state(&replica, &health(""), "101"), None);
+}

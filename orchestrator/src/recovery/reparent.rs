@@ -294,6 +294,9 @@ pub struct Emergency {
     reference: Option<Reference>,
     demoted: bool,
     stopped: Vec<String>,
+    /// What the answering replicas that are not candidates (quarantined) received, from their
+    /// IO stop: under semi-sync they may have acknowledged it.
+    received_elsewhere: BTreeMap<String, String>,
     final_statuses: BTreeMap<String, pb::Health>,
     cands: Vec<Candidate>,
     choice: Option<Choice>,
@@ -323,6 +326,7 @@ impl Emergency {
             reference: None,
             demoted: false,
             stopped: Vec::new(),
+            received_elsewhere: BTreeMap::new(),
             final_statuses: BTreeMap::new(),
             cands: Vec::new(),
             choice: None,
@@ -385,6 +389,10 @@ impl Emergency {
             return self.finish(Err(e));
         }
         for alias in self.stopped.clone() {
+            if let Some(why) = self.relay_log_at_risk(&alias) {
+                self.record("restart_io", Some(&alias), false, why);
+                continue;
+            }
             self.agent(
                 &alias,
                 AgentAction::StartReplication { io_only: true },
@@ -400,6 +408,27 @@ impl Emergency {
         } else {
             self.undoing = Some(e);
         }
+    }
+
+    /// MariaDB with GTID: starting the IO thread of a replica whose SQL thread is not running
+    /// discards its relay log and fetches again from `gtid_slave_pos` (orchestrator avoids the
+    /// same restart for this reason). With the primary lost, that relay log may hold the only
+    /// copy of acknowledged writes (a quarantined errant replica's, stopped on error 1950, for
+    /// one), so such a replica is left with replication stopped, and the reason recorded.
+    fn relay_log_at_risk(&self, alias: &str) -> Option<String> {
+        let h = self.plan.as_ref()?.answering.get(alias)?;
+        let rep = h.replication.as_ref()?;
+        let sql_running = rep.sql_state == pb::ThreadState::Running as i32;
+        (analysis::flavor_of(h) == gtid::Flavor::MariaDb && !sql_running).then(|| {
+            format!(
+                "IO thread left stopped: its SQL thread is not running{}, and starting the IO thread would discard its relay log (MariaDB GTID), which may hold the only copy of acknowledged writes",
+                if rep.last_sql_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", rep.last_sql_error)
+                }
+            )
+        })
     }
 
     fn plan(&self) -> &Plan {
@@ -797,6 +826,8 @@ impl Emergency {
                         rep.gtid_io_pos = r.gtid_received;
                     }
                     self.final_statuses.insert(alias, h);
+                } else if !r.gtid_received.is_empty() {
+                    self.received_elsewhere.insert(alias, r.gtid_received);
                 }
             }
             Err(_) => {
@@ -813,6 +844,8 @@ impl Emergency {
             Ok(h) if h.mysql_reachable => {
                 if self.plan().reachable.contains_key(&alias) {
                     self.final_statuses.insert(alias, *h);
+                } else if let Some(r) = received(&h) {
+                    self.received_elsewhere.insert(alias, r);
                 }
             }
             Ok(h) => self.record(
@@ -881,6 +914,13 @@ impl Emergency {
                 )));
             }
         };
+        if let Some(why) = self.received_beyond_target(&cands, &choice) {
+            self.record("choose_candidate", None, false, why.clone());
+            return self.fail(RecoveryError::Refused(format!(
+                "{why}; IO threads restarted, primary {} stays in the record at term {}",
+                plan.old_primary, plan.record.term
+            )));
+        }
         self.record(
             "choose_candidate",
             Some(&choice.candidate),
@@ -922,6 +962,48 @@ impl Emergency {
 
     fn choice(&self) -> &Choice {
         self.choice.as_ref().expect("chosen before")
+    }
+
+    /// Under semi-sync, a replica that can acknowledge but cannot be promoted (quarantined, or
+    /// holding errant transactions) may hold the only copy of acknowledged writes in what it
+    /// received: the choice's target (what the candidate will hold, the most advanced clean
+    /// replica's position) must contain it, or the promotion would lose them. Nothing can
+    /// fetch them from such a replica (an errant one's SQL thread is typically stopped on the
+    /// primary's transaction at its errant sequence number, so they are not in its binlog):
+    /// the answer is a refusal, with what is missing where.
+    fn received_beyond_target(&self, cands: &[Candidate], choice: &Choice) -> Option<String> {
+        let plan = self.plan();
+        if plan.durability != Durability::SemiSync {
+            return None;
+        }
+        let flavor = cands.first().map(|c| c.position.flavor())?;
+        let target = GtidSet::parse(flavor, &choice.target_position).ok()?;
+        let errant = cands.iter().filter(|c| c.errant.is_some()).filter_map(|c| {
+            Some((
+                c.alias.clone(),
+                received(self.final_statuses.get(&c.alias)?)?,
+            ))
+        });
+        let quarantined = self
+            .received_elsewhere
+            .iter()
+            .map(|(a, r)| (a.clone(), r.clone()));
+        let beyond: Vec<String> = errant
+            .chain(quarantined)
+            .filter(|(a, _)| plan.replicas.contains(a) && !plan.relay_lost.contains_key(a))
+            .filter_map(|(a, r)| {
+                let got = GtidSet::parse(flavor, &r).ok()?;
+                (!target.contains_set(&got).unwrap_or(false)).then(|| format!("{a} received {r}"))
+            })
+            .collect();
+        (!beyond.is_empty()).then(|| {
+            format!(
+                "durability semi_sync: {} (quarantined or errant, so never promoted, and it may have acknowledged what it received), beyond the most advanced clean replica's {}: promoting {} would lose those writes; refusing (an operator may force it)",
+                beyond.join("; "),
+                choice.target_position,
+                choice.candidate
+            )
+        })
     }
 
     /// Points the candidate at the most advanced tablet; then waits for the target and stops

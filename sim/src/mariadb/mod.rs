@@ -297,6 +297,10 @@ pub enum AdminError {
 pub enum Input {
     /// A client commits one transaction.
     ClientWrite { write_id: WriteId },
+    /// A client with `SUPER` (or `READ_ONLY ADMIN`) commits one transaction: `read_only` does
+    /// not stop it. On a replica this is how errant transactions are born (an operator's
+    /// maintenance, a misrouted script).
+    SuperWrite { write_id: WriteId },
     /// A message from another server, delivered by the network.
     Message { from: ServerId, message: Message },
 }
@@ -689,7 +693,7 @@ impl Server {
         // Clients waiting on a commit (semi-sync) or on a frozen server lose their connection.
         let waiting = self.pending.drain(..).map(|p| p.write_id);
         let queued = inbox.into_iter().filter_map(|i| match i {
-            Input::ClientWrite { write_id } => Some(write_id),
+            Input::ClientWrite { write_id } | Input::SuperWrite { write_id } => Some(write_id),
             Input::Message { .. } => None,
         });
         let lost: Vec<WriteId> = waiting.chain(queued).collect();
@@ -773,6 +777,23 @@ impl Server {
         self.require_slave_stopped()?;
         self.master = Some(master);
         self.replica = ReplicaState::new(self.slave_pos.clone());
+        Ok(())
+    }
+
+    /// Lifts `MASTER_DELAY` keeping the relay log, as myha's agent does (a `CHANGE MASTER TO
+    /// MASTER_USE_GTID = no, MASTER_DELAY = 0, RELAY_LOG_FILE = .., RELAY_LOG_POS = ..` at where
+    /// the SQL thread stopped): every received transaction stays, and is applied as soon as the
+    /// SQL thread starts. Needs both threads stopped, like any `CHANGE MASTER`. The connection
+    /// settings are otherwise kept (the model has no file positions: the next IO thread start
+    /// resumes from `gtid_slave_pos` as before).
+    pub fn lift_master_delay(&mut self, now: SimTime) -> Result<(), AdminError> {
+        self.admin(now)?;
+        self.require_slave_stopped()?;
+        let master = self
+            .master
+            .as_mut()
+            .ok_or(AdminError::NotConfiguredAsSlave)?;
+        master.master_delay = Duration::ZERO;
         Ok(())
     }
 
@@ -1103,14 +1124,15 @@ impl Server {
 
     fn process_input(&mut self, input: Input) {
         match input {
-            Input::ClientWrite { write_id } => self.client_write(write_id),
+            Input::ClientWrite { write_id } => self.client_write(write_id, false),
+            Input::SuperWrite { write_id } => self.client_write(write_id, true),
             Input::Message { from, message } => self.receive(from, message),
         }
     }
 
-    fn client_write(&mut self, write_id: WriteId) {
+    fn client_write(&mut self, write_id: WriteId, super_user: bool) {
         let at = self.now;
-        if self.read_only {
+        if self.read_only && !super_user {
             self.outputs.push_back(Output::WriteFailed {
                 write_id,
                 error: WriteError::ReadOnly,

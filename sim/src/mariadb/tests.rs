@@ -538,18 +538,23 @@ fn restart_with_replication_started_reconnects() {
     assert_eq!(net.slave(2).io_running, IoRunning::Yes);
 }
 
-#[test]
-fn master_delay_holds_back_application_by_virtual_time() {
-    let mut net = cluster(
+/// One lossless replica, 2, configured with `MASTER_DELAY`.
+fn delayed_replica(delay: Duration) -> Net {
+    cluster(
         1,
         SemiSyncTimeout::Never,
         1,
         |_| {},
         MasterConfig {
-            master_delay: secs(30),
+            master_delay: delay,
             ..MasterConfig::new(PRIMARY)
         },
-    );
+    )
+}
+
+#[test]
+fn master_delay_holds_back_application_by_virtual_time() {
+    let mut net = delayed_replica(secs(30));
     net.now = at(100);
     net.write(PRIMARY, 1);
     // Received and acked at once, applied 30 s after the original commit.
@@ -563,6 +568,56 @@ fn master_delay_holds_back_application_by_virtual_time() {
     net.run_until(at(130));
     assert_eq!(net.binlog_ids(2), vec![1]);
     assert_eq!(net.slave(2).seconds_behind_master, Some(0));
+}
+
+#[test]
+fn lifting_master_delay_keeps_the_relay_log_and_applies_it_at_once() {
+    let mut net = delayed_replica(secs(30));
+    net.now = at(100);
+    net.write(PRIMARY, 1);
+    net.write(PRIMARY, 2);
+    net.run_until(at(101));
+    assert_eq!(net.relay_ids(2), vec![1, 2]);
+    // Lifting needs both threads stopped, like any CHANGE MASTER.
+    assert_eq!(
+        net.s(2).lift_master_delay(at(101)),
+        Err(AdminError::SlaveRunning)
+    );
+    net.s(2).stop_slave(at(101)).unwrap();
+    net.s(2).lift_master_delay(at(101)).unwrap();
+    assert_eq!(net.relay_ids(2), vec![1, 2], "the relay log is kept");
+    assert_eq!(net.slave(2).sql_delay, Duration::ZERO);
+    // The SQL thread alone applies what was received, without the delay.
+    net.s(2).start_slave_sql(at(101)).unwrap();
+    net.run_until(at(102));
+    assert_eq!(net.binlog_ids(2), vec![1, 2]);
+    // A plain CHANGE MASTER would have discarded them (the model's rule for any other change).
+    assert_eq!(
+        net.s(1).lift_master_delay(at(102)),
+        Err(AdminError::NotConfiguredAsSlave)
+    );
+}
+
+#[test]
+fn a_super_write_ignores_read_only_and_a_client_write_does_not() {
+    let mut net = lossless(1);
+    net.write(PRIMARY, 1);
+    assert!(net.s(2).status(at(0)).unwrap().read_only);
+    net.write(2, 50);
+    assert_eq!(
+        net.binlog_ids(2),
+        vec![1],
+        "read_only refuses a plain client"
+    );
+    let now = net.now;
+    net.s(2).handle(Input::SuperWrite { write_id: 51 }, now);
+    net.deliver();
+    assert_eq!(net.binlog_ids(2), vec![1, 51]);
+    assert_eq!(
+        net.s(2).status(now).unwrap().gtid_binlog_pos,
+        pos("0-2-2"),
+        "an errant transaction: the replica's own server_id"
+    );
 }
 
 #[test]

@@ -11,10 +11,13 @@
 //! likewise).
 //!
 //! Modelled here: the health stream (a tablet is connected while its pushes arrive, with a
-//! one-second idle timeout like the stream's keep-alive), the shard lock (one orchestrator: it
-//! is always free, so the runner's flapping check under it is left out; the engine's own
-//! flapping check reads the in-memory audit log), and etcd (the record is written at once after
-//! a round trip; the promotion history is what the agents recorded as they promoted).
+//! one-second idle timeout like the stream's keep-alive; the streams are the watches', shared
+//! with the gateway, so they outlive an orchestrator process), the shard lock (one orchestrator
+//! at a time: free, except that a dead orchestrator's lock lives until its lease expires, and a
+//! recovery waits for it up to `lock_wait` and ends `LockHeld`; the runner's flapping check
+//! under it is left out, the engine's own flapping check reads the audit log), and etcd (the
+//! record is written at once after a round trip; audit and quarantines survive an orchestrator;
+//! the promotion history is what the agents recorded as they promoted).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -82,6 +85,10 @@ struct Recovery {
 }
 
 enum Stage {
+    /// Waiting for the shard lock, which a dead orchestrator's lease holds
+    /// ([`ShardSim::lock_free_at`]); given up at `give_up` (the runner's `lock_wait`, an
+    /// operator's `planned_lock_timeout`) as [`Outcome::LockHeld`].
+    Locking { give_up: SimTime },
     /// The refresh: `FullStatus` asked of every tablet.
     Refreshing {
         asked: BTreeMap<u64, (String, SimTime)>,
@@ -244,7 +251,8 @@ impl ShardSim {
         ShardView {
             keyspace: "ks".into(),
             shard: self.cfg.shard_name(),
-            record: Some(Arc::new(self.record.clone())),
+            // The record as the watches (the engine's, the gateway's) show it.
+            record: Some(Arc::new(self.watched.clone())),
             tablets,
         }
     }
@@ -399,8 +407,30 @@ impl ShardSim {
         self.begin_refresh(job, true);
     }
 
-    /// The refresh under the lock: `FullStatus` asked of every tablet.
+    /// Takes the lock, then the refresh under it.
     fn begin_refresh(&mut self, job: Job, operator: bool) {
+        let stage = if self.now < self.lock_free_at {
+            let wait = if operator {
+                self.recovery.planned_lock_timeout
+            } else {
+                self.recovery.lock_wait
+            };
+            Stage::Locking {
+                give_up: self.now + wait,
+            }
+        } else {
+            self.ask_statuses(&job)
+        };
+        self.orch.recovery = Some(Recovery {
+            job,
+            started: self.now,
+            stage,
+            operator,
+        });
+    }
+
+    /// The refresh under the lock: `FullStatus` asked of every tablet.
+    fn ask_statuses(&mut self, job: &Job) -> Stage {
         let suspect = job
             .problem
             .code
@@ -418,16 +448,55 @@ impl ShardSim {
             let id = self.send_rpc(&a, Term::ZERO, bound, Request::FullStatus);
             asked.insert(id, (a, self.now + bound));
         }
-        self.orch.recovery = Some(Recovery {
-            job,
-            started: self.now,
-            stage: Stage::Refreshing {
-                asked,
-                answers: BTreeMap::new(),
-                unseen: BTreeMap::new(),
-            },
-            operator,
-        });
+        Stage::Refreshing {
+            asked,
+            answers: BTreeMap::new(),
+            unseen: BTreeMap::new(),
+        }
+    }
+
+    /// The orchestrator process died; whether it held the shard lock then (a recovery past
+    /// taking it). Its engine, recovery and queued inputs are gone; what it wrote to etcd
+    /// (audit, quarantines) stays.
+    pub(super) fn orchestrator_crashed(&mut self) -> bool {
+        let held = match self.orch.recovery.as_ref() {
+            Some(rec) => {
+                let stage = match &rec.stage {
+                    Stage::Locking { .. } => "waiting for the lock",
+                    Stage::Refreshing { .. } => "refreshing",
+                    Stage::Running(_) => "running its step machine",
+                };
+                let what = format!(
+                    "the orchestrator dies {stage} for {} {}",
+                    rec.job.problem.code.as_str(),
+                    rec.job.problem.tablet.as_deref().unwrap_or("")
+                );
+                let held = !matches!(rec.stage, Stage::Locking { .. });
+                self.trace(what);
+                held
+            }
+            None => {
+                self.trace("the orchestrator dies idle".into());
+                false
+            }
+        };
+        self.orch.engine = None;
+        self.orch.recovery = None;
+        self.orch.deferred = None;
+        self.orch.requested = false;
+        self.orch.inputs.clear();
+        self.orch.outbox.clear();
+        held
+    }
+
+    /// A new orchestrator process: a fresh engine over the same etcd (record, audit,
+    /// quarantines). The health streams are the watches' (shared with the gateway, which
+    /// never stopped), so the new engine sees what arrived while it was down.
+    pub(super) fn orchestrator_restarted(&mut self) {
+        self.trace("a new orchestrator starts".into());
+        self.orch.engine = Some(engine(&self.recovery));
+        self.orch.last_view = None;
+        self.orch.dirty = true;
     }
 
     fn recovery_tick(&mut self) {
@@ -436,6 +505,22 @@ impl ShardSim {
             return;
         };
         match &mut rec.stage {
+            Stage::Locking { give_up } => {
+                let give_up = *give_up;
+                if now >= self.lock_free_at {
+                    let job = rec.job.clone();
+                    let stage = self.ask_statuses(&job);
+                    if let Some(rec) = self.orch.recovery.as_mut() {
+                        rec.stage = stage;
+                    }
+                } else if now >= give_up {
+                    let holder = format!(
+                        "a dead orchestrator, whose lease expires at {} ms",
+                        ms(self.lock_free_at)
+                    );
+                    self.recovery_done(None, Outcome::LockHeld { holder }, None);
+                }
+            }
             Stage::Refreshing { asked, unseen, .. } => {
                 let late: Vec<u64> = asked
                     .iter()
@@ -645,6 +730,7 @@ impl ShardSim {
             return;
         };
         match &mut rec.stage {
+            Stage::Locking { .. } => {}
             Stage::Refreshing {
                 asked,
                 answers,
@@ -749,6 +835,7 @@ impl ShardSim {
                             self.trace(format!("orchestrator: {}", done.detail));
                             if let Some(p) = done.new_primary.as_deref().and_then(server_of) {
                                 self.check_no_loss(p, "after the reparent");
+                                self.check_no_errant_primary(p, "after the reparent");
                             }
                             let outcome = Outcome::Recovered {
                                 detail: done.detail,
@@ -817,8 +904,7 @@ impl ShardSim {
                         record.primary, record.term
                     ));
                 }
-                self.record = record;
-                self.record_revision += 1;
+                self.write_record(record);
                 let rev = self.record_revision;
                 self.local(now + ETCD_RTT, id, Reply::Written(Ok(rev)));
             }
