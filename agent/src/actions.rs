@@ -576,7 +576,7 @@ pub async fn set_replication_source(
             host: host.clone(),
             port,
             user: shared.cfg.mysql.repl_user.clone(),
-            password: shared.cfg.mysql.repl_password.clone(),
+            password: shared.cfg.mysql.repl_password.expose().to_string(),
             connect_retry_secs: 1,
             heartbeat_period_secs: 0.5,
         };

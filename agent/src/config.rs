@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use daemon::invalid;
 pub use daemon::ConfigError;
-pub use daemon::{EtcdSection, LogFormat, LogSection};
+pub use daemon::{EtcdSection, LogFormat, LogSection, Secret};
 use serde::{Deserialize, Serialize};
 use topo::PromotionRule;
 
@@ -55,17 +55,64 @@ pub struct MysqlSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
     pub user: String,
-    #[serde(default)]
-    pub password: String,
+    /// The agent user's password: here, or in a file (`password_file`) or an environment
+    /// variable (`password_env`), resolved into this field at load.
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
+    pub password: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
     pub repl_user: String,
-    #[serde(default)]
-    pub repl_password: String,
+    /// The replication user's password (given to `CHANGE MASTER` on this tablet only; never
+    /// written to etcd): here, in `repl_password_file` or in `repl_password_env`.
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
+    pub repl_password: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repl_password_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repl_password_env: Option<String>,
     #[serde(default)]
     pub flavor: FlavorName,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(default = "default_query_timeout", with = "humantime_serde")]
     pub query_timeout: Duration,
+}
+
+impl MysqlSection {
+    /// Reads each password from where the config says (the config itself, a file or the
+    /// environment) into `password` / `repl_password`; the file and variable settings are
+    /// cleared, as they are now folded in.
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        self.password = daemon::SecretSource {
+            keys: [
+                "mysql.password",
+                "mysql.password_file",
+                "mysql.password_env",
+            ],
+            inline: &self.password,
+            file: self.password_file.as_deref(),
+            env: self.password_env.as_deref(),
+        }
+        .resolve()?;
+        self.repl_password = daemon::SecretSource {
+            keys: [
+                "mysql.repl_password",
+                "mysql.repl_password_file",
+                "mysql.repl_password_env",
+            ],
+            inline: &self.repl_password,
+            file: self.repl_password_file.as_deref(),
+            env: self.repl_password_env.as_deref(),
+        }
+        .resolve()?;
+        self.password_file = None;
+        self.password_env = None;
+        self.repl_password_file = None;
+        self.repl_password_env = None;
+        Ok(())
+    }
 }
 
 fn default_host() -> String {
@@ -155,14 +202,16 @@ impl Default for AgentSection {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let cfg: AgentConfig = daemon::load_toml(path)?;
+        let mut cfg: AgentConfig = daemon::load_toml(path)?;
         cfg.validate()?;
+        cfg.mysql.resolve_secrets()?;
         Ok(cfg)
     }
 
     pub fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
-        let cfg: AgentConfig = daemon::parse_toml(text)?;
+        let mut cfg: AgentConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
+        cfg.mysql.resolve_secrets()?;
         Ok(cfg)
     }
 
@@ -266,6 +315,58 @@ endpoints = ["http://127.0.0.1:2379"]
         assert_eq!(cfg.tablet.promotion_rule, PromotionRule::Neutral);
         assert_eq!(cfg.alias(), "zone1-101");
         assert_eq!(cfg.mysql.flavor, FlavorName::Mariadb);
+    }
+
+    /// MINIMAL with `extra` added to its `[mysql]` section.
+    fn with_mysql(extra: &str) -> String {
+        MINIMAL.replace(
+            "repl_user = \"myha_repl\"\n",
+            &format!("repl_user = \"myha_repl\"\n{extra}\n"),
+        )
+    }
+
+    #[test]
+    fn passwords_come_from_the_config_a_file_or_the_environment_and_never_show() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file, with a comma\n").expect("write");
+        std::env::set_var("MYHA_TEST_REPL_PW", "from-env");
+        let cfg = AgentConfig::parse(&with_mysql(&format!(
+            "password_file = {:?}\nrepl_password_env = \"MYHA_TEST_REPL_PW\"",
+            file.display().to_string()
+        )))
+        .expect("parses");
+        assert_eq!(cfg.mysql.password.expose(), "from-file, with a comma");
+        assert_eq!(cfg.mysql.repl_password.expose(), "from-env");
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("from-file") && !shown.contains("from-env"),
+            "{shown}"
+        );
+        let inline = AgentConfig::parse(&with_mysql("password = \"inline\"")).expect("parses");
+        assert_eq!(inline.mysql.password.expose(), "inline");
+        // At most one source; a file that cannot be read and an unset variable are named.
+        let e = AgentConfig::parse(&with_mysql(&format!(
+            "password = \"x\"\npassword_file = {:?}",
+            file.display().to_string()
+        )))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`mysql.password_file`") && e.contains("at most one"),
+            "{e}"
+        );
+        let e = AgentConfig::parse(&with_mysql("repl_password_file = \"/nonexistent/pw\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`mysql.repl_password_file`") && e.contains("/nonexistent/pw"),
+            "{e}"
+        );
+        let e = AgentConfig::parse(&with_mysql("password_env = \"MYHA_TEST_UNSET_VARIABLE\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`mysql.password_env`"), "{e}");
     }
 
     #[test]

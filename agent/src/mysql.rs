@@ -71,7 +71,7 @@ impl Endpoint {
             .ip_or_hostname(cfg.host.clone())
             .tcp_port(cfg.port)
             .user(Some(cfg.user.clone()))
-            .pass(Some(cfg.password.clone()))
+            .pass(Some(cfg.password.expose().to_string()))
             .prefer_socket(false)
             .stmt_cache_size(0);
         let addr = match &cfg.socket {
@@ -206,15 +206,7 @@ pub async fn exec(conn: &mut Conn, sql: &str, timeout: Duration) -> Result<(), M
 
 /// Statements can carry the replication password; never echo it into errors or logs.
 pub fn redact(sql: &str) -> String {
-    let upper = sql.to_ascii_uppercase();
-    for key in ["MASTER_PASSWORD", "SOURCE_PASSWORD"] {
-        if let Some(i) = upper.find(key) {
-            let rest = &sql[i..];
-            let end = rest.find(", ").map(|e| i + e).unwrap_or(sql.len());
-            return format!("{}{key} = '***'{}", &sql[..i], &sql[end..]);
-        }
-    }
-    sql.to_string()
+    flavor::redact_secrets(sql)
 }
 
 /// The server's dialect from `SELECT @@version`.
@@ -236,5 +228,10 @@ mod tests {
         assert!(!r.contains("s3cr"), "{r}");
         assert!(r.contains("MASTER_USE_GTID"), "{r}");
         assert_eq!(redact("STOP SLAVE"), "STOP SLAVE");
+        // A password holding ", " (the rule used to stop there, leaking the rest).
+        let s =
+            "CHANGE MASTER TO MASTER_PASSWORD = 'x, tail-of-secret', MASTER_USE_GTID = slave_pos";
+        let r = redact(s);
+        assert!(!r.contains("tail-of-secret"), "{r}");
     }
 }

@@ -58,6 +58,87 @@ pub fn require_positive(durations: &[(&'static str, Duration)]) -> Result<(), Co
     }
 }
 
+/// A password or token from a config file: kept out of `Debug` output (configs are printed in
+/// errors and traces) and serialised as written. Read it with [`Secret::expose`].
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it (a connection, a statement that
+    /// is itself redacted before any log).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
+}
+
+/// Where a secret comes from: the config itself (`inline`), a file (`file`: its content, the
+/// trailing newline trimmed; read at start, so a mode-0600 file owned by the daemon's user
+/// keeps it out of the world-readable config), or an environment variable (`env`, e.g. set by
+/// systemd's `LoadCredential`/`EnvironmentFile`). At most one; none is the empty secret. The
+/// keys name the three settings in errors.
+pub struct SecretSource<'a> {
+    pub keys: [&'static str; 3],
+    pub inline: &'a Secret,
+    pub file: Option<&'a Path>,
+    pub env: Option<&'a str>,
+}
+
+impl SecretSource<'_> {
+    pub fn resolve(&self) -> Result<Secret, ConfigError> {
+        let [inline_key, file_key, env_key] = self.keys;
+        let given = [
+            !self.inline.is_empty(),
+            self.file.is_some(),
+            self.env.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(invalid(
+                file_key,
+                format!("give at most one of `{inline_key}`, `{file_key}` and `{env_key}`"),
+            ));
+        }
+        if let Some(path) = self.file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(file_key, format!("cannot read {}: {e}", path.display())))?;
+            return Ok(Secret(text.trim_end_matches(['\n', '\r']).to_string()));
+        }
+        if let Some(var) = self.env {
+            return match std::env::var(var) {
+                Ok(v) => Ok(Secret(v)),
+                Err(e) => Err(invalid(env_key, format!("environment variable {var}: {e}"))),
+            };
+        }
+        Ok(self.inline.clone())
+    }
+}
+
 /// `[etcd]`: where the topology lives.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

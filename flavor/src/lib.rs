@@ -687,6 +687,82 @@ pub fn quote(s: &str) -> String {
     out
 }
 
+/// A statement fit for an error or a log: the string literal given to a password
+/// (`MASTER_PASSWORD`, `SOURCE_PASSWORD`, `PASSWORD`, `IDENTIFIED BY`; `=`, `(` and blanks
+/// between) becomes `'***'`, whatever it holds: commas, doubled or backslash-escaped quotes,
+/// the key words themselves. The statement is read as SQL: key words inside other literals are
+/// not keys, and every other literal is kept as it is.
+pub fn redact_secrets(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.char_indices().peekable();
+    // The last word read outside literals, upper-cased, and whether a password literal is
+    // expected next.
+    let mut last_word = String::new();
+    let mut expect_secret = false;
+    while let Some((i, c)) = chars.next() {
+        if c == '\'' || c == '"' {
+            let end = literal_end(sql, i, c);
+            if expect_secret {
+                out.push_str("'***'");
+            } else {
+                out.push_str(&sql[i..end]);
+            }
+            expect_secret = false;
+            last_word.clear();
+            while chars.peek().is_some_and(|(j, _)| *j < end) {
+                chars.next();
+            }
+            continue;
+        }
+        if c.is_ascii_alphanumeric() || c == '_' {
+            let mut end = i + c.len_utf8();
+            while let Some(&(j, d)) = chars.peek() {
+                if d.is_ascii_alphanumeric() || d == '_' {
+                    end = j + d.len_utf8();
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let word = sql[i..end].to_ascii_uppercase();
+            expect_secret = matches!(
+                word.as_str(),
+                "MASTER_PASSWORD" | "SOURCE_PASSWORD" | "PASSWORD"
+            ) || (word == "BY" && last_word == "IDENTIFIED");
+            out.push_str(&sql[i..end]);
+            last_word = word;
+            continue;
+        }
+        // Blanks, `=` and `(` may stand between a key and its literal; anything else ends
+        // the expectation.
+        if !(c.is_whitespace() || c == '=' || c == '(') {
+            expect_secret = false;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The byte index just past the string literal opened by `quote` at `start` (the end of `sql`
+/// when it is not closed): a backslash escapes the next character, a doubled quote is one.
+fn literal_end(sql: &str, start: usize, quote: char) -> usize {
+    let mut it = sql[start + quote.len_utf8()..].char_indices();
+    let base = start + quote.len_utf8();
+    while let Some((j, c)) = it.next() {
+        if c == '\\' {
+            it.next();
+        } else if c == quote {
+            let after = base + j + c.len_utf8();
+            if sql[after..].starts_with(quote) {
+                it.next();
+            } else {
+                return after;
+            }
+        }
+    }
+    sql.len()
+}
+
 /// Servers print multi-element GTID sets with newlines after commas.
 fn normalise_gtid_text(s: &str) -> String {
     s.split(',')

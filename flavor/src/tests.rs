@@ -439,3 +439,35 @@ fn io_thread_sessions_are_found_on_mariadb_only() {
     assert!(q.contains("'Slave_IO'"), "{q}");
     assert_eq!(Dialect::MYSQL_8_0.io_thread_sessions_query(), None);
 }
+
+#[test]
+fn redaction_hides_the_whole_password_literal_whatever_it_holds() {
+    // The agent's old rule cut at the first ", ": the tail of this password leaked.
+    let s = "CHANGE MASTER TO MASTER_HOST = 'h', MASTER_PASSWORD = 'a, b, MASTER_USE_GTID', MASTER_USE_GTID = slave_pos";
+    assert_eq!(
+        redact_secrets(s),
+        "CHANGE MASTER TO MASTER_HOST = 'h', MASTER_PASSWORD = '***', MASTER_USE_GTID = slave_pos"
+    );
+    // The launcher's old rule cut at the first quote: doubled and escaped quotes leaked.
+    let s = "CREATE USER 'a'@'%' IDENTIFIED BY 'it''s \\' secret'";
+    assert_eq!(redact_secrets(s), "CREATE USER 'a'@'%' IDENTIFIED BY '***'");
+    // Every password of the statement, any case, `=` with or without blanks, quotes of both
+    // kinds; what `quote` writes is hidden too.
+    let s = format!(
+        "change replication source to SOURCE_USER='r',source_password={}, x = \"y\"; SET PASSWORD = PASSWORD(\"p\")",
+        quote("p'w\\d, q")
+    );
+    assert_eq!(
+        redact_secrets(&s),
+        "change replication source to SOURCE_USER='r',source_password='***', x = \"y\"; SET PASSWORD = PASSWORD('***')"
+    );
+    // Key words inside other literals are not keys; statements without passwords are kept.
+    let s = "INSERT INTO t VALUES ('MASTER_PASSWORD', 'IDENTIFIED BY', 'x')";
+    assert_eq!(redact_secrets(s), s);
+    assert_eq!(redact_secrets("STOP SLAVE"), "STOP SLAVE");
+    // An unterminated literal is hidden to the end.
+    assert_eq!(
+        redact_secrets("MASTER_PASSWORD='abc"),
+        "MASTER_PASSWORD='***'"
+    );
+}

@@ -358,26 +358,30 @@ async fn exec_all(conn: &mut Conn, who: &str, stmts: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Writes `value` to `dir/name`, readable by this user only (0600); returns the path.
+pub fn write_secret(dir: &Path, name: &str, value: &str) -> Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(name);
+    let io = |e: std::io::Error| HarnessError::Io {
+        what: format!("write the secret {}", path.display()),
+        source: e,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    f.write_all(value.as_bytes()).map_err(io)?;
+    Ok(path)
+}
+
 /// Hides passwords in a statement put into an error.
 fn redact(stmt: &str) -> String {
-    let mut out = String::new();
-    let mut rest = stmt;
-    for marker in ["IDENTIFIED BY ", "MASTER_PASSWORD="] {
-        if let Some(i) = rest.find(marker) {
-            let after = &rest[i + marker.len()..];
-            let end = after
-                .char_indices()
-                .skip(1)
-                .find(|(_, c)| *c == '\'')
-                .map(|(j, _)| j + 1)
-                .unwrap_or(after.len());
-            out.push_str(&rest[..i + marker.len()]);
-            out.push_str("'***'");
-            rest = &after[end..];
-        }
-    }
-    out.push_str(rest);
-    out
+    flavor::redact_secrets(stmt)
 }
 
 /// `SHOW SLAVE STATUS` as column -> value (NULL as None); `None` when no source is configured.
@@ -885,6 +889,12 @@ impl Cluster {
     pub fn agent_config(&self, i: usize) -> Result<AgentConfig> {
         let t = &self.tablets[i];
         let ip = t.mysqld.ip();
+        // The passwords go to files only the daemon's user reads, as on a real host: the
+        // config holds their paths (and every test runs the agent's file-reading path).
+        let secrets = t.dir.join("agent-secrets");
+        let password_file = write_secret(&secrets, "mysql.password", &self.creds.agent_password)?;
+        let repl_password_file =
+            write_secret(&secrets, "mysql.repl_password", &self.creds.repl_password)?;
         let mut cfg = AgentConfig {
             tablet: TabletSection {
                 cell: t.cell.clone(),
@@ -898,9 +908,13 @@ impl Cluster {
                 port: t.mysqld.port(),
                 socket: Some(t.mysqld.socket().to_path_buf()),
                 user: self.creds.agent_user.clone(),
-                password: self.creds.agent_password.clone(),
+                password: Default::default(),
+                password_file: Some(password_file),
+                password_env: None,
                 repl_user: self.creds.repl_user.clone(),
-                repl_password: self.creds.repl_password.clone(),
+                repl_password: Default::default(),
+                repl_password_file: Some(repl_password_file),
+                repl_password_env: None,
                 flavor: FlavorName::Mariadb,
                 connect_timeout: Duration::from_millis(500),
                 query_timeout: Duration::from_secs(1),
@@ -1411,6 +1425,10 @@ mod tests {
             "CHANGE MASTER TO MASTER_USER='r', MASTER_PASSWORD='***', MASTER_USE_GTID=slave_pos"
         );
         assert_eq!(redact("START SLAVE"), "START SLAVE");
+        // A quote inside the password (the rule used to stop at the first one, leaking the
+        // rest).
+        let s = format!("CREATE USER 'a'@'%' IDENTIFIED BY {}", sql_quote("x'tail"));
+        assert_eq!(redact(&s), "CREATE USER 'a'@'%' IDENTIFIED BY '***'");
     }
 
     #[test]

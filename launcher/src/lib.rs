@@ -33,9 +33,9 @@ mod util;
 
 pub use agent::{AgentProc, AGENT_START_TIMEOUT, AGENT_STOP_GRACE};
 pub use cluster::{
-    global_status, global_var, row_to_map, slave_status, AgentConfigHook, Cluster, ClusterOptions,
-    Credentials, GatewayConfigHook, Hosts, OrchestratorConfigHook, Tablet, CLIENT_HOST,
-    SEMI_SYNC_TIMEOUT_MS,
+    global_status, global_var, row_to_map, slave_status, write_secret, AgentConfigHook, Cluster,
+    ClusterOptions, Credentials, GatewayConfigHook, Hosts, OrchestratorConfigHook, Tablet,
+    CLIENT_HOST, SEMI_SYNC_TIMEOUT_MS,
 };
 pub use config_daemon::ConfigDaemon;
 pub use error::{HarnessError, Result};

@@ -754,7 +754,11 @@ async fn wrong_credentials_and_unreachable_etcd_are_reported_not_fatal() {
     .await
     .expect("cluster");
     let mut cfg = c.agent_config(0).unwrap();
-    cfg.mysql.password = "wrong".into();
+    // A password file with the wrong password (the harness gives agents their passwords in
+    // files).
+    cfg.mysql.password_file = Some(
+        harness::write_secret(&c.dir().join("bad-agent-secrets"), "password", "wrong").unwrap(),
+    );
     cfg.tablet.uid = 901;
     cfg.etcd.endpoints = vec!["http://127.0.0.1:1".into()];
     let dir = c.dir().join("bad-agent");

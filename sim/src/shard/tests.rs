@@ -370,3 +370,20 @@ fn pinned_an_errant_write_behind_the_primarys_position_is_found_in_the_binlog_st
         show(&r)
     );
 }
+
+/// An errant write on replica 102 just before the primary dies: the emergency reparent must
+/// not promote 102 (its errant transaction sits behind the dead primary's position, so only
+/// the binlog states show it), and under semi-sync 103 holds everything acknowledged.
+#[test]
+fn an_errant_write_just_before_the_primary_dies_is_never_promoted() {
+    for gap in [1, 3, 10, 30] {
+        let mut cfg = ShardSimConfig::new(23);
+        cfg.tablets = 4;
+        let faults = vec![
+            (SimTime::from_millis(1_000), Fault::ErrantWrite(102)),
+            (SimTime::from_millis(1_000 + gap), Fault::Crash(101)),
+        ];
+        let r = ShardSim::new(cfg).with_faults(faults).run();
+        assert!(r.violations.is_empty(), "gap {gap} ms: {}", show(&r));
+    }
+}

@@ -24,9 +24,12 @@ fn replica(alias: &str, applied: &str, received: &str, lost_since_ms: u64) -> pb
             read_only: true,
             ..Default::default()
         }),
+        // Replicating until the primary died: the SQL thread runs, the IO thread reconnects.
         replication: Some(Replication {
             configured: true,
             gtid_io_pos: received.into(),
+            io_state: pb::ThreadState::Connecting as i32,
+            sql_state: pb::ThreadState::Running as i32,
             ..Default::default()
         }),
         primary_probe: Some(PrimaryProbe {
@@ -314,6 +317,78 @@ fn a_relay_log_not_applied_in_time_refuses_and_restarts_every_stopped_replica() 
     let agents = agent_calls(&r.calls);
     assert!(has(&agents, R2, "StartReplication") && has(&agents, R3, "StartReplication"));
     assert!(!agents.iter().any(|(_, _, k)| k == "Promote"));
+}
+
+#[test]
+fn a_refusal_leaves_the_io_thread_stopped_where_the_sql_thread_is_not_running() {
+    // 103's SQL thread stopped on an error: starting its IO thread again would discard its
+    // relay log (MariaDB GTID), possibly the only copy of acknowledged writes.
+    let mut input = input(Durability::SemiSync);
+    if let Some(rep) = input
+        .fresh
+        .statuses
+        .get_mut(R3)
+        .and_then(|h| h.replication.as_mut())
+    {
+        rep.sql_state = pb::ThreadState::Stopped as i32;
+        rep.last_sql_error = "Error 1950: out-of-order sequence number".into();
+    }
+    let r = run(
+        Emergency::new(input, EmergencyOptions::default()),
+        failing(|a| matches!(a, AgentAction::ApplyReceived { .. })),
+    );
+    assert!(r.result.is_err());
+    let agents = agent_calls(&r.calls);
+    assert!(has(&agents, R2, "StartReplication"), "{agents:?}");
+    assert!(!has(&agents, R3, "StartReplication"), "{agents:?}");
+    assert!(
+        r.steps
+            .iter()
+            .any(|(n, ok, d)| n == "restart_io" && !ok && d.contains("relay log")),
+        "{:?}",
+        r.steps
+    );
+}
+
+#[test]
+fn a_quarantined_replica_that_received_more_than_every_candidate_refuses() {
+    // 103 is quarantined (errant) and received 0-101-15, beyond 102's 0-101-12: under
+    // semi-sync it may hold the only copy of what it acknowledged.
+    // A fourth tablet, 104, so that 102 keeps an acker without 103.
+    let mut input = input(Durability::SemiSync);
+    let r4 = "zone1-104";
+    input
+        .fresh
+        .tablets
+        .insert(r4.into(), tablet_record(r4, "ks", "0"));
+    input
+        .fresh
+        .statuses
+        .insert(r4.into(), replica(r4, "0-101-9", "0-101-9", WALL0 - 10_000));
+    input
+        .fresh
+        .input
+        .quarantined
+        .insert(R3.into(), "errant transactions 0-103-4".into());
+    let r = run(
+        Emergency::new(input, EmergencyOptions::default()),
+        |c| match c {
+            Call::Agent {
+                tablet,
+                action: AgentAction::StopReplication { io_only: true },
+                ..
+            } if tablet == R3 => Reply::Action(Ok(pb::ActionResponse {
+                gtid_position: "0-103-4".into(),
+                gtid_received: "0-101-15".into(),
+                ..Default::default()
+            })),
+            c => success(c),
+        },
+    );
+    let e = r.result.expect_err("refused");
+    assert!(e.to_string().contains("zone1-103 received 0-101-15"), "{e}");
+    let agents = agent_calls(&r.calls);
+    assert!(!agents.iter().any(|(_, _, k)| k == "Promote"), "{agents:?}");
 }
 
 #[test]
