@@ -264,7 +264,8 @@ pub struct QuarantineJson {
     pub at_ms: u64,
     /// The shard's term when it was quarantined.
     pub term: Term,
-    /// Who quarantined it (`null`: the orchestrator's own repair).
+    /// Who quarantined it: the authenticated caller (`token:<name> from <ip>`, or
+    /// `http-api from <ip>` without API authentication); `null`: the orchestrator's own repair.
     pub by: Option<String>,
 }
 

@@ -1,7 +1,7 @@
 //! Talking to the orchestrator's HTTP API, shared by every command that does: where the API is
 //! (`--orchestrator` / `$MYHA_ORCHESTRATOR`, else the sandbox's), where etcd is (`--etcd` /
-//! `$MYHA_ETCD`, else the sandbox's), the bearer token for changes (`--token` /
-//! `$MYHA_API_TOKEN`), and the requests themselves with the server's `{"error"}` text carried
+//! `$MYHA_ETCD`, else the sandbox's), the bearer token (`--token` / `$MYHA_API_TOKEN`, else
+//! the sandbox's own), and the requests themselves with the server's `{"error"}` text carried
 //! into our errors so that the operator reads the orchestrator's reason, not just a status.
 
 use std::path::{Path, PathBuf};
@@ -124,8 +124,9 @@ pub struct ApiArgs {
     /// $MYHA_ORCHESTRATOR, else the sandbox's.
     #[arg(long, env = "MYHA_ORCHESTRATOR", value_name = "URL")]
     pub orchestrator: Option<String>,
-    /// Bearer token for changes, needed when the orchestrator has `[orchestrator] api_token`
-    /// set; default: $MYHA_API_TOKEN.
+    /// Bearer token, needed when the orchestrator has API tokens (`[orchestrator] api_tokens`):
+    /// a `read` token for reads, an `operate` one for changes; default: $MYHA_API_TOKEN, else
+    /// the sandbox's when its orchestrator is the one asked.
     #[arg(
         long,
         env = "MYHA_API_TOKEN",
@@ -179,6 +180,26 @@ pub fn orchestrator_url(
     }
     let state = launcher::SandboxState::read(&sandbox_dir(dir)).ok()??;
     state.orchestrator_http.as_deref().map(normalize_url)
+}
+
+/// The bearer token to send: the flag (or $MYHA_API_TOKEN), else, when the orchestrator asked
+/// is the sandbox's (the same rule as [`orchestrator_url`]), the sandbox orchestrator's own.
+pub fn token_for(
+    token: Option<&str>,
+    orchestrator_flag: Option<&str>,
+    etcd_given: bool,
+    dir: Option<&Path>,
+) -> Option<String> {
+    if let Some(t) = token.map(str::trim).filter(|t| !t.is_empty()) {
+        return Some(t.to_string());
+    }
+    let from_sandbox = !etcd_given && orchestrator_flag.map(str::trim).is_none_or(str::is_empty);
+    if !from_sandbox {
+        return None;
+    }
+    launcher::SandboxState::read(&sandbox_dir(dir))
+        .ok()??
+        .orchestrator_token()
 }
 
 /// `host:port` -> `http://host:port`; no trailing slash.
@@ -240,6 +261,7 @@ fn hint(status: StatusCode, token_sent: bool) -> &'static str {
     match status {
         StatusCode::UNAUTHORIZED if token_sent => " (check --token / MYHA_API_TOKEN)",
         StatusCode::UNAUTHORIZED => " (give --token or set MYHA_API_TOKEN)",
+        StatusCode::FORBIDDEN => " (this needs a token with the `operate` role)",
         StatusCode::SERVICE_UNAVAILABLE => " (the orchestrator cannot reach etcd)",
         _ => "",
     }
@@ -263,7 +285,13 @@ impl Api {
             .ok_or_else(|| ApiError::NoOrchestrator {
                 sandbox_dir: sandbox_dir(args.dir.as_deref()).display().to_string(),
             })?;
-        Api::new(&base, args.token.clone())
+        let token = token_for(
+            args.token.as_deref(),
+            args.orchestrator.as_deref(),
+            false,
+            args.dir.as_deref(),
+        );
+        Api::new(&base, token)
     }
 
     pub fn new(base: &str, token: Option<String>) -> Result<Api, ApiError> {
@@ -294,10 +322,10 @@ impl Api {
         format!("{}{path}", self.base)
     }
 
-    /// `GET path` answering JSON.
+    /// `GET path` with the bearer token, answering JSON.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let url = self.url(path);
-        let req = self.http.get(&url);
+        let req = self.authorized(self.http.get(&url));
         self.json_answer("GET", url, req).await
     }
 
@@ -436,6 +464,16 @@ mod tests {
         assert!(!e.is_unavailable());
         let e = api.refused("GET", "u".into(), StatusCode::SERVICE_UNAVAILABLE, "{}");
         assert!(e.is_unavailable());
+        let e = api.refused(
+            "POST",
+            "u".into(),
+            StatusCode::FORBIDDEN,
+            r#"{"error":"the token `grafana` has the `read` role"}"#,
+        );
+        assert!(e
+            .to_string()
+            .ends_with("`read` role (this needs a token with the `operate` role)"));
+        assert!(!e.is_unavailable());
     }
 
     #[test]
@@ -446,6 +484,22 @@ mod tests {
             e.to_string(),
             "the orchestrator answered without doing it: x"
         );
+    }
+
+    #[test]
+    fn the_token_is_the_flag_else_the_sandboxs() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = Some(d.path());
+        assert_eq!(
+            token_for(Some(" t "), None, false, dir).as_deref(),
+            Some("t")
+        );
+        // No sandbox there: nothing to fall back on.
+        assert_eq!(token_for(None, None, false, dir), None);
+        assert_eq!(token_for(Some(" "), None, false, dir), None);
+        // Another orchestrator (or another cluster's etcd): never the sandbox's token.
+        assert_eq!(token_for(None, Some("o:1"), false, dir), None);
+        assert_eq!(token_for(None, None, true, dir), None);
     }
 
     #[test]

@@ -55,6 +55,15 @@ pub struct AuditArgs {
     /// $MYHA_ORCHESTRATOR, else the sandbox's when etcd is the sandbox's.
     #[arg(long, env = "MYHA_ORCHESTRATOR", value_name = "URL")]
     pub orchestrator: Option<String>,
+    /// Bearer token for the orchestrator's API when it has API tokens (a `read` token is
+    /// enough); default: $MYHA_API_TOKEN, else the sandbox's when its orchestrator is asked.
+    #[arg(
+        long,
+        env = "MYHA_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
     /// etcd endpoint(s), comma-separated, read when the orchestrator does not answer;
     /// default: $MYHA_ETCD, else the sandbox's.
     #[arg(long, env = "MYHA_ETCD", value_delimiter = ',', value_name = "URL")]
@@ -150,7 +159,13 @@ pub async fn run(args: AuditArgs) -> Result<(), AuditError> {
     let fallback_reason = match &url {
         None => "no orchestrator given (--orchestrator or MYHA_ORCHESTRATOR)".to_string(),
         Some(u) => {
-            let api = Api::new(u, None)?;
+            let token = crate::api::token_for(
+                args.token.as_deref(),
+                args.orchestrator.as_deref(),
+                !args.etcd.is_empty(),
+                args.dir.as_deref(),
+            );
+            let api = Api::new(u, token)?;
             match api
                 .get::<RecoveriesResponse>(&query(args.scope.as_ref(), limit))
                 .await

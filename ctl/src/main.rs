@@ -26,9 +26,10 @@ Operate myha: see each shard's state, move primaries, control automatic recovery
 tablets, read the audit log, and run a local sandbox cluster.
 
 Commands that change something speak to the orchestrator's HTTP API, found with
---orchestrator or $MYHA_ORCHESTRATOR, else the sandbox's; when the orchestrator has an
-api_token, give it with --token or $MYHA_API_TOKEN. Reads fall back to etcd when the
-orchestrator does not answer, and say so.
+--orchestrator or $MYHA_ORCHESTRATOR, else the sandbox's; when the orchestrator has API
+tokens, give one with --token or $MYHA_API_TOKEN (a `read` token for status, audit and
+quarantine list, an `operate` token for changes; the audit names the token as the actor).
+Reads fall back to etcd when the orchestrator does not answer, and say so.
 
 Exit status: 0 success, 1 refused or failed (reason on stderr), 2 usage error.";
 

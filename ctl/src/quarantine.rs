@@ -73,7 +73,9 @@ pub struct AddArgs {
     /// Why: stored in the record, shown by `quarantine list`, `status` and the gateway.
     #[arg(long, value_name = "TEXT")]
     pub reason: String,
-    /// Who asks, for the record and the audit log (default: the orchestrator sees our address).
+    /// Whom the change is for, a note recorded with the reason as `(on behalf of NAME)`; the
+    /// record's `by` and the audit's actor are whom the orchestrator authenticated (the
+    /// token's name).
     #[arg(long, value_name = "NAME")]
     pub requester: Option<String>,
     /// Print the orchestrator's answer as JSON.
@@ -91,7 +93,8 @@ pub struct ReleaseArgs {
     /// Why, for the audit log.
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
-    /// Who asks, for the audit log.
+    /// Whom the release is for, a note in the audit detail (`on behalf of NAME`); the audit's
+    /// actor is whom the orchestrator authenticated (the token's name).
     #[arg(long, value_name = "NAME")]
     pub requester: Option<String>,
     /// Print the orchestrator's answer as JSON.

@@ -129,7 +129,9 @@ pub struct OutputArgs {
     /// `{"event":"done",...}`); the exit status still says whether it worked.
     #[arg(long)]
     pub json: bool,
-    /// Who asks, for the audit log and the reparent mark (default: $USER).
+    /// Whom the reparent is for, a note in the reparent mark and the lock purpose as
+    /// `(on behalf of NAME)` (default: $USER); the audit's actor is whom the orchestrator
+    /// authenticated (the token's name).
     #[arg(long, value_name = "NAME")]
     pub requester: Option<String>,
     #[command(flatten)]
@@ -187,7 +189,8 @@ fn duration_text(d: Option<Duration>) -> Option<String> {
     d.map(|d| humantime::format_duration(d).to_string())
 }
 
-/// The name the operator goes by: the flag, else the login name.
+/// The name the operator goes by: the flag, else the login name. Sent as the body's
+/// `requester`, which the orchestrator records as a note (`on behalf of`), never as the actor.
 fn requester(flag: Option<&str>) -> Option<String> {
     flag.map(str::to_string)
         .or_else(|| std::env::var("USER").ok())

@@ -26,6 +26,15 @@ pub struct StatusArgs {
     /// $MYHA_ORCHESTRATOR, else the sandbox's when etcd is the sandbox's.
     #[arg(long, env = "MYHA_ORCHESTRATOR")]
     pub orchestrator: Option<String>,
+    /// Bearer token for the orchestrator's API when it has API tokens (a `read` token is
+    /// enough); default: $MYHA_API_TOKEN, else the sandbox's when its orchestrator is asked.
+    #[arg(
+        long,
+        env = "MYHA_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -159,6 +168,12 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
         !args.etcd.is_empty(),
         args.dir.as_deref(),
     );
+    let token = crate::api::token_for(
+        args.token.as_deref(),
+        args.orchestrator.as_deref(),
+        !args.etcd.is_empty(),
+        args.dir.as_deref(),
+    );
     let topo = Topo::connect(&endpoints, &args.prefix, Duration::from_secs(2))
         .await
         .map_err(|source| StatusError::Connect {
@@ -169,7 +184,7 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
     let orch_fut = async {
         match &orch_url {
             Some(u) => Some(
-                match crate::api::Api::new(u, None) {
+                match crate::api::Api::new(u, token.clone()) {
                     Ok(api) => api.get::<OrchShards>("/api/v1/shards").await,
                     Err(e) => Err(e),
                 }

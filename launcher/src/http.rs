@@ -44,13 +44,21 @@ impl DaemonHttp {
 
     /// `GET path`: (status, body text).
     pub(crate) async fn get_text(&self, path: &str) -> Result<(u16, String)> {
+        self.get_text_as(path, None).await
+    }
+
+    /// `GET path` with `token` as a bearer token (none: no header): (status, body text).
+    pub(crate) async fn get_text_as(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, String)> {
         let url = self.url(path);
-        let resp = self
-            .client
-            .get(&url)
-            .send()
-            .await
-            .map_err(Self::err(format!("GET {url}")))?;
+        let mut req = self.client.get(&url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(Self::err(format!("GET {url}")))?;
         let status = resp.status().as_u16();
         let body = resp
             .text()
@@ -61,7 +69,16 @@ impl DaemonHttp {
 
     /// `GET path`, which must answer 200 with JSON.
     pub(crate) async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
-        let (status, body) = self.get_text(path).await?;
+        self.get_json_as(path, None).await
+    }
+
+    /// `GET path` with `token` as a bearer token, which must answer 200 with JSON.
+    pub(crate) async fn get_json_as(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        let (status, body) = self.get_text_as(path, token).await?;
         if status != 200 {
             return Err(HarnessError::Http {
                 what: format!("GET {}", self.url(path)),

@@ -44,12 +44,14 @@ pub use gateway::{
     gateway_config, GatewayConfig, GatewayListener, GatewayProc, GATEWAY_HTTP_TIMEOUT,
     GATEWAY_START_TIMEOUT, GATEWAY_STOP_SLACK,
 };
+/// Re-exported for [`ClusterOptions::orchestrator_config`] (API tokens included).
+pub use myha_orchestrator::auth::Role as ApiRole;
 /// Re-exported for [`ClusterOptions::orchestrator_config`].
-pub use myha_orchestrator::config::OrchestratorConfig;
+pub use myha_orchestrator::config::{ApiTokenConfig, OrchestratorConfig};
 pub use mysqld::{Mysqld, MysqldOptions, MYSQLD_START_TIMEOUT, MYSQLD_STOP_GRACE};
 pub use orchestrator::{
-    orchestrator_config, OrchestratorProc, ORCHESTRATOR_HTTP_TIMEOUT, ORCHESTRATOR_START_TIMEOUT,
-    ORCHESTRATOR_STOP_GRACE,
+    orchestrator_config, OrchestratorProc, HARNESS_TOKEN_NAME, ORCHESTRATOR_HTTP_TIMEOUT,
+    ORCHESTRATOR_START_TIMEOUT, ORCHESTRATOR_STOP_GRACE,
 };
 pub use process::CommandLine;
 pub use sandbox::{SandboxGateway, SandboxState, SandboxTablet};

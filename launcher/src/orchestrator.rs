@@ -6,13 +6,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use myha_orchestrator::config::OrchestratorConfig;
+use myha_orchestrator::auth::Role;
+use myha_orchestrator::config::{ApiTokenConfig, OrchestratorConfig};
 
 use crate::error::{HarnessError, Result};
 use crate::http::DaemonHttp;
 use crate::mysqld::absolute;
 use crate::process::Proc;
-use crate::util::{find_myha_bin, free_port};
+use crate::util::{find_myha_bin, free_port, random_password};
 
 pub const ORCHESTRATOR_START_TIMEOUT: Duration = Duration::from_secs(20);
 pub const ORCHESTRATOR_STOP_GRACE: Duration = Duration::from_secs(10);
@@ -21,7 +22,10 @@ pub const ORCHESTRATOR_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The config the harness gives an orchestrator: etcd at `etcd_endpoints` under `prefix`,
 /// `http_listen` on a fresh port of `ip`, human logs at `log_level`; every other setting at
-/// its default (adjust the returned value before [`OrchestratorProc::launch`]).
+/// its default (adjust the returned value before [`OrchestratorProc::launch`]). On an `ip`
+/// other than loopback (a host of a network of namespaces) the API gets a random `operate`
+/// token named [`HARNESS_TOKEN_NAME`], since the orchestrator refuses an open API there; the
+/// [`OrchestratorProc`] helpers send it.
 pub fn orchestrator_config(
     etcd_endpoints: &[String],
     prefix: &str,
@@ -37,8 +41,19 @@ pub fn orchestrator_config(
     let mut cfg = OrchestratorConfig::parse(&text)
         .map_err(|e| HarnessError::Invalid(format!("orchestrator config: {e}")))?;
     cfg.orchestrator.http_listen = (ip, free_port()?).into();
+    if !ip.is_loopback() {
+        cfg.orchestrator.api_tokens.push(ApiTokenConfig {
+            name: HARNESS_TOKEN_NAME.into(),
+            role: Role::Operate,
+            token: Some(random_password().into()),
+            token_file: None,
+        });
+    }
     Ok(cfg)
 }
+
+/// The name of the token [`orchestrator_config`] gives an orchestrator off loopback.
+pub const HARNESS_TOKEN_NAME: &str = "harness";
 
 /// One `myha-orchestrator`. Its config is written to `{dir}/orchestrator.toml`, output goes to
 /// `{dir}/orchestrator.log`. Killed (SIGKILL) on drop unless detached.
@@ -115,24 +130,39 @@ impl OrchestratorProc {
         self.http.url(path)
     }
 
-    /// `GET path`: (status, body text).
+    /// The token the helpers send ([`OrchestratorConfig::client_token`]: `api_token`, else
+    /// the first inline `operate` token, ...); `None` when the config has no inline token.
+    pub fn client_token(&self) -> Option<&str> {
+        self.config.client_token()
+    }
+
+    /// `GET path` with the client token (if any): (status, body text).
     pub async fn get_text(&self, path: &str) -> Result<(u16, String)> {
-        self.http.get_text(path).await
+        self.http.get_text_as(path, self.client_token()).await
     }
 
-    /// `GET path`, which must answer 200 with JSON.
+    /// `GET path` with the given bearer token (none: no header): (status, body text).
+    pub async fn get_text_with_token(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, String)> {
+        self.http.get_text_as(path, token).await
+    }
+
+    /// `GET path` with the client token (if any), which must answer 200 with JSON.
     pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
-        self.http.get_json(path).await
+        self.http.get_json_as(path, self.client_token()).await
     }
 
-    /// `POST path` with a JSON body, sending the configured `api_token` (if any) as a bearer
-    /// token: (status, JSON answer; `Null` when the body is empty or not JSON).
+    /// `POST path` with a JSON body, sending the client token (if any) as a bearer token:
+    /// (status, JSON answer; `Null` when the body is empty or not JSON).
     pub async fn post_json(
         &self,
         path: &str,
         body: &serde_json::Value,
     ) -> Result<(u16, serde_json::Value)> {
-        self.post_json_with_token(path, body, self.config.orchestrator.api_token.as_deref())
+        self.post_json_with_token(path, body, self.client_token())
             .await
     }
 
@@ -143,27 +173,38 @@ impl OrchestratorProc {
         body: &serde_json::Value,
         token: Option<&str>,
     ) -> Result<(u16, serde_json::Value)> {
+        self.send_json_with_token(reqwest::Method::POST, path, body, token)
+            .await
+    }
+
+    /// `method path` with a JSON body and the given bearer token (none: no header), e.g.
+    /// `DELETE /api/v1/quarantine/{alias}`: (status, JSON answer; `Null` when not JSON).
+    pub async fn send_json_with_token(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> Result<(u16, serde_json::Value)> {
         let url = self.url(path);
-        let mut req = self.http.client().post(&url).json(body);
+        let what = format!("{method} {url}");
+        let mut req = self.http.client().request(method, &url).json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(DaemonHttp::err(format!("POST {url}")))?;
+        let resp = req.send().await.map_err(DaemonHttp::err(what.clone()))?;
         let status = resp.status().as_u16();
         let text = resp
             .text()
             .await
-            .map_err(DaemonHttp::err(format!("POST {url}: body")))?;
+            .map_err(DaemonHttp::err(format!("{what}: body")))?;
         Ok((
             status,
             serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
         ))
     }
 
-    /// `POST path` with a JSON body (and the configured token), answered as a stream of lines
+    /// `POST path` with a JSON body (and the client token), answered as a stream of lines
     /// (ndjson, e.g. `/api/v1/shards/{ks}/{shard}/reparent`): the whole exchange bounded by
     /// `timeout`. Dropping the answer closes the connection.
     pub async fn post_stream(
@@ -174,7 +215,7 @@ impl OrchestratorProc {
     ) -> Result<LineStream> {
         let url = self.url(path);
         let mut req = self.http.client().post(&url).json(body).timeout(timeout);
-        if let Some(t) = self.config.orchestrator.api_token.as_deref() {
+        if let Some(t) = self.client_token() {
             req = req.bearer_auth(t);
         }
         let resp = req

@@ -154,6 +154,16 @@ impl SandboxState {
         dir.join(STATE_FILE)
     }
 
+    /// The bearer token for the sandbox's orchestrator API, from the config the sandbox gave
+    /// it (`{dir}/orchestrator/orchestrator.toml`, see `Cluster::start_orchestrator`): none on
+    /// loopback (an open API), the harness's `operate` token on `--hosts netns` (an API off
+    /// loopback needs one). `None` too when that config cannot be read.
+    pub fn orchestrator_token(&self) -> Option<String> {
+        let path = self.dir.join("orchestrator").join("orchestrator.toml");
+        let cfg = myha_orchestrator::config::OrchestratorConfig::load(&path).ok()?;
+        cfg.client_token().map(str::to_string)
+    }
+
     /// Reads `{dir}/sandbox.json`; `Ok(None)` when there is none.
     pub fn read(dir: &Path) -> Result<Option<SandboxState>> {
         let path = Self::path(dir);

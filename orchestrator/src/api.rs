@@ -17,8 +17,14 @@
 //! | POST | `/api/v1/quarantine/{alias}` | [`QuarantineRequest`]: quarantine a registered non-primary tablet -> [`QuarantineChange`] |
 //! | DELETE | `/api/v1/quarantine/{alias}` | [`ReleaseRequest`] (optional): release it (404 if not quarantined) -> [`QuarantineChange`] |
 //!
-//! Mutating endpoints need `Authorization: Bearer <token>` when `[orchestrator] api_token` is
-//! set. Every error is `{"error": "..."}` with a 4xx/5xx status.
+//! With API tokens configured (`[orchestrator] api_tokens`, or the legacy `api_token`), every
+//! `/api/v1/...` request needs `Authorization: Bearer <token>`: GETs a `read` or `operate`
+//! token, POST/DELETE an `operate` one (401 without a known token, 403 for a `read` token on a
+//! change; see [`crate::auth`]). `/health` and `/metrics` stay open: liveness probes and
+//! Prometheus scrape them without credentials, and they carry no secret and change nothing.
+//! The actor recorded for a change is the authenticated caller ([`crate::auth::Caller::actor`]);
+//! a body's `requester` is only a note, recorded as `(on behalf of <requester>)`.
+//! Every error is `{"error": "..."}` with a 4xx/5xx status.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -31,6 +37,7 @@ use tabletwatch::{FleetSnapshot, ShardView, StreamState, TabletView};
 use topo::{QuarantineRecord, ShardRecord, TabletRecord};
 
 use crate::analysis::Problem;
+use crate::auth::AuthError;
 use crate::engine::{EngineView, RecoveryResult, ShardStatus};
 
 pub use myha_api::{
@@ -258,6 +265,9 @@ impl ApiError {
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, message)
     }
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, message)
+    }
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
@@ -305,39 +315,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Compares in time independent of where the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        ApiError::new(e.status(), e.to_string())
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Checks the `Authorization` header of a mutating request against the configured token
-/// (none configured: everything passes).
-pub fn check_bearer(configured: Option<&str>, authorization: Option<&str>) -> Result<(), ApiError> {
-    let Some(want) = configured else {
-        return Ok(());
-    };
-    let Some(value) = authorization else {
-        return Err(ApiError::unauthorized(
-            "this orchestrator requires a bearer token for changes ([orchestrator] api_token): send `Authorization: Bearer <token>`",
-        ));
-    };
-    let Some((scheme, token)) = value.trim().split_once(' ') else {
-        return Err(ApiError::unauthorized(
-            "the Authorization header is not `Bearer <token>`",
-        ));
-    };
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(ApiError::unauthorized(format!(
-            "the Authorization scheme is `{scheme}`, not `Bearer`"
-        )));
-    }
-    if !constant_time_eq(token.trim().as_bytes(), want.as_bytes()) {
-        return Err(ApiError::unauthorized("wrong bearer token"));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,6 +433,7 @@ pub struct ReparentBody {
     pub wait_timeout: Option<String>,
     pub lock_timeout: Option<String>,
     pub max_lag: Option<String>,
+    /// A note only (see [`on_behalf_of`]): who the caller says it acts for.
     pub requester: Option<String>,
     /// Emergency only: promote even when an unreached replica may hold the only copy of
     /// acknowledged writes (see `recovery::reparent::revocation`).
@@ -466,10 +448,44 @@ pub struct ReparentRequest {
     pub wait_timeout: Duration,
     pub lock_timeout: Duration,
     pub max_lag: Duration,
-    /// Who asked: the body's `requester`, else the client's address.
+    /// Who asked: the authenticated caller ([`crate::auth::Caller::actor`]), never a name
+    /// from the body. The audit actor is `operator:<requester>@<orchestrator>`.
     pub requester: String,
+    /// The body's `requester`, a note: in the reparent mark and the lock purpose.
+    pub on_behalf_of: Option<String>,
     /// Emergency only: see [`ReparentBody::may_lose_acknowledged_writes`].
     pub may_lose_acknowledged_writes: bool,
+}
+
+impl ReparentRequest {
+    /// The requester with the note, for the texts people read (the mark, the lock purpose).
+    pub fn requested_by(&self) -> String {
+        annotate(&self.requester, self.on_behalf_of.as_deref())
+    }
+}
+
+/// A body's `requester`: not an identity (the caller is who its token says; a body can claim
+/// anything), only a note recorded as `(on behalf of <requester>)` next to the reason. It
+/// lets a shared `operate` token (a deploy tool, a team's) say which person it acts for.
+pub fn on_behalf_of(requester: Option<String>) -> Result<Option<String>, ApiError> {
+    let note = non_blank(requester);
+    if note
+        .as_deref()
+        .is_some_and(|r| r.chars().any(char::is_control) || r.len() > 200)
+    {
+        return Err(ApiError::bad_request(
+            "requester must be printable and at most 200 bytes",
+        ));
+    }
+    Ok(note)
+}
+
+/// `text (on behalf of <note>)`, or `text` without a note.
+pub fn annotate(text: &str, note: Option<&str>) -> String {
+    match note {
+        Some(n) => format!("{text} (on behalf of {n})"),
+        None => text.to_string(),
+    }
 }
 
 /// The defaults of a reparent request (`[recovery] planned_*`).
@@ -507,11 +523,11 @@ fn duration_field(
 
 impl ReparentBody {
     /// Validates the body: a mode, a well-formed alias, durations (defaults for the missing
-    /// ones). `peer` names the requester when the body does not.
+    /// ones). `caller` is the authenticated actor, the request's requester.
     pub fn validate(
         self,
         defaults: ReparentDefaults,
-        peer: &str,
+        caller: &str,
     ) -> Result<ReparentRequest, ApiError> {
         let mode = match non_blank(self.mode).as_deref() {
             Some("planned") => ReparentMode::Planned,
@@ -531,12 +547,7 @@ impl ReparentBody {
         if let Some(a) = &to {
             topo::parse_alias(a).map_err(|e| ApiError::bad_request(format!("to: {e}")))?;
         }
-        let requester = non_blank(self.requester).unwrap_or_else(|| peer.to_string());
-        if requester.chars().any(char::is_control) || requester.len() > 200 {
-            return Err(ApiError::bad_request(
-                "requester must be printable and at most 200 bytes",
-            ));
-        }
+        let on_behalf_of = on_behalf_of(self.requester)?;
         let may_lose_acknowledged_writes = self.may_lose_acknowledged_writes.unwrap_or(false);
         if may_lose_acknowledged_writes && mode != ReparentMode::Emergency {
             return Err(ApiError::bad_request(
@@ -559,7 +570,8 @@ impl ReparentBody {
                 true,
             )?,
             max_lag: duration_field("max_lag", self.max_lag, defaults.max_lag, false)?,
-            requester,
+            requester: caller.to_string(),
+            on_behalf_of,
             may_lose_acknowledged_writes,
         })
     }
@@ -584,22 +596,20 @@ pub fn quarantine_list(
 pub struct QuarantineRequest {
     /// Why (required: the record is what everyone reads to understand the exclusion).
     pub reason: Option<String>,
-    /// Who asks (default: the client's address).
+    /// A note only (see [`on_behalf_of`]); the record's `by` is the authenticated caller.
     pub requester: Option<String>,
 }
 
 impl QuarantineRequest {
-    /// `(reason, requester)`; 400 without a reason.
-    pub fn validate(self, peer: &str) -> Result<(String, String), ApiError> {
+    /// The reason to record (with the requester note); 400 without a reason.
+    pub fn validate(self) -> Result<String, ApiError> {
         let reason = non_blank(self.reason).ok_or_else(|| {
             ApiError::bad_request(
                 "a reason is required: it is what operators and the gateway's /routing show",
             )
         })?;
-        Ok((
-            reason,
-            non_blank(self.requester).unwrap_or_else(|| peer.to_string()),
-        ))
+        let note = on_behalf_of(self.requester)?;
+        Ok(annotate(&reason, note.as_deref()))
     }
 }
 
@@ -609,8 +619,22 @@ impl QuarantineRequest {
 pub struct ReleaseRequest {
     /// Why, for the audit log.
     pub reason: Option<String>,
-    /// Who asks (default: the client's address).
+    /// A note only (see [`on_behalf_of`]); the audit's actor is the authenticated caller.
     pub requester: Option<String>,
+}
+
+impl ReleaseRequest {
+    /// The reason to audit (with the requester note), if any.
+    pub fn validate(self) -> Result<Option<String>, ApiError> {
+        let note = on_behalf_of(self.requester)?;
+        Ok(match (non_blank(self.reason), note) {
+            // The audit detail puts the reason in parentheses already.
+            (Some(r), Some(n)) => Some(format!("{r}, on behalf of {n}")),
+            (Some(r), None) => Some(r),
+            (None, Some(n)) => Some(format!("on behalf of {n}")),
+            (None, None) => None,
+        })
+    }
 }
 
 /// 400 unless `alias` is `{cell}-{uid}`.
@@ -964,20 +988,18 @@ mod tests {
     }
 
     #[test]
-    fn bearer_token() {
-        assert!(check_bearer(None, None).is_ok());
-        assert!(check_bearer(None, Some("Bearer x")).is_ok());
-        let e = check_bearer(Some("tok"), None).unwrap_err();
+    fn auth_refusals_are_api_errors() {
+        let e = ApiError::from(AuthError::Forbidden("read only".into()));
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (StatusCode::FORBIDDEN, "read only")
+        );
+        let e = ApiError::from(AuthError::Unauthenticated("no token".into()));
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
-        assert!(e.message.contains("Authorization: Bearer"), "{e}");
-        let e = check_bearer(Some("tok"), Some("Basic dG9r")).unwrap_err();
-        assert!(e.message.contains("Basic"), "{e}");
-        let e = check_bearer(Some("tok"), Some("tok")).unwrap_err();
-        assert!(e.message.contains("not `Bearer <token>`"), "{e}");
-        let e = check_bearer(Some("tok"), Some("Bearer tok2")).unwrap_err();
-        assert_eq!(e.message, "wrong bearer token");
-        assert!(check_bearer(Some("tok"), Some("Bearer tok")).is_ok());
-        assert!(check_bearer(Some("tok"), Some("bearer  tok ")).is_ok());
+        assert!(e
+            .into_response()
+            .headers()
+            .contains_key(header::WWW_AUTHENTICATE));
     }
 
     #[test]
@@ -1183,7 +1205,8 @@ mod tests {
     }
 
     fn reparent_body(json: &str) -> Result<ReparentRequest, ApiError> {
-        parse_body::<ReparentBody>(json.as_bytes())?.validate(defaults(), "http-api from 127.0.0.1")
+        parse_body::<ReparentBody>(json.as_bytes())?
+            .validate(defaults(), "token:ops from 127.0.0.1")
     }
 
     #[test]
@@ -1197,7 +1220,8 @@ mod tests {
                 wait_timeout: Duration::from_secs(5),
                 lock_timeout: Duration::from_secs(10),
                 max_lag: Duration::from_secs(5),
-                requester: "http-api from 127.0.0.1".into(),
+                requester: "token:ops from 127.0.0.1".into(),
+                on_behalf_of: None,
                 may_lose_acknowledged_writes: false,
             }
         );
@@ -1225,7 +1249,13 @@ mod tests {
                 Duration::from_millis(250)
             )
         );
-        assert_eq!(r.requester, "alice");
+        // The body's requester is a note; the requester is the authenticated caller.
+        assert_eq!(r.requester, "token:ops from 127.0.0.1");
+        assert_eq!(r.on_behalf_of.as_deref(), Some("alice"));
+        assert_eq!(
+            r.requested_by(),
+            "token:ops from 127.0.0.1 (on behalf of alice)"
+        );
         for (body, want) in [
             ("", "mode is required"),
             (r#"{"to": "zone1-102"}"#, "mode is required"),
@@ -1253,6 +1283,10 @@ mod tests {
             (
                 r#"{"mode": "planned", "force": true}"#,
                 "unknown field `force`",
+            ),
+            (
+                r#"{"mode": "planned", "requester": "a\u0007b"}"#,
+                "requester must be printable",
             ),
         ] {
             let e = reparent_body(body).unwrap_err();
@@ -1296,22 +1330,26 @@ mod tests {
 
     #[test]
     fn quarantine_requests_need_a_reason() {
-        let e = QuarantineRequest::default()
-            .validate("http-api from 1.2.3.4")
-            .unwrap_err();
+        let e = QuarantineRequest::default().validate().unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.message.contains("reason is required"), "{e}");
+        // A requester is no identity: it only annotates the reason.
         let req: QuarantineRequest =
             parse_body(br#"{"reason":" disk errors ","requester":"alice"}"#).unwrap();
-        assert_eq!(
-            req.validate("peer").unwrap(),
-            ("disk errors".to_string(), "alice".to_string())
-        );
-        let req: QuarantineRequest = parse_body(br#"{"reason":"x"}"#).unwrap();
-        assert_eq!(req.validate("peer").unwrap().1, "peer");
+        assert_eq!(req.validate().unwrap(), "disk errors (on behalf of alice)");
+        let req: QuarantineRequest = parse_body(br#"{"reason":"x","requester":" "}"#).unwrap();
+        assert_eq!(req.validate().unwrap(), "x");
         assert!(parse_body::<QuarantineRequest>(br#"{"reasn":"x"}"#).is_err());
         let rel: ReleaseRequest = parse_body(b"").unwrap();
         assert_eq!(rel, ReleaseRequest::default());
+        assert_eq!(rel.validate().unwrap(), None);
+        let rel: ReleaseRequest = parse_body(br#"{"requester":"bob"}"#).unwrap();
+        assert_eq!(rel.validate().unwrap().as_deref(), Some("on behalf of bob"));
+        let rel: ReleaseRequest = parse_body(br#"{"reason":"checked","requester":"bob"}"#).unwrap();
+        assert_eq!(
+            rel.validate().unwrap().as_deref(),
+            Some("checked, on behalf of bob")
+        );
     }
 
     #[test]

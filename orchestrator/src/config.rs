@@ -5,7 +5,7 @@
 //! [orchestrator]
 //! http_listen = "127.0.0.1:15000"   # /health, /metrics, /api/v1/...
 //! health_stale_after = "1500ms"     # a tablet's health older than this is not fresh (agents push >= every 500ms)
-//! api_token = "..."                 # optional: POST /api/v1/... then needs `Authorization: Bearer <token>`
+//! api_token = "..."                 # legacy: one `operate` token named `api_token` (same as an api_tokens entry)
 //! probe_stale_after = "1500ms"      # a replica's probe of the primary older than this confirms nothing
 //! isolated_primary_after = "1s"     # every replica lost the primary (probe failing, no heartbeat for this long): fail over
 //! writes_stalled_after = "2s"       # a primary whose heartbeat write is pending this long is reported (primary_writes_stalled)
@@ -28,6 +28,18 @@
 //! audit_prune_interval = "1m"       # how often each shard's audit log is pruned
 //! failover_on_writes_stalled = "30s" # opt-in (unset: never): fail over a primary whose writes stall this long
 //!
+//! # API tokens (after the [orchestrator] keys): with any token configured, every /api/v1/...
+//! # request needs `Authorization: Bearer <token>`; `read` may GET, `operate` may also
+//! # POST/DELETE. None configured: the API is open, and http_listen must be a loopback address.
+//! [[orchestrator.api_tokens]]
+//! name = "ops"                      # [A-Za-z0-9_.-], unique; audit actor `token:ops from <ip>`
+//! role = "operate"                  # read | operate
+//! token = "..."                     # exactly one of token / token_file
+//! [[orchestrator.api_tokens]]
+//! name = "grafana"
+//! role = "read"
+//! token_file = "/etc/myha/grafana.token"  # read at start, surrounding whitespace trimmed
+//!
 //! [etcd]
 //! endpoints = ["http://127.0.0.1:2379"]
 //! prefix = "/myha"
@@ -38,16 +50,34 @@
 //! level = "info"
 //! ```
 
-use std::net::SocketAddr;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use daemon::ConfigError;
 use daemon::{EtcdSection, LogSection};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::AnalysisConfig;
+use crate::auth::{ApiToken, Role, Secret};
 use crate::recovery::{AuditRetention, RecoveryConfig};
+
+/// Why a config is refused: the shared loading and section errors, or a setting of this
+/// daemon's whose key is only known at run time (`orchestrator.api_tokens[1].name`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Daemon(#[from] daemon::ConfigError),
+    #[error("invalid config: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -70,10 +100,10 @@ pub struct OrchestratorSection {
     /// A tablet whose last health message is older than this is not fresh.
     #[serde(default = "default_health_stale_after", with = "humantime_serde")]
     pub health_stale_after: Duration,
-    /// When set, the mutating endpoints (`POST /api/v1/...`) require
-    /// `Authorization: Bearer <api_token>`; unset, they are open (bind to loopback then).
+    /// Legacy single token, kept working: the same as an `api_tokens` entry named `api_token`
+    /// with the `operate` role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
     /// A replica's probe of the primary older than this does not confirm a dead primary.
     #[serde(default = "default_probe_stale_after", with = "humantime_serde")]
     pub probe_stale_after: Duration,
@@ -85,6 +115,70 @@ pub struct OrchestratorSection {
     /// reported as `primary_writes_stalled`, with what blocks them.
     #[serde(default = "default_writes_stalled_after", with = "humantime_serde")]
     pub writes_stalled_after: Duration,
+    /// Bearer tokens of the API, each with a role (see [`crate::auth`]). Any token configured
+    /// (here or `api_token`): every `/api/v1/...` request needs one. None: the API is open,
+    /// which the validation allows on a loopback `http_listen` only. Last: TOML writes arrays
+    /// of tables after the section's plain keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_tokens: Vec<ApiTokenConfig>,
+}
+
+/// One `[[orchestrator.api_tokens]]` entry, as written (the secret inline or in a file).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenConfig {
+    /// Who holds it: the audit names `token:<name>`. `[A-Za-z0-9_.-]`, unique.
+    pub name: String,
+    pub role: Role,
+    /// The secret itself (exactly one of `token` and `token_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// A file holding the secret, read at start (surrounding whitespace trimmed), so that
+    /// the secret can stay out of a world-readable config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// The name the legacy `api_token` goes by.
+pub const LEGACY_TOKEN_NAME: &str = "api_token";
+const MAX_TOKEN_NAME: usize = 64;
+
+/// Whether the API on `ip` is reachable from this machine only (`0.0.0.0` and `::` are every
+/// address, not loopback; `::ffff:127.0.0.1` is).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// A token's name: it is written into audit actors (`token:<name> from <ip>`), so a plain word.
+fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TOKEN_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!(
+                "{name:?} is not a token name: 1 to {MAX_TOKEN_NAME} characters of \
+                 [A-Za-z0-9_.-]"
+            ),
+        ))
+    }
+}
+
+/// A secret must be something a client can send as `Bearer <token>`: one non-empty word.
+/// The message never quotes it.
+fn check_secret(key: &str, secret: &str, hint: &str) -> Result<(), ConfigError> {
+    if secret.is_empty() || secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            key,
+            format!("must be non-empty and without whitespace ({hint})"),
+        ));
+    }
+    Ok(())
 }
 
 fn default_isolated_primary_after() -> Duration {
@@ -256,6 +350,7 @@ impl Default for OrchestratorSection {
             probe_stale_after: default_probe_stale_after(),
             isolated_primary_after: default_isolated_primary_after(),
             writes_stalled_after: default_writes_stalled_after(),
+            api_tokens: Vec::new(),
         }
     }
 }
@@ -310,26 +405,26 @@ impl OrchestratorConfig {
             ("recovery.audit_max_age", r.audit_max_age),
         ])?;
         if r.audit_keep == 0 {
-            return Err(daemon::invalid(
+            return Err(invalid(
                 "recovery.audit_keep",
                 "must be at least 1 (the audit log explains every decision)",
             ));
         }
         if r.planned_lock_timeout > MAX_LOCK_TIMEOUT {
-            return Err(daemon::invalid(
+            return Err(invalid(
                 "recovery.planned_lock_timeout",
                 "must be at most 1h (0s: do not wait for a held lock)",
             ));
         }
         if r.lock_ttl < Duration::from_secs(1) {
-            return Err(daemon::invalid(
+            return Err(invalid(
                 "recovery.lock_ttl",
                 "must be at least 1s (etcd leases have 1 s granularity)",
             ));
         }
         if let Some(b) = r.failover_on_writes_stalled {
             if b < self.orchestrator.writes_stalled_after {
-                return Err(daemon::invalid(
+                return Err(invalid(
                     "recovery.failover_on_writes_stalled",
                     format!(
                         "must be at least orchestrator.writes_stalled_after ({}): a stall is reported before it is failed over (leave it out to never fail over on a stall)",
@@ -339,21 +434,108 @@ impl OrchestratorConfig {
             }
         }
         if r.flap_limit == 0 {
-            return Err(daemon::invalid("recovery.flap_limit", "must be at least 1"));
+            return Err(invalid("recovery.flap_limit", "must be at least 1"));
         }
-        if self
-            .orchestrator
-            .api_token
-            .as_deref()
-            .is_some_and(|t| t.trim().is_empty() || t.chars().any(char::is_whitespace))
-        {
-            return Err(daemon::invalid(
-                "orchestrator.api_token",
-                "must be non-empty and without whitespace (or left out: no token)",
+        let tokens = self.api_tokens()?;
+        let listen = self.orchestrator.http_listen;
+        if tokens.is_empty() && !is_loopback(listen.ip()) {
+            // Anyone who reaches an open API can disable recoveries, quarantine tablets and
+            // move primaries: an open API is for this machine only.
+            return Err(invalid(
+                "orchestrator.http_listen",
+                format!(
+                    "{listen} is not a loopback address and no API token is configured: \
+                     configure `orchestrator.api_tokens` (or `orchestrator.api_token`), or bind \
+                     to 127.0.0.1"
+                ),
             ));
         }
         self.etcd.validate()?;
-        self.log.validate()
+        self.log.validate()?;
+        Ok(())
+    }
+
+    /// Every configured token, validated, token files read: the legacy `api_token` first
+    /// (named [`LEGACY_TOKEN_NAME`], role `operate`), then `api_tokens` in order. Errors name
+    /// the key, e.g. `orchestrator.api_tokens[1].token_file`, never a secret.
+    pub fn api_tokens(&self) -> Result<Vec<ApiToken>, ConfigError> {
+        let o = &self.orchestrator;
+        let mut out: Vec<ApiToken> = Vec::new();
+        // Secret -> the key of the token that has it, to refuse a duplicate by name.
+        let mut keys: BTreeMap<String, String> = BTreeMap::new();
+        let mut add = |key: String, name: &str, role: Role, secret: Secret| {
+            if let Some(first) = keys.get(secret.expose()) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "the same secret as `{first}`: each token must identify one client \
+                         (the audit names it)"
+                    ),
+                ));
+            }
+            keys.insert(secret.expose().to_string(), key);
+            out.push(ApiToken {
+                name: name.to_string(),
+                role,
+                secret,
+            });
+            Ok(())
+        };
+        if let Some(t) = &o.api_token {
+            let key = "orchestrator.api_token";
+            check_secret(key, t.expose(), "or leave it out: no token")?;
+            add(key.to_string(), LEGACY_TOKEN_NAME, Role::Operate, t.clone())?;
+        }
+        for (i, t) in o.api_tokens.iter().enumerate() {
+            let at = format!("orchestrator.api_tokens[{i}]");
+            check_name(&format!("{at}.name"), &t.name)?;
+            let taken = (o.api_token.is_some() && t.name == LEGACY_TOKEN_NAME)
+                || o.api_tokens[..i].iter().any(|p| p.name == t.name);
+            if taken {
+                return Err(invalid(
+                    format!("{at}.name"),
+                    format!(
+                        "`{}` is the name of another token (`api_token` counts as one named \
+                         `{LEGACY_TOKEN_NAME}`): names identify the caller in the audit",
+                        t.name
+                    ),
+                ));
+            }
+            let (key, secret) = match (&t.token, &t.token_file) {
+                (Some(s), None) => (format!("{at}.token"), s.clone()),
+                (None, Some(path)) => {
+                    let key = format!("{at}.token_file");
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        invalid(key.clone(), format!("cannot read {}: {e}", path.display()))
+                    })?;
+                    (key, Secret::new(text.trim()))
+                }
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(at, "give exactly one of `token` and `token_file`"))
+                }
+            };
+            check_secret(&key, secret.expose(), "a token is a single word")?;
+            add(key, &t.name, t.role, secret)?;
+        }
+        Ok(out)
+    }
+
+    /// The token a client on this machine uses with this config (the harness, a sandbox's
+    /// myhactl): `api_token`, else the first inline `operate` token, else the first inline
+    /// token; `None` without an inline token.
+    pub fn client_token(&self) -> Option<&str> {
+        let o = &self.orchestrator;
+        let inline = |role: Option<Role>| {
+            o.api_tokens
+                .iter()
+                .filter(|t| role.is_none_or(|r| t.role == r))
+                .find_map(|t| t.token.as_ref())
+        };
+        o.api_token
+            .as_ref()
+            .or_else(|| inline(Some(Role::Operate)))
+            .or_else(|| inline(None))
+            .map(Secret::expose)
     }
 
     /// The analysis thresholds.
@@ -488,7 +670,10 @@ level = "debug,h2=info"
             Duration::from_millis(2500)
         );
         assert_eq!(cfg.log.format, daemon::LogFormat::Json);
-        assert_eq!(cfg.orchestrator.api_token.as_deref(), Some("s3cret"));
+        assert_eq!(
+            cfg.orchestrator.api_token.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
         assert_eq!(cfg.recovery.planned_lock_timeout, Duration::ZERO);
         assert_eq!(cfg.recovery.planned_max_lag, Duration::from_millis(500));
         assert_eq!(
@@ -598,6 +783,205 @@ level = "debug,h2=info"
         assert!(e.contains("`log.level`"), "{e}");
         let e = err(&format!("{MINIMAL}[log]\nformat = \"xml\"\n"));
         assert!(e.contains("format") || e.contains("xml"), "{e}");
+    }
+
+    /// A token file in the temp dir, removed on drop.
+    struct TokenFile(PathBuf);
+
+    impl TokenFile {
+        fn new(name: &str, content: &str) -> TokenFile {
+            let path =
+                std::env::temp_dir().join(format!("myha-{}-{name}.token", std::process::id()));
+            std::fs::write(&path, content).unwrap();
+            TokenFile(path)
+        }
+    }
+
+    impl Drop for TokenFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn tokens_text(listen: &str, entries: &str) -> String {
+        format!("[orchestrator]\nhttp_listen = {listen:?}\n{entries}\n{MINIMAL}")
+    }
+
+    #[test]
+    fn api_tokens_parse_resolve_and_round_trip() {
+        let file = TokenFile::new("grafana", "  file-secret\n");
+        let text = tokens_text(
+            "0.0.0.0:15000",
+            &format!(
+                r#"api_token = "legacy-secret"
+[[orchestrator.api_tokens]]
+name = "ops"
+role = "operate"
+token = "ops-secret"
+[[orchestrator.api_tokens]]
+name = "grafana.ro_1"
+role = "read"
+token_file = {:?}
+"#,
+                file.0
+            ),
+        );
+        let cfg = OrchestratorConfig::parse(&text).expect("parses");
+        let tokens = cfg.api_tokens().expect("resolves");
+        let summary: Vec<(&str, Role, &str)> = tokens
+            .iter()
+            .map(|t| (t.name.as_str(), t.role, t.secret.expose()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("api_token", Role::Operate, "legacy-secret"),
+                ("ops", Role::Operate, "ops-secret"),
+                ("grafana.ro_1", Role::Read, "file-secret"),
+            ]
+        );
+        assert_eq!(cfg.client_token(), Some("legacy-secret"));
+        assert_eq!(
+            OrchestratorConfig::parse(&cfg.to_toml()).expect("reparses"),
+            cfg
+        );
+        // Secrets stay out of Debug output (the config and the resolved tokens).
+        let dbg = format!("{cfg:?} {tokens:?}");
+        for secret in ["legacy-secret", "ops-secret", "file-secret"] {
+            assert!(!dbg.contains(secret), "{secret} in {dbg}");
+        }
+        // Without the legacy token, the harness uses the first inline operate token.
+        let mut cfg = cfg;
+        cfg.orchestrator.api_token = None;
+        assert_eq!(cfg.client_token(), Some("ops-secret"));
+        cfg.orchestrator.api_tokens.remove(0);
+        assert_eq!(cfg.client_token(), None);
+    }
+
+    #[test]
+    fn bad_api_tokens_are_named_by_key() {
+        let ok = "[[orchestrator.api_tokens]]\nname = \"ops\"\nrole = \"operate\"\ntoken = \"a\"\n";
+        let missing = std::env::temp_dir().join("myha-no-such-dir/none.token");
+        let empty = TokenFile::new("empty", " \n");
+        for (entry, key, what) in [
+            (
+                "name = \"\"\nrole = \"read\"\ntoken = \"b\"".to_string(),
+                "`orchestrator.api_tokens[1].name`",
+                "not a token name",
+            ),
+            (
+                "name = \"a b\"\nrole = \"read\"\ntoken = \"b\"".to_string(),
+                "`orchestrator.api_tokens[1].name`",
+                "[A-Za-z0-9_.-]",
+            ),
+            (
+                "name = \"ops\"\nrole = \"read\"\ntoken = \"b\"".to_string(),
+                "`orchestrator.api_tokens[1].name`",
+                "name of another token",
+            ),
+            (
+                "name = \"r\"\nrole = \"read\"".to_string(),
+                "`orchestrator.api_tokens[1]`",
+                "exactly one of `token` and `token_file`",
+            ),
+            (
+                format!("name = \"r\"\nrole = \"read\"\ntoken = \"b\"\ntoken_file = {missing:?}"),
+                "`orchestrator.api_tokens[1]`",
+                "exactly one of",
+            ),
+            (
+                format!("name = \"r\"\nrole = \"read\"\ntoken_file = {missing:?}"),
+                "`orchestrator.api_tokens[1].token_file`",
+                "cannot read",
+            ),
+            (
+                format!("name = \"r\"\nrole = \"read\"\ntoken_file = {:?}", empty.0),
+                "`orchestrator.api_tokens[1].token_file`",
+                "non-empty",
+            ),
+            (
+                "name = \"r\"\nrole = \"read\"\ntoken = \"two words\"".to_string(),
+                "`orchestrator.api_tokens[1].token`",
+                "without whitespace",
+            ),
+            (
+                "name = \"r\"\nrole = \"read\"\ntoken = \"a\"".to_string(),
+                "`orchestrator.api_tokens[1].token`",
+                "same secret as `orchestrator.api_tokens[0].token`",
+            ),
+        ] {
+            let text = tokens_text(
+                "127.0.0.1:15000",
+                &format!("{ok}[[orchestrator.api_tokens]]\n{entry}\n"),
+            );
+            let e = err(&text);
+            assert!(e.contains(key) && e.contains(what), "{entry}: {e}");
+        }
+        // The legacy token's name is taken when it is set.
+        let e = err(&tokens_text(
+            "127.0.0.1:15000",
+            "api_token = \"x\"\n[[orchestrator.api_tokens]]\nname = \"api_token\"\nrole = \"read\"\ntoken = \"y\"\n",
+        ));
+        assert!(e.contains("`orchestrator.api_tokens[0].name`"), "{e}");
+        let e = err(&tokens_text(
+            "127.0.0.1:15000",
+            "api_token = \"x\"\n[[orchestrator.api_tokens]]\nname = \"n\"\nrole = \"read\"\ntoken = \"x\"\n",
+        ));
+        assert!(
+            e.contains("`orchestrator.api_tokens[0].token`")
+                && e.contains("`orchestrator.api_token`"),
+            "{e}"
+        );
+        // serde names a bad role and an unknown field.
+        let e = err(&tokens_text(
+            "127.0.0.1:15000",
+            "[[orchestrator.api_tokens]]\nname = \"n\"\nrole = \"admin\"\ntoken = \"x\"\n",
+        ));
+        assert!(e.contains("admin") && e.contains("operate"), "{e}");
+        let e = err(&tokens_text(
+            "127.0.0.1:15000",
+            "[[orchestrator.api_tokens]]\nname = \"n\"\nrole = \"read\"\nsecret = \"x\"\n",
+        ));
+        assert!(e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn an_open_api_must_be_on_loopback() {
+        for listen in [
+            "0.0.0.0:15000",
+            "[::]:15000",
+            "10.0.0.5:15000",
+            "[fe80::1]:1",
+        ] {
+            let e = err(&tokens_text(listen, ""));
+            assert!(
+                e.contains("`orchestrator.http_listen`")
+                    && e.contains("not a loopback address")
+                    && e.contains("orchestrator.api_tokens")
+                    && e.contains("127.0.0.1"),
+                "{listen}: {e}"
+            );
+        }
+        for listen in [
+            "127.0.0.1:15000",
+            "127.0.0.2:1",
+            "[::1]:15000",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            OrchestratorConfig::parse(&tokens_text(listen, ""))
+                .unwrap_or_else(|e| panic!("{listen}: {e}"));
+        }
+        // Any token, legacy or not, of any role, makes a non-loopback address acceptable.
+        for tokens in [
+            "api_token = \"x\"\n",
+            "[[orchestrator.api_tokens]]\nname = \"g\"\nrole = \"read\"\ntoken = \"x\"\n",
+        ] {
+            OrchestratorConfig::parse(&tokens_text("0.0.0.0:15000", tokens))
+                .unwrap_or_else(|e| panic!("{tokens}: {e}"));
+        }
+        assert!(!is_loopback("0.0.0.0".parse().unwrap()));
+        assert!(!is_loopback("::".parse().unwrap()));
+        assert!(is_loopback("::1".parse().unwrap()));
     }
 
     #[test]

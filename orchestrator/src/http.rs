@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use topo::Term;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{header, HeaderMap, Uri};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, Method, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Extension;
@@ -25,6 +26,7 @@ use crate::api::{
     QuarantineJson, QuarantineListResponse, QuarantineRequest, RecoveriesQuery, RecoveriesResponse,
     ReleaseRequest, ReparentBody, ReparentDefaults, Scope, ToggleRequest,
 };
+use crate::auth::{self, ApiToken, Caller, Role};
 use crate::control::{Control, ControlError};
 use crate::engine::{EngineHandle, EngineView};
 use crate::operator::{self, OpEvent, Operation};
@@ -46,7 +48,8 @@ pub struct HttpState {
     pub topo: Topo,
     pub metrics: PrometheusHandle,
     pub stale_after: Duration,
-    pub api_token: Option<String>,
+    /// The API's tokens (`config::OrchestratorConfig::api_tokens`); empty: the API is open.
+    pub api_tokens: Vec<ApiToken>,
     /// Each shard's newest recovery in the audit log (see [`spawn_last_recoveries`]).
     pub last_recoveries: Arc<RwLock<BTreeMap<(String, String), AuditJson>>>,
     /// What operator reparents run with (the engine's handles and config).
@@ -85,7 +88,58 @@ pub fn router(state: Arc<HttpState>) -> Router {
                 uri.path()
             ))
         })
+        // After every route and the fallbacks: the layer covers them all.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .with_state(state)
+}
+
+/// The role a request needs: reads `read`, anything else (the changes) `operate`.
+fn needed_role(method: &Method) -> Role {
+    if method == Method::GET || method == Method::HEAD {
+        Role::Read
+    } else {
+        Role::Operate
+    }
+}
+
+/// Authorizes every `/api/...` request ([`auth::authorize`]) and hands the handlers the
+/// [`Caller`]. `/health` and `/metrics` pass without a token: liveness probes and Prometheus
+/// scrape them without credentials, and they change nothing and carry no secret.
+async fn authenticate(State(s): St, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !path.starts_with("/api/") {
+        return next.run(req).await;
+    }
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(p)| p.ip());
+    let needed = needed_role(req.method());
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    match auth::authorize(&s.api_tokens, header, needed) {
+        Ok(principal) => {
+            req.extensions_mut().insert(Caller { principal, peer });
+            next.run(req).await
+        }
+        Err(e) => {
+            let status = e.status();
+            metrics::counter!(
+                "myha_orchestrator_api_refused_total",
+                "status" => status.as_str().to_string()
+            )
+            .increment(1);
+            // The reason, never the token; a 403 names the token, a 401 has none to name.
+            let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+            tracing::warn!(method = %req.method(), path, %peer, status = status.as_u16(), reason = %e, "API request refused");
+            api::ApiError::from(e).into_response()
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves (with the client's address known to
@@ -184,21 +238,6 @@ async fn recoveries(State(s): St, uri: Uri) -> Result<Json<RecoveriesResponse>, 
     }))
 }
 
-/// Who asked, for the control records and the audit log.
-fn requester(peer: Option<SocketAddr>) -> String {
-    match peer {
-        Some(p) => format!("http-api from {}", p.ip()),
-        None => "http-api".to_string(),
-    }
-}
-
-fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("(not text)"));
-    api::check_bearer(s.api_token.as_deref(), auth)
-}
-
 fn control_err(e: ControlError) -> ApiError {
     match e {
         ControlError::Invalid(m) => ApiError::bad_request(m),
@@ -227,16 +266,14 @@ async fn require_shard(s: &HttpState, keyspace: &str, shard: &str) -> Result<(),
 async fn toggle(
     s: &HttpState,
     disabled: bool,
-    peer: Option<SocketAddr>,
-    headers: &HeaderMap,
+    caller: &Caller,
     uri: &Uri,
     body: &Bytes,
 ) -> Result<Json<ChangeResponse>, ApiError> {
-    authorize(s, headers)?;
     let from_body: ToggleRequest = api::parse_body(body)?;
     let from_query: ToggleRequest = query(uri)?;
     let (scope, reason) = api::toggle_scope(from_body, from_query)?;
-    let by = requester(peer);
+    let by = caller.actor();
     let reason_text = reason.clone().unwrap_or_else(|| "no reason given".into());
     match &scope {
         Scope::Global => {
@@ -265,41 +302,33 @@ async fn toggle(
 
 async fn disable(
     State(s): St,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     uri: Uri,
     body: Bytes,
 ) -> Response {
-    let peer = peer.map(|Extension(ConnectInfo(p))| p);
-    toggle(&s, true, peer, &headers, &uri, &body)
-        .await
-        .into_response()
+    toggle(&s, true, &caller, &uri, &body).await.into_response()
 }
 
 async fn enable(
     State(s): St,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     uri: Uri,
     body: Bytes,
 ) -> Response {
-    let peer = peer.map(|Extension(ConnectInfo(p))| p);
-    toggle(&s, false, peer, &headers, &uri, &body)
+    toggle(&s, false, &caller, &uri, &body)
         .await
         .into_response()
 }
 
 async fn ack(
     State(s): St,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Extension(caller): Extension<Caller>,
     Path((keyspace, shard)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<ChangeResponse>, ApiError> {
-    authorize(&s, &headers)?;
     let req: AckRequest = api::parse_body(&body)?;
     require_shard(&s, &keyspace, &shard).await?;
-    let by = requester(peer.map(|Extension(ConnectInfo(p))| p));
+    let by = caller.actor();
     s.control
         .ack(&keyspace, &shard, &by)
         .await
@@ -352,14 +381,13 @@ async fn tablet_and_shard(
 /// analysis and the gateway report (nothing promotes it again meanwhile).
 async fn quarantine_add(
     State(s): St,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Extension(caller): Extension<Caller>,
     Path(alias): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<QuarantineChange>, ApiError> {
-    authorize(&s, &headers)?;
     let req: QuarantineRequest = api::parse_body(&body)?;
-    let (reason, by) = req.validate(&requester(peer.map(|Extension(ConnectInfo(p))| p)))?;
+    let reason = req.validate()?;
+    let by = caller.actor();
     api::check_alias(&alias)?;
     let (tablet, record) = tablet_and_shard(&s, &alias).await?;
     let (keyspace, shard, term) = api::quarantine_target(&alias, tablet.as_ref(), record.as_ref())?;
@@ -382,17 +410,13 @@ async fn quarantine_add(
 /// quarantined again by the next `stale_tablet_claiming_primary` repair, with the reason).
 async fn quarantine_release(
     State(s): St,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Extension(caller): Extension<Caller>,
     Path(alias): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<QuarantineChange>, ApiError> {
-    authorize(&s, &headers)?;
     let req: ReleaseRequest = api::parse_body(&body)?;
-    let by = req
-        .requester
-        .filter(|r| !r.trim().is_empty())
-        .unwrap_or_else(|| requester(peer.map(|Extension(ConnectInfo(p))| p)));
+    let reason = req.validate()?;
+    let by = caller.actor();
     api::check_alias(&alias)?;
     let (tablet, record) = tablet_and_shard(&s, &alias).await?;
     let shard = tablet.as_ref().map(|t| {
@@ -404,7 +428,7 @@ async fn quarantine_release(
     });
     let Some(rec) = s
         .control
-        .release_quarantine_by(&alias, shard, req.reason.as_deref(), &by)
+        .release_quarantine_by(&alias, shard, reason.as_deref(), &by)
         .await
         .map_err(control_err)?
     else {
@@ -429,12 +453,10 @@ async fn quarantine_release(
 /// its end even if the client goes away.
 async fn reparent(
     State(s): St,
-    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Extension(caller): Extension<Caller>,
     Path((keyspace, shard)): Path<(String, String)>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers)?;
     let body: ReparentBody = api::parse_body(&body)?;
     let cfg = &s.recovery.cfg;
     let defaults = ReparentDefaults {
@@ -442,10 +464,7 @@ async fn reparent(
         lock_timeout: cfg.planned_lock_timeout,
         max_lag: cfg.planned_max_lag,
     };
-    let req = body.validate(
-        defaults,
-        &requester(peer.map(|Extension(ConnectInfo(p))| p)),
-    )?;
+    let req = body.validate(defaults, &caller.actor())?;
     let record = match s.topo.get_shard(&keyspace, &shard).await {
         Ok(Some((r, _))) => r,
         Ok(None) => {
@@ -487,7 +506,7 @@ async fn reparent(
         last_primary,
         suspect: record.primary.clone(),
     };
-    tracing::warn!(keyspace, shard, mode = mode.as_str(), to = ?op.request.to, requester = %op.request.requester, "operator reparent requested through the API");
+    tracing::warn!(keyspace, shard, mode = mode.as_str(), to = ?op.request.to, requester = %op.request.requested_by(), "operator reparent requested through the API");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<OpEvent>();
     let deps = s.recovery.clone();
     tokio::spawn(operator::run(deps, op, tx));

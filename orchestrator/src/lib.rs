@@ -8,11 +8,12 @@
 //! - [`recovery`]: what runs under the shard lock (emergency reparent, repairs);
 //! - [`control`]: etcd-backed operator switches (disable, ack, quarantine) and flapping;
 //! - [`operator`]: operator-requested reparents (planned, emergency), streamed as they run;
-//! - [`api`]: the HTTP API's pure JSON translation, request parsing and auth; [`http`]: its
-//!   routes and handlers.
+//! - [`api`]: the HTTP API's pure JSON translation and request parsing; [`auth`]: its tokens,
+//!   roles and the authorization decision; [`http`]: its routes and handlers.
 
 pub mod analysis;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod engine;

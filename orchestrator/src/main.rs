@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tabletwatch::{TabletWatch, WatchOptions};
 use tracing::{info, warn};
 
+use myha_orchestrator::auth::ApiToken;
 use myha_orchestrator::config::OrchestratorConfig;
 use myha_orchestrator::control::{Control, ControlWatch};
 use myha_orchestrator::{engine, http, recovery};
@@ -26,7 +27,9 @@ a dead primary (confirmed by the replicas' own probes) is replaced by an emergen
 under the shard's etcd lock and a new term. Several instances may run: the shard lock \
 arbitrates. Automatic recovery can be disabled in [recovery] or at run time (globally or per \
 shard, stored in etcd); a flapping shard stops recovering until acknowledged.\n\n\
-Serves /health, /metrics and /api/v1/... on [orchestrator] http_listen."
+Serves /health, /metrics and /api/v1/... on [orchestrator] http_listen; with API tokens \
+configured ([orchestrator] api_tokens) every /api/v1/ request needs a bearer token, without \
+any the API must be bound to a loopback address."
 )]
 struct Args {
     /// Path to orchestrator.toml.
@@ -40,6 +43,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = OrchestratorConfig::load(&args.config)?;
+    // Token files are read once, here; `load` has checked them already.
+    let api_tokens = cfg.api_tokens()?;
     if args.check_config {
         println!("{}: ok", args.config.display());
         return Ok(());
@@ -47,11 +52,12 @@ fn main() -> anyhow::Result<()> {
     cfg.log.init();
     let metrics = daemon::install_metrics()?;
     let rt = daemon::runtime()?;
-    rt.block_on(run(cfg, metrics, daemon::shutdown_signal()))
+    rt.block_on(run(cfg, api_tokens, metrics, daemon::shutdown_signal()))
 }
 
 async fn run(
     cfg: OrchestratorConfig,
+    api_tokens: Vec<ApiToken>,
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -80,8 +86,19 @@ async fn run(
             )
         })?;
     let addr = listener.local_addr().context("http_listen address")?;
+    // Names and roles only: a secret never reaches a log.
+    let auth = if api_tokens.is_empty() {
+        "none: the API is open (loopback only)".to_string()
+    } else {
+        api_tokens
+            .iter()
+            .map(|t| format!("{} ({})", t.name, t.role))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     info!(
         http = %addr,
+        api_tokens = %auth,
         etcd = %cfg.etcd.endpoints.join(","),
         prefix = %cfg.etcd.prefix,
         health_stale_after = ?cfg.orchestrator.health_stale_after,
@@ -95,7 +112,7 @@ async fn run(
         topo,
         metrics,
         stale_after: cfg.orchestrator.health_stale_after,
-        api_token: cfg.orchestrator.api_token.clone(),
+        api_tokens,
         last_recoveries: Default::default(),
         recovery: deps,
     });

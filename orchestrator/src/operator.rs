@@ -116,7 +116,7 @@ pub fn operator_actor(requester: &str, actor: &str) -> String {
     format!("{OPERATOR_ACTOR_PREFIX}{requester}@{actor}")
 }
 
-/// The lock purpose of an operation.
+/// The lock purpose of an operation (with the requester's note, if any).
 pub fn lock_purpose(req: &ReparentRequest) -> String {
     format!(
         "{} reparent{} requested by {}",
@@ -125,7 +125,7 @@ pub fn lock_purpose(req: &ReparentRequest) -> String {
             .as_deref()
             .map(|t| format!(" to {t}"))
             .unwrap_or_default(),
-        req.requester
+        req.requested_by()
     )
 }
 
@@ -390,7 +390,7 @@ impl RunPlan for Requested<'_> {
                     to: req.to.clone(),
                     wait_timeout: req.wait_timeout,
                     max_lag: req.max_lag,
-                    requester: req.requester.clone(),
+                    requester: req.requested_by(),
                 },
                 self.deps.cfg.action_timeout,
             )),
@@ -466,7 +466,8 @@ mod tests {
             wait_timeout: Duration::from_secs(5),
             lock_timeout: Duration::from_secs(10),
             max_lag: Duration::from_secs(5),
-            requester: "alice".into(),
+            requester: "token:ops from 10.0.0.1".into(),
+            on_behalf_of: None,
             may_lose_acknowledged_writes: false,
         }
     }
@@ -549,11 +550,15 @@ mod tests {
         assert!(operator_actor("a", "b").starts_with(OPERATOR_ACTOR_PREFIX));
         assert_eq!(
             lock_purpose(&request(ReparentMode::Planned, Some("zone1-102"))),
-            "planned reparent to zone1-102 requested by alice"
+            "planned reparent to zone1-102 requested by token:ops from 10.0.0.1"
         );
+        let noted = ReparentRequest {
+            on_behalf_of: Some("alice".into()),
+            ..request(ReparentMode::Emergency, None)
+        };
         assert_eq!(
-            lock_purpose(&request(ReparentMode::Emergency, None)),
-            "emergency reparent requested by alice"
+            lock_purpose(&noted),
+            "emergency reparent requested by token:ops from 10.0.0.1 (on behalf of alice)"
         );
     }
 }

@@ -632,6 +632,8 @@ fn reparent_failures_json_and_lost_streams() {
 // Against a real cluster whose orchestrator wants a token.
 
 const TOKEN: &str = "t0ken-for-myhactl";
+/// A `read` token of the same orchestrator.
+const READ_TOKEN: &str = "read-t0ken-for-myhactl";
 
 async fn cluster_with_orchestrator(tablets: usize) -> harness::Cluster {
     harness::Cluster::start(harness::ClusterOptions {
@@ -640,6 +642,12 @@ async fn cluster_with_orchestrator(tablets: usize) -> harness::Cluster {
         orchestrator_config: Some(std::sync::Arc::new(
             |cfg: &mut harness::OrchestratorConfig| {
                 cfg.orchestrator.api_token = Some(TOKEN.into());
+                cfg.orchestrator.api_tokens = vec![harness::ApiTokenConfig {
+                    name: "viewer".into(),
+                    role: harness::ApiRole::Read,
+                    token: Some(READ_TOKEN.into()),
+                    token_file: None,
+                }];
             },
         )),
         ..harness::ClusterOptions::default()
@@ -701,6 +709,14 @@ async fn recoveries_ack_and_audit() {
         err_text(&out).contains("wrong bearer token"),
         "{}",
         text(&out)
+    );
+    // A `read` token: 403 naming the token and the role needed, exit 1.
+    let out = ctl(o, Some(READ_TOKEN), &["recoveries", "disable", &shard]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = err_text(&out);
+    assert!(
+        err.contains("403") && err.contains("`viewer`") && err.contains("`operate` role"),
+        "{err}"
     );
 
     // An unknown shard: 404 with the reason, exit 1.
@@ -774,8 +790,12 @@ async fn recoveries_ack_and_audit() {
         text(&out)
     );
 
-    // The audit log from the orchestrator...
-    let out = ctl(o, None, &["audit", &shard, "--json"]).await;
+    // The audit log from the orchestrator (a `read` token is enough; none is a 401, not a
+    // reason to read etcd instead)...
+    let out = ctl(o, None, &["audit", &shard]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(err_text(&out).contains("401"), "{}", text(&out));
+    let out = ctl(o, Some(READ_TOKEN), &["audit", &shard, "--json"]).await;
     assert!(out.status.success(), "{}", text(&out));
     let from_orch: Value = serde_json::from_str(&out_text(&out)).unwrap();
     assert_eq!(from_orch["source"], "orchestrator", "{from_orch:#}");
@@ -793,7 +813,15 @@ async fn recoveries_ack_and_audit() {
             "{want}: {from_orch:#}"
         );
     }
-    let out = ctl(o, None, &["audit", &shard, "--limit", "3"]).await;
+    // The actor of every change is the token's name (the legacy `api_token`'s is `api_token`).
+    for e in from_orch["entries"].as_array().unwrap() {
+        if ["recoveries_disabled", "recoveries_enabled", "ack"]
+            .contains(&e["action"].as_str().unwrap_or_default())
+        {
+            assert_eq!(e["actor"], "token:api_token from 127.0.0.1", "{e}");
+        }
+    }
+    let out = ctl(o, Some(TOKEN), &["audit", &shard, "--limit", "3"]).await;
     assert!(out.status.success(), "{}", text(&out));
     let human = out_text(&out);
     let lines: Vec<&str> = human.lines().collect();
@@ -984,7 +1012,7 @@ async fn reparents_end_to_end() {
     // background, so the last one may land a moment after its `done`).
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let out = ctl(o, None, &["audit", &shard, "--limit", "200"]).await;
+        let out = ctl(o, Some(READ_TOKEN), &["audit", &shard, "--limit", "200"]).await;
         assert!(out.status.success(), "{}", text(&out));
         let human = out_text(&out);
         if human.contains("planned_reparent") && human.contains("emergency_reparent") {

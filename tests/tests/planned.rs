@@ -359,7 +359,9 @@ async fn planned_reparents() {
         .expect("the old primary replicates from the new one");
     let e = summary_entry(&c, "planned_reparent", "ok", &new).await;
     assert!(
-        e.actor.starts_with("operator:s1@orchestrator@"),
+        // The token's name, not the body's `requester` (a note in the mark and lock purpose).
+        e.actor
+            .starts_with("operator:token:api_token from 127.0.0.1@orchestrator@"),
         "{}",
         audit_line(&e)
     );
@@ -762,7 +764,12 @@ async fn operator_emergency_reparents() {
         healthy.as_secs_f64()
     );
     let e = summary_entry(&c, "emergency_reparent", "ok", &to).await;
-    assert!(e.actor.starts_with("operator:e1@"), "{}", audit_line(&e));
+    assert!(
+        e.actor
+            .starts_with("operator:token:api_token from 127.0.0.1@"),
+        "{}",
+        audit_line(&e)
+    );
     let s = shard_json(o, &c).await;
     assert_eq!(
         (&s["recovery"]["flapping"], &s["recovery"]["enabled"]),

@@ -3,8 +3,9 @@
 //! a replica -> the orchestrator lists it and its analysis reports it, the gateway stops
 //! routing reads to it (new RO connections land on the other replica, an open one to it is
 //! closed) and a planned reparent does not choose it; refusals (no token, the primary, an
-//! unknown alias) exit 1 with the orchestrator's reason; `quarantine release` -> the repairs
-//! repoint it and the gateway routes reads to it again. Every asynchronous effect is polled
+//! unknown alias) exit 1 with the orchestrator's reason; the record's `by` and the audit's
+//! actor are the token's name, `--requester` only a note on the reason; `quarantine release`
+//! -> the repairs repoint it and the gateway routes reads to it again. Every asynchronous effect is polled
 //! with a generous bound; timings are printed, never asserted.
 //!
 //! Needs the binaries: `cargo build -p myha-agent -p myha-orchestrator -p myha-gateway -p myhactl`.
@@ -22,6 +23,8 @@ use mysql_async::Conn;
 use serde_json::Value;
 
 const TOKEN: &str = "t0ken-for-quarantine";
+/// The audit actor of a change made with [`TOKEN`] (the legacy `api_token`).
+const ACTOR: &str = "token:api_token from 127.0.0.1";
 /// Bound on every asynchronously updated state (routing, analysis, repairs).
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -188,14 +191,20 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
         text(&out)
     );
 
+    // Reads need a token too.
     let out = ctl(&c, None, &["quarantine", "list", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("401"), "{}", text(&out));
+    let out = ctl(&c, Some(TOKEN), &["quarantine", "list", "--json"]).await;
     assert!(out.status.success(), "{}", text(&out));
     let list: Value = serde_json::from_slice(&out.stdout).expect("JSON list");
     let entries = list["quarantine"].as_array().expect("array").clone();
     assert_eq!(entries.len(), 1, "{list}");
     assert_eq!(entries[0]["alias"], r2.alias());
-    assert_eq!(entries[0]["reason"], reason);
-    assert_eq!(entries[0]["by"], "alice");
+    // `--requester` is a note on the reason; `by` is who the token says.
+    let recorded = format!("{reason} (on behalf of alice)");
+    assert_eq!(entries[0]["reason"], recorded.as_str());
+    assert_eq!(entries[0]["by"], ACTOR);
     assert_eq!(entries[0]["shard"], c.shard());
     assert_eq!(entries[0]["term"], 1);
 
@@ -267,7 +276,7 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
     );
 
     // `status` shows it (from etcd, and the orchestrator's problem).
-    let out = ctl(&c, None, &["status"]).await;
+    let out = ctl(&c, Some(TOKEN), &["status"]).await;
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains(&format!("quarantined {}", r2.alias())),
@@ -280,8 +289,8 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
         a.iter().any(|e| {
             e.action == "quarantine_added"
                 && e.tablet.as_deref() == Some(r2.alias())
-                && e.actor == "alice"
-                && e.detail == reason
+                && e.actor == ACTOR
+                && e.detail == recorded
         })
     })
     .await;
@@ -331,7 +340,7 @@ async fn quarantine_keeps_a_replica_out_of_reads_and_promotion_until_released() 
         "{}",
         text(&out)
     );
-    let out = ctl(&c, None, &["quarantine", "list"]).await;
+    let out = ctl(&c, Some(TOKEN), &["quarantine", "list"]).await;
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("no quarantined tablets"),
