@@ -111,6 +111,42 @@ pub struct Shared {
     /// Addresses the agent actually listens on (after binding port 0).
     pub grpc_addr: Mutex<String>,
     pub http_addr: Mutex<String>,
+    /// The one MySQL connection `FullStatus` polls on, kept between calls (a caller must not
+    /// be able to open MySQL connections at will); calls take turns on it.
+    pub status_conn: tokio::sync::Mutex<Option<(Conn, Dialect)>>,
+    /// Bounds on concurrent RPCs (see [`RpcLimits`]).
+    pub limits: RpcLimits,
+}
+
+/// How many RPCs of each kind the agent serves at once; one more is refused at once
+/// (`RESOURCE_EXHAUSTED`) rather than queued without bound. Actions run one at a time anyway
+/// (`Shared::actions`): the bound is on those waiting their turn. The numbers leave room for
+/// several orchestrators and gateways (one health stream each) and a reparent's bursts.
+#[derive(Debug)]
+pub struct RpcLimits {
+    pub actions: Arc<tokio::sync::Semaphore>,
+    pub status: Arc<tokio::sync::Semaphore>,
+    pub streams: Arc<tokio::sync::Semaphore>,
+}
+
+impl RpcLimits {
+    pub const ACTIONS: usize = 16;
+    pub const STATUS: usize = 8;
+    pub const STREAMS: usize = 64;
+
+    pub fn new(actions: usize, status: usize, streams: usize) -> RpcLimits {
+        RpcLimits {
+            actions: Arc::new(tokio::sync::Semaphore::new(actions)),
+            status: Arc::new(tokio::sync::Semaphore::new(status)),
+            streams: Arc::new(tokio::sync::Semaphore::new(streams)),
+        }
+    }
+}
+
+impl Default for RpcLimits {
+    fn default() -> RpcLimits {
+        RpcLimits::new(RpcLimits::ACTIONS, RpcLimits::STATUS, RpcLimits::STREAMS)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -165,6 +201,8 @@ impl Shared {
             instance: Mutex::new(health::InstanceTrack::default()),
             grpc_addr: Mutex::new(String::new()),
             http_addr: Mutex::new(String::new()),
+            status_conn: tokio::sync::Mutex::new(None),
+            limits: RpcLimits::default(),
         }))
     }
 

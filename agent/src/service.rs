@@ -11,14 +11,30 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::actions::{self, ActionError};
-use crate::agent::Shared;
+use crate::agent::{RpcLimits, Shared};
 use crate::health;
+use crate::mysql::MysqlError;
 
 pub struct AgentService {
     pub shared: Arc<Shared>,
 }
 
 type HealthStream = Pin<Box<dyn Stream<Item = Result<pb::Health, Status>> + Send + 'static>>;
+
+/// A permit of `pool`, or `RESOURCE_EXHAUSTED` naming the bound (never queued: a flood of
+/// calls must not hold memory or MySQL connections while it waits).
+fn permit(
+    pool: &Arc<tokio::sync::Semaphore>,
+    what: &str,
+    limit: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+    pool.clone().try_acquire_owned().map_err(|_| {
+        metrics::counter!("myha_agent_rpcs_refused_total", "kind" => what.to_string()).increment(1);
+        Status::resource_exhausted(format!(
+            "too many concurrent {what} (at most {limit}); retry shortly"
+        ))
+    })
+}
 
 fn answer(
     r: Result<pb::ActionResponse, ActionError>,
@@ -48,6 +64,41 @@ fn answer(
     }
 }
 
+/// One poll of mysqld on the kept `FullStatus` connection (made first when there is none),
+/// with the write-stall report; the connection is dropped when the poll fails. Also returns
+/// whether the failure was a timeout.
+async fn full_poll(
+    shared: &Arc<Shared>,
+    slot: &mut Option<(mysql_async::Conn, flavor::Dialect)>,
+    timeout: std::time::Duration,
+) -> (pb::Health, bool) {
+    if slot.is_none() {
+        match shared.connect().await {
+            Ok(c) => *slot = Some(c),
+            Err(e) => {
+                let timed_out = matches!(e, MysqlError::ConnectTimeout { .. });
+                return (shared.health_from(&Err(e.to_string())), timed_out);
+            }
+        }
+    }
+    let Some((conn, dialect)) = slot.as_mut() else {
+        return (shared.health_from(&Err("no connection".into())), false);
+    };
+    match health::observe(conn, *dialect, timeout).await {
+        Ok(o) => {
+            let mut h = shared.health_from(&Ok(o));
+            // The same stall report as the pushed health: a recovery re-analyses on this.
+            crate::agent::report_write_stall(shared, conn, &mut h, timeout).await;
+            (h, false)
+        }
+        Err(e) => {
+            let timed_out = matches!(e, MysqlError::QueryTimeout { .. });
+            *slot = None;
+            (shared.health_from(&Err(e.to_string())), timed_out)
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
     type StreamHealthStream = HealthStream;
@@ -56,10 +107,17 @@ impl Agent for AgentService {
         &self,
         _req: Request<pb::StreamHealthRequest>,
     ) -> Result<Response<Self::StreamHealthStream>, Status> {
+        let stream_permit = permit(
+            &self.shared.limits.streams,
+            "health streams",
+            RpcLimits::STREAMS,
+        )?;
         let mut rx = self.shared.health.subscribe();
         let every = self.shared.cfg.agent.health_interval;
         let (tx, out) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            // Held for the stream's life.
+            let _permit = stream_permit;
             loop {
                 let h = (**rx.borrow_and_update()).clone();
                 if tx.send(Ok(h)).await.is_err() {
@@ -78,29 +136,32 @@ impl Agent for AgentService {
         &self,
         _req: Request<pb::FullStatusRequest>,
     ) -> Result<Response<pb::Health>, Status> {
+        let _permit = permit(
+            &self.shared.limits.status,
+            "FullStatus calls",
+            RpcLimits::STATUS,
+        )?;
         let timeout = self.shared.endpoint.query_timeout;
-        let h = match self.shared.connect().await {
-            Ok((mut conn, dialect)) => {
-                let poll = health::observe(&mut conn, dialect, timeout)
-                    .await
-                    .map_err(|e| e.to_string());
-                let mut h = self.shared.health_from(&poll);
-                // The same stall report as the pushed health: a recovery re-analyses on this.
-                if poll.is_ok() {
-                    crate::agent::report_write_stall(&self.shared, &mut conn, &mut h, timeout)
-                        .await;
-                }
-                h
-            }
-            Err(e) => self.shared.health_from(&Err(e.to_string())),
-        };
-        Ok(Response::new(h))
+        // One poll at a time on the kept connection: each answer comes from a poll that
+        // started after the call arrived (a recovery reads what its last action did).
+        let mut slot = self.shared.status_conn.lock().await;
+        let kept = slot.is_some();
+        let mut h = full_poll(&self.shared, &mut slot, timeout).await;
+        // A kept connection may have died with an earlier mysqld (a restart, a killed
+        // session): one new connection says whether mysqld is really unreachable. A timeout
+        // is not retried: the server was reached and did not answer (frozen), as a new
+        // connection would find after `connect_timeout` more.
+        if kept && slot.is_none() && !h.1 {
+            h = full_poll(&self.shared, &mut slot, timeout).await;
+        }
+        Ok(Response::new(h.0))
     }
 
     async fn stop_replication(
         &self,
         req: Request<pb::StopReplicationRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::stop_replication(&self.shared, req.into_inner()).await)
     }
 
@@ -108,6 +169,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::StartReplicationRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::start_replication(&self.shared, req.into_inner()).await)
     }
 
@@ -115,6 +177,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::WaitForPositionRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::wait_for_position(&self.shared, req.into_inner()).await)
     }
 
@@ -122,6 +185,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::SetReadOnlyRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::set_read_only(&self.shared, req.into_inner()).await)
     }
 
@@ -129,6 +193,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::SetReplicationSourceRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::set_replication_source(&self.shared, req.into_inner()).await)
     }
 
@@ -136,6 +201,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::ResetReplicationRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::reset_replication(&self.shared, req.into_inner()).await)
     }
 
@@ -143,6 +209,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::SetSemiSyncRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::set_semi_sync(&self.shared, req.into_inner()).await)
     }
 
@@ -150,6 +217,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::promote(&self.shared, req.into_inner()).await)
     }
 
@@ -157,6 +225,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DemoteRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::demote(&self.shared, req.into_inner()).await)
     }
 
@@ -164,6 +233,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::UndoDemoteRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::undo_demote(&self.shared, req.into_inner()).await)
     }
 
@@ -171,6 +241,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::FenceServerRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
         answer(actions::fence_server(&self.shared, req.into_inner()).await)
     }
 }

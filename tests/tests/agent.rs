@@ -1203,3 +1203,105 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
         ]
     );
 }
+
+/// Issue 12, point 1: `FullStatus` polls on one kept MySQL connection (a caller cannot make
+/// the agent open connections at will) and still tells a dead mysqld and a restarted one;
+/// waiting actions are bounded (one more is refused at once, not queued).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_status_keeps_one_connection_and_waiting_actions_are_bounded() {
+    let c = Cluster::start(ClusterOptions {
+        tablets: 2,
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let mut a = client(&c, 1).await;
+    let mut root = c.tablet(1).root_conn().await.expect("root conn");
+    let connections = |v: Option<String>| v.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let before = connections(
+        harness::global_status(&mut root, "Connections")
+            .await
+            .unwrap(),
+    );
+    for _ in 0..30 {
+        let h = a
+            .full_status(pb::FullStatusRequest {})
+            .await
+            .expect("full status")
+            .into_inner();
+        assert!(h.mysql_reachable, "{}", h.mysql_error);
+    }
+    let after = connections(
+        harness::global_status(&mut root, "Connections")
+            .await
+            .unwrap(),
+    );
+    // The agent's own loops may reconnect meanwhile; one connection per call would be 30.
+    assert!(
+        after - before <= 5,
+        "30 FullStatus calls opened {} MySQL connections",
+        after - before
+    );
+    drop(root);
+
+    // The kept connection dies with its mysqld: the answer says unreachable, and once mysqld
+    // is back a new connection is made.
+    c.tablet(1).mysqld().kill().unwrap();
+    let h = a
+        .full_status(pb::FullStatusRequest {})
+        .await
+        .expect("answers")
+        .into_inner();
+    assert!(!h.mysql_reachable, "a killed mysqld reported reachable");
+    c.tablet(1).mysqld().restart().await.unwrap();
+    let h = a
+        .full_status(pb::FullStatusRequest {})
+        .await
+        .expect("answers")
+        .into_inner();
+    assert!(h.mysql_reachable, "{}", h.mysql_error);
+
+    // Waits on a position never reached hold their permits: at most RpcLimits::ACTIONS at once.
+    let limit = myha_agent::agent::RpcLimits::ACTIONS;
+    let mut waits = Vec::new();
+    for _ in 0..limit {
+        let mut a = client(&c, 1).await;
+        waits.push(tokio::spawn(async move {
+            a.wait_for_position(pb::WaitForPositionRequest {
+                ctx: Some(pb::ActionContext {
+                    term: 1,
+                    timeout_ms: 4_000,
+                    requester: "agent-test".into(),
+                    lock_epoch: 0,
+                }),
+                gtid_position: "0-101-999999".into(),
+                ..Default::default()
+            })
+            .await
+        }));
+    }
+    // Every wait has reached the agent (a refused one would end at once).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let err = a
+        .set_read_only(pb::SetReadOnlyRequest {
+            ctx: ctx(1),
+            read_only: true,
+            super_read_only: false,
+        })
+        .await
+        .expect_err("one action more than the bound");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("at most"), "{}", err.message());
+    for w in waits {
+        let r = w.await.expect("join");
+        assert_eq!(r.expect_err("never reached").code(), Code::DeadlineExceeded);
+    }
+    // The bound frees with them; FullStatus was never blocked by the actions.
+    a.set_read_only(pb::SetReadOnlyRequest {
+        ctx: ctx(1),
+        read_only: true,
+        super_read_only: false,
+    })
+    .await
+    .expect("served once the waits ended");
+}
