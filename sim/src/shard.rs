@@ -1627,7 +1627,20 @@ impl ShardSim {
                     });
                 }
                 if let Some(on) = replica {
+                    // As the agent does: the flag takes effect when the IO thread reconnects,
+                    // so a running IO thread is stopped first and started again after.
+                    let restart = s
+                        .status(now)
+                        .ok()
+                        .and_then(|st| st.slave)
+                        .is_some_and(|sl| sl.io_running != IoRunning::No);
+                    if restart {
+                        r = r.and_then(|_| s.stop_slave_io(now));
+                    }
                     r = r.and_then(|_| s.set_semi_sync_slave(*on, now));
+                    if restart {
+                        r = r.and_then(|_| s.start_slave(now));
+                    }
                 }
                 r.map_err(mysql)
             }
