@@ -116,14 +116,9 @@ pub fn print_change<T: Serialize>(
     Ok(())
 }
 
-/// Where the orchestrator is and who we are to it: flattened into every command that speaks
-/// to its API.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ApiArgs {
-    /// The orchestrator's HTTP API (`host:port` or `http://host:port`); default:
-    /// $MYHA_ORCHESTRATOR, else the sandbox's.
-    #[arg(long, env = "MYHA_ORCHESTRATOR", value_name = "URL")]
-    pub orchestrator: Option<String>,
+/// The bearer token for the orchestrator's API: flattened into every command that speaks to it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TokenArg {
     /// Bearer token, needed when the orchestrator has API tokens (`[orchestrator] api_tokens`):
     /// a `read` token for reads, an `operate` one for changes; default: $MYHA_API_TOKEN, else
     /// the sandbox's when its orchestrator is the one asked.
@@ -134,6 +129,18 @@ pub struct ApiArgs {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+}
+
+/// Where the orchestrator is and who we are to it: flattened into every command that speaks
+/// to its API.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The orchestrator's HTTP API (`host:port` or `http://host:port`); default:
+    /// $MYHA_ORCHESTRATOR, else the sandbox's.
+    #[arg(long, env = "MYHA_ORCHESTRATOR", value_name = "URL")]
+    pub orchestrator: Option<String>,
+    #[command(flatten)]
+    pub token: TokenArg,
     /// Sandbox directory to find the orchestrator in when neither --orchestrator nor
     /// $MYHA_ORCHESTRATOR is given (default: $MYHA_SANDBOX_DIR, else $HOME/.myha/sandbox).
     #[arg(long, value_name = "DIR")]
@@ -286,7 +293,7 @@ impl Api {
                 sandbox_dir: sandbox_dir(args.dir.as_deref()).display().to_string(),
             })?;
         let token = token_for(
-            args.token.as_deref(),
+            args.token.token.as_deref(),
             args.orchestrator.as_deref(),
             false,
             args.dir.as_deref(),

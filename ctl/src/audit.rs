@@ -55,15 +55,8 @@ pub struct AuditArgs {
     /// $MYHA_ORCHESTRATOR, else the sandbox's when etcd is the sandbox's.
     #[arg(long, env = "MYHA_ORCHESTRATOR", value_name = "URL")]
     pub orchestrator: Option<String>,
-    /// Bearer token for the orchestrator's API when it has API tokens (a `read` token is
-    /// enough); default: $MYHA_API_TOKEN, else the sandbox's when its orchestrator is asked.
-    #[arg(
-        long,
-        env = "MYHA_API_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub token: crate::api::TokenArg,
     /// etcd endpoint(s), comma-separated, read when the orchestrator does not answer;
     /// default: $MYHA_ETCD, else the sandbox's.
     #[arg(long, env = "MYHA_ETCD", value_delimiter = ',', value_name = "URL")]
@@ -160,7 +153,7 @@ pub async fn run(args: AuditArgs) -> Result<(), AuditError> {
         None => "no orchestrator given (--orchestrator or MYHA_ORCHESTRATOR)".to_string(),
         Some(u) => {
             let token = crate::api::token_for(
-                args.token.as_deref(),
+                args.token.token.as_deref(),
                 args.orchestrator.as_deref(),
                 !args.etcd.is_empty(),
                 args.dir.as_deref(),

@@ -26,15 +26,8 @@ pub struct StatusArgs {
     /// $MYHA_ORCHESTRATOR, else the sandbox's when etcd is the sandbox's.
     #[arg(long, env = "MYHA_ORCHESTRATOR")]
     pub orchestrator: Option<String>,
-    /// Bearer token for the orchestrator's API when it has API tokens (a `read` token is
-    /// enough); default: $MYHA_API_TOKEN, else the sandbox's when its orchestrator is asked.
-    #[arg(
-        long,
-        env = "MYHA_API_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub token: crate::api::TokenArg,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -169,7 +162,7 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
         args.dir.as_deref(),
     );
     let token = crate::api::token_for(
-        args.token.as_deref(),
+        args.token.token.as_deref(),
         args.orchestrator.as_deref(),
         !args.etcd.is_empty(),
         args.dir.as_deref(),

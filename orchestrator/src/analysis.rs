@@ -195,6 +195,17 @@ pub fn binlog_state_missing(
     tablet_state: &str,
     primary_state: &str,
 ) -> Result<Vec<String>, String> {
+    Ok(binlog_state_gaps(tablet_state, primary_state)?
+        .into_iter()
+        .map(|g| g.to_string())
+        .collect())
+}
+
+/// [`binlog_state_missing`]'s entries, as GTIDs.
+fn binlog_state_gaps(
+    tablet_state: &str,
+    primary_state: &str,
+) -> Result<Vec<gtid::MariaDbGtid>, String> {
     fn parse(s: &str) -> Result<Vec<gtid::MariaDbGtid>, String> {
         s.split(',')
             .map(str::trim)
@@ -210,7 +221,6 @@ pub fn binlog_state_missing(
                 .iter()
                 .any(|p| p.domain == g.domain && p.server_id == g.server_id && p.seq >= g.seq)
         })
-        .map(|g| g.to_string())
         .collect())
 }
 
@@ -228,16 +238,15 @@ pub fn errant_in_binlog_state(
     }
     let r = replica.mysql.as_ref()?.gtid_binlog_state.as_str();
     let p = primary.mysql.as_ref()?.gtid_binlog_state.as_str();
-    if r.is_empty() || p.is_empty() {
+    // Equal states (the usual case between pushes) need no parsing.
+    if r.is_empty() || p.is_empty() || r == p {
         return None;
     }
-    let foreign: Vec<String> = binlog_state_missing(r, p)
+    let foreign: Vec<String> = binlog_state_gaps(r, p)
         .ok()?
         .into_iter()
-        .filter(|g| {
-            g.parse::<gtid::MariaDbGtid>()
-                .is_ok_and(|g| g.server_id.to_string() != primary_writer)
-        })
+        .filter(|g| g.server_id.to_string() != primary_writer)
+        .map(|g| g.to_string())
         .collect();
     (!foreign.is_empty()).then(|| foreign.join(","))
 }
