@@ -88,6 +88,29 @@ pub struct Exec {
     received: String,
 }
 
+/// Reads the shard's reserved term and lock holder from etcd (linearizable reads, bounded by
+/// `within`): what [`crate::fence::check_jump`] decides on.
+async fn jump_view(
+    shared: &Arc<Shared>,
+    within: Duration,
+) -> Result<crate::fence::JumpView, String> {
+    let topo = shared
+        .topo()
+        .ok_or_else(|| "the agent is not connected to etcd".to_string())?
+        .with_op_timeout(within.min(Duration::from_secs(2)));
+    let (ks, shard) = (&shared.cfg.tablet.keyspace, &shared.cfg.tablet.shard);
+    let (record, holder) =
+        tokio::join!(topo.get_shard(ks, shard), topo.lock_holder_epoch(ks, shard));
+    let reserved = record
+        .map_err(|e| e.to_string())?
+        .map(|(r, _)| r.term.max(r.reserved_term))
+        .unwrap_or(Term::ZERO);
+    let holder = holder
+        .map_err(|e| e.to_string())?
+        .map(|(epoch, info)| (epoch, info.holder));
+    Ok(crate::fence::JumpView { reserved, holder })
+}
+
 impl Exec {
     pub async fn begin(
         shared: &Arc<Shared>,
@@ -110,6 +133,30 @@ impl Exec {
         let state = tokio::time::timeout_at(deadline, shared.actions.clone().lock_owned())
             .await
             .map_err(|_| deadline_err("wait for the previous action to finish"))?;
+        // A term more than one ahead must be confirmed by etcd (reserved, by the lock's
+        // holder) before it is admitted and persisted.
+        let known = shared.terms().known_term;
+        let term = Term::new(ctx.term);
+        if term > known.next() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let view = jump_view(shared, left)
+                .await
+                .map_err(|why| ActionError::Refused {
+                    action,
+                    reason: format!(
+                    "term {term} is more than one above the known term {known} and etcd cannot \
+                     confirm it: {why}"
+                ),
+                })?;
+            crate::fence::check_jump(term, ctx.lock_epoch, known, &view)
+                .map_err(|reason| ActionError::Refused { action, reason })?;
+            info!(
+                action,
+                term = ctx.term,
+                epoch = ctx.lock_epoch,
+                "term jump confirmed in etcd"
+            );
+        }
         // Admit only once we run: a term may have moved on while we queued.
         shared
             .update_terms(|t| t.admit(Term::new(ctx.term), ctx.lock_epoch))
@@ -580,7 +627,8 @@ pub async fn set_replication_source(
             connect_retry_secs: 1,
             heartbeat_period_secs: 0.5,
         };
-        let sqls = x.dialect.change_source(&spec);
+        let tls = shared.cfg.mysql.replication_tls();
+        let sqls = x.dialect.change_source_tls(&spec, tls.as_ref());
         x.sqls(&format!("point replication at {host}:{port}"), &sqls)
             .await?;
         if req.start_replication {

@@ -778,7 +778,7 @@ pub async fn etcd_loop(shared: Arc<Shared>) {
     let cfg = &shared.cfg.etcd;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let topo = loop {
-        match Topo::connect(&cfg.endpoints, &cfg.prefix, cfg.dial_timeout).await {
+        match cfg.connect().await {
             Ok(t) => break t,
             Err(e) => {
                 *lock(&shared.etcd_error) = e.to_string();

@@ -18,8 +18,18 @@ pub struct AgentConfig {
     #[serde(default)]
     pub agent: AgentSection,
     pub etcd: EtcdSection,
+    /// The agent's gRPC certificates: with them, every caller must present a certificate of
+    /// the cluster CA, and only the identities of `agent.grpc_allowed_clients` may call the
+    /// mutating RPCs. Without them gRPC is plaintext, allowed on a loopback `grpc_listen` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<pki::TlsFiles>,
     #[serde(default)]
     pub log: LogSection,
+}
+
+/// Loads `[tls]`, mapping a bad file to a config error naming its key.
+pub fn load_tls(tls: Option<&pki::TlsFiles>) -> Result<Option<pki::Material>, ConfigError> {
+    daemon::load_tls(tls, daemon::TLS_KEYS)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,9 +88,110 @@ pub struct MysqlSection {
     pub connect_timeout: Duration,
     #[serde(default = "default_query_timeout", with = "humantime_serde")]
     pub query_timeout: Duration,
+    /// Replication over TLS with `[mysql.tls]`'s files (`CHANGE MASTER TO ... MASTER_SSL = 1`);
+    /// unset: on when `[mysql.tls]` is given. See [`MysqlSection::replication_tls`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repl_tls: Option<bool>,
+    /// `[mysql.tls]`: the agent's TCP connections to mysqld (its own, the probe of the
+    /// primary, the fencing of another server) use TLS and verify the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MysqlTls>,
+}
+
+/// `[mysql.tls]`. The paths are also given to this host's mysqld for replication
+/// (`MASTER_SSL_CA`...), so they must be absolute and readable by mysqld too.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlTls {
+    /// The CA (PEM) the servers' certificates must chain to; the only one trusted.
+    pub ca_file: PathBuf,
+    /// A client certificate (PEM) and its key, for servers that ask for one: both or neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The server's certificate must name the host connected to (also
+    /// `MASTER_SSL_VERIFY_SERVER_CERT`). Off, only the chain to `ca_file` is checked.
+    #[serde(default = "default_true")]
+    pub verify_identity: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl MysqlTls {
+    /// Each file is an absolute, readable, non-empty path (an error names its key); a client
+    /// certificate comes with its key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let check = |key: &'static str, path: &Path| -> Result<(), ConfigError> {
+            if !path.is_absolute() || path.to_str().is_none() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{}: must be an absolute UTF-8 path (mysqld is given it for replication \
+                         and resolves a relative one against its own directory)",
+                        path.display()
+                    ),
+                ));
+            }
+            match std::fs::read(path) {
+                Ok(bytes) if bytes.is_empty() => {
+                    Err(invalid(key, format!("{} is empty", path.display())))
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(invalid(key, format!("cannot read {}: {e}", path.display()))),
+            }
+        };
+        check("mysql.tls.ca_file", &self.ca_file)?;
+        match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => {
+                check("mysql.tls.cert_file", c)?;
+                check("mysql.tls.key_file", k)
+            }
+            (Some(_), None) => Err(invalid(
+                "mysql.tls.key_file",
+                "missing: mysql.tls.cert_file needs its key",
+            )),
+            (None, Some(_)) => Err(invalid(
+                "mysql.tls.cert_file",
+                "missing: mysql.tls.key_file needs its certificate",
+            )),
+            (None, None) => Ok(()),
+        }
+    }
 }
 
 impl MysqlSection {
+    /// The TLS of `CHANGE MASTER` on this tablet: `[mysql.tls]`'s files unless `repl_tls` is
+    /// false. `None`: the agent names no TLS option (the server keeps what it was given).
+    pub fn replication_tls(&self) -> Option<flavor::SourceTls> {
+        let tls = self.tls.as_ref().filter(|_| self.repl_tls != Some(false))?;
+        // Paths were checked to be UTF-8 at load.
+        let text = |p: &Path| p.to_string_lossy().into_owned();
+        Some(flavor::SourceTls {
+            ca_file: text(&tls.ca_file),
+            client_cert: tls
+                .cert_file
+                .as_deref()
+                .zip(tls.key_file.as_deref())
+                .map(|(c, k)| (text(c), text(k))),
+            verify_server_cert: tls.verify_identity,
+        })
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        match &self.tls {
+            Some(tls) => tls.validate(),
+            None if self.repl_tls == Some(true) => Err(invalid(
+                "mysql.repl_tls",
+                "true needs [mysql.tls] (at least ca_file: the CA the source's certificate \
+                 must chain to)",
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Reads each password from where the config says (the config itself, a file or the
     /// environment) into `password` / `repl_password`; the file and variable settings are
     /// cleared, as they are now folded in.
@@ -153,6 +264,11 @@ pub struct AgentSection {
     /// A frozen mysqld accepts TCP but never answers: this bounds how fast that is seen.
     #[serde(default = "default_primary_probe_timeout", with = "humantime_serde")]
     pub primary_probe_timeout: Duration,
+    /// The identities (certificate common names) allowed to call the mutating RPCs
+    /// (reparent actions): the orchestrators'. Any certificate of the cluster CA may read
+    /// (`StreamHealth`, `FullStatus`). Required with `[tls]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_allowed_clients: Vec<String>,
 }
 
 fn default_poll_interval() -> Duration {
@@ -196,6 +312,7 @@ impl Default for AgentSection {
             semi_sync_timeout: default_semi_sync_timeout(),
             action_timeout: default_action_timeout(),
             primary_probe_timeout: default_primary_probe_timeout(),
+            grpc_allowed_clients: Vec::new(),
         }
     }
 }
@@ -205,6 +322,7 @@ impl AgentConfig {
         let mut cfg: AgentConfig = daemon::load_toml(path)?;
         cfg.validate()?;
         cfg.mysql.resolve_secrets()?;
+        load_tls(cfg.tls.as_ref())?;
         Ok(cfg)
     }
 
@@ -212,6 +330,7 @@ impl AgentConfig {
         let mut cfg: AgentConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
         cfg.mysql.resolve_secrets()?;
+        load_tls(cfg.tls.as_ref())?;
         Ok(cfg)
     }
 
@@ -257,6 +376,7 @@ impl AgentConfig {
         if self.mysql.repl_user.is_empty() {
             return Err(invalid("mysql.repl_user", "must not be empty"));
         }
+        self.mysql.validate_tls()?;
         daemon::require_positive(&[
             ("mysql.connect_timeout", self.mysql.connect_timeout),
             ("mysql.query_timeout", self.mysql.query_timeout),
@@ -280,6 +400,39 @@ impl AgentConfig {
                     self.agent.semi_sync_timeout,
                     topo::MIN_LOSSLESS_SEMI_SYNC_TIMEOUT
                 ),
+            ));
+        }
+        match &self.tls {
+            // Plaintext gRPC carries the reparent actions: whoever reaches the port could
+            // promote a replica. Only this host may reach a loopback port.
+            None if !self.agent.grpc_listen.ip().is_loopback() => {
+                return Err(invalid(
+                    "tls",
+                    format!(
+                        "agent.grpc_listen {} is not a loopback address: give [tls] (ca_file, \
+                         cert_file, key_file) so that callers need a certificate of the cluster CA",
+                        self.agent.grpc_listen
+                    ),
+                ))
+            }
+            Some(_) if self.agent.grpc_allowed_clients.is_empty() => {
+                return Err(invalid(
+                    "agent.grpc_allowed_clients",
+                    "must name the identities (certificate common names) of the orchestrators \
+                     allowed to call reparent actions",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(bad) = self
+            .agent
+            .grpc_allowed_clients
+            .iter()
+            .find(|c| c.trim().is_empty() || c.trim() != c.as_str())
+        {
+            return Err(invalid(
+                "agent.grpc_allowed_clients",
+                format!("{bad:?} is not an identity (a certificate common name)"),
             ));
         }
         self.etcd.validate()?;
@@ -323,6 +476,43 @@ endpoints = ["http://127.0.0.1:2379"]
             "repl_user = \"myha_repl\"\n",
             &format!("repl_user = \"myha_repl\"\n{extra}\n"),
         )
+    }
+
+    #[test]
+    fn grpc_off_loopback_needs_tls_and_tls_needs_an_allow_list() {
+        let off_loopback = format!("{MINIMAL}\n[agent]\ngrpc_listen = \"0.0.0.0:15999\"\n");
+        let e = AgentConfig::parse(&off_loopback).unwrap_err().to_string();
+        assert!(e.contains("`tls`") && e.contains("0.0.0.0:15999"), "{e}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = pki::issue::Authority::new("test CA").expect("CA");
+        let files = ca
+            .issue(&pki::issue::Leaf::server("agent-zone1-101", &["127.0.0.1"]))
+            .expect("issue")
+            .write(dir.path(), "agent", &ca)
+            .expect("write");
+        let tls = format!(
+            "\n[tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            files.ca_file, files.cert_file, files.key_file
+        );
+        let e = AgentConfig::parse(&format!("{off_loopback}{tls}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.grpc_allowed_clients"), "{e}");
+        let good = format!(
+            "{MINIMAL}\n[agent]\ngrpc_listen = \"0.0.0.0:15999\"\ngrpc_allowed_clients = [\"myha-orchestrator\"]\n{tls}"
+        );
+        let cfg = AgentConfig::parse(&good).expect("TLS config parses");
+        assert_eq!(cfg.agent.grpc_allowed_clients, ["myha-orchestrator"]);
+        // A missing file is named by its key at load (and so by --check-config).
+        let missing = good.replace(
+            &format!("{:?}", files.ca_file),
+            &format!("{:?}", dir.path().join("nope.pem")),
+        );
+        let e = AgentConfig::parse(&missing).unwrap_err().to_string();
+        assert!(e.contains("tls.ca_file") && e.contains("nope.pem"), "{e}");
+        // The round trip keeps [tls] and the allow-list.
+        assert_eq!(AgentConfig::parse(&cfg.to_toml()).expect("round trip"), cfg);
     }
 
     #[test]
@@ -374,6 +564,103 @@ endpoints = ["http://127.0.0.1:2379"]
         let cfg = AgentConfig::parse(MINIMAL).expect("parses");
         let again = AgentConfig::parse(&cfg.to_toml()).expect("reparses");
         assert_eq!(cfg, again);
+    }
+
+    /// MINIMAL with a `[mysql.tls]` section of `body` (and `extra` in `[mysql]`).
+    fn with_mysql_tls(extra: &str, body: &str) -> String {
+        format!("{}\n[mysql.tls]\n{body}\n", with_mysql(extra))
+    }
+
+    #[test]
+    fn mysql_tls_turns_replication_tls_on_and_its_files_are_checked_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, "-----BEGIN CERTIFICATE-----\n").expect("write");
+            p.display().to_string()
+        };
+        let (ca, cert, key) = (file("ca.pem"), file("c.pem"), file("k.pem"));
+        let cfg =
+            AgentConfig::parse(&with_mysql_tls("", &format!("ca_file = {ca:?}"))).expect("parses");
+        let tls = cfg.mysql.tls.as_ref().expect("tls");
+        assert!(tls.verify_identity, "verify_identity defaults to true");
+        assert_eq!(
+            cfg.mysql.replication_tls(),
+            Some(flavor::SourceTls {
+                ca_file: ca.clone(),
+                client_cert: None,
+                verify_server_cert: true,
+            })
+        );
+        let again = AgentConfig::parse(&cfg.to_toml()).expect("reparses");
+        assert_eq!(cfg, again);
+
+        let cfg = AgentConfig::parse(&with_mysql_tls(
+            "repl_tls = false",
+            &format!(
+                "ca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}\nverify_identity = false"
+            ),
+        ))
+        .expect("parses");
+        assert_eq!(cfg.mysql.replication_tls(), None, "repl_tls = false");
+        assert!(!cfg.mysql.tls.as_ref().expect("tls").verify_identity);
+        let cfg = AgentConfig::parse(&with_mysql_tls(
+            "",
+            &format!("ca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = {key:?}"),
+        ))
+        .expect("parses");
+        assert_eq!(
+            cfg.mysql.replication_tls().and_then(|t| t.client_cert),
+            Some((cert.clone(), key.clone()))
+        );
+        // Without [mysql.tls] nothing changes.
+        assert_eq!(
+            AgentConfig::parse(MINIMAL).unwrap().mysql.replication_tls(),
+            None
+        );
+
+        let err = |extra: &str, body: Option<&str>| {
+            let text = match body {
+                Some(b) => with_mysql_tls(extra, b),
+                None => with_mysql(extra),
+            };
+            AgentConfig::parse(&text).unwrap_err().to_string()
+        };
+        let e = err("", Some("ca_file = \"/nonexistent/ca.pem\""));
+        assert!(
+            e.contains("`mysql.tls.ca_file`") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = err("", Some("ca_file = \"ca.pem\""));
+        assert!(
+            e.contains("`mysql.tls.ca_file`") && e.contains("absolute"),
+            "{e}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").expect("write");
+        let e = err(
+            "",
+            Some(&format!("ca_file = {:?}", empty.display().to_string())),
+        );
+        assert!(
+            e.contains("`mysql.tls.ca_file`") && e.contains("empty"),
+            "{e}"
+        );
+        let e = err("", Some(&format!("ca_file = {ca:?}\ncert_file = {cert:?}")));
+        assert!(e.contains("`mysql.tls.key_file`"), "{e}");
+        let e = err(
+            "",
+            Some(&format!(
+                "ca_file = {ca:?}\ncert_file = {cert:?}\nkey_file = \"/nonexistent/k.pem\""
+            )),
+        );
+        assert!(e.contains("`mysql.tls.key_file`"), "{e}");
+        let e = err("", Some(&format!("ca_file = {ca:?}\nkey_file = {key:?}")));
+        assert!(e.contains("`mysql.tls.cert_file`"), "{e}");
+        let e = err("repl_tls = true", None);
+        assert!(e.contains("`mysql.repl_tls`"), "{e}");
+        let e = err("", Some(&format!("ca_file = {ca:?}\nverify = false")));
+        assert!(e.contains("verify"), "{e}");
     }
 
     #[test]

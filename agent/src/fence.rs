@@ -108,6 +108,47 @@ impl TermState {
     }
 }
 
+/// What etcd says when an action arrives at a term more than one above the known term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JumpView {
+    /// The highest term the shard record has given or reserved (`max(term, reserved_term)`;
+    /// zero when there is no record).
+    pub reserved: Term,
+    /// The epoch of the shard lock's current holder (`None`: nobody holds it), and who.
+    pub holder: Option<(u64, String)>,
+}
+
+/// Whether an action at `term` by the holder of lock epoch `epoch` may be admitted when `term`
+/// is more than one above the known term `known`. A legitimate recovery reserves its term in
+/// the shard record under the lock before it acts, so etcd must show that reservation and
+/// the caller as the lock's holder. Otherwise an allowed but confused (or stolen) identity
+/// could push this tablet's persisted term far ahead, after which every real recovery's term
+/// would be refused as stale. A jump of one needs no such check: it is what every recovery
+/// sends, and etcd's confirmation would sit on the failover's critical path.
+pub fn check_jump(term: Term, epoch: u64, known: Term, view: &JumpView) -> Result<(), String> {
+    if term <= known.next() {
+        return Ok(());
+    }
+    if term > view.reserved {
+        return Err(format!(
+            "term {term} is more than one above the known term {known} and no recovery \
+             reserved it (the shard record has given or reserved up to term {})",
+            view.reserved
+        ));
+    }
+    match &view.holder {
+        Some((e, _)) if *e == epoch => Ok(()),
+        Some((e, who)) => Err(format!(
+            "term {term} is more than one above the known term {known} and the caller's lock \
+             epoch {epoch} is not the shard lock's holder in etcd (epoch {e}, {who})"
+        )),
+        None => Err(format!(
+            "term {term} is more than one above the known term {known} and nobody holds the \
+             shard lock in etcd"
+        )),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FenceDecision {
     /// Nothing to do, with why (for the record).
@@ -183,6 +224,34 @@ mod tests {
         s.primary = primary.map(str::to_string);
         s.term = term;
         s
+    }
+
+    #[test]
+    fn a_term_jump_needs_a_reservation_and_the_lock_holder_in_etcd() {
+        let known = Term::new(5);
+        let view = |reserved: u64, holder: Option<u64>| JumpView {
+            reserved: Term::new(reserved),
+            holder: holder.map(|e| (e, format!("orchestrator epoch {e}"))),
+        };
+        // One above the known term: no etcd needed, whatever it says.
+        assert_eq!(check_jump(Term::new(6), 0, known, &view(0, None)), Ok(()));
+        assert_eq!(check_jump(Term::new(5), 0, known, &view(0, None)), Ok(()));
+        // Further: reserved, and by the caller as holder.
+        assert_eq!(
+            check_jump(Term::new(8), 40, known, &view(8, Some(40))),
+            Ok(())
+        );
+        let e = check_jump(Term::new(9), 40, known, &view(8, Some(40))).unwrap_err();
+        assert!(
+            e.contains("no recovery reserved it") && e.contains("up to term 8"),
+            "{e}"
+        );
+        let e = check_jump(Term::new(8), 39, known, &view(8, Some(40))).unwrap_err();
+        assert!(e.contains("epoch 39") && e.contains("epoch 40"), "{e}");
+        let e = check_jump(Term::new(8), 40, known, &view(8, None)).unwrap_err();
+        assert!(e.contains("nobody holds"), "{e}");
+        // The maximum term: the attack that would end failover for good.
+        assert!(check_jump(Term::new(u64::MAX), 40, known, &view(8, Some(40))).is_err());
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum RunError {
     },
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("gRPC TLS: {0}")]
+    Tls(#[from] config::ConfigError),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
 }
@@ -60,6 +62,7 @@ pub async fn run(
         path: cfg.agent.state_dir.clone(),
         source,
     })?;
+    let tls = config::load_tls(cfg.tls.as_ref())?;
     let grpc = bind("grpc_listen", cfg.agent.grpc_listen).await?;
     let http = bind("http_listen", cfg.agent.http_listen).await?;
     let host = cfg.agent.advertise_host.clone();
@@ -98,7 +101,18 @@ pub async fn run(
     let svc = service::AgentService {
         shared: shared.clone(),
     };
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    match &tls {
+        Some(m) => {
+            info!(identity = %m.identity, allowed = ?shared.cfg.agent.grpc_allowed_clients, "gRPC with TLS: a certificate of the cluster CA required, reparent actions from the allowed identities only");
+            builder = builder.tls_config(m.server_tls())?;
+        }
+        None => tracing::warn!(
+            grpc = %grpc_addr,
+            "gRPC without TLS (no [tls]): anyone who can reach this loopback port can call reparent actions"
+        ),
+    }
+    let grpc_server = builder
         .add_service(AgentServer::new(svc))
         .serve_with_incoming_shutdown(grpc_incoming(grpc), wait_stop(stop_rx));
 

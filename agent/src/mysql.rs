@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use flavor::{Dialect, Row};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder};
+use mysql_async::{ClientIdentity, Conn, OptsBuilder, SslOpts};
 
-use crate::config::MysqlSection;
+use crate::config::{MysqlSection, MysqlTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MysqlError {
@@ -60,6 +60,9 @@ impl MysqlError {
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     opts: mysql_async::Opts,
+    /// `[mysql.tls]`, for every TCP connection (this one unless it uses the socket, and those
+    /// made by [`Endpoint::towards`]).
+    tls: Option<SslOpts>,
     addr: String,
     pub connect_timeout: Duration,
     pub query_timeout: Duration,
@@ -74,15 +77,22 @@ impl Endpoint {
             .pass(Some(cfg.password.expose().to_string()))
             .prefer_socket(false)
             .stmt_cache_size(0);
+        let tls = cfg.tls.as_ref().map(ssl_opts);
         let addr = match &cfg.socket {
+            // No TLS over the socket: it does not leave the host, and mysql_async would announce
+            // TLS in the handshake without running it there.
             Some(s) => {
                 b = b.socket(Some(s.to_string_lossy().into_owned()));
                 s.display().to_string()
             }
-            None => format!("{}:{}", cfg.host, cfg.port),
+            None => {
+                b = b.ssl_opts(tls.clone());
+                format!("{}:{}", cfg.host, cfg.port)
+            }
         };
         Endpoint {
             opts: b.into(),
+            tls,
             addr,
             connect_timeout: cfg.connect_timeout,
             query_timeout: cfg.query_timeout,
@@ -99,9 +109,11 @@ impl Endpoint {
             .ip_or_hostname(host.to_string())
             .tcp_port(port)
             .socket(None::<String>)
-            .prefer_socket(false);
+            .prefer_socket(false)
+            .ssl_opts(self.tls.clone());
         Endpoint {
             opts: opts.into(),
+            tls: self.tls.clone(),
             addr: format!("{host}:{port}"),
             connect_timeout: timeout,
             query_timeout: timeout,
@@ -121,6 +133,23 @@ impl Endpoint {
             }),
         }
     }
+}
+
+/// `[mysql.tls]` as mysql_async's options: the configured CA is the only one trusted (not the
+/// built-in web roots). Over TLS mysql_async sends a `caching_sha2_password` password inside the
+/// encrypted channel and never asks for the server's RSA key; over plaintext it always asks (it
+/// has no setting for it), which is the client side of MySQL's public-key retrieval.
+fn ssl_opts(t: &MysqlTls) -> SslOpts {
+    let identity = t
+        .cert_file
+        .clone()
+        .zip(t.key_file.clone())
+        .map(|(cert, key)| ClientIdentity::new(cert.into(), key.into()));
+    SslOpts::default()
+        .with_root_certs(vec![t.ca_file.clone().into()])
+        .with_disable_built_in_roots(true)
+        .with_danger_skip_domain_validation(!t.verify_identity)
+        .with_client_identity(identity)
 }
 
 fn value_text(v: &mysql_async::Value) -> Option<String> {
@@ -220,6 +249,51 @@ pub async fn detect_dialect(conn: &mut Conn, timeout: Duration) -> Result<Dialec
 #[cfg(test)]
 mod tests {
     use super::redact;
+    use crate::config::AgentConfig;
+
+    /// TLS goes on every TCP connection and never on the socket; the configured CA is the only
+    /// root, and `verify_identity = false` skips the name check only.
+    #[test]
+    fn tls_on_tcp_connections_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "pem").expect("write");
+        let cfg = |extra: &str, tls: &str| {
+            AgentConfig::parse(&format!(
+                "[tablet]\ncell = \"z\"\nuid = 1\nkeyspace = \"k\"\nshard = \"0\"\n\
+                 [mysql]\nport = 3306\nuser = \"a\"\nrepl_user = \"r\"\n{extra}\n{tls}\n\
+                 [etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n"
+            ))
+            .expect("parses")
+            .mysql
+        };
+        let tls = format!("[mysql.tls]\nca_file = {:?}", ca.display().to_string());
+        let ep = super::Endpoint::new(&cfg("", &tls));
+        let ssl = ep.opts.ssl_opts().expect("TCP connection over TLS");
+        assert!(ssl.disable_built_in_roots());
+        assert!(!ssl.skip_domain_validation());
+        assert_eq!(ssl.root_certs(), [ca.clone().into()]);
+
+        let ep = super::Endpoint::new(&cfg("socket = \"/run/mysqld.sock\"", &tls));
+        assert!(ep.opts.ssl_opts().is_none(), "no TLS over the socket");
+        let probe = ep.towards("10.0.0.5", 3306, std::time::Duration::from_secs(1));
+        assert!(
+            probe.opts.ssl_opts().is_some(),
+            "the probe of the primary uses TLS"
+        );
+
+        let ep = super::Endpoint::new(&cfg("", &format!("{tls}\nverify_identity = false")));
+        let ssl = ep.opts.ssl_opts().expect("TLS");
+        assert!(ssl.skip_domain_validation() && !ssl.accept_invalid_certs());
+
+        let ep = super::Endpoint::new(&cfg("", ""));
+        assert!(ep.opts.ssl_opts().is_none());
+        assert!(ep
+            .towards("10.0.0.5", 3306, std::time::Duration::from_secs(1))
+            .opts
+            .ssl_opts()
+            .is_none());
+    }
 
     #[test]
     fn redacts_passwords() {

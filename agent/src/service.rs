@@ -36,6 +36,84 @@ fn permit(
     })
 }
 
+/// The mutating RPCs' requests: each carries the caller's action context.
+trait Acting {
+    fn ctx_mut(&mut self) -> &mut Option<pb::ActionContext>;
+}
+
+macro_rules! acting {
+    ($($t:ty),* $(,)?) => {
+        $(impl Acting for $t {
+            fn ctx_mut(&mut self) -> &mut Option<pb::ActionContext> {
+                &mut self.ctx
+            }
+        })*
+    };
+}
+
+acting!(
+    pb::StopReplicationRequest,
+    pb::StartReplicationRequest,
+    pb::WaitForPositionRequest,
+    pb::SetReadOnlyRequest,
+    pb::SetReplicationSourceRequest,
+    pb::ResetReplicationRequest,
+    pb::SetSemiSyncRequest,
+    pb::PromoteRequest,
+    pb::DemoteRequest,
+    pb::UndoDemoteRequest,
+    pb::FenceServerRequest,
+);
+
+impl AgentService {
+    /// Admits a mutating RPC: with `[tls]`, only a caller whose certificate names an identity
+    /// of `agent.grpc_allowed_clients` (the TLS handshake already required a certificate of
+    /// the cluster CA, valid now). The request's free-text requester is kept, prefixed by the
+    /// authenticated identity: what the agent logs and records as the actor is never a name
+    /// taken from the request alone.
+    fn admit<T: Acting>(&self, req: Request<T>, rpc: &'static str) -> Result<T, Status> {
+        let identity = if self.shared.cfg.tls.is_some() {
+            let refuse = |why: String| {
+                metrics::counter!("myha_agent_rpcs_refused_total", "kind" => "not_allowed")
+                    .increment(1);
+                warn!(rpc, reason = %why, "mutating RPC refused");
+                Status::permission_denied(format!("{rpc} refused: {why}"))
+            };
+            let certs = req
+                .peer_certs()
+                .ok_or_else(|| refuse("no client certificate".into()))?;
+            let leaf = certs
+                .first()
+                .ok_or_else(|| refuse("no client certificate".into()))?;
+            let identity = pki::peer_identity(leaf).map_err(|e| refuse(e.to_string()))?;
+            if !self
+                .shared
+                .cfg
+                .agent
+                .grpc_allowed_clients
+                .contains(&identity)
+            {
+                return Err(refuse(format!(
+                    "identity {identity:?} is not in agent.grpc_allowed_clients (only the \
+                     orchestrators may change this tablet)"
+                )));
+            }
+            Some(identity)
+        } else {
+            None
+        };
+        let mut inner = req.into_inner();
+        if let (Some(identity), Some(ctx)) = (identity, inner.ctx_mut().as_mut()) {
+            ctx.requester = if ctx.requester.is_empty() {
+                format!("cert:{identity}")
+            } else {
+                format!("cert:{identity} ({})", ctx.requester)
+            };
+        }
+        Ok(inner)
+    }
+}
+
 fn answer(
     r: Result<pb::ActionResponse, ActionError>,
 ) -> Result<Response<pb::ActionResponse>, Status> {
@@ -161,87 +239,98 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::StopReplicationRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "StopReplication")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::stop_replication(&self.shared, req.into_inner()).await)
+        answer(actions::stop_replication(&self.shared, req).await)
     }
 
     async fn start_replication(
         &self,
         req: Request<pb::StartReplicationRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "StartReplication")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::start_replication(&self.shared, req.into_inner()).await)
+        answer(actions::start_replication(&self.shared, req).await)
     }
 
     async fn wait_for_position(
         &self,
         req: Request<pb::WaitForPositionRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "WaitForPosition")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::wait_for_position(&self.shared, req.into_inner()).await)
+        answer(actions::wait_for_position(&self.shared, req).await)
     }
 
     async fn set_read_only(
         &self,
         req: Request<pb::SetReadOnlyRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "SetReadOnly")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::set_read_only(&self.shared, req.into_inner()).await)
+        answer(actions::set_read_only(&self.shared, req).await)
     }
 
     async fn set_replication_source(
         &self,
         req: Request<pb::SetReplicationSourceRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "SetReplicationSource")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::set_replication_source(&self.shared, req.into_inner()).await)
+        answer(actions::set_replication_source(&self.shared, req).await)
     }
 
     async fn reset_replication(
         &self,
         req: Request<pb::ResetReplicationRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "ResetReplication")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::reset_replication(&self.shared, req.into_inner()).await)
+        answer(actions::reset_replication(&self.shared, req).await)
     }
 
     async fn set_semi_sync(
         &self,
         req: Request<pb::SetSemiSyncRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "SetSemiSync")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::set_semi_sync(&self.shared, req.into_inner()).await)
+        answer(actions::set_semi_sync(&self.shared, req).await)
     }
 
     async fn promote(
         &self,
         req: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "Promote")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::promote(&self.shared, req.into_inner()).await)
+        answer(actions::promote(&self.shared, req).await)
     }
 
     async fn demote(
         &self,
         req: Request<pb::DemoteRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "Demote")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::demote(&self.shared, req.into_inner()).await)
+        answer(actions::demote(&self.shared, req).await)
     }
 
     async fn undo_demote(
         &self,
         req: Request<pb::UndoDemoteRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "UndoDemote")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::undo_demote(&self.shared, req.into_inner()).await)
+        answer(actions::undo_demote(&self.shared, req).await)
     }
 
     async fn fence_server(
         &self,
         req: Request<pb::FenceServerRequest>,
     ) -> Result<Response<pb::ActionResponse>, Status> {
+        let req = self.admit(req, "FenceServer")?;
         let _permit = permit(&self.shared.limits.actions, "actions", RpcLimits::ACTIONS)?;
-        answer(actions::fence_server(&self.shared, req.into_inner()).await)
+        answer(actions::fence_server(&self.shared, req).await)
     }
 }

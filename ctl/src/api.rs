@@ -27,6 +27,13 @@ pub enum ApiError {
     NoOrchestrator { sandbox_dir: String },
     #[error("cannot build the HTTP client")]
     Client(#[source] reqwest::Error),
+    #[error("the orchestrator's API is HTTPS: the CA to trust it by")]
+    Security(#[source] crate::security::SecurityError),
+    #[error(
+        "the orchestrator's API is HTTPS: give the cluster CA with --ca (and --cert, --key) \
+         or MYHA_CA (the sandbox's is used when there is one)"
+    )]
+    NoCa,
     /// The request did not get an answer (connection refused, timeout, reset).
     #[error("{method} {url}: the orchestrator did not answer")]
     Unreachable {
@@ -298,18 +305,38 @@ impl Api {
             false,
             args.dir.as_deref(),
         );
-        Api::new(&base, token)
+        Api::with_dir(&base, token, args.dir.as_deref())
     }
 
+    /// A client for the orchestrator at `base`; an `https://` one is trusted by the CA of
+    /// `--ca` (or the sandbox's).
     pub fn new(base: &str, token: Option<String>) -> Result<Api, ApiError> {
+        Api::with_dir(base, token, None)
+    }
+
+    fn with_dir(base: &str, token: Option<String>, dir: Option<&Path>) -> Result<Api, ApiError> {
+        let base = normalize_url(base);
+        let ca = if base.starts_with("https://") {
+            let security = crate::security::resolve(dir).map_err(ApiError::Security)?;
+            let pem = security.tls.map(|m| m.ca_pem).ok_or(ApiError::NoCa)?;
+            Some(reqwest::Certificate::from_pem(&pem).map_err(ApiError::Client)?)
+        } else {
+            None
+        };
+        pki::install_crypto_provider();
         let builder = || {
-            reqwest::Client::builder()
+            let b = reqwest::Client::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 // A proxy from the environment would sit between the operator and an
                 // orchestrator that is nearly always on a private address.
-                .no_proxy()
+                .no_proxy();
+            match &ca {
+                Some(ca) => b.tls_certs_only([ca.clone()]),
+                None => b,
+            }
         };
+        let base = base.as_str();
         Ok(Api {
             base: normalize_url(base),
             token: token.filter(|t| !t.trim().is_empty()),

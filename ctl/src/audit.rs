@@ -193,9 +193,19 @@ pub async fn run(args: AuditArgs) -> Result<(), AuditError> {
         endpoints: etcd_text.clone(),
         source: Box::new(source),
     };
-    let topo = Topo::connect(&endpoints, &args.prefix, ETCD_DIAL_TIMEOUT)
-        .await
-        .map_err(etcd_err)?;
+    let security =
+        crate::security::resolve(args.dir.as_deref()).map_err(|e| AuditError::NoSource {
+            orchestrator: fallback_reason.clone(),
+            etcd: crate::api::chain(&e),
+        })?;
+    let topo = Topo::connect_with(
+        &endpoints,
+        &args.prefix,
+        ETCD_DIAL_TIMEOUT,
+        &security.etcd_access(),
+    )
+    .await
+    .map_err(etcd_err)?;
     let entries = from_etcd(&topo, args.scope.as_ref(), limit)
         .await
         .map_err(etcd_err)?;

@@ -14,6 +14,7 @@ mod sandbox_fault;
 mod sandbox_restart;
 mod sandbox_write;
 mod scope;
+mod security;
 mod sql;
 mod status;
 
@@ -30,6 +31,11 @@ Commands that change something speak to the orchestrator's HTTP API, found with
 tokens, give one with --token or $MYHA_API_TOKEN (a `read` token for status, audit and
 quarantine list, an `operate` token for changes; the audit names the token as the actor).
 Reads fall back to etcd when the orchestrator does not answer, and say so.
+
+etcd and the agents are reached over TLS with the operator's certificate (--ca, --cert, --key
+or $MYHA_CA, $MYHA_CERT, $MYHA_KEY) and etcd as a user (--etcd-user or $MYHA_ETCD_USER, the
+password in --etcd-password-file, $MYHA_ETCD_PASSWORD_FILE or $MYHA_ETCD_PASSWORD); with none
+of these given, the sandbox's own are used.
 
 Exit status: 0 success, 1 refused or failed (reason on stderr), 2 usage error.";
 
@@ -59,6 +65,8 @@ Examples:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    security: security::SecurityArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +159,7 @@ Examples:
 fn main() -> ExitCode {
     // Parse errors exit 2 (clap's usage error) from here.
     let cli = Cli::parse();
+    security::init(cli.security.clone());
     if let Command::Completions { shell } = cli.command {
         // No runtime or logging: the script alone goes to stdout.
         clap_complete::generate(

@@ -101,9 +101,12 @@ pub async fn connect_topo(state: &SandboxState) -> Result<Topo, FaultError> {
         etcd: state.etcd.clone(),
         reason,
     };
+    let access = crate::security::from_sandbox(state)
+        .map_err(|e| etcd_err(crate::api::chain(&e)))?
+        .etcd_access();
     match tokio::time::timeout(
         ETCD_TIMEOUT,
-        Topo::connect([state.etcd.as_str()], &state.prefix, ETCD_TIMEOUT),
+        Topo::connect_with([state.etcd.as_str()], &state.prefix, ETCD_TIMEOUT, &access),
     )
     .await
     {

@@ -27,9 +27,15 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<()> {
     let alias = match args.tablet {
         Some(a) => a,
         None => {
-            let topo = Topo::connect([state.etcd.as_str()], &state.prefix, Duration::from_secs(2))
-                .await
-                .with_context(|| format!("connecting to the sandbox's etcd at {}", state.etcd))?;
+            let access = crate::security::from_sandbox(&state)?.etcd_access();
+            let topo = Topo::connect_with(
+                [state.etcd.as_str()],
+                &state.prefix,
+                Duration::from_secs(2),
+                &access,
+            )
+            .await
+            .with_context(|| format!("connecting to the sandbox's etcd at {}", state.etcd))?;
             let (shard, _) = topo
                 .get_shard(&state.keyspace, &state.shard)
                 .await?

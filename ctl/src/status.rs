@@ -138,6 +138,8 @@ pub enum StatusError {
     },
     #[error("reading the topology from etcd")]
     Topo(#[from] topo::TopoError),
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
     #[error("printing the report")]
     Json(#[source] serde_json::Error),
 }
@@ -145,8 +147,8 @@ pub enum StatusError {
 /// The agent's `FullStatus` could not be had (shown per tablet, never fatal).
 #[derive(Debug, thiserror::Error)]
 enum AgentError {
-    #[error("bad agent address")]
-    Address(#[source] tonic::transport::Error),
+    #[error("{0}")]
+    Address(String),
     #[error("cannot connect")]
     Connect(#[source] tonic::transport::Error),
     /// Not a `#[source]`: tonic's own text of a status is a debug dump; code and message say it.
@@ -167,7 +169,9 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
         !args.etcd.is_empty(),
         args.dir.as_deref(),
     );
-    let topo = Topo::connect(&endpoints, &args.prefix, Duration::from_secs(2))
+    let security = crate::security::resolve(args.dir.as_deref())?;
+    let access = security.etcd_access();
+    let topo = Topo::connect_with(&endpoints, &args.prefix, Duration::from_secs(2), &access)
         .await
         .map_err(|source| StatusError::Connect {
             endpoints: endpoints.join(","),
@@ -186,7 +190,7 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
             None => None,
         }
     };
-    let (report, orch) = tokio::join!(collect(&topo), orch_fut);
+    let (report, orch) = tokio::join!(collect(&topo, &security), orch_fut);
     let mut report = report?;
     let orch = match orch {
         Some(r) => r,
@@ -207,7 +211,10 @@ pub async fn run(args: StatusArgs) -> Result<(), StatusError> {
     Ok(())
 }
 
-pub async fn collect(topo: &Topo) -> Result<Report, StatusError> {
+pub async fn collect(
+    topo: &Topo,
+    security: &crate::security::Security,
+) -> Result<Report, StatusError> {
     let quarantine = topo.list_quarantine().await?;
     let mut shards = Vec::new();
     for ks in topo.list_keyspaces().await? {
@@ -215,7 +222,7 @@ pub async fn collect(topo: &Topo) -> Result<Report, StatusError> {
             let tablets = topo
                 .list_tablets(Some(&shard.keyspace), Some(&shard.shard))
                 .await?;
-            let mut report = shard_report(&shard, tablets).await;
+            let mut report = shard_report(&shard, tablets, security).await;
             for t in &mut report.tablets {
                 t.quarantined = quarantine.get(&t.alias).map(|q| q.describe());
             }
@@ -299,11 +306,15 @@ async fn fill_last_recovery_from_etcd(topo: &Topo, report: &mut Report) {
     }
 }
 
-async fn shard_report(shard: &ShardRecord, tablets: Vec<TabletRecord>) -> ShardReport {
+async fn shard_report(
+    shard: &ShardRecord,
+    tablets: Vec<TabletRecord>,
+    security: &crate::security::Security,
+) -> ShardReport {
     let mut reports: Vec<TabletReport> = futures_join(
         tablets
             .iter()
-            .map(|t| tablet_report(shard, t))
+            .map(|t| tablet_report(shard, t, security))
             .collect::<Vec<_>>(),
     )
     .await;
@@ -342,11 +353,15 @@ async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
     out
 }
 
-async fn full_status(grpc_addr: &str) -> Result<pb::Health, AgentError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
-        .map_err(AgentError::Address)?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(3));
+/// One agent's `FullStatus`, over TLS with the operator's certificate when there is one
+/// (agents require a client certificate of the cluster CA).
+async fn full_status(
+    grpc_addr: &str,
+    security: &crate::security::Security,
+) -> Result<pb::Health, AgentError> {
+    let endpoint = security
+        .agent_endpoint(grpc_addr, Duration::from_secs(1), Duration::from_secs(3))
+        .map_err(AgentError::Address)?;
     let channel = endpoint.connect().await.map_err(AgentError::Connect)?;
     let h = AgentClient::new(channel)
         .full_status(pb::FullStatusRequest {})
@@ -356,7 +371,11 @@ async fn full_status(grpc_addr: &str) -> Result<pb::Health, AgentError> {
     Ok(h)
 }
 
-async fn tablet_report(shard: &ShardRecord, t: &TabletRecord) -> TabletReport {
+async fn tablet_report(
+    shard: &ShardRecord,
+    t: &TabletRecord,
+    security: &crate::security::Security,
+) -> TabletReport {
     let named_primary = shard.primary.as_deref() == Some(t.alias.as_str());
     let mut r = TabletReport {
         alias: t.alias.clone(),
@@ -364,7 +383,7 @@ async fn tablet_report(shard: &ShardRecord, t: &TabletRecord) -> TabletReport {
         mysql: format!("{}:{}", t.mysql_host, t.mysql_port),
         ..Default::default()
     };
-    match full_status(&t.grpc_addr).await {
+    match full_status(&t.grpc_addr, security).await {
         Err(e) => {
             r.problem = Some(format!(
                 "agent at {} unreachable: {}",

@@ -189,6 +189,24 @@ impl SecretSource<'_> {
     }
 }
 
+/// The keys of a daemon's `[tls]` section (its gRPC certificates), for errors.
+pub const TLS_KEYS: pki::TlsKeys = ["tls.ca_file", "tls.cert_file", "tls.key_file"];
+
+/// Loads a TLS section (see [`pki::TlsFiles::load`]), mapping a bad file to a config error
+/// naming its key (`keys`).
+pub fn load_tls(
+    tls: Option<&pki::TlsFiles>,
+    keys: pki::TlsKeys,
+) -> Result<Option<pki::Material>, ConfigError> {
+    tls.map(|t| {
+        t.load(keys).map_err(|e| match e {
+            pki::PkiError::File { key, message } => invalid(key, message),
+            other => invalid(keys[1], other.to_string()),
+        })
+    })
+    .transpose()
+}
+
 /// `[etcd]`: where the topology lives.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -201,6 +219,38 @@ pub struct EtcdSection {
     /// TTL of the leases this daemon holds (its registration, its locks): how long they outlive it.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// The etcd user, when etcd has authentication enabled; its password is `password`,
+    /// the content of `password_file` or the variable `password_env` (exactly one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Secret::is_empty")]
+    pub password: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// `[etcd.tls]`: the CA that etcd's certificate must chain to, and this daemon's client
+    /// certificate (etcd's `--client-cert-auth`). Needs `https://` endpoints. Last: a table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<pki::TlsFiles>,
+}
+
+/// The keys of `[etcd.tls]`, for errors.
+pub const ETCD_TLS_KEYS: pki::TlsKeys = [
+    "etcd.tls.ca_file",
+    "etcd.tls.cert_file",
+    "etcd.tls.key_file",
+];
+
+/// Connecting to etcd as an `[etcd]` section says failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdConnectError {
+    /// A file the section names (certificate, key, password) is missing or bad.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// etcd refused (TLS, user, password) or the endpoints are malformed.
+    #[error(transparent)]
+    Topo(#[from] topo::TopoError),
 }
 
 fn default_prefix() -> String {
@@ -214,6 +264,22 @@ fn default_lease_ttl() -> Duration {
 }
 
 impl EtcdSection {
+    /// `endpoints` under `prefix`, plaintext and without a user; every other setting at its
+    /// default (for tools that write configs).
+    pub fn new(endpoints: Vec<String>, prefix: &str) -> EtcdSection {
+        EtcdSection {
+            endpoints,
+            prefix: prefix.to_string(),
+            dial_timeout: default_dial_timeout(),
+            lease_ttl: default_lease_ttl(),
+            username: None,
+            password: Secret::default(),
+            password_file: None,
+            password_env: None,
+            tls: None,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.endpoints.is_empty() {
             return Err(invalid("etcd.endpoints", "must list at least one endpoint"));
@@ -238,7 +304,106 @@ impl EtcdSection {
                 "must be at least 1s (etcd leases have 1 s granularity)",
             ));
         }
-        Ok(())
+        self.validate_security()?;
+        // Read the files now, so that a missing certificate or password file fails the
+        // start (and `--check-config`) naming its key, not the first connection.
+        self.access().map(drop)
+    }
+
+    /// The user, password and TLS settings fit together (files not read).
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let password_given = [
+            (!self.password.is_empty(), "etcd.password"),
+            (self.password_file.is_some(), "etcd.password_file"),
+            (self.password_env.is_some(), "etcd.password_env"),
+        ];
+        match &self.username {
+            Some(u) if u.trim().is_empty() => {
+                return Err(invalid("etcd.username", "must not be empty"));
+            }
+            Some(_) => {
+                if !password_given.iter().any(|(given, _)| *given) {
+                    return Err(invalid(
+                        "etcd.username",
+                        "needs a password: set one of `etcd.password`, `etcd.password_file` \
+                         and `etcd.password_env`",
+                    ));
+                }
+            }
+            None => {
+                if let Some((_, key)) = password_given.iter().find(|(given, _)| *given) {
+                    return Err(invalid(
+                        key,
+                        "a password without `etcd.username`: set the user it belongs to",
+                    ));
+                }
+            }
+        }
+        let http = self.endpoints.iter().find(|e| e.starts_with("http://"));
+        let https = self.endpoints.iter().find(|e| e.starts_with("https://"));
+        match (&self.tls, http, https) {
+            (Some(_), Some(e), _) => Err(invalid(
+                "etcd.endpoints",
+                format!(
+                    "{e} is plaintext while [etcd.tls] is set: use https:// (or host:port) \
+                     endpoints"
+                ),
+            )),
+            (None, _, Some(e)) => Err(invalid(
+                "etcd.tls",
+                format!(
+                    "{e} is https:// but there is no [etcd.tls] section naming the CA to \
+                     verify etcd with (ca_file) and this daemon's certificate (cert_file, \
+                     key_file)"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The TLS material and user to reach etcd with, read from the files this section names
+    /// (errors name the key of the file at fault).
+    pub fn access(&self) -> Result<topo::EtcdAccess, ConfigError> {
+        let tls = load_tls(self.tls.as_ref(), ETCD_TLS_KEYS)?;
+        let password = SecretSource {
+            keys: ["etcd.password", "etcd.password_file", "etcd.password_env"],
+            inline: &self.password,
+            file: self.password_file.as_deref(),
+            env: self.password_env.as_deref(),
+        }
+        .resolve()?;
+        let user = match &self.username {
+            Some(name) if password.is_empty() => {
+                return Err(invalid(
+                    "etcd.password",
+                    format!("the password of etcd user {name:?} is empty"),
+                ))
+            }
+            Some(name) => Some(topo::EtcdUser::new(name, password.expose())),
+            None => None,
+        };
+        Ok(topo::EtcdAccess { tls, user })
+    }
+
+    /// This section as config text (`[etcd]`, and `[etcd.tls]` when set), for tools that
+    /// write a daemon's config.
+    pub fn to_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct Wrapper<'a> {
+            etcd: &'a EtcdSection,
+        }
+        // Serialising plain data with string keys cannot fail.
+        toml::to_string(&Wrapper { etcd: self }).unwrap_or_default()
+    }
+
+    /// Connects to etcd as this section says: every daemon's one way in (files are read
+    /// again here, so a restarted connection picks up a rotated password file).
+    pub async fn connect(&self) -> Result<topo::Topo, EtcdConnectError> {
+        let access = self.access()?;
+        Ok(
+            topo::Topo::connect_with(&self.endpoints, &self.prefix, self.dial_timeout, &access)
+                .await?,
+        )
     }
 }
 
@@ -421,5 +586,172 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/agent.toml"), "{e}");
+    }
+
+    /// A CA, a client certificate and a password file in a temp dir, and the `[etcd]` text
+    /// naming them (`extra` lines added to `[etcd]`).
+    struct EtcdFiles {
+        dir: tempfile::TempDir,
+        tls: pki::TlsFiles,
+        password_file: PathBuf,
+    }
+
+    impl EtcdFiles {
+        fn new() -> EtcdFiles {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = pki::issue::Authority::new("etcd test CA").unwrap();
+            let tls = ca
+                .issue(&pki::issue::Leaf::client("myha-orchestrator"))
+                .unwrap()
+                .write(dir.path(), "client", &ca)
+                .unwrap();
+            let password_file = dir.path().join("etcd-password");
+            std::fs::write(&password_file, "pw-from-file\n").unwrap();
+            EtcdFiles {
+                dir,
+                tls,
+                password_file,
+            }
+        }
+
+        fn text(&self, extra: &str, tls: bool) -> String {
+            let mut t = format!("[etcd]\nendpoints = [\"https://127.0.0.1:2379\"]\n{extra}");
+            if tls {
+                t += &format!(
+                    "[etcd.tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+                    self.tls.ca_file, self.tls.cert_file, self.tls.key_file
+                );
+            }
+            t
+        }
+    }
+
+    #[test]
+    fn etcd_tls_and_user_resolve_from_files() {
+        let f = EtcdFiles::new();
+        let extra = format!(
+            "username = \"myha\"\npassword_file = {:?}\n",
+            f.password_file
+        );
+        let c = parse(&f.text(&extra, true)).unwrap();
+        let access = c.etcd.access().unwrap();
+        assert_eq!(access.tls.as_ref().unwrap().identity, "myha-orchestrator");
+        assert_eq!(access.user.as_ref().unwrap().name(), "myha");
+        // The password is read, and stays out of every Debug output.
+        let debug = format!("{:?} {:?}", c.etcd, access);
+        assert!(!debug.contains("pw-from-file"), "{debug}");
+
+        // Inline (masked in Debug) and from the environment.
+        let c = parse(&f.text("username = \"myha\"\npassword = \"inline-pw\"\n", true)).unwrap();
+        assert!(!format!("{:?}", c.etcd).contains("inline-pw"));
+        std::env::set_var("MYHA_TEST_ETCD_PW", "env-pw");
+        let c = parse(&f.text(
+            "username = \"myha\"\npassword_env = \"MYHA_TEST_ETCD_PW\"\n",
+            true,
+        ))
+        .unwrap();
+        assert!(c.etcd.access().unwrap().user.is_some());
+
+        // Plaintext without a user stays as it was.
+        let c = parse("[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\n").unwrap();
+        let access = c.etcd.access().unwrap();
+        assert!(access.tls.is_none() && access.user.is_none());
+    }
+
+    #[test]
+    fn etcd_section_round_trips_through_its_toml() {
+        let f = EtcdFiles::new();
+        let extra = format!(
+            "username = \"myha\"\npassword_file = {:?}\n",
+            f.password_file
+        );
+        let c = parse(&f.text(&extra, true)).unwrap();
+        let text = c.etcd.to_toml();
+        assert!(text.contains("[etcd.tls]"), "{text}");
+        assert_eq!(parse(&text).unwrap().etcd, c.etcd);
+        // An inline password is written back (it was in the config), never a resolved one.
+        assert!(!text.contains("pw-from-file"), "{text}");
+    }
+
+    #[test]
+    fn etcd_security_errors_name_the_key() {
+        let f = EtcdFiles::new();
+        let pw_file = format!("password_file = {:?}\n", f.password_file);
+        let missing_ca = f
+            .text("", true)
+            .replace(&format!("{:?}", f.tls.ca_file), "\"/nonexistent/ca.pem\"");
+        let key_as_cert = f.text("", true).replace(
+            &format!("cert_file = {:?}", f.tls.cert_file),
+            &format!("cert_file = {:?}", f.tls.key_file),
+        );
+        let cases = [
+            (
+                f.text("username = \"myha\"\n", true),
+                "etcd.username",
+                "needs a password",
+            ),
+            (
+                f.text("username = \"\"\npassword = \"x\"\n", true),
+                "etcd.username",
+                "must not be empty",
+            ),
+            (
+                f.text("password = \"secret-value\"\n", true),
+                "etcd.password",
+                "without `etcd.username`",
+            ),
+            (f.text(&pw_file, true), "etcd.password_file", "without"),
+            (
+                f.text(
+                    &format!("username = \"myha\"\npassword = \"secret-value\"\n{pw_file}"),
+                    true,
+                ),
+                "etcd.password_file",
+                "at most one",
+            ),
+            (
+                f.text(
+                    "username = \"myha\"\npassword_file = \"/nonexistent/pw\"\n",
+                    true,
+                ),
+                "etcd.password_file",
+                "cannot read /nonexistent/pw",
+            ),
+            (
+                f.text(
+                    "username = \"myha\"\npassword_env = \"MYHA_TEST_NO_SUCH_VAR\"\n",
+                    true,
+                ),
+                "etcd.password_env",
+                "MYHA_TEST_NO_SUCH_VAR",
+            ),
+            (f.text("", false), "etcd.tls", "no [etcd.tls]"),
+            (
+                f.text("", true)
+                    .replace("https://127.0.0.1:2379", "http://127.0.0.1:2379"),
+                "etcd.endpoints",
+                "plaintext while [etcd.tls] is set",
+            ),
+            (
+                missing_ca,
+                "etcd.tls.ca_file",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (key_as_cert, "etcd.tls.cert_file", "CERTIFICATE"),
+            (
+                f.text("", true).replace("ca_file", "ca_fil"),
+                "ca_fil",
+                "unknown field",
+            ),
+        ];
+        for (text, key, words) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains(words),
+                "{text}\nexpected `{key}` and {words:?} in: {e}"
+            );
+            assert!(!e.contains("secret-value"), "{e}");
+        }
+        drop(f.dir);
     }
 }

@@ -228,38 +228,84 @@ impl Dialect {
         }
     }
 
-    /// Statements that point replication at `src`. Replication must be stopped first.
+    /// Statements that point replication at `src` over a plaintext connection: see
+    /// [`Dialect::change_source_tls`] with no TLS.
+    pub fn change_source(&self, src: &SourceSpec) -> Vec<String> {
+        self.change_source_tls(src, None)
+    }
+
+    /// Statements that point replication at `src`, over TLS when `tls` is given. Replication
+    /// must be stopped first.
     ///
     /// MariaDB: `gtid_slave_pos` is first set to `gtid_current_pos` so a former primary resumes
     /// from what it wrote itself, not from the stale position it last replicated to.
-    pub fn change_source(&self, src: &SourceSpec) -> Vec<String> {
+    ///
+    /// With `tls`, every TLS option is named, the client certificate and key as `''` when none
+    /// is given: a `CHANGE MASTER` keeps the options it does not name (and MariaDB 10.11 keeps
+    /// `MASTER_SSL` and `MASTER_SSL_CA` even through `RESET SLAVE ALL`, measured, while it resets
+    /// `MASTER_SSL_VERIFY_SERVER_CERT`), so what an earlier configuration left must not survive.
+    /// MySQL's public-key retrieval (`GET_SOURCE_PUBLIC_KEY`) is then left out: over TLS the
+    /// password goes in the clear inside the encrypted channel and no RSA key is needed. Without
+    /// `tls` no TLS option is named, so whatever the server was given by other means stays.
+    pub fn change_source_tls(&self, src: &SourceSpec, tls: Option<&SourceTls>) -> Vec<String> {
         let host = quote(&src.host);
         let user = quote(&src.user);
         let password = quote(&src.password);
         let retry = src.connect_retry_secs.max(1);
         let heartbeat = format!("{:.3}", src.heartbeat_period_secs);
+        // `MASTER_SSL...` or `SOURCE_SSL...`, with the separator before it.
+        let tls_options = |word: &str| match tls {
+            None => String::new(),
+            Some(t) => {
+                let (cert, key) = match &t.client_cert {
+                    Some((c, k)) => (quote(c), quote(k)),
+                    None => (quote(""), quote("")),
+                };
+                format!(
+                    ", {word}_SSL = 1, {word}_SSL_CA = {}, {word}_SSL_CERT = {cert}, \
+                     {word}_SSL_KEY = {key}, {word}_SSL_VERIFY_SERVER_CERT = {}",
+                    quote(&t.ca_file),
+                    u8::from(t.verify_server_cert)
+                )
+            }
+        };
         match self.flavor {
             Flavor::MariaDb => vec![
                 "SET GLOBAL gtid_slave_pos = @@gtid_current_pos".into(),
                 format!(
                     "CHANGE MASTER TO MASTER_HOST = {host}, MASTER_PORT = {}, MASTER_USER = {user}, \
                      MASTER_PASSWORD = {password}, MASTER_USE_GTID = slave_pos, \
-                     MASTER_CONNECT_RETRY = {retry}, MASTER_HEARTBEAT_PERIOD = {heartbeat}",
-                    src.port
+                     MASTER_CONNECT_RETRY = {retry}, MASTER_HEARTBEAT_PERIOD = {heartbeat}{}",
+                    src.port,
+                    tls_options("MASTER")
                 ),
             ],
             Flavor::MySql if self.replica_words() => vec![format!(
                 "CHANGE REPLICATION SOURCE TO SOURCE_HOST = {host}, SOURCE_PORT = {}, \
                  SOURCE_USER = {user}, SOURCE_PASSWORD = {password}, SOURCE_AUTO_POSITION = 1, \
-                 SOURCE_CONNECT_RETRY = {retry}, SOURCE_HEARTBEAT_PERIOD = {heartbeat}, \
-                 GET_SOURCE_PUBLIC_KEY = 1",
-                src.port
+                 SOURCE_CONNECT_RETRY = {retry}, SOURCE_HEARTBEAT_PERIOD = {heartbeat}{}",
+                src.port,
+                match tls {
+                    Some(_) => tls_options("SOURCE"),
+                    // caching_sha2_password (MySQL 8's default) over plaintext: the replica
+                    // must fetch the server's RSA key to send the password.
+                    None => ", GET_SOURCE_PUBLIC_KEY = 1".into(),
+                }
             )],
             Flavor::MySql => vec![format!(
                 "CHANGE MASTER TO MASTER_HOST = {host}, MASTER_PORT = {}, MASTER_USER = {user}, \
                  MASTER_PASSWORD = {password}, MASTER_AUTO_POSITION = 1, \
-                 MASTER_CONNECT_RETRY = {retry}, MASTER_HEARTBEAT_PERIOD = {heartbeat}",
-                src.port
+                 MASTER_CONNECT_RETRY = {retry}, MASTER_HEARTBEAT_PERIOD = {heartbeat}{}",
+                src.port,
+                match tls {
+                    Some(_) => tls_options("MASTER"),
+                    // As above; GET_MASTER_PUBLIC_KEY exists from 8.0.4 (caching_sha2_password's
+                    // arrival), not in 5.7.
+                    None if self.is_mysql_at_least((8, 0, 4)) => {
+                        ", GET_MASTER_PUBLIC_KEY = 1".into()
+                    }
+                    None => String::new(),
+                }
             )],
         }
     }
@@ -378,6 +424,46 @@ impl Dialect {
 
     pub fn kill_connection(&self, id: u64) -> String {
         format!("KILL CONNECTION {id}")
+    }
+
+    // ---- accounts ----------------------------------------------------------------------
+
+    /// The least privileges the agent's user needs for every statement above, each with why
+    /// (`docs/mysql-grants.md` is written from these). MariaDB's are live-tested: the test
+    /// harness creates the agent's user with exactly these; MySQL's come from its manual.
+    pub fn agent_privileges(&self) -> &'static [Privilege] {
+        match self.flavor {
+            Flavor::MariaDb => MARIADB_AGENT_PRIVILEGES,
+            Flavor::MySql => MYSQL_AGENT_PRIVILEGES,
+        }
+    }
+
+    /// `GRANT` statements giving `account` (an account as SQL, e.g. `'myha_agent'@'%'`)
+    /// [`Dialect::agent_privileges`]: one per object, in the order the privileges are listed.
+    pub fn agent_grants(&self, account: &str) -> Vec<String> {
+        let mut objects: Vec<(&str, Vec<&str>)> = Vec::new();
+        for p in self.agent_privileges() {
+            match objects.iter_mut().find(|(on, _)| *on == p.on) {
+                Some((_, names)) => names.push(p.name),
+                None => objects.push((p.on, vec![p.name])),
+            }
+        }
+        objects
+            .into_iter()
+            .map(|(on, names)| format!("GRANT {} ON {on} TO {account}", names.join(", ")))
+            .collect()
+    }
+
+    /// The replication user's grant (`REPLICATION SLAVE`: what a replica's IO thread needs,
+    /// semi-sync acks included), and with `require_tls` an `ALTER USER ... REQUIRE SSL`, so that
+    /// a replica configured without TLS is refused (error 1045) instead of sending the
+    /// replication stream in the clear.
+    pub fn replication_grants(&self, account: &str, require_tls: bool) -> Vec<String> {
+        let mut v = vec![format!("GRANT REPLICATION SLAVE ON *.* TO {account}")];
+        if require_tls {
+            v.push(format!("ALTER USER {account} REQUIRE SSL"));
+        }
+        v
     }
 
     // ---- parsing -----------------------------------------------------------------------
@@ -559,6 +645,156 @@ pub enum Scope {
     IoOnly,
     Both,
 }
+
+/// TLS for a replica's connection to its source (`MASTER_SSL` and its options). The paths are
+/// read by the replica's mysqld: they are on the replica's host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTls {
+    /// The CA the source's certificate must chain to.
+    pub ca_file: String,
+    /// The replica's own certificate and key, when the source asks for one.
+    pub client_cert: Option<(String, String)>,
+    /// The source's certificate must name the host replication connects to
+    /// (`MASTER_SSL_VERIFY_SERVER_CERT`). MariaDB 10.11 checks the chain to `ca_file` either
+    /// way (measured: a replica given another CA fails with error 2026).
+    pub verify_server_cert: bool,
+}
+
+/// A privilege the agent's user needs: see [`Dialect::agent_privileges`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Privilege {
+    /// As `GRANT` spells it.
+    pub name: &'static str,
+    /// What it is granted on: `*.*`, or the agent's own schema.
+    pub on: &'static str,
+    /// The statements that need it, and what happens without it.
+    pub why: &'static str,
+}
+
+/// The schema of the agent's heartbeat table (`_myha.heartbeat`), as a grant names it.
+const MYHA_SCHEMA: &str = "`_myha`.*";
+
+/// MariaDB 10.11 (its privileges split from SUPER in 10.5). Each entry was checked on 10.11.19
+/// by revoking it: the statement named fails (or, for PROCESS, silently sees nothing).
+const MARIADB_AGENT_PRIVILEGES: &[Privilege] = &[
+    Privilege {
+        name: "RELOAD",
+        on: "*.*",
+        why: "RESET SLAVE ALL (promotion, ResetReplication): error 1227 without it",
+    },
+    Privilege {
+        name: "PROCESS",
+        on: "*.*",
+        why: "information_schema.PROCESSLIST beyond its own sessions: the client sessions \
+              fencing kills and the replication IO thread a stop kills first. Without it \
+              the list is silently empty and fencing kills nobody",
+    },
+    Privilege {
+        name: "CONNECTION ADMIN",
+        on: "*.*",
+        why: "KILL CONNECTION of other users' sessions (fencing, demotion) and of the \
+              replication IO thread: error 1095 without it",
+    },
+    Privilege {
+        name: "READ_ONLY ADMIN",
+        on: "*.*",
+        why: "SET GLOBAL read_only (fencing, Demote, Promote): error 1227 without it. It also \
+              lets the agent write past read_only; its heartbeat write checks read_only itself",
+    },
+    Privilege {
+        name: "REPLICATION SLAVE ADMIN",
+        on: "*.*",
+        why: "START/STOP SLAVE, CHANGE MASTER, SET GLOBAL gtid_slave_pos and \
+              rpl_semi_sync_slave_enabled: error 1227 without it",
+    },
+    Privilege {
+        name: "REPLICATION MASTER ADMIN",
+        on: "*.*",
+        why: "SET GLOBAL rpl_semi_sync_master_* (Promote, SetSemiSync, a repointed \
+              former primary): error 1227 without it",
+    },
+    Privilege {
+        name: "SLAVE MONITOR",
+        on: "*.*",
+        why: "SHOW SLAVE STATUS (every poll and most actions): error 1227 without it",
+    },
+    Privilege {
+        name: "SELECT",
+        on: MYHA_SCHEMA,
+        why: "reads its heartbeat row (replication lag)",
+    },
+    Privilege {
+        name: "INSERT",
+        on: MYHA_SCHEMA,
+        why: "writes its heartbeat row on the primary",
+    },
+    Privilege {
+        name: "UPDATE",
+        on: MYHA_SCHEMA,
+        why: "the heartbeat write's ON DUPLICATE KEY UPDATE",
+    },
+    Privilege {
+        name: "CREATE",
+        on: MYHA_SCHEMA,
+        why: "creates the schema and the heartbeat table on first start",
+    },
+];
+
+/// MySQL 8.0: the same statements' privileges per its manual; not live-tested (no MySQL
+/// server here).
+const MYSQL_AGENT_PRIVILEGES: &[Privilege] = &[
+    Privilege {
+        name: "RELOAD",
+        on: "*.*",
+        why: "RESET REPLICA ALL",
+    },
+    Privilege {
+        name: "PROCESS",
+        on: "*.*",
+        why: "information_schema.PROCESSLIST beyond its own sessions (fencing)",
+    },
+    Privilege {
+        name: "CONNECTION_ADMIN",
+        on: "*.*",
+        why: "KILL CONNECTION of other users' sessions (fencing). It also lets the agent \
+              write past read_only (not past super_read_only)",
+    },
+    Privilege {
+        name: "SYSTEM_VARIABLES_ADMIN",
+        on: "*.*",
+        why: "SET GLOBAL read_only, super_read_only and the semi-sync variables",
+    },
+    Privilege {
+        name: "REPLICATION_SLAVE_ADMIN",
+        on: "*.*",
+        why: "START/STOP REPLICA, CHANGE REPLICATION SOURCE",
+    },
+    Privilege {
+        name: "REPLICATION CLIENT",
+        on: "*.*",
+        why: "SHOW REPLICA STATUS",
+    },
+    Privilege {
+        name: "SELECT",
+        on: MYHA_SCHEMA,
+        why: "reads its heartbeat row (replication lag)",
+    },
+    Privilege {
+        name: "INSERT",
+        on: MYHA_SCHEMA,
+        why: "writes its heartbeat row on the primary",
+    },
+    Privilege {
+        name: "UPDATE",
+        on: MYHA_SCHEMA,
+        why: "the heartbeat write's ON DUPLICATE KEY UPDATE",
+    },
+    Privilege {
+        name: "CREATE",
+        on: MYHA_SCHEMA,
+        why: "creates the schema and the heartbeat table on first start",
+    },
+];
 
 /// Where a replica replicates from.
 #[derive(Debug, Clone, PartialEq)]

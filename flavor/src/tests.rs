@@ -471,3 +471,140 @@ fn redaction_hides_the_whole_password_literal_whatever_it_holds() {
         "MASTER_PASSWORD='***'"
     );
 }
+
+fn source(password: &str) -> SourceSpec {
+    SourceSpec {
+        host: "10.0.0.5".into(),
+        port: 3306,
+        user: "repl".into(),
+        password: password.into(),
+        connect_retry_secs: 1,
+        heartbeat_period_secs: 0.5,
+    }
+}
+
+fn tls(client: bool, verify: bool) -> SourceTls {
+    SourceTls {
+        ca_file: "/etc/myha/tls/ca.pem".into(),
+        client_cert: client.then(|| {
+            (
+                "/etc/myha/tls/replica.pem".to_string(),
+                "/etc/myha/tls/replica-key.pem".to_string(),
+            )
+        }),
+        verify_server_cert: verify,
+    }
+}
+
+#[test]
+fn change_source_over_tls_names_every_tls_option_and_still_hides_the_password() {
+    let m = Dialect::MARIADB_10_11.change_source_tls(&source("s3cr'et"), Some(&tls(false, true)));
+    assert_eq!(m.len(), 2);
+    assert!(
+        m[1].ends_with(
+            "MASTER_HEARTBEAT_PERIOD = 0.500, MASTER_SSL = 1, \
+             MASTER_SSL_CA = '/etc/myha/tls/ca.pem', MASTER_SSL_CERT = '', MASTER_SSL_KEY = '', \
+             MASTER_SSL_VERIFY_SERVER_CERT = 1"
+        ),
+        "{}",
+        m[1]
+    );
+    // The redacted statement keeps the paths (not secrets) and hides the password only.
+    let r = redact_secrets(&m[1]);
+    assert!(!r.contains("s3cr"), "{r}");
+    assert!(r.contains("MASTER_PASSWORD = '***'"), "{r}");
+    assert!(r.contains("MASTER_SSL_CA = '/etc/myha/tls/ca.pem'"), "{r}");
+
+    let m = Dialect::MARIADB_10_11.change_source_tls(&source("pw"), Some(&tls(true, false)));
+    assert!(
+        m[1].contains(
+            "MASTER_SSL_CERT = '/etc/myha/tls/replica.pem', \
+             MASTER_SSL_KEY = '/etc/myha/tls/replica-key.pem', MASTER_SSL_VERIFY_SERVER_CERT = 0"
+        ),
+        "{}",
+        m[1]
+    );
+    // Without TLS no TLS option is named (the server keeps what it has).
+    let plain = Dialect::MARIADB_10_11.change_source(&source("pw"));
+    assert!(!plain[1].contains("SSL"), "{}", plain[1]);
+    assert_eq!(
+        plain,
+        Dialect::MARIADB_10_11.change_source_tls(&source("pw"), None)
+    );
+}
+
+#[test]
+fn mysql_public_key_retrieval_only_without_tls() {
+    let y = Dialect::MYSQL_8_0;
+    let plain = &y.change_source(&source("pw"))[0];
+    assert!(plain.ends_with(", GET_SOURCE_PUBLIC_KEY = 1"), "{plain}");
+    let secure = &y.change_source_tls(&source("pw"), Some(&tls(true, true)))[0];
+    assert!(!secure.contains("PUBLIC_KEY"), "{secure}");
+    assert!(
+        secure.contains(
+            "SOURCE_SSL = 1, SOURCE_SSL_CA = '/etc/myha/tls/ca.pem', \
+             SOURCE_SSL_CERT = '/etc/myha/tls/replica.pem'"
+        ),
+        "{secure}"
+    );
+    assert!(
+        secure.ends_with("SOURCE_SSL_VERIFY_SERVER_CERT = 1"),
+        "{secure}"
+    );
+    // Before 8.0.22: the MASTER_ words; the key option exists from 8.0.4, not in 5.7.
+    let old = Dialect::detect("8.0.20").unwrap();
+    let plain = &old.change_source(&source("pw"))[0];
+    assert!(plain.ends_with(", GET_MASTER_PUBLIC_KEY = 1"), "{plain}");
+    let secure = &old.change_source_tls(&source("pw"), Some(&tls(false, true)))[0];
+    assert!(!secure.contains("PUBLIC_KEY"), "{secure}");
+    assert!(secure.contains("MASTER_SSL = 1"), "{secure}");
+    let v57 = Dialect::detect("5.7.44-log").unwrap();
+    assert!(!v57.change_source(&source("pw"))[0].contains("PUBLIC_KEY"));
+    // MariaDB has no such option either way.
+    assert!(!Dialect::MARIADB_10_11.change_source(&source("pw"))[1].contains("PUBLIC_KEY"));
+}
+
+#[test]
+fn agent_grants_are_least_privilege_and_documented() {
+    let account = "'myha_agent'@'%'";
+    let m = Dialect::MARIADB_10_11.agent_grants(account);
+    assert_eq!(
+        m,
+        [
+            "GRANT RELOAD, PROCESS, CONNECTION ADMIN, READ_ONLY ADMIN, REPLICATION SLAVE ADMIN, \
+             REPLICATION MASTER ADMIN, SLAVE MONITOR ON *.* TO 'myha_agent'@'%'",
+            "GRANT SELECT, INSERT, UPDATE, CREATE ON `_myha`.* TO 'myha_agent'@'%'",
+        ]
+    );
+    for g in m.iter().chain(&Dialect::MYSQL_8_0.agent_grants(account)) {
+        assert!(!g.contains("ALL") && !g.contains("SUPER") && !g.contains("GRANT OPTION"));
+    }
+    // The documented SQL blocks are these statements, word for word, and every privilege's
+    // reason is there.
+    let doc = include_str!("../../docs/mysql-grants.md");
+    let statements: Vec<String> = m
+        .iter()
+        .chain(&Dialect::MYSQL_8_0.agent_grants(account))
+        .cloned()
+        .chain(Dialect::MARIADB_10_11.replication_grants("'myha_repl'@'%'", true))
+        .collect();
+    for s in statements {
+        assert!(
+            doc.contains(&format!("{s};")),
+            "docs/mysql-grants.md lacks `{s};`"
+        );
+    }
+    for d in [Dialect::MARIADB_10_11, Dialect::MYSQL_8_0] {
+        for p in d.agent_privileges() {
+            assert!(
+                doc.contains(&format!("`{}`", p.name)),
+                "docs/mysql-grants.md does not explain `{}`",
+                p.name
+            );
+        }
+    }
+    assert_eq!(
+        Dialect::MARIADB_10_11.replication_grants("'r'@'%'", false),
+        ["GRANT REPLICATION SLAVE ON *.* TO 'r'@'%'"]
+    );
+}

@@ -56,6 +56,10 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub routing: RoutingSection,
     pub etcd: EtcdSection,
+    /// This daemon's certificates for calling the agents' gRPC (required when the agents
+    /// have `[tls]`): the cluster CA and a client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<pki::TlsFiles>,
     #[serde(default)]
     pub log: LogSection,
     /// `[[listener]]`: the MySQL ports, one entry per shard. Last so that it serialises as an
@@ -238,6 +242,7 @@ impl GatewayConfig {
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
         let cfg: GatewayConfig = daemon::load_toml(path)?;
         cfg.validate()?;
+        daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
         Ok(cfg)
     }
 
@@ -245,6 +250,7 @@ impl GatewayConfig {
     pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         let cfg: GatewayConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
+        daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
         Ok(cfg)
     }
 

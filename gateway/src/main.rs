@@ -129,10 +129,19 @@ async fn run(
             )
         })?;
     let admin_addr = admin.local_addr().context("admin_listen address")?;
-    let topo = topo::Topo::connect(&cfg.etcd.endpoints, &cfg.etcd.prefix, cfg.etcd.dial_timeout)
+    let topo = cfg
+        .etcd
+        .connect()
         .await
         .with_context(|| format!("etcd {}", cfg.etcd.endpoints.join(",")))?;
-    let watch = Arc::new(TabletWatch::start(&topo, WatchOptions::default()));
+    let tls = daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
+    let watch = Arc::new(TabletWatch::start(
+        &topo,
+        WatchOptions {
+            tls,
+            ..WatchOptions::default()
+        },
+    ));
     let routing_task = tokio::spawn(gateway.clone().routing_loop(watch));
     if specs.is_empty() {
         warn!("no [[listener]] configured: serving /routing only, no MySQL port is open");

@@ -648,7 +648,8 @@ impl Writer {
                 let t = cluster
                     .tablet_by_alias(&alias)
                     .ok_or_else(|| format!("{alias} is not a tablet of this cluster"))?;
-                let mut c = tokio::time::timeout(Duration::from_secs(2), t.admin_conn())
+                // The application's user: the agent's may not read application tables.
+                let mut c = tokio::time::timeout(Duration::from_secs(2), t.app_conn())
                     .await
                     .map_err(|_| format!("{alias}: connect timed out"))?
                     .map_err(|e| e.to_string())?;

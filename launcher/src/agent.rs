@@ -128,17 +128,28 @@ impl AgentProc {
         self.proc.spawn().map(drop)
     }
 
-    /// A gRPC client (connects now, 1 s bound).
+    /// A gRPC client (connects now, 1 s bound). With the agent's `[tls]`, it presents the
+    /// cluster's orchestrator certificate (test code calls reparent actions in the
+    /// orchestrator's place).
     pub async fn client(&self) -> Result<AgentClient<Channel>> {
-        let uri = format!("http://{}", self.grpc_addr());
-        let endpoint = Channel::from_shared(uri.clone())
-            .map_err(|e| HarnessError::Invalid(format!("agent uri {uri}: {e}")))?
+        let tls = match &self.config.tls {
+            Some(t) => Some(crate::certs::orchestrator_material(&t.ca_file)?),
+            None => None,
+        };
+        self.client_as(tls.as_ref()).await
+    }
+
+    /// A gRPC client presenting `tls` (`None`: plaintext), for negative tests.
+    pub async fn client_as(&self, tls: Option<&pki::Material>) -> Result<AgentClient<Channel>> {
+        let addr = self.grpc_addr().to_string();
+        let endpoint = pki::grpc_endpoint(&addr, tls)
+            .map_err(|e| HarnessError::Invalid(format!("agent {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| HarnessError::Agent {
-            what: format!("{}: connect {uri}", self.proc.name()),
-            message: e.to_string(),
+            what: format!("{}: connect {addr}", self.proc.name()),
+            message: error_chain(&e),
         })?;
         Ok(AgentClient::new(channel))
     }
@@ -201,4 +212,16 @@ impl AgentProc {
     pub(crate) fn detach(&self) {
         self.proc.detach();
     }
+}
+
+/// An error with its sources (a TLS handshake failure is several levels down).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use myha_agent::config::{
     AgentConfig, AgentSection, EtcdSection, FlavorName, LogFormat, LogSection, MysqlSection,
-    TabletSection,
+    MysqlTls, TabletSection,
 };
 use myha_proto::agent::{Health, ThreadState};
 use mysql_async::prelude::Queryable;
@@ -30,8 +30,9 @@ use tempfile::TempDir;
 use topo::{CellRecord, Durability, KeyspaceRecord, PromotionRule, Topo};
 
 use crate::agent::AgentProc;
+use crate::certs::{Certs, GATEWAY_IDENTITY, ORCHESTRATOR_IDENTITY};
 use crate::error::{HarnessError, Result};
-use crate::etcd::{Etcd, EtcdMember};
+use crate::etcd::{Etcd, EtcdMember, EtcdSecure, EtcdSecurity};
 use crate::gateway::{gateway_config, GatewayConfig, GatewayProc};
 use crate::mysqld::{absolute, Mysqld, MysqldOptions};
 use crate::netns::Network;
@@ -149,6 +150,23 @@ pub struct ClusterOptions {
     /// reset everywhere (`RESET SLAVE ALL`), every tablet stays read-only with semi-sync's
     /// primary side off, and the shard record names no primary (term 0).
     pub bootstrap_primary: bool,
+    /// TLS and authentication on every control-plane link (the default, and what every test
+    /// runs). [`Security::Plaintext`] exists to measure what TLS costs, beside it in one run.
+    pub security: Security,
+}
+
+/// See [`ClusterOptions::security`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Security {
+    #[default]
+    Tls,
+    Plaintext,
+}
+
+impl Security {
+    pub fn is_tls(self) -> bool {
+        self == Security::Tls
+    }
 }
 
 impl Default for ClusterOptions {
@@ -181,6 +199,7 @@ impl Default for ClusterOptions {
             gateway_config: None,
             ready_timeout: Duration::from_secs(30),
             bootstrap_primary: true,
+            security: Security::Tls,
         }
     }
 }
@@ -204,6 +223,7 @@ impl fmt::Debug for ClusterOptions {
             .field("lease_ttl", &self.lease_ttl)
             .field("prefix", &self.prefix)
             .field("new_session", &self.new_session)
+            .field("security", &self.security)
             .finish_non_exhaustive()
     }
 }
@@ -315,6 +335,8 @@ pub struct Cluster {
     opts: ClusterOptions,
     dir: PathBuf,
     creds: Arc<Credentials>,
+    /// The cluster's CA and certificates (`<dir>/tls`).
+    certs: Certs,
     topo: Topo,
     tablets: Vec<Tablet>,
     /// At least one member.
@@ -504,6 +526,7 @@ impl Cluster {
             }
         }
         let creds = Arc::new(Credentials::generate());
+        let certs = Certs::create(&dir.join("tls"))?;
         let semi = opts.durability == Durability::SemiSync;
         let n_etcd = opts.etcd_members;
         if n_etcd == 0 || (n_etcd > 1 && opts.hosts != Hosts::Netns) {
@@ -541,7 +564,11 @@ impl Cluster {
             })
             .collect::<Result<Vec<_>>>()?;
         let etcd_dir = dir.join("etcd");
-        let etcd_fut = Etcd::launch_members(&etcd_dir, &members, opts.new_session);
+        let secure = opts.security.is_tls().then_some(EtcdSecure {
+            certs: &certs,
+            prefix: &opts.prefix,
+        });
+        let etcd_fut = Etcd::launch_members_with(&etcd_dir, &members, opts.new_session, secure);
         let mysqld_opts = aliases
             .iter()
             .enumerate()
@@ -556,6 +583,12 @@ impl Cluster {
                 m.extra_args = opts.mysqld_args.clone();
                 m.new_session = opts.new_session;
                 (m.addr, m.netns) = place(alias)?;
+                // Replication and the agents' TCP connections run over TLS and verify that
+                // the certificate names the address they connect to.
+                if opts.security.is_tls() {
+                    let name = format!("mysqld-{alias}");
+                    m.tls = Some(certs.server(&name, &name, &[m.addr.to_string()])?);
+                }
                 Ok(m)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -582,7 +615,7 @@ impl Cluster {
 
         // MySQL users on the primary and the topology, in parallel.
         let (sql, topo) = tokio::join!(
-            bootstrap_primary_sql(&tablets[0], &creds),
+            bootstrap_primary_sql(&tablets[0], &creds, opts.security.is_tls()),
             bootstrap_topology(&etcd, &opts, &aliases[0])
         );
         sql?;
@@ -592,6 +625,7 @@ impl Cluster {
             opts,
             dir,
             creds,
+            certs,
             topo,
             tablets,
             etcd,
@@ -632,13 +666,23 @@ impl Cluster {
         let replicas = &self.tablets[1..];
         let heartbeat = self.opts.heartbeat_period.as_secs_f64().max(0.001);
         let timeout = self.opts.ready_timeout;
+        // Over TLS, verifying the primary's certificate, as the agents repoint replicas: the
+        // replication user requires it.
+        let ssl = if self.opts.security.is_tls() {
+            format!(
+                ", MASTER_SSL=1, MASTER_SSL_CA={}, MASTER_SSL_VERIFY_SERVER_CERT=1",
+                sql_quote(&self.certs.ca_file().to_string_lossy())
+            )
+        } else {
+            String::new()
+        };
         let results = join_all(replicas.iter().map(|r| {
             let stmts = vec![
                 "SET GLOBAL gtid_slave_pos=''".to_string(),
                 format!(
                     "CHANGE MASTER TO MASTER_HOST='{}', MASTER_PORT={}, MASTER_USER={}, \
                      MASTER_PASSWORD={}, MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1, \
-                     MASTER_HEARTBEAT_PERIOD={heartbeat}",
+                     MASTER_HEARTBEAT_PERIOD={heartbeat}{ssl}",
                     primary.mysqld.ip(),
                     primary.mysqld.port(),
                     sql_quote(&self.creds.repl_user),
@@ -885,9 +929,35 @@ impl Cluster {
         &self.etcd
     }
 
+    /// The `[etcd]` section of a daemon of identity `identity` (its client certificate's
+    /// common name): every member, the cluster's prefix, and (secured, the default) the
+    /// certificate, the `myha` user and its password file; other settings at their defaults.
+    pub fn etcd_section(&self, identity: &str) -> Result<EtcdSection> {
+        self.etcd[0].daemon_section(self.etcd_endpoints(), &self.opts.prefix, identity)
+    }
+
+    /// [`Cluster::etcd_section`] as config text, for a test that writes a config by hand.
+    pub fn etcd_section_toml(&self, identity: &str) -> Result<String> {
+        Ok(self.etcd_section(identity)?.to_toml())
+    }
+
+    /// The environment that points `myhactl` at this cluster's etcd (`MYHA_ETCD`, and when
+    /// secured `MYHA_CA`, `MYHA_CERT`, `MYHA_KEY`, `MYHA_ETCD_USER`,
+    /// `MYHA_ETCD_PASSWORD_FILE`).
+    pub fn ctl_env(&self) -> Result<Vec<(&'static str, String)>> {
+        let mut env = self.etcd[0].ctl_env()?;
+        for (var, value) in &mut env {
+            if *var == "MYHA_ETCD" {
+                *value = self.etcd_endpoints().join(",");
+            }
+        }
+        Ok(env)
+    }
+
     /// The config the harness gives tablet `i`'s agent (fresh ports each call).
     pub fn agent_config(&self, i: usize) -> Result<AgentConfig> {
         let t = &self.tablets[i];
+        let tls = self.opts.security.is_tls();
         let ip = t.mysqld.ip();
         // The passwords go to files only the daemon's user reads, as on a real host: the
         // config holds their paths (and every test runs the agent's file-reading path).
@@ -918,6 +988,16 @@ impl Cluster {
                 flavor: FlavorName::Mariadb,
                 connect_timeout: Duration::from_millis(500),
                 query_timeout: Duration::from_secs(1),
+                // On by default with [mysql.tls]: every repoint replicates over TLS.
+                repl_tls: None,
+                // The agent's own connection uses the socket; its probe of the primary and its
+                // fencing of another server go over TCP, with TLS verifying the server's name.
+                tls: tls.then(|| MysqlTls {
+                    ca_file: self.certs.ca_file(),
+                    cert_file: None,
+                    key_file: None,
+                    verify_identity: true,
+                }),
             },
             agent: AgentSection {
                 poll_interval: self.opts.poll_interval,
@@ -926,13 +1006,22 @@ impl Cluster {
                 advertise_host: ip.to_string(),
                 state_dir: t.dir.join("agent-state"),
                 semi_sync_timeout: Duration::from_millis(SEMI_SYNC_TIMEOUT_MS),
+                grpc_allowed_clients: if tls {
+                    vec![ORCHESTRATOR_IDENTITY.into()]
+                } else {
+                    Vec::new()
+                },
                 ..AgentSection::default()
             },
+            // gRPC over TLS, as every control-plane link of a launched cluster.
+            tls: if tls {
+                Some(self.certs.agent(t.alias(), &[ip.to_string()])?)
+            } else {
+                None
+            },
             etcd: EtcdSection {
-                endpoints: self.etcd_endpoints(),
-                prefix: self.opts.prefix.clone(),
                 lease_ttl: self.opts.lease_ttl,
-                dial_timeout: Duration::from_secs(2),
+                ..self.etcd_section(&format!("agent-{}", t.alias))?
             },
             log: LogSection {
                 format: LogFormat::Human,
@@ -1056,11 +1145,30 @@ impl Cluster {
     pub fn orchestrator_config(&self) -> Result<myha_orchestrator::config::OrchestratorConfig> {
         let (ip, _) = self.place(self.next_slot(&ORCHESTRATOR_HOSTS)?)?;
         let mut cfg = orchestrator_config(
-            &self.etcd_endpoints(),
-            &self.opts.prefix,
+            &self.etcd_section(ORCHESTRATOR_IDENTITY)?,
             &self.opts.orchestrator_log_level,
             ip,
         )?;
+        if self.opts.security.is_tls() {
+            cfg.tls = Some(self.certs.orchestrator_files());
+            // The API over HTTPS with a server certificate for its address, and always
+            // behind a token (off loopback `orchestrator_config` has given it one already).
+            let port = cfg.orchestrator.http_listen.port();
+            let api = self.certs.server(
+                &format!("orchestrator-api-{port}"),
+                "myha-orchestrator-api",
+                &[ip.to_string()],
+            )?;
+            cfg.orchestrator.api_tls = Some(pki::ServerFiles {
+                cert_file: api.cert_file,
+                key_file: api.key_file,
+            });
+            if cfg.orchestrator.api_tokens.is_empty() && cfg.orchestrator.api_token.is_none() {
+                cfg.orchestrator
+                    .api_tokens
+                    .push(crate::orchestrator::harness_token());
+            }
+        }
         if let Some(hook) = &self.opts.orchestrator_config {
             hook(&mut cfg);
         }
@@ -1105,13 +1213,15 @@ impl Cluster {
     pub fn gateway_config(&self) -> Result<GatewayConfig> {
         let (ip, _) = self.place(self.next_slot(&GATEWAY_HOSTS)?)?;
         let mut cfg = gateway_config(
-            &self.etcd_endpoints(),
-            &self.opts.prefix,
+            &self.etcd_section(GATEWAY_IDENTITY)?,
             &self.opts.gateway_log_level,
             &self.opts.keyspace,
             &self.opts.shard,
             ip,
         )?;
+        if self.opts.security.is_tls() {
+            cfg.tls = Some(self.certs.gateway_files());
+        }
         if let Some(hook) = &self.opts.gateway_config {
             hook(&mut cfg);
         }
@@ -1183,6 +1293,11 @@ impl Cluster {
     pub fn initial_primary(&self) -> &Tablet {
         &self.tablets[0]
     }
+    /// The cluster's CA and certificates.
+    pub fn certs(&self) -> &Certs {
+        &self.certs
+    }
+
     pub fn credentials(&self) -> &Credentials {
         &self.creds
     }
@@ -1222,10 +1337,8 @@ impl Cluster {
             database: self.creds.database.clone(),
             credentials: (*self.creds).clone(),
             orchestrator_pid: self.orchestrator.as_ref().and_then(OrchestratorProc::pid),
-            orchestrator_http: self
-                .orchestrator
-                .as_ref()
-                .map(|o| o.http_addr().to_string()),
+            // `https://host:port` when the API serves TLS (myhactl reads the scheme).
+            orchestrator_http: self.orchestrator.as_ref().map(|o| o.url("")),
             gateway_pid: self.gateway.as_ref().and_then(GatewayProc::pid),
             gateway: self.gateway.as_ref().map(|g| SandboxGateway {
                 rw: g.rw_addr().map(|a| a.to_string()),
@@ -1250,6 +1363,11 @@ impl Cluster {
                 .collect(),
             created_ms: topo::now_ms(),
             network: None,
+            operator_tls: self.etcd[0].security().map(EtcdSecurity::operator_files),
+            etcd_user: self.etcd[0].security().map(|s| s.user().to_string()),
+            etcd_password_file: self.etcd[0]
+                .security()
+                .map(|s| s.password_file().to_path_buf()),
         }
     }
 
@@ -1336,7 +1454,7 @@ impl Drop for Cluster {
 }
 
 /// Users and the app database on the first primary (still read-only; root may write).
-async fn bootstrap_primary_sql(primary: &Tablet, creds: &Credentials) -> Result<()> {
+async fn bootstrap_primary_sql(primary: &Tablet, creds: &Credentials, tls: bool) -> Result<()> {
     let mut stmts = Vec::new();
     let q = sql_quote;
     for host in ["%", "localhost"] {
@@ -1346,19 +1464,17 @@ async fn bootstrap_primary_sql(primary: &Tablet, creds: &Credentials) -> Result<
             q(&creds.agent_user),
             q(&creds.agent_password)
         ));
-        stmts.push(format!(
-            "GRANT ALL PRIVILEGES ON *.* TO {}@{h} WITH GRANT OPTION",
-            q(&creds.agent_user)
-        ));
+        // Exactly the documented least-privilege set (docs/mysql-grants.md): every test that
+        // drives the agent proves it is enough.
+        let dialect = flavor::Dialect::MARIADB_10_11;
+        stmts.extend(dialect.agent_grants(&format!("{}@{h}", q(&creds.agent_user))));
         stmts.push(format!(
             "CREATE USER {}@{h} IDENTIFIED BY {}",
             q(&creds.repl_user),
             q(&creds.repl_password)
         ));
-        stmts.push(format!(
-            "GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO {}@{h}",
-            q(&creds.repl_user)
-        ));
+        // REQUIRE SSL: a replica pointed at a primary without TLS is refused.
+        stmts.extend(dialect.replication_grants(&format!("{}@{h}", q(&creds.repl_user)), tls));
         stmts.push(format!(
             "CREATE USER {}@{h} IDENTIFIED BY {}",
             q(&creds.app_user),
@@ -1384,7 +1500,8 @@ async fn bootstrap_primary_sql(primary: &Tablet, creds: &Credentials) -> Result<
 /// primary at term 1.
 async fn bootstrap_topology(etcd: &[Etcd], opts: &ClusterOptions, primary: &str) -> Result<Topo> {
     let endpoints: Vec<String> = etcd.iter().map(Etcd::endpoint).collect();
-    let topo = Topo::connect(&endpoints, &opts.prefix, Duration::from_secs(2))
+    let access = etcd[0].access()?;
+    let topo = Topo::connect_with(&endpoints, &opts.prefix, Duration::from_secs(2), &access)
         .await
         .map_err(HarnessError::topo(format!("connect to {endpoints:?}")))?;
     topo.put_cell(&CellRecord {

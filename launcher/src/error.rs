@@ -42,6 +42,9 @@ pub enum HarnessError {
     #[error("{what}: {message}")]
     Agent { what: String, message: String },
 
+    #[error("certificates: {0}")]
+    Pki(#[from] pki::PkiError),
+
     /// An HTTP call to a daemon failed or answered unexpectedly.
     #[error("{what}: {message}")]
     Http { what: String, message: String },

@@ -22,22 +22,19 @@ pub const GATEWAY_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Added to `shutdown_grace` when waiting for a SIGTERMed gateway to exit.
 pub const GATEWAY_STOP_SLACK: Duration = Duration::from_secs(5);
 
-/// The config the harness gives a gateway: etcd at `etcd_endpoints` under `prefix`, one
+/// The config the harness gives a gateway: etcd as `etcd` says, one
 /// listener for `keyspace/shard` with RW and RO ports, admin on fresh ports of `ip`, human
 /// logs at `log_level`, every routing setting at the gateway's default.
 pub fn gateway_config(
-    etcd_endpoints: &[String],
-    prefix: &str,
+    etcd: &daemon::EtcdSection,
     log_level: &str,
     keyspace: &str,
     shard: &str,
     ip: Ipv4Addr,
 ) -> Result<GatewayConfig> {
     let port = || -> Result<SocketAddr> { Ok((ip, free_port()?).into()) };
-    let mut cfg = GatewayConfig::parse(&format!(
-        "[etcd]\nendpoints = {etcd_endpoints:?}\nprefix = {prefix:?}\n"
-    ))
-    .map_err(|e| HarnessError::Invalid(format!("gateway config: {e}")))?;
+    let mut cfg = GatewayConfig::parse(&etcd.to_toml())
+        .map_err(|e| HarnessError::Invalid(format!("gateway config: {e}")))?;
     cfg.gateway.admin_listen = port()?;
     cfg.log = LogSection {
         format: LogFormat::Human,
@@ -96,7 +93,7 @@ impl GatewayProc {
             .with_env("NO_COLOR", "1")
             // The gateway's own level comes from its config, not from the test's environment.
             .with_env("MYHA_LOG", config.log.level.clone());
-        let http = DaemonHttp::new(config.gateway.admin_listen, GATEWAY_HTTP_TIMEOUT)?;
+        let http = DaemonHttp::new(config.gateway.admin_listen, GATEWAY_HTTP_TIMEOUT, None)?;
         Ok(GatewayProc {
             dir,
             config_path,

@@ -12,26 +12,44 @@ use crate::process::Proc;
 pub(crate) struct DaemonHttp {
     addr: SocketAddr,
     client: reqwest::Client,
+    /// `https` when the daemon serves TLS, else `http`.
+    scheme: &'static str,
 }
 
 impl DaemonHttp {
-    /// A client for `addr` whose every call is bounded by `timeout`.
-    pub(crate) fn new(addr: SocketAddr, timeout: Duration) -> Result<DaemonHttp> {
-        let client = reqwest::Client::builder()
+    /// A client for `addr` whose every call is bounded by `timeout`; over HTTPS trusting only
+    /// the CA in `https_ca` (PEM) when given.
+    pub(crate) fn new(
+        addr: SocketAddr,
+        timeout: Duration,
+        https_ca: Option<&[u8]>,
+    ) -> Result<DaemonHttp> {
+        pki::install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
-            .connect_timeout(Duration::from_secs(1))
+            .connect_timeout(Duration::from_secs(1));
+        if let Some(ca) = https_ca {
+            let ca = reqwest::Certificate::from_pem(ca)
+                .map_err(|e| HarnessError::Invalid(format!("HTTPS CA: {e}")))?;
+            builder = builder.tls_certs_only([ca]).https_only(true);
+        }
+        let client = builder
             .build()
             .map_err(|e| HarnessError::Invalid(format!("HTTP client: {e}")))?;
-        Ok(DaemonHttp { addr, client })
+        Ok(DaemonHttp {
+            addr,
+            client,
+            scheme: if https_ca.is_some() { "https" } else { "http" },
+        })
     }
 
     pub(crate) fn client(&self) -> &reqwest::Client {
         &self.client
     }
 
-    /// `http://addr{path}`.
+    /// `http(s)://addr{path}`.
     pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// Maps a client error to the harness's, with what was being done.

@@ -15,6 +15,7 @@
 //!   [`Cluster::detach`] leaves them running for the sandbox, [`sandbox::down`] stops them.
 
 mod agent;
+pub mod certs;
 mod cluster;
 mod config_daemon;
 pub mod delay;
@@ -34,12 +35,14 @@ mod util;
 pub use agent::{AgentProc, AGENT_START_TIMEOUT, AGENT_STOP_GRACE};
 pub use cluster::{
     global_status, global_var, row_to_map, slave_status, write_secret, AgentConfigHook, Cluster,
-    ClusterOptions, Credentials, GatewayConfigHook, Hosts, OrchestratorConfigHook, Tablet,
-    CLIENT_HOST, SEMI_SYNC_TIMEOUT_MS,
+    ClusterOptions, Credentials, GatewayConfigHook, Hosts, OrchestratorConfigHook, Security,
+    Tablet, CLIENT_HOST, SEMI_SYNC_TIMEOUT_MS,
 };
 pub use config_daemon::ConfigDaemon;
 pub use error::{HarnessError, Result};
-pub use etcd::{Etcd, EtcdMember, ETCD_START_TIMEOUT, ETCD_STOP_GRACE};
+pub use etcd::{
+    Etcd, EtcdMember, EtcdSecure, EtcdSecurity, ETCD_START_TIMEOUT, ETCD_STOP_GRACE, ETCD_USER,
+};
 pub use gateway::{
     gateway_config, GatewayConfig, GatewayListener, GatewayProc, GATEWAY_HTTP_TIMEOUT,
     GATEWAY_START_TIMEOUT, GATEWAY_STOP_SLACK,

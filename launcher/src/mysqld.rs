@@ -44,6 +44,9 @@ pub struct MysqldOptions {
     /// listens on every address of its host (its own and the host's loopback, which its agent
     /// uses), and `addr` is the host's.
     pub netns: Option<String>,
+    /// TLS for clients and replicas: `--ssl-cert`, `--ssl-key`, `--ssl-ca` (the certificate
+    /// must name `addr`: replicas and agents verify it).
+    pub tls: Option<pki::TlsFiles>,
 }
 
 impl MysqldOptions {
@@ -58,6 +61,7 @@ impl MysqldOptions {
             new_session: false,
             addr: Ipv4Addr::LOCALHOST,
             netns: None,
+            tls: None,
         }
     }
 }
@@ -171,6 +175,17 @@ impl Mysqld {
         .collect();
         if opts.semi_sync_replica {
             args.push("--rpl-semi-sync-slave-enabled=ON".into());
+        }
+        if let Some(t) = &opts.tls {
+            for (option, path) in [
+                ("--ssl-cert", &t.cert_file),
+                ("--ssl-key", &t.key_file),
+                ("--ssl-ca", &t.ca_file),
+            ] {
+                let mut arg = OsString::from(format!("{option}="));
+                arg.push(absolute(path)?);
+                args.push(arg);
+            }
         }
         args.extend(opts.extra_args.iter().map(OsString::from));
         let proc = Proc::new(

@@ -20,36 +20,40 @@ pub const ORCHESTRATOR_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Bound on one HTTP call of [`OrchestratorProc::get_json`] / [`OrchestratorProc::post_json`].
 pub const ORCHESTRATOR_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The config the harness gives an orchestrator: etcd at `etcd_endpoints` under `prefix`,
+/// The config the harness gives an orchestrator: etcd as `etcd` says,
 /// `http_listen` on a fresh port of `ip`, human logs at `log_level`; every other setting at
 /// its default (adjust the returned value before [`OrchestratorProc::launch`]). On an `ip`
 /// other than loopback (a host of a network of namespaces) the API gets a random `operate`
 /// token named [`HARNESS_TOKEN_NAME`], since the orchestrator refuses an open API there; the
 /// [`OrchestratorProc`] helpers send it.
 pub fn orchestrator_config(
-    etcd_endpoints: &[String],
-    prefix: &str,
+    etcd: &daemon::EtcdSection,
     log_level: &str,
     ip: Ipv4Addr,
 ) -> Result<OrchestratorConfig> {
     // Built from text so that sections added later keep their defaults here.
-    let endpoints: Vec<String> = etcd_endpoints.iter().map(|e| format!("{e:?}")).collect();
     let text = format!(
-        "[etcd]\nendpoints = [{endpoints}]\nprefix = {prefix:?}\n\n[log]\nformat = \"human\"\nlevel = {log_level:?}\n",
-        endpoints = endpoints.join(", "),
+        "{etcd}\n[log]\nformat = \"human\"\nlevel = {log_level:?}\n",
+        etcd = etcd.to_toml(),
     );
     let mut cfg = OrchestratorConfig::parse(&text)
         .map_err(|e| HarnessError::Invalid(format!("orchestrator config: {e}")))?;
     cfg.orchestrator.http_listen = (ip, free_port()?).into();
     if !ip.is_loopback() {
-        cfg.orchestrator.api_tokens.push(ApiTokenConfig {
-            name: HARNESS_TOKEN_NAME.into(),
-            role: Role::Operate,
-            token: Some(random_password().into()),
-            token_file: None,
-        });
+        cfg.orchestrator.api_tokens.push(harness_token());
     }
     Ok(cfg)
+}
+
+/// A random `operate` token named [`HARNESS_TOKEN_NAME`] (the [`OrchestratorProc`] helpers
+/// send it).
+pub(crate) fn harness_token() -> ApiTokenConfig {
+    ApiTokenConfig {
+        name: HARNESS_TOKEN_NAME.into(),
+        role: Role::Operate,
+        token: Some(random_password().into()),
+        token_file: None,
+    }
 }
 
 /// The name of the token [`orchestrator_config`] gives an orchestrator off loopback.
@@ -101,7 +105,23 @@ impl OrchestratorProc {
         let log = dir.join("orchestrator.log");
         let proc =
             Proc::new("myha-orchestrator", bin, args, log, new_session).with_env("NO_COLOR", "1");
-        let http = DaemonHttp::new(config.orchestrator.http_listen, ORCHESTRATOR_HTTP_TIMEOUT)?;
+        // An HTTPS API's certificate is one of the cluster CA's, which `[tls]` names.
+        let https_ca = match (&config.orchestrator.api_tls, &config.tls) {
+            (None, _) => None,
+            (Some(_), Some(tls)) => Some(std::fs::read(&tls.ca_file).map_err(HarnessError::io(
+                format!("read the cluster CA {}", tls.ca_file.display()),
+            ))?),
+            (Some(_), None) => {
+                return Err(HarnessError::Invalid(
+                    "orchestrator config: api_tls without [tls] (the CA to trust it by)".into(),
+                ))
+            }
+        };
+        let http = DaemonHttp::new(
+            config.orchestrator.http_listen,
+            ORCHESTRATOR_HTTP_TIMEOUT,
+            https_ca.as_deref(),
+        )?;
         Ok(OrchestratorProc {
             dir,
             config_path,
@@ -128,6 +148,19 @@ impl OrchestratorProc {
     /// `http://127.0.0.1:port{path}`.
     pub fn url(&self, path: &str) -> String {
         self.http.url(path)
+    }
+
+    /// The environment that points `myhactl` at this orchestrator's API: `MYHA_ORCHESTRATOR`
+    /// (its URL, `https://` when it serves TLS) and, with `[tls]`, `MYHA_CA`/`MYHA_CERT`/
+    /// `MYHA_KEY` (the cluster CA trusts the API; the token is the caller's business).
+    pub fn ctl_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("MYHA_ORCHESTRATOR", self.url(""))];
+        if let Some(t) = &self.config.tls {
+            env.push(("MYHA_CA", t.ca_file.display().to_string()));
+            env.push(("MYHA_CERT", t.cert_file.display().to_string()));
+            env.push(("MYHA_KEY", t.key_file.display().to_string()));
+        }
+        env
     }
 
     /// The token the helpers send ([`OrchestratorConfig::client_token`]: `api_token`, else

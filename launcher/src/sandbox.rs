@@ -37,7 +37,8 @@ pub struct SandboxState {
     /// The sandbox's `myha-orchestrator` (none in sandboxes made before it had one).
     #[serde(default)]
     pub orchestrator_pid: Option<u32>,
-    /// Its HTTP API, `127.0.0.1:port`.
+    /// Its HTTP API, `https://127.0.0.1:port` (`127.0.0.1:port`, plain HTTP, in sandboxes made
+    /// before the API had TLS).
     #[serde(default)]
     pub orchestrator_http: Option<String>,
     /// The sandbox's `myha-gateway` (none in sandboxes made before it had one).
@@ -52,6 +53,16 @@ pub struct SandboxState {
     /// the name `sandbox down` removes them under; none on loopback.
     #[serde(default)]
     pub network: Option<String>,
+    /// The operator's certificate (`myhactl`'s identity) and the cluster CA: what myhactl
+    /// presents to etcd and the agents when no `--ca`/`--cert`/`--key` is given (none: a
+    /// plaintext sandbox, or one made before).
+    #[serde(default)]
+    pub operator_tls: Option<pki::TlsFiles>,
+    /// The etcd user and the file holding its password (none: etcd without auth).
+    #[serde(default)]
+    pub etcd_user: Option<String>,
+    #[serde(default)]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// The sandbox gateway's ports, `127.0.0.1:port` each.
@@ -529,6 +540,9 @@ mod tests {
             }],
             created_ms: 1,
             network: None,
+            operator_tls: None,
+            etcd_user: None,
+            etcd_password_file: None,
         }
     }
 

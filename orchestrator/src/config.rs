@@ -87,6 +87,10 @@ pub struct OrchestratorConfig {
     #[serde(default)]
     pub recovery: RecoverySection,
     pub etcd: EtcdSection,
+    /// This daemon's certificates for calling the agents' gRPC (required when the agents
+    /// have `[tls]`): the cluster CA and a client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<pki::TlsFiles>,
     #[serde(default)]
     pub log: LogSection,
 }
@@ -115,6 +119,11 @@ pub struct OrchestratorSection {
     /// reported as `primary_writes_stalled`, with what blocks them.
     #[serde(default = "default_writes_stalled_after", with = "humantime_serde")]
     pub writes_stalled_after: Duration,
+    /// Serve the HTTP listener (API, dashboard, `/health`, `/metrics`) over HTTPS with this
+    /// certificate and key. Optional: the tokens authenticate callers either way, but on a
+    /// shared network without it they travel in clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_tls: Option<pki::ServerFiles>,
     /// Bearer tokens of the API, each with a role (see [`crate::auth`]). Any token configured
     /// (here or `api_token`): every `/api/v1/...` request needs one. None: the API is open,
     /// which the validation allows on a loopback `http_listen` only. Last: TOML writes arrays
@@ -350,6 +359,7 @@ impl Default for OrchestratorSection {
             probe_stale_after: default_probe_stale_after(),
             isolated_primary_after: default_isolated_primary_after(),
             writes_stalled_after: default_writes_stalled_after(),
+            api_tls: None,
             api_tokens: Vec::new(),
         }
     }
@@ -359,6 +369,8 @@ impl OrchestratorConfig {
     pub fn load(path: &Path) -> Result<OrchestratorConfig, ConfigError> {
         let cfg: OrchestratorConfig = daemon::load_toml(path)?;
         cfg.validate()?;
+        daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
+        cfg.api_tls_config()?;
         Ok(cfg)
     }
 
@@ -366,7 +378,30 @@ impl OrchestratorConfig {
     pub fn parse(text: &str) -> Result<OrchestratorConfig, ConfigError> {
         let cfg: OrchestratorConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
+        daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
+        cfg.api_tls_config()?;
         Ok(cfg)
+    }
+
+    /// The HTTPS server config of `[orchestrator.api_tls]`, if any (its files read and
+    /// checked; errors name the key).
+    pub fn api_tls_config(
+        &self,
+    ) -> Result<Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>, ConfigError> {
+        self.orchestrator
+            .api_tls
+            .as_ref()
+            .map(|f| {
+                f.server_config([
+                    "orchestrator.api_tls.cert_file",
+                    "orchestrator.api_tls.key_file",
+                ])
+                .map_err(|e| match e {
+                    pki::PkiError::File { key, message } => invalid(key, message),
+                    other => invalid("orchestrator.api_tls", other.to_string()),
+                })
+            })
+            .transpose()
     }
 
     /// The config as `orchestrator.toml` text (what the harness writes).

@@ -61,16 +61,28 @@ async fn run(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let topo = topo::Topo::connect(&cfg.etcd.endpoints, &cfg.etcd.prefix, cfg.etcd.dial_timeout)
+    let topo = cfg
+        .etcd
+        .connect()
         .await
         .with_context(|| format!("etcd {}", cfg.etcd.endpoints.join(",")))?;
-    let watch = Arc::new(TabletWatch::start(&topo, WatchOptions::default()));
+    let tls = daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
+    if let Some(m) = &tls {
+        info!(identity = %m.identity, "calling the agents over TLS");
+    }
+    let watch = Arc::new(TabletWatch::start(
+        &topo,
+        WatchOptions {
+            tls: tls.clone(),
+            ..WatchOptions::default()
+        },
+    ));
     let control = ControlWatch::start(&topo);
     let recovery_cfg = cfg.recovery_config();
     if !recovery_cfg.enabled {
         warn!("[recovery] enabled = false: problems are analysed and reported, never recovered");
     }
-    let deps = recovery::Deps::new(topo.clone(), recovery_cfg);
+    let deps = recovery::Deps::with_tls(topo.clone(), recovery_cfg, tls);
     let engine = Arc::new(engine::start(
         watch.subscribe(),
         control.subscribe(),
@@ -86,6 +98,7 @@ async fn run(
             )
         })?;
     let addr = listener.local_addr().context("http_listen address")?;
+    let api_tls = cfg.api_tls_config()?;
     // Names and roles only: a secret never reaches a log.
     let auth = if api_tokens.is_empty() {
         "none: the API is open (loopback only)".to_string()
@@ -98,6 +111,7 @@ async fn run(
     };
     info!(
         http = %addr,
+        https = api_tls.is_some(),
         api_tokens = %auth,
         etcd = %cfg.etcd.endpoints.join(","),
         prefix = %cfg.etcd.prefix,
@@ -117,7 +131,7 @@ async fn run(
         recovery: deps,
     });
     http::spawn_last_recoveries(&state);
-    http::serve(listener, http::router(state), shutdown)
+    http::serve(listener, http::router(state), api_tls, shutdown)
         .await
         .context("HTTP server")?;
     // The control watches live as long as the server.

@@ -35,13 +35,7 @@ pub(crate) fn endpoint(grpc_addr: &str, opts: &WatchOptions) -> Result<Endpoint,
     if grpc_addr.trim().is_empty() {
         return Err("the registration has no grpc_addr".into());
     }
-    let uri = if grpc_addr.contains("://") {
-        grpc_addr.to_string()
-    } else {
-        format!("http://{grpc_addr}")
-    };
-    let ep = Endpoint::from_shared(uri.clone())
-        .map_err(|e| format!("invalid grpc_addr {grpc_addr:?}: {e}"))?;
+    let ep = pki::grpc_endpoint(grpc_addr, opts.tls.as_ref())?;
     Ok(ep
         .connect_timeout(opts.connect_timeout)
         .tcp_nodelay(true)
@@ -202,6 +196,6 @@ mod tests {
         assert!(endpoint("", &opts).unwrap_err().contains("no grpc_addr"));
         assert!(endpoint("bad host:1", &opts)
             .unwrap_err()
-            .contains("invalid grpc_addr"));
+            .contains("invalid gRPC address"));
     }
 }

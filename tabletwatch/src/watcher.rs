@@ -26,6 +26,8 @@ pub struct WatchOptions {
     /// Reconnect backoff: doubles from `backoff_min` to `backoff_max`, reset by a message.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// The daemon's certificates: agents are reached over TLS with them (`[tls]`).
+    pub tls: Option<pki::Material>,
 }
 
 impl Default for WatchOptions {
@@ -36,6 +38,7 @@ impl Default for WatchOptions {
             idle_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
+            tls: None,
         }
     }
 }

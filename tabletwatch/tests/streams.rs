@@ -252,6 +252,7 @@ fn fast() -> WatchOptions {
         idle_timeout: Duration::from_secs(10),
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(100),
+        tls: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Unplanned failover benchmark (not a test): `cargo bench -p myha-tests --bench failover --
-//! --runs 20 [--faults kill,stop,cut] [--via gateway,direct] [--hosts netns [--rtt 0ms,0.5ms,2ms]]`.
+//! --runs 20 [--faults kill,stop,cut] [--via gateway,direct] [--hosts netns [--rtt 0ms,0.5ms,2ms]]
+//! [--security tls,plain]`.
 //!
 //! For each fault (SIGKILL of the primary's mysqld; SIGSTOP of it; with `--hosts netns`, the
 //! primary's host cut from every other host, packets silently dropped) it runs N failovers on a
@@ -78,6 +79,7 @@ struct Args {
     faults: Vec<Fault>,
     vias: Vec<Via>,
     links: Vec<Links>,
+    securities: Vec<harness::Security>,
 }
 
 fn args() -> Args {
@@ -116,13 +118,15 @@ fn args() -> Args {
     Args {
         runs,
         faults,
+        securities: bench::security_from_args(),
         vias: Via::from_args(&[Via::Gateway, Via::Direct]),
         links,
     }
 }
 
-fn options(links: Links) -> ClusterOptions {
+fn options(links: Links, security: harness::Security) -> ClusterOptions {
     ClusterOptions {
+        security,
         hosts: links.hosts(),
         tablets: 3,
         start_orchestrator: true,
@@ -138,8 +142,8 @@ fn options(links: Links) -> ClusterOptions {
     }
 }
 
-async fn fresh_cluster(links: Links) -> Cluster {
-    let c = Cluster::start(options(links))
+async fn fresh_cluster(links: Links, security: harness::Security) -> Cluster {
+    let c = Cluster::start(options(links, security))
         .await
         .expect("cluster starts");
     links.shape(&c);
@@ -318,7 +322,13 @@ fn stats(v: &[Option<Duration>]) -> String {
     bench::stats_with(v, bench::secs)
 }
 
-fn table(fault: Fault, via: Via, links: Links, runs: &[Run]) -> String {
+fn table(
+    fault: Fault,
+    via: Via,
+    links: Links,
+    security: harness::Security,
+    runs: &[Run],
+) -> String {
     let counts = |f: fn(&Run) -> usize| {
         let mut v: Vec<usize> = runs.iter().map(f).collect();
         v.sort();
@@ -333,11 +343,12 @@ fn table(fault: Fault, via: Via, links: Links, runs: &[Run]) -> String {
     };
     let mut out = String::new();
     out.push_str(&format!(
-        "\n### {}, {} - {} runs, 3-tablet semi_sync shard, {}\n\n",
+        "\n### {}, {} - {} runs, 3-tablet semi_sync shard, {}, {}\n\n",
         fault.name(),
         via.name(),
         runs.len(),
-        links.name()
+        links.name(),
+        bench::security_name(security)
     ));
     out.push_str("| measure | min | p50 | p99 | max | myha goal | anchors |\n");
     out.push_str("|---|---|---|---|---|---|---|\n");
@@ -392,20 +403,22 @@ fn main() {
         for &l in &args.links {
             for &v in &args.vias {
                 for &f in &args.faults {
-                    combos.push((l, v, f));
+                    for &s in &args.securities {
+                        combos.push((l, v, f, s));
+                    }
                 }
             }
         }
-        for (links, via, fault) in combos {
+        for (links, via, fault, security) in combos {
             let mut runs = Vec::new();
-            let mut cluster = Some(fresh_cluster(links).await);
+            let mut cluster = Some(fresh_cluster(links, security).await);
             let mut fresh = true;
             for i in 0..args.runs {
                 let c = match cluster.take() {
                     Some(c) => c,
                     None => {
                         fresh = true;
-                        fresh_cluster(links).await
+                        fresh_cluster(links, security).await
                     }
                 };
                 let mut run = one_run(&c, fault, via, links).await;
@@ -453,7 +466,7 @@ fn main() {
                     }
                 }
             }
-            let t = table(fault, via, links, &runs);
+            let t = table(fault, via, links, security, &runs);
             println!("{t}");
             tables.push(t);
         }

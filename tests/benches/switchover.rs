@@ -74,15 +74,18 @@ fn main() {
     let runs: usize = bench::arg_parsed("--runs", 20);
     let vias = Via::from_args(&[Via::Direct, Via::Gateway]);
     let links = Links::from_args();
+    let securities = bench::security_from_args();
     let rt = bench::runtime();
     let mut out = String::new();
     rt.block_on(async {
-        let combos: Vec<(Links, Via)> = links
+        let combos: Vec<(Links, Via, harness::Security)> = links
             .iter()
             .flat_map(|l| vias.iter().map(move |v| (*l, *v)))
+            .flat_map(|(l, v)| securities.iter().map(move |s| (l, v, *s)))
             .collect();
-        for (links, via) in combos {
+        for (links, via, security) in combos {
             let c = Cluster::start(ClusterOptions {
+                security,
                 hosts: links.hosts(),
                 tablets: 3,
                 start_orchestrator: true,
@@ -135,9 +138,10 @@ fn main() {
                 .filter_map(|(i, r)| r.error.as_ref().map(|e| format!("run {}: {e}", i + 1)))
                 .collect();
             out.push_str(&format!(
-                "\n### planned reparent, {} - {runs} switchovers, 3-tablet semi_sync shard, writes every 2 ms, {}\n\n",
+                "\n### planned reparent, {} - {runs} switchovers, 3-tablet semi_sync shard, writes every 2 ms, {}, {}\n\n",
                 via.name(),
-                links.name()
+                links.name(),
+                bench::security_name(security)
             ));
             out.push_str("| measure | min | p50 | p99 | max | myha goal | anchor |\n|---|---|---|---|---|---|---|\n");
             out.push_str(&format!(

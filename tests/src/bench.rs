@@ -130,6 +130,28 @@ pub enum Links {
     Netns { rtt: Duration },
 }
 
+/// `--security tls,plain` (default both, TLS first): the clusters to compare. Every test runs
+/// with TLS; plaintext exists only to show beside it what TLS costs, in the same run.
+pub fn security_from_args() -> Vec<harness::Security> {
+    arg("--security")
+        .unwrap_or_else(|| "tls,plain".into())
+        .split(',')
+        .map(|s| match s.trim() {
+            "tls" => harness::Security::Tls,
+            "plain" | "plaintext" => harness::Security::Plaintext,
+            other => panic!("--security {other:?}: tls or plain"),
+        })
+        .collect()
+}
+
+/// For table titles.
+pub fn security_name(s: harness::Security) -> &'static str {
+    match s {
+        harness::Security::Tls => "TLS and authentication on every control-plane link",
+        harness::Security::Plaintext => "plaintext control plane (for comparison only)",
+    }
+}
+
 impl Links {
     /// `--hosts loopback|netns` (default loopback) and, with netns, `--rtt 0ms,0.5ms,2ms`
     /// (humantime, comma-separated; default 0ms): one setting per round trip.

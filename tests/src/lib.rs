@@ -7,6 +7,35 @@
 pub mod bench;
 pub mod chaos;
 
+/// Runs the future `make` returns to completion on a two-worker runtime, polled on a thread
+/// of its own with a 16 MiB stack. For the longest scenarios (one async fn driving a whole
+/// cluster through many steps): in a debug build the frame of such a future's poll function
+/// outgrew the 2 MiB of a test thread (a stack overflow at start) once the clients it holds
+/// carried TLS state. A panic inside is re-raised here, so the test fails with its message.
+pub fn block_on_big_stack<F, Fut>(make: F) -> Fut::Output
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future,
+    Fut::Output: Send + 'static,
+{
+    let scenario = std::thread::Builder::new()
+        .name("scenario".into())
+        .stack_size(16 << 20)
+        .spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(make())
+        })
+        .expect("spawn the scenario's thread");
+    match scenario.join() {
+        Ok(out) => out,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
 pub mod ha {
     use std::collections::HashMap;
     use std::sync::Arc;

@@ -106,6 +106,57 @@ fn read_only(h: &pb::Health) -> Option<bool> {
     h.mysql.as_ref().map(|m| m.read_only)
 }
 
+/// Tablet `i`'s `SHOW SLAVE STATUS` column `name` (empty when NULL or missing).
+async fn slave_col(c: &Cluster, i: usize, name: &str) -> String {
+    let mut conn = c.tablet(i).root_conn().await.expect("root conn");
+    let st = harness::slave_status(&mut conn)
+        .await
+        .expect("slave status")
+        .unwrap_or_default();
+    let _ = conn.disconnect().await;
+    st.get(name).cloned().flatten().unwrap_or_default()
+}
+
+/// Tablet `i` replicates over TLS, verifying its source's certificate with the cluster's CA.
+async fn assert_replicates_over_tls(c: &Cluster, i: usize) {
+    let alias = c.tablet(i).alias();
+    assert_eq!(
+        slave_col(c, i, "Master_SSL_Allowed").await,
+        "Yes",
+        "{alias}"
+    );
+    assert_eq!(
+        slave_col(c, i, "Master_SSL_Verify_Server_Cert").await,
+        "Yes",
+        "{alias}"
+    );
+    assert_eq!(
+        slave_col(c, i, "Master_SSL_CA_File").await,
+        c.certs().ca_file().display().to_string(),
+        "{alias}"
+    );
+}
+
+/// Waits until tablet `i`'s IO thread fails with `errno`; returns its error text.
+async fn wait_io_error(c: &Cluster, i: usize, errno: &str) -> String {
+    let deadline = Instant::now() + GENEROUS;
+    loop {
+        let (got, running) = (
+            slave_col(c, i, "Last_IO_Errno").await,
+            slave_col(c, i, "Slave_IO_Running").await,
+        );
+        if got == errno && running != "Yes" {
+            return slave_col(c, i, "Last_IO_Error").await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: IO thread {running}, error {got}, not {errno}",
+            c.tablet(i).alias()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn write_row(c: &Cluster, i: usize, v: &str) -> Result<(), mysql_async::Error> {
     let mut conn = c.tablet(i).app_conn().await.expect("app conn");
     conn.query_drop(
@@ -116,7 +167,7 @@ async fn write_row(c: &Cluster, i: usize, v: &str) -> Result<(), mysql_async::Er
 }
 
 async fn count_rows(c: &Cluster, i: usize, v: &str) -> u64 {
-    let mut conn = c.tablet(i).admin_conn().await.expect("admin conn");
+    let mut conn = c.tablet(i).app_conn().await.expect("app conn");
     conn.exec_first::<u64, _, _>("SELECT COUNT(*) FROM app.t WHERE v = ?", (v,))
         .await
         .expect("count")
@@ -481,6 +532,11 @@ async fn every_action_against_a_real_cluster() {
     .await;
     assert_eq!(h.promoted_term, 0);
     assert!(!h.fenced, "a repointed old primary is not fenced");
+    // The repoints replicate over TLS (the replication user requires it): the old primary was
+    // never a replica before, so only the agent's CHANGE MASTER gave it these settings.
+    for i in [p, r2] {
+        assert_replicates_over_tls(&c, i).await;
+    }
     // Term 2 belongs to the new primary: nobody else can be promoted under it. Known to r2's
     // agent once its etcd watch delivered the record (it then probes that primary); before,
     // it would only know the term from the repoint, not whose it is.
@@ -760,7 +816,7 @@ async fn wrong_credentials_and_unreachable_etcd_are_reported_not_fatal() {
         harness::write_secret(&c.dir().join("bad-agent-secrets"), "password", "wrong").unwrap(),
     );
     cfg.tablet.uid = 901;
-    cfg.etcd.endpoints = vec!["http://127.0.0.1:1".into()];
+    cfg.etcd.endpoints = vec!["https://127.0.0.1:1".into()];
     let dir = c.dir().join("bad-agent");
     std::fs::create_dir_all(&dir).unwrap();
     let bad = harness::AgentProc::launch(cfg, &dir, false)
@@ -1304,4 +1360,148 @@ async fn full_status_keeps_one_connection_and_waiting_actions_are_bounded() {
     })
     .await
     .expect("served once the waits ended");
+}
+
+/// Replication and the agents' TCP connections to mysqld run over TLS, enforced and verified:
+/// the replication user requires TLS (a replica pointed without it is refused), an agent user
+/// that requires TLS still serves an agent with `[mysql.tls]` but not one without, and a
+/// server certificate that does not name the address connected to is refused by replicas and
+/// agents alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_and_agent_connections_run_over_verified_tls() {
+    // Tablet 2's agent gets no [mysql.tls]: the plaintext control.
+    let c = Cluster::start(ClusterOptions {
+        agent_config: Some(std::sync::Arc::new(
+            |cfg: &mut myha_agent::config::AgentConfig| {
+                if cfg.tablet.uid == 103 {
+                    cfg.mysql.tls = None;
+                }
+            },
+        )),
+        ..Default::default()
+    })
+    .await
+    .expect("cluster");
+    let (p, r1, r2) = (0, 1, 2);
+    let creds = c.credentials().clone();
+    let ca = c.certs().ca_file().display().to_string();
+    let root = |i: usize, stmts: Vec<String>| {
+        let t = c.tablet(i);
+        async move {
+            let mut conn = t.root_conn().await.expect("root conn");
+            for s in stmts {
+                conn.query_drop(&s)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {s}: {e}", t.alias()));
+            }
+            let _ = conn.disconnect().await;
+        }
+    };
+
+    // The harness set the replicas up over TLS, and the replication user requires it.
+    for i in [r1, r2] {
+        assert_replicates_over_tls(&c, i).await;
+    }
+    let mut conn = c.tablet(p).root_conn().await.expect("root conn");
+    let create: Option<String> = conn
+        .query_first(format!("SHOW CREATE USER '{}'@'%'", creds.repl_user))
+        .await
+        .expect("show create user");
+    assert!(
+        create
+            .as_deref()
+            .unwrap_or_default()
+            .contains("REQUIRE SSL"),
+        "{create:?}"
+    );
+    drop(conn);
+
+    // A replica pointed at the primary without TLS is refused; with it again, it replicates.
+    root(
+        r1,
+        vec![
+            "STOP SLAVE".into(),
+            "CHANGE MASTER TO MASTER_SSL = 0".into(),
+            "START SLAVE".into(),
+        ],
+    )
+    .await;
+    let e = wait_io_error(&c, r1, "1045").await;
+    assert!(e.contains("Access denied"), "{e}");
+    root(
+        r1,
+        vec![
+            "STOP SLAVE".into(),
+            format!(
+                "CHANGE MASTER TO MASTER_SSL = 1, MASTER_SSL_CA = '{ca}', \
+                 MASTER_SSL_VERIFY_SERVER_CERT = 1"
+            ),
+            "START SLAVE".into(),
+        ],
+    )
+    .await;
+    c.wait_replicated(GENEROUS)
+        .await
+        .expect("replicating again");
+
+    // The agent's user requires TLS over TCP (its own connection uses the socket): the agent
+    // with [mysql.tls] still fences another server, the one without is refused.
+    root(
+        p,
+        vec![format!("ALTER USER '{}'@'%' REQUIRE SSL", creds.agent_user)],
+    )
+    .await;
+    c.wait_replicated(GENEROUS).await.expect("replicated");
+    let fence = |i: usize| pb::FenceServerRequest {
+        ctx: ctx(1),
+        host: "127.0.0.1".into(),
+        port: c.tablet(i).mysqld().port().into(),
+        alias: c.tablet(i).alias().into(),
+    };
+    client(&c, r1)
+        .await
+        .fence_server(fence(r2))
+        .await
+        .expect("fenced over TLS");
+    let err = client(&c, r2)
+        .await
+        .fence_server(fence(r1))
+        .await
+        .expect_err("a plaintext agent is refused");
+    assert!(err.message().contains("Access denied"), "{err:?}");
+
+    // The primary's certificate re-issued without its address (named `localhost` only) and
+    // reloaded: the agent's TLS connection and a replica's IO thread refuse it.
+    let stem = format!("mysqld-{}", c.tablet(p).alias());
+    let cert = c.certs().dir().join(format!("{stem}.pem"));
+    let cl = c.tablet(p).mysqld().command_line().expect("command line");
+    assert!(
+        cl.args.contains(&format!("--ssl-cert={}", cert.display())),
+        "the harness names mysqld's certificate {stem}: {:?}",
+        cl.args
+    );
+    c.certs()
+        .issue(&stem, &pki::issue::Leaf::server(&stem, &["localhost"]))
+        .expect("issue");
+    root(p, vec!["FLUSH SSL".into()]).await;
+    let err = client(&c, r1)
+        .await
+        .fence_server(fence(p))
+        .await
+        .expect_err("a certificate not naming 127.0.0.1 is refused");
+    assert!(
+        err.message().to_lowercase().contains("certificate"),
+        "{err:?}"
+    );
+    assert!(!mysqld_read_only(&c, p).await, "the primary was not fenced");
+    root(
+        r1,
+        vec![
+            "STOP SLAVE IO_THREAD".into(),
+            "START SLAVE IO_THREAD".into(),
+        ],
+    )
+    .await;
+    let e = wait_io_error(&c, r1, "2026").await;
+    assert!(e.contains("SSL"), "{e}");
 }

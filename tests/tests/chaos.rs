@@ -12,8 +12,13 @@ use std::time::Duration;
 use myha_tests::bench::Links;
 use myha_tests::chaos;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_seeded_chaos_run_of_ten_faults_loses_nothing_and_never_has_two_writers() {
+#[test]
+fn a_seeded_chaos_run_of_ten_faults_loses_nothing_and_never_has_two_writers() {
+    // A long scenario: polled on a big stack (see `block_on_big_stack`).
+    myha_tests::block_on_big_stack(chaos_run)
+}
+
+async fn chaos_run() {
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()

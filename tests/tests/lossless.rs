@@ -264,8 +264,9 @@ async fn p19_replica_down_then_primary_killed_refuses_until_an_operator_forces_i
     assert!(
         entries.iter().any(|e| e.action == "revocation"
             && e.detail.contains("FORCED")
-            // No token configured: the caller's address, not the body's `requester`.
-            && e.actor.starts_with("operator:http-api from 127.0.0.1@")),
+            // The authenticated token (the harness's) and the caller's address, not the
+            // body's `requester`.
+            && e.actor.starts_with("operator:token:harness from 127.0.0.1@")),
         "the forced revocation is not audited with the operator:\n{}",
         audit_text(&entries)
     );

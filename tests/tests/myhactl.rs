@@ -92,10 +92,38 @@ fn sandbox_up_status_sql_down() {
         );
     }
 
-    // The sandbox's orchestrator answers.
+    // The sandbox's orchestrator answers, over HTTPS (a certificate of the sandbox's CA) and
+    // only with its token.
     let orch = up["orchestrator_http"].as_str().unwrap().to_string();
-    assert_eq!(http_get(&orch, "/health").0, 200);
-    let (code, body) = http_get(&orch, "/api/v1/shards");
+    assert!(orch.starts_with("https://"), "{orch}");
+    let state = harness::SandboxState::read(&dir)
+        .expect("state file")
+        .expect("a sandbox");
+    let token = state.orchestrator_token().expect("the sandbox's API token");
+    pki::install_crypto_provider();
+    let ca = std::fs::read(dir.join("tls").join("ca.pem")).expect("CA");
+    let https = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).expect("CA PEM")])
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = https.get(format!("{orch}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let r = req.send().await.expect("HTTPS request");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(get("/health", None)).0, 200);
+    assert_eq!(rt.block_on(get("/api/v1/shards", None)).0, 401);
+    let (code, body) = rt.block_on(get("/api/v1/shards", Some(&token)));
     assert_eq!(code, 200, "{body}");
     let shards: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert!(shards["shards"].is_array(), "{shards}");
@@ -250,28 +278,6 @@ fn tablets_pids(up: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// A plain HTTP/1.1 GET on loopback: (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s =
-        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_string())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Shared helpers of the tests below.
 
@@ -284,6 +290,16 @@ fn clean(args: &[&str]) -> Command {
         .env_remove("MYHA_ETCD")
         .env_remove("MYHA_ORCHESTRATOR")
         .env_remove("MYHA_API_TOKEN");
+    for var in [
+        "MYHA_CA",
+        "MYHA_CERT",
+        "MYHA_KEY",
+        "MYHA_ETCD_USER",
+        "MYHA_ETCD_PASSWORD",
+        "MYHA_ETCD_PASSWORD_FILE",
+    ] {
+        c.env_remove(var);
+    }
     c
 }
 
@@ -660,7 +676,7 @@ async fn cluster_with_orchestrator(tablets: usize) -> harness::Cluster {
 /// `$MYHA_API_TOKEN`.
 async fn ctl(o: &harness::OrchestratorProc, token: Option<&str>, args: &[&str]) -> Output {
     let mut c = tokio::process::Command::from(clean(args));
-    c.env("MYHA_ORCHESTRATOR", o.http_addr().to_string());
+    c.envs(o.ctl_env());
     if let Some(t) = token {
         c.env("MYHA_API_TOKEN", t);
     }
@@ -826,7 +842,7 @@ async fn recoveries_ack_and_audit() {
     let human = out_text(&out);
     let lines: Vec<&str> = human.lines().collect();
     assert!(
-        lines[0].starts_with("source: orchestrator http://"),
+        lines[0].starts_with("source: orchestrator https://"),
         "{human}"
     );
     assert!(lines[1].starts_with("TIME (UTC)"), "{human}");
@@ -847,7 +863,9 @@ async fn recoveries_ack_and_audit() {
         "--etcd",
         &etcd,
     ];
-    let out = clean(&args).output().unwrap();
+    // The cluster's etcd wants the operator's certificate and the etcd user.
+    let security = c.ctl_env().unwrap();
+    let out = clean(&args).envs(security.clone()).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let from_etcd: Value = serde_json::from_str(&out_text(&out)).unwrap();
     assert_eq!(from_etcd["source"], "etcd", "{from_etcd:#}");
@@ -859,6 +877,7 @@ async fn recoveries_ack_and_audit() {
         );
     }
     let out = clean(&["audit", "--orchestrator", "127.0.0.1:1", "--etcd", &etcd])
+        .envs(security)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -896,7 +915,7 @@ async fn reparents_end_to_end() {
     let stdout = out_text(&out);
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(
-        lines[0].starts_with(&format!("planned reparent {shard} via http://")),
+        lines[0].starts_with(&format!("planned reparent {shard} via https://")),
         "{stdout}"
     );
     let steps: Vec<&&str> = lines[1..lines.len() - 1]
@@ -1388,8 +1407,9 @@ fn sandbox_on_netns_hosts_runs_a_host_per_process_and_down_removes_the_network()
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "{addrs:?}");
     let orch = up["orchestrator_http"].as_str().unwrap().to_string();
-    assert!(orch.starts_with("10.99."), "{orch}");
-    assert_eq!(http_get(&orch, "/health").0, 200);
+    // HTTPS with a certificate naming the orchestrator's host: the reparent below goes
+    // through it.
+    assert!(orch.starts_with("https://10.99."), "{orch}");
     let namespaces = || {
         let out = Command::new("ip")
             .args(["netns", "list"])

@@ -34,11 +34,13 @@ impl Orchestrator {
         std::fs::write(
             &config,
             format!(
-                "[orchestrator]\nhttp_listen = \"127.0.0.1:{port}\"\n\n\
-                 [etcd]\nendpoints = [{:?}]\nprefix = {:?}\n\n\
+                "[orchestrator]\nhttp_listen = \"127.0.0.1:{port}\"\n\n{}\n{}\n\
                  [log]\nlevel = \"info\"\n",
-                cluster.etcd().endpoint(),
-                cluster.options().prefix,
+                cluster
+                    .etcd_section_toml(harness::certs::ORCHESTRATOR_IDENTITY)
+                    .expect("[etcd] section"),
+                // The agents require a client certificate on gRPC.
+                harness::certs::tls_section_toml(&cluster.certs().orchestrator_files()),
             ),
         )
         .expect("write orchestrator.toml");
@@ -59,6 +61,8 @@ impl Orchestrator {
         // Up once its engine runs and its analysis of the shard covers every tablet, with no
         // problem: the fault comes after a clean view, not after a fixed pause.
         let start = Instant::now();
+        // reqwest is built without a default TLS provider (see pki::install_crypto_provider).
+        pki::install_crypto_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()

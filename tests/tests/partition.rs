@@ -481,7 +481,8 @@ async fn an_etcd_client_cut_from_the_member_it_uses_keeps_reading_and_keeps_its_
         .await
         .expect("three etcd members");
     let endpoints: Vec<String> = etcd.iter().map(harness::Etcd::endpoint).collect();
-    let topo = topo::Topo::connect(&endpoints, "/myha", Duration::from_secs(2))
+    let access = etcd[0].access().expect("etcd access");
+    let topo = topo::Topo::connect_with(&endpoints, "/myha", Duration::from_secs(2), &access)
         .await
         .expect("connect");
     topo.create_shard("ks", "0").await.expect("create shard");

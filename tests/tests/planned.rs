@@ -242,8 +242,13 @@ fn stats(label: &str, v: &[Duration]) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn planned_reparents() {
+#[test]
+fn planned_reparents() {
+    // A long scenario: polled on a big stack (see `block_on_big_stack`).
+    myha_tests::block_on_big_stack(planned_reparents_scenario)
+}
+
+async fn planned_reparents_scenario() {
     let _serial = SERIAL.lock().await;
     let c = start(options(3)).await;
     let o = orch(&c);

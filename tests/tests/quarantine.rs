@@ -46,8 +46,8 @@ async fn ctl(c: &Cluster, token: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args(args)
         .env("MYHA_SANDBOX_DIR", "/nonexistent/myha-sandbox")
-        .env("MYHA_ORCHESTRATOR", ha::orch(c).http_addr().to_string())
-        .env("MYHA_ETCD", c.etcd().endpoint())
+        .envs(c.ctl_env().expect("myhactl's etcd environment"))
+        .env("MYHA_ORCHESTRATOR", ha::orch(c).url(""))
         .env_remove("MYHA_API_TOKEN");
     if let Some(t) = token {
         cmd.env("MYHA_API_TOKEN", t);

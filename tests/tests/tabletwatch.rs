@@ -68,7 +68,19 @@ async fn set_read_only(cluster: &Cluster, alias: &str, on: bool) {
 async fn tabletwatch_follows_a_real_cluster() {
     let _serial = SERIAL.lock().await;
     let cluster = start_cluster().await;
-    let w = TabletWatch::start(cluster.topo(), WatchOptions::default());
+    // As the gateway does: the cluster's gateway certificate (agents require one).
+    let w = TabletWatch::start(
+        cluster.topo(),
+        WatchOptions {
+            tls: Some(
+                cluster
+                    .certs()
+                    .load("gateway")
+                    .expect("gateway certificate"),
+            ),
+            ..WatchOptions::default()
+        },
+    );
     let fresh = Duration::from_secs(2);
 
     // Converges to 3 connected tablets with fresh health, the record naming the primary.
@@ -334,13 +346,25 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     let cluster = start_cluster().await;
     let dir = cluster.dir().join("daemons");
     std::fs::create_dir_all(&dir).unwrap();
-    let etcd = cluster.etcd().endpoint();
-    let prefix = &cluster.options().prefix;
+    // Each daemon's [etcd]: TLS with its own certificate, the etcd user and its password file.
+    let orch_etcd = cluster
+        .etcd_section_toml(harness::certs::ORCHESTRATOR_IDENTITY)
+        .unwrap();
+    let gw_etcd = cluster
+        .etcd_section_toml(harness::certs::GATEWAY_IDENTITY)
+        .unwrap();
+    // Each daemon's [tls]: its certificate for the agents' gRPC (they require one).
+    let tls_toml = |f: pki::TlsFiles| harness::certs::tls_section_toml(&f);
+    let orch_etcd = format!(
+        "{orch_etcd}\n{}",
+        tls_toml(cluster.certs().orchestrator_files())
+    );
+    let gw_etcd = format!("{gw_etcd}\n{}", tls_toml(cluster.certs().gateway_files()));
 
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
-        format!("[orchestrator]\nhealth_stale_after = \"0s\"\n[etcd]\nendpoints = [\"{etcd}\"]\n"),
+        format!("[orchestrator]\nhealth_stale_after = \"0s\"\n{orch_etcd}"),
     )
     .unwrap();
     let (ok, out) = run_bin(
@@ -357,7 +381,7 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     std::fs::write(
         &orch_cfg,
         format!(
-            "[orchestrator]\nhttp_listen = \"{orch_addr}\"\n\n[etcd]\nendpoints = [\"{etcd}\"]\nprefix = \"{prefix}\"\n\n[log]\nlevel = \"info\"\n"
+            "[orchestrator]\nhttp_listen = \"{orch_addr}\"\n\n{orch_etcd}\n[log]\nlevel = \"info\"\n"
         ),
     )
     .unwrap();
@@ -373,7 +397,7 @@ async fn orchestrator_and_gateway_serve_the_snapshot() {
     std::fs::write(
         &gw_cfg,
         format!(
-            "[gateway]\nadmin_listen = \"{gw_addr}\"\n\n[routing]\nmax_replica_lag = \"5s\"\n\n[etcd]\nendpoints = [\"{etcd}\"]\nprefix = \"{prefix}\"\n\n[log]\nformat = \"json\"\n\n[[listener]]\nkeyspace = \"{KS}\"\nshard = \"{SHARD}\"\nrw = \"{gw_rw}\"\n"
+            "[gateway]\nadmin_listen = \"{gw_addr}\"\n\n[routing]\nmax_replica_lag = \"5s\"\n\n{gw_etcd}\n[log]\nformat = \"json\"\n\n[[listener]]\nkeyspace = \"{KS}\"\nshard = \"{SHARD}\"\nrw = \"{gw_rw}\"\n"
         ),
     )
     .unwrap();

@@ -39,6 +39,11 @@ impl TestEtcd {
         self.etcd.endpoint()
     }
 
+    /// The harness's TLS material and etcd user (every launched etcd requires both).
+    fn access(&self) -> topo::EtcdAccess {
+        self.etcd.access().expect("etcd access")
+    }
+
     fn client_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.etcd.client_port()))
     }
@@ -96,8 +101,9 @@ impl Proxy {
         }
     }
 
+    /// TLS passes through: etcd's certificate names 127.0.0.1, the proxy's address too.
     fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 
     fn cut(&self) {
@@ -122,9 +128,7 @@ impl Drop for Proxy {
 // ---- helpers -------------------------------------------------------------------------
 
 async fn connect(etcd: &TestEtcd, prefix: &str) -> Topo {
-    Topo::connect([etcd.endpoint()], prefix, Duration::from_secs(2))
-        .await
-        .expect("connect")
+    etcd.etcd.topo(prefix).await.expect("connect")
 }
 
 fn tablet(cell: &str, uid: u32) -> TabletRecord {
@@ -696,21 +700,22 @@ async fn watch_prefix_converges_after_restart_and_compaction() {
     let mut etcd = TestEtcd::start().await;
     let writer = connect(&etcd, "/myha").await;
     let proxy = Proxy::start(etcd.client_addr()).await;
-    let watcher = Topo::connect([proxy.endpoint()], "/myha", SECS(2))
+    let watcher = Topo::connect_with([proxy.endpoint()], "/myha", SECS(2), &etcd.access())
         .await
         .unwrap();
 
-    put(&writer, "/w/commerce/a", "1").await;
-    let w = watcher.watch_prefix("/w/commerce/");
+    // Keys under /myha: the harness's etcd user may read and write its prefix only.
+    put(&writer, "/myha/w/commerce/a", "1").await;
+    let w = watcher.watch_prefix("/myha/w/commerce/");
     assert!(w.wait_synced(SECS(10)).await);
-    converges(&w, content(&[("/w/commerce/a", "1")]), "initial read").await;
-    put(&writer, "/w/commerce/b", "2").await;
-    put(&writer, "/w/commerce2/x", "not mine").await;
-    put(&writer, "/w/commerce", "not mine either").await;
-    put(&writer, "/w/commerce/a", "1bis").await;
+    converges(&w, content(&[("/myha/w/commerce/a", "1")]), "initial read").await;
+    put(&writer, "/myha/w/commerce/b", "2").await;
+    put(&writer, "/myha/w/commerce2/x", "not mine").await;
+    put(&writer, "/myha/w/commerce", "not mine either").await;
+    put(&writer, "/myha/w/commerce/a", "1bis").await;
     converges(
         &w,
-        content(&[("/w/commerce/a", "1bis"), ("/w/commerce/b", "2")]),
+        content(&[("/myha/w/commerce/a", "1bis"), ("/myha/w/commerce/b", "2")]),
         "live events",
     )
     .await;
@@ -726,11 +731,11 @@ async fn watch_prefix_converges_after_restart_and_compaction() {
 
     // etcd restarts; changes made after it is back are seen.
     etcd.restart().await;
-    put(&writer, "/w/commerce/c", "3").await;
-    delete(&writer, "/w/commerce/a").await;
+    put(&writer, "/myha/w/commerce/c", "3").await;
+    delete(&writer, "/myha/w/commerce/a").await;
     converges(
         &w,
-        content(&[("/w/commerce/b", "2"), ("/w/commerce/c", "3")]),
+        content(&[("/myha/w/commerce/b", "2"), ("/myha/w/commerce/c", "3")]),
         "after restart",
     )
     .await;
@@ -742,30 +747,30 @@ async fn watch_prefix_converges_after_restart_and_compaction() {
         wait_until(&mut synced, SECS(20), |s| !*s).await,
         "watch should notice the broken stream"
     );
-    put(&writer, "/w/commerce/d", "4").await;
-    delete(&writer, "/w/commerce/b").await;
+    put(&writer, "/myha/w/commerce/d", "4").await;
+    delete(&writer, "/myha/w/commerce/b").await;
     for i in 0..20 {
-        put(&writer, "/w/commerce/churn", &i.to_string()).await;
+        put(&writer, "/myha/w/commerce/churn", &i.to_string()).await;
     }
-    delete(&writer, "/w/commerce/churn").await;
+    delete(&writer, "/myha/w/commerce/churn").await;
     let rev = writer.current_revision().await.unwrap();
     writer.compact(rev).await.unwrap();
     tokio::time::sleep(SECS(1)).await;
     proxy.restore();
     converges(
         &w,
-        content(&[("/w/commerce/c", "3"), ("/w/commerce/d", "4")]),
+        content(&[("/myha/w/commerce/c", "3"), ("/myha/w/commerce/d", "4")]),
         "after compaction",
     )
     .await;
     assert!(w.wait_synced(SECS(10)).await);
-    put(&writer, "/w/commerce/e", "5").await;
+    put(&writer, "/myha/w/commerce/e", "5").await;
     converges(
         &w,
         content(&[
-            ("/w/commerce/c", "3"),
-            ("/w/commerce/d", "4"),
-            ("/w/commerce/e", "5"),
+            ("/myha/w/commerce/c", "3"),
+            ("/myha/w/commerce/d", "4"),
+            ("/myha/w/commerce/e", "5"),
         ]),
         "live after compaction",
     )
@@ -1028,8 +1033,13 @@ async fn calls_are_bounded_when_etcd_is_gone() {
     assert!(e.is_unavailable(), "{e}");
     assert!(started.elapsed() < SECS(10), "took {:?}", started.elapsed());
     // Connecting to a dead etcd is not an error (the connection is lazy).
-    let lazy = Topo::connect([etcd.endpoint()], "/myha", Duration::from_millis(300))
-        .await
-        .unwrap();
+    let lazy = Topo::connect_with(
+        [etcd.endpoint()],
+        "/myha",
+        Duration::from_millis(300),
+        &etcd.access(),
+    )
+    .await
+    .unwrap();
     assert!(!*lazy.reachable().borrow());
 }

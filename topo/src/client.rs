@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
@@ -13,6 +13,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::access::{
+    etcd_error_text, maybe_tls_refusal, needs_auth, refusal, tls_reason, Authenticator, EtcdAccess,
+    Refusal,
+};
 use crate::error::{is_unavailable, TopoError};
 use crate::keys::{validate_name, Keys};
 use crate::records::{
@@ -20,12 +24,19 @@ use crate::records::{
     QuarantineRecord, ShardRecord, TabletRecord,
 };
 use crate::term::Term;
+use crate::tls_probe;
 
 /// Result of the topology layer.
 pub type Result<T, E = TopoError> = std::result::Result<T, E>;
 
 /// Default bound on every single etcd call.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on asking etcd why it closed a TLS connection (see `tls_probe`), added to a call
+/// that failed so.
+const TLS_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long what a `tls_probe` learnt stands.
+const TLS_PROBE_EVERY: Duration = Duration::from_secs(10);
 
 /// One etcd client per endpoint, and the one in use.
 ///
@@ -40,7 +51,19 @@ struct Endpoints {
     clients: Vec<Client>,
     /// Index of the endpoint in use.
     current: AtomicUsize,
+    /// The user each client authenticates as (none: etcd without auth).
+    auth: Option<Authenticator>,
+    /// The TLS material (its common name is etcd's user when none authenticated; a refused
+    /// certificate is diagnosed with it, see `tls_probe`).
+    tls: Option<pki::Material>,
+    /// Per endpoint, when `tls_probe` last asked and what it learnt (a refusal, or none):
+    /// asked at most every [`TLS_PROBE_EVERY`], so that a flapping connection does not add a
+    /// probe to every failed call.
+    probes: Vec<std::sync::Mutex<Option<Probed>>>,
 }
+
+/// When a `tls_probe` asked, and the refusal it heard (`None`: none).
+type Probed = (Instant, Option<String>);
 
 impl Endpoints {
     fn current(&self) -> (usize, &Client) {
@@ -93,10 +116,28 @@ impl std::fmt::Debug for Topo {
 }
 
 impl Topo {
-    /// Connects to etcd. The connection is lazy: an unreachable etcd is not an error here
-    /// (everything retries or fails per call later); only malformed endpoints are. One probe,
-    /// bounded by `dial_timeout`, initialises [`Topo::reachable`].
+    /// Connects to a plaintext etcd without a user (see [`Topo::connect_with`]).
     pub async fn connect<I>(endpoints: I, prefix: &str, dial_timeout: Duration) -> Result<Topo>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        Topo::connect_with(endpoints, prefix, dial_timeout, &EtcdAccess::plain()).await
+    }
+
+    /// Connects to etcd over TLS and as a user when `access` says so. The connection is lazy:
+    /// an unreachable etcd is not an error here (everything retries or fails per call later);
+    /// only malformed endpoints are, and a refusal (TLS, user, password) of the first call.
+    /// With a user, each endpoint's client authenticates at once (in the background, the
+    /// endpoint in use with the probe), again on its next call when that failed, and whenever
+    /// etcd drops its token. One probe, bounded by `dial_timeout`, initialises
+    /// [`Topo::reachable`].
+    pub async fn connect_with<I>(
+        endpoints: I,
+        prefix: &str,
+        dial_timeout: Duration,
+        access: &EtcdAccess,
+    ) -> Result<Topo>
     where
         I: IntoIterator,
         I::Item: AsRef<str>,
@@ -109,6 +150,19 @@ impl Topo {
         if eps.is_empty() {
             return Err(TopoError::InvalidArgument("no etcd endpoints".into()));
         }
+        for ep in &eps {
+            let https = ep.starts_with("https://");
+            if access.tls.is_some() && ep.starts_with("http://") {
+                return Err(TopoError::InvalidArgument(format!(
+                    "etcd endpoint {ep}: TLS is configured, so the endpoint must be https://"
+                )));
+            }
+            if access.tls.is_none() && https {
+                return Err(TopoError::InvalidArgument(format!(
+                    "etcd endpoint {ep} is https:// but no TLS (CA certificate) is configured"
+                )));
+            }
+        }
         let dial_timeout = dial_timeout.max(Duration::from_millis(100));
         let options = ConnectOptions::new()
             .with_connect_timeout(dial_timeout)
@@ -119,6 +173,7 @@ impl Topo {
             )
             .with_keep_alive_while_idle(false)
             .with_require_leader(true);
+        let options = access.apply(options);
         let mut clients = Vec::new();
         for ep in &eps {
             let connect = Client::connect([ep.as_str()], Some(options.clone()));
@@ -144,19 +199,44 @@ impl Topo {
         // Processes start on different endpoints, so that they do not all load one member.
         let first = std::process::id() as usize % clients.len();
         let (tx, _) = watch::channel(false);
+        let n = clients.len();
         let topo = Topo {
             endpoints: Arc::new(Endpoints {
                 urls: eps,
                 clients,
                 current: AtomicUsize::new(first),
+                auth: access.user.clone().map(|u| Authenticator::new(u, n)),
+                tls: access.tls.clone(),
+                probes: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
             }),
             keys: Keys::new(prefix),
             op_timeout: DEFAULT_OP_TIMEOUT,
             reachable: Arc::new(tx),
         };
+        if n > 1 && topo.endpoints.auth.is_some() {
+            // The other endpoints authenticate now, in the background, rather than on their
+            // first call: calls through [`Topo::client`] after a move to another endpoint
+            // find it authenticated (they do not authenticate by themselves).
+            let endpoints = topo.endpoints.clone();
+            tokio::spawn(async move {
+                if let Some(auth) = &endpoints.auth {
+                    let all = (0..n).filter(|i| *i != first).map(|i| {
+                        tokio::time::timeout(
+                            dial_timeout,
+                            auth.authenticate(i, &endpoints.clients[i]),
+                        )
+                    });
+                    // Failures are met again, and reported, by that endpoint's next call.
+                    futures::future::join_all(all).await;
+                }
+            });
+        }
         let probe = topo.clone().with_op_timeout(dial_timeout);
-        if let Err(e) = probe.current_revision().await {
-            tracing::warn!(endpoints = %what, error = %e, "etcd not reachable yet");
+        match probe.current_revision().await {
+            Ok(_) => {}
+            // A refusal will not go away by itself: say so now, not on every call later.
+            Err(e @ TopoError::Refused { .. }) => return Err(e),
+            Err(e) => tracing::warn!(endpoints = %what, error = %e, "etcd not reachable yet"),
         }
         Ok(topo)
     }
@@ -222,7 +302,28 @@ impl Topo {
         key: &str,
         fut: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T> {
-        let (endpoint, _) = self.endpoints.current();
+        let (endpoint, client) = self.endpoints.current();
+        if let Some(auth) = &self.endpoints.auth {
+            if !auth.is_ready(endpoint) {
+                let user = auth.user.name().to_string();
+                let authenticate = auth.authenticate(endpoint, client);
+                self.settle(endpoint, "authenticate", &user, authenticate)
+                    .await?;
+            }
+        }
+        self.settle(endpoint, op, key, fut).await
+    }
+
+    /// Awaits `fut` (a call on endpoint `endpoint`) under the operation timeout and turns its
+    /// outcome into ours: reachability, moving off a failing endpoint, and an error with
+    /// context (a refusal in words: see [`refusal`]).
+    async fn settle<T>(
+        &self,
+        endpoint: usize,
+        op: &'static str,
+        key: &str,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
         match tokio::time::timeout(self.op_timeout, fut).await {
             Err(_) => {
                 self.set_reachable(false);
@@ -234,6 +335,42 @@ impl Topo {
                 })
             }
             Ok(Err(source)) => {
+                if let Some(auth) = &self.endpoints.auth {
+                    if needs_auth(&source) {
+                        auth.invalidate(endpoint);
+                    }
+                }
+                let user = self.endpoints.auth.as_ref().map(|a| a.user.name());
+                let identity = self.endpoints.tls.as_ref().map(|m| m.identity.as_str());
+                let mut refused = refusal(&source, user, identity);
+                if refused.is_none() && maybe_tls_refusal(&source) {
+                    if let Some(alert) = self.tls_refusal(endpoint).await {
+                        let why = tls_reason(&alert).unwrap_or("TLS handshake failed");
+                        refused = Some((
+                            Refusal::Tls,
+                            format!(
+                                "{why} ({alert}; the call itself saw: {})",
+                                etcd_error_text(&source)
+                            ),
+                        ));
+                    }
+                }
+                if let Some((kind, reason)) = refused {
+                    if kind == Refusal::Tls {
+                        // No answer from etcd at all; another member may have a good
+                        // certificate.
+                        self.set_reachable(false);
+                        self.endpoints.failed(endpoint);
+                    } else {
+                        self.set_reachable(true);
+                    }
+                    return Err(TopoError::Refused {
+                        op,
+                        key: key.to_string(),
+                        kind,
+                        reason: format!("at {} ({kind}): {reason}", self.endpoints.urls[endpoint]),
+                    });
+                }
                 if is_unavailable(&source) {
                     self.set_reachable(false);
                     self.endpoints.failed(endpoint);
@@ -251,6 +388,29 @@ impl Topo {
         }
     }
 
+    /// Whether etcd at endpoint `i` refuses our TLS client, and its alert: asked with
+    /// `tls_probe` (at most every [`TLS_PROBE_EVERY`]; `None` without TLS).
+    async fn tls_refusal(&self, i: usize) -> Option<String> {
+        let tls = self.endpoints.tls.as_ref()?;
+        let fresh = |slot: &Option<Probed>| {
+            slot.as_ref()
+                .filter(|(at, _)| at.elapsed() < TLS_PROBE_EVERY)
+                .map(|(_, alert)| alert.clone())
+        };
+        let lock = |i: usize| {
+            self.endpoints.probes[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if let Some(known) = fresh(&lock(i)) {
+            return known;
+        }
+        let bound = self.op_timeout.min(TLS_PROBE_TIMEOUT);
+        let alert = tls_probe::refusal(&self.endpoints.urls[i], tls, bound).await;
+        *lock(i) = Some((Instant::now(), alert.clone()));
+        alert
+    }
+
     /// A call that changes nothing, tried on each endpoint in turn while the answer is a
     /// timeout or a connectivity error (`make` builds it on the client it is given).
     pub(crate) async fn read<T, F, Fut>(
@@ -264,11 +424,29 @@ impl Topo {
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut tries = self.endpoints.clients.len();
+        // One more try after etcd dropped our token (see `needs_auth`): that call
+        // authenticates again first.
+        let mut reauthenticated = false;
         loop {
-            tries -= 1;
-            match self.call(op, key, make(self.client().clone())).await {
-                Err(e) if tries > 0 && e.is_unavailable() => continue,
-                other => return other,
+            let (endpoint, client) = self.endpoints.current();
+            let result = self.call(op, key, make(client.clone())).await;
+            let retry = match &result {
+                Err(e) if e.is_unavailable() || e.refusal() == Some(Refusal::Tls) => {
+                    tries -= 1;
+                    tries > 0
+                }
+                // Not when authenticating itself was refused (a wrong password).
+                Err(TopoError::Refused { op, .. }) if *op != "authenticate" && !reauthenticated => {
+                    reauthenticated = true;
+                    self.endpoints
+                        .auth
+                        .as_ref()
+                        .is_some_and(|a| !a.is_ready(endpoint))
+                }
+                _ => false,
+            };
+            if !retry {
+                return result;
             }
         }
     }

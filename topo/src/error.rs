@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::access::Refusal;
 use crate::records::LockInfo;
 
 /// A string that could not be parsed into one of the topology enums or an alias.
@@ -26,6 +27,18 @@ pub enum TopoError {
         key: String,
         #[source]
         source: etcd_client::Error,
+    },
+    /// etcd refused this client: the TLS handshake failed, or its user and password, or its
+    /// role's permissions. Retrying does not help until the certificates, the user, the
+    /// password or the role are fixed.
+    #[error("etcd refused {op} on {key:?} {reason}")]
+    Refused {
+        op: &'static str,
+        key: String,
+        kind: Refusal,
+        /// `at <endpoint> (<kind>): <why>` (one string: the variant stays small, as errors
+        /// holding it are returned everywhere).
+        reason: String,
     },
     /// etcd did not answer within the operation timeout.
     #[error("etcd {op} on {key:?} timed out after {after:?}")]
@@ -84,6 +97,14 @@ pub enum TopoError {
 }
 
 impl TopoError {
+    /// The kind of refusal, when etcd refused this client (TLS, authentication, permission).
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            TopoError::Refused { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
     /// True when the error means etcd could not be reached (timeout, transport, unavailable):
     /// retrying later may succeed.
     pub fn is_unavailable(&self) -> bool {

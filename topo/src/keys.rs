@@ -24,8 +24,12 @@ impl Keys {
     /// Normalises `prefix`: surrounding whitespace and trailing slashes are removed and a
     /// leading slash is added, so `myha`, `/myha` and `/myha/` are the same prefix.
     /// An empty prefix (or `/`) puts the layout at the root: `/cells/...`.
+    /// Whitespace and slashes are trimmed together at the end (`/myha /` is `/myha`), so that
+    /// a normalised prefix normalises to itself.
     pub fn new(prefix: &str) -> Self {
-        let p = prefix.trim().trim_end_matches('/');
+        let p = prefix
+            .trim_start()
+            .trim_end_matches(|c: char| c == '/' || c.is_whitespace());
         let prefix = if p.is_empty() {
             String::new()
         } else if p.starts_with('/') {
@@ -234,11 +238,31 @@ mod tests {
             assert_eq!(Keys::new(p).cell("z"), "/myha/cells/z", "{p:?}");
         }
         assert_eq!(Keys::new("/a/b/").tablet("z-1"), "/a/b/tablets/z-1");
-        for p in ["", "/", "//"] {
+        for p in ["", "/", "//", " / ", "/\u{b}/"] {
             assert_eq!(Keys::new(p).prefix(), "", "{p:?}");
             assert_eq!(Keys::new(p).tablets_prefix(), "/tablets/", "{p:?}");
             assert_eq!(Keys::new(p).root(), "/", "{p:?}");
         }
+    }
+
+    /// Found by fuzzing (myha-fuzzing, etcd_records): `/myha\u{b}/` normalised to `/myha\u{b}`
+    /// (the whitespace was trimmed before the slash), which normalises again to `/myha`: the
+    /// same configured text named two prefixes depending on how often it was normalised.
+    #[test]
+    fn prefix_normalisation_is_idempotent() {
+        for p in [
+            "/myha\u{b}/",
+            "/myha /",
+            "/myha/ /",
+            " myha \t/\n",
+            "/a b/ ",
+        ] {
+            let once = Keys::new(p);
+            assert_eq!(Keys::new(once.prefix()), once, "{p:?}");
+            assert!(!once.prefix().ends_with(char::is_whitespace), "{p:?}");
+        }
+        assert_eq!(Keys::new("/myha /").prefix(), "/myha");
+        assert_eq!(Keys::new("/a b/ ").prefix(), "/a b");
     }
 
     #[test]

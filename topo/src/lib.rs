@@ -5,6 +5,7 @@
 //! Every etcd call is bounded by [`Topo::op_timeout`]; background tasks (registration,
 //! lock keep-alive, watches) retry with bounded backoff and never panic.
 
+mod access;
 mod client;
 mod error;
 mod keys;
@@ -13,8 +14,10 @@ mod lock;
 mod records;
 mod registration;
 mod term;
+mod tls_probe;
 mod watch;
 
+pub use access::{EtcdAccess, EtcdUser, Refusal};
 pub use client::{Result, Topo, Unreadable, DEFAULT_OP_TIMEOUT};
 pub use error::{ParseError, TopoError};
 pub use keys::{prefix_range_end, validate_name, Keys, DEFAULT_PREFIX};

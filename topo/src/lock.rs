@@ -215,6 +215,34 @@ impl Topo {
         Ok(my_rev)
     }
 
+    /// The current holder of a shard's lock with its epoch (the create revision of its owner
+    /// key, see [`ShardLock::epoch`]): the oldest owner key. `None` when nobody holds it.
+    pub async fn lock_holder_epoch(
+        &self,
+        keyspace: &str,
+        shard: &str,
+    ) -> Result<Option<(u64, LockInfo)>> {
+        let prefix = self.keys().lock_prefix(keyspace, shard);
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let mut kv = self.client().kv_client();
+        let mut resp: GetResponse = self
+            .call(
+                "get lock holder",
+                &prefix,
+                kv.get(prefix.as_str(), Some(options)),
+            )
+            .await?;
+        Ok(resp.take_kvs().into_iter().next().map(|kv| {
+            (
+                u64::try_from(kv.create_revision()).unwrap_or(0),
+                lock_info_of(&kv),
+            )
+        }))
+    }
+
     /// Returns when `key` is deleted (at or after `from_rev`), when `remaining` passes, when
     /// the lease is lost, or when the watch fails (the caller re-checks in every case).
     async fn wait_deleted(

@@ -8,6 +8,9 @@ use super::*;
 pub struct AgentClients {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     connect_timeout: Duration,
+    /// The orchestrator's certificates (`[tls]`): agents are called over TLS with them, as
+    /// an identity on their `grpc_allowed_clients`.
+    tls: Option<Arc<pki::Material>>,
 }
 
 impl AgentClients {
@@ -15,7 +18,14 @@ impl AgentClients {
         AgentClients {
             channels: Arc::default(),
             connect_timeout,
+            tls: None,
         }
+    }
+
+    /// Calls agents over TLS with `tls` (channels made before keep plaintext: set it first).
+    pub fn with_tls(mut self, tls: Option<pki::Material>) -> AgentClients {
+        self.tls = tls.map(Arc::new);
+        self
     }
 
     fn endpoint(&self, tablet: &TabletRecord) -> Result<Endpoint, RecoveryError> {
@@ -28,12 +38,7 @@ impl AgentClients {
         if addr.is_empty() {
             return Err(bad("the registration has no grpc_addr".into()));
         }
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let ep = Endpoint::from_shared(uri).map_err(|e| bad(e.to_string()))?;
+        let ep = pki::grpc_endpoint(addr, self.tls.as_deref()).map_err(bad)?;
         // No Nagle: a request written in several frames would otherwise wait ~40 ms for the
         // peer's delayed ACK.
         Ok(ep

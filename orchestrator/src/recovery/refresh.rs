@@ -49,8 +49,13 @@ impl RegistrationsSeen {
 impl Deps {
     /// Builds the shared handles (spawns the audit writer).
     pub fn new(topo: Topo, cfg: RecoveryConfig) -> Deps {
+        Deps::with_tls(topo, cfg, None)
+    }
+
+    /// [`Deps::new`] calling agents over TLS with `tls` (`[tls]`).
+    pub fn with_tls(topo: Topo, cfg: RecoveryConfig, tls: Option<pki::Material>) -> Deps {
         Deps {
-            agents: AgentClients::new(cfg.connect_timeout),
+            agents: AgentClients::new(cfg.connect_timeout).with_tls(tls),
             audit: AuditSink::spawn(topo.clone(), cfg.audit),
             topo,
             cfg: Arc::new(cfg),

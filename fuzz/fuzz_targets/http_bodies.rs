@@ -1,0 +1,6 @@
+//! cargo-fuzz target: `myha_fuzzing::http_bodies` (what it covers is documented there).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    myha_fuzzing::http_bodies(data);
+});
