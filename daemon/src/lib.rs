@@ -440,6 +440,14 @@ impl Default for LogSection {
 
 impl LogSection {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // tracing-subscriber's directive parser panics on some non-ASCII text (it slices at a
+        // byte inside a character: found by fuzzing); levels and targets are ASCII anyway.
+        if !self.level.is_ascii() {
+            return Err(invalid(
+                "log.level",
+                "must be ASCII: a level (info, debug, ...) or a tracing filter",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.level)
             .map(|_| ())
             .map_err(|_| {
@@ -452,8 +460,12 @@ impl LogSection {
 
     /// Installs the global subscriber.
     pub fn init(&self) {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("MYHA_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&self.level));
+        // $MYHA_LOG only when ASCII (see `validate`); otherwise the configured level.
+        let filter = std::env::var("MYHA_LOG")
+            .ok()
+            .filter(|v| v.is_ascii())
+            .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+            .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&self.level));
         let builder = tracing_subscriber::fmt().with_env_filter(filter);
         match self.format {
             LogFormat::Json => builder.json().init(),
@@ -578,6 +590,14 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text:?}: expected `{key}` in {e}");
         }
+    }
+
+    #[test]
+    fn a_non_ascii_log_level_is_refused_not_a_panic() {
+        // The fuzzer's input: tracing-subscriber panicked on it ("not a char boundary").
+        let text = "[etcd]\nendpoints = [\"x\"]\n[log]\nlevel = \"  in\u{fffd}[agent]o\"\n";
+        let e = parse(text).unwrap_err().to_string();
+        assert!(e.contains("log.level") && e.contains("ASCII"), "{e}");
     }
 
     #[test]

@@ -133,14 +133,21 @@ mod cpu_tests {
         std::thread::sleep(Duration::from_millis(50));
         let slept = t.elapsed();
         assert!(slept < Duration::from_millis(20), "sleeping used {slept:?}");
-        // Spinning for 30 ms of wall time runs the thread for most of it.
+        // Spinning accumulates CPU time: 10 ms of it within a generous 5 s of wall time (a
+        // fixed 30 ms of wall time got under 10 ms of CPU on a loaded two-core machine).
         let t = CpuTimer::start();
         let wall = std::time::Instant::now();
         let mut x = 0u64;
-        while wall.elapsed() < Duration::from_millis(30) {
-            x = std::hint::black_box(x.wrapping_add(1));
+        while t.elapsed() < Duration::from_millis(10) && wall.elapsed() < Duration::from_secs(5) {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
         }
         let spun = t.elapsed();
-        assert!(spun >= Duration::from_millis(10), "spinning used {spun:?}");
+        assert!(
+            spun >= Duration::from_millis(10),
+            "spinning used {spun:?} in {:?}",
+            wall.elapsed()
+        );
     }
 }
