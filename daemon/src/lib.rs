@@ -438,6 +438,19 @@ impl Default for LogSection {
     }
 }
 
+/// `filter` with each comma-separated directive trimmed (empty ones dropped), as env_logger
+/// reads it: tracing-subscriber 0.3.23 parses a directive's trimmed text but slices the
+/// untrimmed one with those offsets, so a directive with leading whitespace names the wrong
+/// target (`" warn"` is the target ` warn` at trace level: nothing is logged).
+fn filter_directives(filter: &str) -> String {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl LogSection {
     pub fn validate(&self) -> Result<(), ConfigError> {
         // tracing-subscriber's directive parser panics on some non-ASCII text (it slices at a
@@ -448,7 +461,7 @@ impl LogSection {
                 "must be ASCII: a level (info, debug, ...) or a tracing filter",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.level)
+        tracing_subscriber::EnvFilter::try_new(filter_directives(&self.level))
             .map(|_| ())
             .map_err(|_| {
                 invalid(
@@ -464,8 +477,8 @@ impl LogSection {
         let filter = std::env::var("MYHA_LOG")
             .ok()
             .filter(|v| v.is_ascii())
-            .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-            .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&self.level));
+            .and_then(|v| tracing_subscriber::EnvFilter::try_new(filter_directives(&v)).ok())
+            .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(filter_directives(&self.level)));
         let builder = tracing_subscriber::fmt().with_env_filter(filter);
         match self.format {
             LogFormat::Json => builder.json().init(),
@@ -590,6 +603,27 @@ mod tests {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text:?}: expected `{key}` in {e}");
         }
+    }
+
+    /// `" warn"` validated as the target ` warn` at trace level, which logs nothing.
+    #[test]
+    fn spaces_around_log_directives_mean_what_they_say() {
+        let level = |l: &str| LogSection {
+            format: LogFormat::Human,
+            level: l.into(),
+        };
+        assert_eq!(filter_directives(" warn "), "warn");
+        assert_eq!(
+            filter_directives("info, ,myha_agent=debug "),
+            "info,myha_agent=debug"
+        );
+        assert_eq!(
+            tracing_subscriber::EnvFilter::try_new(filter_directives(" warn"))
+                .map(|f| f.to_string())
+                .ok(),
+            Some("warn".to_string())
+        );
+        assert!(level("info, myha_agent=debug").validate().is_ok());
     }
 
     #[test]
