@@ -27,11 +27,6 @@ pub struct AgentConfig {
     pub log: LogSection,
 }
 
-/// Loads `[tls]`, mapping a bad file to a config error naming its key.
-pub fn load_tls(tls: Option<&pki::TlsFiles>) -> Result<Option<pki::Material>, ConfigError> {
-    daemon::load_tls(tls, daemon::TLS_KEYS)
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TabletSection {
@@ -322,7 +317,7 @@ impl AgentConfig {
         let mut cfg: AgentConfig = daemon::load_toml(path)?;
         cfg.validate()?;
         cfg.mysql.resolve_secrets()?;
-        load_tls(cfg.tls.as_ref())?;
+        daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
         Ok(cfg)
     }
 
@@ -330,7 +325,7 @@ impl AgentConfig {
         let mut cfg: AgentConfig = daemon::parse_toml(text)?;
         cfg.validate()?;
         cfg.mysql.resolve_secrets()?;
-        load_tls(cfg.tls.as_ref())?;
+        daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
         Ok(cfg)
     }
 

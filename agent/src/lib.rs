@@ -62,7 +62,7 @@ pub async fn run(
         path: cfg.agent.state_dir.clone(),
         source,
     })?;
-    let tls = config::load_tls(cfg.tls.as_ref())?;
+    let tls = daemon::load_tls(cfg.tls.as_ref(), daemon::TLS_KEYS)?;
     let grpc = bind("grpc_listen", cfg.agent.grpc_listen).await?;
     let http = bind("http_listen", cfg.agent.http_listen).await?;
     let host = cfg.agent.advertise_host.clone();
