@@ -89,11 +89,11 @@ pub struct Exec {
 }
 
 /// Reads the shard's reserved term and lock holder from etcd (linearizable reads, bounded by
-/// `within`): what [`crate::fence::check_jump`] decides on.
-async fn jump_view(
+/// `within`): what [`crate::fence::check_caller`] decides on.
+async fn caller_view(
     shared: &Arc<Shared>,
     within: Duration,
-) -> Result<crate::fence::JumpView, String> {
+) -> Result<crate::fence::CallerView, String> {
     let topo = shared
         .topo()
         .ok_or_else(|| "the agent is not connected to etcd".to_string())?
@@ -108,7 +108,7 @@ async fn jump_view(
     let holder = holder
         .map_err(|e| e.to_string())?
         .map(|(epoch, info)| (epoch, info.holder));
-    Ok(crate::fence::JumpView { reserved, holder })
+    Ok(crate::fence::CallerView { reserved, holder })
 }
 
 impl Exec {
@@ -133,23 +133,27 @@ impl Exec {
         let state = tokio::time::timeout_at(deadline, shared.actions.clone().lock_owned())
             .await
             .map_err(|_| deadline_err("wait for the previous action to finish"))?;
-        // A term more than one ahead must be confirmed by etcd (reserved, by the lock's
-        // holder) before it is admitted and persisted.
+        // Only the shard lock's holder named in etcd acts, and a term more than one ahead must
+        // be reserved there (`fence::check_caller`). The linearizable reads run while the
+        // MySQL connection is opened, so they cost the failover path nothing when etcd answers
+        // faster than mysqld's handshake.
         let known = shared.terms().known_term;
         let term = Term::new(ctx.term);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (view, conn) = tokio::join!(
+            caller_view(shared, left),
+            tokio::time::timeout_at(deadline, shared.connect())
+        );
+        let view = view.map_err(|why| ActionError::Refused {
+            action,
+            reason: format!(
+                "etcd cannot confirm that the caller (lock epoch {}) holds the shard lock: {why}",
+                ctx.lock_epoch
+            ),
+        })?;
+        crate::fence::check_caller(term, ctx.lock_epoch, known, &view)
+            .map_err(|reason| ActionError::Refused { action, reason })?;
         if term > known.next() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let view = jump_view(shared, left)
-                .await
-                .map_err(|why| ActionError::Refused {
-                    action,
-                    reason: format!(
-                    "term {term} is more than one above the known term {known} and etcd cannot \
-                     confirm it: {why}"
-                ),
-                })?;
-            crate::fence::check_jump(term, ctx.lock_epoch, known, &view)
-                .map_err(|reason| ActionError::Refused { action, reason })?;
             info!(
                 action,
                 term = ctx.term,
@@ -159,14 +163,13 @@ impl Exec {
         }
         // Admit only once we run: a term may have moved on while we queued.
         shared
-            .update_terms(|t| t.admit(Term::new(ctx.term), ctx.lock_epoch))
+            .update_terms(|t| t.admit(term, ctx.lock_epoch))
             .map_err(|source| ActionError::StaleTerm {
                 action,
                 source,
                 epoch: ctx.lock_epoch,
             })?;
-        let (conn, dialect) = tokio::time::timeout_at(deadline, shared.connect())
-            .await
+        let (conn, dialect) = conn
             .map_err(|_| deadline_err("connect to mysqld"))?
             .map_err(|source| ActionError::Mysql {
                 action,

@@ -108,9 +108,9 @@ impl TermState {
     }
 }
 
-/// What etcd says when an action arrives at a term more than one above the known term.
+/// What etcd says about the shard when a mutating action arrives, read linearizably.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JumpView {
+pub struct CallerView {
     /// The highest term the shard record has given or reserved (`max(term, reserved_term)`;
     /// zero when there is no record).
     pub reserved: Term,
@@ -118,35 +118,43 @@ pub struct JumpView {
     pub holder: Option<(u64, String)>,
 }
 
-/// Whether an action at `term` by the holder of lock epoch `epoch` may be admitted when `term`
-/// is more than one above the known term `known`. A legitimate recovery reserves its term in
-/// the shard record under the lock before it acts, so etcd must show that reservation and
-/// the caller as the lock's holder. Otherwise an allowed but confused (or stolen) identity
-/// could push this tablet's persisted term far ahead, after which every real recovery's term
-/// would be refused as stale. A jump of one needs no such check: it is what every recovery
-/// sends, and etcd's confirmation would sit on the failover's critical path.
-pub fn check_jump(term: Term, epoch: u64, known: Term, view: &JumpView) -> Result<(), String> {
-    if term <= known.next() {
-        return Ok(());
+/// Whether an action at `term` by the holder of lock epoch `epoch` may be admitted, given
+/// what etcd shows (`view`) and the agent's known term `known`.
+///
+/// - The caller must be the shard lock's holder in etcd now. Only the holder may act on a
+///   shard; a deposed holder (its lease expired while it was paused or partitioned) may still
+///   carry a term this agent has not seen superseded, and the term alone would admit it.
+/// - A term more than one above the known term must also be reserved in the shard record: a
+///   legitimate recovery reserves its term under the lock before it acts. Otherwise an
+///   allowed but confused (or stolen) identity could push this tablet's persisted term far
+///   ahead, after which every real recovery's term would be refused as stale.
+///
+/// Stale terms are not judged here: [`TermState::admit`] refuses them with the structured
+/// refusal callers read.
+pub fn check_caller(term: Term, epoch: u64, known: Term, view: &CallerView) -> Result<(), String> {
+    match &view.holder {
+        Some((e, _)) if *e == epoch => {}
+        Some((e, who)) => {
+            return Err(format!(
+                "the caller's lock epoch {epoch} is not the shard lock's holder in etcd (epoch \
+                 {e}, {who}): only the holder acts on a shard"
+            ))
+        }
+        None => {
+            return Err(format!(
+                "nobody holds the shard lock in etcd (the caller claims epoch {epoch}): only \
+                 the holder acts on a shard"
+            ))
+        }
     }
-    if term > view.reserved {
+    if term > known.next() && term > view.reserved {
         return Err(format!(
             "term {term} is more than one above the known term {known} and no recovery \
              reserved it (the shard record has given or reserved up to term {})",
             view.reserved
         ));
     }
-    match &view.holder {
-        Some((e, _)) if *e == epoch => Ok(()),
-        Some((e, who)) => Err(format!(
-            "term {term} is more than one above the known term {known} and the caller's lock \
-             epoch {epoch} is not the shard lock's holder in etcd (epoch {e}, {who})"
-        )),
-        None => Err(format!(
-            "term {term} is more than one above the known term {known} and nobody holds the \
-             shard lock in etcd"
-        )),
-    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,31 +235,42 @@ mod tests {
     }
 
     #[test]
-    fn a_term_jump_needs_a_reservation_and_the_lock_holder_in_etcd() {
+    fn only_the_lock_holder_acts_and_a_term_jump_needs_a_reservation() {
         let known = Term::new(5);
-        let view = |reserved: u64, holder: Option<u64>| JumpView {
+        let view = |reserved: u64, holder: Option<u64>| CallerView {
             reserved: Term::new(reserved),
             holder: holder.map(|e| (e, format!("orchestrator epoch {e}"))),
         };
-        // One above the known term: no etcd needed, whatever it says.
-        assert_eq!(check_jump(Term::new(6), 0, known, &view(0, None)), Ok(()));
-        assert_eq!(check_jump(Term::new(5), 0, known, &view(0, None)), Ok(()));
-        // Further: reserved, and by the caller as holder.
+        // The holder at the known or the next term: admitted, whatever the reservation.
         assert_eq!(
-            check_jump(Term::new(8), 40, known, &view(8, Some(40))),
+            check_caller(Term::new(6), 40, known, &view(0, Some(40))),
             Ok(())
         );
-        let e = check_jump(Term::new(9), 40, known, &view(8, Some(40))).unwrap_err();
+        assert_eq!(
+            check_caller(Term::new(5), 40, known, &view(0, Some(40))),
+            Ok(())
+        );
+        // Not the holder, even at the next term: refused with both epochs named.
+        let e = check_caller(Term::new(6), 39, known, &view(6, Some(40))).unwrap_err();
+        assert!(e.contains("epoch 39") && e.contains("epoch 40"), "{e}");
+        let e = check_caller(Term::new(5), 0, known, &view(5, None)).unwrap_err();
+        assert!(e.contains("nobody holds") && e.contains("epoch 0"), "{e}");
+        // Further than the next term: reserved, and by the caller as holder.
+        assert_eq!(
+            check_caller(Term::new(8), 40, known, &view(8, Some(40))),
+            Ok(())
+        );
+        let e = check_caller(Term::new(9), 40, known, &view(8, Some(40))).unwrap_err();
         assert!(
             e.contains("no recovery reserved it") && e.contains("up to term 8"),
             "{e}"
         );
-        let e = check_jump(Term::new(8), 39, known, &view(8, Some(40))).unwrap_err();
+        let e = check_caller(Term::new(8), 39, known, &view(8, Some(40))).unwrap_err();
         assert!(e.contains("epoch 39") && e.contains("epoch 40"), "{e}");
-        let e = check_jump(Term::new(8), 40, known, &view(8, None)).unwrap_err();
+        let e = check_caller(Term::new(8), 40, known, &view(8, None)).unwrap_err();
         assert!(e.contains("nobody holds"), "{e}");
         // The maximum term: the attack that would end failover for good.
-        assert!(check_jump(Term::new(u64::MAX), 40, known, &view(8, Some(40))).is_err());
+        assert!(check_caller(Term::new(u64::MAX), 40, known, &view(8, Some(40))).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod service;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -42,6 +43,8 @@ pub enum RunError {
     Grpc(#[from] tonic::transport::Error),
     #[error("gRPC TLS: {0}")]
     Tls(#[from] config::ConfigError),
+    #[error("gRPC TLS server: {0}")]
+    TlsServer(#[from] pki::PkiError),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
 }
@@ -101,20 +104,35 @@ pub async fn run(
     let svc = service::AgentService {
         shared: shared.clone(),
     };
-    let mut builder = tonic::transport::Server::builder();
-    match &tls {
+    // With TLS the handshakes are ours (`pki::accept`), so that each refused one is logged
+    // with its reason and counted: the refused client usually sees only "connection closed".
+    let router = tonic::transport::Server::builder().add_service(AgentServer::new(svc));
+    type Serving = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    >;
+    let grpc_server: Serving = match &tls {
         Some(m) => {
             info!(identity = %m.identity, allowed = ?shared.cfg.agent.grpc_allowed_clients, "gRPC with TLS: a certificate of the cluster CA required, reparent actions from the allowed identities only");
-            builder = builder.tls_config(m.server_tls())?;
+            let incoming = pki::accept::TlsIncoming::start(
+                grpc,
+                m.server_config()?,
+                GRPC_HANDSHAKE_TIMEOUT,
+                |peer, why| {
+                    metrics::counter!("myha_agent_rpcs_refused_total", "kind" => "tls_handshake")
+                        .increment(1);
+                    tracing::warn!(%peer, reason = %why, "gRPC TLS handshake refused");
+                },
+            );
+            Box::pin(router.serve_with_incoming_shutdown(incoming, wait_stop(stop_rx)))
         }
-        None => tracing::warn!(
-            grpc = %grpc_addr,
-            "gRPC without TLS (no [tls]): anyone who can reach this loopback port can call reparent actions"
-        ),
-    }
-    let grpc_server = builder
-        .add_service(AgentServer::new(svc))
-        .serve_with_incoming_shutdown(grpc_incoming(grpc), wait_stop(stop_rx));
+        None => {
+            tracing::warn!(
+                grpc = %grpc_addr,
+                "gRPC without TLS (no [tls]): anyone who can reach this loopback port can call reparent actions"
+            );
+            Box::pin(router.serve_with_incoming_shutdown(grpc_incoming(grpc), wait_stop(stop_rx)))
+        }
+    };
 
     let (g, h) = tokio::join!(grpc_server, http_server);
     g?;
@@ -122,6 +140,9 @@ pub async fn run(
     info!("agent stopped");
     Ok(())
 }
+
+/// How long a gRPC client may take over its TLS handshake.
+const GRPC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gRPC connections, with Nagle's algorithm off. `Server::tcp_nodelay` does not apply to a
 /// listener of our own (`serve_with_incoming`): without this, a response written in more than

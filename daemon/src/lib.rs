@@ -66,20 +66,28 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
     })
 }
 
-/// `message` with every double-quoted part replaced by `"***"`.
+/// `message` with every quoted value replaced by `***`: double-quoted parts always, and the
+/// backtick-quoted value of serde's `invalid type: integer `…`` / `invalid value: …` (a
+/// number, float or boolean given for a secret). Other backtick parts (field names in
+/// `unknown field `x`, expected one of …`) are names, not values, and stay.
 fn mask_quoted(message: &str) -> String {
+    let values_in_backticks =
+        message.starts_with("invalid type:") || message.starts_with("invalid value:");
     let mut out = String::with_capacity(message.len());
-    let mut inside = false;
+    let mut inside: Option<char> = None;
     for c in message.chars() {
-        if c == '"' {
-            if inside {
-                out.push_str("***\"");
-            } else {
-                out.push('"');
+        match inside {
+            Some(q) if c == q => {
+                out.push_str("***");
+                out.push(c);
+                inside = None;
             }
-            inside = !inside;
-        } else if !inside {
-            out.push(c);
+            Some(_) => {}
+            None if c == '"' || (c == '`' && values_in_backticks) => {
+                out.push(c);
+                inside = Some(c);
+            }
+            None => out.push(c),
         }
     }
     out
@@ -563,6 +571,34 @@ mod tests {
             mask_quoted(r#"invalid type: string "s3cret", expected a sequence"#),
             r#"invalid type: string "***", expected a sequence"#
         );
+        assert_eq!(
+            mask_quoted("invalid type: integer `31415`, expected a string"),
+            "invalid type: integer `***`, expected a string"
+        );
+        assert_eq!(
+            mask_quoted("unknown field `passwrd`, expected one of `password`"),
+            "unknown field `passwrd`, expected one of `password`"
+        );
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_not_quoted_either() {
+        // A numeric (or boolean, or float) password: serde quotes such a value in backticks,
+        // not double quotes, and the error reaches the logs and `--check-config`'s output.
+        for value in ["31415926535", "2.71828182", "true", "-4242424242"] {
+            let text = format!(
+                "[etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\nusername = \"myha\"\n\
+                 password = {value}\n"
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("password") && e.contains("line 4"), "{e}");
+            assert!(!e.contains(value), "the value leaked: {e}");
+            assert!(e.contains("expected a string"), "the reason is kept: {e}");
+        }
+        // Other keys keep their value in the error: it helps and is no secret.
+        let text = "[etcd]\nendpoints = [\"x\"]\nlease_ttl = 31415926535\n";
+        let e = parse(text).unwrap_err().to_string();
+        assert!(e.contains("31415926535"), "{e}");
     }
 
     #[test]

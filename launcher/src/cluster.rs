@@ -27,7 +27,7 @@ use myha_proto::agent::{Health, ThreadState};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row};
 use tempfile::TempDir;
-use topo::{CellRecord, Durability, KeyspaceRecord, PromotionRule, Topo};
+use topo::{CellRecord, Durability, KeyspaceRecord, LockRequest, PromotionRule, ShardLock, Topo};
 
 use crate::agent::AgentProc;
 use crate::certs::{Certs, GATEWAY_IDENTITY, ORCHESTRATOR_IDENTITY};
@@ -1259,6 +1259,23 @@ impl Cluster {
 
     pub fn topo(&self) -> &Topo {
         &self.topo
+    }
+
+    /// Takes the shard's lock in etcd as `holder` (waiting up to 10 s for another holder), as
+    /// an orchestrator does before it acts. The agents admit a mutating action only from the
+    /// lock's holder named in etcd, so a test that calls them directly holds the lock and
+    /// sends its [`ShardLock::epoch`]; release it before an orchestrator needs to act.
+    pub async fn lock_shard(&self, holder: &str) -> Result<ShardLock> {
+        let request = LockRequest::new(holder, "act on the agents directly")
+            .with_ttl(Duration::from_secs(30))
+            .with_wait(Duration::from_secs(10));
+        self.topo
+            .lock_shard(&self.opts.keyspace, &self.opts.shard, request)
+            .await
+            .map_err(HarnessError::topo(format!(
+                "lock {}/{} as {holder}",
+                self.opts.keyspace, self.opts.shard
+            )))
     }
     /// The first etcd member (the only one unless [`ClusterOptions::etcd_members`] > 1).
     pub fn etcd(&self) -> &Etcd {

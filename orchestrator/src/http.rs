@@ -176,71 +176,24 @@ pub async fn serve(
 /// How long a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An HTTPS listener: a task accepts TCP connections and runs each TLS handshake in a task of
-/// its own (bounded by [`TLS_HANDSHAKE_TIMEOUT`]), so that a slow or silent client never holds
-/// up the others; completed connections are handed to the server in order of completion.
-struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        SocketAddr,
-    )>,
-    local: SocketAddr,
-    acceptor: tokio::task::JoinHandle<()>,
-}
+/// The HTTPS listener: [`pki::accept::TlsIncoming`] (each handshake in a task of its own,
+/// bounded by [`TLS_HANDSHAKE_TIMEOUT`]) as axum's listener; failed handshakes are counted.
+struct TlsListener(pki::accept::TlsIncoming);
 
 impl TlsListener {
     fn start(
         listener: tokio::net::TcpListener,
         config: Arc<tokio_rustls::rustls::ServerConfig>,
     ) -> TlsListener {
-        let local = listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let tls = tokio_rustls::TlsAcceptor::from(config);
-        let acceptor = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, as axum does.
-                        tracing::warn!(error = %e, "accepting an API connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let (tls, tx) = (tls.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, peer)).await;
-                        }
-                        Ok(Err(e)) => {
-                            metrics::counter!("myha_orchestrator_api_tls_failures_total")
-                                .increment(1);
-                            tracing::debug!(%peer, error = %e, "API TLS handshake failed");
-                        }
-                        Err(_) => {
-                            metrics::counter!("myha_orchestrator_api_tls_failures_total")
-                                .increment(1);
-                            tracing::debug!(%peer, "API TLS handshake timed out");
-                        }
-                    }
-                });
-            }
-        });
-        TlsListener {
-            ready,
-            local,
-            acceptor,
-        }
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor.abort();
+        TlsListener(pki::accept::TlsIncoming::start(
+            listener,
+            config,
+            TLS_HANDSHAKE_TIMEOUT,
+            |peer, why| {
+                metrics::counter!("myha_orchestrator_api_tls_failures_total").increment(1);
+                tracing::debug!(%peer, reason = %why, "API TLS handshake failed");
+            },
+        ))
     }
 }
 
@@ -249,7 +202,7 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
+        match self.0.next().await {
             Some(c) => c,
             // The accept task only ends when this listener is dropped.
             None => std::future::pending().await,
@@ -257,7 +210,7 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(self.0.local_addr())
     }
 }
 

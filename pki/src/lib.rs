@@ -14,8 +14,9 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
+pub mod accept;
 #[cfg(feature = "issue")]
 pub mod issue;
 
@@ -202,12 +203,42 @@ impl Material {
     }
 
     /// A server that requires a client certificate chaining to the cluster CA (no
-    /// certificate, another CA's, or an expired one: the handshake fails).
-    pub fn server_tls(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .client_auth_optional(false)
+    /// certificate, another CA's, or an expired one: the handshake fails), speaking HTTP/2
+    /// (gRPC). Served through [`accept::TlsIncoming`], which reports each refusal.
+    pub fn server_config(
+        &self,
+    ) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, PkiError> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let pem = |e: rustls::pki_types::pem::Error| PkiError::Certificate(e.to_string());
+        let tls = |e: rustls::Error| PkiError::Certificate(e.to_string());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            roots.add(cert.map_err(pem)?).map_err(tls)?;
+        }
+        let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem)?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(pem)?;
+        // ring, as tonic's TLS uses (aws-lc's C build is slow on small machines); its lack of
+        // post-quantum key exchange is rustls's reason for the deprecation.
+        #[allow(deprecated)]
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| PkiError::Certificate(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(tls)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(tls)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
     }
 
     /// A client that trusts only the cluster CA and presents this daemon's certificate.

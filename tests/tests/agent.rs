@@ -9,15 +9,13 @@ use myha_proto::agent::{self as pb, agent_client::AgentClient};
 use mysql_async::prelude::Queryable;
 use tonic::transport::Channel;
 use tonic::Code;
-use topo::{LockRequest, ShardRecord};
+use topo::{ShardLock, ShardRecord};
 
 const GENEROUS: Duration = Duration::from_secs(15);
 
-fn ctx(term: u64) -> Option<pb::ActionContext> {
-    ctx_epoch(term, 0)
-}
-
-/// An action context of a caller holding a shard lock of epoch `lock_epoch`.
+/// An action context of a caller holding a shard lock of epoch `lock_epoch`. The agents admit
+/// an action only from the lock's holder in etcd: each test takes the lock
+/// ([`Cluster::lock_shard`]) and sends its epoch.
 fn ctx_epoch(term: u64, lock_epoch: u64) -> Option<pb::ActionContext> {
     Some(pb::ActionContext {
         term,
@@ -174,27 +172,13 @@ async fn count_rows(c: &Cluster, i: usize, v: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn write_shard_record(c: &Cluster, primary: &str, term: u64) {
-    let lock = c
-        .topo()
-        .lock_shard(
-            c.keyspace(),
-            c.shard(),
-            LockRequest {
-                holder: "agent-test".into(),
-                purpose: "move the primary by hand".into(),
-                ttl: Duration::from_secs(5),
-                wait: Some(Duration::from_secs(5)),
-            },
-        )
-        .await
-        .expect("lock shard");
+/// Names `primary` at `term` in the shard record, under the shard lock the caller holds.
+async fn write_shard_record(lock: &ShardLock, c: &Cluster, primary: &str, term: u64) {
     let mut rec = ShardRecord::new(c.keyspace(), c.shard());
     rec.primary = Some(primary.to_string());
     rec.term = Term::new(term);
     rec.term_start_ms = topo::now_ms();
     lock.update_shard(&rec).await.expect("update shard");
-    lock.release().await.expect("release");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,6 +186,10 @@ async fn every_action_against_a_real_cluster() {
     let c = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster");
+    // Act as the shard lock's holder, as an orchestrator does.
+    let lock = c.lock_shard("agent-test").await.expect("shard lock");
+    let epoch = lock.epoch();
+    let ctx = |term| ctx_epoch(term, epoch);
     let (p, r1, r2) = (0, 1, 2);
     let mut a_p = client(&c, p).await;
     let mut a_r1 = client(&c, r1).await;
@@ -244,7 +232,7 @@ async fn every_action_against_a_real_cluster() {
         myha_proto::stale_term_refusal(&err),
         Some(pb::StaleTermRefusal {
             requested_term: 0,
-            requested_epoch: 0,
+            requested_epoch: epoch,
             known_term: 1,
             known_epoch: 0,
         }),
@@ -310,7 +298,7 @@ async fn every_action_against_a_real_cluster() {
                 term: 1,
                 timeout_ms: 300,
                 requester: String::new(),
-                lock_epoch: 0,
+                lock_epoch: epoch,
             }),
             gtid_position: "0-101-999999".into(),
             ..Default::default()
@@ -503,7 +491,7 @@ async fn every_action_against_a_real_cluster() {
         .await
         .expect("repoint to the new primary");
     }
-    write_shard_record(&c, c.tablet(r1).alias(), 2).await;
+    write_shard_record(&lock, &c, c.tablet(r1).alias(), 2).await;
     write_row(&c, r1, "on-new-primary")
         .await
         .expect("write on the new primary");
@@ -724,7 +712,9 @@ async fn self_fencing_on_a_newer_term() {
 
     // Another tablet becomes primary at term 2: the old primary's agent must fence.
     let start = Instant::now();
-    write_shard_record(&c, c.tablet(1).alias(), 2).await;
+    let lock = c.lock_shard("agent-test").await.expect("shard lock");
+    write_shard_record(&lock, &c, c.tablet(1).alias(), 2).await;
+    lock.release().await.expect("release");
     let (took, h) = wait_health(&mut a_p, "fenced", GENEROUS, |h| {
         h.fenced && read_only(h) == Some(true)
     })
@@ -942,6 +932,10 @@ async fn stopping_replication_from_a_frozen_source_does_not_wait() {
     let c = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster");
+    // Act as the shard lock's holder, as an orchestrator does.
+    let lock = c.lock_shard("agent-test").await.expect("shard lock");
+    let epoch = lock.epoch();
+    let ctx = |term| ctx_epoch(term, epoch);
     let mut a1 = client(&c, 1).await;
     let mut a2 = client(&c, 2).await;
     wait_health(&mut a1, "replicating", GENEROUS, |h| {
@@ -982,6 +976,10 @@ async fn promote_refuses_a_relay_log_not_applied_and_lift_delay_applies_it() {
     let c = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster");
+    // Act as the shard lock's holder, as an orchestrator does.
+    let lock = c.lock_shard("agent-test").await.expect("shard lock");
+    let epoch = lock.epoch();
+    let ctx = |term| ctx_epoch(term, epoch);
     let mut a_r1 = client(&c, 1).await;
     write_row(&c, 0, "before").await.expect("primary write");
     c.wait_replicated(GENEROUS)
@@ -1123,10 +1121,10 @@ async fn an_unreadable_term_state_stops_the_agent_from_starting() {
         .expect("without a state file the agent starts");
 }
 
-/// P21 on the agent side: at an equal term an older lock holder is refused (its lock epoch is
-/// below one already accepted), and every promotion is recorded in the shard history before
-/// mysqld becomes writable, one tablet per term: a second promotion of a term is refused and
-/// leaves its mysqld read-only.
+/// P21 and issue 12 on the agent side: only the shard lock's holder named in etcd acts (a
+/// deposed holder at an equal term is refused, and so is everyone when nobody holds the lock),
+/// and every promotion is recorded in the shard history before mysqld becomes writable, one
+/// tablet per term: a second promotion of a term is refused and leaves its mysqld read-only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
     let c = Cluster::start(ClusterOptions::default())
@@ -1158,50 +1156,48 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
     assert_eq!(first.writer, c.tablet(0).uid().to_string());
     assert!(!first.position.is_empty(), "{first:?}");
 
-    // Epochs at an equal term: the holder of epoch 500 acts; an older holder (400) is refused
-    // with both epochs named; a newer one (600) is admitted.
+    // Holders in turn: A acts; once B holds the lock, A (deposed, at an equal term) is refused
+    // with both epochs named, and B acts.
+    let a = c.lock_shard("holder A").await.expect("lock A");
+    let epoch_a = a.epoch();
     a_r1.stop_replication(pb::StopReplicationRequest {
-        ctx: ctx_epoch(1, 500),
+        ctx: ctx_epoch(1, epoch_a),
         ..Default::default()
     })
     .await
-    .expect("stop replication at (1, 500)");
+    .expect("stop replication by holder A");
+    a.release().await.expect("release A");
+    let lock = c.lock_shard("holder B").await.expect("lock B");
+    let epoch_b = lock.epoch();
+    assert!(epoch_b > epoch_a, "epochs {epoch_a} then {epoch_b}");
     let err = a_r1
         .start_replication(pb::StartReplicationRequest {
-            ctx: ctx_epoch(1, 400),
+            ctx: ctx_epoch(1, epoch_a),
             ..Default::default()
         })
         .await
-        .expect_err("an older lock holder at an equal term");
+        .expect_err("a deposed lock holder at an equal term");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
-        err.message().contains("lock epoch 400 < epoch 500"),
+        err.message().contains(&format!(
+            "lock epoch {epoch_a} is not the shard lock's holder in etcd (epoch {epoch_b}, holder B)"
+        )),
         "{}",
         err.message()
     );
-    assert_eq!(
-        myha_proto::stale_term_refusal(&err),
-        Some(pb::StaleTermRefusal {
-            requested_term: 1,
-            requested_epoch: 400,
-            known_term: 1,
-            known_epoch: 500,
-        }),
-        "{err:?}"
-    );
     a_r1.start_replication(pb::StartReplicationRequest {
-        ctx: ctx_epoch(1, 600),
+        ctx: ctx_epoch(1, epoch_b),
         ..Default::default()
     })
     .await
-    .expect("a newer lock holder at an equal term");
+    .expect("the holder at an equal term");
 
     // As an emergency reparent would first: r1 applies everything it received (Promote refuses
     // a relay log with unapplied transactions, and the primary's heartbeats keep arriving).
     drain_relay_log(&c, r1).await;
     // A promotion is on record before mysqld is writable.
     a_r1.promote(pb::PromoteRequest {
-        ctx: ctx_epoch(2, 700),
+        ctx: ctx_epoch(2, epoch_b),
         durability: pb::Durability::SemiSync as i32,
     })
     .await
@@ -1214,11 +1210,11 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
         .expect("term 2 on record");
     assert_eq!(rec.primary, c.tablet(r1).alias());
     assert_eq!(rec.writer, c.tablet(r1).uid().to_string());
-    assert_eq!(rec.lock_epoch, 700);
+    assert_eq!(rec.lock_epoch, epoch_b);
     assert!(!mysqld_read_only(&c, r1).await, "r1 is writable");
     // Idempotent repeat.
     a_r1.promote(pb::PromoteRequest {
-        ctx: ctx_epoch(2, 700),
+        ctx: ctx_epoch(2, epoch_b),
         durability: pb::Durability::SemiSync as i32,
     })
     .await
@@ -1227,7 +1223,7 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
     // does not know term 2 from the shard record (nobody wrote it): only the history stops it.
     let err = a_r2
         .promote(pb::PromoteRequest {
-            ctx: ctx_epoch(2, 800),
+            ctx: ctx_epoch(2, epoch_b),
             durability: pb::Durability::SemiSync as i32,
         })
         .await
@@ -1258,6 +1254,24 @@ async fn an_older_lock_holder_is_refused_and_every_promotion_is_on_record() {
             (2, c.tablet(r1).alias().to_string())
         ]
     );
+
+    // Nobody holds the lock: even the last holder's epoch is refused, and says so.
+    lock.release().await.expect("release B");
+    let err = a_r1
+        .set_read_only(pb::SetReadOnlyRequest {
+            ctx: ctx_epoch(2, epoch_b),
+            read_only: true,
+            super_read_only: true,
+        })
+        .await
+        .expect_err("an action while nobody holds the lock");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("nobody holds the shard lock"),
+        "{}",
+        err.message()
+    );
+    assert!(!mysqld_read_only(&c, r1).await, "r1 is still writable");
 }
 
 /// Issue 12, point 1: `FullStatus` polls on one kept MySQL connection (a caller cannot make
@@ -1271,6 +1285,10 @@ async fn full_status_keeps_one_connection_and_waiting_actions_are_bounded() {
     })
     .await
     .expect("cluster");
+    // Act as the shard lock's holder, as an orchestrator does.
+    let lock = c.lock_shard("agent-test").await.expect("shard lock");
+    let epoch = lock.epoch();
+    let ctx = |term| ctx_epoch(term, epoch);
     let mut a = client(&c, 1).await;
     let mut root = c.tablet(1).root_conn().await.expect("root conn");
     let connections = |v: Option<String>| v.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
@@ -1328,7 +1346,7 @@ async fn full_status_keeps_one_connection_and_waiting_actions_are_bounded() {
                     term: 1,
                     timeout_ms: 4_000,
                     requester: "agent-test".into(),
-                    lock_epoch: 0,
+                    lock_epoch: epoch,
                 }),
                 gtid_position: "0-101-999999".into(),
                 ..Default::default()
@@ -1382,6 +1400,10 @@ async fn replication_and_agent_connections_run_over_verified_tls() {
     })
     .await
     .expect("cluster");
+    // Act as the shard lock's holder, as an orchestrator does.
+    let lock = c.lock_shard("agent-test").await.expect("shard lock");
+    let epoch = lock.epoch();
+    let ctx = |term| ctx_epoch(term, epoch);
     let (p, r1, r2) = (0, 1, 2);
     let creds = c.credentials().clone();
     let ca = c.certs().ca_file().display().to_string();

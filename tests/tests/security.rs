@@ -97,13 +97,25 @@ fn source_chain(s: &tonic::Status) -> String {
     s.source().map(chain).unwrap_or_default()
 }
 
-fn read_only_request(term: u64) -> pb::SetReadOnlyRequest {
+/// The agent's Prometheus metrics text.
+async fn agent_metrics(agent: &harness::AgentProc) -> String {
+    pki::install_crypto_provider();
+    reqwest::get(format!("http://{}/metrics", agent.http_addr()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// `SetReadOnly` at `term` by the holder of the shard lock of `epoch`.
+fn read_only_request(term: u64, epoch: u64) -> pb::SetReadOnlyRequest {
     pb::SetReadOnlyRequest {
         ctx: Some(pb::ActionContext {
             term,
             timeout_ms: 5_000,
             requester: "security test".into(),
-            lock_epoch: 0,
+            lock_epoch: epoch,
         }),
         read_only: true,
         super_read_only: true,
@@ -127,11 +139,13 @@ async fn agent_grpc_refuses_callers_without_a_valid_allowed_certificate() {
         h.term
     };
 
-    // The legitimate caller (the orchestrators' identity) reads and acts.
+    // The legitimate caller (the orchestrators' identity, holding the shard lock) reads and acts.
+    let lock = c.lock_shard("security test").await.expect("shard lock");
+    let epoch = lock.epoch();
     let term = current_term().await;
     let mut legit = agent.client().await.expect("orchestrator client");
     legit
-        .set_read_only(read_only_request(term))
+        .set_read_only(read_only_request(term, epoch))
         .await
         .expect("the orchestrator's SetReadOnly is accepted");
 
@@ -152,8 +166,13 @@ async fn agent_grpc_refuses_callers_without_a_valid_allowed_certificate() {
         }
     };
     println!("plaintext: {plain}");
+    // The server reads the HTTP/2 preface as a TLS record and closes: the client sees a
+    // protocol error, a refused connection, or a write on the closed socket, depending on
+    // timing. Never an answer, never a status from the service.
     assert!(
-        plain.contains("h2 protocol error") || plain.contains("connect"),
+        ["h2 protocol error", "connect", "transport error"]
+            .iter()
+            .any(|m| plain.contains(m)),
         "{plain}"
     );
 
@@ -240,6 +259,38 @@ async fn agent_grpc_refuses_callers_without_a_valid_allowed_certificate() {
     .await;
     assert_eq!(verdict, Ok(()));
 
+    // The agent, which knows why, logs each refused handshake with its reason and the
+    // caller's address, and counts it (the refused clients above mostly saw "closed").
+    let log = std::fs::read_to_string(agent.log_path()).expect("agent log");
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("gRPC TLS handshake refused"))
+        .collect();
+    println!("the agent's log:\n{}", refused.join("\n"));
+    for (case, words) in [
+        ("no client certificate", &["no certificates"][..]),
+        ("another CA", &["UnknownIssuer", "unknown issuer"][..]),
+        ("expired", &["xpired"][..]),
+    ] {
+        assert!(
+            refused
+                .iter()
+                .any(|l| l.contains("127.0.0.1:") && words.iter().any(|w| l.contains(w))),
+            "no refusal logged for {case}:\n{}",
+            refused.join("\n")
+        );
+    }
+    let metrics = agent_metrics(agent).await;
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("myha_agent_rpcs_refused_total{kind=\"tls_handshake\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        counted >= 6.0,
+        "refused handshakes counted: {counted}\n{metrics}"
+    );
+
     // 5. A valid certificate (the operator's) not on the allow-list: reads are served,
     // mutating RPCs refused with the reason.
     let operator = c.certs().operator().expect("operator certificate");
@@ -258,7 +309,7 @@ async fn agent_grpc_refuses_callers_without_a_valid_allowed_certificate() {
     assert!(stream.message().await.expect("a health message").is_some());
     let term = current_term().await;
     let s = op
-        .set_read_only(read_only_request(term))
+        .set_read_only(read_only_request(term, epoch))
         .await
         .expect_err("SetReadOnly from an identity not on the allow-list");
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
@@ -286,16 +337,10 @@ async fn agent_grpc_refuses_callers_without_a_valid_allowed_certificate() {
     // The legitimate caller is unaffected by all of the above.
     let term = current_term().await;
     legit
-        .set_read_only(read_only_request(term))
+        .set_read_only(read_only_request(term, epoch))
         .await
         .expect("the orchestrator still acts");
-    pki::install_crypto_provider();
-    let metrics = reqwest::get(format!("http://{}/metrics", agent.http_addr()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = agent_metrics(agent).await;
     assert!(
         metrics
             .lines()
@@ -305,9 +350,9 @@ async fn agent_grpc_refuses_callers_without_a_valid_allowed_certificate() {
     c.shutdown().await.expect("shutdown");
 }
 
-/// An allowed identity pushing a term far ahead (which, persisted, would make every later
-/// recovery's term stale): refused unless etcd shows the term reserved by the caller as the
-/// shard lock's holder, as a real recovery does before it acts.
+/// Only the shard lock's holder named in etcd acts, and an allowed identity pushing a term far
+/// ahead (which, persisted, would make every later recovery's term stale) is refused unless
+/// etcd shows the term reserved by the caller as the holder, as a real recovery does first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_term_jump_is_admitted_only_when_etcd_shows_it_reserved_by_the_lock_holder() {
     let c = Cluster::start(ClusterOptions {
@@ -330,10 +375,22 @@ async fn a_term_jump_is_admitted_only_when_etcd_shows_it_reserved_by_the_lock_ho
         super_read_only: true,
     };
 
+    // The test acts as the shard lock's holder, as a recovery does.
+    let lock = c
+        .topo()
+        .lock_shard(
+            c.keyspace(),
+            c.shard(),
+            topo::LockRequest::new("security test", "reserve a term"),
+        )
+        .await
+        .expect("shard lock");
+    let epoch = lock.epoch();
+
     // The maximum term, and a smaller jump: nobody reserved them.
     for term in [u64::MAX, known + 5] {
         let s = client
-            .set_read_only(request(term, 0))
+            .set_read_only(request(term, epoch))
             .await
             .expect_err("an unreserved term jump was admitted");
         assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
@@ -349,16 +406,7 @@ async fn a_term_jump_is_admitted_only_when_etcd_shows_it_reserved_by_the_lock_ho
         "a refused jump moved the known term"
     );
 
-    // A real holder reserves known + 5 under the shard lock, as a recovery does.
-    let lock = c
-        .topo()
-        .lock_shard(
-            c.keyspace(),
-            c.shard(),
-            topo::LockRequest::new("security test", "reserve a term"),
-        )
-        .await
-        .expect("shard lock");
+    // The holder reserves known + 5 under the shard lock, as a recovery does.
     let (mut record, _) = c
         .topo()
         .get_shard(c.keyspace(), c.shard())
@@ -367,25 +415,47 @@ async fn a_term_jump_is_admitted_only_when_etcd_shows_it_reserved_by_the_lock_ho
         .expect("shard record");
     record.reserved_term = topo::Term::new(known + 5);
     lock.update_shard(&record).await.expect("reserve the term");
-    // Another epoch than the holder's: refused, naming the holder.
-    let s = client
-        .set_read_only(request(known + 5, lock.epoch() + 1))
-        .await
-        .expect_err("a non-holder's jump was admitted");
-    assert!(
-        s.message().contains("not the shard lock's holder"),
-        "{}",
-        s.message()
+    // Another epoch than the holder's, for the reserved jump or for the known term itself:
+    // refused, naming the holder; nothing admitted.
+    for term in [known + 5, known] {
+        let s = client
+            .set_read_only(request(term, epoch + 1))
+            .await
+            .expect_err("a non-holder's action was admitted");
+        assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+        assert!(
+            s.message().contains(&format!(
+                "lock epoch {} is not the shard lock's holder in etcd (epoch {epoch}, security test)",
+                epoch + 1
+            )),
+            "{}",
+            s.message()
+        );
+    }
+    assert_eq!(
+        agent.full_status().await.expect("FullStatus").term,
+        known,
+        "a non-holder moved the known term"
     );
     client
-        .set_read_only(request(known + 5, lock.epoch()))
+        .set_read_only(request(known + 5, epoch))
         .await
         .expect("the holder's reserved jump is admitted");
     assert_eq!(
         agent.full_status().await.expect("FullStatus").term,
         known + 5
     );
+    // Released: nobody holds the lock, so even the last holder's epoch is refused.
     lock.release().await.expect("release");
+    let s = client
+        .set_read_only(request(known + 5, epoch))
+        .await
+        .expect_err("an action while nobody holds the lock");
+    assert!(
+        s.message().contains("nobody holds the shard lock"),
+        "{}",
+        s.message()
+    );
     c.shutdown().await.expect("shutdown");
 }
 
