@@ -118,9 +118,13 @@ pub async fn run(
                 m.server_config()?,
                 GRPC_HANDSHAKE_TIMEOUT,
                 |peer, why| {
-                    metrics::counter!("myha_agent_rpcs_refused_total", "kind" => "tls_handshake")
-                        .increment(1);
-                    tracing::warn!(%peer, reason = %why, "gRPC TLS handshake refused");
+                    if why.is_refusal() {
+                        metrics::counter!("myha_agent_rpcs_refused_total", "kind" => "tls_handshake")
+                            .increment(1);
+                        tracing::warn!(%peer, reason = %why, "gRPC TLS handshake refused");
+                    } else {
+                        tracing::debug!(%peer, reason = %why, "gRPC connection closed in its TLS handshake");
+                    }
                 },
             );
             Box::pin(router.serve_with_incoming_shutdown(incoming, wait_stop(stop_rx)))

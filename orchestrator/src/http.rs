@@ -190,7 +190,9 @@ impl TlsListener {
             config,
             TLS_HANDSHAKE_TIMEOUT,
             |peer, why| {
-                metrics::counter!("myha_orchestrator_api_tls_failures_total").increment(1);
+                if why.is_refusal() {
+                    metrics::counter!("myha_orchestrator_api_tls_failures_total").increment(1);
+                }
                 tracing::debug!(%peer, reason = %why, "API TLS handshake failed");
             },
         ))

@@ -25,6 +25,17 @@ pub enum Refusal {
     Failed(String),
     /// The client did not finish its handshake within the bound.
     TimedOut(Duration),
+    /// The client closed the connection without a word (a TCP port check, or a client
+    /// that gave up): nothing refused, nothing to warn about.
+    Closed,
+}
+
+impl Refusal {
+    /// Whether the server refused something the client sent (worth a warning), rather
+    /// than a client that went away.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, Refusal::Closed)
+    }
 }
 
 impl std::fmt::Display for Refusal {
@@ -32,6 +43,7 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::Failed(why) => f.write_str(why),
             Refusal::TimedOut(d) => write!(f, "no complete handshake within {d:?}"),
+            Refusal::Closed => f.write_str("closed by the client before the handshake ended"),
         }
     }
 }
@@ -49,7 +61,8 @@ pub struct TlsIncoming {
 
 impl TlsIncoming {
     /// Starts accepting on `listener` with `config`; every refused or unfinished handshake is
-    /// passed to `on_refused` with the peer's address.
+    /// passed to `on_refused` with the peer's address ([`Refusal::is_refusal`] tells a real
+    /// refusal from a client that only closed).
     pub fn start(
         listener: TcpListener,
         config: Arc<ServerConfig>,
@@ -81,6 +94,9 @@ impl TlsIncoming {
                     match tokio::time::timeout(handshake_timeout, tls.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            on_refused(peer, Refusal::Closed)
                         }
                         Ok(Err(e)) => on_refused(peer, Refusal::Failed(e.to_string())),
                         Err(_) => on_refused(peer, Refusal::TimedOut(handshake_timeout)),
@@ -120,5 +136,114 @@ impl futures_core::Stream for TlsIncoming {
             .ready
             .poll_recv(cx)
             .map(|c| c.map(|(stream, _)| Ok(stream)))
+    }
+}
+
+#[cfg(all(test, feature = "issue"))]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    use super::*;
+    use crate::issue::{Authority, Leaf};
+
+    fn client_config(ca: &Authority, cert: Option<&crate::issue::Issued>) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match cert {
+            Some(c) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+                        .collect::<Result<Vec<_>, _>>()
+                        .unwrap(),
+                    PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config
+    }
+
+    #[tokio::test]
+    async fn refusals_are_reported_with_their_reason_and_good_clients_come_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test cluster").unwrap();
+        let server = ca
+            .issue(&Leaf::server("agent", &["127.0.0.1"]))
+            .unwrap()
+            .write(dir.path(), "agent", &ca)
+            .unwrap()
+            .load(["ca", "cert", "key"])
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let seen: Arc<Mutex<Vec<Refusal>>> = Arc::default();
+        let sink = seen.clone();
+        let mut incoming = TlsIncoming::start(
+            listener,
+            server.server_config().unwrap(),
+            Duration::from_secs(5),
+            move |_, why| sink.lock().unwrap().push(why),
+        );
+        let addr = incoming.local_addr();
+        let connect = |config: rustls::ClientConfig| async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await?;
+            // TLS 1.3: the server judges our certificate after our side is done; a read
+            // brings back its verdict.
+            tls.write_all(b"ping").await?;
+            let mut b = [0u8; 1];
+            tls.read(&mut b).await.map(|_| ())
+        };
+
+        // A port check (connect, close) is not a refusal.
+        drop(TcpStream::connect(addr).await.unwrap());
+        // No client certificate, and one of another CA: refused, each with its reason.
+        let _ = connect(client_config(&ca, None)).await;
+        let other = Authority::new("other").unwrap();
+        let forged = other.issue(&Leaf::client("orchestrator")).unwrap();
+        let _ = connect(client_config(&ca, Some(&forged))).await;
+        // A good client comes out of the stream.
+        let good = ca.issue(&Leaf::client("orchestrator")).unwrap();
+        let client = tokio::spawn(connect(client_config(&ca, Some(&good))));
+        let (mut stream, _) = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .expect("the good client within 5 s")
+            .expect("a connection");
+        let mut b = [0u8; 4];
+        stream.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ping");
+        stream.write_all(b"!").await.unwrap();
+        client.await.unwrap().expect("the good client is served");
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let got: Vec<String> = seen.lock().unwrap().iter().map(|r| r.to_string()).collect();
+            let closed = seen.lock().unwrap().iter().any(|r| !r.is_refusal());
+            if closed
+                && got.iter().any(|r| r.contains("peer sent no certificates"))
+                && got.iter().any(|r| r.contains("UnknownIssuer"))
+            {
+                assert_eq!(got.len(), 3, "{got:?}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "reported: {got:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
