@@ -7,8 +7,9 @@
 //! reparents run one after the other through the orchestrator's API (candidate chosen by the
 //! orchestrator). For each switchover it measures the write unavailability the client saw (the
 //! longest gap between two consecutive acknowledged writes from the request to the first ack
-//! after it completed) and the reparent's own duration (`total_ms`), and prints min / p50 / p99 /
-//! max with the goals of targets.md, then checks that no acknowledged write was lost.
+//! after it completed), the reparent's own duration (`total_ms`) and each step's (`duration_ms`
+//! of its step events), and prints min / p50 / p99 / max with the goals of targets.md, then
+//! checks that no acknowledged write was lost.
 
 use std::time::{Duration, Instant};
 
@@ -21,14 +22,26 @@ use serde_json::{json, Value};
 struct Run {
     unavailability: Option<Duration>,
     total: Option<Duration>,
+    /// Each step's duration (the orchestrator's `duration_ms`), in order.
+    steps: Vec<(String, Duration)>,
     error: Option<String>,
 }
 
-/// One planned reparent through the API, read to its `done` event.
-async fn switchover(c: &Cluster) -> Result<Value, String> {
+/// One planned reparent through the API, read to its `done` event: that event and the steps'
+/// durations (by step name, the slowest tablet's when a step ran on several).
+async fn switchover(c: &Cluster) -> Result<(Value, Vec<(String, Duration)>), String> {
     let events = reparent_events(c, &json!({"mode": "planned"}), Duration::from_secs(60)).await?;
+    let mut steps: Vec<(String, Duration)> = Vec::new();
+    for (_, v) in events.iter().filter(|(_, v)| v["event"] == "step") {
+        let name = v["name"].as_str().unwrap_or("?").to_string();
+        let took = Duration::from_millis(v["duration_ms"].as_u64().unwrap_or(0));
+        match steps.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, d)) => *d = (*d).max(took),
+            None => steps.push((name, took)),
+        }
+    }
     match events.last() {
-        Some((_, v)) if v["event"] == "done" && v["ok"] == true => Ok(v.clone()),
+        Some((_, v)) if v["event"] == "done" && v["ok"] == true => Ok((v.clone(), steps)),
         Some((_, v)) if v["event"] == "done" => Err(format!("refused or failed: {v}")),
         _ => Err(format!("stream ended without a done event: {events:?}")),
     }
@@ -42,8 +55,9 @@ async fn one_run(c: &Cluster, w: &Writer) -> Run {
     }
     let requested = Instant::now();
     match switchover(c).await {
-        Ok(done) => {
+        Ok((done, steps)) => {
             run.total = done["total_ms"].as_u64().map(Duration::from_millis);
+            run.steps = steps;
         }
         Err(e) => {
             run.error = Some(e);
@@ -158,6 +172,25 @@ fn main() {
                     bench::millis
                 )
             ));
+            // Where the reparent's time goes: each step's duration across the runs.
+            let mut names: Vec<&str> = Vec::new();
+            for r in &results {
+                for (n, _) in &r.steps {
+                    if !names.contains(&n.as_str()) {
+                        names.push(n);
+                    }
+                }
+            }
+            for name in names {
+                let took: Vec<Option<Duration>> = results
+                    .iter()
+                    .map(|r| r.steps.iter().find(|(n, _)| n == name).map(|(_, d)| *d))
+                    .collect();
+                out.push_str(&format!(
+                    "| step `{name}` (slowest tablet) | {} | | |\n",
+                    bench::stats_with(&took, bench::millis)
+                ));
+            }
             out.push_str(&format!(
                 "| acknowledged writes lost / acks from a deposed primary | {} / {} (of {} acked) | | | | 0 | |\n",
                 report.lost.len(),
