@@ -4,6 +4,7 @@
 
 pub mod actions;
 pub mod agent;
+pub mod checks;
 pub mod config;
 pub mod fence;
 pub mod health;
@@ -97,7 +98,11 @@ pub async fn run(
             "/metrics",
             get(move || std::future::ready(metrics.render())),
         )
-        .route("/health", get(health_json))
+        .route("/health", get(|s, q| lb_check(s, q, LbPath::Health)))
+        .route("/primary", get(|s, q| lb_check(s, q, LbPath::Primary)))
+        .route("/read-write", get(|s, q| lb_check(s, q, LbPath::Primary)))
+        .route("/replica", get(|s, q| lb_check(s, q, LbPath::Replica)))
+        .route("/read-only", get(|s, q| lb_check(s, q, LbPath::ReadOnly)))
         .with_state(shared.clone());
     let http_server = axum::serve(http, app).with_graceful_shutdown(wait_stop(stop_rx.clone()));
 
@@ -157,17 +162,50 @@ pub fn grpc_incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// `/health`: 200 with the last health as JSON-ish text when mysqld is reachable, 503 otherwise.
-async fn health_json(
+#[derive(Clone, Copy)]
+enum LbPath {
+    Health,
+    Primary,
+    Replica,
+    ReadOnly,
+}
+
+/// The load balancers' checks ([`checks`]): 200 or 503 with the verdict as JSON; 400 for a
+/// malformed `max_lag`. Judged on the last poll, which must be at most three poll intervals
+/// (at least 1 s) old.
+async fn lb_check(
     axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
-) -> (axum::http::StatusCode, String) {
-    let h = shared.health.borrow().clone();
-    let code = if h.mysql_reachable {
-        axum::http::StatusCode::OK
-    } else {
-        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+    path: LbPath,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let max_lag = match query.get("max_lag").map(|v| checks::parse_max_lag(v)) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(why)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({ "ok": false, "reason": why })),
+            )
+                .into_response()
+        }
     };
-    (code, format!("{h:#?}\n"))
+    let check = match path {
+        LbPath::Health => checks::Check::Health,
+        LbPath::Primary => checks::Check::Primary,
+        LbPath::Replica => checks::Check::Replica { max_lag },
+        LbPath::ReadOnly => checks::Check::ReadOnly { max_lag },
+    };
+    let h = shared.health.borrow().clone();
+    let stale_after = (shared.cfg.agent.poll_interval * 3).max(Duration::from_secs(1));
+    let verdict = checks::judge(check, &h, topo::now_ms(), stale_after);
+    let code = if verdict.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(verdict)).into_response()
 }
 
 #[cfg(test)]

@@ -233,6 +233,7 @@ impl SandboxState {
                 "mysqld_pid": t.mysqld_pid,
                 "agent_pid": t.agent_pid,
                 "agent_grpc": t.agent_grpc,
+                "agent_http": t.agent_http,
             })).collect::<Vec<_>>(),
         })
     }

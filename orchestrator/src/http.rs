@@ -62,6 +62,7 @@ type St = State<Arc<HttpState>>;
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok\n" }))
+        .route("/health/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .route("/api/v1/shards", get(shards))
         .route("/api/v1/recoveries", get(recoveries))
@@ -214,6 +215,30 @@ impl axum::serve::Listener for TlsListener {
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.0.local_addr())
     }
+}
+
+/// Readiness (a Kubernetes readiness probe, a load balancer): 200 once the watches have synced
+/// the topology from etcd and the engine has analysed it, 503 before, with the reason as JSON.
+/// `/health` stays liveness: the process answers.
+async fn ready(State(s): St) -> (axum::http::StatusCode, Json<serde_json::Value>) {
+    let synced = s.watch.snapshot().topo_synced;
+    let analysed = engine_state(&s).analysed;
+    let (ok, reason) = match (synced, analysed) {
+        (true, true) => (true, "topology synced from etcd and analysed"),
+        (false, _) => (false, "the topology is not synced from etcd yet"),
+        (true, false) => (false, "the topology is synced but not analysed yet"),
+    };
+    let code = if ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(
+            serde_json::json!({ "ready": ok, "topo_synced": synced, "analysed": analysed, "reason": reason }),
+        ),
+    )
 }
 
 async fn render_metrics(State(s): St) -> String {

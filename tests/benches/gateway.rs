@@ -1,6 +1,6 @@
 //! Gateway throughput benchmark (not a test): `cargo bench -p myha-tests --bench gateway --
 //! [--time 15] [--threads 1,4] [--tests oltp_point_select,oltp_read_only]`; needs `sysbench` and
-//! `haproxy` (installed by `scripts/dev bench`).
+//! `haproxy` (installed by `scripts/dev setup`).
 //!
 //! A 2-tablet semi_sync shard (primary + one replica, agents, no orchestrator) and two
 //! myha-gateways whose RO ports can only route to that replica: one with the defaults (proxy

@@ -224,16 +224,22 @@ pub struct Haproxy {
 impl Haproxy {
     /// Starts `haproxy -db -f cfg` listening on `127.0.0.1:listen_port` and waits until it accepts.
     pub fn start(dir: &Path, listen_port: u16, backend: &str) -> Result<Haproxy, String> {
-        let cfg = dir.join("haproxy.cfg");
-        std::fs::write(
-            &cfg,
-            format!(
+        Haproxy::start_with(
+            dir,
+            listen_port,
+            &format!(
                 "global\n    maxconn 4096\n\ndefaults\n    mode tcp\n    timeout connect 1s\n    \
                  timeout client 1h\n    timeout server 1h\n\nlisten mysql_ro\n    \
                  bind 127.0.0.1:{listen_port}\n    server backend {backend}\n"
             ),
         )
-        .map_err(|e| format!("write {}: {e}", cfg.display()))?;
+    }
+
+    /// Starts `haproxy -db -f cfg` with `config` (which must bind `127.0.0.1:listen_port`) and
+    /// waits until that port accepts.
+    pub fn start_with(dir: &Path, listen_port: u16, config: &str) -> Result<Haproxy, String> {
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(&cfg, config).map_err(|e| format!("write {}: {e}", cfg.display()))?;
         let log = dir.join("haproxy.log");
         let out = std::fs::File::create(&log).map_err(|e| format!("haproxy log: {e}"))?;
         let err = out.try_clone().map_err(|e| format!("haproxy log: {e}"))?;
@@ -245,9 +251,7 @@ impl Haproxy {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| {
-                format!("spawn haproxy: {e} (the benchmark's setup installs it: scripts/dev bench)")
-            })?;
+            .map_err(|e| format!("spawn haproxy: {e} (scripts/dev setup installs it)"))?;
         let mut h = Haproxy {
             child,
             port: listen_port,

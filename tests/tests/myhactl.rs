@@ -82,6 +82,7 @@ fn sandbox_up_status_sql_down() {
             "mysqld_pid",
             "agent_pid",
             "agent_grpc",
+            "agent_http",
         ] {
             assert!(!t[key].is_null(), "missing `{key}` in {t}");
         }
@@ -122,6 +123,27 @@ fn sandbox_up_status_sql_down() {
         .build()
         .unwrap();
     assert_eq!(rt.block_on(get("/health", None)).0, 200);
+    // Ready once its watches have synced the topology, which `up` waited for.
+    let (code, body) = rt.block_on(get("/health/ready", None));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"ready\":true"), "{body}");
+    // Each tablet's load-balancer checks at its `agent_http`: the first is the primary.
+    let lb = |addr: &str, path: &str| {
+        let url = format!("http://{addr}{path}");
+        rt.block_on(async move {
+            reqwest::get(url)
+                .await
+                .expect("agent HTTP")
+                .status()
+                .as_u16()
+        })
+    };
+    for (i, t) in tablets.iter().enumerate() {
+        let addr = t["agent_http"].as_str().unwrap();
+        let primary = if i == 0 { 200 } else { 503 };
+        assert_eq!(lb(addr, "/primary"), primary, "{t}");
+        assert_eq!(lb(addr, "/health"), 200, "{t}");
+    }
     assert_eq!(rt.block_on(get("/api/v1/shards", None)).0, 401);
     let (code, body) = rt.block_on(get("/api/v1/shards", Some(&token)));
     assert_eq!(code, 200, "{body}");
