@@ -583,6 +583,7 @@ mod tests {
             tkeys,
             [
                 "agent_grpc",
+                "agent_http",
                 "agent_pid",
                 "alias",
                 "mysql",
