@@ -25,6 +25,14 @@ fn ctx_epoch(term: u64, lock_epoch: u64) -> Option<pb::ActionContext> {
     })
 }
 
+/// Takes the shard lock as an orchestrator does before it acts: the lock (held until dropped
+/// or released) and its epoch, for [`ctx_epoch`].
+async fn act_as_holder(c: &Cluster) -> (ShardLock, u64) {
+    let lock = c.lock_shard("agent-test").await.expect("shard lock");
+    let epoch = lock.epoch();
+    (lock, epoch)
+}
+
 /// `@@read_only` asked from the tablet's mysqld itself.
 /// Stops tablet `i`'s IO thread and waits until its SQL thread has applied all it received.
 async fn drain_relay_log(c: &Cluster, i: usize) {
@@ -186,9 +194,7 @@ async fn every_action_against_a_real_cluster() {
     let c = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster");
-    // Act as the shard lock's holder, as an orchestrator does.
-    let lock = c.lock_shard("agent-test").await.expect("shard lock");
-    let epoch = lock.epoch();
+    let (lock, epoch) = act_as_holder(&c).await;
     let ctx = |term| ctx_epoch(term, epoch);
     let (p, r1, r2) = (0, 1, 2);
     let mut a_p = client(&c, p).await;
@@ -932,9 +938,7 @@ async fn stopping_replication_from_a_frozen_source_does_not_wait() {
     let c = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster");
-    // Act as the shard lock's holder, as an orchestrator does.
-    let lock = c.lock_shard("agent-test").await.expect("shard lock");
-    let epoch = lock.epoch();
+    let (_lock, epoch) = act_as_holder(&c).await;
     let ctx = |term| ctx_epoch(term, epoch);
     let mut a1 = client(&c, 1).await;
     let mut a2 = client(&c, 2).await;
@@ -976,9 +980,7 @@ async fn promote_refuses_a_relay_log_not_applied_and_lift_delay_applies_it() {
     let c = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster");
-    // Act as the shard lock's holder, as an orchestrator does.
-    let lock = c.lock_shard("agent-test").await.expect("shard lock");
-    let epoch = lock.epoch();
+    let (_lock, epoch) = act_as_holder(&c).await;
     let ctx = |term| ctx_epoch(term, epoch);
     let mut a_r1 = client(&c, 1).await;
     write_row(&c, 0, "before").await.expect("primary write");
@@ -1285,9 +1287,7 @@ async fn full_status_keeps_one_connection_and_waiting_actions_are_bounded() {
     })
     .await
     .expect("cluster");
-    // Act as the shard lock's holder, as an orchestrator does.
-    let lock = c.lock_shard("agent-test").await.expect("shard lock");
-    let epoch = lock.epoch();
+    let (_lock, epoch) = act_as_holder(&c).await;
     let ctx = |term| ctx_epoch(term, epoch);
     let mut a = client(&c, 1).await;
     let mut root = c.tablet(1).root_conn().await.expect("root conn");
@@ -1400,9 +1400,7 @@ async fn replication_and_agent_connections_run_over_verified_tls() {
     })
     .await
     .expect("cluster");
-    // Act as the shard lock's holder, as an orchestrator does.
-    let lock = c.lock_shard("agent-test").await.expect("shard lock");
-    let epoch = lock.epoch();
+    let (_lock, epoch) = act_as_holder(&c).await;
     let ctx = |term| ctx_epoch(term, epoch);
     let (p, r1, r2) = (0, 1, 2);
     let creds = c.credentials().clone();
